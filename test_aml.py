@@ -1,0 +1,443 @@
+"""Tests for aml.py. Sections mirror aml.py's numbered sections.
+
+Every store is generated in ``tmp_path`` by the factories below; nothing here reads
+``../shared``. Run with ``make test``.
+"""
+
+import datetime as dt
+import gzip
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+import aml
+
+HERE = Path(__file__).resolve().parent
+NOW = dt.datetime(2026, 11, 20, 12, 0, 0, tzinfo=dt.timezone.utc)
+NOW_TEXT = "2026-11-20T12:00:00Z"
+
+
+# =============================================================================
+# Fixtures: realistic runtime-like stores
+# =============================================================================
+
+TECHNIQUES = ["retry with exponential backoff", "database constraints over application checks",
+              "feature flags for risky rollouts", "idempotency keys on POST handlers",
+              "contract tests between services", "snapshot tests for rendered components"]
+ERRORS = [("TypeError", "Cannot read properties of undefined (reading 'id')"),
+          ("QueryFailedError", 'column "token" does not exist'),
+          ("TimeoutError", "operation timed out after 30000ms")]
+
+
+def ts(days_ago, rng=None, style="z"):
+    """A timestamp ``days_ago`` before NOW in the given style: z, naive or offset."""
+    moment = NOW - dt.timedelta(days=days_ago, seconds=rng.randint(0, 3600) if rng else 0)
+    if style == "naive":
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+    if style == "offset":
+        return moment.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+    return aml.format_timestamp(moment)
+
+
+def make_pattern(agent, rng, age=None, last_used=None, success=None, count=None, conf=None,
+                 **extra):
+    age = rng.randint(0, 400) if age is None else age
+    last_used = rng.randint(0, age) if last_used is None else last_used
+    rec = {
+        "id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "agent": agent,
+        "timestamp": ts(age, rng),
+        "pattern": {
+            "type": rng.choice(["resilience", "data-integrity", "testing"]),
+            "context": {"language": rng.choice(["python", "typescript", "go"]), "scale": "large"},
+            "approach": {"technique": rng.choice(TECHNIQUES),
+                         "rationale": "Agreed in review after an incident " * rng.randint(1, 4)},
+            "conditions": {"whenApplicable": ["core tables"], "whenNotApplicable": ["analytics"]},
+        },
+        "metrics": {"successRate": rng.random() if success is None else success,
+                    "executionCount": rng.randint(0, 60) if count is None else count,
+                    "avgTimeSavedMs": rng.random() * 100000, "errorPreventionCount": 2},
+        "evolution": {"created": ts(age, rng), "lastUsed": ts(last_used, rng),
+                      "refinements": 3,
+                      "confidenceScore": rng.uniform(0.2, 0.8) if conf is None else conf},
+        "tags": rng.sample(["backend", "database", "testing", "api", "ui"], 2),
+        "active": True,
+    }
+    rec.update(extra)
+    return rec
+
+
+def make_solution(agent, rng, age=None, worked=None, **extra):
+    age = rng.randint(0, 400) if age is None else age
+    etype, msg = rng.choice(ERRORS)
+    rec = {
+        "id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "agent": agent,
+        "timestamp": ts(age, rng),
+        "problem": {"errorType": etype, "errorMessage": msg, "context": {"language": "sql"}},
+        "solution": {"rootCause": "rows locked in different order",
+                     "fixApproach": "lock rows in primary key order", "prevention": "CI check"},
+        "effectiveness": {"worked": rng.random() > 0.2 if worked is None else worked,
+                          "timeToFixMinutes": 30, "preventedRecurrence": 1,
+                          "relatedErrorsFixed": 0},
+        "tags": ["database"],
+        "active": True,
+        "verifiedCount": rng.randint(0, 10),
+    }
+    rec.update(extra)
+    return rec
+
+
+def make_decision(agent, rng, age=None, would_repeat=None, **extra):
+    age = rng.randint(0, 400) if age is None else age
+    rec = {
+        "id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "agent": agent,
+        "timestamp": ts(age, rng),
+        "decision": {"type": "architecture", "question": "Sync or async for the catalog?",
+                     "context": {"component": "auth"}, "chosenOption": "queue",
+                     "alternativesConsidered": ["monolith"],
+                     "decisionFactors": {"primary": ["isolation"], "secondary": []}},
+        "tags": ["services"],
+        "active": True,
+    }
+    if would_repeat is not None or rng.random() > 0.3:
+        rec["outcome"] = {"successMetrics": {"maintainability": 0.7},
+                          "lessonsLearned": ["measure first"],
+                          "wouldRepeat": rng.random() > 0.2 if would_repeat is None
+                          else would_repeat}
+    rec.update(extra)
+    return rec
+
+
+def write_data(path, obj, gz=False, newline=False):
+    """Write a store file the way the runtime does (gzip bytes under .json, or plain)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + ("\n" if newline else "")
+    data = text.encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def read_data(path):
+    """Read a store file whatever its encoding."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw.decode("utf-8-sig"))
+
+
+CONFIG = {"version": "1.0.0", "storage": {"compression": True},
+          "pruning": {"enabled": True, "maxAgeDays": 90, "minConfidence": 0.2,
+                      "aggressiveMode": False}}
+
+
+def build_store(root, agents=("backend-developer", "code-reviewer", "test-automator"),
+                gz=False, patterns=40, solutions=15, decisions=10, seed=1):
+    """A runtime-like store: several agents, old and new records, gzip or plain (or 'mixed')."""
+    rng = random.Random(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_data(root / "config.json", CONFIG)
+    for i, agent in enumerate(agents):
+        zipped = (i % 2 == 0) if gz == "mixed" else gz
+        folder = root / agent
+        write_data(folder / "patterns.json", [make_pattern(agent, rng) for _ in range(patterns)],
+                   zipped)
+        write_data(folder / "solutions.json",
+                   [make_solution(agent, rng) for _ in range(solutions)], zipped)
+        write_data(folder / "decisions.json",
+                   [make_decision(agent, rng) for _ in range(decisions)], zipped)
+        write_data(folder / "metrics.json", {"agent": agent, "timestamp": ts(0)}, zipped)
+        write_data(folder / "context.json", {"agent": agent, "project": "northwind"}, zipped)
+    write_data(root / "global" / "shared.json", {"notes": ["kept"]})
+    return root
+
+
+def tree_digest(root, skip_state=False):
+    """{relative path: sha256} of every file under root (the .aml state folder optionally left out)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if skip_state:
+            dirnames[:] = [d for d in dirnames if d != ".aml"]
+        for name in filenames:
+            path = Path(dirpath) / name
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(*argv, capsys=None):
+    """Run aml.main in-process; returns (exit code, stdout, stderr) when capsys is given."""
+    code = aml.main([str(a) for a in argv])
+    if capsys is None:
+        return code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "gzip"])
+def store(request, tmp_path):
+    """A generated store, once plain and once gzip."""
+    return build_store(tmp_path / "memory", gz=request.param)
+
+
+# =============================================================================
+# 4. Small utilities
+# =============================================================================
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-11-20T12:00:00.000Z", NOW),
+    ("2026-11-20T12:00:00", NOW),
+    ("2026-11-20T14:00:00+02:00", NOW),
+    ("2026-11-20T14:00:00+0200", NOW),
+    ("2026-11-20 12:00:00.123456789Z", NOW.replace(microsecond=123456)),
+    ("2026-11-20", NOW.replace(hour=0)),
+])
+def test_parse_timestamp_accepts_z_offset_and_naive(text, expected):
+    assert aml.parse_timestamp(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "yesterday", "2026-13-40T00:00:00Z", None, True, [], float("nan")])
+def test_parse_timestamp_returns_none_for_unusable(bad):
+    assert aml.parse_timestamp(bad) is None
+
+
+def test_format_timestamp_is_runtime_form():
+    assert aml.format_timestamp(NOW.replace(microsecond=5000)) == "2026-11-20T12:00:00.005Z"
+
+
+# =============================================================================
+# 5. Storage primitives
+# =============================================================================
+
+@pytest.mark.parametrize("payload,problem", [
+    (gzip.compress(b'[{"id": "a"}]')[:-6], "gzip"),
+    (b'[{"id": "a"},', "invalid JSON"),
+    (b'{"id": "a"}', "expected a JSON array"),
+    (b'[{"x": NaN}]', "invalid JSON"),
+    (b"\xff\xfe[]", "not UTF-8"),
+])
+def test_load_json_file_fails_closed(tmp_path, payload, problem):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(payload)
+    with pytest.raises(aml.CorruptFileError) as info:
+        aml.load_json_file(path, expect=list)
+    assert problem in str(info.value) and str(path) in str(info.value)
+
+
+def test_load_json_file_tolerates_bom_and_keeps_it(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(b"\xef\xbb\xbf[1, 2]\n")
+    data, fmt = aml.load_json_file(path, expect=list)
+    assert data == [1, 2] and fmt.bom and fmt.trailing_newline and not fmt.gzip
+    aml.write_json_file(path, data + [3], fmt)
+    assert path.read_bytes() == b"\xef\xbb\xbf[\n  1,\n  2,\n  3\n]\n"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_write_keeps_encoding(tmp_path, gz):
+    path = tmp_path / "patterns.json"
+    write_data(path, [{"id": "é"}], gz=gz)
+    data, fmt = aml.load_json_file(path)
+    aml.write_json_file(path, data, fmt)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == gz
+    assert read_data(path) == [{"id": "é"}]
+
+
+@pytest.mark.parametrize("step", ["write", "fsync", "replace"])
+def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, step):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(b"[1]")
+    target = {"write": (aml.os, "fdopen"), "fsync": (aml.os, "fsync"),
+              "replace": (aml.os, "replace")}[step]
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(*target, boom)
+    with pytest.raises(OSError):
+        aml.atomic_write_bytes(path, b"[2]")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"[1]"
+    assert os.listdir(tmp_path) == ["patterns.json"]
+
+
+def test_atomic_write_keeps_permissions(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_bytes(b"[]")
+    os.chmod(path, 0o640)
+    aml.atomic_write_bytes(path, b"[1]")
+    assert (path.stat().st_mode & 0o777) == 0o640
+
+
+def test_fresh_foreign_lock_is_respected(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(b"[]")
+    lock_dir = Path(str(path) + ".lock")
+    lock_dir.mkdir()
+    with pytest.raises(aml.StoreBusyError) as info:
+        aml.FileLock(path, timeout=0.2).acquire()
+    assert "store busy" in str(info.value)
+    assert lock_dir.is_dir()
+
+
+def test_stale_lock_is_taken_and_released(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(b"[]")
+    lock_dir = Path(str(path) + ".lock")
+    lock_dir.mkdir()
+    old = os.stat(lock_dir).st_mtime - 120
+    os.utime(lock_dir, (old, old))
+    with aml.FileLock(path, timeout=1):
+        assert lock_dir.is_dir() and os.stat(lock_dir).st_mtime > old
+    assert not lock_dir.exists()
+
+
+def test_lock_file_entry_counts_as_held(tmp_path):
+    path = tmp_path / "patterns.json"
+    Path(str(path) + ".lock").write_text("x")
+    with pytest.raises(aml.StoreBusyError):
+        aml.FileLock(path, timeout=0.1).acquire()
+
+
+def test_lock_released_on_error(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(b"[]")
+    with pytest.raises(RuntimeError):
+        with aml.FileLock(path, timeout=1):
+            raise RuntimeError("boom")
+    assert not Path(str(path) + ".lock").exists()
+
+
+def test_maintenance_lock_excludes_second_run(tmp_path):
+    with aml.MaintenanceLock(tmp_path, timeout=0):
+        with pytest.raises(aml.StoreBusyError):
+            aml.MaintenanceLock(tmp_path, timeout=0).acquire()
+    aml.MaintenanceLock(tmp_path, timeout=0).acquire()
+
+
+# =============================================================================
+# 6. Record model
+# =============================================================================
+
+def test_record_facts_reads_runtime_layout():
+    rng = random.Random(3)
+    rec = make_pattern("a", rng, age=10, last_used=2, success=0.5, count=4, conf=0.9)
+    facts = aml.record_facts(aml.RecordType.PATTERN, rec)
+    assert (facts.success_rate, facts.execution_count, facts.confidence) == (0.5, 4, 0.9)
+    assert facts.last_used.date() == (NOW - dt.timedelta(days=2)).date()
+
+
+@pytest.mark.parametrize("rec", [
+    {"id": "x", "successRate": 0.1, "executionCount": 7, "confidence": 0.3, "lastUsed": NOW_TEXT},
+    {"id": "x", "success_rate": 0.1, "execution_count": 7, "confidence_score": 0.3,
+     "last_used": NOW_TEXT},
+    {"id": "x", "performance": {"success_rate": 0.1, "execution_count": 7, "confidence": 0.3},
+     "lifecycle": {"created_at": NOW_TEXT, "last_used": NOW_TEXT}},
+])
+def test_record_facts_reads_legacy_layouts(rec):
+    facts = aml.record_facts(aml.RecordType.PATTERN, rec)
+    assert (facts.success_rate, facts.execution_count, facts.confidence) == (0.1, 7, 0.3)
+    assert facts.last_used == NOW
+
+
+def test_record_facts_never_invents_values():
+    facts = aml.record_facts(aml.RecordType.PATTERN, {"id": "x", "metrics": {"successRate": "high"}})
+    assert facts.success_rate is None and facts.confidence is None and facts.last_activity is None
+    assert aml.record_facts(aml.RecordType.PATTERN, "not a record").id is None
+
+
+@pytest.mark.parametrize("rec", [{"pinned": True}, {"tags": ["pinned"]},
+                                 {"lifecycle": {"state": "pinned"}},
+                                 {"lifecycle": {"pinned": True}}])
+def test_pinned_markers(rec):
+    assert aml.record_facts(aml.RecordType.DECISION, rec).pinned
+
+
+# =============================================================================
+# 7. Store and aml state
+# =============================================================================
+
+def test_agent_discovery_is_an_allow_list(tmp_path):
+    root = build_store(tmp_path / "m", agents=("alpha",))
+    for name in ("global", "audit", "backups", ".hidden", "x.lock", "empty"):
+        (root / name).mkdir(exist_ok=True)
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not an agent")
+    assert aml.Store(root).agents() == ["alpha"]
+
+
+def test_store_rejects_missing_path(tmp_path):
+    with pytest.raises(aml.UsageError):
+        aml.Store(tmp_path / "nope")
+
+
+def test_read_only_use_creates_nothing(store):
+    before = tree_digest(store)
+    s = aml.Store(store)
+    list(s.iter_record_files())
+    assert tree_digest(store) == before and not (store / ".aml").exists()
+
+
+def test_iter_record_files_reports_unreadable_and_continues(tmp_path):
+    root = build_store(tmp_path / "m")
+    (root / "code-reviewer" / "patterns.json").write_bytes(b"[{")
+    errors = []
+    seen = [f.path.name for f, _, _ in aml.Store(root).iter_record_files(errors=errors)]
+    assert len(seen) == 8 and len(errors) == 1
+    assert "code-reviewer" in str(errors[0].path)
+
+
+def test_state_checksum_detects_tampering(tmp_path):
+    s = aml.Store(build_store(tmp_path / "m"))
+    s.write_state("thing.json", {"a": 1})
+    assert s.read_state("thing.json") == {"a": 1}
+    path = s.state_path("thing.json")
+    path.write_text(path.read_text().replace('"a": 1', '"a": 2'))
+    with pytest.raises(aml.IntegrityError):
+        s.read_state("thing.json")
+    assert s.read_state_lenient("thing.json", "fresh") == "fresh"
+    assert Path(str(path) + ".corrupt").exists()
+
+
+def test_cleanup_removes_only_aml_temp_files(tmp_path):
+    root = build_store(tmp_path / "m")
+    leftover = root / "code-reviewer" / ".patterns.json.aml-tmp-123-abcd"
+    leftover.write_text("half")
+    foreign = root / "code-reviewer" / ".patterns.json.tmp"
+    foreign.write_text("runtime's")
+    removed = aml.Store(root).cleanup_temp_files()
+    assert removed == [leftover] and foreign.exists()
+
+
+def test_rewrite_locks_and_keeps_format(tmp_path):
+    root = build_store(tmp_path / "m", gz=True)
+    s = aml.Store(root)
+    path = root / "code-reviewer" / "patterns.json"
+    with s.rewrite(path) as job:
+        assert Path(str(path) + ".lock").is_dir()
+        job.data = job.data[:5]
+        job.changed = True
+    assert path.read_bytes()[:2] == b"\x1f\x8b" and len(read_data(path)) == 5
+    assert not Path(str(path) + ".lock").exists()
+
+
+# =============================================================================
+# 16. Command line
+# =============================================================================
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        aml.main(["--version"])
+    assert info.value.code == 0 and aml.__version__ in capsys.readouterr().out
+
+
+def test_missing_store_is_usage_error(tmp_path, capsys):
+    code, _, err = run_cli(tmp_path / "missing", "prune", capsys=capsys)
+    assert code == 2 and err.startswith("aml: error:") and "does not exist" in err
