@@ -1156,6 +1156,21 @@ def output_for(args: argparse.Namespace) -> Output:
     return Output(args.format, args.quiet)
 
 
+# --- prune command (section 11) ---
+
+
+# --- optimize, search and get commands (sections 9, 10, 12) ---
+
+
+# --- backup command (section 8) ---
+
+
+# --- migrate command (section 13) ---
+
+
+# --- monitor command (section 14) ---
+
+
 class _Terminated(BaseException):
     """Raised from the SIGTERM handler so every ``finally`` (lock release) runs."""
 
