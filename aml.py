@@ -60,7 +60,8 @@ __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
     "IntegrityError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
-    "atomic_write_bytes", "FileLock", "Store", "Archive", "main",
+    "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "Archive", "load_aml_config",
+    "main",
 ]
 
 # =============================================================================
@@ -878,6 +879,43 @@ class Store:
         return removed
 
 
+AML_CONFIG_SECTIONS = ("prune", "backup", "optimize", "monitor")
+
+
+def load_aml_config(store: Store, path: Optional[Path] = None) -> Dict[str, Dict[str, Any]]:
+    """aml's own config file: ``path`` if given, else ``<store>/.aml/config.json`` if present.
+
+    A JSON object whose keys are sections (``prune``, ``backup``, ``optimize``, ``monitor``),
+    each mapping config field names to values. Returns {} when there is no file. Raises
+    UsageError for an unknown section, CorruptFileError for an unreadable file. Each section's
+    consumer rejects unknown field names. Precedence everywhere: built-in defaults < the
+    store's ``config.json`` (where a key matches) < this file < command-line flags.
+    """
+    if path is None:
+        path = store.state_dir / "config.json"
+        if not path.exists():
+            return {}
+    doc, _ = load_json_file(Path(path), expect=dict)
+    unknown = sorted(set(doc) - set(AML_CONFIG_SECTIONS))
+    if unknown:
+        raise UsageError("%s: unknown section(s) %s (known: %s)"
+                         % (path, ", ".join(unknown), ", ".join(AML_CONFIG_SECTIONS)))
+    for name, section in doc.items():
+        if not isinstance(section, dict):
+            raise UsageError("%s: section %r must be a JSON object" % (path, name))
+    return doc
+
+
+def apply_config_fields(config: Any, values: Dict[str, Any], source: str) -> Any:
+    """A copy of dataclass ``config`` with ``values`` applied; raises UsageError on unknown keys."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError("%s: unknown setting(s) %s (known: %s)"
+                         % (source, ", ".join(unknown), ", ".join(sorted(names))))
+    return dataclasses.replace(config, **values)
+
+
 @dataclasses.dataclass
 class Rewrite:
     """The in-flight content of a locked read-modify-write (see Store.rewrite)."""
@@ -1101,6 +1139,8 @@ def _common_options() -> argparse.ArgumentParser:
                         help="print nothing on success (for cron)")
     common.add_argument("--now", metavar="TIMESTAMP", default=argparse.SUPPRESS,
                         help="fix the clock (ISO 8601) for reproducible runs and previews")
+    common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+                        help="aml config file (default: <memory_path>/.aml/config.json if present)")
     common.add_argument("--lock-timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
                         help="how long to wait for a busy lock (default: %d)"
                         % DEFAULT_LOCK_TIMEOUT)
@@ -1108,7 +1148,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 COMMON = _common_options()
-_COMMON_DEFAULTS = {"format": "text", "quiet": False, "now": None,
+_COMMON_DEFAULTS = {"format": "text", "quiet": False, "now": None, "config": None,
                     "lock_timeout": DEFAULT_LOCK_TIMEOUT}
 
 

@@ -416,6 +416,17 @@ def test_cleanup_removes_only_aml_temp_files(tmp_path):
     assert removed == [leftover] and foreign.exists()
 
 
+def test_aml_config_file_sections_and_unknown_keys(tmp_path):
+    s = aml.Store(build_store(tmp_path / "m"))
+    assert aml.load_aml_config(s) == {}
+    s.ensure_state_dir()
+    (s.state_dir / "config.json").write_text('{"prune": {"min_success_rate": 0.3}}')
+    assert aml.load_aml_config(s) == {"prune": {"min_success_rate": 0.3}}
+    (s.state_dir / "config.json").write_text('{"prunning": {}}')
+    with pytest.raises(aml.UsageError, match="prunning"):
+        aml.load_aml_config(s)
+
+
 def test_rewrite_locks_and_keeps_format(tmp_path):
     root = build_store(tmp_path / "m", gz=True)
     s = aml.Store(root)
