@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -472,6 +473,440 @@ def test_rewrite_locks_and_keeps_format(tmp_path):
 # =============================================================================
 # 14. Monitoring and alerts
 # =============================================================================
+
+import html.parser
+import http.server
+import re
+import shutil
+import socket
+import threading
+
+
+def _health(root, *extra, capsys, fmt="json"):
+    """Run ``monitor health`` and return (exit code, parsed JSON or text, stderr)."""
+    code, out, err = run_cli(root, "monitor", "health", "--format", fmt, *extra, capsys=capsys)
+    return code, (json.loads(out) if fmt == "json" else out), err
+
+
+def _check(report, name):
+    return next(c for c in report["checks"] if c["name"] == name)
+
+
+def _record_backup(root, when=None):
+    """Record a verified backup whose manifest exists, as section 8 does."""
+    manifest = root.parent / "memory-backup" / "snap" / "manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("{}")
+    aml.Store(root).record_operation("backup", when or aml.utcnow(), 0.4, {
+        "backup_id": "snap", "type": "full", "verified": True, "manifest": str(manifest),
+        "bytes_added": 10, "files": 3})
+
+
+def _make_healthy(root, hits=90, misses=10):
+    """Verified backup, recent prune, fresh index and a good cache hit rate."""
+    _record_backup(root)
+    store = aml.Store(root)
+    store.record_operation("prune", aml.utcnow(), 0.2, {"removed": 0})
+    store.record_operation("index", aml.utcnow() + dt.timedelta(seconds=1), 0.1, {})
+    store.write_state("cache-stats.json", {"hits": hits, "misses": misses, "updated": NOW_TEXT})
+
+
+def _file_counts(root):
+    """{agent: {type: {active, inactive}}} counted straight from the files."""
+    counts = {}
+    for agent_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name != "global"
+                            and not p.name.startswith(".")):
+        counts[agent_dir.name] = {}
+        for rtype in ("pattern", "solution", "decision"):
+            path = agent_dir / (rtype + "s.json")
+            recs = read_data(path) if path.exists() else []
+            active = sum(1 for r in recs if r.get("active", True))
+            counts[agent_dir.name][rtype] = {"active": active, "inactive": len(recs) - active,
+                                             "invalid": 0}
+    return counts
+
+
+def test_metrics_counts_equal_records_in_files(store, capsys):
+    rng = random.Random(5)
+    path = store / "code-reviewer" / "patterns.json"
+    recs = read_data(path)
+    for rec in recs[:7]:
+        rec["active"] = False
+    write_data(path, recs, gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    write_data(store / "new-agent" / "decisions.json", [make_decision("new-agent", rng)])
+    code, out, _ = run_cli(store, "monitor", "metrics", "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    got = {a["agent"]: a["records"] for a in doc["agents"]}
+    assert code == 0 and got == _file_counts(store)
+    assert got["code-reviewer"]["pattern"] == {"active": 33, "inactive": 7, "invalid": 0}
+    assert got["new-agent"]["decision"]["active"] == 1
+    assert doc["performance"]["full_load_records"] == 3 * 65 + 1
+    assert doc["performance"]["lookup_ms"] is None or doc["performance"]["lookup_ms"] >= 0
+    assert doc["performance"]["cache_hit_rate"] is None  # no lookups recorded: unknown, not 0
+    assert doc["growth"]["bytes_per_day"] is None and doc["growth"]["samples"] == 0
+    assert doc["performance"]["last_operations"]["prune"]["seconds"] is None
+
+
+def test_metrics_reports_unreadable_file_and_exits_3(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    bad = root / "test-automator" / "solutions.json"
+    bad.write_bytes(bad.read_bytes()[:40])
+    before = tree_digest(root, skip_state=True)
+    code, out, err = run_cli(root, "monitor", "metrics", "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 3 and "test-automator/solutions.json" in err
+    assert doc["unreadable"][0].startswith("test-automator/solutions.json")
+    agent = next(a for a in doc["agents"] if a["agent"] == "test-automator")
+    assert sum(agent["records"]["solution"].values()) == 0 and agent["records"]["pattern"]["active"]
+    assert tree_digest(root, skip_state=True) == before  # only .aml/ was written
+
+
+def test_metrics_growth_and_days_until_limit(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"))
+    assert run_cli(root, "monitor", "metrics", "--now", "2026-11-01T00:00:00Z", capsys=capsys)[0] == 0
+    rng = random.Random(9)
+    path = root / "a1" / "patterns.json"
+    write_data(path, read_data(path) + [make_pattern("a1", rng) for _ in range(20)])
+    code, out, _ = run_cli(root, "monitor", "metrics", "--format", "json",
+                           "--now", "2026-11-11T00:00:00Z", capsys=capsys)
+    doc = json.loads(out)
+    assert doc["growth"]["records_since_previous"] == 20
+    assert doc["growth"]["bytes_since_previous"] > 0
+    assert doc["growth"]["bytes_per_day"] == pytest.approx(doc["growth"]["bytes_since_previous"] / 10)
+    by_subject = {(f["subject"], f["limit"]): f for f in doc["forecasts"]}
+    a1 = by_subject[("a1", "agent_memory_critical_mb")]
+    assert a1["days_until"] > 0 and by_subject[("a2", "agent_memory_critical_mb")]["note"] == "not growing"
+
+
+def test_metrics_history_is_bounded(tmp_path, capsys, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=3, solutions=1, decisions=1)
+    monkeypatch.setattr(aml, "METRICS_HISTORY_MAX", 3)
+    for day in range(1, 6):
+        run_cli(root, "monitor", "metrics", "-q", "--now", "2026-11-0%dT00:00:00Z" % day)
+    samples = aml.Store(root).read_state("metrics-history.json")["samples"]
+    assert [s["at"][:10] for s in samples] == ["2026-11-03", "2026-11-04", "2026-11-05"]
+    run_cli(root, "monitor", "metrics", "-q", "--no-save", "--now", "2026-11-09T00:00:00Z")
+    assert len(aml.Store(root).read_state("metrics-history.json")["samples"]) == 3
+
+
+def test_metrics_reads_last_durations_from_history(tmp_path):
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=3, solutions=1, decisions=1)
+    store = aml.Store(root, now=NOW)
+    store.record_operation("prune", NOW - dt.timedelta(days=2), 1.25, {"removed": 4})
+    report = aml.MemoryMonitor(store).metrics(save=False)
+    prune = report.performance.last_operations["prune"]
+    assert prune.seconds == 1.25 and prune.age_days == pytest.approx(2.0)
+    assert report.performance.last_operations["backup"].started is None
+
+
+def test_fresh_store_without_backup_is_warning(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    before = tree_digest(root, skip_state=True)
+    code, doc, _ = _health(root, capsys=capsys)
+    assert code == 1 and doc["status"] == "warning"
+    assert _check(doc, "backup")["status"] == "warning"
+    assert _check(doc, "integrity")["status"] == "healthy"
+    assert {c["name"] for c in doc["checks"]} >= {"structure", "size", "index", "backup",
+                                                  "integrity", "performance", "maintenance"}
+    assert tree_digest(root, skip_state=True) == before
+    assert aml.Store(root).last_operation("health")["summary"]["status"] == "warning"
+
+
+@pytest.mark.parametrize("damage", ["truncated-gzip", "invalid-json", "object-not-array",
+                                    "non-object-element"])
+def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
+    root = build_store(tmp_path / "m", gz=(damage == "truncated-gzip"))
+    bad = root / "code-reviewer" / "decisions.json"
+    if damage == "truncated-gzip":
+        bad.write_bytes(bad.read_bytes()[:50])
+    elif damage == "invalid-json":
+        bad.write_text('[{"id": "x", "active": NaN}]')
+    elif damage == "object-not-array":
+        bad.write_text('{"id": "x"}')
+    else:
+        bad.write_text('[{"id": "x"}, 3]')
+    code, doc, _ = _health(root, capsys=capsys)
+    integrity = _check(doc, "integrity")
+    assert code == 2 and doc["status"] == "critical" and integrity["status"] == "critical"
+    assert "code-reviewer/decisions.json" in integrity["message"]
+    code, line, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 2 and line.startswith("AML CRITICAL - ") and "code-reviewer/decisions.json" in line
+
+
+NAGIOS_RE = re.compile(r"^AML (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+ \| "
+                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?(;[0-9.]*){0,4}) ?)+$")
+
+
+def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz="mixed")
+    code, out, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 1 and out.count("\n") == 1 and NAGIOS_RE.match(out.rstrip("\n")), out
+    _make_healthy(root)
+    code, out, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 0 and out.startswith("AML OK - 7 checks healthy | "), out
+    assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%" in out
+    assert "store_bytes=" in out and ";838860800;0" in out  # critical = 800 MiB
+    aml.Store(root).write_state("cache-stats.json", {"hits": 1, "misses": 0})
+    if not hasattr(aml, "MemoryIndex"):  # with no measurable performance the result is unknown
+        code, out, _ = _health(root, capsys=capsys, fmt="nagios")
+        assert code == 3 and out.startswith("AML UNKNOWN - performance: ") and NAGIOS_RE.match(
+            out.rstrip("\n"))
+
+
+def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
+    assert set(codes.values()) == {1}
+    assert run_cli(root, "monitor", "health", "-q", capsys=capsys)[1].startswith("Health: WARNING")
+
+
+def test_thresholds_from_store_config_aml_config_and_flags(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    config = dict(CONFIG, storage={"maxSizeGb": 2}, performance={"queryTimeoutMs": 50})
+    write_data(root / "config.json", config)
+    store = aml.Store(root)
+    got = aml.resolve_thresholds(store)
+    assert got["global_memory_critical_mb"] == 2048 and got["query_time_warning_ms"] == 50
+    got = aml.resolve_thresholds(store, {"query_time_warning_ms": 70}, {"agent_memory_warning_mb": 1})
+    assert got["query_time_warning_ms"] == 70 and got["agent_memory_warning_mb"] == 1
+    with pytest.raises(aml.UsageError):
+        aml.resolve_thresholds(store, flags={"agent_memory_warning_mb": 90})  # above critical
+    code, _, err = run_cli(root, "monitor", "health", "--threshold", "nope=1", capsys=capsys)
+    assert code == 2 and "unknown threshold" in err
+    code, doc, _ = _health(root, "--threshold", "agent_memory_critical_mb=0.01",
+                           "--threshold", "agent_memory_warning_mb=0.005", capsys=capsys)
+    size = _check(doc, "size")
+    assert code == 2 and size["status"] == "critical"
+    assert {p["subject"] for p in size["problems"]} == {"backend-developer", "code-reviewer",
+                                                        "test-automator"}
+
+
+def test_integrity_cache_rechecks_only_changed_files(tmp_path, capsys, monkeypatch):
+    root = build_store(tmp_path / "m", gz="mixed")
+    old = time.time() - 60  # older than the racy window, so the first run caches them
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+    assert _health(root, capsys=capsys)[0] == 1
+    loads = []
+    real = aml.load_json_file
+
+    def counting(path, expect=None):
+        if ".aml" not in Path(path).parts:
+            loads.append(Path(path).relative_to(root).as_posix())
+        return real(path, expect)
+
+    monkeypatch.setattr(aml, "load_json_file", counting)
+    monkeypatch.setattr(aml.Store, "runtime_config", lambda self: {})
+    assert _health(root, capsys=capsys)[0] == 1 and loads == []
+    changed = root / "test-automator" / "patterns.json"
+    write_data(changed, read_data(changed)[:-1])
+    os.utime(changed, (old + 5, old + 5))
+    assert _health(root, capsys=capsys)[0] == 1
+    assert loads == ["test-automator/patterns.json"]
+
+
+def test_read_only_commands_write_only_inside_state_folder(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    before = tree_digest(root)
+    for action in (["metrics"], ["health"], ["alerts", "--all"], ["report"]):
+        run_cli(root, "monitor", *action, capsys=capsys)
+    after = tree_digest(root)
+    assert {k: v for k, v in after.items() if not k.startswith(".aml")} == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def _alerts(root, capsys, *extra):
+    code, out, _ = run_cli(root, "monitor", "alerts", "--format", "json", *extra, capsys=capsys)
+    assert code == 0
+    return {a["check"]: a for a in json.loads(out)["alerts"]}
+
+
+def test_alert_raised_twice_is_one_alert_then_resolves(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    _health(root, "--now", "2026-11-20T06:00:00Z", capsys=capsys)
+    _health(root, "--now", "2026-11-21T06:00:00Z", capsys=capsys)
+    backup = _alerts(root, capsys)["backup"]
+    assert backup["count"] == 2 and backup["level"] == "WARNING" and backup["state"] == "firing"
+    assert backup["first_seen"].startswith("2026-11-20") and backup["last_seen"].startswith(
+        "2026-11-21")
+    assert backup["id"] == aml.alert_id("backup", "backup")
+    _record_backup(root, when=aml.parse_timestamp("2026-11-22T05:00:00Z"))
+    code, doc, _ = _health(root, "--now", "2026-11-22T06:00:00Z", capsys=capsys)
+    assert [a["check"] for a in doc["alerts"]["resolved"]] == ["backup"]
+    assert "backup" not in _alerts(root, capsys)
+    resolved = _alerts(root, capsys, "--all")["backup"]
+    assert resolved["state"] == "resolved" and resolved["resolved_by"] == "auto"
+    # Retention: 7 days after resolution the alert is still listed, after 8 it is gone.
+    lenient = ("--threshold", "backup_max_age_hours=1000", "--threshold",
+               "backup_critical_age_hours=1000")
+    _health(root, "--now", "2026-11-29T05:00:00Z", *lenient, capsys=capsys)
+    assert "backup" in _alerts(root, capsys, "--all", "--now", "2026-11-29T05:00:00Z")
+    _health(root, "--now", "2026-11-30T07:00:00Z", *lenient, capsys=capsys)
+    stored = aml.Store(root).read_state("alerts.json")["alerts"]
+    assert aml.alert_id("backup", "backup") not in stored and "index" in _alerts(root, capsys)
+
+
+def test_manual_resolve_and_reopen(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    _health(root, capsys=capsys)
+    alert_key = aml.alert_id("maintenance", "maintenance")
+    code, out, _ = run_cli(root, "monitor", "alerts", "--resolve", alert_key, capsys=capsys)
+    assert code == 0 and "resolved" in out
+    assert _alerts(root, capsys, "--all")["maintenance"]["resolved_by"] == "manual"
+    assert run_cli(root, "monitor", "alerts", "--resolve", "nope-1", capsys=capsys)[0] == 2
+    _health(root, capsys=capsys)  # the condition persists: the alert fires again
+    again = _alerts(root, capsys)["maintenance"]
+    assert again["occurrences"] == 2 and again["count"] == 1
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    """A JSON receiver on 127.0.0.1 in a thread; yields (url, list of payloads)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield "http://127.0.0.1:%d/hook" % server.server_port, server.received
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_webhook_receives_firing_and_resolved(tmp_path, capsys, webhook):
+    url, received = webhook
+    root = build_store(tmp_path / "m")
+    assert _health(root, "--webhook", url, capsys=capsys)[0] == 1
+    fired = sorted(p["alert"]["check"] for p in received if p["event"] == "firing")
+    assert fired == ["backup", "index", "maintenance"]
+    assert all(p["source"] == "aml" and p["alert"]["level"] == "WARNING" for p in received)
+    del received[:]
+    _health(root, "--webhook", url, capsys=capsys)
+    assert received == []  # a persisting condition does not notify again
+    _record_backup(root)
+    _health(root, "--webhook", url, capsys=capsys)
+    assert [(p["event"], p["alert"]["check"]) for p in received] == [("resolved", "backup")]
+    assert received[0]["alert"]["resolved_by"] == "auto"
+
+
+def test_unreachable_webhook_does_not_fail_the_run(tmp_path, capsys):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    root = build_store(tmp_path / "m")
+    code, doc, err = _health(root, "--webhook", "http://127.0.0.1:%d/x" % port, capsys=capsys)
+    assert code == 1 and doc["status"] == "warning" and len(doc["alerts"]["fired"]) == 3
+    assert "webhook" in err and "unreachable" in err and "3 notification(s)" in err
+    assert len(_alerts(root, capsys)) == 3
+    code, _, err = run_cli(root, "monitor", "health", "--webhook", "ftp://x", capsys=capsys)
+    assert code == 2 and "http" in err
+
+
+PROM_LINE = {
+    "help": re.compile(r"^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) .+$"),
+    "type": re.compile(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary|"
+                       r"untyped)$"),
+    "sample": re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)'
+                         r'(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*")'
+                         r'(,[a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*")*\})?'
+                         r' (-?[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?|NaN|[+-]Inf)$'),
+}
+
+
+def _parse_prometheus(text):
+    """Check every line against the exposition format; returns {family: [sample lines]}."""
+    assert text.endswith("\n")
+    families, typed = {}, set()
+    for line in text.splitlines():
+        kind = next((k for k, rx in PROM_LINE.items() if rx.match(line)), None)
+        assert kind is not None, "not exposition format: %r" % line
+        name = PROM_LINE[kind].match(line).group(1)
+        if kind == "type":
+            assert name not in typed
+            typed.add(name)
+            families[name] = []
+        elif kind == "sample":
+            assert name in typed and name.startswith("aml_"), line
+            families[name].append(line)
+    return families
+
+
+def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", 'we"ird\\agent'), gz="mixed")
+    code, out, _ = run_cli(root, "monitor", "metrics", "--format", "prometheus", capsys=capsys)
+    families = _parse_prometheus(out)
+    assert code == 0 and 'aml_records{agent="we\\"ird\\\\agent",type="pattern",state="active"} 40' \
+        in families["aml_records"]
+    assert "aml_cache_hit_ratio" not in families  # unknown is left out, never a made-up 0
+    target = tmp_path / "textfile" / "aml.prom"
+    target.parent.mkdir()
+    code, out, _ = run_cli(root, "monitor", "report", "--format", "prometheus", "--output", target,
+                           capsys=capsys)
+    families = _parse_prometheus(target.read_text())
+    assert code == 0 and out == "" and os.listdir(target.parent) == ["aml.prom"]
+    assert families["aml_health_overall"] == ["aml_health_overall 1"]
+    assert 'aml_health_status{check="backup"} 1' in families["aml_health_status"]
+
+
+class _HtmlCollector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend(attrs)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _html_report(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2<b>"))
+    for day in (1, 5):
+        run_cli(root, "monitor", "metrics", "-q", "--now", "2026-11-%02dT00:00:00Z" % day)
+    _health(root, capsys=capsys)
+    target = tmp_path / "report.html"
+    assert run_cli(root, "monitor", "report", "--format", "html", "--output", target,
+                   capsys=capsys)[0] == 0
+    return target
+
+
+def test_html_report_is_self_contained(tmp_path, capsys):
+    target = _html_report(tmp_path, capsys)
+    parser = _HtmlCollector()
+    parser.feed(target.read_text())
+    assert {"script", "link", "img", "iframe"}.isdisjoint(parser.tags)
+    assert not [v for k, v in parser.attrs if k in ("src", "href") and v]
+    assert parser.tags.count("svg") == 2 and parser.tags.count("polyline") == 4  # 2 charts x 2
+    text = " ".join(parser.text)
+    assert "a2<b>" in text and "no verified backup yet" in text and "backup-" in text
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="headless chromium is not installed")
+def test_html_report_renders_in_headless_chromium(tmp_path, capsys):
+    target = _html_report(tmp_path, capsys)
+    shot = tmp_path / "shot.png"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--user-data-dir=%s" % (tmp_path / "profile"),
+                    "--window-size=1200,1400", "--screenshot=%s" % shot, target.as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10000
 
 
 # =============================================================================
