@@ -1838,19 +1838,14 @@ class MemoryMonitor:
 
     def _stray_entries(self) -> List[Problem]:
         """Stale lock folders, aml temp leftovers and ``*.json.gz`` files the runtime ignores."""
-        problems, now = [], time.time()
-        for dirpath, dirnames, filenames in os.walk(str(self.store.root)):
-            dirnames[:] = [d for d in dirnames if d != STATE_DIR_NAME or dirpath != str(
-                self.store.root)]
-            for name in list(dirnames):
-                path = Path(dirpath) / name
-                if name.endswith(".lock"):
-                    dirnames.remove(name)
-                    age = now - path.lstat().st_mtime
-                    if age > LOCK_STALE_SECONDS:
-                        problems.append(Problem(_rel(self.store, path), HealthStatus.WARNING,
-                                                "stale runtime lock %s (%.0f s old; a crashed "
-                                                "writer?)" % (_rel(self.store, path), age)))
+        problems: List[Problem] = []
+        root = str(self.store.root)
+        for dirpath, dirnames, filenames in os.walk(root):
+            if dirpath == root and STATE_DIR_NAME in dirnames:
+                dirnames.remove(STATE_DIR_NAME)
+            for name in [d for d in dirnames if d.endswith(".lock")]:
+                dirnames.remove(name)  # never look inside a lock
+                problems.extend(self._stale_lock(Path(dirpath) / name))
             for name in filenames:
                 rel = _rel(self.store, Path(dirpath) / name)
                 if is_temp_leftover(name):
@@ -1860,6 +1855,17 @@ class MemoryMonitor:
                     problems.append(Problem(rel, HealthStatus.WARNING, "%s: the runtime never "
                                             "reads *.json.gz files" % rel))
         return problems
+
+    def _stale_lock(self, path: Path) -> List[Problem]:
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except OSError:
+            return []  # released meanwhile
+        if age <= LOCK_STALE_SECONDS:
+            return []
+        rel = _rel(self.store, path)
+        return [Problem(rel, HealthStatus.WARNING, "stale runtime lock %s (%.0f s old; a "
+                        "crashed writer?)" % (rel, age))]
 
     def _check_size(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Per-agent and whole-store bytes against the warning and critical thresholds."""
@@ -2326,6 +2332,10 @@ svg{background:#fff;border:1px solid #ddd}
 """
 
 
+def _unit_or_unknown(value: Optional[float], fmt: str) -> str:
+    return "unknown" if value is None else fmt % value
+
+
 def _esc(value: Any) -> str:
     return _html.escape("unknown" if value is None else str(value), quote=True)
 
@@ -2430,13 +2440,15 @@ def html_report(report: MonitorReport) -> str:
     charts = (_svg_chart("Size per agent", _chart_series(report.history, "bytes"), human_bytes)
               + _svg_chart("Records per agent", _chart_series(report.history, "records"),
                            lambda v: "%d" % v))
-    summary = ("%s in %d agents; %s records; index %s; full load %s ms; indexed lookup %s ms; "
-               "cache hit rate %s" % (human_bytes(metrics.total_bytes), len(metrics.agents),
-                                      sum(a.record_total for a in metrics.agents),
-                                      human_bytes(metrics.index_bytes)
-                                      if metrics.index_bytes is not None else "unknown",
-                                      _esc(perf.full_load_ms), _esc(perf.lookup_ms),
-                                      _esc(perf.cache_hit_rate)))
+    summary = "%s in %d agents; %d records; index %s; full load %s; indexed lookup %s; " \
+        "hot-cache hit rate %s" % (
+            human_bytes(metrics.total_bytes), len(metrics.agents),
+            sum(a.record_total for a in metrics.agents),
+            "none" if not metrics.index_bytes else human_bytes(metrics.index_bytes),
+            _unit_or_unknown(perf.full_load_ms, "%.1f ms"), _unit_or_unknown(perf.lookup_ms,
+                                                                            "%.2f ms"),
+            _unit_or_unknown(None if perf.cache_hit_rate is None else perf.cache_hit_rate * 100,
+                             "%.0f%%"))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>aml report: %s</title><style>%s</style></head><body>"
             "<h1>aml report <span class=\"s-%s\">%s</span></h1>"
@@ -2627,6 +2639,12 @@ def output_for(args: argparse.Namespace) -> Output:
 # --- monitor command (section 14) ---
 
 
+class HealthUnknownError(AmlError):
+    """``monitor health`` could not run at all: UNKNOWN (3) by the plugin convention."""
+
+    exit_code = ExitCode.PARTIAL
+
+
 def _monitor_common(formats: Sequence[str], default: str) -> argparse.ArgumentParser:
     """The common options with this action's own ``--format`` choices (a fresh copy)."""
     # A fresh copy of the common options, so "resolve" replaces --format here only.
@@ -2714,8 +2732,8 @@ def _metrics_lines(report: MetricsReport) -> List[str]:
         human_bytes(report.index_bytes) if report.index_bytes else "none"),
         "Files: %d gzip, %d plain; largest agent: %s" % (report.gzip_files, report.plain_files,
                                                          report.largest_agent or "none"),
-        "%-24s %10s  %-17s %-17s %-17s" % ("AGENT", "SIZE", "PATTERNS act/inact",
-                                           "SOLUTIONS", "DECISIONS")]
+        "%-24s %10s  %-17s  %-17s  %s" % ("AGENT", "SIZE", "PATTERNS act/inact",
+                                              "SOLUTIONS", "DECISIONS")]
     for agent in report.agents:
         lines.append("%-24s %10s  %s" % (agent.agent, human_bytes(agent.bytes), "  ".join(
             "%-17s" % ("%d / %d" % (agent.records[t.value]["active"],
@@ -2786,11 +2804,9 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     try:
         report = _open_monitor(args).health()
     except AmlError as exc:
-        # The plugin convention wants UNKNOWN (3) for a check that could not run at all.
         if args.format == "nagios":
             print("AML UNKNOWN - %s" % str(exc).replace("|", "/"), file=out.stdout)
-            return int(ExitCode.PARTIAL)
-        raise
+        raise HealthUnknownError(str(exc)) from None
     for warning in report.warnings:
         out.warn(warning)
     if args.format == "nagios":

@@ -653,6 +653,12 @@ def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
             out.rstrip("\n"))
 
 
+def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
+    code, out, err = run_cli(tmp_path / "missing", "monitor", "health", "--format", "nagios",
+                             capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "does not exist" in err
+
+
 def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
     root = build_store(tmp_path / "m")
     codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
@@ -672,6 +678,8 @@ def test_thresholds_from_store_config_aml_config_and_flags(tmp_path, capsys):
     with pytest.raises(aml.UsageError):
         aml.resolve_thresholds(store, flags={"agent_memory_warning_mb": 90})  # above critical
     code, _, err = run_cli(root, "monitor", "health", "--threshold", "nope=1", capsys=capsys)
+    assert code == 3 and "unknown threshold" in err  # health: UNKNOWN, the plugin convention
+    code, _, err = run_cli(root, "monitor", "metrics", "--threshold", "nope=1", capsys=capsys)
     assert code == 2 and "unknown threshold" in err
     code, doc, _ = _health(root, "--threshold", "agent_memory_critical_mb=0.01",
                            "--threshold", "agent_memory_warning_mb=0.005", capsys=capsys)
@@ -811,7 +819,7 @@ def test_unreachable_webhook_does_not_fail_the_run(tmp_path, capsys):
     assert "webhook" in err and "unreachable" in err and "3 notification(s)" in err
     assert len(_alerts(root, capsys)) == 3
     code, _, err = run_cli(root, "monitor", "health", "--webhook", "ftp://x", capsys=capsys)
-    assert code == 2 and "http" in err
+    assert code == 3 and "http" in err
 
 
 PROM_LINE = {
