@@ -2735,9 +2735,10 @@ def _metrics_lines(report: MetricsReport) -> List[str]:
         "%-24s %10s  %-17s  %-17s  %s" % ("AGENT", "SIZE", "PATTERNS act/inact",
                                               "SOLUTIONS", "DECISIONS")]
     for agent in report.agents:
-        lines.append("%-24s %10s  %s" % (agent.agent, human_bytes(agent.bytes), "  ".join(
+        lines.append(("%-24s %10s  %s" % (agent.agent, human_bytes(agent.bytes), "  ".join(
             "%-17s" % ("%d / %d" % (agent.records[t.value]["active"],
-                                    agent.records[t.value]["inactive"])) for t in RecordType)))
+                                    agent.records[t.value]["inactive"])) for t in RecordType)
+        )).rstrip())
     lines.extend(_growth_lines(report))
     lines.extend(_performance_lines(report.performance))
     return lines
@@ -2752,10 +2753,10 @@ def _growth_lines(report: MetricsReport) -> List[str]:
             growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
             "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
     for forecast in report.forecasts:
+        when = forecast.note if forecast.days_until is None else "%s days, %s" % (
+            _shown(forecast.days_until), forecast.note)
         lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
-                                           human_bytes(forecast.limit_bytes),
-                                           _shown(forecast.days_until, " days")
-                                           + " - " + forecast.note))
+                                           human_bytes(forecast.limit_bytes), when))
     return lines
 
 
@@ -2821,16 +2822,16 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def _alert_lines(alerts: List[Alert]) -> List[str]:
-    lines = ["%-22s %-8s %-8s %5s  %-24s %-24s %s" % ("ID", "LEVEL", "STATE", "COUNT",
+def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
+    lines = ["%-22s %-8s %-15s %5s  %-24s %-24s %s" % ("ID", "LEVEL", "STATE", "COUNT",
                                                       "FIRST SEEN", "LAST SEEN", "MESSAGE")]
     for alert in alerts:
         state = alert.state if alert.state == "firing" else "%s (%s)" % (alert.state,
                                                                           alert.resolved_by)
-        lines.append("%-22s %-8s %-8s %5d  %-24s %-24s %s" % (
+        lines.append("%-22s %-8s %-15s %5d  %-24s %-24s %s" % (
             alert.id, alert.level.value, state, alert.count, alert.first_seen, alert.last_seen,
             alert.message))
-    return lines if alerts else ["No %salerts." % ("" if len(lines) else "open ")]
+    return lines if alerts else ["No %salerts." % ("" if include_resolved else "open ")]
 
 
 def cmd_monitor_alerts(args: argparse.Namespace) -> int:
@@ -2846,7 +2847,7 @@ def cmd_monitor_alerts(args: argparse.Namespace) -> int:
         out.document(changes)
         return int(ExitCode.OK)
     alerts = monitor.alerts(include_resolved=args.all)
-    for line in _alert_lines(alerts):
+    for line in _alert_lines(alerts, args.all):
         out.line(line)
     out.document({"alerts": alerts})
     return int(ExitCode.OK)
