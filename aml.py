@@ -2753,8 +2753,8 @@ def _growth_lines(report: MetricsReport) -> List[str]:
             growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
             "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
     for forecast in report.forecasts:
-        when = forecast.note if forecast.days_until is None else "%s days, %s" % (
-            _shown(forecast.days_until), forecast.note)
+        when = forecast.note if forecast.days_until is None else "%.1f days, %s" % (
+            forecast.days_until, forecast.note)
         lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
                                            human_bytes(forecast.limit_bytes), when))
     return lines
