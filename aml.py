@@ -1140,7 +1140,7 @@ def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = 
     result = dict(DEFAULT_THRESHOLDS)
     result.update(_store_config_thresholds(store))
     layers = (({k: v for k, v in (config_section or {}).items() if k not in MONITOR_SETTINGS},
-               "aml config [monitor]"), (flags or {}, "--threshold"))
+               "aml config [monitor]"), (flags or {}, "threshold override"))
     for values, source in layers:
         _check_threshold_keys(values, source)
         result.update({k: _positive_number(k, v, source) for k, v in values.items()})
@@ -1659,6 +1659,7 @@ def _check_webhook_url(url: Optional[str]) -> Optional[str]:
 class MemoryMonitor:
     """Metrics, health checks, alerts and reports for one store.
 
+    ``thresholds`` override the defaults and the store's config.json (see resolve_thresholds).
     Writes only inside ``.aml/`` (metrics history, integrity cache, alerts, run history),
     never into agent data. Raises UsageError for bad thresholds.
     """
@@ -1666,9 +1667,7 @@ class MemoryMonitor:
     def __init__(self, store: Store, thresholds: Optional[Dict[str, float]] = None,
                  webhook_url: Optional[str] = None, webhook_timeout: float = 5.0):
         self.store = store
-        self.thresholds = dict(DEFAULT_THRESHOLDS)
-        _check_threshold_keys(thresholds or {}, "thresholds")
-        self.thresholds.update(thresholds or {})
+        self.thresholds = resolve_thresholds(store, flags=thresholds)
         self.webhook_url = _check_webhook_url(webhook_url)
         self.webhook_timeout = webhook_timeout
         self._warnings: List[str] = []
@@ -2086,8 +2085,9 @@ class MemoryMonitor:
             changes.purged = self._purge(alerts)
             self._save_alerts(alerts)
 
-        changes.warnings.extend(self._under_state_lock(update))
-        changes.open = self.alerts() if not changes.warnings else []
+        busy = self._under_state_lock(update)
+        changes.warnings.extend(busy)
+        changes.open = [] if busy else self.alerts()
         self._deliver(changes)
         return changes
 

@@ -723,6 +723,24 @@ def test_read_only_commands_write_only_inside_state_folder(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
+def test_alert_of_a_check_that_cannot_run_is_error_and_not_resolved(tmp_path, capsys,
+                                                                    monkeypatch):
+    root = build_store(tmp_path / "m")
+    _health(root, capsys=capsys)
+
+    def broken(store, history):
+        raise OSError("index folder unreadable")
+
+    monkeypatch.setattr(aml, "_index_staleness", broken)
+    code, doc, _ = _health(root, capsys=capsys)
+    index = _check(doc, "index")
+    assert code == 1 and index["status"] == "unknown" and not index["ran"]
+    stored = aml.Store(root).read_state("alerts.json")["alerts"]
+    assert stored[aml.alert_id("index", "index")]["state"] == "firing"  # unknown is not cleared
+    assert stored[aml.alert_id("index", "check")]["level"] == "ERROR"
+    assert [a for a in doc["alerts"]["fired"] if a["level"] == "ERROR"][0]["check"] == "index"
+
+
 def _alerts(root, capsys, *extra):
     code, out, _ = run_cli(root, "monitor", "alerts", "--format", "json", *extra, capsys=capsys)
     assert code == 0
