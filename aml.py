@@ -1136,7 +1136,10 @@ def _check_threshold_keys(values: Dict[str, Any], source: str) -> None:
 
 def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = None,
                        flags: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
-    """Thresholds: defaults < store config.json < aml config ``monitor`` < flags; raises UsageError."""
+    """Thresholds: defaults < store config.json < aml config ``monitor`` < flags.
+
+    Raises UsageError for an unknown key, a negative value or a warning above its critical.
+    """
     result = dict(DEFAULT_THRESHOLDS)
     result.update(_store_config_thresholds(store))
     layers = (({k: v for k, v in (config_section or {}).items() if k not in MONITOR_SETTINGS},
@@ -1463,13 +1466,13 @@ def _empty_counts() -> Dict[str, Dict[str, int]]:
     return {t.value: {"active": 0, "inactive": 0, "invalid": 0} for t in RecordType}
 
 
-def _count_records(counts: Dict[str, Dict[str, int]], rtype: RecordType,
+def _count_records(counts: Dict[str, Dict[str, int]], rtype: Optional[RecordType],
                    records: List[Any]) -> None:
     bucket = counts[rtype.value]
     for record in records:
         if not isinstance(record, dict):
             bucket["invalid"] += 1
-        elif record_facts(rtype, record).active:
+        elif _is_active(record):  # the same rule as record_facts(...).active, without the rest
             bucket["active"] += 1
         else:
             bucket["inactive"] += 1
@@ -1483,22 +1486,24 @@ def _is_gzip_file(path: Path) -> bool:
         return False
 
 
-def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int]:
-    """One agent's sizes and counts (parsing every record file); also its record count."""
+def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
+    """One agent's sizes and counts (parsing every record file); files loaded, load seconds."""
     files = store.agent_files(agent)
     gz = sum(1 for f in files if _is_gzip_file(f.path))
     metrics = AgentMetrics(agent, _dir_bytes(store.root / agent), len(files), gz,
                            len(files) - gz, _empty_counts(), [])
-    loaded = 0
+    loaded, seconds = 0, 0.0
     for data_file in store.record_files(agent):
+        started = time.perf_counter()
         try:
             records, _fmt = store.load_records(data_file)
         except CorruptFileError as exc:
             metrics.unreadable.append("%s: %s" % (_rel(store, data_file.path), exc.problem))
             continue
+        seconds += time.perf_counter() - started  # reading and parsing only, not counting
         _count_records(metrics.records, data_file.rtype, records)
         loaded += 1
-    return metrics, loaded
+    return metrics, loaded, seconds
 
 
 def _store_bytes(store: Store) -> Tuple[int, int]:
@@ -1677,13 +1682,11 @@ class MemoryMonitor:
         """Measure the store now; with ``save`` append one sample to the metrics history."""
         store = self.store
         history = self._history_or_empty()
-        started = time.perf_counter()
-        agents, loaded = [], 0
+        agents, loaded, load_ms = [], 0, 0.0
         for name in store.agents():
-            agent, count = _agent_metrics(store, name)
+            agent, count, seconds = _agent_metrics(store, name)
             agents.append(agent)
-            loaded += count
-        load_ms = (time.perf_counter() - started) * 1000.0
+            loaded, load_ms = loaded + count, load_ms + seconds * 1000.0
         report = self._assemble_metrics(agents, history, load_ms, loaded)
         if save:
             self._save_sample(report)
@@ -1878,8 +1881,10 @@ class MemoryMonitor:
                 problems.append(problem)
         largest = max(sizes.values(), default=0)
         return self._finish("size", problems, "store %s (limit %s), largest agent %s (limit %s)"
-                            % (human_bytes(total), human_bytes(t["global_memory_warning_mb"] * _MB),
-                               human_bytes(largest), human_bytes(t["agent_memory_warning_mb"] * _MB)),
+                            % (human_bytes(total),
+                               human_bytes(t["global_memory_warning_mb"] * _MB),
+                               human_bytes(largest),
+                               human_bytes(t["agent_memory_warning_mb"] * _MB)),
                             {"total_bytes": total, "agent_bytes": sizes})
 
     def _size_problem(self, subject: str, size: int, scope: str) -> Optional[Problem]:
@@ -2278,7 +2283,8 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
     w.family("aml_agent_files", "gauge", "JSON files per agent by encoding.",
              [({"agent": a.agent, "encoding": enc}, n) for a in metrics.agents
               for enc, n in (("gzip", a.gzip_files), ("plain", a.plain_files))])
-    w.family("aml_records", "gauge", "Records per agent, type and state (unreadable files excluded).",
+    w.family("aml_records", "gauge",
+             "Records per agent, type and state (unreadable files excluded).",
              [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
               for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
     w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
@@ -2353,48 +2359,57 @@ def _chart_series(samples: List[Dict[str, Any]], key: str
     return series
 
 
+_CHART = {"width": 560, "height": 260, "left": 70, "right": 150, "top": 30, "bottom": 40}
+
+
+def _svg_axes(title: str, t0: _dt.datetime, t1: _dt.datetime, top_label: str) -> List[str]:
+    """Title, the two axes and their end labels of a chart."""
+    c = _CHART
+    x0, x1 = c["left"], c["width"] - c["right"]
+    y0, y1 = c["top"], c["height"] - c["bottom"]
+    return ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" role="img" '
+            'aria-label="%s">' % (c["width"], c["height"], _esc(title)),
+            '<text x="%d" y="18" font-size="14" font-weight="bold">%s</text>' % (x0, _esc(title)),
+            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (x0, y1, x1, y1),
+            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (x0, y0, x0, y1),
+            '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>'
+            % (x0 - 4, y0 + 4, _esc(top_label)),
+            '<text x="%d" y="%d" font-size="11" text-anchor="end">0</text>' % (x0 - 4, y1),
+            '<text x="%d" y="%d" font-size="11">%s</text>'
+            % (x0, c["height"] - 12, _esc(t0.strftime("%Y-%m-%d %H:%M"))),
+            '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>'
+            % (x1, c["height"] - 12, _esc(t1.strftime("%Y-%m-%d %H:%M")))]
+
+
 def _svg_chart(title: str, series: Dict[str, List[Tuple[_dt.datetime, float]]],
                fmt: Callable[[float], str]) -> str:
     """A self-contained SVG line chart, one line and legend entry per agent."""
-    width, height, left, right, top, bottom = 560, 260, 70, 150, 30, 40
     points = [p for values in series.values() for p in values]
     if not points:
-        return ('<svg width="%d" height="60" role="img"><text x="10" y="35">%s: no samples yet'
-                '</text></svg>' % (width, _esc(title)))
+        return ('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="60" role="img">'
+                '<text x="10" y="35">%s: no samples yet</text></svg>' % (_CHART["width"],
+                                                                          _esc(title)))
     t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
     vmax = max(p[1] for p in points) or 1.0
-    span = (t1 - t0).total_seconds() or 1.0
-    plot_w, plot_h = width - left - right, height - top - bottom
+    c = _CHART
+    plot_w, plot_h = c["width"] - c["left"] - c["right"], c["height"] - c["top"] - c["bottom"]
 
-    def xy(moment: _dt.datetime, value: float) -> str:
-        x = left + ((moment - t0).total_seconds() / span) * plot_w if t1 > t0 else left + plot_w / 2
-        return "%.1f,%.1f" % (x, top + plot_h - value / vmax * plot_h)
+    def xy(moment: _dt.datetime, value: float) -> Tuple[float, float]:
+        share = (moment - t0).total_seconds() / (t1 - t0).total_seconds() if t1 > t0 else 0.5
+        return c["left"] + share * plot_w, c["top"] + plot_h - value / vmax * plot_h
 
-    parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" role="img" '
-             'aria-label="%s">' % (width, height, _esc(title)),
-             '<text x="%d" y="18" font-size="14" font-weight="bold">%s</text>' % (left, _esc(title)),
-             '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (
-                 left, top + plot_h, left + plot_w, top + plot_h),
-             '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (left, top, left, top + plot_h),
-             '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>' % (
-                 left - 4, top + 4, _esc(fmt(vmax))),
-             '<text x="%d" y="%d" font-size="11" text-anchor="end">0</text>' % (left - 4, top + plot_h),
-             '<text x="%d" y="%d" font-size="11">%s</text>' % (
-                 left, height - 12, _esc(t0.strftime("%Y-%m-%d %H:%M"))),
-             '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>' % (
-                 left + plot_w, height - 12, _esc(t1.strftime("%Y-%m-%d %H:%M")))]
+    parts = _svg_axes(title, t0, t1, fmt(vmax))
     for number, (agent, values) in enumerate(sorted(series.items())):
         color = _CHART_COLORS[number % len(_CHART_COLORS)]
-        coords = " ".join(xy(m, v) for m, v in values)
+        coords = [xy(m, v) for m, v in values]
         parts.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>'
-                     % (color, coords))
-        parts.extend('<circle cx="%s" cy="%s" r="3" fill="%s"/>' % (tuple(xy(m, v).split(","))
-                                                                     + (color,))
-                     for m, v in values)
-        y = top + 12 + number * 16
+                     % (color, " ".join("%.1f,%.1f" % p for p in coords)))
+        parts.extend('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (x, y, color)
+                     for x, y in coords)
+        legend_x, legend_y = c["left"] + plot_w + 12, c["top"] + 12 + number * 16
         parts.append('<rect x="%d" y="%d" width="10" height="10" fill="%s"/><text x="%d" y="%d" '
-                     'font-size="12">%s</text>' % (left + plot_w + 12, y - 9, color,
-                                                    left + plot_w + 26, y, _esc(agent)))
+                     'font-size="12">%s</text>' % (legend_x, legend_y - 9, color, legend_x + 14,
+                                                   legend_y, _esc(agent)))
     parts.append("</svg>")
     return "".join(parts)
 

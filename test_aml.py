@@ -563,7 +563,8 @@ def test_metrics_reports_unreadable_file_and_exits_3(tmp_path, capsys):
 
 def test_metrics_growth_and_days_until_limit(tmp_path, capsys):
     root = build_store(tmp_path / "m", agents=("a1", "a2"))
-    assert run_cli(root, "monitor", "metrics", "--now", "2026-11-01T00:00:00Z", capsys=capsys)[0] == 0
+    code = run_cli(root, "monitor", "metrics", "--now", "2026-11-01T00:00:00Z", capsys=capsys)[0]
+    assert code == 0
     rng = random.Random(9)
     path = root / "a1" / "patterns.json"
     write_data(path, read_data(path) + [make_pattern("a1", rng) for _ in range(20)])
@@ -572,10 +573,12 @@ def test_metrics_growth_and_days_until_limit(tmp_path, capsys):
     doc = json.loads(out)
     assert doc["growth"]["records_since_previous"] == 20
     assert doc["growth"]["bytes_since_previous"] > 0
-    assert doc["growth"]["bytes_per_day"] == pytest.approx(doc["growth"]["bytes_since_previous"] / 10)
+    growth = doc["growth"]
+    assert growth["bytes_per_day"] == pytest.approx(growth["bytes_since_previous"] / 10)
     by_subject = {(f["subject"], f["limit"]): f for f in doc["forecasts"]}
     a1 = by_subject[("a1", "agent_memory_critical_mb")]
-    assert a1["days_until"] > 0 and by_subject[("a2", "agent_memory_critical_mb")]["note"] == "not growing"
+    assert a1["days_until"] > 0
+    assert by_subject[("a2", "agent_memory_critical_mb")]["note"] == "not growing"
 
 
 def test_metrics_history_is_bounded(tmp_path, capsys, monkeypatch):
@@ -630,7 +633,8 @@ def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
     assert code == 2 and doc["status"] == "critical" and integrity["status"] == "critical"
     assert "code-reviewer/decisions.json" in integrity["message"]
     code, line, _ = _health(root, capsys=capsys, fmt="nagios")
-    assert code == 2 and line.startswith("AML CRITICAL - ") and "code-reviewer/decisions.json" in line
+    assert code == 2 and line.startswith("AML CRITICAL - ")
+    assert "code-reviewer/decisions.json" in line
 
 
 NAGIOS_RE = re.compile(r"^AML (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+ \| "
@@ -673,7 +677,8 @@ def test_thresholds_from_store_config_aml_config_and_flags(tmp_path, capsys):
     store = aml.Store(root)
     got = aml.resolve_thresholds(store)
     assert got["global_memory_critical_mb"] == 2048 and got["query_time_warning_ms"] == 50
-    got = aml.resolve_thresholds(store, {"query_time_warning_ms": 70}, {"agent_memory_warning_mb": 1})
+    got = aml.resolve_thresholds(store, {"query_time_warning_ms": 70},
+                                 {"agent_memory_warning_mb": 1})
     assert got["query_time_warning_ms"] == 70 and got["agent_memory_warning_mb"] == 1
     with pytest.raises(aml.UsageError):
         aml.resolve_thresholds(store, flags={"agent_memory_warning_mb": 90})  # above critical
