@@ -2334,7 +2334,7 @@ td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f0f0f0}.num{text-align:right}.muted{color:#777;font-size:12px}
 .s-healthy{background:#d9f2d9}.s-warning{background:#fff2c6}.s-critical{background:#f9d0d0}
 .s-unknown{background:#e4e4e4}.charts{display:flex;flex-wrap:wrap;gap:16px}
-svg{background:#fff;border:1px solid #ddd}
+svg{background:#fff;border:1px solid #ddd}td:not(:last-child){white-space:nowrap}
 """
 
 

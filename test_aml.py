@@ -663,6 +663,15 @@ def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
     assert code == 3 and out.startswith("AML UNKNOWN - ") and "does not exist" in err
 
 
+def test_health_plugin_from_cron_like_environment(tmp_path):
+    root = build_store(tmp_path / "m", gz=True)
+    result = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "monitor", "health",
+                             "--format", "nagios"], cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == ""
+    assert result.stdout.startswith("AML WARNING - ") and result.stdout.count("\n") == 1
+
+
 def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
     root = build_store(tmp_path / "m")
     codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
