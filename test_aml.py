@@ -480,6 +480,7 @@ import re
 import shutil
 import socket
 import threading
+import zlib
 
 
 def _health(root, *extra, capsys, fmt="json"):
@@ -755,6 +756,16 @@ def test_alert_of_a_check_that_cannot_run_is_error_and_not_resolved(tmp_path, ca
     assert [a for a in doc["alerts"]["fired"] if a["level"] == "ERROR"][0]["check"] == "index"
 
 
+def test_health_reports_but_skips_state_writes_while_another_run_holds_the_store(tmp_path,
+                                                                                  capsys):
+    root = build_store(tmp_path / "m")
+    with aml.Store(root).maintenance_lock():
+        code, doc, err = _health(root, "--lock-timeout", "0.3", capsys=capsys)
+    assert code == 1 and doc["status"] == "warning" and "not updated" in err
+    assert not (root / ".aml" / "alerts.json").exists()
+    assert aml.Store(root).last_operation("health") is None
+
+
 def _alerts(root, capsys, *extra):
     code, out, _ = run_cli(root, "monitor", "alerts", "--format", "json", *extra, capsys=capsys)
     assert code == 0
@@ -946,7 +957,15 @@ def test_html_report_renders_in_headless_chromium(tmp_path, capsys):
                     "--disable-sync", "--user-data-dir=%s" % (tmp_path / "profile"),
                     "--window-size=1200,1400", "--screenshot=%s" % shot, target.as_uri()],
                    check=True, timeout=120, capture_output=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10000
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels, offset = b"", 8
+    while offset < len(data):  # concatenate the IDAT chunks: a blank page has ~1 byte value
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        if data[offset + 4:offset + 8] == b"IDAT":
+            pixels += data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    assert len(set(zlib.decompress(pixels))) > 50
 
 
 # =============================================================================
