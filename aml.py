@@ -1095,7 +1095,7 @@ METRICS_HISTORY_MAX = 1000
 GROWTH_WINDOW_DAYS = 30.0
 MAINTENANCE_OPERATIONS = ("prune", "gc", "compress", "index", "warm-cache", "rotate", "migrate")
 TIMED_OPERATIONS = ("prune", "backup", "index", "migrate")
-STATE_LOCK_WAIT = 10.0
+STATE_LOCK_WAIT = 5.0  # under the 10 s after which Nagios kills a plugin by default
 # A file modified this recently is re-parsed next time even if size and mtime match, because
 # a second write within the same mtime tick would otherwise hide from the cache.
 INTEGRITY_RACY_SECONDS = 2.0
@@ -1675,7 +1675,7 @@ class MemoryMonitor:
         self.thresholds = resolve_thresholds(store, flags=thresholds)
         self.webhook_url = _check_webhook_url(webhook_url)
         self.webhook_timeout = webhook_timeout
-        self._warnings: List[str] = []
+        self._integrity_fresh: Optional[Dict[str, Any]] = None
 
     # -- metrics ------------------------------------------------------------------
     def metrics(self, save: bool = True) -> MetricsReport:
@@ -1776,9 +1776,11 @@ class MemoryMonitor:
 
     # -- health -------------------------------------------------------------------
     def health(self, evaluate_alerts: bool = True, record: bool = True) -> HealthReport:
-        """Run every check; optionally update alerts and record the run in the history."""
+        """Run every check; then, under one short lock, save the integrity cache, update
+        alerts and record the run (skipped with a warning while another aml run holds the
+        store). Webhooks are sent after the lock is released."""
         started_at, started = self.store.now, time.perf_counter()
-        self._warnings = []
+        self._integrity_fresh = None
         history, history_problem = self._read_history()
         checks = [self._run_check(name, history) for name in self.CHECKS]
         if history_problem:
@@ -1786,15 +1788,26 @@ class MemoryMonitor:
             checks[0].status = worst_status([checks[0].status, history_problem.status])
         report = HealthReport(str(self.store.root), self.store.now,
                               worst_status(c.status for c in checks), checks,
-                              self._perfdata(checks), warnings=self._warnings)
-        if evaluate_alerts:
-            report.alerts = self.evaluate_alerts(checks)
-            report.warnings.extend(report.alerts.warnings)
-        if record:
-            summary = {"status": report.status.value,
-                       "checks": {c.name: c.status.value for c in checks}}
-            report.warnings.extend(self._under_state_lock(lambda: self.store.record_operation(
-                "health", started_at, time.perf_counter() - started, summary)))
+                              self._perfdata(checks))
+        changes = AlertChanges() if evaluate_alerts else None
+        summary = {"status": report.status.value,
+                   "checks": {c.name: c.status.value for c in checks}}
+
+        def update() -> None:
+            if self._integrity_fresh is not None:
+                self.store.write_state("integrity.json", {"files": self._integrity_fresh})
+            if changes is not None:
+                self._update_alerts(checks, changes)
+            if record:
+                self.store.record_operation("health", started_at, time.perf_counter() - started,
+                                            summary)
+
+        busy = self._under_state_lock(update)
+        report.warnings.extend(busy)
+        if changes is not None:
+            self._finish_alerts(changes, busy)
+            report.alerts = changes
+            report.warnings.extend(changes.warnings)
         return report
 
     CHECKS = ("structure", "size", "index", "backup", "integrity", "performance", "maintenance")
@@ -1955,8 +1968,7 @@ class MemoryMonitor:
                 problems.append(Problem(rel, HealthStatus.CRITICAL, "%s: %s" % (rel, problem)))
             elif time.time() - info.st_mtime >= INTEGRITY_RACY_SECONDS:
                 fresh[rel] = {"key": key, "ok": True}
-        self._warnings.extend(self._under_state_lock(
-            lambda: self.store.write_state("integrity.json", {"files": fresh})))
+        self._integrity_fresh = fresh  # saved by health() under the state lock
         return self._finish("integrity", problems,
                             "%d files parse (%d parsed now, %d unchanged since the last check)"
                             % (len(targets), parsed, len(targets) - parsed),
@@ -2076,25 +2088,28 @@ class MemoryMonitor:
     def evaluate_alerts(self, checks: List[HealthCheck]) -> AlertChanges:
         """Fire, count, auto-resolve and expire alerts from check results; then notify."""
         changes = AlertChanges()
+        busy = self._under_state_lock(lambda: self._update_alerts(checks, changes))
+        self._finish_alerts(changes, busy)
+        return changes
 
-        def update() -> None:
-            alerts = self._load_alerts_or_reset(changes)
-            current = {alert_id(c.name, p.subject): (c, p) for c in checks for p in c.problems}
-            for key, (check, problem) in sorted(current.items()):
-                self._observe(alerts, key, check.name, problem, changes)
-            ran = {c.name for c in checks if c.ran}
-            for key, alert in sorted(alerts.items()):
-                if alert.state == "firing" and key not in current and alert.check in ran:
-                    self._resolve(alert, "auto")
-                    changes.resolved.append(alert)
-            changes.purged = self._purge(alerts)
-            self._save_alerts(alerts)
+    def _update_alerts(self, checks: List[HealthCheck], changes: AlertChanges) -> None:
+        """The alert state change itself; call with the maintenance lock held."""
+        alerts = self._load_alerts_or_reset(changes)
+        current = {alert_id(c.name, p.subject): (c, p) for c in checks for p in c.problems}
+        for key, (check, problem) in sorted(current.items()):
+            self._observe(alerts, key, check.name, problem, changes)
+        ran = {c.name for c in checks if c.ran}
+        for key, alert in sorted(alerts.items()):
+            if alert.state == "firing" and key not in current and alert.check in ran:
+                self._resolve(alert, "auto")
+                changes.resolved.append(alert)
+        changes.purged = self._purge(alerts)
+        self._save_alerts(alerts)
 
-        busy = self._under_state_lock(update)
+    def _finish_alerts(self, changes: AlertChanges, busy: List[str]) -> None:
         changes.warnings.extend(busy)
         changes.open = [] if busy else self.alerts()
         self._deliver(changes)
-        return changes
 
     def _load_alerts_or_reset(self, changes: AlertChanges) -> Dict[str, Alert]:
         try:
