@@ -1003,6 +1003,10 @@ class Archive:
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
 
+def safety_backup(store, reason, config=None):  # STUB until backup lands
+    """Placeholder for section 8's safety backup; always raises RefusedError."""
+    raise RefusedError("backup is not available")
+
 
 # =============================================================================
 # 9. Bloom filter and LRU cache
@@ -1020,6 +1024,773 @@ class Archive:
 # 11. Pruning
 # Time, performance and space strategies; archive before removal; undo.
 # =============================================================================
+
+class PruneStrategy(enum.Enum):
+    """The three pruning strategies (the original toolkit's names)."""
+
+    TIME_BASED = "time_based"
+    PERFORMANCE_BASED = "performance_based"
+    SPACE_BASED = "space_based"
+
+
+class PruneReason(enum.Enum):
+    """Why a record was removed; stored in the archive and shown in every report."""
+
+    UNUSED_TOO_LONG = "unused_too_long"
+    FAILED_PATTERN_UNUSED = "failed_pattern_unused"
+    DECISION_TOO_OLD = "decision_too_old"
+    LOW_SUCCESS_RATE = "low_success_rate"
+    LOW_CONFIDENCE = "low_confidence"
+    NEGATIVE_OUTCOME = "negative_outcome"
+    OUTDATED_SOLUTION = "outdated_solution"
+    FAILED_SOLUTION = "failed_solution"
+    MEMORY_LIMIT_EXCEEDED = "memory_limit_exceeded"
+
+
+MIB = 1024 * 1024
+AGGRESSIVE_PATTERN_DAYS = 60
+AGGRESSIVE_DECISION_DAYS = 120
+AGGRESSIVE_SUCCESS_FLOOR = 0.30
+MAX_SPACE_ITERATIONS = 5
+# The runtime's config.json keys (section "pruning") that map onto PruneConfig fields.
+STORE_PRUNE_KEYS = {"maxAgeDays": "pattern_max_age_days",
+                    "minConfidence": "min_confidence_score",
+                    "aggressiveMode": "aggressive"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Pruning thresholds (SPEC 5). ``aggressive`` tightens to 60/120 days and a 0.30 floor."""
+
+    pattern_max_age_days: float = 90
+    decision_max_age_days: float = 180
+    failed_pattern_max_age_days: float = 30
+    min_success_rate: float = 0.20
+    min_confidence_score: float = 0.15
+    min_execution_count: int = 3
+    agent_memory_limit: int = 80 * MIB
+    global_memory_limit: int = 800 * MIB
+    preserve_high_value: bool = True
+    high_value_threshold: float = 0.85
+    dry_run: bool = False
+    create_backup: bool = True
+    max_removal_share: float = 0.5
+    aggressive: bool = False
+
+    def effective(self) -> "PruneConfig":
+        """The thresholds actually applied: aggressive mode only ever tightens them."""
+        if not self.aggressive:
+            return self
+        return dataclasses.replace(
+            self,
+            pattern_max_age_days=min(self.pattern_max_age_days, AGGRESSIVE_PATTERN_DAYS),
+            decision_max_age_days=min(self.decision_max_age_days, AGGRESSIVE_DECISION_DAYS),
+            min_success_rate=max(self.min_success_rate, AGGRESSIVE_SUCCESS_FLOOR))
+
+
+_BOOL_FIELDS = ("preserve_high_value", "dry_run", "create_backup", "aggressive")
+_SHARE_FIELDS = ("min_success_rate", "min_confidence_score", "high_value_threshold",
+                 "max_removal_share")
+
+
+def _check_prune_config(config: PruneConfig, source: str) -> PruneConfig:
+    """Reject wrong types and ranges, naming where the bad value came from; raises UsageError."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in _BOOL_FIELDS:
+            ok = isinstance(value, bool)
+        else:
+            ok = _number(value) is not None and value >= 0
+            ok = ok and (field.name not in _SHARE_FIELDS or value <= 1)
+        if not ok:
+            raise UsageError("%s: %s=%r is not a valid value" % (source, field.name, value))
+    return config
+
+
+def store_prune_settings(store: Store) -> Dict[str, Any]:
+    """The PruneConfig fields that the store's config.json sets (its ``pruning`` section)."""
+    section = store.runtime_config().get("pruning")
+    if not isinstance(section, dict):
+        return {}
+    return {field: section[key] for key, field in STORE_PRUNE_KEYS.items() if key in section}
+
+
+def pruning_enabled(store: Store) -> bool:
+    """False only when the store's config.json says ``pruning.enabled: false``."""
+    return dig(store.runtime_config(), "pruning", "enabled") is not False
+
+
+def prune_config_for(store: Store, aml_config: Optional[Dict[str, Any]] = None,
+                     flags: Optional[Dict[str, Any]] = None) -> PruneConfig:
+    """Defaults < store config.json < aml config ``prune`` section < flags; raises UsageError."""
+    config = PruneConfig()
+    layers = (("%s (pruning)" % store.config_path(), store_prune_settings(store)),
+              ("aml config [prune]", (aml_config or {}).get("prune", {})),
+              ("command line", flags or {}))
+    for source, values in layers:
+        config = _check_prune_config(apply_config_fields(config, values, source), source)
+    return config
+
+
+# -- the value score ----------------------------------------------------------
+
+def record_value(facts: RecordFacts, config: PruneConfig) -> float:
+    """A documented 0..1 worth of a record; >= high_value_threshold is kept.
+
+    Pattern: mean of its success rate (counted once executed min_execution_count times) and
+    its confidence; 0 when neither is known. Solution: 0 if it did not work or is
+    superseded, else 0.6 (worked) or 0.3 (unknown) plus 0.1 per verification, at most 1.
+    Decision: 0 if it would not be repeated, 0.9 if it would, 0.5 without an outcome.
+    """
+    if facts.rtype is RecordType.PATTERN:
+        parts = [facts.confidence] if facts.confidence is not None else []
+        if (facts.success_rate is not None
+                and (facts.execution_count or 0) >= config.min_execution_count):
+            parts.append(facts.success_rate)
+        return _clamp(sum(parts) / len(parts)) if parts else 0.0
+    if facts.rtype is RecordType.SOLUTION:
+        if facts.worked is False or facts.superseded:
+            return 0.0
+        base = 0.6 if facts.worked else 0.3
+        return _clamp(base + 0.1 * max(0.0, facts.verified_count or 0.0))
+    return {False: 0.0, True: 0.9, None: 0.5}[facts.would_repeat]
+
+
+def _clamp(value: float) -> float:
+    return max(0.0, min(1.0, value))
+
+
+def is_protected(facts: RecordFacts, config: PruneConfig) -> bool:
+    """Pinned records, and high-value ones while preserve_high_value is on, are never pruned."""
+    return facts.pinned or (config.preserve_high_value
+                            and record_value(facts, config) >= config.high_value_threshold)
+
+
+# -- reasons ------------------------------------------------------------------
+
+Verdict = Tuple[PruneReason, Dict[str, Any]]
+
+
+def _age_details(facts: RecordFacts, now: _dt.datetime, limit: float) -> Dict[str, Any]:
+    source = ("lastUsed" if facts.last_used else "created" if facts.created else "timestamp")
+    return {"age_days": round(days_between(facts.last_activity, now), 1),
+            "max_age_days": limit, "age_from": source,
+            "last_activity": format_timestamp(facts.last_activity)}
+
+
+def time_verdict(facts: RecordFacts, config: PruneConfig, now: _dt.datetime) -> Optional[Verdict]:
+    """time_based: stale patterns and decisions (age from last use, else creation, else timestamp).
+
+    Records without a readable time, or with one in the future, are never time-pruned.
+    """
+    moment = facts.last_activity
+    if moment is None or moment > now:
+        return None
+    age = days_between(moment, now)
+    if facts.rtype is RecordType.PATTERN:
+        if _is_failed_pattern(facts, config) and age > config.failed_pattern_max_age_days:
+            details = _age_details(facts, now, config.failed_pattern_max_age_days)
+            details.update(success_rate=facts.success_rate,
+                           execution_count=_whole(facts.execution_count))
+            return PruneReason.FAILED_PATTERN_UNUSED, details
+        if age > config.pattern_max_age_days:
+            return PruneReason.UNUSED_TOO_LONG, _age_details(facts, now,
+                                                              config.pattern_max_age_days)
+    if facts.rtype is RecordType.DECISION and age > config.decision_max_age_days:
+        return PruneReason.DECISION_TOO_OLD, _age_details(facts, now, config.decision_max_age_days)
+    return None
+
+
+def _whole(value: Optional[float]) -> Any:
+    """Show a count read as float (1.0) as the integer it is."""
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
+def _is_failed_pattern(facts: RecordFacts, config: PruneConfig) -> bool:
+    """Executed at least once and succeeding less often than min_success_rate."""
+    return ((facts.execution_count or 0) >= 1 and facts.success_rate is not None
+            and facts.success_rate < config.min_success_rate)
+
+
+def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Verdict]:
+    """performance_based: failing patterns, low confidence, failed/outdated solutions, regrets."""
+    if (facts.rtype is RecordType.PATTERN and facts.success_rate is not None
+            and (facts.execution_count or 0) >= config.min_execution_count
+            and facts.success_rate < config.min_success_rate):
+        return PruneReason.LOW_SUCCESS_RATE, {
+            "success_rate": facts.success_rate, "min_success_rate": config.min_success_rate,
+            "execution_count": _whole(facts.execution_count),
+            "min_execution_count": config.min_execution_count}
+    if facts.confidence is not None and facts.confidence < config.min_confidence_score:
+        return PruneReason.LOW_CONFIDENCE, {"confidence": facts.confidence,
+                                            "min_confidence_score": config.min_confidence_score}
+    if facts.rtype is RecordType.SOLUTION and facts.worked is False:
+        return PruneReason.FAILED_SOLUTION, {"worked": False}
+    if facts.rtype is RecordType.SOLUTION and facts.superseded:
+        return PruneReason.OUTDATED_SOLUTION, {"superseded": True}
+    if facts.rtype is RecordType.DECISION and facts.would_repeat is False:
+        return PruneReason.NEGATIVE_OUTCOME, {"would_repeat": False}
+    return None
+
+
+# -- result ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PrunedRecord:
+    """One record a run removed (or, in a dry run, would remove)."""
+
+    agent: str
+    file: str
+    type: str
+    id: Optional[str]
+    index: int
+    reason: PruneReason
+    details: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class AgentPruneSummary:
+    """Per-agent counts and on-disk bytes of one run."""
+
+    agent: str
+    records_before: int = 0
+    removed: Dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"pattern": 0, "solution": 0, "decision": 0})
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def removed_total(self) -> int:
+        """Records removed from this agent, all types."""
+        return sum(self.removed.values())
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """What a prune run did or, with ``dry_run``, would do."""
+
+    run_id: Optional[str]
+    dry_run: bool
+    strategies: List[str]
+    config: PruneConfig
+    agents: List[AgentPruneSummary]
+    removed: List[PrunedRecord]
+    bytes_before: int = 0
+    bytes_after: int = 0
+    bytes_estimated: bool = False
+    unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    busy: List[str] = dataclasses.field(default_factory=list)
+    findings: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: Optional[str] = None
+    backup_id: Optional[str] = None
+    archive: Optional[str] = None
+    space_iterations: int = 0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """BUSY over REFUSED over PARTIAL over OK."""
+        if self.busy:
+            return ExitCode.BUSY
+        if self.refused:
+            return ExitCode.REFUSED
+        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
+
+
+# -- planning -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _FilePlan:
+    """One record file as planned: its content, facts and the positions chosen for removal."""
+
+    data_file: DataFile
+    rel: str
+    records: List[Any]
+    fmt: FileFormat
+    disk_bytes: int
+    facts: List[RecordFacts] = dataclasses.field(default_factory=list)
+    positions: List[int] = dataclasses.field(default_factory=list)
+    removals: Dict[int, Verdict] = dataclasses.field(default_factory=dict)
+    ratio: float = 1.0
+
+    def estimate(self, index: int) -> float:
+        """Estimated on-disk bytes of one record (its JSON text scaled by the file's ratio)."""
+        return (len(runtime_json(self.records[index]).encode("utf-8")) + 4) * self.ratio
+
+    def removed_estimate(self) -> float:
+        """Estimated bytes the planned removals free."""
+        return sum(self.estimate(i) for i in self.removals)
+
+
+def _new_file_plan(store: Store, data_file: DataFile, records: List[Any],
+                   fmt: FileFormat) -> _FilePlan:
+    plan = _FilePlan(data_file=data_file, rel=data_file.path.relative_to(store.root).as_posix(),
+                     records=records, fmt=fmt, disk_bytes=data_file.path.stat().st_size)
+    _refresh_plan(plan, records, list(range(len(records))))
+    return plan
+
+
+def _refresh_plan(plan: _FilePlan, records: List[Any], positions: List[int]) -> None:
+    """Point a plan at new content (after a write or a change by the runtime)."""
+    plan.records, plan.positions, plan.removals = records, positions, {}
+    plan.facts = [record_facts(plan.data_file.rtype, r) for r in records]
+    plain = len(runtime_json(records).encode("utf-8")) or 1
+    try:
+        plan.disk_bytes = plan.data_file.path.stat().st_size
+    except OSError:
+        pass
+    plan.ratio = plan.disk_bytes / plain if plan.fmt.gzip else 1.0
+
+
+def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
+    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``)."""
+    total = 0
+    skip = set(skip)
+    for dirpath, dirnames, filenames in os.walk(str(folder)):
+        if dirpath == str(folder):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    return total
+
+
+def agent_disk_bytes(store: Store, agent: str) -> int:
+    """Measured bytes of one agent's folder on disk."""
+    return _dir_bytes(store.root / agent)
+
+
+def store_disk_bytes(store: Store) -> int:
+    """Measured bytes of the store on disk, aml's own ``.aml/`` state excluded."""
+    return _dir_bytes(store.root, skip=(STATE_DIR_NAME,))
+
+
+def _strategies(names: Optional[Iterable[Any]]) -> List[PruneStrategy]:
+    """Strategy names or members to members (all three when none given); raises UsageError."""
+    if not names:
+        return list(PruneStrategy)
+    chosen = []
+    for name in names:
+        try:
+            chosen.append(PruneStrategy(getattr(name, "value", name)))
+        except ValueError:
+            raise UsageError("unknown strategy %r (known: %s)" % (
+                name, ", ".join(s.value for s in PruneStrategy))) from None
+    return list(dict.fromkeys(chosen))
+
+
+_EPOCH = _dt.datetime(1, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of one run: its plans, archive entries written and pending, and its result."""
+
+    result: PruneResult
+    plans: List[_FilePlan]
+    strategies: List[PruneStrategy]
+    force: bool = False
+    applied: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    pending: Dict[str, List[Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
+class MemoryPruner:
+    """Plans and runs pruning of a store with the thresholds of a PruneConfig."""
+
+    def __init__(self, store: Store, config: Optional[PruneConfig] = None):
+        self.store = store
+        self.config = config or PruneConfig()
+        self.rules = self.config.effective()
+
+    # -- public API ------------------------------------------------------------
+    def plan(self, strategies: Optional[Iterable[Any]] = None,
+             agents: Optional[Sequence[str]] = None) -> PruneResult:
+        """What a run would remove; touches nothing on disk (bytes after are an estimate).
+
+        A plan the mass-deletion guard would refuse has ``refused`` set. Raises UsageError.
+        """
+        run = self._prepare(_strategies(strategies), agents, dry_run=True)
+        run.result.refused = self._guard_message(run)
+        return run.result
+
+    def run(self, strategies: Optional[Iterable[Any]] = None,
+            agents: Optional[Sequence[str]] = None, force: bool = False) -> PruneResult:
+        """Prune for real (or plan, when config.dry_run): archive first, then rewrite each file.
+
+        Raises RefusedError (mass-deletion guard without ``force``, pruning disabled in the
+        store's config.json without ``force``, failed safety backup), StoreBusyError when
+        another aml run holds the store, UsageError for bad arguments.
+        """
+        if self.config.dry_run:
+            return self.plan(strategies, agents)
+        chosen = _strategies(strategies)
+        if not force and not pruning_enabled(self.store):
+            raise RefusedError("%s says pruning.enabled=false; pass --force to prune anyway"
+                               % self.store.config_path())
+        with self.store.maintenance_lock():
+            self.store.cleanup_temp_files()
+            return self._run_locked(chosen, agents, force)
+
+    # -- the real run ------------------------------------------------------------
+    def _run_locked(self, strategies: List[PruneStrategy], agents: Optional[Sequence[str]],
+                    force: bool) -> PruneResult:
+        started, clock = self.store.now, time.monotonic()
+        run = self._prepare(strategies, agents, dry_run=False)
+        run.force = force
+        message = self._guard_message(run)
+        if message and not force:
+            raise RefusedError(message)
+        run.result.removed = []
+        if any(p.removals for p in run.plans):
+            if self.config.create_backup:
+                run.result.backup_id = safety_backup(self.store, "before %s" % run.result.run_id)
+            self._apply(run)
+            if PruneStrategy.SPACE_BASED in strategies:
+                self._space_rounds(run)
+        self._measure_after(run)
+        self.store.record_operation("prune", started, time.monotonic() - clock,
+                                    self._history_summary(run.result))
+        return run.result
+
+    def _apply(self, run: _Run) -> None:
+        """Archive every planned removal, then rewrite each file without those records."""
+        todo = [p for p in run.plans if p.removals]
+        if not todo:
+            return
+        for plan in todo:
+            run.pending[plan.rel] = self._entries(plan)
+        self._save_archive(run)
+        if any(r == PruneReason.MEMORY_LIMIT_EXCEEDED for p in todo for r, _ in p.removals.values()):
+            run.result.space_iterations += 1
+        for plan in todo:
+            self._apply_file(run, plan)
+
+    def _apply_file(self, run: _Run, plan: _FilePlan) -> None:
+        try:
+            with self.store.rewrite(plan.data_file.path) as job:
+                if job.data != plan.records:
+                    self._replan_file(run, plan, job.data)
+                kept = [i for i in range(len(plan.records)) if i not in plan.removals]
+                job.data = [plan.records[i] for i in kept]
+                job.changed = bool(plan.removals)
+        except (StoreBusyError, CorruptFileError) as exc:
+            self._drop_file(run, plan, exc)
+            return
+        entries = run.pending.pop(plan.rel, [])
+        run.applied.extend(entries)
+        run.result.removed.extend(_pruned_record(e) for e in entries)
+        _refresh_plan(plan, job.data, [plan.positions[i] for i in kept])
+
+    def _drop_file(self, run: _Run, plan: _FilePlan, exc: AmlError) -> None:
+        """A file went busy or unreadable since planning: keep it untouched, fix the archive."""
+        run.pending.pop(plan.rel, None)
+        plan.removals = {}
+        if isinstance(exc, StoreBusyError):
+            run.result.busy.append(str(exc))
+        else:
+            run.result.unreadable.append({"file": plan.rel, "problem": str(exc)})
+        self._save_archive(run)
+
+    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any]) -> None:
+        """The runtime changed the file since planning: decide again from its fresh content."""
+        space_picked = [_canonical(plan.records[i]) for i, (reason, _) in plan.removals.items()
+                        if reason is PruneReason.MEMORY_LIMIT_EXCEEDED]
+        space_details = [d for r, d in plan.removals.values()
+                         if r is PruneReason.MEMORY_LIMIT_EXCEEDED]
+        _refresh_plan(plan, fresh, list(range(len(fresh))))
+        self._choose_file(plan, run.strategies, findings=None)
+        for i, record in enumerate(fresh):
+            if i not in plan.removals and _canonical(record) in space_picked:
+                plan.removals[i] = (PruneReason.MEMORY_LIMIT_EXCEEDED, space_details[0])
+        entries = self._entries(plan)
+        if entries != run.pending.get(plan.rel):
+            run.pending[plan.rel] = entries
+            self._save_archive(run)
+
+    def _save_archive(self, run: _Run) -> None:
+        entries = run.applied + [e for es in run.pending.values() for e in es]
+        path = Archive(self.store).save(run.result.run_id, "prune", entries)
+        run.result.archive = str(path)
+
+    def _space_rounds(self, run: _Run) -> None:
+        """Measure on disk after writing; while still over a limit, remove more and rewrite."""
+        for _ in range(MAX_SPACE_ITERATIONS):
+            if not self._choose_space(run.plans, run.result):
+                return
+            message = self._guard_message(run)
+            if message and not run.force:
+                for plan in run.plans:
+                    plan.removals = {}
+                run.result.findings.append({"problem": "space_based stopped: " + message})
+                return
+            self._apply(run)
+
+    def _measure_after(self, run: _Run) -> None:
+        result = run.result
+        for summary in result.agents:
+            summary.bytes_after = agent_disk_bytes(self.store, summary.agent)
+            over = summary.bytes_after - self.rules.agent_memory_limit
+            if PruneStrategy.SPACE_BASED in run.strategies and over > 0:
+                result.findings.append({"agent": summary.agent, "problem": (
+                    "still over agent_memory_limit by %d bytes (what is left is pinned, "
+                    "high value or unreadable)" % over)})
+        _count_removed(result.agents, result.removed)
+        result.bytes_after = store_disk_bytes(self.store)
+
+    # -- planning ----------------------------------------------------------------
+    def _prepare(self, strategies: List[PruneStrategy], agents: Optional[Sequence[str]],
+                 dry_run: bool) -> _Run:
+        chosen_agents = self.store.select_agents(agents)
+        result = PruneResult(
+            run_id=None if dry_run else new_run_id("prune", self.store.now), dry_run=dry_run,
+            strategies=[s.value for s in strategies], config=self.rules,
+            agents=[AgentPruneSummary(a, bytes_before=agent_disk_bytes(self.store, a))
+                    for a in chosen_agents],
+            removed=[], bytes_before=store_disk_bytes(self.store), bytes_estimated=dry_run)
+        run = _Run(result=result, plans=self._load(chosen_agents, result), strategies=strategies)
+        for plan in run.plans:
+            self._choose_file(plan, strategies, result.findings)
+        if PruneStrategy.SPACE_BASED in strategies:
+            self._choose_space(run.plans, result)
+        result.removed = [_pruned_record(e) for p in run.plans for e in self._entries(p)]
+        _count_removed(result.agents, result.removed)
+        for summary in result.agents:
+            summary.records_before = sum(len(p.records) for p in run.plans
+                                         if p.data_file.agent == summary.agent)
+            freed = sum(p.removed_estimate() for p in run.plans if p.data_file.agent == summary.agent)
+            summary.bytes_after = int(summary.bytes_before - freed)
+        result.bytes_after = result.bytes_before - sum(
+            s.bytes_before - s.bytes_after for s in result.agents)
+        return run
+
+    def _load(self, agents: List[str], result: PruneResult) -> List[_FilePlan]:
+        errors: List[CorruptFileError] = []
+        plans = [_new_file_plan(self.store, data_file, records, fmt)
+                 for data_file, records, fmt in self.store.iter_record_files(agents, errors)]
+        for exc in errors:
+            rel = exc.path.relative_to(self.store.root).as_posix()
+            result.unreadable.append({"file": rel, "problem": exc.problem})
+        return plans
+
+    def _choose_file(self, plan: _FilePlan, strategies: List[PruneStrategy],
+                     findings: Optional[List[Dict[str, Any]]]) -> None:
+        """Mark the time and performance removals of one file (protected records are skipped)."""
+        for i, facts in enumerate(plan.facts):
+            if findings is not None and facts.last_activity and facts.last_activity > self.store.now:
+                findings.append({"agent": plan.data_file.agent, "file": plan.rel, "index": i,
+                                 "id": facts.id, "problem": "timestamp in the future (%s)"
+                                 % format_timestamp(facts.last_activity)})
+            if is_protected(facts, self.rules):
+                continue
+            verdict = None
+            if PruneStrategy.TIME_BASED in strategies:
+                verdict = time_verdict(facts, self.rules, self.store.now)
+            if verdict is None and PruneStrategy.PERFORMANCE_BASED in strategies:
+                verdict = performance_verdict(facts, self.rules)
+            if verdict is not None:
+                plan.removals[i] = verdict
+
+    def _choose_space(self, plans: List[_FilePlan], result: PruneResult) -> int:
+        """Add memory_limit_exceeded removals, lowest value first, until the estimate fits."""
+        added = 0
+        for summary in result.agents:
+            mine = [p for p in plans if p.data_file.agent == summary.agent]
+            size = agent_disk_bytes(self.store, summary.agent) - sum(
+                p.removed_estimate() for p in mine)
+            added += self._take_lowest(mine, size, self.rules.agent_memory_limit, "agent")
+        size = store_disk_bytes(self.store) - sum(p.removed_estimate() for p in plans)
+        return added + self._take_lowest(plans, size, self.rules.global_memory_limit, "store")
+
+    def _take_lowest(self, plans: List[_FilePlan], size: float, limit: int, scope: str) -> int:
+        if size <= limit:
+            return 0
+        candidates = [(record_value(f, self.rules), f.last_activity or _EPOCH, n, i)
+                      for n, plan in enumerate(plans) for i, f in enumerate(plan.facts)
+                      if i not in plan.removals and not is_protected(f, self.rules)]
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        added = 0
+        for value, _, n, i in candidates:
+            if size <= limit:
+                break
+            plans[n].removals[i] = (PruneReason.MEMORY_LIMIT_EXCEEDED, {
+                "scope": scope, "value": round(value, 3), "size_bytes": int(size),
+                "limit_bytes": limit})
+            size -= plans[n].estimate(i)
+            added += 1
+        return added
+
+    def _entries(self, plan: _FilePlan) -> List[Dict[str, Any]]:
+        """Archive entries (contracts.md schema) of a file's planned removals."""
+        return [{"agent": plan.data_file.agent, "file": plan.rel,
+                 "type": plan.data_file.rtype.value, "id": plan.facts[i].id,
+                 "index": plan.positions[i], "reason": reason.value, "details": details,
+                 "record": plan.records[i]}
+                for i, (reason, details) in sorted(plan.removals.items())]
+
+    def _guard_message(self, run: _Run) -> Optional[str]:
+        """The mass-deletion guard: None, or which agents the run would strip too far."""
+        share = self.rules.max_removal_share
+        over = []
+        for summary in run.result.agents:
+            count = sum(len(p.removals) for p in run.plans if p.data_file.agent == summary.agent)
+            count += sum(1 for e in run.applied if e["agent"] == summary.agent)
+            if summary.records_before and count / summary.records_before > share:
+                over.append("%s would lose %d of %d records (%.0f%%)" % (
+                    summary.agent, count, summary.records_before,
+                    100.0 * count / summary.records_before))
+        if not over:
+            return None
+        return ("mass-deletion guard: %s, more than max_removal_share %.0f%%; check the clock "
+                "and thresholds, or pass --force" % ("; ".join(over), 100 * share))
+
+    def _history_summary(self, result: PruneResult) -> Dict[str, Any]:
+        return {"run_id": result.run_id, "removed": len(result.removed),
+                "bytes_before": result.bytes_before, "bytes_after": result.bytes_after,
+                "unreadable": len(result.unreadable), "busy": len(result.busy),
+                "backup_id": result.backup_id, "strategies": result.strategies}
+
+
+def _pruned_record(entry: Dict[str, Any]) -> PrunedRecord:
+    return PrunedRecord(agent=entry["agent"], file=entry["file"], type=entry["type"],
+                        id=entry["id"], index=entry["index"], reason=PruneReason(entry["reason"]),
+                        details=entry["details"])
+
+
+def _count_removed(summaries: List[AgentPruneSummary], removed: List[PrunedRecord]) -> None:
+    for summary in summaries:
+        summary.removed = {"pattern": 0, "solution": 0, "decision": 0}
+        for record in removed:
+            if record.agent == summary.agent:
+                summary.removed[record.type] += 1
+
+
+def _canonical(record: Any) -> str:
+    """Order-independent text of a record, to recognise the same content again."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+# -- undo -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class UndoResult:
+    """What ``prune --undo`` put back."""
+
+    run_id: str
+    operation: str
+    already_undone: Optional[str] = None
+    restored: int = 0
+    skipped: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    busy: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """BUSY over PARTIAL over OK (a run left not undone can be undone again)."""
+        if self.busy:
+            return ExitCode.BUSY
+        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
+
+
+def _archived_file(store: Store, rel: Any) -> Path:
+    """The data file an archive entry names, confined to ``<agent>/<record file>``."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (len(parts) != 2 or is_reserved_name(parts[0]) or parts[0] in ("", "..")
+            or parts[1] not in RECORD_FILES):
+        raise IntegrityError("archive entry names an unexpected file %r" % (rel,))
+    return store.root / parts[0] / parts[1]
+
+
+def undo_run(store: Store, run_id: str) -> UndoResult:
+    """Put the records of an archived run (prune or gc) back where they were.
+
+    Each record goes back at its original position when the file allows it; a record whose
+    id (or, without an id, whose exact content) is present again is skipped. The run is marked
+    undone once every file was handled; a second undo is a no-op that says so. Raises
+    UsageError (no such run), IntegrityError (corrupt archive), StoreBusyError.
+    """
+    archive = Archive(store)
+    payload = archive.load(run_id)
+    if payload.get("undone"):
+        return UndoResult(run_id, payload.get("operation", "?"), already_undone=payload["undone"])
+    with store.maintenance_lock():
+        store.cleanup_temp_files()
+        payload = archive.load(run_id)
+        result = UndoResult(run_id, payload.get("operation", "?"),
+                            already_undone=payload.get("undone"))
+        if result.already_undone:
+            return result
+        grouped = _entries_by_file(payload.get("entries", []))
+        paths = {rel: _archived_file(store, rel) for rel in grouped}
+        for rel, entries in grouped.items():
+            _restore_file(store, paths[rel], rel, entries, result)
+        if not result.unreadable and not result.busy:
+            archive.mark_undone(run_id, store.now)
+    return result
+
+
+def _entries_by_file(entries: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    grouped: Dict[str, List[Dict[str, Any]]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.get("file"), []).append(entry)
+    return grouped
+
+
+def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, Any]],
+                  result: UndoResult) -> None:
+    """Insert one file's archived records back, lowest original index first."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with store.file_lock(path):
+            if not path.exists():
+                write_json_file(path, [])
+    try:
+        with store.rewrite(path) as job:
+            job.changed = _insert_entries(job.data, entries, result) > 0
+    except StoreBusyError as exc:
+        result.busy.append(str(exc))
+    except CorruptFileError as exc:
+        result.unreadable.append({"file": rel, "problem": exc.problem})
+
+
+def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: UndoResult) -> int:
+    ids = {r.get("id") for r in data if isinstance(r, dict) and r.get("id")}
+    contents = {_canonical(r) for r in data}
+    restored = 0
+    for entry in sorted(entries, key=lambda e: e.get("index") or 0):
+        record, rid = entry["record"], entry.get("id")
+        if (rid in ids) if rid else (_canonical(record) in contents):
+            result.skipped.append({"file": entry.get("file"), "id": rid,
+                                   "index": entry.get("index"), "why": "present again"})
+            continue
+        data.insert(min(max(0, int(entry.get("index") or 0)), len(data)), record)
+        ids.add(rid)
+        contents.add(_canonical(record))
+        restored += 1
+    result.restored += restored
+    return restored
+
+
+def list_runs(store: Store) -> List[Dict[str, Any]]:
+    """Every archived run (prune and gc), oldest first; read-only. Corrupt ones say so."""
+    archive = Archive(store)
+    runs = []
+    for run_id in archive.runs():
+        try:
+            payload = archive.load(run_id)
+        except IntegrityError as exc:
+            runs.append({"run_id": run_id, "problem": str(exc)})
+            continue
+        runs.append({"run_id": run_id, "operation": payload.get("operation"),
+                     "created": payload.get("created"), "undone": payload.get("undone"),
+                     "records": len(payload.get("entries", []))})
+    return runs
+
+
+__all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "PruneResult",
+            "PrunedRecord", "AgentPruneSummary", "UndoResult", "undo_run", "list_runs",
+            "prune_config_for", "record_value", "is_protected", "time_verdict",
+            "performance_verdict", "agent_disk_bytes", "store_disk_bytes"]
 
 
 # =============================================================================
@@ -1197,6 +1968,127 @@ def output_for(args: argparse.Namespace) -> Output:
 
 
 # --- prune command (section 11) ---
+
+@command_builder
+def _build_prune(subparsers: Any) -> None:
+    parser = subparser(
+        subparsers, "prune",
+        "remove stale and low-value records; every removal is archived (undo with --undo)",
+        epilog="strategies: time_based, performance_based, space_based (default: all three).\n"
+               "The original spelling 'prune time_based performance_based' works too.")
+    parser.add_argument("strategy_words", nargs="*", metavar="STRATEGY",
+                        help="strategies to run (same as --strategies)")
+    parser.add_argument("--strategies", nargs="+", metavar="STRATEGY", default=[],
+                        help="time_based, performance_based and/or space_based")
+    parser.add_argument("--aggressive", action="store_true",
+                        help="tighten to 60/120 days and a 0.30 success floor")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would go; change nothing at all")
+    parser.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+    parser.add_argument("--force", action="store_true",
+                        help="override the mass-deletion guard and pruning.enabled=false")
+    parser.add_argument("--no-backup", action="store_true",
+                        help="skip the safety backup taken before the first change")
+    parser.add_argument("--undo", metavar="RUN_ID",
+                        help="put back the records of an archived prune or gc run")
+    parser.add_argument("--list-runs", action="store_true",
+                        help="list archived runs that --undo accepts")
+    parser.set_defaults(func=cmd_prune)
+
+
+def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    flags: Dict[str, Any] = {}
+    if args.aggressive:
+        flags["aggressive"] = True
+    if args.dry_run:
+        flags["dry_run"] = True
+    if args.no_backup:
+        flags["create_backup"] = False
+    return flags
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """``aml STORE prune ...``: plan or run pruning, undo a run, or list archived runs."""
+    strategies = list(args.strategy_words) + list(args.strategies)
+    if (args.undo or args.list_runs) and (strategies or args.dry_run or args.agents):
+        raise UsageError("--undo and --list-runs take no strategies, --agents or --dry-run")
+    out, store = output_for(args), open_store(args)
+    if args.list_runs:
+        runs = list_runs(store)
+        out.document({"runs": runs})
+        for run in runs:
+            out.always(_run_line(run))
+        return int(ExitCode.OK)
+    if args.undo:
+        return _print_undo(out, undo_run(store, args.undo))
+    config = prune_config_for(store, load_aml_config(store, args.config), _prune_flags(args))
+    result = MemoryPruner(store, config).run(_strategies(strategies), args.agents,
+                                             force=args.force)
+    _print_prune(out, result, args.memory_path)
+    return int(result.exit_code)
+
+
+def _run_line(run: Dict[str, Any]) -> str:
+    if "problem" in run:
+        return "%s  CORRUPT: %s" % (run["run_id"], run["problem"])
+    return "%s  %s  %s  %d records%s" % (run["run_id"], run["operation"], run["created"],
+                                         run["records"], "  (undone %s)" % run["undone"]
+                                         if run["undone"] else "")
+
+
+def _details_text(details: Dict[str, Any]) -> str:
+    return ", ".join("%s=%s" % (k, round(v, 3) if isinstance(v, float) else v)
+                     for k, v in sorted(details.items()))
+
+
+def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
+    for problem in result.unreadable:
+        out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
+    for message in result.busy:
+        out.warn(message)
+    if result.refused:
+        out.warn("a real run would refuse: " + result.refused)
+    out.document(result)
+    verb = "would remove" if result.dry_run else "removed"
+    if result.dry_run or not out.quiet:
+        for rec in result.removed:
+            out.always("%s %s %s %s %s (%s)" % (verb, rec.agent, rec.type, rec.id or
+                                               "#%d" % rec.index, rec.reason.value,
+                                               _details_text(rec.details)))
+    for finding in result.findings:
+        out.line("finding: %s%s" % ("%s: " % finding["file"] if "file" in finding else "",
+                                    finding["problem"]))
+    estimate = " (estimate)" if result.bytes_estimated else ""
+    for summary in result.agents:
+        out.line("%s: %s %d of %d records (%d patterns, %d solutions, %d decisions), "
+                 "%s -> %s%s" % (summary.agent, verb, summary.removed_total,
+                                 summary.records_before, summary.removed["pattern"],
+                                 summary.removed["solution"], summary.removed["decision"],
+                                 human_bytes(summary.bytes_before),
+                                 human_bytes(summary.bytes_after), estimate))
+    if result.dry_run:
+        out.line("dry run: nothing was changed")
+    elif result.removed:
+        out.line("run %s; undo with: aml.py %s prune --undo %s"
+                 % (result.run_id, memory_path, result.run_id))
+
+
+def _print_undo(out: Output, result: UndoResult) -> int:
+    for problem in result.unreadable:
+        out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
+    for message in result.busy:
+        out.warn(message)
+    out.document(result)
+    if result.already_undone:
+        out.always("run %s was already undone at %s; nothing to do"
+                   % (result.run_id, result.already_undone))
+        return int(ExitCode.OK)
+    for skip in result.skipped:
+        out.line("skipped %s %s: %s" % (skip["file"], skip["id"] or "#%s" % skip["index"],
+                                        skip["why"]))
+    out.line("run %s (%s): restored %d records, skipped %d"
+             % (result.run_id, result.operation, result.restored, len(result.skipped)))
+    return int(result.exit_code)
 
 
 # --- optimize, search and get commands (sections 9, 10, 12) ---
