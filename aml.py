@@ -1412,6 +1412,9 @@ class MemoryPruner:
         """
         run = self._prepare(_strategies(strategies), agents, dry_run=True)
         run.result.refused = self._guard_message(run)
+        if not pruning_enabled(self.store):
+            run.result.findings.append({"problem": "%s says pruning.enabled=false: a real run "
+                                        "refuses without --force" % self.store.config_path()})
         return run.result
 
     def run(self, strategies: Optional[Iterable[Any]] = None,
@@ -1475,6 +1478,7 @@ class MemoryPruner:
                 job.data = [plan.records[i] for i in kept]
                 job.changed = bool(plan.removals)
         except (StoreBusyError, CorruptFileError) as exc:
+            run.plans.remove(plan)  # left alone for the rest of the run, space rounds included
             self._drop_file(run, plan, exc)
             return
         entries = run.pending.pop(plan.rel, [])

@@ -458,6 +458,515 @@ def test_rewrite_locks_and_keeps_format(tmp_path):
 # 11. Pruning
 # =============================================================================
 
+import shlex  # noqa: E402  (only the crontab tests need it)
+
+
+def _prune_store(root, gz=False, **kwargs):
+    """A generated store whose default prune stays under the mass-deletion guard (seed 3)."""
+    return build_store(root, gz=gz, seed=3, **kwargs)
+
+
+def _one_agent(root, patterns=(), solutions=(), decisions=(), gz=False):
+    """A store with one agent 'solo' holding exactly the given records."""
+    root = Path(root)
+    write_data(root / "config.json", CONFIG)
+    for name, records in (("patterns", patterns), ("solutions", solutions),
+                          ("decisions", decisions)):
+        write_data(root / "solo" / (name + ".json"), list(records), gz)
+    return root
+
+
+def _plan(root, strategies=None, **config):
+    store = aml.Store(root, now=NOW)
+    return aml.MemoryPruner(store, aml.PruneConfig(**config)).plan(strategies)
+
+
+def _reasons(result):
+    return {r.id: r.reason.value for r in result.removed}
+
+
+def _all_records(root):
+    """{relative file: records} of every agent record file."""
+    root = Path(root)
+    return {str(p.relative_to(root)): read_data(p) for p in sorted(root.glob("*/*s.json"))
+            if p.name in aml.RECORD_FILES}
+
+
+def _no_backup(monkeypatch):
+    monkeypatch.setattr(aml, "safety_backup", lambda *a, **k: pytest.fail("backup taken"))
+
+
+def _pattern(rng, **kw):
+    """A pattern that nothing prunes unless the overrides say so (value 0.7, used recently)."""
+    kw.setdefault("last_used", 1)
+    kw.setdefault("age", max(kw["last_used"], 10))
+    kw.setdefault("success", 0.7)
+    kw.setdefault("count", 10)
+    kw.setdefault("conf", 0.7)
+    return make_pattern("solo", rng, **kw)
+
+
+REASON_CASES = {
+    # reason: (kind, over-the-threshold overrides, just-below overrides)
+    "unused_too_long": ("p", {"last_used": 91}, {"last_used": 89}),
+    "failed_pattern_unused": ("p", {"last_used": 31, "success": 0.1, "count": 2},
+                              {"last_used": 29, "success": 0.1, "count": 2}),
+    "low_success_rate": ("p", {"success": 0.19, "count": 3}, {"success": 0.21, "count": 3}),
+    "low_confidence": ("p", {"conf": 0.14}, {"conf": 0.16}),
+    "decision_too_old": ("d", {"age": 181}, {"age": 179}),
+    "negative_outcome": ("d", {"age": 5, "would_repeat": False}, {"age": 5, "would_repeat": True}),
+    "failed_solution": ("s", {"age": 5, "worked": False}, {"age": 5, "worked": True}),
+    "outdated_solution": ("s", {"age": 5, "worked": True, "supersededBy": "b"},
+                          {"age": 5, "worked": True}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(REASON_CASES))
+def test_each_reason_triggers_and_not_below_its_threshold(tmp_path, reason):
+    kind, over, under = REASON_CASES[reason]
+    rng = random.Random(7)
+    make = {"p": _pattern,
+            "s": lambda r, **kw: make_solution("solo", r, verifiedCount=0, **kw),
+            "d": lambda r, **kw: make_decision("solo", r, **kw)}[kind]
+    hit, miss = make(rng, **over), make(rng, **under)
+    if kind == "d" and "would_repeat" not in over:
+        hit.pop("outcome", None)
+        miss.pop("outcome", None)
+    files = {"p": "patterns", "s": "solutions", "d": "decisions"}[kind]
+    root = _one_agent(tmp_path / "m", **{files: [hit, miss]})
+    assert _reasons(_plan(root)) == {hit["id"]: reason}
+
+
+def test_reason_details_name_the_triggering_values(tmp_path):
+    rng = random.Random(1)
+    rec = _pattern(rng, success=0.1, count=8)
+    result = _plan(_one_agent(tmp_path / "m", patterns=[rec]), ["performance_based"])
+    assert result.removed[0].details == {"success_rate": 0.1, "min_success_rate": 0.2,
+                                         "execution_count": 8, "min_execution_count": 3}
+
+
+def test_pinned_and_high_value_records_survive(tmp_path):
+    rng = random.Random(2)
+    pinned = _pattern(rng, last_used=300, conf=0.05, pinned=True)
+    tagged = _pattern(rng, last_used=300, conf=0.05)
+    tagged["tags"] = ["pinned"]
+    valuable = _pattern(rng, last_used=300, success=0.95, count=50, conf=0.95)
+    plain = _pattern(rng, last_used=300)
+    root = _one_agent(tmp_path / "m", patterns=[pinned, tagged, valuable, plain])
+    assert set(_reasons(_plan(root))) == {plain["id"]}
+    removed = set(_reasons(_plan(root, preserve_high_value=False)))
+    assert removed == {plain["id"], valuable["id"]}
+
+
+def test_record_without_time_is_not_time_pruned_and_future_is_a_finding(tmp_path):
+    rng = random.Random(4)
+    timeless = _pattern(rng)
+    timeless.pop("timestamp")
+    timeless["evolution"] = {"confidenceScore": 0.7}
+    future = _pattern(rng)
+    future["evolution"]["lastUsed"] = "2027-06-01T00:00:00Z"
+    result = _plan(_one_agent(tmp_path / "m", patterns=[timeless, future]))
+    assert result.removed == []
+    assert [f["id"] for f in result.findings] == [future["id"]]
+    assert "future" in result.findings[0]["problem"]
+
+
+def test_aggressive_thresholds(tmp_path):
+    rng = random.Random(5)
+    stale = _pattern(rng, last_used=65)
+    weak = _pattern(rng, success=0.25, count=5)
+    old_decision = make_decision("solo", rng, age=125)
+    old_decision.pop("outcome", None)
+    root = _one_agent(tmp_path / "m", patterns=[stale, weak], decisions=[old_decision])
+    assert _plan(root).removed == []
+    assert _reasons(_plan(root, aggressive=True)) == {
+        stale["id"]: "unused_too_long", weak["id"]: "low_success_rate",
+        old_decision["id"]: "decision_too_old"}
+    config = aml.PruneConfig(aggressive=True, pattern_max_age_days=40).effective()
+    assert (config.pattern_max_age_days, config.decision_max_age_days,
+            config.min_success_rate) == (40, 120, 0.30)
+
+
+def test_mixed_timestamp_styles_in_one_file(tmp_path):
+    rng = random.Random(6)
+    records = []
+    for style in ("z", "naive", "offset"):
+        for days in (100, 80):
+            rec = _pattern(rng, last_used=days)
+            rec["evolution"]["lastUsed"] = ts(days, style=style)
+            records.append(rec)
+    result = _plan(_one_agent(tmp_path / "m", patterns=records))
+    assert set(_reasons(result)) == {r["id"] for r in records[0::2]}
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_dry_run_changes_nothing_and_lists_every_record(tmp_path, capsys, gz):
+    root = _prune_store(tmp_path / "m", gz=gz)
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    code, doc, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    removed = json.loads(doc)["removed"]
+    lines = [line for line in out.splitlines() if line.startswith("would remove ")]
+    assert len(lines) == len(removed) > 10 and json.loads(doc)["bytes_estimated"] is True
+    assert all(r["id"] in line and r["reason"] in line for r, line in zip(removed, lines))
+    assert tree_digest(root) == before and not (root / ".aml").exists()
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_real_run_keeps_format_and_every_remaining_record(tmp_path, capsys, gz):
+    root = _prune_store(tmp_path / "m", gz=gz)
+    before = _all_records(root)
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    result = json.loads(doc)
+    assert code == 0 and result["removed"] and result["bytes_after"] < result["bytes_before"]
+    gone = {(r["file"], r["index"]) for r in result["removed"]}
+    for rel, records in _all_records(root).items():
+        assert ((root / rel).read_bytes()[:2] == b"\x1f\x8b") == gz
+        assert records == [r for i, r in enumerate(before[rel]) if (rel, i) not in gone]
+    archive = aml.Archive(aml.Store(root)).load(result["run_id"])
+    assert sorted((e["file"], e["index"], e["reason"]) for e in archive["entries"]) == sorted(
+        (r["file"], r["index"], r["reason"]) for r in result["removed"])
+    assert all(e["record"] == before[e["file"]][e["index"]] for e in archive["entries"])
+    assert aml.Store(root).last_operation("prune")["summary"]["run_id"] == result["run_id"]
+
+
+def test_real_run_takes_the_safety_backup_first(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = tree_digest(root)
+    calls = []
+
+    def backup(store, reason, config=None):
+        calls.append(tree_digest(root, skip_state=True) == before)
+        return "snap-1"
+
+    monkeypatch.setattr(aml, "safety_backup", backup)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW)).run()
+    assert calls == [True] and result.backup_id == "snap-1"
+
+
+def test_failed_safety_backup_stops_before_any_change(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = tree_digest(root)
+
+    def no_backup(store, reason, config=None):
+        raise aml.RefusedError("backup is not available")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    with pytest.raises(aml.RefusedError):
+        aml.MemoryPruner(aml.Store(root, now=NOW)).run()
+    assert tree_digest(root, skip_state=True) == before
+    assert aml.Archive(aml.Store(root)).runs() == []
+
+
+def _sorted_by_id(records):
+    return sorted(records, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+def test_undo_restores_exactly_and_skips_reappeared_ids(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run_id = json.loads(doc)["run_id"]
+    code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 0 and "restored" in out and _all_records(root) == before
+    code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 0 and "already undone" in out and _all_records(root) == before
+
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    second = json.loads(doc)
+    back = second["removed"][0]
+    path = root / back["file"]
+    again = dict(before[back["file"]][back["index"]], tags=["re-learned"])
+    write_data(path, read_data(path) + [again], gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    result = aml.undo_run(aml.Store(root, now=NOW), second["run_id"])
+    assert [s["id"] for s in result.skipped] == [back["id"]]
+    expected = {rel: [again if r.get("id") == back["id"] else r for r in records]
+                for rel, records in before.items()}
+    assert {k: _sorted_by_id(v) for k, v in _all_records(root).items()} == {
+        k: _sorted_by_id(v) for k, v in expected.items()}
+
+
+def test_undo_restores_a_gc_run_with_the_same_entry_schema(tmp_path):
+    rng = random.Random(8)
+    keep, lost = _pattern(rng), _pattern(rng)
+    root = _one_agent(tmp_path / "m", patterns=[keep], gz=True)
+    store = aml.Store(root, now=NOW)
+    aml.Archive(store).save("gc_20261120_120000_abcdef", "gc", [{
+        "agent": "solo", "file": "solo/patterns.json", "type": "pattern", "id": lost["id"],
+        "index": 0, "reason": "duplicate", "details": {}, "record": lost}])
+    result = aml.undo_run(store, "gc_20261120_120000_abcdef")
+    assert result.restored == 1 and read_data(root / "solo" / "patterns.json") == [lost, keep]
+    assert (root / "solo" / "patterns.json").read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_undo_refuses_archive_entries_outside_the_store(tmp_path):
+    root = _one_agent(tmp_path / "m", patterns=[_pattern(random.Random(9))])
+    store = aml.Store(root, now=NOW)
+    aml.Archive(store).save("gc_x", "gc", [{"agent": "solo", "file": "../evil/patterns.json",
+                                            "type": "pattern", "id": "a", "index": 0,
+                                            "reason": "r", "details": {}, "record": {}}])
+    with pytest.raises(aml.IntegrityError):
+        aml.undo_run(store, "gc_x")
+    assert not (tmp_path / "evil").exists()
+
+
+def test_mass_deletion_guard_refuses_then_force_works(tmp_path, capsys):
+    rng = random.Random(10)
+    root = _one_agent(tmp_path / "m", patterns=[_pattern(rng, last_used=200) for _ in range(6)]
+                      + [_pattern(rng) for _ in range(4)])
+    before = tree_digest(root)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 4 and "solo" in err and "60%" in err and "--force" in err
+    assert tree_digest(root, skip_state=True) == before
+    code, _, err = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 4 and "would refuse" in err
+    code, _, _ = run_cli(root, "prune", "--no-backup", "--force", "--now", NOW_TEXT,
+                         capsys=capsys)
+    assert code == 0 and len(read_data(root / "solo" / "patterns.json")) == 4
+
+
+@pytest.mark.parametrize("payload", [gzip.compress(b"[" + b"{}," * 50 + b"{}]")[:-9],
+                                     b'[{"id": "a"},', b'{"id": "a"}', b'[{"x": NaN}]'],
+                         ids=["truncated-gzip", "invalid-json", "object", "nan"])
+def test_unreadable_file_is_untouched_and_the_rest_is_pruned(tmp_path, capsys, payload):
+    root = _prune_store(tmp_path / "m")
+    other = root / "backend-developer" / "patterns.json"
+    count = len(read_data(other))
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(payload)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err
+    assert bad.read_bytes() == payload and len(read_data(other)) < count
+
+
+def test_held_fresh_lock_means_store_busy_and_that_file_unchanged(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m", gz=True)
+    held = root / "backend-developer" / "patterns.json"
+    raw = held.read_bytes()
+    lock = Path(str(held) + ".lock")
+    lock.mkdir()
+    before = _all_records(root)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--lock-timeout",
+                           "0.2", capsys=capsys)
+    assert code == 5 and "store busy" in err and held.read_bytes() == raw and lock.is_dir()
+    assert len(read_data(root / "code-reviewer" / "patterns.json")) < len(
+        before["code-reviewer/patterns.json"])
+    run_id = aml.Archive(aml.Store(root)).runs()[0]
+    entries = aml.Archive(aml.Store(root)).load(run_id)["entries"]
+    assert entries and not any(e["file"] == "backend-developer/patterns.json" for e in entries)
+
+
+def test_runtime_change_between_plan_and_write_is_replanned(tmp_path, monkeypatch):
+    rng = random.Random(11)
+    stale, fresh = _pattern(rng, last_used=200), _pattern(rng)
+    root = _one_agent(tmp_path / "m", patterns=[stale, fresh] + [_pattern(rng) for _ in range(3)])
+    path = root / "solo" / "patterns.json"
+    newcomer = _pattern(rng)
+    real_rewrite = aml.Store.rewrite
+
+    def runtime_writes_first(self, target, expect=list):
+        write_data(path, [newcomer] + read_data(path))  # the runtime prepends a record
+        return real_rewrite(self, target, expect)
+
+    monkeypatch.setattr(aml.Store, "rewrite", runtime_writes_first)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    assert [r.id for r in result.removed] == [stale["id"]] and result.removed[0].index == 1
+    assert [r["id"] for r in read_data(path)][:2] == [newcomer["id"], fresh["id"]]
+    assert aml.Archive(aml.Store(root)).load(result.run_id)["entries"][0]["index"] == 1
+
+
+def test_crash_on_second_file_leaves_files_old_or_new_and_rerun_completes(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    real_replace = os.replace
+    data_writes = []
+
+    def flaky_replace(src, dst):
+        if Path(dst).name in aml.RECORD_FILES:
+            data_writes.append(dst)
+            if len(data_writes) == 2:
+                raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky_replace)
+    with pytest.raises(OSError):
+        aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    monkeypatch.undo()
+    store = aml.Store(root, now=NOW)
+    entries = aml.Archive(store).load(aml.Archive(store).runs()[0])["entries"]
+    for rel, records in _all_records(root).items():
+        gone = {e["index"] for e in entries if e["file"] == rel}
+        assert records in (before[rel], [r for i, r in enumerate(before[rel]) if i not in gone])
+    assert not [p for p in root.rglob("*") if aml.TMP_MARKER in p.name]
+    second = aml.MemoryPruner(store, aml.PruneConfig(create_backup=False)).run()
+    assert second.exit_code == 0
+    assert _reasons(aml.MemoryPruner(aml.Store(root, now=NOW)).plan()) == {}
+    assert second.removed and {r.id for r in second.removed} <= {e["id"] for e in entries}
+
+
+def test_space_based_ends_measured_under_the_limit(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m", agents=("backend-developer", "code-reviewer"))
+    store = aml.Store(root, now=NOW)
+    size = aml.agent_disk_bytes(store, "backend-developer")
+    limit = int(size * 0.8)
+    pinned = read_data(root / "backend-developer" / "patterns.json")
+    pinned[0]["pinned"] = True
+    write_data(root / "backend-developer" / "patterns.json", pinned)
+    untouched = tree_digest(root / "code-reviewer")
+    store.ensure_state_dir()
+    (root / ".aml" / "config.json").write_text(json.dumps(
+        {"prune": {"agent_memory_limit": limit, "create_backup": False}}))
+    code, doc, _ = run_cli(root, "prune", "space_based", "--agents", "backend-developer",
+                           "--now", NOW_TEXT, "--format", "json", capsys=capsys)
+    result = json.loads(doc)
+    assert code == 0 and result["removed"]
+    assert {r["reason"] for r in result["removed"]} == {"memory_limit_exceeded"}
+    assert aml.agent_disk_bytes(store, "backend-developer") <= limit
+    assert result["agents"][0]["bytes_after"] == aml.agent_disk_bytes(store, "backend-developer")
+    assert read_data(root / "backend-developer" / "patterns.json")[0]["pinned"] is True
+    assert tree_digest(root / "code-reviewer") == untouched
+
+
+def test_space_based_iterates_when_the_estimate_was_optimistic(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz=True, agents=("backend-developer",))
+    store = aml.Store(root, now=NOW)
+    limit = int(aml.agent_disk_bytes(store, "backend-developer") * 0.85)
+    real_estimate = aml._FilePlan.estimate
+    monkeypatch.setattr(aml._FilePlan, "estimate", lambda self, i: 1.5 * real_estimate(self, i))
+    config = aml.PruneConfig(agent_memory_limit=limit, create_backup=False)
+    result = aml.MemoryPruner(store, config).run(["space_based"])
+    assert result.space_iterations >= 2 and result.findings == []
+    assert aml.agent_disk_bytes(store, "backend-developer") <= limit
+
+
+def test_space_based_dry_run_says_it_estimates(tmp_path):
+    root = _prune_store(tmp_path / "m", agents=("backend-developer",))
+    limit = int(aml.agent_disk_bytes(aml.Store(root), "backend-developer") * 0.8)
+    result = _plan(root, ["space_based"], agent_memory_limit=limit)
+    assert result.bytes_estimated and result.removed
+    assert result.agents[0].bytes_after <= limit
+
+
+def test_config_precedence_store_then_aml_config_then_flags(tmp_path, capsys):
+    rng = random.Random(12)
+    at95, at65 = _pattern(rng, last_used=95), _pattern(rng, last_used=65)
+    root = _one_agent(tmp_path / "m", patterns=[at95, at65] + [_pattern(rng) for _ in range(4)])
+    config = dict(CONFIG, pruning={"enabled": True, "maxAgeDays": 100, "minConfidence": 0.1})
+    write_data(root / "config.json", config)
+
+    def dry(*extra):
+        code, doc, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, "--format", "json",
+                               *extra, capsys=capsys)
+        doc = json.loads(doc)
+        return code, {r["id"] for r in doc["removed"]}, doc["config"]
+
+    code, removed, cfg = dry()
+    assert removed == set() and cfg["pattern_max_age_days"] == 100
+    assert cfg["min_confidence_score"] == 0.1
+    aml_config = tmp_path / "aml.json"
+    aml_config.write_text('{"prune": {"pattern_max_age_days": 70}}')
+    assert dry("--config", aml_config)[1] == {at95["id"]}
+    assert dry("--config", aml_config, "--aggressive")[1] == {at95["id"], at65["id"]}
+    aml_config.write_text('{"prune": {"pattern_max_age_days": "soon"}}')
+    code, _, err = run_cli(root, "prune", "--dry-run", "--config", aml_config, capsys=capsys)
+    assert code == 2 and "pattern_max_age_days" in err
+
+
+def test_pruning_disabled_in_store_config_refuses_without_force(tmp_path, capsys):
+    rng = random.Random(13)
+    root = _one_agent(tmp_path / "m", patterns=[_pattern(rng, last_used=200)]
+                      + [_pattern(rng) for _ in range(3)])
+    write_data(root / "config.json", dict(CONFIG, pruning={"enabled": False}))
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 4 and "pruning.enabled=false" in err
+    code, _, _ = run_cli(root, "prune", "--no-backup", "--force", "--now", NOW_TEXT,
+                         capsys=capsys)
+    assert code == 0 and len(read_data(root / "solo" / "patterns.json")) == 3
+
+
+def test_positional_strategies_are_the_original_spelling(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m")
+
+    def removed(*words):
+        code, doc, _ = run_cli(root, "prune", *words, "--dry-run", "--now", NOW_TEXT,
+                               "--format", "json", capsys=capsys)
+        assert code == 0
+        return json.loads(doc)
+
+    positional = removed("time_based")
+    assert positional["strategies"] == ["time_based"]
+    assert {r["reason"] for r in positional["removed"]} <= {
+        "unused_too_long", "failed_pattern_unused", "decision_too_old"}
+    assert removed("time_based", "performance_based") == removed(
+        "--strategies", "time_based", "performance_based")
+    code, _, err = run_cli(root, "prune", "time_baked", capsys=capsys)
+    assert code == 2 and "time_baked" in err
+
+
+def test_list_runs_is_read_only(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m")
+    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
+    assert code == 0 and out == "" and not (root / ".aml").exists()
+    run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "-q", capsys=capsys)
+    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
+    assert code == 0 and out.startswith("prune_20261120_120000_") and "records" in out
+
+
+def _crontab_commands():
+    """Each crontab.example job as tokens, with its variables expanded."""
+    vars_, jobs = {}, []
+    for line in (HERE / "crontab.example").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if sep and name.isidentifier() and " " not in name:
+            vars_[name] = shlex.split(value)[0] if value else ""
+            continue
+        command = " ".join(line.split()[5:])
+        for key in sorted(vars_, key=len, reverse=True):
+            command = command.replace("${%s}" % key, vars_[key]).replace("$" + key, vars_[key])
+        jobs.append(shlex.split(command))
+    return jobs
+
+
+def _aml_args(tokens):
+    script = next(i for i, t in enumerate(tokens) if t.endswith("aml.py") or t == "aml")
+    return tokens[:script], tokens[script + 1:]
+
+
+def test_every_crontab_line_parses():
+    jobs = [j for j in _crontab_commands() if any(t.endswith("aml.py") for t in j)]
+    assert jobs
+    for tokens in jobs:
+        _, argv = _aml_args(tokens)
+        args = aml.build_parser().parse_args(argv)
+        assert callable(args.func)
+
+
+def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
+    root = _prune_store(tmp_path / "memory")
+    # The line has no --now, so records age with the real clock: lift the guard, and keep the
+    # test independent of section 8's backup (both via the store's own aml config file).
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text(
+        '{"prune": {"create_backup": false, "max_removal_share": 1.0}}')
+    job = next(j for j in _crontab_commands() if "prune" in j)
+    _, argv = _aml_args(job)
+    argv[0] = str(root)  # the memory path comes first
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(elsewhere),
+                          env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert aml.Store(root).last_operation("prune")["summary"]["removed"] > 0
+
 
 # =============================================================================
 # 12. Compression and garbage collection
