@@ -1629,7 +1629,7 @@ class MemoryPruner:
         return [{"agent": plan.data_file.agent, "file": plan.rel,
                  "type": plan.data_file.rtype.value, "id": plan.facts[i].id,
                  "index": plan.positions[i], "reason": reason.value, "details": details,
-                 "record": plan.records[i]}
+                 "record": plan.records[i], "record_text": _ordered_text(plan.records[i])}
                 for i, (reason, details) in sorted(plan.removals.items())]
 
     def _guard_message(self, run: _Run) -> Optional[str]:
@@ -1667,6 +1667,23 @@ def _count_removed(summaries: List[AgentPruneSummary], removed: List[PrunedRecor
         for record in removed:
             if record.agent == summary.agent:
                 summary.removed[record.type] += 1
+
+
+def _ordered_text(record: Any) -> str:
+    """The record as compact JSON in its own key order (state files sort keys; undo restores
+    this text so a put-back record reads exactly as before)."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _archived_record(entry: Dict[str, Any]) -> Any:
+    """The record of an archive entry, in its original key order when ``record_text`` agrees."""
+    text = entry.get("record_text")
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            ordered = parse_json_text(text)
+            if ordered == entry["record"]:
+                return ordered
+    return entry["record"]
 
 
 def _canonical(record: Any) -> str:
@@ -1762,7 +1779,7 @@ def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: Undo
     contents = {_canonical(r) for r in data}
     restored = 0
     for entry in sorted(entries, key=lambda e: e.get("index") or 0):
-        record, rid = entry["record"], entry.get("id")
+        record, rid = _archived_record(entry), entry.get("id")
         if (rid in ids) if rid else (_canonical(record) in contents):
             result.skipped.append({"file": entry.get("file"), "id": rid,
                                    "index": entry.get("index"), "why": "present again"})

@@ -668,11 +668,14 @@ def _sorted_by_id(records):
 def test_undo_restores_exactly_and_skips_reappeared_ids(tmp_path, capsys):
     root = _prune_store(tmp_path / "m", gz="mixed")
     before = _all_records(root)
+    plain = {p: p.read_bytes() for p in (root / "code-reviewer").glob("*.json")}
     code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
                            capsys=capsys)
     run_id = json.loads(doc)["run_id"]
+    assert any(p.read_bytes() != raw for p, raw in plain.items())
     code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
     assert code == 0 and "restored" in out and _all_records(root) == before
+    assert all(p.read_bytes() == raw for p, raw in plain.items())  # key order kept too
     code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
     assert code == 0 and "already undone" in out and _all_records(root) == before
 
