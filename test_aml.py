@@ -847,6 +847,33 @@ def test_space_based_iterates_when_the_estimate_was_optimistic(tmp_path, monkeyp
     assert aml.agent_disk_bytes(store, "backend-developer") <= limit
 
 
+def test_space_based_store_limit_spreads_over_agents(tmp_path):
+    root = _prune_store(tmp_path / "m", gz=True)
+    store = aml.Store(root, now=NOW)
+    limit = int(aml.store_disk_bytes(store) * 0.9)
+    config = aml.PruneConfig(global_memory_limit=limit, create_backup=False)
+    result = aml.MemoryPruner(store, config).run(["space_based"])
+    assert {r.details["scope"] for r in result.removed} == {"store"}
+    assert aml.store_disk_bytes(store) <= limit and result.bytes_after <= limit
+
+
+@pytest.mark.parametrize("rtype,record,value", [
+    ("PATTERN", {"metrics": {"successRate": 0.9, "executionCount": 3},
+                 "evolution": {"confidenceScore": 0.7}}, 0.8),
+    ("PATTERN", {"metrics": {"successRate": 0.9, "executionCount": 2},
+                 "evolution": {"confidenceScore": 0.7}}, 0.7),
+    ("PATTERN", {}, 0.0),
+    ("SOLUTION", {"effectiveness": {"worked": True}, "verifiedCount": 3}, 0.9),
+    ("SOLUTION", {"verifiedCount": 1}, 0.4),
+    ("SOLUTION", {"effectiveness": {"worked": True}, "supersededBy": "x"}, 0.0),
+    ("DECISION", {"outcome": {"wouldRepeat": True}}, 0.9),
+    ("DECISION", {}, 0.5),
+])
+def test_value_score_is_the_documented_formula(rtype, record, value):
+    facts = aml.record_facts(aml.RecordType[rtype], record)
+    assert aml.record_value(facts, aml.PruneConfig()) == pytest.approx(value)
+
+
 def test_space_based_dry_run_says_it_estimates(tmp_path):
     root = _prune_store(tmp_path / "m", agents=("backend-developer",))
     limit = int(aml.agent_disk_bytes(aml.Store(root), "backend-developer") * 0.8)
