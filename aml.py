@@ -1310,11 +1310,15 @@ class _FilePlan:
     facts: List[RecordFacts] = dataclasses.field(default_factory=list)
     positions: List[int] = dataclasses.field(default_factory=list)
     removals: Dict[int, Verdict] = dataclasses.field(default_factory=dict)
-    ratio: float = 1.0
+    ratio: Optional[float] = None
 
     def estimate(self, index: int) -> float:
-        """Estimated on-disk bytes of one record (its JSON text scaled by the file's ratio)."""
-        return (len(runtime_json(self.records[index]).encode("utf-8")) + 4) * self.ratio
+        """Estimated on-disk bytes of one record: its compact JSON size times the file's
+        bytes-on-disk per compact byte (which covers both indentation and gzip)."""
+        if self.ratio is None:  # computed on first use: it serializes the whole file
+            compact = len(_ordered_text(self.records).encode("utf-8")) or 1
+            self.ratio = self.disk_bytes / compact
+        return len(_ordered_text(self.records[index]).encode("utf-8")) * self.ratio
 
     def removed_estimate(self) -> float:
         """Estimated bytes the planned removals free."""
@@ -1332,13 +1336,21 @@ def _new_file_plan(store: Store, data_file: DataFile, records: List[Any],
 def _refresh_plan(plan: _FilePlan, records: List[Any], positions: List[int]) -> None:
     """Point a plan at new content (after a write or a change by the runtime)."""
     plan.records, plan.positions, plan.removals = records, positions, {}
-    plan.facts = [record_facts(plan.data_file.rtype, r) for r in records]
-    plain = len(runtime_json(records).encode("utf-8")) or 1
-    try:
+    rtype = plan.data_file.rtype
+    plan.facts = [record_facts(rtype, r) for r in records]
+    plan.ratio = None
+    with contextlib.suppress(OSError):
         plan.disk_bytes = plan.data_file.path.stat().st_size
-    except OSError:
-        pass
-    plan.ratio = plan.disk_bytes / plain if plan.fmt.gzip else 1.0
+
+
+def _keep_only(plan: _FilePlan, kept: List[int]) -> None:
+    """After a write: the plan holds just the kept records (their facts are unchanged)."""
+    plan.records = [plan.records[i] for i in kept]
+    plan.facts = [plan.facts[i] for i in kept]
+    plan.positions = [plan.positions[i] for i in kept]
+    plan.removals, plan.ratio = {}, None
+    with contextlib.suppress(OSError):
+        plan.disk_bytes = plan.data_file.path.stat().st_size
 
 
 def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
@@ -1481,10 +1493,11 @@ class MemoryPruner:
             run.plans.remove(plan)  # left alone for the rest of the run, space rounds included
             self._drop_file(run, plan, exc)
             return
+        plan.fmt = job.fmt
         entries = run.pending.pop(plan.rel, [])
         run.applied.extend(entries)
         run.result.removed.extend(_pruned_record(e) for e in entries)
-        _refresh_plan(plan, job.data, [plan.positions[i] for i in kept])
+        _keep_only(plan, kept)
 
     def _drop_file(self, run: _Run, plan: _FilePlan, exc: AmlError) -> None:
         """A file went busy or unreadable since planning: keep it untouched, fix the archive."""
@@ -1493,7 +1506,8 @@ class MemoryPruner:
         if isinstance(exc, StoreBusyError):
             run.result.busy.append(str(exc))
         else:
-            run.result.unreadable.append({"file": plan.rel, "problem": str(exc)})
+            run.result.unreadable.append({"file": plan.rel, "problem": getattr(exc, "problem",
+                                                                                 str(exc))})
         self._save_archive(run)
 
     def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any]) -> None:
