@@ -492,23 +492,42 @@ class FileLock:
 
 
 class MaintenanceLock:
-    """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap."""
+    """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap.
+
+    Re-entrant within one process: a command that holds it can call another operation that
+    takes it too (a prune's safety backup), and the lock is released when the outermost
+    holder releases it.
+    """
+
+    _held: Dict[str, List[int]] = {}  # path -> [fd, depth], shared by every instance
+    _guard = threading.Lock()
 
     def __init__(self, state_dir: Path, timeout: float = DEFAULT_LOCK_TIMEOUT):
         self.path = Path(state_dir) / "maintenance.lock"
         self.timeout = timeout
-        self._fd: Optional[int] = None
+        self._entered = False
 
     def acquire(self) -> None:
         """Take the lock or raise StoreBusyError."""
+        key = os.path.abspath(str(self.path))
+        with self._guard:
+            if key in self._held:
+                self._held[key][1] += 1
+                self._entered = True
+                return
+        fd = self._flock()
+        with self._guard:
+            self._held[key] = [fd, 1]
+        self._entered = True
+
+    def _flock(self) -> int:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fd = fd
-                return
+                return fd
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
                     os.close(fd)
@@ -516,11 +535,19 @@ class MaintenanceLock:
                 time.sleep(0.2)
 
     def release(self) -> None:
-        """Release the lock (safe to call twice)."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Release this holder's share of the lock (safe to call twice)."""
+        if not self._entered:
+            return
+        self._entered = False
+        key = os.path.abspath(str(self.path))
+        with self._guard:
+            entry = self._held[key]
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._held[key]
+        fcntl.flock(entry[0], fcntl.LOCK_UN)
+        os.close(entry[0])
 
     def __enter__(self) -> "MaintenanceLock":
         self.acquire()

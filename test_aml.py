@@ -315,11 +315,28 @@ def test_lock_released_on_error(tmp_path):
     assert not Path(str(path) + ".lock").exists()
 
 
-def test_maintenance_lock_excludes_second_run(tmp_path):
-    with aml.MaintenanceLock(tmp_path, timeout=0):
+def test_maintenance_lock_excludes_another_process(tmp_path):
+    code = ("import sys, aml; l = aml.MaintenanceLock(sys.argv[1], timeout=0); l.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=str(HERE),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(aml.StoreBusyError):
             aml.MaintenanceLock(tmp_path, timeout=0).acquire()
-    aml.MaintenanceLock(tmp_path, timeout=0).acquire()
+    finally:
+        holder.communicate("")
+    with aml.MaintenanceLock(tmp_path, timeout=0):
+        pass
+
+
+def test_maintenance_lock_is_reentrant_in_one_process(tmp_path):
+    outer = aml.MaintenanceLock(tmp_path, timeout=0)
+    with outer:
+        with aml.MaintenanceLock(tmp_path, timeout=0):
+            pass
+        assert os.path.abspath(str(outer.path)) in aml.MaintenanceLock._held
+    assert not aml.MaintenanceLock._held
 
 
 # =============================================================================
