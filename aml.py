@@ -1002,6 +1002,11 @@ class Archive:
 # 8. Backup and restore
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
+# Only this section needs these; importing them here keeps the shared import block stable.
+import concurrent.futures  # noqa: E402
+import difflib  # noqa: E402
+import struct  # noqa: E402
+
 
 class BackupType(enum.Enum):
     """A full snapshot re-reads every file; an incremental trusts unchanged size/mtime/ctime/inode."""
@@ -1021,9 +1026,11 @@ FULL_EVERY_PERIODS = 7
 REPO_DIR_NAME = "aml"
 BLOCK_SIZE = 256 * 1024          # uncompressed bytes per zlib block inside a pack
 MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
+BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
 PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
 _PACK_MAGIC = b"AMLPACK1"
-_IDX_MAGIC = b"AMLIDX01"
+_IDX_MAGIC = b"AMLIDX02"
+KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
 _MANIFEST_FORMAT = "aml-backup-manifest-1"
 
 
@@ -1219,7 +1226,6 @@ class _PackWriter:
     """
 
     def __init__(self, packs_dir: Path, level: int, known: Callable[[bytes], bool]):
-        import concurrent.futures
         self.name = "pack-%s-%s" % (time.strftime("%Y%m%d%H%M%S"), secrets.token_hex(4))
         self.path = packs_dir / (self.name + ".pack")
         self.level = level
@@ -1227,30 +1233,47 @@ class _PackWriter:
         self.entries: Dict[bytes, Tuple[int, int, int]] = {}
         self.blocks: List[Tuple[int, int, int]] = []
         self.bytes_written = 0
-        self._buf: List[bytes] = []
-        self._buf_len = 0
+        self.committed = False
+        self._bufs: Dict[bool, List[Tuple[bytes, bytes]]] = {False: [], True: []}
+        self._buf_len = {False: 0, True: 0}
+        self._queued: set = set()
+        self._next_block = 0
         self._pending: List[Any] = []
         self._fh: Optional[Any] = None
         self._offset = len(_PACK_MAGIC)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+        # zlib releases the GIL: compressing blocks on threads overlaps with JSON scanning.
+        workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
 
-    def add(self, digest: bytes, data: bytes) -> bool:
-        """Queue one object unless the repository or this pack has it; True if added."""
-        if digest in self.entries or self.known(digest):
+    def add(self, digest: bytes, data: bytes, meta: bool = False) -> bool:
+        """Queue one object unless the repository or this pack has it; True if added.
+
+        ``meta`` objects (item lists) go to their own blocks, so reading a snapshot's lists
+        does not decompress record blocks.
+        """
+        if digest in self.entries or digest in self._queued or self.known(digest):
             return False
-        self.entries[digest] = (len(self.blocks) + len(self._pending), self._buf_len, len(data))
-        self._buf.append(data)
-        self._buf_len += len(data)
-        if self._buf_len >= BLOCK_SIZE:
-            self._seal()
+        buf = self._bufs[meta]
+        buf.append((digest, data))
+        self._queued.add(digest)
+        self._buf_len[meta] += len(data)
+        if self._buf_len[meta] >= BLOCK_SIZE:
+            self._seal(meta)
         return True
 
-    def _seal(self) -> None:
-        if not self._buf:
+    def _seal(self, meta: bool) -> None:
+        buf = self._bufs[meta]
+        if not buf:
             return
-        block = b"".join(self._buf)
+        block_no, offset = self._next_block, 0
+        self._next_block += 1
+        for digest, data in buf:
+            self.entries[digest] = (block_no, offset, len(data))
+            offset += len(data)
+        block = b"".join(data for _, data in buf)
         self._pending.append((self._pool.submit(zlib.compress, block, self.level), len(block)))
-        self._buf, self._buf_len = [], 0
+        self._bufs[meta], self._buf_len[meta] = [], 0
+        self._queued.difference_update(d for d, _ in buf)
         while len(self._pending) > 4:
             self._write_oldest()
 
@@ -1267,7 +1290,8 @@ class _PackWriter:
 
     def commit(self) -> int:
         """Write out every block, fsync, then the index; returns bytes added (0 if none)."""
-        self._seal()
+        self._seal(False)
+        self._seal(True)
         while self._pending:
             self._write_oldest()
         self._pool.shutdown()
@@ -1279,11 +1303,14 @@ class _PackWriter:
         self._fh = None
         index = _encode_index(self.blocks, self.entries)
         atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
+        self.committed = True
         self.bytes_written = self._offset + len(index)
         return self.bytes_written
 
     def abort(self) -> None:
-        """Drop the unfinished pack (it had no index, so nothing referenced it)."""
+        """Drop the pack unless committed (an uncommitted pack has no index: no reader)."""
+        if self.committed:
+            return
         self._pool.shutdown(cancel_futures=True)
         if self._fh is not None:
             self._fh.close()
@@ -1294,31 +1321,38 @@ class _PackWriter:
 
 def _encode_index(blocks: List[Tuple[int, int, int]],
                   entries: Dict[bytes, Tuple[int, int, int]]) -> bytes:
-    import struct
-    parts = [_IDX_MAGIC, struct.pack("<I", len(blocks))]
+    """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
+
+    Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
+    manifest or item list that references them and is checked on every read).
+    """
+    parts = [struct.pack("<I", len(blocks))]
     parts.extend(struct.pack("<QII", *b) for b in blocks)
     parts.append(struct.pack("<I", len(entries)))
-    parts.extend(d + struct.pack("<III", *loc) for d, loc in entries.items())
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    parts.extend(d[:KEY_LEN] + struct.pack("<III", *loc) for d, loc in entries.items())
+    payload = b"".join(parts)
+    return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
 
 
 def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
                                                      Dict[bytes, Tuple[int, int, int]]]:
-    import struct
-    body, trailer = raw[:-32], raw[-32:]
-    if not raw.startswith(_IDX_MAGIC) or hashlib.sha256(body).digest() != trailer:
+    try:
+        payload = zlib.decompress(raw[40:])
+    except zlib.error:
+        payload = b""
+    if not raw.startswith(_IDX_MAGIC) or hashlib.sha256(payload).digest() != raw[8:40]:
         raise IntegrityError("%s: pack index checksum mismatch" % path)
     try:
-        nblocks = struct.unpack_from("<I", body, 8)[0]
-        pos = 12 + 16 * nblocks
-        blocks = list(struct.iter_unpack("<QII", body[12:pos]))
-        nobj = struct.unpack_from("<I", body, pos)[0]
-        table = body[pos + 4:]
-        if len(table) != 44 * nobj:
+        nblocks = struct.unpack_from("<I", payload, 0)[0]
+        pos = 4 + 16 * nblocks
+        blocks = list(struct.iter_unpack("<QII", payload[4:pos]))
+        nobj = struct.unpack_from("<I", payload, pos)[0]
+        table = payload[pos + 4:]
+        width = KEY_LEN + 12
+        if len(table) != width * nobj:
             raise ValueError("size")
-        entries = {table[i:i + 32]: struct.unpack_from("<III", table, i + 32)
-                   for i in range(0, len(table), 44)}
+        entries = {table[i:i + KEY_LEN]: struct.unpack_from("<III", table, i + KEY_LEN)
+                   for i in range(0, len(table), width)}
     except (struct.error, ValueError):
         raise IntegrityError("%s: malformed pack index" % path) from None
     return blocks, entries
@@ -1334,6 +1368,7 @@ class _ObjectStore:
         self.entries: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
         self.problems: List[str] = []
         self._cache: Dict[Tuple[str, int], bytes] = {}
+        self._cached = 0
         for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
             self._load(idx)
 
@@ -1351,11 +1386,11 @@ class _ObjectStore:
 
     def has(self, digest: bytes) -> bool:
         """True if a committed pack indexes this object."""
-        return digest in self.where
+        return digest[:KEY_LEN] in self.where
 
     def get(self, digest: bytes) -> bytes:
         """The object's bytes; raises IntegrityError if missing, unreadable or not matching."""
-        loc = self.where.get(digest)
+        loc = self.where.get(digest[:KEY_LEN])
         if loc is None:
             raise IntegrityError("object %s is missing" % digest.hex()[:16])
         name, block_no, off, length = loc
@@ -1365,12 +1400,32 @@ class _ObjectStore:
                                  % (digest.hex()[:16], name))
         return data
 
+    def _order(self, digest: bytes) -> Tuple[str, int, int]:
+        loc = self.where.get(digest[:KEY_LEN])
+        return (loc[0], loc[1], loc[2]) if loc else ("", -1, 0)
+
+    def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
+        """Check objects in pack order (each block read once); returns {digest: problem}."""
+        bad = {}
+        for digest in sorted(set(digests), key=self._order):
+            try:
+                self.get(digest)
+            except IntegrityError as exc:
+                bad[digest] = str(exc)
+        return bad
+
+    def fetch_many(self, digests: Iterable[bytes]) -> Dict[bytes, bytes]:
+        """The bytes of many objects, read in pack order; raises IntegrityError."""
+        return {d: self.get(d) for d in sorted(set(digests), key=self._order)}
+
     def _block(self, name: str, block_no: int) -> bytes:
         key = (name, block_no)
         if key not in self._cache:
-            if len(self._cache) >= 8:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = self._read_block(name, block_no)
+            data = self._read_block(name, block_no)
+            while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
+                self._cached -= len(self._cache.pop(next(iter(self._cache))))
+            self._cache[key] = data
+            self._cached += len(data)
         return self._cache[key]
 
     def _read_block(self, name: str, block_no: int) -> bytes:
@@ -1391,8 +1446,6 @@ class _ObjectStore:
 
 def _encode_delta(base: bytes, old: List[bytes], new: List[bytes]) -> bytes:
     """``D`` + base digest + the edits that turn ``old`` into ``new``."""
-    import difflib
-    import struct
     ops = [op for op in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
            if op[0] != "equal"]
     parts = [b"D", base, struct.pack("<I", len(ops))]
@@ -1403,7 +1456,6 @@ def _encode_delta(base: bytes, old: List[bytes], new: List[bytes]) -> bytes:
 
 
 def _apply_delta(data: bytes, old: List[bytes]) -> List[bytes]:
-    import struct
     count = struct.unpack_from("<I", data, 33)[0]
     pos, done, out = 37, 0, []
     for _ in range(count):
@@ -1524,6 +1576,14 @@ def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
     for agent in agents:
         found.extend(_walk_files(root, agent, _skip_name))
     return found
+
+
+def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
+    """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
+    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
+    data = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
 
 
 def _id_order(backup_id: str) -> Tuple[str, int]:
@@ -1719,7 +1779,7 @@ class BackupManager:
                         "store": str(self.store.root.resolve()), "agents": selected,
                         "reason": reason, "files": entries}
             path = self.manifest_path(backup_id)
-            write_checksummed(path, manifest)   # the commit point
+            _write_manifest(path, manifest)   # the commit point
         except BaseException:
             writer.abort()
             raise
@@ -1760,40 +1820,49 @@ class BackupManager:
     def _verify_locked(self, ids: List[str], deep: bool) -> VerifyResult:
         objects = _ObjectStore(self.packs)
         lists = _Lists(objects)
-        checked: set = set()
+        checked: Dict[bytes, Optional[str]] = {}
         result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
-                              objects_checked=0, problems=[])
+                              objects_checked=0, problems=list(objects.problems))
         for backup_id in ids:
             before = len(result.problems)
             try:
                 manifest = self.load_manifest(backup_id)
             except AmlError as exc:
                 result.problems.append("%s: %s" % (backup_id, exc))
-                continue
-            for entry in manifest["files"]:
-                result.files_checked += 1
-                try:
-                    self._verify_entry(entry, objects, lists, checked, deep)
-                except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                    result.problems.append("%s: %s: %s" % (backup_id, _entry_path(entry), exc))
+            else:
+                result.problems.extend("%s: %s" % (backup_id, p) for p in self._verify_files(
+                    manifest["files"], objects, lists, checked, deep))
+                result.files_checked += len(manifest["files"])
             if len(result.problems) > before:
                 result.failed.append(backup_id)
         result.objects_checked = len(checked)
         result.ok = not result.problems
         return result
 
-    def _verify_entry(self, entry: Dict[str, Any], objects: _ObjectStore, lists: _Lists,
-                      checked: set, deep: bool) -> None:
-        safe_relpath(entry.get("path"))
+    def _verify_files(self, entries: List[Any], objects: _ObjectStore, lists: _Lists,
+                      checked: Dict[bytes, Optional[str]], deep: bool) -> List[str]:
+        """Problems of one manifest's files: objects checked once each, in pack order."""
+        problems, needs = [], []
+        for entry in entries:
+            try:
+                safe_relpath(entry.get("path"))
+                needs.append((entry, _entry_objects(entry, lists)))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                problems.append("%s: %s" % (_entry_path(entry), exc))
+        todo = {d for _, ds in needs for d in ds if d not in checked}
+        checked.update(dict.fromkeys(todo))
+        checked.update(objects.check_many(todo))
+        good = []
+        for entry, digests in needs:
+            bad = next((checked[d] for d in digests if checked[d]), None)
+            if bad:
+                problems.append("%s: %s" % (_entry_path(entry), bad))
+            else:
+                good.append(entry)
         if deep:
-            content = rebuild_content(entry, objects, lists)
-            _check_parses(entry, content)
-            checked.update(_entry_objects(entry, lists))
-            return
-        for digest in _entry_objects(entry, lists):
-            if digest not in checked:
-                objects.get(digest)
-                checked.add(digest)
+            data = objects.fetch_many(d for _, ds in needs for d in ds if not checked[d])
+            problems.extend(p for e in good for p in _deep_check(e, lists, data))
+        return problems
 
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
@@ -1985,6 +2054,14 @@ def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], An
     return list(seen.values())
 
 
+def _deep_check(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> List[str]:
+    try:
+        _check_parses(entry, rebuild_content(entry, lists, data))
+    except (AmlError, ValueError, KeyError, TypeError) as exc:
+        return ["%s: %s" % (_entry_path(entry), exc)]
+    return []
+
+
 def _entry_path(entry: Any) -> str:
     return str(entry.get("path")) if isinstance(entry, dict) else "<bad entry>"
 
@@ -2001,20 +2078,21 @@ def _entry_objects(entry: Dict[str, Any], lists: _Lists) -> List[bytes]:
     return chain + items
 
 
-def rebuild_content(entry: Dict[str, Any], objects: _ObjectStore, lists: _Lists) -> bytes:
-    """A file's content (decompressed for gzip files), checked against its recorded SHA-256."""
+def rebuild_content(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> bytes:
+    """A file's content (decompressed for gzip files) from fetched objects, checked against
+    its recorded SHA-256; raises IntegrityError or KeyError (object not fetched)."""
     if entry["kind"] == "blob":
-        data = objects.get(bytes.fromhex(entry["object"]))
+        content = data[bytes.fromhex(entry["object"])]
         expected = entry["sha256"]
     else:
         items = _entry_objects(entry, lists)[-entry["count"]:] if entry["count"] else []
-        body = entry["sep"].encode("utf-8").join(objects.get(d) for d in items)
-        data = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
-                         body, entry["tail"].encode("utf-8")])
+        body = entry["sep"].encode("utf-8").join(data[d] for d in items)
+        content = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
+                            body, entry["tail"].encode("utf-8")])
         expected = entry["content_sha256"]
-    if sha256_hex(data) != expected:
+    if sha256_hex(content) != expected:
         raise IntegrityError("rebuilt content does not match its recorded SHA-256")
-    return data
+    return content
 
 
 def encode_restored(entry: Dict[str, Any], content: bytes) -> bytes:
@@ -2057,14 +2135,7 @@ class _RestorePlan:
         self.manager = manager
         self.root = root
         self.entries = self._entries(manifest, scope)
-        objects = _ObjectStore(manager.packs)
-        lists = _Lists(objects)
-        self.content: Dict[str, bytes] = {}
-        for rel, entry in self.entries.items():
-            try:
-                self.content[rel] = rebuild_content(entry, objects, lists)
-            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise IntegrityError("backup %s: %s: %s" % (manifest["id"], rel, exc)) from None
+        self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
         self.created: List[str] = []
         self.replaced: List[str] = []
         self.unchanged = 0
@@ -2073,6 +2144,26 @@ class _RestorePlan:
         existing = store_scope_files(root, scope) if root.is_dir() else []
         self.target_had_files = bool(existing)
         self.removed = [rel for rel in existing if rel not in self.entries]
+
+    def _rebuild(self, backup_id: str, objects: _ObjectStore) -> Dict[str, bytes]:
+        """Every file's content, verified, before anything is touched; raises IntegrityError."""
+        lists = _Lists(objects)
+        needs, content = {}, {}
+        for rel, entry in self.entries.items():
+            try:
+                needs[rel] = _entry_objects(entry, lists)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        try:
+            data = objects.fetch_many(d for ds in needs.values() for d in ds)
+        except IntegrityError as exc:
+            raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
+        for rel, entry in self.entries.items():
+            try:
+                content[rel] = rebuild_content(entry, lists, data)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        return content
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
@@ -2203,9 +2294,11 @@ class _GarbageCollector:
     def run(self, dry_run: bool) -> None:
         """Plan per pack, then (unless dry_run) rewrite and delete."""
         drop, rewrite = [], []
+        live = {d[:KEY_LEN]: d for d in self.live}
         for name, entries in self.objects.entries.items():
-            keep = [d for d in entries if d in self.live and self.objects.where[d][0] == name]
-            dead = [entries[d][2] for d in entries if d not in keep]
+            keep = [live[k] for k in entries if k in live and self.objects.where[k][0] == name]
+            kept = {d[:KEY_LEN] for d in keep}
+            dead = [entries[k][2] for k in entries if k not in kept]
             if not dead:
                 continue
             self.result.objects_freed += len(dead)
@@ -2213,7 +2306,7 @@ class _GarbageCollector:
             if not keep:
                 drop.append(name)
             elif sum(dead) >= PACK_REWRITE_DEAD_SHARE * total:
-                rewrite.append((name, sorted(keep, key=lambda d: entries[d][:2])))
+                rewrite.append((name, sorted(keep, key=lambda d: entries[d[:KEY_LEN]][:2])))
         before = self._size(n for n, _ in rewrite) + self._size(drop)
         if dry_run:
             self.result.bytes_freed = self._size(drop) + sum(
@@ -2377,11 +2470,11 @@ class _SnapshotBuilder:
             delta = _encode_delta(bytes.fromhex(prev["list"]), old, items)
             if len(delta) < 16 * len(items):
                 digest = hashlib.sha256(delta).digest()
-                writer.add(digest, delta)
+                writer.add(digest, delta, meta=True)
                 return digest.hex(), int(prev.get("depth", 0)) + 1
         data = b"L" + b"".join(items)
         digest = hashlib.sha256(data).digest()
-        writer.add(digest, data)
+        writer.add(digest, data, meta=True)
         return digest.hex(), 0
 
 __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "SnapshotInfo",
@@ -2698,8 +2791,8 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
     verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):
-        for rel in paths:
-            (out.always if result.dry_run else out.line)("%s%s %s" % (verb, label, rel))
+        for rel in paths if result.dry_run else []:
+            out.always("%s%s %s" % (verb, label, rel))
     out.line("%s into %s: %d created, %d replaced, %d removed, %d unchanged%s%s" % (
         result.backup_id, result.target, len(result.created), len(result.replaced),
         len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
