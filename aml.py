@@ -1029,6 +1029,1484 @@ class Archive:
 # 8. Backup and restore
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
+# Only this section needs these; importing them here keeps the shared import block stable.
+import concurrent.futures  # noqa: E402
+import difflib  # noqa: E402
+import struct  # noqa: E402
+
+
+class BackupType(enum.Enum):
+    """A full snapshot re-reads every file; an incremental trusts unchanged size/mtime/ctime/inode."""
+
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+    @property
+    def prefix(self) -> str:
+        """The id prefix: ``full`` or ``incr``."""
+        return "full" if self is BackupType.FULL else "incr"
+
+
+# How often `backup auto` is expected to run (days), and every how many periods it takes a full.
+SCHEDULE_PERIODS = {"hourly": 1.0 / 24, "daily": 1.0, "weekly": 7.0, "monthly": 30.0}
+FULL_EVERY_PERIODS = 7
+REPO_DIR_NAME = "aml"
+BLOCK_SIZE = 256 * 1024          # uncompressed bytes per zlib block inside a pack
+MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
+BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
+PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
+_PACK_MAGIC = b"AMLPACK1"
+_IDX_MAGIC = b"AMLIDX02"
+KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
+_MANIFEST_FORMAT = "aml-backup-manifest-1"
+
+
+@dataclasses.dataclass
+class BackupConfig:
+    """Where backups go and how they are kept; every field is used (see README)."""
+
+    backup_root: Optional[Path] = None
+    retention_days: int = 30
+    max_backups: int = 100
+    compression_level: int = 6
+    incremental_enabled: bool = True
+    verify_after_backup: bool = True
+    backup_schedule: str = "daily"
+
+    def validate(self) -> "BackupConfig":
+        """Return self; raises UsageError for a value out of range."""
+        if self.backup_schedule not in SCHEDULE_PERIODS:
+            raise UsageError("backup_schedule must be one of %s, not %r"
+                             % (", ".join(SCHEDULE_PERIODS), self.backup_schedule))
+        checks = (("retention_days", 0), ("max_backups", 1), ("compression_level", 0))
+        for name, low in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError("%s must be an integer >= %d, not %r" % (name, low, value))
+        if self.compression_level > 9:
+            raise UsageError("compression_level must be 0..9, not %r" % self.compression_level)
+        return self
+
+
+@dataclasses.dataclass
+class BackupResult:
+    """One snapshot taken by BackupManager.create."""
+
+    backup_id: str
+    type: BackupType
+    created: str
+    files: int
+    records: int
+    files_reread: int
+    objects_added: int
+    bytes_added: int
+    verified: bool
+    manifest: Path
+    reason: Optional[str] = None
+    warnings: List[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class SnapshotInfo:
+    """One row of ``backup list``."""
+
+    backup_id: str
+    type: str
+    created: str
+    files: int
+    records: int
+    logical_bytes: int
+    agents: Optional[List[str]]
+    reason: Optional[str]
+    verified: Optional[bool]
+
+
+@dataclasses.dataclass
+class ListResult:
+    """Snapshots (oldest first), foreign files in the backup root, and the repository size."""
+
+    backup_root: Path
+    snapshots: List[SnapshotInfo]
+    foreign: List[str]
+    repository_bytes: int
+    problems: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """Outcome of verifying one or more snapshots; ``problems`` names everything wrong."""
+
+    backup_ids: List[str]
+    deep: bool
+    ok: bool
+    files_checked: int
+    objects_checked: int
+    problems: List[str]
+    failed: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    """What a restore changed (or, with dry_run, would change)."""
+
+    backup_id: str
+    target: Path
+    dry_run: bool
+    created: List[str]
+    replaced: List[str]
+    removed: List[str]
+    unchanged: int
+    safety_backup: Optional[str]
+
+
+@dataclasses.dataclass
+class RotateResult:
+    """Snapshots deleted and kept by rotation, and the space freed."""
+
+    dry_run: bool
+    deleted: List[str]
+    kept: List[str]
+    objects_freed: int
+    bytes_freed: int
+    packs_rewritten: int
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class AutoResult:
+    """What ``backup auto`` did: the snapshot (or why none was due) and the rotation."""
+
+    backup: Optional[BackupResult]
+    skipped: Optional[str]
+    rotate: Optional[RotateResult]
+
+
+# -- JSON array splitting: records as exact byte slices ---------------------
+
+_WS_RE = re.compile(r"[ \t\n\r]*")
+_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant).scan_once
+
+
+def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    """``(head, separator, tail, element spans)`` of a non-empty JSON array text, else None.
+
+    Joining head, the element slices with the separator, and tail gives back ``text``
+    exactly, so a restore is byte-exact without re-serializing. Arrays whose separators
+    differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
+    """
+    try:
+        return _split_array(text)
+    except (StopIteration, ValueError, RecursionError, IndexError):
+        return None
+
+
+def _split_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    pos = _WS_RE.match(text).end()
+    if not text.startswith("[", pos):
+        return None
+    start = cur = _WS_RE.match(text, pos + 1).end()
+    spans: List[Tuple[int, int]] = []
+    sep = None
+    while True:
+        end = _SCAN_ONCE(text, cur)[1]
+        spans.append((cur, end))
+        nxt = _WS_RE.match(text, end).end()
+        if text.startswith(",", nxt):
+            cur = _WS_RE.match(text, nxt + 1).end()
+            if sep is None:
+                sep = text[end:cur]
+            elif text[end:cur] != sep:
+                return None
+        elif text.startswith("]", nxt) and not text[nxt + 1:].strip(" \t\n\r"):
+            return text[:start], sep or "", text[end:], spans
+        else:
+            return None
+
+
+def _json_kind_of(data: bytes) -> str:
+    """``array``/``object``/``string``/... for JSON bytes (gzip allowed), else ``invalid``."""
+    try:
+        text, _ = decode_file_bytes(Path("-"), data)
+        return _kind_name(parse_json_text(text))
+    except (CorruptFileError, ValueError, RecursionError):
+        return "invalid"
+
+
+def _kind_name(obj: Any) -> str:
+    if isinstance(obj, bool) or obj is None:
+        return "literal"
+    return {list: "array", dict: "object", str: "string"}.get(type(obj), "number")
+
+
+def _gzip_mtime(raw: bytes) -> int:
+    return int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
+
+
+# -- Pack files: content-addressed objects in zlib blocks -------------------
+
+class _PackWriter:
+    """Appends new objects to one new pack, compressing 256 KiB blocks on worker threads.
+
+    The pack is written under its final name but stays invisible until ``commit`` writes
+    its index (after fsync of the pack); a pack without an index is a leftover.
+    """
+
+    def __init__(self, packs_dir: Path, level: int, known: Callable[[bytes], bool]):
+        self.name = "pack-%s-%s" % (time.strftime("%Y%m%d%H%M%S"), secrets.token_hex(4))
+        self.path = packs_dir / (self.name + ".pack")
+        self.level = level
+        self.known = known
+        self.entries: Dict[bytes, Tuple[int, int, int]] = {}
+        self.blocks: List[Tuple[int, int, int]] = []
+        self.bytes_written = 0
+        self.committed = False
+        self._bufs: Dict[bool, List[Tuple[bytes, bytes]]] = {False: [], True: []}
+        self._buf_len = {False: 0, True: 0}
+        self._queued: set = set()
+        self._next_block = 0
+        self._pending: List[Any] = []
+        self._fh: Optional[Any] = None
+        self._offset = len(_PACK_MAGIC)
+        # zlib releases the GIL: compressing blocks on threads overlaps with JSON scanning.
+        workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+
+    def add(self, digest: bytes, data: bytes, meta: bool = False) -> bool:
+        """Queue one object unless the repository or this pack has it; True if added.
+
+        ``meta`` objects (item lists) go to their own blocks, so reading a snapshot's lists
+        does not decompress record blocks.
+        """
+        if digest in self.entries or digest in self._queued or self.known(digest):
+            return False
+        buf = self._bufs[meta]
+        buf.append((digest, data))
+        self._queued.add(digest)
+        self._buf_len[meta] += len(data)
+        if self._buf_len[meta] >= BLOCK_SIZE:
+            self._seal(meta)
+        return True
+
+    def _seal(self, meta: bool) -> None:
+        buf = self._bufs[meta]
+        if not buf:
+            return
+        block_no, offset = self._next_block, 0
+        self._next_block += 1
+        for digest, data in buf:
+            self.entries[digest] = (block_no, offset, len(data))
+            offset += len(data)
+        block = b"".join(data for _, data in buf)
+        self._pending.append((self._pool.submit(zlib.compress, block, self.level), len(block)))
+        self._bufs[meta], self._buf_len[meta] = [], 0
+        self._queued.difference_update(d for d, _ in buf)
+        while len(self._pending) > 4:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        future, ulen = self._pending.pop(0)
+        data = future.result()
+        if self._fh is None:
+            self._fh = open(str(self.path), "xb")
+            os.chmod(str(self.path), 0o600)
+            self._fh.write(_PACK_MAGIC)
+        self._fh.write(data)
+        self.blocks.append((self._offset, len(data), ulen))
+        self._offset += len(data)
+
+    def commit(self) -> int:
+        """Write out every block, fsync, then the index; returns bytes added (0 if none)."""
+        self._seal(False)
+        self._seal(True)
+        while self._pending:
+            self._write_oldest()
+        self._pool.shutdown()
+        if self._fh is None:
+            return 0
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        index = _encode_index(self.blocks, self.entries)
+        atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
+        self.committed = True
+        self.bytes_written = self._offset + len(index)
+        return self.bytes_written
+
+    def abort(self) -> None:
+        """Drop the pack unless committed (an uncommitted pack has no index: no reader)."""
+        if self.committed:
+            return
+        self._pool.shutdown(cancel_futures=True)
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _encode_index(blocks: List[Tuple[int, int, int]],
+                  entries: Dict[bytes, Tuple[int, int, int]]) -> bytes:
+    """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
+
+    Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
+    manifest or item list that references them and is checked on every read).
+    """
+    parts = [struct.pack("<I", len(blocks))]
+    parts.extend(struct.pack("<QII", *b) for b in blocks)
+    parts.append(struct.pack("<I", len(entries)))
+    parts.extend(d[:KEY_LEN] + struct.pack("<III", *loc) for d, loc in entries.items())
+    payload = b"".join(parts)
+    return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
+
+
+def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
+                                                     Dict[bytes, Tuple[int, int, int]]]:
+    try:
+        payload = zlib.decompress(raw[40:])
+    except zlib.error:
+        payload = b""
+    if not raw.startswith(_IDX_MAGIC) or hashlib.sha256(payload).digest() != raw[8:40]:
+        raise IntegrityError("%s: pack index checksum mismatch" % path)
+    try:
+        nblocks = struct.unpack_from("<I", payload, 0)[0]
+        pos = 4 + 16 * nblocks
+        blocks = list(struct.iter_unpack("<QII", payload[4:pos]))
+        nobj = struct.unpack_from("<I", payload, pos)[0]
+        table = payload[pos + 4:]
+        width = KEY_LEN + 12
+        if len(table) != width * nobj:
+            raise ValueError("size")
+        entries = {table[i:i + KEY_LEN]: struct.unpack_from("<III", table, i + KEY_LEN)
+                   for i in range(0, len(table), width)}
+    except (struct.error, ValueError):
+        raise IntegrityError("%s: malformed pack index" % path) from None
+    return blocks, entries
+
+
+class _ObjectStore:
+    """Read side of the repository: every committed pack's objects, checked on every read."""
+
+    def __init__(self, packs_dir: Path):
+        self.packs_dir = packs_dir
+        self.where: Dict[bytes, Tuple[str, int, int, int]] = {}
+        self.blocks: Dict[str, List[Tuple[int, int, int]]] = {}
+        self.entries: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
+        self.problems: List[str] = []
+        self._cache: Dict[Tuple[str, int], bytes] = {}
+        self._cached = 0
+        for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
+            self._load(idx)
+
+    def _load(self, idx: Path) -> None:
+        try:
+            blocks, entries = _decode_index(idx, idx.read_bytes())
+        except (OSError, IntegrityError) as exc:
+            self.problems.append(str(exc))
+            return
+        name = idx.stem
+        self.blocks[name] = blocks
+        self.entries[name] = entries
+        for digest, (block, off, length) in entries.items():
+            self.where.setdefault(digest, (name, block, off, length))
+
+    def has(self, digest: bytes) -> bool:
+        """True if a committed pack indexes this object."""
+        return digest[:KEY_LEN] in self.where
+
+    def get(self, digest: bytes) -> bytes:
+        """The object's bytes; raises IntegrityError if missing, unreadable or not matching."""
+        loc = self.where.get(digest[:KEY_LEN])
+        if loc is None:
+            raise IntegrityError("object %s is missing" % digest.hex()[:16])
+        name, block_no, off, length = loc
+        data = self._block(name, block_no)[off:off + length]
+        if len(data) != length or hashlib.sha256(data).digest() != digest:
+            raise IntegrityError("object %s in %s.pack: checksum mismatch"
+                                 % (digest.hex()[:16], name))
+        return data
+
+    def _order(self, digest: bytes) -> Tuple[str, int, int]:
+        loc = self.where.get(digest[:KEY_LEN])
+        return (loc[0], loc[1], loc[2]) if loc else ("", -1, 0)
+
+    def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
+        """Check objects in pack order (each block read once); returns {digest: problem}."""
+        bad = {}
+        for digest in sorted(set(digests), key=self._order):
+            try:
+                self.get(digest)
+            except IntegrityError as exc:
+                bad[digest] = str(exc)
+        return bad
+
+    def fetch_many(self, digests: Iterable[bytes]) -> Dict[bytes, bytes]:
+        """The bytes of many objects, read in pack order; raises IntegrityError."""
+        return {d: self.get(d) for d in sorted(set(digests), key=self._order)}
+
+    def _block(self, name: str, block_no: int) -> bytes:
+        key = (name, block_no)
+        if key not in self._cache:
+            data = self._read_block(name, block_no)
+            while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
+                self._cached -= len(self._cache.pop(next(iter(self._cache))))
+            self._cache[key] = data
+            self._cached += len(data)
+        return self._cache[key]
+
+    def _read_block(self, name: str, block_no: int) -> bytes:
+        path = self.packs_dir / (name + ".pack")
+        try:
+            offset, clen, ulen = self.blocks[name][block_no]
+            with open(str(path), "rb") as handle:
+                handle.seek(offset)
+                data = zlib.decompress(handle.read(clen))
+        except (OSError, IndexError, zlib.error) as exc:
+            raise IntegrityError("%s: block %d unreadable (%s)" % (path, block_no, exc)) from None
+        if len(data) != ulen:
+            raise IntegrityError("%s: block %d has the wrong size" % (path, block_no))
+        return data
+
+
+# -- Item lists: a file's records as digests, stored whole or as deltas -----
+
+def _encode_delta(base: bytes, old: List[bytes], new: List[bytes]) -> bytes:
+    """``D`` + base digest + the edits that turn ``old`` into ``new``."""
+    ops = [op for op in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+           if op[0] != "equal"]
+    parts = [b"D", base, struct.pack("<I", len(ops))]
+    for _, i1, i2, j1, j2 in ops:
+        parts.append(struct.pack("<III", i1, i2, j2 - j1))
+        parts.extend(new[j1:j2])
+    return b"".join(parts)
+
+
+def _apply_delta(data: bytes, old: List[bytes]) -> List[bytes]:
+    count = struct.unpack_from("<I", data, 33)[0]
+    pos, done, out = 37, 0, []
+    for _ in range(count):
+        i1, i2, n = struct.unpack_from("<III", data, pos)
+        pos += 12
+        if not done <= i1 <= i2 <= len(old):
+            raise ValueError("delta out of range")
+        out.extend(old[done:i1])
+        out.extend(data[pos + 32 * k:pos + 32 * k + 32] for k in range(n))
+        pos += 32 * n
+        done = i2
+    if pos != len(data):
+        raise ValueError("delta has trailing bytes")
+    out.extend(old[done:])
+    return out
+
+
+def _split_digests(data: bytes) -> List[bytes]:
+    if len(data) % 32:
+        raise ValueError("list object has a partial digest")
+    return [data[i:i + 32] for i in range(0, len(data), 32)]
+
+
+class _Lists:
+    """Resolves item-list objects (full ``L`` or delta ``D`` chains), caching the results."""
+
+    def __init__(self, objects: _ObjectStore):
+        self.objects = objects
+        self.cache: Dict[bytes, List[bytes]] = {}
+
+    def resolve(self, digest: bytes, chain: Optional[List[bytes]] = None) -> List[bytes]:
+        """The digests listed by a list object; raises IntegrityError."""
+        todo = []
+        while digest not in self.cache:
+            if len(todo) > MAX_DELTA_DEPTH + 1:
+                raise IntegrityError("list %s: delta chain too long" % digest.hex()[:16])
+            data = self.objects.get(digest)
+            todo.append((digest, data))
+            if data[:1] != b"D":
+                break
+            digest = data[1:33]
+        if chain is not None:
+            chain.extend(d for d, _ in todo)
+        for digest, data in reversed(todo):
+            self.cache[digest] = self._decode(digest, data)
+        return self.cache[todo[0][0]] if todo else self.cache[digest]
+
+    def _decode(self, digest: bytes, data: bytes) -> List[bytes]:
+        try:
+            if data[:1] == b"L":
+                return _split_digests(data[1:])
+            if data[:1] == b"D":
+                return _apply_delta(data, self.cache[data[1:33]])
+            raise ValueError("unknown list kind")
+        except (ValueError, KeyError, IndexError) as exc:
+            raise IntegrityError("list %s malformed (%s)" % (digest.hex()[:16], exc)) from None
+
+
+# -- Paths: what a snapshot covers, and refusing hostile ones ----------------
+
+def safe_relpath(rel: Any) -> str:
+    """``rel`` if it is a plain relative POSIX path inside a target; raises IntegrityError."""
+    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel
+            or "\x00" in rel or any(p in ("", ".", "..") for p in rel.split("/"))):
+        raise IntegrityError("unsafe path in manifest: %r" % (rel,))
+    return rel
+
+
+def _check_no_symlinks(root: Path, rel: str) -> None:
+    """Refuse if the target root or any existing parent folder of ``rel`` is a symlink."""
+    current = root
+    for part in [""] + rel.split("/")[:-1]:
+        current = current / part if part else current
+        try:
+            info = os.lstat(str(current))
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise RefusedError("refusing to restore %s: %s is a symlink or not a folder"
+                               % (rel, current))
+
+
+def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
+    return agents is None or rel.split("/", 1)[0] in agents
+
+
+def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
+    """Relative POSIX paths of regular files under root/top, symlinks and skipped names left out."""
+    base = root / top if top else root
+    for dirpath, dirnames, filenames in os.walk(str(base)):
+        rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not skip(rel_dir + d)
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if not skip(rel) and not os.path.islink(os.path.join(dirpath, name)):
+                yield rel
+
+
+def _skip_name(rel: str) -> bool:
+    """Never backed up: aml state other than the archive, runtime locks, temp files."""
+    name = rel.rsplit("/", 1)[-1]
+    if name.endswith(".lock") or is_temp_leftover(name):
+        return True
+    top = rel.split("/", 1)[0]
+    if top == STATE_DIR_NAME:
+        return not (rel == STATE_DIR_NAME or rel == STATE_DIR_NAME + "/archive"
+                    or rel.startswith(STATE_DIR_NAME + "/archive/"))
+    return top.startswith(".") or top == "memory-backup"
+
+
+def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
+    """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted."""
+    if agents is None:
+        return list(_walk_files(root, "", _skip_name))
+    found: List[str] = []
+    for agent in agents:
+        found.extend(_walk_files(root, agent, _skip_name))
+    return found
+
+
+def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
+    """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
+    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
+    data = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
+
+
+def _id_order(backup_id: str) -> Tuple[str, int]:
+    parts = backup_id.split("_")
+    return parts[1] + parts[2], int(parts[3]) if len(parts) > 3 else 1
+
+
+def _id_time(backup_id: str) -> _dt.datetime:
+    stamp = "".join(backup_id.split("_")[1:3])
+    return _dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=_dt.timezone.utc)
+
+
+# -- The manager ------------------------------------------------------------
+
+class BackupManager:
+    """Snapshots of a store in a content-addressed repository at ``<backup_root>/aml/``.
+
+    Records of JSON-array files are stored once per distinct content, so an unchanged record
+    costs nothing in later snapshots even when the runtime rewrote (or re-gzipped) its file.
+    Every snapshot's manifest lists every file, so each restores on its own.
+    """
+
+    def __init__(self, store: Store, config: Optional[BackupConfig] = None):
+        self.store = store
+        self.config = (config or BackupConfig()).validate()
+        root = self.config.backup_root
+        self.root = Path(root) if root else store.root.resolve().parent / "memory-backup"
+        self.repo = self.root / REPO_DIR_NAME
+        self.packs = self.repo / "packs"
+        self.snapshots_dir = self.repo / "snapshots"
+
+    # -- repository housekeeping ------------------------------------------
+    @contextlib.contextmanager
+    def _repo_lock(self, exclusive: bool) -> Iterator[None]:
+        if exclusive:
+            self._ensure_repo()
+        elif not (self.repo / "lock").exists():
+            yield
+            return
+        fd = os.open(str(self.repo / "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _flock(self, fd: int, mode: int) -> None:
+        deadline = time.monotonic() + self.store.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    raise StoreBusyError("backup repository busy: %s" % (self.repo / "lock"))
+                time.sleep(0.2)
+
+    def _ensure_repo(self) -> None:
+        for folder in (self.root, self.repo, self.packs, self.snapshots_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.repo, self.packs, self.snapshots_dir):
+            os.chmod(str(folder), 0o700)
+
+    def _cleanup_leftovers(self) -> None:
+        """Remove what an interrupted run left: packs without an index, temp files."""
+        if not self.packs.is_dir():
+            return
+        for pack in self.packs.glob("pack-*.pack"):
+            if not pack.with_suffix(".idx").exists():
+                pack.unlink()
+        for folder in (self.packs, self.snapshots_dir, self.repo):
+            for leftover in folder.iterdir():
+                if is_temp_leftover(leftover.name):
+                    leftover.unlink()
+
+    # -- manifests ----------------------------------------------------------
+    def manifest_path(self, backup_id: str) -> Path:
+        """The manifest file of a snapshot; raises UsageError for a malformed id."""
+        if not re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", backup_id or ""):
+            raise UsageError("invalid backup id %r (expected e.g. full_20261120_020000)"
+                             % backup_id)
+        return self.snapshots_dir / (backup_id + ".json")
+
+    def load_manifest(self, backup_id: str) -> Dict[str, Any]:
+        """A snapshot's manifest; UsageError if absent, IntegrityError if it does not verify."""
+        path = self.manifest_path(backup_id)
+        if not path.exists():
+            raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+        payload = read_checksummed(path)
+        if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
+                or not isinstance(payload.get("files"), list):
+            raise IntegrityError("%s: not an aml backup manifest" % path)
+        return payload
+
+    def snapshot_ids(self) -> List[str]:
+        """Ids of every snapshot with a manifest, oldest first (by time, then sequence)."""
+        if not self.snapshots_dir.is_dir():
+            return []
+        ids = [p.stem for p in self.snapshots_dir.glob("*.json")
+               if re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", p.stem)]
+        return sorted(ids, key=_id_order)
+
+    def _new_id(self, btype: BackupType) -> str:
+        # The suffix is shared by both prefixes so (stamp, suffix) orders every snapshot.
+        stamp, n, suffix = compact_stamp(self.store.now), 1, ""
+        while any((self.snapshots_dir / ("%s_%s%s.json" % (p, stamp, suffix))).exists()
+                  for p in ("full", "incr")):
+            n += 1
+            suffix = "_%d" % n
+        return "%s_%s%s" % (btype.prefix, stamp, suffix)
+
+    def _newest_readable(self) -> Optional[Dict[str, Any]]:
+        for backup_id in reversed(self.snapshot_ids()):
+            try:
+                return self.load_manifest(backup_id)
+            except AmlError:
+                continue
+        return None
+
+    # -- verified marks -----------------------------------------------------
+    def _verified(self) -> Dict[str, Any]:
+        try:
+            marks = read_checksummed(self.repo / "verified.json", {})
+        except IntegrityError:
+            return {}
+        return marks if isinstance(marks, dict) else {}
+
+    def _mark_verified(self, results: Dict[str, bool], deep: bool) -> None:
+        marks = self._verified()
+        existing = set(self.snapshot_ids())
+        marks = {k: v for k, v in marks.items() if k in existing}
+        for backup_id, ok in results.items():
+            marks[backup_id] = {"ok": ok, "deep": deep, "when": format_timestamp(self.store.now)}
+        write_checksummed(self.repo / "verified.json", marks)
+
+    def newest_verified(self) -> Optional[str]:
+        """The newest snapshot whose last verification passed, or None."""
+        marks = self._verified()
+        for backup_id in reversed(self.snapshot_ids()):
+            if marks.get(backup_id, {}).get("ok") is True:
+                return backup_id
+        return None
+
+    # -- create ---------------------------------------------------------------
+    def create(self, backup_type: BackupType = BackupType.INCREMENTAL,
+               agents: Optional[Sequence[str]] = None, reason: Optional[str] = None,
+               verify: Optional[bool] = None, lock_store: bool = True) -> BackupResult:
+        """Take a snapshot (full, or incremental when enabled and a previous one exists).
+
+        Pass ``lock_store=False`` when the caller already holds the store's maintenance
+        lock. Raises StoreBusyError, IntegrityError (verification failed) or OSError.
+        """
+        hold = self.store.maintenance_lock() if lock_store else contextlib.nullcontext()
+        with hold, self._repo_lock(exclusive=True):
+            self._cleanup_leftovers()
+            return self._snapshot_and_verify(backup_type, agents, reason, verify)
+
+    def _snapshot_and_verify(self, btype: BackupType, agents: Optional[Sequence[str]],
+                             reason: Optional[str], verify: Optional[bool] = None) -> BackupResult:
+        started, clock = self.store.now, time.monotonic()
+        result = self._create_locked(btype, agents, reason)
+        if self.config.verify_after_backup if verify is None else verify:
+            check = self._verify_locked([result.backup_id], deep=False)
+            self._record_verify(check, started, clock)
+            result.verified = check.ok
+            if not check.ok:
+                raise IntegrityError("backup %s does not verify: %s"
+                                     % (result.backup_id, "; ".join(check.problems[:3])))
+        result.seconds = time.monotonic() - clock
+        self.store.record_operation("backup", started, result.seconds, {
+            "backup_id": result.backup_id, "type": result.type.value, "verified": result.verified,
+            "manifest": str(result.manifest.resolve()), "bytes_added": result.bytes_added,
+            "files": result.files})
+        return result
+
+    def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
+                       reason: Optional[str]) -> BackupResult:
+        selected = self.store.select_agents(agents) if agents else None
+        previous = self._newest_readable()
+        if previous is None or not self.config.incremental_enabled:
+            btype = BackupType.FULL
+        objects = _ObjectStore(self.packs)
+        snap = _SnapshotBuilder(self, objects, previous,
+                                incremental=btype is BackupType.INCREMENTAL)
+        writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
+        try:
+            entries = [e for e in (snap.file_entry(rel, writer)
+                                   for rel in store_scope_files(self.store.root, selected)) if e]
+            bytes_added = writer.commit()
+            backup_id = self._new_id(btype)
+            manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
+                        "created": format_timestamp(self.store.now),
+                        "store": str(self.store.root.resolve()), "agents": selected,
+                        "reason": reason, "files": entries}
+            path = self.manifest_path(backup_id)
+            _write_manifest(path, manifest)   # the commit point
+        except BaseException:
+            writer.abort()
+            raise
+        return BackupResult(
+            backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
+            records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
+            objects_added=len(writer.entries), bytes_added=bytes_added + path.stat().st_size,
+            verified=False, manifest=path, reason=reason, warnings=snap.warnings)
+
+    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+        self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
+        for backup_id in check.backup_ids:
+            self.store.record_operation("verify", started, time.monotonic() - clock, {
+                "backup_id": backup_id, "ok": backup_id not in check.failed, "deep": check.deep})
+
+    # -- verify ---------------------------------------------------------------
+    def verify(self, backup_id: Optional[str] = None, deep: bool = False,
+               all_snapshots: bool = False) -> VerifyResult:
+        """Check manifests and every object's SHA-256 (``deep``: rebuild and parse each file).
+
+        Returns a VerifyResult whose ``problems`` name what is wrong (the CLI exits 6);
+        raises UsageError for an unknown id or an empty repository.
+        """
+        started, clock = self.store.now, time.monotonic()
+        ids = self.snapshot_ids()
+        if not ids:
+            raise UsageError("no backups in %s" % self.repo)
+        if not all_snapshots:
+            backup_id = backup_id or ids[-1]
+            if not self.manifest_path(backup_id).exists():
+                raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+            ids = [backup_id]
+        with self._repo_lock(exclusive=True):
+            result = self._verify_locked(ids, deep)
+            self._record_verify(result, started, clock)
+        return result
+
+    def _verify_locked(self, ids: List[str], deep: bool) -> VerifyResult:
+        objects = _ObjectStore(self.packs)
+        lists = _Lists(objects)
+        checked: Dict[bytes, Optional[str]] = {}
+        result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
+                              objects_checked=0, problems=list(objects.problems))
+        for backup_id in ids:
+            before = len(result.problems)
+            try:
+                manifest = self.load_manifest(backup_id)
+            except AmlError as exc:
+                result.problems.append("%s: %s" % (backup_id, exc))
+            else:
+                result.problems.extend("%s: %s" % (backup_id, p) for p in self._verify_files(
+                    manifest["files"], objects, lists, checked, deep))
+                result.files_checked += len(manifest["files"])
+            if len(result.problems) > before:
+                result.failed.append(backup_id)
+        result.objects_checked = len(checked)
+        result.ok = not result.problems
+        return result
+
+    def _verify_files(self, entries: List[Any], objects: _ObjectStore, lists: _Lists,
+                      checked: Dict[bytes, Optional[str]], deep: bool) -> List[str]:
+        """Problems of one manifest's files: objects checked once each, in pack order."""
+        problems, needs = [], []
+        for entry in entries:
+            try:
+                safe_relpath(entry.get("path"))
+                needs.append((entry, _entry_objects(entry, lists)))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                problems.append("%s: %s" % (_entry_path(entry), exc))
+        todo = {d for _, ds in needs for d in ds if d not in checked}
+        checked.update(dict.fromkeys(todo))
+        checked.update(objects.check_many(todo))
+        good = []
+        for entry, digests in needs:
+            bad = next((checked[d] for d in digests if checked[d]), None)
+            if bad:
+                problems.append("%s: %s" % (_entry_path(entry), bad))
+            else:
+                good.append(entry)
+        if deep:
+            data = objects.fetch_many(d for _, ds in needs for d in ds if not checked[d])
+            problems.extend(p for e in good for p in _deep_check(e, lists, data))
+        return problems
+
+    # -- restore --------------------------------------------------------------
+    def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
+        """The newest snapshot taken at or before ``moment`` covering ``agents``; UsageError."""
+        for backup_id in reversed(self.snapshot_ids()):
+            if _id_time(backup_id) > moment:
+                continue
+            with contextlib.suppress(AmlError):
+                covered = self.load_manifest(backup_id).get("agents")
+                if covered is None or (agents and set(agents) <= set(covered)):
+                    return backup_id
+        raise UsageError("no backup taken at or before %s" % format_timestamp(moment))
+
+    def restore(self, backup_id: Optional[str] = None, at: Optional[_dt.datetime] = None,
+                agents: Optional[Sequence[str]] = None, target: Optional[Path] = None,
+                dry_run: bool = False, force: bool = False) -> RestoreResult:
+        """Put the store (or ``target``) back exactly as a snapshot recorded it.
+
+        Verifies everything it needs before touching anything, takes a safety snapshot of
+        the live store first, swaps each file in atomically under the runtime's lock, and
+        removes files that did not exist then. Raises IntegrityError (corrupt backup, nothing
+        changed), RefusedError (symlink in the target, non-empty --target without force),
+        UsageError, StoreBusyError.
+        """
+        started, clock = self.store.now, time.monotonic()
+        live = target is None or Path(target).resolve() == self.store.root.resolve()
+        root = self.store.root if live else Path(target)
+        hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
+        with hold, self._repo_lock(exclusive=not dry_run):
+            if backup_id is None:
+                if at is None:
+                    raise UsageError("name a backup id or --at TIMESTAMP")
+                backup_id = self.snapshot_at(at, agents)
+            manifest = self.load_manifest(backup_id)
+            scope = _restore_scope(manifest, agents)
+            plan = _RestorePlan(self, manifest, scope, root)
+            result = RestoreResult(backup_id=backup_id, target=root, dry_run=dry_run,
+                                   created=plan.created, replaced=plan.replaced,
+                                   removed=plan.removed, unchanged=plan.unchanged,
+                                   safety_backup=None)
+            if dry_run or not plan.changes():
+                return result
+            if not live and not force and plan.target_had_files:
+                raise RefusedError("--target %s is not empty; use --force to restore into it"
+                                   % root)
+            if live:
+                result.safety_backup = self._snapshot_and_verify(
+                    BackupType.INCREMENTAL, None, "before restore of %s" % backup_id).backup_id
+            plan.apply()
+        self.store.record_operation("restore", started, time.monotonic() - clock, {
+            "backup_id": backup_id, "target": str(root.resolve()),
+            "created": len(result.created), "replaced": len(result.replaced),
+            "removed": len(result.removed), "safety_backup": result.safety_backup})
+        return result
+
+    # -- rotate ---------------------------------------------------------------
+    def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
+               keep_monthly: int = 0, lock_store: bool = True) -> RotateResult:
+        """Delete snapshots past retention_days/max_backups (calendar rules keep some longer).
+
+        Never deletes the newest snapshot nor the newest verified one; then frees the objects
+        no remaining snapshot uses. Raises StoreBusyError.
+        """
+        started, clock = self.store.now, time.monotonic()
+        hold = (self.store.maintenance_lock() if lock_store and not dry_run
+                else contextlib.nullcontext())
+        with hold, self._repo_lock(exclusive=not dry_run):
+            result = self._rotate_locked(dry_run, keep_daily, keep_weekly, keep_monthly)
+        if not dry_run:
+            self.store.record_operation("rotate", started, time.monotonic() - clock, {
+                "deleted": result.deleted, "kept": len(result.kept),
+                "bytes_freed": result.bytes_freed, "objects_freed": result.objects_freed})
+        return result
+
+    def retained(self, ids: List[str], keep_daily: int = 0, keep_weekly: int = 0,
+                 keep_monthly: int = 0) -> List[str]:
+        """The snapshot ids rotation keeps, oldest first."""
+        now = self.store.now
+        keep = {i for i in ids if days_between(_id_time(i), now) <= self.config.retention_days}
+        for count, key in ((keep_daily, lambda t: t.date()),
+                           (keep_weekly, lambda t: t.isocalendar()[:2]),
+                           (keep_monthly, lambda t: (t.year, t.month))):
+            keep.update(_calendar_picks(ids, count, key))
+        protected = set(ids[-1:])
+        protected.update([self.newest_verified()] if self.newest_verified() else [])
+        ordered = sorted(keep, key=_id_order)
+        while len(ordered) > self.config.max_backups:
+            victim = next((i for i in ordered if i not in protected), None)
+            if victim is None:
+                break
+            ordered.remove(victim)
+        return sorted(set(ordered) | protected, key=_id_order)
+
+    def _rotate_locked(self, dry_run: bool, keep_daily: int, keep_weekly: int,
+                       keep_monthly: int) -> RotateResult:
+        if not dry_run:
+            self._cleanup_leftovers()
+        ids = self.snapshot_ids()
+        kept = self.retained(ids, keep_daily, keep_weekly, keep_monthly)
+        deleted = [i for i in ids if i not in kept]
+        result = RotateResult(dry_run=dry_run, deleted=deleted, kept=kept, objects_freed=0,
+                              bytes_freed=0, packs_rewritten=0)
+        objects = _ObjectStore(self.packs)
+        live = self._reachable(kept, objects, result.warnings)
+        if not dry_run:
+            for backup_id in deleted:
+                self.manifest_path(backup_id).unlink()
+            fsync_dir(self.snapshots_dir)
+        if live is not None:
+            _GarbageCollector(self, objects, live, result).run(dry_run)
+        if not dry_run and deleted:
+            self._mark_verified({}, False)
+        return result
+
+    def _reachable(self, ids: List[str], objects: _ObjectStore,
+                   warnings: List[str]) -> Optional[set]:
+        """Every object the given snapshots need, or None (no gc) if any cannot be read."""
+        lists = _Lists(objects)
+        live: set = set()
+        for backup_id in ids:
+            try:
+                for entry in self.load_manifest(backup_id)["files"]:
+                    live.update(_entry_objects(entry, lists))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                warnings.append("space not freed: snapshot %s cannot be read (%s)"
+                                % (backup_id, exc))
+                return None
+        return live
+
+    # -- auto -----------------------------------------------------------------
+    def auto(self, keep_daily: int = 0, keep_weekly: int = 0,
+             keep_monthly: int = 0) -> AutoResult:
+        """For cron: a snapshot when one is due per backup_schedule (full every 7 periods,
+        else incremental), verified per verify_after_backup, then rotation."""
+        period = SCHEDULE_PERIODS[self.config.backup_schedule]
+        now = self.store.now
+        with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
+            self._cleanup_leftovers()
+            ids = self.snapshot_ids()
+            backup, skipped = None, None
+            if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
+                skipped = "%s is recent enough for the %s schedule" % (
+                    ids[-1], self.config.backup_schedule)
+            else:
+                fulls = [i for i in ids if i.startswith("full_")]
+                due = not fulls or days_between(_id_time(fulls[-1]), now) >= \
+                    FULL_EVERY_PERIODS * period - 0.1 * period
+                btype = BackupType.FULL if due else BackupType.INCREMENTAL
+                backup = self._snapshot_and_verify(btype, None, None)
+        rotated = self.rotate(keep_daily=keep_daily, keep_weekly=keep_weekly,
+                              keep_monthly=keep_monthly)
+        return AutoResult(backup=backup, skipped=skipped, rotate=rotated)
+
+    # -- list -----------------------------------------------------------------
+    def list(self) -> ListResult:
+        """Every snapshot with its verification state, foreign files in the root, total size."""
+        result = ListResult(backup_root=self.root, snapshots=[], foreign=[], repository_bytes=0)
+        marks = self._verified()
+        for backup_id in self.snapshot_ids():
+            try:
+                m = self.load_manifest(backup_id)
+            except AmlError as exc:
+                result.problems.append("%s: %s" % (backup_id, exc))
+                continue
+            files = m["files"]
+            result.snapshots.append(SnapshotInfo(
+                backup_id=backup_id, type=m.get("type"), created=m.get("created"),
+                files=len(files), records=sum(e.get("count", 0) for e in files),
+                logical_bytes=sum(e.get("size", 0) for e in files), agents=m.get("agents"),
+                reason=m.get("reason"), verified=marks.get(backup_id, {}).get("ok")))
+        if self.root.is_dir():
+            result.foreign = sorted(p.name for p in self.root.iterdir()
+                                    if p.name != REPO_DIR_NAME)
+        if self.repo.is_dir():
+            result.repository_bytes = sum(p.stat().st_size for p in self.repo.rglob("*")
+                                          if p.is_file())
+        return result
+
+
+def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], Any]) -> List[str]:
+    """The newest snapshot of each of the ``count`` most recent calendar periods."""
+    seen: Dict[Any, str] = {}
+    for backup_id in reversed(ids):
+        period = key(_id_time(backup_id))
+        if period not in seen:
+            if len(seen) >= count:
+                break
+            seen[period] = backup_id
+    return list(seen.values())
+
+
+def _deep_check(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> List[str]:
+    try:
+        _check_parses(entry, rebuild_content(entry, lists, data))
+    except (AmlError, ValueError, KeyError, TypeError) as exc:
+        return ["%s: %s" % (_entry_path(entry), exc)]
+    return []
+
+
+def _entry_path(entry: Any) -> str:
+    return str(entry.get("path")) if isinstance(entry, dict) else "<bad entry>"
+
+
+def _entry_objects(entry: Dict[str, Any], lists: _Lists) -> List[bytes]:
+    """Every object a manifest entry needs (delta bases included); raises IntegrityError."""
+    if entry["kind"] == "blob":
+        return [bytes.fromhex(entry["object"])]
+    chain: List[bytes] = []
+    items = lists.resolve(bytes.fromhex(entry["list"]), chain)
+    if len(items) != entry["count"]:
+        raise IntegrityError("item list has %d records, manifest says %d"
+                             % (len(items), entry["count"]))
+    return chain + items
+
+
+def rebuild_content(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> bytes:
+    """A file's content (decompressed for gzip files) from fetched objects, checked against
+    its recorded SHA-256; raises IntegrityError or KeyError (object not fetched)."""
+    if entry["kind"] == "blob":
+        content = data[bytes.fromhex(entry["object"])]
+        expected = entry["sha256"]
+    else:
+        items = _entry_objects(entry, lists)[-entry["count"]:] if entry["count"] else []
+        body = entry["sep"].encode("utf-8").join(data[d] for d in items)
+        content = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
+                            body, entry["tail"].encode("utf-8")])
+        expected = entry["content_sha256"]
+    if sha256_hex(content) != expected:
+        raise IntegrityError("rebuilt content does not match its recorded SHA-256")
+    return content
+
+
+def encode_restored(entry: Dict[str, Any], content: bytes) -> bytes:
+    """The bytes to write for a rebuilt file: gzip files are gzip again (same content)."""
+    if entry.get("kind") == "array" and entry.get("gzip"):
+        return gzip.compress(content, compresslevel=GZIP_LEVEL, mtime=entry.get("gzip_mtime", 0))
+    return content
+
+
+def _check_parses(entry: Dict[str, Any], content: bytes) -> None:
+    if entry["kind"] == "array":
+        kind, expected = _json_kind_of(content), "array"
+        if kind == "array" and len(parse_json_text(
+                content.decode("utf-8-sig"))) != entry["count"]:
+            raise IntegrityError("rebuilt array has the wrong number of records")
+    else:
+        expected = entry.get("json", "bytes")
+        kind = _json_kind_of(content) if expected != "bytes" else "bytes"
+    if kind != expected:
+        raise IntegrityError("rebuilt file parses as %s, was %s" % (kind, expected))
+
+
+def _restore_scope(manifest: Dict[str, Any],
+                   agents: Optional[Sequence[str]]) -> Optional[List[str]]:
+    covered = manifest.get("agents")
+    if not agents:
+        return covered
+    for agent in agents:
+        if "/" in agent or is_reserved_name(agent) or (covered is not None
+                                                      and agent not in covered):
+            raise UsageError("backup %s does not cover agent %r" % (manifest.get("id"), agent))
+    return list(dict.fromkeys(agents))
+
+
+class _RestorePlan:
+    """What a restore will create, replace and remove, with every file rebuilt and verified."""
+
+    def __init__(self, manager: BackupManager, manifest: Dict[str, Any],
+                 scope: Optional[List[str]], root: Path):
+        self.manager = manager
+        self.root = root
+        self.entries = self._entries(manifest, scope)
+        self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
+        self.created: List[str] = []
+        self.replaced: List[str] = []
+        self.unchanged = 0
+        for rel in self.entries:
+            self._classify(rel)
+        existing = store_scope_files(root, scope) if root.is_dir() else []
+        self.target_had_files = bool(existing)
+        self.removed = [rel for rel in existing if rel not in self.entries]
+
+    def _rebuild(self, backup_id: str, objects: _ObjectStore) -> Dict[str, bytes]:
+        """Every file's content, verified, before anything is touched; raises IntegrityError."""
+        lists = _Lists(objects)
+        needs, content = {}, {}
+        for rel, entry in self.entries.items():
+            try:
+                needs[rel] = _entry_objects(entry, lists)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        try:
+            data = objects.fetch_many(d for ds in needs.values() for d in ds)
+        except IntegrityError as exc:
+            raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
+        for rel, entry in self.entries.items():
+            try:
+                content[rel] = rebuild_content(entry, lists, data)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        return content
+
+    @staticmethod
+    def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
+        entries = {}
+        for entry in manifest["files"]:
+            rel = safe_relpath(_entry_path(entry))
+            if _skip_name(rel):
+                raise IntegrityError("backup %s: path %r is outside what aml restores"
+                                     % (manifest.get("id"), rel))
+            if _in_scope(rel, scope):
+                entries[rel] = entry
+        return entries
+
+    def _classify(self, rel: str) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        if not os.path.lexists(str(path)):
+            self.created.append(rel)
+        elif self._same(path, self.entries[rel]):
+            self.unchanged += 1
+        else:
+            self.replaced.append(rel)
+
+    def _same(self, path: Path, entry: Dict[str, Any]) -> bool:
+        try:
+            if path.is_symlink() or not path.is_file():
+                return False
+            raw = path.read_bytes()
+        except OSError:
+            return False
+        if entry.get("kind") == "array" and entry.get("gzip"):
+            if raw[:2] != GZIP_MAGIC:
+                return False
+            with contextlib.suppress(OSError, EOFError, zlib.error):
+                return sha256_hex(gzip.decompress(raw)) == entry["content_sha256"]
+            return False
+        return sha256_hex(raw) == entry.get("sha256")
+
+    def changes(self) -> bool:
+        """True if the restore would change anything."""
+        return bool(self.created or self.replaced or self.removed)
+
+    def apply(self) -> None:
+        """Stage every file, then swap each in (runtime lock, os.replace) and remove extras."""
+        state = self.root / STATE_DIR_NAME
+        _check_no_symlinks(self.root, STATE_DIR_NAME + "/x")
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in state.glob("restore-*"):
+            _remove_tree(old)
+        staging = state / ("restore-%s" % secrets.token_hex(4))
+        staging.mkdir(mode=0o700)
+        try:
+            staged = self._stage(staging)
+            for rel in self.created + self.replaced:
+                self._swap(rel, staged[rel])
+            for rel in self.removed:
+                self._remove(rel)
+        finally:
+            _remove_tree(staging)
+            with contextlib.suppress(OSError):
+                state.rmdir()   # only if empty: a --target restore leaves no aml folder
+
+    def _stage(self, staging: Path) -> Dict[str, Path]:
+        staged = {}
+        for n, rel in enumerate(self.created + self.replaced):
+            entry = self.entries[rel]
+            path = staging / str(n)
+            mode = entry.get("mode", 0o644) if isinstance(entry.get("mode"), int) else 0o644
+            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(encode_restored(entry, self.content[rel]))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(str(path), mode & 0o777)
+            staged[rel] = path
+        return staged
+
+    def _swap(self, rel: str, staged: Path) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_no_symlinks(self.root, rel)
+        with self.manager.store.file_lock(path):
+            os.replace(str(staged), str(path))
+        fsync_dir(path.parent)
+
+    def _remove(self, rel: str) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        with self.manager.store.file_lock(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fsync_dir(path.parent)
+        parent = path.parent
+        while parent != self.root and parent.name != STATE_DIR_NAME:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a staging folder aml created (regular files only, no symlink following)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        with contextlib.suppress(OSError):
+            child.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+class _GarbageCollector:
+    """Frees objects no kept snapshot needs: deletes dead packs, rewrites mostly-dead ones.
+
+    New packs are committed (with their index) before old ones go, and the index goes before
+    its pack, so a crash leaves duplicates or an index-less leftover, never a lost object.
+    """
+
+    def __init__(self, manager: BackupManager, objects: _ObjectStore, live: set,
+                 result: RotateResult):
+        self.manager = manager
+        self.objects = objects
+        self.live = live
+        self.result = result
+
+    def run(self, dry_run: bool) -> None:
+        """Plan per pack, then (unless dry_run) rewrite and delete."""
+        drop, rewrite = [], []
+        live = {d[:KEY_LEN]: d for d in self.live}
+        for name, entries in self.objects.entries.items():
+            keep = [live[k] for k in entries if k in live and self.objects.where[k][0] == name]
+            kept = {d[:KEY_LEN] for d in keep}
+            dead = [entries[k][2] for k in entries if k not in kept]
+            if not dead:
+                continue
+            self.result.objects_freed += len(dead)
+            total = sum(e[2] for e in entries.values())
+            if not keep:
+                drop.append(name)
+            elif sum(dead) >= PACK_REWRITE_DEAD_SHARE * total:
+                rewrite.append((name, sorted(keep, key=lambda d: entries[d[:KEY_LEN]][:2])))
+        before = self._size(n for n, _ in rewrite) + self._size(drop)
+        if dry_run:
+            self.result.bytes_freed = self._size(drop) + sum(
+                int(self._size([n]) * (1 - len(k) / len(self.objects.entries[n])))
+                for n, k in rewrite)
+            return
+        added = self._rewrite(rewrite)
+        for name in drop + [n for n, _ in rewrite]:
+            self._delete(name)
+        self.result.packs_rewritten = len(rewrite)
+        self.result.bytes_freed = before - added
+
+    def _rewrite(self, rewrite: List[Tuple[str, List[bytes]]]) -> int:
+        if not rewrite:
+            return 0
+        writer = _PackWriter(self.manager.packs, self.manager.config.compression_level,
+                             lambda d: False)
+        try:
+            for _, keep in rewrite:
+                for digest in keep:
+                    writer.add(digest, self.objects.get(digest))
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _size(self, names: Iterable[str]) -> int:
+        total = 0
+        for name in names:
+            for suffix in (".pack", ".idx"):
+                with contextlib.suppress(OSError):
+                    total += (self.manager.packs / (name + suffix)).stat().st_size
+        return total
+
+    def _delete(self, name: str) -> None:
+        (self.manager.packs / (name + ".idx")).unlink()
+        fsync_dir(self.manager.packs)
+        with contextlib.suppress(FileNotFoundError):
+            (self.manager.packs / (name + ".pack")).unlink()
+
+
+def backup_config_for(store: Store, config_file: Optional[Path] = None,
+                      **overrides: Any) -> BackupConfig:
+    """BackupConfig from defaults < aml config section ``backup`` < ``overrides`` (flags).
+
+    A relative ``backup_root`` in the config file is taken from the store's parent folder.
+    Raises UsageError for unknown keys or bad values.
+    """
+    section = dict(load_aml_config(store, config_file).get("backup", {}))
+    if section.get("backup_root"):
+        section["backup_root"] = store.root.resolve().parent / Path(section["backup_root"])
+    config = apply_config_fields(BackupConfig(), section, "aml config [backup]")
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **values).validate()
+
+
+def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = None) -> str:
+    """Take and verify a snapshot before destructive work; returns its id.
+
+    Call it with the store's maintenance lock held (it does not take it again). Raises
+    RefusedError when the backup cannot be taken or does not verify, so the work stops.
+    """
+    try:
+        config = config or backup_config_for(store)
+        result = BackupManager(store, config).create(BackupType.INCREMENTAL, reason=reason,
+                                                     verify=True, lock_store=False)
+    except (AmlError, OSError) as exc:
+        raise RefusedError("safety backup before %s failed, nothing was changed (%s); "
+                           "--no-backup skips it" % (reason, exc)) from None
+    return result.backup_id
+
+
+
+class _SnapshotBuilder:
+    """Turns store files into manifest entries, writing only objects the repository lacks."""
+
+    def __init__(self, manager: BackupManager, objects: _ObjectStore,
+                 previous: Optional[Dict[str, Any]], incremental: bool):
+        self.manager = manager
+        self.store = manager.store
+        self.objects = objects
+        self.lists = _Lists(objects)
+        self.previous = {e.get("path"): e for e in (previous or {}).get("files", [])
+                         if isinstance(e, dict)}
+        self.incremental = incremental
+        self.reread = 0
+        self.warnings: List[str] = []
+
+    def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
+        """The manifest entry of one file; None (with a warning) if it cannot be read."""
+        path = self.store.root / rel
+        try:
+            info = os.lstat(str(path))
+            key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+            prev = self.previous.get(rel)
+            if self.incremental and prev and prev.get("stat") == key and self._intact(prev):
+                return prev
+            raw = self._read(rel, path)
+        except (OSError, StoreBusyError) as exc:
+            self.warnings.append("%s: cannot read (%s); not in this backup"
+                                 % (path, getattr(exc, "strerror", None) or exc))
+            return None
+        self.reread += 1
+        entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),
+                 "sha256": sha256_hex(raw), "stat": key}
+        entry.update(self._array_entry(raw, prev, writer) or self._blob_entry(rel, raw, writer))
+        return entry
+
+    def _intact(self, prev: Dict[str, Any]) -> bool:
+        ref = prev.get("list") or prev.get("object")
+        return isinstance(ref, str) and self.objects.has(bytes.fromhex(ref))
+
+    def _read(self, rel: str, path: Path) -> bytes:
+        if rel.startswith(STATE_DIR_NAME + "/"):
+            return path.read_bytes()
+        with self.store.file_lock(path):   # the runtime may be mid-write
+            return path.read_bytes()
+
+    def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
+        digest = hashlib.sha256(raw).digest()
+        writer.add(digest, raw)
+        kind = _json_kind_of(raw) if rel.endswith(".json") else "bytes"
+        if kind == "invalid":
+            self.warnings.append("%s: not valid JSON; backed up as bytes"
+                                 % (self.store.root / rel))
+        return {"kind": "blob", "object": digest.hex(), "json": kind}
+
+    def _array_entry(self, raw: bytes, prev: Optional[Dict[str, Any]],
+                     writer: _PackWriter) -> Optional[Dict[str, Any]]:
+        is_gzip = raw[:2] == GZIP_MAGIC
+        try:
+            content = gzip.decompress(raw) if is_gzip else raw
+            bom = content.startswith(UTF8_BOM)
+            text = content[len(UTF8_BOM):].decode("utf-8") if bom else content.decode("utf-8")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError):
+            return None
+        parts = split_json_array(text)
+        if parts is None:
+            return None
+        head, sep, tail, spans = parts
+        items = []
+        for start, end in spans:
+            data = text[start:end].encode("utf-8")
+            digest = hashlib.sha256(data).digest()
+            writer.add(digest, data)
+            items.append(digest)
+        ref, depth = self._store_list(items, prev, writer)
+        return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
+                "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
+                "content_sha256": sha256_hex(content), "list": ref, "depth": depth}
+
+    def _store_list(self, items: List[bytes], prev: Optional[Dict[str, Any]],
+                    writer: _PackWriter) -> Tuple[str, int]:
+        old = None
+        if prev and prev.get("kind") == "array":
+            with contextlib.suppress(IntegrityError, ValueError, TypeError):
+                old = self.lists.resolve(bytes.fromhex(prev["list"]))
+        if old == items:
+            return prev["list"], int(prev.get("depth", 0))
+        if old is not None and int(prev.get("depth", 0)) < MAX_DELTA_DEPTH:
+            delta = _encode_delta(bytes.fromhex(prev["list"]), old, items)
+            if len(delta) < 16 * len(items):
+                digest = hashlib.sha256(delta).digest()
+                writer.add(digest, delta, meta=True)
+                return digest.hex(), int(prev.get("depth", 0)) + 1
+        data = b"L" + b"".join(items)
+        digest = hashlib.sha256(data).digest()
+        writer.add(digest, data, meta=True)
+        return digest.hex(), 0
+
+__all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "SnapshotInfo",
+            "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
+            "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
 
 
 # =============================================================================
@@ -1230,6 +2708,210 @@ def output_for(args: argparse.Namespace) -> Output:
 
 
 # --- backup command (section 8) ---
+
+def _backup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backup-root", metavar="DIR", type=Path, default=None,
+                        help="backup folder (default: the store's sibling memory-backup/)")
+
+
+def _keep_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention-days", type=int, metavar="N", default=None,
+                        help="delete snapshots older than N days (default 30)")
+    parser.add_argument("--max-backups", type=int, metavar="N", default=None,
+                        help="keep at most N snapshots (default 100)")
+    for unit in ("daily", "weekly", "monthly"):
+        parser.add_argument("--keep-%s" % unit, type=int, metavar="N", default=0,
+                            help="also keep the newest snapshot of each of the last N %s "
+                            "periods" % {"daily": "days", "weekly": "weeks",
+                                         "monthly": "months"}[unit])
+
+
+def _create_options(parser: argparse.ArgumentParser, incremental_flag: bool) -> None:
+    if incremental_flag:
+        parser.add_argument("--incremental", action="store_true",
+                            help="trust unchanged size/mtime of files (default: full re-read)")
+    parser.add_argument("--agents", nargs="+", metavar="A", help="only these agents")
+    parser.add_argument("--compression-level", type=int, metavar="0-9", default=None)
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the verification after the backup")
+
+
+def _backup_manager(args: argparse.Namespace) -> BackupManager:
+    store = open_store(args)
+    overrides = {"backup_root": getattr(args, "backup_root", None),
+                 "retention_days": getattr(args, "retention_days", None),
+                 "max_backups": getattr(args, "max_backups", None),
+                 "compression_level": getattr(args, "compression_level", None)}
+    if getattr(args, "no_verify", False):
+        overrides["verify_after_backup"] = False
+    return BackupManager(store, backup_config_for(store, args.config, **overrides))
+
+
+def _print_backup(out: Output, result: BackupResult) -> None:
+    for warning in result.warnings:
+        out.warn(warning)
+    out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
+             % (result.backup_id, result.files, result.records, result.files_reread,
+                result.objects_added, human_bytes(result.bytes_added),
+                ", verified" if result.verified else ""))
+
+
+def cmd_backup_create(args: argparse.Namespace) -> int:
+    """backup create/full/incremental: take a snapshot."""
+    out = output_for(args)
+    incremental = args.kind == "incremental" or getattr(args, "incremental", False)
+    btype = BackupType.INCREMENTAL if incremental else BackupType.FULL
+    result = _backup_manager(args).create(btype, agents=args.agents)
+    _print_backup(out, result)
+    out.document(result)
+    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+
+
+def cmd_backup_list(args: argparse.Namespace) -> int:
+    """backup list: snapshots, foreign files, repository size."""
+    out = output_for(args)
+    result = _backup_manager(args).list()
+    for problem in result.problems:
+        out.warn(problem)
+    mark = {True: "verified", False: "FAILED", None: "unverified"}
+    for snap in result.snapshots:
+        out.line("%-26s %-11s %s %5d files %7d records %10s  %s%s" % (
+            snap.backup_id, snap.type, snap.created, snap.files, snap.records,
+            human_bytes(snap.logical_bytes), mark[snap.verified],
+            "  (%s)" % snap.reason if snap.reason else ""))
+    for name in result.foreign:
+        out.line("%-26s foreign (not aml's; left alone)" % name)
+    out.line("repository %s: %d snapshots, %s" % (result.backup_root / REPO_DIR_NAME,
+                                                 len(result.snapshots),
+                                                 human_bytes(result.repository_bytes)))
+    out.document(result)
+    return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+
+
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    """backup verify: check snapshots; exit 6 naming what is wrong."""
+    out = output_for(args)
+    result = _backup_manager(args).verify(args.backup_id, deep=args.deep,
+                                          all_snapshots=args.all)
+    for problem in result.problems:
+        print("aml: error: %s" % problem, file=sys.stderr)
+    out.line("%s %s: %d files, %d objects checked%s" % (
+        ", ".join(result.backup_ids), "OK" if result.ok else "FAILED", result.files_checked,
+        result.objects_checked, " (deep)" if result.deep else ""))
+    out.document(result)
+    return ExitCode.OK if result.ok else ExitCode.INTEGRITY
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> int:
+    """backup restore: put a snapshot back (or preview it with --dry-run)."""
+    out = output_for(args)
+    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
+        raise UsageError("two different backup ids given")
+    at = None
+    if args.at:
+        at = parse_timestamp(args.at)
+        if at is None:
+            raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
+    result = _backup_manager(args).restore(args.backup_id or args.backup_id_flag, at=at,
+                                           agents=args.agents, target=args.target,
+                                           dry_run=args.dry_run, force=args.force)
+    verb = "would " if result.dry_run else ""
+    for label, paths in (("create", result.created), ("replace", result.replaced),
+                         ("remove", result.removed)):
+        for rel in paths if result.dry_run else []:
+            out.always("%s%s %s" % (verb, label, rel))
+    out.line("%s into %s: %d created, %d replaced, %d removed, %d unchanged%s%s" % (
+        result.backup_id, result.target, len(result.created), len(result.replaced),
+        len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
+        "; safety backup %s" % result.safety_backup if result.safety_backup else ""))
+    out.document(result)
+    return ExitCode.OK
+
+
+def cmd_backup_rotate(args: argparse.Namespace) -> int:
+    """backup rotate: apply retention and free unused space."""
+    out = output_for(args)
+    result = _backup_manager(args).rotate(dry_run=args.dry_run, keep_daily=args.keep_daily,
+                                          keep_weekly=args.keep_weekly,
+                                          keep_monthly=args.keep_monthly)
+    _print_rotate(out, result)
+    out.document(result)
+    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+
+
+def _print_rotate(out: Output, result: RotateResult) -> None:
+    for warning in result.warnings:
+        out.warn(warning)
+    verb = "would delete" if result.dry_run else "deleted"
+    for backup_id in result.deleted:
+        (out.always if result.dry_run else out.line)("%s %s" % (verb, backup_id))
+    out.line("%s %d, kept %d snapshots; %d objects, %s freed%s" % (
+        verb, len(result.deleted), len(result.kept), result.objects_freed,
+        human_bytes(result.bytes_freed), " (dry run)" if result.dry_run else ""))
+
+
+def cmd_backup_auto(args: argparse.Namespace) -> int:
+    """backup auto: snapshot when due, verify, rotate (for cron)."""
+    out = output_for(args)
+    result = _backup_manager(args).auto(keep_daily=args.keep_daily,
+                                        keep_weekly=args.keep_weekly,
+                                        keep_monthly=args.keep_monthly)
+    if result.backup:
+        _print_backup(out, result.backup)
+    else:
+        out.line("no backup due: %s" % result.skipped)
+    _print_rotate(out, result.rotate)
+    out.document(result)
+    warned = (result.backup and result.backup.warnings) or result.rotate.warnings
+    return ExitCode.PARTIAL if warned else ExitCode.OK
+
+
+@command_builder
+def _build_backup(subparsers: Any) -> None:
+    parser = subparser(subparsers, "backup", "snapshots of the store: create, list, verify, "
+                       "restore, rotate, auto")
+    sub = parser.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
+                            ("full", "take a full snapshot (re-reads every file)"),
+                            ("incremental", "take an incremental snapshot")):
+        p = subparser(sub, name, help_text)
+        _backup_options(p)
+        _create_options(p, incremental_flag=name == "create")
+        p.set_defaults(func=cmd_backup_create, kind=name)
+    p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
+    _backup_options(p)
+    p.set_defaults(func=cmd_backup_list)
+    p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
+    _backup_options(p)
+    p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
+    p.add_argument("--all", action="store_true", help="verify every snapshot")
+    p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
+    p.set_defaults(func=cmd_backup_verify)
+    _build_restore(sub)
+    for name, help_text, func in (
+            ("rotate", "delete old snapshots and free their space", cmd_backup_rotate),
+            ("auto", "for cron: snapshot when due, verify, rotate", cmd_backup_auto)):
+        p = subparser(sub, name, help_text)
+        _backup_options(p)
+        _keep_options(p)
+        if name == "rotate":
+            p.add_argument("--dry-run", action="store_true", help="only list what would go")
+        p.set_defaults(func=func)
+
+
+def _build_restore(sub: Any) -> None:
+    p = subparser(sub, "restore", "restore a snapshot exactly (verifies first)")
+    _backup_options(p)
+    p.add_argument("backup_id", nargs="?", help="snapshot id")
+    p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
+    p.add_argument("--at", metavar="TIMESTAMP", help="the newest snapshot not after this time")
+    p.add_argument("--agents", nargs="+", metavar="A", help="only these agents")
+    p.add_argument("--target", type=Path, metavar="DIR",
+                   help="restore into DIR instead of the store (the store is left alone)")
+    p.add_argument("--dry-run", action="store_true", help="list what would change")
+    p.add_argument("--force", action="store_true", help="allow a non-empty --target")
+    p.set_defaults(func=cmd_backup_restore)
 
 
 # --- migrate command (section 13) ---

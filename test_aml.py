@@ -460,6 +460,480 @@ def test_rewrite_locks_and_keeps_format(tmp_path):
 # 8. Backup and restore
 # =============================================================================
 
+def backup_manager(root, **config):
+    """A BackupManager on a store, its clock at NOW unless ``now`` is given."""
+    now = config.pop("now", NOW)
+    return aml.BackupManager(aml.Store(root, now=now), aml.BackupConfig(**config))
+
+
+def content_digest(root):
+    """{path: (is gzip, decoded JSON or raw bytes)} of a store without aml's state."""
+    out = {}
+    for rel in tree_digest(root, skip_state=True):
+        raw = (Path(root) / rel).read_bytes()
+        try:
+            out[rel] = (raw[:2] == b"\x1f\x8b", read_data(Path(root) / rel))
+        except ValueError:
+            out[rel] = (False, raw)
+    return out
+
+
+def mutate_store(root):
+    """What happens to a store between a backup and a restore: prune, edit, add, delete."""
+    root = Path(root)
+    for name, change in (("code-reviewer/patterns.json", lambda r: r[7:]),
+                         ("test-automator/solutions.json",
+                          lambda r: [dict(r[0], verifiedCount=99)] + r[1:])):
+        path = root / name
+        zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+        write_data(path, change(read_data(path)), gz=zipped)
+    write_data(root / "new-agent" / "patterns.json", [make_pattern("new-agent", random.Random(2))])
+    (root / "backend-developer" / "context.json").unlink()
+
+
+def repo_bytes(manager):
+    return sum(p.stat().st_size for p in manager.repo.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("gz", [False, True, "mixed"], ids=["plain", "gzip", "mixed"])
+def test_round_trip_restores_the_snapshot_exactly(tmp_path, gz):
+    root = build_store(tmp_path / "memory", gz=gz)
+    before, before_content = tree_digest(root), content_digest(root)
+    snap = backup_manager(root).create(aml.BackupType.FULL)
+    assert snap.verified and snap.files == len(before)
+    mutate_store(root)
+    result = backup_manager(root).restore(snap.backup_id)
+    assert result.removed == ["new-agent/patterns.json"]
+    assert result.created == ["backend-developer/context.json"] and result.safety_backup
+    assert content_digest(root) == before_content          # gzip stays gzip, same content
+    plain = {k: v for k, v in before.items() if not before_content[k][0]}
+    assert {k: v for k, v in tree_digest(root, skip_state=True).items() if k in plain} == plain
+    assert set(tree_digest(root, skip_state=True)) == set(before)
+    assert not (root / "new-agent").exists()
+
+
+def test_restore_is_byte_exact_for_hand_formatted_files(tmp_path):
+    root = build_store(tmp_path / "memory")
+    odd = root / "code-reviewer" / "decisions.json"
+    odd.write_bytes(b'\xef\xbb\xbf[ {"id": "a"},{"id":"b"} ,\n\t{"id": "c"}]\n\n')
+    (root / "code-reviewer" / "notes.json").write_bytes(b'{"x": [1, 2]}')
+    before = tree_digest(root)
+    snap = backup_manager(root).create()
+    odd.write_bytes(b"[]")
+    backup_manager(root).restore(snap.backup_id)
+    assert tree_digest(root, skip_state=True) == before
+
+
+def test_unparseable_file_is_backed_up_as_bytes_and_reported(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(b'[{"id": "a"},')
+    code, out, err = run_cli(root, "backup", "create", capsys=capsys)
+    assert code == 3 and "not valid JSON" in err and str(bad) in err
+    snap = backup_manager(root).list().snapshots[-1].backup_id
+    bad.write_bytes(b"[]")
+    assert run_cli(root, "backup", "restore", snap, "-q") == 0
+    assert bad.read_bytes() == b'[{"id": "a"},'
+    assert run_cli(root, "backup", "verify", snap, "--deep", "-q") == 0
+
+
+def test_unchanged_records_cost_nothing_even_when_gzip_is_rewritten(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True, patterns=200)
+    first = backup_manager(root).create()
+    path = root / "code-reviewer" / "patterns.json"
+    records = read_data(path)
+    records[3]["metrics"]["executionCount"] += 1
+    records[150]["tags"] = ["changed"]
+    write_data(path, records, gz=True)                     # the runtime rewrites it all
+    second = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    assert second.files_reread == 1
+    assert second.objects_added == 3                        # two records + one list delta
+    assert second.bytes_added < first.bytes_added / 20
+
+
+def test_incremental_trusts_unchanged_files_and_full_rereads(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root).create()
+    incr = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    full = backup_manager(root).create(aml.BackupType.FULL)
+    assert incr.type is aml.BackupType.INCREMENTAL and incr.files_reread == 0
+    assert full.files_reread == full.files and full.objects_added == 0
+    assert incr.files == full.files and incr.records == full.records
+
+
+def test_every_snapshot_restores_on_its_own(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    first = backup_manager(root).create()
+    mutate_store(root)
+    expected = content_digest(root)
+    second = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    manager = backup_manager(root, retention_days=0, max_backups=1)
+    assert manager.rotate().deleted == [first.backup_id]
+    assert manager.verify(second.backup_id, deep=True).ok
+    target = tmp_path / "elsewhere"
+    backup_manager(root).restore(second.backup_id, target=target)
+    assert content_digest(target) == expected
+
+
+def test_agents_created_after_the_last_backup_are_included(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root).create()
+    write_data(root / "late-agent" / "decisions.json", [make_decision("late-agent", random.Random(1))])
+    snap = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    paths = [e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]]
+    assert "late-agent/decisions.json" in paths
+
+
+def test_derived_state_locks_and_temp_files_are_not_backed_up(tmp_path):
+    root = build_store(tmp_path / "memory")
+    store = aml.Store(root, now=NOW)
+    aml.Archive(store).save("prune_x", "prune", [{"record": {"id": "r"}}])
+    (root / ".aml" / "index").mkdir()
+    (root / ".aml" / "index" / "records.json").write_text("{}")
+    (root / "code-reviewer" / ".patterns.json.aml-tmp-1-ab").write_text("half")
+    (root / "code-reviewer" / "ghost.json.lock").mkdir()      # a runtime lock of another file
+    snap = backup_manager(root).create()
+    paths = {e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]}
+    assert ".aml/archive/prune_x.json" in paths and "config.json" in paths
+    assert "global/shared.json" in paths
+    assert not [p for p in paths if "index" in p or "lock" in p or "tmp" in p]
+
+
+# -- crash safety -------------------------------------------------------------
+
+def _boom(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("step", ["objects", "index", "manifest"])
+def test_crash_during_backup_leaves_nothing_visible(tmp_path, monkeypatch, step):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    first = backup_manager(root).create()
+    mutate_store(root)
+    store_before = tree_digest(root, skip_state=True)
+    target = {"objects": (aml._PackWriter, "_write_oldest"),
+              "index": (aml, "_encode_index"), "manifest": (aml, "_write_manifest")}[step]
+    monkeypatch.setattr(*target, _boom)
+    with pytest.raises(OSError):
+        backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    monkeypatch.undo()
+    manager = backup_manager(root)
+    assert manager.snapshot_ids() == [first.backup_id]
+    assert tree_digest(root, skip_state=True) == store_before
+    assert manager.verify(first.backup_id, deep=True).ok
+    second = manager.create(aml.BackupType.INCREMENTAL)
+    assert not [p for p in manager.packs.glob("*.pack") if not p.with_suffix(".idx").exists()]
+    assert manager.verify(all_snapshots=True, deep=True).ok and second.verified
+
+
+def test_crash_mid_restore_keeps_files_whole_and_rerun_completes(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz=True)
+    snap = backup_manager(root).create()
+    expected = content_digest(root)
+    for agent in ("backend-developer", "code-reviewer", "test-automator"):
+        path = root / agent / "patterns.json"
+        write_data(path, read_data(path)[:3], gz=True)
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        backup_manager(root).restore(snap.backup_id)
+    monkeypatch.undo()
+    for rel in tree_digest(root, skip_state=True):
+        read_data(root / rel)                               # every file is whole
+    assert backup_manager(root).verify(all_snapshots=True).ok
+    backup_manager(root).restore(snap.backup_id)
+    assert content_digest(root) == expected
+    assert not list((root / ".aml").glob("restore-*"))
+
+
+# -- corruption and hostile input -------------------------------------------
+
+def _corrupt(manager, how):
+    pack = sorted(manager.packs.glob("*.pack"))[0]
+    data = bytearray(pack.read_bytes())
+    if how == "truncated":
+        pack.write_bytes(bytes(data[:len(data) // 2]))
+    elif how == "flipped":
+        data[len(data) // 2] ^= 0x01
+        pack.write_bytes(bytes(data))
+    elif how == "missing":
+        pack.with_suffix(".idx").unlink()
+        pack.unlink()
+    else:
+        path = manager.manifest_path(manager.snapshot_ids()[-1])
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+        doc["payload"]["files"][0]["size"] += 1
+        path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "missing", "manifest"])
+def test_corrupt_backup_is_detected_and_never_restored(tmp_path, capsys, how):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    snap = backup_manager(root, verify_after_backup=False).create()
+    mutate_store(root)
+    _corrupt(backup_manager(root), how)
+    before = tree_digest(root)
+    code, _, err = run_cli(root, "backup", "verify", snap.backup_id, capsys=capsys)
+    assert code == 6 and snap.backup_id in err
+    assert ("checksum" in err or "missing" in err or "unreadable" in err)
+    code, _, err = run_cli(root, "backup", "restore", snap.backup_id, capsys=capsys)
+    assert code == 6 and err.startswith("aml: error:")
+    assert {k: v for k, v in tree_digest(root).items() if "history" not in k and "verified" not in k} \
+        == {k: v for k, v in before.items() if "history" not in k and "verified" not in k}
+
+
+@pytest.mark.parametrize("bad_path", ["../escape.json", "/tmp/abs.json", "a/../../x.json",
+                                      ".aml/config.json"])
+def test_hostile_manifest_writes_nothing_outside(tmp_path, bad_path):
+    root = build_store(tmp_path / "memory")
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    payload = manager.load_manifest(snap.backup_id)
+    payload["files"][0]["path"] = bad_path
+    aml._write_manifest(path, payload)
+    outside = tree_digest(tmp_path)
+    target = tmp_path / "restored"
+    with pytest.raises(aml.IntegrityError, match="path"):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    assert tree_digest(tmp_path) == outside and not target.exists()
+
+
+def test_symlink_in_target_is_refused(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "restored"
+    target.mkdir()
+    (target / "code-reviewer").symlink_to(outside)
+    with pytest.raises(aml.RefusedError, match="symlink"):
+        backup_manager(root).restore(snap.backup_id, target=target, force=True)
+    assert list(outside.iterdir()) == []
+
+
+def test_restore_dry_run_changes_nothing(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    mutate_store(root)
+    before, repo_before = tree_digest(root), tree_digest(tmp_path / "memory-backup")
+    code, out, _ = run_cli(root, "backup", "restore", snap.backup_id, "--dry-run",
+                           capsys=capsys)
+    assert code == 0 and "would remove new-agent/patterns.json" in out
+    assert "would replace code-reviewer/patterns.json" in out
+    assert tree_digest(root) == before
+    assert tree_digest(tmp_path / "memory-backup") == repo_before
+
+
+def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    expected = tree_digest(root, skip_state=True)
+    mutate_store(root)
+    before = tree_digest(root, skip_state=True)
+    target = tmp_path / "copy"
+    backup_manager(root).restore(snap.backup_id, target=target)
+    assert tree_digest(target) == expected and tree_digest(root, skip_state=True) == before
+    (target / "stray.json").write_text("{}")
+    with pytest.raises(aml.RefusedError, match="--force"):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    result = backup_manager(root).restore(snap.backup_id, target=target, force=True)
+    assert result.removed == ["stray.json"] and result.safety_backup is None
+
+
+def test_restore_agents_restores_only_those(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    original = tree_digest(root, skip_state=True)
+    mutate_store(root)
+    after_mutation = tree_digest(root, skip_state=True)
+    backup_manager(root).restore(snap.backup_id, agents=["code-reviewer"])
+    now = tree_digest(root, skip_state=True)
+    assert now["code-reviewer/patterns.json"] == original["code-reviewer/patterns.json"]
+    assert now["test-automator/solutions.json"] == after_mutation["test-automator/solutions.json"]
+    assert "new-agent/patterns.json" in now and "backend-developer/context.json" not in now
+
+
+def test_restore_at_picks_newest_snapshot_not_after_the_time(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    ids = []
+    for day in (1, 2, 3):
+        write_data(root / "global" / "shared.json", {"day": day})
+        ids.append(backup_manager(root, now=NOW + dt.timedelta(days=day)).create().backup_id)
+    code, out, _ = run_cli(root, "backup", "restore", "--at", "2026-11-22T23:00:00Z", "-q",
+                           capsys=capsys)
+    assert code == 0 and read_data(root / "global" / "shared.json") == {"day": 2}
+    with pytest.raises(aml.UsageError):
+        backup_manager(root).restore(at=NOW)
+
+
+def test_two_backups_in_the_same_second_get_distinct_sortable_ids(tmp_path):
+    root = build_store(tmp_path / "memory")
+    ids = [backup_manager(root).create(t).backup_id
+           for t in (aml.BackupType.FULL, aml.BackupType.INCREMENTAL, aml.BackupType.FULL)]
+    assert ids == ["full_20261120_120000", "incr_20261120_120000_2", "full_20261120_120000_3"]
+    assert backup_manager(root).snapshot_ids() == ids
+
+
+# -- rotation, auto, list, config -------------------------------------------
+
+def test_rotation_keeps_remaining_snapshots_whole_and_frees_space(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    for day in range(6):
+        path = root / "code-reviewer" / "patterns.json"
+        write_data(path, [make_pattern("code-reviewer", random.Random(day)) for _ in range(40)])
+        backup_manager(root, now=NOW + dt.timedelta(days=day)).create()
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=5), retention_days=2)
+    preview = manager.rotate(dry_run=True)
+    size = repo_bytes(manager)
+    assert len(preview.deleted) == 3 and repo_bytes(manager) == size
+    result = manager.rotate()
+    assert result.deleted == preview.deleted and result.bytes_freed > 0
+    assert repo_bytes(manager) < size
+    assert manager.verify(all_snapshots=True, deep=True).ok
+
+
+def test_rotation_calendar_rules_and_max_backups(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    for day in range(0, 60, 3):
+        backup_manager(root, now=NOW + dt.timedelta(days=day)).create()
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=60), retention_days=7)
+    ids = manager.snapshot_ids()
+    kept = manager.retained(ids, keep_weekly=4, keep_monthly=3)
+    assert ids[-1] in kept and len(kept) < len(ids)
+    assert len({aml._id_time(i).isocalendar()[:2] for i in kept}) >= 4
+    assert manager.retained(ids) == ids[-2:]                 # days 54 and 57 of 60
+    assert backup_manager(root, max_backups=3).retained(ids) == ids[-3:]
+
+
+def test_rotation_never_deletes_the_newest_verified_snapshot(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    good = backup_manager(root).create().backup_id
+    later = backup_manager(root, now=NOW + dt.timedelta(days=1),
+                           verify_after_backup=False).create().backup_id
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=90), max_backups=1)
+    assert manager.newest_verified() == good
+    assert manager.rotate().kept == [good, later]
+
+
+def test_auto_follows_the_schedule(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    first = backup_manager(root).auto()
+    assert first.backup.type is aml.BackupType.FULL
+    again = backup_manager(root, now=NOW + dt.timedelta(hours=2)).auto()
+    assert again.backup is None and "recent" in again.skipped
+    day = backup_manager(root, now=NOW + dt.timedelta(days=1)).auto()
+    assert day.backup.type is aml.BackupType.INCREMENTAL and day.backup.verified
+    week = backup_manager(root, now=NOW + dt.timedelta(days=7)).auto()
+    assert week.backup.type is aml.BackupType.FULL
+    weekly = backup_manager(root, now=NOW + dt.timedelta(days=9), backup_schedule="weekly")
+    assert weekly.auto().backup is None
+
+
+def test_config_fields_have_effects(tmp_path):
+    root = build_store(tmp_path / "memory")
+    plain = backup_manager(root, backup_root=tmp_path / "a", compression_level=0).create()
+    packed = backup_manager(root, backup_root=tmp_path / "b", compression_level=9).create()
+    assert plain.bytes_added > 2 * packed.bytes_added
+    assert plain.manifest.parent.parent.parent == tmp_path / "a"
+    off = backup_manager(root, backup_root=tmp_path / "b", incremental_enabled=False,
+                         verify_after_backup=False).create(aml.BackupType.INCREMENTAL)
+    assert off.type is aml.BackupType.FULL and not off.verified
+    with pytest.raises(aml.UsageError):
+        backup_manager(root, backup_schedule="sometimes")
+
+
+def test_config_file_section_moves_the_backup_root(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text('{"backup": {"backup_root": "vault"}}')
+    assert run_cli(root, "backup", "create", "-q") == 0
+    assert len(list((tmp_path / "vault" / "aml" / "snapshots").iterdir())) == 1
+    code, out, _ = run_cli(root, "backup", "list", "--backup-root", tmp_path / "none",
+                           capsys=capsys)
+    assert code == 0 and "0 snapshots" in out
+
+
+def test_foreign_backups_are_left_alone_and_permissions_are_private(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    backups = tmp_path / "memory-backup"
+    backups.mkdir()
+    foreign = backups / "backup-1732500000000-abc.tar.gz"
+    foreign.write_bytes(b"runtime's own")
+    (backups / "backup-1732500000000-abc.meta.json").write_text("{}")
+    manager = backup_manager(root)
+    manager.create()
+    manager.rotate()
+    code, out, _ = run_cli(root, "backup", "list", capsys=capsys)
+    assert code == 0 and "foreign" in out and foreign.name in out
+    assert foreign.read_bytes() == b"runtime's own"
+    for path in manager.repo.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+    assert manager.repo.stat().st_mode & 0o777 == 0o700
+
+
+def test_history_entries_follow_the_contract(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    store = aml.Store(root)
+    entry = store.last_operation("backup")["summary"]
+    assert entry["backup_id"] == snap.backup_id and entry["verified"] is True
+    assert entry["type"] == "full" and Path(entry["manifest"]).exists()
+    assert entry["files"] == snap.files and entry["bytes_added"] == snap.bytes_added
+    assert store.last_operation("verify")["summary"] == {"backup_id": snap.backup_id, "ok": True,
+                                                        "deep": False}
+
+
+def test_safety_backup_returns_a_verified_id_or_refuses(tmp_path):
+    root = build_store(tmp_path / "memory")
+    store = aml.Store(root, now=NOW)
+    first = aml.safety_backup(store, "prune")
+    second = aml.safety_backup(store, "prune")
+    assert first.startswith("full_") and second.startswith("incr_")
+    assert backup_manager(root).load_manifest(second)["reason"] == "prune"
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the backup folder should be")
+    with pytest.raises(aml.RefusedError, match="--no-backup"):
+        aml.safety_backup(store, "prune", aml.BackupConfig(backup_root=blocker))
+
+
+def test_cli_original_spellings_and_json(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    assert run_cli(root, "backup", "full", "-q", "--now", "2026-11-20T00:00:00Z") == 0
+    assert run_cli(root, "backup", "incremental", "-q", "--now", "2026-11-21T00:00:00Z") == 0
+    code, out, _ = run_cli(root, "backup", "list", "--format", "json", capsys=capsys)
+    ids = [s["backup_id"] for s in json.loads(out)["snapshots"]]
+    assert code == 0 and ids[0].startswith("full_") and ids[1].startswith("incr_")
+    code, out, _ = run_cli(root, "backup", "verify", ids[0], "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert run_cli(root, "backup", "restore", "--backup-id", ids[0], "-q") == 0
+    code, out, _ = run_cli(root, "backup", "verify", "--all", "--deep", capsys=capsys)
+    assert code == 0 and "OK" in out
+    code, _, err = run_cli(root, "backup", "restore", "full_20200101_000000", capsys=capsys)
+    assert code == 2 and "no backup" in err
+    code, out, err = run_cli(root, "backup", "auto", "-q", "--now", "2026-11-22T02:00:00Z",
+                             capsys=capsys)
+    assert code == 0 and out == "" and err == ""
+
+
+@pytest.mark.parametrize("text", ['[{"a": 1}, {"b": [2, 3]}]', '[\n  1,\n  "x"\n]\n', "[7]"])
+def test_split_json_array_reassembles_exactly(text):
+    head, sep, tail, spans = aml.split_json_array(text)
+    assert head + sep.join(text[s:e] for s, e in spans) + tail == text
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", "[1,", "[1] x", "[1, 2 ,3]", "[NaN]"])
+def test_split_json_array_refuses_what_it_cannot_split(text):
+    assert aml.split_json_array(text) is None
+
 
 # =============================================================================
 # 9. Bloom filter and LRU cache
