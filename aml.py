@@ -1689,7 +1689,8 @@ def _walk_down(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion
         if step.target <= version and step.source >= target:
             after = step.down(rtype, record)
             if after is not record:
-                changes.append((step.name + " (down)", record, after))
+                changes.append(("%s->%s" % (step.target.value, step.source.value), record,
+                                after))
                 record = after
     return changes
 
@@ -1736,17 +1737,22 @@ def _leaves(obj: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def record_diff(before: Any, after: Any, limit: int = 10) -> List[str]:
-    """Leaf-level differences: ``- path: old``, ``+ path: new``, ``~ path: old -> new``."""
+def record_diff(before: Any, after: Any, limit: int = 12) -> List[str]:
+    """Leaf-level differences, moves first: ``> old -> new: value``, ``-``, ``+``, ``~`` lines."""
     old, new = _leaves(before), _leaves(after)
+    removed = {p: v for p, v in old.items() if p not in new}
+    added = {p: v for p, v in new.items() if p not in old}
     lines = []
-    for path in sorted(set(old) | set(new)):
-        if path not in new:
-            lines.append("- %s: %s" % (path, _short(old[path])))
-        elif path not in old:
-            lines.append("+ %s: %s" % (path, _short(new[path])))
-        elif not _same(old[path], new[path]):
-            lines.append("~ %s: %s -> %s" % (path, _short(old[path]), _short(new[path])))
+    for path, value in sorted(removed.items()):
+        target = next((p for p, v in sorted(added.items()) if _same(v, value)), None)
+        if target is not None:
+            lines.append("> %s -> %s: %s" % (path, target, _short(value)))
+            del added[target]
+        else:
+            lines.append("- %s: %s" % (path, _short(value)))
+    lines.extend("+ %s: %s" % (p, _short(v)) for p, v in sorted(added.items()))
+    lines.extend("~ %s: %s -> %s" % (p, _short(old[p]), _short(new[p])) for p in sorted(old)
+                 if p in new and not _same(old[p], new[p]))
     return lines[:limit] + (["... %d more" % (len(lines) - limit)] if len(lines) > limit else [])
 
 
@@ -1830,12 +1836,21 @@ class MigrationResult:
             _add_counts(self.from_versions, name, count)
         for name, count in outcome.steps.items():
             _add_counts(self.steps, name, count)
-        known = {s["step"] for s in self.samples}
-        self.samples.extend(s for s in outcome.samples if s["step"] not in known)
+        for sample in outcome.samples:
+            self._keep_sample(sample)
         self.reported.extend(outcome.reported)
         self.refused.extend(outcome.refused)
         if outcome.changed:
             self.files_changed.append(outcome.file)
+
+    def _keep_sample(self, sample: Dict[str, Any]) -> None:
+        # One sample per step: the most telling one (longest diff) of the files' first ones.
+        for index, kept in enumerate(self.samples):
+            if kept["step"] == sample["step"]:
+                if len(sample["diff"]) > len(kept["diff"]):
+                    self.samples[index] = sample
+                return
+        self.samples.append(sample)
 
     def exit_code(self) -> ExitCode:
         """4 if a step down was refused, 3 if files or records were skipped, else 0."""
@@ -1895,6 +1910,11 @@ class DetectionReport:
 def sorted_versions(counts: Dict[str, int]) -> Dict[str, int]:
     """Version counts in chain order, ``unplaceable`` last."""
     return {name: counts[name] for name in sorted(counts, key=_version_key)}
+
+
+def versions_text(counts: Dict[str, int]) -> str:
+    """``1.1.0: 12, 2.0.0: 3`` in chain order."""
+    return ", ".join("%s: %d" % (name, count) for name, count in sorted_versions(counts).items())
 
 
 # -- the manager --------------------------------------------------------------
@@ -2046,16 +2066,19 @@ class MigrationManager:
 
     def _backup_hint(self, target: str) -> str:
         try:
-            runs = self.history()
+            runs = [run for run in self.history() if run.get("backup_id")]
         except IntegrityError:
             runs = []
-        for run in reversed(runs):
-            found = [v for v in run.get("from", {}) if _version_key(v) <= _version_key(target)]
-            if run.get("backup_id") and found:
-                return ("To go back, restore the pre-migration backup %s (taken before the run "
-                        "of %s): aml <memory_path> backup restore %s"
-                        % (run["backup_id"], run.get("when"), run["backup_id"]))
-        return "No pre-migration backup is recorded in .aml/%s." % MIGRATIONS_STATE
+        if not runs:
+            return "No pre-migration backup is recorded in .aml/%s." % MIGRATIONS_STATE
+        # Prefer a backup of the store as it was when all its records were at or below target.
+        exact = [run for run in runs if run.get("from") and all(
+            _version_key(v) <= _version_key(target) for v in run["from"])]
+        run = (exact or runs)[-1]
+        return ("To go back, restore the pre-migration backup %s (taken before the run of %s, "
+                "whose records were %s): aml <memory_path> backup restore %s"
+                % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
+                   run["backup_id"]))
 
     def _record(self, result: MigrationResult) -> None:
         counts = {"records": result.records, "changed": result.changed,
@@ -2286,10 +2309,6 @@ def _build_migrate(subparsers: Any) -> None:
                         version_option=None)
 
 
-def _counts_text(counts: Dict[str, int]) -> str:
-    return ", ".join("%s: %d" % (name, count) for name, count in sorted_versions(counts).items())
-
-
 def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
     records = sum(report.totals.values())
     out.line("Schema versions in %s (%d agents, %d files, %d records)"
@@ -2297,13 +2316,13 @@ def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
     for entry in report.files:
         invalid = ("  [%d rejected by the runtime]" % entry.runtime_invalid
                    if entry.runtime_invalid else "")
-        out.line("  %-40s %s%s%s" % (entry.file, _counts_text(entry.versions),
+        out.line("  %-40s %s%s%s" % (entry.file, versions_text(entry.versions),
                                      "  MIXED" if entry.mixed else "", invalid))
     out.line("Per agent:")
     for agent, counts in report.agents.items():
-        out.line("  %-28s %s%s" % (agent, _counts_text(counts),
+        out.line("  %-28s %s%s" % (agent, versions_text(counts),
                                    "  MIXED" if len(counts) > 1 else ""))
-    out.line("Store: %s (%s)" % (_counts_text(report.totals) or "no records",
+    out.line("Store: %s (%s)" % (versions_text(report.totals) or "no records",
                                  "MIXED" if report.mixed else "uniform"))
     _print_detection_problems(out, report)
     _print_history(out, report)
@@ -2331,7 +2350,7 @@ def _print_history(out: Output, report: DetectionReport) -> None:
     for run in report.history[-10:]:
         counts = run.get("counts", {})
         out.line("  %s  %s -> %s  changed %s of %s records  backup %s" % (
-            run.get("when"), _counts_text(run.get("from", {})) or "-", run.get("to"),
+            run.get("when"), versions_text(run.get("from", {})) or "-", run.get("to"),
             counts.get("changed"), counts.get("records"), run.get("backup_id") or "none"))
 
 
@@ -2384,7 +2403,7 @@ def _print_migration(out: Output, result: MigrationResult) -> None:
         result.changed, result.records,
         len(result.files_changed),
         "" if result.dry_run else "; backup %s" % (result.backup_id or "none")))
-    out.line("Versions before: %s" % (_counts_text(result.from_versions) or "no records"))
+    out.line("Versions before: %s" % (versions_text(result.from_versions) or "no records"))
     for name, count in sorted(result.steps.items()):
         out.line("  step %-22s %d record(s)" % (name, count))
     for sample in sorted(result.samples, key=lambda s: s["step"]):
