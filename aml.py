@@ -1058,19 +1058,19 @@ class SchemaVersion(enum.Enum):
     @property
     def rank(self) -> int:
         """Position in the chain (1.0.0 is 0)."""
-        return _VERSION_RANK[self.value]
+        return _MEMBER_RANK[self]
 
     def __lt__(self, other: "SchemaVersion") -> bool:
-        return self.rank < other.rank
+        return _MEMBER_RANK[self] < _MEMBER_RANK[other]
 
     def __le__(self, other: "SchemaVersion") -> bool:
-        return self.rank <= other.rank
+        return _MEMBER_RANK[self] <= _MEMBER_RANK[other]
 
     def __gt__(self, other: "SchemaVersion") -> bool:
-        return self.rank > other.rank
+        return _MEMBER_RANK[self] > _MEMBER_RANK[other]
 
     def __ge__(self, other: "SchemaVersion") -> bool:
-        return self.rank >= other.rank
+        return _MEMBER_RANK[self] >= _MEMBER_RANK[other]
 
     @classmethod
     def from_stamp(cls, value: Any) -> Optional["SchemaVersion"]:
@@ -1099,7 +1099,8 @@ class SchemaVersion(enum.Enum):
         return list(cls)[-1]
 
 
-_VERSION_RANK = {version.value: rank for rank, version in enumerate(SchemaVersion)}
+_MEMBER_RANK = {version: rank for rank, version in enumerate(SchemaVersion)}
+_VERSION_RANK = {version.value: rank for version, rank in _MEMBER_RANK.items()}
 VERSION_STAMP = "schemaVersion"
 LIFECYCLE_STATES = ("active", "inactive", "pinned", "superseded", "archived")
 _BODY_KEYS = {RecordType.PATTERN: "pattern", RecordType.SOLUTION: "problem",
@@ -1222,13 +1223,18 @@ _OUTCOME_RULES = (("outcome.successMetrics", _IS_DICT), ("outcome.lessonsLearned
                   ("outcome.improvements", _optional(_IS_LIST)))
 
 
-def _lookup(record: Dict[str, Any], dotted: str) -> Any:
+def _lookup(record: Dict[str, Any], path: Tuple[str, ...]) -> Any:
     obj: Any = record
-    for key in dotted.split("."):
+    for key in path:
         if not isinstance(obj, dict) or key not in obj:
             return _ABSENT
         obj = obj[key]
     return obj
+
+
+_PATHS = {dotted: tuple(dotted.split(".")) for rules in (_COMMON_RULES, _OUTCOME_RULES,
+                                                          *_RUNTIME_RULES.values())
+          for dotted, _ in rules}
 
 
 def runtime_problems(rtype: RecordType, record: Any) -> List[str]:
@@ -1243,7 +1249,7 @@ def runtime_problems(rtype: RecordType, record: Any) -> List[str]:
         rules = rules + _OUTCOME_RULES
     problems = []
     for dotted, check in rules:
-        value = _lookup(record, dotted)
+        value = _lookup(record, _PATHS[dotted])
         if not check(value):
             problems.append("%s %s" % (dotted, "is missing" if value is _ABSENT
                                        else "has an unusable value %s" % _short(value)))
@@ -1428,7 +1434,7 @@ class _Draft:
 
     def get(self, path: Tuple[str, ...]) -> Any:
         """The value at ``path`` or _ABSENT."""
-        return _lookup(self.out, ".".join(path))
+        return _lookup(self.out, path)
 
     def put(self, path: Tuple[str, ...], value: Any) -> None:
         """Set ``path`` (one or two keys deep)."""
@@ -1459,13 +1465,13 @@ class _Draft:
                 return
             self.put(paths[0], value)
         for path in paths[1:]:
-            if self.get(path) is not _ABSENT and _same(self.get(path), value):
+            if path[0] in self.out and _same(self.get(path), value):
                 self.delete(path)
 
     def _legacy_value(self, paths: Tuple[Tuple[str, ...], ...], convert: Callable[[Any], Any],
                       default: Any) -> Any:
         for path in paths[1:]:
-            value = self.get(path)
+            value = self.get(path) if path[0] in self.out else _ABSENT
             if value is not _ABSENT and convert(value) is not _ABSENT:
                 return convert(value)
         if default is None:
