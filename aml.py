@@ -1149,7 +1149,7 @@ def _version_by_fields(rtype: RecordType, record: Dict[str, Any]) -> SchemaVersi
 
 
 def detect_record_version(rtype: RecordType, record: Any) -> Optional[SchemaVersion]:
-    """The schema version of one record (a valid ``schemaVersion`` stamp wins); None if unplaceable."""
+    """The schema version of one record (a valid stamp wins); None if it cannot be placed."""
     return place_record(rtype, record)[0]
 
 
@@ -1279,6 +1279,11 @@ class MigrationStep:
         """``1.0.0->1.1.0``."""
         return "%s->%s" % (self.source.value, self.target.value)
 
+    @property
+    def down_name(self) -> str:
+        """``1.1.0->1.0.0``."""
+        return "%s->%s" % (self.target.value, self.source.value)
+
     def up(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record one step up (the same object when already there)."""
         return getattr(self, "migrate_" + rtype.value)(record)
@@ -1305,7 +1310,7 @@ def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: st
         return record
     for key, empty in defaults.items():
         if key in record and record[key] != empty:
-            raise LossyStepError("step %s down would drop %s = %s"
+            raise LossyStepError("step %s would drop %s = %s"
                                  % (step, key, _short(record[key])))
     return {k: v for k, v in record.items() if k not in defaults}
 
@@ -1325,7 +1330,7 @@ class AddTagsAndActive(MigrationStep):
 
     def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """Drop ``tags``/``active`` when they hold only their defaults ([] and true)."""
-        return _without_defaults(record, {"tags": [], "active": True}, self.name)
+        return _without_defaults(record, {"tags": [], "active": True}, self.down_name)
 
     revert_solution = revert_decision = revert_pattern
 
@@ -1347,11 +1352,11 @@ class AddMetadataAndVariations(MigrationStep):
 
     def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """Drop ``metadata``/``variations`` when both are empty."""
-        return _without_defaults(record, {"metadata": {}, "variations": []}, self.name)
+        return _without_defaults(record, {"metadata": {}, "variations": []}, self.down_name)
 
     def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """Drop ``metadata`` when it is empty."""
-        return _without_defaults(record, {"metadata": {}}, self.name)
+        return _without_defaults(record, {"metadata": {}}, self.down_name)
 
     revert_decision = revert_solution
 
@@ -1633,8 +1638,8 @@ class RestructureMetricsAndLifecycle(MigrationStep):
                 RecordType.PATTERN, record) else {}
             for key in _COUNT_KEYS:
                 if key in metrics and not _same(metrics[key], derived.get(key)):
-                    raise LossyStepError("step %s down would drop metrics.%s = %s"
-                                         % (self.name, key, _short(metrics[key])))
+                    raise LossyStepError("step %s would drop metrics.%s = %s"
+                                         % (self.down_name, key, _short(metrics[key])))
             out["metrics"] = {k: v for k, v in metrics.items() if k not in _COUNT_KEYS}
         return out
 
@@ -1648,11 +1653,12 @@ class RestructureMetricsAndLifecycle(MigrationStep):
         lifecycle = record.get("lifecycle")
         if lifecycle is not None:
             if not isinstance(lifecycle, dict) or set(lifecycle) - {"state"}:
-                raise LossyStepError("step %s down would drop lifecycle %s"
-                                     % (self.name, _short(lifecycle)))
+                raise LossyStepError("step %s would drop lifecycle %s"
+                                     % (self.down_name, _short(lifecycle)))
             if lifecycle.get("state") != _derive_state(record, {}):
-                raise LossyStepError("step %s down would drop lifecycle.state %s (not implied "
-                                     "by active/tags)" % (self.name, _short(lifecycle.get("state"))))
+                raise LossyStepError("step %s would drop lifecycle.state %s (not implied by "
+                                     "active/tags)" % (self.down_name,
+                                                       _short(lifecycle.get("state"))))
         return {k: v for k, v in record.items() if k not in ("lifecycle", VERSION_STAMP)}
 
 
@@ -1695,8 +1701,7 @@ def _walk_down(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion
         if step.target <= version and step.source >= target:
             after = step.down(rtype, record)
             if after is not record:
-                changes.append(("%s->%s" % (step.target.value, step.source.value), record,
-                                after))
+                changes.append((step.down_name, record, after))
                 record = after
     return changes
 
@@ -1931,14 +1936,18 @@ MIGRATIONS_STATE = "migrations.json"
 class MigrationManager:
     """Detects schema versions and migrates a store's records, one locked file at a time."""
 
-    def __init__(self, store: Store, agents: Optional[Sequence[str]] = None):
+    def __init__(self, store: Store, agents: Optional[Sequence[str]] = None,
+                 progress: Optional[Callable[[str], None]] = None):
         self.store = store
         self.agents = agents
+        self.progress = progress or (lambda text: None)
 
     def _files(self) -> Iterator[Tuple[DataFile, str]]:
         for agent in self.store.select_agents(self.agents):
             for data_file in self.store.record_files(agent):
-                yield data_file, data_file.path.relative_to(self.store.root).as_posix()
+                rel = data_file.path.relative_to(self.store.root).as_posix()
+                self.progress("migrate: %s" % rel)
+                yield data_file, rel
 
     def history(self) -> List[Dict[str, Any]]:
         """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
@@ -2286,7 +2295,7 @@ def _migrate_write_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="report per step what would change, with a sample diff; write nothing")
     parser.add_argument("--no-backup", action="store_true",
-                        help="skip the verified safety backup normally taken before the first write")
+                        help="skip the verified safety backup taken before the first write")
     parser.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
 
 
@@ -2386,8 +2395,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """``migrate migrate VERSION`` / ``migrate-latest``: migrate, report, return the exit code."""
     target = _target_version(args)
     store, out = open_store(args), output_for(args)
-    manager = MigrationManager(store, args.agents)
-    result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
+    manager = MigrationManager(store, args.agents, progress=out.progress)
+    try:
+        result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
+    finally:
+        out.progress_done()
     for problem in result.unreadable:
         out.warn("skipped unreadable file %s" % problem)
     for item in result.reported[:20]:

@@ -478,7 +478,8 @@ def _is_ts(v):
 
 RUNTIME_REQUIRED = {
     "pattern": [("pattern", "type", str), ("pattern", "context", dict),
-                ("pattern", "approach", "technique", str), ("pattern", "approach", "rationale", str),
+                ("pattern", "approach", "technique", str),
+                ("pattern", "approach", "rationale", str),
                 ("pattern", "conditions", "whenApplicable", list),
                 ("pattern", "conditions", "whenNotApplicable", list),
                 ("metrics", "successRate", "rate"), ("metrics", "executionCount", "int"),
@@ -496,9 +497,12 @@ RUNTIME_REQUIRED = {
                  ("decision", "decisionFactors", "primary", list),
                  ("decision", "decisionFactors", "secondary", list)],
 }
-KIND_CHECKS = {"rate": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-               "int": _is_int_value, "ts": _is_ts,
-               "num": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+KIND_CHECKS = {"rate": lambda v: _is_number(v) and 0 <= v <= 1, "int": _is_int_value,
+               "ts": _is_ts, "num": _is_number}
 
 
 def runtime_valid(rtype, rec):
@@ -584,7 +588,8 @@ def _flat_v1(rec, style):
     m, e = out.pop("metrics"), out.pop("evolution")
     if style == "camel":
         out.update(successRate=m["successRate"], executionCount=m["executionCount"],
-                   avgTimeSavedMs=m["avgTimeSavedMs"], errorPreventionCount=m["errorPreventionCount"],
+                   avgTimeSavedMs=m["avgTimeSavedMs"],
+                   errorPreventionCount=m["errorPreventionCount"],
                    confidence=e["confidenceScore"], lastUsed=e["lastUsed"],
                    refinements=e["refinements"], createdAt=e["created"])
     else:
