@@ -1168,8 +1168,14 @@ def _is_rate(value: Any) -> bool:
     return _is_num(value) and 0.0 <= value <= 1.0
 
 
+# The runtime's own form, with field ranges: most values match and skip the full parse.
+_RUNTIME_TIME = re.compile(r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+                           r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z\Z")
+
+
 def _is_time(value: Any) -> bool:
-    return isinstance(value, str) and parse_timestamp(value) is not None
+    return isinstance(value, str) and (_RUNTIME_TIME.match(value) is not None
+                                       or parse_timestamp(value) is not None)
 
 
 def _is_str_list(value: Any) -> bool:
