@@ -1182,6 +1182,11 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _is_flat_context(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (str, bool)) or _is_num(v) for v in value.values())
+
+
 def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: value is _ABSENT or check(value)
 
@@ -1196,7 +1201,7 @@ _COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _IS
                  ("active", _optional(lambda v: isinstance(v, bool))))
 _RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] = {
     RecordType.PATTERN: (
-        ("pattern.type", _IS_STR), ("pattern.context", _IS_DICT),
+        ("pattern.type", _IS_STR), ("pattern.context", _is_flat_context),
         ("pattern.approach.technique", _IS_STR), ("pattern.approach.rationale", _IS_STR),
         ("pattern.approach.codeTemplate", _optional(_IS_STR)),
         ("pattern.approach.steps", _optional(_IS_LIST)),
