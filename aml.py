@@ -603,6 +603,15 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "created": (("evolution", "created"), ("lifecycle", "created_at"), ("lifecycle", "created"),
                 ("createdAt",), ("created_at",), ("created",)),
     "reviewed": (("reviewedAt",), ("reviewed_at",)),
+    "avg_time_saved": (("metrics", "avgTimeSavedMs"), ("metrics", "avg_time_saved_ms"),
+                       ("avgTimeSavedMs",), ("avg_time_saved_ms",),
+                       ("performance", "avg_time_saved_ms"), ("performance", "avgTimeSavedMs")),
+    "error_prevention": (("metrics", "errorPreventionCount"), ("metrics", "error_prevention_count"),
+                         ("errorPreventionCount",), ("error_prevention_count",),
+                         ("performance", "error_prevention_count"),
+                         ("performance", "errorPreventionCount")),
+    "refinements": (("evolution", "refinements"), ("refinements",), ("lifecycle", "refinements"),
+                    ("performance", "refinements")),
 }
 
 
@@ -2509,6 +2518,11 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
             "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
 
 
+def safety_backup(store, reason, config=None):  # STUB until backup lands
+    """Stub: the backup engineer's section 8 replaces it; raises RefusedError."""
+    raise RefusedError("backup is not available")
+
+
 # =============================================================================
 # 9. Bloom filter and LRU cache
 # In-memory structures with byte-exact, checksummed persistence.
@@ -2537,6 +2551,1087 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
 # 13. Migration
 # Schema detection per record and step-by-step migration to 2.0.0.
 # =============================================================================
+
+class SchemaVersion(enum.Enum):
+    """Record schema versions in chain order; members compare with ``<`` and ``>``."""
+
+    V1_0_0 = "1.0.0"
+    V1_1_0 = "1.1.0"
+    V1_2_0 = "1.2.0"
+    V2_0_0 = "2.0.0"
+
+    @property
+    def rank(self) -> int:
+        """Position in the chain (1.0.0 is 0)."""
+        return _MEMBER_RANK[self]
+
+    def __lt__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] < _MEMBER_RANK[other]
+
+    def __le__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] <= _MEMBER_RANK[other]
+
+    def __gt__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] > _MEMBER_RANK[other]
+
+    def __ge__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] >= _MEMBER_RANK[other]
+
+    @classmethod
+    def from_stamp(cls, value: Any) -> Optional["SchemaVersion"]:
+        """The version a stamp such as ``"1.2.0"`` or ``"v1.2"`` names, else None."""
+        if not isinstance(value, str):
+            return None
+        text = value.strip().lstrip("vV")
+        text = text + ".0" if text.count(".") == 1 else text
+        for version in cls:
+            if version.value == text:
+                return version
+        return None
+
+    @classmethod
+    def parse(cls, text: str) -> "SchemaVersion":
+        """The version named on a command line; raises UsageError for an unknown one."""
+        version = cls.from_stamp(text)
+        if version is None:
+            raise UsageError("unknown schema version %r (known: %s)"
+                             % (text, ", ".join(v.value for v in cls)))
+        return version
+
+    @classmethod
+    def latest(cls) -> "SchemaVersion":
+        """The newest version (2.0.0)."""
+        return list(cls)[-1]
+
+
+_MEMBER_RANK = {version: rank for rank, version in enumerate(SchemaVersion)}
+_VERSION_RANK = {version.value: rank for version, rank in _MEMBER_RANK.items()}
+VERSION_STAMP = "schemaVersion"
+LIFECYCLE_STATES = ("active", "inactive", "pinned", "superseded", "archived")
+_BODY_KEYS = {RecordType.PATTERN: "pattern", RecordType.SOLUTION: "problem",
+              RecordType.DECISION: "decision"}
+_SUPERSEDED_WORDS = ("superseded", "outdated", "deprecated", "replaced")
+
+
+class LossyStepError(RefusedError):
+    """A step down would lose information held by one record."""
+
+
+# -- detection ----------------------------------------------------------------
+
+def _has_v2_shape(rtype: RecordType, record: Dict[str, Any]) -> bool:
+    if dig(record, "lifecycle", "state") not in LIFECYCLE_STATES:
+        return False
+    if rtype is RecordType.PATTERN:
+        return isinstance(record.get("metrics"), dict) and isinstance(record.get("evolution"), dict)
+    return True
+
+
+def place_record(rtype: RecordType, record: Any) -> Tuple[Optional[SchemaVersion], Optional[str]]:
+    """(version, None) for a record aml can place, else (None, why it cannot)."""
+    if not isinstance(record, dict):
+        return None, "not a JSON object (%s)" % type(record).__name__
+    if "id" not in record and _BODY_KEYS[rtype] not in record:
+        return None, "neither an id nor a %r body: not a %s record" % (_BODY_KEYS[rtype],
+                                                                      rtype.value)
+    if VERSION_STAMP in record:
+        version = SchemaVersion.from_stamp(record[VERSION_STAMP])
+        if version is None:
+            return None, "unknown %s %r" % (VERSION_STAMP, record[VERSION_STAMP])
+        # An older tool stamped 2.0.0 on records it had broken; only aml's shape counts.
+        if version is not SchemaVersion.V2_0_0 or _has_v2_shape(rtype, record):
+            return version, None
+    return _version_by_fields(rtype, record), None
+
+
+def _version_by_fields(rtype: RecordType, record: Dict[str, Any]) -> SchemaVersion:
+    if "metadata" in record or (rtype is RecordType.PATTERN and "variations" in record):
+        return SchemaVersion.V1_2_0
+    # The runtime persists `active` but drops an empty `tags`: either marks 1.1.0.
+    if "tags" in record or "active" in record:
+        return SchemaVersion.V1_1_0
+    return SchemaVersion.V1_0_0
+
+
+def detect_record_version(rtype: RecordType, record: Any) -> Optional[SchemaVersion]:
+    """The schema version of one record (a valid stamp wins); None if it cannot be placed."""
+    return place_record(rtype, record)[0]
+
+
+# -- runtime schema check (SPEC 2.1) -------------------------------------------
+
+def _is_num(value: Any) -> bool:
+    return _number(value) is not None
+
+
+def _is_int(value: Any) -> bool:
+    # JSON has one number type: the runtime reads 7.0 as the integer 7.
+    return _is_num(value) and float(value).is_integer()
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_num(value) and 0.0 <= value <= 1.0
+
+
+# The runtime's own form, with field ranges: most values match and skip the full parse.
+_RUNTIME_TIME = re.compile(r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+                           r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z\Z")
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, str) and (_RUNTIME_TIME.match(value) is not None
+                                       or parse_timestamp(value) is not None)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_flat_context(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (str, bool)) or _is_num(v) for v in value.values())
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is _ABSENT or check(value)
+
+
+_ABSENT = object()
+_IS_STR = lambda value: isinstance(value, str)  # noqa: E731 - a table entry
+_IS_DICT = lambda value: isinstance(value, dict)  # noqa: E731
+_IS_LIST = lambda value: isinstance(value, list)  # noqa: E731
+
+_COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _IS_STR),
+                 ("timestamp", _is_time), ("tags", _optional(_is_str_list)),
+                 ("active", _optional(lambda v: isinstance(v, bool))))
+_RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] = {
+    RecordType.PATTERN: (
+        ("pattern.type", _IS_STR), ("pattern.context", _is_flat_context),
+        ("pattern.approach.technique", _IS_STR), ("pattern.approach.rationale", _IS_STR),
+        ("pattern.approach.codeTemplate", _optional(_IS_STR)),
+        ("pattern.approach.steps", _optional(_IS_LIST)),
+        ("pattern.conditions.whenApplicable", _IS_LIST),
+        ("pattern.conditions.whenNotApplicable", _IS_LIST),
+        ("metrics.successRate", _is_rate), ("metrics.executionCount", _is_int),
+        ("metrics.avgTimeSavedMs", _is_num), ("metrics.errorPreventionCount", _is_int),
+        ("evolution.created", _is_time), ("evolution.lastUsed", _is_time),
+        ("evolution.refinements", _is_int), ("evolution.confidenceScore", _is_rate)),
+    RecordType.SOLUTION: (
+        ("problem.errorType", _IS_STR), ("problem.errorMessage", _IS_STR),
+        ("problem.stackTraceHash", _optional(_IS_STR)), ("problem.context", _IS_DICT),
+        ("solution.rootCause", _IS_STR), ("solution.fixApproach", _IS_STR),
+        ("solution.codeFix", _optional(_IS_STR)), ("solution.prevention", _IS_STR),
+        ("solution.relatedPatterns", _optional(_IS_LIST)),
+        ("effectiveness.worked", lambda v: isinstance(v, bool)),
+        ("effectiveness.timeToFixMinutes", _is_num),
+        ("effectiveness.preventedRecurrence", _is_int),
+        ("effectiveness.relatedErrorsFixed", _is_int), ("verifiedCount", _is_int)),
+    RecordType.DECISION: (
+        ("decision.type", _IS_STR), ("decision.question", _IS_STR), ("decision.context", _IS_DICT),
+        ("decision.chosenOption", _IS_STR), ("decision.alternativesConsidered", _IS_LIST),
+        ("decision.decisionFactors.primary", _IS_LIST),
+        ("decision.decisionFactors.secondary", _IS_LIST),
+        ("decision.rationale", _optional(_IS_STR)), ("outcome", _optional(_IS_DICT)),
+        ("reviewedAt", _optional(_is_time))),
+}
+_OUTCOME_RULES = (("outcome.successMetrics", _IS_DICT), ("outcome.lessonsLearned", _IS_LIST),
+                  ("outcome.wouldRepeat", lambda v: isinstance(v, bool)),
+                  ("outcome.improvements", _optional(_IS_LIST)))
+
+
+def _lookup(record: Dict[str, Any], path: Tuple[str, ...]) -> Any:
+    obj: Any = record
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _ABSENT
+        obj = obj[key]
+    return obj
+
+
+_PATHS = {dotted: tuple(dotted.split(".")) for rules in (_COMMON_RULES, _OUTCOME_RULES,
+                                                          *_RUNTIME_RULES.values())
+          for dotted, _ in rules}
+
+
+def runtime_problems(rtype: RecordType, record: Any) -> List[str]:
+    """Why the runtime would reject ``record`` (required fields and types of SPEC 2.1); [] if none.
+
+    Ids are checked to be non-empty strings, not UUIDs: agent-written stores use other ids.
+    """
+    if not isinstance(record, dict):
+        return ["not a JSON object"]
+    rules = _COMMON_RULES + _RUNTIME_RULES[rtype]
+    if rtype is RecordType.DECISION and isinstance(record.get("outcome"), dict):
+        rules = rules + _OUTCOME_RULES
+    problems = []
+    for dotted, check in rules:
+        value = _lookup(record, _PATHS[dotted])
+        if not check(value):
+            problems.append("%s %s" % (dotted, "is missing" if value is _ABSENT
+                                       else "has an unusable value %s" % _short(value)))
+    return problems
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# -- steps --------------------------------------------------------------------
+# Each step maps a record to a record and never mutates its input: it returns the same
+# object when nothing changes, else a copy (only the containers it edits are copied).
+
+class MigrationStep:
+    """One link of the chain: ``migrate_<type>`` goes up, ``revert_<type>`` comes back down.
+
+    ``revert_*`` raises LossyStepError when the step down would lose information.
+    """
+
+    source = SchemaVersion.V1_0_0
+    target = SchemaVersion.V1_0_0
+
+    @property
+    def name(self) -> str:
+        """``1.0.0->1.1.0``."""
+        return "%s->%s" % (self.source.value, self.target.value)
+
+    @property
+    def down_name(self) -> str:
+        """``1.1.0->1.0.0``."""
+        return "%s->%s" % (self.target.value, self.source.value)
+
+    def up(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record one step up (the same object when already there)."""
+        return getattr(self, "migrate_" + rtype.value)(record)
+
+    def down(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record one step down; raises LossyStepError if that would lose information."""
+        return getattr(self, "revert_" + rtype.value)(record)
+
+
+def _with_defaults(record: Dict[str, Any], defaults: Dict[str, Callable[[], Any]]
+                   ) -> Dict[str, Any]:
+    missing = [key for key in defaults if key not in record]
+    if not missing:
+        return record
+    out = dict(record)
+    for key in missing:
+        out[key] = defaults[key]()
+    return out
+
+
+def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str
+                      ) -> Dict[str, Any]:
+    if not any(key in record for key in defaults):
+        return record
+    for key, empty in defaults.items():
+        if key in record and record[key] != empty:
+            raise LossyStepError("step %s would drop %s = %s"
+                                 % (step, key, _short(record[key])))
+    return {k: v for k, v in record.items() if k not in defaults}
+
+
+class AddTagsAndActive(MigrationStep):
+    """1.0.0 -> 1.1.0: add ``tags`` [] and ``active`` (legacy ``is_active``, else true)."""
+
+    source, target = SchemaVersion.V1_0_0, SchemaVersion.V1_1_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add the two fields where absent; existing values are never overridden."""
+        legacy = record.get("is_active")
+        active = legacy if isinstance(legacy, bool) else True
+        return _with_defaults(record, {"tags": list, "active": lambda: active})
+
+    migrate_solution = migrate_decision = migrate_pattern
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``tags``/``active`` when they hold only their defaults ([] and true)."""
+        return _without_defaults(record, {"tags": [], "active": True}, self.down_name)
+
+    revert_solution = revert_decision = revert_pattern
+
+
+class AddMetadataAndVariations(MigrationStep):
+    """1.1.0 -> 1.2.0: add ``metadata`` {} and, on patterns, ``variations`` []."""
+
+    source, target = SchemaVersion.V1_1_0, SchemaVersion.V1_2_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add ``metadata`` and ``variations`` where absent."""
+        return _with_defaults(record, {"metadata": dict, "variations": list})
+
+    def migrate_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add ``metadata`` where absent."""
+        return _with_defaults(record, {"metadata": dict})
+
+    migrate_decision = migrate_solution
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``metadata``/``variations`` when both are empty."""
+        return _without_defaults(record, {"metadata": {}, "variations": []}, self.down_name)
+
+    def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``metadata`` when it is empty."""
+        return _without_defaults(record, {"metadata": {}}, self.down_name)
+
+    revert_decision = revert_solution
+
+
+class UnmigratableRecordError(AmlError):
+    """A record cannot reach 2.0.0: information the runtime needs is missing or unusable."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+def _same(a: Any, b: Any) -> bool:
+    # 1 == True in Python; a moved value must keep its JSON type to count as "the same".
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _accept(check: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    return lambda value: value if check(value) else _ABSENT
+
+
+def _as_time(value: Any) -> Any:
+    if _is_time(value):
+        return value
+    if _is_num(value) and parse_timestamp(value) is not None:
+        return format_timestamp(parse_timestamp(value))  # epoch numbers become runtime text
+    return _ABSENT
+
+
+# (paths, first = canonical; runtime check of the canonical value; converter for a legacy
+#  value; default: None = essential, "timestamp"/"created" = copy that field, else a value)
+_Slot = Tuple[Tuple[Tuple[str, ...], ...], Callable[[Any], bool], Callable[[Any], Any], Any]
+_OPTIONAL = object()
+_ACTIVE_SLOT: _Slot = ((("active",), ("is_active",)), lambda v: isinstance(v, bool),
+                       _accept(lambda v: isinstance(v, bool)), True)
+_SLOTS: Dict[RecordType, Tuple[_Slot, ...]] = {
+    RecordType.PATTERN: (
+        (FIELD_PATHS["success_rate"], _is_rate, _accept(_is_rate), None),
+        (FIELD_PATHS["execution_count"], _is_int, _accept(_is_int), None),
+        (FIELD_PATHS["avg_time_saved"], _is_num, _accept(_is_num), 0),
+        (FIELD_PATHS["error_prevention"], _is_int, _accept(_is_int), 0),
+        (FIELD_PATHS["created"], _is_time, _as_time, "timestamp"),
+        (FIELD_PATHS["last_used"], _is_time, _as_time, "created"),
+        (FIELD_PATHS["refinements"], _is_int, _accept(_is_int), 0),
+        (FIELD_PATHS["confidence"], _is_rate, _accept(_is_rate), None),
+        _ACTIVE_SLOT),
+    RecordType.SOLUTION: (
+        ((("verifiedCount",), ("verified_count",)), _is_int, _accept(_is_int), 0),
+        _ACTIVE_SLOT),
+    RecordType.DECISION: (
+        (FIELD_PATHS["reviewed"], _is_time, _as_time, _OPTIONAL),
+        _ACTIVE_SLOT),
+}
+# Top-level lifecycle markers and where they move inside ``lifecycle``.
+_LIFECYCLE_MOVES = (("pinned", "pinned"), ("supersededBy", "supersededBy"),
+                    ("superseded_by", "supersededBy"), ("superseded", "superseded"),
+                    ("outdated", "outdated"), ("archived", "archived"))
+_TOP_ORDER = ("id", "agent", "timestamp", "pattern", "problem", "solution", "effectiveness",
+              "decision", "outcome", "metrics", "evolution", "tags", "active", "verifiedCount",
+              "reviewedAt", "metadata", "variations", "lifecycle", VERSION_STAMP)
+
+
+class _Draft:
+    """Copy-on-write working copy of one record: only containers it edits are copied."""
+
+    def __init__(self, record: Dict[str, Any]):
+        self.original = record
+        self.out = dict(record)
+        self.copied: set = set()
+        self.defaulted: List[str] = []
+
+    def container(self, key: str) -> Dict[str, Any]:
+        """``out[key]`` as a private dict (created when absent or null)."""
+        value = self.out.get(key)
+        if key in self.copied:
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise UnmigratableRecordError("%s is not an object: %s" % (key, _short(value)))
+        self.out[key] = dict(value or {})
+        self.copied.add(key)
+        return self.out[key]
+
+    def get(self, path: Tuple[str, ...]) -> Any:
+        """The value at ``path`` or _ABSENT."""
+        return _lookup(self.out, path)
+
+    def put(self, path: Tuple[str, ...], value: Any) -> None:
+        """Set ``path`` (one or two keys deep)."""
+        target = self.out if len(path) == 1 else self.container(path[0])
+        target[path[-1]] = value
+
+    def delete(self, path: Tuple[str, ...]) -> None:
+        """Remove ``path``; an emptied legacy ``performance`` block goes too."""
+        if len(path) == 1:
+            del self.out[path[0]]
+            return
+        holder = self.container(path[0])
+        del holder[path[1]]
+        if not holder and path[0] == "performance":
+            del self.out["performance"]
+
+    def fill(self, slot: _Slot) -> None:
+        """Put a field's value in its canonical place; drop legacy copies holding that value."""
+        paths, check, convert, default = slot
+        value = self.get(paths[0])
+        if value is not _ABSENT and value is not None:
+            if not check(value):
+                raise UnmigratableRecordError("%s has an unusable value %s"
+                                              % (".".join(paths[0]), _short(value)))
+        else:
+            value = self._legacy_value(paths, convert, default)
+            if value is _OPTIONAL:
+                return
+            self.put(paths[0], value)
+        for path in paths[1:]:
+            if path[0] in self.out and _same(self.get(path), value):
+                self.delete(path)
+
+    def _legacy_value(self, paths: Tuple[Tuple[str, ...], ...], convert: Callable[[Any], Any],
+                      default: Any) -> Any:
+        for path in paths[1:]:
+            value = self.get(path) if path[0] in self.out else _ABSENT
+            if value is not _ABSENT and convert(value) is not _ABSENT:
+                return convert(value)
+        if default is None:
+            raise UnmigratableRecordError("no usable %s anywhere (looked at %s)" % (
+                ".".join(paths[0]), ", ".join(".".join(p) for p in paths[1:])))
+        if default is _OPTIONAL:
+            return default
+        self.defaulted.append(".".join(paths[0]))
+        if default == "timestamp":
+            if not _is_time(self.out.get("timestamp")):
+                raise UnmigratableRecordError("no usable creation time (evolution.created, "
+                                              "lifecycle.created_at or timestamp)")
+            return self.out["timestamp"]
+        return self.get(("evolution", "created")) if default == "created" else default
+
+
+def _derived_counts(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Exact success/failure counts behind ``successRate`` x ``executionCount``.
+
+    The runtime creates a pattern at successRate 0.5 with executionCount 1 (a neutral prior
+    counted as one execution) and keeps a running mean, so rate x count ends in .5 and the
+    observed outcomes are ``count - 1``. A whole product is a plain ratio (hand-written
+    records). Anything else is not a ratio of outcomes: rounded, and marked approximate.
+    """
+    count = int(metrics["executionCount"])
+    product = metrics["successRate"] * count
+    if abs(product - round(product)) < 1e-6:
+        successes, observed, exact = int(round(product)), count, True
+    elif abs(product - math.floor(product) - 0.5) < 1e-6:
+        successes, observed, exact = int(math.floor(product)), count - 1, True
+    else:
+        successes, observed, exact = int(math.floor(product + 0.5)), count, False
+    counts: Dict[str, Any] = {"successCount": successes, "failureCount": observed - successes}
+    if not exact:
+        counts["countsApproximate"] = True
+    return counts
+
+
+_COUNT_KEYS = ("successCount", "failureCount", "countsApproximate")
+
+
+def _explicit_counts(draft: _Draft) -> None:
+    metrics = draft.container("metrics")
+    stamped = draft.original.get(VERSION_STAMP) == SchemaVersion.V2_0_0.value
+    derived = _derived_counts(metrics)
+    for key in _COUNT_KEYS:
+        old, value = metrics.get(key), derived.get(key)
+        # Counts aml wrote are refreshed (the runtime moves successRate); foreign ones are kept.
+        if old is not None and not _same(old, value) and not stamped:
+            raise UnmigratableRecordError("metrics.%s = %s disagrees with successRate and "
+                                          "executionCount (%s)" % (key, _short(old), value))
+        if value is None:
+            metrics.pop(key, None)
+        else:
+            metrics[key] = value
+
+
+def _derive_state(record: Dict[str, Any], lifecycle: Dict[str, Any]) -> str:
+    legacy = str(lifecycle.get("legacyState", "")).lower()
+    if (lifecycle.get("supersededBy") or lifecycle.get("outdated") is True
+            or lifecycle.get("superseded") is True or legacy in _SUPERSEDED_WORDS):
+        return "superseded"
+    if lifecycle.get("archived") is True or legacy == "archived":
+        return "archived"
+    if record.get("active") is False:
+        return "inactive"
+    if lifecycle.get("pinned") is True or "pinned" in _tags(record):
+        return "pinned"
+    return "active"
+
+
+def _state_agrees(state: str, active: Any) -> bool:
+    if state in ("active", "pinned"):
+        return active is not False
+    return active is False if state == "inactive" else True
+
+
+def _restructure_lifecycle(draft: _Draft) -> None:
+    out = draft.out
+    lifecycle = draft.container("lifecycle")
+    for old, new in _LIFECYCLE_MOVES:
+        if old in out:
+            lifecycle.setdefault(new, out[old])
+            if _same(lifecycle[new], out[old]):
+                del out[old]
+    state = lifecycle.get("state")
+    if state is not None and state not in LIFECYCLE_STATES:
+        lifecycle.setdefault("legacyState", state)
+        if not _same(lifecycle["legacyState"], state):
+            raise UnmigratableRecordError("lifecycle.state %s and lifecycle.legacyState %s "
+                                          "disagree" % (_short(state), _short(
+                                              lifecycle["legacyState"])))
+        state = None
+    if state is None or not _state_agrees(state, out.get("active")):
+        lifecycle["state"] = _derive_state(out, lifecycle)
+
+
+def _note_defaults(draft: _Draft) -> None:
+    if not draft.defaulted:
+        return
+    metadata = draft.container("metadata")
+    note = metadata.get("amlMigration")
+    old = note.get("defaulted", []) if isinstance(note, dict) else []
+    note = dict(note) if isinstance(note, dict) else {}
+    note["defaulted"] = sorted(set(old) | set(draft.defaulted))
+    metadata["amlMigration"] = note
+
+
+def _ordered(record: Dict[str, Any]) -> Dict[str, Any]:
+    out = {key: record[key] for key in _TOP_ORDER if key in record}
+    out.update((key, value) for key, value in record.items() if key not in out)
+    return out
+
+
+class RestructureMetricsAndLifecycle(MigrationStep):
+    """1.2.0 -> 2.0.0: legacy metric/lifecycle layouts into canonical places, counts, state, stamp.
+
+    Raises UnmigratableRecordError (record left as it was) when the result would not be a
+    record the runtime accepts, e.g. when no success rate exists anywhere.
+    """
+
+    source, target = SchemaVersion.V1_2_0, SchemaVersion.V2_0_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a pattern (metrics, evolution, counts, lifecycle, stamp)."""
+        return self._migrate(RecordType.PATTERN, record)
+
+    def migrate_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a solution (snake_case fields, lifecycle, stamp)."""
+        return self._migrate(RecordType.SOLUTION, record)
+
+    def migrate_decision(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a decision (snake_case fields, null outcome, lifecycle, stamp)."""
+        return self._migrate(RecordType.DECISION, record)
+
+    def _migrate(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        draft = _Draft(record)
+        for slot in _SLOTS[rtype]:
+            draft.fill(slot)
+        if rtype is RecordType.PATTERN:
+            _explicit_counts(draft)
+        if rtype is RecordType.DECISION and "outcome" in draft.out and draft.out["outcome"] is None:
+            del draft.out["outcome"]  # null means absent; the runtime rejects null
+        _restructure_lifecycle(draft)
+        _note_defaults(draft)
+        draft.out[VERSION_STAMP] = self.target.value
+        problems = runtime_problems(rtype, draft.out)
+        if problems:
+            raise UnmigratableRecordError("; ".join(problems))
+        out = _ordered(draft.out)
+        return record if out == record else out
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Back to 1.2.0 when counts and lifecycle hold only what metrics/active imply."""
+        out = self._revert(record)
+        metrics = record.get("metrics")
+        if isinstance(metrics, dict) and any(key in metrics for key in _COUNT_KEYS):
+            derived = _derived_counts(metrics) if not runtime_problems(
+                RecordType.PATTERN, record) else {}
+            for key in _COUNT_KEYS:
+                if key in metrics and not _same(metrics[key], derived.get(key)):
+                    raise LossyStepError("step %s would drop metrics.%s = %s"
+                                         % (self.down_name, key, _short(metrics[key])))
+            out["metrics"] = {k: v for k, v in metrics.items() if k not in _COUNT_KEYS}
+        return out
+
+    def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Back to 1.2.0 when the lifecycle holds only what ``active`` implies."""
+        return self._revert(record)
+
+    revert_decision = revert_solution
+
+    def _revert(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        lifecycle = record.get("lifecycle")
+        if lifecycle is not None:
+            if not isinstance(lifecycle, dict) or set(lifecycle) - {"state"}:
+                raise LossyStepError("step %s would drop lifecycle %s"
+                                     % (self.down_name, _short(lifecycle)))
+            if lifecycle.get("state") != _derive_state(record, {}):
+                raise LossyStepError("step %s would drop lifecycle.state %s (not implied by "
+                                     "active/tags)" % (self.down_name,
+                                                       _short(lifecycle.get("state"))))
+        return {k: v for k, v in record.items() if k not in ("lifecycle", VERSION_STAMP)}
+
+
+MIGRATION_STEPS: Tuple[MigrationStep, ...] = (AddTagsAndActive(), AddMetadataAndVariations(),
+                                               RestructureMetricsAndLifecycle())
+
+
+# -- one record, one file -----------------------------------------------------
+
+@dataclasses.dataclass
+class RecordMigration:
+    """Migrating one record: the record after, its version before, the steps that changed it."""
+
+    record: Any
+    version: Optional[SchemaVersion]
+    changes: List[Tuple[str, Any, Any]]
+    problem: Optional[str] = None
+    lossy: bool = False
+
+
+def _walk_up(rtype: RecordType, record: Dict[str, Any], target: SchemaVersion
+             ) -> List[Tuple[str, Any, Any]]:
+    # Every step up to the target runs: each only fills what is missing, so a record that
+    # claims a version but lacks one of its fields (e.g. runtime-dropped tags) is repaired.
+    changes = []
+    for step in MIGRATION_STEPS:
+        if step.target > target:
+            break
+        after = step.up(rtype, record)
+        if after is not record:
+            changes.append((step.name, record, after))
+            record = after
+    return changes
+
+
+def _walk_down(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion,
+               target: SchemaVersion) -> List[Tuple[str, Any, Any]]:
+    changes = []
+    for step in reversed(MIGRATION_STEPS):
+        if step.target <= version and step.source >= target:
+            after = step.down(rtype, record)
+            if after is not record:
+                changes.append((step.down_name, record, after))
+                record = after
+    return changes
+
+
+def _restamp(record: Dict[str, Any], target: SchemaVersion) -> Optional[Dict[str, Any]]:
+    if target is SchemaVersion.V2_0_0 or record.get(VERSION_STAMP, target.value) == target.value:
+        return None
+    out = dict(record)
+    out[VERSION_STAMP] = target.value  # a hand-written stamp follows its record
+    return out
+
+
+def migrate_record(rtype: RecordType, record: Any, target: SchemaVersion) -> RecordMigration:
+    """Migrate one record up or down to ``target``; never raises for a bad record.
+
+    A record that cannot be placed, cannot reach 2.0.0, or would lose information on the
+    way down comes back unchanged with ``problem`` set (and ``lossy`` for the last case).
+    """
+    version, why = place_record(rtype, record)
+    if version is None:
+        return RecordMigration(record, None, [], "cannot place: %s" % why)
+    try:
+        if version > target:
+            changes = _walk_down(rtype, record, version, target)
+        else:
+            changes = _walk_up(rtype, record, target)
+    except LossyStepError as exc:
+        return RecordMigration(record, version, [], str(exc), lossy=True)
+    except UnmigratableRecordError as exc:
+        return RecordMigration(record, version, [], str(exc))
+    final = changes[-1][2] if changes else record
+    restamped = _restamp(final, target)
+    if restamped is not None:
+        changes.append(("stamp", final, restamped))
+    return RecordMigration(changes[-1][2] if changes else record, version, changes)
+
+
+def _leaves(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(obj, dict) or not obj:
+        return {prefix: obj}
+    out: Dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(_leaves(value, "%s.%s" % (prefix, key) if prefix else str(key)))
+    return out
+
+
+def record_diff(before: Any, after: Any, limit: int = 12) -> List[str]:
+    """Leaf-level differences, moves first: ``> old -> new: value``, ``-``, ``+``, ``~`` lines."""
+    old, new = _leaves(before), _leaves(after)
+    removed = {p: v for p, v in old.items() if p not in new}
+    added = {p: v for p, v in new.items() if p not in old}
+    lines = []
+    for path, value in sorted(removed.items()):
+        target = next((p for p, v in sorted(added.items()) if _same(v, value)), None)
+        if target is not None:
+            lines.append("> %s -> %s: %s" % (path, target, _short(value)))
+            del added[target]
+        else:
+            lines.append("- %s: %s" % (path, _short(value)))
+    lines.extend("+ %s: %s" % (p, _short(v)) for p, v in sorted(added.items()))
+    lines.extend("~ %s: %s -> %s" % (p, _short(old[p]), _short(new[p])) for p in sorted(old)
+                 if p in new and not _same(old[p], new[p]))
+    return lines[:limit] + (["... %d more" % (len(lines) - limit)] if len(lines) > limit else [])
+
+
+def _version_key(name: str) -> Tuple[int, str]:
+    return (_VERSION_RANK.get(name, len(_VERSION_RANK)), name)
+
+
+def _add_counts(into: Dict[str, int], key: str, count: int = 1) -> None:
+    into[key] = into.get(key, 0) + count
+
+
+@dataclasses.dataclass
+class FileMigration:
+    """What migrating one file did (or would do)."""
+
+    file: str
+    records: List[Any]
+    changed: int = 0
+    versions: Dict[str, int] = dataclasses.field(default_factory=dict)
+    steps: Dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    reported: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def add(self, index: int, outcome: RecordMigration) -> None:
+        """Account for one record's outcome."""
+        self.records.append(outcome.record)
+        _add_counts(self.versions, outcome.version.value if outcome.version else "unplaceable")
+        if outcome.problem:
+            where = {"file": self.file, "index": index, "id": _record_id(outcome.record),
+                     "problem": outcome.problem}
+            (self.refused if outcome.lossy else self.reported).append(where)
+        self.changed += bool(outcome.changes)
+        for name, before, after in outcome.changes:
+            _add_counts(self.steps, name)
+            if not any(s["step"] == name for s in self.samples):
+                self.samples.append({"step": name, "file": self.file, "index": index,
+                                     "id": _record_id(before), "diff": record_diff(before, after)})
+
+
+def _record_id(record: Any) -> Optional[str]:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def migrate_records(rel: str, rtype: RecordType, records: List[Any], target: SchemaVersion
+                    ) -> FileMigration:
+    """Migrate the records of one file (in memory); the caller writes ``records`` back."""
+    outcome = FileMigration(file=rel, records=[])
+    for index, record in enumerate(records):
+        outcome.add(index, migrate_record(rtype, record, target))
+    return outcome
+
+
+# -- results ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MigrationResult:
+    """One migration run or dry run: versions found, per-step changes, samples, problems."""
+
+    target: str
+    dry_run: bool
+    records: int = 0
+    changed: int = 0
+    from_versions: Dict[str, int] = dataclasses.field(default_factory=dict)
+    steps: Dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    reported: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    files_changed: List[str] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    backup_id: Optional[str] = None
+    run_id: Optional[str] = None
+    seconds: float = 0.0
+
+    def absorb(self, outcome: FileMigration) -> None:
+        """Add one file's outcome."""
+        self.records += len(outcome.records)
+        self.changed += outcome.changed
+        for name, count in outcome.versions.items():
+            _add_counts(self.from_versions, name, count)
+        for name, count in outcome.steps.items():
+            _add_counts(self.steps, name, count)
+        for sample in outcome.samples:
+            self._keep_sample(sample)
+        self.reported.extend(outcome.reported)
+        self.refused.extend(outcome.refused)
+        if outcome.changed:
+            self.files_changed.append(outcome.file)
+
+    def _keep_sample(self, sample: Dict[str, Any]) -> None:
+        # One sample per step: the most telling one (longest diff) of the files' first ones.
+        for index, kept in enumerate(self.samples):
+            if kept["step"] == sample["step"]:
+                if len(sample["diff"]) > len(kept["diff"]):
+                    self.samples[index] = sample
+                return
+        self.samples.append(sample)
+
+    def exit_code(self) -> ExitCode:
+        """4 if a step down was refused, 3 if files or records were skipped, else 0."""
+        if self.refused:
+            return ExitCode.REFUSED
+        return ExitCode.PARTIAL if (self.unreadable or self.reported) else ExitCode.OK
+
+
+@dataclasses.dataclass
+class FileVersions:
+    """Versions found in one record file."""
+
+    file: str
+    agent: str
+    type: str
+    versions: Dict[str, int]
+    runtime_invalid: int = 0
+
+    @property
+    def mixed(self) -> bool:
+        """True when the file holds more than one version (or unplaceable records)."""
+        return len(self.versions) > 1
+
+
+@dataclasses.dataclass
+class DetectionReport:
+    """Schema versions per file, per agent and for the store; what cannot be placed; history."""
+
+    files: List[FileVersions] = dataclasses.field(default_factory=list)
+    agents: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)
+    unplaced: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    runtime_invalid: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    history_error: Optional[str] = None
+
+    @property
+    def mixed(self) -> bool:
+        """True when the store holds more than one version."""
+        return len(self.totals) > 1
+
+    @property
+    def mixed_agents(self) -> List[str]:
+        """Agents whose records are of more than one version."""
+        return [agent for agent, counts in self.agents.items() if len(counts) > 1]
+
+    def add_file(self, entry: FileVersions) -> None:
+        """Account for one file's counts."""
+        self.files.append(entry)
+        per_agent = self.agents.setdefault(entry.agent, {})
+        for name, count in entry.versions.items():
+            _add_counts(per_agent, name, count)
+            _add_counts(self.totals, name, count)
+
+
+def sorted_versions(counts: Dict[str, int]) -> Dict[str, int]:
+    """Version counts in chain order, ``unplaceable`` last."""
+    return {name: counts[name] for name in sorted(counts, key=_version_key)}
+
+
+def versions_text(counts: Dict[str, int]) -> str:
+    """``1.1.0: 12, 2.0.0: 3`` in chain order."""
+    return ", ".join("%s: %d" % (name, count) for name, count in sorted_versions(counts).items())
+
+
+# -- the manager --------------------------------------------------------------
+
+MIGRATIONS_STATE = "migrations.json"
+
+
+class MigrationManager:
+    """Detects schema versions and migrates a store's records, one locked file at a time."""
+
+    def __init__(self, store: Store, agents: Optional[Sequence[str]] = None,
+                 progress: Optional[Callable[[str], None]] = None):
+        self.store = store
+        self.agents = agents
+        self.progress = progress or (lambda text: None)
+
+    def _files(self) -> Iterator[Tuple[DataFile, str]]:
+        for agent in self.store.select_agents(self.agents):
+            for data_file in self.store.record_files(agent):
+                rel = data_file.path.relative_to(self.store.root).as_posix()
+                self.progress("migrate: %s" % rel)
+                yield data_file, rel
+
+    def history(self) -> List[Dict[str, Any]]:
+        """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
+        return self.store.read_state(MIGRATIONS_STATE, [])
+
+    def detect(self) -> DetectionReport:
+        """Versions of every record, per file and agent; read-only, creates nothing."""
+        report = DetectionReport()
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                report.unreadable.append(str(exc))
+                continue
+            report.add_file(self._detect_file(data_file, rel, records, report))
+        try:
+            report.history = self.history()
+        except IntegrityError as exc:
+            report.history_error = str(exc)
+        return report
+
+    def _detect_file(self, data_file: DataFile, rel: str, records: List[Any],
+                     report: DetectionReport) -> FileVersions:
+        rtype = data_file.rtype
+        entry = FileVersions(rel, data_file.agent, rtype.value, {})
+        for index, record in enumerate(records):
+            version, why = place_record(rtype, record)
+            _add_counts(entry.versions, version.value if version else "unplaceable")
+            where = {"file": rel, "index": index, "id": _record_id(record)}
+            if version is None:
+                report.unplaced.append(dict(where, problem=why))
+                continue
+            problems = runtime_problems(rtype, record)
+            if problems:
+                entry.runtime_invalid += 1
+                report.runtime_invalid.append(dict(where, problem="; ".join(problems)))
+        entry.versions = sorted_versions(entry.versions)
+        return entry
+
+    def migrate_latest(self, dry_run: bool = False, backup: bool = True) -> MigrationResult:
+        """Migrate every record to 2.0.0 (see ``migrate``)."""
+        return self.migrate(SchemaVersion.latest(), dry_run=dry_run, backup=backup)
+
+    def migrate(self, target: Any, dry_run: bool = False, backup: bool = True
+                ) -> MigrationResult:
+        """Migrate every record to ``target`` (up, or down where lossless).
+
+        A dry run reads only. A real run holds the maintenance lock, takes a verified safety
+        backup before the first write (unless ``backup`` is False), rewrites each changed file
+        atomically under the runtime's lock and records the run. Raises RefusedError (backup
+        failed, or a step down would lose information: nothing is written), StoreBusyError.
+        """
+        target = target if isinstance(target, SchemaVersion) else SchemaVersion.parse(target)
+        if dry_run:
+            return self._scan(target)
+        started = time.monotonic()
+        with self.store.maintenance_lock():
+            self.store.cleanup_temp_files()
+            if target is not SchemaVersion.latest():
+                self._refuse_if_lossy(self._scan(target))
+            result = self._apply(target, backup)
+            result.seconds = time.monotonic() - started
+            self._record(result)
+        return result
+
+    def _scan(self, target: SchemaVersion) -> MigrationResult:
+        result = MigrationResult(target=target.value, dry_run=True)
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                result.unreadable.append(str(exc))
+                continue
+            result.absorb(migrate_records(rel, data_file.rtype, records, target))
+        return result
+
+    def _apply(self, target: SchemaVersion, backup: bool) -> MigrationResult:
+        result = MigrationResult(target=target.value, dry_run=False,
+                                 run_id=new_run_id("migrate", self.store.now))
+        need_backup = backup
+        for data_file, rel in self._files():
+            try:
+                if need_backup and self._has_changes(data_file, rel, target, result):
+                    result.backup_id = self._safety_backup(target)
+                    need_backup = False
+                if need_backup:
+                    continue  # unchanged and already counted by _has_changes
+                self._rewrite(data_file, rel, target, result)
+            except CorruptFileError as exc:
+                result.unreadable.append(str(exc))
+        return result
+
+    def _safety_backup(self, target: SchemaVersion) -> str:
+        try:
+            return safety_backup(self.store, "before migrate to %s" % target.value)
+        except RefusedError as exc:
+            raise RefusedError("migrate refused, nothing was changed: the safety backup failed "
+                               "(%s); fix it or pass --no-backup" % exc) from None
+
+    def _has_changes(self, data_file: DataFile, rel: str, target: SchemaVersion,
+                     result: MigrationResult) -> bool:
+        # Until the backup exists nothing may be written: peek without locks first.
+        records, _ = self.store.load_records(data_file)
+        outcome = migrate_records(rel, data_file.rtype, records, target)
+        if outcome.changed:
+            return True
+        result.absorb(outcome)
+        return False
+
+    def _rewrite(self, data_file: DataFile, rel: str, target: SchemaVersion,
+                 result: MigrationResult) -> None:
+        with self.store.rewrite(data_file.path) as job:
+            outcome = migrate_records(rel, data_file.rtype, job.data, target)
+            if outcome.changed:
+                job.data = outcome.records
+                job.changed = True
+        result.absorb(outcome)
+
+    def _refuse_if_lossy(self, plan: MigrationResult) -> None:
+        if not plan.refused:
+            return
+        raise RefusedError(self.refusal_message(plan))
+
+    def refusal_message(self, plan: MigrationResult) -> str:
+        """Why a step down is refused, naming the pre-migration backup to restore instead."""
+        first = plan.refused[0]
+        return ("migrating down to %s would lose information in %d record(s) (first: %s[%d] "
+                "%s); nothing was changed. %s" % (
+                    plan.target, len(plan.refused), first["file"], first["index"],
+                    first["problem"], self._backup_hint(plan.target)))
+
+    def _backup_hint(self, target: str) -> str:
+        try:
+            runs = [run for run in self.history() if run.get("backup_id")]
+        except IntegrityError:
+            runs = []
+        if not runs:
+            return "No pre-migration backup is recorded in .aml/%s." % MIGRATIONS_STATE
+        # Prefer a backup of the store as it was when all its records were at or below target.
+        exact = [run for run in runs if run.get("from") and all(
+            _version_key(v) <= _version_key(target) for v in run["from"])]
+        run = (exact or runs)[-1]
+        return ("To go back, restore the pre-migration backup %s (taken before the run of %s, "
+                "whose records were %s): aml <memory_path> backup restore %s"
+                % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
+                   run["backup_id"]))
+
+    def _record(self, result: MigrationResult) -> None:
+        counts = {"records": result.records, "changed": result.changed,
+                  "files_changed": len(result.files_changed), "reported": len(result.reported),
+                  "unreadable_files": len(result.unreadable), "steps": result.steps}
+        entry = {"run_id": result.run_id, "when": format_timestamp(self.store.now),
+                 "from": sorted_versions(result.from_versions), "to": result.target,
+                 "counts": counts, "backup_id": result.backup_id}
+        runs = self.store.read_state_lenient(MIGRATIONS_STATE, [])
+        self.store.write_state(MIGRATIONS_STATE, (runs + [entry])[-200:])
+        self.store.record_operation("migrate", self.store.now, result.seconds,
+                                    dict(counts, run_id=result.run_id, to=result.target,
+                                         backup_id=result.backup_id))
+
+
+__all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAndVariations",
+            "RestructureMetricsAndLifecycle", "MIGRATION_STEPS", "MigrationManager",
+            "MigrationResult", "DetectionReport", "FileVersions", "RecordMigration",
+            "detect_record_version", "place_record", "runtime_problems", "migrate_record",
+            "migrate_records", "record_diff", "LossyStepError", "UnmigratableRecordError",
+            "LIFECYCLE_STATES", "VERSION_STAMP"]
+
 
 
 # =============================================================================
@@ -2915,6 +4010,147 @@ def _build_restore(sub: Any) -> None:
 
 
 # --- migrate command (section 13) ---
+
+def _migrate_write_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="report per step what would change, with a sample diff; write nothing")
+    parser.add_argument("--no-backup", action="store_true",
+                        help="skip the verified safety backup taken before the first write")
+    parser.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+
+
+@command_builder
+def _build_migrate(subparsers: Any) -> None:
+    parser = subparser(subparsers, "migrate", "detect schema versions and migrate records "
+                       "(1.0.0 -> 1.1.0 -> 1.2.0 -> 2.0.0)")
+    actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    detect = subparser(actions, "detect", "versions per file and agent, unplaceable records, "
+                       "migration history (read-only)")
+    detect.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+    detect.set_defaults(func=cmd_migrate_detect)
+    to_version = subparser(actions, "migrate", "migrate every record to VERSION (up, or down "
+                           "where lossless)")
+    to_version.add_argument("version", nargs="?", metavar="VERSION",
+                            help="target version (original spelling: migrate migrate 1.2.0)")
+    to_version.add_argument("--version", dest="version_option", metavar="VERSION",
+                            help="target version: 1.0.0, 1.1.0, 1.2.0 or 2.0.0")
+    _migrate_write_options(to_version)
+    to_version.set_defaults(func=cmd_migrate)
+    latest = subparser(actions, "migrate-latest", "migrate every record to %s"
+                       % SchemaVersion.latest().value)
+    _migrate_write_options(latest)
+    latest.set_defaults(func=cmd_migrate, version=SchemaVersion.latest().value,
+                        version_option=None)
+
+
+def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
+    records = sum(report.totals.values())
+    out.line("Schema versions in %s (%d agents, %d files, %d records)"
+             % (root, len(report.agents), len(report.files), records))
+    for entry in report.files:
+        invalid = ("  [%d rejected by the runtime]" % entry.runtime_invalid
+                   if entry.runtime_invalid else "")
+        out.line("  %-40s %s%s%s" % (entry.file, versions_text(entry.versions),
+                                     "  MIXED" if entry.mixed else "", invalid))
+    out.line("Per agent:")
+    for agent, counts in report.agents.items():
+        out.line("  %-28s %s%s" % (agent, versions_text(counts),
+                                   "  MIXED" if len(counts) > 1 else ""))
+    out.line("Store: %s (%s)" % (versions_text(report.totals) or "no records",
+                                 "MIXED" if report.mixed else "uniform"))
+    _print_detection_problems(out, report)
+    _print_history(out, report)
+
+
+def _print_detection_problems(out: Output, report: DetectionReport) -> None:
+    if report.unplaced:
+        out.line("Cannot place %d record(s):" % len(report.unplaced))
+        for item in report.unplaced[:20]:
+            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                             item["problem"]))
+    if report.runtime_invalid:
+        out.line("%d record(s) the runtime would reject (migrate-latest repairs those whose "
+                 "information exists), e.g.:" % len(report.runtime_invalid))
+        for item in report.runtime_invalid[:5]:
+            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                             item["problem"]))
+
+
+def _print_history(out: Output, report: DetectionReport) -> None:
+    if report.history_error:
+        out.warn("migration history unreadable: %s" % report.history_error)
+    out.line("Migration history: %s" % ("none" if not report.history else
+                                        "%d run(s)" % len(report.history)))
+    for run in report.history[-10:]:
+        counts = run.get("counts", {})
+        out.line("  %s  %s -> %s  changed %s of %s records  backup %s" % (
+            run.get("when"), versions_text(run.get("from", {})) or "-", run.get("to"),
+            counts.get("changed"), counts.get("records"), run.get("backup_id") or "none"))
+
+
+def cmd_migrate_detect(args: argparse.Namespace) -> int:
+    """``migrate detect``: print versions found; exit 3 if a file was unreadable."""
+    store, out = open_store(args), output_for(args)
+    report = MigrationManager(store, args.agents).detect()
+    for problem in report.unreadable:
+        out.warn("skipped unreadable file %s" % problem)
+    out.document(dict(to_jsonable(report), mixed=report.mixed, mixed_agents=report.mixed_agents))
+    _print_detection(out, report, store.root)
+    return int(ExitCode.PARTIAL if report.unreadable else ExitCode.OK)
+
+
+def _target_version(args: argparse.Namespace) -> SchemaVersion:
+    given = [v for v in (args.version, args.version_option) if v]
+    if not given:
+        raise UsageError("migrate: name the target version (migrate --version 1.2.0, "
+                         "or migrate-latest)")
+    versions = {SchemaVersion.parse(v) for v in given}
+    if len(versions) > 1:
+        raise UsageError("migrate: two different target versions given: %s" % " and ".join(given))
+    return versions.pop()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``migrate migrate VERSION`` / ``migrate-latest``: migrate, report, return the exit code."""
+    target = _target_version(args)
+    store, out = open_store(args), output_for(args)
+    manager = MigrationManager(store, args.agents, progress=out.progress)
+    try:
+        result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
+    finally:
+        out.progress_done()
+    for problem in result.unreadable:
+        out.warn("skipped unreadable file %s" % problem)
+    for item in result.reported[:20]:
+        out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                                     item["problem"]))
+    if len(result.reported) > 20:
+        out.warn("... and %d more record(s) left unchanged" % (len(result.reported) - 20))
+    if result.refused:
+        out.warn(manager.refusal_message(result))
+    out.document(result)
+    _print_migration(out, result)
+    return int(result.exit_code())
+
+
+def _print_migration(out: Output, result: MigrationResult) -> None:
+    verb = "would change" if result.dry_run else "changed"
+    out.line("%s to %s: %s %d of %d records in %s file(s)%s" % (
+        "Dry run: migrate" if result.dry_run else "Migrated", result.target, verb,
+        result.changed, result.records,
+        len(result.files_changed),
+        "" if result.dry_run else "; backup %s" % (result.backup_id or "none")))
+    out.line("Versions before: %s" % (versions_text(result.from_versions) or "no records"))
+    for name, count in sorted(result.steps.items()):
+        out.line("  step %-22s %d record(s)" % (name, count))
+    for sample in sorted(result.samples, key=lambda s: s["step"]):
+        out.line("Sample (%s) %s[%d] id=%s:" % (sample["step"], sample["file"], sample["index"],
+                                               sample["id"]))
+        for line in sample["diff"]:
+            out.line("    " + line)
+    if result.reported:
+        out.line("%d record(s) left unchanged (see warnings)" % len(result.reported))
 
 
 # --- monitor command (section 14) ---

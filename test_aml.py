@@ -959,6 +959,476 @@ def test_split_json_array_refuses_what_it_cannot_split(text):
 # 13. Migration
 # =============================================================================
 
+def _is_int_value(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+
+
+def _is_ts(v):
+    return isinstance(v, str) and aml.parse_timestamp(v) is not None
+
+
+RUNTIME_REQUIRED = {
+    "pattern": [("pattern", "type", str), ("pattern", "context", dict),
+                ("pattern", "approach", "technique", str),
+                ("pattern", "approach", "rationale", str),
+                ("pattern", "conditions", "whenApplicable", list),
+                ("pattern", "conditions", "whenNotApplicable", list),
+                ("metrics", "successRate", "rate"), ("metrics", "executionCount", "int"),
+                ("metrics", "avgTimeSavedMs", "num"), ("metrics", "errorPreventionCount", "int"),
+                ("evolution", "created", "ts"), ("evolution", "lastUsed", "ts"),
+                ("evolution", "refinements", "int"), ("evolution", "confidenceScore", "rate")],
+    "solution": [("problem", "errorType", str), ("problem", "errorMessage", str),
+                 ("problem", "context", dict), ("solution", "rootCause", str),
+                 ("solution", "fixApproach", str), ("solution", "prevention", str),
+                 ("effectiveness", "worked", bool), ("effectiveness", "timeToFixMinutes", "num"),
+                 ("effectiveness", "preventedRecurrence", "int"),
+                 ("effectiveness", "relatedErrorsFixed", "int"), ("verifiedCount", "int")],
+    "decision": [("decision", "type", str), ("decision", "question", str),
+                 ("decision", "chosenOption", str), ("decision", "alternativesConsidered", list),
+                 ("decision", "decisionFactors", "primary", list),
+                 ("decision", "decisionFactors", "secondary", list)],
+}
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+KIND_CHECKS = {"rate": lambda v: _is_number(v) and 0 <= v <= 1, "int": _is_int_value,
+               "ts": _is_ts, "num": _is_number}
+
+
+def runtime_valid(rtype, rec):
+    """The test's own reading of SPEC 2.1: required fields and their types; [] when valid."""
+    bad = []
+    for key, check in (("id", str), ("agent", str), ("timestamp", "ts")):
+        if not (KIND_CHECKS[check](rec.get(key)) if check in KIND_CHECKS
+                else isinstance(rec.get(key), check)):
+            bad.append(key)
+    for *path, kind in RUNTIME_REQUIRED[rtype]:
+        value = rec
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        ok = KIND_CHECKS[kind](value) if isinstance(kind, str) else isinstance(value, kind)
+        if not ok:
+            bad.append(".".join(path))
+    if "tags" in rec and not isinstance(rec["tags"], list):
+        bad.append("tags")
+    if "active" in rec and not isinstance(rec["active"], bool):
+        bad.append("active")
+    if rtype == "decision" and "outcome" in rec:
+        out = rec["outcome"]
+        if not (isinstance(out, dict) and isinstance(out.get("wouldRepeat"), bool)
+                and isinstance(out.get("lessonsLearned"), list)):
+            bad.append("outcome")
+    return bad
+
+
+def leaves(obj, prefix=()):
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for key, value in obj.items():
+            out.update(leaves(value, prefix + (key,)))
+        return out
+    return {prefix: obj}
+
+
+# Where the migration documents that legacy values move (README, section migrate).
+DOCUMENTED_MOVES = {
+    ("successRate",): ("metrics", "successRate"), ("success_rate",): ("metrics", "successRate"),
+    ("executionCount",): ("metrics", "executionCount"),
+    ("avgTimeSavedMs",): ("metrics", "avgTimeSavedMs"),
+    ("errorPreventionCount",): ("metrics", "errorPreventionCount"),
+    ("refinements",): ("evolution", "refinements"), ("createdAt",): ("evolution", "created"),
+    ("execution_count",): ("metrics", "executionCount"),
+    ("avg_time_saved_ms",): ("metrics", "avgTimeSavedMs"),
+    ("error_prevention_count",): ("metrics", "errorPreventionCount"),
+    ("confidence",): ("evolution", "confidenceScore"),
+    ("confidence_score",): ("evolution", "confidenceScore"),
+    ("lastUsed",): ("evolution", "lastUsed"), ("last_used",): ("evolution", "lastUsed"),
+    ("created_at",): ("evolution", "created"),
+    ("performance", "success_rate"): ("metrics", "successRate"),
+    ("performance", "execution_count"): ("metrics", "executionCount"),
+    ("performance", "avg_time_saved_ms"): ("metrics", "avgTimeSavedMs"),
+    ("performance", "error_prevention_count"): ("metrics", "errorPreventionCount"),
+    ("performance", "confidence"): ("evolution", "confidenceScore"),
+    ("lifecycle", "created_at"): ("evolution", "created"),
+    ("lifecycle", "last_used"): ("evolution", "lastUsed"),
+    ("lifecycle", "refinements"): ("evolution", "refinements"),
+    ("pinned",): ("lifecycle", "pinned"), ("supersededBy",): ("lifecycle", "supersededBy"),
+    ("verified_count",): ("verifiedCount",), ("reviewed_at",): ("reviewedAt",),
+    ("is_active",): ("active",),
+}
+
+
+def assert_values_preserved(before, after):
+    """Every leaf value of ``before`` is at its old path or its documented new path."""
+    new = leaves(after)
+    for path, value in leaves(before).items():
+        if path in new and new[path] == value:
+            continue
+        moved = DOCUMENTED_MOVES.get(path)
+        assert moved is not None and new.get(moved) == value, (path, value, after)
+
+
+def _strip_to_v1(rec):
+    return {k: v for k, v in rec.items() if k not in ("tags", "active", "metadata", "variations")}
+
+
+def _flat_v1(rec, style):
+    """A 1.0.0 pattern whose metrics sit flat at the top level (camelCase or snake_case)."""
+    out = _strip_to_v1(rec)
+    m, e = out.pop("metrics"), out.pop("evolution")
+    if style == "camel":
+        out.update(successRate=m["successRate"], executionCount=m["executionCount"],
+                   avgTimeSavedMs=m["avgTimeSavedMs"],
+                   errorPreventionCount=m["errorPreventionCount"],
+                   confidence=e["confidenceScore"], lastUsed=e["lastUsed"],
+                   refinements=e["refinements"], createdAt=e["created"])
+    else:
+        out.update(success_rate=m["successRate"], execution_count=m["executionCount"],
+                   avg_time_saved_ms=m["avgTimeSavedMs"],
+                   error_prevention_count=m["errorPreventionCount"],
+                   confidence_score=e["confidenceScore"], last_used=e["lastUsed"],
+                   refinements=e["refinements"], created_at=e["created"])
+    return out
+
+
+def _older_tool(rec, i):
+    """The older toolkit's "2.0.0": metrics/evolution dropped for performance + lifecycle."""
+    out = dict(rec, tags=[], active=True, metadata={}, variations=[], schema_version="2.0.0")
+    m, e = out.pop("metrics"), out.pop("evolution")
+    out["performance"] = {"success_rate": m["successRate"], "execution_count": m["executionCount"],
+                          "avg_time_saved_ms": m["avgTimeSavedMs"],
+                          "error_prevention_count": m["errorPreventionCount"],
+                          "confidence": e["confidenceScore"]}
+    out["lifecycle"] = {"created_at": e["created"], "last_used": e["lastUsed"],
+                        "refinements": e["refinements"]}
+    if i % 2:
+        out["schemaVersion"] = "2.0.0"  # it even stamped our key: shape decides, not the stamp
+    return out
+
+
+def versioned_store(root, version, seed=5):
+    """One agent whose three files hold the same records written as ``version``."""
+    rng = random.Random(seed)
+    pats = [make_pattern("alpha", rng, tags=[]) for _ in range(12)]
+    sols = [make_solution("alpha", rng, tags=[]) for _ in range(5)]
+    decs = [make_decision("alpha", rng, tags=[]) for _ in range(5)]
+    if version == "1.0.0":
+        pats = [_flat_v1(p, ("camel", "snake", "nested")[i % 3]) if i % 3 < 2 else _strip_to_v1(p)
+                for i, p in enumerate(pats)]
+        sols, decs = [_strip_to_v1(s) for s in sols], [_strip_to_v1(d) for d in decs]
+    elif version in ("1.2.0", "older-tool"):
+        pats = [dict(p, metadata={}, variations=[]) for p in pats]
+        sols = [dict(s, metadata={}) for s in sols]
+        decs = [dict(d, metadata={}) for d in decs]
+        if version == "older-tool":
+            pats = [_older_tool(p, i) for i, p in enumerate(pats)]
+    write_data(root / "alpha" / "patterns.json", pats)
+    write_data(root / "alpha" / "solutions.json", sols)
+    write_data(root / "alpha" / "decisions.json", decs)
+    return root
+
+
+@pytest.fixture
+def fake_backup(monkeypatch):
+    """safety_backup that succeeds and remembers its calls."""
+    calls = []
+
+    def backup(store, reason, config=None):
+        calls.append(reason)
+        return "snap-%d" % len(calls)
+
+    monkeypatch.setattr(aml, "safety_backup", backup)
+    return calls
+
+
+def store_records(root):
+    out = {}
+    for path in sorted(Path(root).glob("*/*.json")):
+        if aml.RecordType.from_filename(path.name):
+            out[str(path.relative_to(root))] = read_data(path)
+    return out
+
+
+def without_legacy_stamps(data):
+    return {f: [{k: v for k, v in r.items() if k != "schema_version"} for r in recs]
+            for f, recs in data.items()}
+
+
+def test_every_old_version_reaches_the_same_canonical_result(tmp_path, fake_backup, capsys):
+    results = {}
+    for version in ("1.0.0", "1.1.0", "1.2.0", "older-tool"):
+        root = versioned_store(tmp_path / version, version)
+        if version == "older-tool":
+            # The runtime rejects these records as they are (metrics/evolution dropped).
+            assert all(runtime_valid("pattern", r) for r in read_data(root / "alpha/patterns.json"))
+        before = store_records(root)
+        code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+        assert code == 0, err
+        after = store_records(root)
+        for name in before:
+            for old, new in zip(before[name], after[name]):
+                assert_values_preserved(old, new)
+        results[version] = without_legacy_stamps(after)
+    assert results["1.0.0"] == results["1.1.0"] == results["1.2.0"] == results["older-tool"]
+    for name, records in results["1.0.0"].items():
+        rtype = aml.RecordType.from_filename(Path(name).name).value
+        assert all(runtime_valid(rtype, r) == [] and r["schemaVersion"] == "2.0.0" for r in records)
+
+
+def test_runtime_store_migrates_to_valid_2_0_0_keeping_every_value(store, fake_backup, capsys):
+    before = store_records(store)
+    gz_before = {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in store.glob("*/*.json")}
+    code, out, _ = run_cli(store, "migrate", "migrate-latest", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and "backup snap-1" in out
+    after = store_records(store)
+    assert {f: len(r) for f, r in after.items()} == {f: len(r) for f, r in before.items()}
+    for name, records in after.items():
+        rtype = aml.RecordType.from_filename(Path(name).name).value
+        for old, new in zip(before[name], records):
+            assert runtime_valid(rtype, new) == []
+            assert_values_preserved(old, new)
+    assert {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in gz_before} == gz_before
+    code, out, _ = run_cli(store, "migrate", "detect", "--format", "json", capsys=capsys)
+    report = json.loads(out)
+    assert code == 0 and report["totals"] == {"2.0.0": sum(len(r) for r in before.values())}
+    assert report["history"][-1]["backup_id"] == "snap-1" and report["history"][-1]["to"] == "2.0.0"
+    digest = tree_digest(store, skip_state=True)
+    code, out, _ = run_cli(store, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 0 and "changed 0 of" in out and tree_digest(store, skip_state=True) == digest
+    assert fake_backup == ["before migrate to 2.0.0"]  # nothing to change: no second backup
+
+
+def test_detect_reads_runtime_records_and_flags_mixed_and_unplaceable(tmp_path, capsys):
+    rng = random.Random(8)
+    root = tmp_path / "m"
+    runtime_no_tags = {k: v for k, v in make_pattern("a", rng).items() if k != "tags"}
+    records = [runtime_no_tags, make_pattern("a", rng),
+               _strip_to_v1(make_pattern("a", rng)),
+               dict(make_pattern("a", rng), metadata={}, variations=[]),
+               dict(make_pattern("a", rng), schemaVersion="9.9"),
+               "not a record"]
+    write_data(root / "a" / "patterns.json", records)
+    write_data(root / "b" / "solutions.json", [make_solution("b", rng)])
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "migrate", "detect", capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    assert "a/patterns.json" in out and "1.0.0: 1, 1.1.0: 2, 1.2.0: 1, unplaceable: 2  MIXED" in out
+    assert "Store: 1.0.0: 1, 1.1.0: 3, 1.2.0: 1, unplaceable: 2 (MIXED)" in out
+    assert "a/patterns.json[4]" in out and "unknown schemaVersion '9.9'" in out
+    assert "a/patterns.json[5]" in out and "b" in out and "Migration history: none" in out
+
+
+@pytest.mark.parametrize("rec,version", [
+    ({"id": "x", "active": True}, "1.1.0"),            # runtime: active kept, empty tags dropped
+    ({"id": "x", "tags": []}, "1.1.0"),
+    ({"id": "x"}, "1.0.0"),
+    ({"id": "x", "variations": []}, "1.2.0"),
+    ({"id": "x", "schemaVersion": "1.2.0"}, "1.2.0"),  # a stamp wins over the fields
+    ({"id": "x", "schemaVersion": "2.0.0", "performance": {}, "tags": []}, "1.1.0"),
+    ({"id": "x", "schemaVersion": "2.0.0", "metrics": {}, "evolution": {},
+      "lifecycle": {"state": "active"}}, "2.0.0"),
+    ({"id": "x", "schemaVersion": "3.1"}, None),
+    ({"unrelated": 1}, None),
+])
+def test_detect_record_version(rec, version):
+    found = aml.detect_record_version(aml.RecordType.PATTERN, rec)
+    assert (found.value if found else None) == version
+
+
+def test_mixed_store_migrates_and_reports_what_it_cannot(tmp_path, fake_backup, capsys):
+    rng = random.Random(9)
+    root = tmp_path / "m"
+    no_rate = _strip_to_v1(make_pattern("a", rng))
+    del no_rate["metrics"]["successRate"]
+    keep = [no_rate, "not a record"]
+    good = [_flat_v1(make_pattern("a", rng), "snake"), make_pattern("a", rng),
+            dict(make_pattern("a", rng), metadata={"k": 1}, variations=[])]
+    write_data(root / "a" / "patterns.json", keep + good)
+    code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 3
+    assert "a/patterns.json[0]" in err and "no usable metrics.successRate anywhere" in err
+    assert "a/patterns.json[1]" in err and "cannot place" in err
+    after = read_data(root / "a" / "patterns.json")
+    assert after[:2] == keep  # left exactly as they were, not half-migrated
+    assert [r["schemaVersion"] for r in after[2:]] == ["2.0.0"] * 3
+    assert after[4]["metadata"] == {"k": 1}
+
+
+def test_crash_between_files_then_rerun_equals_clean_run(tmp_path, monkeypatch, capsys):
+    clean = build_store(tmp_path / "clean", gz="mixed")
+    crashed = build_store(tmp_path / "crashed", gz="mixed")
+    assert run_cli(clean, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 0
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky_replace)
+    with pytest.raises(OSError):
+        run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT)
+    monkeypatch.undo()
+    partial = store_records(crashed)
+    assert sum(1 for recs in partial.values() if recs[0].get("schemaVersion")) == 1
+    assert not [p for p in crashed.rglob("*") if ".aml-tmp-" in p.name]
+    assert run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 0
+    assert tree_digest(crashed, skip_state=True) == tree_digest(clean, skip_state=True)
+
+
+def test_failed_safety_backup_leaves_store_untouched(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "m")
+
+    def no_backup(store, reason, config=None):
+        raise aml.RefusedError("backup volume is full")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 4 and "backup volume is full" in err and "--no-backup" in err
+    assert tree_digest(root, skip_state=True) == before
+    assert not (root / ".aml" / "migrations.json").exists()
+
+
+def test_dry_run_reports_steps_and_sample_and_changes_nothing(tmp_path, capsys):
+    root = versioned_store(tmp_path / "m", "older-tool")
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "migrate", "migrate-latest", "--dry-run", capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    assert "would change 22 of 22 records" in out and "step 1.2.0->2.0.0" in out
+    assert "> performance.success_rate -> metrics.successRate:" in out
+    code, out, _ = run_cli(root, "migrate", "migrate", "--version", "2.0.0", "--dry-run",
+                           "--format", "json", capsys=capsys)
+    plan = json.loads(out)
+    assert plan["dry_run"] and plan["steps"]["1.2.0->2.0.0"] == 22 and tree_digest(root) == before
+
+
+def test_steps_down_lossless_or_refused_with_backup_hint(tmp_path, fake_backup, capsys):
+    root = build_store(tmp_path / "m", agents=("alpha",), patterns=6, solutions=3, decisions=3)
+    original = store_records(root)
+    assert run_cli(root, "migrate", "migrate-latest", capsys=capsys)[0] == 0
+    code, out, _ = run_cli(root, "migrate", "migrate", "1.1.0", capsys=capsys)
+    assert code == 0 and "step 2.0.0->1.2.0" in out and "step 1.2.0->1.1.0" in out
+    assert store_records(root) == original  # runtime records come back byte-for-value equal
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "migrate", "migrate", "1.0.0", capsys=capsys)
+    assert code == 4 and "would drop tags" in err and "backup restore snap-2" in err
+    assert tree_digest(root, skip_state=True) == before
+
+
+def test_step_down_refused_when_lifecycle_holds_information(tmp_path, fake_backup, capsys):
+    rng = random.Random(4)
+    root = tmp_path / "m"
+    write_data(root / "a" / "decisions.json", [make_decision("a", rng, pinned=True)])
+    assert run_cli(root, "migrate", "migrate-latest") == 0
+    rec = read_data(root / "a" / "decisions.json")[0]
+    assert rec["lifecycle"] == {"pinned": True, "state": "pinned"} and "pinned" not in rec
+    facts = aml.record_facts(aml.RecordType.DECISION, rec)
+    assert facts.pinned and facts.active
+    code, _, err = run_cli(root, "migrate", "migrate", "--version", "1.2.0", capsys=capsys)
+    assert code == 4 and "lifecycle" in err
+
+
+def test_unreadable_file_is_skipped_and_reported(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(gzip.compress(b'[{"id": "x"}]')[:-5])
+    raw = bad.read_bytes()
+    code, _, err = run_cli(root, "migrate", "migrate-latest", "--no-backup", capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err and bad.read_bytes() == raw
+    assert read_data(root / "test-automator" / "patterns.json")[0]["schemaVersion"] == "2.0.0"
+
+
+@pytest.mark.parametrize("rate,count,expected", [
+    (0.5, 1, {"successCount": 0, "failureCount": 0}),      # the runtime's fresh pattern
+    (0.75, 2, {"successCount": 1, "failureCount": 0}),
+    (0.9137931034482759, 29, {"successCount": 26, "failureCount": 2}),
+    (0.8, 10, {"successCount": 8, "failureCount": 2}),     # a plain ratio (hand-written)
+    (0.73, 3, {"successCount": 2, "failureCount": 1, "countsApproximate": True}),
+    (0.0, 0, {"successCount": 0, "failureCount": 0}),
+])
+def test_exact_counts(rate, count, expected):
+    rec = make_pattern("a", random.Random(1), success=rate, count=count)
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+    keys = ("successCount", "failureCount", "countsApproximate")
+    assert {k: out["metrics"][k] for k in keys if k in out["metrics"]} == expected
+
+
+def test_lifecycle_state_and_record_facts_on_2_0_0():
+    rng = random.Random(2)
+    cases = [(dict(make_pattern("a", rng), active=False), "inactive"),
+             (dict(make_pattern("a", rng), supersededBy="p-2"), "superseded"),
+             (dict(make_pattern("a", rng), tags=["pinned"]), "pinned"),
+             (dict(make_pattern("a", rng), lifecycle={"state": "Deprecated"}), "superseded")]
+    for rec, state in cases:
+        out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+        assert out["lifecycle"]["state"] == state and out["active"] == rec["active"]
+        facts = aml.record_facts(aml.RecordType.PATTERN, out)
+        assert facts.superseded == (state == "superseded")
+        assert facts.pinned == (state == "pinned") and facts.active == rec["active"]
+        assert facts.execution_count == rec["metrics"]["executionCount"]
+    assert out["lifecycle"]["legacyState"] == "Deprecated"
+
+
+def test_migration_is_idempotent_per_record():
+    rng = random.Random(11)
+    recs = [_flat_v1(make_pattern("a", rng), "snake"), _older_tool(make_pattern("a", rng), 1),
+            make_pattern("a", rng, pinned=True)]
+    for rec in recs:
+        once = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0)
+        twice = aml.migrate_record(aml.RecordType.PATTERN, once.record, aml.SchemaVersion.V2_0_0)
+        assert once.changes and not twice.changes and twice.record is once.record
+
+
+def test_epoch_and_conflicting_legacy_values_are_kept_not_lost():
+    rec = _strip_to_v1(make_pattern("a", random.Random(3), success=0.5, count=4))
+    rec["success_rate"] = 0.9                      # conflicts with metrics.successRate
+    rec["metrics"]["successRate"] = 0.5
+    del rec["evolution"]["lastUsed"]
+    rec["last_used"] = 1763640000000               # epoch milliseconds
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+    assert out["success_rate"] == 0.9 and out["metrics"]["successRate"] == 0.5
+    assert out["evolution"]["lastUsed"] == "2025-11-20T12:00:00.000Z"
+    assert out["last_used"] == 1763640000000
+
+
+def test_missing_optional_counters_are_defaulted_and_noted():
+    rec = _older_tool(make_pattern("a", random.Random(6)), 0)
+    del rec["performance"]["avg_time_saved_ms"]
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0)
+    assert out.problem is None and out.record["metrics"]["avgTimeSavedMs"] == 0
+    assert out.record["metadata"]["amlMigration"] == {"defaulted": ["metrics.avgTimeSavedMs"]}
+
+
+def test_solution_and_decision_legacy_fields_become_runtime_fields():
+    rng = random.Random(12)
+    sol = _strip_to_v1(make_solution("a", rng))
+    sol["verified_count"] = sol.pop("verifiedCount")
+    dec = dict(_strip_to_v1(make_decision("a", rng)), outcome=None, reviewed_at=NOW_TEXT)
+    assert runtime_valid("solution", sol) and runtime_valid("decision", dec)
+    new_sol = aml.migrate_record(aml.RecordType.SOLUTION, sol, aml.SchemaVersion.V2_0_0).record
+    new_dec = aml.migrate_record(aml.RecordType.DECISION, dec, aml.SchemaVersion.V2_0_0).record
+    assert runtime_valid("solution", new_sol) == [] and runtime_valid("decision", new_dec) == []
+    assert new_sol["verifiedCount"] == sol["verified_count"] and "verified_count" not in new_sol
+    assert new_dec["reviewedAt"] == NOW_TEXT and "outcome" not in new_dec
+    assert_values_preserved(sol, new_sol)
+
+
+def test_migrate_cli_spellings_and_usage_errors(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("alpha",), patterns=3, solutions=1, decisions=1)
+    assert run_cli(root, "migrate", "migrate", "1.2.0", "--no-backup") == 0
+    code, out, _ = run_cli(root, "migrate", "detect", capsys=capsys)
+    assert "Store: 1.2.0: 5 (uniform)" in out
+    code, _, err = run_cli(root, "migrate", "migrate", capsys=capsys)
+    assert code == 2 and "target version" in err
+    code, _, err = run_cli(root, "migrate", "migrate", "1.1.0", "--version", "2.0.0",
+                           capsys=capsys)
+    assert code == 2 and "two different" in err
+    code, _, err = run_cli(root, "migrate", "migrate", "--version", "3.0", capsys=capsys)
+    assert code == 2 and "unknown schema version" in err
+
 
 # =============================================================================
 # 14. Monitoring and alerts
