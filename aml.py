@@ -2518,11 +2518,6 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
             "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
 
 
-def safety_backup(store, reason, config=None):  # STUB until backup lands
-    """Stub: the backup engineer's section 8 replaces it; raises RefusedError."""
-    raise RefusedError("backup is not available")
-
-
 # =============================================================================
 # 9. Bloom filter and LRU cache
 # In-memory structures with byte-exact, checksummed persistence.
