@@ -492,23 +492,42 @@ class FileLock:
 
 
 class MaintenanceLock:
-    """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap."""
+    """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap.
+
+    Re-entrant within one process: a command that holds it can call another operation that
+    takes it too (a prune's safety backup), and the lock is released when the outermost
+    holder releases it.
+    """
+
+    _held: Dict[str, List[int]] = {}  # path -> [fd, depth], shared by every instance
+    _guard = threading.Lock()
 
     def __init__(self, state_dir: Path, timeout: float = DEFAULT_LOCK_TIMEOUT):
         self.path = Path(state_dir) / "maintenance.lock"
         self.timeout = timeout
-        self._fd: Optional[int] = None
+        self._entered = False
 
     def acquire(self) -> None:
         """Take the lock or raise StoreBusyError."""
+        key = os.path.abspath(str(self.path))
+        with self._guard:
+            if key in self._held:
+                self._held[key][1] += 1
+                self._entered = True
+                return
+        fd = self._flock()
+        with self._guard:
+            self._held[key] = [fd, 1]
+        self._entered = True
+
+    def _flock(self) -> int:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fd = fd
-                return
+                return fd
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
                     os.close(fd)
@@ -516,11 +535,19 @@ class MaintenanceLock:
                 time.sleep(0.2)
 
     def release(self) -> None:
-        """Release the lock (safe to call twice)."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Release this holder's share of the lock (safe to call twice)."""
+        if not self._entered:
+            return
+        self._entered = False
+        key = os.path.abspath(str(self.path))
+        with self._guard:
+            entry = self._held[key]
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._held[key]
+        fcntl.flock(entry[0], fcntl.LOCK_UN)
+        os.close(entry[0])
 
     def __enter__(self) -> "MaintenanceLock":
         self.acquire()
@@ -576,6 +603,15 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "created": (("evolution", "created"), ("lifecycle", "created_at"), ("lifecycle", "created"),
                 ("createdAt",), ("created_at",), ("created",)),
     "reviewed": (("reviewedAt",), ("reviewed_at",)),
+    "avg_time_saved": (("metrics", "avgTimeSavedMs"), ("metrics", "avg_time_saved_ms"),
+                       ("avgTimeSavedMs",), ("avg_time_saved_ms",),
+                       ("performance", "avg_time_saved_ms"), ("performance", "avgTimeSavedMs")),
+    "error_prevention": (("metrics", "errorPreventionCount"), ("metrics", "error_prevention_count"),
+                         ("errorPreventionCount",), ("error_prevention_count",),
+                         ("performance", "error_prevention_count"),
+                         ("performance", "errorPreventionCount")),
+    "refinements": (("evolution", "refinements"), ("refinements",), ("lifecycle", "refinements"),
+                    ("performance", "refinements")),
 }
 
 
@@ -1002,6 +1038,1484 @@ class Archive:
 # 8. Backup and restore
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
+# Only this section needs these; importing them here keeps the shared import block stable.
+import concurrent.futures  # noqa: E402
+import difflib  # noqa: E402
+import struct  # noqa: E402
+
+
+class BackupType(enum.Enum):
+    """A full snapshot re-reads every file; an incremental trusts unchanged size/mtime/ctime/inode."""
+
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+    @property
+    def prefix(self) -> str:
+        """The id prefix: ``full`` or ``incr``."""
+        return "full" if self is BackupType.FULL else "incr"
+
+
+# How often `backup auto` is expected to run (days), and every how many periods it takes a full.
+SCHEDULE_PERIODS = {"hourly": 1.0 / 24, "daily": 1.0, "weekly": 7.0, "monthly": 30.0}
+FULL_EVERY_PERIODS = 7
+REPO_DIR_NAME = "aml"
+BLOCK_SIZE = 256 * 1024          # uncompressed bytes per zlib block inside a pack
+MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
+BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
+PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
+_PACK_MAGIC = b"AMLPACK1"
+_IDX_MAGIC = b"AMLIDX02"
+KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
+_MANIFEST_FORMAT = "aml-backup-manifest-1"
+
+
+@dataclasses.dataclass
+class BackupConfig:
+    """Where backups go and how they are kept; every field is used (see README)."""
+
+    backup_root: Optional[Path] = None
+    retention_days: int = 30
+    max_backups: int = 100
+    compression_level: int = 6
+    incremental_enabled: bool = True
+    verify_after_backup: bool = True
+    backup_schedule: str = "daily"
+
+    def validate(self) -> "BackupConfig":
+        """Return self; raises UsageError for a value out of range."""
+        if self.backup_schedule not in SCHEDULE_PERIODS:
+            raise UsageError("backup_schedule must be one of %s, not %r"
+                             % (", ".join(SCHEDULE_PERIODS), self.backup_schedule))
+        checks = (("retention_days", 0), ("max_backups", 1), ("compression_level", 0))
+        for name, low in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError("%s must be an integer >= %d, not %r" % (name, low, value))
+        if self.compression_level > 9:
+            raise UsageError("compression_level must be 0..9, not %r" % self.compression_level)
+        return self
+
+
+@dataclasses.dataclass
+class BackupResult:
+    """One snapshot taken by BackupManager.create."""
+
+    backup_id: str
+    type: BackupType
+    created: str
+    files: int
+    records: int
+    files_reread: int
+    objects_added: int
+    bytes_added: int
+    verified: bool
+    manifest: Path
+    reason: Optional[str] = None
+    warnings: List[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class SnapshotInfo:
+    """One row of ``backup list``."""
+
+    backup_id: str
+    type: str
+    created: str
+    files: int
+    records: int
+    logical_bytes: int
+    agents: Optional[List[str]]
+    reason: Optional[str]
+    verified: Optional[bool]
+
+
+@dataclasses.dataclass
+class ListResult:
+    """Snapshots (oldest first), foreign files in the backup root, and the repository size."""
+
+    backup_root: Path
+    snapshots: List[SnapshotInfo]
+    foreign: List[str]
+    repository_bytes: int
+    problems: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """Outcome of verifying one or more snapshots; ``problems`` names everything wrong."""
+
+    backup_ids: List[str]
+    deep: bool
+    ok: bool
+    files_checked: int
+    objects_checked: int
+    problems: List[str]
+    failed: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    """What a restore changed (or, with dry_run, would change)."""
+
+    backup_id: str
+    target: Path
+    dry_run: bool
+    created: List[str]
+    replaced: List[str]
+    removed: List[str]
+    unchanged: int
+    safety_backup: Optional[str]
+
+
+@dataclasses.dataclass
+class RotateResult:
+    """Snapshots deleted and kept by rotation, and the space freed."""
+
+    dry_run: bool
+    deleted: List[str]
+    kept: List[str]
+    objects_freed: int
+    bytes_freed: int
+    packs_rewritten: int
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class AutoResult:
+    """What ``backup auto`` did: the snapshot (or why none was due) and the rotation."""
+
+    backup: Optional[BackupResult]
+    skipped: Optional[str]
+    rotate: Optional[RotateResult]
+
+
+# -- JSON array splitting: records as exact byte slices ---------------------
+
+_WS_RE = re.compile(r"[ \t\n\r]*")
+_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant).scan_once
+
+
+def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    """``(head, separator, tail, element spans)`` of a non-empty JSON array text, else None.
+
+    Joining head, the element slices with the separator, and tail gives back ``text``
+    exactly, so a restore is byte-exact without re-serializing. Arrays whose separators
+    differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
+    """
+    try:
+        return _split_array(text)
+    except (StopIteration, ValueError, RecursionError, IndexError):
+        return None
+
+
+def _split_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    pos = _WS_RE.match(text).end()
+    if not text.startswith("[", pos):
+        return None
+    start = cur = _WS_RE.match(text, pos + 1).end()
+    spans: List[Tuple[int, int]] = []
+    sep = None
+    while True:
+        end = _SCAN_ONCE(text, cur)[1]
+        spans.append((cur, end))
+        nxt = _WS_RE.match(text, end).end()
+        if text.startswith(",", nxt):
+            cur = _WS_RE.match(text, nxt + 1).end()
+            if sep is None:
+                sep = text[end:cur]
+            elif text[end:cur] != sep:
+                return None
+        elif text.startswith("]", nxt) and not text[nxt + 1:].strip(" \t\n\r"):
+            return text[:start], sep or "", text[end:], spans
+        else:
+            return None
+
+
+def _json_kind_of(data: bytes) -> str:
+    """``array``/``object``/``string``/... for JSON bytes (gzip allowed), else ``invalid``."""
+    try:
+        text, _ = decode_file_bytes(Path("-"), data)
+        return _kind_name(parse_json_text(text))
+    except (CorruptFileError, ValueError, RecursionError):
+        return "invalid"
+
+
+def _kind_name(obj: Any) -> str:
+    if isinstance(obj, bool) or obj is None:
+        return "literal"
+    return {list: "array", dict: "object", str: "string"}.get(type(obj), "number")
+
+
+def _gzip_mtime(raw: bytes) -> int:
+    return int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
+
+
+# -- Pack files: content-addressed objects in zlib blocks -------------------
+
+class _PackWriter:
+    """Appends new objects to one new pack, compressing 256 KiB blocks on worker threads.
+
+    The pack is written under its final name but stays invisible until ``commit`` writes
+    its index (after fsync of the pack); a pack without an index is a leftover.
+    """
+
+    def __init__(self, packs_dir: Path, level: int, known: Callable[[bytes], bool]):
+        self.name = "pack-%s-%s" % (time.strftime("%Y%m%d%H%M%S"), secrets.token_hex(4))
+        self.path = packs_dir / (self.name + ".pack")
+        self.level = level
+        self.known = known
+        self.entries: Dict[bytes, Tuple[int, int, int]] = {}
+        self.blocks: List[Tuple[int, int, int]] = []
+        self.bytes_written = 0
+        self.committed = False
+        self._bufs: Dict[bool, List[Tuple[bytes, bytes]]] = {False: [], True: []}
+        self._buf_len = {False: 0, True: 0}
+        self._queued: set = set()
+        self._next_block = 0
+        self._pending: List[Any] = []
+        self._fh: Optional[Any] = None
+        self._offset = len(_PACK_MAGIC)
+        # zlib releases the GIL: compressing blocks on threads overlaps with JSON scanning.
+        workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+
+    def add(self, digest: bytes, data: bytes, meta: bool = False) -> bool:
+        """Queue one object unless the repository or this pack has it; True if added.
+
+        ``meta`` objects (item lists) go to their own blocks, so reading a snapshot's lists
+        does not decompress record blocks.
+        """
+        if digest in self.entries or digest in self._queued or self.known(digest):
+            return False
+        buf = self._bufs[meta]
+        buf.append((digest, data))
+        self._queued.add(digest)
+        self._buf_len[meta] += len(data)
+        if self._buf_len[meta] >= BLOCK_SIZE:
+            self._seal(meta)
+        return True
+
+    def _seal(self, meta: bool) -> None:
+        buf = self._bufs[meta]
+        if not buf:
+            return
+        block_no, offset = self._next_block, 0
+        self._next_block += 1
+        for digest, data in buf:
+            self.entries[digest] = (block_no, offset, len(data))
+            offset += len(data)
+        block = b"".join(data for _, data in buf)
+        self._pending.append((self._pool.submit(zlib.compress, block, self.level), len(block)))
+        self._bufs[meta], self._buf_len[meta] = [], 0
+        self._queued.difference_update(d for d, _ in buf)
+        while len(self._pending) > 4:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        future, ulen = self._pending.pop(0)
+        data = future.result()
+        if self._fh is None:
+            self._fh = open(str(self.path), "xb")
+            os.chmod(str(self.path), 0o600)
+            self._fh.write(_PACK_MAGIC)
+        self._fh.write(data)
+        self.blocks.append((self._offset, len(data), ulen))
+        self._offset += len(data)
+
+    def commit(self) -> int:
+        """Write out every block, fsync, then the index; returns bytes added (0 if none)."""
+        self._seal(False)
+        self._seal(True)
+        while self._pending:
+            self._write_oldest()
+        self._pool.shutdown()
+        if self._fh is None:
+            return 0
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        index = _encode_index(self.blocks, self.entries)
+        atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
+        self.committed = True
+        self.bytes_written = self._offset + len(index)
+        return self.bytes_written
+
+    def abort(self) -> None:
+        """Drop the pack unless committed (an uncommitted pack has no index: no reader)."""
+        if self.committed:
+            return
+        self._pool.shutdown(cancel_futures=True)
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _encode_index(blocks: List[Tuple[int, int, int]],
+                  entries: Dict[bytes, Tuple[int, int, int]]) -> bytes:
+    """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
+
+    Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
+    manifest or item list that references them and is checked on every read).
+    """
+    parts = [struct.pack("<I", len(blocks))]
+    parts.extend(struct.pack("<QII", *b) for b in blocks)
+    parts.append(struct.pack("<I", len(entries)))
+    parts.extend(d[:KEY_LEN] + struct.pack("<III", *loc) for d, loc in entries.items())
+    payload = b"".join(parts)
+    return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
+
+
+def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
+                                                     Dict[bytes, Tuple[int, int, int]]]:
+    try:
+        payload = zlib.decompress(raw[40:])
+    except zlib.error:
+        payload = b""
+    if not raw.startswith(_IDX_MAGIC) or hashlib.sha256(payload).digest() != raw[8:40]:
+        raise IntegrityError("%s: pack index checksum mismatch" % path)
+    try:
+        nblocks = struct.unpack_from("<I", payload, 0)[0]
+        pos = 4 + 16 * nblocks
+        blocks = list(struct.iter_unpack("<QII", payload[4:pos]))
+        nobj = struct.unpack_from("<I", payload, pos)[0]
+        table = payload[pos + 4:]
+        width = KEY_LEN + 12
+        if len(table) != width * nobj:
+            raise ValueError("size")
+        entries = {table[i:i + KEY_LEN]: struct.unpack_from("<III", table, i + KEY_LEN)
+                   for i in range(0, len(table), width)}
+    except (struct.error, ValueError):
+        raise IntegrityError("%s: malformed pack index" % path) from None
+    return blocks, entries
+
+
+class _ObjectStore:
+    """Read side of the repository: every committed pack's objects, checked on every read."""
+
+    def __init__(self, packs_dir: Path):
+        self.packs_dir = packs_dir
+        self.where: Dict[bytes, Tuple[str, int, int, int]] = {}
+        self.blocks: Dict[str, List[Tuple[int, int, int]]] = {}
+        self.entries: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
+        self.problems: List[str] = []
+        self._cache: Dict[Tuple[str, int], bytes] = {}
+        self._cached = 0
+        for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
+            self._load(idx)
+
+    def _load(self, idx: Path) -> None:
+        try:
+            blocks, entries = _decode_index(idx, idx.read_bytes())
+        except (OSError, IntegrityError) as exc:
+            self.problems.append(str(exc))
+            return
+        name = idx.stem
+        self.blocks[name] = blocks
+        self.entries[name] = entries
+        for digest, (block, off, length) in entries.items():
+            self.where.setdefault(digest, (name, block, off, length))
+
+    def has(self, digest: bytes) -> bool:
+        """True if a committed pack indexes this object."""
+        return digest[:KEY_LEN] in self.where
+
+    def get(self, digest: bytes) -> bytes:
+        """The object's bytes; raises IntegrityError if missing, unreadable or not matching."""
+        loc = self.where.get(digest[:KEY_LEN])
+        if loc is None:
+            raise IntegrityError("object %s is missing" % digest.hex()[:16])
+        name, block_no, off, length = loc
+        data = self._block(name, block_no)[off:off + length]
+        if len(data) != length or hashlib.sha256(data).digest() != digest:
+            raise IntegrityError("object %s in %s.pack: checksum mismatch"
+                                 % (digest.hex()[:16], name))
+        return data
+
+    def _order(self, digest: bytes) -> Tuple[str, int, int]:
+        loc = self.where.get(digest[:KEY_LEN])
+        return (loc[0], loc[1], loc[2]) if loc else ("", -1, 0)
+
+    def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
+        """Check objects in pack order (each block read once); returns {digest: problem}."""
+        bad = {}
+        for digest in sorted(set(digests), key=self._order):
+            try:
+                self.get(digest)
+            except IntegrityError as exc:
+                bad[digest] = str(exc)
+        return bad
+
+    def fetch_many(self, digests: Iterable[bytes]) -> Dict[bytes, bytes]:
+        """The bytes of many objects, read in pack order; raises IntegrityError."""
+        return {d: self.get(d) for d in sorted(set(digests), key=self._order)}
+
+    def _block(self, name: str, block_no: int) -> bytes:
+        key = (name, block_no)
+        if key not in self._cache:
+            data = self._read_block(name, block_no)
+            while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
+                self._cached -= len(self._cache.pop(next(iter(self._cache))))
+            self._cache[key] = data
+            self._cached += len(data)
+        return self._cache[key]
+
+    def _read_block(self, name: str, block_no: int) -> bytes:
+        path = self.packs_dir / (name + ".pack")
+        try:
+            offset, clen, ulen = self.blocks[name][block_no]
+            with open(str(path), "rb") as handle:
+                handle.seek(offset)
+                data = zlib.decompress(handle.read(clen))
+        except (OSError, IndexError, zlib.error) as exc:
+            raise IntegrityError("%s: block %d unreadable (%s)" % (path, block_no, exc)) from None
+        if len(data) != ulen:
+            raise IntegrityError("%s: block %d has the wrong size" % (path, block_no))
+        return data
+
+
+# -- Item lists: a file's records as digests, stored whole or as deltas -----
+
+def _encode_delta(base: bytes, old: List[bytes], new: List[bytes]) -> bytes:
+    """``D`` + base digest + the edits that turn ``old`` into ``new``."""
+    ops = [op for op in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+           if op[0] != "equal"]
+    parts = [b"D", base, struct.pack("<I", len(ops))]
+    for _, i1, i2, j1, j2 in ops:
+        parts.append(struct.pack("<III", i1, i2, j2 - j1))
+        parts.extend(new[j1:j2])
+    return b"".join(parts)
+
+
+def _apply_delta(data: bytes, old: List[bytes]) -> List[bytes]:
+    count = struct.unpack_from("<I", data, 33)[0]
+    pos, done, out = 37, 0, []
+    for _ in range(count):
+        i1, i2, n = struct.unpack_from("<III", data, pos)
+        pos += 12
+        if not done <= i1 <= i2 <= len(old):
+            raise ValueError("delta out of range")
+        out.extend(old[done:i1])
+        out.extend(data[pos + 32 * k:pos + 32 * k + 32] for k in range(n))
+        pos += 32 * n
+        done = i2
+    if pos != len(data):
+        raise ValueError("delta has trailing bytes")
+    out.extend(old[done:])
+    return out
+
+
+def _split_digests(data: bytes) -> List[bytes]:
+    if len(data) % 32:
+        raise ValueError("list object has a partial digest")
+    return [data[i:i + 32] for i in range(0, len(data), 32)]
+
+
+class _Lists:
+    """Resolves item-list objects (full ``L`` or delta ``D`` chains), caching the results."""
+
+    def __init__(self, objects: _ObjectStore):
+        self.objects = objects
+        self.cache: Dict[bytes, List[bytes]] = {}
+
+    def resolve(self, digest: bytes, chain: Optional[List[bytes]] = None) -> List[bytes]:
+        """The digests listed by a list object; raises IntegrityError."""
+        todo = []
+        while digest not in self.cache:
+            if len(todo) > MAX_DELTA_DEPTH + 1:
+                raise IntegrityError("list %s: delta chain too long" % digest.hex()[:16])
+            data = self.objects.get(digest)
+            todo.append((digest, data))
+            if data[:1] != b"D":
+                break
+            digest = data[1:33]
+        if chain is not None:
+            chain.extend(d for d, _ in todo)
+        for digest, data in reversed(todo):
+            self.cache[digest] = self._decode(digest, data)
+        return self.cache[todo[0][0]] if todo else self.cache[digest]
+
+    def _decode(self, digest: bytes, data: bytes) -> List[bytes]:
+        try:
+            if data[:1] == b"L":
+                return _split_digests(data[1:])
+            if data[:1] == b"D":
+                return _apply_delta(data, self.cache[data[1:33]])
+            raise ValueError("unknown list kind")
+        except (ValueError, KeyError, IndexError) as exc:
+            raise IntegrityError("list %s malformed (%s)" % (digest.hex()[:16], exc)) from None
+
+
+# -- Paths: what a snapshot covers, and refusing hostile ones ----------------
+
+def safe_relpath(rel: Any) -> str:
+    """``rel`` if it is a plain relative POSIX path inside a target; raises IntegrityError."""
+    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel
+            or "\x00" in rel or any(p in ("", ".", "..") for p in rel.split("/"))):
+        raise IntegrityError("unsafe path in manifest: %r" % (rel,))
+    return rel
+
+
+def _check_no_symlinks(root: Path, rel: str) -> None:
+    """Refuse if the target root or any existing parent folder of ``rel`` is a symlink."""
+    current = root
+    for part in [""] + rel.split("/")[:-1]:
+        current = current / part if part else current
+        try:
+            info = os.lstat(str(current))
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise RefusedError("refusing to restore %s: %s is a symlink or not a folder"
+                               % (rel, current))
+
+
+def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
+    return agents is None or rel.split("/", 1)[0] in agents
+
+
+def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
+    """Relative POSIX paths of regular files under root/top, symlinks and skipped names left out."""
+    base = root / top if top else root
+    for dirpath, dirnames, filenames in os.walk(str(base)):
+        rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not skip(rel_dir + d)
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if not skip(rel) and not os.path.islink(os.path.join(dirpath, name)):
+                yield rel
+
+
+def _skip_name(rel: str) -> bool:
+    """Never backed up: aml state other than the archive, runtime locks, temp files."""
+    name = rel.rsplit("/", 1)[-1]
+    if name.endswith(".lock") or is_temp_leftover(name):
+        return True
+    top = rel.split("/", 1)[0]
+    if top == STATE_DIR_NAME:
+        return not (rel == STATE_DIR_NAME or rel == STATE_DIR_NAME + "/archive"
+                    or rel.startswith(STATE_DIR_NAME + "/archive/"))
+    return top.startswith(".") or top == "memory-backup"
+
+
+def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
+    """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted."""
+    if agents is None:
+        return list(_walk_files(root, "", _skip_name))
+    found: List[str] = []
+    for agent in agents:
+        found.extend(_walk_files(root, agent, _skip_name))
+    return found
+
+
+def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
+    """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
+    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
+    data = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
+
+
+def _id_order(backup_id: str) -> Tuple[str, int]:
+    parts = backup_id.split("_")
+    return parts[1] + parts[2], int(parts[3]) if len(parts) > 3 else 1
+
+
+def _id_time(backup_id: str) -> _dt.datetime:
+    stamp = "".join(backup_id.split("_")[1:3])
+    return _dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=_dt.timezone.utc)
+
+
+# -- The manager ------------------------------------------------------------
+
+class BackupManager:
+    """Snapshots of a store in a content-addressed repository at ``<backup_root>/aml/``.
+
+    Records of JSON-array files are stored once per distinct content, so an unchanged record
+    costs nothing in later snapshots even when the runtime rewrote (or re-gzipped) its file.
+    Every snapshot's manifest lists every file, so each restores on its own.
+    """
+
+    def __init__(self, store: Store, config: Optional[BackupConfig] = None):
+        self.store = store
+        self.config = (config or BackupConfig()).validate()
+        root = self.config.backup_root
+        self.root = Path(root) if root else store.root.resolve().parent / "memory-backup"
+        self.repo = self.root / REPO_DIR_NAME
+        self.packs = self.repo / "packs"
+        self.snapshots_dir = self.repo / "snapshots"
+
+    # -- repository housekeeping ------------------------------------------
+    @contextlib.contextmanager
+    def _repo_lock(self, exclusive: bool) -> Iterator[None]:
+        if exclusive:
+            self._ensure_repo()
+        elif not (self.repo / "lock").exists():
+            yield
+            return
+        fd = os.open(str(self.repo / "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _flock(self, fd: int, mode: int) -> None:
+        deadline = time.monotonic() + self.store.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    raise StoreBusyError("backup repository busy: %s" % (self.repo / "lock"))
+                time.sleep(0.2)
+
+    def _ensure_repo(self) -> None:
+        for folder in (self.root, self.repo, self.packs, self.snapshots_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.repo, self.packs, self.snapshots_dir):
+            os.chmod(str(folder), 0o700)
+
+    def _cleanup_leftovers(self) -> None:
+        """Remove what an interrupted run left: packs without an index, temp files."""
+        if not self.packs.is_dir():
+            return
+        for pack in self.packs.glob("pack-*.pack"):
+            if not pack.with_suffix(".idx").exists():
+                pack.unlink()
+        for folder in (self.packs, self.snapshots_dir, self.repo):
+            for leftover in folder.iterdir():
+                if is_temp_leftover(leftover.name):
+                    leftover.unlink()
+
+    # -- manifests ----------------------------------------------------------
+    def manifest_path(self, backup_id: str) -> Path:
+        """The manifest file of a snapshot; raises UsageError for a malformed id."""
+        if not re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", backup_id or ""):
+            raise UsageError("invalid backup id %r (expected e.g. full_20261120_020000)"
+                             % backup_id)
+        return self.snapshots_dir / (backup_id + ".json")
+
+    def load_manifest(self, backup_id: str) -> Dict[str, Any]:
+        """A snapshot's manifest; UsageError if absent, IntegrityError if it does not verify."""
+        path = self.manifest_path(backup_id)
+        if not path.exists():
+            raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+        payload = read_checksummed(path)
+        if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
+                or not isinstance(payload.get("files"), list):
+            raise IntegrityError("%s: not an aml backup manifest" % path)
+        return payload
+
+    def snapshot_ids(self) -> List[str]:
+        """Ids of every snapshot with a manifest, oldest first (by time, then sequence)."""
+        if not self.snapshots_dir.is_dir():
+            return []
+        ids = [p.stem for p in self.snapshots_dir.glob("*.json")
+               if re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", p.stem)]
+        return sorted(ids, key=_id_order)
+
+    def _new_id(self, btype: BackupType) -> str:
+        # The suffix is shared by both prefixes so (stamp, suffix) orders every snapshot.
+        stamp, n, suffix = compact_stamp(self.store.now), 1, ""
+        while any((self.snapshots_dir / ("%s_%s%s.json" % (p, stamp, suffix))).exists()
+                  for p in ("full", "incr")):
+            n += 1
+            suffix = "_%d" % n
+        return "%s_%s%s" % (btype.prefix, stamp, suffix)
+
+    def _newest_readable(self) -> Optional[Dict[str, Any]]:
+        for backup_id in reversed(self.snapshot_ids()):
+            try:
+                return self.load_manifest(backup_id)
+            except AmlError:
+                continue
+        return None
+
+    # -- verified marks -----------------------------------------------------
+    def _verified(self) -> Dict[str, Any]:
+        try:
+            marks = read_checksummed(self.repo / "verified.json", {})
+        except IntegrityError:
+            return {}
+        return marks if isinstance(marks, dict) else {}
+
+    def _mark_verified(self, results: Dict[str, bool], deep: bool) -> None:
+        marks = self._verified()
+        existing = set(self.snapshot_ids())
+        marks = {k: v for k, v in marks.items() if k in existing}
+        for backup_id, ok in results.items():
+            marks[backup_id] = {"ok": ok, "deep": deep, "when": format_timestamp(self.store.now)}
+        write_checksummed(self.repo / "verified.json", marks)
+
+    def newest_verified(self) -> Optional[str]:
+        """The newest snapshot whose last verification passed, or None."""
+        marks = self._verified()
+        for backup_id in reversed(self.snapshot_ids()):
+            if marks.get(backup_id, {}).get("ok") is True:
+                return backup_id
+        return None
+
+    # -- create ---------------------------------------------------------------
+    def create(self, backup_type: BackupType = BackupType.INCREMENTAL,
+               agents: Optional[Sequence[str]] = None, reason: Optional[str] = None,
+               verify: Optional[bool] = None, lock_store: bool = True) -> BackupResult:
+        """Take a snapshot (full, or incremental when enabled and a previous one exists).
+
+        Pass ``lock_store=False`` when the caller already holds the store's maintenance
+        lock. Raises StoreBusyError, IntegrityError (verification failed) or OSError.
+        """
+        hold = self.store.maintenance_lock() if lock_store else contextlib.nullcontext()
+        with hold, self._repo_lock(exclusive=True):
+            self._cleanup_leftovers()
+            return self._snapshot_and_verify(backup_type, agents, reason, verify)
+
+    def _snapshot_and_verify(self, btype: BackupType, agents: Optional[Sequence[str]],
+                             reason: Optional[str], verify: Optional[bool] = None) -> BackupResult:
+        started, clock = self.store.now, time.monotonic()
+        result = self._create_locked(btype, agents, reason)
+        if self.config.verify_after_backup if verify is None else verify:
+            check = self._verify_locked([result.backup_id], deep=False)
+            self._record_verify(check, started, clock)
+            result.verified = check.ok
+            if not check.ok:
+                raise IntegrityError("backup %s does not verify: %s"
+                                     % (result.backup_id, "; ".join(check.problems[:3])))
+        result.seconds = time.monotonic() - clock
+        self.store.record_operation("backup", started, result.seconds, {
+            "backup_id": result.backup_id, "type": result.type.value, "verified": result.verified,
+            "manifest": str(result.manifest.resolve()), "bytes_added": result.bytes_added,
+            "files": result.files})
+        return result
+
+    def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
+                       reason: Optional[str]) -> BackupResult:
+        selected = self.store.select_agents(agents) if agents else None
+        previous = self._newest_readable()
+        if previous is None or not self.config.incremental_enabled:
+            btype = BackupType.FULL
+        objects = _ObjectStore(self.packs)
+        snap = _SnapshotBuilder(self, objects, previous,
+                                incremental=btype is BackupType.INCREMENTAL)
+        writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
+        try:
+            entries = [e for e in (snap.file_entry(rel, writer)
+                                   for rel in store_scope_files(self.store.root, selected)) if e]
+            bytes_added = writer.commit()
+            backup_id = self._new_id(btype)
+            manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
+                        "created": format_timestamp(self.store.now),
+                        "store": str(self.store.root.resolve()), "agents": selected,
+                        "reason": reason, "files": entries}
+            path = self.manifest_path(backup_id)
+            _write_manifest(path, manifest)   # the commit point
+        except BaseException:
+            writer.abort()
+            raise
+        return BackupResult(
+            backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
+            records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
+            objects_added=len(writer.entries), bytes_added=bytes_added + path.stat().st_size,
+            verified=False, manifest=path, reason=reason, warnings=snap.warnings)
+
+    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+        self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
+        for backup_id in check.backup_ids:
+            self.store.record_operation("verify", started, time.monotonic() - clock, {
+                "backup_id": backup_id, "ok": backup_id not in check.failed, "deep": check.deep})
+
+    # -- verify ---------------------------------------------------------------
+    def verify(self, backup_id: Optional[str] = None, deep: bool = False,
+               all_snapshots: bool = False) -> VerifyResult:
+        """Check manifests and every object's SHA-256 (``deep``: rebuild and parse each file).
+
+        Returns a VerifyResult whose ``problems`` name what is wrong (the CLI exits 6);
+        raises UsageError for an unknown id or an empty repository.
+        """
+        started, clock = self.store.now, time.monotonic()
+        ids = self.snapshot_ids()
+        if not ids:
+            raise UsageError("no backups in %s" % self.repo)
+        if not all_snapshots:
+            backup_id = backup_id or ids[-1]
+            if not self.manifest_path(backup_id).exists():
+                raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+            ids = [backup_id]
+        with self._repo_lock(exclusive=True):
+            result = self._verify_locked(ids, deep)
+            self._record_verify(result, started, clock)
+        return result
+
+    def _verify_locked(self, ids: List[str], deep: bool) -> VerifyResult:
+        objects = _ObjectStore(self.packs)
+        lists = _Lists(objects)
+        checked: Dict[bytes, Optional[str]] = {}
+        result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
+                              objects_checked=0, problems=list(objects.problems))
+        for backup_id in ids:
+            before = len(result.problems)
+            try:
+                manifest = self.load_manifest(backup_id)
+            except AmlError as exc:
+                result.problems.append("%s: %s" % (backup_id, exc))
+            else:
+                result.problems.extend("%s: %s" % (backup_id, p) for p in self._verify_files(
+                    manifest["files"], objects, lists, checked, deep))
+                result.files_checked += len(manifest["files"])
+            if len(result.problems) > before:
+                result.failed.append(backup_id)
+        result.objects_checked = len(checked)
+        result.ok = not result.problems
+        return result
+
+    def _verify_files(self, entries: List[Any], objects: _ObjectStore, lists: _Lists,
+                      checked: Dict[bytes, Optional[str]], deep: bool) -> List[str]:
+        """Problems of one manifest's files: objects checked once each, in pack order."""
+        problems, needs = [], []
+        for entry in entries:
+            try:
+                safe_relpath(entry.get("path"))
+                needs.append((entry, _entry_objects(entry, lists)))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                problems.append("%s: %s" % (_entry_path(entry), exc))
+        todo = {d for _, ds in needs for d in ds if d not in checked}
+        checked.update(dict.fromkeys(todo))
+        checked.update(objects.check_many(todo))
+        good = []
+        for entry, digests in needs:
+            bad = next((checked[d] for d in digests if checked[d]), None)
+            if bad:
+                problems.append("%s: %s" % (_entry_path(entry), bad))
+            else:
+                good.append(entry)
+        if deep:
+            data = objects.fetch_many(d for _, ds in needs for d in ds if not checked[d])
+            problems.extend(p for e in good for p in _deep_check(e, lists, data))
+        return problems
+
+    # -- restore --------------------------------------------------------------
+    def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
+        """The newest snapshot taken at or before ``moment`` covering ``agents``; UsageError."""
+        for backup_id in reversed(self.snapshot_ids()):
+            if _id_time(backup_id) > moment:
+                continue
+            with contextlib.suppress(AmlError):
+                covered = self.load_manifest(backup_id).get("agents")
+                if covered is None or (agents and set(agents) <= set(covered)):
+                    return backup_id
+        raise UsageError("no backup taken at or before %s" % format_timestamp(moment))
+
+    def restore(self, backup_id: Optional[str] = None, at: Optional[_dt.datetime] = None,
+                agents: Optional[Sequence[str]] = None, target: Optional[Path] = None,
+                dry_run: bool = False, force: bool = False) -> RestoreResult:
+        """Put the store (or ``target``) back exactly as a snapshot recorded it.
+
+        Verifies everything it needs before touching anything, takes a safety snapshot of
+        the live store first, swaps each file in atomically under the runtime's lock, and
+        removes files that did not exist then. Raises IntegrityError (corrupt backup, nothing
+        changed), RefusedError (symlink in the target, non-empty --target without force),
+        UsageError, StoreBusyError.
+        """
+        started, clock = self.store.now, time.monotonic()
+        live = target is None or Path(target).resolve() == self.store.root.resolve()
+        root = self.store.root if live else Path(target)
+        hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
+        with hold, self._repo_lock(exclusive=not dry_run):
+            if backup_id is None:
+                if at is None:
+                    raise UsageError("name a backup id or --at TIMESTAMP")
+                backup_id = self.snapshot_at(at, agents)
+            manifest = self.load_manifest(backup_id)
+            scope = _restore_scope(manifest, agents)
+            plan = _RestorePlan(self, manifest, scope, root)
+            result = RestoreResult(backup_id=backup_id, target=root, dry_run=dry_run,
+                                   created=plan.created, replaced=plan.replaced,
+                                   removed=plan.removed, unchanged=plan.unchanged,
+                                   safety_backup=None)
+            if dry_run or not plan.changes():
+                return result
+            if not live and not force and plan.target_had_files:
+                raise RefusedError("--target %s is not empty; use --force to restore into it"
+                                   % root)
+            if live:
+                result.safety_backup = self._snapshot_and_verify(
+                    BackupType.INCREMENTAL, None, "before restore of %s" % backup_id).backup_id
+            plan.apply()
+        self.store.record_operation("restore", started, time.monotonic() - clock, {
+            "backup_id": backup_id, "target": str(root.resolve()),
+            "created": len(result.created), "replaced": len(result.replaced),
+            "removed": len(result.removed), "safety_backup": result.safety_backup})
+        return result
+
+    # -- rotate ---------------------------------------------------------------
+    def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
+               keep_monthly: int = 0, lock_store: bool = True) -> RotateResult:
+        """Delete snapshots past retention_days/max_backups (calendar rules keep some longer).
+
+        Never deletes the newest snapshot nor the newest verified one; then frees the objects
+        no remaining snapshot uses. Raises StoreBusyError.
+        """
+        started, clock = self.store.now, time.monotonic()
+        hold = (self.store.maintenance_lock() if lock_store and not dry_run
+                else contextlib.nullcontext())
+        with hold, self._repo_lock(exclusive=not dry_run):
+            result = self._rotate_locked(dry_run, keep_daily, keep_weekly, keep_monthly)
+        if not dry_run:
+            self.store.record_operation("rotate", started, time.monotonic() - clock, {
+                "deleted": result.deleted, "kept": len(result.kept),
+                "bytes_freed": result.bytes_freed, "objects_freed": result.objects_freed})
+        return result
+
+    def retained(self, ids: List[str], keep_daily: int = 0, keep_weekly: int = 0,
+                 keep_monthly: int = 0) -> List[str]:
+        """The snapshot ids rotation keeps, oldest first."""
+        now = self.store.now
+        keep = {i for i in ids if days_between(_id_time(i), now) <= self.config.retention_days}
+        for count, key in ((keep_daily, lambda t: t.date()),
+                           (keep_weekly, lambda t: t.isocalendar()[:2]),
+                           (keep_monthly, lambda t: (t.year, t.month))):
+            keep.update(_calendar_picks(ids, count, key))
+        protected = set(ids[-1:])
+        protected.update([self.newest_verified()] if self.newest_verified() else [])
+        ordered = sorted(keep, key=_id_order)
+        while len(ordered) > self.config.max_backups:
+            victim = next((i for i in ordered if i not in protected), None)
+            if victim is None:
+                break
+            ordered.remove(victim)
+        return sorted(set(ordered) | protected, key=_id_order)
+
+    def _rotate_locked(self, dry_run: bool, keep_daily: int, keep_weekly: int,
+                       keep_monthly: int) -> RotateResult:
+        if not dry_run:
+            self._cleanup_leftovers()
+        ids = self.snapshot_ids()
+        kept = self.retained(ids, keep_daily, keep_weekly, keep_monthly)
+        deleted = [i for i in ids if i not in kept]
+        result = RotateResult(dry_run=dry_run, deleted=deleted, kept=kept, objects_freed=0,
+                              bytes_freed=0, packs_rewritten=0)
+        objects = _ObjectStore(self.packs)
+        live = self._reachable(kept, objects, result.warnings)
+        if not dry_run:
+            for backup_id in deleted:
+                self.manifest_path(backup_id).unlink()
+            fsync_dir(self.snapshots_dir)
+        if live is not None:
+            _GarbageCollector(self, objects, live, result).run(dry_run)
+        if not dry_run and deleted:
+            self._mark_verified({}, False)
+        return result
+
+    def _reachable(self, ids: List[str], objects: _ObjectStore,
+                   warnings: List[str]) -> Optional[set]:
+        """Every object the given snapshots need, or None (no gc) if any cannot be read."""
+        lists = _Lists(objects)
+        live: set = set()
+        for backup_id in ids:
+            try:
+                for entry in self.load_manifest(backup_id)["files"]:
+                    live.update(_entry_objects(entry, lists))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                warnings.append("space not freed: snapshot %s cannot be read (%s)"
+                                % (backup_id, exc))
+                return None
+        return live
+
+    # -- auto -----------------------------------------------------------------
+    def auto(self, keep_daily: int = 0, keep_weekly: int = 0,
+             keep_monthly: int = 0) -> AutoResult:
+        """For cron: a snapshot when one is due per backup_schedule (full every 7 periods,
+        else incremental), verified per verify_after_backup, then rotation."""
+        period = SCHEDULE_PERIODS[self.config.backup_schedule]
+        now = self.store.now
+        with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
+            self._cleanup_leftovers()
+            ids = self.snapshot_ids()
+            backup, skipped = None, None
+            if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
+                skipped = "%s is recent enough for the %s schedule" % (
+                    ids[-1], self.config.backup_schedule)
+            else:
+                fulls = [i for i in ids if i.startswith("full_")]
+                due = not fulls or days_between(_id_time(fulls[-1]), now) >= \
+                    FULL_EVERY_PERIODS * period - 0.1 * period
+                btype = BackupType.FULL if due else BackupType.INCREMENTAL
+                backup = self._snapshot_and_verify(btype, None, None)
+        rotated = self.rotate(keep_daily=keep_daily, keep_weekly=keep_weekly,
+                              keep_monthly=keep_monthly)
+        return AutoResult(backup=backup, skipped=skipped, rotate=rotated)
+
+    # -- list -----------------------------------------------------------------
+    def list(self) -> ListResult:
+        """Every snapshot with its verification state, foreign files in the root, total size."""
+        result = ListResult(backup_root=self.root, snapshots=[], foreign=[], repository_bytes=0)
+        marks = self._verified()
+        for backup_id in self.snapshot_ids():
+            try:
+                m = self.load_manifest(backup_id)
+            except AmlError as exc:
+                result.problems.append("%s: %s" % (backup_id, exc))
+                continue
+            files = m["files"]
+            result.snapshots.append(SnapshotInfo(
+                backup_id=backup_id, type=m.get("type"), created=m.get("created"),
+                files=len(files), records=sum(e.get("count", 0) for e in files),
+                logical_bytes=sum(e.get("size", 0) for e in files), agents=m.get("agents"),
+                reason=m.get("reason"), verified=marks.get(backup_id, {}).get("ok")))
+        if self.root.is_dir():
+            result.foreign = sorted(p.name for p in self.root.iterdir()
+                                    if p.name != REPO_DIR_NAME)
+        if self.repo.is_dir():
+            result.repository_bytes = sum(p.stat().st_size for p in self.repo.rglob("*")
+                                          if p.is_file())
+        return result
+
+
+def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], Any]) -> List[str]:
+    """The newest snapshot of each of the ``count`` most recent calendar periods."""
+    seen: Dict[Any, str] = {}
+    for backup_id in reversed(ids):
+        period = key(_id_time(backup_id))
+        if period not in seen:
+            if len(seen) >= count:
+                break
+            seen[period] = backup_id
+    return list(seen.values())
+
+
+def _deep_check(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> List[str]:
+    try:
+        _check_parses(entry, rebuild_content(entry, lists, data))
+    except (AmlError, ValueError, KeyError, TypeError) as exc:
+        return ["%s: %s" % (_entry_path(entry), exc)]
+    return []
+
+
+def _entry_path(entry: Any) -> str:
+    return str(entry.get("path")) if isinstance(entry, dict) else "<bad entry>"
+
+
+def _entry_objects(entry: Dict[str, Any], lists: _Lists) -> List[bytes]:
+    """Every object a manifest entry needs (delta bases included); raises IntegrityError."""
+    if entry["kind"] == "blob":
+        return [bytes.fromhex(entry["object"])]
+    chain: List[bytes] = []
+    items = lists.resolve(bytes.fromhex(entry["list"]), chain)
+    if len(items) != entry["count"]:
+        raise IntegrityError("item list has %d records, manifest says %d"
+                             % (len(items), entry["count"]))
+    return chain + items
+
+
+def rebuild_content(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> bytes:
+    """A file's content (decompressed for gzip files) from fetched objects, checked against
+    its recorded SHA-256; raises IntegrityError or KeyError (object not fetched)."""
+    if entry["kind"] == "blob":
+        content = data[bytes.fromhex(entry["object"])]
+        expected = entry["sha256"]
+    else:
+        items = _entry_objects(entry, lists)[-entry["count"]:] if entry["count"] else []
+        body = entry["sep"].encode("utf-8").join(data[d] for d in items)
+        content = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
+                            body, entry["tail"].encode("utf-8")])
+        expected = entry["content_sha256"]
+    if sha256_hex(content) != expected:
+        raise IntegrityError("rebuilt content does not match its recorded SHA-256")
+    return content
+
+
+def encode_restored(entry: Dict[str, Any], content: bytes) -> bytes:
+    """The bytes to write for a rebuilt file: gzip files are gzip again (same content)."""
+    if entry.get("kind") == "array" and entry.get("gzip"):
+        return gzip.compress(content, compresslevel=GZIP_LEVEL, mtime=entry.get("gzip_mtime", 0))
+    return content
+
+
+def _check_parses(entry: Dict[str, Any], content: bytes) -> None:
+    if entry["kind"] == "array":
+        kind, expected = _json_kind_of(content), "array"
+        if kind == "array" and len(parse_json_text(
+                content.decode("utf-8-sig"))) != entry["count"]:
+            raise IntegrityError("rebuilt array has the wrong number of records")
+    else:
+        expected = entry.get("json", "bytes")
+        kind = _json_kind_of(content) if expected != "bytes" else "bytes"
+    if kind != expected:
+        raise IntegrityError("rebuilt file parses as %s, was %s" % (kind, expected))
+
+
+def _restore_scope(manifest: Dict[str, Any],
+                   agents: Optional[Sequence[str]]) -> Optional[List[str]]:
+    covered = manifest.get("agents")
+    if not agents:
+        return covered
+    for agent in agents:
+        if "/" in agent or is_reserved_name(agent) or (covered is not None
+                                                      and agent not in covered):
+            raise UsageError("backup %s does not cover agent %r" % (manifest.get("id"), agent))
+    return list(dict.fromkeys(agents))
+
+
+class _RestorePlan:
+    """What a restore will create, replace and remove, with every file rebuilt and verified."""
+
+    def __init__(self, manager: BackupManager, manifest: Dict[str, Any],
+                 scope: Optional[List[str]], root: Path):
+        self.manager = manager
+        self.root = root
+        self.entries = self._entries(manifest, scope)
+        self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
+        self.created: List[str] = []
+        self.replaced: List[str] = []
+        self.unchanged = 0
+        for rel in self.entries:
+            self._classify(rel)
+        existing = store_scope_files(root, scope) if root.is_dir() else []
+        self.target_had_files = bool(existing)
+        self.removed = [rel for rel in existing if rel not in self.entries]
+
+    def _rebuild(self, backup_id: str, objects: _ObjectStore) -> Dict[str, bytes]:
+        """Every file's content, verified, before anything is touched; raises IntegrityError."""
+        lists = _Lists(objects)
+        needs, content = {}, {}
+        for rel, entry in self.entries.items():
+            try:
+                needs[rel] = _entry_objects(entry, lists)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        try:
+            data = objects.fetch_many(d for ds in needs.values() for d in ds)
+        except IntegrityError as exc:
+            raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
+        for rel, entry in self.entries.items():
+            try:
+                content[rel] = rebuild_content(entry, lists, data)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        return content
+
+    @staticmethod
+    def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
+        entries = {}
+        for entry in manifest["files"]:
+            rel = safe_relpath(_entry_path(entry))
+            if _skip_name(rel):
+                raise IntegrityError("backup %s: path %r is outside what aml restores"
+                                     % (manifest.get("id"), rel))
+            if _in_scope(rel, scope):
+                entries[rel] = entry
+        return entries
+
+    def _classify(self, rel: str) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        if not os.path.lexists(str(path)):
+            self.created.append(rel)
+        elif self._same(path, self.entries[rel]):
+            self.unchanged += 1
+        else:
+            self.replaced.append(rel)
+
+    def _same(self, path: Path, entry: Dict[str, Any]) -> bool:
+        try:
+            if path.is_symlink() or not path.is_file():
+                return False
+            raw = path.read_bytes()
+        except OSError:
+            return False
+        if entry.get("kind") == "array" and entry.get("gzip"):
+            if raw[:2] != GZIP_MAGIC:
+                return False
+            with contextlib.suppress(OSError, EOFError, zlib.error):
+                return sha256_hex(gzip.decompress(raw)) == entry["content_sha256"]
+            return False
+        return sha256_hex(raw) == entry.get("sha256")
+
+    def changes(self) -> bool:
+        """True if the restore would change anything."""
+        return bool(self.created or self.replaced or self.removed)
+
+    def apply(self) -> None:
+        """Stage every file, then swap each in (runtime lock, os.replace) and remove extras."""
+        state = self.root / STATE_DIR_NAME
+        _check_no_symlinks(self.root, STATE_DIR_NAME + "/x")
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in state.glob("restore-*"):
+            _remove_tree(old)
+        staging = state / ("restore-%s" % secrets.token_hex(4))
+        staging.mkdir(mode=0o700)
+        try:
+            staged = self._stage(staging)
+            for rel in self.created + self.replaced:
+                self._swap(rel, staged[rel])
+            for rel in self.removed:
+                self._remove(rel)
+        finally:
+            _remove_tree(staging)
+            with contextlib.suppress(OSError):
+                state.rmdir()   # only if empty: a --target restore leaves no aml folder
+
+    def _stage(self, staging: Path) -> Dict[str, Path]:
+        staged = {}
+        for n, rel in enumerate(self.created + self.replaced):
+            entry = self.entries[rel]
+            path = staging / str(n)
+            mode = entry.get("mode", 0o644) if isinstance(entry.get("mode"), int) else 0o644
+            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(encode_restored(entry, self.content[rel]))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(str(path), mode & 0o777)
+            staged[rel] = path
+        return staged
+
+    def _swap(self, rel: str, staged: Path) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_no_symlinks(self.root, rel)
+        with self.manager.store.file_lock(path):
+            os.replace(str(staged), str(path))
+        fsync_dir(path.parent)
+
+    def _remove(self, rel: str) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        with self.manager.store.file_lock(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fsync_dir(path.parent)
+        parent = path.parent
+        while parent != self.root and parent.name != STATE_DIR_NAME:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a staging folder aml created (regular files only, no symlink following)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        with contextlib.suppress(OSError):
+            child.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+class _GarbageCollector:
+    """Frees objects no kept snapshot needs: deletes dead packs, rewrites mostly-dead ones.
+
+    New packs are committed (with their index) before old ones go, and the index goes before
+    its pack, so a crash leaves duplicates or an index-less leftover, never a lost object.
+    """
+
+    def __init__(self, manager: BackupManager, objects: _ObjectStore, live: set,
+                 result: RotateResult):
+        self.manager = manager
+        self.objects = objects
+        self.live = live
+        self.result = result
+
+    def run(self, dry_run: bool) -> None:
+        """Plan per pack, then (unless dry_run) rewrite and delete."""
+        drop, rewrite = [], []
+        live = {d[:KEY_LEN]: d for d in self.live}
+        for name, entries in self.objects.entries.items():
+            keep = [live[k] for k in entries if k in live and self.objects.where[k][0] == name]
+            kept = {d[:KEY_LEN] for d in keep}
+            dead = [entries[k][2] for k in entries if k not in kept]
+            if not dead:
+                continue
+            self.result.objects_freed += len(dead)
+            total = sum(e[2] for e in entries.values())
+            if not keep:
+                drop.append(name)
+            elif sum(dead) >= PACK_REWRITE_DEAD_SHARE * total:
+                rewrite.append((name, sorted(keep, key=lambda d: entries[d[:KEY_LEN]][:2])))
+        before = self._size(n for n, _ in rewrite) + self._size(drop)
+        if dry_run:
+            self.result.bytes_freed = self._size(drop) + sum(
+                int(self._size([n]) * (1 - len(k) / len(self.objects.entries[n])))
+                for n, k in rewrite)
+            return
+        added = self._rewrite(rewrite)
+        for name in drop + [n for n, _ in rewrite]:
+            self._delete(name)
+        self.result.packs_rewritten = len(rewrite)
+        self.result.bytes_freed = before - added
+
+    def _rewrite(self, rewrite: List[Tuple[str, List[bytes]]]) -> int:
+        if not rewrite:
+            return 0
+        writer = _PackWriter(self.manager.packs, self.manager.config.compression_level,
+                             lambda d: False)
+        try:
+            for _, keep in rewrite:
+                for digest in keep:
+                    writer.add(digest, self.objects.get(digest))
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _size(self, names: Iterable[str]) -> int:
+        total = 0
+        for name in names:
+            for suffix in (".pack", ".idx"):
+                with contextlib.suppress(OSError):
+                    total += (self.manager.packs / (name + suffix)).stat().st_size
+        return total
+
+    def _delete(self, name: str) -> None:
+        (self.manager.packs / (name + ".idx")).unlink()
+        fsync_dir(self.manager.packs)
+        with contextlib.suppress(FileNotFoundError):
+            (self.manager.packs / (name + ".pack")).unlink()
+
+
+def backup_config_for(store: Store, config_file: Optional[Path] = None,
+                      **overrides: Any) -> BackupConfig:
+    """BackupConfig from defaults < aml config section ``backup`` < ``overrides`` (flags).
+
+    A relative ``backup_root`` in the config file is taken from the store's parent folder.
+    Raises UsageError for unknown keys or bad values.
+    """
+    section = dict(load_aml_config(store, config_file).get("backup", {}))
+    if section.get("backup_root"):
+        section["backup_root"] = store.root.resolve().parent / Path(section["backup_root"])
+    config = apply_config_fields(BackupConfig(), section, "aml config [backup]")
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **values).validate()
+
+
+def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = None) -> str:
+    """Take and verify a snapshot before destructive work; returns its id.
+
+    Call it with the store's maintenance lock held (it does not take it again). Raises
+    RefusedError when the backup cannot be taken or does not verify, so the work stops.
+    """
+    try:
+        config = config or backup_config_for(store)
+        result = BackupManager(store, config).create(BackupType.INCREMENTAL, reason=reason,
+                                                     verify=True, lock_store=False)
+    except (AmlError, OSError) as exc:
+        raise RefusedError("safety backup before %s failed, nothing was changed (%s); "
+                           "--no-backup skips it" % (reason, exc)) from None
+    return result.backup_id
+
+
+
+class _SnapshotBuilder:
+    """Turns store files into manifest entries, writing only objects the repository lacks."""
+
+    def __init__(self, manager: BackupManager, objects: _ObjectStore,
+                 previous: Optional[Dict[str, Any]], incremental: bool):
+        self.manager = manager
+        self.store = manager.store
+        self.objects = objects
+        self.lists = _Lists(objects)
+        self.previous = {e.get("path"): e for e in (previous or {}).get("files", [])
+                         if isinstance(e, dict)}
+        self.incremental = incremental
+        self.reread = 0
+        self.warnings: List[str] = []
+
+    def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
+        """The manifest entry of one file; None (with a warning) if it cannot be read."""
+        path = self.store.root / rel
+        try:
+            info = os.lstat(str(path))
+            key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+            prev = self.previous.get(rel)
+            if self.incremental and prev and prev.get("stat") == key and self._intact(prev):
+                return prev
+            raw = self._read(rel, path)
+        except (OSError, StoreBusyError) as exc:
+            self.warnings.append("%s: cannot read (%s); not in this backup"
+                                 % (path, getattr(exc, "strerror", None) or exc))
+            return None
+        self.reread += 1
+        entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),
+                 "sha256": sha256_hex(raw), "stat": key}
+        entry.update(self._array_entry(raw, prev, writer) or self._blob_entry(rel, raw, writer))
+        return entry
+
+    def _intact(self, prev: Dict[str, Any]) -> bool:
+        ref = prev.get("list") or prev.get("object")
+        return isinstance(ref, str) and self.objects.has(bytes.fromhex(ref))
+
+    def _read(self, rel: str, path: Path) -> bytes:
+        if rel.startswith(STATE_DIR_NAME + "/"):
+            return path.read_bytes()
+        with self.store.file_lock(path):   # the runtime may be mid-write
+            return path.read_bytes()
+
+    def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
+        digest = hashlib.sha256(raw).digest()
+        writer.add(digest, raw)
+        kind = _json_kind_of(raw) if rel.endswith(".json") else "bytes"
+        if kind == "invalid":
+            self.warnings.append("%s: not valid JSON; backed up as bytes"
+                                 % (self.store.root / rel))
+        return {"kind": "blob", "object": digest.hex(), "json": kind}
+
+    def _array_entry(self, raw: bytes, prev: Optional[Dict[str, Any]],
+                     writer: _PackWriter) -> Optional[Dict[str, Any]]:
+        is_gzip = raw[:2] == GZIP_MAGIC
+        try:
+            content = gzip.decompress(raw) if is_gzip else raw
+            bom = content.startswith(UTF8_BOM)
+            text = content[len(UTF8_BOM):].decode("utf-8") if bom else content.decode("utf-8")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError):
+            return None
+        parts = split_json_array(text)
+        if parts is None:
+            return None
+        head, sep, tail, spans = parts
+        items = []
+        for start, end in spans:
+            data = text[start:end].encode("utf-8")
+            digest = hashlib.sha256(data).digest()
+            writer.add(digest, data)
+            items.append(digest)
+        ref, depth = self._store_list(items, prev, writer)
+        return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
+                "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
+                "content_sha256": sha256_hex(content), "list": ref, "depth": depth}
+
+    def _store_list(self, items: List[bytes], prev: Optional[Dict[str, Any]],
+                    writer: _PackWriter) -> Tuple[str, int]:
+        old = None
+        if prev and prev.get("kind") == "array":
+            with contextlib.suppress(IntegrityError, ValueError, TypeError):
+                old = self.lists.resolve(bytes.fromhex(prev["list"]))
+        if old == items:
+            return prev["list"], int(prev.get("depth", 0))
+        if old is not None and int(prev.get("depth", 0)) < MAX_DELTA_DEPTH:
+            delta = _encode_delta(bytes.fromhex(prev["list"]), old, items)
+            if len(delta) < 16 * len(items):
+                digest = hashlib.sha256(delta).digest()
+                writer.add(digest, delta, meta=True)
+                return digest.hex(), int(prev.get("depth", 0)) + 1
+        data = b"L" + b"".join(items)
+        digest = hashlib.sha256(data).digest()
+        writer.add(digest, data, meta=True)
+        return digest.hex(), 0
+
+__all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "SnapshotInfo",
+            "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
+            "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
 
 def safety_backup(store, reason, config=None):  # STUB until backup lands
     """Placeholder for section 8's safety backup; always raises RefusedError."""
@@ -1839,6 +3353,1087 @@ __all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "Prun
 # Schema detection per record and step-by-step migration to 2.0.0.
 # =============================================================================
 
+class SchemaVersion(enum.Enum):
+    """Record schema versions in chain order; members compare with ``<`` and ``>``."""
+
+    V1_0_0 = "1.0.0"
+    V1_1_0 = "1.1.0"
+    V1_2_0 = "1.2.0"
+    V2_0_0 = "2.0.0"
+
+    @property
+    def rank(self) -> int:
+        """Position in the chain (1.0.0 is 0)."""
+        return _MEMBER_RANK[self]
+
+    def __lt__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] < _MEMBER_RANK[other]
+
+    def __le__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] <= _MEMBER_RANK[other]
+
+    def __gt__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] > _MEMBER_RANK[other]
+
+    def __ge__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] >= _MEMBER_RANK[other]
+
+    @classmethod
+    def from_stamp(cls, value: Any) -> Optional["SchemaVersion"]:
+        """The version a stamp such as ``"1.2.0"`` or ``"v1.2"`` names, else None."""
+        if not isinstance(value, str):
+            return None
+        text = value.strip().lstrip("vV")
+        text = text + ".0" if text.count(".") == 1 else text
+        for version in cls:
+            if version.value == text:
+                return version
+        return None
+
+    @classmethod
+    def parse(cls, text: str) -> "SchemaVersion":
+        """The version named on a command line; raises UsageError for an unknown one."""
+        version = cls.from_stamp(text)
+        if version is None:
+            raise UsageError("unknown schema version %r (known: %s)"
+                             % (text, ", ".join(v.value for v in cls)))
+        return version
+
+    @classmethod
+    def latest(cls) -> "SchemaVersion":
+        """The newest version (2.0.0)."""
+        return list(cls)[-1]
+
+
+_MEMBER_RANK = {version: rank for rank, version in enumerate(SchemaVersion)}
+_VERSION_RANK = {version.value: rank for version, rank in _MEMBER_RANK.items()}
+VERSION_STAMP = "schemaVersion"
+LIFECYCLE_STATES = ("active", "inactive", "pinned", "superseded", "archived")
+_BODY_KEYS = {RecordType.PATTERN: "pattern", RecordType.SOLUTION: "problem",
+              RecordType.DECISION: "decision"}
+_SUPERSEDED_WORDS = ("superseded", "outdated", "deprecated", "replaced")
+
+
+class LossyStepError(RefusedError):
+    """A step down would lose information held by one record."""
+
+
+# -- detection ----------------------------------------------------------------
+
+def _has_v2_shape(rtype: RecordType, record: Dict[str, Any]) -> bool:
+    if dig(record, "lifecycle", "state") not in LIFECYCLE_STATES:
+        return False
+    if rtype is RecordType.PATTERN:
+        return isinstance(record.get("metrics"), dict) and isinstance(record.get("evolution"), dict)
+    return True
+
+
+def place_record(rtype: RecordType, record: Any) -> Tuple[Optional[SchemaVersion], Optional[str]]:
+    """(version, None) for a record aml can place, else (None, why it cannot)."""
+    if not isinstance(record, dict):
+        return None, "not a JSON object (%s)" % type(record).__name__
+    if "id" not in record and _BODY_KEYS[rtype] not in record:
+        return None, "neither an id nor a %r body: not a %s record" % (_BODY_KEYS[rtype],
+                                                                      rtype.value)
+    if VERSION_STAMP in record:
+        version = SchemaVersion.from_stamp(record[VERSION_STAMP])
+        if version is None:
+            return None, "unknown %s %r" % (VERSION_STAMP, record[VERSION_STAMP])
+        # An older tool stamped 2.0.0 on records it had broken; only aml's shape counts.
+        if version is not SchemaVersion.V2_0_0 or _has_v2_shape(rtype, record):
+            return version, None
+    return _version_by_fields(rtype, record), None
+
+
+def _version_by_fields(rtype: RecordType, record: Dict[str, Any]) -> SchemaVersion:
+    if "metadata" in record or (rtype is RecordType.PATTERN and "variations" in record):
+        return SchemaVersion.V1_2_0
+    # The runtime persists `active` but drops an empty `tags`: either marks 1.1.0.
+    if "tags" in record or "active" in record:
+        return SchemaVersion.V1_1_0
+    return SchemaVersion.V1_0_0
+
+
+def detect_record_version(rtype: RecordType, record: Any) -> Optional[SchemaVersion]:
+    """The schema version of one record (a valid stamp wins); None if it cannot be placed."""
+    return place_record(rtype, record)[0]
+
+
+# -- runtime schema check (SPEC 2.1) -------------------------------------------
+
+def _is_num(value: Any) -> bool:
+    return _number(value) is not None
+
+
+def _is_int(value: Any) -> bool:
+    # JSON has one number type: the runtime reads 7.0 as the integer 7.
+    return _is_num(value) and float(value).is_integer()
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_num(value) and 0.0 <= value <= 1.0
+
+
+# The runtime's own form, with field ranges: most values match and skip the full parse.
+_RUNTIME_TIME = re.compile(r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+                           r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z\Z")
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, str) and (_RUNTIME_TIME.match(value) is not None
+                                       or parse_timestamp(value) is not None)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_flat_context(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (str, bool)) or _is_num(v) for v in value.values())
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is _ABSENT or check(value)
+
+
+_ABSENT = object()
+_IS_STR = lambda value: isinstance(value, str)  # noqa: E731 - a table entry
+_IS_DICT = lambda value: isinstance(value, dict)  # noqa: E731
+_IS_LIST = lambda value: isinstance(value, list)  # noqa: E731
+
+_COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _IS_STR),
+                 ("timestamp", _is_time), ("tags", _optional(_is_str_list)),
+                 ("active", _optional(lambda v: isinstance(v, bool))))
+_RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] = {
+    RecordType.PATTERN: (
+        ("pattern.type", _IS_STR), ("pattern.context", _is_flat_context),
+        ("pattern.approach.technique", _IS_STR), ("pattern.approach.rationale", _IS_STR),
+        ("pattern.approach.codeTemplate", _optional(_IS_STR)),
+        ("pattern.approach.steps", _optional(_IS_LIST)),
+        ("pattern.conditions.whenApplicable", _IS_LIST),
+        ("pattern.conditions.whenNotApplicable", _IS_LIST),
+        ("metrics.successRate", _is_rate), ("metrics.executionCount", _is_int),
+        ("metrics.avgTimeSavedMs", _is_num), ("metrics.errorPreventionCount", _is_int),
+        ("evolution.created", _is_time), ("evolution.lastUsed", _is_time),
+        ("evolution.refinements", _is_int), ("evolution.confidenceScore", _is_rate)),
+    RecordType.SOLUTION: (
+        ("problem.errorType", _IS_STR), ("problem.errorMessage", _IS_STR),
+        ("problem.stackTraceHash", _optional(_IS_STR)), ("problem.context", _IS_DICT),
+        ("solution.rootCause", _IS_STR), ("solution.fixApproach", _IS_STR),
+        ("solution.codeFix", _optional(_IS_STR)), ("solution.prevention", _IS_STR),
+        ("solution.relatedPatterns", _optional(_IS_LIST)),
+        ("effectiveness.worked", lambda v: isinstance(v, bool)),
+        ("effectiveness.timeToFixMinutes", _is_num),
+        ("effectiveness.preventedRecurrence", _is_int),
+        ("effectiveness.relatedErrorsFixed", _is_int), ("verifiedCount", _is_int)),
+    RecordType.DECISION: (
+        ("decision.type", _IS_STR), ("decision.question", _IS_STR), ("decision.context", _IS_DICT),
+        ("decision.chosenOption", _IS_STR), ("decision.alternativesConsidered", _IS_LIST),
+        ("decision.decisionFactors.primary", _IS_LIST),
+        ("decision.decisionFactors.secondary", _IS_LIST),
+        ("decision.rationale", _optional(_IS_STR)), ("outcome", _optional(_IS_DICT)),
+        ("reviewedAt", _optional(_is_time))),
+}
+_OUTCOME_RULES = (("outcome.successMetrics", _IS_DICT), ("outcome.lessonsLearned", _IS_LIST),
+                  ("outcome.wouldRepeat", lambda v: isinstance(v, bool)),
+                  ("outcome.improvements", _optional(_IS_LIST)))
+
+
+def _lookup(record: Dict[str, Any], path: Tuple[str, ...]) -> Any:
+    obj: Any = record
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _ABSENT
+        obj = obj[key]
+    return obj
+
+
+_PATHS = {dotted: tuple(dotted.split(".")) for rules in (_COMMON_RULES, _OUTCOME_RULES,
+                                                          *_RUNTIME_RULES.values())
+          for dotted, _ in rules}
+
+
+def runtime_problems(rtype: RecordType, record: Any) -> List[str]:
+    """Why the runtime would reject ``record`` (required fields and types of SPEC 2.1); [] if none.
+
+    Ids are checked to be non-empty strings, not UUIDs: agent-written stores use other ids.
+    """
+    if not isinstance(record, dict):
+        return ["not a JSON object"]
+    rules = _COMMON_RULES + _RUNTIME_RULES[rtype]
+    if rtype is RecordType.DECISION and isinstance(record.get("outcome"), dict):
+        rules = rules + _OUTCOME_RULES
+    problems = []
+    for dotted, check in rules:
+        value = _lookup(record, _PATHS[dotted])
+        if not check(value):
+            problems.append("%s %s" % (dotted, "is missing" if value is _ABSENT
+                                       else "has an unusable value %s" % _short(value)))
+    return problems
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# -- steps --------------------------------------------------------------------
+# Each step maps a record to a record and never mutates its input: it returns the same
+# object when nothing changes, else a copy (only the containers it edits are copied).
+
+class MigrationStep:
+    """One link of the chain: ``migrate_<type>`` goes up, ``revert_<type>`` comes back down.
+
+    ``revert_*`` raises LossyStepError when the step down would lose information.
+    """
+
+    source = SchemaVersion.V1_0_0
+    target = SchemaVersion.V1_0_0
+
+    @property
+    def name(self) -> str:
+        """``1.0.0->1.1.0``."""
+        return "%s->%s" % (self.source.value, self.target.value)
+
+    @property
+    def down_name(self) -> str:
+        """``1.1.0->1.0.0``."""
+        return "%s->%s" % (self.target.value, self.source.value)
+
+    def up(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record one step up (the same object when already there)."""
+        return getattr(self, "migrate_" + rtype.value)(record)
+
+    def down(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record one step down; raises LossyStepError if that would lose information."""
+        return getattr(self, "revert_" + rtype.value)(record)
+
+
+def _with_defaults(record: Dict[str, Any], defaults: Dict[str, Callable[[], Any]]
+                   ) -> Dict[str, Any]:
+    missing = [key for key in defaults if key not in record]
+    if not missing:
+        return record
+    out = dict(record)
+    for key in missing:
+        out[key] = defaults[key]()
+    return out
+
+
+def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str
+                      ) -> Dict[str, Any]:
+    if not any(key in record for key in defaults):
+        return record
+    for key, empty in defaults.items():
+        if key in record and record[key] != empty:
+            raise LossyStepError("step %s would drop %s = %s"
+                                 % (step, key, _short(record[key])))
+    return {k: v for k, v in record.items() if k not in defaults}
+
+
+class AddTagsAndActive(MigrationStep):
+    """1.0.0 -> 1.1.0: add ``tags`` [] and ``active`` (legacy ``is_active``, else true)."""
+
+    source, target = SchemaVersion.V1_0_0, SchemaVersion.V1_1_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add the two fields where absent; existing values are never overridden."""
+        legacy = record.get("is_active")
+        active = legacy if isinstance(legacy, bool) else True
+        return _with_defaults(record, {"tags": list, "active": lambda: active})
+
+    migrate_solution = migrate_decision = migrate_pattern
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``tags``/``active`` when they hold only their defaults ([] and true)."""
+        return _without_defaults(record, {"tags": [], "active": True}, self.down_name)
+
+    revert_solution = revert_decision = revert_pattern
+
+
+class AddMetadataAndVariations(MigrationStep):
+    """1.1.0 -> 1.2.0: add ``metadata`` {} and, on patterns, ``variations`` []."""
+
+    source, target = SchemaVersion.V1_1_0, SchemaVersion.V1_2_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add ``metadata`` and ``variations`` where absent."""
+        return _with_defaults(record, {"metadata": dict, "variations": list})
+
+    def migrate_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add ``metadata`` where absent."""
+        return _with_defaults(record, {"metadata": dict})
+
+    migrate_decision = migrate_solution
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``metadata``/``variations`` when both are empty."""
+        return _without_defaults(record, {"metadata": {}, "variations": []}, self.down_name)
+
+    def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``metadata`` when it is empty."""
+        return _without_defaults(record, {"metadata": {}}, self.down_name)
+
+    revert_decision = revert_solution
+
+
+class UnmigratableRecordError(AmlError):
+    """A record cannot reach 2.0.0: information the runtime needs is missing or unusable."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+def _same(a: Any, b: Any) -> bool:
+    # 1 == True in Python; a moved value must keep its JSON type to count as "the same".
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _accept(check: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    return lambda value: value if check(value) else _ABSENT
+
+
+def _as_time(value: Any) -> Any:
+    if _is_time(value):
+        return value
+    if _is_num(value) and parse_timestamp(value) is not None:
+        return format_timestamp(parse_timestamp(value))  # epoch numbers become runtime text
+    return _ABSENT
+
+
+# (paths, first = canonical; runtime check of the canonical value; converter for a legacy
+#  value; default: None = essential, "timestamp"/"created" = copy that field, else a value)
+_Slot = Tuple[Tuple[Tuple[str, ...], ...], Callable[[Any], bool], Callable[[Any], Any], Any]
+_OPTIONAL = object()
+_ACTIVE_SLOT: _Slot = ((("active",), ("is_active",)), lambda v: isinstance(v, bool),
+                       _accept(lambda v: isinstance(v, bool)), True)
+_SLOTS: Dict[RecordType, Tuple[_Slot, ...]] = {
+    RecordType.PATTERN: (
+        (FIELD_PATHS["success_rate"], _is_rate, _accept(_is_rate), None),
+        (FIELD_PATHS["execution_count"], _is_int, _accept(_is_int), None),
+        (FIELD_PATHS["avg_time_saved"], _is_num, _accept(_is_num), 0),
+        (FIELD_PATHS["error_prevention"], _is_int, _accept(_is_int), 0),
+        (FIELD_PATHS["created"], _is_time, _as_time, "timestamp"),
+        (FIELD_PATHS["last_used"], _is_time, _as_time, "created"),
+        (FIELD_PATHS["refinements"], _is_int, _accept(_is_int), 0),
+        (FIELD_PATHS["confidence"], _is_rate, _accept(_is_rate), None),
+        _ACTIVE_SLOT),
+    RecordType.SOLUTION: (
+        ((("verifiedCount",), ("verified_count",)), _is_int, _accept(_is_int), 0),
+        _ACTIVE_SLOT),
+    RecordType.DECISION: (
+        (FIELD_PATHS["reviewed"], _is_time, _as_time, _OPTIONAL),
+        _ACTIVE_SLOT),
+}
+# Top-level lifecycle markers and where they move inside ``lifecycle``.
+_LIFECYCLE_MOVES = (("pinned", "pinned"), ("supersededBy", "supersededBy"),
+                    ("superseded_by", "supersededBy"), ("superseded", "superseded"),
+                    ("outdated", "outdated"), ("archived", "archived"))
+_TOP_ORDER = ("id", "agent", "timestamp", "pattern", "problem", "solution", "effectiveness",
+              "decision", "outcome", "metrics", "evolution", "tags", "active", "verifiedCount",
+              "reviewedAt", "metadata", "variations", "lifecycle", VERSION_STAMP)
+
+
+class _Draft:
+    """Copy-on-write working copy of one record: only containers it edits are copied."""
+
+    def __init__(self, record: Dict[str, Any]):
+        self.original = record
+        self.out = dict(record)
+        self.copied: set = set()
+        self.defaulted: List[str] = []
+
+    def container(self, key: str) -> Dict[str, Any]:
+        """``out[key]`` as a private dict (created when absent or null)."""
+        value = self.out.get(key)
+        if key in self.copied:
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise UnmigratableRecordError("%s is not an object: %s" % (key, _short(value)))
+        self.out[key] = dict(value or {})
+        self.copied.add(key)
+        return self.out[key]
+
+    def get(self, path: Tuple[str, ...]) -> Any:
+        """The value at ``path`` or _ABSENT."""
+        return _lookup(self.out, path)
+
+    def put(self, path: Tuple[str, ...], value: Any) -> None:
+        """Set ``path`` (one or two keys deep)."""
+        target = self.out if len(path) == 1 else self.container(path[0])
+        target[path[-1]] = value
+
+    def delete(self, path: Tuple[str, ...]) -> None:
+        """Remove ``path``; an emptied legacy ``performance`` block goes too."""
+        if len(path) == 1:
+            del self.out[path[0]]
+            return
+        holder = self.container(path[0])
+        del holder[path[1]]
+        if not holder and path[0] == "performance":
+            del self.out["performance"]
+
+    def fill(self, slot: _Slot) -> None:
+        """Put a field's value in its canonical place; drop legacy copies holding that value."""
+        paths, check, convert, default = slot
+        value = self.get(paths[0])
+        if value is not _ABSENT and value is not None:
+            if not check(value):
+                raise UnmigratableRecordError("%s has an unusable value %s"
+                                              % (".".join(paths[0]), _short(value)))
+        else:
+            value = self._legacy_value(paths, convert, default)
+            if value is _OPTIONAL:
+                return
+            self.put(paths[0], value)
+        for path in paths[1:]:
+            if path[0] in self.out and _same(self.get(path), value):
+                self.delete(path)
+
+    def _legacy_value(self, paths: Tuple[Tuple[str, ...], ...], convert: Callable[[Any], Any],
+                      default: Any) -> Any:
+        for path in paths[1:]:
+            value = self.get(path) if path[0] in self.out else _ABSENT
+            if value is not _ABSENT and convert(value) is not _ABSENT:
+                return convert(value)
+        if default is None:
+            raise UnmigratableRecordError("no usable %s anywhere (looked at %s)" % (
+                ".".join(paths[0]), ", ".join(".".join(p) for p in paths[1:])))
+        if default is _OPTIONAL:
+            return default
+        self.defaulted.append(".".join(paths[0]))
+        if default == "timestamp":
+            if not _is_time(self.out.get("timestamp")):
+                raise UnmigratableRecordError("no usable creation time (evolution.created, "
+                                              "lifecycle.created_at or timestamp)")
+            return self.out["timestamp"]
+        return self.get(("evolution", "created")) if default == "created" else default
+
+
+def _derived_counts(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Exact success/failure counts behind ``successRate`` x ``executionCount``.
+
+    The runtime creates a pattern at successRate 0.5 with executionCount 1 (a neutral prior
+    counted as one execution) and keeps a running mean, so rate x count ends in .5 and the
+    observed outcomes are ``count - 1``. A whole product is a plain ratio (hand-written
+    records). Anything else is not a ratio of outcomes: rounded, and marked approximate.
+    """
+    count = int(metrics["executionCount"])
+    product = metrics["successRate"] * count
+    if abs(product - round(product)) < 1e-6:
+        successes, observed, exact = int(round(product)), count, True
+    elif abs(product - math.floor(product) - 0.5) < 1e-6:
+        successes, observed, exact = int(math.floor(product)), count - 1, True
+    else:
+        successes, observed, exact = int(math.floor(product + 0.5)), count, False
+    counts: Dict[str, Any] = {"successCount": successes, "failureCount": observed - successes}
+    if not exact:
+        counts["countsApproximate"] = True
+    return counts
+
+
+_COUNT_KEYS = ("successCount", "failureCount", "countsApproximate")
+
+
+def _explicit_counts(draft: _Draft) -> None:
+    metrics = draft.container("metrics")
+    stamped = draft.original.get(VERSION_STAMP) == SchemaVersion.V2_0_0.value
+    derived = _derived_counts(metrics)
+    for key in _COUNT_KEYS:
+        old, value = metrics.get(key), derived.get(key)
+        # Counts aml wrote are refreshed (the runtime moves successRate); foreign ones are kept.
+        if old is not None and not _same(old, value) and not stamped:
+            raise UnmigratableRecordError("metrics.%s = %s disagrees with successRate and "
+                                          "executionCount (%s)" % (key, _short(old), value))
+        if value is None:
+            metrics.pop(key, None)
+        else:
+            metrics[key] = value
+
+
+def _derive_state(record: Dict[str, Any], lifecycle: Dict[str, Any]) -> str:
+    legacy = str(lifecycle.get("legacyState", "")).lower()
+    if (lifecycle.get("supersededBy") or lifecycle.get("outdated") is True
+            or lifecycle.get("superseded") is True or legacy in _SUPERSEDED_WORDS):
+        return "superseded"
+    if lifecycle.get("archived") is True or legacy == "archived":
+        return "archived"
+    if record.get("active") is False:
+        return "inactive"
+    if lifecycle.get("pinned") is True or "pinned" in _tags(record):
+        return "pinned"
+    return "active"
+
+
+def _state_agrees(state: str, active: Any) -> bool:
+    if state in ("active", "pinned"):
+        return active is not False
+    return active is False if state == "inactive" else True
+
+
+def _restructure_lifecycle(draft: _Draft) -> None:
+    out = draft.out
+    lifecycle = draft.container("lifecycle")
+    for old, new in _LIFECYCLE_MOVES:
+        if old in out:
+            lifecycle.setdefault(new, out[old])
+            if _same(lifecycle[new], out[old]):
+                del out[old]
+    state = lifecycle.get("state")
+    if state is not None and state not in LIFECYCLE_STATES:
+        lifecycle.setdefault("legacyState", state)
+        if not _same(lifecycle["legacyState"], state):
+            raise UnmigratableRecordError("lifecycle.state %s and lifecycle.legacyState %s "
+                                          "disagree" % (_short(state), _short(
+                                              lifecycle["legacyState"])))
+        state = None
+    if state is None or not _state_agrees(state, out.get("active")):
+        lifecycle["state"] = _derive_state(out, lifecycle)
+
+
+def _note_defaults(draft: _Draft) -> None:
+    if not draft.defaulted:
+        return
+    metadata = draft.container("metadata")
+    note = metadata.get("amlMigration")
+    old = note.get("defaulted", []) if isinstance(note, dict) else []
+    note = dict(note) if isinstance(note, dict) else {}
+    note["defaulted"] = sorted(set(old) | set(draft.defaulted))
+    metadata["amlMigration"] = note
+
+
+def _ordered(record: Dict[str, Any]) -> Dict[str, Any]:
+    out = {key: record[key] for key in _TOP_ORDER if key in record}
+    out.update((key, value) for key, value in record.items() if key not in out)
+    return out
+
+
+class RestructureMetricsAndLifecycle(MigrationStep):
+    """1.2.0 -> 2.0.0: legacy metric/lifecycle layouts into canonical places, counts, state, stamp.
+
+    Raises UnmigratableRecordError (record left as it was) when the result would not be a
+    record the runtime accepts, e.g. when no success rate exists anywhere.
+    """
+
+    source, target = SchemaVersion.V1_2_0, SchemaVersion.V2_0_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a pattern (metrics, evolution, counts, lifecycle, stamp)."""
+        return self._migrate(RecordType.PATTERN, record)
+
+    def migrate_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a solution (snake_case fields, lifecycle, stamp)."""
+        return self._migrate(RecordType.SOLUTION, record)
+
+    def migrate_decision(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a decision (snake_case fields, null outcome, lifecycle, stamp)."""
+        return self._migrate(RecordType.DECISION, record)
+
+    def _migrate(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        draft = _Draft(record)
+        for slot in _SLOTS[rtype]:
+            draft.fill(slot)
+        if rtype is RecordType.PATTERN:
+            _explicit_counts(draft)
+        if rtype is RecordType.DECISION and "outcome" in draft.out and draft.out["outcome"] is None:
+            del draft.out["outcome"]  # null means absent; the runtime rejects null
+        _restructure_lifecycle(draft)
+        _note_defaults(draft)
+        draft.out[VERSION_STAMP] = self.target.value
+        problems = runtime_problems(rtype, draft.out)
+        if problems:
+            raise UnmigratableRecordError("; ".join(problems))
+        out = _ordered(draft.out)
+        return record if out == record else out
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Back to 1.2.0 when counts and lifecycle hold only what metrics/active imply."""
+        out = self._revert(record)
+        metrics = record.get("metrics")
+        if isinstance(metrics, dict) and any(key in metrics for key in _COUNT_KEYS):
+            derived = _derived_counts(metrics) if not runtime_problems(
+                RecordType.PATTERN, record) else {}
+            for key in _COUNT_KEYS:
+                if key in metrics and not _same(metrics[key], derived.get(key)):
+                    raise LossyStepError("step %s would drop metrics.%s = %s"
+                                         % (self.down_name, key, _short(metrics[key])))
+            out["metrics"] = {k: v for k, v in metrics.items() if k not in _COUNT_KEYS}
+        return out
+
+    def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Back to 1.2.0 when the lifecycle holds only what ``active`` implies."""
+        return self._revert(record)
+
+    revert_decision = revert_solution
+
+    def _revert(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        lifecycle = record.get("lifecycle")
+        if lifecycle is not None:
+            if not isinstance(lifecycle, dict) or set(lifecycle) - {"state"}:
+                raise LossyStepError("step %s would drop lifecycle %s"
+                                     % (self.down_name, _short(lifecycle)))
+            if lifecycle.get("state") != _derive_state(record, {}):
+                raise LossyStepError("step %s would drop lifecycle.state %s (not implied by "
+                                     "active/tags)" % (self.down_name,
+                                                       _short(lifecycle.get("state"))))
+        return {k: v for k, v in record.items() if k not in ("lifecycle", VERSION_STAMP)}
+
+
+MIGRATION_STEPS: Tuple[MigrationStep, ...] = (AddTagsAndActive(), AddMetadataAndVariations(),
+                                               RestructureMetricsAndLifecycle())
+
+
+# -- one record, one file -----------------------------------------------------
+
+@dataclasses.dataclass
+class RecordMigration:
+    """Migrating one record: the record after, its version before, the steps that changed it."""
+
+    record: Any
+    version: Optional[SchemaVersion]
+    changes: List[Tuple[str, Any, Any]]
+    problem: Optional[str] = None
+    lossy: bool = False
+
+
+def _walk_up(rtype: RecordType, record: Dict[str, Any], target: SchemaVersion
+             ) -> List[Tuple[str, Any, Any]]:
+    # Every step up to the target runs: each only fills what is missing, so a record that
+    # claims a version but lacks one of its fields (e.g. runtime-dropped tags) is repaired.
+    changes = []
+    for step in MIGRATION_STEPS:
+        if step.target > target:
+            break
+        after = step.up(rtype, record)
+        if after is not record:
+            changes.append((step.name, record, after))
+            record = after
+    return changes
+
+
+def _walk_down(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion,
+               target: SchemaVersion) -> List[Tuple[str, Any, Any]]:
+    changes = []
+    for step in reversed(MIGRATION_STEPS):
+        if step.target <= version and step.source >= target:
+            after = step.down(rtype, record)
+            if after is not record:
+                changes.append((step.down_name, record, after))
+                record = after
+    return changes
+
+
+def _restamp(record: Dict[str, Any], target: SchemaVersion) -> Optional[Dict[str, Any]]:
+    if target is SchemaVersion.V2_0_0 or record.get(VERSION_STAMP, target.value) == target.value:
+        return None
+    out = dict(record)
+    out[VERSION_STAMP] = target.value  # a hand-written stamp follows its record
+    return out
+
+
+def migrate_record(rtype: RecordType, record: Any, target: SchemaVersion) -> RecordMigration:
+    """Migrate one record up or down to ``target``; never raises for a bad record.
+
+    A record that cannot be placed, cannot reach 2.0.0, or would lose information on the
+    way down comes back unchanged with ``problem`` set (and ``lossy`` for the last case).
+    """
+    version, why = place_record(rtype, record)
+    if version is None:
+        return RecordMigration(record, None, [], "cannot place: %s" % why)
+    try:
+        if version > target:
+            changes = _walk_down(rtype, record, version, target)
+        else:
+            changes = _walk_up(rtype, record, target)
+    except LossyStepError as exc:
+        return RecordMigration(record, version, [], str(exc), lossy=True)
+    except UnmigratableRecordError as exc:
+        return RecordMigration(record, version, [], str(exc))
+    final = changes[-1][2] if changes else record
+    restamped = _restamp(final, target)
+    if restamped is not None:
+        changes.append(("stamp", final, restamped))
+    return RecordMigration(changes[-1][2] if changes else record, version, changes)
+
+
+def _leaves(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(obj, dict) or not obj:
+        return {prefix: obj}
+    out: Dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(_leaves(value, "%s.%s" % (prefix, key) if prefix else str(key)))
+    return out
+
+
+def record_diff(before: Any, after: Any, limit: int = 12) -> List[str]:
+    """Leaf-level differences, moves first: ``> old -> new: value``, ``-``, ``+``, ``~`` lines."""
+    old, new = _leaves(before), _leaves(after)
+    removed = {p: v for p, v in old.items() if p not in new}
+    added = {p: v for p, v in new.items() if p not in old}
+    lines = []
+    for path, value in sorted(removed.items()):
+        target = next((p for p, v in sorted(added.items()) if _same(v, value)), None)
+        if target is not None:
+            lines.append("> %s -> %s: %s" % (path, target, _short(value)))
+            del added[target]
+        else:
+            lines.append("- %s: %s" % (path, _short(value)))
+    lines.extend("+ %s: %s" % (p, _short(v)) for p, v in sorted(added.items()))
+    lines.extend("~ %s: %s -> %s" % (p, _short(old[p]), _short(new[p])) for p in sorted(old)
+                 if p in new and not _same(old[p], new[p]))
+    return lines[:limit] + (["... %d more" % (len(lines) - limit)] if len(lines) > limit else [])
+
+
+def _version_key(name: str) -> Tuple[int, str]:
+    return (_VERSION_RANK.get(name, len(_VERSION_RANK)), name)
+
+
+def _add_counts(into: Dict[str, int], key: str, count: int = 1) -> None:
+    into[key] = into.get(key, 0) + count
+
+
+@dataclasses.dataclass
+class FileMigration:
+    """What migrating one file did (or would do)."""
+
+    file: str
+    records: List[Any]
+    changed: int = 0
+    versions: Dict[str, int] = dataclasses.field(default_factory=dict)
+    steps: Dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    reported: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def add(self, index: int, outcome: RecordMigration) -> None:
+        """Account for one record's outcome."""
+        self.records.append(outcome.record)
+        _add_counts(self.versions, outcome.version.value if outcome.version else "unplaceable")
+        if outcome.problem:
+            where = {"file": self.file, "index": index, "id": _record_id(outcome.record),
+                     "problem": outcome.problem}
+            (self.refused if outcome.lossy else self.reported).append(where)
+        self.changed += bool(outcome.changes)
+        for name, before, after in outcome.changes:
+            _add_counts(self.steps, name)
+            if not any(s["step"] == name for s in self.samples):
+                self.samples.append({"step": name, "file": self.file, "index": index,
+                                     "id": _record_id(before), "diff": record_diff(before, after)})
+
+
+def _record_id(record: Any) -> Optional[str]:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def migrate_records(rel: str, rtype: RecordType, records: List[Any], target: SchemaVersion
+                    ) -> FileMigration:
+    """Migrate the records of one file (in memory); the caller writes ``records`` back."""
+    outcome = FileMigration(file=rel, records=[])
+    for index, record in enumerate(records):
+        outcome.add(index, migrate_record(rtype, record, target))
+    return outcome
+
+
+# -- results ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MigrationResult:
+    """One migration run or dry run: versions found, per-step changes, samples, problems."""
+
+    target: str
+    dry_run: bool
+    records: int = 0
+    changed: int = 0
+    from_versions: Dict[str, int] = dataclasses.field(default_factory=dict)
+    steps: Dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    reported: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    files_changed: List[str] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    backup_id: Optional[str] = None
+    run_id: Optional[str] = None
+    seconds: float = 0.0
+
+    def absorb(self, outcome: FileMigration) -> None:
+        """Add one file's outcome."""
+        self.records += len(outcome.records)
+        self.changed += outcome.changed
+        for name, count in outcome.versions.items():
+            _add_counts(self.from_versions, name, count)
+        for name, count in outcome.steps.items():
+            _add_counts(self.steps, name, count)
+        for sample in outcome.samples:
+            self._keep_sample(sample)
+        self.reported.extend(outcome.reported)
+        self.refused.extend(outcome.refused)
+        if outcome.changed:
+            self.files_changed.append(outcome.file)
+
+    def _keep_sample(self, sample: Dict[str, Any]) -> None:
+        # One sample per step: the most telling one (longest diff) of the files' first ones.
+        for index, kept in enumerate(self.samples):
+            if kept["step"] == sample["step"]:
+                if len(sample["diff"]) > len(kept["diff"]):
+                    self.samples[index] = sample
+                return
+        self.samples.append(sample)
+
+    def exit_code(self) -> ExitCode:
+        """4 if a step down was refused, 3 if files or records were skipped, else 0."""
+        if self.refused:
+            return ExitCode.REFUSED
+        return ExitCode.PARTIAL if (self.unreadable or self.reported) else ExitCode.OK
+
+
+@dataclasses.dataclass
+class FileVersions:
+    """Versions found in one record file."""
+
+    file: str
+    agent: str
+    type: str
+    versions: Dict[str, int]
+    runtime_invalid: int = 0
+
+    @property
+    def mixed(self) -> bool:
+        """True when the file holds more than one version (or unplaceable records)."""
+        return len(self.versions) > 1
+
+
+@dataclasses.dataclass
+class DetectionReport:
+    """Schema versions per file, per agent and for the store; what cannot be placed; history."""
+
+    files: List[FileVersions] = dataclasses.field(default_factory=list)
+    agents: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)
+    unplaced: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    runtime_invalid: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    history_error: Optional[str] = None
+
+    @property
+    def mixed(self) -> bool:
+        """True when the store holds more than one version."""
+        return len(self.totals) > 1
+
+    @property
+    def mixed_agents(self) -> List[str]:
+        """Agents whose records are of more than one version."""
+        return [agent for agent, counts in self.agents.items() if len(counts) > 1]
+
+    def add_file(self, entry: FileVersions) -> None:
+        """Account for one file's counts."""
+        self.files.append(entry)
+        per_agent = self.agents.setdefault(entry.agent, {})
+        for name, count in entry.versions.items():
+            _add_counts(per_agent, name, count)
+            _add_counts(self.totals, name, count)
+
+
+def sorted_versions(counts: Dict[str, int]) -> Dict[str, int]:
+    """Version counts in chain order, ``unplaceable`` last."""
+    return {name: counts[name] for name in sorted(counts, key=_version_key)}
+
+
+def versions_text(counts: Dict[str, int]) -> str:
+    """``1.1.0: 12, 2.0.0: 3`` in chain order."""
+    return ", ".join("%s: %d" % (name, count) for name, count in sorted_versions(counts).items())
+
+
+# -- the manager --------------------------------------------------------------
+
+MIGRATIONS_STATE = "migrations.json"
+
+
+class MigrationManager:
+    """Detects schema versions and migrates a store's records, one locked file at a time."""
+
+    def __init__(self, store: Store, agents: Optional[Sequence[str]] = None,
+                 progress: Optional[Callable[[str], None]] = None):
+        self.store = store
+        self.agents = agents
+        self.progress = progress or (lambda text: None)
+
+    def _files(self) -> Iterator[Tuple[DataFile, str]]:
+        for agent in self.store.select_agents(self.agents):
+            for data_file in self.store.record_files(agent):
+                rel = data_file.path.relative_to(self.store.root).as_posix()
+                self.progress("migrate: %s" % rel)
+                yield data_file, rel
+
+    def history(self) -> List[Dict[str, Any]]:
+        """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
+        return self.store.read_state(MIGRATIONS_STATE, [])
+
+    def detect(self) -> DetectionReport:
+        """Versions of every record, per file and agent; read-only, creates nothing."""
+        report = DetectionReport()
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                report.unreadable.append(str(exc))
+                continue
+            report.add_file(self._detect_file(data_file, rel, records, report))
+        try:
+            report.history = self.history()
+        except IntegrityError as exc:
+            report.history_error = str(exc)
+        return report
+
+    def _detect_file(self, data_file: DataFile, rel: str, records: List[Any],
+                     report: DetectionReport) -> FileVersions:
+        rtype = data_file.rtype
+        entry = FileVersions(rel, data_file.agent, rtype.value, {})
+        for index, record in enumerate(records):
+            version, why = place_record(rtype, record)
+            _add_counts(entry.versions, version.value if version else "unplaceable")
+            where = {"file": rel, "index": index, "id": _record_id(record)}
+            if version is None:
+                report.unplaced.append(dict(where, problem=why))
+                continue
+            problems = runtime_problems(rtype, record)
+            if problems:
+                entry.runtime_invalid += 1
+                report.runtime_invalid.append(dict(where, problem="; ".join(problems)))
+        entry.versions = sorted_versions(entry.versions)
+        return entry
+
+    def migrate_latest(self, dry_run: bool = False, backup: bool = True) -> MigrationResult:
+        """Migrate every record to 2.0.0 (see ``migrate``)."""
+        return self.migrate(SchemaVersion.latest(), dry_run=dry_run, backup=backup)
+
+    def migrate(self, target: Any, dry_run: bool = False, backup: bool = True
+                ) -> MigrationResult:
+        """Migrate every record to ``target`` (up, or down where lossless).
+
+        A dry run reads only. A real run holds the maintenance lock, takes a verified safety
+        backup before the first write (unless ``backup`` is False), rewrites each changed file
+        atomically under the runtime's lock and records the run. Raises RefusedError (backup
+        failed, or a step down would lose information: nothing is written), StoreBusyError.
+        """
+        target = target if isinstance(target, SchemaVersion) else SchemaVersion.parse(target)
+        if dry_run:
+            return self._scan(target)
+        started = time.monotonic()
+        with self.store.maintenance_lock():
+            self.store.cleanup_temp_files()
+            if target is not SchemaVersion.latest():
+                self._refuse_if_lossy(self._scan(target))
+            result = self._apply(target, backup)
+            result.seconds = time.monotonic() - started
+            self._record(result)
+        return result
+
+    def _scan(self, target: SchemaVersion) -> MigrationResult:
+        result = MigrationResult(target=target.value, dry_run=True)
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                result.unreadable.append(str(exc))
+                continue
+            result.absorb(migrate_records(rel, data_file.rtype, records, target))
+        return result
+
+    def _apply(self, target: SchemaVersion, backup: bool) -> MigrationResult:
+        result = MigrationResult(target=target.value, dry_run=False,
+                                 run_id=new_run_id("migrate", self.store.now))
+        need_backup = backup
+        for data_file, rel in self._files():
+            try:
+                if need_backup and self._has_changes(data_file, rel, target, result):
+                    result.backup_id = self._safety_backup(target)
+                    need_backup = False
+                if need_backup:
+                    continue  # unchanged and already counted by _has_changes
+                self._rewrite(data_file, rel, target, result)
+            except CorruptFileError as exc:
+                result.unreadable.append(str(exc))
+        return result
+
+    def _safety_backup(self, target: SchemaVersion) -> str:
+        try:
+            return safety_backup(self.store, "before migrate to %s" % target.value)
+        except RefusedError as exc:
+            raise RefusedError("migrate refused, nothing was changed: the safety backup failed "
+                               "(%s); fix it or pass --no-backup" % exc) from None
+
+    def _has_changes(self, data_file: DataFile, rel: str, target: SchemaVersion,
+                     result: MigrationResult) -> bool:
+        # Until the backup exists nothing may be written: peek without locks first.
+        records, _ = self.store.load_records(data_file)
+        outcome = migrate_records(rel, data_file.rtype, records, target)
+        if outcome.changed:
+            return True
+        result.absorb(outcome)
+        return False
+
+    def _rewrite(self, data_file: DataFile, rel: str, target: SchemaVersion,
+                 result: MigrationResult) -> None:
+        with self.store.rewrite(data_file.path) as job:
+            outcome = migrate_records(rel, data_file.rtype, job.data, target)
+            if outcome.changed:
+                job.data = outcome.records
+                job.changed = True
+        result.absorb(outcome)
+
+    def _refuse_if_lossy(self, plan: MigrationResult) -> None:
+        if not plan.refused:
+            return
+        raise RefusedError(self.refusal_message(plan))
+
+    def refusal_message(self, plan: MigrationResult) -> str:
+        """Why a step down is refused, naming the pre-migration backup to restore instead."""
+        first = plan.refused[0]
+        return ("migrating down to %s would lose information in %d record(s) (first: %s[%d] "
+                "%s); nothing was changed. %s" % (
+                    plan.target, len(plan.refused), first["file"], first["index"],
+                    first["problem"], self._backup_hint(plan.target)))
+
+    def _backup_hint(self, target: str) -> str:
+        try:
+            runs = [run for run in self.history() if run.get("backup_id")]
+        except IntegrityError:
+            runs = []
+        if not runs:
+            return "No pre-migration backup is recorded in .aml/%s." % MIGRATIONS_STATE
+        # Prefer a backup of the store as it was when all its records were at or below target.
+        exact = [run for run in runs if run.get("from") and all(
+            _version_key(v) <= _version_key(target) for v in run["from"])]
+        run = (exact or runs)[-1]
+        return ("To go back, restore the pre-migration backup %s (taken before the run of %s, "
+                "whose records were %s): aml <memory_path> backup restore %s"
+                % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
+                   run["backup_id"]))
+
+    def _record(self, result: MigrationResult) -> None:
+        counts = {"records": result.records, "changed": result.changed,
+                  "files_changed": len(result.files_changed), "reported": len(result.reported),
+                  "unreadable_files": len(result.unreadable), "steps": result.steps}
+        entry = {"run_id": result.run_id, "when": format_timestamp(self.store.now),
+                 "from": sorted_versions(result.from_versions), "to": result.target,
+                 "counts": counts, "backup_id": result.backup_id}
+        runs = self.store.read_state_lenient(MIGRATIONS_STATE, [])
+        self.store.write_state(MIGRATIONS_STATE, (runs + [entry])[-200:])
+        self.store.record_operation("migrate", self.store.now, result.seconds,
+                                    dict(counts, run_id=result.run_id, to=result.target,
+                                         backup_id=result.backup_id))
+
+
+__all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAndVariations",
+            "RestructureMetricsAndLifecycle", "MIGRATION_STEPS", "MigrationManager",
+            "MigrationResult", "DetectionReport", "FileVersions", "RecordMigration",
+            "detect_record_version", "place_record", "runtime_problems", "migrate_record",
+            "migrate_records", "record_diff", "LossyStepError", "UnmigratableRecordError",
+            "LIFECYCLE_STATES", "VERSION_STAMP"]
+
+
 
 # =============================================================================
 # 14. Monitoring and alerts
@@ -2131,8 +4726,353 @@ def _print_undo(out: Output, result: UndoResult) -> int:
 
 # --- backup command (section 8) ---
 
+def _backup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backup-root", metavar="DIR", type=Path, default=None,
+                        help="backup folder (default: the store's sibling memory-backup/)")
+
+
+def _keep_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention-days", type=int, metavar="N", default=None,
+                        help="delete snapshots older than N days (default 30)")
+    parser.add_argument("--max-backups", type=int, metavar="N", default=None,
+                        help="keep at most N snapshots (default 100)")
+    for unit in ("daily", "weekly", "monthly"):
+        parser.add_argument("--keep-%s" % unit, type=int, metavar="N", default=0,
+                            help="also keep the newest snapshot of each of the last N %s "
+                            "periods" % {"daily": "days", "weekly": "weeks",
+                                         "monthly": "months"}[unit])
+
+
+def _create_options(parser: argparse.ArgumentParser, incremental_flag: bool) -> None:
+    if incremental_flag:
+        parser.add_argument("--incremental", action="store_true",
+                            help="trust unchanged size/mtime of files (default: full re-read)")
+    parser.add_argument("--agents", nargs="+", metavar="A", help="only these agents")
+    parser.add_argument("--compression-level", type=int, metavar="0-9", default=None)
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the verification after the backup")
+
+
+def _backup_manager(args: argparse.Namespace) -> BackupManager:
+    store = open_store(args)
+    overrides = {"backup_root": getattr(args, "backup_root", None),
+                 "retention_days": getattr(args, "retention_days", None),
+                 "max_backups": getattr(args, "max_backups", None),
+                 "compression_level": getattr(args, "compression_level", None)}
+    if getattr(args, "no_verify", False):
+        overrides["verify_after_backup"] = False
+    return BackupManager(store, backup_config_for(store, args.config, **overrides))
+
+
+def _print_backup(out: Output, result: BackupResult) -> None:
+    for warning in result.warnings:
+        out.warn(warning)
+    out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
+             % (result.backup_id, result.files, result.records, result.files_reread,
+                result.objects_added, human_bytes(result.bytes_added),
+                ", verified" if result.verified else ""))
+
+
+def cmd_backup_create(args: argparse.Namespace) -> int:
+    """backup create/full/incremental: take a snapshot."""
+    out = output_for(args)
+    incremental = args.kind == "incremental" or getattr(args, "incremental", False)
+    btype = BackupType.INCREMENTAL if incremental else BackupType.FULL
+    result = _backup_manager(args).create(btype, agents=args.agents)
+    _print_backup(out, result)
+    out.document(result)
+    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+
+
+def cmd_backup_list(args: argparse.Namespace) -> int:
+    """backup list: snapshots, foreign files, repository size."""
+    out = output_for(args)
+    result = _backup_manager(args).list()
+    for problem in result.problems:
+        out.warn(problem)
+    mark = {True: "verified", False: "FAILED", None: "unverified"}
+    for snap in result.snapshots:
+        out.line("%-26s %-11s %s %5d files %7d records %10s  %s%s" % (
+            snap.backup_id, snap.type, snap.created, snap.files, snap.records,
+            human_bytes(snap.logical_bytes), mark[snap.verified],
+            "  (%s)" % snap.reason if snap.reason else ""))
+    for name in result.foreign:
+        out.line("%-26s foreign (not aml's; left alone)" % name)
+    out.line("repository %s: %d snapshots, %s" % (result.backup_root / REPO_DIR_NAME,
+                                                 len(result.snapshots),
+                                                 human_bytes(result.repository_bytes)))
+    out.document(result)
+    return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+
+
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    """backup verify: check snapshots; exit 6 naming what is wrong."""
+    out = output_for(args)
+    result = _backup_manager(args).verify(args.backup_id, deep=args.deep,
+                                          all_snapshots=args.all)
+    for problem in result.problems:
+        print("aml: error: %s" % problem, file=sys.stderr)
+    out.line("%s %s: %d files, %d objects checked%s" % (
+        ", ".join(result.backup_ids), "OK" if result.ok else "FAILED", result.files_checked,
+        result.objects_checked, " (deep)" if result.deep else ""))
+    out.document(result)
+    return ExitCode.OK if result.ok else ExitCode.INTEGRITY
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> int:
+    """backup restore: put a snapshot back (or preview it with --dry-run)."""
+    out = output_for(args)
+    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
+        raise UsageError("two different backup ids given")
+    at = None
+    if args.at:
+        at = parse_timestamp(args.at)
+        if at is None:
+            raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
+    result = _backup_manager(args).restore(args.backup_id or args.backup_id_flag, at=at,
+                                           agents=args.agents, target=args.target,
+                                           dry_run=args.dry_run, force=args.force)
+    verb = "would " if result.dry_run else ""
+    for label, paths in (("create", result.created), ("replace", result.replaced),
+                         ("remove", result.removed)):
+        for rel in paths if result.dry_run else []:
+            out.always("%s%s %s" % (verb, label, rel))
+    out.line("%s into %s: %d created, %d replaced, %d removed, %d unchanged%s%s" % (
+        result.backup_id, result.target, len(result.created), len(result.replaced),
+        len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
+        "; safety backup %s" % result.safety_backup if result.safety_backup else ""))
+    out.document(result)
+    return ExitCode.OK
+
+
+def cmd_backup_rotate(args: argparse.Namespace) -> int:
+    """backup rotate: apply retention and free unused space."""
+    out = output_for(args)
+    result = _backup_manager(args).rotate(dry_run=args.dry_run, keep_daily=args.keep_daily,
+                                          keep_weekly=args.keep_weekly,
+                                          keep_monthly=args.keep_monthly)
+    _print_rotate(out, result)
+    out.document(result)
+    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+
+
+def _print_rotate(out: Output, result: RotateResult) -> None:
+    for warning in result.warnings:
+        out.warn(warning)
+    verb = "would delete" if result.dry_run else "deleted"
+    for backup_id in result.deleted:
+        (out.always if result.dry_run else out.line)("%s %s" % (verb, backup_id))
+    out.line("%s %d, kept %d snapshots; %d objects, %s freed%s" % (
+        verb, len(result.deleted), len(result.kept), result.objects_freed,
+        human_bytes(result.bytes_freed), " (dry run)" if result.dry_run else ""))
+
+
+def cmd_backup_auto(args: argparse.Namespace) -> int:
+    """backup auto: snapshot when due, verify, rotate (for cron)."""
+    out = output_for(args)
+    result = _backup_manager(args).auto(keep_daily=args.keep_daily,
+                                        keep_weekly=args.keep_weekly,
+                                        keep_monthly=args.keep_monthly)
+    if result.backup:
+        _print_backup(out, result.backup)
+    else:
+        out.line("no backup due: %s" % result.skipped)
+    _print_rotate(out, result.rotate)
+    out.document(result)
+    warned = (result.backup and result.backup.warnings) or result.rotate.warnings
+    return ExitCode.PARTIAL if warned else ExitCode.OK
+
+
+@command_builder
+def _build_backup(subparsers: Any) -> None:
+    parser = subparser(subparsers, "backup", "snapshots of the store: create, list, verify, "
+                       "restore, rotate, auto")
+    sub = parser.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
+                            ("full", "take a full snapshot (re-reads every file)"),
+                            ("incremental", "take an incremental snapshot")):
+        p = subparser(sub, name, help_text)
+        _backup_options(p)
+        _create_options(p, incremental_flag=name == "create")
+        p.set_defaults(func=cmd_backup_create, kind=name)
+    p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
+    _backup_options(p)
+    p.set_defaults(func=cmd_backup_list)
+    p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
+    _backup_options(p)
+    p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
+    p.add_argument("--all", action="store_true", help="verify every snapshot")
+    p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
+    p.set_defaults(func=cmd_backup_verify)
+    _build_restore(sub)
+    for name, help_text, func in (
+            ("rotate", "delete old snapshots and free their space", cmd_backup_rotate),
+            ("auto", "for cron: snapshot when due, verify, rotate", cmd_backup_auto)):
+        p = subparser(sub, name, help_text)
+        _backup_options(p)
+        _keep_options(p)
+        if name == "rotate":
+            p.add_argument("--dry-run", action="store_true", help="only list what would go")
+        p.set_defaults(func=func)
+
+
+def _build_restore(sub: Any) -> None:
+    p = subparser(sub, "restore", "restore a snapshot exactly (verifies first)")
+    _backup_options(p)
+    p.add_argument("backup_id", nargs="?", help="snapshot id")
+    p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
+    p.add_argument("--at", metavar="TIMESTAMP", help="the newest snapshot not after this time")
+    p.add_argument("--agents", nargs="+", metavar="A", help="only these agents")
+    p.add_argument("--target", type=Path, metavar="DIR",
+                   help="restore into DIR instead of the store (the store is left alone)")
+    p.add_argument("--dry-run", action="store_true", help="list what would change")
+    p.add_argument("--force", action="store_true", help="allow a non-empty --target")
+    p.set_defaults(func=cmd_backup_restore)
+
 
 # --- migrate command (section 13) ---
+
+def _migrate_write_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="report per step what would change, with a sample diff; write nothing")
+    parser.add_argument("--no-backup", action="store_true",
+                        help="skip the verified safety backup taken before the first write")
+    parser.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+
+
+@command_builder
+def _build_migrate(subparsers: Any) -> None:
+    parser = subparser(subparsers, "migrate", "detect schema versions and migrate records "
+                       "(1.0.0 -> 1.1.0 -> 1.2.0 -> 2.0.0)")
+    actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    detect = subparser(actions, "detect", "versions per file and agent, unplaceable records, "
+                       "migration history (read-only)")
+    detect.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+    detect.set_defaults(func=cmd_migrate_detect)
+    to_version = subparser(actions, "migrate", "migrate every record to VERSION (up, or down "
+                           "where lossless)")
+    to_version.add_argument("version", nargs="?", metavar="VERSION",
+                            help="target version (original spelling: migrate migrate 1.2.0)")
+    to_version.add_argument("--version", dest="version_option", metavar="VERSION",
+                            help="target version: 1.0.0, 1.1.0, 1.2.0 or 2.0.0")
+    _migrate_write_options(to_version)
+    to_version.set_defaults(func=cmd_migrate)
+    latest = subparser(actions, "migrate-latest", "migrate every record to %s"
+                       % SchemaVersion.latest().value)
+    _migrate_write_options(latest)
+    latest.set_defaults(func=cmd_migrate, version=SchemaVersion.latest().value,
+                        version_option=None)
+
+
+def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
+    records = sum(report.totals.values())
+    out.line("Schema versions in %s (%d agents, %d files, %d records)"
+             % (root, len(report.agents), len(report.files), records))
+    for entry in report.files:
+        invalid = ("  [%d rejected by the runtime]" % entry.runtime_invalid
+                   if entry.runtime_invalid else "")
+        out.line("  %-40s %s%s%s" % (entry.file, versions_text(entry.versions),
+                                     "  MIXED" if entry.mixed else "", invalid))
+    out.line("Per agent:")
+    for agent, counts in report.agents.items():
+        out.line("  %-28s %s%s" % (agent, versions_text(counts),
+                                   "  MIXED" if len(counts) > 1 else ""))
+    out.line("Store: %s (%s)" % (versions_text(report.totals) or "no records",
+                                 "MIXED" if report.mixed else "uniform"))
+    _print_detection_problems(out, report)
+    _print_history(out, report)
+
+
+def _print_detection_problems(out: Output, report: DetectionReport) -> None:
+    if report.unplaced:
+        out.line("Cannot place %d record(s):" % len(report.unplaced))
+        for item in report.unplaced[:20]:
+            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                             item["problem"]))
+    if report.runtime_invalid:
+        out.line("%d record(s) the runtime would reject (migrate-latest repairs those whose "
+                 "information exists), e.g.:" % len(report.runtime_invalid))
+        for item in report.runtime_invalid[:5]:
+            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                             item["problem"]))
+
+
+def _print_history(out: Output, report: DetectionReport) -> None:
+    if report.history_error:
+        out.warn("migration history unreadable: %s" % report.history_error)
+    out.line("Migration history: %s" % ("none" if not report.history else
+                                        "%d run(s)" % len(report.history)))
+    for run in report.history[-10:]:
+        counts = run.get("counts", {})
+        out.line("  %s  %s -> %s  changed %s of %s records  backup %s" % (
+            run.get("when"), versions_text(run.get("from", {})) or "-", run.get("to"),
+            counts.get("changed"), counts.get("records"), run.get("backup_id") or "none"))
+
+
+def cmd_migrate_detect(args: argparse.Namespace) -> int:
+    """``migrate detect``: print versions found; exit 3 if a file was unreadable."""
+    store, out = open_store(args), output_for(args)
+    report = MigrationManager(store, args.agents).detect()
+    for problem in report.unreadable:
+        out.warn("skipped unreadable file %s" % problem)
+    out.document(dict(to_jsonable(report), mixed=report.mixed, mixed_agents=report.mixed_agents))
+    _print_detection(out, report, store.root)
+    return int(ExitCode.PARTIAL if report.unreadable else ExitCode.OK)
+
+
+def _target_version(args: argparse.Namespace) -> SchemaVersion:
+    given = [v for v in (args.version, args.version_option) if v]
+    if not given:
+        raise UsageError("migrate: name the target version (migrate --version 1.2.0, "
+                         "or migrate-latest)")
+    versions = {SchemaVersion.parse(v) for v in given}
+    if len(versions) > 1:
+        raise UsageError("migrate: two different target versions given: %s" % " and ".join(given))
+    return versions.pop()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``migrate migrate VERSION`` / ``migrate-latest``: migrate, report, return the exit code."""
+    target = _target_version(args)
+    store, out = open_store(args), output_for(args)
+    manager = MigrationManager(store, args.agents, progress=out.progress)
+    try:
+        result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
+    finally:
+        out.progress_done()
+    for problem in result.unreadable:
+        out.warn("skipped unreadable file %s" % problem)
+    for item in result.reported[:20]:
+        out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                                     item["problem"]))
+    if len(result.reported) > 20:
+        out.warn("... and %d more record(s) left unchanged" % (len(result.reported) - 20))
+    if result.refused:
+        out.warn(manager.refusal_message(result))
+    out.document(result)
+    _print_migration(out, result)
+    return int(result.exit_code())
+
+
+def _print_migration(out: Output, result: MigrationResult) -> None:
+    verb = "would change" if result.dry_run else "changed"
+    out.line("%s to %s: %s %d of %d records in %s file(s)%s" % (
+        "Dry run: migrate" if result.dry_run else "Migrated", result.target, verb,
+        result.changed, result.records,
+        len(result.files_changed),
+        "" if result.dry_run else "; backup %s" % (result.backup_id or "none")))
+    out.line("Versions before: %s" % (versions_text(result.from_versions) or "no records"))
+    for name, count in sorted(result.steps.items()):
+        out.line("  step %-22s %d record(s)" % (name, count))
+    for sample in sorted(result.samples, key=lambda s: s["step"]):
+        out.line("Sample (%s) %s[%d] id=%s:" % (sample["step"], sample["file"], sample["index"],
+                                               sample["id"]))
+        for line in sample["diff"]:
+            out.line("    " + line)
+    if result.reported:
+        out.line("%d record(s) left unchanged (see warnings)" % len(result.reported))
 
 
 # --- monitor command (section 14) ---

@@ -315,11 +315,28 @@ def test_lock_released_on_error(tmp_path):
     assert not Path(str(path) + ".lock").exists()
 
 
-def test_maintenance_lock_excludes_second_run(tmp_path):
-    with aml.MaintenanceLock(tmp_path, timeout=0):
+def test_maintenance_lock_excludes_another_process(tmp_path):
+    code = ("import sys, aml; l = aml.MaintenanceLock(sys.argv[1], timeout=0); l.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=str(HERE),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(aml.StoreBusyError):
             aml.MaintenanceLock(tmp_path, timeout=0).acquire()
-    aml.MaintenanceLock(tmp_path, timeout=0).acquire()
+    finally:
+        holder.communicate("")
+    with aml.MaintenanceLock(tmp_path, timeout=0):
+        pass
+
+
+def test_maintenance_lock_is_reentrant_in_one_process(tmp_path):
+    outer = aml.MaintenanceLock(tmp_path, timeout=0)
+    with outer:
+        with aml.MaintenanceLock(tmp_path, timeout=0):
+            pass
+        assert os.path.abspath(str(outer.path)) in aml.MaintenanceLock._held
+    assert not aml.MaintenanceLock._held
 
 
 # =============================================================================
@@ -442,6 +459,480 @@ def test_rewrite_locks_and_keeps_format(tmp_path):
 # =============================================================================
 # 8. Backup and restore
 # =============================================================================
+
+def backup_manager(root, **config):
+    """A BackupManager on a store, its clock at NOW unless ``now`` is given."""
+    now = config.pop("now", NOW)
+    return aml.BackupManager(aml.Store(root, now=now), aml.BackupConfig(**config))
+
+
+def content_digest(root):
+    """{path: (is gzip, decoded JSON or raw bytes)} of a store without aml's state."""
+    out = {}
+    for rel in tree_digest(root, skip_state=True):
+        raw = (Path(root) / rel).read_bytes()
+        try:
+            out[rel] = (raw[:2] == b"\x1f\x8b", read_data(Path(root) / rel))
+        except ValueError:
+            out[rel] = (False, raw)
+    return out
+
+
+def mutate_store(root):
+    """What happens to a store between a backup and a restore: prune, edit, add, delete."""
+    root = Path(root)
+    for name, change in (("code-reviewer/patterns.json", lambda r: r[7:]),
+                         ("test-automator/solutions.json",
+                          lambda r: [dict(r[0], verifiedCount=99)] + r[1:])):
+        path = root / name
+        zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+        write_data(path, change(read_data(path)), gz=zipped)
+    write_data(root / "new-agent" / "patterns.json", [make_pattern("new-agent", random.Random(2))])
+    (root / "backend-developer" / "context.json").unlink()
+
+
+def repo_bytes(manager):
+    return sum(p.stat().st_size for p in manager.repo.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("gz", [False, True, "mixed"], ids=["plain", "gzip", "mixed"])
+def test_round_trip_restores_the_snapshot_exactly(tmp_path, gz):
+    root = build_store(tmp_path / "memory", gz=gz)
+    before, before_content = tree_digest(root), content_digest(root)
+    snap = backup_manager(root).create(aml.BackupType.FULL)
+    assert snap.verified and snap.files == len(before)
+    mutate_store(root)
+    result = backup_manager(root).restore(snap.backup_id)
+    assert result.removed == ["new-agent/patterns.json"]
+    assert result.created == ["backend-developer/context.json"] and result.safety_backup
+    assert content_digest(root) == before_content          # gzip stays gzip, same content
+    plain = {k: v for k, v in before.items() if not before_content[k][0]}
+    assert {k: v for k, v in tree_digest(root, skip_state=True).items() if k in plain} == plain
+    assert set(tree_digest(root, skip_state=True)) == set(before)
+    assert not (root / "new-agent").exists()
+
+
+def test_restore_is_byte_exact_for_hand_formatted_files(tmp_path):
+    root = build_store(tmp_path / "memory")
+    odd = root / "code-reviewer" / "decisions.json"
+    odd.write_bytes(b'\xef\xbb\xbf[ {"id": "a"},{"id":"b"} ,\n\t{"id": "c"}]\n\n')
+    (root / "code-reviewer" / "notes.json").write_bytes(b'{"x": [1, 2]}')
+    before = tree_digest(root)
+    snap = backup_manager(root).create()
+    odd.write_bytes(b"[]")
+    backup_manager(root).restore(snap.backup_id)
+    assert tree_digest(root, skip_state=True) == before
+
+
+def test_unparseable_file_is_backed_up_as_bytes_and_reported(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(b'[{"id": "a"},')
+    code, out, err = run_cli(root, "backup", "create", capsys=capsys)
+    assert code == 3 and "not valid JSON" in err and str(bad) in err
+    snap = backup_manager(root).list().snapshots[-1].backup_id
+    bad.write_bytes(b"[]")
+    assert run_cli(root, "backup", "restore", snap, "-q") == 0
+    assert bad.read_bytes() == b'[{"id": "a"},'
+    assert run_cli(root, "backup", "verify", snap, "--deep", "-q") == 0
+
+
+def test_unchanged_records_cost_nothing_even_when_gzip_is_rewritten(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True, patterns=200)
+    first = backup_manager(root).create()
+    path = root / "code-reviewer" / "patterns.json"
+    records = read_data(path)
+    records[3]["metrics"]["executionCount"] += 1
+    records[150]["tags"] = ["changed"]
+    write_data(path, records, gz=True)                     # the runtime rewrites it all
+    second = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    assert second.files_reread == 1
+    assert second.objects_added == 3                        # two records + one list delta
+    assert second.bytes_added < first.bytes_added / 20
+
+
+def test_incremental_trusts_unchanged_files_and_full_rereads(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root).create()
+    incr = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    full = backup_manager(root).create(aml.BackupType.FULL)
+    assert incr.type is aml.BackupType.INCREMENTAL and incr.files_reread == 0
+    assert full.files_reread == full.files and full.objects_added == 0
+    assert incr.files == full.files and incr.records == full.records
+
+
+def test_every_snapshot_restores_on_its_own(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    first = backup_manager(root).create()
+    mutate_store(root)
+    expected = content_digest(root)
+    second = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    manager = backup_manager(root, retention_days=0, max_backups=1)
+    assert manager.rotate().deleted == [first.backup_id]
+    assert manager.verify(second.backup_id, deep=True).ok
+    target = tmp_path / "elsewhere"
+    backup_manager(root).restore(second.backup_id, target=target)
+    assert content_digest(target) == expected
+
+
+def test_agents_created_after_the_last_backup_are_included(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root).create()
+    write_data(root / "late-agent" / "decisions.json", [make_decision("late-agent", random.Random(1))])
+    snap = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    paths = [e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]]
+    assert "late-agent/decisions.json" in paths
+
+
+def test_derived_state_locks_and_temp_files_are_not_backed_up(tmp_path):
+    root = build_store(tmp_path / "memory")
+    store = aml.Store(root, now=NOW)
+    aml.Archive(store).save("prune_x", "prune", [{"record": {"id": "r"}}])
+    (root / ".aml" / "index").mkdir()
+    (root / ".aml" / "index" / "records.json").write_text("{}")
+    (root / "code-reviewer" / ".patterns.json.aml-tmp-1-ab").write_text("half")
+    (root / "code-reviewer" / "ghost.json.lock").mkdir()      # a runtime lock of another file
+    snap = backup_manager(root).create()
+    paths = {e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]}
+    assert ".aml/archive/prune_x.json" in paths and "config.json" in paths
+    assert "global/shared.json" in paths
+    assert not [p for p in paths if "index" in p or "lock" in p or "tmp" in p]
+
+
+# -- crash safety -------------------------------------------------------------
+
+def _boom(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("step", ["objects", "index", "manifest"])
+def test_crash_during_backup_leaves_nothing_visible(tmp_path, monkeypatch, step):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    first = backup_manager(root).create()
+    mutate_store(root)
+    store_before = tree_digest(root, skip_state=True)
+    target = {"objects": (aml._PackWriter, "_write_oldest"),
+              "index": (aml, "_encode_index"), "manifest": (aml, "_write_manifest")}[step]
+    monkeypatch.setattr(*target, _boom)
+    with pytest.raises(OSError):
+        backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    monkeypatch.undo()
+    manager = backup_manager(root)
+    assert manager.snapshot_ids() == [first.backup_id]
+    assert tree_digest(root, skip_state=True) == store_before
+    assert manager.verify(first.backup_id, deep=True).ok
+    second = manager.create(aml.BackupType.INCREMENTAL)
+    assert not [p for p in manager.packs.glob("*.pack") if not p.with_suffix(".idx").exists()]
+    assert manager.verify(all_snapshots=True, deep=True).ok and second.verified
+
+
+def test_crash_mid_restore_keeps_files_whole_and_rerun_completes(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz=True)
+    snap = backup_manager(root).create()
+    expected = content_digest(root)
+    for agent in ("backend-developer", "code-reviewer", "test-automator"):
+        path = root / agent / "patterns.json"
+        write_data(path, read_data(path)[:3], gz=True)
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        backup_manager(root).restore(snap.backup_id)
+    monkeypatch.undo()
+    for rel in tree_digest(root, skip_state=True):
+        read_data(root / rel)                               # every file is whole
+    assert backup_manager(root).verify(all_snapshots=True).ok
+    backup_manager(root).restore(snap.backup_id)
+    assert content_digest(root) == expected
+    assert not list((root / ".aml").glob("restore-*"))
+
+
+# -- corruption and hostile input -------------------------------------------
+
+def _corrupt(manager, how):
+    pack = sorted(manager.packs.glob("*.pack"))[0]
+    data = bytearray(pack.read_bytes())
+    if how == "truncated":
+        pack.write_bytes(bytes(data[:len(data) // 2]))
+    elif how == "flipped":
+        data[len(data) // 2] ^= 0x01
+        pack.write_bytes(bytes(data))
+    elif how == "missing":
+        pack.with_suffix(".idx").unlink()
+        pack.unlink()
+    else:
+        path = manager.manifest_path(manager.snapshot_ids()[-1])
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+        doc["payload"]["files"][0]["size"] += 1
+        path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "missing", "manifest"])
+def test_corrupt_backup_is_detected_and_never_restored(tmp_path, capsys, how):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    snap = backup_manager(root, verify_after_backup=False).create()
+    mutate_store(root)
+    _corrupt(backup_manager(root), how)
+    before = tree_digest(root)
+    code, _, err = run_cli(root, "backup", "verify", snap.backup_id, capsys=capsys)
+    assert code == 6 and snap.backup_id in err
+    assert ("checksum" in err or "missing" in err or "unreadable" in err)
+    code, _, err = run_cli(root, "backup", "restore", snap.backup_id, capsys=capsys)
+    assert code == 6 and err.startswith("aml: error:")
+    assert {k: v for k, v in tree_digest(root).items() if "history" not in k and "verified" not in k} \
+        == {k: v for k, v in before.items() if "history" not in k and "verified" not in k}
+
+
+@pytest.mark.parametrize("bad_path", ["../escape.json", "/tmp/abs.json", "a/../../x.json",
+                                      ".aml/config.json"])
+def test_hostile_manifest_writes_nothing_outside(tmp_path, bad_path):
+    root = build_store(tmp_path / "memory")
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    payload = manager.load_manifest(snap.backup_id)
+    payload["files"][0]["path"] = bad_path
+    aml._write_manifest(path, payload)
+    outside = tree_digest(tmp_path)
+    target = tmp_path / "restored"
+    with pytest.raises(aml.IntegrityError, match="path"):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    assert tree_digest(tmp_path) == outside and not target.exists()
+
+
+def test_symlink_in_target_is_refused(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "restored"
+    target.mkdir()
+    (target / "code-reviewer").symlink_to(outside)
+    with pytest.raises(aml.RefusedError, match="symlink"):
+        backup_manager(root).restore(snap.backup_id, target=target, force=True)
+    assert list(outside.iterdir()) == []
+
+
+def test_restore_dry_run_changes_nothing(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    mutate_store(root)
+    before, repo_before = tree_digest(root), tree_digest(tmp_path / "memory-backup")
+    code, out, _ = run_cli(root, "backup", "restore", snap.backup_id, "--dry-run",
+                           capsys=capsys)
+    assert code == 0 and "would remove new-agent/patterns.json" in out
+    assert "would replace code-reviewer/patterns.json" in out
+    assert tree_digest(root) == before
+    assert tree_digest(tmp_path / "memory-backup") == repo_before
+
+
+def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    expected = tree_digest(root, skip_state=True)
+    mutate_store(root)
+    before = tree_digest(root, skip_state=True)
+    target = tmp_path / "copy"
+    backup_manager(root).restore(snap.backup_id, target=target)
+    assert tree_digest(target) == expected and tree_digest(root, skip_state=True) == before
+    (target / "stray.json").write_text("{}")
+    with pytest.raises(aml.RefusedError, match="--force"):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    result = backup_manager(root).restore(snap.backup_id, target=target, force=True)
+    assert result.removed == ["stray.json"] and result.safety_backup is None
+
+
+def test_restore_agents_restores_only_those(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    original = tree_digest(root, skip_state=True)
+    mutate_store(root)
+    after_mutation = tree_digest(root, skip_state=True)
+    backup_manager(root).restore(snap.backup_id, agents=["code-reviewer"])
+    now = tree_digest(root, skip_state=True)
+    assert now["code-reviewer/patterns.json"] == original["code-reviewer/patterns.json"]
+    assert now["test-automator/solutions.json"] == after_mutation["test-automator/solutions.json"]
+    assert "new-agent/patterns.json" in now and "backend-developer/context.json" not in now
+
+
+def test_restore_at_picks_newest_snapshot_not_after_the_time(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    ids = []
+    for day in (1, 2, 3):
+        write_data(root / "global" / "shared.json", {"day": day})
+        ids.append(backup_manager(root, now=NOW + dt.timedelta(days=day)).create().backup_id)
+    code, out, _ = run_cli(root, "backup", "restore", "--at", "2026-11-22T23:00:00Z", "-q",
+                           capsys=capsys)
+    assert code == 0 and read_data(root / "global" / "shared.json") == {"day": 2}
+    with pytest.raises(aml.UsageError):
+        backup_manager(root).restore(at=NOW)
+
+
+def test_two_backups_in_the_same_second_get_distinct_sortable_ids(tmp_path):
+    root = build_store(tmp_path / "memory")
+    ids = [backup_manager(root).create(t).backup_id
+           for t in (aml.BackupType.FULL, aml.BackupType.INCREMENTAL, aml.BackupType.FULL)]
+    assert ids == ["full_20261120_120000", "incr_20261120_120000_2", "full_20261120_120000_3"]
+    assert backup_manager(root).snapshot_ids() == ids
+
+
+# -- rotation, auto, list, config -------------------------------------------
+
+def test_rotation_keeps_remaining_snapshots_whole_and_frees_space(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    for day in range(6):
+        path = root / "code-reviewer" / "patterns.json"
+        write_data(path, [make_pattern("code-reviewer", random.Random(day)) for _ in range(40)])
+        backup_manager(root, now=NOW + dt.timedelta(days=day)).create()
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=5), retention_days=2)
+    preview = manager.rotate(dry_run=True)
+    size = repo_bytes(manager)
+    assert len(preview.deleted) == 3 and repo_bytes(manager) == size
+    result = manager.rotate()
+    assert result.deleted == preview.deleted and result.bytes_freed > 0
+    assert repo_bytes(manager) < size
+    assert manager.verify(all_snapshots=True, deep=True).ok
+
+
+def test_rotation_calendar_rules_and_max_backups(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    for day in range(0, 60, 3):
+        backup_manager(root, now=NOW + dt.timedelta(days=day)).create()
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=60), retention_days=7)
+    ids = manager.snapshot_ids()
+    kept = manager.retained(ids, keep_weekly=4, keep_monthly=3)
+    assert ids[-1] in kept and len(kept) < len(ids)
+    assert len({aml._id_time(i).isocalendar()[:2] for i in kept}) >= 4
+    assert manager.retained(ids) == ids[-2:]                 # days 54 and 57 of 60
+    assert backup_manager(root, max_backups=3).retained(ids) == ids[-3:]
+
+
+def test_rotation_never_deletes_the_newest_verified_snapshot(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    good = backup_manager(root).create().backup_id
+    later = backup_manager(root, now=NOW + dt.timedelta(days=1),
+                           verify_after_backup=False).create().backup_id
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=90), max_backups=1)
+    assert manager.newest_verified() == good
+    assert manager.rotate().kept == [good, later]
+
+
+def test_auto_follows_the_schedule(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    first = backup_manager(root).auto()
+    assert first.backup.type is aml.BackupType.FULL
+    again = backup_manager(root, now=NOW + dt.timedelta(hours=2)).auto()
+    assert again.backup is None and "recent" in again.skipped
+    day = backup_manager(root, now=NOW + dt.timedelta(days=1)).auto()
+    assert day.backup.type is aml.BackupType.INCREMENTAL and day.backup.verified
+    week = backup_manager(root, now=NOW + dt.timedelta(days=7)).auto()
+    assert week.backup.type is aml.BackupType.FULL
+    weekly = backup_manager(root, now=NOW + dt.timedelta(days=9), backup_schedule="weekly")
+    assert weekly.auto().backup is None
+
+
+def test_config_fields_have_effects(tmp_path):
+    root = build_store(tmp_path / "memory")
+    plain = backup_manager(root, backup_root=tmp_path / "a", compression_level=0).create()
+    packed = backup_manager(root, backup_root=tmp_path / "b", compression_level=9).create()
+    assert plain.bytes_added > 2 * packed.bytes_added
+    assert plain.manifest.parent.parent.parent == tmp_path / "a"
+    off = backup_manager(root, backup_root=tmp_path / "b", incremental_enabled=False,
+                         verify_after_backup=False).create(aml.BackupType.INCREMENTAL)
+    assert off.type is aml.BackupType.FULL and not off.verified
+    with pytest.raises(aml.UsageError):
+        backup_manager(root, backup_schedule="sometimes")
+
+
+def test_config_file_section_moves_the_backup_root(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text('{"backup": {"backup_root": "vault"}}')
+    assert run_cli(root, "backup", "create", "-q") == 0
+    assert len(list((tmp_path / "vault" / "aml" / "snapshots").iterdir())) == 1
+    code, out, _ = run_cli(root, "backup", "list", "--backup-root", tmp_path / "none",
+                           capsys=capsys)
+    assert code == 0 and "0 snapshots" in out
+
+
+def test_foreign_backups_are_left_alone_and_permissions_are_private(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    backups = tmp_path / "memory-backup"
+    backups.mkdir()
+    foreign = backups / "backup-1732500000000-abc.tar.gz"
+    foreign.write_bytes(b"runtime's own")
+    (backups / "backup-1732500000000-abc.meta.json").write_text("{}")
+    manager = backup_manager(root)
+    manager.create()
+    manager.rotate()
+    code, out, _ = run_cli(root, "backup", "list", capsys=capsys)
+    assert code == 0 and "foreign" in out and foreign.name in out
+    assert foreign.read_bytes() == b"runtime's own"
+    for path in manager.repo.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+    assert manager.repo.stat().st_mode & 0o777 == 0o700
+
+
+def test_history_entries_follow_the_contract(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    store = aml.Store(root)
+    entry = store.last_operation("backup")["summary"]
+    assert entry["backup_id"] == snap.backup_id and entry["verified"] is True
+    assert entry["type"] == "full" and Path(entry["manifest"]).exists()
+    assert entry["files"] == snap.files and entry["bytes_added"] == snap.bytes_added
+    assert store.last_operation("verify")["summary"] == {"backup_id": snap.backup_id, "ok": True,
+                                                        "deep": False}
+
+
+def test_safety_backup_returns_a_verified_id_or_refuses(tmp_path):
+    root = build_store(tmp_path / "memory")
+    store = aml.Store(root, now=NOW)
+    first = aml.safety_backup(store, "prune")
+    second = aml.safety_backup(store, "prune")
+    assert first.startswith("full_") and second.startswith("incr_")
+    assert backup_manager(root).load_manifest(second)["reason"] == "prune"
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the backup folder should be")
+    with pytest.raises(aml.RefusedError, match="--no-backup"):
+        aml.safety_backup(store, "prune", aml.BackupConfig(backup_root=blocker))
+
+
+def test_cli_original_spellings_and_json(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    assert run_cli(root, "backup", "full", "-q", "--now", "2026-11-20T00:00:00Z") == 0
+    assert run_cli(root, "backup", "incremental", "-q", "--now", "2026-11-21T00:00:00Z") == 0
+    code, out, _ = run_cli(root, "backup", "list", "--format", "json", capsys=capsys)
+    ids = [s["backup_id"] for s in json.loads(out)["snapshots"]]
+    assert code == 0 and ids[0].startswith("full_") and ids[1].startswith("incr_")
+    code, out, _ = run_cli(root, "backup", "verify", ids[0], "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert run_cli(root, "backup", "restore", "--backup-id", ids[0], "-q") == 0
+    code, out, _ = run_cli(root, "backup", "verify", "--all", "--deep", capsys=capsys)
+    assert code == 0 and "OK" in out
+    code, _, err = run_cli(root, "backup", "restore", "full_20200101_000000", capsys=capsys)
+    assert code == 2 and "no backup" in err
+    code, out, err = run_cli(root, "backup", "auto", "-q", "--now", "2026-11-22T02:00:00Z",
+                             capsys=capsys)
+    assert code == 0 and out == "" and err == ""
+
+
+@pytest.mark.parametrize("text", ['[{"a": 1}, {"b": [2, 3]}]', '[\n  1,\n  "x"\n]\n', "[7]"])
+def test_split_json_array_reassembles_exactly(text):
+    head, sep, tail, spans = aml.split_json_array(text)
+    assert head + sep.join(text[s:e] for s, e in spans) + tail == text
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", "[1,", "[1] x", "[1, 2 ,3]", "[NaN]"])
+def test_split_json_array_refuses_what_it_cannot_split(text):
+    assert aml.split_json_array(text) is None
 
 
 # =============================================================================
@@ -1006,6 +1497,476 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
 # =============================================================================
 # 13. Migration
 # =============================================================================
+
+def _is_int_value(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+
+
+def _is_ts(v):
+    return isinstance(v, str) and aml.parse_timestamp(v) is not None
+
+
+RUNTIME_REQUIRED = {
+    "pattern": [("pattern", "type", str), ("pattern", "context", dict),
+                ("pattern", "approach", "technique", str),
+                ("pattern", "approach", "rationale", str),
+                ("pattern", "conditions", "whenApplicable", list),
+                ("pattern", "conditions", "whenNotApplicable", list),
+                ("metrics", "successRate", "rate"), ("metrics", "executionCount", "int"),
+                ("metrics", "avgTimeSavedMs", "num"), ("metrics", "errorPreventionCount", "int"),
+                ("evolution", "created", "ts"), ("evolution", "lastUsed", "ts"),
+                ("evolution", "refinements", "int"), ("evolution", "confidenceScore", "rate")],
+    "solution": [("problem", "errorType", str), ("problem", "errorMessage", str),
+                 ("problem", "context", dict), ("solution", "rootCause", str),
+                 ("solution", "fixApproach", str), ("solution", "prevention", str),
+                 ("effectiveness", "worked", bool), ("effectiveness", "timeToFixMinutes", "num"),
+                 ("effectiveness", "preventedRecurrence", "int"),
+                 ("effectiveness", "relatedErrorsFixed", "int"), ("verifiedCount", "int")],
+    "decision": [("decision", "type", str), ("decision", "question", str),
+                 ("decision", "chosenOption", str), ("decision", "alternativesConsidered", list),
+                 ("decision", "decisionFactors", "primary", list),
+                 ("decision", "decisionFactors", "secondary", list)],
+}
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+KIND_CHECKS = {"rate": lambda v: _is_number(v) and 0 <= v <= 1, "int": _is_int_value,
+               "ts": _is_ts, "num": _is_number}
+
+
+def runtime_valid(rtype, rec):
+    """The test's own reading of SPEC 2.1: required fields and their types; [] when valid."""
+    bad = []
+    for key, check in (("id", str), ("agent", str), ("timestamp", "ts")):
+        if not (KIND_CHECKS[check](rec.get(key)) if check in KIND_CHECKS
+                else isinstance(rec.get(key), check)):
+            bad.append(key)
+    for *path, kind in RUNTIME_REQUIRED[rtype]:
+        value = rec
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        ok = KIND_CHECKS[kind](value) if isinstance(kind, str) else isinstance(value, kind)
+        if not ok:
+            bad.append(".".join(path))
+    if "tags" in rec and not isinstance(rec["tags"], list):
+        bad.append("tags")
+    if "active" in rec and not isinstance(rec["active"], bool):
+        bad.append("active")
+    if rtype == "decision" and "outcome" in rec:
+        out = rec["outcome"]
+        if not (isinstance(out, dict) and isinstance(out.get("wouldRepeat"), bool)
+                and isinstance(out.get("lessonsLearned"), list)):
+            bad.append("outcome")
+    return bad
+
+
+def leaves(obj, prefix=()):
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for key, value in obj.items():
+            out.update(leaves(value, prefix + (key,)))
+        return out
+    return {prefix: obj}
+
+
+# Where the migration documents that legacy values move (README, section migrate).
+DOCUMENTED_MOVES = {
+    ("successRate",): ("metrics", "successRate"), ("success_rate",): ("metrics", "successRate"),
+    ("executionCount",): ("metrics", "executionCount"),
+    ("avgTimeSavedMs",): ("metrics", "avgTimeSavedMs"),
+    ("errorPreventionCount",): ("metrics", "errorPreventionCount"),
+    ("refinements",): ("evolution", "refinements"), ("createdAt",): ("evolution", "created"),
+    ("execution_count",): ("metrics", "executionCount"),
+    ("avg_time_saved_ms",): ("metrics", "avgTimeSavedMs"),
+    ("error_prevention_count",): ("metrics", "errorPreventionCount"),
+    ("confidence",): ("evolution", "confidenceScore"),
+    ("confidence_score",): ("evolution", "confidenceScore"),
+    ("lastUsed",): ("evolution", "lastUsed"), ("last_used",): ("evolution", "lastUsed"),
+    ("created_at",): ("evolution", "created"),
+    ("performance", "success_rate"): ("metrics", "successRate"),
+    ("performance", "execution_count"): ("metrics", "executionCount"),
+    ("performance", "avg_time_saved_ms"): ("metrics", "avgTimeSavedMs"),
+    ("performance", "error_prevention_count"): ("metrics", "errorPreventionCount"),
+    ("performance", "confidence"): ("evolution", "confidenceScore"),
+    ("lifecycle", "created_at"): ("evolution", "created"),
+    ("lifecycle", "last_used"): ("evolution", "lastUsed"),
+    ("lifecycle", "refinements"): ("evolution", "refinements"),
+    ("pinned",): ("lifecycle", "pinned"), ("supersededBy",): ("lifecycle", "supersededBy"),
+    ("verified_count",): ("verifiedCount",), ("reviewed_at",): ("reviewedAt",),
+    ("is_active",): ("active",),
+}
+
+
+def assert_values_preserved(before, after):
+    """Every leaf value of ``before`` is at its old path or its documented new path."""
+    new = leaves(after)
+    for path, value in leaves(before).items():
+        if path in new and new[path] == value:
+            continue
+        moved = DOCUMENTED_MOVES.get(path)
+        assert moved is not None and new.get(moved) == value, (path, value, after)
+
+
+def _strip_to_v1(rec):
+    return {k: v for k, v in rec.items() if k not in ("tags", "active", "metadata", "variations")}
+
+
+def _flat_v1(rec, style):
+    """A 1.0.0 pattern whose metrics sit flat at the top level (camelCase or snake_case)."""
+    out = _strip_to_v1(rec)
+    m, e = out.pop("metrics"), out.pop("evolution")
+    if style == "camel":
+        out.update(successRate=m["successRate"], executionCount=m["executionCount"],
+                   avgTimeSavedMs=m["avgTimeSavedMs"],
+                   errorPreventionCount=m["errorPreventionCount"],
+                   confidence=e["confidenceScore"], lastUsed=e["lastUsed"],
+                   refinements=e["refinements"], createdAt=e["created"])
+    else:
+        out.update(success_rate=m["successRate"], execution_count=m["executionCount"],
+                   avg_time_saved_ms=m["avgTimeSavedMs"],
+                   error_prevention_count=m["errorPreventionCount"],
+                   confidence_score=e["confidenceScore"], last_used=e["lastUsed"],
+                   refinements=e["refinements"], created_at=e["created"])
+    return out
+
+
+def _older_tool(rec, i):
+    """The older toolkit's "2.0.0": metrics/evolution dropped for performance + lifecycle."""
+    out = dict(rec, tags=[], active=True, metadata={}, variations=[], schema_version="2.0.0")
+    m, e = out.pop("metrics"), out.pop("evolution")
+    out["performance"] = {"success_rate": m["successRate"], "execution_count": m["executionCount"],
+                          "avg_time_saved_ms": m["avgTimeSavedMs"],
+                          "error_prevention_count": m["errorPreventionCount"],
+                          "confidence": e["confidenceScore"]}
+    out["lifecycle"] = {"created_at": e["created"], "last_used": e["lastUsed"],
+                        "refinements": e["refinements"]}
+    if i % 2:
+        out["schemaVersion"] = "2.0.0"  # it even stamped our key: shape decides, not the stamp
+    return out
+
+
+def versioned_store(root, version, seed=5):
+    """One agent whose three files hold the same records written as ``version``."""
+    rng = random.Random(seed)
+    pats = [make_pattern("alpha", rng, tags=[]) for _ in range(12)]
+    sols = [make_solution("alpha", rng, tags=[]) for _ in range(5)]
+    decs = [make_decision("alpha", rng, tags=[]) for _ in range(5)]
+    if version == "1.0.0":
+        pats = [_flat_v1(p, ("camel", "snake", "nested")[i % 3]) if i % 3 < 2 else _strip_to_v1(p)
+                for i, p in enumerate(pats)]
+        sols, decs = [_strip_to_v1(s) for s in sols], [_strip_to_v1(d) for d in decs]
+    elif version in ("1.2.0", "older-tool"):
+        pats = [dict(p, metadata={}, variations=[]) for p in pats]
+        sols = [dict(s, metadata={}) for s in sols]
+        decs = [dict(d, metadata={}) for d in decs]
+        if version == "older-tool":
+            pats = [_older_tool(p, i) for i, p in enumerate(pats)]
+    write_data(root / "alpha" / "patterns.json", pats)
+    write_data(root / "alpha" / "solutions.json", sols)
+    write_data(root / "alpha" / "decisions.json", decs)
+    return root
+
+
+@pytest.fixture
+def fake_backup(monkeypatch):
+    """safety_backup that succeeds and remembers its calls."""
+    calls = []
+
+    def backup(store, reason, config=None):
+        calls.append(reason)
+        return "snap-%d" % len(calls)
+
+    monkeypatch.setattr(aml, "safety_backup", backup)
+    return calls
+
+
+def store_records(root):
+    out = {}
+    for path in sorted(Path(root).glob("*/*.json")):
+        if aml.RecordType.from_filename(path.name):
+            out[str(path.relative_to(root))] = read_data(path)
+    return out
+
+
+def without_legacy_stamps(data):
+    return {f: [{k: v for k, v in r.items() if k != "schema_version"} for r in recs]
+            for f, recs in data.items()}
+
+
+def test_every_old_version_reaches_the_same_canonical_result(tmp_path, fake_backup, capsys):
+    results = {}
+    for version in ("1.0.0", "1.1.0", "1.2.0", "older-tool"):
+        root = versioned_store(tmp_path / version, version)
+        if version == "older-tool":
+            # The runtime rejects these records as they are (metrics/evolution dropped).
+            assert all(runtime_valid("pattern", r) for r in read_data(root / "alpha/patterns.json"))
+        before = store_records(root)
+        code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+        assert code == 0, err
+        after = store_records(root)
+        for name in before:
+            for old, new in zip(before[name], after[name]):
+                assert_values_preserved(old, new)
+        results[version] = without_legacy_stamps(after)
+    assert results["1.0.0"] == results["1.1.0"] == results["1.2.0"] == results["older-tool"]
+    for name, records in results["1.0.0"].items():
+        rtype = aml.RecordType.from_filename(Path(name).name).value
+        assert all(runtime_valid(rtype, r) == [] and r["schemaVersion"] == "2.0.0" for r in records)
+
+
+def test_runtime_store_migrates_to_valid_2_0_0_keeping_every_value(store, fake_backup, capsys):
+    before = store_records(store)
+    gz_before = {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in store.glob("*/*.json")}
+    code, out, _ = run_cli(store, "migrate", "migrate-latest", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and "backup snap-1" in out
+    after = store_records(store)
+    assert {f: len(r) for f, r in after.items()} == {f: len(r) for f, r in before.items()}
+    for name, records in after.items():
+        rtype = aml.RecordType.from_filename(Path(name).name).value
+        for old, new in zip(before[name], records):
+            assert runtime_valid(rtype, new) == []
+            assert_values_preserved(old, new)
+    assert {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in gz_before} == gz_before
+    code, out, _ = run_cli(store, "migrate", "detect", "--format", "json", capsys=capsys)
+    report = json.loads(out)
+    assert code == 0 and report["totals"] == {"2.0.0": sum(len(r) for r in before.values())}
+    assert report["history"][-1]["backup_id"] == "snap-1" and report["history"][-1]["to"] == "2.0.0"
+    digest = tree_digest(store, skip_state=True)
+    code, out, _ = run_cli(store, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 0 and "changed 0 of" in out and tree_digest(store, skip_state=True) == digest
+    assert fake_backup == ["before migrate to 2.0.0"]  # nothing to change: no second backup
+
+
+def test_detect_reads_runtime_records_and_flags_mixed_and_unplaceable(tmp_path, capsys):
+    rng = random.Random(8)
+    root = tmp_path / "m"
+    runtime_no_tags = {k: v for k, v in make_pattern("a", rng).items() if k != "tags"}
+    records = [runtime_no_tags, make_pattern("a", rng),
+               _strip_to_v1(make_pattern("a", rng)),
+               dict(make_pattern("a", rng), metadata={}, variations=[]),
+               dict(make_pattern("a", rng), schemaVersion="9.9"),
+               "not a record"]
+    write_data(root / "a" / "patterns.json", records)
+    write_data(root / "b" / "solutions.json", [make_solution("b", rng)])
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "migrate", "detect", capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    assert "a/patterns.json" in out and "1.0.0: 1, 1.1.0: 2, 1.2.0: 1, unplaceable: 2  MIXED" in out
+    assert "Store: 1.0.0: 1, 1.1.0: 3, 1.2.0: 1, unplaceable: 2 (MIXED)" in out
+    assert "a/patterns.json[4]" in out and "unknown schemaVersion '9.9'" in out
+    assert "a/patterns.json[5]" in out and "b" in out and "Migration history: none" in out
+
+
+@pytest.mark.parametrize("rec,version", [
+    ({"id": "x", "active": True}, "1.1.0"),            # runtime: active kept, empty tags dropped
+    ({"id": "x", "tags": []}, "1.1.0"),
+    ({"id": "x"}, "1.0.0"),
+    ({"id": "x", "variations": []}, "1.2.0"),
+    ({"id": "x", "schemaVersion": "1.2.0"}, "1.2.0"),  # a stamp wins over the fields
+    ({"id": "x", "schemaVersion": "2.0.0", "performance": {}, "tags": []}, "1.1.0"),
+    ({"id": "x", "schemaVersion": "2.0.0", "metrics": {}, "evolution": {},
+      "lifecycle": {"state": "active"}}, "2.0.0"),
+    ({"id": "x", "schemaVersion": "3.1"}, None),
+    ({"unrelated": 1}, None),
+])
+def test_detect_record_version(rec, version):
+    found = aml.detect_record_version(aml.RecordType.PATTERN, rec)
+    assert (found.value if found else None) == version
+
+
+def test_mixed_store_migrates_and_reports_what_it_cannot(tmp_path, fake_backup, capsys):
+    rng = random.Random(9)
+    root = tmp_path / "m"
+    no_rate = _strip_to_v1(make_pattern("a", rng))
+    del no_rate["metrics"]["successRate"]
+    keep = [no_rate, "not a record"]
+    good = [_flat_v1(make_pattern("a", rng), "snake"), make_pattern("a", rng),
+            dict(make_pattern("a", rng), metadata={"k": 1}, variations=[])]
+    write_data(root / "a" / "patterns.json", keep + good)
+    code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 3
+    assert "a/patterns.json[0]" in err and "no usable metrics.successRate anywhere" in err
+    assert "a/patterns.json[1]" in err and "cannot place" in err
+    after = read_data(root / "a" / "patterns.json")
+    assert after[:2] == keep  # left exactly as they were, not half-migrated
+    assert [r["schemaVersion"] for r in after[2:]] == ["2.0.0"] * 3
+    assert after[4]["metadata"] == {"k": 1}
+
+
+def test_crash_between_files_then_rerun_equals_clean_run(tmp_path, monkeypatch, capsys):
+    clean = build_store(tmp_path / "clean", gz="mixed")
+    crashed = build_store(tmp_path / "crashed", gz="mixed")
+    assert run_cli(clean, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 0
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky_replace)
+    with pytest.raises(OSError):
+        run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT)
+    monkeypatch.undo()
+    partial = store_records(crashed)
+    assert sum(1 for recs in partial.values() if recs[0].get("schemaVersion")) == 1
+    assert not [p for p in crashed.rglob("*") if ".aml-tmp-" in p.name]
+    assert run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 0
+    assert tree_digest(crashed, skip_state=True) == tree_digest(clean, skip_state=True)
+
+
+def test_failed_safety_backup_leaves_store_untouched(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "m")
+
+    def no_backup(store, reason, config=None):
+        raise aml.RefusedError("backup volume is full")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 4 and "backup volume is full" in err and "--no-backup" in err
+    assert tree_digest(root, skip_state=True) == before
+    assert not (root / ".aml" / "migrations.json").exists()
+
+
+def test_dry_run_reports_steps_and_sample_and_changes_nothing(tmp_path, capsys):
+    root = versioned_store(tmp_path / "m", "older-tool")
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "migrate", "migrate-latest", "--dry-run", capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    assert "would change 22 of 22 records" in out and "step 1.2.0->2.0.0" in out
+    assert "> performance.success_rate -> metrics.successRate:" in out
+    code, out, _ = run_cli(root, "migrate", "migrate", "--version", "2.0.0", "--dry-run",
+                           "--format", "json", capsys=capsys)
+    plan = json.loads(out)
+    assert plan["dry_run"] and plan["steps"]["1.2.0->2.0.0"] == 22 and tree_digest(root) == before
+
+
+def test_steps_down_lossless_or_refused_with_backup_hint(tmp_path, fake_backup, capsys):
+    root = build_store(tmp_path / "m", agents=("alpha",), patterns=6, solutions=3, decisions=3)
+    original = store_records(root)
+    assert run_cli(root, "migrate", "migrate-latest", capsys=capsys)[0] == 0
+    code, out, _ = run_cli(root, "migrate", "migrate", "1.1.0", capsys=capsys)
+    assert code == 0 and "step 2.0.0->1.2.0" in out and "step 1.2.0->1.1.0" in out
+    assert store_records(root) == original  # runtime records come back byte-for-value equal
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "migrate", "migrate", "1.0.0", capsys=capsys)
+    assert code == 4 and "would drop tags" in err and "backup restore snap-2" in err
+    assert tree_digest(root, skip_state=True) == before
+
+
+def test_step_down_refused_when_lifecycle_holds_information(tmp_path, fake_backup, capsys):
+    rng = random.Random(4)
+    root = tmp_path / "m"
+    write_data(root / "a" / "decisions.json", [make_decision("a", rng, pinned=True)])
+    assert run_cli(root, "migrate", "migrate-latest") == 0
+    rec = read_data(root / "a" / "decisions.json")[0]
+    assert rec["lifecycle"] == {"pinned": True, "state": "pinned"} and "pinned" not in rec
+    facts = aml.record_facts(aml.RecordType.DECISION, rec)
+    assert facts.pinned and facts.active
+    code, _, err = run_cli(root, "migrate", "migrate", "--version", "1.2.0", capsys=capsys)
+    assert code == 4 and "lifecycle" in err
+
+
+def test_unreadable_file_is_skipped_and_reported(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(gzip.compress(b'[{"id": "x"}]')[:-5])
+    raw = bad.read_bytes()
+    code, _, err = run_cli(root, "migrate", "migrate-latest", "--no-backup", capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err and bad.read_bytes() == raw
+    assert read_data(root / "test-automator" / "patterns.json")[0]["schemaVersion"] == "2.0.0"
+
+
+@pytest.mark.parametrize("rate,count,expected", [
+    (0.5, 1, {"successCount": 0, "failureCount": 0}),      # the runtime's fresh pattern
+    (0.75, 2, {"successCount": 1, "failureCount": 0}),
+    (0.9137931034482759, 29, {"successCount": 26, "failureCount": 2}),
+    (0.8, 10, {"successCount": 8, "failureCount": 2}),     # a plain ratio (hand-written)
+    (0.73, 3, {"successCount": 2, "failureCount": 1, "countsApproximate": True}),
+    (0.0, 0, {"successCount": 0, "failureCount": 0}),
+])
+def test_exact_counts(rate, count, expected):
+    rec = make_pattern("a", random.Random(1), success=rate, count=count)
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+    keys = ("successCount", "failureCount", "countsApproximate")
+    assert {k: out["metrics"][k] for k in keys if k in out["metrics"]} == expected
+
+
+def test_lifecycle_state_and_record_facts_on_2_0_0():
+    rng = random.Random(2)
+    cases = [(dict(make_pattern("a", rng), active=False), "inactive"),
+             (dict(make_pattern("a", rng), supersededBy="p-2"), "superseded"),
+             (dict(make_pattern("a", rng), tags=["pinned"]), "pinned"),
+             (dict(make_pattern("a", rng), lifecycle={"state": "Deprecated"}), "superseded")]
+    for rec, state in cases:
+        out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+        assert out["lifecycle"]["state"] == state and out["active"] == rec["active"]
+        facts = aml.record_facts(aml.RecordType.PATTERN, out)
+        assert facts.superseded == (state == "superseded")
+        assert facts.pinned == (state == "pinned") and facts.active == rec["active"]
+        assert facts.execution_count == rec["metrics"]["executionCount"]
+    assert out["lifecycle"]["legacyState"] == "Deprecated"
+
+
+def test_migration_is_idempotent_per_record():
+    rng = random.Random(11)
+    recs = [_flat_v1(make_pattern("a", rng), "snake"), _older_tool(make_pattern("a", rng), 1),
+            make_pattern("a", rng, pinned=True)]
+    for rec in recs:
+        once = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0)
+        twice = aml.migrate_record(aml.RecordType.PATTERN, once.record, aml.SchemaVersion.V2_0_0)
+        assert once.changes and not twice.changes and twice.record is once.record
+
+
+def test_epoch_and_conflicting_legacy_values_are_kept_not_lost():
+    rec = _strip_to_v1(make_pattern("a", random.Random(3), success=0.5, count=4))
+    rec["success_rate"] = 0.9                      # conflicts with metrics.successRate
+    rec["metrics"]["successRate"] = 0.5
+    del rec["evolution"]["lastUsed"]
+    rec["last_used"] = 1763640000000               # epoch milliseconds
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+    assert out["success_rate"] == 0.9 and out["metrics"]["successRate"] == 0.5
+    assert out["evolution"]["lastUsed"] == "2025-11-20T12:00:00.000Z"
+    assert out["last_used"] == 1763640000000
+
+
+def test_missing_optional_counters_are_defaulted_and_noted():
+    rec = _older_tool(make_pattern("a", random.Random(6)), 0)
+    del rec["performance"]["avg_time_saved_ms"]
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0)
+    assert out.problem is None and out.record["metrics"]["avgTimeSavedMs"] == 0
+    assert out.record["metadata"]["amlMigration"] == {"defaulted": ["metrics.avgTimeSavedMs"]}
+
+
+def test_solution_and_decision_legacy_fields_become_runtime_fields():
+    rng = random.Random(12)
+    sol = _strip_to_v1(make_solution("a", rng))
+    sol["verified_count"] = sol.pop("verifiedCount")
+    dec = dict(_strip_to_v1(make_decision("a", rng)), outcome=None, reviewed_at=NOW_TEXT)
+    assert runtime_valid("solution", sol) and runtime_valid("decision", dec)
+    new_sol = aml.migrate_record(aml.RecordType.SOLUTION, sol, aml.SchemaVersion.V2_0_0).record
+    new_dec = aml.migrate_record(aml.RecordType.DECISION, dec, aml.SchemaVersion.V2_0_0).record
+    assert runtime_valid("solution", new_sol) == [] and runtime_valid("decision", new_dec) == []
+    assert new_sol["verifiedCount"] == sol["verified_count"] and "verified_count" not in new_sol
+    assert new_dec["reviewedAt"] == NOW_TEXT and "outcome" not in new_dec
+    assert_values_preserved(sol, new_sol)
+
+
+def test_migrate_cli_spellings_and_usage_errors(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("alpha",), patterns=3, solutions=1, decisions=1)
+    assert run_cli(root, "migrate", "migrate", "1.2.0", "--no-backup") == 0
+    code, out, _ = run_cli(root, "migrate", "detect", capsys=capsys)
+    assert "Store: 1.2.0: 5 (uniform)" in out
+    code, _, err = run_cli(root, "migrate", "migrate", capsys=capsys)
+    assert code == 2 and "target version" in err
+    code, _, err = run_cli(root, "migrate", "migrate", "1.1.0", "--version", "2.0.0",
+                           capsys=capsys)
+    assert code == 2 and "two different" in err
+    code, _, err = run_cli(root, "migrate", "migrate", "--version", "3.0", capsys=capsys)
+    assert code == 2 and "unknown schema version" in err
 
 
 # =============================================================================
