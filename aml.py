@@ -2517,10 +2517,6 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
             "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
             "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
 
-def safety_backup(store, reason, config=None):  # STUB until backup lands
-    """Placeholder for section 8's safety backup; always raises RefusedError."""
-    raise RefusedError("backup is not available")
-
 
 # =============================================================================
 # 9. Bloom filter and LRU cache
@@ -4699,8 +4695,9 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
     if result.dry_run:
         out.line("dry run: nothing was changed")
     elif result.removed:
-        out.line("run %s; undo with: aml.py %s prune --undo %s"
-                 % (result.run_id, memory_path, result.run_id))
+        backup = "; safety backup %s" % result.backup_id if result.backup_id else ""
+        out.line("run %s%s; undo with: aml.py %s prune --undo %s"
+                 % (result.run_id, backup, memory_path, result.run_id))
 
 
 def _print_undo(out: Output, result: UndoResult) -> int:

@@ -1472,11 +1472,10 @@ def test_every_crontab_line_parses():
 
 def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
     root = _prune_store(tmp_path / "memory")
-    # The line has no --now, so records age with the real clock: lift the guard, and keep the
-    # test independent of section 8's backup (both via the store's own aml config file).
+    # The line has no --now, so records age with the real clock: lift the guard (via the
+    # store's own aml config file) so the test does not depend on today's date.
     (root / ".aml").mkdir()
-    (root / ".aml" / "config.json").write_text(
-        '{"prune": {"create_backup": false, "max_removal_share": 1.0}}')
+    (root / ".aml" / "config.json").write_text('{"prune": {"max_removal_share": 1.0}}')
     job = next(j for j in _crontab_commands() if "prune" in j)
     _, argv = _aml_args(job)
     argv[0] = str(root)  # the memory path comes first
@@ -1486,7 +1485,11 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
                           env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
-    assert aml.Store(root).last_operation("prune")["summary"]["removed"] > 0
+    store = aml.Store(root)
+    summary = store.last_operation("prune")["summary"]
+    assert summary["removed"] > 0 and summary["backup_id"]
+    backup = store.last_operation("backup")["summary"]
+    assert backup["backup_id"] == summary["backup_id"] and backup["verified"] is True
 
 
 # =============================================================================
