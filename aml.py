@@ -1033,6 +1033,22 @@ def optimal_bloom_bits(capacity: int, fp_rate: float) -> int:
     return max(8, int(math.ceil(-n * math.log(fp_rate) / (math.log(2) ** 2))))
 
 
+def bloom_fp_rate(bits: int, hashes: int, items: int) -> float:
+    """The expected false-positive rate (1 - e^(-k n / m))^k."""
+    return (1.0 - math.exp(-hashes * items / float(bits))) ** hashes
+
+
+def _bloom_shape(capacity: int, fp_rate: float) -> Tuple[int, int]:
+    # The optimum assumes a real-valued k; with k rounded to an integer the rate at capacity
+    # can land just above the target (1.003 % at 1 %), so grow m in 0.5 % steps until it holds.
+    m = optimal_bloom_bits(capacity, fp_rate)
+    while True:
+        k = max(1, int(round(m / capacity * math.log(2))))
+        if bloom_fp_rate(m, k, capacity) <= fp_rate:
+            return m, k
+        m = int(math.ceil(m * 1.005))
+
+
 class BloomFilter:
     """A Bloom filter over strings: a real bit array with double hashing from one digest.
 
@@ -1046,8 +1062,7 @@ class BloomFilter:
             raise ValueError("capacity must be >= 1 and fp_rate in (0, 1)")
         self.capacity = int(capacity)
         self.fp_rate = fp_rate
-        self.m = optimal_bloom_bits(capacity, fp_rate)
-        self.k = max(1, int(round(self.m / self.capacity * math.log(2))))
+        self.m, self.k = _bloom_shape(self.capacity, fp_rate)
         self.count = 0
         self.bits = bytearray((self.m + 7) // 8)
 
@@ -1223,8 +1238,8 @@ class LRUCache:
                           len(self._items), self.bytes, self.max_bytes)
 
 
-__all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "optimal_bloom_bits",
-            "value_size"]
+__all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "bloom_fp_rate",
+            "optimal_bloom_bits", "value_size"]
 
 
 # =============================================================================
@@ -1378,6 +1393,10 @@ def _file_stats(store: Store) -> List[_FileStat]:
     return out
 
 
+def _problems(entries: Iterable[Dict[str, Any]]) -> List[str]:
+    return ["%s: %s" % (e["path"], e["problem"]) for e in entries]
+
+
 class MemoryIndex:
     """The persisted record index in ``.aml/index/``: id -> (file, position), postings, bloom.
 
@@ -1431,12 +1450,14 @@ class MemoryIndex:
         return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
 
     # -- building --------------------------------------------------------------
-    def refresh(self, dry_run: bool = False) -> IndexResult:
+    def refresh(self, dry_run: bool = False, rebuild: bool = False) -> IndexResult:
         """Bring the index up to date, re-reading only changed files; rebuild if corrupt.
 
         Call with the maintenance lock held. A dry run reports what would be re-read and
-        writes nothing. Unreadable files are left out and listed (their size and mtime are
-        kept so they are not re-read until they change).
+        writes nothing. ``rebuild`` rewrites the id table and bloom filter even when no file
+        changed, reusing only postings that verify (how a corrupt part is repaired).
+        Unreadable files are left out and listed (their size and mtime are kept so they are
+        not re-read until they change).
         """
         started = time.monotonic()
         old = self.manifest()
@@ -1446,15 +1467,16 @@ class MemoryIndex:
         old_files = {e["path"]: e for e in old["files"]} if old else {}
         old_bad = {e["path"]: e for e in old["unreadable"]} if old else {}
         stale = self.stale_files() if old else [f.path for f in current]
-        if dry_run or (old and not stale):
+        if dry_run or (old and not stale and not rebuild):
             return self._result(dry_run, old is None, reason, current, stale, old,
-                                started, [e["path"] for e in old_bad.values()])
+                                started, _problems(old_bad.values()))
         parts, bad = self._collect_parts(current, old_files, old_bad)
         self._write(parts, bad)
         removed = sorted((set(old_files) | set(old_bad)) - {f.path for f in current})
-        return self._result(False, old is None, reason if old is None else "refreshed",
+        return self._result(False, old is None, reason if old is None else
+                            ("repaired" if rebuild else "refreshed"),
                             current, [p for p in stale if p not in removed] + removed,
-                            self.manifest(), started, [e["path"] for e in bad])
+                            self.manifest(), started, _problems(bad))
 
     def _result(self, dry_run: bool, rebuilt: bool, reason: str, current: List[_FileStat],
                 stale: List[str], manifest: Optional[Dict[str, Any]], started: float,
@@ -1599,8 +1621,7 @@ class MemoryIndex:
 
     def unreadable(self) -> List[str]:
         """'path: problem' of the files the index could not read."""
-        manifest = self.manifest()
-        return ["%s: %s" % (e["path"], e["problem"]) for e in (manifest or {}).get("unreadable", [])]
+        return _problems((self.manifest() or {}).get("unreadable", []))
 
     def load_file(self, entry: Dict[str, Any]) -> List[Any]:
         """The records of one indexed file, if it is unchanged since indexing (LRU of parsed files).
@@ -1795,6 +1816,22 @@ def _query_index(store: Store, use_index: bool) -> Iterator[Tuple[Optional[Memor
         lock.release()
 
 
+def _with_index(index: Optional[MemoryIndex], writable: bool,
+                indexed: Callable[[MemoryIndex], LookupResult],
+                scanned: Callable[[], LookupResult]) -> LookupResult:
+    """Answer from the index; a part that fails verification is rebuilt (when we may write)
+    and the lookup retried once, else the answer comes from a read-only scan."""
+    if index is not None:
+        try:
+            return indexed(index)
+        except IntegrityError:
+            if writable:
+                index.refresh(rebuild=True)
+                with contextlib.suppress(IntegrityError):
+                    return indexed(MemoryIndex(index.store, index.fp_rate))
+    return scanned()
+
+
 def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupResult:
     """Every record with this id (one per agent that has it); ``not_found`` if none.
 
@@ -1802,13 +1839,8 @@ def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupRe
     whole store - unless the index cannot be used, then scans read-only.
     """
     with _query_index(store, use_index) as (index, writable):
-        if index is not None:
-            try:
-                result = _get_indexed(index, record_id)
-            except IntegrityError:
-                index = None
-        if index is None:
-            result = _get_scanned(store, record_id)
+        result = _with_index(index, writable, lambda ix: _get_indexed(ix, record_id),
+                             lambda: _get_scanned(store, record_id))
         if writable:
             _count_cache(store, result)
     if not result.records:
@@ -1871,13 +1903,8 @@ def search_records(store: Store, query: SearchQuery, use_index: bool = True) -> 
                             message="no agent named %r in %s (known: %s)"
                             % (query.agent, store.root, ", ".join(store.agents()) or "none"))
     with _query_index(store, use_index) as (index, writable):
-        if index is not None:
-            try:
-                result = _search_indexed(index, query)
-            except IntegrityError:
-                index = None
-        if index is None:
-            result = _search_scanned(store, query)
+        result = _with_index(index, writable, lambda ix: _search_indexed(ix, query),
+                             lambda: _search_scanned(store, query))
         if writable:
             _count_cache(store, result)
     return result
@@ -2004,25 +2031,24 @@ def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: 
     ``unreadable``. The file's mtime is kept so ``--age-days`` stays meaningful.
     """
     path = Path(path_text)
-    try:
-        with FileLock(path, timeout=lock_timeout):
+    with FileLock(path, timeout=lock_timeout):
+        try:
             before = path.stat()
             raw = path.read_bytes()
             if (raw[:2] == GZIP_MAGIC) == to_gzip:
                 return path_text, "skipped", len(raw), len(raw), ""
             new = _transcode_bytes(raw, to_gzip)
-            check = gzip.decompress(new) if to_gzip else new
-            if to_gzip and check != raw:
-                raise ValueError("round trip differs")
-            after = path.stat()
-            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                return path_text, "changed", len(raw), len(raw), ""
-            if not dry_run:
-                atomic_write_bytes(path, new)
-                os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
-            return path_text, "done", len(raw), len(new), ""
-    except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
-        return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc))
+        except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
+            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc))
+        if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
+            raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            return path_text, "changed", len(raw), len(raw), ""
+        if not dry_run:  # write errors propagate: the old file is intact (atomic write)
+            atomic_write_bytes(path, new)
+            os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
+        return path_text, "done", len(raw), len(new), ""
 
 
 def _agent_data_files(store: Store) -> List[Path]:
