@@ -1088,6 +1088,21 @@ class BloomFilter:
             bits[pos >> 3] |= 1 << (pos & 7)
         self.count += 1
 
+    def add_digests(self, digests: bytes) -> None:
+        """Add many keys given as concatenated 16-byte digests (the index build's fast path).
+
+        The same double hashing as ``add``, computed position round by position round
+        in comprehensions, which is several times faster than per-key calls.
+        """
+        count = len(digests) // 16
+        halves = struct.unpack(">%dQ" % (2 * count), digests[:count * 16])
+        h1s, h2s = halves[0::2], [h | 1 for h in halves[1::2]]
+        bits, m = self.bits, self.m
+        for i in range(self.k):
+            for pos in [(a + i * b) % m for a, b in zip(h1s, h2s)]:
+                bits[pos >> 3] |= 1 << (pos & 7)
+        self.count += count
+
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False
@@ -1253,7 +1268,9 @@ __all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "bloom_fp_r
 INDEX_FORMAT = "aml-index-1"
 _IDS_MAGIC = b"AMLI"
 _IDS_HEADER = struct.Struct(">4sBI")
-_ID_ROW = struct.Struct(">16sII")  # bloom_digest(id), file number, array position
+_ID_ROW = struct.Struct(">16sII")  # bloom_digest(id), file slot, array position
+_BUCKET_COUNTS = struct.Struct(">%dI" % 256)  # heads each file's keys in keys.dat
+_PARALLEL_INDEX_BYTES = 8 * 1024 * 1024  # below this, forking workers costs more than it saves
 _ID_BUCKETS = 256                  # by the digest's first byte; one bucket is read per lookup
 DEFAULT_CACHE_BYTES = 10 * 1024 * 1024
 DEFAULT_BLOOM_FP_RATE = 0.01
@@ -1262,19 +1279,110 @@ DEFAULT_BLOOM_FP_RATE = 0.01
 P_ID, P_POS, P_CONF, P_SR, P_EXEC, P_LAST, P_ACTIVE, P_TAGS = range(8)
 
 
+# Top-level keys where a legacy layout may keep a field; a runtime record has none of them.
+_LEGACY_KEYS = frozenset(path[0] for paths in FIELD_PATHS.values() for path in paths
+                         if path[0] not in ("metrics", "evolution"))
+
+
+def _field(record: Dict[str, Any], field: str) -> Any:
+    # first_value without the generic dig(): the index build calls this per record.
+    for path in FIELD_PATHS[field]:
+        value = record.get(path[0])
+        for key in path[1:]:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
+
+
+def _num(value: Any) -> Optional[float]:
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else None
+
+
 def posting_row(record: Any, position: int) -> List[Any]:
-    """The facts the index keeps for one record (see P_* for the layout); never raises."""
+    """The facts the index keeps for one record (see P_* for the layout); never raises.
+
+    Reads the same values as record_facts (runtime camelCase first, then legacy layouts).
+    """
     if not isinstance(record, dict):
         return [None, position, None, None, None, None, True, []]
-    rid = record.get("id")
-    last = first_value(record, "last_used") or first_value(record, "created") \
-        or record.get("timestamp")
-    return [rid if isinstance(rid, str) and rid else None, position,
-            _number(first_value(record, "confidence")),
-            _number(first_value(record, "success_rate")),
-            _number(first_value(record, "execution_count")),
+    get = record.get
+    evo, met = get("evolution"), get("metrics")
+    evo = evo if isinstance(evo, dict) else {}
+    met = met if isinstance(met, dict) else {}
+    conf, last = evo.get("confidenceScore"), evo.get("lastUsed")
+    rate, count = met.get("successRate"), met.get("executionCount")
+    if (evo or met or not _LEGACY_KEYS.isdisjoint(record)) and None in (conf, rate, count, last):
+        # Only then can a later layout path hold a value (the generic, slower lookup).
+        conf = _field(record, "confidence") if conf is None else conf
+        rate = _field(record, "success_rate") if rate is None else rate
+        count = _field(record, "execution_count") if count is None else count
+        last = _field(record, "last_used") if last is None else last
+        last = last or _field(record, "created")
+    last = last or get("timestamp")
+    rid, active, tags = get("id"), get("active"), get("tags")
+    return [rid if isinstance(rid, str) and rid else None, position, _num(conf), _num(rate),
+            _num(count),
             last if isinstance(last, (str, int, float)) and not isinstance(last, bool) else None,
-            _is_active(record), list(_tags(record))]
+            active if isinstance(active, bool) else _is_active(record),
+            [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []]
+
+
+def index_file_part(path: str, slot: int) -> Tuple[bytes, bytes, int]:
+    """Parse one record file into (postings JSON, id keys, records); may run in a worker.
+
+    The id keys are the file's id-table rows (bloom_digest(id), ``slot``, position) grouped
+    by bucket, after a header of the 256 bucket row counts, so building the id table is a
+    concatenation. Raises CorruptFileError for an unreadable file.
+    """
+    records, _ = load_json_file(Path(path), expect=list)
+    rows = [posting_row(rec, pos) for pos, rec in enumerate(records)]
+    buckets: List[List[bytes]] = [[] for _ in range(_ID_BUCKETS)]
+    tag = struct.pack(">I", slot)
+    for row in rows:
+        if row[P_ID]:
+            digest = bloom_digest(row[P_ID])
+            buckets[digest[0]].append(digest + tag + struct.pack(">I", row[P_POS]))
+    keys = _BUCKET_COUNTS.pack(*map(len, buckets)) + b"".join(map(b"".join, buckets))
+    blob = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return blob, keys, len(rows)
+
+
+def _bloom_bits(digests: bytes, bits: int, hashes: int) -> bytes:
+    """The bit array of a BloomFilter(m=bits, k=hashes) holding these digests (worker job)."""
+    bloom = BloomFilter.__new__(BloomFilter)
+    bloom.m, bloom.k, bloom.count, bloom.bits = bits, hashes, 0, bytearray((bits + 7) // 8)
+    bloom.add_digests(digests)
+    return bytes(bloom.bits)
+
+
+def worker_count(workers: int, jobs: int) -> int:
+    """Processes to use: ``workers`` (0 = one per CPU core), at most one per job, at least 1."""
+    return max(1, min(jobs, workers or os.cpu_count() or 1))
+
+
+def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers: int = 0
+                 ) -> List[Any]:
+    """``func(*job)`` for every job, in order; in forked worker processes when more than one.
+
+    Exceptions in a worker propagate to the caller. ``func`` must be a module-level function.
+    """
+    count = worker_count(workers, len(jobs))
+    if count <= 1:
+        return [func(*job) for job in jobs]
+    import concurrent.futures  # only here: it costs import time every other command would pay
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
+        futures = [pool.submit(func, *job) for job in jobs]
+        return [future.result() for future in futures]
+
+
+def _index_file_safe(path: str, slot: int) -> Tuple[Optional[Tuple[bytes, bytes, int]], str]:
+    try:
+        return index_file_part(path, slot), ""
+    except CorruptFileError as exc:
+        return None, exc.problem
 
 
 @dataclasses.dataclass
@@ -1415,7 +1523,7 @@ class MemoryIndex:
 
     # -- paths and manifest ----------------------------------------------------
     def part(self, name: str) -> Path:
-        """Path of one index file (manifest.json, postings.dat, ids.bin, bloom.bin, hot.*)."""
+        """Path of one index file (manifest.json, postings.dat, keys.dat, ids.bin, bloom.bin, hot.*)."""
         return self.folder / name
 
     def manifest(self) -> Optional[Dict[str, Any]]:
@@ -1492,81 +1600,123 @@ class MemoryIndex:
             seconds=time.monotonic() - started, unreadable=unreadable)
 
     def _collect_parts(self, current: List[_FileStat], old_files: Dict[str, Any],
-                       old_bad: Dict[str, Any]) -> Tuple[List[Tuple[_FileStat, bytes, list]],
-                                                         List[Dict[str, Any]]]:
-        parts, bad = [], []
+                       old_bad: Dict[str, Any]
+                       ) -> Tuple[List[Tuple[_FileStat, int, bytes, bytes, int]],
+                                  List[Dict[str, Any]]]:
+        reused: Dict[str, Tuple[bytes, bytes, int]] = {}
+        todo, bad = [], []
         for fstat in current:
             if fstat.path in old_bad and fstat.same(old_bad[fstat.path]):
                 bad.append(old_bad[fstat.path])
                 continue
             entry = old_files.get(fstat.path)
-            blob = self._old_part(entry) if entry and fstat.same(entry) else None
-            if blob is not None:
-                parts.append((fstat, blob, json.loads(blob.decode("utf-8"))))
-                continue
-            try:
-                records, _ = load_json_file(self.store.root / fstat.path, expect=list)
-            except CorruptFileError as exc:
+            part = self._old_part(entry) if entry and fstat.same(entry) else None
+            if part is not None:
+                reused[fstat.path] = part
+            else:
+                todo.append(fstat)
+        slots = self._slots(todo, old_files)
+        fresh = dict(zip((f.path for f in todo), self._parse_files(todo, slots)))
+        parts = []
+        for fstat in current:
+            part, problem = (reused[fstat.path], "") if fstat.path in reused \
+                else fresh.get(fstat.path, (None, None))
+            if part is not None:
+                slot = old_files[fstat.path]["slot"] if fstat.path in reused else slots[fstat.path]
+                parts.append((fstat, slot) + part)
+            elif problem is not None:
                 bad.append({"path": fstat.path, "size": fstat.size, "mtime_ns": fstat.mtime_ns,
-                            "problem": exc.problem})
-                continue
-            rows = [posting_row(rec, pos) for pos, rec in enumerate(records)]
-            blob = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-            parts.append((fstat, blob, rows))
+                            "problem": problem})
         return parts, bad
 
-    def _old_part(self, entry: Dict[str, Any]) -> Optional[bytes]:
+    @staticmethod
+    def _slots(todo: List[_FileStat], old_files: Dict[str, Any]) -> Dict[str, int]:
+        """Stable file numbers: a file keeps its slot, so unchanged files' id rows stay valid."""
+        next_slot = max((e["slot"] for e in old_files.values()), default=-1) + 1
+        slots = {}
+        for fstat in todo:
+            if fstat.path in old_files:
+                slots[fstat.path] = old_files[fstat.path]["slot"]
+            else:
+                slots[fstat.path], next_slot = next_slot, next_slot + 1
+        return slots
+
+    def _parse_files(self, todo: List[_FileStat], slots: Dict[str, int]) -> List[Tuple[Any, str]]:
+        """index_file_part for each file; in one worker process per core for big batches."""
+        jobs = [(str(self.store.root / f.path), slots[f.path]) for f in todo]
+        small = sum(f.size for f in todo) < _PARALLEL_INDEX_BYTES
+        return parallel_map(_index_file_safe, jobs, 1 if small else 0)
+
+    def _old_part(self, entry: Dict[str, Any]) -> Optional[Tuple[bytes, bytes, int]]:
         try:
             blob = self._read_range("postings.dat", entry["offset"], entry["length"])
-        except OSError:
+            keys = self._read_range("keys.dat", entry["keys_offset"], entry["keys_length"])
+        except (OSError, KeyError):
             return None
-        return blob if sha256_hex(blob) == entry["sha256"] else None
+        if sha256_hex(blob) != entry["sha256"] or sha256_hex(keys) != entry["keys_sha256"]:
+            return None
+        return blob, keys, entry["records"]
 
     def _read_range(self, name: str, offset: int, length: int) -> bytes:
         with open(str(self.part(name)), "rb") as handle:
             handle.seek(offset)
             return handle.read(length)
 
-    def _write(self, parts: List[Tuple[_FileStat, bytes, list]],
+    def _write(self, parts: List[Tuple[_FileStat, int, bytes, bytes, int]],
                bad: List[Dict[str, Any]]) -> None:
         self.store.ensure_state_dir()
         self.folder.mkdir(mode=0o700, exist_ok=True)
-        files, blobs, offset, id_rows = [], [], 0, []
-        for number, (fstat, blob, rows) in enumerate(parts):
-            files.append(dict(dataclasses.asdict(fstat), offset=offset, length=len(blob),
-                              sha256=sha256_hex(blob), records=len(rows)))
-            blobs.append(blob)
+        files, offset, key_offset = [], 0, 0
+        for fstat, slot, blob, keys, count in parts:
+            files.append(dict(dataclasses.asdict(fstat), slot=slot, offset=offset,
+                              length=len(blob), sha256=sha256_hex(blob), keys_offset=key_offset,
+                              keys_length=len(keys), keys_sha256=sha256_hex(keys), records=count))
             offset += len(blob)
-            id_rows.extend((bloom_digest(r[P_ID]), number, r[P_POS]) for r in rows if r[P_ID])
-        atomic_write_bytes(self.part("postings.dat"), b"".join(blobs), mode=0o600)
-        ids_doc = self._write_ids(id_rows)
-        bloom = BloomFilter(max(len(id_rows), 1000), self.fp_rate)
-        for digest, _, _ in id_rows:
-            bloom.add_digest(digest)
-        bloom_bytes = bloom.to_bytes()
+            key_offset += len(keys)
+        atomic_write_bytes(self.part("postings.dat"), b"".join(p[2] for p in parts), mode=0o600)
+        atomic_write_bytes(self.part("keys.dat"), b"".join(p[3] for p in parts), mode=0o600)
+        ids_doc, body = self._write_ids([p[3] for p in parts])
+        bloom_bytes, bloom = self._build_bloom(body, ids_doc["count"])
         atomic_write_bytes(self.part("bloom.bin"), bloom_bytes, mode=0o600)
         manifest = {"format": INDEX_FORMAT, "built": format_timestamp(utcnow()), "files": files,
                     "unreadable": bad, "ids": ids_doc,
                     "bloom": {"sha256": sha256_hex(bloom_bytes), "bytes": bloom.size_bytes,
                               "bits": bloom.m, "hashes": bloom.k, "fp_rate": self.fp_rate}}
-        write_checksummed(self.part("manifest.json"), manifest)
+        write_checksummed(self.part("manifest.json"), manifest)  # last: the commit point
         self._manifest = manifest
 
-    def _write_ids(self, id_rows: List[Tuple[bytes, int, int]]) -> Dict[str, Any]:
-        id_rows.sort()
-        pack = _ID_ROW.pack
-        body = b"".join(pack(*row) for row in id_rows)
-        buckets, start = [], 0
+    def _write_ids(self, file_keys: List[bytes]) -> Tuple[Dict[str, Any], bytes]:
+        """ids.bin: every file's rows of bucket 0, then of bucket 1, ...; one checksum per bucket."""
+        heads = [_BUCKET_COUNTS.unpack_from(keys) for keys in file_keys]
+        cursors = [_BUCKET_COUNTS.size] * len(file_keys)
+        chunks, buckets, start = [], [], 0
         for bucket in range(_ID_BUCKETS):
-            end = start
-            while end < len(id_rows) and id_rows[end][0][0] == bucket:
-                end += 1
-            chunk = body[start * _ID_ROW.size:end * _ID_ROW.size]
-            buckets.append([start, end - start, sha256_hex(chunk)])
-            start = end
-        atomic_write_bytes(self.part("ids.bin"),
-                           _IDS_HEADER.pack(_IDS_MAGIC, 1, len(id_rows)) + body, mode=0o600)
-        return {"count": len(id_rows), "buckets": buckets}
+            pieces = []
+            for i, keys in enumerate(file_keys):
+                end = cursors[i] + heads[i][bucket] * _ID_ROW.size
+                pieces.append(keys[cursors[i]:end])
+                cursors[i] = end
+            chunk = b"".join(pieces)
+            buckets.append([start, len(chunk) // _ID_ROW.size, sha256_hex(chunk)])
+            start += len(chunk) // _ID_ROW.size
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        atomic_write_bytes(self.part("ids.bin"), _IDS_HEADER.pack(_IDS_MAGIC, 1, start) + body,
+                           mode=0o600)
+        return {"count": start, "buckets": buckets}, body
+
+    def _build_bloom(self, body: bytes, count: int) -> Tuple[bytes, BloomFilter]:
+        """The bloom filter over every id; its bits are set in worker processes for big stores."""
+        bloom = BloomFilter(max(count, 1000), self.fp_rate)
+        rows = memoryview(body)
+        digests = b"".join([rows[i:i + 16] for i in range(0, len(body), _ID_ROW.size)])
+        halves = [(digests[:count // 2 * 16], bloom.m, bloom.k),
+                  (digests[count // 2 * 16:], bloom.m, bloom.k)]
+        arrays = parallel_map(_bloom_bits, halves, 1 if count < 50000 else 2)
+        merged = int.from_bytes(arrays[0], "little") | int.from_bytes(arrays[1], "little")
+        bloom.bits = bytearray(merged.to_bytes(len(bloom.bits), "little"))
+        bloom.count = count
+        return bloom.to_bytes(), bloom
 
     # -- lookups ---------------------------------------------------------------
     def _verified(self) -> Dict[str, Any]:
@@ -1592,18 +1742,13 @@ class MemoryIndex:
         chunk = self._read_range("ids.bin", _IDS_HEADER.size + start * size, count * size)
         if sha256_hex(chunk) != digest_sha:
             raise IntegrityError("%s: id table bucket %d does not verify" % (self.folder, digest[0]))
-        lo, hi = 0, count
-        while lo < hi:  # leftmost row whose digest >= ours
-            mid = (lo + hi) // 2
-            if chunk[mid * size:mid * size + 16] < digest:
-                lo = mid + 1
-            else:
-                hi = mid
-        found = []
-        while lo < count and chunk[lo * size:lo * size + 16] == digest:
-            _, number, position = _ID_ROW.unpack_from(chunk, lo * size)
-            found.append((manifest["files"][number], position))
-            lo += 1
+        slots = {e["slot"]: e for e in manifest["files"]}
+        found, at = [], chunk.find(digest)
+        while at >= 0:
+            if at % size == 0:  # a match must start a row, not straddle two
+                _, slot, position = _ID_ROW.unpack_from(chunk, at)
+                found.append((slots[slot], position))
+            at = chunk.find(digest, at + 1)
         return found
 
     def postings(self, entry: Dict[str, Any]) -> List[List[Any]]:
@@ -1641,7 +1786,7 @@ class MemoryIndex:
         return records
 
 
-__all__ += ["MemoryIndex", "SearchQuery", "FoundRecord", "LookupResult", "IndexResult",
+__all__ += ["worker_count", "parallel_map", "index_file_part", "MemoryIndex", "SearchQuery", "FoundRecord", "LookupResult", "IndexResult",
             "posting_row"]
 
 
@@ -2056,23 +2201,6 @@ def _agent_data_files(store: Store) -> List[Path]:
     return [f.path for agent in store.agents() for f in store.agent_files(agent)]
 
 
-def _worker_count(workers: int, jobs: int) -> int:
-    return max(1, min(jobs, workers or os.cpu_count() or 1))
-
-
-def _run_transcode(store: Store, paths: List[Path], to_gzip: bool, dry_run: bool,
-                   workers: int) -> List[Tuple[str, str, int, int, str]]:
-    args = [(str(p), to_gzip, store.lock_timeout, dry_run) for p in paths]
-    if workers <= 1 or len(args) <= 1:
-        return [_transcode_one(*a) for a in args]
-    import concurrent.futures  # only here: it costs import time every other command would pay
-    import multiprocessing
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_transcode_one, *a) for a in args]
-        return [f.result() for f in futures]
-
-
 def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run: bool = False,
                     workers: int = 0) -> TranscodeResult:
     """Gzip (``to_gzip``) or un-gzip every agent data file in place, under the same name.
@@ -2090,8 +2218,9 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
             recent.append(path)
         else:
             paths.append(path)
-    count = _worker_count(workers, len(paths))
-    outcomes = _run_transcode(store, paths, to_gzip, dry_run, count)
+    count = worker_count(workers, len(paths))
+    outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run)
+                                             for p in paths], count)
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
@@ -2297,8 +2426,8 @@ def _temp_leftovers(store: Store) -> List[Path]:
     return out
 
 
-_INDEX_FILES = frozenset({"manifest.json", "postings.dat", "ids.bin", "bloom.bin", "hot.json",
-                          "hot.dat"})
+_INDEX_FILES = frozenset({"manifest.json", "postings.dat", "keys.dat", "ids.bin", "bloom.bin",
+                          "hot.json", "hot.dat"})
 
 
 def _orphaned_state(store: Store) -> Tuple[List[str], bool]:
