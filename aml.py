@@ -1488,17 +1488,34 @@ class _FileStat:
 
 
 def _file_stats(store: Store) -> List[_FileStat]:
-    """Every record file of the store in store order, with size and mtime (no parsing)."""
+    """Every record file of the store in store order, with size and mtime (no parsing).
+
+    The same files as Store.record_files, found with one scandir per agent because every
+    get and search runs this to check freshness.
+    """
     out = []
     for agent in store.agents():
-        for data_file in store.record_files(agent):
+        with os.scandir(str(store.root / agent)) as entries:
+            found = sorted((e.name, e) for e in entries if e.name in RECORD_FILES)
+        for name, entry in found:
             try:
-                info = data_file.path.stat()
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            out.append(_FileStat("%s/%s" % (agent, data_file.path.name), agent,
-                                 data_file.rtype.value, info.st_size, info.st_mtime_ns))
+            out.append(_FileStat("%s/%s" % (agent, name), agent, name[:-6],
+                                 info.st_size, info.st_mtime_ns))
     return out
+
+
+def _stale(current: List[_FileStat], manifest: Optional[Dict[str, Any]]) -> List[str]:
+    known: Dict[str, Dict[str, Any]] = {}
+    if manifest is not None:
+        known = {e["path"]: e for e in manifest["files"] + manifest["unreadable"]}
+    stale = [f.path for f in current if f.path not in known or not f.same(known[f.path])]
+    seen = {f.path for f in current}
+    return stale + sorted(p for p in known if p not in seen)
 
 
 def _problems(entries: Iterable[Dict[str, Any]]) -> List[str]:
@@ -1540,16 +1557,9 @@ class MemoryIndex:
     def stale_files(self) -> List[str]:
         """Relative paths of record files new, changed or removed since the build; never raises."""
         try:
-            current = _file_stats(self.store)
+            return _stale(_file_stats(self.store), self.manifest())
         except OSError:
             return []
-        manifest = self.manifest()
-        known: Dict[str, Dict[str, Any]] = {}
-        if manifest is not None:
-            known = {e["path"]: e for e in manifest["files"] + manifest["unreadable"]}
-        stale = [f.path for f in current if f.path not in known or not f.same(known[f.path])]
-        seen = {f.path for f in current}
-        return stale + sorted(p for p in known if p not in seen)
 
     def size_bytes(self) -> int:
         """Bytes of the persisted index on disk (all its files), 0 if none."""
@@ -1574,7 +1584,7 @@ class MemoryIndex:
         current = _file_stats(self.store)
         old_files = {e["path"]: e for e in old["files"]} if old else {}
         old_bad = {e["path"]: e for e in old["unreadable"]} if old else {}
-        stale = self.stale_files() if old else [f.path for f in current]
+        stale = _stale(current, old)
         if dry_run or (old and not stale and not rebuild):
             return self._result(dry_run, old is None, reason, current, stale, old,
                                 started, _problems(old_bad.values()))
@@ -2155,8 +2165,13 @@ class TranscodeResult:
         return self.bytes_after / self.bytes_before if self.bytes_before else None
 
 
-def _transcode_bytes(raw: bytes, to_gzip: bool) -> bytes:
-    """The new file content; raises ValueError if the input is not valid JSON as the runtime reads."""
+def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> bytes:
+    """The new file content; raises ValueError if the input is not valid JSON as the runtime reads.
+
+    ``parsed_ok`` (the index parsed this exact file) skips the parse when compressing.
+    """
+    if to_gzip and parsed_ok:
+        return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
     text, fmt = decode_file_bytes(Path("-"), raw)
     obj = parse_json_text(text)
     if to_gzip:
@@ -2167,13 +2182,15 @@ def _transcode_bytes(raw: bytes, to_gzip: bool) -> bytes:
     return encode_json(obj, FileFormat(gzip=False, bom=fmt.bom, trailing_newline=fmt.trailing_newline))
 
 
-def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool
-                   ) -> Tuple[str, str, int, int, str]:
+def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool,
+                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[str, str, int, int, str]:
     """Compress or decompress one file in place under its lock; runs in a worker process.
 
     Returns (path, outcome, bytes before, bytes after, problem) with outcome ``done``,
     ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile) or
     ``unreadable``. The file's mtime is kept so ``--age-days`` stays meaningful.
+    ``indexed`` is the (size, mtime_ns) at which the index parsed the file successfully;
+    if the file still matches, it is not parsed again.
     """
     path = Path(path_text)
     with FileLock(path, timeout=lock_timeout):
@@ -2182,7 +2199,9 @@ def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: 
             raw = path.read_bytes()
             if (raw[:2] == GZIP_MAGIC) == to_gzip:
                 return path_text, "skipped", len(raw), len(raw), ""
-            new = _transcode_bytes(raw, to_gzip)
+            parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
+                         and len(raw) == before.st_size)
+            new = _transcode_bytes(raw, to_gzip, parsed_ok)
         except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
             return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc))
         if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
@@ -2194,6 +2213,13 @@ def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: 
             atomic_write_bytes(path, new)
             os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
         return path_text, "done", len(raw), len(new), ""
+
+
+def _indexed_stats(store: Store) -> Dict[Path, Tuple[int, int]]:
+    """(size, mtime_ns) of every file a verified index parsed successfully."""
+    manifest = MemoryIndex(store).manifest() if store.state_dir.is_dir() else None
+    return {store.root / e["path"]: (e["size"], e["mtime_ns"])
+            for e in (manifest or {}).get("files", [])}
 
 
 def _agent_data_files(store: Store) -> List[Path]:
@@ -2219,8 +2245,9 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
         else:
             paths.append(path)
     count = worker_count(workers, len(paths))
-    outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run)
-                                             for p in paths], count)
+    indexed = _indexed_stats(store)
+    outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
+                                              indexed.get(p)) for p in paths], count)
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}

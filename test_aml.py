@@ -790,6 +790,18 @@ def test_decompress_reindents_compact_gzip(tmp_path):
     assert path.read_text(encoding="utf-8") == json.dumps(records, indent=2, ensure_ascii=False)
 
 
+def test_compress_skips_parsing_only_files_the_index_vouches_for(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a", "b"))
+    aml.MemoryIndex(aml.Store(root)).refresh()
+    write_data(root / "b" / "patterns.json", [make_pattern("b", random.Random(4))])  # now stale
+    parsed = []
+    real = aml.parse_json_text
+    monkeypatch.setattr(aml, "parse_json_text", lambda text: parsed.append(1) or real(text))
+    result = aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
+    assert len(result.files) == 10 and len(parsed) == 5   # 4 metrics/context + the stale file
+    assert all(read_data(root / f) for f in result.files)
+
+
 def test_compress_never_touches_unparseable_files(tmp_path, capsys):
     root = build_store(tmp_path / "m", agents=("a", "b"))
     bad = root / "b" / "solutions.json"
