@@ -798,7 +798,8 @@ def test_compress_skips_parsing_only_files_the_index_vouches_for(tmp_path, monke
     real = aml.parse_json_text
     monkeypatch.setattr(aml, "parse_json_text", lambda text: parsed.append(1) or real(text))
     result = aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
-    assert len(result.files) == 10 and len(parsed) == 5   # 4 metrics/context + the stale file
+    # 4 metrics/context files, the stale patterns file and the index manifest itself
+    assert len(result.files) == 10 and len(parsed) == 6
     assert all(read_data(root / f) for f in result.files)
 
 
