@@ -1361,16 +1361,21 @@ def worker_count(workers: int, jobs: int) -> int:
     return max(1, min(jobs, workers or os.cpu_count() or 1))
 
 
-def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers: int = 0
-                 ) -> List[Any]:
+def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers: int = 0,
+                 threads: bool = False) -> List[Any]:
     """``func(*job)`` for every job, in order; in forked worker processes when more than one.
 
-    Exceptions in a worker propagate to the caller. ``func`` must be a module-level function.
+    ``threads`` uses a thread pool instead (for work that releases the GIL, like zlib and
+    file I/O). Exceptions in a worker propagate to the caller. ``func`` must be a
+    module-level function.
     """
     count = worker_count(workers, len(jobs))
     if count <= 1:
         return [func(*job) for job in jobs]
     import concurrent.futures  # only here: it costs import time every other command would pay
+    if threads:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            return list(pool.map(lambda job: func(*job), jobs))
     import multiprocessing
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
@@ -2139,7 +2144,7 @@ class OptimizeConfig:
     compress_age_days: float = 30.0
     cache_max_bytes: int = DEFAULT_CACHE_BYTES
     bloom_fp_rate: float = DEFAULT_BLOOM_FP_RATE
-    workers: int = 0  # 0 = one per CPU core
+    workers: int = 0  # compress/decompress threads; 0 = two per CPU core
     create_backup: bool = True
 
 
@@ -2233,7 +2238,7 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
 
     Compression takes files unchanged for ``age_days`` (0 = all); decompression takes all.
     Each file is locked, parsed (an unparseable file is listed, never written), converted,
-    verified and replaced atomically with its mtime kept; files run in parallel processes.
+    verified and replaced atomically with its mtime kept; files run in parallel threads.
     Call with the maintenance lock held.
     """
     started = time.monotonic()
@@ -2244,10 +2249,12 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
             recent.append(path)
         else:
             paths.append(path)
-    count = worker_count(workers, len(paths))
+    # Threads, two per core: zlib, reads and fsync release the GIL, and a file's fsync wait
+    # overlaps another's compression (measured faster than one process per core).
+    count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
     indexed = _indexed_stats(store)
     outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
-                                              indexed.get(p)) for p in paths], count)
+                                              indexed.get(p)) for p in paths], count, threads=True)
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
@@ -2740,7 +2747,7 @@ def _build_optimize(subparsers: Any) -> None:
     parser.add_argument("--cache-bytes", type=int, metavar="BYTES",
                         help="hot cache budget (default %d)" % DEFAULT_CACHE_BYTES)
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="compression processes (default: one per CPU core)")
+                        help="compress/decompress threads (default: two per CPU core)")
     parser.add_argument("--no-backup", action="store_true",
                         help="skip the safety backup before gc/compress")
     parser.add_argument("--force", action="store_true",
