@@ -1028,7 +1028,7 @@ def bloom_digest(key: str) -> bytes:
 
 
 def optimal_bloom_bits(capacity: int, fp_rate: float) -> int:
-    """Bits m = ceil(-n ln p / (ln 2)^2) for ``capacity`` items at false-positive rate ``fp_rate``."""
+    """Bits m = ceil(-n ln p / (ln 2)^2) for ``capacity`` items at false-positive rate p."""
     n = max(1, int(capacity))
     return max(8, int(math.ceil(-n * math.log(fp_rate) / (math.log(2) ** 2))))
 
@@ -1130,7 +1130,8 @@ class BloomFilter:
         if len(data) < head + 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
             raise IntegrityError("bloom filter: checksum mismatch or truncated")
         magic, version, m, k, count = _BLOOM_HEADER.unpack_from(data)
-        if magic != _BLOOM_MAGIC or version != _BLOOM_VERSION or len(data) - head - 32 != (m + 7) // 8:
+        size_ok = len(data) - head - 32 == (m + 7) // 8
+        if magic != _BLOOM_MAGIC or version != _BLOOM_VERSION or not size_ok:
             raise IntegrityError("bloom filter: unknown format")
         bloom = cls.__new__(cls)
         bloom.m, bloom.k, bloom.count = m, k, count
@@ -1545,7 +1546,7 @@ class MemoryIndex:
 
     # -- paths and manifest ----------------------------------------------------
     def part(self, name: str) -> Path:
-        """Path of one index file (manifest.json, postings.dat, keys.dat, ids.bin, bloom.bin, hot.*)."""
+        """Path of one index file (manifest.json, postings.dat, keys.dat, ids.bin, bloom.bin...)."""
         return self.folder / name
 
     def manifest(self) -> Optional[Dict[str, Any]]:
@@ -1611,7 +1612,8 @@ class MemoryIndex:
             files_removed=[p for p in stale if p not in seen],
             records=sum(e["records"] for e in manifest["files"]) if manifest else 0,
             ids=manifest["ids"]["count"] if manifest else 0,
-            index_bytes=self.size_bytes(), bloom_bytes=manifest["bloom"]["bytes"] if manifest else 0,
+            index_bytes=self.size_bytes(),
+            bloom_bytes=manifest["bloom"]["bytes"] if manifest else 0,
             seconds=time.monotonic() - started, unreadable=unreadable)
 
     def _collect_parts(self, current: List[_FileStat], old_files: Dict[str, Any],
@@ -1701,7 +1703,7 @@ class MemoryIndex:
         self._manifest = manifest
 
     def _write_ids(self, file_keys: List[bytes]) -> Tuple[Dict[str, Any], bytes]:
-        """ids.bin: every file's rows of bucket 0, then of bucket 1, ...; one checksum per bucket."""
+        """ids.bin: all files' rows of bucket 0, then of bucket 1, ...; a checksum per bucket."""
         heads = [_BUCKET_COUNTS.unpack_from(keys) for keys in file_keys]
         cursors = [_BUCKET_COUNTS.size] * len(file_keys)
         chunks, buckets, start = [], [], 0
@@ -1756,7 +1758,8 @@ class MemoryIndex:
         size = _ID_ROW.size
         chunk = self._read_range("ids.bin", _IDS_HEADER.size + start * size, count * size)
         if sha256_hex(chunk) != digest_sha:
-            raise IntegrityError("%s: id table bucket %d does not verify" % (self.folder, digest[0]))
+            raise IntegrityError("%s: id table bucket %d does not verify"
+                                 % (self.folder, digest[0]))
         slots = {e["slot"]: e for e in manifest["files"]}
         found, at = [], chunk.find(digest)
         while at >= 0:
@@ -1777,7 +1780,7 @@ class MemoryIndex:
               ) -> List[Dict[str, Any]]:
         """Indexed file entries in store order, optionally of one agent and/or type."""
         return [e for e in self._verified()["files"]
-                if (agent is None or e["agent"] == agent) and (rtype is None or e["rtype"] == rtype)]
+                if agent in (None, e["agent"]) and rtype in (None, e["rtype"])]
 
     def unreadable(self) -> List[str]:
         """'path: problem' of the files the index could not read."""
@@ -1801,7 +1804,8 @@ class MemoryIndex:
         return records
 
 
-__all__ += ["worker_count", "parallel_map", "index_file_part", "MemoryIndex", "SearchQuery", "FoundRecord", "LookupResult", "IndexResult",
+__all__ += ["worker_count", "parallel_map", "index_file_part", "MemoryIndex", "SearchQuery",
+            "FoundRecord", "LookupResult", "IndexResult",
             "posting_row"]
 
 
@@ -1895,7 +1899,8 @@ class HotCache:
         rows = [(entry, row) for entry in self.index.files() for row in self.index.postings(entry)
                 if row[P_ID]]
         seen: Dict[str, int] = collections.Counter(row[P_ID] for _, row in rows)
-        ranked = [(warm_score(row, now), entry, row) for entry, row in rows if seen[row[P_ID]] == 1]
+        ranked = [(warm_score(row, now), entry, row) for entry, row in rows
+                  if seen[row[P_ID]] == 1]
         ranked.sort(key=lambda item: -item[0])
         return ranked
 
@@ -1934,7 +1939,9 @@ class HotCache:
 
 def hot_cache_stats(store: Store) -> Dict[str, Any]:
     """Hot-cache hits and misses counted from real get/search lookups (zeros when none yet)."""
-    stats = store.read_state_lenient("cache-stats.json", None) if store.state_dir.is_dir() else None
+    stats = None
+    if store.state_dir.is_dir():
+        stats = store.read_state_lenient("cache-stats.json", None)
     if not isinstance(stats, dict):
         return {"hits": 0, "misses": 0}
     return stats
@@ -2184,7 +2191,7 @@ def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> byte
         return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
     if "\n" in text.strip():
         return raw if raw[:2] != GZIP_MAGIC else gzip.decompress(raw)
-    return encode_json(obj, FileFormat(gzip=False, bom=fmt.bom, trailing_newline=fmt.trailing_newline))
+    return encode_json(obj, dataclasses.replace(fmt, gzip=False))
 
 
 def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool,
@@ -2364,7 +2371,8 @@ class GarbageCollector:
                 "type": data_file.rtype.value, "id": rid if isinstance(rid, str) else None,
                 "index": index, "reason": reason.value, "details": details, "record": record}
 
-    def _conflicts(self, by_id: Dict[str, List[Tuple[DataFile, int, Any]]]) -> List[Dict[str, Any]]:
+    def _conflicts(self, by_id: Dict[str, List[Tuple[DataFile, int, Any]]]
+                   ) -> List[Dict[str, Any]]:
         entries = []
         for copies in by_id.values():
             if len(copies) < 2:
@@ -2394,7 +2402,8 @@ class GarbageCollector:
                 total += len(self.store.load_records(data_file)[0])
         return len(entries) * 2 <= total
 
-    def apply(self, run_id: str, entries: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], int]:
+    def apply(self, run_id: str, entries: List[Dict[str, Any]]
+              ) -> Tuple[List[Dict[str, Any]], int]:
         """Archive, then remove ``entries`` from their files under the runtime's lock.
 
         A record is removed only if the file still holds it unchanged; returns the entries
@@ -2508,9 +2517,10 @@ def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
             removed, skipped = gc.apply(run_id, plan)
         _clean_leftovers(store, locks, temps, orphans, index_gone)
     rel = lambda p: p.relative_to(store.root).as_posix()  # noqa: E731
-    return GcResult(dry_run, run_id, removed, dict(collections.Counter(e["reason"] for e in removed)),
-                    refused, [rel(p) for p in locks], [rel(p) for p in temps], orphans,
-                    [str(e) for e in errors], skipped, backup_id, time.monotonic() - started)
+    reasons = dict(collections.Counter(e["reason"] for e in removed))
+    return GcResult(dry_run, run_id, removed, reasons, refused, [rel(p) for p in locks],
+                    [rel(p) for p in temps], orphans, [str(e) for e in errors], skipped,
+                    backup_id, time.monotonic() - started)
 
 
 def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans: List[str],
@@ -2856,7 +2866,8 @@ def _print_gc(out: Output, result: GcResult, would: str) -> None:
         out.warn("gc: more than half of the records of %s would go: refused without --force"
                  % ", ".join(result.refused_agents))
     if result.skipped_changed:
-        out.warn("gc: %d records changed meanwhile and were left in place" % result.skipped_changed)
+        out.warn("gc: %d records changed meanwhile and were left in place"
+                 % result.skipped_changed)
 
 
 def _add_lookup_options(parser: argparse.ArgumentParser) -> None:

@@ -638,7 +638,8 @@ def test_index_drops_removed_files(store):
     result = aml.MemoryIndex(s).refresh()
     assert result.files_removed == ["code-reviewer/decisions.json"]
     assert [e["path"] for e in aml.MemoryIndex(s).files(rtype="decision")] == [
-        "alpha/decisions.json", "backend-developer/decisions.json", "test-automator/decisions.json"]
+        "alpha/decisions.json", "backend-developer/decisions.json",
+        "test-automator/decisions.json"]
 
 
 @pytest.mark.parametrize("part", ["manifest.json", "postings.dat", "ids.bin", "bloom.bin"])
@@ -650,7 +651,8 @@ def test_corrupt_index_part_is_never_trusted_and_rebuilt(store, capsys, part):
     data = bytearray(path.read_bytes())
     spot = len(data) // 2
     if part == "ids.bin":   # inside the bucket this id's lookup reads
-        start = aml.MemoryIndex(s).manifest()["ids"]["buckets"][aml.bloom_digest(record["id"])[0]][0]
+        buckets = aml.MemoryIndex(s).manifest()["ids"]["buckets"]
+        start = buckets[aml.bloom_digest(record["id"])[0]][0]
         spot = 9 + start * 24 + 20
     data[spot] ^= 0x20
     path.write_bytes(bytes(data))
