@@ -2150,7 +2150,6 @@ class OptimizeConfig:
 
     compress_age_days: float = 30.0
     cache_max_bytes: int = DEFAULT_CACHE_BYTES
-    bloom_fp_rate: float = DEFAULT_BLOOM_FP_RATE
     workers: int = 0  # compress/decompress threads; 0 = two per CPU core
     create_backup: bool = True
 
@@ -2805,7 +2804,7 @@ def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConf
 def _optimize_step(store: Store, step: str, config: OptimizeConfig, args: argparse.Namespace,
                    gc_backup: Optional[Callable[[], str]]) -> Any:
     if step == "index":
-        return MemoryIndex(store, config.bloom_fp_rate).refresh(dry_run=args.dry_run)
+        return MemoryIndex(store).refresh(dry_run=args.dry_run)
     if step in ("compress", "decompress"):
         return transcode_store(store, step == "compress", config.compress_age_days,
                                args.dry_run, config.workers)
