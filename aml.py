@@ -1272,6 +1272,7 @@ _IDS_HEADER = struct.Struct(">4sBI")
 _ID_ROW = struct.Struct(">16sII")  # bloom_digest(id), file slot, array position
 _BUCKET_COUNTS = struct.Struct(">%dI" % 256)  # heads each file's keys in keys.dat
 _PARALLEL_INDEX_BYTES = 8 * 1024 * 1024  # below this, forking workers costs more than it saves
+_PARALLEL_BLOOM_IDS = 50000
 _ID_BUCKETS = 256                  # by the digest's first byte; one bucket is read per lookup
 DEFAULT_CACHE_BYTES = 10 * 1024 * 1024
 DEFAULT_BLOOM_FP_RATE = 0.01
@@ -1375,13 +1376,18 @@ def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers:
         return [func(*job) for job in jobs]
     import concurrent.futures  # only here: it costs import time every other command would pay
     if threads:
-        with concurrent.futures.ThreadPoolExecutor(count) as pool:
-            return list(pool.map(lambda job: func(*job), jobs))
-    import multiprocessing
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
+        pool: Any = concurrent.futures.ThreadPoolExecutor(count)
+    else:
+        import multiprocessing
+        pool = concurrent.futures.ProcessPoolExecutor(
+            count, mp_context=multiprocessing.get_context("fork"))
+    try:
         futures = [pool.submit(func, *job) for job in jobs]
         return [future.result() for future in futures]
+    finally:
+        # On an error or SIGTERM, jobs not started yet are dropped; running ones finish
+        # (each is atomic), so the run stops promptly without a half-written file.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _index_file_safe(path: str, slot: int) -> Tuple[Optional[Tuple[bytes, bytes, int]], str]:
@@ -1729,7 +1735,7 @@ class MemoryIndex:
         digests = b"".join([rows[i:i + 16] for i in range(0, len(body), _ID_ROW.size)])
         halves = [(digests[:count // 2 * 16], bloom.m, bloom.k),
                   (digests[count // 2 * 16:], bloom.m, bloom.k)]
-        arrays = parallel_map(_bloom_bits, halves, 1 if count < 50000 else 2)
+        arrays = parallel_map(_bloom_bits, halves, 1 if count < _PARALLEL_BLOOM_IDS else 2)
         merged = int.from_bytes(arrays[0], "little") | int.from_bytes(arrays[1], "little")
         bloom.bits = bytearray(merged.to_bytes(len(bloom.bits), "little"))
         bloom.count = count
@@ -2779,6 +2785,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         _print_step(out, step, result)
         if getattr(result, "unreadable", None):
             code = ExitCode.PARTIAL
+        if getattr(result, "refused_agents", None):  # only a dry run gets here: say it would
+            code = ExitCode.REFUSED
     return code
 
 

@@ -627,6 +627,20 @@ def test_index_refresh_rereads_only_changed_files(store, monkeypatch):
     assert aml.get_record(s, records[-1]["id"]).not_found
 
 
+def test_parallel_index_build_equals_sequential(tmp_path, monkeypatch):
+    built = []
+    for parallel in (False, True):
+        root = build_store(tmp_path / str(parallel), gz="mixed")
+        if parallel:
+            monkeypatch.setattr(aml, "_PARALLEL_INDEX_BYTES", 0)
+            monkeypatch.setattr(aml, "_PARALLEL_BLOOM_IDS", 0)
+        aml.MemoryIndex(aml.Store(root)).refresh()
+        folder = root / ".aml" / "index"
+        built.append({n: (folder / n).read_bytes() for n in ("postings.dat", "keys.dat",
+                                                               "ids.bin", "bloom.bin")})
+    assert built[0] == built[1]
+
+
 def test_index_drops_removed_files(store):
     s = aml.Store(store)
     aml.MemoryIndex(s).refresh()
@@ -917,6 +931,7 @@ def test_gc_mass_deletion_guard(tmp_path, capsys):
     path = root / "a" / "patterns.json"
     write_data(path, [dict(r, timestamp=None) for r in read_data(path)])
     before = tree_digest(root)
+    assert run_cli(root, "optimize", "gc", "--dry-run", capsys=capsys)[0] == 4
     code, _, err = run_cli(root, "optimize", "gc", "--no-backup", capsys=capsys)
     assert code == 4 and "--force" in err and "a" in err
     assert {k: v for k, v in tree_digest(root).items() if not k.startswith(".aml")} == before
