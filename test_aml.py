@@ -916,6 +916,31 @@ def test_gc_removes_exactly_each_defect_class_and_archives_it(store, capsys, mon
     assert {k: v for k, v in tree_digest(store, skip_state=True).items() if k in others} == others
 
 
+def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatch):
+    seed_defects(store)
+    path = store / "code-reviewer" / "solutions.json"
+    write_data(path, read_data(path) + [read_data(path)[0]],
+               gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    calls, real = [], os.replace
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:   # archive, first data file, then the second data file fails
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        aml.collect_garbage(aml.Store(store))
+    monkeypatch.undo()
+    assert len(read_data(store / "backend-developer" / "patterns.json")) == 40
+    assert len(read_data(path)) == 16                 # untouched: its rewrite failed
+    assert not [p for p in store.rglob("*") if aml.is_temp_leftover(p.name)]
+    assert not list(store.rglob("*.json.lock"))
+    result = aml.collect_garbage(aml.Store(store))
+    assert result.by_reason == {"duplicate": 1} and len(read_data(path)) == 15
+
+
 def test_gc_keeps_same_id_in_two_agents(tmp_path, capsys):
     root = build_store(tmp_path / "m", agents=("a1", "a2"))
     twin = dict(read_data(root / "a1" / "patterns.json")[0], agent="a2")
