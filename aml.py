@@ -1847,11 +1847,18 @@ class WarmResult:
     note: str = ""
 
 
-class HotCache:
-    """The persisted hot set: ``hot.json`` (checksummed map id -> where) and ``hot.dat`` (records).
+# A hot.bin row: bloom_digest(id), file slot, position, file size and mtime_ns when warmed,
+# offset and length of the record in hot.dat, SHA-256 of those bytes.
+_HOT_ROW = struct.Struct(">16sIIQQQI32s")
 
-    An entry answers a lookup only while its data file still has the size and mtime it had
-    when warmed and the index still places the id there; otherwise it is a miss.
+
+class HotCache:
+    """The persisted hot set: ``hot.dat`` (records), ``hot.bin`` (rows by id bucket) and
+    ``hot.json`` (checksummed: per-bucket row range and SHA-256; written last).
+
+    A lookup reads one bucket of ``hot.bin`` and one slice of ``hot.dat``. A row answers only
+    while its data file still has the size and mtime it had when warmed and the index still
+    places the id there; otherwise, or if anything fails to verify, it is a miss.
     """
 
     def __init__(self, index: MemoryIndex):
@@ -1864,21 +1871,49 @@ class HotCache:
                 doc = read_checksummed(self.index.part("hot.json"), {}) or {}
             except IntegrityError:
                 doc = {}
-            self._doc = doc if isinstance(doc.get("entries"), dict) else {"entries": {}}
+            ok = isinstance(doc.get("buckets"), list) and len(doc["buckets"]) == _ID_BUCKETS
+            self._doc = doc if ok else {"buckets": [[0, 0, sha256_hex(b"")]] * _ID_BUCKETS}
         return self._doc
+
+    def _bucket(self, number: int) -> bytes:
+        start, count, digest_sha = self._load()["buckets"][number]
+        try:
+            chunk = self.index._read_range("hot.bin", start * _HOT_ROW.size, count * _HOT_ROW.size)
+        except OSError:
+            return b""
+        return chunk if sha256_hex(chunk) == digest_sha else b""
 
     def fetch(self, record_id: Optional[str], entry: Dict[str, Any], position: int) -> Any:
         """The hot record for this id at this (fresh) location, or None (a miss)."""
-        hot = self._load()["entries"].get(record_id) if record_id else None
-        if not hot or hot[:4] != [entry["path"], entry["size"], entry["mtime_ns"], position]:
+        if not record_id:
             return None
+        digest = bloom_digest(record_id)
+        chunk = self._bucket(digest[0])
+        at = chunk.find(digest)
+        while at >= 0 and at % _HOT_ROW.size:
+            at = chunk.find(digest, at + 1)
+        if at < 0:
+            return None
+        _, slot, pos, size, mtime_ns, offset, length, sha = _HOT_ROW.unpack_from(chunk, at)
+        if (slot, pos, size, mtime_ns) != (entry["slot"], position, entry["size"],
+                                           entry["mtime_ns"]):
+            return None
+        return self._record(offset, length, sha)
+
+    def _record(self, offset: int, length: int, sha: bytes) -> Any:
         try:
-            blob = self.index._read_range("hot.dat", hot[4], hot[5])
+            blob = self.index._read_range("hot.dat", offset, length)
         except OSError:
             return None
-        if sha256_hex(blob) != hot[6]:
-            return None
-        return json.loads(blob.decode("utf-8"))
+        return json.loads(blob.decode("utf-8")) if hashlib.sha256(blob).digest() == sha else None
+
+    def records(self) -> Iterator[Any]:
+        """Every hot record that still verifies (for inspection and tests)."""
+        for number in range(_ID_BUCKETS):
+            for row in _HOT_ROW.iter_unpack(self._bucket(number)):
+                record = self._record(row[5], row[6], row[7])
+                if record is not None:
+                    yield record
 
     def warm(self, max_bytes: int, now: _dt.datetime, dry_run: bool = False) -> WarmResult:
         """Select the highest-scoring unique-id records up to ``max_bytes`` and persist them."""
@@ -1930,16 +1965,25 @@ class HotCache:
 
     def _persist(self, chosen: List[Tuple[Dict[str, Any], List[Any], bytes]], max_bytes: int,
                  now: _dt.datetime) -> None:
-        entries, offset = {}, 0
+        by_bucket: List[List[bytes]] = [[] for _ in range(_ID_BUCKETS)]
+        offset = 0
         for entry, row, blob in chosen:
-            entries[row[P_ID]] = [entry["path"], entry["size"], entry["mtime_ns"], row[P_POS],
-                                  offset, len(blob), sha256_hex(blob)]
+            digest = bloom_digest(row[P_ID])
+            by_bucket[digest[0]].append(_HOT_ROW.pack(
+                digest, entry["slot"], row[P_POS], entry["size"], entry["mtime_ns"], offset,
+                len(blob), hashlib.sha256(blob).digest()))
             offset += len(blob)
+        buckets, start = [], 0
+        for rows in by_bucket:
+            buckets.append([start, len(rows), sha256_hex(b"".join(rows))])
+            start += len(rows)
         atomic_write_bytes(self.index.part("hot.dat"), b"".join(b for _, _, b in chosen),
+                           mode=0o600)
+        atomic_write_bytes(self.index.part("hot.bin"), b"".join(map(b"".join, by_bucket)),
                            mode=0o600)
         write_checksummed(self.index.part("hot.json"),
                           {"built": format_timestamp(now), "budget": max_bytes, "bytes": offset,
-                           "entries": entries})
+                           "records": len(chosen), "buckets": buckets})
         self._doc = None
 
 
@@ -2475,7 +2519,7 @@ def _temp_leftovers(store: Store) -> List[Path]:
 
 
 _INDEX_FILES = frozenset({"manifest.json", "postings.dat", "keys.dat", "ids.bin", "bloom.bin",
-                          "hot.json", "hot.dat"})
+                          "hot.json", "hot.dat", "hot.bin"})
 
 
 def _orphaned_state(store: Store) -> Tuple[List[str], bool]:

@@ -716,14 +716,16 @@ def test_warm_cache_answers_lookups_and_counts_hits(store, capsys):
                            "--format", "json", capsys=capsys)
     warm = json.loads(out)["steps"]["warm-cache"]
     assert code == 0 and 0 < warm["bytes"] <= 20000 and 0 < warm["records"] < 195
-    hot = s.read_state("index/hot.json")["entries"]
+    hot = {r["id"]: r for r in aml.HotCache(aml.MemoryIndex(s)).records()}
+    assert len(hot) == warm["records"]
     hot_id = next(iter(hot))
-    cold_id = next(r["id"] for r in read_data(store / hot[hot_id][0]) if r["id"] not in hot)
+    hot_file = aml.get_record(s, hot_id).records[0].file   # a hit, counted below
+    cold_id = next(r["id"] for r in read_data(store / hot_file) if r["id"] not in hot)
     assert aml.get_record(s, hot_id).records[0].source == "hot-cache"
     assert aml.get_record(s, cold_id).records[0].source == "index"
     stats = aml.hot_cache_stats(s)
-    assert (stats["hits"], stats["misses"]) == (1, 1)
-    path = store / hot[hot_id][0]
+    assert (stats["hits"], stats["misses"]) == (2, 1)
+    path = store / hot_file
     records = read_data(path)
     changed = [dict(r, tags=["edited"]) if r["id"] == hot_id else r for r in records]
     write_data(path, changed, gz=path.read_bytes()[:2] == b"\x1f\x8b")
