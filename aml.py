@@ -2823,7 +2823,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     lock = contextlib.nullcontext() if args.dry_run else store.maintenance_lock()
     with lock:
         results = _run_optimize_steps(store, steps, config, args)
-    out.document({"action": action, "dry_run": args.dry_run, "steps": results})
+    out.document({"action": action, "dry_run": args.dry_run, "order": list(results),
+                  "steps": results})
     code = ExitCode.OK
     for step, result in results.items():
         _print_step(out, step, result)
