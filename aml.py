@@ -2519,9 +2519,6 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
             "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
             "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
 
-def safety_backup(store, reason, config=None):  # STUB until backup lands
-    """Stub: raises RefusedError until the backup engineer's section 8 lands."""
-    raise RefusedError("backup is not available")
 
 
 # =============================================================================
@@ -4672,10 +4669,6 @@ def _incomplete(rtype: RecordType, record: Any) -> Optional[Tuple[GcReason, Dict
     return None
 
 
-def _canonical(record: Any) -> str:
-    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
 @dataclasses.dataclass
 class GcResult:
     """What gc removed and cleaned (or, in a dry run, would)."""
@@ -4970,7 +4963,7 @@ _MEMBER_RANK = {version: rank for rank, version in enumerate(SchemaVersion)}
 _VERSION_RANK = {version.value: rank for version, rank in _MEMBER_RANK.items()}
 VERSION_STAMP = "schemaVersion"
 LIFECYCLE_STATES = ("active", "inactive", "pinned", "superseded", "archived")
-_BODY_KEYS = {RecordType.PATTERN: "pattern", RecordType.SOLUTION: "problem",
+_MIGRATION_BODY_KEY = {RecordType.PATTERN: "pattern", RecordType.SOLUTION: "problem",
               RecordType.DECISION: "decision"}
 _SUPERSEDED_WORDS = ("superseded", "outdated", "deprecated", "replaced")
 
@@ -4993,8 +4986,8 @@ def place_record(rtype: RecordType, record: Any) -> Tuple[Optional[SchemaVersion
     """(version, None) for a record aml can place, else (None, why it cannot)."""
     if not isinstance(record, dict):
         return None, "not a JSON object (%s)" % type(record).__name__
-    if "id" not in record and _BODY_KEYS[rtype] not in record:
-        return None, "neither an id nor a %r body: not a %s record" % (_BODY_KEYS[rtype],
+    if "id" not in record and _MIGRATION_BODY_KEY[rtype] not in record:
+        return None, "neither an id nor a %r body: not a %s record" % (_MIGRATION_BODY_KEY[rtype],
                                                                       rtype.value)
     if VERSION_STAMP in record:
         version = SchemaVersion.from_stamp(record[VERSION_STAMP])

@@ -4,6 +4,7 @@ Every store is generated in ``tmp_path`` by the factories below; nothing here re
 ``../shared``. Run with ``make test``.
 """
 
+import contextlib
 import datetime as dt
 import gzip
 import hashlib
@@ -182,6 +183,20 @@ def run_cli(*argv, capsys=None):
     return code, out, err
 
 
+@contextlib.contextmanager
+def held_by_other_process(state_dir):
+    """Hold aml's maintenance lock on ``state_dir`` from another process (another aml run)."""
+    code = ("import sys, aml; l = aml.MaintenanceLock(sys.argv[1], timeout=0); l.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(state_dir)], cwd=str(HERE),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")
+
+
 @pytest.fixture(params=[False, True], ids=["plain", "gzip"])
 def store(request, tmp_path):
     """A generated store, once plain and once gzip."""
@@ -317,16 +332,9 @@ def test_lock_released_on_error(tmp_path):
 
 
 def test_maintenance_lock_excludes_another_process(tmp_path):
-    code = ("import sys, aml; l = aml.MaintenanceLock(sys.argv[1], timeout=0); l.acquire(); "
-            "print('held', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=str(HERE),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_other_process(tmp_path):
         with pytest.raises(aml.StoreBusyError):
             aml.MaintenanceLock(tmp_path, timeout=0).acquire()
-    finally:
-        holder.communicate("")
     with aml.MaintenanceLock(tmp_path, timeout=0):
         pass
 
@@ -1189,13 +1197,13 @@ def test_scan_writes_nothing(store, capsys):
 def test_busy_maintenance_lock_falls_back_read_only(store, capsys):
     s = aml.Store(store)
     record = read_data(store / "test-automator" / "solutions.json")[2]
-    with s.maintenance_lock():
+    with held_by_other_process(s.state_dir):
         before = tree_digest(store)
         code, out, _ = run_cli(store, "get", record["id"], "--format", "json", capsys=capsys)
         assert code == 0 and json.loads(out)["source"] == "scan"
         assert tree_digest(store) == before
     run_cli(store, "optimize", "index", capsys=capsys)
-    with s.maintenance_lock():
+    with held_by_other_process(s.state_dir):
         code, out, _ = run_cli(store, "get", record["id"], "--format", "json", capsys=capsys)
         assert json.loads(out)["source"] == "index"
 
@@ -1999,12 +2007,18 @@ def test_gc_mass_deletion_guard(tmp_path, capsys):
     assert read_data(path) == []
 
 
-def test_gc_refuses_when_backup_fails_and_skips_unparseable(store, capsys):
+def test_gc_refuses_when_backup_fails_and_skips_unparseable(store, capsys, monkeypatch):
     seed_defects(store)
     (store / "code-reviewer" / "decisions.json").write_bytes(b"[1,")
     before = tree_digest(store)
-    code, _, err = run_cli(store, "optimize", "gc", capsys=capsys)   # the stub backup refuses
+
+    def no_backup(*args, **kwargs):
+        raise aml.RefusedError("backup failed: disk full")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    code, _, err = run_cli(store, "optimize", "gc", capsys=capsys)
     assert code == 4 and "backup" in err
+    monkeypatch.undo()
     assert {k: v for k, v in tree_digest(store).items() if not k.startswith(".aml")} == before
     code, _, err = run_cli(store, "optimize", "gc", "--no-backup", capsys=capsys)
     assert code == 3 and "code-reviewer/decisions.json" in err
@@ -2543,3 +2557,17 @@ def test_version_and_help(capsys):
 def test_missing_store_is_usage_error(tmp_path, capsys):
     code, _, err = run_cli(tmp_path / "missing", "prune", capsys=capsys)
     assert code == 2 and err.startswith("aml: error:") and "does not exist" in err
+
+
+def test_no_two_top_level_definitions_share_a_name():
+    # One file, many sections: a second definition silently replaces the first.
+    import ast
+    tree = ast.parse((HERE / "aml.py").read_text(encoding="utf-8"))
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
