@@ -6342,77 +6342,76 @@ def _last_verified_backup(store: Store, history: List[Dict[str, Any]]
 
 
 def _cache_stats(store: Store) -> Dict[str, Any]:
-    """The hot-cache counters that real lookups record ({} when absent or unreadable)."""
-    func = globals().get("hot_cache_stats")
-    try:
-        stats = func(store) if func else store.read_state("cache-stats.json", {})
-    except IntegrityError:
-        return {}
+    """The hot-cache counters that real get/search lookups recorded (zeros when none)."""
+    stats = hot_cache_stats(store)
     return stats if isinstance(stats, dict) else {}
 
 
 @dataclasses.dataclass
 class IndexState:
-    """What monitoring knows about the persisted index."""
+    """What monitoring knows about the persisted index (section 10)."""
 
     built: bool
+    corrupt: bool
     stale: List[str]
-    size_bytes: Optional[int]
-    source: str
+    size_bytes: int
 
 
-def _dir_bytes(folder: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(str(folder)):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-def _index_staleness(store: Store, history: List[Dict[str, Any]]) -> IndexState:
-    """Index freshness from MemoryIndex when this build has it, else from the index history."""
-    index_class = globals().get("MemoryIndex")
-    if index_class is not None:
-        index = index_class(store)
-        size = index.size_bytes()
-        return IndexState(size > 0, list(index.stale_files()), size, "MemoryIndex")
-    entry = _last_entry(history, ["index"])
-    size = _dir_bytes(store.state_dir / "index") if (store.state_dir / "index").is_dir() else 0
-    if entry is None:
-        return IndexState(False, [], size, "history")
-    started = parse_timestamp(entry.get("started"))
-    built_ns = int(started.timestamp() * 1e9) if started else 0
-    stale = [rel for rel, info in _data_file_stats(store).items() if info[1] > built_ns]
-    return IndexState(True, stale, size, "history")
-
-
-def _data_file_stats(store: Store) -> Dict[str, Tuple[int, int]]:
-    """{relative path: (size, mtime_ns)} of every agent JSON file."""
-    stats = {}
-    for agent in store.agents():
-        for data_file in store.agent_files(agent):
-            with contextlib.suppress(OSError):
-                info = data_file.path.stat()
-                stats[_rel(store, data_file.path)] = (info.st_size, info.st_mtime_ns)
-    return stats
+def _index_staleness(store: Store) -> IndexState:
+    """Whether the index exists and verifies, and which data files changed since its build."""
+    index = MemoryIndex(store)
+    built = index.manifest() is not None
+    corrupt = not built and index.part("manifest.json").exists()
+    return IndexState(built, corrupt, index.stale_files() if built else [], index.size_bytes())
 
 
 def _rel(store: Store, path: Path) -> str:
     return Path(path).relative_to(store.root).as_posix()
 
 
-def _indexed_lookup_ms(store: Store, index: IndexState) -> Tuple[Optional[float], str]:
-    """Time one real lookup through the persisted index; (None, reason) when impossible."""
-    index_class = globals().get("MemoryIndex")
-    if index_class is None:
-        return None, "this build of aml has no index support"
-    if not index.built:
-        return None, "no index built (run: optimize index)"
-    lookup = getattr(index_class(store), "lookup_timing", None)
-    if lookup is None:
-        return None, "the index offers no timed lookup"
-    return lookup(), "one indexed lookup"
+@dataclasses.dataclass
+class LookupTiming:
+    """One indexed lookup measured now; ``ms`` is None when it could not be measured."""
+
+    ms: Optional[float]
+    note: str
+    failed: bool = False
+
+
+def _sample_record_id(index: MemoryIndex) -> Optional[str]:
+    """A deterministic id to look up: the middle record of the largest indexed file."""
+    entries = sorted(index.files(), key=lambda e: (-e["size"], e["path"]))
+    for entry in entries:
+        ids = [row[P_ID] for row in index.postings(entry) if row[P_ID]]
+        if ids:
+            return ids[len(ids) // 2]
+    return None
+
+
+def _indexed_lookup_ms(store: Store, state: IndexState) -> LookupTiming:
+    """Time one real ``get`` through the index (bloom, id bucket, hot cache or one data file).
+
+    It excludes the freshness check a ``get`` does first and records no cache counters, so
+    monitoring never inflates the hit rate it reports.
+    """
+    if not state.built:
+        return LookupTiming(None, "no usable index (run: optimize index)")
+    if state.stale:
+        return LookupTiming(None, "the index is stale (run: optimize index)")
+    try:
+        record_id = _sample_record_id(MemoryIndex(store))
+        if record_id is None:
+            return LookupTiming(None, "the index holds no record ids")
+        started = time.perf_counter()
+        result = _get_indexed(MemoryIndex(store), record_id)  # fresh: nothing parsed yet
+        elapsed = (time.perf_counter() - started) * 1000.0
+    except (IntegrityError, CorruptFileError, OSError) as exc:
+        return LookupTiming(None, "indexed lookup failed: %s" % exc, failed=True)
+    if not result.records:
+        return LookupTiming(None, "id %s is indexed but was not found" % record_id, failed=True)
+    found = result.records[0]
+    return LookupTiming(round(elapsed, 3), "get %s in %s via %s" % (record_id, found.file,
+                                                                    found.source))
 
 
 # -- metrics --------------------------------------------------------------------
@@ -6445,7 +6444,7 @@ def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
     """One agent's sizes and counts (parsing every record file); files loaded, load seconds."""
     files = store.agent_files(agent)
     gz = sum(1 for f in files if _is_gzip_file(f.path))
-    metrics = AgentMetrics(agent, _dir_bytes(store.root / agent), len(files), gz,
+    metrics = AgentMetrics(agent, agent_disk_bytes(store, agent), len(files), gz,
                            len(files) - gz, _empty_counts(), [])
     loaded, seconds = 0, 0.0
     for data_file in store.record_files(agent):
@@ -6462,17 +6461,8 @@ def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
 
 
 def _store_bytes(store: Store) -> Tuple[int, int]:
-    """(bytes of everything but ``.aml/``, bytes of ``.aml/``)."""
-    total = 0
-    for entry in os.scandir(str(store.root)):
-        if entry.name == STATE_DIR_NAME:
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            total += _dir_bytes(Path(entry.path))
-        else:
-            with contextlib.suppress(OSError):
-                total += entry.stat(follow_symlinks=False).st_size
-    return total, _dir_bytes(store.state_dir)
+    """(bytes of everything but ``.aml/``, bytes of ``.aml/``), as space-based pruning measures."""
+    return store_disk_bytes(store), _dir_bytes(store.state_dir)
 
 
 def _sum_counts(agents: List[AgentMetrics]) -> Dict[str, Dict[str, int]]:
@@ -6657,7 +6647,7 @@ class MemoryMonitor:
                           load_ms: float, loaded: int) -> MetricsReport:
         store = self.store
         total, state = _store_bytes(store)
-        index = _index_staleness(store, history)
+        index = _index_staleness(store)
         samples = self._samples()
         counts = _sum_counts(agents)
         record_total = sum(a.record_total for a in agents)
@@ -6674,14 +6664,14 @@ class MemoryMonitor:
 
     def _performance(self, history: List[Dict[str, Any]], index: IndexState, load_ms: float,
                      loaded: int, records: int) -> PerformanceMetrics:
-        lookup_ms, note = _indexed_lookup_ms(self.store, index)
+        lookup = _indexed_lookup_ms(self.store, index)
         stats = _cache_stats(self.store)
         hits, misses = _number(stats.get("hits")), _number(stats.get("misses"))
         rate = None
         if hits is not None and misses is not None and hits + misses > 0:
             rate = round(hits / (hits + misses), 4)
         return PerformanceMetrics(
-            lookup_ms, note, round(load_ms, 3) if loaded else None, loaded, records,
+            lookup.ms, lookup.note, round(load_ms, 3) if loaded else None, loaded, records,
             int(hits) if hits is not None else None, int(misses) if misses is not None else None,
             rate, {op: _operation_stat(self.store, history, op) for op in TIMED_OPERATIONS})
 
@@ -6841,7 +6831,7 @@ class MemoryMonitor:
         """Per-agent and whole-store bytes against the warning and critical thresholds."""
         t, problems = self.thresholds, []
         total, _state = _store_bytes(self.store)
-        sizes = {a: _dir_bytes(self.store.root / a) for a in self.store.agents()}
+        sizes = {a: agent_disk_bytes(self.store, a) for a in self.store.agents()}
         for subject, size, scope in ([("store", total, "global")]
                                      + [(a, s, "agent") for a, s in sorted(sizes.items())]):
             problem = self._size_problem(subject, size, scope)
@@ -6864,21 +6854,22 @@ class MemoryMonitor:
         return None
 
     def _check_index(self, history: List[Dict[str, Any]]) -> HealthCheck:
-        """The persisted index exists and covers every data file as it is now."""
-        index = _index_staleness(self.store, history)
-        details = {"built": index.built, "stale_files": index.stale,
-                   "size_bytes": index.size_bytes, "source": index.source}
+        """The persisted index exists, verifies and covers every data file as it is now."""
+        index = _index_staleness(self.store)
+        details = {"built": index.built, "corrupt": index.corrupt, "stale_files": index.stale,
+                   "size_bytes": index.size_bytes}
         if not index.built:
-            problem = Problem("index", HealthStatus.WARNING,
-                              "no index built (run: optimize index)")
+            what = "index does not verify" if index.corrupt else "no index built"
+            problem = Problem("index", HealthStatus.WARNING, what + " (run: optimize index)")
             return self._finish("index", [problem], "", details)
         problems = []
         if index.stale:
-            problems.append(Problem("index", HealthStatus.WARNING, "index is stale for %d file(s)"
-                                    " (%s) (run: optimize index)" % (len(index.stale), ", ".join(
-                                        index.stale[:3]) + (", ..." if len(index.stale) > 3
-                                                            else ""))))
-        return self._finish("index", problems, "index covers every data file", details)
+            names = ", ".join(index.stale[:3]) + (", ..." if len(index.stale) > 3 else "")
+            problems.append(Problem("index", HealthStatus.WARNING, "index is stale for %d "
+                                    "file(s) (%s) (run: optimize index)"
+                                    % (len(index.stale), names)))
+        return self._finish("index", problems, "index covers every data file (%s)"
+                            % human_bytes(index.size_bytes), details)
 
     def _check_backup(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """A verified backup whose manifest exists, recent enough."""
@@ -6940,12 +6931,14 @@ class MemoryMonitor:
     def _check_performance(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Indexed lookup time measured now and the recorded hot-cache hit rate."""
         t, problems, known = self.thresholds, [], []
-        lookup_ms, note = _indexed_lookup_ms(self.store, _index_staleness(self.store, history))
-        if lookup_ms is not None:
-            known.append("lookup %.2f ms" % lookup_ms)
-            if lookup_ms > t["query_time_warning_ms"]:
+        lookup = _indexed_lookup_ms(self.store, _index_staleness(self.store))
+        if lookup.failed:
+            problems.append(Problem("lookup", HealthStatus.WARNING, lookup.note))
+        if lookup.ms is not None:
+            known.append("indexed lookup %.2f ms" % lookup.ms)
+            if lookup.ms > t["query_time_warning_ms"]:
                 problems.append(Problem("lookup", HealthStatus.WARNING, "indexed lookup took "
-                                        "%.1f ms (limit %g ms)" % (lookup_ms,
+                                        "%.1f ms (limit %g ms)" % (lookup.ms,
                                                                    t["query_time_warning_ms"])))
         stats = _cache_stats(self.store)
         hits, misses = _number(stats.get("hits")) or 0, _number(stats.get("misses")) or 0
@@ -6956,12 +6949,12 @@ class MemoryMonitor:
                 problems.append(Problem("cache", HealthStatus.WARNING, "hot-cache hit rate %.0f%% "
                                         "is below %.0f%%" % (rate * 100,
                                                              t["cache_hit_rate_warning"] * 100)))
-        details = {"lookup_ms": lookup_ms, "lookup_note": note, "cache_hit_rate": rate,
+        details = {"lookup_ms": lookup.ms, "lookup_note": lookup.note, "cache_hit_rate": rate,
                    "cache_lookups": int(hits + misses)}
-        if not known:
+        if not known and not problems:
             return HealthCheck("performance", HealthStatus.UNKNOWN, "nothing to measure: %s; "
                                "fewer than %d cached lookups recorded"
-                               % (note, t["cache_min_lookups"]), [], details)
+                               % (lookup.note, t["cache_min_lookups"]), [], details)
         return self._finish("performance", problems, ", ".join(known), details)
 
     def _check_maintenance(self, history: List[Dict[str, Any]]) -> HealthCheck:

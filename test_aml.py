@@ -2549,6 +2549,7 @@ import http.server
 import re
 import shutil
 import socket
+import fcntl
 import threading
 import zlib
 
@@ -2574,12 +2575,12 @@ def _record_backup(root, when=None):
 
 
 def _make_healthy(root, hits=90, misses=10):
-    """Verified backup, recent prune, fresh index and a good cache hit rate."""
+    """Verified backup, a fresh index built by ``optimize index`` and a good cache hit rate."""
     _record_backup(root)
-    store = aml.Store(root)
-    store.record_operation("prune", aml.utcnow(), 0.2, {"removed": 0})
-    store.record_operation("index", aml.utcnow() + dt.timedelta(seconds=1), 0.1, {})
-    store.write_state("cache-stats.json", {"hits": hits, "misses": misses, "updated": NOW_TEXT})
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    if hits or misses:
+        aml.Store(root).write_state("cache-stats.json",
+                                    {"hits": hits, "misses": misses, "updated": NOW_TEXT})
 
 
 def _file_counts(root):
@@ -2721,11 +2722,13 @@ def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
     assert code == 0 and out.startswith("AML OK - 7 checks healthy | "), out
     assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%" in out
     assert "store_bytes=" in out and ";838860800;0" in out  # critical = 800 MiB
-    aml.Store(root).write_state("cache-stats.json", {"hits": 1, "misses": 0})
-    if not hasattr(aml, "MemoryIndex"):  # with no measurable performance the result is unknown
-        code, out, _ = _health(root, capsys=capsys, fmt="nagios")
-        assert code == 3 and out.startswith("AML UNKNOWN - performance: ") and NAGIOS_RE.match(
-            out.rstrip("\n"))
+    assert re.search(r" lookup_ms=[0-9.]+ms;100;", out) and "stale_index_files=0;" in out
+    # An empty store: no id to look up and no lookups recorded, so performance is unknown.
+    empty = build_store(tmp_path / "empty", patterns=0, solutions=0, decisions=0)
+    _make_healthy(empty, hits=0, misses=0)
+    code, out, _ = _health(empty, capsys=capsys, fmt="nagios")
+    assert code == 3 and out.startswith("AML UNKNOWN - performance: ") and NAGIOS_RE.match(
+        out.rstrip("\n")) and "lookup_ms=U" in out
 
 
 def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
@@ -2813,7 +2816,7 @@ def test_alert_of_a_check_that_cannot_run_is_error_and_not_resolved(tmp_path, ca
     root = build_store(tmp_path / "m")
     _health(root, capsys=capsys)
 
-    def broken(store, history):
+    def broken(store):
         raise OSError("index folder unreadable")
 
     monkeypatch.setattr(aml, "_index_staleness", broken)
@@ -2829,8 +2832,13 @@ def test_alert_of_a_check_that_cannot_run_is_error_and_not_resolved(tmp_path, ca
 def test_health_reports_but_skips_state_writes_while_another_run_holds_the_store(tmp_path,
                                                                                   capsys):
     root = build_store(tmp_path / "m")
-    with aml.Store(root).maintenance_lock():
+    (root / ".aml").mkdir()
+    fd = os.open(str(root / ".aml" / "maintenance.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another aml process would (own file description)
         code, doc, err = _health(root, "--lock-timeout", "0.3", capsys=capsys)
+    finally:
+        os.close(fd)
     assert code == 1 and doc["status"] == "warning" and "not updated" in err
     assert not (root / ".aml" / "alerts.json").exists()
     assert aml.Store(root).last_operation("health") is None
