@@ -6327,15 +6327,16 @@ def _operation_stat(store: Store, history: List[Dict[str, Any]], operation: str
 
 def _last_verified_backup(store: Store, history: List[Dict[str, Any]]
                           ) -> Optional[Dict[str, Any]]:
-    """The newest verified backup whose manifest still exists and no later verify failed."""
-    failed = set()
+    """The newest verified backup whose manifest still exists and whose latest verify passed."""
+    latest_verify: Dict[Any, bool] = {}
     for entry in reversed(history):
         summary = entry.get("summary") if isinstance(entry.get("summary"), dict) else {}
         backup_id = summary.get("backup_id")
-        if entry.get("operation") == "verify" and summary.get("ok") is False:
-            failed.add(backup_id)
+        if entry.get("operation") == "verify" and backup_id not in latest_verify:
+            latest_verify[backup_id] = summary.get("ok") is not False
         if (entry.get("operation") == "backup" and summary.get("verified") is True
-                and backup_id not in failed and isinstance(summary.get("manifest"), str)
+                and latest_verify.get(backup_id, True)
+                and isinstance(summary.get("manifest"), str)
                 and os.path.isfile(summary["manifest"])):
             return entry
     return None

@@ -2575,8 +2575,8 @@ def _record_backup(root, when=None):
 
 
 def _make_healthy(root, hits=90, misses=10):
-    """Verified backup, a fresh index built by ``optimize index`` and a good cache hit rate."""
-    _record_backup(root)
+    """A real verified backup, a fresh index built by ``optimize index``, a good hit rate."""
+    assert run_cli(root, "backup", "create", "-q") == 0
     assert run_cli(root, "optimize", "index", "-q") == 0
     if hits or misses:
         aml.Store(root).write_state("cache-stats.json",
@@ -2664,6 +2664,26 @@ def test_metrics_history_is_bounded(tmp_path, capsys, monkeypatch):
     assert len(aml.Store(root).read_state("metrics-history.json")["samples"]) == 3
 
 
+def test_metrics_times_a_real_indexed_lookup_without_counting_it(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+
+    def performance():
+        out = run_cli(root, "monitor", "metrics", "--format", "json", capsys=capsys)[1]
+        return json.loads(out)
+
+    assert performance()["performance"]["lookup_ms"] is None  # no index yet: unknown
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    doc = performance()
+    assert doc["performance"]["lookup_ms"] > 0 and " via " in doc["performance"]["lookup_note"]
+    assert doc["index_bytes"] == aml.MemoryIndex(aml.Store(root)).size_bytes() > 0
+    assert doc["performance"]["last_operations"]["index"]["seconds"] is not None
+    assert aml.hot_cache_stats(aml.Store(root)) == {"hits": 0, "misses": 0}
+    path = root / "code-reviewer" / "solutions.json"
+    write_data(path, read_data(path)[:-1], gz=True)
+    doc = performance()
+    assert doc["performance"]["lookup_ms"] is None and "stale" in doc["performance"]["lookup_note"]
+
+
 def test_metrics_reads_last_durations_from_history(tmp_path):
     root = build_store(tmp_path / "m", agents=("a1",), patterns=3, solutions=1, decisions=1)
     store = aml.Store(root, now=NOW)
@@ -2685,6 +2705,31 @@ def test_fresh_store_without_backup_is_warning(tmp_path, capsys):
                                                   "integrity", "performance", "maintenance"}
     assert tree_digest(root, skip_state=True) == before
     assert aml.Store(root).last_operation("health")["summary"]["status"] == "warning"
+
+
+def test_backup_check_needs_a_recent_verified_snapshot_that_exists(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    assert run_cli(root, "backup", "create", "-q") == 0
+    store = aml.Store(root)
+    entry = store.last_operation("backup")
+    backup_id, manifest = entry["summary"]["backup_id"], Path(entry["summary"]["manifest"])
+
+    def backup_status(*extra):
+        return _check(_health(root, *extra, capsys=capsys)[1], "backup")["status"]
+
+    assert backup_status() == "healthy"
+    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": False,
+                                                        "deep": True})
+    assert backup_status() == "warning"  # its latest verify failed
+    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": True,
+                                                        "deep": True})
+    assert backup_status() == "healthy"
+    later = aml.utcnow() + dt.timedelta(days=2)
+    assert backup_status("--now", aml.format_timestamp(later)) == "warning"  # > 36 h
+    later = aml.utcnow() + dt.timedelta(days=8)
+    assert backup_status("--now", aml.format_timestamp(later)) == "critical"  # > 168 h
+    manifest.rename(manifest.with_name("moved"))
+    assert backup_status() == "warning"  # its manifest is gone
 
 
 @pytest.mark.parametrize("damage", ["truncated-gzip", "invalid-json", "object-not-array",
