@@ -2974,6 +2974,21 @@ def test_webhook_receives_firing_and_resolved(tmp_path, capsys, webhook):
     assert received[0]["alert"]["resolved_by"] == "auto"
 
 
+def test_webhook_and_thresholds_from_the_aml_config_file(tmp_path, capsys, webhook):
+    url, received = webhook
+    root = build_store(tmp_path / "m", agents=("solo",))
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_url": url, "webhook_timeout": 2,
+                                              "agent_memory_warning_mb": 0.001}}))
+    code, doc, _ = _health(root, "--config", config, capsys=capsys)
+    assert code == 1 and _check(doc, "size")["problems"][0]["subject"] == "solo"
+    assert ("firing", "size", "solo") in [(p["event"], p["alert"]["check"], p["alert"]["subject"])
+                                          for p in received]
+    config.write_text(json.dumps({"monitor": {"agent_memory_warnign_mb": 1}}))
+    code, _, err = run_cli(root, "monitor", "health", "--config", config, capsys=capsys)
+    assert code == 3 and "agent_memory_warnign_mb" in err
+
+
 def test_unreachable_webhook_does_not_fail_the_run(tmp_path, capsys):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -2986,6 +3001,21 @@ def test_unreachable_webhook_does_not_fail_the_run(tmp_path, capsys):
     assert len(_alerts(root, capsys)) == 3
     code, _, err = run_cli(root, "monitor", "health", "--webhook", "ftp://x", capsys=capsys)
     assert code == 3 and "http" in err
+
+
+def test_webhook_that_never_answers_times_out(tmp_path, capsys):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # connections queue in the kernel; nobody ever answers
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_timeout": 0.3}}))
+    root = build_store(tmp_path / "m")
+    try:
+        code, doc, err = _health(root, "--config", config, "--webhook",
+                                 "http://127.0.0.1:%d/" % silent.getsockname()[1], capsys=capsys)
+    finally:
+        silent.close()
+    assert code == 1 and "timed out" in err and len(doc["alerts"]["open"]) == 3
 
 
 PROM_LINE = {
