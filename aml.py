@@ -6057,7 +6057,7 @@ INTEGRITY_RACY_SECONDS = 2.0
 _MB = 1024 * 1024
 
 
-def _positive_number(key: str, value: Any, source: str) -> float:
+def _non_negative_number(key: str, value: Any, source: str) -> float:
     number = _number(value)
     if number is None or number < 0:
         raise UsageError("%s: threshold %s must be a non-negative number, got %r"
@@ -6101,7 +6101,7 @@ def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = 
                "aml config [monitor]"), (flags or {}, "threshold override"))
     for values, source in layers:
         _check_threshold_keys(values, source)
-        result.update({k: _positive_number(k, v, source) for k, v in values.items()})
+        result.update({k: _non_negative_number(k, v, source) for k, v in values.items()})
     for scope in ("agent", "global"):
         warn, crit = result[scope + "_memory_warning_mb"], result[scope + "_memory_critical_mb"]
         if warn > crit:
@@ -6686,8 +6686,8 @@ class MemoryMonitor:
         for agent in report.agents:
             agent_rate = _agent_rate(self.store, samples, agent.agent, agent.bytes,
                                      report.growth.baseline_at)
-            out.append(_forecast("agent_memory_critical_mb", agent.agent,
-                                 t["agent_memory_critical_mb"], agent.bytes, agent_rate))
+            out.extend(_forecast(key, agent.agent, t[key], agent.bytes, agent_rate)
+                       for key in ("agent_memory_warning_mb", "agent_memory_critical_mb"))
         return out
 
     def _samples(self) -> List[Dict[str, Any]]:
@@ -8430,11 +8430,17 @@ def _growth_lines(report: MetricsReport) -> List[str]:
         lines = ["Growth: %+d bytes, %+d records since %s; %s/day" % (
             growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
             "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
+    quiet = 0
     for forecast in report.forecasts:
+        if forecast.subject != "store" and forecast.days_until is None:
+            quiet += 1  # agents that are not growing: counted, listed in --format json
+            continue
         when = forecast.note if forecast.days_until is None else "%.1f days, %s" % (
             forecast.days_until, forecast.note)
         lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
                                            human_bytes(forecast.limit_bytes), when))
+    if quiet:
+        lines.append("  %d agent limit(s) not approaching: no growth or no growth data" % quiet)
     return lines
 
 
