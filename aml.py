@@ -6212,6 +6212,7 @@ class MetricsReport:
     growth: GrowthMetrics
     forecasts: List[LimitForecast]
     performance: PerformanceMetrics
+    warnings: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -6635,7 +6636,7 @@ class MemoryMonitor:
             loaded, load_ms = loaded + count, load_ms + seconds * 1000.0
         report = self._assemble_metrics(agents, history, load_ms, loaded)
         if save:
-            self._save_sample(report)
+            report.warnings.extend(self._save_sample(report))
         return report
 
     def _history_or_empty(self) -> List[Dict[str, Any]]:
@@ -7146,7 +7147,7 @@ class MemoryMonitor:
             open_alerts = []
             health.warnings.append(str(exc))
         return MonitorReport(self.store.now, metrics, health, open_alerts, self._samples(),
-                             health.warnings)
+                             metrics.warnings + health.warnings)
 
 
 _LEVEL_RANK = {level: rank for rank, level in enumerate(AlertLevel)}
@@ -8461,6 +8462,8 @@ def cmd_monitor_metrics(args: argparse.Namespace) -> int:
     out = _monitor_output(args)
     monitor = _open_monitor(args)
     report = monitor.metrics(save=not args.no_save)
+    for problem in report.warnings:
+        out.warn(problem)
     for problem in report.unreadable:
         out.warn("unreadable, not counted: %s" % problem)
     if args.format == "prometheus":

@@ -2732,6 +2732,24 @@ def test_backup_check_needs_a_recent_verified_snapshot_that_exists(tmp_path, cap
     assert backup_status() == "warning"  # its manifest is gone
 
 
+def test_structure_check_names_stale_locks_leftovers_and_gz_files(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    stale = root / "code-reviewer" / "patterns.json.lock"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    (root / "code-reviewer" / "solutions.json.lock").mkdir()  # fresh: a writer holds it
+    (root / "test-automator" / (".decisions.json" + aml.TMP_MARKER + "1-ab")).write_text("[")
+    (root / "test-automator" / "old.json.gz").write_bytes(gzip.compress(b"[]"))
+    before = tree_digest(root, skip_state=True)
+    code, doc, _ = _health(root, capsys=capsys)
+    structure = _check(doc, "structure")
+    assert structure["status"] == "warning" and _check(doc, "integrity")["status"] == "healthy"
+    assert sorted(p["subject"] for p in structure["problems"]) == [
+        "code-reviewer/patterns.json.lock", "test-automator/.decisions.json.aml-tmp-1-ab",
+        "test-automator/old.json.gz"]
+    assert tree_digest(root, skip_state=True) == before and stale.is_dir()  # reported, not fixed
+
+
 @pytest.mark.parametrize("damage", ["truncated-gzip", "invalid-json", "object-not-array",
                                     "non-object-element"])
 def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
@@ -2882,8 +2900,11 @@ def test_health_reports_but_skips_state_writes_while_another_run_holds_the_store
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as another aml process would (own file description)
         code, doc, err = _health(root, "--lock-timeout", "0.3", capsys=capsys)
+        metrics = run_cli(root, "monitor", "metrics", "--lock-timeout", "0.3", capsys=capsys)
     finally:
         os.close(fd)
+    assert metrics[0] == 0 and "not updated" in metrics[2]
+    assert not (root / ".aml" / "metrics-history.json").exists()
     assert code == 1 and doc["status"] == "warning" and "not updated" in err
     assert not (root / ".aml" / "alerts.json").exists()
     assert aml.Store(root).last_operation("health") is None
