@@ -2809,6 +2809,26 @@ def test_health_plugin_from_cron_like_environment(tmp_path):
     assert result.stdout.startswith("AML WARNING - ") and result.stdout.count("\n") == 1
 
 
+def test_crontab_monitor_lines_run_in_a_cron_environment(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True)
+    _make_healthy(root)
+    jobs = [j for j in _crontab_commands() if "monitor" in j]
+    assert [j[j.index("monitor") + 1] for j in jobs] == ["health", "report", "report"]
+    outputs = []
+    for number, job in enumerate(jobs):
+        _, argv = _aml_args(job)
+        argv[0] = str(root)
+        if "--output" in argv:
+            outputs.append(tmp_path / ("out%d" % number))
+            argv[argv.index("--output") + 1] = str(outputs[-1])
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
+                              env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b""), argv
+    assert "aml_health_overall 0" in _parse_prometheus(outputs[0].read_text())[
+        "aml_health_overall"]
+    assert outputs[1].read_text().startswith("<!DOCTYPE html>")
+
+
 def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
     root = build_store(tmp_path / "m")
     codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
