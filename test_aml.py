@@ -844,6 +844,12 @@ def test_config_file_section_moves_the_backup_root(tmp_path, capsys):
     assert code == 0 and "0 snapshots" in out
 
 
+def test_backup_root_inside_the_store_is_refused(tmp_path):
+    root = build_store(tmp_path / "memory")
+    with pytest.raises(aml.UsageError, match="inside the store"):
+        backup_manager(root, backup_root=root / "backups")
+
+
 def test_foreign_backups_are_left_alone_and_permissions_are_private(tmp_path, capsys):
     root = build_store(tmp_path / "memory")
     backups = tmp_path / "memory-backup"
