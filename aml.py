@@ -2313,12 +2313,14 @@ class _GarbageCollector:
             dead = [entries[k][2] for k in entries if k not in kept]
             if not dead:
                 continue
-            self.result.objects_freed += len(dead)
             total = sum(e[2] for e in entries.values())
             if not keep:
                 drop.append(name)
             elif sum(dead) >= PACK_REWRITE_DEAD_SHARE * total:
                 rewrite.append((name, sorted(keep, key=lambda d: entries[d[:KEY_LEN]][:2])))
+            else:
+                continue   # little garbage: left until more of the pack is unused
+            self.result.objects_freed += len(dead)
         before = self._size(n for n, _ in rewrite) + self._size(drop)
         if dry_run:
             self.result.bytes_freed = self._size(drop) + sum(

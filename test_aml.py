@@ -913,6 +913,19 @@ def test_cli_original_spellings_and_json(tmp_path, capsys):
     assert code == 0 and out == "" and err == ""
 
 
+def test_cron_line_runs_quietly_and_fails_loudly(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    argv = [sys.executable, str(HERE / "aml.py"), str(root), "backup", "auto", "-q"]
+    done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    pack = next((tmp_path / "memory-backup" / "aml" / "packs").glob("*.pack"))
+    pack.write_bytes(pack.read_bytes()[:40])
+    argv[-2:] = ["verify", "--all"]
+    done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert done.returncode == 6 and done.stderr.startswith("aml: error:")
+
+
 @pytest.mark.parametrize("text", ['[{"a": 1}, {"b": [2, 3]}]', '[\n  1,\n  "x"\n]\n', "[7]"])
 def test_split_json_array_reassembles_exactly(text):
     head, sep, tail, spans = aml.split_json_array(text)
