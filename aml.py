@@ -1529,10 +1529,10 @@ def safe_relpath(rel: Any) -> str:
 
 
 def _check_no_symlinks(root: Path, rel: str) -> None:
-    """Refuse if the target root or any existing parent folder of ``rel`` is a symlink."""
+    """Refuse if any existing folder between ``root`` and ``rel`` is a symlink (or a file)."""
     current = root
-    for part in [""] + rel.split("/")[:-1]:
-        current = current / part if part else current
+    for part in rel.split("/")[:-1]:
+        current = current / part
         try:
             info = os.lstat(str(current))
         except FileNotFoundError:
@@ -1614,7 +1614,7 @@ class BackupManager:
         self.store = store
         self.config = (config or BackupConfig()).validate()
         root = self.config.backup_root
-        self.root = Path(root) if root else store.root.resolve().parent / "memory-backup"
+        self.root = Path(root) if root else Path(os.path.abspath(str(store.root))).parent / "memory-backup"
         if self.root.resolve().is_relative_to(store.root.resolve()):
             raise UsageError("backup root %s is inside the store; it would back itself up"
                              % self.root)
@@ -1895,8 +1895,9 @@ class BackupManager:
         UsageError, StoreBusyError.
         """
         started, clock = self.store.now, time.monotonic()
-        live = target is None or Path(target).resolve() == self.store.root.resolve()
-        root = self.store.root if live else Path(target)
+        # The root itself may be a symlink the user chose; only folders below it are checked.
+        root = (Path(target) if target is not None else self.store.root).resolve()
+        live = root == self.store.root.resolve()
         hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
         with hold, self._repo_lock(exclusive=not dry_run):
             if backup_id is None:
@@ -2008,7 +2009,7 @@ class BackupManager:
         now = self.store.now
         with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
             self._cleanup_leftovers()
-            ids = self.snapshot_ids()
+            ids = [i for i in self.snapshot_ids() if self._whole_store(i)]
             backup, skipped = None, None
             if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
                 skipped = "%s is recent enough for the %s schedule" % (
@@ -2022,6 +2023,12 @@ class BackupManager:
         rotated = self.rotate(keep_daily=keep_daily, keep_weekly=keep_weekly,
                               keep_monthly=keep_monthly)
         return AutoResult(backup=backup, skipped=skipped, rotate=rotated)
+
+    def _whole_store(self, backup_id: str) -> bool:
+        try:
+            return self.load_manifest(backup_id).get("agents") is None
+        except AmlError:
+            return False
 
     # -- list -----------------------------------------------------------------
     def list(self) -> ListResult:
@@ -2438,8 +2445,15 @@ class _SnapshotBuilder:
     def _read(self, rel: str, path: Path) -> bytes:
         if rel.startswith(STATE_DIR_NAME + "/"):
             return path.read_bytes()
-        with self.store.file_lock(path):   # the runtime may be mid-write
+        lock = self.store.file_lock(path)
+        try:
+            lock.acquire()            # the runtime may be mid-write
+        except PermissionError:
+            return path.read_bytes()  # a read-only store cannot be locked, only read
+        try:
             return path.read_bytes()
+        finally:
+            lock.release()
 
     def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
         digest = hashlib.sha256(raw).digest()

@@ -700,6 +700,11 @@ def test_symlink_in_target_is_refused(tmp_path):
     with pytest.raises(aml.RefusedError, match="symlink"):
         backup_manager(root).restore(snap.backup_id, target=target, force=True)
     assert list(outside.iterdir()) == []
+    linked = tmp_path / "linked-store"
+    linked.symlink_to(root)                       # the store's own path may be a symlink
+    write_data(root / "global" / "shared.json", {"changed": True})
+    backup_manager(linked).restore(snap.backup_id)
+    assert read_data(root / "global" / "shared.json") == {"notes": ["kept"]}
 
 
 def test_restore_dry_run_changes_nothing(tmp_path, capsys):
@@ -808,6 +813,7 @@ def test_rotation_never_deletes_the_newest_verified_snapshot(tmp_path):
 
 def test_auto_follows_the_schedule(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
+    backup_manager(root).create(agents=["code-reviewer"])   # does not count as the store's
     first = backup_manager(root).auto()
     assert first.backup.type is aml.BackupType.FULL
     again = backup_manager(root, now=NOW + dt.timedelta(hours=2)).auto()
