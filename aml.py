@@ -1009,7 +1009,7 @@ import struct  # noqa: E402
 
 
 class BackupType(enum.Enum):
-    """A full snapshot re-reads every file; an incremental trusts unchanged size/mtime/ctime/inode."""
+    """A full snapshot re-reads every file; an incremental skips files whose stat is unchanged."""
 
     FULL = "full"
     INCREMENTAL = "incremental"
@@ -1547,7 +1547,7 @@ def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
 
 
 def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
-    """Relative POSIX paths of regular files under root/top, symlinks and skipped names left out."""
+    """Relative POSIX paths of the regular files under root/top (no symlinks, no skipped names)."""
     base = root / top if top else root
     for dirpath, dirnames, filenames in os.walk(str(base)):
         rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
@@ -1614,7 +1614,8 @@ class BackupManager:
         self.store = store
         self.config = (config or BackupConfig()).validate()
         root = self.config.backup_root
-        self.root = Path(root) if root else Path(os.path.abspath(str(store.root))).parent / "memory-backup"
+        sibling = Path(os.path.abspath(str(store.root))).parent / "memory-backup"
+        self.root = Path(root) if root else sibling
         if self.root.resolve().is_relative_to(store.root.resolve()):
             raise UsageError("backup root %s is inside the store; it would back itself up"
                              % self.root)
@@ -2246,7 +2247,8 @@ class _RestorePlan:
         """Write every file to be swapped in under ``staging``, fsynced; gzip on threads."""
         names = self.created + self.replaced
         jobs = [(rel, staging / str(n)) for n, rel in enumerate(names)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(lambda job: self._stage_one(*job), jobs))
         return dict(jobs)
 
