@@ -1622,6 +1622,7 @@ class BackupManager:
         self.repo = self.root / REPO_DIR_NAME
         self.packs = self.repo / "packs"
         self.snapshots_dir = self.repo / "snapshots"
+        self.progress: Callable[[str], None] = lambda text: None   # the CLI shows it on a TTY
 
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
@@ -1778,8 +1779,12 @@ class BackupManager:
                                 incremental=btype is BackupType.INCREMENTAL)
         writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
         try:
-            entries = [e for e in (snap.file_entry(rel, writer)
-                                   for rel in store_scope_files(self.store.root, selected)) if e]
+            paths = store_scope_files(self.store.root, selected)
+            entries = []
+            for n, rel in enumerate(paths, 1):
+                self.progress("backup: file %d of %d" % (n, len(paths)))
+                entries.append(snap.file_entry(rel, writer))
+            entries = [e for e in entries if e]
             bytes_added = writer.commit()
             backup_id = self._new_id(btype)
             manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
@@ -2234,7 +2239,8 @@ class _RestorePlan:
         staging.mkdir(mode=0o700)
         try:
             staged = self._stage(staging)
-            for rel in self.created + self.replaced:
+            for n, rel in enumerate(self.created + self.replaced, 1):
+                self.manager.progress("restore: file %d of %d" % (n, len(staged)))
                 self._swap(rel, staged[rel])
             for rel in self.removed:
                 self._remove(rel)
@@ -2749,10 +2755,13 @@ def _backup_manager(args: argparse.Namespace) -> BackupManager:
                  "compression_level": getattr(args, "compression_level", None)}
     if getattr(args, "no_verify", False):
         overrides["verify_after_backup"] = False
-    return BackupManager(store, backup_config_for(store, args.config, **overrides))
+    manager = BackupManager(store, backup_config_for(store, args.config, **overrides))
+    manager.progress = output_for(args).progress
+    return manager
 
 
 def _print_backup(out: Output, result: BackupResult) -> None:
+    out.progress_done()
     for warning in result.warnings:
         out.warn(warning)
     out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
@@ -2820,6 +2829,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
     result = _backup_manager(args).restore(args.backup_id or args.backup_id_flag, at=at,
                                            agents=args.agents, target=args.target,
                                            dry_run=args.dry_run, force=args.force)
+    out.progress_done()
     verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):

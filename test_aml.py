@@ -720,12 +720,17 @@ def test_restore_dry_run_changes_nothing(tmp_path, capsys):
     assert tree_digest(tmp_path / "memory-backup") == repo_before
 
 
-def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+def snapshot_then_mutate(tmp_path):
+    """A store, its snapshot, and the tree digests at the snapshot and after mutate_store."""
     root = build_store(tmp_path / "memory")
     snap = backup_manager(root).create()
-    expected = tree_digest(root, skip_state=True)
+    at_snapshot = tree_digest(root, skip_state=True)
     mutate_store(root)
-    before = tree_digest(root, skip_state=True)
+    return root, snap, at_snapshot, tree_digest(root, skip_state=True)
+
+
+def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+    root, snap, expected, before = snapshot_then_mutate(tmp_path)
     target = tmp_path / "copy"
     backup_manager(root).restore(snap.backup_id, target=target)
     assert tree_digest(target) == expected and tree_digest(root, skip_state=True) == before
@@ -737,11 +742,7 @@ def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_pa
 
 
 def test_restore_agents_restores_only_those(tmp_path):
-    root = build_store(tmp_path / "memory")
-    snap = backup_manager(root).create()
-    original = tree_digest(root, skip_state=True)
-    mutate_store(root)
-    after_mutation = tree_digest(root, skip_state=True)
+    root, snap, original, after_mutation = snapshot_then_mutate(tmp_path)
     backup_manager(root).restore(snap.backup_id, agents=["code-reviewer"])
     now = tree_digest(root, skip_state=True)
     assert now["code-reviewer/patterns.json"] == original["code-reviewer/patterns.json"]
