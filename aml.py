@@ -1077,6 +1077,7 @@ class BackupResult:
     manifest: Path
     reason: Optional[str] = None
     warnings: List[str] = dataclasses.field(default_factory=list)
+    skipped: List[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -1800,7 +1801,8 @@ class BackupManager:
             backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
             records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
             objects_added=len(writer.entries), bytes_added=bytes_added + path.stat().st_size,
-            verified=False, manifest=path, reason=reason, warnings=snap.warnings)
+            verified=False, manifest=path, reason=reason, warnings=snap.warnings,
+            skipped=snap.skipped)
 
     def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
         self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
@@ -1923,14 +1925,22 @@ class BackupManager:
                 raise RefusedError("--target %s is not empty; use --force to restore into it"
                                    % root)
             if live:
-                result.safety_backup = self._snapshot_and_verify(
-                    BackupType.INCREMENTAL, None, "before restore of %s" % backup_id).backup_id
+                result.safety_backup = self._safety_snapshot(backup_id)
             plan.apply()
         self.store.record_operation("restore", started, time.monotonic() - clock, {
             "backup_id": backup_id, "target": str(root.resolve()),
             "created": len(result.created), "replaced": len(result.replaced),
             "removed": len(result.removed), "safety_backup": result.safety_backup})
         return result
+
+    def _safety_snapshot(self, backup_id: str) -> str:
+        """A verified snapshot of the live store before a restore; RefusedError if incomplete."""
+        safety = self._snapshot_and_verify(BackupType.INCREMENTAL, None,
+                                           "before restore of %s" % backup_id)
+        if safety.skipped:
+            raise RefusedError("nothing restored: the safety backup %s could not read %s"
+                               % (safety.backup_id, ", ".join(safety.skipped)))
+        return safety.backup_id
 
     # -- rotate ---------------------------------------------------------------
     def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
@@ -2154,6 +2164,7 @@ class _RestorePlan:
                  scope: Optional[List[str]], root: Path):
         self.manager = manager
         self.root = root
+        self.live = root == manager.store.root.resolve()
         self.entries = self._entries(manifest, scope)
         self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
         self.created: List[str] = []
@@ -2273,14 +2284,20 @@ class _RestorePlan:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_no_symlinks(self.root, rel)
-        with self.manager.store.file_lock(path):
+        with self._lock(path):
             os.replace(str(staged), str(path))
         fsync_dir(path.parent)
+
+    def _lock(self, path: Path) -> Any:
+        """The runtime's lock for a file of the live store; a --target has no runtime."""
+        if self.live:
+            return self.manager.store.file_lock(path)
+        return contextlib.nullcontext()
 
     def _remove(self, rel: str) -> None:
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
-        with self.manager.store.file_lock(path):
+        with self._lock(path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         fsync_dir(path.parent)
@@ -2423,6 +2440,7 @@ class _SnapshotBuilder:
         self.incremental = incremental
         self.reread = 0
         self.warnings: List[str] = []
+        self.skipped: List[str] = []
 
     def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
         """The manifest entry of one file; None (with a warning) if it cannot be read."""
@@ -2437,6 +2455,7 @@ class _SnapshotBuilder:
         except (OSError, StoreBusyError) as exc:
             self.warnings.append("%s: cannot read (%s); not in this backup"
                                  % (path, getattr(exc, "strerror", None) or exc))
+            self.skipped.append(rel)
             return None
         self.reread += 1
         entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),

@@ -707,6 +707,16 @@ def test_symlink_in_target_is_refused(tmp_path):
     assert read_data(root / "global" / "shared.json") == {"notes": ["kept"]}
 
 
+def test_restore_waits_for_the_runtime_lock_and_refuses_without_a_full_safety_copy(tmp_path):
+    root, snap, _, mutated = snapshot_then_mutate(tmp_path)
+    busy = root / "code-reviewer" / "patterns.json"
+    Path(str(busy) + ".lock").mkdir()                         # the runtime holds it
+    manager = aml.BackupManager(aml.Store(root, now=NOW, lock_timeout=0.2))
+    with pytest.raises(aml.RefusedError, match="code-reviewer/patterns.json"):
+        manager.restore(snap.backup_id)
+    assert tree_digest(root, skip_state=True) == mutated    # the lock is an empty folder
+
+
 def test_restore_dry_run_changes_nothing(tmp_path, capsys):
     root = build_store(tmp_path / "memory")
     snap = backup_manager(root).create()
