@@ -799,6 +799,44 @@ def test_rotation_keeps_remaining_snapshots_whole_and_frees_space(tmp_path, caps
     assert manager.verify(all_snapshots=True, deep=True).ok
 
 
+def _daily_snapshots(root, days, **config):
+    """One snapshot a day, each after rewriting code-reviewer's patterns with a changed record."""
+    path = root / "code-reviewer" / "patterns.json"
+    for day in range(days):
+        records = read_data(path)
+        records[day % len(records)]["metrics"]["executionCount"] = 1000 + day
+        write_data(path, records, gz=True)
+        backup_manager(root, now=NOW + dt.timedelta(days=day), **config).create()
+
+
+def test_crash_during_rotation_loses_nothing(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz=True)
+    _daily_snapshots(root, 4)
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=40), max_backups=1,
+                             retention_days=0)
+    monkeypatch.setattr(aml, "PACK_REWRITE_DEAD_SHARE", 0.0)   # rewrite every partly-dead pack
+    monkeypatch.setattr(aml._GarbageCollector, "_delete", _boom)  # crash after the new pack
+    packs = len(list(manager.packs.glob("*.idx")))
+    with pytest.raises(OSError):
+        manager.rotate()
+    monkeypatch.undo()
+    assert len(list(manager.packs.glob("*.idx"))) == packs + 1   # rewritten copy committed
+    assert manager.verify(all_snapshots=True, deep=True).ok
+    manager.rotate()
+    assert manager.verify(all_snapshots=True, deep=True).ok and len(manager.snapshot_ids()) == 1
+
+
+def test_item_list_delta_chains_are_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(aml, "MAX_DELTA_DEPTH", 2)
+    root = build_store(tmp_path / "memory", gz=True)
+    _daily_snapshots(root, 5)
+    manager = backup_manager(root)
+    depths = [next(e["depth"] for e in manager.load_manifest(i)["files"]
+                   if e["path"] == "code-reviewer/patterns.json") for i in manager.snapshot_ids()]
+    assert depths == [0, 1, 2, 0, 1]
+    assert manager.verify(all_snapshots=True, deep=True).ok
+
+
 def test_rotation_calendar_rules_and_max_backups(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
     for day in range(0, 60, 3):
