@@ -2576,10 +2576,6 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
             "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
             "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
 
-def safety_backup(store, reason, config=None):  # STUB until backup lands
-    """Stub: raises RefusedError until the backup engineer's section 8 lands."""
-    raise RefusedError("backup is not available")
-
 
 # =============================================================================
 # 9. Bloom filter and LRU cache
