@@ -1390,8 +1390,8 @@ def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
         width = KEY_LEN + 12
         if len(table) != width * nobj:
             raise ValueError("size")
-        entries = {table[i:i + KEY_LEN]: struct.unpack_from("<III", table, i + KEY_LEN)
-                   for i in range(0, len(table), width)}
+        entries = {key: (block, off, length) for key, block, off, length
+                   in struct.iter_unpack("<%dsIII" % KEY_LEN, table)}
     except (struct.error, ValueError):
         raise IntegrityError("%s: malformed pack index" % path) from None
     return blocks, entries
