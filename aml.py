@@ -6655,10 +6655,16 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
     return ExitCode.INTEGRITY if result.problems else ExitCode.OK
 
 
+def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
+    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
+        raise UsageError("two different backup ids given")
+    return args.backup_id or args.backup_id_flag
+
+
 def cmd_backup_verify(args: argparse.Namespace) -> int:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
     out = output_for(args)
-    result = _backup_manager(args).verify(args.backup_id, deep=args.deep,
+    result = _backup_manager(args).verify(_one_backup_id(args), deep=args.deep,
                                           all_snapshots=args.all)
     for problem in result.problems:
         print("aml: error: %s" % problem, file=sys.stderr)
@@ -6672,14 +6678,12 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
 def cmd_backup_restore(args: argparse.Namespace) -> int:
     """backup restore: put a snapshot back (or preview it with --dry-run)."""
     out = output_for(args)
-    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
-        raise UsageError("two different backup ids given")
     at = None
     if args.at:
         at = parse_timestamp(args.at)
         if at is None:
             raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
-    result = _backup_manager(args).restore(args.backup_id or args.backup_id_flag, at=at,
+    result = _backup_manager(args).restore(_one_backup_id(args), at=at,
                                            agents=args.agents, target=args.target,
                                            dry_run=args.dry_run, force=args.force)
     out.progress_done()
@@ -6753,6 +6757,7 @@ def _build_backup(subparsers: Any) -> None:
     p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
     _backup_options(p)
     p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
+    p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
     p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
     p.set_defaults(func=cmd_backup_verify)

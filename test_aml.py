@@ -974,7 +974,8 @@ def test_cli_original_spellings_and_json(tmp_path, capsys):
     code, out, _ = run_cli(root, "backup", "list", "--format", "json", capsys=capsys)
     ids = [s["backup_id"] for s in json.loads(out)["snapshots"]]
     assert code == 0 and ids[0].startswith("full_") and ids[1].startswith("incr_")
-    code, out, _ = run_cli(root, "backup", "verify", ids[0], "--format", "json", capsys=capsys)
+    code, out, _ = run_cli(root, "backup", "verify", "--backup-id", ids[0], "--format", "json",
+                           capsys=capsys)
     assert code == 0 and json.loads(out)["ok"] is True
     assert run_cli(root, "backup", "restore", "--backup-id", ids[0], "-q") == 0
     code, out, _ = run_cli(root, "backup", "verify", "--all", "--deep", capsys=capsys)
