@@ -1143,6 +1143,7 @@ class ListResult:
     foreign: List[str]
     repository_bytes: int
     problems: List[str] = dataclasses.field(default_factory=list)
+    other_stores: int = 0
 
 
 @dataclasses.dataclass
@@ -1662,6 +1663,7 @@ class BackupManager:
         self.packs = self.repo / "packs"
         self.snapshots_dir = self.repo / "snapshots"
         self.progress: Callable[[str], None] = lambda text: None   # the CLI shows it on a TTY
+        self._manifests: Dict[str, Dict[str, Any]] = {}
 
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
@@ -1720,11 +1722,27 @@ class BackupManager:
         path = self.manifest_path(backup_id)
         if not path.exists():
             raise UsageError("no backup %r in %s" % (backup_id, self.repo))
-        payload = read_checksummed(path)
-        if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
-                or not isinstance(payload.get("files"), list):
-            raise IntegrityError("%s: not an aml backup manifest" % path)
-        return payload
+        if backup_id not in self._manifests:   # manifests never change once written
+            payload = read_checksummed(path)
+            if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
+                    or not isinstance(payload.get("files"), list):
+                raise IntegrityError("%s: not an aml backup manifest" % path)
+            self._manifests[backup_id] = payload
+        return self._manifests[backup_id]
+
+    def own_snapshot_ids(self) -> List[str]:
+        """Ids of this store's readable snapshots, oldest first.
+
+        A backup root may be shared by several stores; rotation, ``--at``, ``auto`` and the
+        incremental baseline only ever use the store's own snapshots.
+        """
+        mine = str(self.store.root.resolve())
+        own = []
+        for backup_id in self.snapshot_ids():
+            with contextlib.suppress(AmlError):
+                if self.load_manifest(backup_id).get("store") == mine:
+                    own.append(backup_id)
+        return own
 
     def snapshot_ids(self) -> List[str]:
         """Ids of every snapshot with a manifest, oldest first (by time, then sequence)."""
@@ -1744,12 +1762,8 @@ class BackupManager:
         return "%s_%s%s" % (btype.prefix, stamp, suffix)
 
     def _newest_readable(self) -> Optional[Dict[str, Any]]:
-        for backup_id in reversed(self.snapshot_ids()):
-            try:
-                return self.load_manifest(backup_id)
-            except AmlError:
-                continue
-        return None
+        own = self.own_snapshot_ids()
+        return self.load_manifest(own[-1]) if own else None
 
     # -- verified marks -----------------------------------------------------
     def _verified(self) -> Dict[str, Any]:
@@ -1770,7 +1784,7 @@ class BackupManager:
     def newest_verified(self) -> Optional[str]:
         """The newest snapshot whose last verification passed, or None."""
         marks = self._verified()
-        for backup_id in reversed(self.snapshot_ids()):
+        for backup_id in reversed(self.own_snapshot_ids()):
             if marks.get(backup_id, {}).get("ok") is True:
                 return backup_id
         return None
@@ -1861,7 +1875,7 @@ class BackupManager:
         if not ids:
             raise UsageError("no backups in %s" % self.repo)
         if not all_snapshots:
-            backup_id = backup_id or ids[-1]
+            backup_id = backup_id or (self.own_snapshot_ids() or ids)[-1]
             if not self.manifest_path(backup_id).exists():
                 raise UsageError("no backup %r in %s" % (backup_id, self.repo))
             ids = [backup_id]
@@ -1920,7 +1934,7 @@ class BackupManager:
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
         """The newest snapshot taken at or before ``moment`` covering ``agents``; UsageError."""
-        for backup_id in reversed(self.snapshot_ids()):
+        for backup_id in reversed(self.own_snapshot_ids()):
             if _id_time(backup_id) > moment:
                 continue
             with contextlib.suppress(AmlError):
@@ -2022,16 +2036,19 @@ class BackupManager:
                        keep_monthly: int) -> RotateResult:
         if not dry_run:
             self._cleanup_leftovers()
-        ids = self.snapshot_ids()
+        ids = self.own_snapshot_ids()
         kept = self.retained(ids, keep_daily, keep_weekly, keep_monthly)
         deleted = [i for i in ids if i not in kept]
         result = RotateResult(dry_run=dry_run, deleted=deleted, kept=kept, objects_freed=0,
                               bytes_freed=0, packs_rewritten=0)
         objects = _ObjectStore(self.packs)
-        live = self._reachable(kept, objects, result.warnings)
+        # Space is freed against every remaining snapshot, other stores' included.
+        remaining = [i for i in self.snapshot_ids() if i not in deleted]
+        live = self._reachable(remaining, objects, result.warnings)
         if not dry_run:
             for backup_id in deleted:
                 self.manifest_path(backup_id).unlink()
+                self._manifests.pop(backup_id, None)
             fsync_dir(self.snapshots_dir)
         if live is not None:
             _GarbageCollector(self, objects, live, result).run(dry_run)
@@ -2063,7 +2080,7 @@ class BackupManager:
         now = self.store.now
         with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
             self._cleanup_leftovers()
-            ids = [i for i in self.snapshot_ids() if self._whole_store(i)]
+            ids = [i for i in self.own_snapshot_ids() if self._whole_store(i)]
             backup, skipped = None, None
             if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
                 skipped = "%s is recent enough for the %s schedule" % (
@@ -2089,11 +2106,15 @@ class BackupManager:
         """Every snapshot with its verification state, foreign files in the root, total size."""
         result = ListResult(backup_root=self.root, snapshots=[], foreign=[], repository_bytes=0)
         marks = self._verified()
+        own = set(self.own_snapshot_ids())
         for backup_id in self.snapshot_ids():
             try:
                 m = self.load_manifest(backup_id)
             except AmlError as exc:
                 result.problems.append("%s: %s" % (backup_id, exc))
+                continue
+            if backup_id not in own:
+                result.other_stores += 1
                 continue
             files = m["files"]
             result.snapshots.append(SnapshotInfo(
@@ -6648,9 +6669,10 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
             "  (%s)" % snap.reason if snap.reason else ""))
     for name in result.foreign:
         out.line("%-26s foreign (not aml's; left alone)" % name)
-    out.line("repository %s: %d snapshots, %s" % (result.backup_root / REPO_DIR_NAME,
-                                                 len(result.snapshots),
-                                                 human_bytes(result.repository_bytes)))
+    out.line("repository %s: %d snapshots, %s%s" % (
+        result.backup_root / REPO_DIR_NAME, len(result.snapshots),
+        human_bytes(result.repository_bytes),
+        " (and %d of other stores)" % result.other_stores if result.other_stores else ""))
     out.document(result)
     return ExitCode.INTEGRITY if result.problems else ExitCode.OK
 

@@ -855,6 +855,21 @@ def test_item_list_delta_chains_are_capped(tmp_path, monkeypatch):
     assert manager.verify(all_snapshots=True, deep=True).ok
 
 
+def test_stores_sharing_a_backup_root_never_touch_each_other(tmp_path):
+    vault = tmp_path / "vault"
+    one = build_store(tmp_path / "one" / "memory", gz=True, seed=1)
+    two = build_store(tmp_path / "two" / "memory", gz=True, seed=2)
+    _daily_snapshots(one, 3, backup_root=vault)
+    theirs = backup_manager(two, backup_root=vault, now=NOW + dt.timedelta(days=5)).create()
+    ours = backup_manager(one, backup_root=vault, now=NOW + dt.timedelta(days=60),
+                          retention_days=1, max_backups=1)
+    result = ours.rotate()
+    assert len(result.deleted) == 2 and theirs.backup_id not in result.deleted
+    assert ours.snapshot_at(NOW + dt.timedelta(days=10)) != theirs.backup_id
+    assert ours.verify(all_snapshots=True, deep=True).ok
+    assert ours.list().other_stores == 1
+
+
 def test_rotation_calendar_rules_and_max_backups(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
     for day in range(0, 60, 3):
