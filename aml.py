@@ -1736,13 +1736,13 @@ class BackupManager:
         A backup root may be shared by several stores; rotation, ``--at``, ``auto`` and the
         incremental baseline only ever use the store's own snapshots.
         """
-        mine = str(self.store.root.resolve())
-        own = []
-        for backup_id in self.snapshot_ids():
-            with contextlib.suppress(AmlError):
-                if self.load_manifest(backup_id).get("store") == mine:
-                    own.append(backup_id)
-        return own
+        return [i for i in self.snapshot_ids() if self._is_own(i)]
+
+    def _is_own(self, backup_id: str) -> bool:
+        try:
+            return self.load_manifest(backup_id).get("store") == str(self.store.root.resolve())
+        except AmlError:
+            return False
 
     def snapshot_ids(self) -> List[str]:
         """Ids of every snapshot with a manifest, oldest first (by time, then sequence)."""
@@ -1762,8 +1762,8 @@ class BackupManager:
         return "%s_%s%s" % (btype.prefix, stamp, suffix)
 
     def _newest_readable(self) -> Optional[Dict[str, Any]]:
-        own = self.own_snapshot_ids()
-        return self.load_manifest(own[-1]) if own else None
+        newest = next((i for i in reversed(self.snapshot_ids()) if self._is_own(i)), None)
+        return self.load_manifest(newest) if newest else None
 
     # -- verified marks -----------------------------------------------------
     def _verified(self) -> Dict[str, Any]:
@@ -1784,8 +1784,8 @@ class BackupManager:
     def newest_verified(self) -> Optional[str]:
         """The newest snapshot whose last verification passed, or None."""
         marks = self._verified()
-        for backup_id in reversed(self.own_snapshot_ids()):
-            if marks.get(backup_id, {}).get("ok") is True:
+        for backup_id in reversed(self.snapshot_ids()):
+            if marks.get(backup_id, {}).get("ok") is True and self._is_own(backup_id):
                 return backup_id
         return None
 
