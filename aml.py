@@ -1047,7 +1047,7 @@ import struct  # noqa: E402
 
 
 class BackupType(enum.Enum):
-    """A full snapshot re-reads every file; an incremental trusts unchanged size/mtime/ctime/inode."""
+    """A full snapshot re-reads every file; an incremental skips files whose stat is unchanged."""
 
     FULL = "full"
     INCREMENTAL = "incremental"
@@ -1115,6 +1115,7 @@ class BackupResult:
     manifest: Path
     reason: Optional[str] = None
     warnings: List[str] = dataclasses.field(default_factory=list)
+    skipped: List[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -1142,6 +1143,7 @@ class ListResult:
     foreign: List[str]
     repository_bytes: int
     problems: List[str] = dataclasses.field(default_factory=list)
+    other_stores: int = 0
 
 
 @dataclasses.dataclass
@@ -1389,8 +1391,8 @@ def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
         width = KEY_LEN + 12
         if len(table) != width * nobj:
             raise ValueError("size")
-        entries = {table[i:i + KEY_LEN]: struct.unpack_from("<III", table, i + KEY_LEN)
-                   for i in range(0, len(table), width)}
+        entries = {key: (block, off, length) for key, block, off, length
+                   in struct.iter_unpack("<%dsIII" % KEY_LEN, table)}
     except (struct.error, ValueError):
         raise IntegrityError("%s: malformed pack index" % path) from None
     return blocks, entries
@@ -1426,14 +1428,18 @@ class _ObjectStore:
         """True if a committed pack indexes this object."""
         return digest[:KEY_LEN] in self.where
 
-    def get(self, digest: bytes) -> bytes:
-        """The object's bytes; raises IntegrityError if missing, unreadable or not matching."""
+    def get(self, digest: bytes, check: bool = True) -> bytes:
+        """The object's bytes; raises IntegrityError if missing, unreadable or not matching.
+
+        ``check=False`` skips the per-object SHA-256 (the length is still checked) for
+        callers that verify the SHA-256 of the whole rebuilt file instead.
+        """
         loc = self.where.get(digest[:KEY_LEN])
         if loc is None:
             raise IntegrityError("object %s is missing" % digest.hex()[:16])
         name, block_no, off, length = loc
         data = self._block(name, block_no)[off:off + length]
-        if len(data) != length or hashlib.sha256(data).digest() != digest:
+        if len(data) != length or (check and hashlib.sha256(data).digest() != digest):
             raise IntegrityError("object %s in %s.pack: checksum mismatch"
                                  % (digest.hex()[:16], name))
         return data
@@ -1452,9 +1458,9 @@ class _ObjectStore:
                 bad[digest] = str(exc)
         return bad
 
-    def fetch_many(self, digests: Iterable[bytes]) -> Dict[bytes, bytes]:
+    def fetch_many(self, digests: Iterable[bytes], check: bool = True) -> Dict[bytes, bytes]:
         """The bytes of many objects, read in pack order; raises IntegrityError."""
-        return {d: self.get(d) for d in sorted(set(digests), key=self._order)}
+        return {d: self.get(d, check) for d in sorted(set(digests), key=self._order)}
 
     def _block(self, name: str, block_no: int) -> bytes:
         key = (name, block_no)
@@ -1563,10 +1569,10 @@ def safe_relpath(rel: Any) -> str:
 
 
 def _check_no_symlinks(root: Path, rel: str) -> None:
-    """Refuse if the target root or any existing parent folder of ``rel`` is a symlink."""
+    """Refuse if any existing folder between ``root`` and ``rel`` is a symlink (or a file)."""
     current = root
-    for part in [""] + rel.split("/")[:-1]:
-        current = current / part if part else current
+    for part in rel.split("/")[:-1]:
+        current = current / part
         try:
             info = os.lstat(str(current))
         except FileNotFoundError:
@@ -1581,7 +1587,7 @@ def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
 
 
 def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
-    """Relative POSIX paths of regular files under root/top, symlinks and skipped names left out."""
+    """Relative POSIX paths of the regular files under root/top (no symlinks, no skipped names)."""
     base = root / top if top else root
     for dirpath, dirnames, filenames in os.walk(str(base)):
         rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
@@ -1648,10 +1654,16 @@ class BackupManager:
         self.store = store
         self.config = (config or BackupConfig()).validate()
         root = self.config.backup_root
-        self.root = Path(root) if root else store.root.resolve().parent / "memory-backup"
+        sibling = Path(os.path.abspath(str(store.root))).parent / "memory-backup"
+        self.root = Path(root) if root else sibling
+        if self.root.resolve().is_relative_to(store.root.resolve()):
+            raise UsageError("backup root %s is inside the store; it would back itself up"
+                             % self.root)
         self.repo = self.root / REPO_DIR_NAME
         self.packs = self.repo / "packs"
         self.snapshots_dir = self.repo / "snapshots"
+        self.progress: Callable[[str], None] = lambda text: None   # the CLI shows it on a TTY
+        self._manifests: Dict[str, Dict[str, Any]] = {}
 
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
@@ -1710,11 +1722,27 @@ class BackupManager:
         path = self.manifest_path(backup_id)
         if not path.exists():
             raise UsageError("no backup %r in %s" % (backup_id, self.repo))
-        payload = read_checksummed(path)
-        if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
-                or not isinstance(payload.get("files"), list):
-            raise IntegrityError("%s: not an aml backup manifest" % path)
-        return payload
+        if backup_id not in self._manifests:   # manifests never change once written
+            payload = read_checksummed(path)
+            if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
+                    or not isinstance(payload.get("files"), list):
+                raise IntegrityError("%s: not an aml backup manifest" % path)
+            self._manifests[backup_id] = payload
+        return self._manifests[backup_id]
+
+    def own_snapshot_ids(self) -> List[str]:
+        """Ids of this store's readable snapshots, oldest first.
+
+        A backup root may be shared by several stores; rotation, ``--at``, ``auto`` and the
+        incremental baseline only ever use the store's own snapshots.
+        """
+        return [i for i in self.snapshot_ids() if self._is_own(i)]
+
+    def _is_own(self, backup_id: str) -> bool:
+        try:
+            return self.load_manifest(backup_id).get("store") == str(self.store.root.resolve())
+        except AmlError:
+            return False
 
     def snapshot_ids(self) -> List[str]:
         """Ids of every snapshot with a manifest, oldest first (by time, then sequence)."""
@@ -1734,12 +1762,8 @@ class BackupManager:
         return "%s_%s%s" % (btype.prefix, stamp, suffix)
 
     def _newest_readable(self) -> Optional[Dict[str, Any]]:
-        for backup_id in reversed(self.snapshot_ids()):
-            try:
-                return self.load_manifest(backup_id)
-            except AmlError:
-                continue
-        return None
+        newest = next((i for i in reversed(self.snapshot_ids()) if self._is_own(i)), None)
+        return self.load_manifest(newest) if newest else None
 
     # -- verified marks -----------------------------------------------------
     def _verified(self) -> Dict[str, Any]:
@@ -1761,7 +1785,7 @@ class BackupManager:
         """The newest snapshot whose last verification passed, or None."""
         marks = self._verified()
         for backup_id in reversed(self.snapshot_ids()):
-            if marks.get(backup_id, {}).get("ok") is True:
+            if marks.get(backup_id, {}).get("ok") is True and self._is_own(backup_id):
                 return backup_id
         return None
 
@@ -1808,8 +1832,12 @@ class BackupManager:
                                 incremental=btype is BackupType.INCREMENTAL)
         writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
         try:
-            entries = [e for e in (snap.file_entry(rel, writer)
-                                   for rel in store_scope_files(self.store.root, selected)) if e]
+            paths = store_scope_files(self.store.root, selected)
+            entries = []
+            for n, rel in enumerate(paths, 1):
+                self.progress("backup: file %d of %d" % (n, len(paths)))
+                entries.append(snap.file_entry(rel, writer))
+            entries = [e for e in entries if e]
             bytes_added = writer.commit()
             backup_id = self._new_id(btype)
             manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
@@ -1825,7 +1853,8 @@ class BackupManager:
             backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
             records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
             objects_added=len(writer.entries), bytes_added=bytes_added + path.stat().st_size,
-            verified=False, manifest=path, reason=reason, warnings=snap.warnings)
+            verified=False, manifest=path, reason=reason, warnings=snap.warnings,
+            skipped=snap.skipped)
 
     def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
         self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
@@ -1846,7 +1875,7 @@ class BackupManager:
         if not ids:
             raise UsageError("no backups in %s" % self.repo)
         if not all_snapshots:
-            backup_id = backup_id or ids[-1]
+            backup_id = backup_id or (self.own_snapshot_ids() or ids)[-1]
             if not self.manifest_path(backup_id).exists():
                 raise UsageError("no backup %r in %s" % (backup_id, self.repo))
             ids = [backup_id]
@@ -1905,7 +1934,7 @@ class BackupManager:
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
         """The newest snapshot taken at or before ``moment`` covering ``agents``; UsageError."""
-        for backup_id in reversed(self.snapshot_ids()):
+        for backup_id in reversed(self.own_snapshot_ids()):
             if _id_time(backup_id) > moment:
                 continue
             with contextlib.suppress(AmlError):
@@ -1926,8 +1955,9 @@ class BackupManager:
         UsageError, StoreBusyError.
         """
         started, clock = self.store.now, time.monotonic()
-        live = target is None or Path(target).resolve() == self.store.root.resolve()
-        root = self.store.root if live else Path(target)
+        # The root itself may be a symlink the user chose; only folders below it are checked.
+        root = (Path(target) if target is not None else self.store.root).resolve()
+        live = root == self.store.root.resolve()
         hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
         with hold, self._repo_lock(exclusive=not dry_run):
             if backup_id is None:
@@ -1947,14 +1977,22 @@ class BackupManager:
                 raise RefusedError("--target %s is not empty; use --force to restore into it"
                                    % root)
             if live:
-                result.safety_backup = self._snapshot_and_verify(
-                    BackupType.INCREMENTAL, None, "before restore of %s" % backup_id).backup_id
+                result.safety_backup = self._safety_snapshot(backup_id)
             plan.apply()
         self.store.record_operation("restore", started, time.monotonic() - clock, {
             "backup_id": backup_id, "target": str(root.resolve()),
             "created": len(result.created), "replaced": len(result.replaced),
             "removed": len(result.removed), "safety_backup": result.safety_backup})
         return result
+
+    def _safety_snapshot(self, backup_id: str) -> str:
+        """A verified snapshot of the live store before a restore; RefusedError if incomplete."""
+        safety = self._snapshot_and_verify(BackupType.INCREMENTAL, None,
+                                           "before restore of %s" % backup_id)
+        if safety.skipped:
+            raise RefusedError("nothing restored: the safety backup %s could not read %s"
+                               % (safety.backup_id, ", ".join(safety.skipped)))
+        return safety.backup_id
 
     # -- rotate ---------------------------------------------------------------
     def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
@@ -1998,16 +2036,19 @@ class BackupManager:
                        keep_monthly: int) -> RotateResult:
         if not dry_run:
             self._cleanup_leftovers()
-        ids = self.snapshot_ids()
+        ids = self.own_snapshot_ids()
         kept = self.retained(ids, keep_daily, keep_weekly, keep_monthly)
         deleted = [i for i in ids if i not in kept]
         result = RotateResult(dry_run=dry_run, deleted=deleted, kept=kept, objects_freed=0,
                               bytes_freed=0, packs_rewritten=0)
         objects = _ObjectStore(self.packs)
-        live = self._reachable(kept, objects, result.warnings)
+        # Space is freed against every remaining snapshot, other stores' included.
+        remaining = [i for i in self.snapshot_ids() if i not in deleted]
+        live = self._reachable(remaining, objects, result.warnings)
         if not dry_run:
             for backup_id in deleted:
                 self.manifest_path(backup_id).unlink()
+                self._manifests.pop(backup_id, None)
             fsync_dir(self.snapshots_dir)
         if live is not None:
             _GarbageCollector(self, objects, live, result).run(dry_run)
@@ -2039,7 +2080,7 @@ class BackupManager:
         now = self.store.now
         with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
             self._cleanup_leftovers()
-            ids = self.snapshot_ids()
+            ids = [i for i in self.own_snapshot_ids() if self._whole_store(i)]
             backup, skipped = None, None
             if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
                 skipped = "%s is recent enough for the %s schedule" % (
@@ -2054,16 +2095,26 @@ class BackupManager:
                               keep_monthly=keep_monthly)
         return AutoResult(backup=backup, skipped=skipped, rotate=rotated)
 
+    def _whole_store(self, backup_id: str) -> bool:
+        try:
+            return self.load_manifest(backup_id).get("agents") is None
+        except AmlError:
+            return False
+
     # -- list -----------------------------------------------------------------
     def list(self) -> ListResult:
         """Every snapshot with its verification state, foreign files in the root, total size."""
         result = ListResult(backup_root=self.root, snapshots=[], foreign=[], repository_bytes=0)
         marks = self._verified()
+        own = set(self.own_snapshot_ids())
         for backup_id in self.snapshot_ids():
             try:
                 m = self.load_manifest(backup_id)
             except AmlError as exc:
                 result.problems.append("%s: %s" % (backup_id, exc))
+                continue
+            if backup_id not in own:
+                result.other_stores += 1
                 continue
             files = m["files"]
             result.snapshots.append(SnapshotInfo(
@@ -2172,6 +2223,7 @@ class _RestorePlan:
                  scope: Optional[List[str]], root: Path):
         self.manager = manager
         self.root = root
+        self.live = root == manager.store.root.resolve()
         self.entries = self._entries(manifest, scope)
         self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
         self.created: List[str] = []
@@ -2193,7 +2245,9 @@ class _RestorePlan:
             except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
         try:
-            data = objects.fetch_many(d for ds in needs.values() for d in ds)
+            # Each rebuilt file is checked against its full SHA-256 below, which covers
+            # every object in it, so hashing each object again would only cost time.
+            data = objects.fetch_many((d for ds in needs.values() for d in ds), check=False)
         except IntegrityError as exc:
             raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
         for rel, entry in self.entries.items():
@@ -2255,7 +2309,8 @@ class _RestorePlan:
         staging.mkdir(mode=0o700)
         try:
             staged = self._stage(staging)
-            for rel in self.created + self.replaced:
+            for n, rel in enumerate(self.created + self.replaced, 1):
+                self.manager.progress("restore: file %d of %d" % (n, len(staged)))
                 self._swap(rel, staged[rel])
             for rel in self.removed:
                 self._remove(rel)
@@ -2265,33 +2320,43 @@ class _RestorePlan:
                 state.rmdir()   # only if empty: a --target restore leaves no aml folder
 
     def _stage(self, staging: Path) -> Dict[str, Path]:
-        staged = {}
-        for n, rel in enumerate(self.created + self.replaced):
-            entry = self.entries[rel]
-            path = staging / str(n)
-            mode = entry.get("mode", 0o644) if isinstance(entry.get("mode"), int) else 0o644
-            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(encode_restored(entry, self.content[rel]))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(str(path), mode & 0o777)
-            staged[rel] = path
-        return staged
+        """Write every file to be swapped in under ``staging``, fsynced; gzip on threads."""
+        names = self.created + self.replaced
+        jobs = [(rel, staging / str(n)) for n, rel in enumerate(names)]
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda job: self._stage_one(*job), jobs))
+        return dict(jobs)
+
+    def _stage_one(self, rel: str, path: Path) -> None:
+        entry = self.entries[rel]
+        mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(encode_restored(entry, self.content[rel]))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(str(path), mode & 0o777)
 
     def _swap(self, rel: str, staged: Path) -> None:
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_no_symlinks(self.root, rel)
-        with self.manager.store.file_lock(path):
+        with self._lock(path):
             os.replace(str(staged), str(path))
         fsync_dir(path.parent)
+
+    def _lock(self, path: Path) -> Any:
+        """The runtime's lock for a file of the live store; a --target has no runtime."""
+        if self.live:
+            return self.manager.store.file_lock(path)
+        return contextlib.nullcontext()
 
     def _remove(self, rel: str) -> None:
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
-        with self.manager.store.file_lock(path):
+        with self._lock(path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         fsync_dir(path.parent)
@@ -2339,12 +2404,14 @@ class _GarbageCollector:
             dead = [entries[k][2] for k in entries if k not in kept]
             if not dead:
                 continue
-            self.result.objects_freed += len(dead)
             total = sum(e[2] for e in entries.values())
             if not keep:
                 drop.append(name)
             elif sum(dead) >= PACK_REWRITE_DEAD_SHARE * total:
                 rewrite.append((name, sorted(keep, key=lambda d: entries[d[:KEY_LEN]][:2])))
+            else:
+                continue   # little garbage: left until more of the pack is unused
+            self.result.objects_freed += len(dead)
         before = self._size(n for n, _ in rewrite) + self._size(drop)
         if dry_run:
             self.result.bytes_freed = self._size(drop) + sum(
@@ -2432,6 +2499,7 @@ class _SnapshotBuilder:
         self.incremental = incremental
         self.reread = 0
         self.warnings: List[str] = []
+        self.skipped: List[str] = []
 
     def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
         """The manifest entry of one file; None (with a warning) if it cannot be read."""
@@ -2446,10 +2514,13 @@ class _SnapshotBuilder:
         except (OSError, StoreBusyError) as exc:
             self.warnings.append("%s: cannot read (%s); not in this backup"
                                  % (path, getattr(exc, "strerror", None) or exc))
+            self.skipped.append(rel)
             return None
         self.reread += 1
         entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),
                  "sha256": sha256_hex(raw), "stat": key}
+        if prev and prev.get("sha256") == entry["sha256"] and self._intact(prev):
+            return dict(prev, **entry)   # byte-identical: no need to split it again
         entry.update(self._array_entry(raw, prev, writer) or self._blob_entry(rel, raw, writer))
         return entry
 
@@ -2460,8 +2531,15 @@ class _SnapshotBuilder:
     def _read(self, rel: str, path: Path) -> bytes:
         if rel.startswith(STATE_DIR_NAME + "/"):
             return path.read_bytes()
-        with self.store.file_lock(path):   # the runtime may be mid-write
+        lock = self.store.file_lock(path)
+        try:
+            lock.acquire()            # the runtime may be mid-write
+        except PermissionError:
+            return path.read_bytes()  # a read-only store cannot be locked, only read
+        try:
             return path.read_bytes()
+        finally:
+            lock.release()
 
     def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
         digest = hashlib.sha256(raw).digest()
@@ -8001,10 +8079,13 @@ def _backup_manager(args: argparse.Namespace) -> BackupManager:
                  "compression_level": getattr(args, "compression_level", None)}
     if getattr(args, "no_verify", False):
         overrides["verify_after_backup"] = False
-    return BackupManager(store, backup_config_for(store, args.config, **overrides))
+    manager = BackupManager(store, backup_config_for(store, args.config, **overrides))
+    manager.progress = output_for(args).progress
+    return manager
 
 
 def _print_backup(out: Output, result: BackupResult) -> None:
+    out.progress_done()
     for warning in result.warnings:
         out.warn(warning)
     out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
@@ -8038,17 +8119,24 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
             "  (%s)" % snap.reason if snap.reason else ""))
     for name in result.foreign:
         out.line("%-26s foreign (not aml's; left alone)" % name)
-    out.line("repository %s: %d snapshots, %s" % (result.backup_root / REPO_DIR_NAME,
-                                                 len(result.snapshots),
-                                                 human_bytes(result.repository_bytes)))
+    out.line("repository %s: %d snapshots, %s%s" % (
+        result.backup_root / REPO_DIR_NAME, len(result.snapshots),
+        human_bytes(result.repository_bytes),
+        " (and %d of other stores)" % result.other_stores if result.other_stores else ""))
     out.document(result)
     return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+
+
+def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
+    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
+        raise UsageError("two different backup ids given")
+    return args.backup_id or args.backup_id_flag
 
 
 def cmd_backup_verify(args: argparse.Namespace) -> int:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
     out = output_for(args)
-    result = _backup_manager(args).verify(args.backup_id, deep=args.deep,
+    result = _backup_manager(args).verify(_one_backup_id(args), deep=args.deep,
                                           all_snapshots=args.all)
     for problem in result.problems:
         print("aml: error: %s" % problem, file=sys.stderr)
@@ -8062,16 +8150,15 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
 def cmd_backup_restore(args: argparse.Namespace) -> int:
     """backup restore: put a snapshot back (or preview it with --dry-run)."""
     out = output_for(args)
-    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
-        raise UsageError("two different backup ids given")
     at = None
     if args.at:
         at = parse_timestamp(args.at)
         if at is None:
             raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
-    result = _backup_manager(args).restore(args.backup_id or args.backup_id_flag, at=at,
+    result = _backup_manager(args).restore(_one_backup_id(args), at=at,
                                            agents=args.agents, target=args.target,
                                            dry_run=args.dry_run, force=args.force)
+    out.progress_done()
     verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):
@@ -8142,6 +8229,7 @@ def _build_backup(subparsers: Any) -> None:
     p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
     _backup_options(p)
     p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
+    p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
     p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
     p.set_defaults(func=cmd_backup_verify)

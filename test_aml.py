@@ -588,7 +588,8 @@ def test_every_snapshot_restores_on_its_own(tmp_path):
 def test_agents_created_after_the_last_backup_are_included(tmp_path):
     root = build_store(tmp_path / "memory")
     backup_manager(root).create()
-    write_data(root / "late-agent" / "decisions.json", [make_decision("late-agent", random.Random(1))])
+    late = [make_decision("late-agent", random.Random(1))]
+    write_data(root / "late-agent" / "decisions.json", late)
     snap = backup_manager(root).create(aml.BackupType.INCREMENTAL)
     paths = [e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]]
     assert "late-agent/decisions.json" in paths
@@ -689,14 +690,13 @@ def test_corrupt_backup_is_detected_and_never_restored(tmp_path, capsys, how):
     snap = backup_manager(root, verify_after_backup=False).create()
     mutate_store(root)
     _corrupt(backup_manager(root), how)
-    before = tree_digest(root)
     code, _, err = run_cli(root, "backup", "verify", snap.backup_id, capsys=capsys)
     assert code == 6 and snap.backup_id in err
     assert ("checksum" in err or "missing" in err or "unreadable" in err)
+    before = tree_digest(root)
     code, _, err = run_cli(root, "backup", "restore", snap.backup_id, capsys=capsys)
     assert code == 6 and err.startswith("aml: error:")
-    assert {k: v for k, v in tree_digest(root).items() if "history" not in k and "verified" not in k} \
-        == {k: v for k, v in before.items() if "history" not in k and "verified" not in k}
+    assert tree_digest(root) == before
 
 
 @pytest.mark.parametrize("bad_path", ["../escape.json", "/tmp/abs.json", "a/../../x.json",
@@ -727,6 +727,21 @@ def test_symlink_in_target_is_refused(tmp_path):
     with pytest.raises(aml.RefusedError, match="symlink"):
         backup_manager(root).restore(snap.backup_id, target=target, force=True)
     assert list(outside.iterdir()) == []
+    linked = tmp_path / "linked-store"
+    linked.symlink_to(root)                       # the store's own path may be a symlink
+    write_data(root / "global" / "shared.json", {"changed": True})
+    backup_manager(linked).restore(snap.backup_id)
+    assert read_data(root / "global" / "shared.json") == {"notes": ["kept"]}
+
+
+def test_restore_waits_for_the_runtime_lock_and_refuses_without_a_full_safety_copy(tmp_path):
+    root, snap, _, mutated = snapshot_then_mutate(tmp_path)
+    busy = root / "code-reviewer" / "patterns.json"
+    Path(str(busy) + ".lock").mkdir()                         # the runtime holds it
+    manager = aml.BackupManager(aml.Store(root, now=NOW, lock_timeout=0.2))
+    with pytest.raises(aml.RefusedError, match="code-reviewer/patterns.json"):
+        manager.restore(snap.backup_id)
+    assert tree_digest(root, skip_state=True) == mutated    # the lock is an empty folder
 
 
 def test_restore_dry_run_changes_nothing(tmp_path, capsys):
@@ -742,12 +757,17 @@ def test_restore_dry_run_changes_nothing(tmp_path, capsys):
     assert tree_digest(tmp_path / "memory-backup") == repo_before
 
 
-def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+def snapshot_then_mutate(tmp_path):
+    """A store, its snapshot, and the tree digests at the snapshot and after mutate_store."""
     root = build_store(tmp_path / "memory")
     snap = backup_manager(root).create()
-    expected = tree_digest(root, skip_state=True)
+    at_snapshot = tree_digest(root, skip_state=True)
     mutate_store(root)
-    before = tree_digest(root, skip_state=True)
+    return root, snap, at_snapshot, tree_digest(root, skip_state=True)
+
+
+def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+    root, snap, expected, before = snapshot_then_mutate(tmp_path)
     target = tmp_path / "copy"
     backup_manager(root).restore(snap.backup_id, target=target)
     assert tree_digest(target) == expected and tree_digest(root, skip_state=True) == before
@@ -759,11 +779,7 @@ def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_pa
 
 
 def test_restore_agents_restores_only_those(tmp_path):
-    root = build_store(tmp_path / "memory")
-    snap = backup_manager(root).create()
-    original = tree_digest(root, skip_state=True)
-    mutate_store(root)
-    after_mutation = tree_digest(root, skip_state=True)
+    root, snap, original, after_mutation = snapshot_then_mutate(tmp_path)
     backup_manager(root).restore(snap.backup_id, agents=["code-reviewer"])
     now = tree_digest(root, skip_state=True)
     assert now["code-reviewer/patterns.json"] == original["code-reviewer/patterns.json"]
@@ -810,6 +826,59 @@ def test_rotation_keeps_remaining_snapshots_whole_and_frees_space(tmp_path, caps
     assert manager.verify(all_snapshots=True, deep=True).ok
 
 
+def _daily_snapshots(root, days, **config):
+    """One snapshot a day, each after rewriting code-reviewer's patterns with a changed record."""
+    path = root / "code-reviewer" / "patterns.json"
+    for day in range(days):
+        records = read_data(path)
+        records[day % len(records)]["metrics"]["executionCount"] = 1000 + day
+        write_data(path, records, gz=True)
+        backup_manager(root, now=NOW + dt.timedelta(days=day), **config).create()
+
+
+def test_crash_during_rotation_loses_nothing(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz=True)
+    _daily_snapshots(root, 4)
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=40), max_backups=1,
+                             retention_days=0)
+    monkeypatch.setattr(aml, "PACK_REWRITE_DEAD_SHARE", 0.0)   # rewrite every partly-dead pack
+    monkeypatch.setattr(aml._GarbageCollector, "_delete", _boom)  # crash after the new pack
+    packs = len(list(manager.packs.glob("*.idx")))
+    with pytest.raises(OSError):
+        manager.rotate()
+    monkeypatch.undo()
+    assert len(list(manager.packs.glob("*.idx"))) == packs + 1   # rewritten copy committed
+    assert manager.verify(all_snapshots=True, deep=True).ok
+    manager.rotate()
+    assert manager.verify(all_snapshots=True, deep=True).ok and len(manager.snapshot_ids()) == 1
+
+
+def test_item_list_delta_chains_are_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(aml, "MAX_DELTA_DEPTH", 2)
+    root = build_store(tmp_path / "memory", gz=True)
+    _daily_snapshots(root, 5)
+    manager = backup_manager(root)
+    depths = [next(e["depth"] for e in manager.load_manifest(i)["files"]
+                   if e["path"] == "code-reviewer/patterns.json") for i in manager.snapshot_ids()]
+    assert depths == [0, 1, 2, 0, 1]
+    assert manager.verify(all_snapshots=True, deep=True).ok
+
+
+def test_stores_sharing_a_backup_root_never_touch_each_other(tmp_path):
+    vault = tmp_path / "vault"
+    one = build_store(tmp_path / "one" / "memory", gz=True, seed=1)
+    two = build_store(tmp_path / "two" / "memory", gz=True, seed=2)
+    _daily_snapshots(one, 3, backup_root=vault)
+    theirs = backup_manager(two, backup_root=vault, now=NOW + dt.timedelta(days=5)).create()
+    ours = backup_manager(one, backup_root=vault, now=NOW + dt.timedelta(days=60),
+                          retention_days=1, max_backups=1)
+    result = ours.rotate()
+    assert len(result.deleted) == 2 and theirs.backup_id not in result.deleted
+    assert ours.snapshot_at(NOW + dt.timedelta(days=10)) != theirs.backup_id
+    assert ours.verify(all_snapshots=True, deep=True).ok
+    assert ours.list().other_stores == 1
+
+
 def test_rotation_calendar_rules_and_max_backups(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
     for day in range(0, 60, 3):
@@ -835,6 +904,7 @@ def test_rotation_never_deletes_the_newest_verified_snapshot(tmp_path):
 
 def test_auto_follows_the_schedule(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
+    backup_manager(root).create(agents=["code-reviewer"])   # does not count as the store's
     first = backup_manager(root).auto()
     assert first.backup.type is aml.BackupType.FULL
     again = backup_manager(root, now=NOW + dt.timedelta(hours=2)).auto()
@@ -869,6 +939,12 @@ def test_config_file_section_moves_the_backup_root(tmp_path, capsys):
     code, out, _ = run_cli(root, "backup", "list", "--backup-root", tmp_path / "none",
                            capsys=capsys)
     assert code == 0 and "0 snapshots" in out
+
+
+def test_backup_root_inside_the_store_is_refused(tmp_path):
+    root = build_store(tmp_path / "memory")
+    with pytest.raises(aml.UsageError, match="inside the store"):
+        backup_manager(root, backup_root=root / "backups")
 
 
 def test_foreign_backups_are_left_alone_and_permissions_are_private(tmp_path, capsys):
@@ -922,7 +998,8 @@ def test_cli_original_spellings_and_json(tmp_path, capsys):
     code, out, _ = run_cli(root, "backup", "list", "--format", "json", capsys=capsys)
     ids = [s["backup_id"] for s in json.loads(out)["snapshots"]]
     assert code == 0 and ids[0].startswith("full_") and ids[1].startswith("incr_")
-    code, out, _ = run_cli(root, "backup", "verify", ids[0], "--format", "json", capsys=capsys)
+    code, out, _ = run_cli(root, "backup", "verify", "--backup-id", ids[0], "--format", "json",
+                           capsys=capsys)
     assert code == 0 and json.loads(out)["ok"] is True
     assert run_cli(root, "backup", "restore", "--backup-id", ids[0], "-q") == 0
     code, out, _ = run_cli(root, "backup", "verify", "--all", "--deep", capsys=capsys)
@@ -932,6 +1009,19 @@ def test_cli_original_spellings_and_json(tmp_path, capsys):
     code, out, err = run_cli(root, "backup", "auto", "-q", "--now", "2026-11-22T02:00:00Z",
                              capsys=capsys)
     assert code == 0 and out == "" and err == ""
+
+
+def test_cron_line_runs_quietly_and_fails_loudly(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    argv = [sys.executable, str(HERE / "aml.py"), str(root), "backup", "auto", "-q"]
+    done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    pack = next((tmp_path / "memory-backup" / "aml" / "packs").glob("*.pack"))
+    pack.write_bytes(pack.read_bytes()[:40])
+    argv[-2:] = ["verify", "--all"]
+    done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert done.returncode == 6 and done.stderr.startswith("aml: error:")
 
 
 @pytest.mark.parametrize("text", ['[{"a": 1}, {"b": [2, 3]}]', '[\n  1,\n  "x"\n]\n', "[7]"])
