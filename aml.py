@@ -8676,6 +8676,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.OK)
+    except OSError as exc:
+        # Permission denied, disk full, ...: one clear line, not a traceback (cron mails it).
+        where = exc.filename if exc.filename is not None else ""
+        print("aml: error: %s%s" % (exc.strerror or exc, ": %s" % where if where else ""),
+              file=sys.stderr)
+        return int(ExitCode.FAILURE)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
