@@ -3279,3 +3279,239 @@ def test_no_two_top_level_definitions_share_a_name():
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+# =============================================================================
+# End to end: the README and a year of cron
+# =============================================================================
+
+# The README convention: in a ```sh block every line is a command; in a ```console block the
+# lines starting with "$ " are. A command is an aml command when it starts with one of
+# README_PROGRAMS. Optional groups in [brackets] are dropped, the command ends at the first
+# shell operator (|, ;, &&, >, 2>, &), a trailing "# comment" is ignored. The first argument
+# (the memory path) becomes the generated store; a path under /tmp/ goes under the test's
+# tmp_path; a backup id, run id or record id (or the placeholders ID, RUN_ID) becomes one of
+# the store's at that moment. Untagged ``` blocks (transcripts with other paths and clocks) are
+# not run. The commands run in README order, in-process, on one store, with --now pinned to
+# NOW when they do not give it (the store's record ages must not depend on today's date).
+README_PROGRAMS = ("python3 aml.py ", "aml.py ", "aml ")
+README_SHELL_OPERATOR = re.compile(r"\s*(?:;|&&|\|)|\s+(?:[0-9]?>|&\s*$)")
+README_AGENTS = ("backend-developer", "code-reviewer", "frontend-developer", "test-automator")
+BACKUP_ID = re.compile(r"^(?:full|incr)_\d{8}_\d{6}(?:_\d+)?$")
+RUN_ID = re.compile(r"^(?:prune|gc)_\d{8}_\d{6}_[0-9a-f]+$")
+RECORD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+# Commands that may (or must) exit non-zero on the generated store, and why. Everything else
+# must exit 0. Never 2 (usage), never a traceback.
+README_EXPECTED_CODES = [
+    # health exits with the plugin status of its worst check: 1 (warning) while the store has
+    # no index, no backup or maintenance yet, or when a runbook lowers the size threshold.
+    (re.compile(r" monitor health"), {0, 1}),
+    # the runbook shows the mass-deletion guard refusing an aggressive prune (exit 4); its dry
+    # run exits 4 as well when the real run would refuse.
+    (re.compile(r" prune --aggressive(?! --agents)"), {0, 4}),
+    # migrating down refuses (4) when records hold values the older schema has no place for.
+    (re.compile(r" migrate migrate (?:--version )?1\.[0-2]"), {0, 4}),
+    # an unknown id or agent is an empty answer with a message: exit 1 (optimize section).
+    (re.compile(r" get no-such-id| search --agent nobody"), {1}),
+    # the troubleshooting example holds the maintenance lock first: store busy.
+    (re.compile(r" prune -q --lock-timeout"), {5}),
+]
+
+
+def readme_blocks(text):
+    """(language, line number of the first line, lines) of every fenced block of a README."""
+    blocks, current = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            if current is None:
+                current = (line[3:].strip(), number + 1, [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current[2].append(line)
+    return blocks
+
+
+def readme_commands(text):
+    """[(line number, command text)] of the README's sh and console blocks, in order."""
+    found = []
+    for lang, first, lines in readme_blocks(text):
+        if lang not in ("sh", "console"):
+            continue
+        for offset, line in enumerate(lines):
+            command = line[2:] if line.startswith("$ ") else (line if lang == "sh" else None)
+            if command is not None and command.strip():
+                found.append((first + offset, command.strip()))
+    return found
+
+
+def is_aml_command(command):
+    """True for a line the README runner runs (see README_PROGRAMS)."""
+    return command.startswith(README_PROGRAMS)
+
+
+def readme_argv(command):
+    """The argv after the program name, as the convention above reads a README line."""
+    previous = None
+    while previous != command:  # nested optional groups: [ID | --all] inside [...]
+        previous, command = command, re.sub(r"\s*\[[^\[\]]*\]", "", command)
+    command = README_SHELL_OPERATOR.split(command, maxsplit=1)[0]
+    tokens = shlex.split(command, comments=True)
+    return tokens[2:] if tokens[0] == "python3" else tokens[1:]
+
+
+def expected_codes(command):
+    """The exit codes a README command may return on the generated store."""
+    for pattern, codes in README_EXPECTED_CODES:
+        if pattern.search(" " + command.split(" ", 1)[1]):
+            return codes
+    return {0}
+
+
+class ReadmeStoreState:
+    """Resolves README ids and placeholders against the generated store as it is now."""
+
+    def __init__(self, root, scratch):
+        self.root, self.scratch = Path(root), Path(scratch)
+
+    def snapshot_id(self):
+        folder = self.root.parent / "memory-backup" / "aml" / "snapshots"
+        names = sorted(p.name.split(".")[0] for p in folder.glob("*.json")) \
+            if folder.exists() else []
+        if not names:  # a restore or verify example before any backup: take one first
+            assert run_cli(self.root, "backup", "create", "-q", "--now", NOW_TEXT) == 0
+            return self.snapshot_id()
+        return names[0]
+
+    def run_id(self):
+        runs = sorted((self.root / ".aml" / "archive").glob("*.json"),
+                      key=lambda p: p.stat().st_mtime_ns)
+        assert runs, "a README line undoes a run before any run was archived"
+        return runs[-1].name[:-len(".json")]
+
+    def record_id(self):
+        return read_data(self.root / README_AGENTS[0] / "patterns.json")[0]["id"]
+
+    def resolve(self, argv):
+        """argv with the store, scratch paths and ids of this store."""
+        out = list(argv)
+        if out and not out[0].startswith("-"):
+            out[0] = self.path(out[0]) if out[0].startswith("/tmp/") else str(self.root)
+        for i, token in enumerate(out[1:], 1):
+            if token.startswith("/tmp/"):
+                out[i] = self.path(token)
+            elif token == "ID" or BACKUP_ID.match(token):
+                out[i] = self.snapshot_id()
+            elif token == "RUN_ID" or RUN_ID.match(token):
+                out[i] = self.run_id()
+            elif RECORD_ID.match(token):
+                out[i] = self.record_id()
+        if out and not out[0].startswith("-") and "--now" not in out:
+            out += ["--now", NOW_TEXT]
+        return out
+
+    def path(self, token):
+        return str(self.scratch / token[len("/tmp/"):])
+
+
+def readme_store(tmp_path):
+    """The generated store the README runs on: the README's agents, mixed gzip and plain."""
+    root = build_store(tmp_path / "project" / ".loom" / "memory", agents=README_AGENTS,
+                       gz="mixed", patterns=24, solutions=8, decisions=6, seed=16)
+    return root
+
+
+def run_readme_line(argv, capsys):
+    """Run one README command in-process: (exit code, stdout, stderr); argparse exits count."""
+    try:
+        code = aml.main(argv)
+    except SystemExit as exc:  # --version, --help
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_readme_convention_reads_lines_as_documented():
+    assert readme_argv("aml.py .loom/memory backup verify [ID | --all] [--deep]") == \
+        [".loom/memory", "backup", "verify"]
+    assert readme_argv("aml .loom/memory prune -q --lock-timeout 2; echo \"exit $?\"") == \
+        [".loom/memory", "prune", "-q", "--lock-timeout", "2"]
+    assert readme_argv("python3 aml.py m backup restore ID | --backup-id ID  # x") == \
+        ["m", "backup", "restore", "ID"]
+    assert readme_argv("aml m backup verify --all --deep 2>&1 | tail -2") == \
+        ["m", "backup", "verify", "--all", "--deep"]
+    assert not is_aml_command("python3.8 aml.py .loom/memory monitor health")
+    assert not is_aml_command("runuser -u nobody -- python3 aml.py .loom/memory backup create")
+    state = ReadmeStoreState("/s/memory", "/scratch")
+    assert state.resolve(["/tmp/r/memory", "migrate", "detect"]) == \
+        ["/scratch/r/memory", "migrate", "detect", "--now", NOW_TEXT]
+    assert expected_codes("aml .loom/memory monitor health -q") == {0, 1}
+    assert expected_codes("aml .loom/memory prune --aggressive --dry-run") == {0, 4}
+    assert expected_codes("aml .loom/memory prune --aggressive --agents a -q") == {0}
+
+
+def test_readme_covers_every_capability_and_the_guide():
+    commands = [c for _, c in readme_commands((HERE / "README.md").read_text())
+                if is_aml_command(c)]
+    verbs = {tuple(readme_argv(c)[1:3]) for c in commands}
+    for verb in [("prune",), ("optimize", "index"), ("search",), ("get",),
+                 ("backup", "create"), ("backup", "restore"), ("backup", "verify"),
+                 ("migrate", "detect"), ("monitor", "health"), ("monitor", "metrics")]:
+        assert any(v[:len(verb)] == verb for v in verbs), verb
+    assert len(commands) >= 60
+
+
+def test_every_readme_command_runs_on_a_generated_store(tmp_path, monkeypatch, capsys):
+    root = readme_store(tmp_path)
+    project = root.parent.parent
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.chdir(project)
+    state, hold_lock, ran = ReadmeStoreState(root, tmp_path / "scratch"), False, []
+    for number, command in readme_commands((HERE / "README.md").read_text()):
+        if command.startswith("flock ") and command.endswith("&"):
+            hold_lock = True  # the next aml command runs while another aml holds the store
+            continue
+        if not is_aml_command(command):
+            continue  # shell setup (cp, mkdir, make test): not aml's
+        argv = state.resolve(readme_argv(command))
+        with contextlib.ExitStack() as stack:
+            if hold_lock:
+                stack.enter_context(held_by_other_process(root / ".aml"))
+                hold_lock = False
+            code, out, err = run_readme_line(argv, capsys)
+        where = "README.md:%d: %s -> %s" % (number, command, argv)
+        assert "Traceback" not in err, where
+        assert code in expected_codes(command), "%s: exit %s\n%s%s" % (where, code, out, err)
+        ran.append(command)
+    assert len(ran) >= 60
+
+
+def test_readme_library_example_runs(tmp_path):
+    text = (HERE / "README.md").read_text()
+    examples = [lines for lang, _, lines in readme_blocks(text) if lang == "python"]
+    assert len(examples) == 1 and "PruneConfig" in "\n".join(examples[0])
+    code = "\n".join(examples[0]).replace('"/opt/aml"', repr(str(HERE)))
+    root = readme_store(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(root.parent.parent),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    # exit 1: the health checks warn (no index yet), as in the README's output
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.split()[1:3] == ["would", "lose"]] == \
+        list(README_AGENTS)
+    assert "verified: True" in proc.stdout and "defaults: 60 36" in proc.stdout
+    assert (root.parent.parent / "aml-backups" / "aml" / "snapshots").is_dir()
+    assert re.search(r"^size +healthy .*limit 40\.0 MiB", proc.stdout, re.M)
+
+
+def test_an_os_error_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    code, out, err = run_cli(root, "backup", "create", capsys=capsys)
+    assert (code, out) == (1, "")
+    assert err == "aml: error: Permission denied: %s\n" % (root / ".aml")
