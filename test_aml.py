@@ -3515,3 +3515,267 @@ def test_an_os_error_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(root, "backup", "create", capsys=capsys)
     assert (code, out) == (1, "")
     assert err == "aml: error: Permission denied: %s\n" % (root / ".aml")
+
+
+# -- a year of cron in fast-forward ---------------------------------------------
+
+YEAR_GZ_AGENTS = ("backend-developer", "code-reviewer")
+YEAR_PLAIN_AGENTS = ("test-automator",)
+YEAR_FILES = {"patterns.json": "pattern", "solutions.json": "solution",
+              "decisions.json": "decision"}
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_ts(v):
+    return isinstance(v, str) and aml.parse_timestamp(v) is not None
+
+
+def runtime_problems(rtype, rec):
+    """Why the runtime's validator (SPEC 2.1) would reject a record; [] when it accepts it."""
+    if not isinstance(rec, dict):
+        return ["not an object"]
+    checks = [(isinstance(rec.get("id"), str) and rec["id"], "id"),
+              (isinstance(rec.get("agent"), str), "agent"),
+              (_is_ts(rec.get("timestamp")), "timestamp"),
+              (isinstance(rec.get("active", True), bool), "active"),
+              (isinstance(rec.get("tags", []), list), "tags")]
+    if rtype == "pattern":
+        m, e, p = rec.get("metrics"), rec.get("evolution"), rec.get("pattern")
+        checks += [
+            (isinstance(p, dict) and isinstance(p.get("approach"), dict), "pattern"),
+            (isinstance(m, dict) and _is_num(m.get("successRate"))
+             and 0 <= m["successRate"] <= 1 and isinstance(m.get("executionCount"), int),
+             "metrics"),
+            (isinstance(e, dict) and _is_num(e.get("confidenceScore"))
+             and 0 <= e["confidenceScore"] <= 1 and _is_ts(e.get("created"))
+             and _is_ts(e.get("lastUsed")) and isinstance(e.get("refinements"), int),
+             "evolution")]
+    elif rtype == "solution":
+        eff = rec.get("effectiveness")
+        checks += [(isinstance(rec.get("problem"), dict), "problem"),
+                   (isinstance(rec.get("solution"), dict), "solution"),
+                   (isinstance(eff, dict) and isinstance(eff.get("worked"), bool),
+                    "effectiveness"),
+                   (isinstance(rec.get("verifiedCount", 0), int), "verifiedCount")]
+    else:
+        d = rec.get("decision")
+        checks += [(isinstance(d, dict) and isinstance(d.get("alternativesConsidered"), list),
+                    "decision"),
+                   ("outcome" not in rec or isinstance(rec["outcome"], dict), "outcome")]
+    return [what for ok, what in checks if not ok]
+
+
+def runtime_read(path):
+    """A data file as the runtime reads it: gzip by content, else UTF-8 JSON; raises if bad."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw.decode("utf-8"))
+
+
+class RuntimeWriter:
+    """Writes like the runtime: takes <abs file>.lock with mkdir, rewrites the whole file."""
+
+    def __init__(self, root, rng):
+        self.root, self.rng = Path(root), rng
+
+    def rewrite(self, agent, fname, change):
+        path = self.root / agent / fname
+        lock = Path(str(path.resolve()) + ".lock")
+        if lock.is_dir() and time.time() - lock.stat().st_mtime > aml.LOCK_STALE_SECONDS:
+            lock.rmdir()  # a dead process's lock: stale after 30 s, as the runtime treats it
+        lock.mkdir()  # fails if aml holds it: in this single-threaded year it never does
+        try:
+            data = runtime_read(path) if path.exists() else []
+            change(data)
+            write_data(path, data, gz=agent in YEAR_GZ_AGENTS)
+        finally:
+            lock.rmdir()
+
+    def day(self, agent, when):
+        """One working day: 0-1 new record per file, two records used. Returns the new ids."""
+        stamp, new_ids = aml.format_timestamp(when), []
+        makers = {"patterns.json": make_pattern, "solutions.json": make_solution,
+                  "decisions.json": make_decision}
+        for fname, maker in makers.items():
+            def change(data, maker=maker):
+                for _ in range(self.rng.randint(0, 1)):
+                    rec = maker(agent, self.rng, age=0, conf=0.6) if maker is make_pattern \
+                        else maker(agent, self.rng, age=0)
+                    rec["timestamp"] = stamp
+                    if "evolution" in rec:
+                        rec["evolution"]["created"] = rec["evolution"]["lastUsed"] = stamp
+                        rec["metrics"]["successRate"] = self.rng.uniform(0.4, 1.0)
+                    data.append(rec)
+                    new_ids.append(rec["id"])
+                for rec in self.rng.sample(data, min(len(data), 2)):
+                    if "evolution" in rec:
+                        rec["evolution"]["lastUsed"] = stamp
+                        rec["metrics"]["executionCount"] += 1
+            self.rewrite(agent, fname, change)
+        return new_ids
+
+
+def year_store(root, rng):
+    """A young runtime store, gzip and plain agents, a third of its records still 1.0.0."""
+    write_data(root / "config.json", CONFIG)
+    ids = set()
+    for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+        gz = agent in YEAR_GZ_AGENTS
+        for fname, maker in (("patterns.json", make_pattern), ("solutions.json", make_solution),
+                             ("decisions.json", make_decision)):
+            records = [maker(agent, rng, age=rng.randint(0, 60)) for _ in range(8)]
+            for rec in records[::3]:  # 1.0.0: written before tags and active existed
+                rec.pop("tags"), rec.pop("active")
+            ids.update(r["id"] for r in records)
+            write_data(root / agent / fname, records, gz)
+        write_data(root / agent / "metrics.json", {"agent": agent}, gz)
+    return ids
+
+
+def store_ids(root):
+    """Every record id in the store's record files."""
+    return {rec["id"] for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS for fname in YEAR_FILES
+            for rec in runtime_read(Path(root) / agent / fname)}
+
+
+def archived(root):
+    """{record id: reason} of every record any run archived."""
+    archive = aml.Archive(aml.Store(root))
+    return {entry["record"]["id"]: entry["reason"] for run in archive.runs()
+            for entry in archive.load(run)["entries"]}
+
+
+def file_contents(root):
+    """{relative path: content} outside .aml: decompressed for gzip files, bytes for plain."""
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and rel.parts[0] != ".aml":
+            raw = path.read_bytes()
+            out[str(rel)] = ("gzip", gzip.decompress(raw)) if raw[:2] == b"\x1f\x8b" \
+                else ("plain", raw)
+    return out
+
+
+def _alerts(cron, when, *flags):
+    return json.loads(cron(when, "monitor", "alerts", "--format", "json", *flags))["alerts"]
+
+
+class Cron:
+    """Runs aml's crontab jobs in-process at a fixed clock; every run's exit code is kept."""
+
+    def __init__(self, root, capsys):
+        self.root, self.capsys, self.log = root, capsys, []
+
+    def __call__(self, when, *argv, codes=(0,)):
+        stamp = aml.format_timestamp(when)
+        code = aml.main([str(self.root)] + list(argv) + ["--now", stamp])
+        out, err = self.capsys.readouterr()
+        self.log.append((stamp, argv, code))
+        assert code in codes and "Traceback" not in err, (stamp, argv, code, out, err)
+        return out
+
+
+def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
+    # Durability is proven by the crash tests; here fsync would only make a year take minutes
+    # on a busy disk, so it is a no-op (every write is still a temp file and a rename).
+    monkeypatch.setattr(aml.os, "fsync", lambda fd: None)
+    rng = random.Random(2026)
+    root = tmp_path / "project" / ".loom" / "memory"
+    written = year_store(root, rng)
+    writer, cron = RuntimeWriter(root, rng), Cron(root, capsys)
+    start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+    mid_month = (start + dt.timedelta(days=182)).strftime("%Y-%m")
+    mid_copy = mid_id = lock_alert = lock_resolved = None
+    crashed = False
+    for day in range(366):
+        today = start + dt.timedelta(days=day)
+        at = lambda hour, minute=0: today + dt.timedelta(hours=hour, minutes=minute)  # noqa
+        tomorrow = today + dt.timedelta(days=1)
+        if day % 6 == 0:  # the nightly backup, every sixth night to keep the test fast
+            cron(at(2), "backup", "auto", "-q", "--keep-weekly", "8", "--keep-monthly", "12")
+        if day == 1:  # the operator upgrades the schema once, after the first backup
+            detect = json.loads(cron(at(8, 55), "migrate", "detect", "--format", "json"))
+            assert "1.0.0" in detect["totals"]
+            cron(at(9), "migrate", "migrate-latest", "-q")
+            detect = json.loads(cron(at(9, 5), "migrate", "detect", "--format", "json"))
+            assert set(detect["totals"]) == {"2.0.0"} and not detect["runtime_invalid"]
+        if today.weekday() == 6:
+            cron(at(3), "prune", "-q")
+        if today.day == 1:
+            cron(at(4), "optimize", "all", "-q")
+            cron(at(4, 30), "optimize", "index", "-q")
+        if day >= 200 and today.weekday() == 0 and not crashed:
+            # a runtime process died holding a lock, before the Monday health check
+            crashed = True
+            crash = Path(str((root / "code-reviewer" / "patterns.json").resolve()) + ".lock")
+            crash.mkdir()
+            os.utime(crash, (time.time() - 3600,) * 2)
+        if today.weekday() == 0:
+            health = cron(at(6), "monitor", "health", "-q", codes=(0, 1))
+            open_alerts = _alerts(cron, at(6, 1))
+            if crashed and lock_alert is None:
+                assert "stale runtime lock" in health, health
+                lock_alert = next(a["id"] for a in open_alerts if a["check"] == "structure")
+            elif lock_alert is not None and lock_resolved is None:
+                lock_resolved = next(a for a in _alerts(cron, at(6, 1), "--all")
+                                     if a["id"] == lock_alert)
+        if day % 3 == 0:  # the agents work every third day, after the night's cron jobs
+            for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+                written.update(writer.day(agent, at(14)))
+        if today.strftime("%Y-%m") == mid_month and tomorrow.strftime("%Y-%m") != mid_month:
+            # the last day of the mid-year month: one more snapshot, the newest of its month,
+            # so rotation's --keep-monthly keeps it; and a copy of the store as it is now
+            out = cron(at(23), "backup", "create")
+            mid_id = out.split(":")[0]
+            mid_copy = file_contents(root)
+    end = start + dt.timedelta(days=366, hours=12)
+
+    # a year of cron ran: every job exited 0 (health: 0 or 1), each kind of maintenance
+    # recorded itself, rotation deleted old snapshots; the health check saw the dead
+    # runtime's lock, and the alert resolved itself once the runtime's next write cleared it
+    jobs = [argv[:2] for _, argv, _ in cron.log]
+    assert jobs.count(("prune", "-q")) == 52 and jobs.count(("optimize", "all")) == 12
+    history = aml.Store(root).read_state("history.json")
+    done = {entry["operation"] for entry in history}  # the newest 500 runs
+    assert {"backup", "verify", "rotate", "prune", "gc", "compress", "index", "warm-cache",
+            "health"} <= done, done
+    assert [run["to"] for run in aml.Store(root).read_state("migrations.json")] == ["2.0.0"]
+    taken = sum(1 for entry in history if entry["operation"] == "backup")
+    listed = [line for line in cron(end, "backup", "list").splitlines()
+              if re.match(r"(full|incr)_", line)]
+    assert 12 <= len(listed) < taken
+    assert lock_resolved is not None and lock_resolved["state"] == "resolved"
+    assert lock_resolved["resolved_by"] == "auto"  # the runtime's next write cleared it
+
+    # nothing lost: every record ever written is in the store or archived with a reason
+    present, gone = store_ids(root), archived(root)
+    assert written - present - set(gone) == set()
+    reasons = {r.value for r in aml.PruneReason} | {r.value for r in aml.GcReason}
+    assert gone and set(gone.values()) <= reasons
+    assert present & set(gone) == set()
+
+    # every file still reads as the runtime reads it, every record passes its validator
+    for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+        for fname, rtype in YEAR_FILES.items():
+            records = runtime_read(root / agent / fname)
+            assert isinstance(records, list)
+            assert [(r["id"], runtime_problems(rtype, r)) for r in records
+                    if runtime_problems(rtype, r)] == []
+        assert isinstance(runtime_read(root / agent / "metrics.json"), dict)
+        encodings = {(root / agent / f).read_bytes()[:2] == b"\x1f\x8b" for f in YEAR_FILES}
+        assert encodings == {agent in YEAR_GZ_AGENTS}  # each rewrite kept the runtime's choice
+    # the monthly compression gzipped what the runtime no longer touches
+    assert (root / YEAR_PLAIN_AGENTS[0] / "metrics.json").read_bytes()[:2] == b"\x1f\x8b"
+
+    # the mid-year snapshot is still there and restores exactly what the store was then
+    scratch = tmp_path / "restore-check"
+    assert mid_id and mid_id in cron(end, "backup", "list")
+    cron(end, "backup", "verify", mid_id, "--deep")
+    cron(end, "backup", "restore", mid_id, "--target", str(scratch / "memory"))
+    assert file_contents(scratch / "memory") == mid_copy
+    assert cron(end, "monitor", "health", codes=(0, 1)).startswith("Health: ")
