@@ -3717,10 +3717,10 @@ def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
             os.utime(crash, (time.time() - 3600,) * 2)
         if today.weekday() == 0:
             health = cron(at(6), "monitor", "health", "-q", codes=(0, 1))
-            open_alerts = _alerts(cron, at(6, 1))
             if crashed and lock_alert is None:
                 assert "stale runtime lock" in health, health
-                lock_alert = next(a["id"] for a in open_alerts if a["check"] == "structure")
+                lock_alert = next(a["id"] for a in _alerts(cron, at(6, 1))
+                                  if a["check"] == "structure")
             elif lock_alert is not None and lock_resolved is None:
                 lock_resolved = next(a for a in _alerts(cron, at(6, 1), "--all")
                                      if a["id"] == lock_alert)
@@ -3779,3 +3779,23 @@ def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
     cron(end, "backup", "restore", mid_id, "--target", str(scratch / "memory"))
     assert file_contents(scratch / "memory") == mid_copy
     assert cron(end, "monitor", "health", codes=(0, 1)).startswith("Health: ")
+
+
+def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    jobs = [j for j in _crontab_commands() if j[-3:] == ["optimize", "index", "-q"]]
+    assert len(jobs) == 1  # the monthly index rebuild
+    _, argv = _aml_args(jobs[0])
+    argv[0] = str(root)
+    proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
+                          env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert aml.MemoryIndex(aml.Store(root)).stale_files() == []
+    with held_by_other_process(root / ".aml"):  # on failure: non-zero and one line
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv +
+                              ["--lock-timeout", "0.2"], cwd=str(tmp_path),
+                              env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 5 and proc.stdout == b""
+    assert proc.stderr.decode().count("\n") == 1 and proc.stderr.startswith(b"aml: error: ")
