@@ -2468,8 +2468,8 @@ def test_crash_between_files_then_rerun_equals_clean_run(tmp_path, monkeypatch, 
         return real_replace(src, dst)
 
     monkeypatch.setattr(aml.os, "replace", flaky_replace)
-    with pytest.raises(OSError):
-        run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT)
+    # main reports the OSError as one "aml: error:" line and exit 1
+    assert run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 1
     monkeypatch.undo()
     partial = store_records(crashed)
     assert sum(1 for recs in partial.values() if recs[0].get("schemaVersion")) == 1
@@ -3525,11 +3525,11 @@ YEAR_FILES = {"patterns.json": "pattern", "solutions.json": "solution",
               "decisions.json": "decision"}
 
 
-def _is_num(v):
+def _rt_is_num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_ts(v):
+def _rt_is_ts(v):
     return isinstance(v, str) and aml.parse_timestamp(v) is not None
 
 
@@ -3539,19 +3539,19 @@ def runtime_problems(rtype, rec):
         return ["not an object"]
     checks = [(isinstance(rec.get("id"), str) and rec["id"], "id"),
               (isinstance(rec.get("agent"), str), "agent"),
-              (_is_ts(rec.get("timestamp")), "timestamp"),
+              (_rt_is_ts(rec.get("timestamp")), "timestamp"),
               (isinstance(rec.get("active", True), bool), "active"),
               (isinstance(rec.get("tags", []), list), "tags")]
     if rtype == "pattern":
         m, e, p = rec.get("metrics"), rec.get("evolution"), rec.get("pattern")
         checks += [
             (isinstance(p, dict) and isinstance(p.get("approach"), dict), "pattern"),
-            (isinstance(m, dict) and _is_num(m.get("successRate"))
+            (isinstance(m, dict) and _rt_is_num(m.get("successRate"))
              and 0 <= m["successRate"] <= 1 and isinstance(m.get("executionCount"), int),
              "metrics"),
-            (isinstance(e, dict) and _is_num(e.get("confidenceScore"))
-             and 0 <= e["confidenceScore"] <= 1 and _is_ts(e.get("created"))
-             and _is_ts(e.get("lastUsed")) and isinstance(e.get("refinements"), int),
+            (isinstance(e, dict) and _rt_is_num(e.get("confidenceScore"))
+             and 0 <= e["confidenceScore"] <= 1 and _rt_is_ts(e.get("created"))
+             and _rt_is_ts(e.get("lastUsed")) and isinstance(e.get("refinements"), int),
              "evolution")]
     elif rtype == "solution":
         eff = rec.get("effectiveness")
@@ -3661,7 +3661,7 @@ def file_contents(root):
     return out
 
 
-def _alerts(cron, when, *flags):
+def _year_alerts(cron, when, *flags):
     return json.loads(cron(when, "monitor", "alerts", "--format", "json", *flags))["alerts"]
 
 
@@ -3719,10 +3719,10 @@ def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
             health = cron(at(6), "monitor", "health", "-q", codes=(0, 1))
             if crashed and lock_alert is None:
                 assert "stale runtime lock" in health, health
-                lock_alert = next(a["id"] for a in _alerts(cron, at(6, 1))
+                lock_alert = next(a["id"] for a in _year_alerts(cron, at(6, 1))
                                   if a["check"] == "structure")
             elif lock_alert is not None and lock_resolved is None:
-                lock_resolved = next(a for a in _alerts(cron, at(6, 1), "--all")
+                lock_resolved = next(a for a in _year_alerts(cron, at(6, 1), "--all")
                                      if a["id"] == lock_alert)
         if day % 3 == 0:  # the agents work every third day, after the night's cron jobs
             for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
