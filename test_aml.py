@@ -594,7 +594,7 @@ def test_derived_state_locks_and_temp_files_are_not_backed_up(tmp_path):
     (root / "code-reviewer" / "ghost.json.lock").mkdir()      # a runtime lock of another file
     snap = backup_manager(root).create()
     paths = {e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]}
-    assert ".aml/archive/prune_x.json" in paths and "config.json" in paths
+    assert ".aml/archive/prune_x/part-0001.json.gz" in paths and "config.json" in paths
     assert "global/shared.json" in paths
     assert not [p for p in paths if "index" in p or "lock" in p or "tmp" in p]
 
