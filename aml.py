@@ -3023,6 +3023,11 @@ def _measure(records: List[Any], marks: Optional[bytearray] = None
     return sizes, whole.hexdigest()
 
 
+def _digest(records: List[Any]) -> str:
+    """The sha256 of an array's compact JSON, as _measure computes it, in one C-speed pass."""
+    return sha256_hex(archived_record_text(records).encode("utf-8"))
+
+
 def _moment(when: Optional[_dt.datetime]) -> float:
     return when.timestamp() if when is not None else float("-inf")
 
@@ -3185,7 +3190,7 @@ class MemoryPruner:
         except CorruptFileError as exc:
             self._drop_file(run, plan, exc)
             return
-        if _measure(records)[1] != plan.digest:
+        if _digest(records) != plan.digest:
             self._replan_file(run, plan, records)
         self._write_part(run, plan, records)
 
@@ -3208,7 +3213,7 @@ class MemoryPruner:
         """Rewrite one file without its archived removals, under its lock."""
         try:
             with self.store.rewrite(plan.data_file.path) as job:
-                if _measure(job.data)[1] != plan.digest:  # changed since it was archived
+                if _digest(job.data) != plan.digest:  # changed since it was archived
                     self._replan_file(run, plan, job.data)
                     self._write_part(run, plan, job.data)
                 kept = [i for i in range(len(job.data)) if i not in plan.removals]
@@ -3221,7 +3226,7 @@ class MemoryPruner:
         agent = plan.data_file.agent
         run.applied[agent] = run.applied.get(agent, 0) + len(plan.pending)
         # Only a later space round needs the digest of what is left.
-        digest = _measure(job.data)[1] if run.space else ""
+        digest = _digest(job.data) if run.space else ""
         plan.keep_only(kept)
         plan.digest = digest
 
@@ -3395,7 +3400,7 @@ class MemoryPruner:
             records, _ = self.store.load_records(plan.data_file)
         except CorruptFileError:
             return  # it turned unreadable since planning: listed without ids
-        if _measure(records)[1] != plan.digest:
+        if _digest(records) != plan.digest:
             self._replan_file(run, plan, records)
         rtype = plan.data_file.rtype
         for i, removal in plan.removals.items():
