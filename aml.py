@@ -342,9 +342,29 @@ def _json_kind(kind: type) -> str:
 
 def encode_json(obj: Any, fmt: FileFormat) -> bytes:
     """Serialize ``obj`` in the given format (gzip stays gzip, plain stays plain)."""
-    text = runtime_json(obj) + ("\n" if fmt.trailing_newline else "")
-    data = (UTF8_BOM if fmt.bom else b"") + text.encode("utf-8")
+    chunks = [UTF8_BOM] if fmt.bom else []
+    chunks.extend(_runtime_json_chunks(obj))
+    if fmt.trailing_newline:
+        chunks.append(b"\n")
+    data = b"".join(chunks)
+    del chunks
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if fmt.gzip else data
+
+
+def _runtime_json_chunks(obj: Any) -> List[bytes]:
+    """runtime_json(obj) as UTF-8, an array one element at a time: the same bytes, without
+    the whole-document chunk list json.dumps(indent=2) builds (about 6x the file's size).
+    Every newline in JSON text is structural (strings escape theirs), so indenting an
+    element's own text by two spaces gives exactly its text inside the array."""
+    if not isinstance(obj, list) or not obj:
+        return [runtime_json(obj).encode("utf-8")]
+    chunks = [b"[\n  "]
+    for n, item in enumerate(obj):
+        if n:
+            chunks.append(b",\n  ")
+        chunks.append(runtime_json(item).replace("\n", "\n  ").encode("utf-8"))
+    chunks.append(b"\n]")
+    return chunks
 
 
 def fsync_dir(directory: Path) -> None:
@@ -988,6 +1008,9 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
 
 
 ARCHIVE_PART_FORMAT = "aml-archive-part-1"
+# A part is this head, then the payload exactly as its sha256 was computed, then "}".
+_PART_HEAD = re.compile(br'\{"format": "%s", "sha256": "([0-9a-f]{64})", "payload": '
+                        % ARCHIVE_PART_FORMAT.encode("ascii"))
 
 
 def archived_record_text(record: Any) -> str:
@@ -1081,19 +1104,23 @@ class Archive:
             return [""] if self._legacy_path(run_id).exists() else []
         return sorted(p.name for p in folder.glob("part-*.json.gz"))
 
-    def read_part(self, run_id: str, name: str) -> List[Dict[str, Any]]:
-        """The entries of one part, each with ``record``; raises IntegrityError if it does not
-        verify."""
+    def read_part(self, run_id: str, name: str, records: bool = True) -> List[Dict[str, Any]]:
+        """The entries of one part, each with ``record`` (without it, and unparsed, when
+        ``records`` is False); raises IntegrityError if the part does not verify."""
         if name == "":
             entries = read_checksummed(self._legacy_path(run_id), {}).get("entries", [])
             return [_legacy_entry(e) for e in entries]
         path = self.path_for(run_id) / name
         try:
-            doc = parse_json_text(gzip.decompress(path.read_bytes()).decode("utf-8"))
-            payload = doc["payload"]
-            body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-            ok = doc.get("sha256") == sha256_hex(body.encode("utf-8"))
-            entries = [_full_entry(e) for e in payload["entries"]] if ok else []
+            data = gzip.decompress(path.read_bytes())
+            head = _PART_HEAD.match(data)
+            if not head or not data.endswith(b"}"):
+                raise ValueError("not an %s document" % ARCHIVE_PART_FORMAT)
+            body = memoryview(data)[head.end():-1]
+            ok = head.group(1).decode("ascii") == hashlib.sha256(body).hexdigest()
+            entries = parse_json_text(str(body, "utf-8"))["entries"] if ok else []
+            del body, data
+            entries = [_full_entry(e) if records else e for e in entries]
         except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
             raise IntegrityError("%s: unreadable archive part (%s)" % (path, exc)) from None
         if not ok:
@@ -2868,6 +2895,7 @@ def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Ver
 class PrunedRecord:
     """One record a run removed (or, in a dry run, would remove)."""
 
+    __slots__ = ("agent", "file", "type", "id", "index", "reason", "details")  # one per removal
     agent: str
     file: str
     type: str
@@ -2936,12 +2964,14 @@ import heapq  # noqa: E402
 
 @dataclasses.dataclass
 class _Removal:
-    """One planned removal: why, the values that triggered it, and the id seen at planning."""
+    """One planned removal: why, the values that triggered it, and the id seen at planning
+    (``id_known`` is False for space_based picks until the file is read again)."""
 
+    __slots__ = ("reason", "details", "id", "id_known")
     reason: PruneReason
     details: Dict[str, Any]
-    id: Optional[str] = None
-    id_known: bool = True
+    id: Optional[str]
+    id_known: bool
 
 
 @dataclasses.dataclass
@@ -3024,8 +3054,14 @@ def _measure(records: List[Any], marks: Optional[bytearray] = None
 
 
 def _digest(records: List[Any]) -> str:
-    """The sha256 of an array's compact JSON, as _measure computes it, in one C-speed pass."""
-    return sha256_hex(archived_record_text(records).encode("utf-8"))
+    """The sha256 of an array's compact JSON, as _measure computes it, serialized a slice
+    at a time (C speed, and never the whole file's text at once)."""
+    whole = hashlib.sha256(b"[")
+    for start in range(0, len(records), 256):
+        text = archived_record_text(records[start:start + 256])[1:-1]
+        whole.update((b"," if start else b"") + text.encode("utf-8"))
+    whole.update(b"]")
+    return whole.hexdigest()
 
 
 def _moment(when: Optional[_dt.datetime]) -> float:
@@ -3255,7 +3291,7 @@ class MemoryPruner:
         for i in range(plan.count if picked else 0):
             if i not in plan.removals and plan.space.mark(i) in picked:
                 plan.removals[i] = _Removal(PruneReason.MEMORY_LIMIT_EXCEEDED,
-                                            picked[plan.space.mark(i)], id_known=False)
+                                            picked[plan.space.mark(i)], None, False)
 
     def _space_rounds(self, run: _Run) -> None:
         """Measure on disk after writing; while still over a limit, remove more and rewrite."""
@@ -3308,16 +3344,17 @@ class MemoryPruner:
     def _load(self, agents: List[str], strategies: List[PruneStrategy],
               result: PruneResult) -> List[_FilePlan]:
         """Plan each readable file as it streams by; only its compact plan is kept."""
-        errors: List[CorruptFileError] = []
         plans = []
-        for data_file, records, _ in self.store.iter_record_files(agents, errors):
+        for data_file in (f for agent in agents for f in self.store.record_files(agent)):
             plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
+            try:  # not iter_record_files: its generator would hold this file while the next loads
+                records = self.store.load_records(data_file)[0]
+            except CorruptFileError as exc:
+                result.unreadable.append({"file": plan.rel, "problem": exc.problem})
+                continue
             self._plan_content(plan, records, strategies, result.findings)
             plans.append(plan)
-            del records  # let the next file load without this one still held
-        for exc in errors:
-            rel = exc.path.relative_to(self.store.root).as_posix()
-            result.unreadable.append({"file": rel, "problem": exc.problem})
+            del records
         return plans
 
     def _plan_content(self, plan: _FilePlan, records: List[Any],
@@ -3355,7 +3392,7 @@ class MemoryPruner:
             if verdict is None and PruneStrategy.PERFORMANCE_BASED in strategies:
                 verdict = performance_verdict(fact, self.rules)
             if verdict is not None:
-                plan.removals[i] = _Removal(verdict[0], verdict[1], fact.id)
+                plan.removals[i] = _Removal(verdict[0], verdict[1], fact.id, True)
 
     def _choose_space(self, plans: List[_FilePlan], result: PruneResult) -> int:
         """Add memory_limit_exceeded removals, lowest value first, until the estimate fits."""
@@ -3378,7 +3415,7 @@ class MemoryPruner:
                 break
             plans[n].removals[i] = _Removal(PruneReason.MEMORY_LIMIT_EXCEEDED, {
                 "scope": scope, "value": round(value, 3), "size_bytes": int(size),
-                "limit_bytes": limit}, id_known=False)
+                "limit_bytes": limit}, None, False)
             size -= plans[n].estimate(i)
             added += 1
         return added
@@ -3514,7 +3551,7 @@ def undo_run(store: Store, run_id: str) -> UndoResult:
         files = _parts_by_file(archive, run_id)
         paths = {rel: _archived_file(store, rel) for rel in files}
         read = _part_reader(archive, run_id)
-        for rel, names in files.items():
+        for rel, names in files.items():  # records stay text until they are put back
             entries = [e for name in names for e in read(name) if e.get("file") == rel]
             _restore_file(store, paths[rel], rel, entries, result)
         if not result.unreadable and not result.busy:
@@ -3526,7 +3563,7 @@ def _parts_by_file(archive: Archive, run_id: str) -> Dict[Any, List[str]]:
     """Which parts hold entries of which file; reads (and so verifies) every part once."""
     files: Dict[Any, List[str]] = {}
     for name in archive.part_names(run_id):
-        for entry in archive.read_part(run_id, name):
+        for entry in archive.read_part(run_id, name, records=False):
             rel = entry.get("file")
             names = files.setdefault(rel if isinstance(rel, str) else None, [])
             if not names or names[-1] != name:
@@ -3541,7 +3578,7 @@ def _part_reader(archive: Archive, run_id: str) -> Callable[[str], List[Dict[str
     def read(name: str) -> List[Dict[str, Any]]:
         if name not in last:
             last.clear()
-            last[name] = archive.read_part(run_id, name)
+            last[name] = archive.read_part(run_id, name, records=False)
         return last[name]
     return read
 
@@ -3565,10 +3602,12 @@ def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, An
 
 def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: UndoResult) -> int:
     ids = {r.get("id") for r in data if isinstance(r, dict) and r.get("id")}
-    contents = {_canonical(r) for r in data}
+    # Whole-record texts are only needed to recognise records without an id.
+    contents = ({_canonical(r) for r in data} if any(not e.get("id") for e in entries)
+                else set())
     restored = 0
     for entry in sorted(entries, key=lambda e: e.get("index") or 0):
-        record, rid = entry.get("record"), entry.get("id")
+        record, rid = _entry_record(entry), entry.get("id")
         if (rid in ids) if rid else (_canonical(record) in contents):
             result.skipped.append({"file": entry.get("file"), "id": rid,
                                    "index": entry.get("index"), "why": "present again"})
@@ -3581,6 +3620,17 @@ def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: Undo
     return restored
 
 
+def _entry_record(entry: Dict[str, Any]) -> Any:
+    """An entry's record, parsed from its text (in its original key order) on first use."""
+    if "record" not in entry:
+        try:
+            entry["record"] = parse_json_text(entry.pop("record_text"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError("archive entry %s of %s has no readable record (%s)"
+                                 % (entry.get("id"), entry.get("file"), exc)) from None
+    return entry["record"]
+
+
 def list_runs(store: Store) -> List[Dict[str, Any]]:
     """Every archived run (prune and gc), oldest first; read-only. Corrupt ones say so."""
     archive = Archive(store)
@@ -3590,7 +3640,7 @@ def list_runs(store: Store) -> List[Dict[str, Any]]:
             manifest = archive.manifest(run_id)
             count = manifest.get("counts", {}).get("entries")
             if count is None:  # interrupted or old-layout run: count its parts
-                count = sum(len(archive.read_part(run_id, name))
+                count = sum(len(archive.read_part(run_id, name, records=False))
                             for name in archive.part_names(run_id))
         except IntegrityError as exc:
             runs.append({"run_id": run_id, "problem": str(exc)})
@@ -4926,9 +4976,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _run_line(run: Dict[str, Any]) -> str:
     if "problem" in run:
         return "%s  CORRUPT: %s" % (run["run_id"], run["problem"])
+    note = ("  (undone %s)" % run["undone"] if run["undone"] else
+            "  (interrupted: archive incomplete; undo puts back what is missing)"
+            if run.get("status") == "writing" else "")
     return "%s  %s  %s  %d records%s" % (run["run_id"], run["operation"], run["created"],
-                                         run["records"], "  (undone %s)" % run["undone"]
-                                         if run["undone"] else "")
+                                         run["records"], note)
 
 
 def _details_text(details: Dict[str, Any]) -> str:
