@@ -4,10 +4,12 @@ Every store is generated in ``tmp_path`` by the factories below; nothing here re
 ``../shared``. Run with ``make test``.
 """
 
+import contextlib
 import datetime as dt
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -181,6 +183,20 @@ def run_cli(*argv, capsys=None):
     return code, out, err
 
 
+@contextlib.contextmanager
+def held_by_other_process(state_dir):
+    """Hold aml's maintenance lock on ``state_dir`` from another process (another aml run)."""
+    code = ("import sys, aml; l = aml.MaintenanceLock(sys.argv[1], timeout=0); l.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(state_dir)], cwd=str(HERE),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")
+
+
 @pytest.fixture(params=[False, True], ids=["plain", "gzip"])
 def store(request, tmp_path):
     """A generated store, once plain and once gzip."""
@@ -316,16 +332,9 @@ def test_lock_released_on_error(tmp_path):
 
 
 def test_maintenance_lock_excludes_another_process(tmp_path):
-    code = ("import sys, aml; l = aml.MaintenanceLock(sys.argv[1], timeout=0); l.acquire(); "
-            "print('held', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=str(HERE),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_other_process(tmp_path):
         with pytest.raises(aml.StoreBusyError):
             aml.MaintenanceLock(tmp_path, timeout=0).acquire()
-    finally:
-        holder.communicate("")
     with aml.MaintenanceLock(tmp_path, timeout=0):
         pass
 
@@ -939,10 +948,300 @@ def test_split_json_array_refuses_what_it_cannot_split(text):
 # 9. Bloom filter and LRU cache
 # =============================================================================
 
+def test_bloom_has_no_false_negatives_and_meets_its_rate():
+    bloom = aml.BloomFilter(10000, 0.01)
+    keys = [str(uuid.UUID(int=random.Random(9).getrandbits(128) + i)) for i in range(10000)]
+    for key in keys:
+        bloom.add(key)
+    assert all(key in bloom for key in keys)
+    false_hits = sum(("probe-%d" % i) in bloom for i in range(100000))
+    assert false_hits / 100000.0 <= 0.01
+    assert false_hits > 0  # a filter that answers "no" to everything would pass the line above
+
+
+def test_bloom_size_is_within_five_percent_of_optimum():
+    for capacity, rate in ((10000, 0.01), (1000, 0.001), (250000, 0.05)):
+        bloom = aml.BloomFilter(capacity, rate)
+        optimum = -capacity * math.log(rate) / math.log(2) ** 2
+        assert optimum <= bloom.m <= optimum * 1.05
+        assert bloom.size_bytes == (bloom.m + 7) // 8
+    assert 11000 < aml.BloomFilter(10000, 0.01).size_bytes < 12500  # ~9.6 bits per item
+
+
+def test_bloom_bytes_round_trip_and_corruption_detected():
+    bloom = aml.BloomFilter(500, 0.01)
+    for i in range(300):
+        bloom.add("id-%d" % i)
+    copy = aml.BloomFilter.from_bytes(bloom.to_bytes())
+    assert (copy.m, copy.k, len(copy)) == (bloom.m, bloom.k, 300) and "id-7" in copy
+    data = bytearray(bloom.to_bytes())
+    data[40] ^= 0x01
+    with pytest.raises(aml.IntegrityError):
+        aml.BloomFilter.from_bytes(bytes(data))
+    with pytest.raises(aml.IntegrityError):
+        aml.BloomFilter.from_bytes(bloom.to_bytes()[:-1])
+
+
+def test_lru_evicts_least_recently_used_within_byte_budget():
+    cache = aml.LRUCache(max_bytes=100)
+    for key in "abc":
+        assert cache.put(key, b"x" * 30)
+    assert cache.get("a") == b"x" * 30      # a is now the most recent
+    cache.put("d", b"y" * 30)               # 120 > 100: evict b, the least recent
+    assert cache.keys() == ["c", "a", "d"] and cache.bytes == 90
+    assert cache.get("b") is None
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.evictions, stats.items) == (1, 1, 1, 3)
+    assert stats.hit_rate == 0.5
+
+
+def test_lru_refuses_oversize_items_and_charges_json_size():
+    cache = aml.LRUCache(max_bytes=50)
+    cache.put("small", {"a": 1})
+    assert cache.bytes == len('{"a":1}')
+    assert cache.put("big", "z" * 51) is False
+    assert "big" not in cache and cache.stats().refused == 1 and "small" in cache
+    cache.put("small", "é" * 10)   # replacing re-charges: 20 UTF-8 bytes
+    assert cache.bytes == 20 and len(cache) == 1
+
 
 # =============================================================================
 # 10. Index and search
 # =============================================================================
+
+def search_json(root, *args, capsys):
+    code, out, err = run_cli(root, "search", "--format", "json", *args, capsys=capsys)
+    return code, json.loads(out), err
+
+
+def brute_force(root, agent=None, rtype=None, tags=(), conf=None, rate=None, text=None):
+    """Independent scan of the generated store: (file, index) of every matching record."""
+    hits = []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name not in
+                         ("global", ".aml")):
+        if agent and folder.name != agent:
+            continue
+        for name in ("decisions.json", "patterns.json", "solutions.json"):
+            if rtype and name != rtype + "s.json":
+                continue
+            for i, rec in enumerate(read_data(folder / name)):
+                c = rec.get("evolution", {}).get("confidenceScore")
+                r = rec.get("metrics", {}).get("successRate")
+                if (set(tags) <= set(rec.get("tags", []))
+                        and (conf is None or (c is not None and c >= conf))
+                        and (rate is None or (r is not None and r >= rate))
+                        and (text is None or text.lower() in json.dumps(rec).lower())):
+                    hits.append(("%s/%s" % (folder.name, name), i))
+    return hits
+
+
+@pytest.fixture
+def mixed_store(tmp_path):
+    return build_store(tmp_path / "memory", gz="mixed", agents=("alpha", "beta", "gamma", "delta"))
+
+
+@pytest.mark.parametrize("flags,filters", [
+    ((), {}),
+    (("--agent", "beta"), {"agent": "beta"}),
+    (("--type", "solution"), {"rtype": "solution"}),
+    (("--tag", "database"), {"tags": ("database",)}),
+    (("--tag", "api", "backend"), {"tags": ("api", "backend")}),
+    (("--min-confidence", "0.6"), {"conf": 0.6}),
+    (("--min-success-rate", "0.7"), {"rate": 0.7}),
+    (("--text", "Backoff"), {"text": "backoff"}),
+    (("--agent", "gamma", "--type", "pattern", "--tag", "ui", "--min-confidence", "0.3"),
+     {"agent": "gamma", "rtype": "pattern", "tags": ("ui",), "conf": 0.3}),
+])
+@pytest.mark.parametrize("mode", ["index", "scan"])
+def test_search_equals_brute_force_scan(mixed_store, capsys, flags, filters, mode):
+    extra = ("--scan",) if mode == "scan" else ()
+    code, doc, _ = search_json(mixed_store, *(flags + extra), capsys=capsys)
+    expected = brute_force(mixed_store, **filters)
+    assert code == 0 and expected
+    assert [(r["file"], r["index"]) for r in doc["records"]] == expected
+    assert doc["source"] == mode
+    first = doc["records"][0]
+    assert first["record"] == read_data(mixed_store / first["file"])[first["index"]]
+
+
+def test_search_limit_and_text_output(mixed_store, capsys):
+    code, out, _ = run_cli(mixed_store, "search", "--type", "pattern", "--limit", "3",
+                           capsys=capsys)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4 and lines[-1] == "3 records (index)"
+    assert lines[0].startswith("alpha/patterns.json[0]  ")
+
+
+def test_search_unknown_agent_is_empty_and_fails(mixed_store, capsys):
+    code, doc, err = search_json(mixed_store, "--agent", "nobody", capsys=capsys)
+    assert code == 1 and doc["records"] == [] and doc["not_found"]
+    assert "no agent named 'nobody'" in err
+
+
+def test_get_prints_the_record_and_unknown_id_fails(store, capsys):
+    record = read_data(store / "code-reviewer" / "solutions.json")[4]
+    code, out, _ = run_cli(store, "get", record["id"], capsys=capsys)
+    assert code == 0 and json.loads(out) == record
+    code, out, err = run_cli(store, "get", "no-such-id", capsys=capsys)
+    assert code == 1 and out == "" and "no record with id 'no-such-id'" in err
+
+
+def test_get_returns_same_id_from_every_agent(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"))
+    shared = read_data(root / "a1" / "patterns.json")[3]
+    twin = dict(shared, agent="a2")
+    write_data(root / "a2" / "decisions.json", read_data(root / "a2" / "decisions.json") + [twin])
+    code, out, _ = run_cli(root, "get", shared["id"], "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 0 and [r["agent"] for r in doc["records"]] == ["a1", "a2"]
+
+
+def test_get_uses_bloom_filter_for_absent_ids(store, monkeypatch):
+    assert run_cli(store, "optimize", "index") == 0
+    monkeypatch.setattr(aml.MemoryIndex, "locate", lambda *a: pytest.fail("id table read"))
+    result = aml.get_record(aml.Store(store), "absent-id")
+    assert result.not_found and result.source == "bloom"
+
+
+def test_index_refresh_rereads_only_changed_files(store, monkeypatch):
+    s = aml.Store(store)
+    index = aml.MemoryIndex(s)
+    assert index.stale_files() and index.size_bytes() == 0
+    first = index.refresh()
+    assert first.rebuilt and first.records == 3 * 65 and index.size_bytes() > 0
+    assert aml.MemoryIndex(s).stale_files() == []
+    target = store / "test-automator" / "patterns.json"
+    records = read_data(target)
+    new = make_pattern("test-automator", random.Random(5), tags=["fresh"])
+    write_data(target, records[:-1] + [new], gz=target.read_bytes()[:2] == b"\x1f\x8b")
+    assert aml.MemoryIndex(s).stale_files() == ["test-automator/patterns.json"]
+    loads = []
+    real = aml.load_json_file
+    monkeypatch.setattr(aml, "load_json_file", lambda p, **k: loads.append(p) or real(p, **k))
+    result = aml.MemoryIndex(s).refresh()
+    assert [p for p in loads if ".aml" not in Path(p).parts] == [target]
+    assert result.files_reread == ["test-automator/patterns.json"]
+    found = aml.get_record(s, new["id"])
+    assert found.records[0].record == new and found.source == "index"
+    assert aml.get_record(s, records[-1]["id"]).not_found
+
+
+def test_parallel_index_build_equals_sequential(tmp_path, monkeypatch):
+    built = []
+    for parallel in (False, True):
+        root = build_store(tmp_path / str(parallel), gz="mixed")
+        if parallel:
+            monkeypatch.setattr(aml, "_PARALLEL_INDEX_BYTES", 0)
+            monkeypatch.setattr(aml, "_PARALLEL_BLOOM_IDS", 0)
+        aml.MemoryIndex(aml.Store(root)).refresh()
+        folder = root / ".aml" / "index"
+        built.append({n: (folder / n).read_bytes() for n in ("postings.dat", "keys.dat",
+                                                               "ids.bin", "bloom.bin")})
+    assert built[0] == built[1]
+
+
+def test_index_drops_removed_files(store):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    (store / "alpha").mkdir()
+    write_data(store / "alpha" / "decisions.json", [make_decision("alpha", random.Random(1))])
+    (store / "code-reviewer" / "decisions.json").unlink()
+    assert sorted(aml.MemoryIndex(s).stale_files()) == ["alpha/decisions.json",
+                                                         "code-reviewer/decisions.json"]
+    result = aml.MemoryIndex(s).refresh()
+    assert result.files_removed == ["code-reviewer/decisions.json"]
+    assert [e["path"] for e in aml.MemoryIndex(s).files(rtype="decision")] == [
+        "alpha/decisions.json", "backend-developer/decisions.json",
+        "test-automator/decisions.json"]
+
+
+@pytest.mark.parametrize("part", ["manifest.json", "postings.dat", "ids.bin", "bloom.bin"])
+def test_corrupt_index_part_is_never_trusted_and_rebuilt(store, capsys, part):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    path = s.state_dir / "index" / part
+    record = read_data(store / "backend-developer" / "patterns.json")[17]
+    data = bytearray(path.read_bytes())
+    spot = len(data) // 2
+    if part == "ids.bin":   # inside the bucket this id's lookup reads
+        buckets = aml.MemoryIndex(s).manifest()["ids"]["buckets"]
+        start = buckets[aml.bloom_digest(record["id"])[0]][0]
+        spot = 9 + start * 24 + 20
+    data[spot] ^= 0x20
+    path.write_bytes(bytes(data))
+    code, out, _ = run_cli(store, "get", record["id"], capsys=capsys)
+    assert code == 0 and json.loads(out) == record
+    code, doc, _ = search_json(store, "--tag", "api", capsys=capsys)
+    assert [(r["file"], r["index"]) for r in doc["records"]] == brute_force(store, tags=("api",))
+    index = aml.MemoryIndex(s)
+    assert index.manifest() is not None and index.might_contain(record["id"])
+    assert index.locate(record["id"])[0][1] == 17
+
+
+def test_unreadable_file_is_reported_and_skipped(store, capsys):
+    (store / "code-reviewer" / "patterns.json").write_bytes(b"[{broken")
+    code, doc, err = search_json(store, "--type", "pattern", capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err
+    assert {r["agent"] for r in doc["records"]} == {"backend-developer", "test-automator"}
+    assert (store / "code-reviewer" / "patterns.json").read_bytes() == b"[{broken"
+
+
+def test_scan_writes_nothing(store, capsys):
+    before = tree_digest(store)
+    record = read_data(store / "code-reviewer" / "patterns.json")[0]
+    assert run_cli(store, "get", record["id"], "--scan", capsys=capsys)[0] == 0
+    assert run_cli(store, "search", "--tag", "ui", "--scan", capsys=capsys)[0] == 0
+    assert tree_digest(store) == before
+
+
+def test_busy_maintenance_lock_falls_back_read_only(store, capsys):
+    s = aml.Store(store)
+    record = read_data(store / "test-automator" / "solutions.json")[2]
+    with held_by_other_process(s.state_dir):
+        before = tree_digest(store)
+        code, out, _ = run_cli(store, "get", record["id"], "--format", "json", capsys=capsys)
+        assert code == 0 and json.loads(out)["source"] == "scan"
+        assert tree_digest(store) == before
+    run_cli(store, "optimize", "index", capsys=capsys)
+    with held_by_other_process(s.state_dir):
+        code, out, _ = run_cli(store, "get", record["id"], "--format", "json", capsys=capsys)
+        assert json.loads(out)["source"] == "index"
+
+
+def test_warm_cache_answers_lookups_and_counts_hits(store, capsys):
+    s = aml.Store(store)
+    assert aml.hot_cache_stats(s) == {"hits": 0, "misses": 0}
+    code, out, _ = run_cli(store, "optimize", "warm-cache", "--cache-bytes", "20000",
+                           "--format", "json", capsys=capsys)
+    warm = json.loads(out)["steps"]["warm-cache"]
+    assert code == 0 and 0 < warm["bytes"] <= 20000 and 0 < warm["records"] < 195
+    hot = {r["id"]: r for r in aml.HotCache(aml.MemoryIndex(s)).records()}
+    assert len(hot) == warm["records"]
+    hot_id = next(iter(hot))
+    hot_file = aml.get_record(s, hot_id).records[0].file   # a hit, counted below
+    cold_id = next(r["id"] for r in read_data(store / hot_file) if r["id"] not in hot)
+    assert aml.get_record(s, hot_id).records[0].source == "hot-cache"
+    assert aml.get_record(s, cold_id).records[0].source == "index"
+    stats = aml.hot_cache_stats(s)
+    assert (stats["hits"], stats["misses"]) == (2, 1)
+    path = store / hot_file
+    records = read_data(path)
+    changed = [dict(r, tags=["edited"]) if r["id"] == hot_id else r for r in records]
+    write_data(path, changed, gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    again = aml.get_record(s, hot_id).records[0]
+    assert again.source == "index" and again.record["tags"] == ["edited"]
+
+
+def test_warm_score_prefers_confident_recent_active_records():
+    rng = random.Random(2)
+    good = aml.posting_row(make_pattern("a", rng, age=5, last_used=1, success=0.9, count=50,
+                                        conf=0.9), 0)
+    stale = aml.posting_row(make_pattern("a", rng, age=300, last_used=200, success=0.9,
+                                         count=50, conf=0.9), 1)
+    inactive = aml.posting_row(make_pattern("a", rng, age=5, last_used=1, success=0.9, count=50,
+                                            conf=0.9, active=False), 2)
+    score = lambda row: aml.warm_score(row, NOW)  # noqa: E731
+    assert score(good) > score(stale) and score(good) > score(inactive) > 0
 
 
 # =============================================================================
@@ -1638,6 +1937,274 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
 # 12. Compression and garbage collection
 # =============================================================================
 
+def age_files(root, days, pattern="*/*.json"):
+    """Set the mtime of matching files ``days`` before NOW."""
+    moment = (NOW - dt.timedelta(days=days)).timestamp()
+    for path in Path(root).glob(pattern):
+        os.utime(path, (moment, moment))
+
+
+def plain_bytes(path):
+    raw = Path(path).read_bytes()
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_compress_in_place_keeps_names_content_and_mtime(tmp_path, capsys, workers):
+    root = build_store(tmp_path / "m")
+    age_files(root, 40)
+    age_files(root, 5, "code-reviewer/patterns.json")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*.json")}
+    code, out, _ = run_cli(root, "optimize", "compress", "--no-backup", "--now", NOW_TEXT,
+                           "--workers", workers, "--format", "json", capsys=capsys)
+    result = json.loads(out)["steps"]["compress"]
+    assert code == 0 and len(result["files"]) == 14
+    assert result["skipped_recent"] == ["code-reviewer/patterns.json"]
+    assert 0 < result["bytes_after"] < result["bytes_before"]
+    for path, (raw, mtime) in before.items():
+        zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+        expected = path.parent.parent == root and path.parent.name != "global" \
+            and path.name != "config.json" and path != root / "code-reviewer" / "patterns.json"
+        assert zipped == expected, path
+        assert plain_bytes(path) == raw and path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in root.rglob("*") if p.is_file() and ".aml" not in p.parts) == \
+        sorted(p.name for p in before)
+    assert aml.Store(root).last_operation("compress")["summary"]["files"] == 14
+
+
+def test_compress_age_zero_takes_everything_and_decompress_round_trips(tmp_path):
+    root = build_store(tmp_path / "m")
+    original = tree_digest(root)
+    assert run_cli(root, "optimize", "compress", "--age-days", "0", "--no-backup", "-q") == 0
+    assert all(plain_bytes(root / f) and (root / f).read_bytes()[:2] == b"\x1f\x8b"
+               for f in original if f.count("/") == 1 and not f.startswith("global"))
+    assert run_cli(root, "optimize", "decompress", "--no-backup", "-q") == 0
+    assert tree_digest(root, skip_state=True) == original
+
+
+def test_decompress_reindents_compact_gzip(tmp_path):
+    root = build_store(tmp_path / "m", agents=("a",))
+    path = root / "a" / "decisions.json"
+    records = read_data(path)
+    path.write_bytes(gzip.compress(json.dumps(records, separators=(",", ":")).encode()))
+    assert run_cli(root, "optimize", "decompress", "--no-backup", "-q") == 0
+    assert path.read_text(encoding="utf-8") == json.dumps(records, indent=2, ensure_ascii=False)
+
+
+def test_compress_skips_parsing_only_files_the_index_vouches_for(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a", "b"))
+    aml.MemoryIndex(aml.Store(root)).refresh()
+    write_data(root / "b" / "patterns.json", [make_pattern("b", random.Random(4))])  # now stale
+    parsed = []
+    real = aml.parse_json_text
+    monkeypatch.setattr(aml, "parse_json_text", lambda text: parsed.append(1) or real(text))
+    result = aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
+    # 4 metrics/context files, the stale patterns file and the index manifest itself
+    assert len(result.files) == 10 and len(parsed) == 6
+    assert all(read_data(root / f) for f in result.files)
+
+
+def test_compress_never_touches_unparseable_files(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a", "b"))
+    bad = root / "b" / "solutions.json"
+    bad.write_bytes(b'[{"id": "x", "v": NaN}]')
+    code, _, err = run_cli(root, "optimize", "compress", "--age-days", "0", "--no-backup",
+                           capsys=capsys)
+    assert code == 3 and "b/solutions.json" in err
+    assert bad.read_bytes() == b'[{"id": "x", "v": NaN}]'
+    assert (root / "b" / "patterns.json").read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_compress_crash_leaves_files_intact_and_rerun_completes(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a",))
+    original = tree_digest(root)
+    calls = []
+    real = os.replace
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
+    monkeypatch.undo()
+    for rel, digest in original.items():
+        path = root / rel
+        assert hashlib.sha256(plain_bytes(path)).hexdigest() == digest or \
+            hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
+    result = aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
+    assert len(result.files) + len(result.skipped_done) == 5
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("action", ["compress", "decompress", "gc", "index", "warm-cache", "all"])
+def test_optimize_dry_runs_change_nothing(tmp_path, capsys, gz, action):
+    root = build_store(tmp_path / "m", gz=gz)
+    seed_defects(root)
+    age_files(root, 90)
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "optimize", action, "--dry-run", "--age-days", "0",
+                           capsys=capsys)
+    assert code == 0 and tree_digest(root) == before
+    if action in ("gc", "all"):
+        assert "would remove 7 records" in out
+
+
+def seed_defects(root):
+    """One record of each gc defect class in backend-developer; returns the expected reasons."""
+    rng = random.Random(11)
+    folder = root / "backend-developer"
+    gz = (folder / "patterns.json").read_bytes()[:2] == b"\x1f\x8b"
+    patterns = read_data(folder / "patterns.json")
+    no_id = make_pattern("backend-developer", rng)
+    del no_id["id"]
+    old, new = patterns[0], dict(patterns[0], tags=["newer"])
+    old["evolution"] = dict(old["evolution"], lastUsed="2026-01-01T00:00:00.000Z")
+    new["evolution"] = dict(new["evolution"], lastUsed="2026-11-01T00:00:00.000Z")
+    patterns[0] = old
+    patterns += [no_id, dict(make_pattern("backend-developer", rng), agent=""),
+                 dict(make_pattern("backend-developer", rng), timestamp="sometime"),
+                 {k: v for k, v in make_pattern("backend-developer", rng).items()
+                  if k != "pattern"},
+                 "not a record", dict(patterns[5]), new]
+    write_data(folder / "patterns.json", patterns, gz)
+    return {"missing_id": 1, "missing_agent": 1, "missing_timestamp": 1, "missing_body": 1,
+            "not_an_object": 1, "duplicate": 1, "id_conflict": 1}
+
+
+def test_gc_removes_exactly_each_defect_class_and_archives_it(store, capsys, monkeypatch):
+    expected = seed_defects(store)
+    path = store / "backend-developer" / "patterns.json"
+    seeded = read_data(path)
+    backups = []
+    monkeypatch.setattr(aml, "safety_backup", lambda s, reason, config=None:
+                        backups.append(tree_digest(store, skip_state=True)) or "snap-1")
+    before = tree_digest(store, skip_state=True)
+    code, out, _ = run_cli(store, "optimize", "gc", "--format", "json", capsys=capsys)
+    gc = json.loads(out)["steps"]["gc"]
+    assert code == 0 and gc["by_reason"] == expected and gc["backup_id"] == "snap-1"
+    assert backups == [before]
+    kept = read_data(path)
+    assert kept == seeded[1:40] + [seeded[-1]]       # the older id twin and the seven defects go
+    archive = aml.Archive(aml.Store(store)).load(gc["run_id"])
+    assert sorted(e["reason"] for e in archive["entries"]) == sorted(expected)
+    conflict = next(e for e in archive["entries"] if e["reason"] == "id_conflict")
+    assert conflict["record"] == seeded[0] and conflict["details"]["kept_index"] == 46
+    assert all(e["file"] == "backend-developer/patterns.json" and e["agent"] ==
+               "backend-developer" for e in archive["entries"])
+    assert {e["index"] for e in archive["entries"]} == {0, 40, 41, 42, 43, 44, 45}
+    others = {k: v for k, v in before.items() if "backend-developer/patterns" not in k}
+    assert {k: v for k, v in tree_digest(store, skip_state=True).items() if k in others} == others
+
+
+def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatch):
+    seed_defects(store)
+    path = store / "code-reviewer" / "solutions.json"
+    write_data(path, read_data(path) + [read_data(path)[0]],
+               gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    calls, real = [], os.replace
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:   # archive, first data file, then the second data file fails
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        aml.collect_garbage(aml.Store(store))
+    monkeypatch.undo()
+    assert len(read_data(store / "backend-developer" / "patterns.json")) == 40
+    assert len(read_data(path)) == 16                 # untouched: its rewrite failed
+    assert not [p for p in store.rglob("*") if aml.is_temp_leftover(p.name)]
+    assert not list(store.rglob("*.json.lock"))
+    result = aml.collect_garbage(aml.Store(store))
+    assert result.by_reason == {"duplicate": 1} and len(read_data(path)) == 15
+
+
+def test_gc_keeps_same_id_in_two_agents(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"))
+    twin = dict(read_data(root / "a1" / "patterns.json")[0], agent="a2")
+    write_data(root / "a2" / "patterns.json", read_data(root / "a2" / "patterns.json") + [twin])
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "optimize", "gc", "--no-backup", capsys=capsys)
+    assert code == 0 and "remove 0 records" in out
+    assert {k: v for k, v in tree_digest(root).items() if not k.startswith(".aml")} == before
+
+
+def test_gc_mass_deletion_guard(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a", "b"), patterns=3, solutions=1, decisions=1)
+    path = root / "a" / "patterns.json"
+    write_data(path, [dict(r, timestamp=None) for r in read_data(path)])
+    before = tree_digest(root)
+    assert run_cli(root, "optimize", "gc", "--dry-run", capsys=capsys)[0] == 4
+    code, _, err = run_cli(root, "optimize", "gc", "--no-backup", capsys=capsys)
+    assert code == 4 and "--force" in err and "a" in err
+    assert {k: v for k, v in tree_digest(root).items() if not k.startswith(".aml")} == before
+    assert run_cli(root, "optimize", "gc", "--no-backup", "--force", capsys=capsys)[0] == 0
+    assert read_data(path) == []
+
+
+def test_gc_refuses_when_backup_fails_and_skips_unparseable(store, capsys, monkeypatch):
+    seed_defects(store)
+    (store / "code-reviewer" / "decisions.json").write_bytes(b"[1,")
+    before = tree_digest(store)
+
+    def no_backup(*args, **kwargs):
+        raise aml.RefusedError("backup failed: disk full")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    code, _, err = run_cli(store, "optimize", "gc", capsys=capsys)
+    assert code == 4 and "backup" in err
+    monkeypatch.undo()
+    assert {k: v for k, v in tree_digest(store).items() if not k.startswith(".aml")} == before
+    code, _, err = run_cli(store, "optimize", "gc", "--no-backup", capsys=capsys)
+    assert code == 3 and "code-reviewer/decisions.json" in err
+    assert (store / "code-reviewer" / "decisions.json").read_bytes() == b"[1,"
+
+
+def test_gc_cleans_stale_locks_temp_files_and_orphaned_index(store, capsys):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    stale = store / "code-reviewer" / "patterns.json.lock"
+    fresh = store / "test-automator" / "patterns.json.lock"
+    busy = store / "backend-developer" / "solutions.json.lock"
+    for lock in (stale, fresh, busy):
+        lock.mkdir()
+    (busy / "owner").write_text("pid")
+    for lock in (stale, busy):
+        os.utime(lock, (0, 0))
+    temp = store / "code-reviewer" / ".solutions.json.aml-tmp-1-abcd"
+    temp.write_text("half")
+    stray = s.state_dir / "index" / "ids-07.bin"
+    stray.write_bytes(b"old format")
+    (store / "test-automator" / "decisions.json").unlink()
+    code, out, _ = run_cli(store, "optimize", "gc", "--no-backup", "--format", "json",
+                           capsys=capsys)
+    gc = json.loads(out)["steps"]["gc"]
+    assert code == 0 and gc["stale_locks"] == ["code-reviewer/patterns.json.lock"]
+    assert not stale.exists() and fresh.is_dir() and busy.is_dir() and not temp.exists()
+    assert not stray.exists() and "test-automator/decisions.json" in gc["orphaned_state"]
+    assert aml.MemoryIndex(s).stale_files() == []
+
+
+def test_optimize_all_runs_every_step_in_order(store, capsys):
+    age_files(store, 60)
+    code, out, _ = run_cli(store, "optimize", "all", "--no-backup", "--now", NOW_TEXT,
+                           capsys=capsys)
+    assert code == 0
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "gc", "gc", "compress", "index", "warm-cache"]
+    s = aml.Store(store)
+    assert aml.MemoryIndex(s).stale_files() == []
+    history = [e["operation"] for e in s.read_state("history.json")]
+    assert history == ["gc", "compress", "index", "warm-cache"]
+    assert run_cli(store, "optimize", "build-index", "-q", capsys=capsys) == (0, "", "")
+
 
 # =============================================================================
 # 13. Migration
@@ -2132,3 +2699,17 @@ def test_version_and_help(capsys):
 def test_missing_store_is_usage_error(tmp_path, capsys):
     code, _, err = run_cli(tmp_path / "missing", "prune", capsys=capsys)
     assert code == 2 and err.startswith("aml: error:") and "does not exist" in err
+
+
+def test_no_two_top_level_definitions_share_a_name():
+    # One file, many sections: a second definition silently replaces the first.
+    import ast
+    tree = ast.parse((HERE / "aml.py").read_text(encoding="utf-8"))
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
