@@ -2109,8 +2109,9 @@ def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatc
     calls, real = [], os.replace
 
     def flaky(src, dst):
-        calls.append(dst)
-        if len(calls) == 3:   # archive, first data file, then the second data file fails
+        if ".aml" not in Path(dst).parts:   # archive writes (manifest, part) are not counted
+            calls.append(dst)
+        if len(calls) == 2:   # the first data file is written, the second one fails
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
