@@ -1650,6 +1650,22 @@ def test_array_writer_gives_the_runtime_bytes_one_record_at_a_time(bom, newline,
         assert (gzip.decompress(data) if gz else data) == expected
 
 
+def test_undo_puts_back_what_gc_archived(tmp_path):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    path = root / "code-reviewer" / "solutions.json"
+    zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+    orphan = {k: v for k, v in read_data(path)[0].items() if k != "id"}  # gc: missing_id
+    write_data(path, read_data(path)[:3] + [orphan] + read_data(path)[3:], gz=zipped)
+    before = _all_records(root)
+    store = aml.Store(root, now=NOW)
+    result = aml.collect_garbage(store)
+    assert result.run_id and orphan not in read_data(path)
+    [run] = aml.list_runs(store)
+    assert (run["operation"], run["status"], run["records"]) == ("gc", "complete", 1)
+    assert aml.undo_run(store, result.run_id).restored == 1
+    assert _all_records(root) == before and (path.read_bytes()[:2] == b"\x1f\x8b") == zipped
+
+
 def test_mass_deletion_guard_refuses_then_force_works(tmp_path, capsys):
     rng = random.Random(10)
     root = _one_agent(tmp_path / "m", patterns=[_pattern(rng, last_used=200) for _ in range(6)]
