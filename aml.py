@@ -1104,7 +1104,8 @@ class Archive:
         folder = self.path_for(run_id)
         if not folder.is_dir():
             return [""] if self._legacy_path(run_id).exists() else []
-        return sorted(p.name for p in folder.glob("part-*.json.gz"))
+        names = [p.name for p in folder.glob("part-*.json.gz")]
+        return sorted(names, key=lambda n: (len(n), n))  # part-10000 after part-9999
 
     def read_part(self, run_id: str, name: str, records: bool = True) -> List[Dict[str, Any]]:
         """The entries of one part, each with ``record`` (without it, and unparsed, when
