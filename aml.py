@@ -22,24 +22,37 @@ Store layout (a ``.json`` file may hold gzip bytes; aml decides by content)::
 
 Typical commands::
 
-    aml.py .loom/memory prune --dry-run
+    aml.py .loom/memory monitor health                 # first look: 0 ok, 1 warn, 2 crit, 3 unknown
+    aml.py .loom/memory backup create                  # verified snapshot in .loom/memory-backup/
+    aml.py .loom/memory prune --dry-run                # what would go, and why
     aml.py .loom/memory prune time_based performance_based
-    aml.py .loom/memory prune --undo RUN_ID
+    aml.py .loom/memory prune --undo RUN_ID            # put a run's removed records back
+    aml.py .loom/memory optimize all                   # gc, compress cold files, index, warm cache
+    aml.py .loom/memory search --tag database --min-confidence 0.7
+    aml.py .loom/memory get RECORD_ID
+    aml.py .loom/memory backup restore ID --target /tmp/check
+    aml.py .loom/memory migrate detect
+    aml.py .loom/memory migrate migrate-latest --dry-run
+    aml.py .loom/memory monitor report --format html --output report.html
 
-Cron (weekly prune, Sunday 3 a.m.; quiet on success)::
+Cron (see crontab.example; quiet on success, one error line and non-zero on failure)::
 
-    0 3 * * 0  python3 /path/to/aml.py /path/to/.loom/memory prune --quiet
+    0 2 * * *  python3 /path/to/aml.py /path/to/.loom/memory backup auto -q
+    0 3 * * 0  python3 /path/to/aml.py /path/to/.loom/memory prune -q
+    0 6 * * *  python3 /path/to/aml.py /path/to/.loom/memory monitor health -q
 
 Exit codes::
 
     0  success
-    1  the operation failed
+    1  the operation failed (or: nothing found for get/search of an unknown id or agent)
     2  usage error (bad arguments, missing memory path)
     3  finished, but some files could not be read and were skipped
-    4  refused by a safety guard (mass deletion, missing backup, ...)
+    4  refused by a safety guard (mass deletion, failed safety backup, ...)
     5  store busy: a lock stayed held past the wait limit
     6  integrity failure (a backup or state file does not verify)
     130 interrupted
+    monitor health follows the monitoring-plugin convention instead:
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
 
 Section map (``grep -n '^# [0-9]*\\. ' aml.py``)::
 
