@@ -121,11 +121,14 @@ def make_decision(agent, rng, age=None, would_repeat=None, **extra):
 
 
 def write_data(path, obj, gz=False, newline=False):
-    """Write a store file the way the runtime does (gzip bytes under .json, or plain)."""
+    """Write a store file the way the runtime does (gzip bytes under .json, or plain).
+
+    The gzip header carries no time, so two stores built from one seed are byte-identical.
+    """
     text = json.dumps(obj, indent=2, ensure_ascii=False) + ("\n" if newline else "")
     data = text.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data) if gz else data)
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
 
 
 def read_data(path):
