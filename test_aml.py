@@ -3547,11 +3547,12 @@ class ReadmeStoreState:
             return self.snapshot_id()
         return names[0]
 
-    def run_id(self):
-        runs = sorted((self.root / ".aml" / "archive").glob("*.json"),
-                      key=lambda p: p.stat().st_mtime_ns)
+    def run_id(self, like="RUN_ID"):
+        """The newest archived run (of the same operation as ``like``, e.g. prune_...)."""
+        runs = [r for r in aml.Archive(aml.Store(self.root)).runs()
+                if like == "RUN_ID" or r.split("_")[0] == like.split("_")[0]]
         assert runs, "a README line undoes a run before any run was archived"
-        return runs[-1].name[:-len(".json")]
+        return max(runs, key=lambda r: r.split("_", 1)[1])  # by its timestamp
 
     def record_id(self):
         return read_data(self.root / README_AGENTS[0] / "patterns.json")[0]["id"]
@@ -3567,7 +3568,7 @@ class ReadmeStoreState:
             elif token == "ID" or BACKUP_ID.match(token):
                 out[i] = self.snapshot_id()
             elif token == "RUN_ID" or RUN_ID.match(token):
-                out[i] = self.run_id()
+                out[i] = self.run_id(token)
             elif RECORD_ID.match(token):
                 out[i] = self.record_id()
         if out and not out[0].startswith("-") and "--now" not in out:
