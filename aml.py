@@ -8914,7 +8914,7 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     out = _monitor_output(args)
     try:
         report = _open_monitor(args).health()
-    except AmlError as exc:
+    except (AmlError, OSError) as exc:  # e.g. permission denied: health could not run, UNKNOWN
         if args.format == "nagios":
             print("AML UNKNOWN - %s" % str(exc).replace("|", "/"), file=out.stdout)
         raise HealthUnknownError(str(exc)) from None

@@ -3967,3 +3967,14 @@ def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
                               stderr=subprocess.PIPE, timeout=120)
     assert proc.returncode == 5 and proc.stdout == b""
     assert proc.stderr.decode().count("\n") == 1 and proc.stderr.startswith(b"aml: error: ")
+
+
+def test_health_that_cannot_run_for_an_os_error_is_unknown(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    code, out, err = run_cli(root, "monitor", "health", "--format", "nagios", capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "Permission denied" in out
+    assert err.startswith("aml: error: ") and err.count("\n") == 1
