@@ -1065,6 +1065,7 @@ REPO_DIR_NAME = "aml"
 BLOCK_SIZE = 256 * 1024          # uncompressed bytes per zlib block inside a pack
 MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
 BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
+RESTORE_WORKERS = 4              # files rebuilt, checked and written at once by restore
 PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
 _PACK_MAGIC = b"AMLPACK1"
 _IDX_MAGIC = b"AMLIDX02"
@@ -1409,6 +1410,7 @@ class _ObjectStore:
         self.problems: List[str] = []
         self._cache: Dict[Tuple[str, int], bytes] = {}
         self._cached = 0
+        self._cache_lock = threading.Lock()   # restore reads files on worker threads
         for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
             self._load(idx)
 
@@ -1458,19 +1460,20 @@ class _ObjectStore:
                 bad[digest] = str(exc)
         return bad
 
-    def fetch_many(self, digests: Iterable[bytes], check: bool = True) -> Dict[bytes, bytes]:
-        """The bytes of many objects, read in pack order; raises IntegrityError."""
-        return {d: self.get(d, check) for d in sorted(set(digests), key=self._order)}
-
     def _block(self, name: str, block_no: int) -> bytes:
         key = (name, block_no)
-        if key not in self._cache:
+        data = self._cache.get(key)
+        if data is None:
+            # Decompressed outside the lock (zlib releases the GIL); a block two threads
+            # read at once is decompressed twice, which is harmless.
             data = self._read_block(name, block_no)
-            while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
-                self._cached -= len(self._cache.pop(next(iter(self._cache))))
-            self._cache[key] = data
-            self._cached += len(data)
-        return self._cache[key]
+            with self._cache_lock:
+                if key not in self._cache:
+                    while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
+                        self._cached -= len(self._cache.pop(next(iter(self._cache))))
+                    self._cache[key] = data
+                    self._cached += len(data)
+        return data
 
     def _read_block(self, name: str, block_no: int) -> bytes:
         path = self.packs_dir / (name + ".pack")
@@ -1926,9 +1929,8 @@ class BackupManager:
                 problems.append("%s: %s" % (_entry_path(entry), bad))
             else:
                 good.append(entry)
-        if deep:
-            data = objects.fetch_many(d for _, ds in needs for d in ds if not checked[d])
-            problems.extend(p for e in good for p in _deep_check(e, lists, data))
+        if deep:   # one file at a time: memory is bounded by the largest file
+            problems.extend(p for e in good for p in _deep_check(e, objects, lists))
         return problems
 
     # -- restore --------------------------------------------------------------
@@ -1972,13 +1974,17 @@ class BackupManager:
                                    removed=plan.removed, unchanged=plan.unchanged,
                                    safety_backup=None)
             if dry_run or not plan.changes():
+                plan.check()   # a corrupt backup fails even when nothing would change
                 return result
             if not live and not force and plan.target_had_files:
                 raise RefusedError("--target %s is not empty; use --force to restore into it"
                                    % root)
-            if live:
-                result.safety_backup = self._safety_snapshot(backup_id)
-            plan.apply()
+
+            def before_swap() -> None:   # every staged file is checked by now
+                if live:
+                    result.safety_backup = self._safety_snapshot(backup_id)
+
+            plan.apply(before_swap)
         self.store.record_operation("restore", started, time.monotonic() - clock, {
             "backup_id": backup_id, "target": str(root.resolve()),
             "created": len(result.created), "replaced": len(result.replaced),
@@ -2143,9 +2149,9 @@ def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], An
     return list(seen.values())
 
 
-def _deep_check(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> List[str]:
+def _deep_check(entry: Dict[str, Any], objects: _ObjectStore, lists: _Lists) -> List[str]:
     try:
-        _check_parses(entry, rebuild_content(entry, lists, data))
+        _check_parses(entry, read_file_content(entry, objects, lists))
     except (AmlError, ValueError, KeyError, TypeError) as exc:
         return ["%s: %s" % (_entry_path(entry), exc)]
     return []
@@ -2165,6 +2171,22 @@ def _entry_objects(entry: Dict[str, Any], lists: _Lists) -> List[bytes]:
         raise IntegrityError("item list has %d records, manifest says %d"
                              % (len(items), entry["count"]))
     return chain + items
+
+
+def read_file_content(entry: Dict[str, Any], objects: _ObjectStore,
+                      lists: Optional[_Lists] = None) -> bytes:
+    """One file's content (decompressed for gzip files) read from the repository and checked
+    against its recorded SHA-256; holds only that file. Raises IntegrityError, KeyError..."""
+    lists = lists or _Lists(objects)
+    digests = _entry_objects(entry, lists)
+    if entry["kind"] != "blob":
+        digests = digests[len(digests) - entry["count"]:] if entry["count"] else []
+    data: Dict[bytes, bytes] = {}
+    for digest in digests:
+        if digest not in data:
+            # The SHA-256 of the whole rebuilt file covers every object in it.
+            data[digest] = objects.get(digest, check=False)
+    return rebuild_content(entry, lists, data)
 
 
 def rebuild_content(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> bytes:
@@ -2224,8 +2246,9 @@ class _RestorePlan:
         self.manager = manager
         self.root = root
         self.live = root == manager.store.root.resolve()
+        self.backup_id = manifest["id"]
         self.entries = self._entries(manifest, scope)
-        self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
+        self.objects = _ObjectStore(manager.packs)
         self.created: List[str] = []
         self.replaced: List[str] = []
         self.unchanged = 0
@@ -2235,27 +2258,24 @@ class _RestorePlan:
         self.target_had_files = bool(existing)
         self.removed = [rel for rel in existing if rel not in self.entries]
 
-    def _rebuild(self, backup_id: str, objects: _ObjectStore) -> Dict[str, bytes]:
-        """Every file's content, verified, before anything is touched; raises IntegrityError."""
-        lists = _Lists(objects)
-        needs, content = {}, {}
-        for rel, entry in self.entries.items():
+    def check(self) -> None:
+        """Rebuild and check every file of the scope, writing nothing; raises IntegrityError."""
+        self._each_file(lambda rel, content: None)
+
+    def _each_file(self, use: Callable[[str, bytes], None]) -> None:
+        """Rebuild every file of the scope on worker threads, check its SHA-256, pass it to
+        ``use``; one file per worker in memory. Raises IntegrityError naming the file."""
+        def job(rel: str) -> None:
             try:
-                needs[rel] = _entry_objects(entry, lists)
+                content = read_file_content(self.entries[rel], self.objects)
             except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
-        try:
-            # Each rebuilt file is checked against its full SHA-256 below, which covers
-            # every object in it, so hashing each object again would only cost time.
-            data = objects.fetch_many((d for ds in needs.values() for d in ds), check=False)
-        except IntegrityError as exc:
-            raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
-        for rel, entry in self.entries.items():
-            try:
-                content[rel] = rebuild_content(entry, lists, data)
-            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
-        return content
+                raise IntegrityError("backup %s: %s: %s" % (self.backup_id, rel, exc)) from None
+            use(rel, content)
+
+        # zlib, SHA-256, gzip and fsync release the GIL, so files overlap on both cores.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
+            for _ in pool.map(job, list(self.entries)):
+                pass
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
@@ -2298,9 +2318,11 @@ class _RestorePlan:
         """True if the restore would change anything."""
         return bool(self.created or self.replaced or self.removed)
 
-    def apply(self) -> None:
-        """Stage every file, then swap each in (runtime lock, os.replace) and remove extras."""
+    def apply(self, before_swap: Callable[[], None]) -> None:
+        """Stage every file (each rebuilt and checked; nothing is swapped if any fails), call
+        ``before_swap`` (the safety snapshot), then swap each in and remove extras."""
         state = self.root / STATE_DIR_NAME
+        made_root = not self.root.exists()
         _check_no_symlinks(self.root, STATE_DIR_NAME + "/x")
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         for old in state.glob("restore-*"):
@@ -2309,6 +2331,7 @@ class _RestorePlan:
         staging.mkdir(mode=0o700)
         try:
             staged = self._stage(staging)
+            before_swap()
             for n, rel in enumerate(self.created + self.replaced, 1):
                 self.manager.progress("restore: file %d of %d" % (n, len(staged)))
                 self._swap(rel, staged[rel])
@@ -2318,22 +2341,26 @@ class _RestorePlan:
             _remove_tree(staging)
             with contextlib.suppress(OSError):
                 state.rmdir()   # only if empty: a --target restore leaves no aml folder
+                if made_root:
+                    self.root.rmdir()   # a failed --target restore leaves no empty folder
 
     def _stage(self, staging: Path) -> Dict[str, Path]:
-        """Write every file to be swapped in under ``staging``, fsynced; gzip on threads."""
-        names = self.created + self.replaced
-        jobs = [(rel, staging / str(n)) for n, rel in enumerate(names)]
-        workers = max(1, min(4, os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda job: self._stage_one(*job), jobs))
-        return dict(jobs)
+        """Check every file of the scope; write (fsynced) those to be swapped in."""
+        staged = {rel: staging / str(n) for n, rel in enumerate(self.created + self.replaced)}
 
-    def _stage_one(self, rel: str, path: Path) -> None:
+        def use(rel: str, content: bytes) -> None:
+            if rel in staged:
+                self._stage_one(rel, staged[rel], content)
+
+        self._each_file(use)
+        return staged
+
+    def _stage_one(self, rel: str, path: Path, content: bytes) -> None:
         entry = self.entries[rel]
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(encode_restored(entry, self.content[rel]))
+            handle.write(encode_restored(entry, content))
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(str(path), mode & 0o777)
