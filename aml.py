@@ -1042,7 +1042,9 @@ class Archive:
 # =============================================================================
 # Only this section needs these; importing them here keeps the shared import block stable.
 import concurrent.futures  # noqa: E402
+import bisect  # noqa: E402
 import difflib  # noqa: E402
+import itertools  # noqa: E402
 import struct  # noqa: E402
 
 
@@ -1062,13 +1064,15 @@ class BackupType(enum.Enum):
 SCHEDULE_PERIODS = {"hourly": 1.0 / 24, "daily": 1.0, "weekly": 7.0, "monthly": 30.0}
 FULL_EVERY_PERIODS = 7
 REPO_DIR_NAME = "aml"
-BLOCK_SIZE = 256 * 1024          # uncompressed bytes per zlib block inside a pack
+BLOCK_SIZE = 1024 * 1024         # uncompressed bytes per zlib block inside a pack
 MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
 BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
 RESTORE_WORKERS = 4              # files rebuilt, checked and written at once by restore
 PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
 _PACK_MAGIC = b"AMLPACK1"
-_IDX_MAGIC = b"AMLIDX02"
+_IDX_MAGIC = b"AMLIDX03"           # object rows sorted by key
+_IDX_MAGIC_UNSORTED = b"AMLIDX02"  # older indexes: still read (no binary search)
+_PROBES_BEFORE_MAP = 2048          # lookups by binary search before building the full map
 KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
 _MANIFEST_FORMAT = "aml-backup-manifest-1"
 
@@ -1260,7 +1264,7 @@ def _gzip_mtime(raw: bytes) -> int:
 # -- Pack files: content-addressed objects in zlib blocks -------------------
 
 class _PackWriter:
-    """Appends new objects to one new pack, compressing 256 KiB blocks on worker threads.
+    """Appends new objects to one new pack, compressing 1 MiB blocks on worker threads.
 
     The pack is written under its final name but stays invisible until ``commit`` writes
     its index (after fsync of the pack); a pack without an index is a leftover.
@@ -1365,23 +1369,64 @@ def _encode_index(blocks: List[Tuple[int, int, int]],
     """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
 
     Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
-    manifest or item list that references them and is checked on every read).
+    manifest or item list that references them and is checked on every read). Rows are
+    sorted by key, so a few lookups need no table in memory (binary search).
     """
     parts = [struct.pack("<I", len(blocks))]
     parts.extend(struct.pack("<QII", *b) for b in blocks)
     parts.append(struct.pack("<I", len(entries)))
-    parts.extend(d[:KEY_LEN] + struct.pack("<III", *loc) for d, loc in entries.items())
+    rows = sorted((d[:KEY_LEN], loc) for d, loc in entries.items())
+    parts.extend(key + struct.pack("<III", *loc) for key, loc in rows)
     payload = b"".join(parts)
     return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
 
 
-def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
-                                                     Dict[bytes, Tuple[int, int, int]]]:
+_ROW = KEY_LEN + 12   # bytes per object row in a pack index: key, block, offset, length
+
+
+class _PackIndex:
+    """One pack's decoded index: its block table and its object rows (raw bytes)."""
+
+    def __init__(self, name: str, blocks: List[Tuple[int, int, int]], table: bytes,
+                 sorted_keys: bool):
+        self.name = name
+        self.blocks = blocks
+        self.table = table
+        self.count = len(table) // _ROW
+        self.sorted_keys = sorted_keys
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, row: int) -> bytes:
+        """The key of a row (lets ``bisect`` search the raw table)."""
+        if not 0 <= row < self.count:
+            raise IndexError(row)
+        return self.table[row * _ROW:row * _ROW + KEY_LEN]
+
+    def keys(self) -> List[bytes]:
+        """Every key, in row order."""
+        table = self.table
+        return [table[i:i + KEY_LEN] for i in range(0, len(table), _ROW)]
+
+    def loc(self, row: int) -> Tuple[int, int, int]:
+        """(block, offset, length) of a row."""
+        return struct.unpack_from("<III", self.table, row * _ROW + KEY_LEN)
+
+    def find(self, key: bytes) -> Optional[int]:
+        """The row of a key by binary search (sorted indexes only), or None."""
+        row = bisect.bisect_left(self, key)
+        return row if row < self.count and self[row] == key else None
+
+
+def _decode_index(path: Path, raw: bytes) -> _PackIndex:
     try:
         payload = zlib.decompress(raw[40:])
     except zlib.error:
         payload = b""
-    if not raw.startswith(_IDX_MAGIC) or hashlib.sha256(payload).digest() != raw[8:40]:
+    magic = raw[:8]
+    if magic not in (_IDX_MAGIC, _IDX_MAGIC_UNSORTED) \
+            or hashlib.sha256(payload).digest() != raw[8:40]:
         raise IntegrityError("%s: pack index checksum mismatch" % path)
     try:
         nblocks = struct.unpack_from("<I", payload, 0)[0]
@@ -1389,46 +1434,64 @@ def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
         blocks = list(struct.iter_unpack("<QII", payload[4:pos]))
         nobj = struct.unpack_from("<I", payload, pos)[0]
         table = payload[pos + 4:]
-        width = KEY_LEN + 12
-        if len(table) != width * nobj:
+        if len(blocks) != nblocks or len(table) != _ROW * nobj:
             raise ValueError("size")
-        entries = {key: (block, off, length) for key, block, off, length
-                   in struct.iter_unpack("<%dsIII" % KEY_LEN, table)}
     except (struct.error, ValueError):
         raise IntegrityError("%s: malformed pack index" % path) from None
-    return blocks, entries
+    return _PackIndex(path.stem, blocks, table, magic == _IDX_MAGIC)
 
 
 class _ObjectStore:
-    """Read side of the repository: every committed pack's objects, checked on every read."""
+    """Read side of the repository: every committed pack's objects, checked on every read.
+
+    Indexes are decoded to raw sorted tables; the key-to-location map over all packs is
+    built only when many objects are looked up (a no-change incremental looks up a few).
+    """
 
     def __init__(self, packs_dir: Path):
         self.packs_dir = packs_dir
-        self.where: Dict[bytes, Tuple[str, int, int, int]] = {}
-        self.blocks: Dict[str, List[Tuple[int, int, int]]] = {}
-        self.entries: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
+        self.packs: Dict[str, _PackIndex] = {}
         self.problems: List[str] = []
+        self._where: Optional[Dict[bytes, Tuple[_PackIndex, int]]] = None
+        self._probes = 0
         self._cache: Dict[Tuple[str, int], bytes] = {}
         self._cached = 0
         self._cache_lock = threading.Lock()   # restore reads files on worker threads
+        self._map_lock = threading.Lock()
         for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
-            self._load(idx)
+            try:
+                self.packs[idx.stem] = _decode_index(idx, idx.read_bytes())
+            except (OSError, IntegrityError) as exc:
+                self.problems.append(str(exc))
 
-    def _load(self, idx: Path) -> None:
-        try:
-            blocks, entries = _decode_index(idx, idx.read_bytes())
-        except (OSError, IntegrityError) as exc:
-            self.problems.append(str(exc))
-            return
-        name = idx.stem
-        self.blocks[name] = blocks
-        self.entries[name] = entries
-        for digest, (block, off, length) in entries.items():
-            self.where.setdefault(digest, (name, block, off, length))
+    @property
+    def where(self) -> Dict[bytes, Tuple[_PackIndex, int]]:
+        """{key: (pack, row)} over every pack; the first pack (by name) holding a key wins."""
+        if self._where is not None:
+            return self._where
+        with self._map_lock:   # restore's worker threads may all ask at once
+            if self._where is None:
+                where: Dict[bytes, Tuple[_PackIndex, int]] = {}
+                for pack in reversed(list(self.packs.values())):
+                    where.update(zip(pack.keys(),
+                                     zip(itertools.repeat(pack), range(pack.count))))
+                self._where = where
+        return self._where
+
+    def _locate(self, key: bytes) -> Optional[Tuple[_PackIndex, int]]:
+        if self._where is None and self._probes < _PROBES_BEFORE_MAP:
+            self._probes += 1
+            if all(p.sorted_keys for p in self.packs.values()):
+                for pack in self.packs.values():
+                    row = pack.find(key)
+                    if row is not None:
+                        return pack, row
+                return None
+        return self.where.get(key)
 
     def has(self, digest: bytes) -> bool:
         """True if a committed pack indexes this object."""
-        return digest[:KEY_LEN] in self.where
+        return self._locate(digest[:KEY_LEN]) is not None
 
     def get(self, digest: bytes, check: bool = True) -> bytes:
         """The object's bytes; raises IntegrityError if missing, unreadable or not matching.
@@ -1436,29 +1499,68 @@ class _ObjectStore:
         ``check=False`` skips the per-object SHA-256 (the length is still checked) for
         callers that verify the SHA-256 of the whole rebuilt file instead.
         """
-        loc = self.where.get(digest[:KEY_LEN])
-        if loc is None:
+        found = self._locate(digest[:KEY_LEN])
+        if found is None:
             raise IntegrityError("object %s is missing" % digest.hex()[:16])
-        name, block_no, off, length = loc
-        data = self._block(name, block_no)[off:off + length]
+        pack, row = found
+        block_no, off, length = pack.loc(row)
+        data = self._block(pack.name, block_no)[off:off + length]
         if len(data) != length or (check and hashlib.sha256(data).digest() != digest):
             raise IntegrityError("object %s in %s.pack: checksum mismatch"
-                                 % (digest.hex()[:16], name))
+                                 % (digest.hex()[:16], pack.name))
         return data
 
-    def _order(self, digest: bytes) -> Tuple[str, int, int]:
-        loc = self.where.get(digest[:KEY_LEN])
-        return (loc[0], loc[1], loc[2]) if loc else ("", -1, 0)
+    def get_unchecked(self, digests: Sequence[bytes]) -> List[bytes]:
+        """The bytes of many objects, in order, with lengths checked but not SHA-256s (for
+        callers that check the SHA-256 of the whole file they make); raises IntegrityError."""
+        where, out, last, block = self.where, [], None, b""
+        for digest in digests:
+            found = where.get(digest[:KEY_LEN])
+            if found is None:
+                raise IntegrityError("object %s is missing" % digest.hex()[:16])
+            pack, row = found
+            block_no, off, length = struct.unpack_from("<III", pack.table,
+                                                       row * _ROW + KEY_LEN)
+            if (pack.name, block_no) != last:
+                last = (pack.name, block_no)
+                block = self._block(*last)
+            data = block[off:off + length]
+            if len(data) != length:
+                raise IntegrityError("object %s in %s.pack: truncated"
+                                     % (digest.hex()[:16], pack.name))
+            out.append(data)
+        return out
 
     def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
-        """Check objects in pack order (each block read once); returns {digest: problem}."""
-        bad = {}
-        for digest in sorted(set(digests), key=self._order):
-            try:
-                self.get(digest)
-            except IntegrityError as exc:
-                bad[digest] = str(exc)
+        """Check objects block by block (each block read and decompressed once, the next
+        ones on worker threads); returns {digest: problem}."""
+        bad: Dict[bytes, str] = {}
+        by_block: Dict[Tuple[str, int], List[Tuple[int, int, bytes]]] = {}
+        where = self.where
+        for digest in set(digests):
+            found = where.get(digest[:KEY_LEN])
+            if found is None:
+                bad[digest] = "object %s is missing" % digest.hex()[:16]
+                continue
+            block_no, off, length = found[0].loc(found[1])
+            by_block.setdefault((found[0].name, block_no), []).append((off, length, digest))
+        sha256 = hashlib.sha256
+        for key, block in _prefetched(self._read_block_safe, sorted(by_block)):
+            for off, length, digest in by_block[key]:
+                if isinstance(block, IntegrityError):
+                    bad[digest] = str(block)
+                elif length > len(block) - off or sha256(block[off:off + length]).digest() \
+                        != digest:
+                    bad[digest] = "object %s in %s.pack: checksum mismatch" % (
+                        digest.hex()[:16], key[0])
         return bad
+
+    def _read_block_safe(self, key: Tuple[str, int]) -> Any:
+        """A block's bytes (as a memoryview), or the IntegrityError reading it raised."""
+        try:
+            return memoryview(self._read_block(*key))
+        except IntegrityError as exc:
+            return exc
 
     def _block(self, name: str, block_no: int) -> bytes:
         key = (name, block_no)
@@ -1478,7 +1580,7 @@ class _ObjectStore:
     def _read_block(self, name: str, block_no: int) -> bytes:
         path = self.packs_dir / (name + ".pack")
         try:
-            offset, clen, ulen = self.blocks[name][block_no]
+            offset, clen, ulen = self.packs[name].blocks[block_no]
             with open(str(path), "rb") as handle:
                 handle.seek(offset)
                 data = zlib.decompress(handle.read(clen))
@@ -1487,6 +1589,22 @@ class _ObjectStore:
         if len(data) != ulen:
             raise IntegrityError("%s: block %d has the wrong size" % (path, block_no))
         return data
+
+
+def _prefetched(func: Callable[[Any], Any], keys: List[Any],
+                ahead: int = 2) -> Iterator[Tuple[Any, Any]]:
+    """``(key, func(key))`` in order, computing up to ``ahead`` results on worker threads;
+    memory holds at most ``ahead + 1`` results."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: collections.deque = collections.deque()
+        for key in keys:
+            pending.append((key, pool.submit(func, key)))
+            if len(pending) > ahead:
+                done_key, future = pending.popleft()
+                yield done_key, future.result()
+        while pending:
+            done_key, future = pending.popleft()
+            yield done_key, future.result()
 
 
 # -- Item lists: a file's records as digests, stored whole or as deltas -----
@@ -2177,27 +2295,14 @@ def read_file_content(entry: Dict[str, Any], objects: _ObjectStore,
                       lists: Optional[_Lists] = None) -> bytes:
     """One file's content (decompressed for gzip files) read from the repository and checked
     against its recorded SHA-256; holds only that file. Raises IntegrityError, KeyError..."""
-    lists = lists or _Lists(objects)
-    digests = _entry_objects(entry, lists)
-    if entry["kind"] != "blob":
-        digests = digests[len(digests) - entry["count"]:] if entry["count"] else []
-    data: Dict[bytes, bytes] = {}
-    for digest in digests:
-        if digest not in data:
-            # The SHA-256 of the whole rebuilt file covers every object in it.
-            data[digest] = objects.get(digest, check=False)
-    return rebuild_content(entry, lists, data)
-
-
-def rebuild_content(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> bytes:
-    """A file's content (decompressed for gzip files) from fetched objects, checked against
-    its recorded SHA-256; raises IntegrityError or KeyError (object not fetched)."""
+    digests = _entry_objects(entry, lists or _Lists(objects))
+    # Objects are not hashed one by one: the SHA-256 of the whole file covers them all.
     if entry["kind"] == "blob":
-        content = data[bytes.fromhex(entry["object"])]
+        content = objects.get_unchecked(digests[:1])[0]
         expected = entry["sha256"]
     else:
-        items = _entry_objects(entry, lists)[-entry["count"]:] if entry["count"] else []
-        body = entry["sep"].encode("utf-8").join(data[d] for d in items)
+        items = digests[len(digests) - entry["count"]:] if entry["count"] else []
+        body = entry["sep"].encode("utf-8").join(objects.get_unchecked(items))
         content = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
                             body, entry["tail"].encode("utf-8")])
         expected = entry["content_sha256"]
@@ -2332,9 +2437,16 @@ class _RestorePlan:
         try:
             staged = self._stage(staging)
             before_swap()
-            for n, rel in enumerate(self.created + self.replaced, 1):
-                self.manager.progress("restore: file %d of %d" % (n, len(staged)))
-                self._swap(rel, staged[rel])
+            swapped: Dict[Path, None] = {}
+            try:
+                for n, rel in enumerate(self.created + self.replaced, 1):
+                    self.manager.progress("restore: file %d of %d" % (n, len(staged)))
+                    swapped.update(dict.fromkeys(self._swap(rel, staged[rel])))
+            finally:
+                # Each file is whole at every moment; the renames are made durable once per
+                # folder (also after a failure), before anything is removed or recorded.
+                for folder in swapped:
+                    fsync_dir(folder)
             for rel in self.removed:
                 self._remove(rel)
         finally:
@@ -2365,14 +2477,19 @@ class _RestorePlan:
             os.fsync(handle.fileno())
         os.chmod(str(path), mode & 0o777)
 
-    def _swap(self, rel: str, staged: Path) -> None:
+    def _swap(self, rel: str, staged: Path) -> List[Path]:
+        """Move one staged file into place; returns the folders whose entries changed."""
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
+        made, folder = [], path.parent
+        while not folder.exists():
+            made.append(folder.parent)
+            folder = folder.parent
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_no_symlinks(self.root, rel)
         with self._lock(path):
             os.replace(str(staged), str(path))
-        fsync_dir(path.parent)
+        return [path.parent] + made
 
     def _lock(self, path: Path) -> Any:
         """The runtime's lock for a file of the live store; a --target has no runtime."""
@@ -2425,8 +2542,10 @@ class _GarbageCollector:
         """Plan per pack, then (unless dry_run) rewrite and delete."""
         drop, rewrite = [], []
         live = {d[:KEY_LEN]: d for d in self.live}
-        for name, entries in self.objects.entries.items():
-            keep = [live[k] for k in entries if k in live and self.objects.where[k][0] == name]
+        where = self.objects.where
+        for name, pack in self.objects.packs.items():
+            entries = dict(zip(pack.keys(), map(pack.loc, range(pack.count))))
+            keep = [live[k] for k in entries if k in live and where[k][0] is pack]
             kept = {d[:KEY_LEN] for d in keep}
             dead = [entries[k][2] for k in entries if k not in kept]
             if not dead:
@@ -2442,7 +2561,7 @@ class _GarbageCollector:
         before = self._size(n for n, _ in rewrite) + self._size(drop)
         if dry_run:
             self.result.bytes_freed = self._size(drop) + sum(
-                int(self._size([n]) * (1 - len(k) / len(self.objects.entries[n])))
+                int(self._size([n]) * (1 - len(k) / self.objects.packs[n].count))
                 for n, k in rewrite)
             return
         added = self._rewrite(rewrite)
@@ -2590,11 +2709,14 @@ class _SnapshotBuilder:
         if parts is None:
             return None
         head, sep, tail, spans = parts
-        items = []
+        body = content[len(UTF8_BOM):] if bom else content
+        # In ASCII text, character offsets are byte offsets: slice the bytes, no re-encoding.
+        ascii_text = body.isascii()
+        sha256, add, items = hashlib.sha256, writer.add, []
         for start, end in spans:
-            data = text[start:end].encode("utf-8")
-            digest = hashlib.sha256(data).digest()
-            writer.add(digest, data)
+            data = body[start:end] if ascii_text else text[start:end].encode("utf-8")
+            digest = sha256(data).digest()
+            add(digest, data)
             items.append(digest)
         ref, depth = self._store_list(items, prev, writer)
         return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
