@@ -1275,7 +1275,9 @@ class _PackWriter:
         self.path = packs_dir / (self.name + ".pack")
         self.level = level
         self.known = known
-        self.entries: Dict[bytes, Tuple[int, int, int]] = {}
+        # key (first KEY_LEN bytes of the SHA-256) -> packed (block, offset, length): compact,
+        # as a first full backup holds one per record until the index is written.
+        self.entries: Dict[bytes, bytes] = {}
         self.blocks: List[Tuple[int, int, int]] = []
         self.bytes_written = 0
         self.committed = False
@@ -1296,7 +1298,7 @@ class _PackWriter:
         ``meta`` objects (item lists) go to their own blocks, so reading a snapshot's lists
         does not decompress record blocks.
         """
-        if digest in self.entries or digest in self._queued or self.known(digest):
+        if digest[:KEY_LEN] in self.entries or digest in self._queued or self.known(digest):
             return False
         buf = self._bufs[meta]
         buf.append((digest, data))
@@ -1313,7 +1315,7 @@ class _PackWriter:
         block_no, offset = self._next_block, 0
         self._next_block += 1
         for digest, data in buf:
-            self.entries[digest] = (block_no, offset, len(data))
+            self.entries[digest[:KEY_LEN]] = struct.pack("<III", block_no, offset, len(data))
             offset += len(data)
         block = b"".join(data for _, data in buf)
         self._pending.append((self._pool.submit(zlib.compress, block, self.level), len(block)))
@@ -1364,19 +1366,17 @@ class _PackWriter:
             self.path.unlink()
 
 
-def _encode_index(blocks: List[Tuple[int, int, int]],
-                  entries: Dict[bytes, Tuple[int, int, int]]) -> bytes:
+def _encode_index(blocks: List[Tuple[int, int, int]], entries: Dict[bytes, bytes]) -> bytes:
     """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
 
     Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
     manifest or item list that references them and is checked on every read). Rows are
-    sorted by key, so a few lookups need no table in memory (binary search).
+    sorted by key, so a few lookups need no map (binary search in the raw table).
     """
     parts = [struct.pack("<I", len(blocks))]
     parts.extend(struct.pack("<QII", *b) for b in blocks)
     parts.append(struct.pack("<I", len(entries)))
-    rows = sorted((d[:KEY_LEN], loc) for d, loc in entries.items())
-    parts.extend(key + struct.pack("<III", *loc) for key, loc in rows)
+    parts.extend(key + entries[key] for key in sorted(entries))
     payload = b"".join(parts)
     return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
 
