@@ -1044,7 +1044,6 @@ class Archive:
 import concurrent.futures  # noqa: E402
 import bisect  # noqa: E402
 import difflib  # noqa: E402
-import itertools  # noqa: E402
 import struct  # noqa: E402
 
 
@@ -1067,6 +1066,7 @@ REPO_DIR_NAME = "aml"
 BLOCK_SIZE = 1024 * 1024         # uncompressed bytes per zlib block inside a pack
 MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
 BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
+VERIFY_BATCH_OBJECTS = 65536     # objects verify checks together (bounds its memory)
 RESTORE_WORKERS = 4              # files rebuilt, checked and written at once by restore
 PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
 _PACK_MAGIC = b"AMLPACK1"
@@ -1452,7 +1452,7 @@ class _ObjectStore:
         self.packs_dir = packs_dir
         self.packs: Dict[str, _PackIndex] = {}
         self.problems: List[str] = []
-        self._where: Optional[Dict[bytes, Tuple[_PackIndex, int]]] = None
+        self._where: Optional[Dict[bytes, int]] = None
         self._probes = 0
         self._cache: Dict[Tuple[str, int], bytes] = {}
         self._cached = 0
@@ -1463,22 +1463,30 @@ class _ObjectStore:
                 self.packs[idx.stem] = _decode_index(idx, idx.read_bytes())
             except (OSError, IntegrityError) as exc:
                 self.problems.append(str(exc))
+        self.pack_list = list(self.packs.values())
 
     @property
-    def where(self) -> Dict[bytes, Tuple[_PackIndex, int]]:
-        """{key: (pack, row)} over every pack; the first pack (by name) holding a key wins."""
+    def where(self) -> Dict[bytes, int]:
+        """{key: pack number << 32 | row} over every pack (one int per object keeps it
+        small); the first pack (by name) holding a key wins. See ``at``."""
         if self._where is not None:
             return self._where
         with self._map_lock:   # restore's worker threads may all ask at once
             if self._where is None:
-                where: Dict[bytes, Tuple[_PackIndex, int]] = {}
-                for pack in reversed(list(self.packs.values())):
-                    where.update(zip(pack.keys(),
-                                     zip(itertools.repeat(pack), range(pack.count))))
+                where: Dict[bytes, int] = {}
+                for number in reversed(range(len(self.pack_list))):
+                    pack = self.pack_list[number]
+                    where.update(zip(pack.keys(), range(number << 32,
+                                                        (number << 32) + pack.count)))
                 self._where = where
         return self._where
 
+    def at(self, code: int) -> Tuple[_PackIndex, int]:
+        """The (pack, row) a ``where`` value names."""
+        return self.pack_list[code >> 32], code & 0xFFFFFFFF
+
     def _locate(self, key: bytes) -> Optional[Tuple[_PackIndex, int]]:
+        """(pack, row) of a key, or None."""
         if self._where is None and self._probes < _PROBES_BEFORE_MAP:
             self._probes += 1
             if all(p.sorted_keys for p in self.packs.values()):
@@ -1487,7 +1495,8 @@ class _ObjectStore:
                     if row is not None:
                         return pack, row
                 return None
-        return self.where.get(key)
+        code = self.where.get(key)
+        return None if code is None else self.at(code)
 
     def has(self, digest: bytes) -> bool:
         """True if a committed pack indexes this object."""
@@ -1515,10 +1524,10 @@ class _ObjectStore:
         callers that check the SHA-256 of the whole file they make); raises IntegrityError."""
         where, out, last, block = self.where, [], None, b""
         for digest in digests:
-            found = where.get(digest[:KEY_LEN])
-            if found is None:
+            code = where.get(digest[:KEY_LEN])
+            if code is None:
                 raise IntegrityError("object %s is missing" % digest.hex()[:16])
-            pack, row = found
+            pack, row = self.at(code)
             block_no, off, length = struct.unpack_from("<III", pack.table,
                                                        row * _ROW + KEY_LEN)
             if (pack.name, block_no) != last:
@@ -1538,12 +1547,13 @@ class _ObjectStore:
         by_block: Dict[Tuple[str, int], List[Tuple[int, int, bytes]]] = {}
         where = self.where
         for digest in set(digests):
-            found = where.get(digest[:KEY_LEN])
-            if found is None:
+            code = where.get(digest[:KEY_LEN])
+            if code is None:
                 bad[digest] = "object %s is missing" % digest.hex()[:16]
                 continue
-            block_no, off, length = found[0].loc(found[1])
-            by_block.setdefault((found[0].name, block_no), []).append((off, length, digest))
+            pack, row = self.at(code)
+            block_no, off, length = pack.loc(row)
+            by_block.setdefault((pack.name, block_no), []).append((off, length, digest))
         sha256 = hashlib.sha256
         for key, block in _prefetched(self._read_block_safe, sorted(by_block)):
             for off, length, digest in by_block[key]:
@@ -2007,8 +2017,8 @@ class BackupManager:
 
     def _verify_locked(self, ids: List[str], deep: bool) -> VerifyResult:
         objects = _ObjectStore(self.packs)
-        lists = _Lists(objects)
-        checked: Dict[bytes, Optional[str]] = {}
+        # Objects shared by several snapshots are checked once; one snapshot keeps no set.
+        checked: Optional[Dict[bytes, Optional[str]]] = {} if len(ids) > 1 else None
         result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
                               objects_checked=0, problems=list(objects.problems))
         for backup_id in ids:
@@ -2018,38 +2028,14 @@ class BackupManager:
             except AmlError as exc:
                 result.problems.append("%s: %s" % (backup_id, exc))
             else:
-                result.problems.extend("%s: %s" % (backup_id, p) for p in self._verify_files(
-                    manifest["files"], objects, lists, checked, deep))
+                problems, count = _verify_files(manifest["files"], objects, checked, deep)
+                result.problems.extend("%s: %s" % (backup_id, p) for p in problems)
                 result.files_checked += len(manifest["files"])
+                result.objects_checked += count
             if len(result.problems) > before:
                 result.failed.append(backup_id)
-        result.objects_checked = len(checked)
         result.ok = not result.problems
         return result
-
-    def _verify_files(self, entries: List[Any], objects: _ObjectStore, lists: _Lists,
-                      checked: Dict[bytes, Optional[str]], deep: bool) -> List[str]:
-        """Problems of one manifest's files: objects checked once each, in pack order."""
-        problems, needs = [], []
-        for entry in entries:
-            try:
-                safe_relpath(entry.get("path"))
-                needs.append((entry, _entry_objects(entry, lists)))
-            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                problems.append("%s: %s" % (_entry_path(entry), exc))
-        todo = {d for _, ds in needs for d in ds if d not in checked}
-        checked.update(dict.fromkeys(todo))
-        checked.update(objects.check_many(todo))
-        good = []
-        for entry, digests in needs:
-            bad = next((checked[d] for d in digests if checked[d]), None)
-            if bad:
-                problems.append("%s: %s" % (_entry_path(entry), bad))
-            else:
-                good.append(entry)
-        if deep:   # one file at a time: memory is bounded by the largest file
-            problems.extend(p for e in good for p in _deep_check(e, objects, lists))
-        return problems
 
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
@@ -2267,7 +2253,51 @@ def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], An
     return list(seen.values())
 
 
-def _deep_check(entry: Dict[str, Any], objects: _ObjectStore, lists: _Lists) -> List[str]:
+def _verify_files(entries: List[Any], objects: _ObjectStore,
+                  checked: Optional[Dict[bytes, Optional[str]]],
+                  deep: bool) -> Tuple[List[str], int]:
+    """Problems of one manifest's files and the number of objects checked. Files go in
+    batches of about VERIFY_BATCH_OBJECTS objects, so memory does not grow with the store."""
+    problems: List[str] = []
+    batch: List[Tuple[Dict[str, Any], List[bytes]]] = []
+    size = count = 0
+    for n, entry in enumerate(entries, 1):
+        try:
+            safe_relpath(entry.get("path"))
+            digests = _entry_objects(entry, _Lists(objects))
+        except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append("%s: %s" % (_entry_path(entry), exc))
+        else:
+            batch.append((entry, digests))
+            size += len(digests)
+        if batch and (size >= VERIFY_BATCH_OBJECTS or n == len(entries)):
+            count += _verify_batch(batch, objects, checked, deep, problems)
+            batch, size = [], 0
+    return problems, count
+
+
+def _verify_batch(batch: List[Tuple[Dict[str, Any], List[bytes]]], objects: _ObjectStore,
+                  checked: Optional[Dict[bytes, Optional[str]]], deep: bool,
+                  problems: List[str]) -> int:
+    """Check a batch's objects block by block, then (deep) rebuild and parse each good file."""
+    todo = {d for _, ds in batch for d in ds}
+    new = todo if checked is None else {d for d in todo if d not in checked}
+    bad = objects.check_many(new)
+    if checked is not None:   # remember each result, problems included, for later snapshots
+        checked.update(dict.fromkeys(new))
+        checked.update(bad)
+        bad = {d: checked[d] for d in todo if checked[d]}
+    for entry, digests in batch:
+        wrong = next((bad[d] for d in digests if d in bad), None)
+        if wrong:
+            problems.append("%s: %s" % (_entry_path(entry), wrong))
+        elif deep:   # one file at a time: memory is bounded by the largest file
+            problems.extend(_deep_check(entry, objects, None))
+    return len(new)
+
+
+def _deep_check(entry: Dict[str, Any], objects: _ObjectStore,
+                lists: Optional[_Lists]) -> List[str]:
     try:
         _check_parses(entry, read_file_content(entry, objects, lists))
     except (AmlError, ValueError, KeyError, TypeError) as exc:
@@ -2543,9 +2573,10 @@ class _GarbageCollector:
         drop, rewrite = [], []
         live = {d[:KEY_LEN]: d for d in self.live}
         where = self.objects.where
-        for name, pack in self.objects.packs.items():
+        for number, pack in enumerate(self.objects.pack_list):
+            name = pack.name
             entries = dict(zip(pack.keys(), map(pack.loc, range(pack.count))))
-            keep = [live[k] for k in entries if k in live and where[k][0] is pack]
+            keep = [live[k] for k in entries if k in live and where[k] >> 32 == number]
             kept = {d[:KEY_LEN] for d in keep}
             dead = [entries[k][2] for k in entries if k not in kept]
             if not dead:
