@@ -1067,7 +1067,7 @@ BLOCK_SIZE = 1024 * 1024         # uncompressed bytes per zlib block inside a pa
 MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
 BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
 VERIFY_BATCH_OBJECTS = 65536     # objects verify checks together (bounds its memory)
-RESTORE_WORKERS = 4              # files rebuilt, checked and written at once by restore
+RESTORE_WORKERS = 2              # files rebuilt, checked and written at once by restore
 PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
 _PACK_MAGIC = b"AMLPACK1"
 _IDX_MAGIC = b"AMLIDX03"           # object rows sorted by key
@@ -2332,9 +2332,14 @@ def read_file_content(entry: Dict[str, Any], objects: _ObjectStore,
         expected = entry["sha256"]
     else:
         items = digests[len(digests) - entry["count"]:] if entry["count"] else []
-        body = entry["sep"].encode("utf-8").join(objects.get_unchecked(items))
-        content = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
-                            body, entry["tail"].encode("utf-8")])
+        parts = objects.get_unchecked(items)
+        # One join (separators interleaved) so the file is copied once, not twice.
+        sep = entry["sep"].encode("utf-8")
+        framed = [sep] * max(2 * len(parts) - 1, 0)
+        framed[0::2] = parts
+        del parts
+        head = (UTF8_BOM if entry["bom"] else b"") + entry["head"].encode("utf-8")
+        content = b"".join([head] + framed + [entry["tail"].encode("utf-8")])
         expected = entry["content_sha256"]
     if sha256_hex(content) != expected:
         raise IntegrityError("rebuilt content does not match its recorded SHA-256")
