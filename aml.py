@@ -2703,7 +2703,8 @@ class _SnapshotBuilder:
                  "sha256": sha256_hex(raw), "stat": key}
         if prev and prev.get("sha256") == entry["sha256"] and self._intact(prev):
             return dict(prev, **entry)   # byte-identical: no need to split it again
-        entry.update(self._array_entry(raw, prev, writer) or self._blob_entry(rel, raw, writer))
+        entry.update(self._array_entry(raw, entry["sha256"], prev, writer)
+                     or self._blob_entry(rel, raw, writer))
         return entry
 
     def _intact(self, prev: Dict[str, Any]) -> bool:
@@ -2732,7 +2733,7 @@ class _SnapshotBuilder:
                                  % (self.store.root / rel))
         return {"kind": "blob", "object": digest.hex(), "json": kind}
 
-    def _array_entry(self, raw: bytes, prev: Optional[Dict[str, Any]],
+    def _array_entry(self, raw: bytes, raw_sha256: str, prev: Optional[Dict[str, Any]],
                      writer: _PackWriter) -> Optional[Dict[str, Any]]:
         is_gzip = raw[:2] == GZIP_MAGIC
         try:
@@ -2757,7 +2758,8 @@ class _SnapshotBuilder:
         ref, depth = self._store_list(items, prev, writer)
         return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
                 "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
-                "content_sha256": sha256_hex(content), "list": ref, "depth": depth}
+                "content_sha256": sha256_hex(content) if is_gzip else raw_sha256,
+                "list": ref, "depth": depth}
 
     def _store_list(self, items: List[bytes], prev: Optional[Dict[str, Any]],
                     writer: _PackWriter) -> Tuple[str, int]:
