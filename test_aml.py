@@ -867,6 +867,66 @@ def test_item_list_delta_chains_are_capped(tmp_path, monkeypatch):
     assert manager.verify(all_snapshots=True, deep=True).ok
 
 
+def _rewrite_index_unsorted(idx):
+    """Rewrite a pack index the way older aml wrote it: magic AMLIDX02, rows in any order."""
+    import struct
+    import zlib
+    pack = aml._decode_index(idx, idx.read_bytes())
+    rows = [pack.table[i:i + aml._ROW] for i in range(0, len(pack.table), aml._ROW)][::-1]
+    payload = b"".join([struct.pack("<I", len(pack.blocks))]
+                       + [struct.pack("<QII", *b) for b in pack.blocks]
+                       + [struct.pack("<I", len(rows))] + rows)
+    idx.write_bytes(b"AMLIDX02" + hashlib.sha256(payload).digest() + zlib.compress(payload))
+
+
+def test_index_search_and_map_agree_and_older_unsorted_indexes_still_read(tmp_path,
+                                                                          monkeypatch):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    manager = backup_manager(root)
+    snap = manager.create()
+    expected = content_digest(root)
+    keys = [k + bytes(20) for p in aml._ObjectStore(manager.packs).pack_list for k in p.keys()]
+    probes = keys[:40] + [bytes(32), b"\xff" * 32]
+    searched = aml._ObjectStore(manager.packs)          # few lookups: binary search
+    assert [searched.has(k) for k in probes] == [True] * 40 + [False, False]
+    assert searched._where is None
+    monkeypatch.setattr(aml, "_PROBES_BEFORE_MAP", 0)  # every lookup through the map
+    assert [aml._ObjectStore(manager.packs).has(k) for k in probes] == [True] * 40 + [False] * 2
+    monkeypatch.undo()
+    for idx in manager.packs.glob("*.idx"):
+        _rewrite_index_unsorted(idx)
+    mutate_store(root)
+    older = backup_manager(root)
+    assert older.verify(snap.backup_id, deep=True).ok
+    assert older.create().objects_added < 10        # unchanged records found in the old index
+    older.restore(snap.backup_id)
+    assert content_digest(root) == expected
+
+
+def test_verify_in_batches_names_every_snapshot_sharing_a_damaged_object(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(aml, "VERIFY_BATCH_OBJECTS", 7)
+    root = build_store(tmp_path / "memory")
+    first = backup_manager(root, verify_after_backup=False).create()
+    second = backup_manager(root, verify_after_backup=False).create(aml.BackupType.FULL)
+    one, both = backup_manager(root).verify(first.backup_id), \
+        backup_manager(root).verify(all_snapshots=True)
+    assert one.ok and both.ok and both.objects_checked == one.objects_checked > 7
+    _corrupt(backup_manager(root), "flipped")
+    result = backup_manager(root).verify(all_snapshots=True)
+    assert not result.ok and result.failed == [first.backup_id, second.backup_id]
+
+
+def test_corrupt_backup_restored_into_a_new_target_leaves_no_folder(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    snap = backup_manager(root, verify_after_backup=False).create()
+    _corrupt(backup_manager(root), "flipped")
+    target = tmp_path / "copy"
+    with pytest.raises(aml.IntegrityError):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    assert not target.exists()
+
+
 def test_stores_sharing_a_backup_root_never_touch_each_other(tmp_path):
     vault = tmp_path / "vault"
     one = build_store(tmp_path / "one" / "memory", gz=True, seed=1)
