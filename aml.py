@@ -1282,6 +1282,7 @@ class BackupResult:
     warnings: List[str] = dataclasses.field(default_factory=list)
     skipped: List[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    repaired: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -1322,6 +1323,7 @@ class VerifyResult:
     objects_checked: int
     problems: List[str]
     failed: List[str] = dataclasses.field(default_factory=list)
+    repaired: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -1432,6 +1434,11 @@ class _PackWriter:
 
     def __init__(self, packs_dir: Path, level: int, known: Callable[[bytes], bool]):
         self.name = "pack-%s-%s" % (time.strftime("%Y%m%d%H%M%S"), secrets.token_hex(4))
+        # The newest pack wins a lookup (a repaired copy must beat the damaged one), so a new
+        # pack's name sorts after every existing one even if the clock went back.
+        newest = max((p.stem for p in packs_dir.glob("pack-*.idx")), default="")
+        if self.name <= newest:
+            self.name = "%s-%s" % (newest, secrets.token_hex(4))
         self.path = packs_dir / (self.name + ".pack")
         self.level = level
         self.known = known
@@ -1618,7 +1625,10 @@ class _ObjectStore:
         self._cached = 0
         self._cache_lock = threading.Lock()   # restore reads files on worker threads
         self._map_lock = threading.Lock()
-        for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
+        # By stem, not file name: "pack-X-1.idx" must sort after "pack-X.idx" (see where).
+        found = sorted(packs_dir.glob("pack-*.idx"), key=lambda p: p.stem) \
+            if packs_dir.is_dir() else []
+        for idx in found:
             try:
                 self.packs[idx.stem] = _decode_index(idx, idx.read_bytes())
             except (OSError, IntegrityError) as exc:
@@ -1628,13 +1638,14 @@ class _ObjectStore:
     @property
     def where(self) -> Dict[bytes, int]:
         """{key: pack number << 32 | row} over every pack (one int per object keeps it
-        small); the first pack (by name) holding a key wins. See ``at``."""
+        small); the last pack (by name, so the newest) holding a key wins: a copy written
+        by a repair replaces a damaged one. See ``at``."""
         if self._where is not None:
             return self._where
         with self._map_lock:   # restore's worker threads may all ask at once
             if self._where is None:
                 where: Dict[bytes, int] = {}
-                for number in reversed(range(len(self.pack_list))):
+                for number in range(len(self.pack_list)):
                     pack = self.pack_list[number]
                     where.update(zip(pack.keys(), range(number << 32,
                                                         (number << 32) + pack.count)))
@@ -1650,7 +1661,7 @@ class _ObjectStore:
         if self._where is None and self._probes < _PROBES_BEFORE_MAP:
             self._probes += 1
             if all(p.sorted_keys for p in self.packs.values()):
-                for pack in self.packs.values():
+                for pack in reversed(self.pack_list):
                     row = pack.find(key)
                     if row is not None:
                         return pack, row
@@ -1661,6 +1672,14 @@ class _ObjectStore:
     def has(self, digest: bytes) -> bool:
         """True if a committed pack indexes this object."""
         return self._locate(digest[:KEY_LEN]) is not None
+
+    def intact(self, digest: bytes) -> bool:
+        """True if a committed pack holds this object and it reads back with its SHA-256."""
+        try:
+            self.get(digest)
+        except IntegrityError:
+            return False
+        return True
 
     def get(self, digest: bytes, check: bool = True) -> bytes:
         """The object's bytes; raises IntegrityError if missing, unreadable or not matching.
@@ -2098,10 +2117,13 @@ class BackupManager:
                              reason: Optional[str], verify: Optional[bool] = None) -> BackupResult:
         started, clock = self.store.now, time.monotonic()
         result = self._create_locked(btype, agents, reason)
-        if self.config.verify_after_backup if verify is None else verify:
-            check = self._verify_locked([result.backup_id], deep=False)
-            self._record_verify(check, started, clock)
-            result.verified = check.ok
+        wanted = self.config.verify_after_backup if verify is None else verify
+        # A full backup never trusts the objects it deduplicated against, verify or not.
+        if wanted or result.type is BackupType.FULL:
+            check = self._verify_and_repair(result)
+            if wanted:
+                self._record_verify(check, started, clock)
+                result.verified = check.ok
             if not check.ok:
                 raise IntegrityError("backup %s does not verify: %s"
                                      % (result.backup_id, "; ".join(check.problems[:3])))
@@ -2150,8 +2172,60 @@ class BackupManager:
     def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
         self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
         for backup_id in check.backup_ids:
-            self.store.record_operation("verify", started, time.monotonic() - clock, {
-                "backup_id": backup_id, "ok": backup_id not in check.failed, "deep": check.deep})
+            summary = {"backup_id": backup_id, "ok": backup_id not in check.failed,
+                       "deep": check.deep}
+            if check.repaired:
+                summary["repaired"] = check.repaired
+            self.store.record_operation("verify", started, time.monotonic() - clock, summary)
+
+    # -- repair ---------------------------------------------------------------
+    def _verify_and_repair(self, result: BackupResult) -> VerifyResult:
+        """Verify a new snapshot; if objects it uses are damaged or missing, write fresh
+        copies from the store's files (which the backup just read) and verify again."""
+        check = self._verify_locked([result.backup_id], deep=False)
+        if check.ok:
+            return check
+        repaired, bytes_added = self._repair(result.backup_id)
+        if not repaired:
+            return check
+        result.repaired = repaired
+        result.bytes_added += bytes_added
+        check = self._verify_locked([result.backup_id], deep=False)
+        check.repaired = repaired
+        return check
+
+    def _repair(self, backup_id: str) -> Tuple[List[str], int]:
+        """Re-read each file of the snapshot whose objects do not check and store its objects
+        again in a new pack (data, index, then the manifest if an entry changed, as any
+        backup). Returns what was repaired and the bytes added."""
+        manifest = self.load_manifest(backup_id)
+        objects = _ObjectStore(self.packs)
+        damaged = _damaged_entries(manifest["files"], objects)
+        if not damaged:
+            return [], 0
+        snap = _SnapshotBuilder(self, objects, None, incremental=False)
+        # Only objects that read back intact count as present: damaged ones are written anew.
+        writer = _PackWriter(self.packs, self.config.compression_level, objects.intact)
+        files, fixed = list(manifest["files"]), []
+        try:
+            for n in damaged:
+                entry = snap.file_entry(files[n]["path"], writer)
+                if entry is not None:   # unreadable now: the snapshot stays damaged
+                    files[n] = entry
+                    fixed.append(entry["path"])
+            added = writer.commit()
+            if files != manifest["files"]:
+                _write_manifest(self.manifest_path(backup_id), dict(manifest, files=files))
+                self._manifests.pop(backup_id, None)
+        except BaseException:
+            writer.abort()
+            raise
+        if not writer.entries:
+            return [], 0
+        names = ", ".join(fixed[:5]) + (" and %d more file(s)" % (len(fixed) - 5)
+                                        if len(fixed) > 5 else "")
+        return ["%d object(s) of %s written again to %s.pack"
+                % (len(writer.entries), names, writer.name)], added
 
     # -- verify ---------------------------------------------------------------
     def verify(self, backup_id: Optional[str] = None, deep: bool = False,
@@ -2411,6 +2485,19 @@ def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], An
                 break
             seen[period] = backup_id
     return list(seen.values())
+
+
+def _damaged_entries(entries: List[Any], objects: _ObjectStore) -> List[int]:
+    """Positions of the manifest entries with an object (or item list) that does not check."""
+    lists, needs, damaged = _Lists(objects), {}, []
+    for n, entry in enumerate(entries):
+        try:
+            needs[n] = _entry_objects(entry, lists)
+        except (AmlError, ValueError, KeyError, TypeError, AttributeError):
+            damaged.append(n)
+    bad = objects.check_many(d for ds in needs.values() for d in ds)
+    damaged.extend(n for n, ds in needs.items() if any(d in bad for d in ds))
+    return sorted(damaged)
 
 
 def _verify_files(entries: List[Any], objects: _ObjectStore,
@@ -8610,6 +8697,8 @@ def _print_backup(out: Output, result: BackupResult) -> None:
     out.progress_done()
     for warning in result.warnings:
         out.warn(warning)
+    for repair in result.repaired:   # the repository was damaged: say so even with -q
+        out.warn("repaired damaged backup data: %s" % repair)
     out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
              % (result.backup_id, result.files, result.records, result.files_reread,
                 result.objects_added, human_bytes(result.bytes_added),

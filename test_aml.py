@@ -1093,6 +1093,59 @@ def test_split_json_array_reassembles_exactly(text):
     assert head + sep.join(text[s:e] for s, e in spans) + tail == text
 
 
+def _flip_byte(pack):
+    """Damage one pack the way a bad disk sector does: one bit of a compressed block."""
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    pack.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", [["create"], ["full", "--no-verify"], ["incremental"]],
+                         ids=["create", "full-no-verify", "incremental"])
+def test_new_backup_repairs_damaged_objects_it_has_the_bytes_of(tmp_path, capsys, kind):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    before = content_digest(root)
+    old = backup_manager(root).create(aml.BackupType.FULL)
+    pack = next(backup_manager(root).packs.glob("*.pack"))
+    _flip_byte(pack)
+    # A name from a clock ahead: the repaired copy must still win the lookup.
+    for suffix in (".pack", ".idx"):
+        pack.with_suffix(suffix).rename(pack.parent / ("pack-29991231235959-ffffffff" + suffix))
+    code, _, err = run_cli(root, "backup", "verify", "--all", "--deep", capsys=capsys)
+    assert code == 6 and old.backup_id in err
+    code, out, err = run_cli(root, "backup", *kind, capsys=capsys)
+    assert code == 0 and "repaired damaged backup data" in err, err
+    if kind != ["full", "--no-verify"]:
+        check = aml.Store(root).last_operation("verify")
+        assert "verified" in out and check["summary"]["ok"] and check["summary"]["repaired"]
+    # Keys are content hashes: the older snapshot reads the repaired copies too.
+    assert run_cli(root, "backup", "verify", "--all", "--deep", "-q") == 0
+    mutate_store(root)
+    assert run_cli(root, "backup", "restore", old.backup_id, "-q") == 0
+    assert content_digest(root) == before
+
+
+def test_restore_of_an_intact_agent_works_beside_a_damaged_one(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root).create(aml.BackupType.FULL, agents=["test-automator"])
+    damaged = next(backup_manager(root).packs.glob("*.pack"))
+    snap = backup_manager(root).create(aml.BackupType.FULL)   # others land in a new pack
+    before = content_digest(root)
+    _flip_byte(damaged)
+    path = root / "code-reviewer" / "patterns.json"
+    write_data(path, read_data(path)[5:])
+    # The damaged agent's restore fails closed, naming the file; nothing is written.
+    code, _, err = run_cli(root, "backup", "restore", snap.backup_id, "--agents",
+                           "test-automator", "--target", tmp_path / "t", capsys=capsys)
+    assert code == 6 and "test-automator/" in err and not (tmp_path / "t").exists()
+    code, out, err = run_cli(root, "backup", "restore", snap.backup_id, "--agents",
+                             "code-reviewer", capsys=capsys)
+    assert code == 0 and "repaired damaged backup data" not in out, err
+    assert content_digest(root) == before
+    # Its safety backup re-stored test-automator's objects from the live files.
+    assert run_cli(root, "backup", "verify", snap.backup_id, "--deep", "-q") == 0
+
+
 @pytest.mark.parametrize("text", ["[]", "{}", "[1,", "[1] x", "[1, 2 ,3]", "[NaN]"])
 def test_split_json_array_refuses_what_it_cannot_split(text):
     assert aml.split_json_array(text) is None
