@@ -1338,6 +1338,7 @@ class RestoreResult:
     removed: List[str]
     unchanged: int
     safety_backup: Optional[str]
+    warnings: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -2185,24 +2186,25 @@ class BackupManager:
         check = self._verify_locked([result.backup_id], deep=False)
         if check.ok:
             return check
-        repaired, bytes_added = self._repair(result.backup_id)
+        repaired, objects_added, bytes_added = self._repair(result.backup_id)
         if not repaired:
             return check
         result.repaired = repaired
+        result.objects_added += objects_added
         result.bytes_added += bytes_added
         check = self._verify_locked([result.backup_id], deep=False)
         check.repaired = repaired
         return check
 
-    def _repair(self, backup_id: str) -> Tuple[List[str], int]:
+    def _repair(self, backup_id: str) -> Tuple[List[str], int, int]:
         """Re-read each file of the snapshot whose objects do not check and store its objects
         again in a new pack (data, index, then the manifest if an entry changed, as any
-        backup). Returns what was repaired and the bytes added."""
+        backup). Returns what was repaired, the objects and the bytes added."""
         manifest = self.load_manifest(backup_id)
         objects = _ObjectStore(self.packs)
         damaged = _damaged_entries(manifest["files"], objects)
         if not damaged:
-            return [], 0
+            return [], 0, 0
         snap = _SnapshotBuilder(self, objects, None, incremental=False)
         # Only objects that read back intact count as present: damaged ones are written anew.
         writer = _PackWriter(self.packs, self.config.compression_level, objects.intact)
@@ -2221,11 +2223,11 @@ class BackupManager:
             writer.abort()
             raise
         if not writer.entries:
-            return [], 0
+            return [], 0, 0
         names = ", ".join(fixed[:5]) + (" and %d more file(s)" % (len(fixed) - 5)
                                         if len(fixed) > 5 else "")
         return ["%d object(s) of %s written again to %s.pack"
-                % (len(writer.entries), names, writer.name)], added
+                % (len(writer.entries), names, writer.name)], len(writer.entries), added
 
     # -- verify ---------------------------------------------------------------
     def verify(self, backup_id: Optional[str] = None, deep: bool = False,
@@ -2320,7 +2322,11 @@ class BackupManager:
 
             def before_swap() -> None:   # every staged file is checked by now
                 if live:
-                    result.safety_backup = self._safety_snapshot(backup_id)
+                    safety = self._safety_snapshot(backup_id)
+                    result.safety_backup = safety.backup_id
+                    result.warnings.extend(
+                        "safety backup %s: repaired damaged backup data: %s"
+                        % (safety.backup_id, r) for r in safety.repaired)
 
             plan.apply(before_swap)
         self.store.record_operation("restore", started, time.monotonic() - clock, {
@@ -2329,14 +2335,14 @@ class BackupManager:
             "removed": len(result.removed), "safety_backup": result.safety_backup})
         return result
 
-    def _safety_snapshot(self, backup_id: str) -> str:
+    def _safety_snapshot(self, backup_id: str) -> BackupResult:
         """A verified snapshot of the live store before a restore; RefusedError if incomplete."""
         safety = self._snapshot_and_verify(BackupType.INCREMENTAL, None,
                                            "before restore of %s" % backup_id)
         if safety.skipped:
             raise RefusedError("nothing restored: the safety backup %s could not read %s"
                                % (safety.backup_id, ", ".join(safety.skipped)))
-        return safety.backup_id
+        return safety
 
     # -- rotate ---------------------------------------------------------------
     def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
@@ -8770,6 +8776,8 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
                                            agents=args.agents, target=args.target,
                                            dry_run=args.dry_run, force=args.force)
     out.progress_done()
+    for warning in result.warnings:
+        out.warn(warning)
     verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):

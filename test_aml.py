@@ -1140,7 +1140,7 @@ def test_restore_of_an_intact_agent_works_beside_a_damaged_one(tmp_path, capsys)
     assert code == 6 and "test-automator/" in err and not (tmp_path / "t").exists()
     code, out, err = run_cli(root, "backup", "restore", snap.backup_id, "--agents",
                              "code-reviewer", capsys=capsys)
-    assert code == 0 and "repaired damaged backup data" not in out, err
+    assert code == 0 and "repaired damaged backup data" in err and "test-automator/" in err
     assert content_digest(root) == before
     # Its safety backup re-stored test-automator's objects from the live files.
     assert run_cli(root, "backup", "verify", snap.backup_id, "--deep", "-q") == 0
