@@ -1251,6 +1251,8 @@ class BackupConfig:
 
     def validate(self) -> "BackupConfig":
         """Return self; raises UsageError for a value out of range."""
+        if self.backup_root is not None and not isinstance(self.backup_root, (str, os.PathLike)):
+            raise UsageError("backup_root must be a path, not %r" % (self.backup_root,))
         if self.backup_schedule not in SCHEDULE_PERIODS:
             raise UsageError("backup_schedule must be one of %s, not %r"
                              % (", ".join(SCHEDULE_PERIODS), self.backup_schedule))
@@ -1965,8 +1967,10 @@ class BackupManager:
         self.store = store
         self.config = (config or BackupConfig()).validate()
         root = self.config.backup_root
-        sibling = Path(os.path.abspath(str(store.root))).parent / "memory-backup"
-        self.root = Path(root) if root else sibling
+        # A relative backup_root is taken from the working directory now, once (as any path
+        # a library caller passes); the config file's are made absolute by backup_config_for.
+        self.root = Path(os.path.abspath(str(root))) if root else \
+            store_parent(store) / "memory-backup"
         if self.root.resolve().is_relative_to(store.root.resolve()):
             raise UsageError("backup root %s is inside the store; it would back itself up"
                              % self.root)
@@ -2892,15 +2896,24 @@ def backup_config_for(store: Store, config_file: Optional[Path] = None,
                       **overrides: Any) -> BackupConfig:
     """BackupConfig from defaults < aml config section ``backup`` < ``overrides`` (flags).
 
-    A relative ``backup_root`` in the config file is taken from the store's parent folder.
-    Raises UsageError for unknown keys or bad values.
+    A relative ``backup_root`` in the config file is taken from the store's parent folder
+    (where the default ``memory-backup`` sibling is), not from the working directory, as
+    cron's differs from a shell's; a flag's (in ``overrides``) is relative to the working
+    directory, as any command-line path. Raises UsageError for unknown keys or bad values.
     """
     section = dict(load_aml_config(store, config_file).get("backup", {}))
-    if section.get("backup_root"):
-        section["backup_root"] = store.root.resolve().parent / Path(section["backup_root"])
+    root = section.get("backup_root")
+    if root and isinstance(root, str):
+        section["backup_root"] = store_parent(store) / Path(os.path.expanduser(root))
     config = apply_config_fields(BackupConfig(), section, "aml config [backup]")
     values = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(config, **values).validate()
+
+
+def store_parent(store: Store) -> Path:
+    """The folder holding the store as the user named it (symlinks not resolved): the
+    default backup root's parent and the base of a relative ``backup_root`` in the config."""
+    return Path(os.path.abspath(str(store.root))).parent
 
 
 def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = None) -> str:

@@ -1004,6 +1004,48 @@ def test_config_file_section_moves_the_backup_root(tmp_path, capsys):
     assert code == 0 and "0 snapshots" in out
 
 
+def test_relative_backup_root_library_is_taken_from_the_cwd_once(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    manager = backup_manager(root, backup_root="vault")
+    assert manager.root == tmp_path / "work" / "vault"
+    monkeypatch.chdir(tmp_path)                       # a later chdir moves nothing
+    manager.create()
+    assert len(list((tmp_path / "work" / "vault" / "aml" / "snapshots").iterdir())) == 1
+    assert not (tmp_path / "vault").exists()
+    with pytest.raises(aml.UsageError, match="backup_root"):
+        backup_manager(root, backup_root=5)
+
+
+def test_relative_backup_root_in_config_is_beside_the_store_as_named(tmp_path, monkeypatch):
+    real = build_store(tmp_path / "disk" / "memory")
+    (tmp_path / "loom").mkdir()
+    (tmp_path / "loom" / "memory").symlink_to(real)   # the store is reached through a link
+    root = tmp_path / "loom" / "memory"
+    (real / ".aml").mkdir()
+    (real / ".aml" / "config.json").write_text('{"backup": {"backup_root": "vault"}}')
+    monkeypatch.chdir(tmp_path / "disk")
+    config = aml.backup_config_for(aml.Store(root))
+    assert config.backup_root == tmp_path / "loom" / "vault"
+    assert aml.BackupManager(aml.Store(root)).root == tmp_path / "loom" / "memory-backup"
+    (real / ".aml" / "config.json").write_text('{"backup": {"backup_root": 7}}')
+    assert run_cli(root, "backup", "list") == 2
+
+
+def test_relative_backup_root_flag_is_taken_from_the_cwd(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory")
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text('{"backup": {"backup_root": "vault"}}')
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    code, out, _ = run_cli(root, "backup", "create", "--backup-root", "flagged",
+                           "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)["manifest"].startswith(str(tmp_path / "work" /
+                                                                    "flagged"))
+    assert not (tmp_path / "vault").exists()
+
+
 def test_backup_root_inside_the_store_is_refused(tmp_path):
     root = build_store(tmp_path / "memory")
     with pytest.raises(aml.UsageError, match="inside the store"):
