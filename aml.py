@@ -2328,6 +2328,10 @@ class BackupManager:
                 if live:
                     safety = self._safety_snapshot(backup_id)
                     result.safety_backup = safety.backup_id
+                    # e.g. a corrupt file it kept as exact bytes: the restore goes on (that
+                    # file is being replaced) but the user learns what the snapshot holds.
+                    result.warnings.extend("safety backup %s: %s" % (safety.backup_id, w)
+                                           for w in safety.warnings)
                     result.warnings.extend(
                         "safety backup %s: repaired damaged backup data: %s"
                         % (safety.backup_id, r) for r in safety.repaired)

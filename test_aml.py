@@ -550,6 +550,21 @@ def test_unparseable_file_is_backed_up_as_bytes_and_reported(tmp_path, capsys):
     assert run_cli(root, "backup", "verify", snap, "--deep", "-q") == 0
 
 
+def test_restore_warns_when_its_safety_backup_keeps_a_corrupt_file_as_bytes(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    before = content_digest(root)
+    snap = backup_manager(root).create()
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(b'[{"id": "a"},')
+    code, out, err = run_cli(root, "backup", "restore", snap.backup_id, "-q", capsys=capsys)
+    safety = aml.Store(root).last_operation("restore")["summary"]["safety_backup"]
+    assert code == 0 and "not valid JSON" in err and str(bad) in err and safety in err
+    assert content_digest(root) == before
+    # The safety snapshot holds exactly the bytes the restore replaced.
+    backup_manager(root).restore(safety, agents=["code-reviewer"], target=tmp_path / "t")
+    assert (tmp_path / "t" / "code-reviewer" / "patterns.json").read_bytes() == b'[{"id": "a"},'
+
+
 def test_unchanged_records_cost_nothing_even_when_gzip_is_rewritten(tmp_path):
     root = build_store(tmp_path / "memory", gz=True, patterns=200)
     first = backup_manager(root).create()
