@@ -1436,12 +1436,7 @@ class _PackWriter:
     """
 
     def __init__(self, packs_dir: Path, level: int, known: Callable[[bytes], bool]):
-        self.name = "pack-%s-%s" % (time.strftime("%Y%m%d%H%M%S"), secrets.token_hex(4))
-        # The newest pack wins a lookup (a repaired copy must beat the damaged one), so a new
-        # pack's name sorts after every existing one even if the clock went back.
-        newest = max((p.stem for p in packs_dir.glob("pack-*.idx")), default="")
-        if self.name <= newest:
-            self.name = "%s-%s" % (newest, secrets.token_hex(4))
+        self.name = _new_pack_name(packs_dir)
         self.path = packs_dir / (self.name + ".pack")
         self.level = level
         self.known = known
@@ -1536,6 +1531,21 @@ class _PackWriter:
             self.path.unlink()
 
 
+def _new_pack_name(packs_dir: Path) -> str:
+    """``pack-<14 digits>-<random>``, sorting after every existing pack.
+
+    The last pack holding a key wins a lookup (a repaired copy must beat the damaged one),
+    so when the clock is behind the newest pack's stamp (set back, or a pack written in the
+    same second) the stamp is the newest one's plus one: fixed length, still ordered.
+    """
+    stamp = int(time.strftime("%Y%m%d%H%M%S"))
+    newest = max((p.stem for p in packs_dir.glob("pack-*.idx")), default="")
+    match = re.match(r"pack-(\d{14})-", newest)
+    if match:
+        stamp = max(stamp, int(match.group(1)) + 1)
+    return "pack-%014d-%s" % (stamp, secrets.token_hex(4))
+
+
 def _encode_index(blocks: List[Tuple[int, int, int]], entries: Dict[bytes, bytes]) -> bytes:
     """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
 
@@ -1628,7 +1638,7 @@ class _ObjectStore:
         self._cached = 0
         self._cache_lock = threading.Lock()   # restore reads files on worker threads
         self._map_lock = threading.Lock()
-        # By stem, not file name: "pack-X-1.idx" must sort after "pack-X.idx" (see where).
+        # By stem, not file name: "pack-X-1.idx" sorts after "pack-X.idx" (see where).
         found = sorted(packs_dir.glob("pack-*.idx"), key=lambda p: p.stem) \
             if packs_dir.is_dir() else []
         for idx in found:

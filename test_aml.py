@@ -1182,6 +1182,37 @@ def test_new_backup_repairs_damaged_objects_it_has_the_bytes_of(tmp_path, capsys
     assert content_digest(root) == before
 
 
+def test_new_pack_names_sort_last_and_keep_their_length_when_the_clock_is_behind(tmp_path):
+    (tmp_path / "pack-29991231235959-ffffffff.idx").write_bytes(b"")
+    first = aml._new_pack_name(tmp_path)
+    assert first.startswith("pack-29991231235960-") and len(first) == 28
+    (tmp_path / (first + ".idx")).write_bytes(b"")
+    assert aml._new_pack_name(tmp_path).startswith("pack-29991231235961-")
+
+
+def test_crash_during_a_repair_leaves_earlier_snapshots_and_a_rerun_repairs(tmp_path,
+                                                                            monkeypatch):
+    root = build_store(tmp_path / "memory")
+    old = backup_manager(root).create(aml.BackupType.FULL)
+    _flip_byte(next(backup_manager(root).packs.glob("*.pack")))
+    real = aml.atomic_write_bytes
+
+    def crash_on_index(path, *args, **kwargs):
+        if str(path).endswith(".idx"):
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(aml, "atomic_write_bytes", crash_on_index)
+    with pytest.raises(OSError):
+        backup_manager(root, now=NOW + dt.timedelta(hours=1)).create(aml.BackupType.FULL)
+    monkeypatch.setattr(aml, "atomic_write_bytes", real)
+    manager = backup_manager(root, now=NOW + dt.timedelta(hours=2))
+    assert len(list(manager.packs.glob("*.pack"))) == 1      # the half-written pack is gone
+    assert manager.manifest_path(old.backup_id).exists()
+    assert manager.create(aml.BackupType.FULL).repaired
+    assert manager.verify(all_snapshots=True, deep=True).ok
+
+
 def test_restore_of_an_intact_agent_works_beside_a_damaged_one(tmp_path, capsys):
     root = build_store(tmp_path / "memory")
     backup_manager(root).create(aml.BackupType.FULL, agents=["test-automator"])
