@@ -1989,6 +1989,7 @@ class BackupManager:
         self.snapshots_dir = self.repo / "snapshots"
         self.progress: Callable[[str], None] = lambda text: None   # the CLI shows it on a TTY
         self._manifests: Dict[str, Dict[str, Any]] = {}
+        self._fresh_pack: Optional[str] = None   # the pack the last create wrote
 
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
@@ -2135,7 +2136,7 @@ class BackupManager:
         wanted = self.config.verify_after_backup if verify is None else verify
         # A full backup never trusts the objects it deduplicated against, verify or not.
         if wanted or result.type is BackupType.FULL:
-            check = self._verify_and_repair(result)
+            check = self._verify_and_repair(result, check_first=wanted)
             if wanted:
                 self._record_verify(check, started, clock)
                 result.verified = check.ok
@@ -2167,6 +2168,7 @@ class BackupManager:
                 entries.append(snap.file_entry(rel, writer))
             entries = [e for e in entries if e]
             bytes_added = writer.commit()
+            self._fresh_pack = writer.name if writer.committed else None
             backup_id = self._new_id(btype)
             manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
                         "created": format_timestamp(self.store.now),
@@ -2194,15 +2196,24 @@ class BackupManager:
             self.store.record_operation("verify", started, time.monotonic() - clock, summary)
 
     # -- repair ---------------------------------------------------------------
-    def _verify_and_repair(self, result: BackupResult) -> VerifyResult:
+    def _verify_and_repair(self, result: BackupResult, check_first: bool = True) -> VerifyResult:
         """Verify a new snapshot; if objects it uses are damaged or missing, write fresh
-        copies from the store's files (which the backup just read) and verify again."""
-        check = self._verify_locked([result.backup_id], deep=False)
-        if check.ok:
-            return check
-        repaired, objects_added, bytes_added = self._repair(result.backup_id)
+        copies from the store's files (which the backup just read) and verify again.
+
+        ``check_first=False`` (a full backup not asked to verify) checks only the objects it
+        reused, not those it has just written, and verifies only after a repair.
+        """
+        if check_first:
+            check = self._verify_locked([result.backup_id], deep=False)
+            if check.ok:
+                return check
+        fresh = None if check_first else self._fresh_pack
+        repaired, objects_added, bytes_added = self._repair(result.backup_id, fresh)
         if not repaired:
-            return check
+            if check_first or objects_added < 0:   # damaged beyond repair: say what
+                return check if check_first else self._verify_locked([result.backup_id], False)
+            return VerifyResult(backup_ids=[result.backup_id], deep=False, ok=True,
+                                files_checked=0, objects_checked=0, problems=[])
         result.repaired = repaired
         result.objects_added += objects_added
         result.bytes_added += bytes_added
@@ -2210,13 +2221,14 @@ class BackupManager:
         check.repaired = repaired
         return check
 
-    def _repair(self, backup_id: str) -> Tuple[List[str], int, int]:
-        """Re-read each file of the snapshot whose objects do not check and store its objects
-        again in a new pack (data, index, then the manifest if an entry changed, as any
-        backup). Returns what was repaired, the objects and the bytes added."""
+    def _repair(self, backup_id: str, fresh: Optional[str] = None) -> Tuple[List[str], int, int]:
+        """Re-read each file of the snapshot whose objects do not check (those in pack
+        ``fresh``, just written, are trusted) and store its objects again in a new pack (data,
+        index, then the manifest if an entry changed, as any backup). Returns what was
+        repaired, the objects and the bytes added (objects -1: damage left unrepaired)."""
         manifest = self.load_manifest(backup_id)
         objects = _ObjectStore(self.packs)
-        damaged = _damaged_entries(manifest["files"], objects)
+        damaged = _damaged_entries(manifest["files"], objects, fresh)
         if not damaged:
             return [], 0, 0
         snap = _SnapshotBuilder(self, objects, None, incremental=False)
@@ -2237,7 +2249,7 @@ class BackupManager:
             writer.abort()
             raise
         if not writer.entries:
-            return [], 0, 0
+            return [], -1, 0
         names = ", ".join(fixed[:5]) + (" and %d more file(s)" % (len(fixed) - 5)
                                         if len(fixed) > 5 else "")
         return ["%d object(s) of %s written again to %s.pack"
@@ -2511,15 +2523,20 @@ def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], An
     return list(seen.values())
 
 
-def _damaged_entries(entries: List[Any], objects: _ObjectStore) -> List[int]:
-    """Positions of the manifest entries with an object (or item list) that does not check."""
+def _damaged_entries(entries: List[Any], objects: _ObjectStore,
+                     fresh: Optional[str] = None) -> List[int]:
+    """Positions of the manifest entries with an object (or item list) that does not check;
+    objects whose copy is in pack ``fresh`` are not checked."""
     lists, needs, damaged = _Lists(objects), {}, []
     for n, entry in enumerate(entries):
         try:
             needs[n] = _entry_objects(entry, lists)
         except (AmlError, ValueError, KeyError, TypeError, AttributeError):
             damaged.append(n)
-    bad = objects.check_many(d for ds in needs.values() for d in ds)
+    where = objects.where
+    skip = next((n for n, p in enumerate(objects.pack_list) if p.name == fresh), -1)
+    bad = objects.check_many(d for ds in needs.values() for d in ds
+                             if (where.get(d[:KEY_LEN], -1) >> 32) != skip or skip < 0)
     damaged.extend(n for n, ds in needs.items() if any(d in bad for d in ds))
     return sorted(damaged)
 
