@@ -7779,21 +7779,25 @@ def _perf_number(value: Any) -> str:
     return "%d" % value
 
 
-def nagios_line(report: HealthReport) -> str:
-    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
+def health_summary(report: HealthReport) -> str:
+    """One line: ``AML WARNING - check: message; ...`` naming every check that is not healthy."""
     bad = [c for c in report.checks if c.status is not HealthStatus.HEALTHY]
     if bad:
         summary = "; ".join("%s: %s" % (c.name, c.message) for c in bad)
     else:
         summary = "%d checks healthy" % len(report.checks)
+    return "AML %s - %s" % (report.status.nagios, summary.replace("|", "/").replace("\n", " "))
+
+
+def nagios_line(report: HealthReport) -> str:
+    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
     perf = []
     for label, (value, uom, warn, crit) in report.perfdata.items():
         shown = "U" if value is None else _perf_number(value) + uom
         text = "%s=%s;%s;%s;0" % (_perf_label(label), shown, _perf_number(warn),
                                   _perf_number(crit))
         perf.append(re.sub(r";+$", "", text) if value is not None else text.split(";")[0])
-    summary = summary.replace("|", "/").replace("\n", " ")
-    return "AML %s - %s | %s" % (report.status.nagios, summary, " ".join(perf))
+    return "%s | %s" % (health_summary(report), " ".join(perf))
 
 
 def _prom_escape(value: str) -> str:
@@ -8043,7 +8047,7 @@ __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresho
             "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
             "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
             "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
-            "nagios_line", "prometheus_text", "html_report", "worst_status"]
+            "nagios_line", "health_summary", "prometheus_text", "html_report", "worst_status"]
 
 
 # =============================================================================
@@ -9109,12 +9113,12 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
         out.warn(warning)
     if args.format == "nagios":
         print(nagios_line(report), file=out.stdout)
-    elif report.status is HealthStatus.HEALTHY:
-        for line in _health_lines(report):
-            out.line(line)
+    elif out.quiet:
+        if report.status is not HealthStatus.HEALTHY:
+            out.always(health_summary(report))  # cron mails one clear line
     else:
         for line in _health_lines(report):
-            out.always(line)  # cron mails a problem even with -q
+            out.line(line)
     out.document(report)
     return report.exit_code
 

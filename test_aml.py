@@ -3145,7 +3145,10 @@ def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
     root = build_store(tmp_path / "m")
     codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
     assert set(codes.values()) == {1}
-    assert run_cli(root, "monitor", "health", "-q", capsys=capsys)[1].startswith("Health: WARNING")
+    code, out, _ = run_cli(root, "monitor", "health", "-q", capsys=capsys)
+    # For cron: one clear line naming what is wrong, and nothing at all when healthy.
+    assert code == 1 and out.startswith("AML WARNING - ") and out.count("\n") == 1
+    assert "backup: no verified backup yet" in out and " | " not in out
 
 
 def test_thresholds_from_store_config_aml_config_and_flags(tmp_path, capsys):
