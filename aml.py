@@ -276,11 +276,6 @@ def runtime_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
 
 
-def state_json(obj: Any) -> str:
-    """Deterministic JSON for aml's own state files (sorted keys, trailing newline)."""
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-
-
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
@@ -998,11 +993,26 @@ class Rewrite:
     bytes_written: int = 0
 
 
+def _state_body(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":"))
+
+
 def write_checksummed(path: Path, payload: Any) -> None:
-    """Write ``{"sha256": ..., "payload": ...}`` atomically (mode 0600)."""
-    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
-    atomic_write_bytes(Path(path), state_json(doc).encode("utf-8"), mode=0o600)
+    """Write ``{"format", "payload", "sha256"}`` atomically (mode 0600).
+
+    Compact, sorted JSON: deterministic, and serialised once by the C encoder (an indented
+    dump takes the pure-Python path, which dominated runs that append to the history).
+    """
+    atomic_write_bytes(Path(path), checksummed_bytes(payload), mode=0o600)
+
+
+def checksummed_bytes(payload: Any) -> bytes:
+    """The bytes of a checksummed state document (what write_checksummed writes)."""
+    body = _state_body(payload)
+    text = '{"format":"aml-state-1","payload":%s,"sha256":"%s"}\n' % (
+        body, sha256_hex(body.encode("utf-8")))
+    return text.encode("utf-8")
 
 
 def read_checksummed(path: Path, default: Any = None) -> Any:
@@ -1013,8 +1023,7 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
     try:
         doc, _ = load_json_file(path, expect=dict)
         payload = doc["payload"]
-        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        ok = doc.get("sha256") == sha256_hex(body.encode("utf-8"))
+        ok = doc.get("sha256") == sha256_hex(_state_body(payload).encode("utf-8"))
     except (CorruptFileError, KeyError, ValueError) as exc:
         raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
     if not ok:
@@ -1915,9 +1924,7 @@ def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
 
 def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
     """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
-    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
-    data = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    data = checksummed_bytes(payload)
     atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
 
 

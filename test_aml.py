@@ -429,7 +429,7 @@ def test_state_checksum_detects_tampering(tmp_path):
     s.write_state("thing.json", {"a": 1})
     assert s.read_state("thing.json") == {"a": 1}
     path = s.state_path("thing.json")
-    path.write_text(path.read_text().replace('"a": 1', '"a": 2'))
+    path.write_text(path.read_text().replace('"a":1', '"a":2'))
     with pytest.raises(aml.IntegrityError):
         s.read_state("thing.json")
     assert s.read_state_lenient("thing.json", "fresh") == "fresh"
