@@ -1222,7 +1222,6 @@ def test_parallel_index_build_equals_sequential(tmp_path, monkeypatch):
         root = build_store(tmp_path / str(parallel), gz="mixed")
         if parallel:
             monkeypatch.setattr(aml, "_PARALLEL_INDEX_BYTES", 0)
-            monkeypatch.setattr(aml, "_PARALLEL_BLOOM_IDS", 0)
         aml.MemoryIndex(aml.Store(root)).refresh()
         folder = root / ".aml" / "index"
         built.append({n: (folder / n).read_bytes() for n in ("postings.dat", "keys.dat",
