@@ -3175,6 +3175,7 @@ class MemoryIndex:
         self.fp_rate = fp_rate
         self.folder = store.state_dir / "index"
         self._manifest: Optional[Dict[str, Any]] = None
+        self._bloom: Optional[Tuple[str, BloomFilter]] = None  # (its SHA-256, the filter)
         self._files = LRUCache(64 * 1024 * 1024)  # parsed data files, charged their raw size
 
     # -- paths and manifest ----------------------------------------------------
@@ -3370,11 +3371,14 @@ class MemoryIndex:
 
     def might_contain(self, record_id: str) -> bool:
         """The bloom filter's answer (False is certain); raises IntegrityError if it is corrupt."""
-        manifest = self._verified()
-        data = self.part("bloom.bin").read_bytes() if self.part("bloom.bin").exists() else b""
-        if sha256_hex(data) != manifest["bloom"]["sha256"]:
-            raise IntegrityError("%s: bloom filter does not match the index" % self.folder)
-        return record_id in BloomFilter.from_bytes(data)
+        expected = self._verified()["bloom"]["sha256"]
+        if self._bloom is None or self._bloom[0] != expected:  # read once per build
+            path = self.part("bloom.bin")
+            data = path.read_bytes() if path.exists() else b""
+            if sha256_hex(data) != expected:
+                raise IntegrityError("%s: bloom filter does not match the index" % self.folder)
+            self._bloom = expected, BloomFilter.from_bytes(data)
+        return record_id in self._bloom[1]
 
     def locate(self, record_id: str) -> List[Tuple[Dict[str, Any], int]]:
         """(file entry, position) of every record with this id; reads one id bucket only."""
@@ -3628,12 +3632,15 @@ def _count_cache(store: Store, result: LookupResult) -> None:
 
 
 @contextlib.contextmanager
-def _query_index(store: Store, use_index: bool) -> Iterator[Tuple[Optional[MemoryIndex], bool]]:
+def _query_index(store: Store, use_index: bool, refresh: bool = True
+                 ) -> Iterator[Tuple[Optional[MemoryIndex], bool]]:
     """(index or None for a scan, writable) for one get/search.
 
     Takes the maintenance lock without waiting: when held, the index is refreshed (only
-    changed files re-read) and counters are written; when another aml run holds it, a fresh
-    verified index is used read-only, else the lookup falls back to a read-only scan.
+    changed files re-read; with ``refresh`` False only built if missing, the caller checks
+    freshness itself) and counters are written; when another aml run holds it, a verified
+    index is used read-only (fresh, unless ``refresh`` is False), else the lookup falls back
+    to a read-only scan.
     """
     if not use_index:
         yield None, False
@@ -3643,11 +3650,13 @@ def _query_index(store: Store, use_index: bool) -> Iterator[Tuple[Optional[Memor
         lock.acquire()
     except StoreBusyError:
         index = MemoryIndex(store)
-        yield (index if index.manifest() and not index.stale_files() else None), False
+        usable = index.manifest() is not None and (not refresh or not index.stale_files())
+        yield (index if usable else None), False
         return
     try:
         index = MemoryIndex(store)
-        index.refresh()
+        if refresh or index.manifest() is None:
+            index.refresh()
         yield index, True
     finally:
         lock.release()
@@ -3672,18 +3681,44 @@ def _with_index(index: Optional[MemoryIndex], writable: bool,
 def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupResult:
     """Every record with this id (one per agent that has it); ``not_found`` if none.
 
-    Reads the bloom filter, one id bucket and one data file (or the hot cache) - never the
-    whole store - unless the index cannot be used, then scans read-only.
+    First asks the index as it is, checking only the files that hold the id (one id bucket,
+    one stat and one data file or hot-cache record: no stat of every file). If the id is not
+    in the index or one of its files changed, refreshes the index (stat of every file,
+    changed files re-read) and looks again; if the index cannot be used, scans read-only.
     """
-    with _query_index(store, use_index) as (index, writable):
-        result = _with_index(index, writable, lambda ix: _get_indexed(ix, record_id),
-                             lambda: _get_scanned(store, record_id))
+    with _query_index(store, use_index, refresh=False) as (index, writable):
+        result = _get_quick(index, record_id) if index is not None else None
+        if result is None:
+            if index is not None and writable:
+                index.refresh()
+            elif index is not None and index.stale_files():
+                index = None  # read-only and stale: only a scan is sure
+            result = _with_index(index, writable, lambda ix: _get_indexed(ix, record_id),
+                                 lambda: _get_scanned(store, record_id))
         if writable:
             _count_cache(store, result)
     if not result.records:
         result.not_found = True
         result.message = "no record with id %r in %s" % (record_id, store.root)
     return result
+
+
+def _get_quick(index: MemoryIndex, record_id: str) -> Optional[LookupResult]:
+    """The answer of the index as it is, or None when it cannot be trusted without a refresh.
+
+    Trusted only when the id table places the id somewhere and every file it points to still
+    has the size and mtime it was indexed with (so the record read there is current). What
+    this can miss: a copy of the id written into another file since the last refresh (a
+    record moved away changes its old file, which the stat catches). ``get`` accepts that for
+    constant cost; any lookup that refreshes (search, an unknown id, optimize) catches up.
+    """
+    try:
+        if index.manifest() is None:
+            return None
+        result = _get_indexed(index, record_id, check_files=True)
+    except (IntegrityError, OSError):
+        return None
+    return result if result.records else None
 
 
 def _found(entry: Dict[str, Any], position: int, record: Any, source: str) -> FoundRecord:
@@ -3702,13 +3737,17 @@ def _fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row_id: Opt
     return _found(entry, position, index.load_file(entry)[position], "index")
 
 
-def _get_indexed(index: MemoryIndex, record_id: str) -> LookupResult:
+def _get_indexed(index: MemoryIndex, record_id: str, check_files: bool = False) -> LookupResult:
     result = LookupResult([], "index", unreadable=index.unreadable())
     if not index.might_contain(record_id):
         result.source = "bloom"
         return result
     hot = HotCache(index)
     for entry, position in index.locate(record_id):
+        if check_files:
+            info = os.stat(str(index.store.root / entry["path"]))
+            if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+                raise IntegrityError("%s changed since it was indexed" % entry["path"])
         found = _fetch(index, hot, entry, record_id, position, result)
         if found.id != record_id:
             raise IntegrityError("index points %s at a different record" % record_id)
@@ -4838,9 +4877,9 @@ class GarbageCollector:
         entries, kept_ids, total = [], {}, 0
         for data_file, records, _ in self.store.iter_record_files([agent], errors=errors):
             total += len(records)
-            flaws, good = {}, []
+            flaws, good, rtype = {}, [], data_file.rtype
             for index, record in enumerate(records):
-                bad = _incomplete(data_file.rtype, record)
+                bad = _incomplete(rtype, record)
                 if bad is None:
                     good.append(index)
                 else:
@@ -4993,6 +5032,12 @@ def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
     will be removed. Agents over the mass-deletion limit are refused and listed; if any is,
     nothing at all is removed and RefusedError names them.
     """
+    with paused_cyclic_gc():
+        return _collect_garbage(store, dry_run, force, backup)
+
+
+def _collect_garbage(store: Store, dry_run: bool, force: bool,
+                     backup: Optional[Callable[[], str]]) -> GcResult:
     started = time.monotonic()
     gc = GarbageCollector(store, force)
     errors: List[CorruptFileError] = []
