@@ -3362,6 +3362,30 @@ class MemoryIndex:
         bloom.add_digests(body, _ID_ROW.size)  # each row starts with bloom_digest(id)
         return bloom.to_bytes(), bloom
 
+    def note_transcoded(self, moves: Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]]) -> int:
+        """Keep the index fresh across compress/decompress; returns the entries moved.
+
+        ``moves`` maps a record file to its (size, mtime_ns) before and after a rewrite that
+        kept the same JSON value (gzip of the same bytes, or plain text of the same array),
+        so its postings and id rows still hold. Only an entry that matched the file before
+        the rewrite moves; any other stays as it is and is re-read at the next refresh. Call
+        with the maintenance lock held; nothing is written when no index exists or no entry
+        moves. The hot cache keeps the old figures: its rows for those files become misses.
+        """
+        manifest = self.manifest()
+        if manifest is None:
+            return 0
+        moved = 0
+        for entry in manifest["files"]:
+            change = moves.get(entry["path"])
+            if change and (entry["size"], entry["mtime_ns"]) == tuple(change[0]):
+                entry["size"], entry["mtime_ns"] = change[1]
+                moved += 1
+        if moved:
+            write_checksummed(self.part("manifest.json"), manifest)
+        self._manifest = None if not moved else manifest
+        return moved
+
     # -- lookups ---------------------------------------------------------------
     def _verified(self) -> Dict[str, Any]:
         manifest = self.manifest()
@@ -4705,10 +4729,11 @@ def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> byte
 
 
 def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool,
-                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[str, str, int, int, str]:
-    """Compress or decompress one file in place under its lock; runs in a worker process.
+                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[Any, ...]:
+    """Compress or decompress one file in place under its lock; runs in a worker thread.
 
-    Returns (path, outcome, bytes before, bytes after, problem) with outcome ``done``,
+    Returns (path, outcome, bytes before, bytes after, problem, (size, mtime_ns) before,
+    (size, mtime_ns) after; both None unless done) with outcome ``done``,
     ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile) or
     ``unreadable``. The file's mtime is kept so ``--age-days`` stays meaningful.
     ``indexed`` is the (size, mtime_ns) at which the index parsed the file successfully;
@@ -4720,27 +4745,29 @@ def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: 
             before = path.stat()
             raw = path.read_bytes()
             if (raw[:2] == GZIP_MAGIC) == to_gzip:
-                return path_text, "skipped", len(raw), len(raw), ""
+                return path_text, "skipped", len(raw), len(raw), "", None, None
             parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
                          and len(raw) == before.st_size)
             new = _transcode_bytes(raw, to_gzip, parsed_ok)
         except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
-            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc))
+            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc)), None, None
         if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
             raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
         after = path.stat()
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return path_text, "changed", len(raw), len(raw), ""
+            return path_text, "changed", len(raw), len(raw), "", None, None
         if not dry_run:  # write errors propagate: the old file is intact (atomic write)
             atomic_write_bytes(path, new)
             os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
-        return path_text, "done", len(raw), len(new), ""
+            after = path.stat()  # still under the lock: exactly the file as we left it
+        return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
+                (after.st_size, after.st_mtime_ns))
 
 
-def _indexed_stats(store: Store) -> Dict[Path, Tuple[int, int]]:
+def _indexed_stats(index: MemoryIndex) -> Dict[Path, Tuple[int, int]]:
     """(size, mtime_ns) of every file a verified index parsed successfully."""
-    manifest = MemoryIndex(store).manifest() if store.state_dir.is_dir() else None
-    return {store.root / e["path"]: (e["size"], e["mtime_ns"])
+    manifest = index.manifest() if index.store.state_dir.is_dir() else None
+    return {index.store.root / e["path"]: (e["size"], e["mtime_ns"])
             for e in (manifest or {}).get("files", [])}
 
 
@@ -4769,12 +4796,17 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     # Threads, two per core: zlib, reads and fsync release the GIL, and a file's fsync wait
     # overlaps another's compression (measured faster than one process per core).
     count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
-    indexed = _indexed_stats(store)
-    outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
-                                              indexed.get(p)) for p in paths], count, threads=True)
+    index = MemoryIndex(store)
+    indexed = _indexed_stats(index)
+    with paused_cyclic_gc():  # the parses of files the index did not vouch for
+        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
+                                                  indexed.get(p)) for p in paths], count,
+                                threads=True)
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
+    if not dry_run and by["done"]:
+        index.note_transcoded({rel(o[0]): (o[5], o[6]) for o in by["done"]})
     return TranscodeResult(
         operation="compress" if to_gzip else "decompress", dry_run=dry_run,
         files=[rel(o[0]) for o in by["done"]], bytes_before=sum(o[2] for o in by["done"]),
