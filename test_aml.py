@@ -1095,6 +1095,31 @@ def test_lru_refuses_oversize_items_and_charges_json_size():
     assert cache.bytes == 20 and len(cache) == 1
 
 
+def test_bloom_add_digests_sets_the_same_bits_as_add():
+    keys = ["key-%d" % i for i in range(3000)]
+    one, bulk = aml.BloomFilter(5000), aml.BloomFilter(5000)
+    for key in keys:
+        one.add(key)
+    bulk.add_digests(b"".join(aml.bloom_digest(k) for k in keys[:1000]))   # 16-byte stride
+    rows = b"".join(aml.bloom_digest(k) + b"slot+pos" for k in keys[1000:])  # id-table rows
+    bulk.add_digests(rows, 24)
+    assert bulk.bits == one.bits and len(bulk) == len(one) == 3000
+
+
+def test_paused_cyclic_gc_nests_and_restores():
+    import gc
+    assert gc.isenabled()
+    with aml.paused_cyclic_gc():
+        with aml.paused_cyclic_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()   # the inner block does not re-enable early
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with aml.paused_cyclic_gc():
+            raise KeyError("x")
+    assert gc.isenabled()
+
+
 # =============================================================================
 # 10. Index and search
 # =============================================================================
@@ -1331,6 +1356,46 @@ def test_warm_score_prefers_confident_recent_active_records():
                                             conf=0.9, active=False), 2)
     score = lambda row: aml.warm_score(row, NOW)  # noqa: E731
     assert score(good) > score(stale) and score(good) > score(inactive) > 0
+
+
+def test_get_on_a_fresh_index_stats_only_the_file_holding_the_id(store, monkeypatch):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    wanted = read_data(store / "code-reviewer" / "solutions.json")[2]
+    monkeypatch.setattr(aml, "_file_stats", lambda *a: pytest.fail("every file stat-ed"))
+    result = aml.get_record(s, wanted["id"])
+    assert [r.record for r in result.records] == [wanted] and result.source == "index"
+
+
+def test_get_sees_a_changed_file_holding_the_id(store):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    path = store / "code-reviewer" / "solutions.json"
+    records = read_data(path)
+    changed = dict(records[2], tags=["edited"])
+    write_data(path, [records[0], changed], gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    result = aml.get_record(s, changed["id"])
+    assert [(r.record, r.index) for r in result.records] == [(changed, 1)]
+    assert aml.MemoryIndex(s).stale_files() == []   # the lookup refreshed the index
+
+
+def test_get_finds_an_id_added_after_indexing_and_documents_the_copy_it_can_miss(store):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    new = make_pattern("test-automator", random.Random(8))
+    path = store / "test-automator" / "patterns.json"
+    gz = path.read_bytes()[:2] == b"\x1f\x8b"
+    write_data(path, read_data(path) + [new], gz=gz)
+    assert [r.record for r in aml.get_record(s, new["id"]).records] == [new]  # refreshed
+    # The documented limit: a copy of an indexed id written into another, unchanged-before
+    # file is not seen by the quick path until something refreshes the index.
+    twin = dict(new, agent="code-reviewer")
+    other = store / "code-reviewer" / "patterns.json"
+    write_data(other, read_data(other) + [twin], gz=other.read_bytes()[:2] == b"\x1f\x8b")
+    assert [r.agent for r in aml.get_record(s, new["id"]).records] == ["test-automator"]
+    aml.MemoryIndex(s).refresh()
+    assert sorted(r.agent for r in aml.get_record(s, new["id"]).records) == [
+        "code-reviewer", "test-automator"]
 
 
 # =============================================================================
@@ -2046,6 +2111,40 @@ def test_gc_removes_exactly_each_defect_class_and_archives_it(store, capsys, mon
     assert {e["index"] for e in archive["entries"]} == {0, 40, 41, 42, 43, 44, 45}
     others = {k: v for k, v in before.items() if "backend-developer/patterns" not in k}
     assert {k: v for k, v in tree_digest(store, skip_state=True).items() if k in others} == others
+
+
+def test_gc_serialises_only_records_whose_id_repeats_and_ignores_key_order(tmp_path,
+                                                                          monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a",), gz=False)
+    path = root / "a" / "patterns.json"
+    records = read_data(path)
+    reordered = dict(reversed(list(records[3].items())))   # same content, other key order
+    write_data(path, records + [reordered])
+    canon = []
+    real = aml._canonical
+    monkeypatch.setattr(aml, "_canonical", lambda r: canon.append(r) or real(r))
+    result = aml.collect_garbage(aml.Store(root), dry_run=True)
+    assert [(e["reason"], e["index"], e["details"]) for e in result.removed] == [
+        ("duplicate", len(records), {"duplicate_of_index": 3})]
+    assert canon == [records[3], reordered]   # nothing else was serialised
+
+
+def test_compress_and_decompress_keep_a_fresh_index_fresh(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a", "b"), gz=False)
+    s = aml.Store(root)
+    aml.MemoryIndex(s).refresh()
+    write_data(root / "b" / "patterns.json", [make_pattern("b", random.Random(4))])  # stale
+    aml.transcode_store(s, True, age_days=0)
+    assert aml.MemoryIndex(s).stale_files() == ["b/patterns.json"]
+    aml.MemoryIndex(s).refresh()
+    aml.transcode_store(s, False)
+    assert aml.MemoryIndex(s).stale_files() == []
+    reads = []
+    real = aml.load_json_file
+    monkeypatch.setattr(aml, "load_json_file", lambda p, **k: reads.append(p) or real(p, **k))
+    wanted = read_data(root / "a" / "decisions.json")[1]
+    assert [r.record for r in aml.get_record(s, wanted["id"]).records] == [wanted]
+    assert [p for p in reads if ".aml" not in Path(p).parts] == [root / "a" / "decisions.json"]
 
 
 def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatch):
