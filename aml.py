@@ -2895,10 +2895,12 @@ __all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "bloom_fp_r
 # Files of the index in .aml/index/ (see README "optimize"): manifest.json is the commit point
 # and carries the checksum of every other part, so a set of parts from two different builds
 # never verifies.
-INDEX_FORMAT = "aml-index-1"
+INDEX_FORMAT = "aml-index-2"  # 2: id rows carry the record's text offset
 _IDS_MAGIC = b"AMLI"
 _IDS_HEADER = struct.Struct(">4sBI")
-_ID_ROW = struct.Struct(">16sII")  # bloom_digest(id), file slot, array position
+# bloom_digest(id), file slot, array position, offset of the record in the file's JSON text
+# (characters, after gzip and UTF-8 decoding), so get parses one record, not the file.
+_ID_ROW = struct.Struct(">16sIIQ")
 _BUCKET_COUNTS = struct.Struct(">%dI" % 256)  # heads each file's keys in keys.dat
 _PARALLEL_INDEX_BYTES = 8 * 1024 * 1024  # below this, forking workers costs more than it saves
 _ID_BUCKETS = 256                  # by the digest's first byte; one bucket is read per lookup
@@ -2965,20 +2967,70 @@ def posting_row(record: Any, position: int) -> List[Any]:
             list(filter(_is_str, tags)) if type(tags) is list else []]
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _array_with_offsets(text: str) -> Tuple[List[Any], List[int]]:
+    """Parse a JSON array element by element: (elements, offset of each in ``text``).
+
+    The same C scanner and strict rules as parse_json_text; raises ValueError for anything
+    that is not exactly one JSON array (the caller then reports json.loads' own error).
+    """
+    skip, decode = _JSON_SPACE.match, _STRICT_DECODER.raw_decode
+    at = skip(text, 0).end()
+    if text[at:at + 1] != "[":
+        raise ValueError("not an array")
+    at = skip(text, at + 1).end()
+    items: List[Any] = []
+    offsets: List[int] = []
+    if text[at:at + 1] != "]":
+        while True:
+            item, end = decode(text, at)
+            items.append(item)
+            offsets.append(at)
+            at = skip(text, end).end()
+            if text[at:at + 1] != ",":
+                break
+            at = skip(text, at + 1).end()
+        if text[at:at + 1] != "]":
+            raise ValueError("array not closed")
+    if skip(text, at + 1).end() != len(text):
+        raise ValueError("extra data")
+    return items, offsets
+
+
+def load_records_with_offsets(path: Path) -> Tuple[List[Any], List[int]]:
+    """A record file's array and each record's offset in its decoded text; CorruptFileError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    text, _ = decode_file_bytes(path, raw)
+    try:
+        return _array_with_offsets(text)
+    except ValueError:
+        pass
+    load_json_file(path, expect=list)  # raises with the same message as everywhere else
+    raise CorruptFileError(path, "invalid JSON array")  # pragma: no cover - the file changed
+
+
 def index_file_part(path: str, slot: int) -> Tuple[bytes, bytes, int]:
     """Parse one record file into (postings JSON, id keys, records); may run in a worker.
 
-    The id keys are the file's id-table rows (bloom_digest(id), ``slot``, position) sorted,
+    The id keys are the file's id-table rows (bloom_digest(id), ``slot``, position, text
+    offset) sorted,
     hence grouped by bucket (the digest's first byte), after a header of the 256 bucket row
     counts, so building the id table is a concatenation. Raises CorruptFileError for an
     unreadable file.
     """
     with paused_cyclic_gc():  # also in worker processes
-        records, _ = load_json_file(Path(path), expect=list)
+        records, offsets = load_records_with_offsets(Path(path))
         rows = [posting_row(rec, pos) for pos, rec in enumerate(records)]
     pack, blake2b = _ID_ROW.pack, hashlib.blake2b
     body = b"".join(sorted([pack(blake2b(row[P_ID].encode("utf-8"), digest_size=16).digest(),
-                                 slot, row[P_POS]) for row in rows if row[P_ID]]))
+                                 slot, row[P_POS], offsets[row[P_POS]])
+                            for row in rows if row[P_ID]]))
     firsts = body[0::_ID_ROW.size]  # each row's bucket number, one byte per row
     keys = _BUCKET_COUNTS.pack(*map(firsts.count, range(_ID_BUCKETS))) + body
     blob = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -3406,6 +3458,10 @@ class MemoryIndex:
 
     def locate(self, record_id: str) -> List[Tuple[Dict[str, Any], int]]:
         """(file entry, position) of every record with this id; reads one id bucket only."""
+        return [(entry, position) for entry, position, _ in self.locate_rows(record_id)]
+
+    def locate_rows(self, record_id: str) -> List[Tuple[Dict[str, Any], int, int]]:
+        """(file entry, position, text offset) of every record with this id (one bucket read)."""
         manifest = self._verified()
         digest = bloom_digest(record_id)
         start, count, digest_sha = manifest["ids"]["buckets"][digest[0]]
@@ -3418,8 +3474,8 @@ class MemoryIndex:
         found, at = [], chunk.find(digest)
         while at >= 0:
             if at % size == 0:  # a match must start a row, not straddle two
-                _, slot, position = _ID_ROW.unpack_from(chunk, at)
-                found.append((slots[slot], position))
+                _, slot, position, offset = _ID_ROW.unpack_from(chunk, at)
+                found.append((slots[slot], position, offset))
             at = chunk.find(digest, at + 1)
         return found
 
@@ -3439,6 +3495,29 @@ class MemoryIndex:
     def unreadable(self) -> List[str]:
         """'path: problem' of the files the index could not read."""
         return _problems((self.manifest() or {}).get("unreadable", []))
+
+    def load_record(self, entry: Dict[str, Any], position: int, offset: int) -> Any:
+        """The record at this position and text offset of an indexed file, parsing only it.
+
+        Raises IntegrityError when the file changed since indexing or the offset does not
+        hold a JSON value, and CorruptFileError when the file cannot be read.
+        """
+        records = self._files.get((entry["path"], entry["size"], entry["mtime_ns"]))
+        if records is not None:  # already parsed whole for an earlier lookup
+            return records[position]
+        path = self.store.root / entry["path"]
+        try:
+            raw = path.read_bytes()
+            info = path.stat()
+        except OSError as exc:
+            raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+        if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+            raise IntegrityError("%s changed since it was indexed" % path)
+        text, _ = decode_file_bytes(path, raw)
+        try:
+            return _STRICT_DECODER.raw_decode(text, offset)[0]
+        except ValueError:
+            raise IntegrityError("%s: no record at offset %d" % (path, offset)) from None
 
     def load_file(self, entry: Dict[str, Any]) -> List[Any]:
         """The records of one indexed file, if it is unchanged since indexing (LRU of parsed files).
@@ -3752,12 +3831,14 @@ def _found(entry: Dict[str, Any], position: int, record: Any, source: str) -> Fo
 
 
 def _fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row_id: Optional[str],
-           position: int, result: LookupResult) -> FoundRecord:
+           position: int, result: LookupResult, offset: Optional[int] = None) -> FoundRecord:
     record = hot.fetch(row_id, entry, position)
     if record is not None:
         result.cache_hits += 1
         return _found(entry, position, record, "hot-cache")
     result.cache_misses += 1
+    if offset is not None:  # get: parse just this record
+        return _found(entry, position, index.load_record(entry, position, offset), "index")
     return _found(entry, position, index.load_file(entry)[position], "index")
 
 
@@ -3767,12 +3848,12 @@ def _get_indexed(index: MemoryIndex, record_id: str, check_files: bool = False) 
         result.source = "bloom"
         return result
     hot = HotCache(index)
-    for entry, position in index.locate(record_id):
+    for entry, position, offset in index.locate_rows(record_id):
         if check_files:
             info = os.stat(str(index.store.root / entry["path"]))
             if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
                 raise IntegrityError("%s changed since it was indexed" % entry["path"])
-        found = _fetch(index, hot, entry, record_id, position, result)
+        found = _fetch(index, hot, entry, record_id, position, result, offset)
         if found.id != record_id:
             raise IntegrityError("index points %s at a different record" % record_id)
         result.records.append(found)

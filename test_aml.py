@@ -1231,10 +1231,10 @@ def test_index_refresh_rereads_only_changed_files(store, monkeypatch):
     write_data(target, records[:-1] + [new], gz=target.read_bytes()[:2] == b"\x1f\x8b")
     assert aml.MemoryIndex(s).stale_files() == ["test-automator/patterns.json"]
     loads = []
-    real = aml.load_json_file
-    monkeypatch.setattr(aml, "load_json_file", lambda p, **k: loads.append(p) or real(p, **k))
+    real = aml.load_records_with_offsets
+    monkeypatch.setattr(aml, "load_records_with_offsets", lambda p: loads.append(p) or real(p))
     result = aml.MemoryIndex(s).refresh()
-    assert [p for p in loads if ".aml" not in Path(p).parts] == [target]
+    assert loads == [target]
     assert result.files_reread == ["test-automator/patterns.json"]
     found = aml.get_record(s, new["id"])
     assert found.records[0].record == new and found.source == "index"
@@ -1280,7 +1280,7 @@ def test_corrupt_index_part_is_never_trusted_and_rebuilt(store, capsys, part):
     if part == "ids.bin":   # inside the bucket this id's lookup reads
         buckets = aml.MemoryIndex(s).manifest()["ids"]["buckets"]
         start = buckets[aml.bloom_digest(record["id"])[0]][0]
-        spot = 9 + start * 24 + 20
+        spot = 9 + start * aml._ID_ROW.size + 20
     data[spot] ^= 0x20
     path.write_bytes(bytes(data))
     code, out, _ = run_cli(store, "get", record["id"], capsys=capsys)
@@ -1356,6 +1356,36 @@ def test_warm_score_prefers_confident_recent_active_records():
                                             conf=0.9, active=False), 2)
     score = lambda row: aml.warm_score(row, NOW)  # noqa: E731
     assert score(good) > score(stale) and score(good) > score(inactive) > 0
+
+
+@pytest.mark.parametrize("text", ['[]', ' [ ] ', '[{"a": [1, {"b": "]"}]}, 2,"x" ,null]\n',
+                                  json.dumps([{"id": "é", "n": 1.5}] * 3, indent=2)])
+def test_array_with_offsets_parses_like_json_loads(text):
+    items, offsets = aml._array_with_offsets(text)
+    assert items == json.loads(text) and len(offsets) == len(items)
+    assert [json.JSONDecoder().raw_decode(text, at)[0] for at in offsets] == items
+
+
+@pytest.mark.parametrize("text", ['[1,]', '[1] 2', '{"a": 1}', '[NaN]', '[1', '', '[1 2]'])
+def test_load_records_with_offsets_fails_closed_like_load_json_file(tmp_path, text):
+    path = tmp_path / "patterns.json"
+    path.write_text(text)
+    with pytest.raises(aml.CorruptFileError) as caught:
+        aml.load_records_with_offsets(path)
+    with pytest.raises(aml.CorruptFileError) as expected:
+        aml.load_json_file(path, expect=list)
+    assert str(caught.value) == str(expected.value)
+
+
+def test_get_parses_only_the_record_not_its_file(store, monkeypatch):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    wanted = read_data(store / "backend-developer" / "patterns.json")[9]
+    real = aml.load_json_file
+    monkeypatch.setattr(aml, "load_json_file", lambda p, **k: real(p, **k) if ".aml" in
+                        Path(p).parts else pytest.fail("a data file parsed whole"))
+    result = aml.get_record(s, wanted["id"])
+    assert [(r.record, r.index, r.source) for r in result.records] == [(wanted, 9, "index")]
 
 
 def test_get_on_a_fresh_index_stats_only_the_file_holding_the_id(store, monkeypatch):
@@ -2139,12 +2169,12 @@ def test_compress_and_decompress_keep_a_fresh_index_fresh(tmp_path, monkeypatch)
     aml.MemoryIndex(s).refresh()
     aml.transcode_store(s, False)
     assert aml.MemoryIndex(s).stale_files() == []
-    reads = []
-    real = aml.load_json_file
-    monkeypatch.setattr(aml, "load_json_file", lambda p, **k: reads.append(p) or real(p, **k))
+    monkeypatch.setattr(aml, "index_file_part", lambda *a: pytest.fail("a file re-indexed"))
     wanted = read_data(root / "a" / "decisions.json")[1]
     assert [r.record for r in aml.get_record(s, wanted["id"]).records] == [wanted]
-    assert [p for p in reads if ".aml" not in Path(p).parts] == [root / "a" / "decisions.json"]
+    assert [r.record for r in aml.search_records(s, aml.SearchQuery(agent="a")).records] == [
+        r for name in ("decisions", "patterns", "solutions")
+        for r in read_data(root / "a" / (name + ".json"))]
 
 
 def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatch):
