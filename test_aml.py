@@ -1367,7 +1367,10 @@ def test_array_with_offsets_parses_like_json_loads(text):
 
 
 @pytest.mark.parametrize("text", ['[1,]', '[1] 2', '{"a": 1}', '[NaN]', '[1', '', '[1 2]'])
-def test_load_records_with_offsets_fails_closed_like_load_json_file(tmp_path, text):
+@pytest.mark.parametrize("threshold", [0, 10 ** 9])   # element-wise parse, json.loads
+def test_load_records_with_offsets_fails_closed_like_load_json_file(tmp_path, monkeypatch, text,
+                                                                    threshold):
+    monkeypatch.setattr(aml, "_OFFSET_MIN_CHARS", threshold)
     path = tmp_path / "patterns.json"
     path.write_text(text)
     with pytest.raises(aml.CorruptFileError) as caught:
@@ -1377,7 +1380,8 @@ def test_load_records_with_offsets_fails_closed_like_load_json_file(tmp_path, te
     assert str(caught.value) == str(expected.value)
 
 
-def test_get_parses_only_the_record_not_its_file(store, monkeypatch):
+def test_get_parses_only_the_record_not_its_big_file(store, monkeypatch):
+    monkeypatch.setattr(aml, "_OFFSET_MIN_CHARS", 1000)   # every patterns file counts as big
     s = aml.Store(store)
     aml.MemoryIndex(s).refresh()
     wanted = read_data(store / "backend-developer" / "patterns.json")[9]
