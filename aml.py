@@ -2975,6 +2975,7 @@ _STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 # parsing the whole file for one get would cost more (a 4 MB file parses in about 30 ms).
 _OFFSET_MIN_CHARS = 4 * 1024 * 1024
 _NO_OFFSET = 2 ** 64 - 1  # in an id row: parse the whole (small) file
+_BYTE_OFFSET = 1 << 62    # flag in an id row: the offset is a byte offset in the file as stored
 
 
 def _array_with_offsets(text: str) -> Tuple[List[Any], List[int]]:
@@ -3006,10 +3007,30 @@ def _array_with_offsets(text: str) -> Tuple[List[Any], List[int]]:
     return items, offsets
 
 
+def _value_at(path: Path, handle: Any, offset: int) -> Any:
+    """The JSON value at a byte offset of an ASCII file, reading a growing window, not the file.
+
+    A window that ends inside the value fails to parse (an object needs its closing brace),
+    so the window grows until the value fits; IntegrityError if there is none.
+    """
+    size = 64 * 1024
+    while True:
+        handle.seek(offset)
+        chunk = handle.read(size)
+        try:
+            return _STRICT_DECODER.raw_decode(chunk.decode("ascii"))[0]
+        except ValueError:  # includes a non-ASCII byte: the file is not what was indexed
+            if len(chunk) < size:
+                raise IntegrityError("%s: no record at offset %d" % (path, offset)) from None
+            size *= 4
+
+
 def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]]]:
     """A record file's array and, for a big file, each record's offset in its decoded text.
 
-    Offsets are None below _OFFSET_MIN_CHARS. Raises CorruptFileError as load_json_file does.
+    Offsets are None below _OFFSET_MIN_CHARS. In a plain ASCII file, where characters are
+    bytes, they are byte offsets in the file as stored, flagged with _BYTE_OFFSET, so a get
+    reads only that record. Raises CorruptFileError as load_json_file does.
     """
     try:
         raw = path.read_bytes()
@@ -3022,7 +3043,11 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
             if isinstance(records, list):
                 return records, None
         else:
-            return _array_with_offsets(text)
+            records, offsets = _array_with_offsets(text)
+            if raw[:2] != GZIP_MAGIC and text.isascii():
+                shift = _BYTE_OFFSET + (len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0)
+                offsets = [at + shift for at in offsets]
+            return records, offsets
     except ValueError:
         pass
     load_json_file(path, expect=list)  # raises with the same message as everywhere else
@@ -3513,22 +3538,32 @@ class MemoryIndex:
         return _problems((self.manifest() or {}).get("unreadable", []))
 
     def load_record(self, entry: Dict[str, Any], position: int, offset: int) -> Any:
-        """The record at this position and text offset of an indexed file, parsing only it.
+        """The record at this position and offset of an indexed file, parsing only it.
 
-        Raises IntegrityError when the file changed since indexing or the offset does not
-        hold a JSON value, and CorruptFileError when the file cannot be read.
+        A byte offset (plain ASCII file) reads just that record's bytes; a character offset
+        reads and decodes the file but parses only the record. Raises IntegrityError when
+        the file changed since indexing or the offset does not hold a JSON value, and
+        CorruptFileError when the file cannot be read.
         """
         records = self._files.get((entry["path"], entry["size"], entry["mtime_ns"]))
         if records is not None:  # already parsed whole for an earlier lookup
             return records[position]
         path = self.store.root / entry["path"]
         try:
-            raw = path.read_bytes()
-            info = path.stat()
+            with open(str(path), "rb") as handle:
+                if offset & _BYTE_OFFSET:
+                    value = _value_at(path, handle, offset - _BYTE_OFFSET)
+                else:
+                    value = self._value_in_text(path, handle.read(), offset)
+                info = os.fstat(handle.fileno())
         except OSError as exc:
             raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
         if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
             raise IntegrityError("%s changed since it was indexed" % path)
+        return value
+
+    @staticmethod
+    def _value_in_text(path: Path, raw: bytes, offset: int) -> Any:
         text, _ = decode_file_bytes(path, raw)
         try:
             return _STRICT_DECODER.raw_decode(text, offset)[0]

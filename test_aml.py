@@ -1392,6 +1392,23 @@ def test_get_parses_only_the_record_not_its_big_file(store, monkeypatch):
     assert [(r.record, r.index, r.source) for r in result.records] == [(wanted, 9, "index")]
 
 
+@pytest.mark.parametrize("text", ["ascii only", "non-ASCII: caf\u00e9 \u2713"])
+def test_get_reads_the_record_at_its_offset_in_plain_files(tmp_path, monkeypatch, text):
+    monkeypatch.setattr(aml, "_OFFSET_MIN_CHARS", 1000)
+    root = build_store(tmp_path / "m", agents=("a",), gz=False)
+    path = root / "a" / "patterns.json"
+    records = read_data(path)
+    records[4]["pattern"]["note"] = text
+    path.write_bytes(aml.UTF8_BOM + aml.runtime_json(records).encode("utf-8"))
+    s = aml.Store(root)
+    aml.MemoryIndex(s).refresh()
+    offset = aml.MemoryIndex(s).locate_rows(records[4]["id"])[0][2]
+    assert bool(offset & aml._BYTE_OFFSET) == text.isascii()   # bytes only when chars are
+    for position in (0, 4, len(records) - 1):
+        found = aml.get_record(s, records[position]["id"]).records
+        assert [(r.record, r.index) for r in found] == [(records[position], position)]
+
+
 def test_get_on_a_fresh_index_stats_only_the_file_holding_the_id(store, monkeypatch):
     s = aml.Store(store)
     aml.MemoryIndex(s).refresh()
