@@ -3459,7 +3459,8 @@ class MemoryIndex:
 
         ``moves`` maps a record file to its (size, mtime_ns) before and after a rewrite that
         kept the same JSON value (gzip of the same bytes, or plain text of the same array),
-        so its postings and id rows still hold. Only an entry that matched the file before
+        so its postings and id rows still hold (callers pass only files too small to have
+        record offsets, which such a rewrite can shift). Only an entry that matched the file before
         the rewrite moves; any other stays as it is and is re-read at the next refresh. Call
         with the maintenance lock held; nothing is written when no index exists or no entry
         moves. The hot cache keeps the old figures: its rows for those files become misses.
@@ -4938,7 +4939,11 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
     if not dry_run and by["done"]:
-        index.note_transcoded({rel(o[0]): (o[5], o[6]) for o in by["done"]})
+        # A file big enough to have record offsets in the id table is left to the next refresh:
+        # its byte offsets do not hold in gzip bytes, nor character offsets in re-indented text.
+        plain = 2 if to_gzip else 3  # which byte count is the plain JSON
+        index.note_transcoded({rel(o[0]): (o[5], o[6]) for o in by["done"]
+                               if o[plain] < _OFFSET_MIN_CHARS})
     return TranscodeResult(
         operation="compress" if to_gzip else "decompress", dry_run=dry_run,
         files=[rel(o[0]) for o in by["done"]], bytes_before=sum(o[2] for o in by["done"]),

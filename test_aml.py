@@ -2198,6 +2198,20 @@ def test_compress_and_decompress_keep_a_fresh_index_fresh(tmp_path, monkeypatch)
         for r in read_data(root / "a" / (name + ".json"))]
 
 
+def test_compress_leaves_files_with_record_offsets_to_the_next_refresh(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a",), gz=False)
+    big = root / "a" / "patterns.json"
+    monkeypatch.setattr(aml, "_OFFSET_MIN_CHARS", big.stat().st_size - 1)  # only this file
+    s = aml.Store(root)
+    aml.MemoryIndex(s).refresh()
+    aml.transcode_store(s, True, age_days=0)
+    assert aml.MemoryIndex(s).stale_files() == ["a/patterns.json"]   # byte offsets are gone
+    wanted = read_data(big)[3]
+    assert [r.record for r in aml.get_record(s, wanted["id"]).records] == [wanted]
+    offset = aml.MemoryIndex(s).locate_rows(wanted["id"])[0][2]
+    assert offset is not None and not offset & aml._BYTE_OFFSET   # now a character offset
+
+
 def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatch):
     seed_defects(store)
     path = store / "code-reviewer" / "solutions.json"
