@@ -3591,7 +3591,7 @@ class MemoryIndex:
 
 __all__ += ["worker_count", "parallel_map", "index_file_part", "MemoryIndex", "SearchQuery",
             "FoundRecord", "LookupResult", "IndexResult",
-            "posting_row"]
+            "posting_row", "load_records_with_offsets"]
 
 
 def warm_score(row: List[Any], now: _dt.datetime) -> float:
