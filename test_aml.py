@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -120,11 +121,14 @@ def make_decision(agent, rng, age=None, would_repeat=None, **extra):
 
 
 def write_data(path, obj, gz=False, newline=False):
-    """Write a store file the way the runtime does (gzip bytes under .json, or plain)."""
+    """Write a store file the way the runtime does (gzip bytes under .json, or plain).
+
+    The gzip header carries no time, so two stores built from one seed are byte-identical.
+    """
     text = json.dumps(obj, indent=2, ensure_ascii=False) + ("\n" if newline else "")
     data = text.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data) if gz else data)
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
 
 
 def read_data(path):
@@ -604,7 +608,7 @@ def test_derived_state_locks_and_temp_files_are_not_backed_up(tmp_path):
     (root / "code-reviewer" / "ghost.json.lock").mkdir()      # a runtime lock of another file
     snap = backup_manager(root).create()
     paths = {e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]}
-    assert ".aml/archive/prune_x.json" in paths and "config.json" in paths
+    assert ".aml/archive/prune_x/part-0001.json.gz" in paths and "config.json" in paths
     assert "global/shared.json" in paths
     assert not [p for p in paths if "index" in p or "lock" in p or "tmp" in p]
 
@@ -1713,6 +1717,164 @@ def test_undo_refuses_archive_entries_outside_the_store(tmp_path):
     assert not (tmp_path / "evil").exists()
 
 
+def _part_doc(path):
+    """An archive part decoded: {"format", "sha256", "payload"}."""
+    return json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
+
+
+def test_archive_is_a_manifest_and_one_checksummed_gzip_part_per_file(tmp_path):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    folder = root / ".aml" / "archive" / result.run_id
+    manifest = aml.read_checksummed(folder / "manifest.json")
+    assert manifest["status"] == "complete" and manifest["operation"] == "prune"
+    parts = sorted(folder.glob("part-*.json.gz"))
+    assert manifest["counts"] == {"entries": len(result.removed), "parts": len(parts)}
+    assert len(parts) == len({r.file for r in result.removed}) > 1
+    for part in parts:
+        doc = _part_doc(part)
+        body = json.dumps(doc["payload"], sort_keys=True, ensure_ascii=False)
+        assert doc["sha256"] == hashlib.sha256(body.encode("utf-8")).hexdigest()
+        entries = doc["payload"]["entries"]
+        assert len({e["file"] for e in entries}) == 1
+        for entry in entries:  # the record is stored once, as its exact text
+            assert "record" not in entry
+            assert entry["record_text"] == json.dumps(before[entry["file"]][entry["index"]],
+                                                      ensure_ascii=False, separators=(",", ":"))
+    assert not list((root / ".aml" / "archive").glob("*.json"))
+
+
+def test_corrupt_archive_part_refuses_undo_before_any_change(tmp_path):
+    root = _prune_store(tmp_path / "m")
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    last = sorted((root / ".aml" / "archive" / result.run_id).glob("part-*.json.gz"))[-1]
+    doc = _part_doc(last)
+    doc["payload"]["entries"][0]["index"] += 1  # tampered, checksum left as it was
+    last.write_bytes(gzip.compress(json.dumps(doc).encode("utf-8")))
+    pruned = tree_digest(root, skip_state=True)
+    with pytest.raises(aml.IntegrityError, match="checksum"):
+        aml.undo_run(aml.Store(root, now=NOW), result.run_id)
+    assert tree_digest(root, skip_state=True) == pruned
+    last.write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(aml.IntegrityError, match="unreadable archive part"):
+        aml.undo_run(aml.Store(root, now=NOW), result.run_id)
+    assert [r["run_id"] for r in aml.list_runs(aml.Store(root)) if "problem" in r] == []
+
+
+def test_undo_reads_the_old_single_file_archive_layout(tmp_path, capsys):
+    rng = random.Random(14)
+    keep, lost = _pattern(rng), _pattern(rng)
+    ordered = dict(reversed(list(lost.items())))  # the file's own key order, not sorted
+    root = _one_agent(tmp_path / "m", patterns=[keep])
+    store = aml.Store(root, now=NOW)
+    store.ensure_state_dir()
+    (root / ".aml" / "archive").mkdir()
+    aml.write_checksummed(root / ".aml" / "archive" / "prune_20261101_000000_aaaaaa.json", {
+        "run_id": "prune_20261101_000000_aaaaaa", "operation": "prune", "created": NOW_TEXT,
+        "undone": None, "entries": [{
+            "agent": "solo", "file": "solo/patterns.json", "type": "pattern", "id": lost["id"],
+            "index": 0, "reason": "unused_too_long", "details": {}, "record": ordered,
+            "record_text": json.dumps(ordered, separators=(",", ":"))}]})
+    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
+    assert "prune_20261101_000000_aaaaaa  prune" in out and "1 records" in out
+    result = aml.undo_run(store, "prune_20261101_000000_aaaaaa")
+    assert result.restored == 1 and read_data(root / "solo" / "patterns.json") == [ordered, keep]
+    assert list(read_data(root / "solo" / "patterns.json")[0]) == list(ordered)
+    again = aml.undo_run(store, "prune_20261101_000000_aaaaaa")
+    assert again.already_undone == aml.format_timestamp(NOW) and again.restored == 0
+
+
+def test_crash_while_archiving_changes_no_data_file_and_rerun_completes(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz=True)
+    before = tree_digest(root)
+    real_write = aml.atomic_write_bytes
+    parts = []
+
+    def flaky_write(path, data, mode=None):
+        if Path(path).name.startswith("part-"):
+            parts.append(path)
+            if len(parts) == 2:
+                raise OSError(28, "No space left on device")
+        return real_write(path, data, mode)
+
+    monkeypatch.setattr(aml, "atomic_write_bytes", flaky_write)
+    with pytest.raises(OSError):
+        aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    monkeypatch.undo()
+    assert tree_digest(root, skip_state=True) == before
+    store = aml.Store(root, now=NOW)
+    [run] = aml.list_runs(store)
+    assert run["status"] == "writing" and run["records"] > 0
+    undo = aml.undo_run(store, run["run_id"])  # every archived record is still in its file
+    assert undo.restored == 0 and len(undo.skipped) == run["records"]
+    assert tree_digest(root, skip_state=True) == before
+    second = aml.MemoryPruner(store, aml.PruneConfig(create_backup=False)).run()
+    assert second.exit_code == 0 and second.removed
+
+
+def test_prune_and_undo_never_hold_two_parsed_files_at_once(tmp_path, monkeypatch):
+    import weakref
+
+    class Records(list):
+        """A list that can be weakly referenced, to see which loaded arrays are still alive."""
+
+    root = _prune_store(tmp_path / "m", agents=tuple("agent-%d" % i for i in range(6)))
+    alive, peak = [], [0]
+    real_load = aml.load_json_file
+
+    def tracking_load(path, expect=None):
+        data, fmt = real_load(path, expect)
+        if not isinstance(data, list):
+            return data, fmt
+        alive[:] = [ref for ref in alive if ref() is not None]
+        data = Records(data)
+        alive.append(weakref.ref(data))
+        peak[0] = max(peak[0], len(alive))
+        return data, fmt
+
+    monkeypatch.setattr(aml, "load_json_file", tracking_load)
+    store = aml.Store(root, now=NOW)
+    config = aml.PruneConfig(create_backup=False, agent_memory_limit=20000)
+    planned = aml.MemoryPruner(store, config).plan()
+    result = aml.MemoryPruner(store, config).run(force=True)
+    assert len(result.removed) >= len(planned.removed) > 0
+    assert aml.undo_run(store, result.run_id).restored == len(result.removed)
+    assert peak[0] == 1  # of 18 record files: never two parsed at once
+
+
+@pytest.mark.parametrize("bom,newline,gz", [(False, False, False), (True, True, False),
+                                            (False, True, True)])
+def test_array_writer_gives_the_runtime_bytes_one_record_at_a_time(bom, newline, gz):
+    # prune's memory bound needs encode_json to serialize an array one element at a time;
+    # the bytes must stay exactly those of json.dumps(indent=2) on the whole document.
+    rng = random.Random(15)
+    records = [make_pattern("a", rng) for _ in range(3)] + [
+        {}, [], {"nested": [[], {}, [1, {"x": "line\nbreak \u2028 é ☃"}]]}, "text", 1.5, None]
+    fmt = aml.FileFormat(gzip=gz, bom=bom, trailing_newline=newline)
+    for doc in (records, [], [{}], {"not": ["an array"]}):
+        expected = ((b"\xef\xbb\xbf" if bom else b"") + json.dumps(
+            doc, indent=2, ensure_ascii=False).encode("utf-8") + (b"\n" if newline else b""))
+        data = aml.encode_json(doc, fmt)
+        assert (gzip.decompress(data) if gz else data) == expected
+
+
+def test_undo_puts_back_what_gc_archived(tmp_path):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    path = root / "code-reviewer" / "solutions.json"
+    zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+    orphan = {k: v for k, v in read_data(path)[0].items() if k != "id"}  # gc: missing_id
+    write_data(path, read_data(path)[:3] + [orphan] + read_data(path)[3:], gz=zipped)
+    before = _all_records(root)
+    store = aml.Store(root, now=NOW)
+    result = aml.collect_garbage(store)
+    assert result.run_id and orphan not in read_data(path)
+    [run] = aml.list_runs(store)
+    assert (run["operation"], run["status"], run["records"]) == ("gc", "complete", 1)
+    assert aml.undo_run(store, result.run_id).restored == 1
+    assert _all_records(root) == before and (path.read_bytes()[:2] == b"\x1f\x8b") == zipped
+
+
 def test_mass_deletion_guard_refuses_then_force_works(tmp_path, capsys):
     rng = random.Random(10)
     root = _one_agent(tmp_path / "m", patterns=[_pattern(rng, last_used=200) for _ in range(6)]
@@ -2220,8 +2382,9 @@ def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatc
     calls, real = [], os.replace
 
     def flaky(src, dst):
-        calls.append(dst)
-        if len(calls) == 3:   # archive, first data file, then the second data file fails
+        if ".aml" not in Path(dst).parts:   # archive writes (manifest, part) are not counted
+            calls.append(dst)
+        if len(calls) == 2:   # the first data file is written, the second one fails
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
@@ -2630,8 +2793,8 @@ def test_crash_between_files_then_rerun_equals_clean_run(tmp_path, monkeypatch, 
         return real_replace(src, dst)
 
     monkeypatch.setattr(aml.os, "replace", flaky_replace)
-    with pytest.raises(OSError):
-        run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT)
+    # main reports the OSError as one "aml: error:" line and exit 1
+    assert run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 1
     monkeypatch.undo()
     partial = store_records(crashed)
     assert sum(1 for recs in partial.values() if recs[0].get("schemaVersion")) == 1
@@ -2796,6 +2959,623 @@ def test_migrate_cli_spellings_and_usage_errors(tmp_path, capsys):
 # 14. Monitoring and alerts
 # =============================================================================
 
+import html.parser
+import http.server
+import re
+import shutil
+import socket
+import fcntl
+import threading
+import zlib
+
+
+def _health(root, *extra, capsys, fmt="json"):
+    """Run ``monitor health`` and return (exit code, parsed JSON or text, stderr)."""
+    code, out, err = run_cli(root, "monitor", "health", "--format", fmt, *extra, capsys=capsys)
+    return code, (json.loads(out) if fmt == "json" else out), err
+
+
+def _check(report, name):
+    return next(c for c in report["checks"] if c["name"] == name)
+
+
+def _record_backup(root, when=None):
+    """Record a verified backup whose manifest exists, as section 8 does."""
+    manifest = root.parent / "memory-backup" / "snap" / "manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("{}")
+    aml.Store(root).record_operation("backup", when or aml.utcnow(), 0.4, {
+        "backup_id": "snap", "type": "full", "verified": True, "manifest": str(manifest),
+        "bytes_added": 10, "files": 3})
+
+
+def _make_healthy(root, hits=90, misses=10):
+    """A real verified backup, a fresh index built by ``optimize index``, a good hit rate."""
+    assert run_cli(root, "backup", "create", "-q") == 0
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    if hits or misses:
+        aml.Store(root).write_state("cache-stats.json",
+                                    {"hits": hits, "misses": misses, "updated": NOW_TEXT})
+
+
+def _file_counts(root):
+    """{agent: {type: {active, inactive}}} counted straight from the files."""
+    counts = {}
+    for agent_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name != "global"
+                            and not p.name.startswith(".")):
+        counts[agent_dir.name] = {}
+        for rtype in ("pattern", "solution", "decision"):
+            path = agent_dir / (rtype + "s.json")
+            recs = read_data(path) if path.exists() else []
+            active = sum(1 for r in recs if r.get("active", True))
+            counts[agent_dir.name][rtype] = {"active": active, "inactive": len(recs) - active,
+                                             "invalid": 0}
+    return counts
+
+
+def test_metrics_counts_equal_records_in_files(store, capsys):
+    rng = random.Random(5)
+    path = store / "code-reviewer" / "patterns.json"
+    recs = read_data(path)
+    for rec in recs[:7]:
+        rec["active"] = False
+    write_data(path, recs, gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    write_data(store / "new-agent" / "decisions.json", [make_decision("new-agent", rng)])
+    code, out, _ = run_cli(store, "monitor", "metrics", "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    got = {a["agent"]: a["records"] for a in doc["agents"]}
+    assert code == 0 and got == _file_counts(store)
+    assert got["code-reviewer"]["pattern"] == {"active": 33, "inactive": 7, "invalid": 0}
+    assert got["new-agent"]["decision"]["active"] == 1
+    assert doc["performance"]["full_load_records"] == 3 * 65 + 1
+    assert doc["performance"]["lookup_ms"] is None or doc["performance"]["lookup_ms"] >= 0
+    assert doc["performance"]["cache_hit_rate"] is None  # no lookups recorded: unknown, not 0
+    assert doc["growth"]["bytes_per_day"] is None and doc["growth"]["samples"] == 0
+    assert doc["performance"]["last_operations"]["prune"]["seconds"] is None
+
+
+def test_metrics_reports_unreadable_file_and_exits_3(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    bad = root / "test-automator" / "solutions.json"
+    bad.write_bytes(bad.read_bytes()[:40])
+    before = tree_digest(root, skip_state=True)
+    code, out, err = run_cli(root, "monitor", "metrics", "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 3 and "test-automator/solutions.json" in err
+    assert doc["unreadable"][0].startswith("test-automator/solutions.json")
+    agent = next(a for a in doc["agents"] if a["agent"] == "test-automator")
+    assert sum(agent["records"]["solution"].values()) == 0 and agent["records"]["pattern"]["active"]
+    assert tree_digest(root, skip_state=True) == before  # only .aml/ was written
+
+
+def test_metrics_growth_and_days_until_limit(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"))
+    code = run_cli(root, "monitor", "metrics", "--now", "2026-11-01T00:00:00Z", capsys=capsys)[0]
+    assert code == 0
+    rng = random.Random(9)
+    path = root / "a1" / "patterns.json"
+    write_data(path, read_data(path) + [make_pattern("a1", rng) for _ in range(20)])
+    code, out, _ = run_cli(root, "monitor", "metrics", "--format", "json",
+                           "--now", "2026-11-11T00:00:00Z", capsys=capsys)
+    doc = json.loads(out)
+    assert doc["growth"]["records_since_previous"] == 20
+    assert doc["growth"]["bytes_since_previous"] > 0
+    growth = doc["growth"]
+    assert growth["bytes_per_day"] == pytest.approx(growth["bytes_since_previous"] / 10)
+    by_subject = {(f["subject"], f["limit"]): f for f in doc["forecasts"]}
+    a1 = by_subject[("a1", "agent_memory_critical_mb")]
+    assert a1["days_until"] > 0
+    assert by_subject[("a2", "agent_memory_critical_mb")]["note"] == "not growing"
+
+
+def test_metrics_history_is_bounded(tmp_path, capsys, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=3, solutions=1, decisions=1)
+    monkeypatch.setattr(aml, "METRICS_HISTORY_MAX", 3)
+    for day in range(1, 6):
+        run_cli(root, "monitor", "metrics", "-q", "--now", "2026-11-0%dT00:00:00Z" % day)
+    samples = aml.Store(root).read_state("metrics-history.json")["samples"]
+    assert [s["at"][:10] for s in samples] == ["2026-11-03", "2026-11-04", "2026-11-05"]
+    run_cli(root, "monitor", "metrics", "-q", "--no-save", "--now", "2026-11-09T00:00:00Z")
+    assert len(aml.Store(root).read_state("metrics-history.json")["samples"]) == 3
+
+
+def test_metrics_times_a_real_indexed_lookup_without_counting_it(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+
+    def performance():
+        out = run_cli(root, "monitor", "metrics", "--format", "json", capsys=capsys)[1]
+        return json.loads(out)
+
+    assert performance()["performance"]["lookup_ms"] is None  # no index yet: unknown
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    doc = performance()
+    assert doc["performance"]["lookup_ms"] > 0 and " via " in doc["performance"]["lookup_note"]
+    assert doc["index_bytes"] == aml.MemoryIndex(aml.Store(root)).size_bytes() > 0
+    assert doc["performance"]["last_operations"]["index"]["seconds"] is not None
+    assert aml.hot_cache_stats(aml.Store(root)) == {"hits": 0, "misses": 0}
+    path = root / "code-reviewer" / "solutions.json"
+    write_data(path, read_data(path)[:-1], gz=True)
+    doc = performance()
+    assert doc["performance"]["lookup_ms"] is None and "stale" in doc["performance"]["lookup_note"]
+
+
+def test_metrics_reads_last_durations_from_history(tmp_path):
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=3, solutions=1, decisions=1)
+    store = aml.Store(root, now=NOW)
+    store.record_operation("prune", NOW - dt.timedelta(days=2), 1.25, {"removed": 4})
+    report = aml.MemoryMonitor(store).metrics(save=False)
+    prune = report.performance.last_operations["prune"]
+    assert prune.seconds == 1.25 and prune.age_days == pytest.approx(2.0)
+    assert report.performance.last_operations["backup"].started is None
+
+
+def test_fresh_store_without_backup_is_warning(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    before = tree_digest(root, skip_state=True)
+    code, doc, _ = _health(root, capsys=capsys)
+    assert code == 1 and doc["status"] == "warning"
+    assert _check(doc, "backup")["status"] == "warning"
+    assert _check(doc, "integrity")["status"] == "healthy"
+    assert {c["name"] for c in doc["checks"]} >= {"structure", "size", "index", "backup",
+                                                  "integrity", "performance", "maintenance"}
+    assert tree_digest(root, skip_state=True) == before
+    assert aml.Store(root).last_operation("health")["summary"]["status"] == "warning"
+
+
+def test_backup_check_needs_a_recent_verified_snapshot_that_exists(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    assert run_cli(root, "backup", "create", "-q") == 0
+    store = aml.Store(root)
+    entry = store.last_operation("backup")
+    backup_id, manifest = entry["summary"]["backup_id"], Path(entry["summary"]["manifest"])
+
+    def backup_status(*extra):
+        return _check(_health(root, *extra, capsys=capsys)[1], "backup")["status"]
+
+    assert backup_status() == "healthy"
+    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": False,
+                                                        "deep": True})
+    assert backup_status() == "warning"  # its latest verify failed
+    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": True,
+                                                        "deep": True})
+    assert backup_status() == "healthy"
+    later = aml.utcnow() + dt.timedelta(days=2)
+    assert backup_status("--now", aml.format_timestamp(later)) == "warning"  # > 36 h
+    later = aml.utcnow() + dt.timedelta(days=8)
+    assert backup_status("--now", aml.format_timestamp(later)) == "critical"  # > 168 h
+    manifest.rename(manifest.with_name("moved"))
+    assert backup_status() == "warning"  # its manifest is gone
+
+
+def test_structure_check_names_stale_locks_leftovers_and_gz_files(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    stale = root / "code-reviewer" / "patterns.json.lock"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    (root / "code-reviewer" / "solutions.json.lock").mkdir()  # fresh: a writer holds it
+    (root / "test-automator" / (".decisions.json" + aml.TMP_MARKER + "1-ab")).write_text("[")
+    (root / "test-automator" / "old.json.gz").write_bytes(gzip.compress(b"[]"))
+    before = tree_digest(root, skip_state=True)
+    code, doc, _ = _health(root, capsys=capsys)
+    structure = _check(doc, "structure")
+    assert structure["status"] == "warning" and _check(doc, "integrity")["status"] == "healthy"
+    assert sorted(p["subject"] for p in structure["problems"]) == [
+        "code-reviewer/patterns.json.lock", "test-automator/.decisions.json.aml-tmp-1-ab",
+        "test-automator/old.json.gz"]
+    assert tree_digest(root, skip_state=True) == before and stale.is_dir()  # reported, not fixed
+
+
+@pytest.mark.parametrize("damage", ["truncated-gzip", "invalid-json", "object-not-array",
+                                    "non-object-element"])
+def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
+    root = build_store(tmp_path / "m", gz=(damage == "truncated-gzip"))
+    bad = root / "code-reviewer" / "decisions.json"
+    if damage == "truncated-gzip":
+        bad.write_bytes(bad.read_bytes()[:50])
+    elif damage == "invalid-json":
+        bad.write_text('[{"id": "x", "active": NaN}]')
+    elif damage == "object-not-array":
+        bad.write_text('{"id": "x"}')
+    else:
+        bad.write_text('[{"id": "x"}, 3]')
+    code, doc, _ = _health(root, capsys=capsys)
+    integrity = _check(doc, "integrity")
+    assert code == 2 and doc["status"] == "critical" and integrity["status"] == "critical"
+    assert "code-reviewer/decisions.json" in integrity["message"]
+    code, line, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 2 and line.startswith("AML CRITICAL - ")
+    assert "code-reviewer/decisions.json" in line
+
+
+NAGIOS_RE = re.compile(r"^AML (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+ \| "
+                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?(;[0-9.]*){0,4}) ?)+$")
+
+
+def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz="mixed")
+    code, out, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 1 and out.count("\n") == 1 and NAGIOS_RE.match(out.rstrip("\n")), out
+    _make_healthy(root)
+    code, out, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 0 and out.startswith("AML OK - 7 checks healthy | "), out
+    assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%" in out
+    assert "store_bytes=" in out and ";838860800;0" in out  # critical = 800 MiB
+    assert re.search(r" lookup_ms=[0-9.]+ms;100;", out) and "stale_index_files=0;" in out
+    # An empty store: no id to look up and no lookups recorded, so performance is unknown.
+    empty = build_store(tmp_path / "empty", patterns=0, solutions=0, decisions=0)
+    _make_healthy(empty, hits=0, misses=0)
+    code, out, _ = _health(empty, capsys=capsys, fmt="nagios")
+    assert code == 3 and out.startswith("AML UNKNOWN - performance: ") and NAGIOS_RE.match(
+        out.rstrip("\n")) and "lookup_ms=U" in out
+
+
+def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
+    code, out, err = run_cli(tmp_path / "missing", "monitor", "health", "--format", "nagios",
+                             capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "does not exist" in err
+
+
+def test_health_plugin_from_cron_like_environment(tmp_path):
+    root = build_store(tmp_path / "m", gz=True)
+    result = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "monitor", "health",
+                             "--format", "nagios"], cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == ""
+    assert result.stdout.startswith("AML WARNING - ") and result.stdout.count("\n") == 1
+
+
+def test_crontab_monitor_lines_run_in_a_cron_environment(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True)
+    _make_healthy(root)
+    jobs = [j for j in _crontab_commands() if "monitor" in j]
+    assert [j[j.index("monitor") + 1] for j in jobs] == ["health", "report", "report"]
+    outputs = []
+    for number, job in enumerate(jobs):
+        _, argv = _aml_args(job)
+        argv[0] = str(root)
+        if "--output" in argv:
+            outputs.append(tmp_path / ("out%d" % number))
+            argv[argv.index("--output") + 1] = str(outputs[-1])
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
+                              env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b""), argv
+    assert "aml_health_overall 0" in _parse_prometheus(outputs[0].read_text())[
+        "aml_health_overall"]
+    assert outputs[1].read_text().startswith("<!DOCTYPE html>")
+
+
+def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
+    assert set(codes.values()) == {1}
+    assert run_cli(root, "monitor", "health", "-q", capsys=capsys)[1].startswith("Health: WARNING")
+
+
+def test_thresholds_from_store_config_aml_config_and_flags(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    config = dict(CONFIG, storage={"maxSizeGb": 2}, performance={"queryTimeoutMs": 50})
+    write_data(root / "config.json", config)
+    store = aml.Store(root)
+    got = aml.resolve_thresholds(store)
+    assert got["global_memory_critical_mb"] == 2048 and got["query_time_warning_ms"] == 50
+    got = aml.resolve_thresholds(store, {"query_time_warning_ms": 70},
+                                 {"agent_memory_warning_mb": 1})
+    assert got["query_time_warning_ms"] == 70 and got["agent_memory_warning_mb"] == 1
+    with pytest.raises(aml.UsageError):
+        aml.resolve_thresholds(store, flags={"agent_memory_warning_mb": 90})  # above critical
+    code, _, err = run_cli(root, "monitor", "health", "--threshold", "nope=1", capsys=capsys)
+    assert code == 3 and "unknown threshold" in err  # health: UNKNOWN, the plugin convention
+    code, _, err = run_cli(root, "monitor", "metrics", "--threshold", "nope=1", capsys=capsys)
+    assert code == 2 and "unknown threshold" in err
+    code, doc, _ = _health(root, "--threshold", "agent_memory_critical_mb=0.01",
+                           "--threshold", "agent_memory_warning_mb=0.005", capsys=capsys)
+    size = _check(doc, "size")
+    assert code == 2 and size["status"] == "critical"
+    assert {p["subject"] for p in size["problems"]} == {"backend-developer", "code-reviewer",
+                                                        "test-automator"}
+
+
+def test_integrity_cache_rechecks_only_changed_files(tmp_path, capsys, monkeypatch):
+    root = build_store(tmp_path / "m", gz="mixed")
+    old = time.time() - 60  # older than the racy window, so the first run caches them
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+    assert _health(root, capsys=capsys)[0] == 1
+    loads = []
+    real = aml.load_json_file
+
+    def counting(path, expect=None):
+        if ".aml" not in Path(path).parts:
+            loads.append(Path(path).relative_to(root).as_posix())
+        return real(path, expect)
+
+    monkeypatch.setattr(aml, "load_json_file", counting)
+    monkeypatch.setattr(aml.Store, "runtime_config", lambda self: {})
+    assert _health(root, capsys=capsys)[0] == 1 and loads == []
+    changed = root / "test-automator" / "patterns.json"
+    write_data(changed, read_data(changed)[:-1])
+    os.utime(changed, (old + 5, old + 5))
+    assert _health(root, capsys=capsys)[0] == 1
+    assert loads == ["test-automator/patterns.json"]
+
+
+def test_read_only_commands_write_only_inside_state_folder(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    before = tree_digest(root)
+    for action in (["metrics"], ["health"], ["alerts", "--all"], ["report"]):
+        run_cli(root, "monitor", *action, capsys=capsys)
+    after = tree_digest(root)
+    assert {k: v for k, v in after.items() if not k.startswith(".aml")} == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_alert_of_a_check_that_cannot_run_is_error_and_not_resolved(tmp_path, capsys,
+                                                                    monkeypatch):
+    root = build_store(tmp_path / "m")
+    _health(root, capsys=capsys)
+
+    def broken(store):
+        raise OSError("index folder unreadable")
+
+    monkeypatch.setattr(aml, "_index_staleness", broken)
+    code, doc, _ = _health(root, capsys=capsys)
+    index = _check(doc, "index")
+    assert code == 1 and index["status"] == "unknown" and not index["ran"]
+    stored = aml.Store(root).read_state("alerts.json")["alerts"]
+    assert stored[aml.alert_id("index", "index")]["state"] == "firing"  # unknown is not cleared
+    assert stored[aml.alert_id("index", "check")]["level"] == "ERROR"
+    assert [a for a in doc["alerts"]["fired"] if a["level"] == "ERROR"][0]["check"] == "index"
+
+
+def test_health_reports_but_skips_state_writes_while_another_run_holds_the_store(tmp_path,
+                                                                                  capsys):
+    root = build_store(tmp_path / "m")
+    (root / ".aml").mkdir()
+    fd = os.open(str(root / ".aml" / "maintenance.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another aml process would (own file description)
+        code, doc, err = _health(root, "--lock-timeout", "0.3", capsys=capsys)
+        metrics = run_cli(root, "monitor", "metrics", "--lock-timeout", "0.3", capsys=capsys)
+    finally:
+        os.close(fd)
+    assert metrics[0] == 0 and "not updated" in metrics[2]
+    assert not (root / ".aml" / "metrics-history.json").exists()
+    assert code == 1 and doc["status"] == "warning" and "not updated" in err
+    assert not (root / ".aml" / "alerts.json").exists()
+    assert aml.Store(root).last_operation("health") is None
+
+
+def _alerts(root, capsys, *extra):
+    code, out, _ = run_cli(root, "monitor", "alerts", "--format", "json", *extra, capsys=capsys)
+    assert code == 0
+    return {a["check"]: a for a in json.loads(out)["alerts"]}
+
+
+def test_alert_raised_twice_is_one_alert_then_resolves(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    _health(root, "--now", "2026-11-20T06:00:00Z", capsys=capsys)
+    _health(root, "--now", "2026-11-21T06:00:00Z", capsys=capsys)
+    backup = _alerts(root, capsys)["backup"]
+    assert backup["count"] == 2 and backup["level"] == "WARNING" and backup["state"] == "firing"
+    assert backup["first_seen"].startswith("2026-11-20") and backup["last_seen"].startswith(
+        "2026-11-21")
+    assert backup["id"] == aml.alert_id("backup", "backup")
+    _record_backup(root, when=aml.parse_timestamp("2026-11-22T05:00:00Z"))
+    code, doc, _ = _health(root, "--now", "2026-11-22T06:00:00Z", capsys=capsys)
+    assert [a["check"] for a in doc["alerts"]["resolved"]] == ["backup"]
+    assert "backup" not in _alerts(root, capsys)
+    resolved = _alerts(root, capsys, "--all")["backup"]
+    assert resolved["state"] == "resolved" and resolved["resolved_by"] == "auto"
+    # Retention: 7 days after resolution the alert is still listed, after 8 it is gone.
+    lenient = ("--threshold", "backup_max_age_hours=1000", "--threshold",
+               "backup_critical_age_hours=1000")
+    _health(root, "--now", "2026-11-29T05:00:00Z", *lenient, capsys=capsys)
+    assert "backup" in _alerts(root, capsys, "--all", "--now", "2026-11-29T05:00:00Z")
+    _health(root, "--now", "2026-11-30T07:00:00Z", *lenient, capsys=capsys)
+    stored = aml.Store(root).read_state("alerts.json")["alerts"]
+    assert aml.alert_id("backup", "backup") not in stored and "index" in _alerts(root, capsys)
+
+
+def test_manual_resolve_and_reopen(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    _health(root, capsys=capsys)
+    alert_key = aml.alert_id("maintenance", "maintenance")
+    code, out, _ = run_cli(root, "monitor", "alerts", "--resolve", alert_key, capsys=capsys)
+    assert code == 0 and "resolved" in out
+    assert _alerts(root, capsys, "--all")["maintenance"]["resolved_by"] == "manual"
+    assert run_cli(root, "monitor", "alerts", "--resolve", "nope-1", capsys=capsys)[0] == 2
+    _health(root, capsys=capsys)  # the condition persists: the alert fires again
+    again = _alerts(root, capsys)["maintenance"]
+    assert again["occurrences"] == 2 and again["count"] == 1
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    """A JSON receiver on 127.0.0.1 in a thread; yields (url, list of payloads)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield "http://127.0.0.1:%d/hook" % server.server_port, server.received
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_webhook_receives_firing_and_resolved(tmp_path, capsys, webhook):
+    url, received = webhook
+    root = build_store(tmp_path / "m")
+    assert _health(root, "--webhook", url, capsys=capsys)[0] == 1
+    fired = sorted(p["alert"]["check"] for p in received if p["event"] == "firing")
+    assert fired == ["backup", "index", "maintenance"]
+    assert all(p["source"] == "aml" and p["alert"]["level"] == "WARNING" for p in received)
+    del received[:]
+    _health(root, "--webhook", url, capsys=capsys)
+    assert received == []  # a persisting condition does not notify again
+    _record_backup(root)
+    _health(root, "--webhook", url, capsys=capsys)
+    assert [(p["event"], p["alert"]["check"]) for p in received] == [("resolved", "backup")]
+    assert received[0]["alert"]["resolved_by"] == "auto"
+
+
+def test_webhook_and_thresholds_from_the_aml_config_file(tmp_path, capsys, webhook):
+    url, received = webhook
+    root = build_store(tmp_path / "m", agents=("solo",))
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_url": url, "webhook_timeout": 2,
+                                              "agent_memory_warning_mb": 0.001}}))
+    code, doc, _ = _health(root, "--config", config, capsys=capsys)
+    assert code == 1 and _check(doc, "size")["problems"][0]["subject"] == "solo"
+    assert ("firing", "size", "solo") in [(p["event"], p["alert"]["check"], p["alert"]["subject"])
+                                          for p in received]
+    config.write_text(json.dumps({"monitor": {"agent_memory_warnign_mb": 1}}))
+    code, _, err = run_cli(root, "monitor", "health", "--config", config, capsys=capsys)
+    assert code == 3 and "agent_memory_warnign_mb" in err
+
+
+def test_unreachable_webhook_does_not_fail_the_run(tmp_path, capsys):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    root = build_store(tmp_path / "m")
+    code, doc, err = _health(root, "--webhook", "http://127.0.0.1:%d/x" % port, capsys=capsys)
+    assert code == 1 and doc["status"] == "warning" and len(doc["alerts"]["fired"]) == 3
+    assert "webhook" in err and "unreachable" in err and "3 notification(s)" in err
+    assert len(_alerts(root, capsys)) == 3
+    code, _, err = run_cli(root, "monitor", "health", "--webhook", "ftp://x", capsys=capsys)
+    assert code == 3 and "http" in err
+
+
+def test_webhook_that_never_answers_times_out(tmp_path, capsys):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # connections queue in the kernel; nobody ever answers
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_timeout": 0.3}}))
+    root = build_store(tmp_path / "m")
+    try:
+        code, doc, err = _health(root, "--config", config, "--webhook",
+                                 "http://127.0.0.1:%d/" % silent.getsockname()[1], capsys=capsys)
+    finally:
+        silent.close()
+    assert code == 1 and "timed out" in err and len(doc["alerts"]["open"]) == 3
+
+
+PROM_LINE = {
+    "help": re.compile(r"^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) .+$"),
+    "type": re.compile(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary|"
+                       r"untyped)$"),
+    "sample": re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)'
+                         r'(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*")'
+                         r'(,[a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*")*\})?'
+                         r' (-?[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?|NaN|[+-]Inf)$'),
+}
+
+
+def _parse_prometheus(text):
+    """Check every line against the exposition format; returns {family: [sample lines]}."""
+    assert text.endswith("\n")
+    families, typed = {}, set()
+    for line in text.splitlines():
+        kind = next((k for k, rx in PROM_LINE.items() if rx.match(line)), None)
+        assert kind is not None, "not exposition format: %r" % line
+        name = PROM_LINE[kind].match(line).group(1)
+        if kind == "type":
+            assert name not in typed
+            typed.add(name)
+            families[name] = []
+        elif kind == "sample":
+            assert name in typed and name.startswith("aml_"), line
+            families[name].append(line)
+    return families
+
+
+def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", 'we"ird\\agent'), gz="mixed")
+    code, out, _ = run_cli(root, "monitor", "metrics", "--format", "prometheus", capsys=capsys)
+    families = _parse_prometheus(out)
+    assert code == 0 and 'aml_records{agent="we\\"ird\\\\agent",type="pattern",state="active"} 40' \
+        in families["aml_records"]
+    assert "aml_cache_hit_ratio" not in families  # unknown is left out, never a made-up 0
+    target = tmp_path / "textfile" / "aml.prom"
+    target.parent.mkdir()
+    code, out, _ = run_cli(root, "monitor", "report", "--format", "prometheus", "--output", target,
+                           capsys=capsys)
+    families = _parse_prometheus(target.read_text())
+    assert code == 0 and out == "" and os.listdir(target.parent) == ["aml.prom"]
+    assert families["aml_health_overall"] == ["aml_health_overall 1"]
+    assert 'aml_health_status{check="backup"} 1' in families["aml_health_status"]
+
+
+class _HtmlCollector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend(attrs)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _html_report(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2<b>"))
+    for day in (1, 5):
+        run_cli(root, "monitor", "metrics", "-q", "--now", "2026-11-%02dT00:00:00Z" % day)
+    _health(root, capsys=capsys)
+    target = tmp_path / "report.html"
+    assert run_cli(root, "monitor", "report", "--format", "html", "--output", target,
+                   capsys=capsys)[0] == 0
+    return target
+
+
+def test_html_report_is_self_contained(tmp_path, capsys):
+    target = _html_report(tmp_path, capsys)
+    parser = _HtmlCollector()
+    parser.feed(target.read_text())
+    assert {"script", "link", "img", "iframe"}.isdisjoint(parser.tags)
+    assert not [v for k, v in parser.attrs if k in ("src", "href") and v]
+    assert parser.tags.count("svg") == 2 and parser.tags.count("polyline") == 4  # 2 charts x 2
+    text = " ".join(parser.text)
+    assert "a2<b>" in text and "no verified backup yet" in text and "backup-" in text
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="headless chromium is not installed")
+def test_html_report_renders_in_headless_chromium(tmp_path, capsys):
+    target = _html_report(tmp_path, capsys)
+    shot = tmp_path / "shot.png"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--user-data-dir=%s" % (tmp_path / "profile"),
+                    "--window-size=1200,1400", "--screenshot=%s" % shot, target.as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels, offset = b"", 8
+    while offset < len(data):  # concatenate the IDAT chunks: a blank page has ~1 byte value
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        if data[offset + 4:offset + 8] == b"IDAT":
+            pixels += data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    assert len(set(zlib.decompress(pixels))) > 50
+
 
 # =============================================================================
 # 16. Command line
@@ -2824,3 +3604,540 @@ def test_no_two_top_level_definitions_share_a_name():
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+# =============================================================================
+# End to end: the README and a year of cron
+# =============================================================================
+
+# The README convention: in a ```sh block every line is a command; in a ```console block the
+# lines starting with "$ " are. A command is an aml command when it starts with one of
+# README_PROGRAMS. Optional groups in [brackets] are dropped, the command ends at the first
+# shell operator (|, ;, &&, >, 2>, &), a trailing "# comment" is ignored. The first argument
+# (the memory path) becomes the generated store; a path under /tmp/ goes under the test's
+# tmp_path; a backup id, run id or record id (or the placeholders ID, RUN_ID) becomes one of
+# the store's at that moment. Untagged ``` blocks (transcripts with other paths and clocks) are
+# not run. The commands run in README order, in-process, on one store, with --now pinned to
+# NOW when they do not give it (the store's record ages must not depend on today's date).
+README_PROGRAMS = ("python3 aml.py ", "aml.py ", "aml ")
+README_SHELL_OPERATOR = re.compile(r"\s*(?:;|&&|\|)|\s+(?:[0-9]?>|&\s*$)")
+README_AGENTS = ("backend-developer", "code-reviewer", "frontend-developer", "test-automator")
+BACKUP_ID = re.compile(r"^(?:full|incr)_\d{8}_\d{6}(?:_\d+)?$")
+RUN_ID = re.compile(r"^(?:prune|gc)_\d{8}_\d{6}_[0-9a-f]+$")
+RECORD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+# Commands that may (or must) exit non-zero on the generated store, and why. Everything else
+# must exit 0. Never 2 (usage), never a traceback.
+README_EXPECTED_CODES = [
+    # health exits with the plugin status of its worst check: 1 (warning) while the store has
+    # no index, no backup or maintenance yet, or when a runbook lowers the size threshold.
+    (re.compile(r" monitor health"), {0, 1}),
+    # the runbook shows the mass-deletion guard refusing an aggressive prune (exit 4); its dry
+    # run exits 4 as well when the real run would refuse.
+    (re.compile(r" prune --aggressive(?! --agents)"), {0, 4}),
+    # migrating down refuses (4) when records hold values the older schema has no place for.
+    (re.compile(r" migrate migrate (?:--version )?1\.[0-2]"), {0, 4}),
+    # an unknown id or agent is an empty answer with a message: exit 1 (optimize section).
+    (re.compile(r" get no-such-id| search --agent nobody"), {1}),
+    # the troubleshooting example holds the maintenance lock first: store busy.
+    (re.compile(r" prune -q --lock-timeout"), {5}),
+]
+
+
+def readme_blocks(text):
+    """(language, line number of the first line, lines) of every fenced block of a README."""
+    blocks, current = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            if current is None:
+                current = (line[3:].strip(), number + 1, [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current[2].append(line)
+    return blocks
+
+
+def readme_commands(text):
+    """[(line number, command text)] of the README's sh and console blocks, in order."""
+    found = []
+    for lang, first, lines in readme_blocks(text):
+        if lang not in ("sh", "console"):
+            continue
+        for offset, line in enumerate(lines):
+            command = line[2:] if line.startswith("$ ") else (line if lang == "sh" else None)
+            if command is not None and command.strip():
+                found.append((first + offset, command.strip()))
+    return found
+
+
+def is_aml_command(command):
+    """True for a line the README runner runs (see README_PROGRAMS)."""
+    return command.startswith(README_PROGRAMS)
+
+
+def readme_argv(command):
+    """The argv after the program name, as the convention above reads a README line."""
+    previous = None
+    while previous != command:  # nested optional groups: [ID | --all] inside [...]
+        previous, command = command, re.sub(r"\s*\[[^\[\]]*\]", "", command)
+    command = README_SHELL_OPERATOR.split(command, maxsplit=1)[0]
+    tokens = shlex.split(command, comments=True)
+    return tokens[2:] if tokens[0] == "python3" else tokens[1:]
+
+
+def expected_codes(command):
+    """The exit codes a README command may return on the generated store."""
+    for pattern, codes in README_EXPECTED_CODES:
+        if pattern.search(" " + command.split(" ", 1)[1]):
+            return codes
+    return {0}
+
+
+class ReadmeStoreState:
+    """Resolves README ids and placeholders against the generated store as it is now."""
+
+    def __init__(self, root, scratch):
+        self.root, self.scratch = Path(root), Path(scratch)
+
+    def snapshot_id(self):
+        folder = self.root.parent / "memory-backup" / "aml" / "snapshots"
+        names = sorted(p.name.split(".")[0] for p in folder.glob("*.json")) \
+            if folder.exists() else []
+        if not names:  # a restore or verify example before any backup: take one first
+            assert run_cli(self.root, "backup", "create", "-q", "--now", NOW_TEXT) == 0
+            return self.snapshot_id()
+        return names[0]
+
+    def run_id(self, like="RUN_ID"):
+        """The newest archived run (of the same operation as ``like``, e.g. prune_...)."""
+        runs = [r for r in aml.Archive(aml.Store(self.root)).runs()
+                if like == "RUN_ID" or r.split("_")[0] == like.split("_")[0]]
+        assert runs, "a README line undoes a run before any run was archived"
+        return max(runs, key=lambda r: r.split("_", 1)[1])  # by its timestamp
+
+    def record_id(self):
+        return read_data(self.root / README_AGENTS[0] / "patterns.json")[0]["id"]
+
+    def resolve(self, argv):
+        """argv with the store, scratch paths and ids of this store."""
+        out = list(argv)
+        if out and not out[0].startswith("-"):
+            out[0] = self.path(out[0]) if out[0].startswith("/tmp/") else str(self.root)
+        for i, token in enumerate(out[1:], 1):
+            if token.startswith("/tmp/"):
+                out[i] = self.path(token)
+            elif token == "ID" or BACKUP_ID.match(token):
+                out[i] = self.snapshot_id()
+            elif token == "RUN_ID" or RUN_ID.match(token):
+                out[i] = self.run_id(token)
+            elif RECORD_ID.match(token):
+                out[i] = self.record_id()
+        if out and not out[0].startswith("-") and "--now" not in out:
+            out += ["--now", NOW_TEXT]
+        return out
+
+    def path(self, token):
+        return str(self.scratch / token[len("/tmp/"):])
+
+
+def readme_store(tmp_path):
+    """The generated store the README runs on: the README's agents, mixed gzip and plain."""
+    root = build_store(tmp_path / "project" / ".loom" / "memory", agents=README_AGENTS,
+                       gz="mixed", patterns=24, solutions=8, decisions=6, seed=16)
+    return root
+
+
+def run_readme_line(argv, capsys):
+    """Run one README command in-process: (exit code, stdout, stderr); argparse exits count."""
+    try:
+        code = aml.main(argv)
+    except SystemExit as exc:  # --version, --help
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_readme_convention_reads_lines_as_documented():
+    assert readme_argv("aml.py .loom/memory backup verify [ID | --all] [--deep]") == \
+        [".loom/memory", "backup", "verify"]
+    assert readme_argv("aml .loom/memory prune -q --lock-timeout 2; echo \"exit $?\"") == \
+        [".loom/memory", "prune", "-q", "--lock-timeout", "2"]
+    assert readme_argv("python3 aml.py m backup restore ID | --backup-id ID  # x") == \
+        ["m", "backup", "restore", "ID"]
+    assert readme_argv("aml m backup verify --all --deep 2>&1 | tail -2") == \
+        ["m", "backup", "verify", "--all", "--deep"]
+    assert not is_aml_command("python3.8 aml.py .loom/memory monitor health")
+    assert not is_aml_command("runuser -u nobody -- python3 aml.py .loom/memory backup create")
+    state = ReadmeStoreState("/s/memory", "/scratch")
+    assert state.resolve(["/tmp/r/memory", "migrate", "detect"]) == \
+        ["/scratch/r/memory", "migrate", "detect", "--now", NOW_TEXT]
+    assert expected_codes("aml .loom/memory monitor health -q") == {0, 1}
+    assert expected_codes("aml .loom/memory prune --aggressive --dry-run") == {0, 4}
+    assert expected_codes("aml .loom/memory prune --aggressive --agents a -q") == {0}
+
+
+def test_readme_covers_every_capability_and_the_guide():
+    commands = [c for _, c in readme_commands((HERE / "README.md").read_text())
+                if is_aml_command(c)]
+    verbs = {tuple(readme_argv(c)[1:3]) for c in commands}
+    for verb in [("prune",), ("optimize", "index"), ("search",), ("get",),
+                 ("backup", "create"), ("backup", "restore"), ("backup", "verify"),
+                 ("migrate", "detect"), ("monitor", "health"), ("monitor", "metrics")]:
+        assert any(v[:len(verb)] == verb for v in verbs), verb
+    assert len(commands) >= 60
+
+
+def test_every_readme_command_runs_on_a_generated_store(tmp_path, monkeypatch, capsys):
+    root = readme_store(tmp_path)
+    project = root.parent.parent
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.chdir(project)
+    state, hold_lock, ran = ReadmeStoreState(root, tmp_path / "scratch"), False, []
+    for number, command in readme_commands((HERE / "README.md").read_text()):
+        if command.startswith("flock ") and command.endswith("&"):
+            hold_lock = True  # the next aml command runs while another aml holds the store
+            continue
+        if not is_aml_command(command):
+            continue  # shell setup (cp, mkdir, make test): not aml's
+        argv = state.resolve(readme_argv(command))
+        with contextlib.ExitStack() as stack:
+            if hold_lock:
+                stack.enter_context(held_by_other_process(root / ".aml"))
+                hold_lock = False
+            code, out, err = run_readme_line(argv, capsys)
+        where = "README.md:%d: %s -> %s" % (number, command, argv)
+        assert "Traceback" not in err, where
+        assert code in expected_codes(command), "%s: exit %s\n%s%s" % (where, code, out, err)
+        ran.append(command)
+    assert len(ran) >= 60
+
+
+def test_readme_library_example_runs(tmp_path):
+    text = (HERE / "README.md").read_text()
+    examples = [lines for lang, _, lines in readme_blocks(text) if lang == "python"]
+    assert len(examples) == 1 and "PruneConfig" in "\n".join(examples[0])
+    code = "\n".join(examples[0]).replace('"/opt/aml"', repr(str(HERE)))
+    root = readme_store(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(root.parent.parent),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    # exit 1: the health checks warn (no index yet), as in the README's output
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.split()[1:3] == ["would", "lose"]] == \
+        list(README_AGENTS)
+    assert "verified: True" in proc.stdout and "defaults: 60 36" in proc.stdout
+    assert (tmp_path / "aml-backups" / "aml" / "snapshots").is_dir()  # ../ of the cwd
+    assert re.search(r"^size +healthy .*limit 40\.0 MiB", proc.stdout, re.M)
+
+
+def test_an_os_error_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    code, out, err = run_cli(root, "backup", "create", capsys=capsys)
+    assert (code, out) == (1, "")
+    assert err == "aml: error: Permission denied: %s\n" % (root / ".aml")
+
+
+# -- a year of cron in fast-forward ---------------------------------------------
+
+YEAR_GZ_AGENTS = ("backend-developer", "code-reviewer")
+YEAR_PLAIN_AGENTS = ("test-automator",)
+YEAR_FILES = {"patterns.json": "pattern", "solutions.json": "solution",
+              "decisions.json": "decision"}
+
+
+def _rt_is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _rt_is_ts(v):
+    return isinstance(v, str) and aml.parse_timestamp(v) is not None
+
+
+def runtime_problems(rtype, rec):
+    """Why the runtime's validator (SPEC 2.1) would reject a record; [] when it accepts it."""
+    if not isinstance(rec, dict):
+        return ["not an object"]
+    checks = [(isinstance(rec.get("id"), str) and rec["id"], "id"),
+              (isinstance(rec.get("agent"), str), "agent"),
+              (_rt_is_ts(rec.get("timestamp")), "timestamp"),
+              (isinstance(rec.get("active", True), bool), "active"),
+              (isinstance(rec.get("tags", []), list), "tags")]
+    if rtype == "pattern":
+        m, e, p = rec.get("metrics"), rec.get("evolution"), rec.get("pattern")
+        checks += [
+            (isinstance(p, dict) and isinstance(p.get("approach"), dict), "pattern"),
+            (isinstance(m, dict) and _rt_is_num(m.get("successRate"))
+             and 0 <= m["successRate"] <= 1 and isinstance(m.get("executionCount"), int),
+             "metrics"),
+            (isinstance(e, dict) and _rt_is_num(e.get("confidenceScore"))
+             and 0 <= e["confidenceScore"] <= 1 and _rt_is_ts(e.get("created"))
+             and _rt_is_ts(e.get("lastUsed")) and isinstance(e.get("refinements"), int),
+             "evolution")]
+    elif rtype == "solution":
+        eff = rec.get("effectiveness")
+        checks += [(isinstance(rec.get("problem"), dict), "problem"),
+                   (isinstance(rec.get("solution"), dict), "solution"),
+                   (isinstance(eff, dict) and isinstance(eff.get("worked"), bool),
+                    "effectiveness"),
+                   (isinstance(rec.get("verifiedCount", 0), int), "verifiedCount")]
+    else:
+        d = rec.get("decision")
+        checks += [(isinstance(d, dict) and isinstance(d.get("alternativesConsidered"), list),
+                    "decision"),
+                   ("outcome" not in rec or isinstance(rec["outcome"], dict), "outcome")]
+    return [what for ok, what in checks if not ok]
+
+
+def runtime_read(path):
+    """A data file as the runtime reads it: gzip by content, else UTF-8 JSON; raises if bad."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw.decode("utf-8"))
+
+
+class RuntimeWriter:
+    """Writes like the runtime: takes <abs file>.lock with mkdir, rewrites the whole file."""
+
+    def __init__(self, root, rng):
+        self.root, self.rng = Path(root), rng
+
+    def rewrite(self, agent, fname, change):
+        path = self.root / agent / fname
+        lock = Path(str(path.resolve()) + ".lock")
+        if lock.is_dir() and time.time() - lock.stat().st_mtime > aml.LOCK_STALE_SECONDS:
+            lock.rmdir()  # a dead process's lock: stale after 30 s, as the runtime treats it
+        lock.mkdir()  # fails if aml holds it: in this single-threaded year it never does
+        try:
+            data = runtime_read(path) if path.exists() else []
+            change(data)
+            write_data(path, data, gz=agent in YEAR_GZ_AGENTS)
+        finally:
+            lock.rmdir()
+
+    def day(self, agent, when):
+        """One working day: 0-1 new record per file, two records used. Returns the new ids."""
+        stamp, new_ids = aml.format_timestamp(when), []
+        makers = {"patterns.json": make_pattern, "solutions.json": make_solution,
+                  "decisions.json": make_decision}
+        for fname, maker in makers.items():
+            def change(data, maker=maker):
+                for _ in range(self.rng.randint(0, 1)):
+                    rec = maker(agent, self.rng, age=0, conf=0.6) if maker is make_pattern \
+                        else maker(agent, self.rng, age=0)
+                    rec["timestamp"] = stamp
+                    if "evolution" in rec:
+                        rec["evolution"]["created"] = rec["evolution"]["lastUsed"] = stamp
+                        rec["metrics"]["successRate"] = self.rng.uniform(0.4, 1.0)
+                    data.append(rec)
+                    new_ids.append(rec["id"])
+                for rec in self.rng.sample(data, min(len(data), 2)):
+                    if "evolution" in rec:
+                        rec["evolution"]["lastUsed"] = stamp
+                        rec["metrics"]["executionCount"] += 1
+            self.rewrite(agent, fname, change)
+        return new_ids
+
+
+def year_store(root, rng):
+    """A young runtime store, gzip and plain agents, a third of its records still 1.0.0."""
+    write_data(root / "config.json", CONFIG)
+    ids = set()
+    for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+        gz = agent in YEAR_GZ_AGENTS
+        for fname, maker in (("patterns.json", make_pattern), ("solutions.json", make_solution),
+                             ("decisions.json", make_decision)):
+            records = [maker(agent, rng, age=rng.randint(0, 60)) for _ in range(8)]
+            for rec in records[::3]:  # 1.0.0: written before tags and active existed
+                rec.pop("tags"), rec.pop("active")
+            ids.update(r["id"] for r in records)
+            write_data(root / agent / fname, records, gz)
+        write_data(root / agent / "metrics.json", {"agent": agent}, gz)
+    return ids
+
+
+def store_ids(root):
+    """Every record id in the store's record files."""
+    return {rec["id"] for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS for fname in YEAR_FILES
+            for rec in runtime_read(Path(root) / agent / fname)}
+
+
+def archived(root):
+    """[(record id, reason)] of every record any run archived."""
+    archive = aml.Archive(aml.Store(root))
+    return [(entry["record"]["id"], entry["reason"]) for run in archive.runs()
+            for entry in archive.load(run)["entries"]]
+
+
+def file_contents(root):
+    """{relative path: content} outside .aml: decompressed for gzip files, bytes for plain."""
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and rel.parts[0] != ".aml":
+            raw = path.read_bytes()
+            out[str(rel)] = ("gzip", gzip.decompress(raw)) if raw[:2] == b"\x1f\x8b" \
+                else ("plain", raw)
+    return out
+
+
+def _year_alerts(cron, when, *flags):
+    return json.loads(cron(when, "monitor", "alerts", "--format", "json", *flags))["alerts"]
+
+
+class Cron:
+    """Runs aml's crontab jobs in-process at a fixed clock; every run's exit code is kept."""
+
+    def __init__(self, root, capsys):
+        self.root, self.capsys, self.log = root, capsys, []
+
+    def __call__(self, when, *argv, codes=(0,)):
+        stamp = aml.format_timestamp(when)
+        code = aml.main([str(self.root)] + list(argv) + ["--now", stamp])
+        out, err = self.capsys.readouterr()
+        self.log.append((stamp, argv, code))
+        assert code in codes and "Traceback" not in err, (stamp, argv, code, out, err)
+        return out
+
+
+def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
+    # Durability is proven by the crash tests; here fsync would only make a year take minutes
+    # on a busy disk, so it is a no-op (every write is still a temp file and a rename).
+    monkeypatch.setattr(aml.os, "fsync", lambda fd: None)
+    rng = random.Random(2026)
+    root = tmp_path / "project" / ".loom" / "memory"
+    written = year_store(root, rng)
+    writer, cron = RuntimeWriter(root, rng), Cron(root, capsys)
+    start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+    mid_month = (start + dt.timedelta(days=182)).strftime("%Y-%m")
+    mid_copy = mid_id = lock_alert = lock_resolved = None
+    crashed = False
+    for day in range(366):
+        today = start + dt.timedelta(days=day)
+        at = lambda hour, minute=0: today + dt.timedelta(hours=hour, minutes=minute)  # noqa
+        tomorrow = today + dt.timedelta(days=1)
+        if day % 6 == 0:  # the nightly backup, every sixth night to keep the test fast
+            cron(at(2), "backup", "auto", "-q", "--keep-weekly", "8", "--keep-monthly", "12")
+        if day == 1:  # the operator upgrades the schema once, after the first backup
+            detect = json.loads(cron(at(8, 55), "migrate", "detect", "--format", "json"))
+            assert "1.0.0" in detect["totals"]
+            cron(at(9), "migrate", "migrate-latest", "-q")
+            detect = json.loads(cron(at(9, 5), "migrate", "detect", "--format", "json"))
+            assert set(detect["totals"]) == {"2.0.0"} and not detect["runtime_invalid"]
+        if today.weekday() == 6:
+            cron(at(3), "prune", "-q")
+        if today.day == 1:
+            cron(at(4), "optimize", "all", "-q")
+            cron(at(4, 30), "optimize", "index", "-q")
+        if day >= 200 and today.weekday() == 0 and not crashed:
+            # a runtime process died holding a lock, before the Monday health check
+            crashed = True
+            crash = Path(str((root / "code-reviewer" / "patterns.json").resolve()) + ".lock")
+            crash.mkdir()
+            os.utime(crash, (time.time() - 3600,) * 2)
+        if today.weekday() == 0:
+            health = cron(at(6), "monitor", "health", "-q", codes=(0, 1))
+            if crashed and lock_alert is None:
+                assert "stale runtime lock" in health, health
+                lock_alert = next(a["id"] for a in _year_alerts(cron, at(6, 1))
+                                  if a["check"] == "structure")
+            elif lock_alert is not None and lock_resolved is None:
+                lock_resolved = next(a for a in _year_alerts(cron, at(6, 1), "--all")
+                                     if a["id"] == lock_alert)
+        if day % 3 == 0:  # the agents work every third day, after the night's cron jobs
+            for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+                written.update(writer.day(agent, at(14)))
+        if day == 100:  # a runtime bug writes one solution twice: the monthly gc must archive it
+            writer.rewrite(YEAR_PLAIN_AGENTS[0], "solutions.json",
+                           lambda data: data.append(json.loads(json.dumps(data[-1]))))
+        if today.strftime("%Y-%m") == mid_month and tomorrow.strftime("%Y-%m") != mid_month:
+            # the last day of the mid-year month: one more snapshot, the newest of its month,
+            # so rotation's --keep-monthly keeps it; and a copy of the store as it is now
+            out = cron(at(23), "backup", "create")
+            mid_id = out.split(":")[0]
+            mid_copy = file_contents(root)
+    end = start + dt.timedelta(days=366, hours=12)
+
+    # a year of cron ran: every job exited 0 (health: 0 or 1), each kind of maintenance
+    # recorded itself, rotation deleted old snapshots; the health check saw the dead
+    # runtime's lock, and the alert resolved itself once the runtime's next write cleared it
+    jobs = [argv[:2] for _, argv, _ in cron.log]
+    assert jobs.count(("prune", "-q")) == 52 and jobs.count(("optimize", "all")) == 12
+    history = aml.Store(root).read_state("history.json")
+    done = {entry["operation"] for entry in history}  # the newest 500 runs
+    assert {"backup", "verify", "rotate", "prune", "gc", "compress", "index", "warm-cache",
+            "health"} <= done, done
+    assert [run["to"] for run in aml.Store(root).read_state("migrations.json")] == ["2.0.0"]
+    taken = sum(1 for entry in history if entry["operation"] == "backup")
+    listed = [line for line in cron(end, "backup", "list").splitlines()
+              if re.match(r"(full|incr)_", line)]
+    assert 12 <= len(listed) < taken
+    assert lock_resolved is not None and lock_resolved["state"] == "resolved"
+    assert lock_resolved["resolved_by"] == "auto"  # the runtime's next write cleared it
+
+    # nothing lost: every record ever written is in the store or archived with a reason
+    present, gone = store_ids(root), archived(root)
+    assert written - present - {record_id for record_id, _ in gone} == set()
+    reasons = {r.value for r in aml.PruneReason} | {r.value for r in aml.GcReason}
+    assert gone and {reason for _, reason in gone} <= reasons
+    assert "duplicate" in {reason for _, reason in gone}
+    # an id both archived and present is only the copy gc removed while keeping the original
+    assert {i for i, reason in gone if reason != "duplicate"} & present == set()
+
+    # every file still reads as the runtime reads it, every record passes its validator
+    for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+        for fname, rtype in YEAR_FILES.items():
+            records = runtime_read(root / agent / fname)
+            assert isinstance(records, list)
+            assert [(r["id"], runtime_problems(rtype, r)) for r in records
+                    if runtime_problems(rtype, r)] == []
+        assert isinstance(runtime_read(root / agent / "metrics.json"), dict)
+        encodings = {(root / agent / f).read_bytes()[:2] == b"\x1f\x8b" for f in YEAR_FILES}
+        assert encodings == {agent in YEAR_GZ_AGENTS}  # each rewrite kept the runtime's choice
+    # the monthly compression gzipped what the runtime no longer touches
+    assert (root / YEAR_PLAIN_AGENTS[0] / "metrics.json").read_bytes()[:2] == b"\x1f\x8b"
+
+    # the mid-year snapshot is still there and restores exactly what the store was then
+    scratch = tmp_path / "restore-check"
+    assert mid_id and mid_id in cron(end, "backup", "list")
+    cron(end, "backup", "verify", mid_id, "--deep")
+    cron(end, "backup", "restore", mid_id, "--target", str(scratch / "memory"))
+    assert file_contents(scratch / "memory") == mid_copy
+    assert cron(end, "monitor", "health", codes=(0, 1)).startswith("Health: ")
+
+
+def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    jobs = [j for j in _crontab_commands() if j[-3:] == ["optimize", "index", "-q"]]
+    assert len(jobs) == 1  # the monthly index rebuild
+    _, argv = _aml_args(jobs[0])
+    argv[0] = str(root)
+    proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
+                          env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert aml.MemoryIndex(aml.Store(root)).stale_files() == []
+    with held_by_other_process(root / ".aml"):  # on failure: non-zero and one line
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv +
+                              ["--lock-timeout", "0.2"], cwd=str(tmp_path),
+                              env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 5 and proc.stdout == b""
+    assert proc.stderr.decode().count("\n") == 1 and proc.stderr.startswith(b"aml: error: ")
+
+
+def test_health_that_cannot_run_for_an_os_error_is_unknown(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    code, out, err = run_cli(root, "monitor", "health", "--format", "nagios", capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "Permission denied" in out
+    assert err.startswith("aml: error: ") and err.count("\n") == 1
