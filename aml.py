@@ -5404,10 +5404,12 @@ def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: 
         try:
             before = path.stat()
             raw = path.read_bytes()
-            if (raw[:2] == GZIP_MAGIC) == to_gzip:
-                return path_text, "skipped", len(raw), len(raw), "", None, None
             parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
                          and len(raw) == before.st_size)
+            if (raw[:2] == GZIP_MAGIC) == to_gzip:
+                if not parsed_ok:  # already in form, but a truncated gzip is not "done"
+                    parse_json_text(decode_file_bytes(path, raw)[0])
+                return path_text, "skipped", len(raw), len(raw), "", None, None
             new = _transcode_bytes(raw, to_gzip, parsed_ok)
         except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
             return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc)), None, None

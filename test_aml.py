@@ -4204,3 +4204,15 @@ def test_health_that_cannot_run_for_an_os_error_is_unknown(tmp_path, monkeypatch
     code, out, err = run_cli(root, "monitor", "health", "--format", "nagios", capsys=capsys)
     assert code == 3 and out.startswith("AML UNKNOWN - ") and "Permission denied" in out
     assert err.startswith("aml: error: ") and err.count("\n") == 1
+
+
+def test_compress_reports_a_truncated_gzip_file_instead_of_counting_it_done(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    broken = root / "code-reviewer" / "patterns.json"
+    broken.write_bytes(broken.read_bytes()[:-40])
+    before = broken.read_bytes()
+    code, _, err = run_cli(root, "optimize", "compress", "--age-days", "0", "--no-backup",
+                           capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err
+    assert broken.read_bytes() == before
+
