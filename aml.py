@@ -276,11 +276,6 @@ def runtime_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
 
 
-def state_json(obj: Any) -> str:
-    """Deterministic JSON for aml's own state files (sorted keys, trailing newline)."""
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-
-
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
@@ -998,11 +993,26 @@ class Rewrite:
     bytes_written: int = 0
 
 
+def _state_body(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":"))
+
+
 def write_checksummed(path: Path, payload: Any) -> None:
-    """Write ``{"sha256": ..., "payload": ...}`` atomically (mode 0600)."""
-    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
-    atomic_write_bytes(Path(path), state_json(doc).encode("utf-8"), mode=0o600)
+    """Write ``{"format", "payload", "sha256"}`` atomically (mode 0600).
+
+    Compact, sorted JSON: deterministic, and serialised once by the C encoder (an indented
+    dump takes the pure-Python path, which dominated runs that append to the history).
+    """
+    atomic_write_bytes(Path(path), checksummed_bytes(payload), mode=0o600)
+
+
+def checksummed_bytes(payload: Any) -> bytes:
+    """The bytes of a checksummed state document (what write_checksummed writes)."""
+    body = _state_body(payload)
+    text = '{"format":"aml-state-1","payload":%s,"sha256":"%s"}\n' % (
+        body, sha256_hex(body.encode("utf-8")))
+    return text.encode("utf-8")
 
 
 def read_checksummed(path: Path, default: Any = None) -> Any:
@@ -1013,8 +1023,7 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
     try:
         doc, _ = load_json_file(path, expect=dict)
         payload = doc["payload"]
-        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        ok = doc.get("sha256") == sha256_hex(body.encode("utf-8"))
+        ok = doc.get("sha256") == sha256_hex(_state_body(payload).encode("utf-8"))
     except (CorruptFileError, KeyError, ValueError) as exc:
         raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
     if not ok:
@@ -1947,9 +1956,7 @@ def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
 
 def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
     """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
-    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
-    data = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    data = checksummed_bytes(payload)
     atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
 
 
@@ -3088,11 +3095,34 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
 # In-memory structures with byte-exact, checksummed persistence.
 # =============================================================================
 
+import array  # noqa: E402
+import gc as _cyclic_gc  # noqa: E402
+import itertools  # noqa: E402
+import operator  # noqa: E402
+
+@contextlib.contextmanager
+def paused_cyclic_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector around bulk JSON work (nests; restores state).
+
+    Parsed JSON holds no reference cycles, so reference counting frees all of it; left on,
+    the collector rescans the growing heap of parsed records again and again (measured: about
+    two thirds of the index build's per-record work, and part of every parse).
+    """
+    was_enabled = _cyclic_gc.isenabled()
+    _cyclic_gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            _cyclic_gc.enable()
+
+
 # A Bloom filter file: magic, version, bits m, hash count k, items added, then the bit array,
 # then the SHA-256 of everything before it.
 _BLOOM_MAGIC = b"AMLB"
 _BLOOM_VERSION = 1
 _BLOOM_HEADER = struct.Struct(">4sBQBQ")
+_BIT_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 
 
 def bloom_digest(key: str) -> bytes:
@@ -3161,19 +3191,36 @@ class BloomFilter:
             bits[pos >> 3] |= 1 << (pos & 7)
         self.count += 1
 
-    def add_digests(self, digests: bytes) -> None:
-        """Add many keys given as concatenated 16-byte digests (the index build's fast path).
+    def add_digests(self, digests: bytes, stride: int = 16) -> None:
+        """Add many keys given as 16-byte digests, one every ``stride`` bytes (the fast path).
 
-        The same double hashing as ``add``, computed position round by position round
-        in comprehensions, which is several times faster than per-key calls.
+        The same double hashing as ``add``, but every step runs in C-level ``map`` calls: the
+        positions are marked in a byte-per-bit scratch array, which is then packed into bits
+        through one base-2 integer parse. Several times faster than per-key calls.
         """
-        count = len(digests) // 16
-        halves = struct.unpack(">%dQ" % (2 * count), digests[:count * 16])
-        h1s, h2s = halves[0::2], [h | 1 for h in halves[1::2]]
-        bits, m = self.bits, self.m
+        count = len(digests) // stride
+        if count == 0:
+            return
+        words = array.array("Q", digests[:count * stride])  # stride is a multiple of 8
+        if sys.byteorder == "little":
+            words.byteswap()  # the digest halves are big-endian, as in _digest_positions
+        step = stride // 8
+        m, marks = self.m, bytearray(self.m)
+        repeat, mark = itertools.repeat, marks.__setitem__
+        # (h1 + i*h2) mod m == (g + i*(h2 mod m)) mod m: stepping g by the reduced h2 keeps
+        # every number below 2m, which is much cheaper than 64-bit-and-wider arithmetic.
+        g = list(map(operator.mod, words[0::step], repeat(m)))
+        h2s = list(map(operator.mod, map(operator.or_, words[1::step], repeat(1)), repeat(m)))
         for i in range(self.k):
-            for pos in [(a + i * b) % m for a, b in zip(h1s, h2s)]:
-                bits[pos >> 3] |= 1 << (pos & 7)
+            if i:
+                g = list(map(operator.mod, map(operator.add, g, h2s), repeat(m)))
+            collections.deque(map(mark, g, repeat(1)), maxlen=0)
+        # Bit ``pos`` of the array is bit ``pos`` of a little-endian integer: reverse the marks
+        # so position 0 is the last (least significant) digit of a base-2 numeral.
+        numeral = marks[::-1].translate(_BIT_DIGITS)
+        added = int(numeral, 2).to_bytes(len(self.bits), "little")
+        merged = int.from_bytes(self.bits, "little") | int.from_bytes(added, "little")
+        self.bits = bytearray(merged.to_bytes(len(self.bits), "little"))
         self.count += count
 
     def __contains__(self, key: object) -> bool:
@@ -3328,7 +3375,7 @@ class LRUCache:
 
 
 __all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "bloom_fp_rate",
-            "optimal_bloom_bits", "value_size"]
+            "optimal_bloom_bits", "value_size", "paused_cyclic_gc"]
 
 
 # =============================================================================
@@ -3339,13 +3386,14 @@ __all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "bloom_fp_r
 # Files of the index in .aml/index/ (see README "optimize"): manifest.json is the commit point
 # and carries the checksum of every other part, so a set of parts from two different builds
 # never verifies.
-INDEX_FORMAT = "aml-index-1"
+INDEX_FORMAT = "aml-index-2"  # 2: id rows carry the record's text offset
 _IDS_MAGIC = b"AMLI"
 _IDS_HEADER = struct.Struct(">4sBI")
-_ID_ROW = struct.Struct(">16sII")  # bloom_digest(id), file slot, array position
+# bloom_digest(id), file slot, array position, offset of the record in the file's JSON text
+# (characters, after gzip and UTF-8 decoding), so get parses one record, not the file.
+_ID_ROW = struct.Struct(">16sIIQ")
 _BUCKET_COUNTS = struct.Struct(">%dI" % 256)  # heads each file's keys in keys.dat
 _PARALLEL_INDEX_BYTES = 8 * 1024 * 1024  # below this, forking workers costs more than it saves
-_PARALLEL_BLOOM_IDS = 50000
 _ID_BUCKETS = 256                  # by the digest's first byte; one bucket is read per lookup
 DEFAULT_CACHE_BYTES = 10 * 1024 * 1024
 DEFAULT_BLOOM_FP_RATE = 0.01
@@ -3370,24 +3418,31 @@ def _field(record: Dict[str, Any], field: str) -> Any:
     return None
 
 
-def _num(value: Any) -> Optional[float]:
-    return float(value) if type(value) in (int, float) and math.isfinite(value) else None
+def _num(value: Any, isfinite: Callable[[float], bool] = math.isfinite) -> Optional[float]:
+    kind = type(value)  # exact types: a bool is not a number here
+    return float(value) if (kind is float or kind is int) and isfinite(value) else None
+
+
+_is_str = str.__instancecheck__  # a C-level predicate for filter()
 
 
 def posting_row(record: Any, position: int) -> List[Any]:
     """The facts the index keeps for one record (see P_* for the layout); never raises.
 
     Reads the same values as record_facts (runtime camelCase first, then legacy layouts).
+    The index build calls this once per record, so it avoids per-field helper calls.
     """
     if not isinstance(record, dict):
         return [None, position, None, None, None, None, True, []]
     get = record.get
     evo, met = get("evolution"), get("metrics")
-    evo = evo if isinstance(evo, dict) else {}
-    met = met if isinstance(met, dict) else {}
-    conf, last = evo.get("confidenceScore"), evo.get("lastUsed")
-    rate, count = met.get("successRate"), met.get("executionCount")
-    if (evo or met or not _LEGACY_KEYS.isdisjoint(record)) and None in (conf, rate, count, last):
+    conf = last = rate = count = None
+    if type(evo) is dict:
+        conf, last = evo.get("confidenceScore"), evo.get("lastUsed")
+    if type(met) is dict:
+        rate, count = met.get("successRate"), met.get("executionCount")
+    if (evo or met or not _LEGACY_KEYS.isdisjoint(record)) and (
+            conf is None or rate is None or count is None or last is None):
         # Only then can a later layout path hold a value (the generic, slower lookup).
         conf = _field(record, "confidence") if conf is None else conf
         rate = _field(record, "success_rate") if rate is None else rate
@@ -3396,39 +3451,121 @@ def posting_row(record: Any, position: int) -> List[Any]:
         last = last or _field(record, "created")
     last = last or get("timestamp")
     rid, active, tags = get("id"), get("active"), get("tags")
-    return [rid if isinstance(rid, str) and rid else None, position, _num(conf), _num(rate),
-            _num(count),
-            last if isinstance(last, (str, int, float)) and not isinstance(last, bool) else None,
-            active if isinstance(active, bool) else _is_active(record),
-            [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []]
+    kind = type(last)
+    return [rid if type(rid) is str and rid else None, position, _num(conf), _num(rate),
+            _num(count), last if kind is str or kind is int or kind is float else None,
+            active if type(active) is bool else _is_active(record),
+            list(filter(_is_str, tags)) if type(tags) is list else []]
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_COMMA = re.compile(r"[ \t\n\r]*(,)?[ \t\n\r]*")
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# Record offsets are kept only for files of at least this many characters: parsing element by
+# element costs about 30 % more than one json.loads (measured), which pays off only where
+# parsing the whole file for one get would cost more (a 4 MB file parses in about 30 ms).
+_OFFSET_MIN_CHARS = 4 * 1024 * 1024
+_NO_OFFSET = 2 ** 64 - 1  # in an id row: parse the whole (small) file
+_BYTE_OFFSET = 1 << 62    # flag in an id row: the offset is a byte offset in the file as stored
+
+
+def _array_with_offsets(text: str) -> Tuple[List[Any], List[int]]:
+    """Parse a JSON array element by element: (elements, offset of each in ``text``).
+
+    The same C scanner and strict rules as parse_json_text; raises ValueError for anything
+    that is not exactly one JSON array (the caller then reports json.loads' own error).
+    """
+    skip, comma, decode = _JSON_SPACE.match, _JSON_COMMA.match, _STRICT_DECODER.raw_decode
+    at = skip(text, 0).end()
+    if text[at:at + 1] != "[":
+        raise ValueError("not an array")
+    at = skip(text, at + 1).end()
+    items: List[Any] = []
+    offsets: List[int] = []
+    if text[at:at + 1] != "]":
+        while True:
+            item, end = decode(text, at)
+            items.append(item)
+            offsets.append(at)
+            found = comma(text, end)
+            at = found.end()
+            if found.group(1) is None:
+                break
+        if text[at:at + 1] != "]":
+            raise ValueError("array not closed")
+    if skip(text, at + 1).end() != len(text):
+        raise ValueError("extra data")
+    return items, offsets
+
+
+def _value_at(path: Path, handle: Any, offset: int) -> Any:
+    """The JSON value at a byte offset of an ASCII file, reading a growing window, not the file.
+
+    A window that ends inside the value fails to parse (an object needs its closing brace),
+    so the window grows until the value fits; IntegrityError if there is none.
+    """
+    size = 64 * 1024
+    while True:
+        handle.seek(offset)
+        chunk = handle.read(size)
+        try:
+            return _STRICT_DECODER.raw_decode(chunk.decode("ascii"))[0]
+        except ValueError:  # includes a non-ASCII byte: the file is not what was indexed
+            if len(chunk) < size:
+                raise IntegrityError("%s: no record at offset %d" % (path, offset)) from None
+            size *= 4
+
+
+def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]]]:
+    """A record file's array and, for a big file, each record's offset in its decoded text.
+
+    Offsets are None below _OFFSET_MIN_CHARS. In a plain ASCII file, where characters are
+    bytes, they are byte offsets in the file as stored, flagged with _BYTE_OFFSET, so a get
+    reads only that record. Raises CorruptFileError as load_json_file does.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    text, _ = decode_file_bytes(path, raw)
+    try:
+        if len(text) < _OFFSET_MIN_CHARS:
+            records = parse_json_text(text)
+            if isinstance(records, list):
+                return records, None
+        else:
+            records, offsets = _array_with_offsets(text)
+            if raw[:2] != GZIP_MAGIC and text.isascii():
+                shift = _BYTE_OFFSET + (len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0)
+                offsets = [at + shift for at in offsets]
+            return records, offsets
+    except ValueError:
+        pass
+    load_json_file(path, expect=list)  # raises with the same message as everywhere else
+    raise CorruptFileError(path, "invalid JSON array")  # pragma: no cover - the file changed
 
 
 def index_file_part(path: str, slot: int) -> Tuple[bytes, bytes, int]:
     """Parse one record file into (postings JSON, id keys, records); may run in a worker.
 
-    The id keys are the file's id-table rows (bloom_digest(id), ``slot``, position) grouped
-    by bucket, after a header of the 256 bucket row counts, so building the id table is a
-    concatenation. Raises CorruptFileError for an unreadable file.
+    The id keys are the file's id-table rows (bloom_digest(id), ``slot``, position, text
+    offset) sorted,
+    hence grouped by bucket (the digest's first byte), after a header of the 256 bucket row
+    counts, so building the id table is a concatenation. Raises CorruptFileError for an
+    unreadable file.
     """
-    records, _ = load_json_file(Path(path), expect=list)
-    rows = [posting_row(rec, pos) for pos, rec in enumerate(records)]
-    buckets: List[List[bytes]] = [[] for _ in range(_ID_BUCKETS)]
-    tag = struct.pack(">I", slot)
-    for row in rows:
-        if row[P_ID]:
-            digest = bloom_digest(row[P_ID])
-            buckets[digest[0]].append(digest + tag + struct.pack(">I", row[P_POS]))
-    keys = _BUCKET_COUNTS.pack(*map(len, buckets)) + b"".join(map(b"".join, buckets))
+    with paused_cyclic_gc():  # also in worker processes
+        records, offsets = load_records_with_offsets(Path(path))
+        rows = [posting_row(rec, pos) for pos, rec in enumerate(records)]
+    pack, blake2b = _ID_ROW.pack, hashlib.blake2b
+    offsets = offsets or [_NO_OFFSET] * len(rows)
+    body = b"".join(sorted([pack(blake2b(row[P_ID].encode("utf-8"), digest_size=16).digest(),
+                                 slot, row[P_POS], offsets[row[P_POS]])
+                            for row in rows if row[P_ID]]))
+    firsts = body[0::_ID_ROW.size]  # each row's bucket number, one byte per row
+    keys = _BUCKET_COUNTS.pack(*map(firsts.count, range(_ID_BUCKETS))) + body
     blob = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return blob, keys, len(rows)
-
-
-def _bloom_bits(digests: bytes, bits: int, hashes: int) -> bytes:
-    """The bit array of a BloomFilter(m=bits, k=hashes) holding these digests (worker job)."""
-    bloom = BloomFilter.__new__(BloomFilter)
-    bloom.m, bloom.k, bloom.count, bloom.bits = bits, hashes, 0, bytearray((bits + 7) // 8)
-    bloom.add_digests(digests)
-    return bytes(bloom.bits)
 
 
 def worker_count(workers: int, jobs: int) -> int:
@@ -3621,6 +3758,7 @@ class MemoryIndex:
         self.fp_rate = fp_rate
         self.folder = store.state_dir / "index"
         self._manifest: Optional[Dict[str, Any]] = None
+        self._bloom: Optional[Tuple[str, BloomFilter]] = None  # (its SHA-256, the filter)
         self._files = LRUCache(64 * 1024 * 1024)  # parsed data files, charged their raw size
 
     # -- paths and manifest ----------------------------------------------------
@@ -3802,17 +3940,35 @@ class MemoryIndex:
         return {"count": start, "buckets": buckets}, body
 
     def _build_bloom(self, body: bytes, count: int) -> Tuple[bytes, BloomFilter]:
-        """The bloom filter over every id; its bits are set in worker processes for big stores."""
+        """The bloom filter over every id, hashed straight from the id table's rows."""
         bloom = BloomFilter(max(count, 1000), self.fp_rate)
-        rows = memoryview(body)
-        digests = b"".join([rows[i:i + 16] for i in range(0, len(body), _ID_ROW.size)])
-        halves = [(digests[:count // 2 * 16], bloom.m, bloom.k),
-                  (digests[count // 2 * 16:], bloom.m, bloom.k)]
-        arrays = parallel_map(_bloom_bits, halves, 1 if count < _PARALLEL_BLOOM_IDS else 2)
-        merged = int.from_bytes(arrays[0], "little") | int.from_bytes(arrays[1], "little")
-        bloom.bits = bytearray(merged.to_bytes(len(bloom.bits), "little"))
-        bloom.count = count
+        bloom.add_digests(body, _ID_ROW.size)  # each row starts with bloom_digest(id)
         return bloom.to_bytes(), bloom
+
+    def note_transcoded(self, moves: Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]]) -> int:
+        """Keep the index fresh across compress/decompress; returns the entries moved.
+
+        ``moves`` maps a record file to its (size, mtime_ns) before and after a rewrite that
+        kept the same JSON value (gzip of the same bytes, or plain text of the same array),
+        so its postings and id rows still hold (callers pass only files too small to have
+        record offsets, which such a rewrite can shift). Only an entry that matched the file before
+        the rewrite moves; any other stays as it is and is re-read at the next refresh. Call
+        with the maintenance lock held; nothing is written when no index exists or no entry
+        moves. The hot cache keeps the old figures: its rows for those files become misses.
+        """
+        manifest = self.manifest()
+        if manifest is None:
+            return 0
+        moved = 0
+        for entry in manifest["files"]:
+            change = moves.get(entry["path"])
+            if change and (entry["size"], entry["mtime_ns"]) == tuple(change[0]):
+                entry["size"], entry["mtime_ns"] = change[1]
+                moved += 1
+        if moved:
+            write_checksummed(self.part("manifest.json"), manifest)
+        self._manifest = None if not moved else manifest
+        return moved
 
     # -- lookups ---------------------------------------------------------------
     def _verified(self) -> Dict[str, Any]:
@@ -3823,14 +3979,22 @@ class MemoryIndex:
 
     def might_contain(self, record_id: str) -> bool:
         """The bloom filter's answer (False is certain); raises IntegrityError if it is corrupt."""
-        manifest = self._verified()
-        data = self.part("bloom.bin").read_bytes() if self.part("bloom.bin").exists() else b""
-        if sha256_hex(data) != manifest["bloom"]["sha256"]:
-            raise IntegrityError("%s: bloom filter does not match the index" % self.folder)
-        return record_id in BloomFilter.from_bytes(data)
+        expected = self._verified()["bloom"]["sha256"]
+        if self._bloom is None or self._bloom[0] != expected:  # read once per build
+            path = self.part("bloom.bin")
+            data = path.read_bytes() if path.exists() else b""
+            if sha256_hex(data) != expected:
+                raise IntegrityError("%s: bloom filter does not match the index" % self.folder)
+            self._bloom = expected, BloomFilter.from_bytes(data)
+        return record_id in self._bloom[1]
 
     def locate(self, record_id: str) -> List[Tuple[Dict[str, Any], int]]:
         """(file entry, position) of every record with this id; reads one id bucket only."""
+        return [(entry, position) for entry, position, _ in self.locate_rows(record_id)]
+
+    def locate_rows(self, record_id: str) -> List[Tuple[Dict[str, Any], int, Optional[int]]]:
+        """(file entry, position, text offset or None for a small file) of every record with
+        this id (one bucket read)."""
         manifest = self._verified()
         digest = bloom_digest(record_id)
         start, count, digest_sha = manifest["ids"]["buckets"][digest[0]]
@@ -3843,8 +4007,8 @@ class MemoryIndex:
         found, at = [], chunk.find(digest)
         while at >= 0:
             if at % size == 0:  # a match must start a row, not straddle two
-                _, slot, position = _ID_ROW.unpack_from(chunk, at)
-                found.append((slots[slot], position))
+                _, slot, position, offset = _ID_ROW.unpack_from(chunk, at)
+                found.append((slots[slot], position, None if offset == _NO_OFFSET else offset))
             at = chunk.find(digest, at + 1)
         return found
 
@@ -3864,6 +4028,39 @@ class MemoryIndex:
     def unreadable(self) -> List[str]:
         """'path: problem' of the files the index could not read."""
         return _problems((self.manifest() or {}).get("unreadable", []))
+
+    def load_record(self, entry: Dict[str, Any], position: int, offset: int) -> Any:
+        """The record at this position and offset of an indexed file, parsing only it.
+
+        A byte offset (plain ASCII file) reads just that record's bytes; a character offset
+        reads and decodes the file but parses only the record. Raises IntegrityError when
+        the file changed since indexing or the offset does not hold a JSON value, and
+        CorruptFileError when the file cannot be read.
+        """
+        records = self._files.get((entry["path"], entry["size"], entry["mtime_ns"]))
+        if records is not None:  # already parsed whole for an earlier lookup
+            return records[position]
+        path = self.store.root / entry["path"]
+        try:
+            with open(str(path), "rb") as handle:
+                if offset & _BYTE_OFFSET:
+                    value = _value_at(path, handle, offset - _BYTE_OFFSET)
+                else:
+                    value = self._value_in_text(path, handle.read(), offset)
+                info = os.fstat(handle.fileno())
+        except OSError as exc:
+            raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+        if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+            raise IntegrityError("%s changed since it was indexed" % path)
+        return value
+
+    @staticmethod
+    def _value_in_text(path: Path, raw: bytes, offset: int) -> Any:
+        text, _ = decode_file_bytes(path, raw)
+        try:
+            return _STRICT_DECODER.raw_decode(text, offset)[0]
+        except ValueError:
+            raise IntegrityError("%s: no record at offset %d" % (path, offset)) from None
 
     def load_file(self, entry: Dict[str, Any]) -> List[Any]:
         """The records of one indexed file, if it is unchanged since indexing (LRU of parsed files).
@@ -3885,7 +4082,7 @@ class MemoryIndex:
 
 __all__ += ["worker_count", "parallel_map", "index_file_part", "MemoryIndex", "SearchQuery",
             "FoundRecord", "LookupResult", "IndexResult",
-            "posting_row"]
+            "posting_row", "load_records_with_offsets"]
 
 
 def warm_score(row: List[Any], now: _dt.datetime) -> float:
@@ -4081,12 +4278,15 @@ def _count_cache(store: Store, result: LookupResult) -> None:
 
 
 @contextlib.contextmanager
-def _query_index(store: Store, use_index: bool) -> Iterator[Tuple[Optional[MemoryIndex], bool]]:
+def _query_index(store: Store, use_index: bool, refresh: bool = True
+                 ) -> Iterator[Tuple[Optional[MemoryIndex], bool]]:
     """(index or None for a scan, writable) for one get/search.
 
     Takes the maintenance lock without waiting: when held, the index is refreshed (only
-    changed files re-read) and counters are written; when another aml run holds it, a fresh
-    verified index is used read-only, else the lookup falls back to a read-only scan.
+    changed files re-read; with ``refresh`` False only built if missing, the caller checks
+    freshness itself) and counters are written; when another aml run holds it, a verified
+    index is used read-only (fresh, unless ``refresh`` is False), else the lookup falls back
+    to a read-only scan.
     """
     if not use_index:
         yield None, False
@@ -4096,11 +4296,13 @@ def _query_index(store: Store, use_index: bool) -> Iterator[Tuple[Optional[Memor
         lock.acquire()
     except StoreBusyError:
         index = MemoryIndex(store)
-        yield (index if index.manifest() and not index.stale_files() else None), False
+        usable = index.manifest() is not None and (not refresh or not index.stale_files())
+        yield (index if usable else None), False
         return
     try:
         index = MemoryIndex(store)
-        index.refresh()
+        if refresh or index.manifest() is None:
+            index.refresh()
         yield index, True
     finally:
         lock.release()
@@ -4125,18 +4327,44 @@ def _with_index(index: Optional[MemoryIndex], writable: bool,
 def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupResult:
     """Every record with this id (one per agent that has it); ``not_found`` if none.
 
-    Reads the bloom filter, one id bucket and one data file (or the hot cache) - never the
-    whole store - unless the index cannot be used, then scans read-only.
+    First asks the index as it is, checking only the files that hold the id (one id bucket,
+    one stat and one data file or hot-cache record: no stat of every file). If the id is not
+    in the index or one of its files changed, refreshes the index (stat of every file,
+    changed files re-read) and looks again; if the index cannot be used, scans read-only.
     """
-    with _query_index(store, use_index) as (index, writable):
-        result = _with_index(index, writable, lambda ix: _get_indexed(ix, record_id),
-                             lambda: _get_scanned(store, record_id))
+    with _query_index(store, use_index, refresh=False) as (index, writable):
+        result = _get_quick(index, record_id) if index is not None else None
+        if result is None:
+            if index is not None and writable:
+                index.refresh()
+            elif index is not None and index.stale_files():
+                index = None  # read-only and stale: only a scan is sure
+            result = _with_index(index, writable, lambda ix: _get_indexed(ix, record_id),
+                                 lambda: _get_scanned(store, record_id))
         if writable:
             _count_cache(store, result)
     if not result.records:
         result.not_found = True
         result.message = "no record with id %r in %s" % (record_id, store.root)
     return result
+
+
+def _get_quick(index: MemoryIndex, record_id: str) -> Optional[LookupResult]:
+    """The answer of the index as it is, or None when it cannot be trusted without a refresh.
+
+    Trusted only when the id table places the id somewhere and every file it points to still
+    has the size and mtime it was indexed with (so the record read there is current). What
+    this can miss: a copy of the id written into another file since the last refresh (a
+    record moved away changes its old file, which the stat catches). ``get`` accepts that for
+    constant cost; any lookup that refreshes (search, an unknown id, optimize) catches up.
+    """
+    try:
+        if index.manifest() is None:
+            return None
+        result = _get_indexed(index, record_id, check_files=True)
+    except (IntegrityError, OSError):
+        return None
+    return result if result.records else None
 
 
 def _found(entry: Dict[str, Any], position: int, record: Any, source: str) -> FoundRecord:
@@ -4146,23 +4374,29 @@ def _found(entry: Dict[str, Any], position: int, record: Any, source: str) -> Fo
 
 
 def _fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row_id: Optional[str],
-           position: int, result: LookupResult) -> FoundRecord:
+           position: int, result: LookupResult, offset: Optional[int] = None) -> FoundRecord:
     record = hot.fetch(row_id, entry, position)
     if record is not None:
         result.cache_hits += 1
         return _found(entry, position, record, "hot-cache")
     result.cache_misses += 1
+    if offset is not None:  # get: parse just this record
+        return _found(entry, position, index.load_record(entry, position, offset), "index")
     return _found(entry, position, index.load_file(entry)[position], "index")
 
 
-def _get_indexed(index: MemoryIndex, record_id: str) -> LookupResult:
+def _get_indexed(index: MemoryIndex, record_id: str, check_files: bool = False) -> LookupResult:
     result = LookupResult([], "index", unreadable=index.unreadable())
     if not index.might_contain(record_id):
         result.source = "bloom"
         return result
     hot = HotCache(index)
-    for entry, position in index.locate(record_id):
-        found = _fetch(index, hot, entry, record_id, position, result)
+    for entry, position, offset in index.locate_rows(record_id):
+        if check_files:
+            info = os.stat(str(index.store.root / entry["path"]))
+            if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+                raise IntegrityError("%s changed since it was indexed" % entry["path"])
+        found = _fetch(index, hot, entry, record_id, position, result, offset)
         if found.id != record_id:
             raise IntegrityError("index points %s at a different record" % record_id)
         result.records.append(found)
@@ -5292,10 +5526,11 @@ def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> byte
 
 
 def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool,
-                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[str, str, int, int, str]:
-    """Compress or decompress one file in place under its lock; runs in a worker process.
+                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[Any, ...]:
+    """Compress or decompress one file in place under its lock; runs in a worker thread.
 
-    Returns (path, outcome, bytes before, bytes after, problem) with outcome ``done``,
+    Returns (path, outcome, bytes before, bytes after, problem, (size, mtime_ns) before,
+    (size, mtime_ns) after; both None unless done) with outcome ``done``,
     ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile) or
     ``unreadable``. The file's mtime is kept so ``--age-days`` stays meaningful.
     ``indexed`` is the (size, mtime_ns) at which the index parsed the file successfully;
@@ -5306,28 +5541,32 @@ def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: 
         try:
             before = path.stat()
             raw = path.read_bytes()
-            if (raw[:2] == GZIP_MAGIC) == to_gzip:
-                return path_text, "skipped", len(raw), len(raw), ""
             parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
                          and len(raw) == before.st_size)
+            if (raw[:2] == GZIP_MAGIC) == to_gzip:
+                if not parsed_ok:  # already in form, but a truncated gzip is not "done"
+                    parse_json_text(decode_file_bytes(path, raw)[0])
+                return path_text, "skipped", len(raw), len(raw), "", None, None
             new = _transcode_bytes(raw, to_gzip, parsed_ok)
         except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
-            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc))
+            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc)), None, None
         if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
             raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
         after = path.stat()
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return path_text, "changed", len(raw), len(raw), ""
+            return path_text, "changed", len(raw), len(raw), "", None, None
         if not dry_run:  # write errors propagate: the old file is intact (atomic write)
             atomic_write_bytes(path, new)
             os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
-        return path_text, "done", len(raw), len(new), ""
+            after = path.stat()  # still under the lock: exactly the file as we left it
+        return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
+                (after.st_size, after.st_mtime_ns))
 
 
-def _indexed_stats(store: Store) -> Dict[Path, Tuple[int, int]]:
+def _indexed_stats(index: MemoryIndex) -> Dict[Path, Tuple[int, int]]:
     """(size, mtime_ns) of every file a verified index parsed successfully."""
-    manifest = MemoryIndex(store).manifest() if store.state_dir.is_dir() else None
-    return {store.root / e["path"]: (e["size"], e["mtime_ns"])
+    manifest = index.manifest() if index.store.state_dir.is_dir() else None
+    return {index.store.root / e["path"]: (e["size"], e["mtime_ns"])
             for e in (manifest or {}).get("files", [])}
 
 
@@ -5356,12 +5595,21 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     # Threads, two per core: zlib, reads and fsync release the GIL, and a file's fsync wait
     # overlaps another's compression (measured faster than one process per core).
     count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
-    indexed = _indexed_stats(store)
-    outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
-                                              indexed.get(p)) for p in paths], count, threads=True)
+    index = MemoryIndex(store)
+    indexed = _indexed_stats(index)
+    with paused_cyclic_gc():  # the parses of files the index did not vouch for
+        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
+                                                  indexed.get(p)) for p in paths], count,
+                                threads=True)
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
+    if not dry_run and by["done"]:
+        # A file big enough to have record offsets in the id table is left to the next refresh:
+        # its byte offsets do not hold in gzip bytes, nor character offsets in re-indented text.
+        plain = 2 if to_gzip else 3  # which byte count is the plain JSON
+        index.note_transcoded({rel(o[0]): (o[5], o[6]) for o in by["done"]
+                               if o[plain] < _OFFSET_MIN_CHARS})
     return TranscodeResult(
         operation="compress" if to_gzip else "decompress", dry_run=dry_run,
         files=[rel(o[0]) for o in by["done"]], bytes_before=sum(o[2] for o in by["done"]),
@@ -5404,6 +5652,25 @@ def _incomplete(rtype: RecordType, record: Any) -> Optional[Tuple[GcReason, Dict
     return None
 
 
+def _exact_duplicates(records: List[Any], candidates: List[int]) -> Dict[int, int]:
+    """{index: index of the earlier identical copy} among the ``candidates`` positions.
+
+    Candidates all have an id, and identical records share it, so only records whose id
+    repeats in the file are serialised and compared (most files have none).
+    """
+    by_id: Dict[str, List[int]] = {}
+    for index in candidates:
+        by_id.setdefault(records[index]["id"], []).append(index)
+    found: Dict[int, int] = {}
+    for group in by_id.values():
+        seen: Dict[str, int] = {}
+        for index in group if len(group) > 1 else ():
+            first = seen.setdefault(_canonical(records[index]), index)
+            if first != index:
+                found[index] = first
+    return found
+
+
 @dataclasses.dataclass
 class GcResult:
     """What gc removed and cleaned (or, in a dry run, would)."""
@@ -5437,24 +5704,31 @@ class GarbageCollector:
 
     def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
         """Archive entries for the agent's defective records, reading its files (no writes)."""
-        loaded = []
+        return self.plan_with_total(agent, errors)[0]
+
+    def plan_with_total(self, agent: str, errors: List[CorruptFileError]
+              ) -> Tuple[List[Dict[str, Any]], int]:
+        """(entries, records in the agent's readable files), each file parsed once."""
+        entries, kept_ids, total = [], {}, 0
         for data_file, records, _ in self.store.iter_record_files([agent], errors=errors):
-            loaded.append((data_file, records))
-        entries, kept_ids = [], {}
-        for data_file, records in loaded:
-            seen: Dict[str, int] = {}
+            total += len(records)
+            flaws, good, rtype = {}, [], data_file.rtype
             for index, record in enumerate(records):
-                bad = _incomplete(data_file.rtype, record)
+                bad = _incomplete(rtype, record)
                 if bad is None:
-                    canon = _canonical(record)
-                    if canon in seen:
-                        bad = GcReason.DUPLICATE, {"duplicate_of_index": seen[canon]}
-                    else:
-                        seen[canon] = index
-                        kept_ids.setdefault(record["id"], []).append((data_file, index, record))
-                if bad is not None:
-                    entries.append(self._entry(data_file, index, record, *bad))
-        return entries + self._conflicts(kept_ids)
+                    good.append(index)
+                else:
+                    flaws[index] = bad
+            duplicates = _exact_duplicates(records, good)
+            for index, first in duplicates.items():
+                flaws[index] = GcReason.DUPLICATE, {"duplicate_of_index": first}
+            for index in sorted(flaws):
+                entries.append(self._entry(data_file, index, records[index], *flaws[index]))
+            for index in good:
+                if index not in duplicates:
+                    kept_ids.setdefault(records[index]["id"], []).append(
+                        (data_file, index, records[index]))
+        return entries + self._conflicts(kept_ids), total
 
     def _entry(self, data_file: DataFile, index: int, record: Any, reason: GcReason,
                details: Dict[str, Any]) -> Dict[str, Any]:
@@ -5485,14 +5759,20 @@ class GarbageCollector:
                                             for k, v in details.items()}))
         return entries
 
-    def guard(self, agent: str, entries: List[Dict[str, Any]]) -> bool:
-        """True if removing ``entries`` is within the mass-deletion limit for the agent."""
+    def guard(self, agent: str, entries: List[Dict[str, Any]],
+              total: Optional[int] = None) -> bool:
+        """True if removing ``entries`` is within the mass-deletion limit for the agent.
+
+        ``total`` is the agent's record count when the caller has it (gc's plan counted it
+        while parsing); else the agent's readable files are read to count.
+        """
         if self.force or not entries:
             return True
-        total = 0
-        for data_file in self.store.record_files(agent):
-            with contextlib.suppress(CorruptFileError):
-                total += len(self.store.load_records(data_file)[0])
+        if total is None:
+            total = 0
+            for data_file in self.store.record_files(agent):
+                with contextlib.suppress(CorruptFileError):
+                    total += len(self.store.load_records(data_file)[0])
         return len(entries) * 2 <= total
 
     def apply(self, run_id: str, entries: List[Dict[str, Any]]
@@ -5587,13 +5867,19 @@ def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
     will be removed. Agents over the mass-deletion limit are refused and listed; if any is,
     nothing at all is removed and RefusedError names them.
     """
+    with paused_cyclic_gc():
+        return _collect_garbage(store, dry_run, force, backup)
+
+
+def _collect_garbage(store: Store, dry_run: bool, force: bool,
+                     backup: Optional[Callable[[], str]]) -> GcResult:
     started = time.monotonic()
     gc = GarbageCollector(store, force)
     errors: List[CorruptFileError] = []
     plan, refused = [], []
     for agent in store.agents():
-        entries = gc.plan_agent(agent, errors)
-        if not gc.guard(agent, entries):
+        entries, total = gc.plan_with_total(agent, errors)
+        if not gc.guard(agent, entries, total):
             refused.append(agent)
         plan.extend(entries)
     locks, temps = stale_lock_dirs(store), _temp_leftovers(store)
@@ -7916,21 +8202,25 @@ def _perf_number(value: Any) -> str:
     return "%d" % value
 
 
-def nagios_line(report: HealthReport) -> str:
-    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
+def health_summary(report: HealthReport) -> str:
+    """One line: ``AML WARNING - check: message; ...`` naming every check that is not healthy."""
     bad = [c for c in report.checks if c.status is not HealthStatus.HEALTHY]
     if bad:
         summary = "; ".join("%s: %s" % (c.name, c.message) for c in bad)
     else:
         summary = "%d checks healthy" % len(report.checks)
+    return "AML %s - %s" % (report.status.nagios, summary.replace("|", "/").replace("\n", " "))
+
+
+def nagios_line(report: HealthReport) -> str:
+    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
     perf = []
     for label, (value, uom, warn, crit) in report.perfdata.items():
         shown = "U" if value is None else _perf_number(value) + uom
         text = "%s=%s;%s;%s;0" % (_perf_label(label), shown, _perf_number(warn),
                                   _perf_number(crit))
         perf.append(re.sub(r";+$", "", text) if value is not None else text.split(";")[0])
-    summary = summary.replace("|", "/").replace("\n", " ")
-    return "AML %s - %s | %s" % (report.status.nagios, summary, " ".join(perf))
+    return "%s | %s" % (health_summary(report), " ".join(perf))
 
 
 def _prom_escape(value: str) -> str:
@@ -8180,7 +8470,7 @@ __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresho
             "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
             "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
             "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
-            "nagios_line", "prometheus_text", "html_report", "worst_status"]
+            "nagios_line", "health_summary", "prometheus_text", "html_report", "worst_status"]
 
 
 # =============================================================================
@@ -9250,12 +9540,12 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
         out.warn(warning)
     if args.format == "nagios":
         print(nagios_line(report), file=out.stdout)
-    elif report.status is HealthStatus.HEALTHY:
-        for line in _health_lines(report):
-            out.line(line)
+    elif out.quiet:
+        if report.status is not HealthStatus.HEALTHY:
+            out.always(health_summary(report))  # cron mails one clear line
     else:
         for line in _health_lines(report):
-            out.always(line)  # cron mails a problem even with -q
+            out.line(line)
     out.document(report)
     return report.exit_code
 
