@@ -779,7 +779,7 @@ class Store:
     """
 
     def __init__(self, root: Path, now: Optional[_dt.datetime] = None,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, config_file: Optional[Path] = None):
         self.root = Path(root)
         if not self.root.exists():
             raise UsageError("memory path %s does not exist" % self.root)
@@ -787,6 +787,7 @@ class Store:
             raise UsageError("memory path %s is not a folder" % self.root)
         self.now = now or utcnow()
         self.lock_timeout = lock_timeout
+        self.config_file = config_file  # aml config file named on the command line, if any
         self.state_dir = self.root / STATE_DIR_NAME
 
     # -- discovery ---------------------------------------------------------
@@ -949,7 +950,8 @@ AML_CONFIG_SECTIONS = ("prune", "backup", "optimize", "monitor")
 
 
 def load_aml_config(store: Store, path: Optional[Path] = None) -> Dict[str, Dict[str, Any]]:
-    """aml's own config file: ``path`` if given, else ``<store>/.aml/config.json`` if present.
+    """aml's own config file: ``path``, else the store's ``config_file`` (``--config``), else
+    ``<store>/.aml/config.json`` if present.
 
     A JSON object whose keys are sections (``prune``, ``backup``, ``optimize``, ``monitor``),
     each mapping config field names to values. Returns {} when there is no file. Raises
@@ -957,6 +959,8 @@ def load_aml_config(store: Store, path: Optional[Path] = None) -> Dict[str, Dict
     consumer rejects unknown field names. Precedence everywhere: built-in defaults < the
     store's ``config.json`` (where a key matches) < this file < command-line flags.
     """
+    if path is None:
+        path = store.config_file
     if path is None:
         path = store.state_dir / "config.json"
         if not path.exists():
@@ -8621,7 +8625,8 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def open_store(args: argparse.Namespace) -> Store:
     """The Store named on the command line, with the run's clock and lock wait."""
-    return Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout)
+    return Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
+                 config_file=args.config)
 
 
 def output_for(args: argparse.Namespace) -> Output:

@@ -4357,3 +4357,18 @@ def test_compress_reports_a_truncated_gzip_file_instead_of_counting_it_done(tmp_
     assert code == 3 and "code-reviewer/patterns.json" in err
     assert broken.read_bytes() == before
 
+
+def test_config_file_flag_reaches_the_safety_backup(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    elsewhere = tmp_path / "vault"
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"backup": {"backup_root": str(elsewhere)},
+                                  "prune": {"max_removal_share": 1.0}}))
+    code, out, err = run_cli(root, "prune", "--config", config, "--now", NOW_TEXT,
+                             "--format", "json", capsys=capsys)
+    assert code == 0, err
+    backup_id = json.loads(out)["backup_id"]
+    assert (elsewhere / "aml").is_dir() and not (tmp_path / "memory-backup").exists()
+    code, out, _ = run_cli(root, "backup", "list", "--config", config, capsys=capsys)
+    assert backup_id in out
+
