@@ -110,7 +110,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 # =============================================================================
 # 3. Constants, exit codes, errors
@@ -330,6 +330,12 @@ def decode_file_bytes(path: Path, raw: bytes) -> Tuple[str, FileFormat]:
 
 def load_json_file(path: Path, expect: Optional[type] = None) -> Tuple[Any, FileFormat]:
     """Read a JSON file that may hold gzip bytes; raises CorruptFileError, never returns empty."""
+    obj, fmt, _ = load_json_text(path, expect)
+    return obj, fmt
+
+
+def load_json_text(path: Path, expect: Optional[type] = None) -> Tuple[Any, FileFormat, str]:
+    """Like load_json_file, also returning the decoded text (for splicing rewrites)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -343,7 +349,7 @@ def load_json_file(path: Path, expect: Optional[type] = None) -> Tuple[Any, File
     if expect is not None and not isinstance(obj, expect):
         raise CorruptFileError(path, "expected a JSON %s, found %s"
                                % (_json_kind(expect), _json_kind(type(obj))))
-    return obj, fmt
+    return obj, fmt, text
 
 
 def _json_kind(kind: type) -> str:
@@ -375,6 +381,73 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
         chunks.append(runtime_json(item).replace("\n", "\n  ").encode("utf-8"))
     chunks.append(b"\n]")
     return chunks
+
+
+# -- JSON array splitting: records as exact byte slices ---------------------
+
+_WS_RE = re.compile(r"[ \t\n\r]*")
+_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant).scan_once
+
+
+def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    """``(head, separator, tail, element spans)`` of a non-empty JSON array text, else None.
+
+    Joining head, the element slices with the separator, and tail gives back ``text``
+    exactly, so a restore is byte-exact without re-serializing. Arrays whose separators
+    differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
+    """
+    try:
+        return _split_array(text)
+    except (StopIteration, ValueError, RecursionError, IndexError):
+        return None
+
+
+def _split_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    pos = _WS_RE.match(text).end()
+    if not text.startswith("[", pos):
+        return None
+    start = cur = _WS_RE.match(text, pos + 1).end()
+    spans: List[Tuple[int, int]] = []
+    sep = None
+    while True:
+        end = _SCAN_ONCE(text, cur)[1]
+        spans.append((cur, end))
+        nxt = _WS_RE.match(text, end).end()
+        if text.startswith(",", nxt):
+            cur = _WS_RE.match(text, nxt + 1).end()
+            if sep is None:
+                sep = text[end:cur]
+            elif text[end:cur] != sep:
+                return None
+        elif text.startswith("]", nxt) and not text[nxt + 1:].strip(" \t\n\r"):
+            return text[:start], sep or "", text[end:], spans
+        else:
+            return None
+
+
+def remove_array_elements(text: str, fmt: FileFormat, positions: Iterable[int]
+                          ) -> Optional[bytes]:
+    """The file bytes for JSON array ``text`` without the elements at ``positions``, or None.
+
+    Splices the kept elements' original text (no re-serialising: the pure-Python indented
+    encoder dominated prune and gc), so a runtime-formatted file comes out byte-identical to
+    ``encode_json`` of the kept records. None when the array cannot be split exactly
+    (hand-edited separators, empty, invalid) or a position is out of range: encode instead.
+    """
+    parts = split_json_array(text)
+    if parts is None:
+        return None
+    head, sep, tail, spans = parts
+    positions = set(positions)
+    if any(not 0 <= i < len(spans) for i in positions):
+        return None
+    kept = [text[start:end] for n, (start, end) in enumerate(spans) if n not in positions]
+    if not kept:
+        return encode_json([], fmt)
+    data = b"".join([UTF8_BOM if fmt.bom else b"", head.encode("utf-8"),
+                     sep.join(kept).encode("utf-8"), tail.encode("utf-8")])
+    del kept
+    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if fmt.gzip else data
 
 
 def fsync_dir(directory: Path) -> None:
@@ -875,14 +948,24 @@ class Store:
         """Locked read-modify-write of one data file, keeping its format.
 
         Yields a Rewrite whose ``data`` may be changed; set ``changed = True`` to write it
-        back atomically before the lock is released. Raises CorruptFileError or StoreBusyError.
+        back atomically before the lock is released. When the only change is deleting array
+        elements, also set ``removed`` to their original positions: the kept elements' text
+        is then spliced from the file instead of re-encoded (same bytes for a runtime-written
+        file, several times faster). Raises CorruptFileError or StoreBusyError.
         """
         with self.file_lock(path):
-            data, fmt = load_json_file(path, expect=expect)
+            data, fmt, text = load_json_text(path, expect=expect)
             job = Rewrite(path=Path(path), data=data, fmt=fmt)
+            original = list(data) if isinstance(data, list) else None
             yield job
             if job.changed:
-                job.bytes_written = write_json_file(path, job.data, fmt)
+                spliced = _spliced_rewrite(job, text, original)
+                del text, original
+                if spliced is None:
+                    job.bytes_written = write_json_file(path, job.data, fmt)
+                else:
+                    atomic_write_bytes(path, spliced)
+                    job.bytes_written = len(spliced)
 
     # -- aml state -----------------------------------------------------------
     def ensure_state_dir(self) -> Path:
@@ -995,6 +1078,20 @@ class Rewrite:
     fmt: FileFormat
     changed: bool = False
     bytes_written: int = 0
+    removed: Optional[Set[int]] = None  # positions deleted, when that is the only change
+
+
+def _spliced_rewrite(job: Rewrite, text: str, original: Optional[List[Any]]) -> Optional[bytes]:
+    """The spliced bytes for a pure-deletion rewrite, or None to encode ``job.data``.
+
+    Splices only when ``job.data`` is exactly the original elements minus ``removed``
+    (checked by identity, so a caller that edits or reorders records is re-encoded)."""
+    if job.removed is None or original is None or not isinstance(job.data, list):
+        return None
+    kept = [r for i, r in enumerate(original) if i not in job.removed]
+    if len(kept) != len(job.data) or any(a is not b for a, b in zip(kept, job.data)):
+        return None
+    return remove_array_elements(text, job.fmt, job.removed)
 
 
 def _state_body(payload: Any) -> str:
@@ -1376,48 +1473,6 @@ class AutoResult:
     backup: Optional[BackupResult]
     skipped: Optional[str]
     rotate: Optional[RotateResult]
-
-
-# -- JSON array splitting: records as exact byte slices ---------------------
-
-_WS_RE = re.compile(r"[ \t\n\r]*")
-_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant).scan_once
-
-
-def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
-    """``(head, separator, tail, element spans)`` of a non-empty JSON array text, else None.
-
-    Joining head, the element slices with the separator, and tail gives back ``text``
-    exactly, so a restore is byte-exact without re-serializing. Arrays whose separators
-    differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
-    """
-    try:
-        return _split_array(text)
-    except (StopIteration, ValueError, RecursionError, IndexError):
-        return None
-
-
-def _split_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
-    pos = _WS_RE.match(text).end()
-    if not text.startswith("[", pos):
-        return None
-    start = cur = _WS_RE.match(text, pos + 1).end()
-    spans: List[Tuple[int, int]] = []
-    sep = None
-    while True:
-        end = _SCAN_ONCE(text, cur)[1]
-        spans.append((cur, end))
-        nxt = _WS_RE.match(text, end).end()
-        if text.startswith(",", nxt):
-            cur = _WS_RE.match(text, nxt + 1).end()
-            if sep is None:
-                sep = text[end:cur]
-            elif text[end:cur] != sep:
-                return None
-        elif text.startswith("]", nxt) and not text[nxt + 1:].strip(" \t\n\r"):
-            return text[:start], sep or "", text[end:], spans
-        else:
-            return None
 
 
 def _json_kind_of(data: bytes) -> str:
@@ -5073,6 +5128,7 @@ class MemoryPruner:
                 kept = [i for i in range(len(job.data)) if i not in plan.removals]
                 job.data = [job.data[i] for i in kept]
                 job.changed = bool(plan.removals)
+                job.removed = set(plan.removals)  # pure deletion: splice, do not re-encode
         except (StoreBusyError, CorruptFileError) as exc:
             self._drop_file(run, plan, exc)
             return
@@ -5815,6 +5871,7 @@ class GarbageCollector:
             if positions:
                 job.data = [r for j, r in enumerate(job.data) if j not in positions]
                 job.changed = True
+                job.removed = positions  # pure deletion: splice, do not re-encode
         return done
 
 

@@ -270,6 +270,50 @@ def test_write_keeps_encoding(tmp_path, gz):
     assert read_data(path) == [{"id": "é"}]
 
 
+def _splice_records():
+    """Records with nesting, non-ASCII text, escapes, floats and scalars, as the runtime has."""
+    rng = random.Random(5)
+    return [make_pattern("backend-developer", rng, note="caf\u00e9 \u2713 \"q\"\n\ttab"),
+            {"id": "x", "nested": {"list": [1, 2.5, -0.0, 1e-07, None, True, {}, []]}},
+            "a plain string", 42, make_pattern("code-reviewer", rng), [], {"emoji": "\U0001f600"}]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("bom", [False, True], ids=["", "bom"])
+@pytest.mark.parametrize("newline", [False, True], ids=["", "newline"])
+@pytest.mark.parametrize("positions", [{0}, {3}, {6}, {1, 4, 5}, set(range(7))],
+                         ids=["first", "middle", "last", "several", "all"])
+def test_remove_array_elements_is_byte_identical_to_encoding(tmp_path, gz, bom, newline,
+                                                              positions):
+    records = _splice_records()
+    fmt = aml.FileFormat(gzip=gz, bom=bom, trailing_newline=newline)
+    path = tmp_path / "patterns.json"
+    path.write_bytes(aml.encode_json(records, fmt))   # a runtime-formatted file
+    data, loaded_fmt, text = aml.load_json_text(path, expect=list)
+    assert loaded_fmt == fmt and data == records
+    kept = [r for i, r in enumerate(records) if i not in positions]
+    spliced = aml.remove_array_elements(text, fmt, positions)
+    assert spliced == aml.encode_json(kept, fmt)
+    path.write_bytes(spliced)
+    assert aml.load_json_file(path, expect=list) == (kept, fmt)
+
+
+@pytest.mark.parametrize("text,positions", [
+    ("[1, 2,3]", {0}),            # hand-edited: separators differ
+    ("[]", set()),                # empty array
+    ("[1, 2", {0}),               # invalid JSON
+    ("[1, 2]", {2}),              # position out of range
+    ("[1, 2]", {-1}),
+])
+def test_remove_array_elements_declines_what_it_cannot_splice(text, positions):
+    assert aml.remove_array_elements(text, aml.FileFormat(), positions) is None
+
+
+def test_remove_array_elements_keeps_a_compact_files_own_layout():
+    assert aml.remove_array_elements('[{"a":1},{"b":2},3]', aml.FileFormat(), {1}) == \
+        b'[{"a":1},3]'
+
+
 @pytest.mark.parametrize("step", ["write", "fsync", "replace"])
 def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, step):
     path = tmp_path / "patterns.json"
@@ -467,6 +511,91 @@ def test_rewrite_locks_and_keeps_format(tmp_path):
         job.changed = True
     assert path.read_bytes()[:2] == b"\x1f\x8b" and len(read_data(path)) == 5
     assert not Path(str(path) + ".lock").exists()
+
+
+def _rewrite_both_ways(path, edit, monkeypatch):
+    """File bytes after ``edit`` in Store.rewrite, spliced and (forced) re-encoded."""
+    original = path.read_bytes()
+    s = aml.Store(path.parent.parent)
+    results = []
+    for splice in (True, False):
+        path.write_bytes(original)
+        if not splice:
+            monkeypatch.setattr(aml, "remove_array_elements", lambda *a: None)
+        with s.rewrite(path) as job:
+            edit(job)
+        monkeypatch.undo()
+        results.append(path.read_bytes())
+    return results
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("bom,newline", [(False, False), (True, True)], ids=["", "bom+newline"])
+@pytest.mark.parametrize("positions", [{0}, {20}, {39}, {0, 7, 39}, set(range(40))],
+                         ids=["first", "middle", "last", "several", "all"])
+def test_rewrite_splices_pure_deletions_byte_identically(tmp_path, monkeypatch, gz, bom,
+                                                         newline, positions):
+    root = build_store(tmp_path / "m", gz=gz)
+    path = root / "code-reviewer" / "patterns.json"
+    before = read_data(path)
+    fmt = aml.FileFormat(gzip=gz, bom=bom, trailing_newline=newline)
+    path.write_bytes(aml.encode_json(before, fmt))
+    calls = []
+    real = aml.remove_array_elements
+    monkeypatch.setattr(aml, "remove_array_elements", lambda *a: calls.append(a) or real(*a))
+
+    def delete(job):
+        job.data = [r for i, r in enumerate(job.data) if i not in positions]
+        job.changed, job.removed = True, set(positions)
+
+    with aml.Store(root).rewrite(path) as job:
+        delete(job)
+    assert len(calls) == 1 and job.bytes_written == path.stat().st_size
+    monkeypatch.undo()
+    assert read_data(path) == [r for i, r in enumerate(before) if i not in positions]
+    path.write_bytes(aml.encode_json(before, fmt))
+    fast, slow = _rewrite_both_ways(path, delete, monkeypatch)
+    assert fast == slow and aml.decode_file_bytes(path, fast)[1] == fmt
+
+
+@pytest.mark.parametrize("tamper", ["edit", "reorder", "wrong-positions"])
+def test_rewrite_reencodes_when_the_change_is_not_pure_deletion(tmp_path, monkeypatch, tamper):
+    root = build_store(tmp_path / "m")
+    path = root / "code-reviewer" / "patterns.json"
+    before = read_data(path)
+
+    def change(job):
+        job.data = job.data[1:]
+        if tamper == "edit":
+            job.data[0] = dict(job.data[0], tags=["edited"])
+        elif tamper == "reorder":
+            job.data.reverse()
+        job.changed, job.removed = True, ({1} if tamper == "wrong-positions" else {0})
+
+    fast, slow = _rewrite_both_ways(path, change, monkeypatch)
+    assert fast == slow
+    expected = before[1:]
+    if tamper == "edit":
+        expected[0] = dict(expected[0], tags=["edited"])
+    elif tamper == "reorder":
+        expected.reverse()
+    assert json.loads(fast) == expected
+
+
+def test_rewrite_splice_failure_leaves_file_whole(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m")
+    path = root / "code-reviewer" / "patterns.json"
+    original, names = path.read_bytes(), sorted(os.listdir(path.parent))
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aml.os, "replace", boom)
+    with pytest.raises(OSError):
+        with aml.Store(root).rewrite(path) as job:
+            job.data, job.changed, job.removed = job.data[1:], True, {0}
+    monkeypatch.undo()
+    assert path.read_bytes() == original and sorted(os.listdir(path.parent)) == names
 
 
 # =============================================================================
@@ -1814,6 +1943,32 @@ def test_dry_run_changes_nothing_and_lists_every_record(tmp_path, capsys, gz):
     assert tree_digest(root) == before and not (root / ".aml").exists()
 
 
+def _spliced_and_encoded(make_store, argv, tmp_path, monkeypatch):
+    """Run ``argv`` on two identical stores, spliced and (forced) re-encoded; returns the
+    data-file digests of both and how often the splice produced the bytes."""
+    used, real = [], aml.remove_array_elements
+    digests = []
+    for name, splice in (("a", True), ("b", False)):
+        root = make_store(tmp_path / name)
+        monkeypatch.setattr(aml, "remove_array_elements",
+                            (lambda *a: used.append(1) or real(*a)) if splice else
+                            (lambda *a: None))
+        monkeypatch.setattr(aml, "safety_backup", lambda s, reason, config=None: "snap-1")
+        assert run_cli(root, *argv) == 0
+        monkeypatch.undo()
+        digests.append(tree_digest(root, skip_state=True))
+    return digests[0], digests[1], len(used)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_prune_splices_files_byte_identically_to_reencoding(tmp_path, monkeypatch, gz):
+    spliced, encoded, used = _spliced_and_encoded(
+        lambda root: _prune_store(root, gz=gz), ["prune", "--now", NOW_TEXT, "-q"],
+        tmp_path, monkeypatch)
+    assert spliced == encoded and used > 0
+    assert spliced != tree_digest(_prune_store(tmp_path / "c", gz=gz), skip_state=True)
+
+
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
 def test_real_run_keeps_format_and_every_remaining_record(tmp_path, capsys, gz):
     root = _prune_store(tmp_path / "m", gz=gz)
@@ -2525,6 +2680,19 @@ def test_gc_removes_exactly_each_defect_class_and_archives_it(store, capsys, mon
     assert {e["index"] for e in archive["entries"]} == {0, 40, 41, 42, 43, 44, 45}
     others = {k: v for k, v in before.items() if "backend-developer/patterns" not in k}
     assert {k: v for k, v in tree_digest(store, skip_state=True).items() if k in others} == others
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_gc_splices_files_byte_identically_to_reencoding(tmp_path, monkeypatch, gz):
+    def make(root):
+        root = build_store(root, gz=gz)
+        seed_defects(root)
+        return root
+
+    spliced, encoded, used = _spliced_and_encoded(make, ["optimize", "gc", "-q"], tmp_path,
+                                                  monkeypatch)
+    assert spliced == encoded and used == 1
+    assert spliced != tree_digest(make(tmp_path / "c"), skip_state=True)
 
 
 def test_gc_serialises_only_records_whose_id_repeats_and_ignores_key_order(tmp_path,
