@@ -660,6 +660,9 @@ class MaintenanceLock:
         self.release()
 
 
+__all__ += ["load_json_text", "split_json_array", "remove_array_elements"]
+
+
 # =============================================================================
 # 6. Record model and schema versions
 # One place that reads record fields from the runtime's camelCase schema and
@@ -3145,7 +3148,7 @@ class _SnapshotBuilder:
 
 __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "SnapshotInfo",
             "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
-            "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
+            "safety_backup", "backup_config_for", "safe_relpath"]
 
 
 
