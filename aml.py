@@ -88,18 +88,28 @@ if sys.version_info < (3, 9):  # pragma: no cover - the guard itself
     sys.exit("aml: error: Python 3.9 or newer is required (found %d.%d)" % sys.version_info[:2])
 
 import argparse
+import array
+import bisect
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
+import difflib
 import enum
 import errno
 import fcntl
+import gc as _cyclic_gc
 import gzip
 import hashlib
+import heapq
+import html as _html
+import http.client
 import io
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import secrets
@@ -108,6 +118,8 @@ import stat
 import struct
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
@@ -1314,10 +1326,6 @@ def _legacy_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
 # Only this section needs these; importing them here keeps the shared import block stable.
-import concurrent.futures  # noqa: E402
-import bisect  # noqa: E402
-import difflib  # noqa: E402
-import struct  # noqa: E402
 
 
 class BackupType(enum.Enum):
@@ -3157,10 +3165,6 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
 # In-memory structures with byte-exact, checksummed persistence.
 # =============================================================================
 
-import array  # noqa: E402
-import gc as _cyclic_gc  # noqa: E402
-import itertools  # noqa: E402
-import operator  # noqa: E402
 
 @contextlib.contextmanager
 def paused_cyclic_gc() -> Iterator[None]:
@@ -4834,8 +4838,6 @@ class PruneResult:
 # activity, protection and a short content digest), never the records: memory is bounded by
 # the largest file plus a few bytes per record, however many files the store has.
 
-import array  # noqa: E402
-import heapq  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -7080,10 +7082,6 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 # =============================================================================
 
 # Imported here rather than in section 2 so that the parallel branches merge cleanly.
-import html as _html
-import http.client
-import urllib.error
-import urllib.request
 
 
 class HealthStatus(enum.Enum):
