@@ -4540,3 +4540,14 @@ def test_config_file_flag_reaches_the_safety_backup(tmp_path, capsys):
     code, out, _ = run_cli(root, "backup", "list", "--config", config, capsys=capsys)
     assert backup_id in out
 
+
+
+def test_every_readme_transcript_is_tagged_so_the_runner_runs_it():
+    # An untagged fence is skipped by the README runner: a command shown there could rot.
+    untagged, fence = [], None
+    for number, line in enumerate((HERE / "README.md").read_text().splitlines(), 1):
+        if line.startswith("```"):
+            fence = None if fence is not None else (line[3:].strip(), number)
+        elif fence and fence[0] == "" and line.lstrip("$ ").startswith(("aml", "python3 aml.py")):
+            untagged.append(fence[1])
+    assert untagged == []
