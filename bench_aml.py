@@ -587,21 +587,30 @@ def plan_store(root: Path, size_mb: float, seed: int, encoding: str,
 
 
 class _Sink:
-    """Collects a file's bytes, counting what lands on disk (compressed size for gzip)."""
+    """Collects a file's bytes, estimating what lands on disk (compressed size for gzip)."""
 
     def __init__(self, zipped: bool):
         self.parts: List[bytes] = []
-        self.raw = 0
+        self.raw = 0                # JSON bytes fed
+        self.out = 0                # bytes emitted
+        self.raw_at_out = 0         # JSON bytes fed when output last appeared
         self.zip = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if zipped else None
 
     def add(self, text: str) -> None:
         data = text.encode("utf-8")
         self.raw += len(data)
-        self.parts.append(self.zip.compress(data) if self.zip else data)
+        chunk = self.zip.compress(data) if self.zip else data
+        if chunk:
+            self.parts.append(chunk)
+            self.out += len(chunk)
+            self.raw_at_out = self.raw
 
     def size(self) -> int:
-        # zlib buffers up to ~64 KiB before emitting; close enough for a budget
-        return sum(len(p) for p in self.parts)
+        """Bytes on disk so far; zlib holds input back, so the pending part is estimated."""
+        if not self.zip:
+            return self.out
+        ratio = self.out / self.raw_at_out if self.raw_at_out > (1 << 16) else 0.13
+        return self.out + int((self.raw - self.raw_at_out) * ratio)
 
     def finish(self) -> bytes:
         if self.zip:
