@@ -851,19 +851,24 @@ class Run:
 # The child is started from a small wrapper process, not from this one: a child forked from
 # a big parent starts with the parent's resident size, which would inflate its ru_maxrss.
 _WRAPPER = """
-import os, sys, time
+import os, signal, sys, time
 started = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     try:
-        os.execvp(sys.argv[2], sys.argv[2:])
+        os.execvp(sys.argv[3], sys.argv[3:])
     finally:
         os._exit(127)
+signal.signal(signal.SIGALRM, lambda *_: os.kill(pid, signal.SIGKILL))
+signal.alarm(int(sys.argv[2]))
 _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - started
 with open(sys.argv[1], "w") as out:
     out.write("%r %d %d" % (seconds, usage.ru_maxrss, os.waitstatus_to_exitcode(status)))
 """
+
+
+PROCESS_TIMEOUT = 3600    # seconds; a hung command is killed and reported (exit -9)
 
 
 def run_process(argv: Sequence[str], cwd: Optional[Path] = None,
@@ -872,7 +877,8 @@ def run_process(argv: Sequence[str], cwd: Optional[Path] = None,
     import tempfile
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r", suffix=".rusage") as figures:
-        subprocess.run([sys.executable, "-S", "-c", _WRAPPER, figures.name] + list(argv),
+        subprocess.run([sys.executable, "-S", "-c", _WRAPPER, figures.name,
+                        str(PROCESS_TIMEOUT)] + list(argv),
                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                        cwd=str(cwd) if cwd else None, env=env, check=False)
         text = figures.read().split()
@@ -1161,8 +1167,17 @@ class Bench:
 
     # -- operations -----------------------------------------------------------
     def run_op(self, op: "Op") -> Dict[str, Any]:
-        """Time one operation ``self.runs`` times; a missing command is 'not available'."""
+        """Time one operation; a failure of the harness itself is reported, not raised."""
         result: Dict[str, Any] = {"name": op.name, "command": " ".join(op.command)}
+        try:
+            return self._run_op(op, result)
+        except Exception as exc:  # noqa: BLE001 - one broken setup must not lose the table
+            result["harness_error"] = "%s: %s" % (type(exc).__name__, exc)
+            result.setdefault("available", True)
+            return result
+
+    def _run_op(self, op: "Op", result: Dict[str, Any]) -> Dict[str, Any]:
+        """Time one operation ``self.runs`` times; a missing command is 'not available'."""
         if self.help_text(op.command) is None:
             result["available"] = False
             return result
@@ -1452,6 +1467,9 @@ def operations() -> List[Op]:
            lambda b, c: ["backup", "create", "--incremental", "--format", "json"],
            _incremental_setup(0.01), floor="sha256", tool="tar -czf",
            claim=CLAIMS["backup incremental"], after=_snapshot_after("incremental")),
+        Op("prune with its safety backup", ("prune",), lambda b, c: ["prune"] + now,
+           _fresh("prune-safety"), floor="parse+write of rewritten files",
+           after=_rewrite_after),
         Op("backup verify", ("backup", "verify"), lambda b, c: ["backup", "verify", c["id"]],
            _with_snapshot, floor="sha256 of backup repo", claim=CLAIMS["verify"],
            target=_verify_target),
@@ -1601,7 +1619,8 @@ def _op_row(r: Dict[str, Any]) -> str:
     if not r.get("available"):
         return "| %s | not available in this aml.py | | | | | |" % r["name"]
     if r.get("median") is None:
-        return "| %s | skipped: %s | | | | | |" % (r["name"], r.get("skipped", "no run"))
+        why = r.get("harness_error") or "skipped: %s" % r.get("skipped", "no run")
+        return "| %s | %s | | | | | |" % (r["name"], why)
     time_cell = "%s (%s-%s)" % (fmt_s(r["median"]), fmt_s(r["min"]), fmt_s(r["max"]))
     if r.get("error") or r["codes"] != [0]:
         time_cell += " exit %s" % ",".join(str(c) for c in r["codes"])
@@ -1625,6 +1644,9 @@ def markdown_size(s: Dict[str, Any]) -> List[str]:
              "| operation | aml median (min-max) | peak RSS | x floor | x tool | x original claim "
              "| target |", "|---|---|---|---|---|---|---|"]
     lines += [_op_row(r) for r in s["operations"]]
+    errors = ["- %s: %s" % (r["name"], r["error"]) for r in s["operations"] if r.get("error")]
+    if errors:
+        lines += ["", "Non-zero exits (last stderr line):", ""] + errors
     lines += ["", "| floor / tool (same store, same run) | time | throughput | output |",
               "|---|---|---|---|"]
     for name, f in s["floors"].items():
