@@ -1222,8 +1222,10 @@ class Bench:
             result["claim"] = {"text": claim[0], "seconds": claim[1], "ratio": median / claim[1]}
         if op.target:
             text, verdict = op.target(self, result)
-            result["target"] = {"text": text, "status": {True: "PASS", False: "MISS",
-                                                          None: "n/a"}[verdict]}
+            status = {True: "PASS", False: "MISS", None: "n/a"}[verdict]
+            if result.get("error"):
+                status = "FAILED RUN"     # a figure from a failed run proves nothing
+            result["target"] = {"text": text, "status": status}
 
 
 @dataclasses.dataclass
