@@ -1208,7 +1208,27 @@ class Bench:
             result["codes"] = sorted({r["code"] for r in runs})
             result["extra"] = extras[-1]
             self.compare(op, result, extras)
+            if self.opts.profile_misses and result.get("target", {}).get("status") == "MISS":
+                result["profile"] = self.profile(op)
         return result
+
+    def profile(self, op: "Op", top: int = 12) -> List[str]:
+        """One more run under cProfile: the functions that take the time (own time first)."""
+        import pstats
+        ctx = op.setup(self, self.runs)
+        out = self.work / "profile.out"
+        self.aml_profiled(out, ctx["store"], *op.args(self, ctx))
+        stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
+        rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+        total = sum(v[2] for v in stats.values()) or 1.0
+        return ["%5.1f %% own %7.3f s, cumulative %7.3f s  %s (%s:%d)" % (
+            100 * tt / total, tt, ct, func, Path(path).name, line)
+            for (path, line, func), (_, _, tt, ct, _) in rows]
+
+    def aml_profiled(self, out: Path, store: Path, *args: str) -> Run:
+        """Run aml.py under cProfile, writing the stats to ``out``."""
+        return run_process([sys.executable, "-m", "cProfile", "-o", str(out), str(self.opts.aml),
+                            str(store)] + list(args), cwd=self.work)
 
     def compare(self, op: "Op", result: Dict[str, Any], extras: List[Dict[str, Any]]) -> None:
         """Ratios to the floor, the nearest tool and the original claim; the target verdict."""
@@ -1286,6 +1306,12 @@ def _indexed(b: Bench, i: int) -> Dict[str, Any]:
 def _rewrite_after(b: Bench, ctx: Dict[str, Any], run: Run) -> Dict[str, Any]:
     changed = b.changed_files(ctx["store"])
     return {"files_changed": len(changed), "floor_seconds": b.rewrite_floor(changed)}
+
+
+def _migrate_after(b: Bench, ctx: Dict[str, Any], run: Run) -> Dict[str, Any]:
+    extra = _rewrite_after(b, ctx, run)
+    extra["ms_per_1000_records"] = run.seconds * 1000 / (b.meta["records"] / 1000.0)
+    return extra
 
 
 def _bk(b: Bench) -> Path:
@@ -1463,7 +1489,7 @@ def operations() -> List[Op]:
            lambda b, c: ["migrate", "migrate-latest"] + _no_backup(b, ("migrate",
                                                                          "migrate-latest")),
            _fresh("migrate"), floor=REWRITE_FLOOR, claim=CLAIMS["migrate"],
-           target=_within(1.5), after=_rewrite_after),
+           target=_within(1.5), after=_migrate_after),
         Op("backup create (full)", ("backup", "create"),
            lambda b, c: ["backup", "create", "--format", "json"], _full_setup,
            floor="zlib-6", tool="tar -czf", claim=CLAIMS["backup full"],
@@ -1656,6 +1682,10 @@ def markdown_size(s: Dict[str, Any]) -> List[str]:
     errors = ["- %s: %s" % (r["name"], r["error"]) for r in s["operations"] if r.get("error")]
     if errors:
         lines += ["", "Non-zero exits (last stderr line):", ""] + errors
+    for r in s["operations"]:
+        if r.get("profile"):
+            lines += ["", "Profile of `%s` (missed: %s), one extra run:" % (
+                r["name"], r["target"]["text"]), "", "```"] + r["profile"] + ["```"]
     lines += ["", "| floor / tool (same store, same run) | time | throughput | output |",
               "|---|---|---|---|"]
     for name, f in s["floors"].items():
@@ -1818,6 +1848,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="where results are written (default: bench-results/)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes for generating stores (default: all cores)")
+    parser.add_argument("--profile-misses", action="store_true",
+                        help="rerun each operation that misses its target under cProfile and "
+                             "report where the time goes")
     parser.add_argument("--regen", action="store_true", help="regenerate cached stores")
     parser.add_argument("--keep", action="store_true", help="keep the working copies")
     parser.add_argument("--generate-only", action="store_true",
