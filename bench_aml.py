@@ -426,7 +426,8 @@ def render_pattern(rng: random.Random, agent: str, clock: Clock, body: Dict[str,
                ("errorPreventionCount", str(int(rng.expovariate(1 / 3.0))))]
     evolution = [("created", _Q(iso_ms(created))), ("lastUsed", _Q(iso_ms(last_used))),
                  ("refinements", str(max(0, runs - 1))), ("confidenceScore", _num(confidence))]
-    return _render([("id", _Q(_uuid(rng))), ("agent", _Q(agent)), ("timestamp", _Q(iso_ms(created))),
+    return _render([("id", _Q(_uuid(rng))), ("agent", _Q(agent)),
+                    ("timestamp", _Q(iso_ms(created))),
                     ("pattern", _obj(pattern, "    ")), ("metrics", _obj(metrics, "    ")),
                     ("evolution", _obj(evolution, "    ")),
                     ("tags", _strings(body["tags"], "    ")),
@@ -467,7 +468,8 @@ def render_solution(rng: random.Random, agent: str, clock: Clock, body: Dict[str
               ("timeToFixMinutes", str(rng.randint(3, 240))),
               ("preventedRecurrence", str(rng.randint(0, 9))),
               ("relatedErrorsFixed", str(rng.randint(0, 4)))]
-    return _render([("id", _Q(_uuid(rng))), ("agent", _Q(agent)), ("timestamp", _Q(iso_ms(created))),
+    return _render([("id", _Q(_uuid(rng))), ("agent", _Q(agent)),
+                    ("timestamp", _Q(iso_ms(created))),
                     ("problem", _obj(problem, "    ")), ("solution", _obj(solution, "    ")),
                     ("effectiveness", _obj(effect, "    ")),
                     ("tags", _strings(body["tags"], "    ")),
@@ -511,7 +513,8 @@ def render_decision(rng: random.Random, agent: str, clock: Clock, body: Dict[str
                ("scale", _Q(rng.choice(("prototype", "small", "medium", "large")))),
                ("teamSize", str(rng.randint(2, 12))),
                ("greenfield", "true" if rng.random() < 0.3 else "false"),
-               ("ticket", _Q("%s-%d" % (rng.choice(("ENG", "ARCH", "PLAT")), rng.randint(10, 9999))))]
+               ("ticket", _Q("%s-%d" % (rng.choice(("ENG", "ARCH", "PLAT")),
+                                        rng.randint(10, 9999))))]
     decision = [("type", _Q(body["type"])), ("question", _Q(body["question"])),
                 ("context", _obj(context, "      ")), ("chosenOption", _Q(body["option"])),
                 ("alternativesConsidered", _strings(body["alternatives"], "      ")),
@@ -672,8 +675,9 @@ def generate_agent(plan: AgentPlan) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"agent": plan.agent, "gzip": plan.gzip, "files": {}}
     for kind in RECORD_FILES:
         rng = random.Random("%d-%d-%s" % (plan.seed, plan.index, kind))
-        data, ids, count, raw = generate_records(kind, plan.agent, int(plan.budget * KIND_SHARE[kind]),
-                                     plan.gzip, rng, plan.dup_rate, plan.exact_dup_rate)
+        budget = int(plan.budget * KIND_SHARE[kind])
+        data, ids, count, raw = generate_records(kind, plan.agent, budget, plan.gzip, rng,
+                                                 plan.dup_rate, plan.exact_dup_rate)
         _write_atomic(folder / kind, data)
         summary["files"][kind] = {"records": count, "bytes": len(data), "raw": raw,
                                   "sample_ids": [ids[len(ids) // 2], ids[-1]]}
@@ -1731,7 +1735,8 @@ def markdown(report: Dict[str, Any]) -> str:
     for s in report["sizes"]:
         lines += markdown_size(s)
     if report["cross_size"]:
-        lines += ["### Across sizes", "", "| check | value | target | result |", "|---|---|---|---|"]
+        lines += ["### Across sizes", "", "| check | value | target | result |",
+                  "|---|---|---|---|"]
         lines += ["| %s | %s | %s | %s |" % (c["check"], c["value"], c["target"], c["status"])
                   for c in report["cross_size"]] + [""]
     d = report.get("days")
