@@ -75,6 +75,7 @@ if sys.version_info < (3, 9):  # pragma: no cover - the guard itself
     sys.exit("aml: error: Python 3.9 or newer is required (found %d.%d)" % sys.version_info[:2])
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -91,6 +92,7 @@ import re
 import secrets
 import signal
 import stat
+import struct
 import threading
 import time
 import zlib
@@ -492,23 +494,42 @@ class FileLock:
 
 
 class MaintenanceLock:
-    """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap."""
+    """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap.
+
+    Re-entrant within one process: a command that holds it can call another operation that
+    takes it too (a prune's safety backup), and the lock is released when the outermost
+    holder releases it.
+    """
+
+    _held: Dict[str, List[int]] = {}  # path -> [fd, depth], shared by every instance
+    _guard = threading.Lock()
 
     def __init__(self, state_dir: Path, timeout: float = DEFAULT_LOCK_TIMEOUT):
         self.path = Path(state_dir) / "maintenance.lock"
         self.timeout = timeout
-        self._fd: Optional[int] = None
+        self._entered = False
 
     def acquire(self) -> None:
         """Take the lock or raise StoreBusyError."""
+        key = os.path.abspath(str(self.path))
+        with self._guard:
+            if key in self._held:
+                self._held[key][1] += 1
+                self._entered = True
+                return
+        fd = self._flock()
+        with self._guard:
+            self._held[key] = [fd, 1]
+        self._entered = True
+
+    def _flock(self) -> int:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fd = fd
-                return
+                return fd
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
                     os.close(fd)
@@ -516,11 +537,19 @@ class MaintenanceLock:
                 time.sleep(0.2)
 
     def release(self) -> None:
-        """Release the lock (safe to call twice)."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Release this holder's share of the lock (safe to call twice)."""
+        if not self._entered:
+            return
+        self._entered = False
+        key = os.path.abspath(str(self.path))
+        with self._guard:
+            entry = self._held[key]
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._held[key]
+        fcntl.flock(entry[0], fcntl.LOCK_UN)
+        os.close(entry[0])
 
     def __enter__(self) -> "MaintenanceLock":
         self.acquire()
@@ -576,6 +605,15 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "created": (("evolution", "created"), ("lifecycle", "created_at"), ("lifecycle", "created"),
                 ("createdAt",), ("created_at",), ("created",)),
     "reviewed": (("reviewedAt",), ("reviewed_at",)),
+    "avg_time_saved": (("metrics", "avgTimeSavedMs"), ("metrics", "avg_time_saved_ms"),
+                       ("avgTimeSavedMs",), ("avg_time_saved_ms",),
+                       ("performance", "avg_time_saved_ms"), ("performance", "avgTimeSavedMs")),
+    "error_prevention": (("metrics", "errorPreventionCount"), ("metrics", "error_prevention_count"),
+                         ("errorPreventionCount",), ("error_prevention_count",),
+                         ("performance", "error_prevention_count"),
+                         ("performance", "errorPreventionCount")),
+    "refinements": (("evolution", "refinements"), ("refinements",), ("lifecycle", "refinements"),
+                    ("performance", "refinements")),
 }
 
 
@@ -1002,6 +1040,1485 @@ class Archive:
 # 8. Backup and restore
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
+# Only this section needs these; importing them here keeps the shared import block stable.
+import concurrent.futures  # noqa: E402
+import difflib  # noqa: E402
+import struct  # noqa: E402
+
+
+class BackupType(enum.Enum):
+    """A full snapshot re-reads every file; an incremental trusts unchanged size/mtime/ctime/inode."""
+
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+    @property
+    def prefix(self) -> str:
+        """The id prefix: ``full`` or ``incr``."""
+        return "full" if self is BackupType.FULL else "incr"
+
+
+# How often `backup auto` is expected to run (days), and every how many periods it takes a full.
+SCHEDULE_PERIODS = {"hourly": 1.0 / 24, "daily": 1.0, "weekly": 7.0, "monthly": 30.0}
+FULL_EVERY_PERIODS = 7
+REPO_DIR_NAME = "aml"
+BLOCK_SIZE = 256 * 1024          # uncompressed bytes per zlib block inside a pack
+MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
+BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
+PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
+_PACK_MAGIC = b"AMLPACK1"
+_IDX_MAGIC = b"AMLIDX02"
+KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
+_MANIFEST_FORMAT = "aml-backup-manifest-1"
+
+
+@dataclasses.dataclass
+class BackupConfig:
+    """Where backups go and how they are kept; every field is used (see README)."""
+
+    backup_root: Optional[Path] = None
+    retention_days: int = 30
+    max_backups: int = 100
+    compression_level: int = 6
+    incremental_enabled: bool = True
+    verify_after_backup: bool = True
+    backup_schedule: str = "daily"
+
+    def validate(self) -> "BackupConfig":
+        """Return self; raises UsageError for a value out of range."""
+        if self.backup_schedule not in SCHEDULE_PERIODS:
+            raise UsageError("backup_schedule must be one of %s, not %r"
+                             % (", ".join(SCHEDULE_PERIODS), self.backup_schedule))
+        checks = (("retention_days", 0), ("max_backups", 1), ("compression_level", 0))
+        for name, low in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError("%s must be an integer >= %d, not %r" % (name, low, value))
+        if self.compression_level > 9:
+            raise UsageError("compression_level must be 0..9, not %r" % self.compression_level)
+        return self
+
+
+@dataclasses.dataclass
+class BackupResult:
+    """One snapshot taken by BackupManager.create."""
+
+    backup_id: str
+    type: BackupType
+    created: str
+    files: int
+    records: int
+    files_reread: int
+    objects_added: int
+    bytes_added: int
+    verified: bool
+    manifest: Path
+    reason: Optional[str] = None
+    warnings: List[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class SnapshotInfo:
+    """One row of ``backup list``."""
+
+    backup_id: str
+    type: str
+    created: str
+    files: int
+    records: int
+    logical_bytes: int
+    agents: Optional[List[str]]
+    reason: Optional[str]
+    verified: Optional[bool]
+
+
+@dataclasses.dataclass
+class ListResult:
+    """Snapshots (oldest first), foreign files in the backup root, and the repository size."""
+
+    backup_root: Path
+    snapshots: List[SnapshotInfo]
+    foreign: List[str]
+    repository_bytes: int
+    problems: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """Outcome of verifying one or more snapshots; ``problems`` names everything wrong."""
+
+    backup_ids: List[str]
+    deep: bool
+    ok: bool
+    files_checked: int
+    objects_checked: int
+    problems: List[str]
+    failed: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    """What a restore changed (or, with dry_run, would change)."""
+
+    backup_id: str
+    target: Path
+    dry_run: bool
+    created: List[str]
+    replaced: List[str]
+    removed: List[str]
+    unchanged: int
+    safety_backup: Optional[str]
+
+
+@dataclasses.dataclass
+class RotateResult:
+    """Snapshots deleted and kept by rotation, and the space freed."""
+
+    dry_run: bool
+    deleted: List[str]
+    kept: List[str]
+    objects_freed: int
+    bytes_freed: int
+    packs_rewritten: int
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class AutoResult:
+    """What ``backup auto`` did: the snapshot (or why none was due) and the rotation."""
+
+    backup: Optional[BackupResult]
+    skipped: Optional[str]
+    rotate: Optional[RotateResult]
+
+
+# -- JSON array splitting: records as exact byte slices ---------------------
+
+_WS_RE = re.compile(r"[ \t\n\r]*")
+_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant).scan_once
+
+
+def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    """``(head, separator, tail, element spans)`` of a non-empty JSON array text, else None.
+
+    Joining head, the element slices with the separator, and tail gives back ``text``
+    exactly, so a restore is byte-exact without re-serializing. Arrays whose separators
+    differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
+    """
+    try:
+        return _split_array(text)
+    except (StopIteration, ValueError, RecursionError, IndexError):
+        return None
+
+
+def _split_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
+    pos = _WS_RE.match(text).end()
+    if not text.startswith("[", pos):
+        return None
+    start = cur = _WS_RE.match(text, pos + 1).end()
+    spans: List[Tuple[int, int]] = []
+    sep = None
+    while True:
+        end = _SCAN_ONCE(text, cur)[1]
+        spans.append((cur, end))
+        nxt = _WS_RE.match(text, end).end()
+        if text.startswith(",", nxt):
+            cur = _WS_RE.match(text, nxt + 1).end()
+            if sep is None:
+                sep = text[end:cur]
+            elif text[end:cur] != sep:
+                return None
+        elif text.startswith("]", nxt) and not text[nxt + 1:].strip(" \t\n\r"):
+            return text[:start], sep or "", text[end:], spans
+        else:
+            return None
+
+
+def _json_kind_of(data: bytes) -> str:
+    """``array``/``object``/``string``/... for JSON bytes (gzip allowed), else ``invalid``."""
+    try:
+        text, _ = decode_file_bytes(Path("-"), data)
+        return _kind_name(parse_json_text(text))
+    except (CorruptFileError, ValueError, RecursionError):
+        return "invalid"
+
+
+def _kind_name(obj: Any) -> str:
+    if isinstance(obj, bool) or obj is None:
+        return "literal"
+    return {list: "array", dict: "object", str: "string"}.get(type(obj), "number")
+
+
+def _gzip_mtime(raw: bytes) -> int:
+    return int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
+
+
+# -- Pack files: content-addressed objects in zlib blocks -------------------
+
+class _PackWriter:
+    """Appends new objects to one new pack, compressing 256 KiB blocks on worker threads.
+
+    The pack is written under its final name but stays invisible until ``commit`` writes
+    its index (after fsync of the pack); a pack without an index is a leftover.
+    """
+
+    def __init__(self, packs_dir: Path, level: int, known: Callable[[bytes], bool]):
+        self.name = "pack-%s-%s" % (time.strftime("%Y%m%d%H%M%S"), secrets.token_hex(4))
+        self.path = packs_dir / (self.name + ".pack")
+        self.level = level
+        self.known = known
+        self.entries: Dict[bytes, Tuple[int, int, int]] = {}
+        self.blocks: List[Tuple[int, int, int]] = []
+        self.bytes_written = 0
+        self.committed = False
+        self._bufs: Dict[bool, List[Tuple[bytes, bytes]]] = {False: [], True: []}
+        self._buf_len = {False: 0, True: 0}
+        self._queued: set = set()
+        self._next_block = 0
+        self._pending: List[Any] = []
+        self._fh: Optional[Any] = None
+        self._offset = len(_PACK_MAGIC)
+        # zlib releases the GIL: compressing blocks on threads overlaps with JSON scanning.
+        workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+
+    def add(self, digest: bytes, data: bytes, meta: bool = False) -> bool:
+        """Queue one object unless the repository or this pack has it; True if added.
+
+        ``meta`` objects (item lists) go to their own blocks, so reading a snapshot's lists
+        does not decompress record blocks.
+        """
+        if digest in self.entries or digest in self._queued or self.known(digest):
+            return False
+        buf = self._bufs[meta]
+        buf.append((digest, data))
+        self._queued.add(digest)
+        self._buf_len[meta] += len(data)
+        if self._buf_len[meta] >= BLOCK_SIZE:
+            self._seal(meta)
+        return True
+
+    def _seal(self, meta: bool) -> None:
+        buf = self._bufs[meta]
+        if not buf:
+            return
+        block_no, offset = self._next_block, 0
+        self._next_block += 1
+        for digest, data in buf:
+            self.entries[digest] = (block_no, offset, len(data))
+            offset += len(data)
+        block = b"".join(data for _, data in buf)
+        self._pending.append((self._pool.submit(zlib.compress, block, self.level), len(block)))
+        self._bufs[meta], self._buf_len[meta] = [], 0
+        self._queued.difference_update(d for d, _ in buf)
+        while len(self._pending) > 4:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        future, ulen = self._pending.pop(0)
+        data = future.result()
+        if self._fh is None:
+            self._fh = open(str(self.path), "xb")
+            os.chmod(str(self.path), 0o600)
+            self._fh.write(_PACK_MAGIC)
+        self._fh.write(data)
+        self.blocks.append((self._offset, len(data), ulen))
+        self._offset += len(data)
+
+    def commit(self) -> int:
+        """Write out every block, fsync, then the index; returns bytes added (0 if none)."""
+        self._seal(False)
+        self._seal(True)
+        while self._pending:
+            self._write_oldest()
+        self._pool.shutdown()
+        if self._fh is None:
+            return 0
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        index = _encode_index(self.blocks, self.entries)
+        atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
+        self.committed = True
+        self.bytes_written = self._offset + len(index)
+        return self.bytes_written
+
+    def abort(self) -> None:
+        """Drop the pack unless committed (an uncommitted pack has no index: no reader)."""
+        if self.committed:
+            return
+        self._pool.shutdown(cancel_futures=True)
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _encode_index(blocks: List[Tuple[int, int, int]],
+                  entries: Dict[bytes, Tuple[int, int, int]]) -> bytes:
+    """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
+
+    Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
+    manifest or item list that references them and is checked on every read).
+    """
+    parts = [struct.pack("<I", len(blocks))]
+    parts.extend(struct.pack("<QII", *b) for b in blocks)
+    parts.append(struct.pack("<I", len(entries)))
+    parts.extend(d[:KEY_LEN] + struct.pack("<III", *loc) for d, loc in entries.items())
+    payload = b"".join(parts)
+    return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
+
+
+def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
+                                                     Dict[bytes, Tuple[int, int, int]]]:
+    try:
+        payload = zlib.decompress(raw[40:])
+    except zlib.error:
+        payload = b""
+    if not raw.startswith(_IDX_MAGIC) or hashlib.sha256(payload).digest() != raw[8:40]:
+        raise IntegrityError("%s: pack index checksum mismatch" % path)
+    try:
+        nblocks = struct.unpack_from("<I", payload, 0)[0]
+        pos = 4 + 16 * nblocks
+        blocks = list(struct.iter_unpack("<QII", payload[4:pos]))
+        nobj = struct.unpack_from("<I", payload, pos)[0]
+        table = payload[pos + 4:]
+        width = KEY_LEN + 12
+        if len(table) != width * nobj:
+            raise ValueError("size")
+        entries = {table[i:i + KEY_LEN]: struct.unpack_from("<III", table, i + KEY_LEN)
+                   for i in range(0, len(table), width)}
+    except (struct.error, ValueError):
+        raise IntegrityError("%s: malformed pack index" % path) from None
+    return blocks, entries
+
+
+class _ObjectStore:
+    """Read side of the repository: every committed pack's objects, checked on every read."""
+
+    def __init__(self, packs_dir: Path):
+        self.packs_dir = packs_dir
+        self.where: Dict[bytes, Tuple[str, int, int, int]] = {}
+        self.blocks: Dict[str, List[Tuple[int, int, int]]] = {}
+        self.entries: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
+        self.problems: List[str] = []
+        self._cache: Dict[Tuple[str, int], bytes] = {}
+        self._cached = 0
+        for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
+            self._load(idx)
+
+    def _load(self, idx: Path) -> None:
+        try:
+            blocks, entries = _decode_index(idx, idx.read_bytes())
+        except (OSError, IntegrityError) as exc:
+            self.problems.append(str(exc))
+            return
+        name = idx.stem
+        self.blocks[name] = blocks
+        self.entries[name] = entries
+        for digest, (block, off, length) in entries.items():
+            self.where.setdefault(digest, (name, block, off, length))
+
+    def has(self, digest: bytes) -> bool:
+        """True if a committed pack indexes this object."""
+        return digest[:KEY_LEN] in self.where
+
+    def get(self, digest: bytes) -> bytes:
+        """The object's bytes; raises IntegrityError if missing, unreadable or not matching."""
+        loc = self.where.get(digest[:KEY_LEN])
+        if loc is None:
+            raise IntegrityError("object %s is missing" % digest.hex()[:16])
+        name, block_no, off, length = loc
+        data = self._block(name, block_no)[off:off + length]
+        if len(data) != length or hashlib.sha256(data).digest() != digest:
+            raise IntegrityError("object %s in %s.pack: checksum mismatch"
+                                 % (digest.hex()[:16], name))
+        return data
+
+    def _order(self, digest: bytes) -> Tuple[str, int, int]:
+        loc = self.where.get(digest[:KEY_LEN])
+        return (loc[0], loc[1], loc[2]) if loc else ("", -1, 0)
+
+    def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
+        """Check objects in pack order (each block read once); returns {digest: problem}."""
+        bad = {}
+        for digest in sorted(set(digests), key=self._order):
+            try:
+                self.get(digest)
+            except IntegrityError as exc:
+                bad[digest] = str(exc)
+        return bad
+
+    def fetch_many(self, digests: Iterable[bytes]) -> Dict[bytes, bytes]:
+        """The bytes of many objects, read in pack order; raises IntegrityError."""
+        return {d: self.get(d) for d in sorted(set(digests), key=self._order)}
+
+    def _block(self, name: str, block_no: int) -> bytes:
+        key = (name, block_no)
+        if key not in self._cache:
+            data = self._read_block(name, block_no)
+            while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
+                self._cached -= len(self._cache.pop(next(iter(self._cache))))
+            self._cache[key] = data
+            self._cached += len(data)
+        return self._cache[key]
+
+    def _read_block(self, name: str, block_no: int) -> bytes:
+        path = self.packs_dir / (name + ".pack")
+        try:
+            offset, clen, ulen = self.blocks[name][block_no]
+            with open(str(path), "rb") as handle:
+                handle.seek(offset)
+                data = zlib.decompress(handle.read(clen))
+        except (OSError, IndexError, zlib.error) as exc:
+            raise IntegrityError("%s: block %d unreadable (%s)" % (path, block_no, exc)) from None
+        if len(data) != ulen:
+            raise IntegrityError("%s: block %d has the wrong size" % (path, block_no))
+        return data
+
+
+# -- Item lists: a file's records as digests, stored whole or as deltas -----
+
+def _encode_delta(base: bytes, old: List[bytes], new: List[bytes]) -> bytes:
+    """``D`` + base digest + the edits that turn ``old`` into ``new``."""
+    ops = [op for op in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+           if op[0] != "equal"]
+    parts = [b"D", base, struct.pack("<I", len(ops))]
+    for _, i1, i2, j1, j2 in ops:
+        parts.append(struct.pack("<III", i1, i2, j2 - j1))
+        parts.extend(new[j1:j2])
+    return b"".join(parts)
+
+
+def _apply_delta(data: bytes, old: List[bytes]) -> List[bytes]:
+    count = struct.unpack_from("<I", data, 33)[0]
+    pos, done, out = 37, 0, []
+    for _ in range(count):
+        i1, i2, n = struct.unpack_from("<III", data, pos)
+        pos += 12
+        if not done <= i1 <= i2 <= len(old):
+            raise ValueError("delta out of range")
+        out.extend(old[done:i1])
+        out.extend(data[pos + 32 * k:pos + 32 * k + 32] for k in range(n))
+        pos += 32 * n
+        done = i2
+    if pos != len(data):
+        raise ValueError("delta has trailing bytes")
+    out.extend(old[done:])
+    return out
+
+
+def _split_digests(data: bytes) -> List[bytes]:
+    if len(data) % 32:
+        raise ValueError("list object has a partial digest")
+    return [data[i:i + 32] for i in range(0, len(data), 32)]
+
+
+class _Lists:
+    """Resolves item-list objects (full ``L`` or delta ``D`` chains), caching the results."""
+
+    def __init__(self, objects: _ObjectStore):
+        self.objects = objects
+        self.cache: Dict[bytes, List[bytes]] = {}
+
+    def resolve(self, digest: bytes, chain: Optional[List[bytes]] = None) -> List[bytes]:
+        """The digests listed by a list object; raises IntegrityError."""
+        todo = []
+        while digest not in self.cache:
+            if len(todo) > MAX_DELTA_DEPTH + 1:
+                raise IntegrityError("list %s: delta chain too long" % digest.hex()[:16])
+            data = self.objects.get(digest)
+            todo.append((digest, data))
+            if data[:1] != b"D":
+                break
+            digest = data[1:33]
+        if chain is not None:
+            chain.extend(d for d, _ in todo)
+        for digest, data in reversed(todo):
+            self.cache[digest] = self._decode(digest, data)
+        return self.cache[todo[0][0]] if todo else self.cache[digest]
+
+    def _decode(self, digest: bytes, data: bytes) -> List[bytes]:
+        try:
+            if data[:1] == b"L":
+                return _split_digests(data[1:])
+            if data[:1] == b"D":
+                return _apply_delta(data, self.cache[data[1:33]])
+            raise ValueError("unknown list kind")
+        except (ValueError, KeyError, IndexError) as exc:
+            raise IntegrityError("list %s malformed (%s)" % (digest.hex()[:16], exc)) from None
+
+
+# -- Paths: what a snapshot covers, and refusing hostile ones ----------------
+
+def safe_relpath(rel: Any) -> str:
+    """``rel`` if it is a plain relative POSIX path inside a target; raises IntegrityError."""
+    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel
+            or "\x00" in rel or any(p in ("", ".", "..") for p in rel.split("/"))):
+        raise IntegrityError("unsafe path in manifest: %r" % (rel,))
+    return rel
+
+
+def _check_no_symlinks(root: Path, rel: str) -> None:
+    """Refuse if the target root or any existing parent folder of ``rel`` is a symlink."""
+    current = root
+    for part in [""] + rel.split("/")[:-1]:
+        current = current / part if part else current
+        try:
+            info = os.lstat(str(current))
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise RefusedError("refusing to restore %s: %s is a symlink or not a folder"
+                               % (rel, current))
+
+
+def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
+    return agents is None or rel.split("/", 1)[0] in agents
+
+
+def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
+    """Relative POSIX paths of regular files under root/top, symlinks and skipped names left out."""
+    base = root / top if top else root
+    for dirpath, dirnames, filenames in os.walk(str(base)):
+        rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not skip(rel_dir + d)
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if not skip(rel) and not os.path.islink(os.path.join(dirpath, name)):
+                yield rel
+
+
+def _skip_name(rel: str) -> bool:
+    """Never backed up: aml state other than the archive, runtime locks, temp files."""
+    name = rel.rsplit("/", 1)[-1]
+    if name.endswith(".lock") or is_temp_leftover(name):
+        return True
+    top = rel.split("/", 1)[0]
+    if top == STATE_DIR_NAME:
+        return not (rel == STATE_DIR_NAME or rel == STATE_DIR_NAME + "/archive"
+                    or rel.startswith(STATE_DIR_NAME + "/archive/"))
+    return top.startswith(".") or top == "memory-backup"
+
+
+def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
+    """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted."""
+    if agents is None:
+        return list(_walk_files(root, "", _skip_name))
+    found: List[str] = []
+    for agent in agents:
+        found.extend(_walk_files(root, agent, _skip_name))
+    return found
+
+
+def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
+    """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
+    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
+    data = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
+
+
+def _id_order(backup_id: str) -> Tuple[str, int]:
+    parts = backup_id.split("_")
+    return parts[1] + parts[2], int(parts[3]) if len(parts) > 3 else 1
+
+
+def _id_time(backup_id: str) -> _dt.datetime:
+    stamp = "".join(backup_id.split("_")[1:3])
+    return _dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=_dt.timezone.utc)
+
+
+# -- The manager ------------------------------------------------------------
+
+class BackupManager:
+    """Snapshots of a store in a content-addressed repository at ``<backup_root>/aml/``.
+
+    Records of JSON-array files are stored once per distinct content, so an unchanged record
+    costs nothing in later snapshots even when the runtime rewrote (or re-gzipped) its file.
+    Every snapshot's manifest lists every file, so each restores on its own.
+    """
+
+    def __init__(self, store: Store, config: Optional[BackupConfig] = None):
+        self.store = store
+        self.config = (config or BackupConfig()).validate()
+        root = self.config.backup_root
+        self.root = Path(root) if root else store.root.resolve().parent / "memory-backup"
+        self.repo = self.root / REPO_DIR_NAME
+        self.packs = self.repo / "packs"
+        self.snapshots_dir = self.repo / "snapshots"
+
+    # -- repository housekeeping ------------------------------------------
+    @contextlib.contextmanager
+    def _repo_lock(self, exclusive: bool) -> Iterator[None]:
+        if exclusive:
+            self._ensure_repo()
+        elif not (self.repo / "lock").exists():
+            yield
+            return
+        fd = os.open(str(self.repo / "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _flock(self, fd: int, mode: int) -> None:
+        deadline = time.monotonic() + self.store.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    raise StoreBusyError("backup repository busy: %s" % (self.repo / "lock"))
+                time.sleep(0.2)
+
+    def _ensure_repo(self) -> None:
+        for folder in (self.root, self.repo, self.packs, self.snapshots_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.repo, self.packs, self.snapshots_dir):
+            os.chmod(str(folder), 0o700)
+
+    def _cleanup_leftovers(self) -> None:
+        """Remove what an interrupted run left: packs without an index, temp files."""
+        if not self.packs.is_dir():
+            return
+        for pack in self.packs.glob("pack-*.pack"):
+            if not pack.with_suffix(".idx").exists():
+                pack.unlink()
+        for folder in (self.packs, self.snapshots_dir, self.repo):
+            for leftover in folder.iterdir():
+                if is_temp_leftover(leftover.name):
+                    leftover.unlink()
+
+    # -- manifests ----------------------------------------------------------
+    def manifest_path(self, backup_id: str) -> Path:
+        """The manifest file of a snapshot; raises UsageError for a malformed id."""
+        if not re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", backup_id or ""):
+            raise UsageError("invalid backup id %r (expected e.g. full_20261120_020000)"
+                             % backup_id)
+        return self.snapshots_dir / (backup_id + ".json")
+
+    def load_manifest(self, backup_id: str) -> Dict[str, Any]:
+        """A snapshot's manifest; UsageError if absent, IntegrityError if it does not verify."""
+        path = self.manifest_path(backup_id)
+        if not path.exists():
+            raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+        payload = read_checksummed(path)
+        if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
+                or not isinstance(payload.get("files"), list):
+            raise IntegrityError("%s: not an aml backup manifest" % path)
+        return payload
+
+    def snapshot_ids(self) -> List[str]:
+        """Ids of every snapshot with a manifest, oldest first (by time, then sequence)."""
+        if not self.snapshots_dir.is_dir():
+            return []
+        ids = [p.stem for p in self.snapshots_dir.glob("*.json")
+               if re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", p.stem)]
+        return sorted(ids, key=_id_order)
+
+    def _new_id(self, btype: BackupType) -> str:
+        # The suffix is shared by both prefixes so (stamp, suffix) orders every snapshot.
+        stamp, n, suffix = compact_stamp(self.store.now), 1, ""
+        while any((self.snapshots_dir / ("%s_%s%s.json" % (p, stamp, suffix))).exists()
+                  for p in ("full", "incr")):
+            n += 1
+            suffix = "_%d" % n
+        return "%s_%s%s" % (btype.prefix, stamp, suffix)
+
+    def _newest_readable(self) -> Optional[Dict[str, Any]]:
+        for backup_id in reversed(self.snapshot_ids()):
+            try:
+                return self.load_manifest(backup_id)
+            except AmlError:
+                continue
+        return None
+
+    # -- verified marks -----------------------------------------------------
+    def _verified(self) -> Dict[str, Any]:
+        try:
+            marks = read_checksummed(self.repo / "verified.json", {})
+        except IntegrityError:
+            return {}
+        return marks if isinstance(marks, dict) else {}
+
+    def _mark_verified(self, results: Dict[str, bool], deep: bool) -> None:
+        marks = self._verified()
+        existing = set(self.snapshot_ids())
+        marks = {k: v for k, v in marks.items() if k in existing}
+        for backup_id, ok in results.items():
+            marks[backup_id] = {"ok": ok, "deep": deep, "when": format_timestamp(self.store.now)}
+        write_checksummed(self.repo / "verified.json", marks)
+
+    def newest_verified(self) -> Optional[str]:
+        """The newest snapshot whose last verification passed, or None."""
+        marks = self._verified()
+        for backup_id in reversed(self.snapshot_ids()):
+            if marks.get(backup_id, {}).get("ok") is True:
+                return backup_id
+        return None
+
+    # -- create ---------------------------------------------------------------
+    def create(self, backup_type: BackupType = BackupType.INCREMENTAL,
+               agents: Optional[Sequence[str]] = None, reason: Optional[str] = None,
+               verify: Optional[bool] = None, lock_store: bool = True) -> BackupResult:
+        """Take a snapshot (full, or incremental when enabled and a previous one exists).
+
+        Pass ``lock_store=False`` when the caller already holds the store's maintenance
+        lock. Raises StoreBusyError, IntegrityError (verification failed) or OSError.
+        """
+        hold = self.store.maintenance_lock() if lock_store else contextlib.nullcontext()
+        with hold, self._repo_lock(exclusive=True):
+            self._cleanup_leftovers()
+            return self._snapshot_and_verify(backup_type, agents, reason, verify)
+
+    def _snapshot_and_verify(self, btype: BackupType, agents: Optional[Sequence[str]],
+                             reason: Optional[str], verify: Optional[bool] = None) -> BackupResult:
+        started, clock = self.store.now, time.monotonic()
+        result = self._create_locked(btype, agents, reason)
+        if self.config.verify_after_backup if verify is None else verify:
+            check = self._verify_locked([result.backup_id], deep=False)
+            self._record_verify(check, started, clock)
+            result.verified = check.ok
+            if not check.ok:
+                raise IntegrityError("backup %s does not verify: %s"
+                                     % (result.backup_id, "; ".join(check.problems[:3])))
+        result.seconds = time.monotonic() - clock
+        self.store.record_operation("backup", started, result.seconds, {
+            "backup_id": result.backup_id, "type": result.type.value, "verified": result.verified,
+            "manifest": str(result.manifest.resolve()), "bytes_added": result.bytes_added,
+            "files": result.files})
+        return result
+
+    def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
+                       reason: Optional[str]) -> BackupResult:
+        selected = self.store.select_agents(agents) if agents else None
+        previous = self._newest_readable()
+        if previous is None or not self.config.incremental_enabled:
+            btype = BackupType.FULL
+        objects = _ObjectStore(self.packs)
+        snap = _SnapshotBuilder(self, objects, previous,
+                                incremental=btype is BackupType.INCREMENTAL)
+        writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
+        try:
+            entries = [e for e in (snap.file_entry(rel, writer)
+                                   for rel in store_scope_files(self.store.root, selected)) if e]
+            bytes_added = writer.commit()
+            backup_id = self._new_id(btype)
+            manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
+                        "created": format_timestamp(self.store.now),
+                        "store": str(self.store.root.resolve()), "agents": selected,
+                        "reason": reason, "files": entries}
+            path = self.manifest_path(backup_id)
+            _write_manifest(path, manifest)   # the commit point
+        except BaseException:
+            writer.abort()
+            raise
+        return BackupResult(
+            backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
+            records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
+            objects_added=len(writer.entries), bytes_added=bytes_added + path.stat().st_size,
+            verified=False, manifest=path, reason=reason, warnings=snap.warnings)
+
+    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+        self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
+        for backup_id in check.backup_ids:
+            self.store.record_operation("verify", started, time.monotonic() - clock, {
+                "backup_id": backup_id, "ok": backup_id not in check.failed, "deep": check.deep})
+
+    # -- verify ---------------------------------------------------------------
+    def verify(self, backup_id: Optional[str] = None, deep: bool = False,
+               all_snapshots: bool = False) -> VerifyResult:
+        """Check manifests and every object's SHA-256 (``deep``: rebuild and parse each file).
+
+        Returns a VerifyResult whose ``problems`` name what is wrong (the CLI exits 6);
+        raises UsageError for an unknown id or an empty repository.
+        """
+        started, clock = self.store.now, time.monotonic()
+        ids = self.snapshot_ids()
+        if not ids:
+            raise UsageError("no backups in %s" % self.repo)
+        if not all_snapshots:
+            backup_id = backup_id or ids[-1]
+            if not self.manifest_path(backup_id).exists():
+                raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+            ids = [backup_id]
+        with self._repo_lock(exclusive=True):
+            result = self._verify_locked(ids, deep)
+            self._record_verify(result, started, clock)
+        return result
+
+    def _verify_locked(self, ids: List[str], deep: bool) -> VerifyResult:
+        objects = _ObjectStore(self.packs)
+        lists = _Lists(objects)
+        checked: Dict[bytes, Optional[str]] = {}
+        result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
+                              objects_checked=0, problems=list(objects.problems))
+        for backup_id in ids:
+            before = len(result.problems)
+            try:
+                manifest = self.load_manifest(backup_id)
+            except AmlError as exc:
+                result.problems.append("%s: %s" % (backup_id, exc))
+            else:
+                result.problems.extend("%s: %s" % (backup_id, p) for p in self._verify_files(
+                    manifest["files"], objects, lists, checked, deep))
+                result.files_checked += len(manifest["files"])
+            if len(result.problems) > before:
+                result.failed.append(backup_id)
+        result.objects_checked = len(checked)
+        result.ok = not result.problems
+        return result
+
+    def _verify_files(self, entries: List[Any], objects: _ObjectStore, lists: _Lists,
+                      checked: Dict[bytes, Optional[str]], deep: bool) -> List[str]:
+        """Problems of one manifest's files: objects checked once each, in pack order."""
+        problems, needs = [], []
+        for entry in entries:
+            try:
+                safe_relpath(entry.get("path"))
+                needs.append((entry, _entry_objects(entry, lists)))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                problems.append("%s: %s" % (_entry_path(entry), exc))
+        todo = {d for _, ds in needs for d in ds if d not in checked}
+        checked.update(dict.fromkeys(todo))
+        checked.update(objects.check_many(todo))
+        good = []
+        for entry, digests in needs:
+            bad = next((checked[d] for d in digests if checked[d]), None)
+            if bad:
+                problems.append("%s: %s" % (_entry_path(entry), bad))
+            else:
+                good.append(entry)
+        if deep:
+            data = objects.fetch_many(d for _, ds in needs for d in ds if not checked[d])
+            problems.extend(p for e in good for p in _deep_check(e, lists, data))
+        return problems
+
+    # -- restore --------------------------------------------------------------
+    def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
+        """The newest snapshot taken at or before ``moment`` covering ``agents``; UsageError."""
+        for backup_id in reversed(self.snapshot_ids()):
+            if _id_time(backup_id) > moment:
+                continue
+            with contextlib.suppress(AmlError):
+                covered = self.load_manifest(backup_id).get("agents")
+                if covered is None or (agents and set(agents) <= set(covered)):
+                    return backup_id
+        raise UsageError("no backup taken at or before %s" % format_timestamp(moment))
+
+    def restore(self, backup_id: Optional[str] = None, at: Optional[_dt.datetime] = None,
+                agents: Optional[Sequence[str]] = None, target: Optional[Path] = None,
+                dry_run: bool = False, force: bool = False) -> RestoreResult:
+        """Put the store (or ``target``) back exactly as a snapshot recorded it.
+
+        Verifies everything it needs before touching anything, takes a safety snapshot of
+        the live store first, swaps each file in atomically under the runtime's lock, and
+        removes files that did not exist then. Raises IntegrityError (corrupt backup, nothing
+        changed), RefusedError (symlink in the target, non-empty --target without force),
+        UsageError, StoreBusyError.
+        """
+        started, clock = self.store.now, time.monotonic()
+        live = target is None or Path(target).resolve() == self.store.root.resolve()
+        root = self.store.root if live else Path(target)
+        hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
+        with hold, self._repo_lock(exclusive=not dry_run):
+            if backup_id is None:
+                if at is None:
+                    raise UsageError("name a backup id or --at TIMESTAMP")
+                backup_id = self.snapshot_at(at, agents)
+            manifest = self.load_manifest(backup_id)
+            scope = _restore_scope(manifest, agents)
+            plan = _RestorePlan(self, manifest, scope, root)
+            result = RestoreResult(backup_id=backup_id, target=root, dry_run=dry_run,
+                                   created=plan.created, replaced=plan.replaced,
+                                   removed=plan.removed, unchanged=plan.unchanged,
+                                   safety_backup=None)
+            if dry_run or not plan.changes():
+                return result
+            if not live and not force and plan.target_had_files:
+                raise RefusedError("--target %s is not empty; use --force to restore into it"
+                                   % root)
+            if live:
+                result.safety_backup = self._snapshot_and_verify(
+                    BackupType.INCREMENTAL, None, "before restore of %s" % backup_id).backup_id
+            plan.apply()
+        self.store.record_operation("restore", started, time.monotonic() - clock, {
+            "backup_id": backup_id, "target": str(root.resolve()),
+            "created": len(result.created), "replaced": len(result.replaced),
+            "removed": len(result.removed), "safety_backup": result.safety_backup})
+        return result
+
+    # -- rotate ---------------------------------------------------------------
+    def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
+               keep_monthly: int = 0, lock_store: bool = True) -> RotateResult:
+        """Delete snapshots past retention_days/max_backups (calendar rules keep some longer).
+
+        Never deletes the newest snapshot nor the newest verified one; then frees the objects
+        no remaining snapshot uses. Raises StoreBusyError.
+        """
+        started, clock = self.store.now, time.monotonic()
+        hold = (self.store.maintenance_lock() if lock_store and not dry_run
+                else contextlib.nullcontext())
+        with hold, self._repo_lock(exclusive=not dry_run):
+            result = self._rotate_locked(dry_run, keep_daily, keep_weekly, keep_monthly)
+        if not dry_run:
+            self.store.record_operation("rotate", started, time.monotonic() - clock, {
+                "deleted": result.deleted, "kept": len(result.kept),
+                "bytes_freed": result.bytes_freed, "objects_freed": result.objects_freed})
+        return result
+
+    def retained(self, ids: List[str], keep_daily: int = 0, keep_weekly: int = 0,
+                 keep_monthly: int = 0) -> List[str]:
+        """The snapshot ids rotation keeps, oldest first."""
+        now = self.store.now
+        keep = {i for i in ids if days_between(_id_time(i), now) <= self.config.retention_days}
+        for count, key in ((keep_daily, lambda t: t.date()),
+                           (keep_weekly, lambda t: t.isocalendar()[:2]),
+                           (keep_monthly, lambda t: (t.year, t.month))):
+            keep.update(_calendar_picks(ids, count, key))
+        protected = set(ids[-1:])
+        protected.update([self.newest_verified()] if self.newest_verified() else [])
+        ordered = sorted(keep, key=_id_order)
+        while len(ordered) > self.config.max_backups:
+            victim = next((i for i in ordered if i not in protected), None)
+            if victim is None:
+                break
+            ordered.remove(victim)
+        return sorted(set(ordered) | protected, key=_id_order)
+
+    def _rotate_locked(self, dry_run: bool, keep_daily: int, keep_weekly: int,
+                       keep_monthly: int) -> RotateResult:
+        if not dry_run:
+            self._cleanup_leftovers()
+        ids = self.snapshot_ids()
+        kept = self.retained(ids, keep_daily, keep_weekly, keep_monthly)
+        deleted = [i for i in ids if i not in kept]
+        result = RotateResult(dry_run=dry_run, deleted=deleted, kept=kept, objects_freed=0,
+                              bytes_freed=0, packs_rewritten=0)
+        objects = _ObjectStore(self.packs)
+        live = self._reachable(kept, objects, result.warnings)
+        if not dry_run:
+            for backup_id in deleted:
+                self.manifest_path(backup_id).unlink()
+            fsync_dir(self.snapshots_dir)
+        if live is not None:
+            _GarbageCollector(self, objects, live, result).run(dry_run)
+        if not dry_run and deleted:
+            self._mark_verified({}, False)
+        return result
+
+    def _reachable(self, ids: List[str], objects: _ObjectStore,
+                   warnings: List[str]) -> Optional[set]:
+        """Every object the given snapshots need, or None (no gc) if any cannot be read."""
+        lists = _Lists(objects)
+        live: set = set()
+        for backup_id in ids:
+            try:
+                for entry in self.load_manifest(backup_id)["files"]:
+                    live.update(_entry_objects(entry, lists))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                warnings.append("space not freed: snapshot %s cannot be read (%s)"
+                                % (backup_id, exc))
+                return None
+        return live
+
+    # -- auto -----------------------------------------------------------------
+    def auto(self, keep_daily: int = 0, keep_weekly: int = 0,
+             keep_monthly: int = 0) -> AutoResult:
+        """For cron: a snapshot when one is due per backup_schedule (full every 7 periods,
+        else incremental), verified per verify_after_backup, then rotation."""
+        period = SCHEDULE_PERIODS[self.config.backup_schedule]
+        now = self.store.now
+        with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
+            self._cleanup_leftovers()
+            ids = self.snapshot_ids()
+            backup, skipped = None, None
+            if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
+                skipped = "%s is recent enough for the %s schedule" % (
+                    ids[-1], self.config.backup_schedule)
+            else:
+                fulls = [i for i in ids if i.startswith("full_")]
+                due = not fulls or days_between(_id_time(fulls[-1]), now) >= \
+                    FULL_EVERY_PERIODS * period - 0.1 * period
+                btype = BackupType.FULL if due else BackupType.INCREMENTAL
+                backup = self._snapshot_and_verify(btype, None, None)
+        rotated = self.rotate(keep_daily=keep_daily, keep_weekly=keep_weekly,
+                              keep_monthly=keep_monthly)
+        return AutoResult(backup=backup, skipped=skipped, rotate=rotated)
+
+    # -- list -----------------------------------------------------------------
+    def list(self) -> ListResult:
+        """Every snapshot with its verification state, foreign files in the root, total size."""
+        result = ListResult(backup_root=self.root, snapshots=[], foreign=[], repository_bytes=0)
+        marks = self._verified()
+        for backup_id in self.snapshot_ids():
+            try:
+                m = self.load_manifest(backup_id)
+            except AmlError as exc:
+                result.problems.append("%s: %s" % (backup_id, exc))
+                continue
+            files = m["files"]
+            result.snapshots.append(SnapshotInfo(
+                backup_id=backup_id, type=m.get("type"), created=m.get("created"),
+                files=len(files), records=sum(e.get("count", 0) for e in files),
+                logical_bytes=sum(e.get("size", 0) for e in files), agents=m.get("agents"),
+                reason=m.get("reason"), verified=marks.get(backup_id, {}).get("ok")))
+        if self.root.is_dir():
+            result.foreign = sorted(p.name for p in self.root.iterdir()
+                                    if p.name != REPO_DIR_NAME)
+        if self.repo.is_dir():
+            result.repository_bytes = sum(p.stat().st_size for p in self.repo.rglob("*")
+                                          if p.is_file())
+        return result
+
+
+def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], Any]) -> List[str]:
+    """The newest snapshot of each of the ``count`` most recent calendar periods."""
+    seen: Dict[Any, str] = {}
+    for backup_id in reversed(ids):
+        period = key(_id_time(backup_id))
+        if period not in seen:
+            if len(seen) >= count:
+                break
+            seen[period] = backup_id
+    return list(seen.values())
+
+
+def _deep_check(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> List[str]:
+    try:
+        _check_parses(entry, rebuild_content(entry, lists, data))
+    except (AmlError, ValueError, KeyError, TypeError) as exc:
+        return ["%s: %s" % (_entry_path(entry), exc)]
+    return []
+
+
+def _entry_path(entry: Any) -> str:
+    return str(entry.get("path")) if isinstance(entry, dict) else "<bad entry>"
+
+
+def _entry_objects(entry: Dict[str, Any], lists: _Lists) -> List[bytes]:
+    """Every object a manifest entry needs (delta bases included); raises IntegrityError."""
+    if entry["kind"] == "blob":
+        return [bytes.fromhex(entry["object"])]
+    chain: List[bytes] = []
+    items = lists.resolve(bytes.fromhex(entry["list"]), chain)
+    if len(items) != entry["count"]:
+        raise IntegrityError("item list has %d records, manifest says %d"
+                             % (len(items), entry["count"]))
+    return chain + items
+
+
+def rebuild_content(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> bytes:
+    """A file's content (decompressed for gzip files) from fetched objects, checked against
+    its recorded SHA-256; raises IntegrityError or KeyError (object not fetched)."""
+    if entry["kind"] == "blob":
+        content = data[bytes.fromhex(entry["object"])]
+        expected = entry["sha256"]
+    else:
+        items = _entry_objects(entry, lists)[-entry["count"]:] if entry["count"] else []
+        body = entry["sep"].encode("utf-8").join(data[d] for d in items)
+        content = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
+                            body, entry["tail"].encode("utf-8")])
+        expected = entry["content_sha256"]
+    if sha256_hex(content) != expected:
+        raise IntegrityError("rebuilt content does not match its recorded SHA-256")
+    return content
+
+
+def encode_restored(entry: Dict[str, Any], content: bytes) -> bytes:
+    """The bytes to write for a rebuilt file: gzip files are gzip again (same content)."""
+    if entry.get("kind") == "array" and entry.get("gzip"):
+        return gzip.compress(content, compresslevel=GZIP_LEVEL, mtime=entry.get("gzip_mtime", 0))
+    return content
+
+
+def _check_parses(entry: Dict[str, Any], content: bytes) -> None:
+    if entry["kind"] == "array":
+        kind, expected = _json_kind_of(content), "array"
+        if kind == "array" and len(parse_json_text(
+                content.decode("utf-8-sig"))) != entry["count"]:
+            raise IntegrityError("rebuilt array has the wrong number of records")
+    else:
+        expected = entry.get("json", "bytes")
+        kind = _json_kind_of(content) if expected != "bytes" else "bytes"
+    if kind != expected:
+        raise IntegrityError("rebuilt file parses as %s, was %s" % (kind, expected))
+
+
+def _restore_scope(manifest: Dict[str, Any],
+                   agents: Optional[Sequence[str]]) -> Optional[List[str]]:
+    covered = manifest.get("agents")
+    if not agents:
+        return covered
+    for agent in agents:
+        if "/" in agent or is_reserved_name(agent) or (covered is not None
+                                                      and agent not in covered):
+            raise UsageError("backup %s does not cover agent %r" % (manifest.get("id"), agent))
+    return list(dict.fromkeys(agents))
+
+
+class _RestorePlan:
+    """What a restore will create, replace and remove, with every file rebuilt and verified."""
+
+    def __init__(self, manager: BackupManager, manifest: Dict[str, Any],
+                 scope: Optional[List[str]], root: Path):
+        self.manager = manager
+        self.root = root
+        self.entries = self._entries(manifest, scope)
+        self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
+        self.created: List[str] = []
+        self.replaced: List[str] = []
+        self.unchanged = 0
+        for rel in self.entries:
+            self._classify(rel)
+        existing = store_scope_files(root, scope) if root.is_dir() else []
+        self.target_had_files = bool(existing)
+        self.removed = [rel for rel in existing if rel not in self.entries]
+
+    def _rebuild(self, backup_id: str, objects: _ObjectStore) -> Dict[str, bytes]:
+        """Every file's content, verified, before anything is touched; raises IntegrityError."""
+        lists = _Lists(objects)
+        needs, content = {}, {}
+        for rel, entry in self.entries.items():
+            try:
+                needs[rel] = _entry_objects(entry, lists)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        try:
+            data = objects.fetch_many(d for ds in needs.values() for d in ds)
+        except IntegrityError as exc:
+            raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
+        for rel, entry in self.entries.items():
+            try:
+                content[rel] = rebuild_content(entry, lists, data)
+            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
+        return content
+
+    @staticmethod
+    def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
+        entries = {}
+        for entry in manifest["files"]:
+            rel = safe_relpath(_entry_path(entry))
+            if _skip_name(rel):
+                raise IntegrityError("backup %s: path %r is outside what aml restores"
+                                     % (manifest.get("id"), rel))
+            if _in_scope(rel, scope):
+                entries[rel] = entry
+        return entries
+
+    def _classify(self, rel: str) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        if not os.path.lexists(str(path)):
+            self.created.append(rel)
+        elif self._same(path, self.entries[rel]):
+            self.unchanged += 1
+        else:
+            self.replaced.append(rel)
+
+    def _same(self, path: Path, entry: Dict[str, Any]) -> bool:
+        try:
+            if path.is_symlink() or not path.is_file():
+                return False
+            raw = path.read_bytes()
+        except OSError:
+            return False
+        if entry.get("kind") == "array" and entry.get("gzip"):
+            if raw[:2] != GZIP_MAGIC:
+                return False
+            with contextlib.suppress(OSError, EOFError, zlib.error):
+                return sha256_hex(gzip.decompress(raw)) == entry["content_sha256"]
+            return False
+        return sha256_hex(raw) == entry.get("sha256")
+
+    def changes(self) -> bool:
+        """True if the restore would change anything."""
+        return bool(self.created or self.replaced or self.removed)
+
+    def apply(self) -> None:
+        """Stage every file, then swap each in (runtime lock, os.replace) and remove extras."""
+        state = self.root / STATE_DIR_NAME
+        _check_no_symlinks(self.root, STATE_DIR_NAME + "/x")
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in state.glob("restore-*"):
+            _remove_tree(old)
+        staging = state / ("restore-%s" % secrets.token_hex(4))
+        staging.mkdir(mode=0o700)
+        try:
+            staged = self._stage(staging)
+            for rel in self.created + self.replaced:
+                self._swap(rel, staged[rel])
+            for rel in self.removed:
+                self._remove(rel)
+        finally:
+            _remove_tree(staging)
+            with contextlib.suppress(OSError):
+                state.rmdir()   # only if empty: a --target restore leaves no aml folder
+
+    def _stage(self, staging: Path) -> Dict[str, Path]:
+        staged = {}
+        for n, rel in enumerate(self.created + self.replaced):
+            entry = self.entries[rel]
+            path = staging / str(n)
+            mode = entry.get("mode", 0o644) if isinstance(entry.get("mode"), int) else 0o644
+            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(encode_restored(entry, self.content[rel]))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(str(path), mode & 0o777)
+            staged[rel] = path
+        return staged
+
+    def _swap(self, rel: str, staged: Path) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_no_symlinks(self.root, rel)
+        with self.manager.store.file_lock(path):
+            os.replace(str(staged), str(path))
+        fsync_dir(path.parent)
+
+    def _remove(self, rel: str) -> None:
+        _check_no_symlinks(self.root, rel)
+        path = self.root / rel
+        with self.manager.store.file_lock(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fsync_dir(path.parent)
+        parent = path.parent
+        while parent != self.root and parent.name != STATE_DIR_NAME:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a staging folder aml created (regular files only, no symlink following)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        with contextlib.suppress(OSError):
+            child.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+class _GarbageCollector:
+    """Frees objects no kept snapshot needs: deletes dead packs, rewrites mostly-dead ones.
+
+    New packs are committed (with their index) before old ones go, and the index goes before
+    its pack, so a crash leaves duplicates or an index-less leftover, never a lost object.
+    """
+
+    def __init__(self, manager: BackupManager, objects: _ObjectStore, live: set,
+                 result: RotateResult):
+        self.manager = manager
+        self.objects = objects
+        self.live = live
+        self.result = result
+
+    def run(self, dry_run: bool) -> None:
+        """Plan per pack, then (unless dry_run) rewrite and delete."""
+        drop, rewrite = [], []
+        live = {d[:KEY_LEN]: d for d in self.live}
+        for name, entries in self.objects.entries.items():
+            keep = [live[k] for k in entries if k in live and self.objects.where[k][0] == name]
+            kept = {d[:KEY_LEN] for d in keep}
+            dead = [entries[k][2] for k in entries if k not in kept]
+            if not dead:
+                continue
+            self.result.objects_freed += len(dead)
+            total = sum(e[2] for e in entries.values())
+            if not keep:
+                drop.append(name)
+            elif sum(dead) >= PACK_REWRITE_DEAD_SHARE * total:
+                rewrite.append((name, sorted(keep, key=lambda d: entries[d[:KEY_LEN]][:2])))
+        before = self._size(n for n, _ in rewrite) + self._size(drop)
+        if dry_run:
+            self.result.bytes_freed = self._size(drop) + sum(
+                int(self._size([n]) * (1 - len(k) / len(self.objects.entries[n])))
+                for n, k in rewrite)
+            return
+        added = self._rewrite(rewrite)
+        for name in drop + [n for n, _ in rewrite]:
+            self._delete(name)
+        self.result.packs_rewritten = len(rewrite)
+        self.result.bytes_freed = before - added
+
+    def _rewrite(self, rewrite: List[Tuple[str, List[bytes]]]) -> int:
+        if not rewrite:
+            return 0
+        writer = _PackWriter(self.manager.packs, self.manager.config.compression_level,
+                             lambda d: False)
+        try:
+            for _, keep in rewrite:
+                for digest in keep:
+                    writer.add(digest, self.objects.get(digest))
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _size(self, names: Iterable[str]) -> int:
+        total = 0
+        for name in names:
+            for suffix in (".pack", ".idx"):
+                with contextlib.suppress(OSError):
+                    total += (self.manager.packs / (name + suffix)).stat().st_size
+        return total
+
+    def _delete(self, name: str) -> None:
+        (self.manager.packs / (name + ".idx")).unlink()
+        fsync_dir(self.manager.packs)
+        with contextlib.suppress(FileNotFoundError):
+            (self.manager.packs / (name + ".pack")).unlink()
+
+
+def backup_config_for(store: Store, config_file: Optional[Path] = None,
+                      **overrides: Any) -> BackupConfig:
+    """BackupConfig from defaults < aml config section ``backup`` < ``overrides`` (flags).
+
+    A relative ``backup_root`` in the config file is taken from the store's parent folder.
+    Raises UsageError for unknown keys or bad values.
+    """
+    section = dict(load_aml_config(store, config_file).get("backup", {}))
+    if section.get("backup_root"):
+        section["backup_root"] = store.root.resolve().parent / Path(section["backup_root"])
+    config = apply_config_fields(BackupConfig(), section, "aml config [backup]")
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **values).validate()
+
+
+def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = None) -> str:
+    """Take and verify a snapshot before destructive work; returns its id.
+
+    Call it with the store's maintenance lock held (it does not take it again). Raises
+    RefusedError when the backup cannot be taken or does not verify, so the work stops.
+    """
+    try:
+        config = config or backup_config_for(store)
+        result = BackupManager(store, config).create(BackupType.INCREMENTAL, reason=reason,
+                                                     verify=True, lock_store=False)
+    except (AmlError, OSError) as exc:
+        raise RefusedError("safety backup before %s failed, nothing was changed (%s); "
+                           "--no-backup skips it" % (reason, exc)) from None
+    return result.backup_id
+
+
+
+class _SnapshotBuilder:
+    """Turns store files into manifest entries, writing only objects the repository lacks."""
+
+    def __init__(self, manager: BackupManager, objects: _ObjectStore,
+                 previous: Optional[Dict[str, Any]], incremental: bool):
+        self.manager = manager
+        self.store = manager.store
+        self.objects = objects
+        self.lists = _Lists(objects)
+        self.previous = {e.get("path"): e for e in (previous or {}).get("files", [])
+                         if isinstance(e, dict)}
+        self.incremental = incremental
+        self.reread = 0
+        self.warnings: List[str] = []
+
+    def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
+        """The manifest entry of one file; None (with a warning) if it cannot be read."""
+        path = self.store.root / rel
+        try:
+            info = os.lstat(str(path))
+            key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+            prev = self.previous.get(rel)
+            if self.incremental and prev and prev.get("stat") == key and self._intact(prev):
+                return prev
+            raw = self._read(rel, path)
+        except (OSError, StoreBusyError) as exc:
+            self.warnings.append("%s: cannot read (%s); not in this backup"
+                                 % (path, getattr(exc, "strerror", None) or exc))
+            return None
+        self.reread += 1
+        entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),
+                 "sha256": sha256_hex(raw), "stat": key}
+        entry.update(self._array_entry(raw, prev, writer) or self._blob_entry(rel, raw, writer))
+        return entry
+
+    def _intact(self, prev: Dict[str, Any]) -> bool:
+        ref = prev.get("list") or prev.get("object")
+        return isinstance(ref, str) and self.objects.has(bytes.fromhex(ref))
+
+    def _read(self, rel: str, path: Path) -> bytes:
+        if rel.startswith(STATE_DIR_NAME + "/"):
+            return path.read_bytes()
+        with self.store.file_lock(path):   # the runtime may be mid-write
+            return path.read_bytes()
+
+    def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
+        digest = hashlib.sha256(raw).digest()
+        writer.add(digest, raw)
+        kind = _json_kind_of(raw) if rel.endswith(".json") else "bytes"
+        if kind == "invalid":
+            self.warnings.append("%s: not valid JSON; backed up as bytes"
+                                 % (self.store.root / rel))
+        return {"kind": "blob", "object": digest.hex(), "json": kind}
+
+    def _array_entry(self, raw: bytes, prev: Optional[Dict[str, Any]],
+                     writer: _PackWriter) -> Optional[Dict[str, Any]]:
+        is_gzip = raw[:2] == GZIP_MAGIC
+        try:
+            content = gzip.decompress(raw) if is_gzip else raw
+            bom = content.startswith(UTF8_BOM)
+            text = content[len(UTF8_BOM):].decode("utf-8") if bom else content.decode("utf-8")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError):
+            return None
+        parts = split_json_array(text)
+        if parts is None:
+            return None
+        head, sep, tail, spans = parts
+        items = []
+        for start, end in spans:
+            data = text[start:end].encode("utf-8")
+            digest = hashlib.sha256(data).digest()
+            writer.add(digest, data)
+            items.append(digest)
+        ref, depth = self._store_list(items, prev, writer)
+        return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
+                "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
+                "content_sha256": sha256_hex(content), "list": ref, "depth": depth}
+
+    def _store_list(self, items: List[bytes], prev: Optional[Dict[str, Any]],
+                    writer: _PackWriter) -> Tuple[str, int]:
+        old = None
+        if prev and prev.get("kind") == "array":
+            with contextlib.suppress(IntegrityError, ValueError, TypeError):
+                old = self.lists.resolve(bytes.fromhex(prev["list"]))
+        if old == items:
+            return prev["list"], int(prev.get("depth", 0))
+        if old is not None and int(prev.get("depth", 0)) < MAX_DELTA_DEPTH:
+            delta = _encode_delta(bytes.fromhex(prev["list"]), old, items)
+            if len(delta) < 16 * len(items):
+                digest = hashlib.sha256(delta).digest()
+                writer.add(digest, delta, meta=True)
+                return digest.hex(), int(prev.get("depth", 0)) + 1
+        data = b"L" + b"".join(items)
+        digest = hashlib.sha256(data).digest()
+        writer.add(digest, data, meta=True)
+        return digest.hex(), 0
+
+__all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "SnapshotInfo",
+            "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
+            "safety_backup", "backup_config_for", "split_json_array", "safe_relpath"]
+
 
 
 # =============================================================================
@@ -1009,11 +2526,1172 @@ class Archive:
 # In-memory structures with byte-exact, checksummed persistence.
 # =============================================================================
 
+# A Bloom filter file: magic, version, bits m, hash count k, items added, then the bit array,
+# then the SHA-256 of everything before it.
+_BLOOM_MAGIC = b"AMLB"
+_BLOOM_VERSION = 1
+_BLOOM_HEADER = struct.Struct(">4sBQBQ")
+
+
+def bloom_digest(key: str) -> bytes:
+    """The 16-byte BLAKE2b digest a key is hashed by (two 64-bit halves for double hashing)."""
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+
+
+def optimal_bloom_bits(capacity: int, fp_rate: float) -> int:
+    """Bits m = ceil(-n ln p / (ln 2)^2) for ``capacity`` items at false-positive rate p."""
+    n = max(1, int(capacity))
+    return max(8, int(math.ceil(-n * math.log(fp_rate) / (math.log(2) ** 2))))
+
+
+def bloom_fp_rate(bits: int, hashes: int, items: int) -> float:
+    """The expected false-positive rate (1 - e^(-k n / m))^k."""
+    return (1.0 - math.exp(-hashes * items / float(bits))) ** hashes
+
+
+def _bloom_shape(capacity: int, fp_rate: float) -> Tuple[int, int]:
+    # The optimum assumes a real-valued k; with k rounded to an integer the rate at capacity
+    # can land just above the target (1.003 % at 1 %), so grow m in 0.5 % steps until it holds.
+    m = optimal_bloom_bits(capacity, fp_rate)
+    while True:
+        k = max(1, int(round(m / capacity * math.log(2))))
+        if bloom_fp_rate(m, k, capacity) <= fp_rate:
+            return m, k
+        m = int(math.ceil(m * 1.005))
+
+
+class BloomFilter:
+    """A Bloom filter over strings: a real bit array with double hashing from one digest.
+
+    Sized from ``capacity`` and ``fp_rate`` (1 % needs about 9.6 bits, 1.2 bytes, per item).
+    Never a false negative; false positives at about ``fp_rate`` while at most ``capacity``
+    items were added. Raises ValueError for a capacity below 1 or a rate outside (0, 1).
+    """
+
+    def __init__(self, capacity: int, fp_rate: float = 0.01):
+        if capacity < 1 or not 0.0 < fp_rate < 1.0:
+            raise ValueError("capacity must be >= 1 and fp_rate in (0, 1)")
+        self.capacity = int(capacity)
+        self.fp_rate = fp_rate
+        self.m, self.k = _bloom_shape(self.capacity, fp_rate)
+        self.count = 0
+        self.bits = bytearray((self.m + 7) // 8)
+
+    def _positions(self, key: str) -> Iterator[int]:
+        return self._digest_positions(bloom_digest(key))
+
+    def _digest_positions(self, digest: bytes) -> Iterator[int]:
+        # Kirsch-Mitzenmacher double hashing: g_i = h1 + i*h2 (mod m); h2 odd so it never sticks.
+        h1 = int.from_bytes(digest[:8], "big")
+        h2 = int.from_bytes(digest[8:], "big") | 1
+        m = self.m
+        for i in range(self.k):
+            yield (h1 + i * h2) % m
+
+    def add(self, key: str) -> None:
+        """Add one key."""
+        self.add_digest(bloom_digest(key))
+
+    def add_digest(self, digest: bytes) -> None:
+        """Add a key by its ``bloom_digest`` (the index reuses the digest it keys ids by)."""
+        bits = self.bits
+        for pos in self._digest_positions(digest):
+            bits[pos >> 3] |= 1 << (pos & 7)
+        self.count += 1
+
+    def add_digests(self, digests: bytes) -> None:
+        """Add many keys given as concatenated 16-byte digests (the index build's fast path).
+
+        The same double hashing as ``add``, computed position round by position round
+        in comprehensions, which is several times faster than per-key calls.
+        """
+        count = len(digests) // 16
+        halves = struct.unpack(">%dQ" % (2 * count), digests[:count * 16])
+        h1s, h2s = halves[0::2], [h | 1 for h in halves[1::2]]
+        bits, m = self.bits, self.m
+        for i in range(self.k):
+            for pos in [(a + i * b) % m for a, b in zip(h1s, h2s)]:
+                bits[pos >> 3] |= 1 << (pos & 7)
+        self.count += count
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        bits = self.bits
+        return all(bits[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(key))
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the bit array."""
+        return len(self.bits)
+
+    def to_bytes(self) -> bytes:
+        """The persisted form: header, bit array, SHA-256 trailer."""
+        body = _BLOOM_HEADER.pack(_BLOOM_MAGIC, _BLOOM_VERSION, self.m, self.k, self.count)
+        body += bytes(self.bits)
+        return body + hashlib.sha256(body).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "BloomFilter":
+        """Rebuild from ``to_bytes`` output; raises IntegrityError if it does not verify."""
+        head = _BLOOM_HEADER.size
+        if len(data) < head + 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
+            raise IntegrityError("bloom filter: checksum mismatch or truncated")
+        magic, version, m, k, count = _BLOOM_HEADER.unpack_from(data)
+        size_ok = len(data) - head - 32 == (m + 7) // 8
+        if magic != _BLOOM_MAGIC or version != _BLOOM_VERSION or not size_ok:
+            raise IntegrityError("bloom filter: unknown format")
+        bloom = cls.__new__(cls)
+        bloom.m, bloom.k, bloom.count = m, k, count
+        # k = m/n ln 2 and p = 2^-k at capacity, so both follow from the header.
+        bloom.capacity = max(1, int(round(m * math.log(2) / max(k, 1))))
+        bloom.fp_rate = 0.5 ** k
+        bloom.bits = bytearray(data[head:-32])
+        return bloom
+
+    def save(self, path: Path) -> None:
+        """Write atomically (mode 0600)."""
+        atomic_write_bytes(Path(path), self.to_bytes(), mode=0o600)
+
+    @classmethod
+    def load(cls, path: Path) -> "BloomFilter":
+        """Read a saved filter; raises IntegrityError if missing, unreadable or corrupt."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise IntegrityError("%s: cannot read bloom filter (%s)" % (path, exc)) from None
+        return cls.from_bytes(data)
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counters of an LRUCache."""
+
+    hits: int
+    misses: int
+    evictions: int
+    refused: int
+    items: int
+    bytes: int
+    max_bytes: int
+
+    @property
+    def hit_rate(self) -> Optional[float]:
+        """hits / (hits + misses), or None before the first lookup."""
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+
+def value_size(value: Any) -> int:
+    """The bytes a cached value is charged: bytes/str length, else its compact UTF-8 JSON length.
+
+    This is the size of the value as data (what it takes on disk), not Python's in-memory
+    footprint, which is several times larger and varies by interpreter version.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                          default=str).encode("utf-8"))
+
+
+class LRUCache:
+    """A least-recently-used cache bounded in bytes (default 10 MiB), O(1) get and put.
+
+    Each value is charged ``value_size(value)`` unless ``put`` is given an explicit size. An
+    item larger than the whole budget is refused (``put`` returns False), never cached.
+    """
+
+    def __init__(self, max_bytes: int = 10 * 1024 * 1024):
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self.max_bytes = int(max_bytes)
+        self._items: "collections.OrderedDict[Any, Tuple[Any, int]]" = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = self.refused = 0
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The cached value (now most recently used) or ``default``; counts a hit or a miss."""
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return default
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def put(self, key: Any, value: Any, size: Optional[int] = None) -> bool:
+        """Cache ``value`` as most recently used, evicting the least recent; False if refused."""
+        size = value_size(value) if size is None else int(size)
+        self.discard(key)
+        if size > self.max_bytes:
+            self.refused += 1
+            return False
+        self._items[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, old_size) = self._items.popitem(last=False)
+            self.bytes -= old_size
+            self.evictions += 1
+        return True
+
+    def discard(self, key: Any) -> None:
+        """Forget ``key`` if cached (not counted as an eviction)."""
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.bytes -= item[1]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> List[Any]:
+        """Keys from least to most recently used."""
+        return list(self._items)
+
+    def items(self) -> List[Tuple[Any, Any]]:
+        """(key, value) pairs from least to most recently used."""
+        return [(k, v[0]) for k, v in self._items.items()]
+
+    def stats(self) -> CacheStats:
+        """The current counters."""
+        return CacheStats(self.hits, self.misses, self.evictions, self.refused,
+                          len(self._items), self.bytes, self.max_bytes)
+
+
+__all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "bloom_fp_rate",
+            "optimal_bloom_bits", "value_size"]
+
 
 # =============================================================================
 # 10. Index and search
 # Persisted record index tied to file size and mtime; search and get.
 # =============================================================================
+
+# Files of the index in .aml/index/ (see README "optimize"): manifest.json is the commit point
+# and carries the checksum of every other part, so a set of parts from two different builds
+# never verifies.
+INDEX_FORMAT = "aml-index-1"
+_IDS_MAGIC = b"AMLI"
+_IDS_HEADER = struct.Struct(">4sBI")
+_ID_ROW = struct.Struct(">16sII")  # bloom_digest(id), file slot, array position
+_BUCKET_COUNTS = struct.Struct(">%dI" % 256)  # heads each file's keys in keys.dat
+_PARALLEL_INDEX_BYTES = 8 * 1024 * 1024  # below this, forking workers costs more than it saves
+_PARALLEL_BLOOM_IDS = 50000
+_ID_BUCKETS = 256                  # by the digest's first byte; one bucket is read per lookup
+DEFAULT_CACHE_BYTES = 10 * 1024 * 1024
+DEFAULT_BLOOM_FP_RATE = 0.01
+
+# One posting row per record, a compact JSON array in postings.dat.
+P_ID, P_POS, P_CONF, P_SR, P_EXEC, P_LAST, P_ACTIVE, P_TAGS = range(8)
+
+
+# Top-level keys where a legacy layout may keep a field; a runtime record has none of them.
+_LEGACY_KEYS = frozenset(path[0] for paths in FIELD_PATHS.values() for path in paths
+                         if path[0] not in ("metrics", "evolution"))
+
+
+def _field(record: Dict[str, Any], field: str) -> Any:
+    # first_value without the generic dig(): the index build calls this per record.
+    for path in FIELD_PATHS[field]:
+        value = record.get(path[0])
+        for key in path[1:]:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
+
+
+def _num(value: Any) -> Optional[float]:
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else None
+
+
+def posting_row(record: Any, position: int) -> List[Any]:
+    """The facts the index keeps for one record (see P_* for the layout); never raises.
+
+    Reads the same values as record_facts (runtime camelCase first, then legacy layouts).
+    """
+    if not isinstance(record, dict):
+        return [None, position, None, None, None, None, True, []]
+    get = record.get
+    evo, met = get("evolution"), get("metrics")
+    evo = evo if isinstance(evo, dict) else {}
+    met = met if isinstance(met, dict) else {}
+    conf, last = evo.get("confidenceScore"), evo.get("lastUsed")
+    rate, count = met.get("successRate"), met.get("executionCount")
+    if (evo or met or not _LEGACY_KEYS.isdisjoint(record)) and None in (conf, rate, count, last):
+        # Only then can a later layout path hold a value (the generic, slower lookup).
+        conf = _field(record, "confidence") if conf is None else conf
+        rate = _field(record, "success_rate") if rate is None else rate
+        count = _field(record, "execution_count") if count is None else count
+        last = _field(record, "last_used") if last is None else last
+        last = last or _field(record, "created")
+    last = last or get("timestamp")
+    rid, active, tags = get("id"), get("active"), get("tags")
+    return [rid if isinstance(rid, str) and rid else None, position, _num(conf), _num(rate),
+            _num(count),
+            last if isinstance(last, (str, int, float)) and not isinstance(last, bool) else None,
+            active if isinstance(active, bool) else _is_active(record),
+            [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []]
+
+
+def index_file_part(path: str, slot: int) -> Tuple[bytes, bytes, int]:
+    """Parse one record file into (postings JSON, id keys, records); may run in a worker.
+
+    The id keys are the file's id-table rows (bloom_digest(id), ``slot``, position) grouped
+    by bucket, after a header of the 256 bucket row counts, so building the id table is a
+    concatenation. Raises CorruptFileError for an unreadable file.
+    """
+    records, _ = load_json_file(Path(path), expect=list)
+    rows = [posting_row(rec, pos) for pos, rec in enumerate(records)]
+    buckets: List[List[bytes]] = [[] for _ in range(_ID_BUCKETS)]
+    tag = struct.pack(">I", slot)
+    for row in rows:
+        if row[P_ID]:
+            digest = bloom_digest(row[P_ID])
+            buckets[digest[0]].append(digest + tag + struct.pack(">I", row[P_POS]))
+    keys = _BUCKET_COUNTS.pack(*map(len, buckets)) + b"".join(map(b"".join, buckets))
+    blob = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return blob, keys, len(rows)
+
+
+def _bloom_bits(digests: bytes, bits: int, hashes: int) -> bytes:
+    """The bit array of a BloomFilter(m=bits, k=hashes) holding these digests (worker job)."""
+    bloom = BloomFilter.__new__(BloomFilter)
+    bloom.m, bloom.k, bloom.count, bloom.bits = bits, hashes, 0, bytearray((bits + 7) // 8)
+    bloom.add_digests(digests)
+    return bytes(bloom.bits)
+
+
+def worker_count(workers: int, jobs: int) -> int:
+    """Processes to use: ``workers`` (0 = one per CPU core), at most one per job, at least 1."""
+    return max(1, min(jobs, workers or os.cpu_count() or 1))
+
+
+def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers: int = 0,
+                 threads: bool = False) -> List[Any]:
+    """``func(*job)`` for every job, in order; in forked worker processes when more than one.
+
+    ``threads`` uses a thread pool instead (for work that releases the GIL, like zlib and
+    file I/O). Exceptions in a worker propagate to the caller. ``func`` must be a
+    module-level function.
+    """
+    count = worker_count(workers, len(jobs))
+    if count <= 1:
+        return [func(*job) for job in jobs]
+    import concurrent.futures  # only here: it costs import time every other command would pay
+    if threads:
+        pool: Any = concurrent.futures.ThreadPoolExecutor(count)
+    else:
+        import multiprocessing
+        pool = concurrent.futures.ProcessPoolExecutor(
+            count, mp_context=multiprocessing.get_context("fork"))
+    try:
+        futures = [pool.submit(func, *job) for job in jobs]
+        return [future.result() for future in futures]
+    finally:
+        # On an error or SIGTERM, jobs not started yet are dropped; running ones finish
+        # (each is atomic), so the run stops promptly without a half-written file.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _index_file_safe(path: str, slot: int) -> Tuple[Optional[Tuple[bytes, bytes, int]], str]:
+    try:
+        return index_file_part(path, slot), ""
+    except CorruptFileError as exc:
+        return None, exc.problem
+
+
+@dataclasses.dataclass
+class SearchQuery:
+    """Filters of a search; every given filter must hold (tags: all of them)."""
+
+    agent: Optional[str] = None
+    rtype: Optional[str] = None
+    tags: Tuple[str, ...] = ()
+    text: Optional[str] = None
+    min_confidence: Optional[float] = None
+    min_success_rate: Optional[float] = None
+    limit: Optional[int] = None
+
+    def row_matches(self, row: List[Any]) -> bool:
+        """True if a posting row passes the indexed filters (tags, confidence, success rate)."""
+        if self.tags and not set(self.tags).issubset(row[P_TAGS]):
+            return False
+        if self.min_confidence is not None and (row[P_CONF] is None
+                                                or row[P_CONF] < self.min_confidence):
+            return False
+        return self.min_success_rate is None or (row[P_SR] is not None
+                                                 and row[P_SR] >= self.min_success_rate)
+
+    def text_matches(self, record: Any) -> bool:
+        """True if every word of ``text`` occurs (case-insensitively) in the record's strings."""
+        if not self.text:
+            return True
+        haystack = "\n".join(_strings_of(record)).lower()
+        return all(word in haystack for word in self.text.lower().split())
+
+
+def _strings_of(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_of(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_of(item)
+
+
+@dataclasses.dataclass
+class FoundRecord:
+    """One record returned by get or search, with where it lives."""
+
+    agent: str
+    file: str
+    type: str
+    index: int
+    id: Optional[str]
+    record: Any
+    source: str  # "hot-cache", "index" or "scan"
+
+
+@dataclasses.dataclass
+class LookupResult:
+    """What get and search return; ``not_found`` is set for an unknown id or agent."""
+
+    records: List[FoundRecord]
+    source: str
+    message: Optional[str] = None
+    not_found: bool = False
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def count(self) -> int:
+        """Number of records returned."""
+        return len(self.records)
+
+
+@dataclasses.dataclass
+class IndexResult:
+    """What an index refresh did (or, in a dry run, would do)."""
+
+    dry_run: bool
+    rebuilt: bool
+    reason: str
+    files: int
+    files_reread: List[str]
+    files_removed: List[str]
+    records: int
+    ids: int
+    index_bytes: int
+    bloom_bytes: int
+    seconds: float
+    unreadable: List[str]
+
+
+@dataclasses.dataclass
+class _FileStat:
+    path: str
+    agent: str
+    rtype: str
+    size: int
+    mtime_ns: int
+
+    def same(self, entry: Dict[str, Any]) -> bool:
+        return entry.get("size") == self.size and entry.get("mtime_ns") == self.mtime_ns
+
+
+def _file_stats(store: Store) -> List[_FileStat]:
+    """Every record file of the store in store order, with size and mtime (no parsing).
+
+    The same files as Store.record_files, found with one scandir per agent because every
+    get and search runs this to check freshness.
+    """
+    out = []
+    for agent in store.agents():
+        with os.scandir(str(store.root / agent)) as entries:
+            found = sorted((e.name, e) for e in entries if e.name in RECORD_FILES)
+        for name, entry in found:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            out.append(_FileStat("%s/%s" % (agent, name), agent, name[:-6],
+                                 info.st_size, info.st_mtime_ns))
+    return out
+
+
+def _stale(current: List[_FileStat], manifest: Optional[Dict[str, Any]]) -> List[str]:
+    known: Dict[str, Dict[str, Any]] = {}
+    if manifest is not None:
+        known = {e["path"]: e for e in manifest["files"] + manifest["unreadable"]}
+    stale = [f.path for f in current if f.path not in known or not f.same(known[f.path])]
+    seen = {f.path for f in current}
+    return stale + sorted(p for p in known if p not in seen)
+
+
+def _problems(entries: Iterable[Dict[str, Any]]) -> List[str]:
+    return ["%s: %s" % (e["path"], e["problem"]) for e in entries]
+
+
+class MemoryIndex:
+    """The persisted record index in ``.aml/index/``: id -> (file, position), postings, bloom.
+
+    Tied to each record file's size and mtime: ``refresh`` re-reads only files that changed
+    and rebuilds from scratch when any part fails its checksum. Callers that write (refresh,
+    warm) hold the store's maintenance lock. Lookups never trust a part that does not verify:
+    they raise IntegrityError and the caller falls back to a scan.
+    """
+
+    def __init__(self, store: Store, fp_rate: float = DEFAULT_BLOOM_FP_RATE):
+        self.store = store
+        self.fp_rate = fp_rate
+        self.folder = store.state_dir / "index"
+        self._manifest: Optional[Dict[str, Any]] = None
+        self._files = LRUCache(64 * 1024 * 1024)  # parsed data files, charged their raw size
+
+    # -- paths and manifest ----------------------------------------------------
+    def part(self, name: str) -> Path:
+        """Path of one index file (manifest.json, postings.dat, keys.dat, ids.bin, bloom.bin...)."""
+        return self.folder / name
+
+    def manifest(self) -> Optional[Dict[str, Any]]:
+        """The verified manifest, or None if absent, corrupt or of another format."""
+        if self._manifest is None:
+            try:
+                doc = read_checksummed(self.part("manifest.json"))
+            except IntegrityError:
+                return None
+            if isinstance(doc, dict) and doc.get("format") == INDEX_FORMAT:
+                self._manifest = doc
+        return self._manifest
+
+    def stale_files(self) -> List[str]:
+        """Relative paths of record files new, changed or removed since the build; never raises."""
+        try:
+            return _stale(_file_stats(self.store), self.manifest())
+        except OSError:
+            return []
+
+    def size_bytes(self) -> int:
+        """Bytes of the persisted index on disk (all its files), 0 if none."""
+        if not self.folder.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+    # -- building --------------------------------------------------------------
+    def refresh(self, dry_run: bool = False, rebuild: bool = False) -> IndexResult:
+        """Bring the index up to date, re-reading only changed files; rebuild if corrupt.
+
+        Call with the maintenance lock held. A dry run reports what would be re-read and
+        writes nothing. ``rebuild`` rewrites the id table and bloom filter even when no file
+        changed, reusing only postings that verify (how a corrupt part is repaired).
+        Unreadable files are left out and listed (their size and mtime are kept so they are
+        not re-read until they change).
+        """
+        started = time.monotonic()
+        old = self.manifest()
+        reason = "up to date" if old else ("corrupt" if self.part("manifest.json").exists()
+                                           else "missing")
+        current = _file_stats(self.store)
+        old_files = {e["path"]: e for e in old["files"]} if old else {}
+        old_bad = {e["path"]: e for e in old["unreadable"]} if old else {}
+        stale = _stale(current, old)
+        if dry_run or (old and not stale and not rebuild):
+            return self._result(dry_run, old is None, reason, current, stale, old,
+                                started, _problems(old_bad.values()))
+        parts, bad = self._collect_parts(current, old_files, old_bad)
+        self._write(parts, bad)
+        removed = sorted((set(old_files) | set(old_bad)) - {f.path for f in current})
+        return self._result(False, old is None, reason if old is None else
+                            ("repaired" if rebuild else "refreshed"),
+                            current, [p for p in stale if p not in removed] + removed,
+                            self.manifest(), started, _problems(bad))
+
+    def _result(self, dry_run: bool, rebuilt: bool, reason: str, current: List[_FileStat],
+                stale: List[str], manifest: Optional[Dict[str, Any]], started: float,
+                unreadable: List[str]) -> IndexResult:
+        seen = {f.path for f in current}
+        return IndexResult(
+            dry_run=dry_run, rebuilt=rebuilt, reason=reason, files=len(current),
+            files_reread=[p for p in stale if p in seen],
+            files_removed=[p for p in stale if p not in seen],
+            records=sum(e["records"] for e in manifest["files"]) if manifest else 0,
+            ids=manifest["ids"]["count"] if manifest else 0,
+            index_bytes=self.size_bytes(),
+            bloom_bytes=manifest["bloom"]["bytes"] if manifest else 0,
+            seconds=time.monotonic() - started, unreadable=unreadable)
+
+    def _collect_parts(self, current: List[_FileStat], old_files: Dict[str, Any],
+                       old_bad: Dict[str, Any]
+                       ) -> Tuple[List[Tuple[_FileStat, int, bytes, bytes, int]],
+                                  List[Dict[str, Any]]]:
+        reused: Dict[str, Tuple[bytes, bytes, int]] = {}
+        todo, bad = [], []
+        for fstat in current:
+            if fstat.path in old_bad and fstat.same(old_bad[fstat.path]):
+                bad.append(old_bad[fstat.path])
+                continue
+            entry = old_files.get(fstat.path)
+            part = self._old_part(entry) if entry and fstat.same(entry) else None
+            if part is not None:
+                reused[fstat.path] = part
+            else:
+                todo.append(fstat)
+        slots = self._slots(todo, old_files)
+        fresh = dict(zip((f.path for f in todo), self._parse_files(todo, slots)))
+        parts = []
+        for fstat in current:
+            part, problem = (reused[fstat.path], "") if fstat.path in reused \
+                else fresh.get(fstat.path, (None, None))
+            if part is not None:
+                slot = old_files[fstat.path]["slot"] if fstat.path in reused else slots[fstat.path]
+                parts.append((fstat, slot) + part)
+            elif problem is not None:
+                bad.append({"path": fstat.path, "size": fstat.size, "mtime_ns": fstat.mtime_ns,
+                            "problem": problem})
+        return parts, bad
+
+    @staticmethod
+    def _slots(todo: List[_FileStat], old_files: Dict[str, Any]) -> Dict[str, int]:
+        """Stable file numbers: a file keeps its slot, so unchanged files' id rows stay valid."""
+        next_slot = max((e["slot"] for e in old_files.values()), default=-1) + 1
+        slots = {}
+        for fstat in todo:
+            if fstat.path in old_files:
+                slots[fstat.path] = old_files[fstat.path]["slot"]
+            else:
+                slots[fstat.path], next_slot = next_slot, next_slot + 1
+        return slots
+
+    def _parse_files(self, todo: List[_FileStat], slots: Dict[str, int]) -> List[Tuple[Any, str]]:
+        """index_file_part for each file; in one worker process per core for big batches."""
+        jobs = [(str(self.store.root / f.path), slots[f.path]) for f in todo]
+        small = sum(f.size for f in todo) < _PARALLEL_INDEX_BYTES
+        return parallel_map(_index_file_safe, jobs, 1 if small else 0)
+
+    def _old_part(self, entry: Dict[str, Any]) -> Optional[Tuple[bytes, bytes, int]]:
+        try:
+            blob = self._read_range("postings.dat", entry["offset"], entry["length"])
+            keys = self._read_range("keys.dat", entry["keys_offset"], entry["keys_length"])
+        except (OSError, KeyError):
+            return None
+        if sha256_hex(blob) != entry["sha256"] or sha256_hex(keys) != entry["keys_sha256"]:
+            return None
+        return blob, keys, entry["records"]
+
+    def _read_range(self, name: str, offset: int, length: int) -> bytes:
+        with open(str(self.part(name)), "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+    def _write(self, parts: List[Tuple[_FileStat, int, bytes, bytes, int]],
+               bad: List[Dict[str, Any]]) -> None:
+        self.store.ensure_state_dir()
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        files, offset, key_offset = [], 0, 0
+        for fstat, slot, blob, keys, count in parts:
+            files.append(dict(dataclasses.asdict(fstat), slot=slot, offset=offset,
+                              length=len(blob), sha256=sha256_hex(blob), keys_offset=key_offset,
+                              keys_length=len(keys), keys_sha256=sha256_hex(keys), records=count))
+            offset += len(blob)
+            key_offset += len(keys)
+        atomic_write_bytes(self.part("postings.dat"), b"".join(p[2] for p in parts), mode=0o600)
+        atomic_write_bytes(self.part("keys.dat"), b"".join(p[3] for p in parts), mode=0o600)
+        ids_doc, body = self._write_ids([p[3] for p in parts])
+        bloom_bytes, bloom = self._build_bloom(body, ids_doc["count"])
+        atomic_write_bytes(self.part("bloom.bin"), bloom_bytes, mode=0o600)
+        manifest = {"format": INDEX_FORMAT, "built": format_timestamp(utcnow()), "files": files,
+                    "unreadable": bad, "ids": ids_doc,
+                    "bloom": {"sha256": sha256_hex(bloom_bytes), "bytes": bloom.size_bytes,
+                              "bits": bloom.m, "hashes": bloom.k, "fp_rate": self.fp_rate}}
+        write_checksummed(self.part("manifest.json"), manifest)  # last: the commit point
+        self._manifest = manifest
+
+    def _write_ids(self, file_keys: List[bytes]) -> Tuple[Dict[str, Any], bytes]:
+        """ids.bin: all files' rows of bucket 0, then of bucket 1, ...; a checksum per bucket."""
+        heads = [_BUCKET_COUNTS.unpack_from(keys) for keys in file_keys]
+        cursors = [_BUCKET_COUNTS.size] * len(file_keys)
+        chunks, buckets, start = [], [], 0
+        for bucket in range(_ID_BUCKETS):
+            pieces = []
+            for i, keys in enumerate(file_keys):
+                end = cursors[i] + heads[i][bucket] * _ID_ROW.size
+                pieces.append(keys[cursors[i]:end])
+                cursors[i] = end
+            chunk = b"".join(pieces)
+            buckets.append([start, len(chunk) // _ID_ROW.size, sha256_hex(chunk)])
+            start += len(chunk) // _ID_ROW.size
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        atomic_write_bytes(self.part("ids.bin"), _IDS_HEADER.pack(_IDS_MAGIC, 1, start) + body,
+                           mode=0o600)
+        return {"count": start, "buckets": buckets}, body
+
+    def _build_bloom(self, body: bytes, count: int) -> Tuple[bytes, BloomFilter]:
+        """The bloom filter over every id; its bits are set in worker processes for big stores."""
+        bloom = BloomFilter(max(count, 1000), self.fp_rate)
+        rows = memoryview(body)
+        digests = b"".join([rows[i:i + 16] for i in range(0, len(body), _ID_ROW.size)])
+        halves = [(digests[:count // 2 * 16], bloom.m, bloom.k),
+                  (digests[count // 2 * 16:], bloom.m, bloom.k)]
+        arrays = parallel_map(_bloom_bits, halves, 1 if count < _PARALLEL_BLOOM_IDS else 2)
+        merged = int.from_bytes(arrays[0], "little") | int.from_bytes(arrays[1], "little")
+        bloom.bits = bytearray(merged.to_bytes(len(bloom.bits), "little"))
+        bloom.count = count
+        return bloom.to_bytes(), bloom
+
+    # -- lookups ---------------------------------------------------------------
+    def _verified(self) -> Dict[str, Any]:
+        manifest = self.manifest()
+        if manifest is None:
+            raise IntegrityError("%s: index missing or corrupt" % self.folder)
+        return manifest
+
+    def might_contain(self, record_id: str) -> bool:
+        """The bloom filter's answer (False is certain); raises IntegrityError if it is corrupt."""
+        manifest = self._verified()
+        data = self.part("bloom.bin").read_bytes() if self.part("bloom.bin").exists() else b""
+        if sha256_hex(data) != manifest["bloom"]["sha256"]:
+            raise IntegrityError("%s: bloom filter does not match the index" % self.folder)
+        return record_id in BloomFilter.from_bytes(data)
+
+    def locate(self, record_id: str) -> List[Tuple[Dict[str, Any], int]]:
+        """(file entry, position) of every record with this id; reads one id bucket only."""
+        manifest = self._verified()
+        digest = bloom_digest(record_id)
+        start, count, digest_sha = manifest["ids"]["buckets"][digest[0]]
+        size = _ID_ROW.size
+        chunk = self._read_range("ids.bin", _IDS_HEADER.size + start * size, count * size)
+        if sha256_hex(chunk) != digest_sha:
+            raise IntegrityError("%s: id table bucket %d does not verify"
+                                 % (self.folder, digest[0]))
+        slots = {e["slot"]: e for e in manifest["files"]}
+        found, at = [], chunk.find(digest)
+        while at >= 0:
+            if at % size == 0:  # a match must start a row, not straddle two
+                _, slot, position = _ID_ROW.unpack_from(chunk, at)
+                found.append((slots[slot], position))
+            at = chunk.find(digest, at + 1)
+        return found
+
+    def postings(self, entry: Dict[str, Any]) -> List[List[Any]]:
+        """The posting rows of one indexed file (read by seek); raises IntegrityError."""
+        blob = self._read_range("postings.dat", entry["offset"], entry["length"])
+        if sha256_hex(blob) != entry["sha256"]:
+            raise IntegrityError("%s: postings of %s do not verify" % (self.folder, entry["path"]))
+        return json.loads(blob.decode("utf-8"))
+
+    def files(self, agent: Optional[str] = None, rtype: Optional[str] = None
+              ) -> List[Dict[str, Any]]:
+        """Indexed file entries in store order, optionally of one agent and/or type."""
+        return [e for e in self._verified()["files"]
+                if agent in (None, e["agent"]) and rtype in (None, e["rtype"])]
+
+    def unreadable(self) -> List[str]:
+        """'path: problem' of the files the index could not read."""
+        return _problems((self.manifest() or {}).get("unreadable", []))
+
+    def load_file(self, entry: Dict[str, Any]) -> List[Any]:
+        """The records of one indexed file, if it is unchanged since indexing (LRU of parsed files).
+
+        Raises IntegrityError when the file changed (the index is stale) and CorruptFileError
+        when it cannot be read.
+        """
+        key = (entry["path"], entry["size"], entry["mtime_ns"])
+        records = self._files.get(key)
+        if records is None:
+            path = self.store.root / entry["path"]
+            records, _ = load_json_file(path, expect=list)
+            info = path.stat()
+            if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+                raise IntegrityError("%s changed since it was indexed" % path)
+            self._files.put(key, records, size=entry["size"])
+        return records
+
+
+__all__ += ["worker_count", "parallel_map", "index_file_part", "MemoryIndex", "SearchQuery",
+            "FoundRecord", "LookupResult", "IndexResult",
+            "posting_row"]
+
+
+def warm_score(row: List[Any], now: _dt.datetime) -> float:
+    """How valuable a record is to keep hot (0..1), from its posting row.
+
+    ``(0.4 * confidence + 0.4 * success rate + 0.2 * usage) * recency``, where usage is
+    ``log1p(executions) / log1p(100)`` capped at 1, recency halves every 30 days since last
+    activity, a missing figure counts 0.5, and inactive records count a tenth.
+    """
+    conf = 0.5 if row[P_CONF] is None else min(max(row[P_CONF], 0.0), 1.0)
+    rate = 0.5 if row[P_SR] is None else min(max(row[P_SR], 0.0), 1.0)
+    usage = 0.5 if row[P_EXEC] is None else min(1.0, math.log1p(max(row[P_EXEC], 0.0))
+                                               / math.log1p(100))
+    last = parse_timestamp(row[P_LAST])
+    age = max(0.0, days_between(last, now)) if last else 365.0
+    score = (0.4 * conf + 0.4 * rate + 0.2 * usage) * 0.5 ** (age / 30.0)
+    return score if row[P_ACTIVE] else score / 10.0
+
+
+@dataclasses.dataclass
+class WarmResult:
+    """What warm-cache selected (or, in a dry run, would select)."""
+
+    dry_run: bool
+    records: int
+    bytes: int
+    budget: int
+    candidates: int
+    files_read: int
+    min_score: Optional[float]
+    seconds: float
+    note: str = ""
+
+
+# A hot.bin row: bloom_digest(id), file slot, position, file size and mtime_ns when warmed,
+# offset and length of the record in hot.dat, SHA-256 of those bytes.
+_HOT_ROW = struct.Struct(">16sIIQQQI32s")
+
+
+class HotCache:
+    """The persisted hot set: ``hot.dat`` (records), ``hot.bin`` (rows by id bucket) and
+    ``hot.json`` (checksummed: per-bucket row range and SHA-256; written last).
+
+    A lookup reads one bucket of ``hot.bin`` and one slice of ``hot.dat``. A row answers only
+    while its data file still has the size and mtime it had when warmed and the index still
+    places the id there; otherwise, or if anything fails to verify, it is a miss.
+    """
+
+    def __init__(self, index: MemoryIndex):
+        self.index = index
+        self._doc: Optional[Dict[str, Any]] = None
+
+    def _load(self) -> Dict[str, Any]:
+        if self._doc is None:
+            try:
+                doc = read_checksummed(self.index.part("hot.json"), {}) or {}
+            except IntegrityError:
+                doc = {}
+            ok = isinstance(doc.get("buckets"), list) and len(doc["buckets"]) == _ID_BUCKETS
+            self._doc = doc if ok else {"buckets": [[0, 0, sha256_hex(b"")]] * _ID_BUCKETS}
+        return self._doc
+
+    def _bucket(self, number: int) -> bytes:
+        start, count, digest_sha = self._load()["buckets"][number]
+        try:
+            chunk = self.index._read_range("hot.bin", start * _HOT_ROW.size, count * _HOT_ROW.size)
+        except OSError:
+            return b""
+        return chunk if sha256_hex(chunk) == digest_sha else b""
+
+    def fetch(self, record_id: Optional[str], entry: Dict[str, Any], position: int) -> Any:
+        """The hot record for this id at this (fresh) location, or None (a miss)."""
+        if not record_id:
+            return None
+        digest = bloom_digest(record_id)
+        chunk = self._bucket(digest[0])
+        at = chunk.find(digest)
+        while at >= 0 and at % _HOT_ROW.size:
+            at = chunk.find(digest, at + 1)
+        if at < 0:
+            return None
+        _, slot, pos, size, mtime_ns, offset, length, sha = _HOT_ROW.unpack_from(chunk, at)
+        if (slot, pos, size, mtime_ns) != (entry["slot"], position, entry["size"],
+                                           entry["mtime_ns"]):
+            return None
+        return self._record(offset, length, sha)
+
+    def _record(self, offset: int, length: int, sha: bytes) -> Any:
+        try:
+            blob = self.index._read_range("hot.dat", offset, length)
+        except OSError:
+            return None
+        return json.loads(blob.decode("utf-8")) if hashlib.sha256(blob).digest() == sha else None
+
+    def records(self) -> Iterator[Any]:
+        """Every hot record that still verifies (for inspection and tests)."""
+        for number in range(_ID_BUCKETS):
+            for row in _HOT_ROW.iter_unpack(self._bucket(number)):
+                record = self._record(row[5], row[6], row[7])
+                if record is not None:
+                    yield record
+
+    def warm(self, max_bytes: int, now: _dt.datetime, dry_run: bool = False) -> WarmResult:
+        """Select the highest-scoring unique-id records up to ``max_bytes`` and persist them."""
+        started = time.monotonic()
+        ranked = self._ranked(now)
+        chosen, used, files_read, min_score = [], 0, set(), None
+        for start in range(0, len(ranked), 2000):
+            chunk = ranked[start:start + 2000]
+            blobs = self._chunk_blobs(chunk, files_read)
+            for (score, entry, row), blob in zip(chunk, blobs):
+                if blob is not None and used + len(blob) <= max_bytes:
+                    chosen.append((entry, row, blob))
+                    used += len(blob)
+                    min_score = score
+            if max_bytes - used < 256:
+                break
+        if not dry_run:
+            self._persist(chosen, max_bytes, now)
+        return WarmResult(dry_run, len(chosen), used, max_bytes, len(ranked), len(files_read),
+                          None if min_score is None else round(min_score, 6),
+                          time.monotonic() - started)
+
+    def _ranked(self, now: _dt.datetime) -> List[Tuple[float, Dict[str, Any], List[Any]]]:
+        rows = [(entry, row) for entry in self.index.files() for row in self.index.postings(entry)
+                if row[P_ID]]
+        seen: Dict[str, int] = collections.Counter(row[P_ID] for _, row in rows)
+        ranked = [(warm_score(row, now), entry, row) for entry, row in rows
+                  if seen[row[P_ID]] == 1]
+        ranked.sort(key=lambda item: -item[0])
+        return ranked
+
+    def _chunk_blobs(self, chunk: List[Tuple[float, Dict[str, Any], List[Any]]],
+                     files_read: set) -> List[Optional[bytes]]:
+        out: List[Optional[bytes]] = [None] * len(chunk)
+        by_file: Dict[str, List[int]] = {}
+        for i, (_, entry, _) in enumerate(chunk):
+            by_file.setdefault(entry["path"], []).append(i)
+        for path, slots in by_file.items():
+            try:
+                records = self.index.load_file(chunk[slots[0]][1])
+            except (CorruptFileError, IntegrityError):
+                continue  # changed or unreadable since indexing: not warmed this time
+            files_read.add(path)
+            for i in slots:
+                record = records[chunk[i][2][P_POS]]
+                out[i] = json.dumps(record, ensure_ascii=False,
+                                    separators=(",", ":")).encode("utf-8")
+        return out
+
+    def _persist(self, chosen: List[Tuple[Dict[str, Any], List[Any], bytes]], max_bytes: int,
+                 now: _dt.datetime) -> None:
+        by_bucket: List[List[bytes]] = [[] for _ in range(_ID_BUCKETS)]
+        offset = 0
+        for entry, row, blob in chosen:
+            digest = bloom_digest(row[P_ID])
+            by_bucket[digest[0]].append(_HOT_ROW.pack(
+                digest, entry["slot"], row[P_POS], entry["size"], entry["mtime_ns"], offset,
+                len(blob), hashlib.sha256(blob).digest()))
+            offset += len(blob)
+        buckets, start = [], 0
+        for rows in by_bucket:
+            buckets.append([start, len(rows), sha256_hex(b"".join(rows))])
+            start += len(rows)
+        atomic_write_bytes(self.index.part("hot.dat"), b"".join(b for _, _, b in chosen),
+                           mode=0o600)
+        atomic_write_bytes(self.index.part("hot.bin"), b"".join(map(b"".join, by_bucket)),
+                           mode=0o600)
+        write_checksummed(self.index.part("hot.json"),
+                          {"built": format_timestamp(now), "budget": max_bytes, "bytes": offset,
+                           "records": len(chosen), "buckets": buckets})
+        self._doc = None
+
+
+def hot_cache_stats(store: Store) -> Dict[str, Any]:
+    """Hot-cache hits and misses counted from real get/search lookups (zeros when none yet)."""
+    stats = None
+    if store.state_dir.is_dir():
+        stats = store.read_state_lenient("cache-stats.json", None)
+    if not isinstance(stats, dict):
+        return {"hits": 0, "misses": 0}
+    return stats
+
+
+def _count_cache(store: Store, result: LookupResult) -> None:
+    if not (result.cache_hits or result.cache_misses):
+        return
+    stats = hot_cache_stats(store)
+    store.write_state("cache-stats.json",
+                      {"hits": int(stats.get("hits", 0)) + result.cache_hits,
+                       "misses": int(stats.get("misses", 0)) + result.cache_misses,
+                       "updated": format_timestamp(store.now)})
+
+
+@contextlib.contextmanager
+def _query_index(store: Store, use_index: bool) -> Iterator[Tuple[Optional[MemoryIndex], bool]]:
+    """(index or None for a scan, writable) for one get/search.
+
+    Takes the maintenance lock without waiting: when held, the index is refreshed (only
+    changed files re-read) and counters are written; when another aml run holds it, a fresh
+    verified index is used read-only, else the lookup falls back to a read-only scan.
+    """
+    if not use_index:
+        yield None, False
+        return
+    lock = MaintenanceLock(store.ensure_state_dir(), timeout=0)
+    try:
+        lock.acquire()
+    except StoreBusyError:
+        index = MemoryIndex(store)
+        yield (index if index.manifest() and not index.stale_files() else None), False
+        return
+    try:
+        index = MemoryIndex(store)
+        index.refresh()
+        yield index, True
+    finally:
+        lock.release()
+
+
+def _with_index(index: Optional[MemoryIndex], writable: bool,
+                indexed: Callable[[MemoryIndex], LookupResult],
+                scanned: Callable[[], LookupResult]) -> LookupResult:
+    """Answer from the index; a part that fails verification is rebuilt (when we may write)
+    and the lookup retried once, else the answer comes from a read-only scan."""
+    if index is not None:
+        try:
+            return indexed(index)
+        except IntegrityError:
+            if writable:
+                index.refresh(rebuild=True)
+                with contextlib.suppress(IntegrityError):
+                    return indexed(MemoryIndex(index.store, index.fp_rate))
+    return scanned()
+
+
+def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupResult:
+    """Every record with this id (one per agent that has it); ``not_found`` if none.
+
+    Reads the bloom filter, one id bucket and one data file (or the hot cache) - never the
+    whole store - unless the index cannot be used, then scans read-only.
+    """
+    with _query_index(store, use_index) as (index, writable):
+        result = _with_index(index, writable, lambda ix: _get_indexed(ix, record_id),
+                             lambda: _get_scanned(store, record_id))
+        if writable:
+            _count_cache(store, result)
+    if not result.records:
+        result.not_found = True
+        result.message = "no record with id %r in %s" % (record_id, store.root)
+    return result
+
+
+def _found(entry: Dict[str, Any], position: int, record: Any, source: str) -> FoundRecord:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return FoundRecord(entry["agent"], entry["path"], entry["rtype"], position,
+                       rid if isinstance(rid, str) else None, record, source)
+
+
+def _fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row_id: Optional[str],
+           position: int, result: LookupResult) -> FoundRecord:
+    record = hot.fetch(row_id, entry, position)
+    if record is not None:
+        result.cache_hits += 1
+        return _found(entry, position, record, "hot-cache")
+    result.cache_misses += 1
+    return _found(entry, position, index.load_file(entry)[position], "index")
+
+
+def _get_indexed(index: MemoryIndex, record_id: str) -> LookupResult:
+    result = LookupResult([], "index", unreadable=index.unreadable())
+    if not index.might_contain(record_id):
+        result.source = "bloom"
+        return result
+    hot = HotCache(index)
+    for entry, position in index.locate(record_id):
+        found = _fetch(index, hot, entry, record_id, position, result)
+        if found.id != record_id:
+            raise IntegrityError("index points %s at a different record" % record_id)
+        result.records.append(found)
+    return result
+
+
+def _get_scanned(store: Store, record_id: str) -> LookupResult:
+    errors: List[CorruptFileError] = []
+    result = LookupResult([], "scan")
+    for data_file, records, _ in store.iter_record_files(errors=errors):
+        entry = {"agent": data_file.agent, "rtype": data_file.rtype.value,
+                 "path": "%s/%s" % (data_file.agent, data_file.path.name)}
+        for position, record in enumerate(records):
+            if isinstance(record, dict) and record.get("id") == record_id:
+                result.records.append(_found(entry, position, record, "scan"))
+    result.unreadable = [str(e) for e in errors]
+    return result
+
+
+def search_records(store: Store, query: SearchQuery, use_index: bool = True) -> LookupResult:
+    """Records matching every filter of ``query``, in store order (agent, file, position).
+
+    An unknown agent gives an empty result with ``not_found`` set, never every record.
+    Indexed filters are answered from the postings; only files holding candidates are read.
+    """
+    if query.agent is not None and query.agent not in store.agents():
+        return LookupResult([], "none", not_found=True,
+                            message="no agent named %r in %s (known: %s)"
+                            % (query.agent, store.root, ", ".join(store.agents()) or "none"))
+    with _query_index(store, use_index) as (index, writable):
+        result = _with_index(index, writable, lambda ix: _search_indexed(ix, query),
+                             lambda: _search_scanned(store, query))
+        if writable:
+            _count_cache(store, result)
+    return result
+
+
+def _limit_reached(query: SearchQuery, result: LookupResult) -> bool:
+    return query.limit is not None and len(result.records) >= query.limit
+
+
+def _search_indexed(index: MemoryIndex, query: SearchQuery) -> LookupResult:
+    result = LookupResult([], "index", unreadable=index.unreadable())
+    hot = HotCache(index)
+    for entry in index.files(query.agent, query.rtype):
+        for row in index.postings(entry):
+            if _limit_reached(query, result):
+                return result
+            if query.row_matches(row):
+                found = _fetch(index, hot, entry, row[P_ID], row[P_POS], result)
+                if query.text_matches(found.record):
+                    result.records.append(found)
+    return result
+
+
+def _search_scanned(store: Store, query: SearchQuery) -> LookupResult:
+    errors: List[CorruptFileError] = []
+    result = LookupResult([], "scan")
+    agents = [query.agent] if query.agent else None
+    for data_file, records, _ in store.iter_record_files(agents, errors=errors):
+        if query.rtype and data_file.rtype.value != query.rtype:
+            continue
+        entry = {"agent": data_file.agent, "rtype": data_file.rtype.value,
+                 "path": "%s/%s" % (data_file.agent, data_file.path.name)}
+        for position, record in enumerate(records):
+            if _limit_reached(query, result):
+                break
+            if query.row_matches(posting_row(record, position)) and query.text_matches(record):
+                result.records.append(_found(entry, position, record, "scan"))
+    result.unreadable = [str(e) for e in errors]
+    return result
+
+
+def warm_cache(store: Store, max_bytes: int = DEFAULT_CACHE_BYTES,
+               dry_run: bool = False) -> WarmResult:
+    """Refresh the index, then persist the highest-value records up to ``max_bytes``.
+
+    Call with the maintenance lock held. A dry run refreshes nothing and writes nothing: it
+    ranks from the existing index (IntegrityError if there is none usable).
+    """
+    index = MemoryIndex(store)
+    if not dry_run:
+        index.refresh()
+    elif index.manifest() is None:
+        return WarmResult(True, 0, 0, max_bytes, 0, 0, None, 0.0,
+                          note="no index yet: a real run builds it first, then ranks")
+    return HotCache(index).warm(max_bytes, store.now, dry_run)
+
+
+__all__ += ["HotCache", "WarmResult", "warm_score", "hot_cache_stats", "get_record",
+            "search_records", "warm_cache"]
 
 
 # =============================================================================
@@ -1021,17 +3699,2294 @@ class Archive:
 # Time, performance and space strategies; archive before removal; undo.
 # =============================================================================
 
+class PruneStrategy(enum.Enum):
+    """The three pruning strategies (the original toolkit's names)."""
+
+    TIME_BASED = "time_based"
+    PERFORMANCE_BASED = "performance_based"
+    SPACE_BASED = "space_based"
+
+
+class PruneReason(enum.Enum):
+    """Why a record was removed; stored in the archive and shown in every report."""
+
+    UNUSED_TOO_LONG = "unused_too_long"
+    FAILED_PATTERN_UNUSED = "failed_pattern_unused"
+    DECISION_TOO_OLD = "decision_too_old"
+    LOW_SUCCESS_RATE = "low_success_rate"
+    LOW_CONFIDENCE = "low_confidence"
+    NEGATIVE_OUTCOME = "negative_outcome"
+    OUTDATED_SOLUTION = "outdated_solution"
+    FAILED_SOLUTION = "failed_solution"
+    MEMORY_LIMIT_EXCEEDED = "memory_limit_exceeded"
+
+
+MIB = 1024 * 1024
+AGGRESSIVE_PATTERN_DAYS = 60
+AGGRESSIVE_DECISION_DAYS = 120
+AGGRESSIVE_SUCCESS_FLOOR = 0.30
+MAX_SPACE_ITERATIONS = 5
+# The runtime's config.json keys (section "pruning") that map onto PruneConfig fields.
+STORE_PRUNE_KEYS = {"maxAgeDays": "pattern_max_age_days",
+                    "minConfidence": "min_confidence_score",
+                    "aggressiveMode": "aggressive"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Pruning thresholds (SPEC 5). ``aggressive`` tightens to 60/120 days and a 0.30 floor."""
+
+    pattern_max_age_days: float = 90
+    decision_max_age_days: float = 180
+    failed_pattern_max_age_days: float = 30
+    min_success_rate: float = 0.20
+    min_confidence_score: float = 0.15
+    min_execution_count: int = 3
+    agent_memory_limit: int = 80 * MIB
+    global_memory_limit: int = 800 * MIB
+    preserve_high_value: bool = True
+    high_value_threshold: float = 0.85
+    dry_run: bool = False
+    create_backup: bool = True
+    max_removal_share: float = 0.5
+    aggressive: bool = False
+
+    def effective(self) -> "PruneConfig":
+        """The thresholds actually applied: aggressive mode only ever tightens them."""
+        if not self.aggressive:
+            return self
+        return dataclasses.replace(
+            self,
+            pattern_max_age_days=min(self.pattern_max_age_days, AGGRESSIVE_PATTERN_DAYS),
+            decision_max_age_days=min(self.decision_max_age_days, AGGRESSIVE_DECISION_DAYS),
+            min_success_rate=max(self.min_success_rate, AGGRESSIVE_SUCCESS_FLOOR))
+
+
+_BOOL_FIELDS = ("preserve_high_value", "dry_run", "create_backup", "aggressive")
+_SHARE_FIELDS = ("min_success_rate", "min_confidence_score", "high_value_threshold",
+                 "max_removal_share")
+
+
+def _check_prune_config(config: PruneConfig, source: str) -> PruneConfig:
+    """Reject wrong types and ranges, naming where the bad value came from; raises UsageError."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in _BOOL_FIELDS:
+            ok = isinstance(value, bool)
+        else:
+            ok = _number(value) is not None and value >= 0
+            ok = ok and (field.name not in _SHARE_FIELDS or value <= 1)
+        if not ok:
+            raise UsageError("%s: %s=%r is not a valid value" % (source, field.name, value))
+    return config
+
+
+def store_prune_settings(store: Store) -> Dict[str, Any]:
+    """The PruneConfig fields that the store's config.json sets (its ``pruning`` section)."""
+    section = store.runtime_config().get("pruning")
+    if not isinstance(section, dict):
+        return {}
+    return {field: section[key] for key, field in STORE_PRUNE_KEYS.items() if key in section}
+
+
+def pruning_enabled(store: Store) -> bool:
+    """False only when the store's config.json says ``pruning.enabled: false``."""
+    return dig(store.runtime_config(), "pruning", "enabled") is not False
+
+
+def prune_config_for(store: Store, aml_config: Optional[Dict[str, Any]] = None,
+                     flags: Optional[Dict[str, Any]] = None) -> PruneConfig:
+    """Defaults < store config.json < aml config ``prune`` section < flags; raises UsageError."""
+    config = PruneConfig()
+    layers = (("%s (pruning)" % store.config_path(), store_prune_settings(store)),
+              ("aml config [prune]", (aml_config or {}).get("prune", {})),
+              ("command line", flags or {}))
+    for source, values in layers:
+        config = _check_prune_config(apply_config_fields(config, values, source), source)
+    return config
+
+
+# -- the value score ----------------------------------------------------------
+
+def record_value(facts: RecordFacts, config: PruneConfig) -> float:
+    """A documented 0..1 worth of a record; >= high_value_threshold is kept.
+
+    Pattern: mean of its success rate (counted once executed min_execution_count times) and
+    its confidence; 0 when neither is known. Solution: 0 if it did not work or is
+    superseded, else 0.6 (worked) or 0.3 (unknown) plus 0.1 per verification, at most 1.
+    Decision: 0 if it would not be repeated, 0.9 if it would, 0.5 without an outcome.
+    """
+    if facts.rtype is RecordType.PATTERN:
+        parts = [facts.confidence] if facts.confidence is not None else []
+        if (facts.success_rate is not None
+                and (facts.execution_count or 0) >= config.min_execution_count):
+            parts.append(facts.success_rate)
+        return _clamp(sum(parts) / len(parts)) if parts else 0.0
+    if facts.rtype is RecordType.SOLUTION:
+        if facts.worked is False or facts.superseded:
+            return 0.0
+        base = 0.6 if facts.worked else 0.3
+        return _clamp(base + 0.1 * max(0.0, facts.verified_count or 0.0))
+    return {False: 0.0, True: 0.9, None: 0.5}[facts.would_repeat]
+
+
+def _clamp(value: float) -> float:
+    return max(0.0, min(1.0, value))
+
+
+def is_protected(facts: RecordFacts, config: PruneConfig) -> bool:
+    """Pinned records, and high-value ones while preserve_high_value is on, are never pruned."""
+    return facts.pinned or (config.preserve_high_value
+                            and record_value(facts, config) >= config.high_value_threshold)
+
+
+# -- reasons ------------------------------------------------------------------
+
+Verdict = Tuple[PruneReason, Dict[str, Any]]
+
+
+def _age_details(facts: RecordFacts, now: _dt.datetime, limit: float) -> Dict[str, Any]:
+    source = ("lastUsed" if facts.last_used else "created" if facts.created else "timestamp")
+    return {"age_days": round(days_between(facts.last_activity, now), 1),
+            "max_age_days": limit, "age_from": source,
+            "last_activity": format_timestamp(facts.last_activity)}
+
+
+def time_verdict(facts: RecordFacts, config: PruneConfig, now: _dt.datetime) -> Optional[Verdict]:
+    """time_based: stale patterns and decisions (age from last use, else creation, else timestamp).
+
+    Records without a readable time, or with one in the future, are never time-pruned.
+    """
+    moment = facts.last_activity
+    if moment is None or moment > now:
+        return None
+    age = days_between(moment, now)
+    if facts.rtype is RecordType.PATTERN:
+        if _is_failed_pattern(facts, config) and age > config.failed_pattern_max_age_days:
+            details = _age_details(facts, now, config.failed_pattern_max_age_days)
+            details.update(success_rate=facts.success_rate,
+                           execution_count=_whole(facts.execution_count))
+            return PruneReason.FAILED_PATTERN_UNUSED, details
+        if age > config.pattern_max_age_days:
+            return PruneReason.UNUSED_TOO_LONG, _age_details(facts, now,
+                                                              config.pattern_max_age_days)
+    if facts.rtype is RecordType.DECISION and age > config.decision_max_age_days:
+        return PruneReason.DECISION_TOO_OLD, _age_details(facts, now, config.decision_max_age_days)
+    return None
+
+
+def _whole(value: Optional[float]) -> Any:
+    """Show a count read as float (1.0) as the integer it is."""
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
+def _is_failed_pattern(facts: RecordFacts, config: PruneConfig) -> bool:
+    """Executed at least once and succeeding less often than min_success_rate."""
+    return ((facts.execution_count or 0) >= 1 and facts.success_rate is not None
+            and facts.success_rate < config.min_success_rate)
+
+
+def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Verdict]:
+    """performance_based: failing patterns, low confidence, failed/outdated solutions, regrets."""
+    if (facts.rtype is RecordType.PATTERN and facts.success_rate is not None
+            and (facts.execution_count or 0) >= config.min_execution_count
+            and facts.success_rate < config.min_success_rate):
+        return PruneReason.LOW_SUCCESS_RATE, {
+            "success_rate": facts.success_rate, "min_success_rate": config.min_success_rate,
+            "execution_count": _whole(facts.execution_count),
+            "min_execution_count": config.min_execution_count}
+    if facts.confidence is not None and facts.confidence < config.min_confidence_score:
+        return PruneReason.LOW_CONFIDENCE, {"confidence": facts.confidence,
+                                            "min_confidence_score": config.min_confidence_score}
+    if facts.rtype is RecordType.SOLUTION and facts.worked is False:
+        return PruneReason.FAILED_SOLUTION, {"worked": False}
+    if facts.rtype is RecordType.SOLUTION and facts.superseded:
+        return PruneReason.OUTDATED_SOLUTION, {"superseded": True}
+    if facts.rtype is RecordType.DECISION and facts.would_repeat is False:
+        return PruneReason.NEGATIVE_OUTCOME, {"would_repeat": False}
+    return None
+
+
+# -- result ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PrunedRecord:
+    """One record a run removed (or, in a dry run, would remove)."""
+
+    agent: str
+    file: str
+    type: str
+    id: Optional[str]
+    index: int
+    reason: PruneReason
+    details: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class AgentPruneSummary:
+    """Per-agent counts and on-disk bytes of one run."""
+
+    agent: str
+    records_before: int = 0
+    removed: Dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"pattern": 0, "solution": 0, "decision": 0})
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def removed_total(self) -> int:
+        """Records removed from this agent, all types."""
+        return sum(self.removed.values())
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """What a prune run did or, with ``dry_run``, would do."""
+
+    run_id: Optional[str]
+    dry_run: bool
+    strategies: List[str]
+    config: PruneConfig
+    agents: List[AgentPruneSummary]
+    removed: List[PrunedRecord]
+    bytes_before: int = 0
+    bytes_after: int = 0
+    bytes_estimated: bool = False
+    unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    busy: List[str] = dataclasses.field(default_factory=list)
+    findings: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: Optional[str] = None
+    backup_id: Optional[str] = None
+    archive: Optional[str] = None
+    space_iterations: int = 0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """BUSY over REFUSED over PARTIAL over OK."""
+        if self.busy:
+            return ExitCode.BUSY
+        if self.refused:
+            return ExitCode.REFUSED
+        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
+
+
+# -- planning -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _FilePlan:
+    """One record file as planned: its content, facts and the positions chosen for removal."""
+
+    data_file: DataFile
+    rel: str
+    records: List[Any]
+    fmt: FileFormat
+    disk_bytes: int
+    facts: List[RecordFacts] = dataclasses.field(default_factory=list)
+    positions: List[int] = dataclasses.field(default_factory=list)
+    removals: Dict[int, Verdict] = dataclasses.field(default_factory=dict)
+    ratio: Optional[float] = None
+
+    def estimate(self, index: int) -> float:
+        """Estimated on-disk bytes of one record: its compact JSON size times the file's
+        bytes-on-disk per compact byte (which covers both indentation and gzip)."""
+        if self.ratio is None:  # computed on first use: it serializes the whole file
+            compact = len(_ordered_text(self.records).encode("utf-8")) or 1
+            self.ratio = self.disk_bytes / compact
+        return len(_ordered_text(self.records[index]).encode("utf-8")) * self.ratio
+
+    def removed_estimate(self) -> float:
+        """Estimated bytes the planned removals free."""
+        return sum(self.estimate(i) for i in self.removals)
+
+
+def _new_file_plan(store: Store, data_file: DataFile, records: List[Any],
+                   fmt: FileFormat) -> _FilePlan:
+    plan = _FilePlan(data_file=data_file, rel=data_file.path.relative_to(store.root).as_posix(),
+                     records=records, fmt=fmt, disk_bytes=data_file.path.stat().st_size)
+    _refresh_plan(plan, records, list(range(len(records))))
+    return plan
+
+
+def _refresh_plan(plan: _FilePlan, records: List[Any], positions: List[int]) -> None:
+    """Point a plan at new content (after a write or a change by the runtime)."""
+    plan.records, plan.positions, plan.removals = records, positions, {}
+    rtype = plan.data_file.rtype
+    plan.facts = [record_facts(rtype, r) for r in records]
+    plan.ratio = None
+    with contextlib.suppress(OSError):
+        plan.disk_bytes = plan.data_file.path.stat().st_size
+
+
+def _keep_only(plan: _FilePlan, kept: List[int]) -> None:
+    """After a write: the plan holds just the kept records (their facts are unchanged)."""
+    plan.records = [plan.records[i] for i in kept]
+    plan.facts = [plan.facts[i] for i in kept]
+    plan.positions = [plan.positions[i] for i in kept]
+    plan.removals, plan.ratio = {}, None
+    with contextlib.suppress(OSError):
+        plan.disk_bytes = plan.data_file.path.stat().st_size
+
+
+def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
+    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``)."""
+    total = 0
+    skip = set(skip)
+    for dirpath, dirnames, filenames in os.walk(str(folder)):
+        if dirpath == str(folder):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    return total
+
+
+def agent_disk_bytes(store: Store, agent: str) -> int:
+    """Measured bytes of one agent's folder on disk."""
+    return _dir_bytes(store.root / agent)
+
+
+def store_disk_bytes(store: Store) -> int:
+    """Measured bytes of the store on disk, aml's own ``.aml/`` state excluded."""
+    return _dir_bytes(store.root, skip=(STATE_DIR_NAME,))
+
+
+def _strategies(names: Optional[Iterable[Any]]) -> List[PruneStrategy]:
+    """Strategy names or members to members (all three when none given); raises UsageError."""
+    if not names:
+        return list(PruneStrategy)
+    chosen = []
+    for name in names:
+        try:
+            chosen.append(PruneStrategy(getattr(name, "value", name)))
+        except ValueError:
+            raise UsageError("unknown strategy %r (known: %s)" % (
+                name, ", ".join(s.value for s in PruneStrategy))) from None
+    return list(dict.fromkeys(chosen))
+
+
+_EPOCH = _dt.datetime(1, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of one run: its plans, archive entries written and pending, and its result."""
+
+    result: PruneResult
+    plans: List[_FilePlan]
+    strategies: List[PruneStrategy]
+    force: bool = False
+    applied: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    pending: Dict[str, List[Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
+class MemoryPruner:
+    """Plans and runs pruning of a store with the thresholds of a PruneConfig."""
+
+    def __init__(self, store: Store, config: Optional[PruneConfig] = None):
+        self.store = store
+        self.config = config or PruneConfig()
+        self.rules = self.config.effective()
+
+    # -- public API ------------------------------------------------------------
+    def plan(self, strategies: Optional[Iterable[Any]] = None,
+             agents: Optional[Sequence[str]] = None) -> PruneResult:
+        """What a run would remove; touches nothing on disk (bytes after are an estimate).
+
+        A plan the mass-deletion guard would refuse has ``refused`` set. Raises UsageError.
+        """
+        run = self._prepare(_strategies(strategies), agents, dry_run=True)
+        run.result.refused = self._guard_message(run)
+        if not pruning_enabled(self.store):
+            run.result.findings.append({"problem": "%s says pruning.enabled=false: a real run "
+                                        "refuses without --force" % self.store.config_path()})
+        return run.result
+
+    def run(self, strategies: Optional[Iterable[Any]] = None,
+            agents: Optional[Sequence[str]] = None, force: bool = False) -> PruneResult:
+        """Prune for real (or plan, when config.dry_run): archive first, then rewrite each file.
+
+        Raises RefusedError (mass-deletion guard without ``force``, pruning disabled in the
+        store's config.json without ``force``, failed safety backup), StoreBusyError when
+        another aml run holds the store, UsageError for bad arguments.
+        """
+        if self.config.dry_run:
+            return self.plan(strategies, agents)
+        chosen = _strategies(strategies)
+        if not force and not pruning_enabled(self.store):
+            raise RefusedError("%s says pruning.enabled=false; pass --force to prune anyway"
+                               % self.store.config_path())
+        with self.store.maintenance_lock():
+            self.store.cleanup_temp_files()
+            return self._run_locked(chosen, agents, force)
+
+    # -- the real run ------------------------------------------------------------
+    def _run_locked(self, strategies: List[PruneStrategy], agents: Optional[Sequence[str]],
+                    force: bool) -> PruneResult:
+        started, clock = self.store.now, time.monotonic()
+        run = self._prepare(strategies, agents, dry_run=False)
+        run.force = force
+        message = self._guard_message(run)
+        if message and not force:
+            raise RefusedError(message)
+        run.result.removed = []
+        if any(p.removals for p in run.plans):
+            if self.config.create_backup:
+                run.result.backup_id = safety_backup(self.store, "before %s" % run.result.run_id)
+            self._apply(run)
+            if PruneStrategy.SPACE_BASED in strategies:
+                self._space_rounds(run)
+        self._measure_after(run)
+        self.store.record_operation("prune", started, time.monotonic() - clock,
+                                    self._history_summary(run.result))
+        return run.result
+
+    def _apply(self, run: _Run) -> None:
+        """Archive every planned removal, then rewrite each file without those records."""
+        todo = [p for p in run.plans if p.removals]
+        if not todo:
+            return
+        for plan in todo:
+            run.pending[plan.rel] = self._entries(plan)
+        self._save_archive(run)
+        if any(r == PruneReason.MEMORY_LIMIT_EXCEEDED for p in todo for r, _ in p.removals.values()):
+            run.result.space_iterations += 1
+        for plan in todo:
+            self._apply_file(run, plan)
+
+    def _apply_file(self, run: _Run, plan: _FilePlan) -> None:
+        try:
+            with self.store.rewrite(plan.data_file.path) as job:
+                if job.data != plan.records:
+                    self._replan_file(run, plan, job.data)
+                kept = [i for i in range(len(plan.records)) if i not in plan.removals]
+                job.data = [plan.records[i] for i in kept]
+                job.changed = bool(plan.removals)
+        except (StoreBusyError, CorruptFileError) as exc:
+            run.plans.remove(plan)  # left alone for the rest of the run, space rounds included
+            self._drop_file(run, plan, exc)
+            return
+        plan.fmt = job.fmt
+        entries = run.pending.pop(plan.rel, [])
+        run.applied.extend(entries)
+        run.result.removed.extend(_pruned_record(e) for e in entries)
+        _keep_only(plan, kept)
+
+    def _drop_file(self, run: _Run, plan: _FilePlan, exc: AmlError) -> None:
+        """A file went busy or unreadable since planning: keep it untouched, fix the archive."""
+        run.pending.pop(plan.rel, None)
+        plan.removals = {}
+        if isinstance(exc, StoreBusyError):
+            run.result.busy.append(str(exc))
+        else:
+            run.result.unreadable.append({"file": plan.rel, "problem": getattr(exc, "problem",
+                                                                                 str(exc))})
+        self._save_archive(run)
+
+    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any]) -> None:
+        """The runtime changed the file since planning: decide again from its fresh content."""
+        space_picked = [_canonical(plan.records[i]) for i, (reason, _) in plan.removals.items()
+                        if reason is PruneReason.MEMORY_LIMIT_EXCEEDED]
+        space_details = [d for r, d in plan.removals.values()
+                         if r is PruneReason.MEMORY_LIMIT_EXCEEDED]
+        _refresh_plan(plan, fresh, list(range(len(fresh))))
+        self._choose_file(plan, run.strategies, findings=None)
+        for i, record in enumerate(fresh):
+            if i not in plan.removals and _canonical(record) in space_picked:
+                plan.removals[i] = (PruneReason.MEMORY_LIMIT_EXCEEDED, space_details[0])
+        entries = self._entries(plan)
+        if entries != run.pending.get(plan.rel):
+            run.pending[plan.rel] = entries
+            self._save_archive(run)
+
+    def _save_archive(self, run: _Run) -> None:
+        entries = run.applied + [e for es in run.pending.values() for e in es]
+        path = Archive(self.store).save(run.result.run_id, "prune", entries)
+        run.result.archive = str(path)
+
+    def _space_rounds(self, run: _Run) -> None:
+        """Measure on disk after writing; while still over a limit, remove more and rewrite."""
+        for _ in range(MAX_SPACE_ITERATIONS):
+            if not self._choose_space(run.plans, run.result):
+                return
+            message = self._guard_message(run)
+            if message and not run.force:
+                for plan in run.plans:
+                    plan.removals = {}
+                run.result.findings.append({"problem": "space_based stopped: " + message})
+                return
+            self._apply(run)
+
+    def _measure_after(self, run: _Run) -> None:
+        result = run.result
+        for summary in result.agents:
+            summary.bytes_after = agent_disk_bytes(self.store, summary.agent)
+            over = summary.bytes_after - self.rules.agent_memory_limit
+            if PruneStrategy.SPACE_BASED in run.strategies and over > 0:
+                result.findings.append({"agent": summary.agent, "problem": (
+                    "still over agent_memory_limit by %d bytes (what is left is pinned, "
+                    "high value or unreadable)" % over)})
+        _count_removed(result.agents, result.removed)
+        result.bytes_after = store_disk_bytes(self.store)
+
+    # -- planning ----------------------------------------------------------------
+    def _prepare(self, strategies: List[PruneStrategy], agents: Optional[Sequence[str]],
+                 dry_run: bool) -> _Run:
+        chosen_agents = self.store.select_agents(agents)
+        result = PruneResult(
+            run_id=None if dry_run else new_run_id("prune", self.store.now), dry_run=dry_run,
+            strategies=[s.value for s in strategies], config=self.rules,
+            agents=[AgentPruneSummary(a, bytes_before=agent_disk_bytes(self.store, a))
+                    for a in chosen_agents],
+            removed=[], bytes_before=store_disk_bytes(self.store), bytes_estimated=dry_run)
+        run = _Run(result=result, plans=self._load(chosen_agents, result), strategies=strategies)
+        for plan in run.plans:
+            self._choose_file(plan, strategies, result.findings)
+        if PruneStrategy.SPACE_BASED in strategies:
+            self._choose_space(run.plans, result)
+        result.removed = [_pruned_record(e) for p in run.plans for e in self._entries(p)]
+        _count_removed(result.agents, result.removed)
+        for summary in result.agents:
+            summary.records_before = sum(len(p.records) for p in run.plans
+                                         if p.data_file.agent == summary.agent)
+            freed = sum(p.removed_estimate() for p in run.plans if p.data_file.agent == summary.agent)
+            summary.bytes_after = int(summary.bytes_before - freed)
+        result.bytes_after = result.bytes_before - sum(
+            s.bytes_before - s.bytes_after for s in result.agents)
+        return run
+
+    def _load(self, agents: List[str], result: PruneResult) -> List[_FilePlan]:
+        errors: List[CorruptFileError] = []
+        plans = [_new_file_plan(self.store, data_file, records, fmt)
+                 for data_file, records, fmt in self.store.iter_record_files(agents, errors)]
+        for exc in errors:
+            rel = exc.path.relative_to(self.store.root).as_posix()
+            result.unreadable.append({"file": rel, "problem": exc.problem})
+        return plans
+
+    def _choose_file(self, plan: _FilePlan, strategies: List[PruneStrategy],
+                     findings: Optional[List[Dict[str, Any]]]) -> None:
+        """Mark the time and performance removals of one file (protected records are skipped)."""
+        for i, facts in enumerate(plan.facts):
+            if findings is not None and facts.last_activity and facts.last_activity > self.store.now:
+                findings.append({"agent": plan.data_file.agent, "file": plan.rel, "index": i,
+                                 "id": facts.id, "problem": "timestamp in the future (%s)"
+                                 % format_timestamp(facts.last_activity)})
+            if is_protected(facts, self.rules):
+                continue
+            verdict = None
+            if PruneStrategy.TIME_BASED in strategies:
+                verdict = time_verdict(facts, self.rules, self.store.now)
+            if verdict is None and PruneStrategy.PERFORMANCE_BASED in strategies:
+                verdict = performance_verdict(facts, self.rules)
+            if verdict is not None:
+                plan.removals[i] = verdict
+
+    def _choose_space(self, plans: List[_FilePlan], result: PruneResult) -> int:
+        """Add memory_limit_exceeded removals, lowest value first, until the estimate fits."""
+        added = 0
+        for summary in result.agents:
+            mine = [p for p in plans if p.data_file.agent == summary.agent]
+            size = agent_disk_bytes(self.store, summary.agent) - sum(
+                p.removed_estimate() for p in mine)
+            added += self._take_lowest(mine, size, self.rules.agent_memory_limit, "agent")
+        size = store_disk_bytes(self.store) - sum(p.removed_estimate() for p in plans)
+        return added + self._take_lowest(plans, size, self.rules.global_memory_limit, "store")
+
+    def _take_lowest(self, plans: List[_FilePlan], size: float, limit: int, scope: str) -> int:
+        if size <= limit:
+            return 0
+        candidates = [(record_value(f, self.rules), f.last_activity or _EPOCH, n, i)
+                      for n, plan in enumerate(plans) for i, f in enumerate(plan.facts)
+                      if i not in plan.removals and not is_protected(f, self.rules)]
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        added = 0
+        for value, _, n, i in candidates:
+            if size <= limit:
+                break
+            plans[n].removals[i] = (PruneReason.MEMORY_LIMIT_EXCEEDED, {
+                "scope": scope, "value": round(value, 3), "size_bytes": int(size),
+                "limit_bytes": limit})
+            size -= plans[n].estimate(i)
+            added += 1
+        return added
+
+    def _entries(self, plan: _FilePlan) -> List[Dict[str, Any]]:
+        """Archive entries (contracts.md schema) of a file's planned removals."""
+        return [{"agent": plan.data_file.agent, "file": plan.rel,
+                 "type": plan.data_file.rtype.value, "id": plan.facts[i].id,
+                 "index": plan.positions[i], "reason": reason.value, "details": details,
+                 "record": plan.records[i], "record_text": _ordered_text(plan.records[i])}
+                for i, (reason, details) in sorted(plan.removals.items())]
+
+    def _guard_message(self, run: _Run) -> Optional[str]:
+        """The mass-deletion guard: None, or which agents the run would strip too far."""
+        share = self.rules.max_removal_share
+        over = []
+        for summary in run.result.agents:
+            count = sum(len(p.removals) for p in run.plans if p.data_file.agent == summary.agent)
+            count += sum(1 for e in run.applied if e["agent"] == summary.agent)
+            if summary.records_before and count / summary.records_before > share:
+                over.append("%s would lose %d of %d records (%.0f%%)" % (
+                    summary.agent, count, summary.records_before,
+                    100.0 * count / summary.records_before))
+        if not over:
+            return None
+        return ("mass-deletion guard: %s, more than max_removal_share %.0f%%; check the clock "
+                "and thresholds, or pass --force" % ("; ".join(over), 100 * share))
+
+    def _history_summary(self, result: PruneResult) -> Dict[str, Any]:
+        return {"run_id": result.run_id, "removed": len(result.removed),
+                "bytes_before": result.bytes_before, "bytes_after": result.bytes_after,
+                "unreadable": len(result.unreadable), "busy": len(result.busy),
+                "backup_id": result.backup_id, "strategies": result.strategies}
+
+
+def _pruned_record(entry: Dict[str, Any]) -> PrunedRecord:
+    return PrunedRecord(agent=entry["agent"], file=entry["file"], type=entry["type"],
+                        id=entry["id"], index=entry["index"], reason=PruneReason(entry["reason"]),
+                        details=entry["details"])
+
+
+def _count_removed(summaries: List[AgentPruneSummary], removed: List[PrunedRecord]) -> None:
+    for summary in summaries:
+        summary.removed = {"pattern": 0, "solution": 0, "decision": 0}
+        for record in removed:
+            if record.agent == summary.agent:
+                summary.removed[record.type] += 1
+
+
+def _ordered_text(record: Any) -> str:
+    """The record as compact JSON in its own key order (state files sort keys; undo restores
+    this text so a put-back record reads exactly as before)."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _archived_record(entry: Dict[str, Any]) -> Any:
+    """The record of an archive entry, in its original key order when ``record_text`` agrees."""
+    text = entry.get("record_text")
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            ordered = parse_json_text(text)
+            if ordered == entry["record"]:
+                return ordered
+    return entry["record"]
+
+
+def _canonical(record: Any) -> str:
+    """Order-independent text of a record, to recognise the same content again."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+# -- undo -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class UndoResult:
+    """What ``prune --undo`` put back."""
+
+    run_id: str
+    operation: str
+    already_undone: Optional[str] = None
+    restored: int = 0
+    skipped: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    busy: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """BUSY over PARTIAL over OK (a run left not undone can be undone again)."""
+        if self.busy:
+            return ExitCode.BUSY
+        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
+
+
+def _archived_file(store: Store, rel: Any) -> Path:
+    """The data file an archive entry names, confined to ``<agent>/<record file>``."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (len(parts) != 2 or is_reserved_name(parts[0]) or parts[0] in ("", "..")
+            or parts[1] not in RECORD_FILES):
+        raise IntegrityError("archive entry names an unexpected file %r" % (rel,))
+    return store.root / parts[0] / parts[1]
+
+
+def undo_run(store: Store, run_id: str) -> UndoResult:
+    """Put the records of an archived run (prune or gc) back where they were.
+
+    Each record goes back at its original position when the file allows it; a record whose
+    id (or, without an id, whose exact content) is present again is skipped. The run is marked
+    undone once every file was handled; a second undo is a no-op that says so. Raises
+    UsageError (no such run), IntegrityError (corrupt archive), StoreBusyError.
+    """
+    archive = Archive(store)
+    payload = archive.load(run_id)
+    if payload.get("undone"):
+        return UndoResult(run_id, payload.get("operation", "?"), already_undone=payload["undone"])
+    with store.maintenance_lock():
+        store.cleanup_temp_files()
+        payload = archive.load(run_id)
+        result = UndoResult(run_id, payload.get("operation", "?"),
+                            already_undone=payload.get("undone"))
+        if result.already_undone:
+            return result
+        grouped = _entries_by_file(payload.get("entries", []))
+        paths = {rel: _archived_file(store, rel) for rel in grouped}
+        for rel, entries in grouped.items():
+            _restore_file(store, paths[rel], rel, entries, result)
+        if not result.unreadable and not result.busy:
+            archive.mark_undone(run_id, store.now)
+    return result
+
+
+def _entries_by_file(entries: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    grouped: Dict[str, List[Dict[str, Any]]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.get("file"), []).append(entry)
+    return grouped
+
+
+def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, Any]],
+                  result: UndoResult) -> None:
+    """Insert one file's archived records back, lowest original index first."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with store.file_lock(path):
+            if not path.exists():
+                write_json_file(path, [])
+    try:
+        with store.rewrite(path) as job:
+            job.changed = _insert_entries(job.data, entries, result) > 0
+    except StoreBusyError as exc:
+        result.busy.append(str(exc))
+    except CorruptFileError as exc:
+        result.unreadable.append({"file": rel, "problem": exc.problem})
+
+
+def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: UndoResult) -> int:
+    ids = {r.get("id") for r in data if isinstance(r, dict) and r.get("id")}
+    contents = {_canonical(r) for r in data}
+    restored = 0
+    for entry in sorted(entries, key=lambda e: e.get("index") or 0):
+        record, rid = _archived_record(entry), entry.get("id")
+        if (rid in ids) if rid else (_canonical(record) in contents):
+            result.skipped.append({"file": entry.get("file"), "id": rid,
+                                   "index": entry.get("index"), "why": "present again"})
+            continue
+        data.insert(min(max(0, int(entry.get("index") or 0)), len(data)), record)
+        ids.add(rid)
+        contents.add(_canonical(record))
+        restored += 1
+    result.restored += restored
+    return restored
+
+
+def list_runs(store: Store) -> List[Dict[str, Any]]:
+    """Every archived run (prune and gc), oldest first; read-only. Corrupt ones say so."""
+    archive = Archive(store)
+    runs = []
+    for run_id in archive.runs():
+        try:
+            payload = archive.load(run_id)
+        except IntegrityError as exc:
+            runs.append({"run_id": run_id, "problem": str(exc)})
+            continue
+        runs.append({"run_id": run_id, "operation": payload.get("operation"),
+                     "created": payload.get("created"), "undone": payload.get("undone"),
+                     "records": len(payload.get("entries", []))})
+    return runs
+
+
+__all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "PruneResult",
+            "PrunedRecord", "AgentPruneSummary", "UndoResult", "undo_run", "list_runs",
+            "prune_config_for", "record_value", "is_protected", "time_verdict",
+            "performance_verdict", "agent_disk_bytes", "store_disk_bytes"]
+
 
 # =============================================================================
 # 12. Compression and garbage collection
 # In-place gzip of cold files, decompress, gc of broken and duplicate records.
 # =============================================================================
 
+@dataclasses.dataclass
+class OptimizeConfig:
+    """Settings of ``optimize`` (aml config file section ``optimize``; flags win)."""
+
+    compress_age_days: float = 30.0
+    cache_max_bytes: int = DEFAULT_CACHE_BYTES
+    workers: int = 0  # compress/decompress threads; 0 = two per CPU core
+    create_backup: bool = True
+
+
+@dataclasses.dataclass
+class TranscodeResult:
+    """What compress or decompress did (or, in a dry run, would do)."""
+
+    operation: str
+    dry_run: bool
+    files: List[str]
+    bytes_before: int
+    bytes_after: int
+    skipped_recent: List[str]
+    skipped_done: List[str]
+    skipped_changed: List[str]
+    unreadable: List[str]
+    workers: int
+    seconds: float
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """bytes_after / bytes_before, or None when nothing was done."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else None
+
+
+def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> bytes:
+    """The new file content; raises ValueError if the input is not valid JSON as the runtime reads.
+
+    ``parsed_ok`` (the index parsed this exact file) skips the parse when compressing.
+    """
+    if to_gzip and parsed_ok:
+        return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
+    text, fmt = decode_file_bytes(Path("-"), raw)
+    obj = parse_json_text(text)
+    if to_gzip:
+        # Compress the exact plain bytes: after decompression the content is byte-identical.
+        return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
+    if "\n" in text.strip():
+        return raw if raw[:2] != GZIP_MAGIC else gzip.decompress(raw)
+    return encode_json(obj, dataclasses.replace(fmt, gzip=False))
+
+
+def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool,
+                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[str, str, int, int, str]:
+    """Compress or decompress one file in place under its lock; runs in a worker process.
+
+    Returns (path, outcome, bytes before, bytes after, problem) with outcome ``done``,
+    ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile) or
+    ``unreadable``. The file's mtime is kept so ``--age-days`` stays meaningful.
+    ``indexed`` is the (size, mtime_ns) at which the index parsed the file successfully;
+    if the file still matches, it is not parsed again.
+    """
+    path = Path(path_text)
+    with FileLock(path, timeout=lock_timeout):
+        try:
+            before = path.stat()
+            raw = path.read_bytes()
+            if (raw[:2] == GZIP_MAGIC) == to_gzip:
+                return path_text, "skipped", len(raw), len(raw), ""
+            parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
+                         and len(raw) == before.st_size)
+            new = _transcode_bytes(raw, to_gzip, parsed_ok)
+        except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
+            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc))
+        if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
+            raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            return path_text, "changed", len(raw), len(raw), ""
+        if not dry_run:  # write errors propagate: the old file is intact (atomic write)
+            atomic_write_bytes(path, new)
+            os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
+        return path_text, "done", len(raw), len(new), ""
+
+
+def _indexed_stats(store: Store) -> Dict[Path, Tuple[int, int]]:
+    """(size, mtime_ns) of every file a verified index parsed successfully."""
+    manifest = MemoryIndex(store).manifest() if store.state_dir.is_dir() else None
+    return {store.root / e["path"]: (e["size"], e["mtime_ns"])
+            for e in (manifest or {}).get("files", [])}
+
+
+def _agent_data_files(store: Store) -> List[Path]:
+    """Every agent's JSON data files (never config.json, global/ or aml's state)."""
+    return [f.path for agent in store.agents() for f in store.agent_files(agent)]
+
+
+def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run: bool = False,
+                    workers: int = 0) -> TranscodeResult:
+    """Gzip (``to_gzip``) or un-gzip every agent data file in place, under the same name.
+
+    Compression takes files unchanged for ``age_days`` (0 = all); decompression takes all.
+    Each file is locked, parsed (an unparseable file is listed, never written), converted,
+    verified and replaced atomically with its mtime kept; files run in parallel threads.
+    Call with the maintenance lock held.
+    """
+    started = time.monotonic()
+    cutoff = store.now.timestamp() - age_days * 86400.0
+    paths, recent = [], []
+    for path in _agent_data_files(store):
+        if to_gzip and age_days > 0 and path.stat().st_mtime > cutoff:
+            recent.append(path)
+        else:
+            paths.append(path)
+    # Threads, two per core: zlib, reads and fsync release the GIL, and a file's fsync wait
+    # overlaps another's compression (measured faster than one process per core).
+    count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
+    indexed = _indexed_stats(store)
+    outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
+                                              indexed.get(p)) for p in paths], count, threads=True)
+    rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
+    by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
+                                                                     "unreadable")}
+    return TranscodeResult(
+        operation="compress" if to_gzip else "decompress", dry_run=dry_run,
+        files=[rel(o[0]) for o in by["done"]], bytes_before=sum(o[2] for o in by["done"]),
+        bytes_after=sum(o[3] for o in by["done"]), skipped_recent=[rel(p) for p in recent],
+        skipped_done=[rel(o[0]) for o in by["skipped"]],
+        skipped_changed=[rel(o[0]) for o in by["changed"]],
+        unreadable=["%s: %s" % (rel(o[0]), o[4]) for o in by["unreadable"]],
+        workers=count, seconds=time.monotonic() - started)
+
+
+class GcReason(enum.Enum):
+    """Why garbage collection removed a record."""
+
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_ID = "missing_id"
+    MISSING_AGENT = "missing_agent"
+    MISSING_TIMESTAMP = "missing_timestamp"
+    MISSING_BODY = "missing_body"
+    DUPLICATE = "duplicate"
+    ID_CONFLICT = "id_conflict"
+
+
+# The body a record is useless without, per type (SPEC 2.1).
+_BODY_KEYS = {RecordType.PATTERN: ("pattern",), RecordType.SOLUTION: ("problem", "solution"),
+              RecordType.DECISION: ("decision",)}
+
+
+def _incomplete(rtype: RecordType, record: Any) -> Optional[Tuple[GcReason, Dict[str, Any]]]:
+    if not isinstance(record, dict):
+        return GcReason.NOT_AN_OBJECT, {"value_type": type(record).__name__}
+    if not (isinstance(record.get("id"), str) and record["id"]):
+        return GcReason.MISSING_ID, {"id": record.get("id")}
+    if not (isinstance(record.get("agent"), str) and record["agent"]):
+        return GcReason.MISSING_AGENT, {"agent": record.get("agent")}
+    if parse_timestamp(record.get("timestamp")) is None:
+        return GcReason.MISSING_TIMESTAMP, {"timestamp": record.get("timestamp")}
+    missing = [k for k in _BODY_KEYS[rtype] if not isinstance(record.get(k), dict)]
+    if missing:
+        return GcReason.MISSING_BODY, {"missing": missing}
+    return None
+
+
+@dataclasses.dataclass
+class GcResult:
+    """What gc removed and cleaned (or, in a dry run, would)."""
+
+    dry_run: bool
+    run_id: Optional[str]
+    removed: List[Dict[str, Any]]
+    by_reason: Dict[str, int]
+    refused_agents: List[str]
+    stale_locks: List[str]
+    temp_files: List[str]
+    orphaned_state: List[str]
+    unreadable: List[str]
+    skipped_changed: int
+    backup_id: Optional[str]
+    seconds: float
+
+
+class GarbageCollector:
+    """Finds and removes unusable, duplicate and conflicting records, and cleans leftovers.
+
+    Records go to the Archive (undo with ``prune --undo RUN_ID``) before leaving their file.
+    Never deletes a data file, never writes a file it cannot parse, and treats the same id in
+    two agents as two records. Refuses (RefusedError) to remove more than half of an agent's
+    records unless ``force``.
+    """
+
+    def __init__(self, store: Store, force: bool = False):
+        self.store = store
+        self.force = force
+
+    def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
+        """Archive entries for the agent's defective records, reading its files (no writes)."""
+        loaded = []
+        for data_file, records, _ in self.store.iter_record_files([agent], errors=errors):
+            loaded.append((data_file, records))
+        entries, kept_ids = [], {}
+        for data_file, records in loaded:
+            seen: Dict[str, int] = {}
+            for index, record in enumerate(records):
+                bad = _incomplete(data_file.rtype, record)
+                if bad is None:
+                    canon = _canonical(record)
+                    if canon in seen:
+                        bad = GcReason.DUPLICATE, {"duplicate_of_index": seen[canon]}
+                    else:
+                        seen[canon] = index
+                        kept_ids.setdefault(record["id"], []).append((data_file, index, record))
+                if bad is not None:
+                    entries.append(self._entry(data_file, index, record, *bad))
+        return entries + self._conflicts(kept_ids)
+
+    def _entry(self, data_file: DataFile, index: int, record: Any, reason: GcReason,
+               details: Dict[str, Any]) -> Dict[str, Any]:
+        rid = record.get("id") if isinstance(record, dict) else None
+        return {"agent": data_file.agent,
+                "file": data_file.path.relative_to(self.store.root).as_posix(),
+                "type": data_file.rtype.value, "id": rid if isinstance(rid, str) else None,
+                "index": index, "reason": reason.value, "details": details, "record": record}
+
+    def _conflicts(self, by_id: Dict[str, List[Tuple[DataFile, int, Any]]]
+                   ) -> List[Dict[str, Any]]:
+        entries = []
+        for copies in by_id.values():
+            if len(copies) < 2:
+                continue
+            def recency(item: Tuple[DataFile, int, Any]) -> float:
+                last = record_facts(item[0].rtype, item[2]).last_activity
+                return last.timestamp() if last else float("-inf")
+            keep = max(copies, key=recency)  # ties: the first in store order
+            for copy in copies:
+                if copy is keep:
+                    continue
+                details = {"kept_file": keep[0].path.relative_to(self.store.root).as_posix(),
+                           "kept_index": keep[1], "kept_last_activity": recency(keep),
+                           "last_activity": recency(copy)}
+                entries.append(self._entry(copy[0], copy[1], copy[2], GcReason.ID_CONFLICT,
+                                           {k: (None if v == float("-inf") else v)
+                                            for k, v in details.items()}))
+        return entries
+
+    def guard(self, agent: str, entries: List[Dict[str, Any]]) -> bool:
+        """True if removing ``entries`` is within the mass-deletion limit for the agent."""
+        if self.force or not entries:
+            return True
+        total = 0
+        for data_file in self.store.record_files(agent):
+            with contextlib.suppress(CorruptFileError):
+                total += len(self.store.load_records(data_file)[0])
+        return len(entries) * 2 <= total
+
+    def apply(self, run_id: str, entries: List[Dict[str, Any]]
+              ) -> Tuple[List[Dict[str, Any]], int]:
+        """Archive, then remove ``entries`` from their files under the runtime's lock.
+
+        A record is removed only if the file still holds it unchanged; returns the entries
+        actually removed (the archive is rewritten to match) and how many were skipped.
+        """
+        archive = Archive(self.store)
+        archive.save(run_id, "gc", entries)
+        removed, skipped = [], 0
+        by_file: Dict[str, List[Dict[str, Any]]] = {}
+        for entry in entries:
+            by_file.setdefault(entry["file"], []).append(entry)
+        for rel, file_entries in by_file.items():
+            done = self._remove_from(self.store.root / rel, file_entries)
+            removed.extend(done)
+            skipped += len(file_entries) - len(done)
+        if skipped:
+            archive.save(run_id, "gc", removed)
+        return removed, skipped
+
+    def _remove_from(self, path: Path, entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        with self.store.rewrite(path) as job:
+            positions, done = set(), []
+            for entry in entries:
+                canon = _canonical(entry["record"])
+                i = entry["index"]
+                if i >= len(job.data) or _canonical(job.data[i]) != canon or i in positions:
+                    i = next((j for j, r in enumerate(job.data)
+                              if j not in positions and _canonical(r) == canon), None)
+                if i is not None:
+                    positions.add(i)
+                    done.append(entry)
+            if positions:
+                job.data = [r for j, r in enumerate(job.data) if j not in positions]
+                job.changed = True
+        return done
+
+
+def stale_lock_dirs(store: Store, now: Optional[float] = None) -> List[Path]:
+    """Empty ``*.json.lock`` directories in the store older than 30 s (the runtime's rule)."""
+    now = time.time() if now is None else now
+    found = []
+    for dirpath, dirnames, _ in os.walk(str(store.root)):
+        if Path(dirpath) == store.root:
+            dirnames[:] = [d for d in dirnames if d != STATE_DIR_NAME]
+        for name in list(dirnames):
+            if not name.endswith(".json.lock"):
+                continue
+            dirnames.remove(name)
+            path = Path(dirpath) / name
+            with contextlib.suppress(OSError):
+                info = os.lstat(str(path))
+                if (stat.S_ISDIR(info.st_mode) and now - info.st_mtime > LOCK_STALE_SECONDS
+                        and not os.listdir(str(path))):
+                    found.append(path)
+    return found
+
+
+def _temp_leftovers(store: Store) -> List[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(str(store.root)):
+        dirnames[:] = [d for d in dirnames if not d.endswith(".lock")]
+        out.extend(Path(dirpath) / n for n in filenames if is_temp_leftover(n))
+    return out
+
+
+_INDEX_FILES = frozenset({"manifest.json", "postings.dat", "keys.dat", "ids.bin", "bloom.bin",
+                          "hot.json", "hot.dat", "hot.bin"})
+
+
+def _orphaned_state(store: Store) -> Tuple[List[str], bool]:
+    """Foreign files in ``.aml/index/`` and whether the index lists files that are gone."""
+    index = MemoryIndex(store)
+    strays = []
+    if index.folder.is_dir():
+        strays = sorted(p.name for p in index.folder.iterdir()
+                        if p.name not in _INDEX_FILES and not is_temp_leftover(p.name))
+    manifest = index.manifest()
+    gone = [e["path"] for e in (manifest or {}).get("files", [])
+            if not (store.root / e["path"]).exists()]
+    return strays + gone, bool(gone)
+
+
+def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
+                    backup: Optional[Callable[[], str]] = None) -> GcResult:
+    """Run gc over every agent; call with the maintenance lock held (except dry runs).
+
+    ``backup`` (e.g. a safety_backup call) runs before the first change, only when records
+    will be removed. Agents over the mass-deletion limit are refused and listed; if any is,
+    nothing at all is removed and RefusedError names them.
+    """
+    started = time.monotonic()
+    gc = GarbageCollector(store, force)
+    errors: List[CorruptFileError] = []
+    plan, refused = [], []
+    for agent in store.agents():
+        entries = gc.plan_agent(agent, errors)
+        if not gc.guard(agent, entries):
+            refused.append(agent)
+        plan.extend(entries)
+    locks, temps = stale_lock_dirs(store), _temp_leftovers(store)
+    orphans, index_gone = _orphaned_state(store)
+    if refused and not dry_run:
+        raise RefusedError("gc would remove more than half of the records of %s; check the "
+                           "store, then rerun with --force" % ", ".join(refused))
+    run_id, backup_id, removed, skipped = None, None, plan, 0
+    if not dry_run:
+        if plan and backup is not None:
+            backup_id = backup()
+        if plan:
+            run_id = new_run_id("gc", store.now)
+            removed, skipped = gc.apply(run_id, plan)
+        _clean_leftovers(store, locks, temps, orphans, index_gone)
+    rel = lambda p: p.relative_to(store.root).as_posix()  # noqa: E731
+    reasons = dict(collections.Counter(e["reason"] for e in removed))
+    return GcResult(dry_run, run_id, removed, reasons, refused, [rel(p) for p in locks],
+                    [rel(p) for p in temps], orphans, [str(e) for e in errors], skipped,
+                    backup_id, time.monotonic() - started)
+
+
+def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans: List[str],
+                     index_gone: bool) -> None:
+    for path in locks:
+        with contextlib.suppress(OSError):
+            info = os.lstat(str(path))
+            if time.time() - info.st_mtime > LOCK_STALE_SECONDS:  # still stale right now
+                os.rmdir(str(path))
+    store.cleanup_temp_files()
+    index = MemoryIndex(store)
+    for name in orphans:
+        if "/" not in name:
+            with contextlib.suppress(OSError):
+                (index.folder / name).unlink()
+    if index_gone:
+        index.refresh()
+
+
+__all__ += ["OptimizeConfig", "TranscodeResult", "transcode_store", "GcReason", "GcResult",
+            "GarbageCollector", "collect_garbage", "stale_lock_dirs"]
+
 
 # =============================================================================
 # 13. Migration
 # Schema detection per record and step-by-step migration to 2.0.0.
 # =============================================================================
+
+class SchemaVersion(enum.Enum):
+    """Record schema versions in chain order; members compare with ``<`` and ``>``."""
+
+    V1_0_0 = "1.0.0"
+    V1_1_0 = "1.1.0"
+    V1_2_0 = "1.2.0"
+    V2_0_0 = "2.0.0"
+
+    @property
+    def rank(self) -> int:
+        """Position in the chain (1.0.0 is 0)."""
+        return _MEMBER_RANK[self]
+
+    def __lt__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] < _MEMBER_RANK[other]
+
+    def __le__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] <= _MEMBER_RANK[other]
+
+    def __gt__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] > _MEMBER_RANK[other]
+
+    def __ge__(self, other: "SchemaVersion") -> bool:
+        return _MEMBER_RANK[self] >= _MEMBER_RANK[other]
+
+    @classmethod
+    def from_stamp(cls, value: Any) -> Optional["SchemaVersion"]:
+        """The version a stamp such as ``"1.2.0"`` or ``"v1.2"`` names, else None."""
+        if not isinstance(value, str):
+            return None
+        text = value.strip().lstrip("vV")
+        text = text + ".0" if text.count(".") == 1 else text
+        for version in cls:
+            if version.value == text:
+                return version
+        return None
+
+    @classmethod
+    def parse(cls, text: str) -> "SchemaVersion":
+        """The version named on a command line; raises UsageError for an unknown one."""
+        version = cls.from_stamp(text)
+        if version is None:
+            raise UsageError("unknown schema version %r (known: %s)"
+                             % (text, ", ".join(v.value for v in cls)))
+        return version
+
+    @classmethod
+    def latest(cls) -> "SchemaVersion":
+        """The newest version (2.0.0)."""
+        return list(cls)[-1]
+
+
+_MEMBER_RANK = {version: rank for rank, version in enumerate(SchemaVersion)}
+_VERSION_RANK = {version.value: rank for version, rank in _MEMBER_RANK.items()}
+VERSION_STAMP = "schemaVersion"
+LIFECYCLE_STATES = ("active", "inactive", "pinned", "superseded", "archived")
+_MIGRATION_BODY_KEY = {RecordType.PATTERN: "pattern", RecordType.SOLUTION: "problem",
+              RecordType.DECISION: "decision"}
+_SUPERSEDED_WORDS = ("superseded", "outdated", "deprecated", "replaced")
+
+
+class LossyStepError(RefusedError):
+    """A step down would lose information held by one record."""
+
+
+# -- detection ----------------------------------------------------------------
+
+def _has_v2_shape(rtype: RecordType, record: Dict[str, Any]) -> bool:
+    if dig(record, "lifecycle", "state") not in LIFECYCLE_STATES:
+        return False
+    if rtype is RecordType.PATTERN:
+        return isinstance(record.get("metrics"), dict) and isinstance(record.get("evolution"), dict)
+    return True
+
+
+def place_record(rtype: RecordType, record: Any) -> Tuple[Optional[SchemaVersion], Optional[str]]:
+    """(version, None) for a record aml can place, else (None, why it cannot)."""
+    if not isinstance(record, dict):
+        return None, "not a JSON object (%s)" % type(record).__name__
+    if "id" not in record and _MIGRATION_BODY_KEY[rtype] not in record:
+        return None, "neither an id nor a %r body: not a %s record" % (_MIGRATION_BODY_KEY[rtype],
+                                                                      rtype.value)
+    if VERSION_STAMP in record:
+        version = SchemaVersion.from_stamp(record[VERSION_STAMP])
+        if version is None:
+            return None, "unknown %s %r" % (VERSION_STAMP, record[VERSION_STAMP])
+        # An older tool stamped 2.0.0 on records it had broken; only aml's shape counts.
+        if version is not SchemaVersion.V2_0_0 or _has_v2_shape(rtype, record):
+            return version, None
+    return _version_by_fields(rtype, record), None
+
+
+def _version_by_fields(rtype: RecordType, record: Dict[str, Any]) -> SchemaVersion:
+    if "metadata" in record or (rtype is RecordType.PATTERN and "variations" in record):
+        return SchemaVersion.V1_2_0
+    # The runtime persists `active` but drops an empty `tags`: either marks 1.1.0.
+    if "tags" in record or "active" in record:
+        return SchemaVersion.V1_1_0
+    return SchemaVersion.V1_0_0
+
+
+def detect_record_version(rtype: RecordType, record: Any) -> Optional[SchemaVersion]:
+    """The schema version of one record (a valid stamp wins); None if it cannot be placed."""
+    return place_record(rtype, record)[0]
+
+
+# -- runtime schema check (SPEC 2.1) -------------------------------------------
+
+def _is_num(value: Any) -> bool:
+    return _number(value) is not None
+
+
+def _is_int(value: Any) -> bool:
+    # JSON has one number type: the runtime reads 7.0 as the integer 7.
+    return _is_num(value) and float(value).is_integer()
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_num(value) and 0.0 <= value <= 1.0
+
+
+# The runtime's own form, with field ranges: most values match and skip the full parse.
+_RUNTIME_TIME = re.compile(r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+                           r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z\Z")
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, str) and (_RUNTIME_TIME.match(value) is not None
+                                       or parse_timestamp(value) is not None)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_flat_context(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (str, bool)) or _is_num(v) for v in value.values())
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is _ABSENT or check(value)
+
+
+_ABSENT = object()
+_IS_STR = lambda value: isinstance(value, str)  # noqa: E731 - a table entry
+_IS_DICT = lambda value: isinstance(value, dict)  # noqa: E731
+_IS_LIST = lambda value: isinstance(value, list)  # noqa: E731
+
+_COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _IS_STR),
+                 ("timestamp", _is_time), ("tags", _optional(_is_str_list)),
+                 ("active", _optional(lambda v: isinstance(v, bool))))
+_RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] = {
+    RecordType.PATTERN: (
+        ("pattern.type", _IS_STR), ("pattern.context", _is_flat_context),
+        ("pattern.approach.technique", _IS_STR), ("pattern.approach.rationale", _IS_STR),
+        ("pattern.approach.codeTemplate", _optional(_IS_STR)),
+        ("pattern.approach.steps", _optional(_IS_LIST)),
+        ("pattern.conditions.whenApplicable", _IS_LIST),
+        ("pattern.conditions.whenNotApplicable", _IS_LIST),
+        ("metrics.successRate", _is_rate), ("metrics.executionCount", _is_int),
+        ("metrics.avgTimeSavedMs", _is_num), ("metrics.errorPreventionCount", _is_int),
+        ("evolution.created", _is_time), ("evolution.lastUsed", _is_time),
+        ("evolution.refinements", _is_int), ("evolution.confidenceScore", _is_rate)),
+    RecordType.SOLUTION: (
+        ("problem.errorType", _IS_STR), ("problem.errorMessage", _IS_STR),
+        ("problem.stackTraceHash", _optional(_IS_STR)), ("problem.context", _IS_DICT),
+        ("solution.rootCause", _IS_STR), ("solution.fixApproach", _IS_STR),
+        ("solution.codeFix", _optional(_IS_STR)), ("solution.prevention", _IS_STR),
+        ("solution.relatedPatterns", _optional(_IS_LIST)),
+        ("effectiveness.worked", lambda v: isinstance(v, bool)),
+        ("effectiveness.timeToFixMinutes", _is_num),
+        ("effectiveness.preventedRecurrence", _is_int),
+        ("effectiveness.relatedErrorsFixed", _is_int), ("verifiedCount", _is_int)),
+    RecordType.DECISION: (
+        ("decision.type", _IS_STR), ("decision.question", _IS_STR), ("decision.context", _IS_DICT),
+        ("decision.chosenOption", _IS_STR), ("decision.alternativesConsidered", _IS_LIST),
+        ("decision.decisionFactors.primary", _IS_LIST),
+        ("decision.decisionFactors.secondary", _IS_LIST),
+        ("decision.rationale", _optional(_IS_STR)), ("outcome", _optional(_IS_DICT)),
+        ("reviewedAt", _optional(_is_time))),
+}
+_OUTCOME_RULES = (("outcome.successMetrics", _IS_DICT), ("outcome.lessonsLearned", _IS_LIST),
+                  ("outcome.wouldRepeat", lambda v: isinstance(v, bool)),
+                  ("outcome.improvements", _optional(_IS_LIST)))
+
+
+def _lookup(record: Dict[str, Any], path: Tuple[str, ...]) -> Any:
+    obj: Any = record
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _ABSENT
+        obj = obj[key]
+    return obj
+
+
+_PATHS = {dotted: tuple(dotted.split(".")) for rules in (_COMMON_RULES, _OUTCOME_RULES,
+                                                          *_RUNTIME_RULES.values())
+          for dotted, _ in rules}
+
+
+def runtime_problems(rtype: RecordType, record: Any) -> List[str]:
+    """Why the runtime would reject ``record`` (required fields and types of SPEC 2.1); [] if none.
+
+    Ids are checked to be non-empty strings, not UUIDs: agent-written stores use other ids.
+    """
+    if not isinstance(record, dict):
+        return ["not a JSON object"]
+    rules = _COMMON_RULES + _RUNTIME_RULES[rtype]
+    if rtype is RecordType.DECISION and isinstance(record.get("outcome"), dict):
+        rules = rules + _OUTCOME_RULES
+    problems = []
+    for dotted, check in rules:
+        value = _lookup(record, _PATHS[dotted])
+        if not check(value):
+            problems.append("%s %s" % (dotted, "is missing" if value is _ABSENT
+                                       else "has an unusable value %s" % _short(value)))
+    return problems
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# -- steps --------------------------------------------------------------------
+# Each step maps a record to a record and never mutates its input: it returns the same
+# object when nothing changes, else a copy (only the containers it edits are copied).
+
+class MigrationStep:
+    """One link of the chain: ``migrate_<type>`` goes up, ``revert_<type>`` comes back down.
+
+    ``revert_*`` raises LossyStepError when the step down would lose information.
+    """
+
+    source = SchemaVersion.V1_0_0
+    target = SchemaVersion.V1_0_0
+
+    @property
+    def name(self) -> str:
+        """``1.0.0->1.1.0``."""
+        return "%s->%s" % (self.source.value, self.target.value)
+
+    @property
+    def down_name(self) -> str:
+        """``1.1.0->1.0.0``."""
+        return "%s->%s" % (self.target.value, self.source.value)
+
+    def up(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record one step up (the same object when already there)."""
+        return getattr(self, "migrate_" + rtype.value)(record)
+
+    def down(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record one step down; raises LossyStepError if that would lose information."""
+        return getattr(self, "revert_" + rtype.value)(record)
+
+
+def _with_defaults(record: Dict[str, Any], defaults: Dict[str, Callable[[], Any]]
+                   ) -> Dict[str, Any]:
+    missing = [key for key in defaults if key not in record]
+    if not missing:
+        return record
+    out = dict(record)
+    for key in missing:
+        out[key] = defaults[key]()
+    return out
+
+
+def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str
+                      ) -> Dict[str, Any]:
+    if not any(key in record for key in defaults):
+        return record
+    for key, empty in defaults.items():
+        if key in record and record[key] != empty:
+            raise LossyStepError("step %s would drop %s = %s"
+                                 % (step, key, _short(record[key])))
+    return {k: v for k, v in record.items() if k not in defaults}
+
+
+class AddTagsAndActive(MigrationStep):
+    """1.0.0 -> 1.1.0: add ``tags`` [] and ``active`` (legacy ``is_active``, else true)."""
+
+    source, target = SchemaVersion.V1_0_0, SchemaVersion.V1_1_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add the two fields where absent; existing values are never overridden."""
+        legacy = record.get("is_active")
+        active = legacy if isinstance(legacy, bool) else True
+        return _with_defaults(record, {"tags": list, "active": lambda: active})
+
+    migrate_solution = migrate_decision = migrate_pattern
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``tags``/``active`` when they hold only their defaults ([] and true)."""
+        return _without_defaults(record, {"tags": [], "active": True}, self.down_name)
+
+    revert_solution = revert_decision = revert_pattern
+
+
+class AddMetadataAndVariations(MigrationStep):
+    """1.1.0 -> 1.2.0: add ``metadata`` {} and, on patterns, ``variations`` []."""
+
+    source, target = SchemaVersion.V1_1_0, SchemaVersion.V1_2_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add ``metadata`` and ``variations`` where absent."""
+        return _with_defaults(record, {"metadata": dict, "variations": list})
+
+    def migrate_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add ``metadata`` where absent."""
+        return _with_defaults(record, {"metadata": dict})
+
+    migrate_decision = migrate_solution
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``metadata``/``variations`` when both are empty."""
+        return _without_defaults(record, {"metadata": {}, "variations": []}, self.down_name)
+
+    def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop ``metadata`` when it is empty."""
+        return _without_defaults(record, {"metadata": {}}, self.down_name)
+
+    revert_decision = revert_solution
+
+
+class UnmigratableRecordError(AmlError):
+    """A record cannot reach 2.0.0: information the runtime needs is missing or unusable."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+def _same(a: Any, b: Any) -> bool:
+    # 1 == True in Python; a moved value must keep its JSON type to count as "the same".
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _accept(check: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    return lambda value: value if check(value) else _ABSENT
+
+
+def _as_time(value: Any) -> Any:
+    if _is_time(value):
+        return value
+    if _is_num(value) and parse_timestamp(value) is not None:
+        return format_timestamp(parse_timestamp(value))  # epoch numbers become runtime text
+    return _ABSENT
+
+
+# (paths, first = canonical; runtime check of the canonical value; converter for a legacy
+#  value; default: None = essential, "timestamp"/"created" = copy that field, else a value)
+_Slot = Tuple[Tuple[Tuple[str, ...], ...], Callable[[Any], bool], Callable[[Any], Any], Any]
+_OPTIONAL = object()
+_ACTIVE_SLOT: _Slot = ((("active",), ("is_active",)), lambda v: isinstance(v, bool),
+                       _accept(lambda v: isinstance(v, bool)), True)
+_SLOTS: Dict[RecordType, Tuple[_Slot, ...]] = {
+    RecordType.PATTERN: (
+        (FIELD_PATHS["success_rate"], _is_rate, _accept(_is_rate), None),
+        (FIELD_PATHS["execution_count"], _is_int, _accept(_is_int), None),
+        (FIELD_PATHS["avg_time_saved"], _is_num, _accept(_is_num), 0),
+        (FIELD_PATHS["error_prevention"], _is_int, _accept(_is_int), 0),
+        (FIELD_PATHS["created"], _is_time, _as_time, "timestamp"),
+        (FIELD_PATHS["last_used"], _is_time, _as_time, "created"),
+        (FIELD_PATHS["refinements"], _is_int, _accept(_is_int), 0),
+        (FIELD_PATHS["confidence"], _is_rate, _accept(_is_rate), None),
+        _ACTIVE_SLOT),
+    RecordType.SOLUTION: (
+        ((("verifiedCount",), ("verified_count",)), _is_int, _accept(_is_int), 0),
+        _ACTIVE_SLOT),
+    RecordType.DECISION: (
+        (FIELD_PATHS["reviewed"], _is_time, _as_time, _OPTIONAL),
+        _ACTIVE_SLOT),
+}
+# Top-level lifecycle markers and where they move inside ``lifecycle``.
+_LIFECYCLE_MOVES = (("pinned", "pinned"), ("supersededBy", "supersededBy"),
+                    ("superseded_by", "supersededBy"), ("superseded", "superseded"),
+                    ("outdated", "outdated"), ("archived", "archived"))
+_TOP_ORDER = ("id", "agent", "timestamp", "pattern", "problem", "solution", "effectiveness",
+              "decision", "outcome", "metrics", "evolution", "tags", "active", "verifiedCount",
+              "reviewedAt", "metadata", "variations", "lifecycle", VERSION_STAMP)
+
+
+class _Draft:
+    """Copy-on-write working copy of one record: only containers it edits are copied."""
+
+    def __init__(self, record: Dict[str, Any]):
+        self.original = record
+        self.out = dict(record)
+        self.copied: set = set()
+        self.defaulted: List[str] = []
+
+    def container(self, key: str) -> Dict[str, Any]:
+        """``out[key]`` as a private dict (created when absent or null)."""
+        value = self.out.get(key)
+        if key in self.copied:
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise UnmigratableRecordError("%s is not an object: %s" % (key, _short(value)))
+        self.out[key] = dict(value or {})
+        self.copied.add(key)
+        return self.out[key]
+
+    def get(self, path: Tuple[str, ...]) -> Any:
+        """The value at ``path`` or _ABSENT."""
+        return _lookup(self.out, path)
+
+    def put(self, path: Tuple[str, ...], value: Any) -> None:
+        """Set ``path`` (one or two keys deep)."""
+        target = self.out if len(path) == 1 else self.container(path[0])
+        target[path[-1]] = value
+
+    def delete(self, path: Tuple[str, ...]) -> None:
+        """Remove ``path``; an emptied legacy ``performance`` block goes too."""
+        if len(path) == 1:
+            del self.out[path[0]]
+            return
+        holder = self.container(path[0])
+        del holder[path[1]]
+        if not holder and path[0] == "performance":
+            del self.out["performance"]
+
+    def fill(self, slot: _Slot) -> None:
+        """Put a field's value in its canonical place; drop legacy copies holding that value."""
+        paths, check, convert, default = slot
+        value = self.get(paths[0])
+        if value is not _ABSENT and value is not None:
+            if not check(value):
+                raise UnmigratableRecordError("%s has an unusable value %s"
+                                              % (".".join(paths[0]), _short(value)))
+        else:
+            value = self._legacy_value(paths, convert, default)
+            if value is _OPTIONAL:
+                return
+            self.put(paths[0], value)
+        for path in paths[1:]:
+            if path[0] in self.out and _same(self.get(path), value):
+                self.delete(path)
+
+    def _legacy_value(self, paths: Tuple[Tuple[str, ...], ...], convert: Callable[[Any], Any],
+                      default: Any) -> Any:
+        for path in paths[1:]:
+            value = self.get(path) if path[0] in self.out else _ABSENT
+            if value is not _ABSENT and convert(value) is not _ABSENT:
+                return convert(value)
+        if default is None:
+            raise UnmigratableRecordError("no usable %s anywhere (looked at %s)" % (
+                ".".join(paths[0]), ", ".join(".".join(p) for p in paths[1:])))
+        if default is _OPTIONAL:
+            return default
+        self.defaulted.append(".".join(paths[0]))
+        if default == "timestamp":
+            if not _is_time(self.out.get("timestamp")):
+                raise UnmigratableRecordError("no usable creation time (evolution.created, "
+                                              "lifecycle.created_at or timestamp)")
+            return self.out["timestamp"]
+        return self.get(("evolution", "created")) if default == "created" else default
+
+
+def _derived_counts(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Exact success/failure counts behind ``successRate`` x ``executionCount``.
+
+    The runtime creates a pattern at successRate 0.5 with executionCount 1 (a neutral prior
+    counted as one execution) and keeps a running mean, so rate x count ends in .5 and the
+    observed outcomes are ``count - 1``. A whole product is a plain ratio (hand-written
+    records). Anything else is not a ratio of outcomes: rounded, and marked approximate.
+    """
+    count = int(metrics["executionCount"])
+    product = metrics["successRate"] * count
+    if abs(product - round(product)) < 1e-6:
+        successes, observed, exact = int(round(product)), count, True
+    elif abs(product - math.floor(product) - 0.5) < 1e-6:
+        successes, observed, exact = int(math.floor(product)), count - 1, True
+    else:
+        successes, observed, exact = int(math.floor(product + 0.5)), count, False
+    counts: Dict[str, Any] = {"successCount": successes, "failureCount": observed - successes}
+    if not exact:
+        counts["countsApproximate"] = True
+    return counts
+
+
+_COUNT_KEYS = ("successCount", "failureCount", "countsApproximate")
+
+
+def _explicit_counts(draft: _Draft) -> None:
+    metrics = draft.container("metrics")
+    stamped = draft.original.get(VERSION_STAMP) == SchemaVersion.V2_0_0.value
+    derived = _derived_counts(metrics)
+    for key in _COUNT_KEYS:
+        old, value = metrics.get(key), derived.get(key)
+        # Counts aml wrote are refreshed (the runtime moves successRate); foreign ones are kept.
+        if old is not None and not _same(old, value) and not stamped:
+            raise UnmigratableRecordError("metrics.%s = %s disagrees with successRate and "
+                                          "executionCount (%s)" % (key, _short(old), value))
+        if value is None:
+            metrics.pop(key, None)
+        else:
+            metrics[key] = value
+
+
+def _derive_state(record: Dict[str, Any], lifecycle: Dict[str, Any]) -> str:
+    legacy = str(lifecycle.get("legacyState", "")).lower()
+    if (lifecycle.get("supersededBy") or lifecycle.get("outdated") is True
+            or lifecycle.get("superseded") is True or legacy in _SUPERSEDED_WORDS):
+        return "superseded"
+    if lifecycle.get("archived") is True or legacy == "archived":
+        return "archived"
+    if record.get("active") is False:
+        return "inactive"
+    if lifecycle.get("pinned") is True or "pinned" in _tags(record):
+        return "pinned"
+    return "active"
+
+
+def _state_agrees(state: str, active: Any) -> bool:
+    if state in ("active", "pinned"):
+        return active is not False
+    return active is False if state == "inactive" else True
+
+
+def _restructure_lifecycle(draft: _Draft) -> None:
+    out = draft.out
+    lifecycle = draft.container("lifecycle")
+    for old, new in _LIFECYCLE_MOVES:
+        if old in out:
+            lifecycle.setdefault(new, out[old])
+            if _same(lifecycle[new], out[old]):
+                del out[old]
+    state = lifecycle.get("state")
+    if state is not None and state not in LIFECYCLE_STATES:
+        lifecycle.setdefault("legacyState", state)
+        if not _same(lifecycle["legacyState"], state):
+            raise UnmigratableRecordError("lifecycle.state %s and lifecycle.legacyState %s "
+                                          "disagree" % (_short(state), _short(
+                                              lifecycle["legacyState"])))
+        state = None
+    if state is None or not _state_agrees(state, out.get("active")):
+        lifecycle["state"] = _derive_state(out, lifecycle)
+
+
+def _note_defaults(draft: _Draft) -> None:
+    if not draft.defaulted:
+        return
+    metadata = draft.container("metadata")
+    note = metadata.get("amlMigration")
+    old = note.get("defaulted", []) if isinstance(note, dict) else []
+    note = dict(note) if isinstance(note, dict) else {}
+    note["defaulted"] = sorted(set(old) | set(draft.defaulted))
+    metadata["amlMigration"] = note
+
+
+def _ordered(record: Dict[str, Any]) -> Dict[str, Any]:
+    out = {key: record[key] for key in _TOP_ORDER if key in record}
+    out.update((key, value) for key, value in record.items() if key not in out)
+    return out
+
+
+class RestructureMetricsAndLifecycle(MigrationStep):
+    """1.2.0 -> 2.0.0: legacy metric/lifecycle layouts into canonical places, counts, state, stamp.
+
+    Raises UnmigratableRecordError (record left as it was) when the result would not be a
+    record the runtime accepts, e.g. when no success rate exists anywhere.
+    """
+
+    source, target = SchemaVersion.V1_2_0, SchemaVersion.V2_0_0
+
+    def migrate_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a pattern (metrics, evolution, counts, lifecycle, stamp)."""
+        return self._migrate(RecordType.PATTERN, record)
+
+    def migrate_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a solution (snake_case fields, lifecycle, stamp)."""
+        return self._migrate(RecordType.SOLUTION, record)
+
+    def migrate_decision(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Restructure a decision (snake_case fields, null outcome, lifecycle, stamp)."""
+        return self._migrate(RecordType.DECISION, record)
+
+    def _migrate(self, rtype: RecordType, record: Dict[str, Any]) -> Dict[str, Any]:
+        draft = _Draft(record)
+        for slot in _SLOTS[rtype]:
+            draft.fill(slot)
+        if rtype is RecordType.PATTERN:
+            _explicit_counts(draft)
+        if rtype is RecordType.DECISION and "outcome" in draft.out and draft.out["outcome"] is None:
+            del draft.out["outcome"]  # null means absent; the runtime rejects null
+        _restructure_lifecycle(draft)
+        _note_defaults(draft)
+        draft.out[VERSION_STAMP] = self.target.value
+        problems = runtime_problems(rtype, draft.out)
+        if problems:
+            raise UnmigratableRecordError("; ".join(problems))
+        out = _ordered(draft.out)
+        return record if out == record else out
+
+    def revert_pattern(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Back to 1.2.0 when counts and lifecycle hold only what metrics/active imply."""
+        out = self._revert(record)
+        metrics = record.get("metrics")
+        if isinstance(metrics, dict) and any(key in metrics for key in _COUNT_KEYS):
+            derived = _derived_counts(metrics) if not runtime_problems(
+                RecordType.PATTERN, record) else {}
+            for key in _COUNT_KEYS:
+                if key in metrics and not _same(metrics[key], derived.get(key)):
+                    raise LossyStepError("step %s would drop metrics.%s = %s"
+                                         % (self.down_name, key, _short(metrics[key])))
+            out["metrics"] = {k: v for k, v in metrics.items() if k not in _COUNT_KEYS}
+        return out
+
+    def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Back to 1.2.0 when the lifecycle holds only what ``active`` implies."""
+        return self._revert(record)
+
+    revert_decision = revert_solution
+
+    def _revert(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        lifecycle = record.get("lifecycle")
+        if lifecycle is not None:
+            if not isinstance(lifecycle, dict) or set(lifecycle) - {"state"}:
+                raise LossyStepError("step %s would drop lifecycle %s"
+                                     % (self.down_name, _short(lifecycle)))
+            if lifecycle.get("state") != _derive_state(record, {}):
+                raise LossyStepError("step %s would drop lifecycle.state %s (not implied by "
+                                     "active/tags)" % (self.down_name,
+                                                       _short(lifecycle.get("state"))))
+        return {k: v for k, v in record.items() if k not in ("lifecycle", VERSION_STAMP)}
+
+
+MIGRATION_STEPS: Tuple[MigrationStep, ...] = (AddTagsAndActive(), AddMetadataAndVariations(),
+                                               RestructureMetricsAndLifecycle())
+
+
+# -- one record, one file -----------------------------------------------------
+
+@dataclasses.dataclass
+class RecordMigration:
+    """Migrating one record: the record after, its version before, the steps that changed it."""
+
+    record: Any
+    version: Optional[SchemaVersion]
+    changes: List[Tuple[str, Any, Any]]
+    problem: Optional[str] = None
+    lossy: bool = False
+
+
+def _walk_up(rtype: RecordType, record: Dict[str, Any], target: SchemaVersion
+             ) -> List[Tuple[str, Any, Any]]:
+    # Every step up to the target runs: each only fills what is missing, so a record that
+    # claims a version but lacks one of its fields (e.g. runtime-dropped tags) is repaired.
+    changes = []
+    for step in MIGRATION_STEPS:
+        if step.target > target:
+            break
+        after = step.up(rtype, record)
+        if after is not record:
+            changes.append((step.name, record, after))
+            record = after
+    return changes
+
+
+def _walk_down(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion,
+               target: SchemaVersion) -> List[Tuple[str, Any, Any]]:
+    changes = []
+    for step in reversed(MIGRATION_STEPS):
+        if step.target <= version and step.source >= target:
+            after = step.down(rtype, record)
+            if after is not record:
+                changes.append((step.down_name, record, after))
+                record = after
+    return changes
+
+
+def _restamp(record: Dict[str, Any], target: SchemaVersion) -> Optional[Dict[str, Any]]:
+    if target is SchemaVersion.V2_0_0 or record.get(VERSION_STAMP, target.value) == target.value:
+        return None
+    out = dict(record)
+    out[VERSION_STAMP] = target.value  # a hand-written stamp follows its record
+    return out
+
+
+def migrate_record(rtype: RecordType, record: Any, target: SchemaVersion) -> RecordMigration:
+    """Migrate one record up or down to ``target``; never raises for a bad record.
+
+    A record that cannot be placed, cannot reach 2.0.0, or would lose information on the
+    way down comes back unchanged with ``problem`` set (and ``lossy`` for the last case).
+    """
+    version, why = place_record(rtype, record)
+    if version is None:
+        return RecordMigration(record, None, [], "cannot place: %s" % why)
+    try:
+        if version > target:
+            changes = _walk_down(rtype, record, version, target)
+        else:
+            changes = _walk_up(rtype, record, target)
+    except LossyStepError as exc:
+        return RecordMigration(record, version, [], str(exc), lossy=True)
+    except UnmigratableRecordError as exc:
+        return RecordMigration(record, version, [], str(exc))
+    final = changes[-1][2] if changes else record
+    restamped = _restamp(final, target)
+    if restamped is not None:
+        changes.append(("stamp", final, restamped))
+    return RecordMigration(changes[-1][2] if changes else record, version, changes)
+
+
+def _leaves(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(obj, dict) or not obj:
+        return {prefix: obj}
+    out: Dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(_leaves(value, "%s.%s" % (prefix, key) if prefix else str(key)))
+    return out
+
+
+def record_diff(before: Any, after: Any, limit: int = 12) -> List[str]:
+    """Leaf-level differences, moves first: ``> old -> new: value``, ``-``, ``+``, ``~`` lines."""
+    old, new = _leaves(before), _leaves(after)
+    removed = {p: v for p, v in old.items() if p not in new}
+    added = {p: v for p, v in new.items() if p not in old}
+    lines = []
+    for path, value in sorted(removed.items()):
+        target = next((p for p, v in sorted(added.items()) if _same(v, value)), None)
+        if target is not None:
+            lines.append("> %s -> %s: %s" % (path, target, _short(value)))
+            del added[target]
+        else:
+            lines.append("- %s: %s" % (path, _short(value)))
+    lines.extend("+ %s: %s" % (p, _short(v)) for p, v in sorted(added.items()))
+    lines.extend("~ %s: %s -> %s" % (p, _short(old[p]), _short(new[p])) for p in sorted(old)
+                 if p in new and not _same(old[p], new[p]))
+    return lines[:limit] + (["... %d more" % (len(lines) - limit)] if len(lines) > limit else [])
+
+
+def _version_key(name: str) -> Tuple[int, str]:
+    return (_VERSION_RANK.get(name, len(_VERSION_RANK)), name)
+
+
+def _add_counts(into: Dict[str, int], key: str, count: int = 1) -> None:
+    into[key] = into.get(key, 0) + count
+
+
+@dataclasses.dataclass
+class FileMigration:
+    """What migrating one file did (or would do)."""
+
+    file: str
+    records: List[Any]
+    changed: int = 0
+    versions: Dict[str, int] = dataclasses.field(default_factory=dict)
+    steps: Dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    reported: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def add(self, index: int, outcome: RecordMigration) -> None:
+        """Account for one record's outcome."""
+        self.records.append(outcome.record)
+        _add_counts(self.versions, outcome.version.value if outcome.version else "unplaceable")
+        if outcome.problem:
+            where = {"file": self.file, "index": index, "id": _record_id(outcome.record),
+                     "problem": outcome.problem}
+            (self.refused if outcome.lossy else self.reported).append(where)
+        self.changed += bool(outcome.changes)
+        for name, before, after in outcome.changes:
+            _add_counts(self.steps, name)
+            if not any(s["step"] == name for s in self.samples):
+                self.samples.append({"step": name, "file": self.file, "index": index,
+                                     "id": _record_id(before), "diff": record_diff(before, after)})
+
+
+def _record_id(record: Any) -> Optional[str]:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def migrate_records(rel: str, rtype: RecordType, records: List[Any], target: SchemaVersion
+                    ) -> FileMigration:
+    """Migrate the records of one file (in memory); the caller writes ``records`` back."""
+    outcome = FileMigration(file=rel, records=[])
+    for index, record in enumerate(records):
+        outcome.add(index, migrate_record(rtype, record, target))
+    return outcome
+
+
+# -- results ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MigrationResult:
+    """One migration run or dry run: versions found, per-step changes, samples, problems."""
+
+    target: str
+    dry_run: bool
+    records: int = 0
+    changed: int = 0
+    from_versions: Dict[str, int] = dataclasses.field(default_factory=dict)
+    steps: Dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    reported: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    files_changed: List[str] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    backup_id: Optional[str] = None
+    run_id: Optional[str] = None
+    seconds: float = 0.0
+
+    def absorb(self, outcome: FileMigration) -> None:
+        """Add one file's outcome."""
+        self.records += len(outcome.records)
+        self.changed += outcome.changed
+        for name, count in outcome.versions.items():
+            _add_counts(self.from_versions, name, count)
+        for name, count in outcome.steps.items():
+            _add_counts(self.steps, name, count)
+        for sample in outcome.samples:
+            self._keep_sample(sample)
+        self.reported.extend(outcome.reported)
+        self.refused.extend(outcome.refused)
+        if outcome.changed:
+            self.files_changed.append(outcome.file)
+
+    def _keep_sample(self, sample: Dict[str, Any]) -> None:
+        # One sample per step: the most telling one (longest diff) of the files' first ones.
+        for index, kept in enumerate(self.samples):
+            if kept["step"] == sample["step"]:
+                if len(sample["diff"]) > len(kept["diff"]):
+                    self.samples[index] = sample
+                return
+        self.samples.append(sample)
+
+    def exit_code(self) -> ExitCode:
+        """4 if a step down was refused, 3 if files or records were skipped, else 0."""
+        if self.refused:
+            return ExitCode.REFUSED
+        return ExitCode.PARTIAL if (self.unreadable or self.reported) else ExitCode.OK
+
+
+@dataclasses.dataclass
+class FileVersions:
+    """Versions found in one record file."""
+
+    file: str
+    agent: str
+    type: str
+    versions: Dict[str, int]
+    runtime_invalid: int = 0
+
+    @property
+    def mixed(self) -> bool:
+        """True when the file holds more than one version (or unplaceable records)."""
+        return len(self.versions) > 1
+
+
+@dataclasses.dataclass
+class DetectionReport:
+    """Schema versions per file, per agent and for the store; what cannot be placed; history."""
+
+    files: List[FileVersions] = dataclasses.field(default_factory=list)
+    agents: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)
+    unplaced: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    runtime_invalid: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    history_error: Optional[str] = None
+
+    @property
+    def mixed(self) -> bool:
+        """True when the store holds more than one version."""
+        return len(self.totals) > 1
+
+    @property
+    def mixed_agents(self) -> List[str]:
+        """Agents whose records are of more than one version."""
+        return [agent for agent, counts in self.agents.items() if len(counts) > 1]
+
+    def add_file(self, entry: FileVersions) -> None:
+        """Account for one file's counts."""
+        self.files.append(entry)
+        per_agent = self.agents.setdefault(entry.agent, {})
+        for name, count in entry.versions.items():
+            _add_counts(per_agent, name, count)
+            _add_counts(self.totals, name, count)
+
+
+def sorted_versions(counts: Dict[str, int]) -> Dict[str, int]:
+    """Version counts in chain order, ``unplaceable`` last."""
+    return {name: counts[name] for name in sorted(counts, key=_version_key)}
+
+
+def versions_text(counts: Dict[str, int]) -> str:
+    """``1.1.0: 12, 2.0.0: 3`` in chain order."""
+    return ", ".join("%s: %d" % (name, count) for name, count in sorted_versions(counts).items())
+
+
+# -- the manager --------------------------------------------------------------
+
+MIGRATIONS_STATE = "migrations.json"
+
+
+class MigrationManager:
+    """Detects schema versions and migrates a store's records, one locked file at a time."""
+
+    def __init__(self, store: Store, agents: Optional[Sequence[str]] = None,
+                 progress: Optional[Callable[[str], None]] = None):
+        self.store = store
+        self.agents = agents
+        self.progress = progress or (lambda text: None)
+
+    def _files(self) -> Iterator[Tuple[DataFile, str]]:
+        for agent in self.store.select_agents(self.agents):
+            for data_file in self.store.record_files(agent):
+                rel = data_file.path.relative_to(self.store.root).as_posix()
+                self.progress("migrate: %s" % rel)
+                yield data_file, rel
+
+    def history(self) -> List[Dict[str, Any]]:
+        """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
+        return self.store.read_state(MIGRATIONS_STATE, [])
+
+    def detect(self) -> DetectionReport:
+        """Versions of every record, per file and agent; read-only, creates nothing."""
+        report = DetectionReport()
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                report.unreadable.append(str(exc))
+                continue
+            report.add_file(self._detect_file(data_file, rel, records, report))
+        try:
+            report.history = self.history()
+        except IntegrityError as exc:
+            report.history_error = str(exc)
+        return report
+
+    def _detect_file(self, data_file: DataFile, rel: str, records: List[Any],
+                     report: DetectionReport) -> FileVersions:
+        rtype = data_file.rtype
+        entry = FileVersions(rel, data_file.agent, rtype.value, {})
+        for index, record in enumerate(records):
+            version, why = place_record(rtype, record)
+            _add_counts(entry.versions, version.value if version else "unplaceable")
+            where = {"file": rel, "index": index, "id": _record_id(record)}
+            if version is None:
+                report.unplaced.append(dict(where, problem=why))
+                continue
+            problems = runtime_problems(rtype, record)
+            if problems:
+                entry.runtime_invalid += 1
+                report.runtime_invalid.append(dict(where, problem="; ".join(problems)))
+        entry.versions = sorted_versions(entry.versions)
+        return entry
+
+    def migrate_latest(self, dry_run: bool = False, backup: bool = True) -> MigrationResult:
+        """Migrate every record to 2.0.0 (see ``migrate``)."""
+        return self.migrate(SchemaVersion.latest(), dry_run=dry_run, backup=backup)
+
+    def migrate(self, target: Any, dry_run: bool = False, backup: bool = True
+                ) -> MigrationResult:
+        """Migrate every record to ``target`` (up, or down where lossless).
+
+        A dry run reads only. A real run holds the maintenance lock, takes a verified safety
+        backup before the first write (unless ``backup`` is False), rewrites each changed file
+        atomically under the runtime's lock and records the run. Raises RefusedError (backup
+        failed, or a step down would lose information: nothing is written), StoreBusyError.
+        """
+        target = target if isinstance(target, SchemaVersion) else SchemaVersion.parse(target)
+        if dry_run:
+            return self._scan(target)
+        started = time.monotonic()
+        with self.store.maintenance_lock():
+            self.store.cleanup_temp_files()
+            if target is not SchemaVersion.latest():
+                self._refuse_if_lossy(self._scan(target))
+            result = self._apply(target, backup)
+            result.seconds = time.monotonic() - started
+            self._record(result)
+        return result
+
+    def _scan(self, target: SchemaVersion) -> MigrationResult:
+        result = MigrationResult(target=target.value, dry_run=True)
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                result.unreadable.append(str(exc))
+                continue
+            result.absorb(migrate_records(rel, data_file.rtype, records, target))
+        return result
+
+    def _apply(self, target: SchemaVersion, backup: bool) -> MigrationResult:
+        result = MigrationResult(target=target.value, dry_run=False,
+                                 run_id=new_run_id("migrate", self.store.now))
+        need_backup = backup
+        for data_file, rel in self._files():
+            try:
+                if need_backup and self._has_changes(data_file, rel, target, result):
+                    result.backup_id = self._safety_backup(target)
+                    need_backup = False
+                if need_backup:
+                    continue  # unchanged and already counted by _has_changes
+                self._rewrite(data_file, rel, target, result)
+            except CorruptFileError as exc:
+                result.unreadable.append(str(exc))
+        return result
+
+    def _safety_backup(self, target: SchemaVersion) -> str:
+        try:
+            return safety_backup(self.store, "before migrate to %s" % target.value)
+        except RefusedError as exc:
+            raise RefusedError("migrate refused, nothing was changed: the safety backup failed "
+                               "(%s); fix it or pass --no-backup" % exc) from None
+
+    def _has_changes(self, data_file: DataFile, rel: str, target: SchemaVersion,
+                     result: MigrationResult) -> bool:
+        # Until the backup exists nothing may be written: peek without locks first.
+        records, _ = self.store.load_records(data_file)
+        outcome = migrate_records(rel, data_file.rtype, records, target)
+        if outcome.changed:
+            return True
+        result.absorb(outcome)
+        return False
+
+    def _rewrite(self, data_file: DataFile, rel: str, target: SchemaVersion,
+                 result: MigrationResult) -> None:
+        with self.store.rewrite(data_file.path) as job:
+            outcome = migrate_records(rel, data_file.rtype, job.data, target)
+            if outcome.changed:
+                job.data = outcome.records
+                job.changed = True
+        result.absorb(outcome)
+
+    def _refuse_if_lossy(self, plan: MigrationResult) -> None:
+        if not plan.refused:
+            return
+        raise RefusedError(self.refusal_message(plan))
+
+    def refusal_message(self, plan: MigrationResult) -> str:
+        """Why a step down is refused, naming the pre-migration backup to restore instead."""
+        first = plan.refused[0]
+        return ("migrating down to %s would lose information in %d record(s) (first: %s[%d] "
+                "%s); nothing was changed. %s" % (
+                    plan.target, len(plan.refused), first["file"], first["index"],
+                    first["problem"], self._backup_hint(plan.target)))
+
+    def _backup_hint(self, target: str) -> str:
+        try:
+            runs = [run for run in self.history() if run.get("backup_id")]
+        except IntegrityError:
+            runs = []
+        if not runs:
+            return "No pre-migration backup is recorded in .aml/%s." % MIGRATIONS_STATE
+        # Prefer a backup of the store as it was when all its records were at or below target.
+        exact = [run for run in runs if run.get("from") and all(
+            _version_key(v) <= _version_key(target) for v in run["from"])]
+        run = (exact or runs)[-1]
+        return ("To go back, restore the pre-migration backup %s (taken before the run of %s, "
+                "whose records were %s): aml <memory_path> backup restore %s"
+                % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
+                   run["backup_id"]))
+
+    def _record(self, result: MigrationResult) -> None:
+        counts = {"records": result.records, "changed": result.changed,
+                  "files_changed": len(result.files_changed), "reported": len(result.reported),
+                  "unreadable_files": len(result.unreadable), "steps": result.steps}
+        entry = {"run_id": result.run_id, "when": format_timestamp(self.store.now),
+                 "from": sorted_versions(result.from_versions), "to": result.target,
+                 "counts": counts, "backup_id": result.backup_id}
+        runs = self.store.read_state_lenient(MIGRATIONS_STATE, [])
+        self.store.write_state(MIGRATIONS_STATE, (runs + [entry])[-200:])
+        self.store.record_operation("migrate", self.store.now, result.seconds,
+                                    dict(counts, run_id=result.run_id, to=result.target,
+                                         backup_id=result.backup_id))
+
+
+__all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAndVariations",
+            "RestructureMetricsAndLifecycle", "MIGRATION_STEPS", "MigrationManager",
+            "MigrationResult", "DetectionReport", "FileVersions", "RecordMigration",
+            "detect_record_version", "place_record", "runtime_problems", "migrate_record",
+            "migrate_records", "record_diff", "LossyStepError", "UnmigratableRecordError",
+            "LIFECYCLE_STATES", "VERSION_STAMP"]
+
 
 
 # =============================================================================
@@ -1198,14 +6153,713 @@ def output_for(args: argparse.Namespace) -> Output:
 
 # --- prune command (section 11) ---
 
+@command_builder
+def _build_prune(subparsers: Any) -> None:
+    parser = subparser(
+        subparsers, "prune",
+        "remove stale and low-value records; every removal is archived (undo with --undo)",
+        epilog="strategies: time_based, performance_based, space_based (default: all three).\n"
+               "The original spelling 'prune time_based performance_based' works too.")
+    parser.add_argument("strategy_words", nargs="*", metavar="STRATEGY",
+                        help="strategies to run (same as --strategies)")
+    parser.add_argument("--strategies", nargs="+", metavar="STRATEGY", default=[],
+                        help="time_based, performance_based and/or space_based")
+    parser.add_argument("--aggressive", action="store_true",
+                        help="tighten to 60/120 days and a 0.30 success floor")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would go; change nothing at all")
+    parser.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+    parser.add_argument("--force", action="store_true",
+                        help="override the mass-deletion guard and pruning.enabled=false")
+    parser.add_argument("--no-backup", action="store_true",
+                        help="skip the safety backup taken before the first change")
+    parser.add_argument("--undo", metavar="RUN_ID",
+                        help="put back the records of an archived prune or gc run")
+    parser.add_argument("--list-runs", action="store_true",
+                        help="list archived runs that --undo accepts")
+    parser.set_defaults(func=cmd_prune)
+
+
+def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    flags: Dict[str, Any] = {}
+    if args.aggressive:
+        flags["aggressive"] = True
+    if args.dry_run:
+        flags["dry_run"] = True
+    if args.no_backup:
+        flags["create_backup"] = False
+    return flags
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """``aml STORE prune ...``: plan or run pruning, undo a run, or list archived runs."""
+    strategies = list(args.strategy_words) + list(args.strategies)
+    if (args.undo or args.list_runs) and (strategies or args.dry_run or args.agents):
+        raise UsageError("--undo and --list-runs take no strategies, --agents or --dry-run")
+    out, store = output_for(args), open_store(args)
+    if args.list_runs:
+        runs = list_runs(store)
+        out.document({"runs": runs})
+        for run in runs:
+            out.always(_run_line(run))
+        return int(ExitCode.OK)
+    if args.undo:
+        return _print_undo(out, undo_run(store, args.undo))
+    config = prune_config_for(store, load_aml_config(store, args.config), _prune_flags(args))
+    result = MemoryPruner(store, config).run(_strategies(strategies), args.agents,
+                                             force=args.force)
+    _print_prune(out, result, args.memory_path)
+    return int(result.exit_code)
+
+
+def _run_line(run: Dict[str, Any]) -> str:
+    if "problem" in run:
+        return "%s  CORRUPT: %s" % (run["run_id"], run["problem"])
+    return "%s  %s  %s  %d records%s" % (run["run_id"], run["operation"], run["created"],
+                                         run["records"], "  (undone %s)" % run["undone"]
+                                         if run["undone"] else "")
+
+
+def _details_text(details: Dict[str, Any]) -> str:
+    return ", ".join("%s=%s" % (k, round(v, 3) if isinstance(v, float) else v)
+                     for k, v in sorted(details.items()))
+
+
+def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
+    for problem in result.unreadable:
+        out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
+    for message in result.busy:
+        out.warn(message)
+    if result.refused:
+        out.warn("a real run would refuse: " + result.refused)
+    out.document(result)
+    verb = "would remove" if result.dry_run else "removed"
+    if result.dry_run or not out.quiet:
+        for rec in result.removed:
+            out.always("%s %s %s %s %s (%s)" % (verb, rec.agent, rec.type, rec.id or
+                                               "#%d" % rec.index, rec.reason.value,
+                                               _details_text(rec.details)))
+    for finding in result.findings:
+        out.line("finding: %s%s" % ("%s: " % finding["file"] if "file" in finding else "",
+                                    finding["problem"]))
+    estimate = " (estimate)" if result.bytes_estimated else ""
+    for summary in result.agents:
+        out.line("%s: %s %d of %d records (%d patterns, %d solutions, %d decisions), "
+                 "%s -> %s%s" % (summary.agent, verb, summary.removed_total,
+                                 summary.records_before, summary.removed["pattern"],
+                                 summary.removed["solution"], summary.removed["decision"],
+                                 human_bytes(summary.bytes_before),
+                                 human_bytes(summary.bytes_after), estimate))
+    if result.dry_run:
+        out.line("dry run: nothing was changed")
+    elif result.removed:
+        backup = "; safety backup %s" % result.backup_id if result.backup_id else ""
+        out.line("run %s%s; undo with: aml.py %s prune --undo %s"
+                 % (result.run_id, backup, memory_path, result.run_id))
+
+
+def _print_undo(out: Output, result: UndoResult) -> int:
+    for problem in result.unreadable:
+        out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
+    for message in result.busy:
+        out.warn(message)
+    out.document(result)
+    if result.already_undone:
+        out.always("run %s was already undone at %s; nothing to do"
+                   % (result.run_id, result.already_undone))
+        return int(ExitCode.OK)
+    for skip in result.skipped:
+        out.line("skipped %s %s: %s" % (skip["file"], skip["id"] or "#%s" % skip["index"],
+                                        skip["why"]))
+    out.line("run %s (%s): restored %d records, skipped %d"
+             % (result.run_id, result.operation, result.restored, len(result.skipped)))
+    return int(result.exit_code)
+
 
 # --- optimize, search and get commands (sections 9, 10, 12) ---
+
+def _optimize_config(store: Store, args: argparse.Namespace) -> OptimizeConfig:
+    """Defaults < aml config file section ``optimize`` < flags."""
+    section = load_aml_config(store, args.config).get("optimize", {})
+    config = apply_config_fields(OptimizeConfig(), section, "aml config [optimize]")
+    flags = {"compress_age_days": getattr(args, "age_days", None),
+             "cache_max_bytes": getattr(args, "cache_bytes", None),
+             "workers": getattr(args, "workers", None)}
+    config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
+    if getattr(args, "no_backup", False):
+        config = dataclasses.replace(config, create_backup=False)
+    if config.compress_age_days < 0 or config.cache_max_bytes < 1 or config.workers < 0:
+        raise UsageError("--age-days, --cache-bytes and --workers must not be negative")
+    return config
+
+
+_OPTIMIZE_ORDER = ("gc", "compress", "index", "warm-cache")
+_OPTIMIZE_EPILOG = """actions:
+  index (or build-index)  build or refresh the index in .aml/index/ (re-reads changed files only)
+  compress                gzip agent files unchanged for --age-days, in place, same names
+  decompress              turn gzip agent files back into plain JSON
+  warm-cache              persist the highest-value records (up to --cache-bytes) for get/search
+  gc                      archive unusable, duplicate and same-id records; clean stale locks,
+                          temp files and orphaned index state
+  all                     gc, compress, index, warm-cache (in that order: each step changes
+                          the files the next one reads, and the index is built last so it is
+                          fresh for the cache and for get/search)"""
+
+
+@command_builder
+def _build_optimize(subparsers: Any) -> None:
+    parser = subparser(subparsers, "optimize", "index, compress, warm the cache, collect garbage",
+                       epilog=_OPTIMIZE_EPILOG)
+    parser.add_argument("action", choices=("all", "index", "build-index", "compress",
+                                           "decompress", "warm-cache", "gc"))
+    parser.add_argument("--dry-run", action="store_true", help="change nothing; report the plan")
+    parser.add_argument("--age-days", type=float, metavar="N",
+                        help="compress files unchanged for N days (default 30; 0 = all)")
+    parser.add_argument("--cache-bytes", type=int, metavar="BYTES",
+                        help="hot cache budget (default %d)" % DEFAULT_CACHE_BYTES)
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="compress/decompress threads (default: two per CPU core)")
+    parser.add_argument("--no-backup", action="store_true",
+                        help="skip the safety backup before gc/compress")
+    parser.add_argument("--force", action="store_true",
+                        help="let gc remove more than half of an agent's records")
+    parser.set_defaults(func=cmd_optimize)
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """optimize ACTION: run one step or all of them under the maintenance lock."""
+    store, out = open_store(args), output_for(args)
+    config = _optimize_config(store, args)
+    action = "index" if args.action == "build-index" else args.action
+    steps = _OPTIMIZE_ORDER if action == "all" else (action,)
+    lock = contextlib.nullcontext() if args.dry_run else store.maintenance_lock()
+    with lock:
+        results = _run_optimize_steps(store, steps, config, args)
+    out.document({"action": action, "dry_run": args.dry_run, "order": list(results),
+                  "steps": results})
+    code = ExitCode.OK
+    for step, result in results.items():
+        _print_step(out, step, result)
+        if getattr(result, "unreadable", None):
+            code = ExitCode.PARTIAL
+        if getattr(result, "refused_agents", None):  # only a dry run gets here: say it would
+            code = ExitCode.REFUSED
+    return code
+
+
+def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConfig,
+                        args: argparse.Namespace) -> Dict[str, Any]:
+    backup_id = None
+    if not args.dry_run and config.create_backup and "compress" in steps:
+        backup_id = safety_backup(store, "optimize %s" % args.action)
+    gc_backup = None
+    if config.create_backup and backup_id is None:
+        gc_backup = lambda: safety_backup(store, "optimize gc")  # noqa: E731
+    results: Dict[str, Any] = {}
+    for step in steps:
+        started, clock = store.now, time.monotonic()
+        result = _optimize_step(store, step, config, args, gc_backup)
+        results[step] = result
+        if not args.dry_run:
+            store.record_operation("compress" if step == "decompress" else step, started,
+                                   time.monotonic() - clock, _step_summary(step, result))
+    return results
+
+
+def _optimize_step(store: Store, step: str, config: OptimizeConfig, args: argparse.Namespace,
+                   gc_backup: Optional[Callable[[], str]]) -> Any:
+    if step == "index":
+        return MemoryIndex(store).refresh(dry_run=args.dry_run)
+    if step in ("compress", "decompress"):
+        return transcode_store(store, step == "compress", config.compress_age_days,
+                               args.dry_run, config.workers)
+    if step == "warm-cache":
+        return warm_cache(store, config.cache_max_bytes, args.dry_run)
+    return collect_garbage(store, args.dry_run, args.force, gc_backup)
+
+
+def _step_summary(step: str, result: Any) -> Dict[str, Any]:
+    if step == "index":
+        return {"files": result.files, "files_reread": len(result.files_reread),
+                "records": result.records, "bytes": result.index_bytes, "rebuilt": result.rebuilt}
+    if step in ("compress", "decompress"):
+        return {"direction": step, "files": len(result.files), "bytes_before": result.bytes_before,
+                "bytes_after": result.bytes_after, "unreadable": len(result.unreadable)}
+    if step == "warm-cache":
+        return {"records": result.records, "bytes": result.bytes, "budget": result.budget}
+    return {"run_id": result.run_id, "removed": len(result.removed), "by_reason": result.by_reason,
+            "stale_locks": len(result.stale_locks), "temp_files": len(result.temp_files),
+            "orphaned_state": len(result.orphaned_state), "backup_id": result.backup_id}
+
+
+def _print_step(out: Output, step: str, result: Any) -> None:
+    would = "would " if result.dry_run else ""
+    for problem in getattr(result, "unreadable", []):
+        out.warn("%s: skipped, unreadable: %s" % (step, problem))
+    if step == "index":
+        out.line("index: %s%s; %d files, %d re-read, %d records, %d ids, %s on disk (bloom %s)"
+                 % (would, "rebuild" if result.rebuilt else "refresh", result.files,
+                    len(result.files_reread), result.records, result.ids,
+                    human_bytes(result.index_bytes), human_bytes(result.bloom_bytes)))
+    elif step in ("compress", "decompress"):
+        out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed"
+                 % (step, would, step, len(result.files), human_bytes(result.bytes_before),
+                    human_bytes(result.bytes_after), len(result.skipped_recent),
+                    len(result.skipped_done), len(result.skipped_changed)))
+    elif step == "warm-cache":
+        out.line("warm-cache: %skeep %d records hot, %s of %s (%d ranked, %d files read)%s"
+                 % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),
+                    result.candidates, result.files_read,
+                    ("; " + result.note) if result.note else ""))
+    else:
+        _print_gc(out, result, would)
+
+
+def _print_gc(out: Output, result: GcResult, would: str) -> None:
+    reasons = ", ".join("%s %d" % kv for kv in sorted(result.by_reason.items())) or "none"
+    out.line("gc: %sremove %d records (%s)%s" % (would, len(result.removed), reasons,
+                                                 ("; archived as run " + result.run_id)
+                                                 if result.run_id else ""))
+    for entry in result.removed:
+        out.line("  %s [%d] %s %s" % (entry["file"], entry["index"], entry["reason"],
+                                      entry["id"] or "-"))
+    out.line("gc: %sclean %d stale locks, %d temp files, %d orphaned index entries"
+             % (would, len(result.stale_locks), len(result.temp_files),
+                len(result.orphaned_state)))
+    if result.refused_agents:
+        out.warn("gc: more than half of the records of %s would go: refused without --force"
+                 % ", ".join(result.refused_agents))
+    if result.skipped_changed:
+        out.warn("gc: %d records changed meanwhile and were left in place"
+                 % result.skipped_changed)
+
+
+def _add_lookup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scan", action="store_true",
+                        help="read-only scan of every file; no index, nothing written")
+
+
+@command_builder
+def _build_search(subparsers: Any) -> None:
+    parser = subparser(subparsers, "search", "find records by agent, type, tags, text, scores")
+    parser.add_argument("--agent", metavar="A")
+    parser.add_argument("--type", dest="rtype", choices=[t.value for t in RecordType])
+    parser.add_argument("--tag", dest="tags", action="extend", nargs="+", default=[],
+                        metavar="T", help="record has every given tag")
+    parser.add_argument("--text", nargs="+", metavar="WORDS",
+                        help="every word occurs in the record's text (case-insensitive)")
+    parser.add_argument("--min-confidence", type=float, metavar="X")
+    parser.add_argument("--min-success-rate", type=float, metavar="Y")
+    parser.add_argument("--limit", type=int, metavar="N", help="at most N records")
+    _add_lookup_options(parser)
+    parser.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """search: print matching records (text: one line each; json: the records)."""
+    store, out = open_store(args), output_for(args)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    query = SearchQuery(args.agent, args.rtype, tuple(args.tags),
+                        " ".join(args.text) if args.text else None, args.min_confidence,
+                        args.min_success_rate, args.limit)
+    result = search_records(store, query, use_index=not args.scan)
+    out.document(dict(dataclasses.asdict(result), count=result.count))
+    for found in result.records:
+        out.always(_record_line(found))
+    out.line("%d record%s (%s)" % (result.count, "" if result.count == 1 else "s", result.source))
+    return _lookup_exit(out, result)
+
+
+def _record_line(found: FoundRecord) -> str:
+    facts = record_facts(RecordType(found.type), found.record)
+    rec = found.record if isinstance(found.record, dict) else {}
+    summary = (dig(rec, "pattern", "approach", "technique") or dig(rec, "problem", "errorType")
+               or dig(rec, "decision", "question") or "")
+    score = lambda v: "-" if v is None else "%.2f" % v  # noqa: E731
+    return "%s[%d]  %s  conf=%s sr=%s  tags=%s  %s" % (
+        found.file, found.index, found.id or "-", score(facts.confidence),
+        score(facts.success_rate), ",".join(facts.tags) or "-", summary)
+
+
+def _lookup_exit(out: Output, result: LookupResult) -> int:
+    for problem in result.unreadable:
+        out.warn("skipped, unreadable: %s" % problem)
+    if result.not_found:
+        out.warn(result.message or "not found")
+        return ExitCode.FAILURE
+    return ExitCode.PARTIAL if result.unreadable else ExitCode.OK
+
+
+@command_builder
+def _build_get(subparsers: Any) -> None:
+    parser = subparser(subparsers, "get", "print the record(s) with this id")
+    parser.add_argument("record_id", metavar="RECORD_ID")
+    _add_lookup_options(parser)
+    parser.set_defaults(func=cmd_get)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """get ID: print the record as JSON (with a location line when several agents hold it)."""
+    store, out = open_store(args), output_for(args)
+    result = get_record(store, args.record_id, use_index=not args.scan)
+    out.document(dict(dataclasses.asdict(result), count=result.count))
+    for found in result.records:
+        if result.count > 1:
+            out.always("# %s [%d]" % (found.file, found.index))
+        out.always(runtime_json(found.record))
+    return _lookup_exit(out, result)
 
 
 # --- backup command (section 8) ---
 
+def _backup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backup-root", metavar="DIR", type=Path, default=None,
+                        help="backup folder (default: the store's sibling memory-backup/)")
+
+
+def _keep_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention-days", type=int, metavar="N", default=None,
+                        help="delete snapshots older than N days (default 30)")
+    parser.add_argument("--max-backups", type=int, metavar="N", default=None,
+                        help="keep at most N snapshots (default 100)")
+    for unit in ("daily", "weekly", "monthly"):
+        parser.add_argument("--keep-%s" % unit, type=int, metavar="N", default=0,
+                            help="also keep the newest snapshot of each of the last N %s "
+                            "periods" % {"daily": "days", "weekly": "weeks",
+                                         "monthly": "months"}[unit])
+
+
+def _create_options(parser: argparse.ArgumentParser, incremental_flag: bool) -> None:
+    if incremental_flag:
+        parser.add_argument("--incremental", action="store_true",
+                            help="trust unchanged size/mtime of files (default: full re-read)")
+    parser.add_argument("--agents", nargs="+", metavar="A", help="only these agents")
+    parser.add_argument("--compression-level", type=int, metavar="0-9", default=None)
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the verification after the backup")
+
+
+def _backup_manager(args: argparse.Namespace) -> BackupManager:
+    store = open_store(args)
+    overrides = {"backup_root": getattr(args, "backup_root", None),
+                 "retention_days": getattr(args, "retention_days", None),
+                 "max_backups": getattr(args, "max_backups", None),
+                 "compression_level": getattr(args, "compression_level", None)}
+    if getattr(args, "no_verify", False):
+        overrides["verify_after_backup"] = False
+    return BackupManager(store, backup_config_for(store, args.config, **overrides))
+
+
+def _print_backup(out: Output, result: BackupResult) -> None:
+    for warning in result.warnings:
+        out.warn(warning)
+    out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
+             % (result.backup_id, result.files, result.records, result.files_reread,
+                result.objects_added, human_bytes(result.bytes_added),
+                ", verified" if result.verified else ""))
+
+
+def cmd_backup_create(args: argparse.Namespace) -> int:
+    """backup create/full/incremental: take a snapshot."""
+    out = output_for(args)
+    incremental = args.kind == "incremental" or getattr(args, "incremental", False)
+    btype = BackupType.INCREMENTAL if incremental else BackupType.FULL
+    result = _backup_manager(args).create(btype, agents=args.agents)
+    _print_backup(out, result)
+    out.document(result)
+    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+
+
+def cmd_backup_list(args: argparse.Namespace) -> int:
+    """backup list: snapshots, foreign files, repository size."""
+    out = output_for(args)
+    result = _backup_manager(args).list()
+    for problem in result.problems:
+        out.warn(problem)
+    mark = {True: "verified", False: "FAILED", None: "unverified"}
+    for snap in result.snapshots:
+        out.line("%-26s %-11s %s %5d files %7d records %10s  %s%s" % (
+            snap.backup_id, snap.type, snap.created, snap.files, snap.records,
+            human_bytes(snap.logical_bytes), mark[snap.verified],
+            "  (%s)" % snap.reason if snap.reason else ""))
+    for name in result.foreign:
+        out.line("%-26s foreign (not aml's; left alone)" % name)
+    out.line("repository %s: %d snapshots, %s" % (result.backup_root / REPO_DIR_NAME,
+                                                 len(result.snapshots),
+                                                 human_bytes(result.repository_bytes)))
+    out.document(result)
+    return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+
+
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    """backup verify: check snapshots; exit 6 naming what is wrong."""
+    out = output_for(args)
+    result = _backup_manager(args).verify(args.backup_id, deep=args.deep,
+                                          all_snapshots=args.all)
+    for problem in result.problems:
+        print("aml: error: %s" % problem, file=sys.stderr)
+    out.line("%s %s: %d files, %d objects checked%s" % (
+        ", ".join(result.backup_ids), "OK" if result.ok else "FAILED", result.files_checked,
+        result.objects_checked, " (deep)" if result.deep else ""))
+    out.document(result)
+    return ExitCode.OK if result.ok else ExitCode.INTEGRITY
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> int:
+    """backup restore: put a snapshot back (or preview it with --dry-run)."""
+    out = output_for(args)
+    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
+        raise UsageError("two different backup ids given")
+    at = None
+    if args.at:
+        at = parse_timestamp(args.at)
+        if at is None:
+            raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
+    result = _backup_manager(args).restore(args.backup_id or args.backup_id_flag, at=at,
+                                           agents=args.agents, target=args.target,
+                                           dry_run=args.dry_run, force=args.force)
+    verb = "would " if result.dry_run else ""
+    for label, paths in (("create", result.created), ("replace", result.replaced),
+                         ("remove", result.removed)):
+        for rel in paths if result.dry_run else []:
+            out.always("%s%s %s" % (verb, label, rel))
+    out.line("%s into %s: %d created, %d replaced, %d removed, %d unchanged%s%s" % (
+        result.backup_id, result.target, len(result.created), len(result.replaced),
+        len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
+        "; safety backup %s" % result.safety_backup if result.safety_backup else ""))
+    out.document(result)
+    return ExitCode.OK
+
+
+def cmd_backup_rotate(args: argparse.Namespace) -> int:
+    """backup rotate: apply retention and free unused space."""
+    out = output_for(args)
+    result = _backup_manager(args).rotate(dry_run=args.dry_run, keep_daily=args.keep_daily,
+                                          keep_weekly=args.keep_weekly,
+                                          keep_monthly=args.keep_monthly)
+    _print_rotate(out, result)
+    out.document(result)
+    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+
+
+def _print_rotate(out: Output, result: RotateResult) -> None:
+    for warning in result.warnings:
+        out.warn(warning)
+    verb = "would delete" if result.dry_run else "deleted"
+    for backup_id in result.deleted:
+        (out.always if result.dry_run else out.line)("%s %s" % (verb, backup_id))
+    out.line("%s %d, kept %d snapshots; %d objects, %s freed%s" % (
+        verb, len(result.deleted), len(result.kept), result.objects_freed,
+        human_bytes(result.bytes_freed), " (dry run)" if result.dry_run else ""))
+
+
+def cmd_backup_auto(args: argparse.Namespace) -> int:
+    """backup auto: snapshot when due, verify, rotate (for cron)."""
+    out = output_for(args)
+    result = _backup_manager(args).auto(keep_daily=args.keep_daily,
+                                        keep_weekly=args.keep_weekly,
+                                        keep_monthly=args.keep_monthly)
+    if result.backup:
+        _print_backup(out, result.backup)
+    else:
+        out.line("no backup due: %s" % result.skipped)
+    _print_rotate(out, result.rotate)
+    out.document(result)
+    warned = (result.backup and result.backup.warnings) or result.rotate.warnings
+    return ExitCode.PARTIAL if warned else ExitCode.OK
+
+
+@command_builder
+def _build_backup(subparsers: Any) -> None:
+    parser = subparser(subparsers, "backup", "snapshots of the store: create, list, verify, "
+                       "restore, rotate, auto")
+    sub = parser.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
+                            ("full", "take a full snapshot (re-reads every file)"),
+                            ("incremental", "take an incremental snapshot")):
+        p = subparser(sub, name, help_text)
+        _backup_options(p)
+        _create_options(p, incremental_flag=name == "create")
+        p.set_defaults(func=cmd_backup_create, kind=name)
+    p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
+    _backup_options(p)
+    p.set_defaults(func=cmd_backup_list)
+    p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
+    _backup_options(p)
+    p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
+    p.add_argument("--all", action="store_true", help="verify every snapshot")
+    p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
+    p.set_defaults(func=cmd_backup_verify)
+    _build_restore(sub)
+    for name, help_text, func in (
+            ("rotate", "delete old snapshots and free their space", cmd_backup_rotate),
+            ("auto", "for cron: snapshot when due, verify, rotate", cmd_backup_auto)):
+        p = subparser(sub, name, help_text)
+        _backup_options(p)
+        _keep_options(p)
+        if name == "rotate":
+            p.add_argument("--dry-run", action="store_true", help="only list what would go")
+        p.set_defaults(func=func)
+
+
+def _build_restore(sub: Any) -> None:
+    p = subparser(sub, "restore", "restore a snapshot exactly (verifies first)")
+    _backup_options(p)
+    p.add_argument("backup_id", nargs="?", help="snapshot id")
+    p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
+    p.add_argument("--at", metavar="TIMESTAMP", help="the newest snapshot not after this time")
+    p.add_argument("--agents", nargs="+", metavar="A", help="only these agents")
+    p.add_argument("--target", type=Path, metavar="DIR",
+                   help="restore into DIR instead of the store (the store is left alone)")
+    p.add_argument("--dry-run", action="store_true", help="list what would change")
+    p.add_argument("--force", action="store_true", help="allow a non-empty --target")
+    p.set_defaults(func=cmd_backup_restore)
+
 
 # --- migrate command (section 13) ---
+
+def _migrate_write_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="report per step what would change, with a sample diff; write nothing")
+    parser.add_argument("--no-backup", action="store_true",
+                        help="skip the verified safety backup taken before the first write")
+    parser.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+
+
+@command_builder
+def _build_migrate(subparsers: Any) -> None:
+    parser = subparser(subparsers, "migrate", "detect schema versions and migrate records "
+                       "(1.0.0 -> 1.1.0 -> 1.2.0 -> 2.0.0)")
+    actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    detect = subparser(actions, "detect", "versions per file and agent, unplaceable records, "
+                       "migration history (read-only)")
+    detect.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
+    detect.set_defaults(func=cmd_migrate_detect)
+    to_version = subparser(actions, "migrate", "migrate every record to VERSION (up, or down "
+                           "where lossless)")
+    to_version.add_argument("version", nargs="?", metavar="VERSION",
+                            help="target version (original spelling: migrate migrate 1.2.0)")
+    to_version.add_argument("--version", dest="version_option", metavar="VERSION",
+                            help="target version: 1.0.0, 1.1.0, 1.2.0 or 2.0.0")
+    _migrate_write_options(to_version)
+    to_version.set_defaults(func=cmd_migrate)
+    latest = subparser(actions, "migrate-latest", "migrate every record to %s"
+                       % SchemaVersion.latest().value)
+    _migrate_write_options(latest)
+    latest.set_defaults(func=cmd_migrate, version=SchemaVersion.latest().value,
+                        version_option=None)
+
+
+def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
+    records = sum(report.totals.values())
+    out.line("Schema versions in %s (%d agents, %d files, %d records)"
+             % (root, len(report.agents), len(report.files), records))
+    for entry in report.files:
+        invalid = ("  [%d rejected by the runtime]" % entry.runtime_invalid
+                   if entry.runtime_invalid else "")
+        out.line("  %-40s %s%s%s" % (entry.file, versions_text(entry.versions),
+                                     "  MIXED" if entry.mixed else "", invalid))
+    out.line("Per agent:")
+    for agent, counts in report.agents.items():
+        out.line("  %-28s %s%s" % (agent, versions_text(counts),
+                                   "  MIXED" if len(counts) > 1 else ""))
+    out.line("Store: %s (%s)" % (versions_text(report.totals) or "no records",
+                                 "MIXED" if report.mixed else "uniform"))
+    _print_detection_problems(out, report)
+    _print_history(out, report)
+
+
+def _print_detection_problems(out: Output, report: DetectionReport) -> None:
+    if report.unplaced:
+        out.line("Cannot place %d record(s):" % len(report.unplaced))
+        for item in report.unplaced[:20]:
+            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                             item["problem"]))
+    if report.runtime_invalid:
+        out.line("%d record(s) the runtime would reject (migrate-latest repairs those whose "
+                 "information exists), e.g.:" % len(report.runtime_invalid))
+        for item in report.runtime_invalid[:5]:
+            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                             item["problem"]))
+
+
+def _print_history(out: Output, report: DetectionReport) -> None:
+    if report.history_error:
+        out.warn("migration history unreadable: %s" % report.history_error)
+    out.line("Migration history: %s" % ("none" if not report.history else
+                                        "%d run(s)" % len(report.history)))
+    for run in report.history[-10:]:
+        counts = run.get("counts", {})
+        out.line("  %s  %s -> %s  changed %s of %s records  backup %s" % (
+            run.get("when"), versions_text(run.get("from", {})) or "-", run.get("to"),
+            counts.get("changed"), counts.get("records"), run.get("backup_id") or "none"))
+
+
+def cmd_migrate_detect(args: argparse.Namespace) -> int:
+    """``migrate detect``: print versions found; exit 3 if a file was unreadable."""
+    store, out = open_store(args), output_for(args)
+    report = MigrationManager(store, args.agents).detect()
+    for problem in report.unreadable:
+        out.warn("skipped unreadable file %s" % problem)
+    out.document(dict(to_jsonable(report), mixed=report.mixed, mixed_agents=report.mixed_agents))
+    _print_detection(out, report, store.root)
+    return int(ExitCode.PARTIAL if report.unreadable else ExitCode.OK)
+
+
+def _target_version(args: argparse.Namespace) -> SchemaVersion:
+    given = [v for v in (args.version, args.version_option) if v]
+    if not given:
+        raise UsageError("migrate: name the target version (migrate --version 1.2.0, "
+                         "or migrate-latest)")
+    versions = {SchemaVersion.parse(v) for v in given}
+    if len(versions) > 1:
+        raise UsageError("migrate: two different target versions given: %s" % " and ".join(given))
+    return versions.pop()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``migrate migrate VERSION`` / ``migrate-latest``: migrate, report, return the exit code."""
+    target = _target_version(args)
+    store, out = open_store(args), output_for(args)
+    manager = MigrationManager(store, args.agents, progress=out.progress)
+    try:
+        result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
+    finally:
+        out.progress_done()
+    for problem in result.unreadable:
+        out.warn("skipped unreadable file %s" % problem)
+    for item in result.reported[:20]:
+        out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
+                                                     item["problem"]))
+    if len(result.reported) > 20:
+        out.warn("... and %d more record(s) left unchanged" % (len(result.reported) - 20))
+    if result.refused:
+        out.warn(manager.refusal_message(result))
+    out.document(result)
+    _print_migration(out, result)
+    return int(result.exit_code())
+
+
+def _print_migration(out: Output, result: MigrationResult) -> None:
+    verb = "would change" if result.dry_run else "changed"
+    out.line("%s to %s: %s %d of %d records in %s file(s)%s" % (
+        "Dry run: migrate" if result.dry_run else "Migrated", result.target, verb,
+        result.changed, result.records,
+        len(result.files_changed),
+        "" if result.dry_run else "; backup %s" % (result.backup_id or "none")))
+    out.line("Versions before: %s" % (versions_text(result.from_versions) or "no records"))
+    for name, count in sorted(result.steps.items()):
+        out.line("  step %-22s %d record(s)" % (name, count))
+    for sample in sorted(result.samples, key=lambda s: s["step"]):
+        out.line("Sample (%s) %s[%d] id=%s:" % (sample["step"], sample["file"], sample["index"],
+                                               sample["id"]))
+        for line in sample["diff"]:
+            out.line("    " + line)
+    if result.reported:
+        out.line("%d record(s) left unchanged (see warnings)" % len(result.reported))
 
 
 # --- monitor command (section 14) ---

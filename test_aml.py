@@ -4,10 +4,12 @@ Every store is generated in ``tmp_path`` by the factories below; nothing here re
 ``../shared``. Run with ``make test``.
 """
 
+import contextlib
 import datetime as dt
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -182,6 +184,20 @@ def run_cli(*argv, capsys=None):
     return code, out, err
 
 
+@contextlib.contextmanager
+def held_by_other_process(state_dir):
+    """Hold aml's maintenance lock on ``state_dir`` from another process (another aml run)."""
+    code = ("import sys, aml; l = aml.MaintenanceLock(sys.argv[1], timeout=0); l.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(state_dir)], cwd=str(HERE),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")
+
+
 @pytest.fixture(params=[False, True], ids=["plain", "gzip"])
 def store(request, tmp_path):
     """A generated store, once plain and once gzip."""
@@ -316,11 +332,21 @@ def test_lock_released_on_error(tmp_path):
     assert not Path(str(path) + ".lock").exists()
 
 
-def test_maintenance_lock_excludes_second_run(tmp_path):
-    with aml.MaintenanceLock(tmp_path, timeout=0):
+def test_maintenance_lock_excludes_another_process(tmp_path):
+    with held_by_other_process(tmp_path):
         with pytest.raises(aml.StoreBusyError):
             aml.MaintenanceLock(tmp_path, timeout=0).acquire()
-    aml.MaintenanceLock(tmp_path, timeout=0).acquire()
+    with aml.MaintenanceLock(tmp_path, timeout=0):
+        pass
+
+
+def test_maintenance_lock_is_reentrant_in_one_process(tmp_path):
+    outer = aml.MaintenanceLock(tmp_path, timeout=0)
+    with outer:
+        with aml.MaintenanceLock(tmp_path, timeout=0):
+            pass
+        assert os.path.abspath(str(outer.path)) in aml.MaintenanceLock._held
+    assert not aml.MaintenanceLock._held
 
 
 # =============================================================================
@@ -444,30 +470,2074 @@ def test_rewrite_locks_and_keeps_format(tmp_path):
 # 8. Backup and restore
 # =============================================================================
 
+def backup_manager(root, **config):
+    """A BackupManager on a store, its clock at NOW unless ``now`` is given."""
+    now = config.pop("now", NOW)
+    return aml.BackupManager(aml.Store(root, now=now), aml.BackupConfig(**config))
+
+
+def content_digest(root):
+    """{path: (is gzip, decoded JSON or raw bytes)} of a store without aml's state."""
+    out = {}
+    for rel in tree_digest(root, skip_state=True):
+        raw = (Path(root) / rel).read_bytes()
+        try:
+            out[rel] = (raw[:2] == b"\x1f\x8b", read_data(Path(root) / rel))
+        except ValueError:
+            out[rel] = (False, raw)
+    return out
+
+
+def mutate_store(root):
+    """What happens to a store between a backup and a restore: prune, edit, add, delete."""
+    root = Path(root)
+    for name, change in (("code-reviewer/patterns.json", lambda r: r[7:]),
+                         ("test-automator/solutions.json",
+                          lambda r: [dict(r[0], verifiedCount=99)] + r[1:])):
+        path = root / name
+        zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+        write_data(path, change(read_data(path)), gz=zipped)
+    write_data(root / "new-agent" / "patterns.json", [make_pattern("new-agent", random.Random(2))])
+    (root / "backend-developer" / "context.json").unlink()
+
+
+def repo_bytes(manager):
+    return sum(p.stat().st_size for p in manager.repo.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("gz", [False, True, "mixed"], ids=["plain", "gzip", "mixed"])
+def test_round_trip_restores_the_snapshot_exactly(tmp_path, gz):
+    root = build_store(tmp_path / "memory", gz=gz)
+    before, before_content = tree_digest(root), content_digest(root)
+    snap = backup_manager(root).create(aml.BackupType.FULL)
+    assert snap.verified and snap.files == len(before)
+    mutate_store(root)
+    result = backup_manager(root).restore(snap.backup_id)
+    assert result.removed == ["new-agent/patterns.json"]
+    assert result.created == ["backend-developer/context.json"] and result.safety_backup
+    assert content_digest(root) == before_content          # gzip stays gzip, same content
+    plain = {k: v for k, v in before.items() if not before_content[k][0]}
+    assert {k: v for k, v in tree_digest(root, skip_state=True).items() if k in plain} == plain
+    assert set(tree_digest(root, skip_state=True)) == set(before)
+    assert not (root / "new-agent").exists()
+
+
+def test_restore_is_byte_exact_for_hand_formatted_files(tmp_path):
+    root = build_store(tmp_path / "memory")
+    odd = root / "code-reviewer" / "decisions.json"
+    odd.write_bytes(b'\xef\xbb\xbf[ {"id": "a"},{"id":"b"} ,\n\t{"id": "c"}]\n\n')
+    (root / "code-reviewer" / "notes.json").write_bytes(b'{"x": [1, 2]}')
+    before = tree_digest(root)
+    snap = backup_manager(root).create()
+    odd.write_bytes(b"[]")
+    backup_manager(root).restore(snap.backup_id)
+    assert tree_digest(root, skip_state=True) == before
+
+
+def test_unparseable_file_is_backed_up_as_bytes_and_reported(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(b'[{"id": "a"},')
+    code, out, err = run_cli(root, "backup", "create", capsys=capsys)
+    assert code == 3 and "not valid JSON" in err and str(bad) in err
+    snap = backup_manager(root).list().snapshots[-1].backup_id
+    bad.write_bytes(b"[]")
+    assert run_cli(root, "backup", "restore", snap, "-q") == 0
+    assert bad.read_bytes() == b'[{"id": "a"},'
+    assert run_cli(root, "backup", "verify", snap, "--deep", "-q") == 0
+
+
+def test_unchanged_records_cost_nothing_even_when_gzip_is_rewritten(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True, patterns=200)
+    first = backup_manager(root).create()
+    path = root / "code-reviewer" / "patterns.json"
+    records = read_data(path)
+    records[3]["metrics"]["executionCount"] += 1
+    records[150]["tags"] = ["changed"]
+    write_data(path, records, gz=True)                     # the runtime rewrites it all
+    second = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    assert second.files_reread == 1
+    assert second.objects_added == 3                        # two records + one list delta
+    assert second.bytes_added < first.bytes_added / 20
+
+
+def test_incremental_trusts_unchanged_files_and_full_rereads(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root).create()
+    incr = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    full = backup_manager(root).create(aml.BackupType.FULL)
+    assert incr.type is aml.BackupType.INCREMENTAL and incr.files_reread == 0
+    assert full.files_reread == full.files and full.objects_added == 0
+    assert incr.files == full.files and incr.records == full.records
+
+
+def test_every_snapshot_restores_on_its_own(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    first = backup_manager(root).create()
+    mutate_store(root)
+    expected = content_digest(root)
+    second = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    manager = backup_manager(root, retention_days=0, max_backups=1)
+    assert manager.rotate().deleted == [first.backup_id]
+    assert manager.verify(second.backup_id, deep=True).ok
+    target = tmp_path / "elsewhere"
+    backup_manager(root).restore(second.backup_id, target=target)
+    assert content_digest(target) == expected
+
+
+def test_agents_created_after_the_last_backup_are_included(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root).create()
+    write_data(root / "late-agent" / "decisions.json", [make_decision("late-agent", random.Random(1))])
+    snap = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    paths = [e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]]
+    assert "late-agent/decisions.json" in paths
+
+
+def test_derived_state_locks_and_temp_files_are_not_backed_up(tmp_path):
+    root = build_store(tmp_path / "memory")
+    store = aml.Store(root, now=NOW)
+    aml.Archive(store).save("prune_x", "prune", [{"record": {"id": "r"}}])
+    (root / ".aml" / "index").mkdir()
+    (root / ".aml" / "index" / "records.json").write_text("{}")
+    (root / "code-reviewer" / ".patterns.json.aml-tmp-1-ab").write_text("half")
+    (root / "code-reviewer" / "ghost.json.lock").mkdir()      # a runtime lock of another file
+    snap = backup_manager(root).create()
+    paths = {e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]}
+    assert ".aml/archive/prune_x.json" in paths and "config.json" in paths
+    assert "global/shared.json" in paths
+    assert not [p for p in paths if "index" in p or "lock" in p or "tmp" in p]
+
+
+# -- crash safety -------------------------------------------------------------
+
+def _boom(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("step", ["objects", "index", "manifest"])
+def test_crash_during_backup_leaves_nothing_visible(tmp_path, monkeypatch, step):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    first = backup_manager(root).create()
+    mutate_store(root)
+    store_before = tree_digest(root, skip_state=True)
+    target = {"objects": (aml._PackWriter, "_write_oldest"),
+              "index": (aml, "_encode_index"), "manifest": (aml, "_write_manifest")}[step]
+    monkeypatch.setattr(*target, _boom)
+    with pytest.raises(OSError):
+        backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    monkeypatch.undo()
+    manager = backup_manager(root)
+    assert manager.snapshot_ids() == [first.backup_id]
+    assert tree_digest(root, skip_state=True) == store_before
+    assert manager.verify(first.backup_id, deep=True).ok
+    second = manager.create(aml.BackupType.INCREMENTAL)
+    assert not [p for p in manager.packs.glob("*.pack") if not p.with_suffix(".idx").exists()]
+    assert manager.verify(all_snapshots=True, deep=True).ok and second.verified
+
+
+def test_crash_mid_restore_keeps_files_whole_and_rerun_completes(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz=True)
+    snap = backup_manager(root).create()
+    expected = content_digest(root)
+    for agent in ("backend-developer", "code-reviewer", "test-automator"):
+        path = root / agent / "patterns.json"
+        write_data(path, read_data(path)[:3], gz=True)
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        backup_manager(root).restore(snap.backup_id)
+    monkeypatch.undo()
+    for rel in tree_digest(root, skip_state=True):
+        read_data(root / rel)                               # every file is whole
+    assert backup_manager(root).verify(all_snapshots=True).ok
+    backup_manager(root).restore(snap.backup_id)
+    assert content_digest(root) == expected
+    assert not list((root / ".aml").glob("restore-*"))
+
+
+# -- corruption and hostile input -------------------------------------------
+
+def _corrupt(manager, how):
+    pack = sorted(manager.packs.glob("*.pack"))[0]
+    data = bytearray(pack.read_bytes())
+    if how == "truncated":
+        pack.write_bytes(bytes(data[:len(data) // 2]))
+    elif how == "flipped":
+        data[len(data) // 2] ^= 0x01
+        pack.write_bytes(bytes(data))
+    elif how == "missing":
+        pack.with_suffix(".idx").unlink()
+        pack.unlink()
+    else:
+        path = manager.manifest_path(manager.snapshot_ids()[-1])
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+        doc["payload"]["files"][0]["size"] += 1
+        path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "missing", "manifest"])
+def test_corrupt_backup_is_detected_and_never_restored(tmp_path, capsys, how):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    snap = backup_manager(root, verify_after_backup=False).create()
+    mutate_store(root)
+    _corrupt(backup_manager(root), how)
+    before = tree_digest(root)
+    code, _, err = run_cli(root, "backup", "verify", snap.backup_id, capsys=capsys)
+    assert code == 6 and snap.backup_id in err
+    assert ("checksum" in err or "missing" in err or "unreadable" in err)
+    code, _, err = run_cli(root, "backup", "restore", snap.backup_id, capsys=capsys)
+    assert code == 6 and err.startswith("aml: error:")
+    assert {k: v for k, v in tree_digest(root).items() if "history" not in k and "verified" not in k} \
+        == {k: v for k, v in before.items() if "history" not in k and "verified" not in k}
+
+
+@pytest.mark.parametrize("bad_path", ["../escape.json", "/tmp/abs.json", "a/../../x.json",
+                                      ".aml/config.json"])
+def test_hostile_manifest_writes_nothing_outside(tmp_path, bad_path):
+    root = build_store(tmp_path / "memory")
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    payload = manager.load_manifest(snap.backup_id)
+    payload["files"][0]["path"] = bad_path
+    aml._write_manifest(path, payload)
+    outside = tree_digest(tmp_path)
+    target = tmp_path / "restored"
+    with pytest.raises(aml.IntegrityError, match="path"):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    assert tree_digest(tmp_path) == outside and not target.exists()
+
+
+def test_symlink_in_target_is_refused(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "restored"
+    target.mkdir()
+    (target / "code-reviewer").symlink_to(outside)
+    with pytest.raises(aml.RefusedError, match="symlink"):
+        backup_manager(root).restore(snap.backup_id, target=target, force=True)
+    assert list(outside.iterdir()) == []
+
+
+def test_restore_dry_run_changes_nothing(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    mutate_store(root)
+    before, repo_before = tree_digest(root), tree_digest(tmp_path / "memory-backup")
+    code, out, _ = run_cli(root, "backup", "restore", snap.backup_id, "--dry-run",
+                           capsys=capsys)
+    assert code == 0 and "would remove new-agent/patterns.json" in out
+    assert "would replace code-reviewer/patterns.json" in out
+    assert tree_digest(root) == before
+    assert tree_digest(tmp_path / "memory-backup") == repo_before
+
+
+def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    expected = tree_digest(root, skip_state=True)
+    mutate_store(root)
+    before = tree_digest(root, skip_state=True)
+    target = tmp_path / "copy"
+    backup_manager(root).restore(snap.backup_id, target=target)
+    assert tree_digest(target) == expected and tree_digest(root, skip_state=True) == before
+    (target / "stray.json").write_text("{}")
+    with pytest.raises(aml.RefusedError, match="--force"):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    result = backup_manager(root).restore(snap.backup_id, target=target, force=True)
+    assert result.removed == ["stray.json"] and result.safety_backup is None
+
+
+def test_restore_agents_restores_only_those(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    original = tree_digest(root, skip_state=True)
+    mutate_store(root)
+    after_mutation = tree_digest(root, skip_state=True)
+    backup_manager(root).restore(snap.backup_id, agents=["code-reviewer"])
+    now = tree_digest(root, skip_state=True)
+    assert now["code-reviewer/patterns.json"] == original["code-reviewer/patterns.json"]
+    assert now["test-automator/solutions.json"] == after_mutation["test-automator/solutions.json"]
+    assert "new-agent/patterns.json" in now and "backend-developer/context.json" not in now
+
+
+def test_restore_at_picks_newest_snapshot_not_after_the_time(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    ids = []
+    for day in (1, 2, 3):
+        write_data(root / "global" / "shared.json", {"day": day})
+        ids.append(backup_manager(root, now=NOW + dt.timedelta(days=day)).create().backup_id)
+    code, out, _ = run_cli(root, "backup", "restore", "--at", "2026-11-22T23:00:00Z", "-q",
+                           capsys=capsys)
+    assert code == 0 and read_data(root / "global" / "shared.json") == {"day": 2}
+    with pytest.raises(aml.UsageError):
+        backup_manager(root).restore(at=NOW)
+
+
+def test_two_backups_in_the_same_second_get_distinct_sortable_ids(tmp_path):
+    root = build_store(tmp_path / "memory")
+    ids = [backup_manager(root).create(t).backup_id
+           for t in (aml.BackupType.FULL, aml.BackupType.INCREMENTAL, aml.BackupType.FULL)]
+    assert ids == ["full_20261120_120000", "incr_20261120_120000_2", "full_20261120_120000_3"]
+    assert backup_manager(root).snapshot_ids() == ids
+
+
+# -- rotation, auto, list, config -------------------------------------------
+
+def test_rotation_keeps_remaining_snapshots_whole_and_frees_space(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    for day in range(6):
+        path = root / "code-reviewer" / "patterns.json"
+        write_data(path, [make_pattern("code-reviewer", random.Random(day)) for _ in range(40)])
+        backup_manager(root, now=NOW + dt.timedelta(days=day)).create()
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=5), retention_days=2)
+    preview = manager.rotate(dry_run=True)
+    size = repo_bytes(manager)
+    assert len(preview.deleted) == 3 and repo_bytes(manager) == size
+    result = manager.rotate()
+    assert result.deleted == preview.deleted and result.bytes_freed > 0
+    assert repo_bytes(manager) < size
+    assert manager.verify(all_snapshots=True, deep=True).ok
+
+
+def test_rotation_calendar_rules_and_max_backups(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    for day in range(0, 60, 3):
+        backup_manager(root, now=NOW + dt.timedelta(days=day)).create()
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=60), retention_days=7)
+    ids = manager.snapshot_ids()
+    kept = manager.retained(ids, keep_weekly=4, keep_monthly=3)
+    assert ids[-1] in kept and len(kept) < len(ids)
+    assert len({aml._id_time(i).isocalendar()[:2] for i in kept}) >= 4
+    assert manager.retained(ids) == ids[-2:]                 # days 54 and 57 of 60
+    assert backup_manager(root, max_backups=3).retained(ids) == ids[-3:]
+
+
+def test_rotation_never_deletes_the_newest_verified_snapshot(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    good = backup_manager(root).create().backup_id
+    later = backup_manager(root, now=NOW + dt.timedelta(days=1),
+                           verify_after_backup=False).create().backup_id
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=90), max_backups=1)
+    assert manager.newest_verified() == good
+    assert manager.rotate().kept == [good, later]
+
+
+def test_auto_follows_the_schedule(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    first = backup_manager(root).auto()
+    assert first.backup.type is aml.BackupType.FULL
+    again = backup_manager(root, now=NOW + dt.timedelta(hours=2)).auto()
+    assert again.backup is None and "recent" in again.skipped
+    day = backup_manager(root, now=NOW + dt.timedelta(days=1)).auto()
+    assert day.backup.type is aml.BackupType.INCREMENTAL and day.backup.verified
+    week = backup_manager(root, now=NOW + dt.timedelta(days=7)).auto()
+    assert week.backup.type is aml.BackupType.FULL
+    weekly = backup_manager(root, now=NOW + dt.timedelta(days=9), backup_schedule="weekly")
+    assert weekly.auto().backup is None
+
+
+def test_config_fields_have_effects(tmp_path):
+    root = build_store(tmp_path / "memory")
+    plain = backup_manager(root, backup_root=tmp_path / "a", compression_level=0).create()
+    packed = backup_manager(root, backup_root=tmp_path / "b", compression_level=9).create()
+    assert plain.bytes_added > 2 * packed.bytes_added
+    assert plain.manifest.parent.parent.parent == tmp_path / "a"
+    off = backup_manager(root, backup_root=tmp_path / "b", incremental_enabled=False,
+                         verify_after_backup=False).create(aml.BackupType.INCREMENTAL)
+    assert off.type is aml.BackupType.FULL and not off.verified
+    with pytest.raises(aml.UsageError):
+        backup_manager(root, backup_schedule="sometimes")
+
+
+def test_config_file_section_moves_the_backup_root(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text('{"backup": {"backup_root": "vault"}}')
+    assert run_cli(root, "backup", "create", "-q") == 0
+    assert len(list((tmp_path / "vault" / "aml" / "snapshots").iterdir())) == 1
+    code, out, _ = run_cli(root, "backup", "list", "--backup-root", tmp_path / "none",
+                           capsys=capsys)
+    assert code == 0 and "0 snapshots" in out
+
+
+def test_foreign_backups_are_left_alone_and_permissions_are_private(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    backups = tmp_path / "memory-backup"
+    backups.mkdir()
+    foreign = backups / "backup-1732500000000-abc.tar.gz"
+    foreign.write_bytes(b"runtime's own")
+    (backups / "backup-1732500000000-abc.meta.json").write_text("{}")
+    manager = backup_manager(root)
+    manager.create()
+    manager.rotate()
+    code, out, _ = run_cli(root, "backup", "list", capsys=capsys)
+    assert code == 0 and "foreign" in out and foreign.name in out
+    assert foreign.read_bytes() == b"runtime's own"
+    for path in manager.repo.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+    assert manager.repo.stat().st_mode & 0o777 == 0o700
+
+
+def test_history_entries_follow_the_contract(tmp_path):
+    root = build_store(tmp_path / "memory")
+    snap = backup_manager(root).create()
+    store = aml.Store(root)
+    entry = store.last_operation("backup")["summary"]
+    assert entry["backup_id"] == snap.backup_id and entry["verified"] is True
+    assert entry["type"] == "full" and Path(entry["manifest"]).exists()
+    assert entry["files"] == snap.files and entry["bytes_added"] == snap.bytes_added
+    assert store.last_operation("verify")["summary"] == {"backup_id": snap.backup_id, "ok": True,
+                                                        "deep": False}
+
+
+def test_safety_backup_returns_a_verified_id_or_refuses(tmp_path):
+    root = build_store(tmp_path / "memory")
+    store = aml.Store(root, now=NOW)
+    first = aml.safety_backup(store, "prune")
+    second = aml.safety_backup(store, "prune")
+    assert first.startswith("full_") and second.startswith("incr_")
+    assert backup_manager(root).load_manifest(second)["reason"] == "prune"
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the backup folder should be")
+    with pytest.raises(aml.RefusedError, match="--no-backup"):
+        aml.safety_backup(store, "prune", aml.BackupConfig(backup_root=blocker))
+
+
+def test_cli_original_spellings_and_json(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    assert run_cli(root, "backup", "full", "-q", "--now", "2026-11-20T00:00:00Z") == 0
+    assert run_cli(root, "backup", "incremental", "-q", "--now", "2026-11-21T00:00:00Z") == 0
+    code, out, _ = run_cli(root, "backup", "list", "--format", "json", capsys=capsys)
+    ids = [s["backup_id"] for s in json.loads(out)["snapshots"]]
+    assert code == 0 and ids[0].startswith("full_") and ids[1].startswith("incr_")
+    code, out, _ = run_cli(root, "backup", "verify", ids[0], "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert run_cli(root, "backup", "restore", "--backup-id", ids[0], "-q") == 0
+    code, out, _ = run_cli(root, "backup", "verify", "--all", "--deep", capsys=capsys)
+    assert code == 0 and "OK" in out
+    code, _, err = run_cli(root, "backup", "restore", "full_20200101_000000", capsys=capsys)
+    assert code == 2 and "no backup" in err
+    code, out, err = run_cli(root, "backup", "auto", "-q", "--now", "2026-11-22T02:00:00Z",
+                             capsys=capsys)
+    assert code == 0 and out == "" and err == ""
+
+
+@pytest.mark.parametrize("text", ['[{"a": 1}, {"b": [2, 3]}]', '[\n  1,\n  "x"\n]\n', "[7]"])
+def test_split_json_array_reassembles_exactly(text):
+    head, sep, tail, spans = aml.split_json_array(text)
+    assert head + sep.join(text[s:e] for s, e in spans) + tail == text
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", "[1,", "[1] x", "[1, 2 ,3]", "[NaN]"])
+def test_split_json_array_refuses_what_it_cannot_split(text):
+    assert aml.split_json_array(text) is None
+
 
 # =============================================================================
 # 9. Bloom filter and LRU cache
 # =============================================================================
+
+def test_bloom_has_no_false_negatives_and_meets_its_rate():
+    bloom = aml.BloomFilter(10000, 0.01)
+    keys = [str(uuid.UUID(int=random.Random(9).getrandbits(128) + i)) for i in range(10000)]
+    for key in keys:
+        bloom.add(key)
+    assert all(key in bloom for key in keys)
+    false_hits = sum(("probe-%d" % i) in bloom for i in range(100000))
+    assert false_hits / 100000.0 <= 0.01
+    assert false_hits > 0  # a filter that answers "no" to everything would pass the line above
+
+
+def test_bloom_size_is_within_five_percent_of_optimum():
+    for capacity, rate in ((10000, 0.01), (1000, 0.001), (250000, 0.05)):
+        bloom = aml.BloomFilter(capacity, rate)
+        optimum = -capacity * math.log(rate) / math.log(2) ** 2
+        assert optimum <= bloom.m <= optimum * 1.05
+        assert bloom.size_bytes == (bloom.m + 7) // 8
+    assert 11000 < aml.BloomFilter(10000, 0.01).size_bytes < 12500  # ~9.6 bits per item
+
+
+def test_bloom_bytes_round_trip_and_corruption_detected():
+    bloom = aml.BloomFilter(500, 0.01)
+    for i in range(300):
+        bloom.add("id-%d" % i)
+    copy = aml.BloomFilter.from_bytes(bloom.to_bytes())
+    assert (copy.m, copy.k, len(copy)) == (bloom.m, bloom.k, 300) and "id-7" in copy
+    data = bytearray(bloom.to_bytes())
+    data[40] ^= 0x01
+    with pytest.raises(aml.IntegrityError):
+        aml.BloomFilter.from_bytes(bytes(data))
+    with pytest.raises(aml.IntegrityError):
+        aml.BloomFilter.from_bytes(bloom.to_bytes()[:-1])
+
+
+def test_lru_evicts_least_recently_used_within_byte_budget():
+    cache = aml.LRUCache(max_bytes=100)
+    for key in "abc":
+        assert cache.put(key, b"x" * 30)
+    assert cache.get("a") == b"x" * 30      # a is now the most recent
+    cache.put("d", b"y" * 30)               # 120 > 100: evict b, the least recent
+    assert cache.keys() == ["c", "a", "d"] and cache.bytes == 90
+    assert cache.get("b") is None
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.evictions, stats.items) == (1, 1, 1, 3)
+    assert stats.hit_rate == 0.5
+
+
+def test_lru_refuses_oversize_items_and_charges_json_size():
+    cache = aml.LRUCache(max_bytes=50)
+    cache.put("small", {"a": 1})
+    assert cache.bytes == len('{"a":1}')
+    assert cache.put("big", "z" * 51) is False
+    assert "big" not in cache and cache.stats().refused == 1 and "small" in cache
+    cache.put("small", "é" * 10)   # replacing re-charges: 20 UTF-8 bytes
+    assert cache.bytes == 20 and len(cache) == 1
 
 
 # =============================================================================
 # 10. Index and search
 # =============================================================================
 
+def search_json(root, *args, capsys):
+    code, out, err = run_cli(root, "search", "--format", "json", *args, capsys=capsys)
+    return code, json.loads(out), err
+
+
+def brute_force(root, agent=None, rtype=None, tags=(), conf=None, rate=None, text=None):
+    """Independent scan of the generated store: (file, index) of every matching record."""
+    hits = []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name not in
+                         ("global", ".aml")):
+        if agent and folder.name != agent:
+            continue
+        for name in ("decisions.json", "patterns.json", "solutions.json"):
+            if rtype and name != rtype + "s.json":
+                continue
+            for i, rec in enumerate(read_data(folder / name)):
+                c = rec.get("evolution", {}).get("confidenceScore")
+                r = rec.get("metrics", {}).get("successRate")
+                if (set(tags) <= set(rec.get("tags", []))
+                        and (conf is None or (c is not None and c >= conf))
+                        and (rate is None or (r is not None and r >= rate))
+                        and (text is None or text.lower() in json.dumps(rec).lower())):
+                    hits.append(("%s/%s" % (folder.name, name), i))
+    return hits
+
+
+@pytest.fixture
+def mixed_store(tmp_path):
+    return build_store(tmp_path / "memory", gz="mixed", agents=("alpha", "beta", "gamma", "delta"))
+
+
+@pytest.mark.parametrize("flags,filters", [
+    ((), {}),
+    (("--agent", "beta"), {"agent": "beta"}),
+    (("--type", "solution"), {"rtype": "solution"}),
+    (("--tag", "database"), {"tags": ("database",)}),
+    (("--tag", "api", "backend"), {"tags": ("api", "backend")}),
+    (("--min-confidence", "0.6"), {"conf": 0.6}),
+    (("--min-success-rate", "0.7"), {"rate": 0.7}),
+    (("--text", "Backoff"), {"text": "backoff"}),
+    (("--agent", "gamma", "--type", "pattern", "--tag", "ui", "--min-confidence", "0.3"),
+     {"agent": "gamma", "rtype": "pattern", "tags": ("ui",), "conf": 0.3}),
+])
+@pytest.mark.parametrize("mode", ["index", "scan"])
+def test_search_equals_brute_force_scan(mixed_store, capsys, flags, filters, mode):
+    extra = ("--scan",) if mode == "scan" else ()
+    code, doc, _ = search_json(mixed_store, *(flags + extra), capsys=capsys)
+    expected = brute_force(mixed_store, **filters)
+    assert code == 0 and expected
+    assert [(r["file"], r["index"]) for r in doc["records"]] == expected
+    assert doc["source"] == mode
+    first = doc["records"][0]
+    assert first["record"] == read_data(mixed_store / first["file"])[first["index"]]
+
+
+def test_search_limit_and_text_output(mixed_store, capsys):
+    code, out, _ = run_cli(mixed_store, "search", "--type", "pattern", "--limit", "3",
+                           capsys=capsys)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4 and lines[-1] == "3 records (index)"
+    assert lines[0].startswith("alpha/patterns.json[0]  ")
+
+
+def test_search_unknown_agent_is_empty_and_fails(mixed_store, capsys):
+    code, doc, err = search_json(mixed_store, "--agent", "nobody", capsys=capsys)
+    assert code == 1 and doc["records"] == [] and doc["not_found"]
+    assert "no agent named 'nobody'" in err
+
+
+def test_get_prints_the_record_and_unknown_id_fails(store, capsys):
+    record = read_data(store / "code-reviewer" / "solutions.json")[4]
+    code, out, _ = run_cli(store, "get", record["id"], capsys=capsys)
+    assert code == 0 and json.loads(out) == record
+    code, out, err = run_cli(store, "get", "no-such-id", capsys=capsys)
+    assert code == 1 and out == "" and "no record with id 'no-such-id'" in err
+
+
+def test_get_returns_same_id_from_every_agent(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"))
+    shared = read_data(root / "a1" / "patterns.json")[3]
+    twin = dict(shared, agent="a2")
+    write_data(root / "a2" / "decisions.json", read_data(root / "a2" / "decisions.json") + [twin])
+    code, out, _ = run_cli(root, "get", shared["id"], "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 0 and [r["agent"] for r in doc["records"]] == ["a1", "a2"]
+
+
+def test_get_uses_bloom_filter_for_absent_ids(store, monkeypatch):
+    assert run_cli(store, "optimize", "index") == 0
+    monkeypatch.setattr(aml.MemoryIndex, "locate", lambda *a: pytest.fail("id table read"))
+    result = aml.get_record(aml.Store(store), "absent-id")
+    assert result.not_found and result.source == "bloom"
+
+
+def test_index_refresh_rereads_only_changed_files(store, monkeypatch):
+    s = aml.Store(store)
+    index = aml.MemoryIndex(s)
+    assert index.stale_files() and index.size_bytes() == 0
+    first = index.refresh()
+    assert first.rebuilt and first.records == 3 * 65 and index.size_bytes() > 0
+    assert aml.MemoryIndex(s).stale_files() == []
+    target = store / "test-automator" / "patterns.json"
+    records = read_data(target)
+    new = make_pattern("test-automator", random.Random(5), tags=["fresh"])
+    write_data(target, records[:-1] + [new], gz=target.read_bytes()[:2] == b"\x1f\x8b")
+    assert aml.MemoryIndex(s).stale_files() == ["test-automator/patterns.json"]
+    loads = []
+    real = aml.load_json_file
+    monkeypatch.setattr(aml, "load_json_file", lambda p, **k: loads.append(p) or real(p, **k))
+    result = aml.MemoryIndex(s).refresh()
+    assert [p for p in loads if ".aml" not in Path(p).parts] == [target]
+    assert result.files_reread == ["test-automator/patterns.json"]
+    found = aml.get_record(s, new["id"])
+    assert found.records[0].record == new and found.source == "index"
+    assert aml.get_record(s, records[-1]["id"]).not_found
+
+
+def test_parallel_index_build_equals_sequential(tmp_path, monkeypatch):
+    built = []
+    for parallel in (False, True):
+        root = build_store(tmp_path / str(parallel), gz="mixed")
+        if parallel:
+            monkeypatch.setattr(aml, "_PARALLEL_INDEX_BYTES", 0)
+            monkeypatch.setattr(aml, "_PARALLEL_BLOOM_IDS", 0)
+        aml.MemoryIndex(aml.Store(root)).refresh()
+        folder = root / ".aml" / "index"
+        built.append({n: (folder / n).read_bytes() for n in ("postings.dat", "keys.dat",
+                                                               "ids.bin", "bloom.bin")})
+    assert built[0] == built[1]
+
+
+def test_index_drops_removed_files(store):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    (store / "alpha").mkdir()
+    write_data(store / "alpha" / "decisions.json", [make_decision("alpha", random.Random(1))])
+    (store / "code-reviewer" / "decisions.json").unlink()
+    assert sorted(aml.MemoryIndex(s).stale_files()) == ["alpha/decisions.json",
+                                                         "code-reviewer/decisions.json"]
+    result = aml.MemoryIndex(s).refresh()
+    assert result.files_removed == ["code-reviewer/decisions.json"]
+    assert [e["path"] for e in aml.MemoryIndex(s).files(rtype="decision")] == [
+        "alpha/decisions.json", "backend-developer/decisions.json",
+        "test-automator/decisions.json"]
+
+
+@pytest.mark.parametrize("part", ["manifest.json", "postings.dat", "ids.bin", "bloom.bin"])
+def test_corrupt_index_part_is_never_trusted_and_rebuilt(store, capsys, part):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    path = s.state_dir / "index" / part
+    record = read_data(store / "backend-developer" / "patterns.json")[17]
+    data = bytearray(path.read_bytes())
+    spot = len(data) // 2
+    if part == "ids.bin":   # inside the bucket this id's lookup reads
+        buckets = aml.MemoryIndex(s).manifest()["ids"]["buckets"]
+        start = buckets[aml.bloom_digest(record["id"])[0]][0]
+        spot = 9 + start * 24 + 20
+    data[spot] ^= 0x20
+    path.write_bytes(bytes(data))
+    code, out, _ = run_cli(store, "get", record["id"], capsys=capsys)
+    assert code == 0 and json.loads(out) == record
+    code, doc, _ = search_json(store, "--tag", "api", capsys=capsys)
+    assert [(r["file"], r["index"]) for r in doc["records"]] == brute_force(store, tags=("api",))
+    index = aml.MemoryIndex(s)
+    assert index.manifest() is not None and index.might_contain(record["id"])
+    assert index.locate(record["id"])[0][1] == 17
+
+
+def test_unreadable_file_is_reported_and_skipped(store, capsys):
+    (store / "code-reviewer" / "patterns.json").write_bytes(b"[{broken")
+    code, doc, err = search_json(store, "--type", "pattern", capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err
+    assert {r["agent"] for r in doc["records"]} == {"backend-developer", "test-automator"}
+    assert (store / "code-reviewer" / "patterns.json").read_bytes() == b"[{broken"
+
+
+def test_scan_writes_nothing(store, capsys):
+    before = tree_digest(store)
+    record = read_data(store / "code-reviewer" / "patterns.json")[0]
+    assert run_cli(store, "get", record["id"], "--scan", capsys=capsys)[0] == 0
+    assert run_cli(store, "search", "--tag", "ui", "--scan", capsys=capsys)[0] == 0
+    assert tree_digest(store) == before
+
+
+def test_busy_maintenance_lock_falls_back_read_only(store, capsys):
+    s = aml.Store(store)
+    record = read_data(store / "test-automator" / "solutions.json")[2]
+    with held_by_other_process(s.state_dir):
+        before = tree_digest(store)
+        code, out, _ = run_cli(store, "get", record["id"], "--format", "json", capsys=capsys)
+        assert code == 0 and json.loads(out)["source"] == "scan"
+        assert tree_digest(store) == before
+    run_cli(store, "optimize", "index", capsys=capsys)
+    with held_by_other_process(s.state_dir):
+        code, out, _ = run_cli(store, "get", record["id"], "--format", "json", capsys=capsys)
+        assert json.loads(out)["source"] == "index"
+
+
+def test_warm_cache_answers_lookups_and_counts_hits(store, capsys):
+    s = aml.Store(store)
+    assert aml.hot_cache_stats(s) == {"hits": 0, "misses": 0}
+    code, out, _ = run_cli(store, "optimize", "warm-cache", "--cache-bytes", "20000",
+                           "--format", "json", capsys=capsys)
+    warm = json.loads(out)["steps"]["warm-cache"]
+    assert code == 0 and 0 < warm["bytes"] <= 20000 and 0 < warm["records"] < 195
+    hot = {r["id"]: r for r in aml.HotCache(aml.MemoryIndex(s)).records()}
+    assert len(hot) == warm["records"]
+    hot_id = next(iter(hot))
+    hot_file = aml.get_record(s, hot_id).records[0].file   # a hit, counted below
+    cold_id = next(r["id"] for r in read_data(store / hot_file) if r["id"] not in hot)
+    assert aml.get_record(s, hot_id).records[0].source == "hot-cache"
+    assert aml.get_record(s, cold_id).records[0].source == "index"
+    stats = aml.hot_cache_stats(s)
+    assert (stats["hits"], stats["misses"]) == (2, 1)
+    path = store / hot_file
+    records = read_data(path)
+    changed = [dict(r, tags=["edited"]) if r["id"] == hot_id else r for r in records]
+    write_data(path, changed, gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    again = aml.get_record(s, hot_id).records[0]
+    assert again.source == "index" and again.record["tags"] == ["edited"]
+
+
+def test_warm_score_prefers_confident_recent_active_records():
+    rng = random.Random(2)
+    good = aml.posting_row(make_pattern("a", rng, age=5, last_used=1, success=0.9, count=50,
+                                        conf=0.9), 0)
+    stale = aml.posting_row(make_pattern("a", rng, age=300, last_used=200, success=0.9,
+                                         count=50, conf=0.9), 1)
+    inactive = aml.posting_row(make_pattern("a", rng, age=5, last_used=1, success=0.9, count=50,
+                                            conf=0.9, active=False), 2)
+    score = lambda row: aml.warm_score(row, NOW)  # noqa: E731
+    assert score(good) > score(stale) and score(good) > score(inactive) > 0
+
 
 # =============================================================================
 # 11. Pruning
 # =============================================================================
+
+import shlex  # noqa: E402  (only the crontab tests need it)
+
+
+def _prune_store(root, gz=False, **kwargs):
+    """A generated store whose default prune stays under the mass-deletion guard (seed 3)."""
+    return build_store(root, gz=gz, seed=3, **kwargs)
+
+
+def _one_agent(root, patterns=(), solutions=(), decisions=(), gz=False):
+    """A store with one agent 'solo' holding exactly the given records."""
+    root = Path(root)
+    write_data(root / "config.json", CONFIG)
+    for name, records in (("patterns", patterns), ("solutions", solutions),
+                          ("decisions", decisions)):
+        write_data(root / "solo" / (name + ".json"), list(records), gz)
+    return root
+
+
+def _plan(root, strategies=None, **config):
+    store = aml.Store(root, now=NOW)
+    return aml.MemoryPruner(store, aml.PruneConfig(**config)).plan(strategies)
+
+
+def _reasons(result):
+    return {r.id: r.reason.value for r in result.removed}
+
+
+def _all_records(root):
+    """{relative file: records} of every agent record file."""
+    root = Path(root)
+    return {str(p.relative_to(root)): read_data(p) for p in sorted(root.glob("*/*s.json"))
+            if p.name in aml.RECORD_FILES}
+
+
+def _no_backup(monkeypatch):
+    monkeypatch.setattr(aml, "safety_backup", lambda *a, **k: pytest.fail("backup taken"))
+
+
+def _pattern(rng, **kw):
+    """A pattern that nothing prunes unless the overrides say so (value 0.7, used recently)."""
+    kw.setdefault("last_used", 1)
+    kw.setdefault("age", max(kw["last_used"], 10))
+    kw.setdefault("success", 0.7)
+    kw.setdefault("count", 10)
+    kw.setdefault("conf", 0.7)
+    return make_pattern("solo", rng, **kw)
+
+
+REASON_CASES = {
+    # reason: (kind, over-the-threshold overrides, just-below overrides)
+    "unused_too_long": ("p", {"last_used": 91}, {"last_used": 89}),
+    "failed_pattern_unused": ("p", {"last_used": 31, "success": 0.1, "count": 2},
+                              {"last_used": 29, "success": 0.1, "count": 2}),
+    "low_success_rate": ("p", {"success": 0.19, "count": 3}, {"success": 0.21, "count": 3}),
+    "low_confidence": ("p", {"conf": 0.14}, {"conf": 0.16}),
+    "decision_too_old": ("d", {"age": 181}, {"age": 179}),
+    "negative_outcome": ("d", {"age": 5, "would_repeat": False}, {"age": 5, "would_repeat": True}),
+    "failed_solution": ("s", {"age": 5, "worked": False}, {"age": 5, "worked": True}),
+    "outdated_solution": ("s", {"age": 5, "worked": True, "supersededBy": "b"},
+                          {"age": 5, "worked": True}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(REASON_CASES))
+def test_each_reason_triggers_and_not_below_its_threshold(tmp_path, reason):
+    kind, over, under = REASON_CASES[reason]
+    rng = random.Random(7)
+    make = {"p": _pattern,
+            "s": lambda r, **kw: make_solution("solo", r, verifiedCount=0, **kw),
+            "d": lambda r, **kw: make_decision("solo", r, **kw)}[kind]
+    hit, miss = make(rng, **over), make(rng, **under)
+    if kind == "d" and "would_repeat" not in over:
+        hit.pop("outcome", None)
+        miss.pop("outcome", None)
+    files = {"p": "patterns", "s": "solutions", "d": "decisions"}[kind]
+    root = _one_agent(tmp_path / "m", **{files: [hit, miss]})
+    assert _reasons(_plan(root)) == {hit["id"]: reason}
+
+
+def test_reason_details_name_the_triggering_values(tmp_path):
+    rng = random.Random(1)
+    rec = _pattern(rng, success=0.1, count=8)
+    result = _plan(_one_agent(tmp_path / "m", patterns=[rec]), ["performance_based"])
+    assert result.removed[0].details == {"success_rate": 0.1, "min_success_rate": 0.2,
+                                         "execution_count": 8, "min_execution_count": 3}
+
+
+def test_pinned_and_high_value_records_survive(tmp_path):
+    rng = random.Random(2)
+    pinned = _pattern(rng, last_used=300, conf=0.05, pinned=True)
+    tagged = _pattern(rng, last_used=300, conf=0.05)
+    tagged["tags"] = ["pinned"]
+    valuable = _pattern(rng, last_used=300, success=0.95, count=50, conf=0.95)
+    plain = _pattern(rng, last_used=300)
+    root = _one_agent(tmp_path / "m", patterns=[pinned, tagged, valuable, plain])
+    assert set(_reasons(_plan(root))) == {plain["id"]}
+    removed = set(_reasons(_plan(root, preserve_high_value=False)))
+    assert removed == {plain["id"], valuable["id"]}
+
+
+def test_record_without_time_is_not_time_pruned_and_future_is_a_finding(tmp_path):
+    rng = random.Random(4)
+    timeless = _pattern(rng)
+    timeless.pop("timestamp")
+    timeless["evolution"] = {"confidenceScore": 0.7}
+    future = _pattern(rng)
+    future["evolution"]["lastUsed"] = "2027-06-01T00:00:00Z"
+    result = _plan(_one_agent(tmp_path / "m", patterns=[timeless, future]))
+    assert result.removed == []
+    assert [f["id"] for f in result.findings] == [future["id"]]
+    assert "future" in result.findings[0]["problem"]
+
+
+def test_aggressive_thresholds(tmp_path):
+    rng = random.Random(5)
+    stale = _pattern(rng, last_used=65)
+    weak = _pattern(rng, success=0.25, count=5)
+    old_decision = make_decision("solo", rng, age=125)
+    old_decision.pop("outcome", None)
+    root = _one_agent(tmp_path / "m", patterns=[stale, weak], decisions=[old_decision])
+    assert _plan(root).removed == []
+    assert _reasons(_plan(root, aggressive=True)) == {
+        stale["id"]: "unused_too_long", weak["id"]: "low_success_rate",
+        old_decision["id"]: "decision_too_old"}
+    config = aml.PruneConfig(aggressive=True, pattern_max_age_days=40).effective()
+    assert (config.pattern_max_age_days, config.decision_max_age_days,
+            config.min_success_rate) == (40, 120, 0.30)
+
+
+def test_mixed_timestamp_styles_in_one_file(tmp_path):
+    rng = random.Random(6)
+    records = []
+    for style in ("z", "naive", "offset"):
+        for days in (100, 80):
+            rec = _pattern(rng, last_used=days)
+            rec["evolution"]["lastUsed"] = ts(days, style=style)
+            records.append(rec)
+    result = _plan(_one_agent(tmp_path / "m", patterns=records))
+    assert set(_reasons(result)) == {r["id"] for r in records[0::2]}
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_dry_run_changes_nothing_and_lists_every_record(tmp_path, capsys, gz):
+    root = _prune_store(tmp_path / "m", gz=gz)
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    code, doc, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    removed = json.loads(doc)["removed"]
+    lines = [line for line in out.splitlines() if line.startswith("would remove ")]
+    assert len(lines) == len(removed) > 10 and json.loads(doc)["bytes_estimated"] is True
+    assert all(r["id"] in line and r["reason"] in line for r, line in zip(removed, lines))
+    assert tree_digest(root) == before and not (root / ".aml").exists()
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_real_run_keeps_format_and_every_remaining_record(tmp_path, capsys, gz):
+    root = _prune_store(tmp_path / "m", gz=gz)
+    before = _all_records(root)
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    result = json.loads(doc)
+    assert code == 0 and result["removed"] and result["bytes_after"] < result["bytes_before"]
+    gone = {(r["file"], r["index"]) for r in result["removed"]}
+    for rel, records in _all_records(root).items():
+        assert ((root / rel).read_bytes()[:2] == b"\x1f\x8b") == gz
+        assert records == [r for i, r in enumerate(before[rel]) if (rel, i) not in gone]
+    archive = aml.Archive(aml.Store(root)).load(result["run_id"])
+    assert sorted((e["file"], e["index"], e["reason"]) for e in archive["entries"]) == sorted(
+        (r["file"], r["index"], r["reason"]) for r in result["removed"])
+    assert all(e["record"] == before[e["file"]][e["index"]] for e in archive["entries"])
+    assert aml.Store(root).last_operation("prune")["summary"]["run_id"] == result["run_id"]
+
+
+def test_real_run_takes_the_safety_backup_first(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = tree_digest(root)
+    calls = []
+
+    def backup(store, reason, config=None):
+        calls.append(tree_digest(root, skip_state=True) == before)
+        return "snap-1"
+
+    monkeypatch.setattr(aml, "safety_backup", backup)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW)).run()
+    assert calls == [True] and result.backup_id == "snap-1"
+
+
+def test_failed_safety_backup_stops_before_any_change(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = tree_digest(root)
+
+    def no_backup(store, reason, config=None):
+        raise aml.RefusedError("backup is not available")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    with pytest.raises(aml.RefusedError):
+        aml.MemoryPruner(aml.Store(root, now=NOW)).run()
+    assert tree_digest(root, skip_state=True) == before
+    assert aml.Archive(aml.Store(root)).runs() == []
+
+
+def _sorted_by_id(records):
+    return sorted(records, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+def test_undo_restores_exactly_and_skips_reappeared_ids(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    plain = {p: p.read_bytes() for p in (root / "code-reviewer").glob("*.json")}
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run_id = json.loads(doc)["run_id"]
+    assert any(p.read_bytes() != raw for p, raw in plain.items())
+    code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 0 and "restored" in out and _all_records(root) == before
+    assert all(p.read_bytes() == raw for p, raw in plain.items())  # key order kept too
+    code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 0 and "already undone" in out and _all_records(root) == before
+
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    second = json.loads(doc)
+    back = second["removed"][0]
+    path = root / back["file"]
+    again = dict(before[back["file"]][back["index"]], tags=["re-learned"])
+    write_data(path, read_data(path) + [again], gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    result = aml.undo_run(aml.Store(root, now=NOW), second["run_id"])
+    assert [s["id"] for s in result.skipped] == [back["id"]]
+    expected = {rel: [again if r.get("id") == back["id"] else r for r in records]
+                for rel, records in before.items()}
+    assert {k: _sorted_by_id(v) for k, v in _all_records(root).items()} == {
+        k: _sorted_by_id(v) for k, v in expected.items()}
+
+
+def test_undo_restores_a_gc_run_with_the_same_entry_schema(tmp_path):
+    rng = random.Random(8)
+    keep, lost = _pattern(rng), _pattern(rng)
+    root = _one_agent(tmp_path / "m", patterns=[keep], gz=True)
+    store = aml.Store(root, now=NOW)
+    aml.Archive(store).save("gc_20261120_120000_abcdef", "gc", [{
+        "agent": "solo", "file": "solo/patterns.json", "type": "pattern", "id": lost["id"],
+        "index": 0, "reason": "duplicate", "details": {}, "record": lost}])
+    result = aml.undo_run(store, "gc_20261120_120000_abcdef")
+    assert result.restored == 1 and read_data(root / "solo" / "patterns.json") == [lost, keep]
+    assert (root / "solo" / "patterns.json").read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_undo_refuses_archive_entries_outside_the_store(tmp_path):
+    root = _one_agent(tmp_path / "m", patterns=[_pattern(random.Random(9))])
+    store = aml.Store(root, now=NOW)
+    aml.Archive(store).save("gc_x", "gc", [{"agent": "solo", "file": "../evil/patterns.json",
+                                            "type": "pattern", "id": "a", "index": 0,
+                                            "reason": "r", "details": {}, "record": {}}])
+    with pytest.raises(aml.IntegrityError):
+        aml.undo_run(store, "gc_x")
+    assert not (tmp_path / "evil").exists()
+
+
+def test_mass_deletion_guard_refuses_then_force_works(tmp_path, capsys):
+    rng = random.Random(10)
+    root = _one_agent(tmp_path / "m", patterns=[_pattern(rng, last_used=200) for _ in range(6)]
+                      + [_pattern(rng) for _ in range(4)])
+    before = tree_digest(root)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 4 and "solo" in err and "60%" in err and "--force" in err
+    assert tree_digest(root, skip_state=True) == before
+    code, _, err = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 4 and "would refuse" in err
+    code, _, _ = run_cli(root, "prune", "--no-backup", "--force", "--now", NOW_TEXT,
+                         capsys=capsys)
+    assert code == 0 and len(read_data(root / "solo" / "patterns.json")) == 4
+
+
+@pytest.mark.parametrize("payload", [gzip.compress(b"[" + b"{}," * 50 + b"{}]")[:-9],
+                                     b'[{"id": "a"},', b'{"id": "a"}', b'[{"x": NaN}]'],
+                         ids=["truncated-gzip", "invalid-json", "object", "nan"])
+def test_unreadable_file_is_untouched_and_the_rest_is_pruned(tmp_path, capsys, payload):
+    root = _prune_store(tmp_path / "m")
+    other = root / "backend-developer" / "patterns.json"
+    count = len(read_data(other))
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(payload)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err
+    assert bad.read_bytes() == payload and len(read_data(other)) < count
+
+
+def test_held_fresh_lock_means_store_busy_and_that_file_unchanged(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m", gz=True)
+    held = root / "backend-developer" / "patterns.json"
+    raw = held.read_bytes()
+    lock = Path(str(held) + ".lock")
+    lock.mkdir()
+    before = _all_records(root)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--lock-timeout",
+                           "0.2", capsys=capsys)
+    assert code == 5 and "store busy" in err and held.read_bytes() == raw and lock.is_dir()
+    assert len(read_data(root / "code-reviewer" / "patterns.json")) < len(
+        before["code-reviewer/patterns.json"])
+    run_id = aml.Archive(aml.Store(root)).runs()[0]
+    entries = aml.Archive(aml.Store(root)).load(run_id)["entries"]
+    assert entries and not any(e["file"] == "backend-developer/patterns.json" for e in entries)
+
+
+def test_runtime_change_between_plan_and_write_is_replanned(tmp_path, monkeypatch):
+    rng = random.Random(11)
+    stale, fresh = _pattern(rng, last_used=200), _pattern(rng)
+    root = _one_agent(tmp_path / "m", patterns=[stale, fresh] + [_pattern(rng) for _ in range(3)])
+    path = root / "solo" / "patterns.json"
+    newcomer = _pattern(rng)
+    real_rewrite = aml.Store.rewrite
+
+    def runtime_writes_first(self, target, expect=list):
+        write_data(path, [newcomer] + read_data(path))  # the runtime prepends a record
+        return real_rewrite(self, target, expect)
+
+    monkeypatch.setattr(aml.Store, "rewrite", runtime_writes_first)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    assert [r.id for r in result.removed] == [stale["id"]] and result.removed[0].index == 1
+    assert [r["id"] for r in read_data(path)][:2] == [newcomer["id"], fresh["id"]]
+    assert aml.Archive(aml.Store(root)).load(result.run_id)["entries"][0]["index"] == 1
+
+
+def test_crash_on_second_file_leaves_files_old_or_new_and_rerun_completes(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    real_replace = os.replace
+    data_writes = []
+
+    def flaky_replace(src, dst):
+        if Path(dst).name in aml.RECORD_FILES:
+            data_writes.append(dst)
+            if len(data_writes) == 2:
+                raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky_replace)
+    with pytest.raises(OSError):
+        aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    monkeypatch.undo()
+    store = aml.Store(root, now=NOW)
+    entries = aml.Archive(store).load(aml.Archive(store).runs()[0])["entries"]
+    for rel, records in _all_records(root).items():
+        gone = {e["index"] for e in entries if e["file"] == rel}
+        assert records in (before[rel], [r for i, r in enumerate(before[rel]) if i not in gone])
+    assert not [p for p in root.rglob("*") if aml.TMP_MARKER in p.name]
+    second = aml.MemoryPruner(store, aml.PruneConfig(create_backup=False)).run()
+    assert second.exit_code == 0
+    assert _reasons(aml.MemoryPruner(aml.Store(root, now=NOW)).plan()) == {}
+    assert second.removed and {r.id for r in second.removed} <= {e["id"] for e in entries}
+
+
+def test_space_based_ends_measured_under_the_limit(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m", agents=("backend-developer", "code-reviewer"))
+    store = aml.Store(root, now=NOW)
+    size = aml.agent_disk_bytes(store, "backend-developer")
+    limit = int(size * 0.8)
+    pinned = read_data(root / "backend-developer" / "patterns.json")
+    pinned[0]["pinned"] = True
+    write_data(root / "backend-developer" / "patterns.json", pinned)
+    untouched = tree_digest(root / "code-reviewer")
+    store.ensure_state_dir()
+    (root / ".aml" / "config.json").write_text(json.dumps(
+        {"prune": {"agent_memory_limit": limit, "create_backup": False}}))
+    code, doc, _ = run_cli(root, "prune", "space_based", "--agents", "backend-developer",
+                           "--now", NOW_TEXT, "--format", "json", capsys=capsys)
+    result = json.loads(doc)
+    assert code == 0 and result["removed"]
+    assert {r["reason"] for r in result["removed"]} == {"memory_limit_exceeded"}
+    assert aml.agent_disk_bytes(store, "backend-developer") <= limit
+    assert result["agents"][0]["bytes_after"] == aml.agent_disk_bytes(store, "backend-developer")
+    assert read_data(root / "backend-developer" / "patterns.json")[0]["pinned"] is True
+    assert tree_digest(root / "code-reviewer") == untouched
+
+
+def test_space_based_iterates_when_the_estimate_was_optimistic(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz=True, agents=("backend-developer",))
+    store = aml.Store(root, now=NOW)
+    limit = int(aml.agent_disk_bytes(store, "backend-developer") * 0.85)
+    real_estimate = aml._FilePlan.estimate
+    monkeypatch.setattr(aml._FilePlan, "estimate", lambda self, i: 1.5 * real_estimate(self, i))
+    config = aml.PruneConfig(agent_memory_limit=limit, create_backup=False)
+    result = aml.MemoryPruner(store, config).run(["space_based"])
+    assert result.space_iterations >= 2 and result.findings == []
+    assert aml.agent_disk_bytes(store, "backend-developer") <= limit
+
+
+def test_space_based_store_limit_spreads_over_agents(tmp_path):
+    root = _prune_store(tmp_path / "m", gz=True)
+    store = aml.Store(root, now=NOW)
+    limit = int(aml.store_disk_bytes(store) * 0.9)
+    config = aml.PruneConfig(global_memory_limit=limit, create_backup=False)
+    result = aml.MemoryPruner(store, config).run(["space_based"])
+    assert {r.details["scope"] for r in result.removed} == {"store"}
+    assert aml.store_disk_bytes(store) <= limit and result.bytes_after <= limit
+
+
+@pytest.mark.parametrize("rtype,record,value", [
+    ("PATTERN", {"metrics": {"successRate": 0.9, "executionCount": 3},
+                 "evolution": {"confidenceScore": 0.7}}, 0.8),
+    ("PATTERN", {"metrics": {"successRate": 0.9, "executionCount": 2},
+                 "evolution": {"confidenceScore": 0.7}}, 0.7),
+    ("PATTERN", {}, 0.0),
+    ("SOLUTION", {"effectiveness": {"worked": True}, "verifiedCount": 3}, 0.9),
+    ("SOLUTION", {"verifiedCount": 1}, 0.4),
+    ("SOLUTION", {"effectiveness": {"worked": True}, "supersededBy": "x"}, 0.0),
+    ("DECISION", {"outcome": {"wouldRepeat": True}}, 0.9),
+    ("DECISION", {}, 0.5),
+])
+def test_value_score_is_the_documented_formula(rtype, record, value):
+    facts = aml.record_facts(aml.RecordType[rtype], record)
+    assert aml.record_value(facts, aml.PruneConfig()) == pytest.approx(value)
+
+
+def test_space_based_dry_run_says_it_estimates(tmp_path):
+    root = _prune_store(tmp_path / "m", agents=("backend-developer",))
+    limit = int(aml.agent_disk_bytes(aml.Store(root), "backend-developer") * 0.8)
+    result = _plan(root, ["space_based"], agent_memory_limit=limit)
+    assert result.bytes_estimated and result.removed
+    assert result.agents[0].bytes_after <= limit
+
+
+def test_config_precedence_store_then_aml_config_then_flags(tmp_path, capsys):
+    rng = random.Random(12)
+    at95, at65 = _pattern(rng, last_used=95), _pattern(rng, last_used=65)
+    root = _one_agent(tmp_path / "m", patterns=[at95, at65] + [_pattern(rng) for _ in range(4)])
+    config = dict(CONFIG, pruning={"enabled": True, "maxAgeDays": 100, "minConfidence": 0.1})
+    write_data(root / "config.json", config)
+
+    def dry(*extra):
+        code, doc, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, "--format", "json",
+                               *extra, capsys=capsys)
+        doc = json.loads(doc)
+        return code, {r["id"] for r in doc["removed"]}, doc["config"]
+
+    code, removed, cfg = dry()
+    assert removed == set() and cfg["pattern_max_age_days"] == 100
+    assert cfg["min_confidence_score"] == 0.1
+    aml_config = tmp_path / "aml.json"
+    aml_config.write_text('{"prune": {"pattern_max_age_days": 70}}')
+    assert dry("--config", aml_config)[1] == {at95["id"]}
+    assert dry("--config", aml_config, "--aggressive")[1] == {at95["id"], at65["id"]}
+    aml_config.write_text('{"prune": {"pattern_max_age_days": "soon"}}')
+    code, _, err = run_cli(root, "prune", "--dry-run", "--config", aml_config, capsys=capsys)
+    assert code == 2 and "pattern_max_age_days" in err
+
+
+def test_pruning_disabled_in_store_config_refuses_without_force(tmp_path, capsys):
+    rng = random.Random(13)
+    root = _one_agent(tmp_path / "m", patterns=[_pattern(rng, last_used=200)]
+                      + [_pattern(rng) for _ in range(3)])
+    write_data(root / "config.json", dict(CONFIG, pruning={"enabled": False}))
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 4 and "pruning.enabled=false" in err
+    code, _, _ = run_cli(root, "prune", "--no-backup", "--force", "--now", NOW_TEXT,
+                         capsys=capsys)
+    assert code == 0 and len(read_data(root / "solo" / "patterns.json")) == 3
+
+
+def test_positional_strategies_are_the_original_spelling(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m")
+
+    def removed(*words):
+        code, doc, _ = run_cli(root, "prune", *words, "--dry-run", "--now", NOW_TEXT,
+                               "--format", "json", capsys=capsys)
+        assert code == 0
+        return json.loads(doc)
+
+    positional = removed("time_based")
+    assert positional["strategies"] == ["time_based"]
+    assert {r["reason"] for r in positional["removed"]} <= {
+        "unused_too_long", "failed_pattern_unused", "decision_too_old"}
+    assert removed("time_based", "performance_based") == removed(
+        "--strategies", "time_based", "performance_based")
+    code, _, err = run_cli(root, "prune", "time_baked", capsys=capsys)
+    assert code == 2 and "time_baked" in err
+
+
+def test_list_runs_is_read_only(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m")
+    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
+    assert code == 0 and out == "" and not (root / ".aml").exists()
+    run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "-q", capsys=capsys)
+    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
+    assert code == 0 and out.startswith("prune_20261120_120000_") and "records" in out
+
+
+def _crontab_commands():
+    """Each crontab.example job as tokens, with its variables expanded."""
+    vars_, jobs = {}, []
+    for line in (HERE / "crontab.example").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if sep and name.isidentifier() and " " not in name:
+            vars_[name] = shlex.split(value)[0] if value else ""
+            continue
+        command = " ".join(line.split()[5:])
+        for key in sorted(vars_, key=len, reverse=True):
+            command = command.replace("${%s}" % key, vars_[key]).replace("$" + key, vars_[key])
+        jobs.append(shlex.split(command))
+    return jobs
+
+
+def _aml_args(tokens):
+    script = next(i for i, t in enumerate(tokens) if t.endswith("aml.py") or t == "aml")
+    return tokens[:script], tokens[script + 1:]
+
+
+def test_every_crontab_line_parses():
+    jobs = [j for j in _crontab_commands() if any(t.endswith("aml.py") for t in j)]
+    assert jobs
+    for tokens in jobs:
+        _, argv = _aml_args(tokens)
+        args = aml.build_parser().parse_args(argv)
+        assert callable(args.func)
+
+
+def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
+    root = _prune_store(tmp_path / "memory")
+    # The line has no --now, so records age with the real clock: lift the guard (via the
+    # store's own aml config file) so the test does not depend on today's date.
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text('{"prune": {"max_removal_share": 1.0}}')
+    job = next(j for j in _crontab_commands() if "prune" in j)
+    _, argv = _aml_args(job)
+    argv[0] = str(root)  # the memory path comes first
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(elsewhere),
+                          env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    store = aml.Store(root)
+    summary = store.last_operation("prune")["summary"]
+    assert summary["removed"] > 0 and summary["backup_id"]
+    backup = store.last_operation("backup")["summary"]
+    assert backup["backup_id"] == summary["backup_id"] and backup["verified"] is True
 
 
 # =============================================================================
 # 12. Compression and garbage collection
 # =============================================================================
 
+def age_files(root, days, pattern="*/*.json"):
+    """Set the mtime of matching files ``days`` before NOW."""
+    moment = (NOW - dt.timedelta(days=days)).timestamp()
+    for path in Path(root).glob(pattern):
+        os.utime(path, (moment, moment))
+
+
+def plain_bytes(path):
+    raw = Path(path).read_bytes()
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_compress_in_place_keeps_names_content_and_mtime(tmp_path, capsys, workers):
+    root = build_store(tmp_path / "m")
+    age_files(root, 40)
+    age_files(root, 5, "code-reviewer/patterns.json")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*.json")}
+    code, out, _ = run_cli(root, "optimize", "compress", "--no-backup", "--now", NOW_TEXT,
+                           "--workers", workers, "--format", "json", capsys=capsys)
+    result = json.loads(out)["steps"]["compress"]
+    assert code == 0 and len(result["files"]) == 14
+    assert result["skipped_recent"] == ["code-reviewer/patterns.json"]
+    assert 0 < result["bytes_after"] < result["bytes_before"]
+    for path, (raw, mtime) in before.items():
+        zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+        expected = path.parent.parent == root and path.parent.name != "global" \
+            and path.name != "config.json" and path != root / "code-reviewer" / "patterns.json"
+        assert zipped == expected, path
+        assert plain_bytes(path) == raw and path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in root.rglob("*") if p.is_file() and ".aml" not in p.parts) == \
+        sorted(p.name for p in before)
+    assert aml.Store(root).last_operation("compress")["summary"]["files"] == 14
+
+
+def test_compress_age_zero_takes_everything_and_decompress_round_trips(tmp_path):
+    root = build_store(tmp_path / "m")
+    original = tree_digest(root)
+    assert run_cli(root, "optimize", "compress", "--age-days", "0", "--no-backup", "-q") == 0
+    assert all(plain_bytes(root / f) and (root / f).read_bytes()[:2] == b"\x1f\x8b"
+               for f in original if f.count("/") == 1 and not f.startswith("global"))
+    assert run_cli(root, "optimize", "decompress", "--no-backup", "-q") == 0
+    assert tree_digest(root, skip_state=True) == original
+
+
+def test_decompress_reindents_compact_gzip(tmp_path):
+    root = build_store(tmp_path / "m", agents=("a",))
+    path = root / "a" / "decisions.json"
+    records = read_data(path)
+    path.write_bytes(gzip.compress(json.dumps(records, separators=(",", ":")).encode()))
+    assert run_cli(root, "optimize", "decompress", "--no-backup", "-q") == 0
+    assert path.read_text(encoding="utf-8") == json.dumps(records, indent=2, ensure_ascii=False)
+
+
+def test_compress_skips_parsing_only_files_the_index_vouches_for(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a", "b"))
+    aml.MemoryIndex(aml.Store(root)).refresh()
+    write_data(root / "b" / "patterns.json", [make_pattern("b", random.Random(4))])  # now stale
+    parsed = []
+    real = aml.parse_json_text
+    monkeypatch.setattr(aml, "parse_json_text", lambda text: parsed.append(1) or real(text))
+    result = aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
+    # 4 metrics/context files, the stale patterns file and the index manifest itself
+    assert len(result.files) == 10 and len(parsed) == 6
+    assert all(read_data(root / f) for f in result.files)
+
+
+def test_compress_never_touches_unparseable_files(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a", "b"))
+    bad = root / "b" / "solutions.json"
+    bad.write_bytes(b'[{"id": "x", "v": NaN}]')
+    code, _, err = run_cli(root, "optimize", "compress", "--age-days", "0", "--no-backup",
+                           capsys=capsys)
+    assert code == 3 and "b/solutions.json" in err
+    assert bad.read_bytes() == b'[{"id": "x", "v": NaN}]'
+    assert (root / "b" / "patterns.json").read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_compress_crash_leaves_files_intact_and_rerun_completes(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a",))
+    original = tree_digest(root)
+    calls = []
+    real = os.replace
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
+    monkeypatch.undo()
+    for rel, digest in original.items():
+        path = root / rel
+        assert hashlib.sha256(plain_bytes(path)).hexdigest() == digest or \
+            hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
+    result = aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
+    assert len(result.files) + len(result.skipped_done) == 5
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("action", ["compress", "decompress", "gc", "index", "warm-cache", "all"])
+def test_optimize_dry_runs_change_nothing(tmp_path, capsys, gz, action):
+    root = build_store(tmp_path / "m", gz=gz)
+    seed_defects(root)
+    age_files(root, 90)
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "optimize", action, "--dry-run", "--age-days", "0",
+                           capsys=capsys)
+    assert code == 0 and tree_digest(root) == before
+    if action in ("gc", "all"):
+        assert "would remove 7 records" in out
+
+
+def seed_defects(root):
+    """One record of each gc defect class in backend-developer; returns the expected reasons."""
+    rng = random.Random(11)
+    folder = root / "backend-developer"
+    gz = (folder / "patterns.json").read_bytes()[:2] == b"\x1f\x8b"
+    patterns = read_data(folder / "patterns.json")
+    no_id = make_pattern("backend-developer", rng)
+    del no_id["id"]
+    old, new = patterns[0], dict(patterns[0], tags=["newer"])
+    old["evolution"] = dict(old["evolution"], lastUsed="2026-01-01T00:00:00.000Z")
+    new["evolution"] = dict(new["evolution"], lastUsed="2026-11-01T00:00:00.000Z")
+    patterns[0] = old
+    patterns += [no_id, dict(make_pattern("backend-developer", rng), agent=""),
+                 dict(make_pattern("backend-developer", rng), timestamp="sometime"),
+                 {k: v for k, v in make_pattern("backend-developer", rng).items()
+                  if k != "pattern"},
+                 "not a record", dict(patterns[5]), new]
+    write_data(folder / "patterns.json", patterns, gz)
+    return {"missing_id": 1, "missing_agent": 1, "missing_timestamp": 1, "missing_body": 1,
+            "not_an_object": 1, "duplicate": 1, "id_conflict": 1}
+
+
+def test_gc_removes_exactly_each_defect_class_and_archives_it(store, capsys, monkeypatch):
+    expected = seed_defects(store)
+    path = store / "backend-developer" / "patterns.json"
+    seeded = read_data(path)
+    backups = []
+    monkeypatch.setattr(aml, "safety_backup", lambda s, reason, config=None:
+                        backups.append(tree_digest(store, skip_state=True)) or "snap-1")
+    before = tree_digest(store, skip_state=True)
+    code, out, _ = run_cli(store, "optimize", "gc", "--format", "json", capsys=capsys)
+    gc = json.loads(out)["steps"]["gc"]
+    assert code == 0 and gc["by_reason"] == expected and gc["backup_id"] == "snap-1"
+    assert backups == [before]
+    kept = read_data(path)
+    assert kept == seeded[1:40] + [seeded[-1]]       # the older id twin and the seven defects go
+    archive = aml.Archive(aml.Store(store)).load(gc["run_id"])
+    assert sorted(e["reason"] for e in archive["entries"]) == sorted(expected)
+    conflict = next(e for e in archive["entries"] if e["reason"] == "id_conflict")
+    assert conflict["record"] == seeded[0] and conflict["details"]["kept_index"] == 46
+    assert all(e["file"] == "backend-developer/patterns.json" and e["agent"] ==
+               "backend-developer" for e in archive["entries"])
+    assert {e["index"] for e in archive["entries"]} == {0, 40, 41, 42, 43, 44, 45}
+    others = {k: v for k, v in before.items() if "backend-developer/patterns" not in k}
+    assert {k: v for k, v in tree_digest(store, skip_state=True).items() if k in others} == others
+
+
+def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatch):
+    seed_defects(store)
+    path = store / "code-reviewer" / "solutions.json"
+    write_data(path, read_data(path) + [read_data(path)[0]],
+               gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    calls, real = [], os.replace
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:   # archive, first data file, then the second data file fails
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    with pytest.raises(OSError):
+        aml.collect_garbage(aml.Store(store))
+    monkeypatch.undo()
+    assert len(read_data(store / "backend-developer" / "patterns.json")) == 40
+    assert len(read_data(path)) == 16                 # untouched: its rewrite failed
+    assert not [p for p in store.rglob("*") if aml.is_temp_leftover(p.name)]
+    assert not list(store.rglob("*.json.lock"))
+    result = aml.collect_garbage(aml.Store(store))
+    assert result.by_reason == {"duplicate": 1} and len(read_data(path)) == 15
+
+
+def test_gc_keeps_same_id_in_two_agents(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"))
+    twin = dict(read_data(root / "a1" / "patterns.json")[0], agent="a2")
+    write_data(root / "a2" / "patterns.json", read_data(root / "a2" / "patterns.json") + [twin])
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "optimize", "gc", "--no-backup", capsys=capsys)
+    assert code == 0 and "remove 0 records" in out
+    assert {k: v for k, v in tree_digest(root).items() if not k.startswith(".aml")} == before
+
+
+def test_gc_mass_deletion_guard(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a", "b"), patterns=3, solutions=1, decisions=1)
+    path = root / "a" / "patterns.json"
+    write_data(path, [dict(r, timestamp=None) for r in read_data(path)])
+    before = tree_digest(root)
+    assert run_cli(root, "optimize", "gc", "--dry-run", capsys=capsys)[0] == 4
+    code, _, err = run_cli(root, "optimize", "gc", "--no-backup", capsys=capsys)
+    assert code == 4 and "--force" in err and "a" in err
+    assert {k: v for k, v in tree_digest(root).items() if not k.startswith(".aml")} == before
+    assert run_cli(root, "optimize", "gc", "--no-backup", "--force", capsys=capsys)[0] == 0
+    assert read_data(path) == []
+
+
+def test_gc_refuses_when_backup_fails_and_skips_unparseable(store, capsys, monkeypatch):
+    seed_defects(store)
+    (store / "code-reviewer" / "decisions.json").write_bytes(b"[1,")
+    before = tree_digest(store)
+
+    def no_backup(*args, **kwargs):
+        raise aml.RefusedError("backup failed: disk full")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    code, _, err = run_cli(store, "optimize", "gc", capsys=capsys)
+    assert code == 4 and "backup" in err
+    monkeypatch.undo()
+    assert {k: v for k, v in tree_digest(store).items() if not k.startswith(".aml")} == before
+    code, _, err = run_cli(store, "optimize", "gc", "--no-backup", capsys=capsys)
+    assert code == 3 and "code-reviewer/decisions.json" in err
+    assert (store / "code-reviewer" / "decisions.json").read_bytes() == b"[1,"
+
+
+def test_gc_cleans_stale_locks_temp_files_and_orphaned_index(store, capsys):
+    s = aml.Store(store)
+    aml.MemoryIndex(s).refresh()
+    stale = store / "code-reviewer" / "patterns.json.lock"
+    fresh = store / "test-automator" / "patterns.json.lock"
+    busy = store / "backend-developer" / "solutions.json.lock"
+    for lock in (stale, fresh, busy):
+        lock.mkdir()
+    (busy / "owner").write_text("pid")
+    for lock in (stale, busy):
+        os.utime(lock, (0, 0))
+    temp = store / "code-reviewer" / ".solutions.json.aml-tmp-1-abcd"
+    temp.write_text("half")
+    stray = s.state_dir / "index" / "ids-07.bin"
+    stray.write_bytes(b"old format")
+    (store / "test-automator" / "decisions.json").unlink()
+    code, out, _ = run_cli(store, "optimize", "gc", "--no-backup", "--format", "json",
+                           capsys=capsys)
+    gc = json.loads(out)["steps"]["gc"]
+    assert code == 0 and gc["stale_locks"] == ["code-reviewer/patterns.json.lock"]
+    assert not stale.exists() and fresh.is_dir() and busy.is_dir() and not temp.exists()
+    assert not stray.exists() and "test-automator/decisions.json" in gc["orphaned_state"]
+    assert aml.MemoryIndex(s).stale_files() == []
+
+
+def test_optimize_all_runs_every_step_in_order(store, capsys):
+    age_files(store, 60)
+    code, out, _ = run_cli(store, "optimize", "all", "--no-backup", "--now", NOW_TEXT,
+                           capsys=capsys)
+    assert code == 0
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "gc", "gc", "compress", "index", "warm-cache"]
+    s = aml.Store(store)
+    assert aml.MemoryIndex(s).stale_files() == []
+    history = [e["operation"] for e in s.read_state("history.json")]
+    assert history == ["gc", "compress", "index", "warm-cache"]
+    assert run_cli(store, "optimize", "build-index", "-q", capsys=capsys) == (0, "", "")
+
 
 # =============================================================================
 # 13. Migration
 # =============================================================================
+
+def _is_int_value(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+
+
+def _is_ts(v):
+    return isinstance(v, str) and aml.parse_timestamp(v) is not None
+
+
+RUNTIME_REQUIRED = {
+    "pattern": [("pattern", "type", str), ("pattern", "context", dict),
+                ("pattern", "approach", "technique", str),
+                ("pattern", "approach", "rationale", str),
+                ("pattern", "conditions", "whenApplicable", list),
+                ("pattern", "conditions", "whenNotApplicable", list),
+                ("metrics", "successRate", "rate"), ("metrics", "executionCount", "int"),
+                ("metrics", "avgTimeSavedMs", "num"), ("metrics", "errorPreventionCount", "int"),
+                ("evolution", "created", "ts"), ("evolution", "lastUsed", "ts"),
+                ("evolution", "refinements", "int"), ("evolution", "confidenceScore", "rate")],
+    "solution": [("problem", "errorType", str), ("problem", "errorMessage", str),
+                 ("problem", "context", dict), ("solution", "rootCause", str),
+                 ("solution", "fixApproach", str), ("solution", "prevention", str),
+                 ("effectiveness", "worked", bool), ("effectiveness", "timeToFixMinutes", "num"),
+                 ("effectiveness", "preventedRecurrence", "int"),
+                 ("effectiveness", "relatedErrorsFixed", "int"), ("verifiedCount", "int")],
+    "decision": [("decision", "type", str), ("decision", "question", str),
+                 ("decision", "chosenOption", str), ("decision", "alternativesConsidered", list),
+                 ("decision", "decisionFactors", "primary", list),
+                 ("decision", "decisionFactors", "secondary", list)],
+}
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+KIND_CHECKS = {"rate": lambda v: _is_number(v) and 0 <= v <= 1, "int": _is_int_value,
+               "ts": _is_ts, "num": _is_number}
+
+
+def runtime_valid(rtype, rec):
+    """The test's own reading of SPEC 2.1: required fields and their types; [] when valid."""
+    bad = []
+    for key, check in (("id", str), ("agent", str), ("timestamp", "ts")):
+        if not (KIND_CHECKS[check](rec.get(key)) if check in KIND_CHECKS
+                else isinstance(rec.get(key), check)):
+            bad.append(key)
+    for *path, kind in RUNTIME_REQUIRED[rtype]:
+        value = rec
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        ok = KIND_CHECKS[kind](value) if isinstance(kind, str) else isinstance(value, kind)
+        if not ok:
+            bad.append(".".join(path))
+    if "tags" in rec and not isinstance(rec["tags"], list):
+        bad.append("tags")
+    if "active" in rec and not isinstance(rec["active"], bool):
+        bad.append("active")
+    if rtype == "decision" and "outcome" in rec:
+        out = rec["outcome"]
+        if not (isinstance(out, dict) and isinstance(out.get("wouldRepeat"), bool)
+                and isinstance(out.get("lessonsLearned"), list)):
+            bad.append("outcome")
+    return bad
+
+
+def leaves(obj, prefix=()):
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for key, value in obj.items():
+            out.update(leaves(value, prefix + (key,)))
+        return out
+    return {prefix: obj}
+
+
+# Where the migration documents that legacy values move (README, section migrate).
+DOCUMENTED_MOVES = {
+    ("successRate",): ("metrics", "successRate"), ("success_rate",): ("metrics", "successRate"),
+    ("executionCount",): ("metrics", "executionCount"),
+    ("avgTimeSavedMs",): ("metrics", "avgTimeSavedMs"),
+    ("errorPreventionCount",): ("metrics", "errorPreventionCount"),
+    ("refinements",): ("evolution", "refinements"), ("createdAt",): ("evolution", "created"),
+    ("execution_count",): ("metrics", "executionCount"),
+    ("avg_time_saved_ms",): ("metrics", "avgTimeSavedMs"),
+    ("error_prevention_count",): ("metrics", "errorPreventionCount"),
+    ("confidence",): ("evolution", "confidenceScore"),
+    ("confidence_score",): ("evolution", "confidenceScore"),
+    ("lastUsed",): ("evolution", "lastUsed"), ("last_used",): ("evolution", "lastUsed"),
+    ("created_at",): ("evolution", "created"),
+    ("performance", "success_rate"): ("metrics", "successRate"),
+    ("performance", "execution_count"): ("metrics", "executionCount"),
+    ("performance", "avg_time_saved_ms"): ("metrics", "avgTimeSavedMs"),
+    ("performance", "error_prevention_count"): ("metrics", "errorPreventionCount"),
+    ("performance", "confidence"): ("evolution", "confidenceScore"),
+    ("lifecycle", "created_at"): ("evolution", "created"),
+    ("lifecycle", "last_used"): ("evolution", "lastUsed"),
+    ("lifecycle", "refinements"): ("evolution", "refinements"),
+    ("pinned",): ("lifecycle", "pinned"), ("supersededBy",): ("lifecycle", "supersededBy"),
+    ("verified_count",): ("verifiedCount",), ("reviewed_at",): ("reviewedAt",),
+    ("is_active",): ("active",),
+}
+
+
+def assert_values_preserved(before, after):
+    """Every leaf value of ``before`` is at its old path or its documented new path."""
+    new = leaves(after)
+    for path, value in leaves(before).items():
+        if path in new and new[path] == value:
+            continue
+        moved = DOCUMENTED_MOVES.get(path)
+        assert moved is not None and new.get(moved) == value, (path, value, after)
+
+
+def _strip_to_v1(rec):
+    return {k: v for k, v in rec.items() if k not in ("tags", "active", "metadata", "variations")}
+
+
+def _flat_v1(rec, style):
+    """A 1.0.0 pattern whose metrics sit flat at the top level (camelCase or snake_case)."""
+    out = _strip_to_v1(rec)
+    m, e = out.pop("metrics"), out.pop("evolution")
+    if style == "camel":
+        out.update(successRate=m["successRate"], executionCount=m["executionCount"],
+                   avgTimeSavedMs=m["avgTimeSavedMs"],
+                   errorPreventionCount=m["errorPreventionCount"],
+                   confidence=e["confidenceScore"], lastUsed=e["lastUsed"],
+                   refinements=e["refinements"], createdAt=e["created"])
+    else:
+        out.update(success_rate=m["successRate"], execution_count=m["executionCount"],
+                   avg_time_saved_ms=m["avgTimeSavedMs"],
+                   error_prevention_count=m["errorPreventionCount"],
+                   confidence_score=e["confidenceScore"], last_used=e["lastUsed"],
+                   refinements=e["refinements"], created_at=e["created"])
+    return out
+
+
+def _older_tool(rec, i):
+    """The older toolkit's "2.0.0": metrics/evolution dropped for performance + lifecycle."""
+    out = dict(rec, tags=[], active=True, metadata={}, variations=[], schema_version="2.0.0")
+    m, e = out.pop("metrics"), out.pop("evolution")
+    out["performance"] = {"success_rate": m["successRate"], "execution_count": m["executionCount"],
+                          "avg_time_saved_ms": m["avgTimeSavedMs"],
+                          "error_prevention_count": m["errorPreventionCount"],
+                          "confidence": e["confidenceScore"]}
+    out["lifecycle"] = {"created_at": e["created"], "last_used": e["lastUsed"],
+                        "refinements": e["refinements"]}
+    if i % 2:
+        out["schemaVersion"] = "2.0.0"  # it even stamped our key: shape decides, not the stamp
+    return out
+
+
+def versioned_store(root, version, seed=5):
+    """One agent whose three files hold the same records written as ``version``."""
+    rng = random.Random(seed)
+    pats = [make_pattern("alpha", rng, tags=[]) for _ in range(12)]
+    sols = [make_solution("alpha", rng, tags=[]) for _ in range(5)]
+    decs = [make_decision("alpha", rng, tags=[]) for _ in range(5)]
+    if version == "1.0.0":
+        pats = [_flat_v1(p, ("camel", "snake", "nested")[i % 3]) if i % 3 < 2 else _strip_to_v1(p)
+                for i, p in enumerate(pats)]
+        sols, decs = [_strip_to_v1(s) for s in sols], [_strip_to_v1(d) for d in decs]
+    elif version in ("1.2.0", "older-tool"):
+        pats = [dict(p, metadata={}, variations=[]) for p in pats]
+        sols = [dict(s, metadata={}) for s in sols]
+        decs = [dict(d, metadata={}) for d in decs]
+        if version == "older-tool":
+            pats = [_older_tool(p, i) for i, p in enumerate(pats)]
+    write_data(root / "alpha" / "patterns.json", pats)
+    write_data(root / "alpha" / "solutions.json", sols)
+    write_data(root / "alpha" / "decisions.json", decs)
+    return root
+
+
+@pytest.fixture
+def fake_backup(monkeypatch):
+    """safety_backup that succeeds and remembers its calls."""
+    calls = []
+
+    def backup(store, reason, config=None):
+        calls.append(reason)
+        return "snap-%d" % len(calls)
+
+    monkeypatch.setattr(aml, "safety_backup", backup)
+    return calls
+
+
+def store_records(root):
+    out = {}
+    for path in sorted(Path(root).glob("*/*.json")):
+        if aml.RecordType.from_filename(path.name):
+            out[str(path.relative_to(root))] = read_data(path)
+    return out
+
+
+def without_legacy_stamps(data):
+    return {f: [{k: v for k, v in r.items() if k != "schema_version"} for r in recs]
+            for f, recs in data.items()}
+
+
+def test_every_old_version_reaches_the_same_canonical_result(tmp_path, fake_backup, capsys):
+    results = {}
+    for version in ("1.0.0", "1.1.0", "1.2.0", "older-tool"):
+        root = versioned_store(tmp_path / version, version)
+        if version == "older-tool":
+            # The runtime rejects these records as they are (metrics/evolution dropped).
+            assert all(runtime_valid("pattern", r) for r in read_data(root / "alpha/patterns.json"))
+        before = store_records(root)
+        code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+        assert code == 0, err
+        after = store_records(root)
+        for name in before:
+            for old, new in zip(before[name], after[name]):
+                assert_values_preserved(old, new)
+        results[version] = without_legacy_stamps(after)
+    assert results["1.0.0"] == results["1.1.0"] == results["1.2.0"] == results["older-tool"]
+    for name, records in results["1.0.0"].items():
+        rtype = aml.RecordType.from_filename(Path(name).name).value
+        assert all(runtime_valid(rtype, r) == [] and r["schemaVersion"] == "2.0.0" for r in records)
+
+
+def test_runtime_store_migrates_to_valid_2_0_0_keeping_every_value(store, fake_backup, capsys):
+    before = store_records(store)
+    gz_before = {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in store.glob("*/*.json")}
+    code, out, _ = run_cli(store, "migrate", "migrate-latest", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and "backup snap-1" in out
+    after = store_records(store)
+    assert {f: len(r) for f, r in after.items()} == {f: len(r) for f, r in before.items()}
+    for name, records in after.items():
+        rtype = aml.RecordType.from_filename(Path(name).name).value
+        for old, new in zip(before[name], records):
+            assert runtime_valid(rtype, new) == []
+            assert_values_preserved(old, new)
+    assert {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in gz_before} == gz_before
+    code, out, _ = run_cli(store, "migrate", "detect", "--format", "json", capsys=capsys)
+    report = json.loads(out)
+    assert code == 0 and report["totals"] == {"2.0.0": sum(len(r) for r in before.values())}
+    assert report["history"][-1]["backup_id"] == "snap-1" and report["history"][-1]["to"] == "2.0.0"
+    digest = tree_digest(store, skip_state=True)
+    code, out, _ = run_cli(store, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 0 and "changed 0 of" in out and tree_digest(store, skip_state=True) == digest
+    assert fake_backup == ["before migrate to 2.0.0"]  # nothing to change: no second backup
+
+
+def test_detect_reads_runtime_records_and_flags_mixed_and_unplaceable(tmp_path, capsys):
+    rng = random.Random(8)
+    root = tmp_path / "m"
+    runtime_no_tags = {k: v for k, v in make_pattern("a", rng).items() if k != "tags"}
+    records = [runtime_no_tags, make_pattern("a", rng),
+               _strip_to_v1(make_pattern("a", rng)),
+               dict(make_pattern("a", rng), metadata={}, variations=[]),
+               dict(make_pattern("a", rng), schemaVersion="9.9"),
+               "not a record"]
+    write_data(root / "a" / "patterns.json", records)
+    write_data(root / "b" / "solutions.json", [make_solution("b", rng)])
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "migrate", "detect", capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    assert "a/patterns.json" in out and "1.0.0: 1, 1.1.0: 2, 1.2.0: 1, unplaceable: 2  MIXED" in out
+    assert "Store: 1.0.0: 1, 1.1.0: 3, 1.2.0: 1, unplaceable: 2 (MIXED)" in out
+    assert "a/patterns.json[4]" in out and "unknown schemaVersion '9.9'" in out
+    assert "a/patterns.json[5]" in out and "b" in out and "Migration history: none" in out
+
+
+@pytest.mark.parametrize("rec,version", [
+    ({"id": "x", "active": True}, "1.1.0"),            # runtime: active kept, empty tags dropped
+    ({"id": "x", "tags": []}, "1.1.0"),
+    ({"id": "x"}, "1.0.0"),
+    ({"id": "x", "variations": []}, "1.2.0"),
+    ({"id": "x", "schemaVersion": "1.2.0"}, "1.2.0"),  # a stamp wins over the fields
+    ({"id": "x", "schemaVersion": "2.0.0", "performance": {}, "tags": []}, "1.1.0"),
+    ({"id": "x", "schemaVersion": "2.0.0", "metrics": {}, "evolution": {},
+      "lifecycle": {"state": "active"}}, "2.0.0"),
+    ({"id": "x", "schemaVersion": "3.1"}, None),
+    ({"unrelated": 1}, None),
+])
+def test_detect_record_version(rec, version):
+    found = aml.detect_record_version(aml.RecordType.PATTERN, rec)
+    assert (found.value if found else None) == version
+
+
+def test_mixed_store_migrates_and_reports_what_it_cannot(tmp_path, fake_backup, capsys):
+    rng = random.Random(9)
+    root = tmp_path / "m"
+    no_rate = _strip_to_v1(make_pattern("a", rng))
+    del no_rate["metrics"]["successRate"]
+    keep = [no_rate, "not a record"]
+    good = [_flat_v1(make_pattern("a", rng), "snake"), make_pattern("a", rng),
+            dict(make_pattern("a", rng), metadata={"k": 1}, variations=[])]
+    write_data(root / "a" / "patterns.json", keep + good)
+    code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 3
+    assert "a/patterns.json[0]" in err and "no usable metrics.successRate anywhere" in err
+    assert "a/patterns.json[1]" in err and "cannot place" in err
+    after = read_data(root / "a" / "patterns.json")
+    assert after[:2] == keep  # left exactly as they were, not half-migrated
+    assert [r["schemaVersion"] for r in after[2:]] == ["2.0.0"] * 3
+    assert after[4]["metadata"] == {"k": 1}
+
+
+def test_crash_between_files_then_rerun_equals_clean_run(tmp_path, monkeypatch, capsys):
+    clean = build_store(tmp_path / "clean", gz="mixed")
+    crashed = build_store(tmp_path / "crashed", gz="mixed")
+    assert run_cli(clean, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 0
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky_replace)
+    with pytest.raises(OSError):
+        run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT)
+    monkeypatch.undo()
+    partial = store_records(crashed)
+    assert sum(1 for recs in partial.values() if recs[0].get("schemaVersion")) == 1
+    assert not [p for p in crashed.rglob("*") if ".aml-tmp-" in p.name]
+    assert run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 0
+    assert tree_digest(crashed, skip_state=True) == tree_digest(clean, skip_state=True)
+
+
+def test_failed_safety_backup_leaves_store_untouched(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "m")
+
+    def no_backup(store, reason, config=None):
+        raise aml.RefusedError("backup volume is full")
+
+    monkeypatch.setattr(aml, "safety_backup", no_backup)
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 4 and "backup volume is full" in err and "--no-backup" in err
+    assert tree_digest(root, skip_state=True) == before
+    assert not (root / ".aml" / "migrations.json").exists()
+
+
+def test_dry_run_reports_steps_and_sample_and_changes_nothing(tmp_path, capsys):
+    root = versioned_store(tmp_path / "m", "older-tool")
+    before = tree_digest(root)
+    code, out, _ = run_cli(root, "migrate", "migrate-latest", "--dry-run", capsys=capsys)
+    assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
+    assert "would change 22 of 22 records" in out and "step 1.2.0->2.0.0" in out
+    assert "> performance.success_rate -> metrics.successRate:" in out
+    code, out, _ = run_cli(root, "migrate", "migrate", "--version", "2.0.0", "--dry-run",
+                           "--format", "json", capsys=capsys)
+    plan = json.loads(out)
+    assert plan["dry_run"] and plan["steps"]["1.2.0->2.0.0"] == 22 and tree_digest(root) == before
+
+
+def test_steps_down_lossless_or_refused_with_backup_hint(tmp_path, fake_backup, capsys):
+    root = build_store(tmp_path / "m", agents=("alpha",), patterns=6, solutions=3, decisions=3)
+    original = store_records(root)
+    assert run_cli(root, "migrate", "migrate-latest", capsys=capsys)[0] == 0
+    code, out, _ = run_cli(root, "migrate", "migrate", "1.1.0", capsys=capsys)
+    assert code == 0 and "step 2.0.0->1.2.0" in out and "step 1.2.0->1.1.0" in out
+    assert store_records(root) == original  # runtime records come back byte-for-value equal
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "migrate", "migrate", "1.0.0", capsys=capsys)
+    assert code == 4 and "would drop tags" in err and "backup restore snap-2" in err
+    assert tree_digest(root, skip_state=True) == before
+
+
+def test_step_down_refused_when_lifecycle_holds_information(tmp_path, fake_backup, capsys):
+    rng = random.Random(4)
+    root = tmp_path / "m"
+    write_data(root / "a" / "decisions.json", [make_decision("a", rng, pinned=True)])
+    assert run_cli(root, "migrate", "migrate-latest") == 0
+    rec = read_data(root / "a" / "decisions.json")[0]
+    assert rec["lifecycle"] == {"pinned": True, "state": "pinned"} and "pinned" not in rec
+    facts = aml.record_facts(aml.RecordType.DECISION, rec)
+    assert facts.pinned and facts.active
+    code, _, err = run_cli(root, "migrate", "migrate", "--version", "1.2.0", capsys=capsys)
+    assert code == 4 and "lifecycle" in err
+
+
+def test_unreadable_file_is_skipped_and_reported(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(gzip.compress(b'[{"id": "x"}]')[:-5])
+    raw = bad.read_bytes()
+    code, _, err = run_cli(root, "migrate", "migrate-latest", "--no-backup", capsys=capsys)
+    assert code == 3 and "code-reviewer/patterns.json" in err and bad.read_bytes() == raw
+    assert read_data(root / "test-automator" / "patterns.json")[0]["schemaVersion"] == "2.0.0"
+
+
+@pytest.mark.parametrize("rate,count,expected", [
+    (0.5, 1, {"successCount": 0, "failureCount": 0}),      # the runtime's fresh pattern
+    (0.75, 2, {"successCount": 1, "failureCount": 0}),
+    (0.9137931034482759, 29, {"successCount": 26, "failureCount": 2}),
+    (0.8, 10, {"successCount": 8, "failureCount": 2}),     # a plain ratio (hand-written)
+    (0.73, 3, {"successCount": 2, "failureCount": 1, "countsApproximate": True}),
+    (0.0, 0, {"successCount": 0, "failureCount": 0}),
+])
+def test_exact_counts(rate, count, expected):
+    rec = make_pattern("a", random.Random(1), success=rate, count=count)
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+    keys = ("successCount", "failureCount", "countsApproximate")
+    assert {k: out["metrics"][k] for k in keys if k in out["metrics"]} == expected
+
+
+def test_lifecycle_state_and_record_facts_on_2_0_0():
+    rng = random.Random(2)
+    cases = [(dict(make_pattern("a", rng), active=False), "inactive"),
+             (dict(make_pattern("a", rng), supersededBy="p-2"), "superseded"),
+             (dict(make_pattern("a", rng), tags=["pinned"]), "pinned"),
+             (dict(make_pattern("a", rng), lifecycle={"state": "Deprecated"}), "superseded")]
+    for rec, state in cases:
+        out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+        assert out["lifecycle"]["state"] == state and out["active"] == rec["active"]
+        facts = aml.record_facts(aml.RecordType.PATTERN, out)
+        assert facts.superseded == (state == "superseded")
+        assert facts.pinned == (state == "pinned") and facts.active == rec["active"]
+        assert facts.execution_count == rec["metrics"]["executionCount"]
+    assert out["lifecycle"]["legacyState"] == "Deprecated"
+
+
+def test_migration_is_idempotent_per_record():
+    rng = random.Random(11)
+    recs = [_flat_v1(make_pattern("a", rng), "snake"), _older_tool(make_pattern("a", rng), 1),
+            make_pattern("a", rng, pinned=True)]
+    for rec in recs:
+        once = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0)
+        twice = aml.migrate_record(aml.RecordType.PATTERN, once.record, aml.SchemaVersion.V2_0_0)
+        assert once.changes and not twice.changes and twice.record is once.record
+
+
+def test_epoch_and_conflicting_legacy_values_are_kept_not_lost():
+    rec = _strip_to_v1(make_pattern("a", random.Random(3), success=0.5, count=4))
+    rec["success_rate"] = 0.9                      # conflicts with metrics.successRate
+    rec["metrics"]["successRate"] = 0.5
+    del rec["evolution"]["lastUsed"]
+    rec["last_used"] = 1763640000000               # epoch milliseconds
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0).record
+    assert out["success_rate"] == 0.9 and out["metrics"]["successRate"] == 0.5
+    assert out["evolution"]["lastUsed"] == "2025-11-20T12:00:00.000Z"
+    assert out["last_used"] == 1763640000000
+
+
+def test_missing_optional_counters_are_defaulted_and_noted():
+    rec = _older_tool(make_pattern("a", random.Random(6)), 0)
+    del rec["performance"]["avg_time_saved_ms"]
+    out = aml.migrate_record(aml.RecordType.PATTERN, rec, aml.SchemaVersion.V2_0_0)
+    assert out.problem is None and out.record["metrics"]["avgTimeSavedMs"] == 0
+    assert out.record["metadata"]["amlMigration"] == {"defaulted": ["metrics.avgTimeSavedMs"]}
+
+
+def test_solution_and_decision_legacy_fields_become_runtime_fields():
+    rng = random.Random(12)
+    sol = _strip_to_v1(make_solution("a", rng))
+    sol["verified_count"] = sol.pop("verifiedCount")
+    dec = dict(_strip_to_v1(make_decision("a", rng)), outcome=None, reviewed_at=NOW_TEXT)
+    assert runtime_valid("solution", sol) and runtime_valid("decision", dec)
+    new_sol = aml.migrate_record(aml.RecordType.SOLUTION, sol, aml.SchemaVersion.V2_0_0).record
+    new_dec = aml.migrate_record(aml.RecordType.DECISION, dec, aml.SchemaVersion.V2_0_0).record
+    assert runtime_valid("solution", new_sol) == [] and runtime_valid("decision", new_dec) == []
+    assert new_sol["verifiedCount"] == sol["verified_count"] and "verified_count" not in new_sol
+    assert new_dec["reviewedAt"] == NOW_TEXT and "outcome" not in new_dec
+    assert_values_preserved(sol, new_sol)
+
+
+def test_migrate_cli_spellings_and_usage_errors(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("alpha",), patterns=3, solutions=1, decisions=1)
+    assert run_cli(root, "migrate", "migrate", "1.2.0", "--no-backup") == 0
+    code, out, _ = run_cli(root, "migrate", "detect", capsys=capsys)
+    assert "Store: 1.2.0: 5 (uniform)" in out
+    code, _, err = run_cli(root, "migrate", "migrate", capsys=capsys)
+    assert code == 2 and "target version" in err
+    code, _, err = run_cli(root, "migrate", "migrate", "1.1.0", "--version", "2.0.0",
+                           capsys=capsys)
+    assert code == 2 and "two different" in err
+    code, _, err = run_cli(root, "migrate", "migrate", "--version", "3.0", capsys=capsys)
+    assert code == 2 and "unknown schema version" in err
 
 
 # =============================================================================
@@ -647,3 +2717,17 @@ def test_version_and_help(capsys):
 def test_missing_store_is_usage_error(tmp_path, capsys):
     code, _, err = run_cli(tmp_path / "missing", "prune", capsys=capsys)
     assert code == 2 and err.startswith("aml: error:") and "does not exist" in err
+
+
+def test_no_two_top_level_definitions_share_a_name():
+    # One file, many sections: a second definition silently replaces the first.
+    import ast
+    tree = ast.parse((HERE / "aml.py").read_text(encoding="utf-8"))
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
