@@ -1047,7 +1047,7 @@ import struct  # noqa: E402
 
 
 class BackupType(enum.Enum):
-    """A full snapshot re-reads every file; an incremental trusts unchanged size/mtime/ctime/inode."""
+    """A full snapshot re-reads every file; an incremental skips files whose stat is unchanged."""
 
     FULL = "full"
     INCREMENTAL = "incremental"
@@ -1115,6 +1115,7 @@ class BackupResult:
     manifest: Path
     reason: Optional[str] = None
     warnings: List[str] = dataclasses.field(default_factory=list)
+    skipped: List[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -1142,6 +1143,7 @@ class ListResult:
     foreign: List[str]
     repository_bytes: int
     problems: List[str] = dataclasses.field(default_factory=list)
+    other_stores: int = 0
 
 
 @dataclasses.dataclass
@@ -1389,8 +1391,8 @@ def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
         width = KEY_LEN + 12
         if len(table) != width * nobj:
             raise ValueError("size")
-        entries = {table[i:i + KEY_LEN]: struct.unpack_from("<III", table, i + KEY_LEN)
-                   for i in range(0, len(table), width)}
+        entries = {key: (block, off, length) for key, block, off, length
+                   in struct.iter_unpack("<%dsIII" % KEY_LEN, table)}
     except (struct.error, ValueError):
         raise IntegrityError("%s: malformed pack index" % path) from None
     return blocks, entries
@@ -1426,14 +1428,18 @@ class _ObjectStore:
         """True if a committed pack indexes this object."""
         return digest[:KEY_LEN] in self.where
 
-    def get(self, digest: bytes) -> bytes:
-        """The object's bytes; raises IntegrityError if missing, unreadable or not matching."""
+    def get(self, digest: bytes, check: bool = True) -> bytes:
+        """The object's bytes; raises IntegrityError if missing, unreadable or not matching.
+
+        ``check=False`` skips the per-object SHA-256 (the length is still checked) for
+        callers that verify the SHA-256 of the whole rebuilt file instead.
+        """
         loc = self.where.get(digest[:KEY_LEN])
         if loc is None:
             raise IntegrityError("object %s is missing" % digest.hex()[:16])
         name, block_no, off, length = loc
         data = self._block(name, block_no)[off:off + length]
-        if len(data) != length or hashlib.sha256(data).digest() != digest:
+        if len(data) != length or (check and hashlib.sha256(data).digest() != digest):
             raise IntegrityError("object %s in %s.pack: checksum mismatch"
                                  % (digest.hex()[:16], name))
         return data
@@ -1452,9 +1458,9 @@ class _ObjectStore:
                 bad[digest] = str(exc)
         return bad
 
-    def fetch_many(self, digests: Iterable[bytes]) -> Dict[bytes, bytes]:
+    def fetch_many(self, digests: Iterable[bytes], check: bool = True) -> Dict[bytes, bytes]:
         """The bytes of many objects, read in pack order; raises IntegrityError."""
-        return {d: self.get(d) for d in sorted(set(digests), key=self._order)}
+        return {d: self.get(d, check) for d in sorted(set(digests), key=self._order)}
 
     def _block(self, name: str, block_no: int) -> bytes:
         key = (name, block_no)
@@ -1563,10 +1569,10 @@ def safe_relpath(rel: Any) -> str:
 
 
 def _check_no_symlinks(root: Path, rel: str) -> None:
-    """Refuse if the target root or any existing parent folder of ``rel`` is a symlink."""
+    """Refuse if any existing folder between ``root`` and ``rel`` is a symlink (or a file)."""
     current = root
-    for part in [""] + rel.split("/")[:-1]:
-        current = current / part if part else current
+    for part in rel.split("/")[:-1]:
+        current = current / part
         try:
             info = os.lstat(str(current))
         except FileNotFoundError:
@@ -1581,7 +1587,7 @@ def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
 
 
 def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
-    """Relative POSIX paths of regular files under root/top, symlinks and skipped names left out."""
+    """Relative POSIX paths of the regular files under root/top (no symlinks, no skipped names)."""
     base = root / top if top else root
     for dirpath, dirnames, filenames in os.walk(str(base)):
         rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
@@ -1648,10 +1654,16 @@ class BackupManager:
         self.store = store
         self.config = (config or BackupConfig()).validate()
         root = self.config.backup_root
-        self.root = Path(root) if root else store.root.resolve().parent / "memory-backup"
+        sibling = Path(os.path.abspath(str(store.root))).parent / "memory-backup"
+        self.root = Path(root) if root else sibling
+        if self.root.resolve().is_relative_to(store.root.resolve()):
+            raise UsageError("backup root %s is inside the store; it would back itself up"
+                             % self.root)
         self.repo = self.root / REPO_DIR_NAME
         self.packs = self.repo / "packs"
         self.snapshots_dir = self.repo / "snapshots"
+        self.progress: Callable[[str], None] = lambda text: None   # the CLI shows it on a TTY
+        self._manifests: Dict[str, Dict[str, Any]] = {}
 
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
@@ -1710,11 +1722,27 @@ class BackupManager:
         path = self.manifest_path(backup_id)
         if not path.exists():
             raise UsageError("no backup %r in %s" % (backup_id, self.repo))
-        payload = read_checksummed(path)
-        if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
-                or not isinstance(payload.get("files"), list):
-            raise IntegrityError("%s: not an aml backup manifest" % path)
-        return payload
+        if backup_id not in self._manifests:   # manifests never change once written
+            payload = read_checksummed(path)
+            if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
+                    or not isinstance(payload.get("files"), list):
+                raise IntegrityError("%s: not an aml backup manifest" % path)
+            self._manifests[backup_id] = payload
+        return self._manifests[backup_id]
+
+    def own_snapshot_ids(self) -> List[str]:
+        """Ids of this store's readable snapshots, oldest first.
+
+        A backup root may be shared by several stores; rotation, ``--at``, ``auto`` and the
+        incremental baseline only ever use the store's own snapshots.
+        """
+        return [i for i in self.snapshot_ids() if self._is_own(i)]
+
+    def _is_own(self, backup_id: str) -> bool:
+        try:
+            return self.load_manifest(backup_id).get("store") == str(self.store.root.resolve())
+        except AmlError:
+            return False
 
     def snapshot_ids(self) -> List[str]:
         """Ids of every snapshot with a manifest, oldest first (by time, then sequence)."""
@@ -1734,12 +1762,8 @@ class BackupManager:
         return "%s_%s%s" % (btype.prefix, stamp, suffix)
 
     def _newest_readable(self) -> Optional[Dict[str, Any]]:
-        for backup_id in reversed(self.snapshot_ids()):
-            try:
-                return self.load_manifest(backup_id)
-            except AmlError:
-                continue
-        return None
+        newest = next((i for i in reversed(self.snapshot_ids()) if self._is_own(i)), None)
+        return self.load_manifest(newest) if newest else None
 
     # -- verified marks -----------------------------------------------------
     def _verified(self) -> Dict[str, Any]:
@@ -1761,7 +1785,7 @@ class BackupManager:
         """The newest snapshot whose last verification passed, or None."""
         marks = self._verified()
         for backup_id in reversed(self.snapshot_ids()):
-            if marks.get(backup_id, {}).get("ok") is True:
+            if marks.get(backup_id, {}).get("ok") is True and self._is_own(backup_id):
                 return backup_id
         return None
 
@@ -1808,8 +1832,12 @@ class BackupManager:
                                 incremental=btype is BackupType.INCREMENTAL)
         writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
         try:
-            entries = [e for e in (snap.file_entry(rel, writer)
-                                   for rel in store_scope_files(self.store.root, selected)) if e]
+            paths = store_scope_files(self.store.root, selected)
+            entries = []
+            for n, rel in enumerate(paths, 1):
+                self.progress("backup: file %d of %d" % (n, len(paths)))
+                entries.append(snap.file_entry(rel, writer))
+            entries = [e for e in entries if e]
             bytes_added = writer.commit()
             backup_id = self._new_id(btype)
             manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
@@ -1825,7 +1853,8 @@ class BackupManager:
             backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
             records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
             objects_added=len(writer.entries), bytes_added=bytes_added + path.stat().st_size,
-            verified=False, manifest=path, reason=reason, warnings=snap.warnings)
+            verified=False, manifest=path, reason=reason, warnings=snap.warnings,
+            skipped=snap.skipped)
 
     def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
         self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
@@ -1846,7 +1875,7 @@ class BackupManager:
         if not ids:
             raise UsageError("no backups in %s" % self.repo)
         if not all_snapshots:
-            backup_id = backup_id or ids[-1]
+            backup_id = backup_id or (self.own_snapshot_ids() or ids)[-1]
             if not self.manifest_path(backup_id).exists():
                 raise UsageError("no backup %r in %s" % (backup_id, self.repo))
             ids = [backup_id]
@@ -1905,7 +1934,7 @@ class BackupManager:
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
         """The newest snapshot taken at or before ``moment`` covering ``agents``; UsageError."""
-        for backup_id in reversed(self.snapshot_ids()):
+        for backup_id in reversed(self.own_snapshot_ids()):
             if _id_time(backup_id) > moment:
                 continue
             with contextlib.suppress(AmlError):
@@ -1926,8 +1955,9 @@ class BackupManager:
         UsageError, StoreBusyError.
         """
         started, clock = self.store.now, time.monotonic()
-        live = target is None or Path(target).resolve() == self.store.root.resolve()
-        root = self.store.root if live else Path(target)
+        # The root itself may be a symlink the user chose; only folders below it are checked.
+        root = (Path(target) if target is not None else self.store.root).resolve()
+        live = root == self.store.root.resolve()
         hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
         with hold, self._repo_lock(exclusive=not dry_run):
             if backup_id is None:
@@ -1947,14 +1977,22 @@ class BackupManager:
                 raise RefusedError("--target %s is not empty; use --force to restore into it"
                                    % root)
             if live:
-                result.safety_backup = self._snapshot_and_verify(
-                    BackupType.INCREMENTAL, None, "before restore of %s" % backup_id).backup_id
+                result.safety_backup = self._safety_snapshot(backup_id)
             plan.apply()
         self.store.record_operation("restore", started, time.monotonic() - clock, {
             "backup_id": backup_id, "target": str(root.resolve()),
             "created": len(result.created), "replaced": len(result.replaced),
             "removed": len(result.removed), "safety_backup": result.safety_backup})
         return result
+
+    def _safety_snapshot(self, backup_id: str) -> str:
+        """A verified snapshot of the live store before a restore; RefusedError if incomplete."""
+        safety = self._snapshot_and_verify(BackupType.INCREMENTAL, None,
+                                           "before restore of %s" % backup_id)
+        if safety.skipped:
+            raise RefusedError("nothing restored: the safety backup %s could not read %s"
+                               % (safety.backup_id, ", ".join(safety.skipped)))
+        return safety.backup_id
 
     # -- rotate ---------------------------------------------------------------
     def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
@@ -1998,16 +2036,19 @@ class BackupManager:
                        keep_monthly: int) -> RotateResult:
         if not dry_run:
             self._cleanup_leftovers()
-        ids = self.snapshot_ids()
+        ids = self.own_snapshot_ids()
         kept = self.retained(ids, keep_daily, keep_weekly, keep_monthly)
         deleted = [i for i in ids if i not in kept]
         result = RotateResult(dry_run=dry_run, deleted=deleted, kept=kept, objects_freed=0,
                               bytes_freed=0, packs_rewritten=0)
         objects = _ObjectStore(self.packs)
-        live = self._reachable(kept, objects, result.warnings)
+        # Space is freed against every remaining snapshot, other stores' included.
+        remaining = [i for i in self.snapshot_ids() if i not in deleted]
+        live = self._reachable(remaining, objects, result.warnings)
         if not dry_run:
             for backup_id in deleted:
                 self.manifest_path(backup_id).unlink()
+                self._manifests.pop(backup_id, None)
             fsync_dir(self.snapshots_dir)
         if live is not None:
             _GarbageCollector(self, objects, live, result).run(dry_run)
@@ -2039,7 +2080,7 @@ class BackupManager:
         now = self.store.now
         with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
             self._cleanup_leftovers()
-            ids = self.snapshot_ids()
+            ids = [i for i in self.own_snapshot_ids() if self._whole_store(i)]
             backup, skipped = None, None
             if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
                 skipped = "%s is recent enough for the %s schedule" % (
@@ -2054,16 +2095,26 @@ class BackupManager:
                               keep_monthly=keep_monthly)
         return AutoResult(backup=backup, skipped=skipped, rotate=rotated)
 
+    def _whole_store(self, backup_id: str) -> bool:
+        try:
+            return self.load_manifest(backup_id).get("agents") is None
+        except AmlError:
+            return False
+
     # -- list -----------------------------------------------------------------
     def list(self) -> ListResult:
         """Every snapshot with its verification state, foreign files in the root, total size."""
         result = ListResult(backup_root=self.root, snapshots=[], foreign=[], repository_bytes=0)
         marks = self._verified()
+        own = set(self.own_snapshot_ids())
         for backup_id in self.snapshot_ids():
             try:
                 m = self.load_manifest(backup_id)
             except AmlError as exc:
                 result.problems.append("%s: %s" % (backup_id, exc))
+                continue
+            if backup_id not in own:
+                result.other_stores += 1
                 continue
             files = m["files"]
             result.snapshots.append(SnapshotInfo(
@@ -2172,6 +2223,7 @@ class _RestorePlan:
                  scope: Optional[List[str]], root: Path):
         self.manager = manager
         self.root = root
+        self.live = root == manager.store.root.resolve()
         self.entries = self._entries(manifest, scope)
         self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
         self.created: List[str] = []
@@ -2193,7 +2245,9 @@ class _RestorePlan:
             except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
         try:
-            data = objects.fetch_many(d for ds in needs.values() for d in ds)
+            # Each rebuilt file is checked against its full SHA-256 below, which covers
+            # every object in it, so hashing each object again would only cost time.
+            data = objects.fetch_many((d for ds in needs.values() for d in ds), check=False)
         except IntegrityError as exc:
             raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
         for rel, entry in self.entries.items():
@@ -2255,7 +2309,8 @@ class _RestorePlan:
         staging.mkdir(mode=0o700)
         try:
             staged = self._stage(staging)
-            for rel in self.created + self.replaced:
+            for n, rel in enumerate(self.created + self.replaced, 1):
+                self.manager.progress("restore: file %d of %d" % (n, len(staged)))
                 self._swap(rel, staged[rel])
             for rel in self.removed:
                 self._remove(rel)
@@ -2265,33 +2320,43 @@ class _RestorePlan:
                 state.rmdir()   # only if empty: a --target restore leaves no aml folder
 
     def _stage(self, staging: Path) -> Dict[str, Path]:
-        staged = {}
-        for n, rel in enumerate(self.created + self.replaced):
-            entry = self.entries[rel]
-            path = staging / str(n)
-            mode = entry.get("mode", 0o644) if isinstance(entry.get("mode"), int) else 0o644
-            fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(encode_restored(entry, self.content[rel]))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(str(path), mode & 0o777)
-            staged[rel] = path
-        return staged
+        """Write every file to be swapped in under ``staging``, fsynced; gzip on threads."""
+        names = self.created + self.replaced
+        jobs = [(rel, staging / str(n)) for n, rel in enumerate(names)]
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda job: self._stage_one(*job), jobs))
+        return dict(jobs)
+
+    def _stage_one(self, rel: str, path: Path) -> None:
+        entry = self.entries[rel]
+        mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(encode_restored(entry, self.content[rel]))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(str(path), mode & 0o777)
 
     def _swap(self, rel: str, staged: Path) -> None:
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_no_symlinks(self.root, rel)
-        with self.manager.store.file_lock(path):
+        with self._lock(path):
             os.replace(str(staged), str(path))
         fsync_dir(path.parent)
+
+    def _lock(self, path: Path) -> Any:
+        """The runtime's lock for a file of the live store; a --target has no runtime."""
+        if self.live:
+            return self.manager.store.file_lock(path)
+        return contextlib.nullcontext()
 
     def _remove(self, rel: str) -> None:
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
-        with self.manager.store.file_lock(path):
+        with self._lock(path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         fsync_dir(path.parent)
@@ -2339,12 +2404,14 @@ class _GarbageCollector:
             dead = [entries[k][2] for k in entries if k not in kept]
             if not dead:
                 continue
-            self.result.objects_freed += len(dead)
             total = sum(e[2] for e in entries.values())
             if not keep:
                 drop.append(name)
             elif sum(dead) >= PACK_REWRITE_DEAD_SHARE * total:
                 rewrite.append((name, sorted(keep, key=lambda d: entries[d[:KEY_LEN]][:2])))
+            else:
+                continue   # little garbage: left until more of the pack is unused
+            self.result.objects_freed += len(dead)
         before = self._size(n for n, _ in rewrite) + self._size(drop)
         if dry_run:
             self.result.bytes_freed = self._size(drop) + sum(
@@ -2432,6 +2499,7 @@ class _SnapshotBuilder:
         self.incremental = incremental
         self.reread = 0
         self.warnings: List[str] = []
+        self.skipped: List[str] = []
 
     def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
         """The manifest entry of one file; None (with a warning) if it cannot be read."""
@@ -2446,10 +2514,13 @@ class _SnapshotBuilder:
         except (OSError, StoreBusyError) as exc:
             self.warnings.append("%s: cannot read (%s); not in this backup"
                                  % (path, getattr(exc, "strerror", None) or exc))
+            self.skipped.append(rel)
             return None
         self.reread += 1
         entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),
                  "sha256": sha256_hex(raw), "stat": key}
+        if prev and prev.get("sha256") == entry["sha256"] and self._intact(prev):
+            return dict(prev, **entry)   # byte-identical: no need to split it again
         entry.update(self._array_entry(raw, prev, writer) or self._blob_entry(rel, raw, writer))
         return entry
 
@@ -2460,8 +2531,15 @@ class _SnapshotBuilder:
     def _read(self, rel: str, path: Path) -> bytes:
         if rel.startswith(STATE_DIR_NAME + "/"):
             return path.read_bytes()
-        with self.store.file_lock(path):   # the runtime may be mid-write
+        lock = self.store.file_lock(path)
+        try:
+            lock.acquire()            # the runtime may be mid-write
+        except PermissionError:
+            return path.read_bytes()  # a read-only store cannot be locked, only read
+        try:
             return path.read_bytes()
+        finally:
+            lock.release()
 
     def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
         digest = hashlib.sha256(raw).digest()
@@ -5994,6 +6072,1459 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 # Measured metrics, health checks, alert lifecycle, reports.
 # =============================================================================
 
+# Imported here rather than in section 2 so that the parallel branches merge cleanly.
+import html as _html
+import http.client
+import urllib.error
+import urllib.request
+
+
+class HealthStatus(enum.Enum):
+    """Outcome of a health check; ``exit_code`` follows the monitoring-plugin convention."""
+
+    HEALTHY = "healthy"
+    WARNING = "warning"
+    CRITICAL = "critical"
+    UNKNOWN = "unknown"
+
+    @property
+    def exit_code(self) -> int:
+        """0 healthy, 1 warning, 2 critical, 3 unknown (Nagios/Icinga plugin codes)."""
+        return {"healthy": 0, "warning": 1, "critical": 2, "unknown": 3}[self.value]
+
+    @property
+    def nagios(self) -> str:
+        """The plugin status word: OK, WARNING, CRITICAL or UNKNOWN."""
+        return {"healthy": "OK"}.get(self.value, self.value.upper())
+
+
+class AlertLevel(enum.Enum):
+    """How loud an alert is. ERROR means a check could not run at all."""
+
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
+# Worst first when combining check results: a known problem outranks "could not tell".
+_STATUS_RANK = {HealthStatus.CRITICAL: 3, HealthStatus.WARNING: 2, HealthStatus.UNKNOWN: 1,
+                HealthStatus.HEALTHY: 0}
+_LEVEL_FOR_STATUS = {HealthStatus.CRITICAL: AlertLevel.CRITICAL,
+                     HealthStatus.WARNING: AlertLevel.WARNING,
+                     HealthStatus.UNKNOWN: AlertLevel.INFO}
+
+DEFAULT_THRESHOLDS: Dict[str, float] = {
+    # SPEC 5
+    "agent_memory_warning_mb": 60, "agent_memory_critical_mb": 80,
+    "global_memory_warning_mb": 600, "global_memory_critical_mb": 800,
+    "cache_hit_rate_warning": 0.5, "query_time_warning_ms": 100, "alert_retention_days": 7,
+    # aml's own: backup and maintenance recency, and how many lookups a hit rate needs.
+    "backup_max_age_hours": 36, "backup_critical_age_hours": 168,
+    "maintenance_max_age_days": 8, "cache_min_lookups": 20,
+}
+MONITOR_SETTINGS = ("webhook_url", "webhook_timeout")
+METRICS_HISTORY_MAX = 1000
+GROWTH_WINDOW_DAYS = 30.0
+MAINTENANCE_OPERATIONS = ("prune", "gc", "compress", "index", "warm-cache", "rotate", "migrate")
+TIMED_OPERATIONS = ("prune", "backup", "index", "migrate")
+STATE_LOCK_WAIT = 5.0  # under the 10 s after which Nagios kills a plugin by default
+# A file modified this recently is re-parsed next time even if size and mtime match, because
+# a second write within the same mtime tick would otherwise hide from the cache.
+INTEGRITY_RACY_SECONDS = 2.0
+_MB = 1024 * 1024
+
+
+def _non_negative_number(key: str, value: Any, source: str) -> float:
+    number = _number(value)
+    if number is None or number < 0:
+        raise UsageError("%s: threshold %s must be a non-negative number, got %r"
+                         % (source, key, value))
+    return number
+
+
+def _store_config_thresholds(store: Store) -> Dict[str, float]:
+    """Thresholds implied by the runtime's config.json (storage.maxSizeGb, queryTimeoutMs)."""
+    try:
+        config = store.runtime_config()
+    except CorruptFileError:
+        return {}  # the structure/integrity checks report it; defaults apply meanwhile
+    found: Dict[str, float] = {}
+    max_gb = _number(dig(config, "storage", "maxSizeGb"))
+    if max_gb is not None and max_gb > 0:
+        found["global_memory_critical_mb"] = max_gb * 1024
+        found["global_memory_warning_mb"] = max_gb * 1024 * 0.75
+    query_ms = _number(dig(config, "performance", "queryTimeoutMs"))
+    if query_ms is not None and query_ms > 0:
+        found["query_time_warning_ms"] = query_ms
+    return found
+
+
+def _check_threshold_keys(values: Dict[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - set(DEFAULT_THRESHOLDS))
+    if unknown:
+        raise UsageError("%s: unknown threshold(s) %s (known: %s)"
+                         % (source, ", ".join(unknown), ", ".join(sorted(DEFAULT_THRESHOLDS))))
+
+
+def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = None,
+                       flags: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    """Thresholds: defaults < store config.json < aml config ``monitor`` < flags.
+
+    Raises UsageError for an unknown key, a negative value or a warning above its critical.
+    """
+    result = dict(DEFAULT_THRESHOLDS)
+    result.update(_store_config_thresholds(store))
+    layers = (({k: v for k, v in (config_section or {}).items() if k not in MONITOR_SETTINGS},
+               "aml config [monitor]"), (flags or {}, "threshold override"))
+    for values, source in layers:
+        _check_threshold_keys(values, source)
+        result.update({k: _non_negative_number(k, v, source) for k, v in values.items()})
+    for scope in ("agent", "global"):
+        warn, crit = result[scope + "_memory_warning_mb"], result[scope + "_memory_critical_mb"]
+        if warn > crit:
+            raise UsageError("%s_memory_warning_mb (%g) is above %s_memory_critical_mb (%g)"
+                             % (scope, warn, scope, crit))
+    return result
+
+
+def parse_threshold_flags(items: Optional[Sequence[str]]) -> Dict[str, float]:
+    """``["key=value", ...]`` from ``--threshold`` into a dict; raises UsageError."""
+    parsed: Dict[str, float] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        try:
+            parsed[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UsageError("--threshold %r: expected KEY=NUMBER" % item)
+    return parsed
+
+
+# -- result dataclasses -------------------------------------------------------
+
+@dataclasses.dataclass
+class AgentMetrics:
+    """Size and record counts of one agent; ``unreadable`` files are not counted."""
+
+    agent: str
+    bytes: int
+    files: int
+    gzip_files: int
+    plain_files: int
+    records: Dict[str, Dict[str, int]]
+    unreadable: List[str]
+
+    @property
+    def record_total(self) -> int:
+        """Records of every type and state."""
+        return sum(sum(states.values()) for states in self.records.values())
+
+
+@dataclasses.dataclass
+class OperationStat:
+    """The last recorded run of an aml operation (all None when it never ran)."""
+
+    operation: str
+    started: Optional[str] = None
+    seconds: Optional[float] = None
+    age_days: Optional[float] = None
+
+
+@dataclasses.dataclass
+class PerformanceMetrics:
+    """Timings measured in this run and figures recorded by earlier runs; None = unknown."""
+
+    lookup_ms: Optional[float]
+    lookup_note: str
+    full_load_ms: Optional[float]
+    full_load_files: int
+    full_load_records: int
+    cache_hits: Optional[int]
+    cache_misses: Optional[int]
+    cache_hit_rate: Optional[float]
+    last_operations: Dict[str, OperationStat]
+
+
+@dataclasses.dataclass
+class GrowthMetrics:
+    """Growth against the samples earlier runs kept in ``.aml/metrics-history.json``."""
+
+    samples: int
+    previous_at: Optional[str] = None
+    bytes_since_previous: Optional[int] = None
+    records_since_previous: Optional[int] = None
+    baseline_at: Optional[str] = None
+    bytes_per_day: Optional[float] = None
+
+
+@dataclasses.dataclass
+class LimitForecast:
+    """Days until a size limit is reached at the current growth (None when not computable)."""
+
+    limit: str
+    subject: str
+    limit_bytes: int
+    current_bytes: int
+    bytes_per_day: Optional[float]
+    days_until: Optional[float]
+    note: str
+
+
+@dataclasses.dataclass
+class MetricsReport:
+    """Everything ``monitor metrics`` measured in one run."""
+
+    store: str
+    taken_at: _dt.datetime
+    total_bytes: int
+    state_bytes: int
+    index_bytes: Optional[int]
+    agents: List[AgentMetrics]
+    largest_agent: Optional[str]
+    gzip_files: int
+    plain_files: int
+    records: Dict[str, Dict[str, int]]
+    unreadable: List[str]
+    growth: GrowthMetrics
+    forecasts: List[LimitForecast]
+    performance: PerformanceMetrics
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """PARTIAL when some file could not be read, else OK."""
+        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
+
+
+@dataclasses.dataclass
+class Problem:
+    """One condition a check found; (check name, subject) is the alert identity."""
+
+    subject: str
+    status: HealthStatus
+    message: str
+    level: Optional[AlertLevel] = None
+
+    @property
+    def alert_level(self) -> AlertLevel:
+        """The explicit level, else the one that matches the status."""
+        return self.level or _LEVEL_FOR_STATUS.get(self.status, AlertLevel.INFO)
+
+
+@dataclasses.dataclass
+class HealthCheck:
+    """Result of one health check. ``ran`` is False when the check itself failed."""
+
+    name: str
+    status: HealthStatus
+    message: str
+    problems: List[Problem] = dataclasses.field(default_factory=list)
+    details: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    ran: bool = True
+
+
+@dataclasses.dataclass
+class Alert:
+    """One alert: a condition with a stable id, counted while it persists."""
+
+    id: str
+    check: str
+    subject: str
+    level: AlertLevel
+    message: str
+    state: str
+    first_seen: str
+    last_seen: str
+    count: int = 1
+    occurrences: int = 1
+    resolved_at: Optional[str] = None
+    resolved_by: Optional[str] = None
+
+
+@dataclasses.dataclass
+class AlertChanges:
+    """What one alert evaluation changed, and webhook delivery problems (never fatal)."""
+
+    fired: List[Alert] = dataclasses.field(default_factory=list)
+    resolved: List[Alert] = dataclasses.field(default_factory=list)
+    purged: int = 0
+    open: List[Alert] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class HealthReport:
+    """Every check of one ``monitor health`` run and the overall status."""
+
+    store: str
+    checked_at: _dt.datetime
+    status: HealthStatus
+    checks: List[HealthCheck]
+    perfdata: Dict[str, Any]
+    alerts: Optional[AlertChanges] = None
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """The plugin exit code of the overall status."""
+        return self.status.exit_code
+
+
+def worst_status(statuses: Iterable[HealthStatus]) -> HealthStatus:
+    """The most severe status (critical > warning > unknown > healthy); healthy when empty."""
+    return max(statuses, key=_STATUS_RANK.__getitem__, default=HealthStatus.HEALTHY)
+
+
+# -- reading what other commands recorded ----------------------------------------
+
+def _history(store: Store) -> List[Dict[str, Any]]:
+    """The run history without side effects; raises IntegrityError when it does not verify."""
+    history = store.read_state("history.json", [])
+    return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
+
+
+def _last_entry(history: List[Dict[str, Any]], operations: Iterable[str]
+                ) -> Optional[Dict[str, Any]]:
+    wanted = set(operations)
+    for entry in reversed(history):
+        if entry.get("operation") in wanted:
+            return entry
+    return None
+
+
+def _operation_stat(store: Store, history: List[Dict[str, Any]], operation: str
+                    ) -> OperationStat:
+    entry = _last_entry(history, [operation])
+    if entry is None:
+        return OperationStat(operation)
+    started = parse_timestamp(entry.get("started"))
+    return OperationStat(operation, entry.get("started"), _number(entry.get("seconds")),
+                         round(days_between(started, store.now), 3) if started else None)
+
+
+def _last_verified_backup(store: Store, history: List[Dict[str, Any]]
+                          ) -> Optional[Dict[str, Any]]:
+    """The newest verified backup whose manifest still exists and whose latest verify passed."""
+    latest_verify: Dict[Any, bool] = {}
+    for entry in reversed(history):
+        summary = entry.get("summary") if isinstance(entry.get("summary"), dict) else {}
+        backup_id = summary.get("backup_id")
+        if entry.get("operation") == "verify" and backup_id not in latest_verify:
+            latest_verify[backup_id] = summary.get("ok") is not False
+        if (entry.get("operation") == "backup" and summary.get("verified") is True
+                and latest_verify.get(backup_id, True)
+                and isinstance(summary.get("manifest"), str)
+                and os.path.isfile(summary["manifest"])):
+            return entry
+    return None
+
+
+def _cache_stats(store: Store) -> Dict[str, Any]:
+    """The hot-cache counters that real get/search lookups recorded (zeros when none)."""
+    stats = hot_cache_stats(store)
+    return stats if isinstance(stats, dict) else {}
+
+
+@dataclasses.dataclass
+class IndexState:
+    """What monitoring knows about the persisted index (section 10)."""
+
+    built: bool
+    corrupt: bool
+    stale: List[str]
+    size_bytes: int
+
+
+def _index_staleness(store: Store) -> IndexState:
+    """Whether the index exists and verifies, and which data files changed since its build."""
+    index = MemoryIndex(store)
+    built = index.manifest() is not None
+    corrupt = not built and index.part("manifest.json").exists()
+    return IndexState(built, corrupt, index.stale_files() if built else [], index.size_bytes())
+
+
+def _rel(store: Store, path: Path) -> str:
+    return Path(path).relative_to(store.root).as_posix()
+
+
+@dataclasses.dataclass
+class LookupTiming:
+    """One indexed lookup measured now; ``ms`` is None when it could not be measured."""
+
+    ms: Optional[float]
+    note: str
+    failed: bool = False
+
+
+def _sample_record_id(index: MemoryIndex) -> Optional[str]:
+    """A deterministic id to look up: the middle record of the largest indexed file."""
+    entries = sorted(index.files(), key=lambda e: (-e["size"], e["path"]))
+    for entry in entries:
+        ids = [row[P_ID] for row in index.postings(entry) if row[P_ID]]
+        if ids:
+            return ids[len(ids) // 2]
+    return None
+
+
+def _indexed_lookup_ms(store: Store, state: IndexState) -> LookupTiming:
+    """Time one real ``get`` through the index (bloom, id bucket, hot cache or one data file).
+
+    It excludes the freshness check a ``get`` does first and records no cache counters, so
+    monitoring never inflates the hit rate it reports.
+    """
+    if not state.built:
+        return LookupTiming(None, "no usable index (run: optimize index)")
+    if state.stale:
+        return LookupTiming(None, "the index is stale (run: optimize index)")
+    try:
+        record_id = _sample_record_id(MemoryIndex(store))
+        if record_id is None:
+            return LookupTiming(None, "the index holds no record ids")
+        started = time.perf_counter()
+        result = _get_indexed(MemoryIndex(store), record_id)  # fresh: nothing parsed yet
+        elapsed = (time.perf_counter() - started) * 1000.0
+    except (IntegrityError, CorruptFileError, OSError) as exc:
+        return LookupTiming(None, "indexed lookup failed: %s" % exc, failed=True)
+    if not result.records:
+        return LookupTiming(None, "id %s is indexed but was not found" % record_id, failed=True)
+    found = result.records[0]
+    return LookupTiming(round(elapsed, 3), "get %s in %s via %s" % (record_id, found.file,
+                                                                    found.source))
+
+
+# -- metrics --------------------------------------------------------------------
+
+def _empty_counts() -> Dict[str, Dict[str, int]]:
+    return {t.value: {"active": 0, "inactive": 0, "invalid": 0} for t in RecordType}
+
+
+def _count_records(counts: Dict[str, Dict[str, int]], rtype: Optional[RecordType],
+                   records: List[Any]) -> None:
+    bucket = counts[rtype.value]
+    for record in records:
+        if not isinstance(record, dict):
+            bucket["invalid"] += 1
+        elif _is_active(record):  # the same rule as record_facts(...).active, without the rest
+            bucket["active"] += 1
+        else:
+            bucket["inactive"] += 1
+
+
+def _is_gzip_file(path: Path) -> bool:
+    try:
+        with open(str(path), "rb") as handle:
+            return handle.read(2) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
+def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
+    """One agent's sizes and counts (parsing every record file); files loaded, load seconds."""
+    files = store.agent_files(agent)
+    gz = sum(1 for f in files if _is_gzip_file(f.path))
+    metrics = AgentMetrics(agent, agent_disk_bytes(store, agent), len(files), gz,
+                           len(files) - gz, _empty_counts(), [])
+    loaded, seconds = 0, 0.0
+    for data_file in store.record_files(agent):
+        started = time.perf_counter()
+        try:
+            records, _fmt = store.load_records(data_file)
+        except CorruptFileError as exc:
+            metrics.unreadable.append("%s: %s" % (_rel(store, data_file.path), exc.problem))
+            continue
+        seconds += time.perf_counter() - started  # reading and parsing only, not counting
+        _count_records(metrics.records, data_file.rtype, records)
+        loaded += 1
+    return metrics, loaded, seconds
+
+
+def _store_bytes(store: Store) -> Tuple[int, int]:
+    """(bytes of everything but ``.aml/``, bytes of ``.aml/``), as space-based pruning measures."""
+    return store_disk_bytes(store), _dir_bytes(store.state_dir)
+
+
+def _sum_counts(agents: List[AgentMetrics]) -> Dict[str, Dict[str, int]]:
+    total = _empty_counts()
+    for agent in agents:
+        for rtype, states in agent.records.items():
+            for state, count in states.items():
+                total[rtype][state] += count
+    return total
+
+
+def _growth(store: Store, samples: List[Dict[str, Any]], total: int, records: int
+            ) -> GrowthMetrics:
+    """Growth since the previous sample and the daily rate over the last 30 days."""
+    earlier = [s for s in samples if (parse_timestamp(s.get("at")) or store.now) < store.now]
+    growth = GrowthMetrics(samples=len(earlier))
+    if not earlier:
+        return growth
+    previous = earlier[-1]
+    growth.previous_at = previous.get("at")
+    growth.bytes_since_previous = total - int(previous.get("total_bytes", 0))
+    growth.records_since_previous = records - int(previous.get("records", 0))
+    window_start = store.now - _dt.timedelta(days=GROWTH_WINDOW_DAYS)
+    in_window = [s for s in earlier if parse_timestamp(s.get("at")) >= window_start]
+    baseline = in_window[0] if in_window else previous
+    span = days_between(parse_timestamp(baseline.get("at")), store.now)
+    if span >= 1.0 / 24:  # under an hour apart the rate is noise
+        growth.baseline_at = baseline.get("at")
+        growth.bytes_per_day = (total - int(baseline.get("total_bytes", 0))) / span
+    return growth
+
+
+def _agent_rate(store: Store, samples: List[Dict[str, Any]], agent: str, current: int,
+                baseline_at: Optional[str]) -> Optional[float]:
+    for sample in samples:
+        if sample.get("at") == baseline_at and agent in sample.get("agents", {}):
+            span = days_between(parse_timestamp(baseline_at), store.now)
+            return (current - int(sample["agents"][agent].get("bytes", 0))) / span
+    return None
+
+
+def _forecast(limit: str, subject: str, limit_mb: float, current: int,
+              rate: Optional[float]) -> LimitForecast:
+    limit_bytes = int(limit_mb * _MB)
+    if current >= limit_bytes:
+        return LimitForecast(limit, subject, limit_bytes, current, rate, 0.0, "already reached")
+    if rate is None:
+        return LimitForecast(limit, subject, limit_bytes, current, None, None,
+                             "no growth data: no sample an hour or more before this run")
+    if rate <= 0:
+        return LimitForecast(limit, subject, limit_bytes, current, rate, None, "not growing")
+    return LimitForecast(limit, subject, limit_bytes, current, rate,
+                         round((limit_bytes - current) / rate, 1), "at the current growth")
+
+
+def _new_sample(report: MetricsReport) -> Dict[str, Any]:
+    return {"at": format_timestamp(report.taken_at), "total_bytes": report.total_bytes,
+            "records": sum(a.record_total for a in report.agents),
+            "agents": {a.agent: {"bytes": a.bytes, "records": a.record_total}
+                       for a in report.agents}}
+
+
+# -- integrity ------------------------------------------------------------------
+
+def _integrity_targets(store: Store) -> List[Tuple[Path, Optional[type], bool]]:
+    """(path, expected JSON kind, elements must be objects) of every file the runtime reads."""
+    targets: List[Tuple[Path, Optional[type], bool]] = []
+    if store.config_path().is_file():
+        targets.append((store.config_path(), dict, False))
+    for agent in store.agents():
+        for data_file in store.agent_files(agent):
+            if data_file.rtype is not None:
+                targets.append((data_file.path, list, True))
+            else:
+                is_object = data_file.path.name in OBJECT_FILES
+                targets.append((data_file.path, dict if is_object else None, False))
+    global_dir = store.root / "global"
+    if global_dir.is_dir():
+        targets.extend((p, None, False) for p in sorted(global_dir.glob("*.json"))
+                       if p.is_file() and not is_temp_leftover(p.name))
+    return targets
+
+
+def _parse_problem(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
+    """None when the file parses as the runtime needs it, else the problem."""
+    try:
+        data, _fmt = load_json_file(path, expect=expect)
+    except CorruptFileError as exc:
+        return exc.problem
+    if objects:
+        for position, element in enumerate(data):
+            if not isinstance(element, dict):
+                return "element %d is not a JSON object (the runtime rejects the agent)" % position
+    return None
+
+
+def _check_one_file(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
+    """Parse a file; a failure is retried once if the file changed meanwhile (live writer)."""
+    before = path.stat()
+    problem = _parse_problem(path, expect, objects)
+    if problem is not None:
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            problem = _parse_problem(path, expect, objects)
+    return problem
+
+
+# -- alert identity and webhook ---------------------------------------------------
+
+def alert_id(check: str, subject: str) -> str:
+    """The stable id of the condition (check, subject), e.g. ``integrity-3f2a9c1b``."""
+    digest = sha256_hex(("%s\0%s" % (check, subject)).encode("utf-8"))[:8]
+    return "%s-%s" % (check, digest)
+
+
+def _alert_from_dict(doc: Dict[str, Any]) -> Optional[Alert]:
+    try:
+        fields = {f.name: doc[f.name] for f in dataclasses.fields(Alert) if f.name in doc}
+        fields["level"] = AlertLevel(fields["level"])
+        return Alert(**fields)
+    except (KeyError, TypeError, ValueError):
+        return None  # an entry we cannot read is dropped rather than trusted
+
+
+def send_webhook(url: str, event: str, alert: Alert, store: Store, timeout: float) -> None:
+    """POST one alert event as JSON; raises OSError (including URLError) when delivery fails."""
+    body = json.dumps({"source": "aml", "version": __version__, "event": event,
+                       "store": str(store.root.resolve()), "alert": to_jsonable(alert)},
+                      sort_keys=True).encode("utf-8")
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": "aml/%s" % __version__})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read(65536)
+
+
+def _check_webhook_url(url: Optional[str]) -> Optional[str]:
+    if url and not re.match(r"^https?://", url, re.IGNORECASE):
+        raise UsageError("webhook URL %r must start with http:// or https://" % url)
+    return url or None
+
+
+# -- the monitor ------------------------------------------------------------------
+
+class MemoryMonitor:
+    """Metrics, health checks, alerts and reports for one store.
+
+    ``thresholds`` override the defaults and the store's config.json (see resolve_thresholds).
+    Writes only inside ``.aml/`` (metrics history, integrity cache, alerts, run history),
+    never into agent data. Raises UsageError for bad thresholds.
+    """
+
+    def __init__(self, store: Store, thresholds: Optional[Dict[str, float]] = None,
+                 webhook_url: Optional[str] = None, webhook_timeout: float = 5.0):
+        self.store = store
+        self.thresholds = resolve_thresholds(store, flags=thresholds)
+        self.webhook_url = _check_webhook_url(webhook_url)
+        self.webhook_timeout = webhook_timeout
+        self._integrity_fresh: Optional[Dict[str, Any]] = None
+
+    # -- metrics ------------------------------------------------------------------
+    def metrics(self, save: bool = True) -> MetricsReport:
+        """Measure the store now; with ``save`` append one sample to the metrics history."""
+        store = self.store
+        history = self._history_or_empty()
+        agents, loaded, load_ms = [], 0, 0.0
+        for name in store.agents():
+            agent, count, seconds = _agent_metrics(store, name)
+            agents.append(agent)
+            loaded, load_ms = loaded + count, load_ms + seconds * 1000.0
+        report = self._assemble_metrics(agents, history, load_ms, loaded)
+        if save:
+            report.warnings.extend(self._save_sample(report))
+        return report
+
+    def _history_or_empty(self) -> List[Dict[str, Any]]:
+        try:
+            return _history(self.store)
+        except IntegrityError:
+            return []
+
+    def _assemble_metrics(self, agents: List[AgentMetrics], history: List[Dict[str, Any]],
+                          load_ms: float, loaded: int) -> MetricsReport:
+        store = self.store
+        total, state = _store_bytes(store)
+        index = _index_staleness(store)
+        samples = self._samples()
+        counts = _sum_counts(agents)
+        record_total = sum(a.record_total for a in agents)
+        growth = _growth(store, samples, total, record_total)
+        unreadable = [u for a in agents for u in a.unreadable]
+        largest = max(agents, key=lambda a: a.bytes).agent if agents else None
+        report = MetricsReport(
+            str(store.root), store.now, total, state, index.size_bytes, agents, largest,
+            sum(a.gzip_files for a in agents), sum(a.plain_files for a in agents), counts,
+            unreadable, growth, [], self._performance(history, index, load_ms, loaded,
+                                                      record_total))
+        report.forecasts = self._forecasts(report, samples)
+        return report
+
+    def _performance(self, history: List[Dict[str, Any]], index: IndexState, load_ms: float,
+                     loaded: int, records: int) -> PerformanceMetrics:
+        lookup = _indexed_lookup_ms(self.store, index)
+        stats = _cache_stats(self.store)
+        hits, misses = _number(stats.get("hits")), _number(stats.get("misses"))
+        rate = None
+        if hits is not None and misses is not None and hits + misses > 0:
+            rate = round(hits / (hits + misses), 4)
+        return PerformanceMetrics(
+            lookup.ms, lookup.note, round(load_ms, 3) if loaded else None, loaded, records,
+            int(hits) if hits is not None else None, int(misses) if misses is not None else None,
+            rate, {op: _operation_stat(self.store, history, op) for op in TIMED_OPERATIONS})
+
+    def _forecasts(self, report: MetricsReport, samples: List[Dict[str, Any]]
+                   ) -> List[LimitForecast]:
+        t, rate = self.thresholds, report.growth.bytes_per_day
+        out = [_forecast("global_memory_warning_mb", "store", t["global_memory_warning_mb"],
+                         report.total_bytes, rate),
+               _forecast("global_memory_critical_mb", "store", t["global_memory_critical_mb"],
+                         report.total_bytes, rate)]
+        for agent in report.agents:
+            agent_rate = _agent_rate(self.store, samples, agent.agent, agent.bytes,
+                                     report.growth.baseline_at)
+            out.extend(_forecast(key, agent.agent, t[key], agent.bytes, agent_rate)
+                       for key in ("agent_memory_warning_mb", "agent_memory_critical_mb"))
+        return out
+
+    def _samples(self) -> List[Dict[str, Any]]:
+        try:
+            doc = self.store.read_state("metrics-history.json", {})
+        except IntegrityError:
+            return []
+        samples = doc.get("samples", []) if isinstance(doc, dict) else []
+        return [s for s in samples if isinstance(s, dict) and parse_timestamp(s.get("at"))]
+
+    def _save_sample(self, report: MetricsReport) -> List[str]:
+        """Append this run's sample (one per run, capped); returns warnings."""
+        def update() -> None:
+            sample = _new_sample(report)
+            samples = [s for s in self._samples() if s.get("at") != sample["at"]]
+            samples.append(sample)
+            samples.sort(key=lambda s: parse_timestamp(s["at"]))
+            self.store.write_state("metrics-history.json",
+                                   {"samples": samples[-METRICS_HISTORY_MAX:]})
+        return self._under_state_lock(update)
+
+    def _under_state_lock(self, action: Callable[[], None]) -> List[str]:
+        """Run a state update under the maintenance lock; if another run holds it, skip."""
+        lock = MaintenanceLock(self.store.ensure_state_dir(),
+                               timeout=min(self.store.lock_timeout, STATE_LOCK_WAIT))
+        try:
+            with lock:
+                action()
+        except StoreBusyError:
+            return ["another aml run holds the store; monitoring state was not updated"]
+        return []
+
+    # -- health -------------------------------------------------------------------
+    def health(self, evaluate_alerts: bool = True, record: bool = True) -> HealthReport:
+        """Run every check; then, under one short lock, save the integrity cache, update
+        alerts and record the run (skipped with a warning while another aml run holds the
+        store). Webhooks are sent after the lock is released."""
+        started_at, started = self.store.now, time.perf_counter()
+        self._integrity_fresh = None
+        history, history_problem = self._read_history()
+        checks = [self._run_check(name, history) for name in self.CHECKS]
+        if history_problem:
+            checks[0].problems.append(history_problem)
+            checks[0].status = worst_status([checks[0].status, history_problem.status])
+        report = HealthReport(str(self.store.root), self.store.now,
+                              worst_status(c.status for c in checks), checks,
+                              self._perfdata(checks))
+        changes = AlertChanges() if evaluate_alerts else None
+        summary = {"status": report.status.value,
+                   "checks": {c.name: c.status.value for c in checks}}
+
+        def update() -> None:
+            if self._integrity_fresh is not None:
+                self.store.write_state("integrity.json", {"files": self._integrity_fresh})
+            if changes is not None:
+                self._update_alerts(checks, changes)
+            if record:
+                self.store.record_operation("health", started_at, time.perf_counter() - started,
+                                            summary)
+
+        busy = self._under_state_lock(update)
+        report.warnings.extend(busy)
+        if changes is not None:
+            self._finish_alerts(changes, busy)
+            report.alerts = changes
+            report.warnings.extend(changes.warnings)
+        return report
+
+    CHECKS = ("structure", "size", "index", "backup", "integrity", "performance", "maintenance")
+
+    def _read_history(self) -> Tuple[List[Dict[str, Any]], Optional[Problem]]:
+        try:
+            return _history(self.store), None
+        except IntegrityError as exc:
+            return [], Problem("history", HealthStatus.WARNING,
+                               "aml's run history does not verify (%s); the next aml run sets "
+                               "it aside" % exc)
+
+    def _run_check(self, name: str, history: List[Dict[str, Any]]) -> HealthCheck:
+        """Run one check; a check that fails to run is UNKNOWN with an ERROR-level problem."""
+        try:
+            return getattr(self, "_check_" + name)(history)
+        except (AmlError, OSError) as exc:
+            problem = Problem("check", HealthStatus.UNKNOWN, "check failed: %s" % exc,
+                              AlertLevel.ERROR)
+            return HealthCheck(name, HealthStatus.UNKNOWN, problem.message, [problem], ran=False)
+
+    @staticmethod
+    def _finish(name: str, problems: List[Problem], ok_message: str,
+                details: Optional[Dict[str, Any]] = None) -> HealthCheck:
+        status = worst_status(p.status for p in problems)
+        message = "; ".join(p.message for p in problems[:3]) if problems else ok_message
+        if len(problems) > 3:
+            message += "; and %d more" % (len(problems) - 3)
+        return HealthCheck(name, status, message, problems, details or {})
+
+    def _check_structure(self, history: List[Dict[str, Any]]) -> HealthCheck:
+        """config.json present, agents found, no leftovers, stale locks or *.json.gz files."""
+        store, problems = self.store, []
+        agents = store.agents()
+        if not store.config_path().is_file():
+            problems.append(Problem("config.json", HealthStatus.WARNING,
+                                    "no config.json (not written by the runtime?)"))
+        if not agents:
+            problems.append(Problem("agents", HealthStatus.WARNING, "no agent folders found"))
+        problems.extend(self._stray_entries())
+        return self._finish("structure", problems, "%d agents, config.json present"
+                            % len(agents), {"agents": agents})
+
+    def _stray_entries(self) -> List[Problem]:
+        """Stale lock folders, aml temp leftovers and ``*.json.gz`` files the runtime ignores."""
+        problems: List[Problem] = []
+        root = str(self.store.root)
+        for dirpath, dirnames, filenames in os.walk(root):
+            if dirpath == root and STATE_DIR_NAME in dirnames:
+                dirnames.remove(STATE_DIR_NAME)
+            for name in [d for d in dirnames if d.endswith(".lock")]:
+                dirnames.remove(name)  # never look inside a lock
+                problems.extend(self._stale_lock(Path(dirpath) / name))
+            for name in filenames:
+                rel = _rel(self.store, Path(dirpath) / name)
+                if is_temp_leftover(name):
+                    problems.append(Problem(rel, HealthStatus.WARNING, "leftover temp file %s "
+                                            "(the next aml maintenance run removes it)" % rel))
+                elif name.endswith(".json.gz"):
+                    problems.append(Problem(rel, HealthStatus.WARNING, "%s: the runtime never "
+                                            "reads *.json.gz files" % rel))
+        return problems
+
+    def _stale_lock(self, path: Path) -> List[Problem]:
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except OSError:
+            return []  # released meanwhile
+        if age <= LOCK_STALE_SECONDS:
+            return []
+        rel = _rel(self.store, path)
+        return [Problem(rel, HealthStatus.WARNING, "stale runtime lock %s (%.0f s old; a "
+                        "crashed writer?)" % (rel, age))]
+
+    def _check_size(self, history: List[Dict[str, Any]]) -> HealthCheck:
+        """Per-agent and whole-store bytes against the warning and critical thresholds."""
+        t, problems = self.thresholds, []
+        total, _state = _store_bytes(self.store)
+        sizes = {a: agent_disk_bytes(self.store, a) for a in self.store.agents()}
+        for subject, size, scope in ([("store", total, "global")]
+                                     + [(a, s, "agent") for a, s in sorted(sizes.items())]):
+            problem = self._size_problem(subject, size, scope)
+            if problem:
+                problems.append(problem)
+        largest = max(sizes.values(), default=0)
+        return self._finish("size", problems, "store %s (limit %s), largest agent %s (limit %s)"
+                            % (human_bytes(total),
+                               human_bytes(t["global_memory_warning_mb"] * _MB),
+                               human_bytes(largest),
+                               human_bytes(t["agent_memory_warning_mb"] * _MB)),
+                            {"total_bytes": total, "agent_bytes": sizes})
+
+    def _size_problem(self, subject: str, size: int, scope: str) -> Optional[Problem]:
+        for status in (HealthStatus.CRITICAL, HealthStatus.WARNING):
+            limit = self.thresholds["%s_memory_%s_mb" % (scope, status.value)] * _MB
+            if size >= limit:
+                return Problem(subject, status, "%s is %s, at or above the %s limit %s"
+                               % (subject, human_bytes(size), status.value, human_bytes(limit)))
+        return None
+
+    def _check_index(self, history: List[Dict[str, Any]]) -> HealthCheck:
+        """The persisted index exists, verifies and covers every data file as it is now."""
+        index = _index_staleness(self.store)
+        details = {"built": index.built, "corrupt": index.corrupt, "stale_files": index.stale,
+                   "size_bytes": index.size_bytes}
+        if not index.built:
+            what = "index does not verify" if index.corrupt else "no index built"
+            problem = Problem("index", HealthStatus.WARNING, what + " (run: optimize index)")
+            return self._finish("index", [problem], "", details)
+        problems = []
+        if index.stale:
+            names = ", ".join(index.stale[:3]) + (", ..." if len(index.stale) > 3 else "")
+            problems.append(Problem("index", HealthStatus.WARNING, "index is stale for %d "
+                                    "file(s) (%s) (run: optimize index)"
+                                    % (len(index.stale), names)))
+        return self._finish("index", problems, "index covers every data file (%s)"
+                            % human_bytes(index.size_bytes), details)
+
+    def _check_backup(self, history: List[Dict[str, Any]]) -> HealthCheck:
+        """A verified backup whose manifest exists, recent enough."""
+        t = self.thresholds
+        entry = _last_verified_backup(self.store, history)
+        if entry is None:
+            problem = Problem("backup", HealthStatus.WARNING,
+                              "no verified backup yet (run: backup create)")
+            return self._finish("backup", [problem], "")
+        started = parse_timestamp(entry.get("started")) or self.store.now
+        hours = days_between(started, self.store.now) * 24
+        details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2)}
+        problems = []
+        for status, key in ((HealthStatus.CRITICAL, "backup_critical_age_hours"),
+                            (HealthStatus.WARNING, "backup_max_age_hours")):
+            if hours > t[key]:
+                problems.append(Problem("backup", status, "last verified backup is %.0f h old "
+                                        "(limit %g h)" % (hours, t[key])))
+                break
+        return self._finish("backup", problems, "verified backup %s, %.1f h old"
+                            % (details["backup_id"], hours), details)
+
+    def _check_integrity(self, history: List[Dict[str, Any]]) -> HealthCheck:
+        """Parse every data file (cached by size and mtime); any failure is critical."""
+        cache = self._integrity_cache()
+        targets = _integrity_targets(self.store)
+        fresh, problems, parsed = {}, [], 0
+        for path, expect, objects in targets:
+            rel = _rel(self.store, path)
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue  # removed since listing (a live writer); nothing left to check
+            key = [info.st_size, info.st_mtime_ns]
+            cached = cache.get(rel)
+            if cached and cached.get("key") == key and cached.get("ok") is True:
+                fresh[rel] = cached
+                continue
+            problem = _check_one_file(path, expect, objects)
+            parsed += 1
+            if problem is not None:
+                problems.append(Problem(rel, HealthStatus.CRITICAL, "%s: %s" % (rel, problem)))
+            elif time.time() - info.st_mtime >= INTEGRITY_RACY_SECONDS:
+                fresh[rel] = {"key": key, "ok": True}
+        self._integrity_fresh = fresh  # saved by health() under the state lock
+        return self._finish("integrity", problems,
+                            "%d files parse (%d parsed now, %d unchanged since the last check)"
+                            % (len(targets), parsed, len(targets) - parsed),
+                            {"files": len(targets), "parsed": parsed})
+
+    def _integrity_cache(self) -> Dict[str, Any]:
+        try:
+            doc = self.store.read_state("integrity.json", {})
+        except IntegrityError:
+            return {}  # an unverifiable cache only costs a full re-parse
+        files = doc.get("files") if isinstance(doc, dict) else None
+        return files if isinstance(files, dict) else {}
+
+    def _check_performance(self, history: List[Dict[str, Any]]) -> HealthCheck:
+        """Indexed lookup time measured now and the recorded hot-cache hit rate."""
+        t, problems, known = self.thresholds, [], []
+        lookup = _indexed_lookup_ms(self.store, _index_staleness(self.store))
+        if lookup.failed:
+            problems.append(Problem("lookup", HealthStatus.WARNING, lookup.note))
+        if lookup.ms is not None:
+            known.append("indexed lookup %.2f ms" % lookup.ms)
+            if lookup.ms > t["query_time_warning_ms"]:
+                problems.append(Problem("lookup", HealthStatus.WARNING, "indexed lookup took "
+                                        "%.1f ms (limit %g ms)" % (lookup.ms,
+                                                                   t["query_time_warning_ms"])))
+        stats = _cache_stats(self.store)
+        hits, misses = _number(stats.get("hits")) or 0, _number(stats.get("misses")) or 0
+        rate = hits / (hits + misses) if hits + misses >= t["cache_min_lookups"] else None
+        if rate is not None:
+            known.append("hit rate %.0f%%" % (rate * 100))
+            if rate < t["cache_hit_rate_warning"]:
+                problems.append(Problem("cache", HealthStatus.WARNING, "hot-cache hit rate %.0f%% "
+                                        "is below %.0f%%" % (rate * 100,
+                                                             t["cache_hit_rate_warning"] * 100)))
+        details = {"lookup_ms": lookup.ms, "lookup_note": lookup.note, "cache_hit_rate": rate,
+                   "cache_lookups": int(hits + misses)}
+        if not known and not problems:
+            return HealthCheck("performance", HealthStatus.UNKNOWN, "nothing to measure: %s; "
+                               "fewer than %d cached lookups recorded"
+                               % (lookup.note, t["cache_min_lookups"]), [], details)
+        return self._finish("performance", problems, ", ".join(known), details)
+
+    def _check_maintenance(self, history: List[Dict[str, Any]]) -> HealthCheck:
+        """aml's scheduled maintenance (prune, gc, index, ...) ran within the limit."""
+        limit = self.thresholds["maintenance_max_age_days"]
+        entry = _last_entry(history, MAINTENANCE_OPERATIONS)
+        if entry is None:
+            return self._finish("maintenance", [Problem(
+                "maintenance", HealthStatus.WARNING, "aml maintenance has never run on this "
+                "store (see crontab.example)")], "")
+        started = parse_timestamp(entry.get("started")) or self.store.now
+        age = days_between(started, self.store.now)
+        problems = []
+        if age > limit:
+            problems.append(Problem("maintenance", HealthStatus.WARNING, "last maintenance (%s) "
+                                    "ran %.1f days ago (limit %g)"
+                                    % (entry.get("operation"), age, limit)))
+        return self._finish("maintenance", problems, "last maintenance: %s %.1f days ago"
+                            % (entry.get("operation"), age),
+                            {"operation": entry.get("operation"), "age_days": round(age, 3)})
+
+    def _perfdata(self, checks: List[HealthCheck]) -> Dict[str, Any]:
+        """Numbers for the plugin's performance data: {label: [value, uom, warn, crit]}."""
+        t = self.thresholds
+        by_name = {c.name: c.details for c in checks}
+        size = by_name.get("size", {})
+        perf: Dict[str, Any] = {
+            "store_bytes": [size.get("total_bytes"), "B", int(t["global_memory_warning_mb"] * _MB),
+                            int(t["global_memory_critical_mb"] * _MB)],
+            "agents": [len(by_name.get("structure", {}).get("agents", [])), "", None, None],
+        }
+        for agent, agent_bytes in sorted(size.get("agent_bytes", {}).items()):
+            perf["agent_%s_bytes" % agent] = [agent_bytes, "B",
+                                              int(t["agent_memory_warning_mb"] * _MB),
+                                              int(t["agent_memory_critical_mb"] * _MB)]
+        integrity = next((c for c in checks if c.name == "integrity"), None)
+        perf["unreadable_files"] = [len(integrity.problems) if integrity and integrity.ran
+                                    else None, "", None, 0]
+        index = by_name.get("index", {})
+        perf["stale_index_files"] = [len(index["stale_files"]) if index.get("built") else None,
+                                     "", None, None]
+        perf["backup_age_hours"] = [by_name.get("backup", {}).get("age_hours"), "",
+                                    t["backup_max_age_hours"], t["backup_critical_age_hours"]]
+        perf["lookup_ms"] = [by_name.get("performance", {}).get("lookup_ms"), "ms",
+                             t["query_time_warning_ms"], None]
+        rate = by_name.get("performance", {}).get("cache_hit_rate")
+        perf["cache_hit_rate"] = [round(rate * 100, 1) if rate is not None else None, "%",
+                                  None, None]
+        return perf
+
+    # -- alerts -------------------------------------------------------------------
+    def load_alerts(self) -> Dict[str, Alert]:
+        """Every stored alert by id ({} when none); raises IntegrityError if the file is corrupt."""
+        doc = self.store.read_state("alerts.json", {})
+        entries = doc.get("alerts", {}) if isinstance(doc, dict) else {}
+        alerts = {}
+        for key, value in entries.items():
+            alert = _alert_from_dict(value) if isinstance(value, dict) else None
+            if alert is not None:
+                alerts[key] = alert
+        return alerts
+
+    def alerts(self, include_resolved: bool = False) -> List[Alert]:
+        """Open alerts (and resolved ones still within retention), most severe first."""
+        keep = [a for a in self.load_alerts().values()
+                if a.state == "firing" or (include_resolved and not self._expired(a))]
+        order = {level: rank for rank, level in enumerate(reversed(list(AlertLevel)))}
+        return sorted(keep, key=lambda a: (a.state != "firing", order[a.level], a.id))
+
+    def _expired(self, alert: Alert) -> bool:
+        resolved = parse_timestamp(alert.resolved_at)
+        return (alert.state == "resolved" and resolved is not None and days_between(
+            resolved, self.store.now) > self.thresholds["alert_retention_days"])
+
+    def _save_alerts(self, alerts: Dict[str, Alert]) -> None:
+        self.store.write_state("alerts.json", {"alerts": {k: to_jsonable(v)
+                                                          for k, v in sorted(alerts.items())}})
+
+    def evaluate_alerts(self, checks: List[HealthCheck]) -> AlertChanges:
+        """Fire, count, auto-resolve and expire alerts from check results; then notify."""
+        changes = AlertChanges()
+        busy = self._under_state_lock(lambda: self._update_alerts(checks, changes))
+        self._finish_alerts(changes, busy)
+        return changes
+
+    def _update_alerts(self, checks: List[HealthCheck], changes: AlertChanges) -> None:
+        """The alert state change itself; call with the maintenance lock held."""
+        alerts = self._load_alerts_or_reset(changes)
+        current = {alert_id(c.name, p.subject): (c, p) for c in checks for p in c.problems}
+        for key, (check, problem) in sorted(current.items()):
+            self._observe(alerts, key, check.name, problem, changes)
+        ran = {c.name for c in checks if c.ran}
+        for key, alert in sorted(alerts.items()):
+            if alert.state == "firing" and key not in current and alert.check in ran:
+                self._resolve(alert, "auto")
+                changes.resolved.append(alert)
+        changes.purged = self._purge(alerts)
+        self._save_alerts(alerts)
+
+    def _finish_alerts(self, changes: AlertChanges, busy: List[str]) -> None:
+        changes.warnings.extend(busy)
+        changes.open = [] if busy else self.alerts()
+        self._deliver(changes)
+
+    def _load_alerts_or_reset(self, changes: AlertChanges) -> Dict[str, Alert]:
+        try:
+            return self.load_alerts()
+        except IntegrityError as exc:
+            path = self.store.state_path("alerts.json")
+            os.replace(str(path), str(path) + ".corrupt")
+            changes.warnings.append("%s; set aside as alerts.json.corrupt, alerts start afresh"
+                                    % exc)
+            return {}
+
+    def _observe(self, alerts: Dict[str, Alert], key: str, check: str, problem: Problem,
+                 changes: AlertChanges) -> None:
+        """Count a condition seen now: new or re-opened alerts fire, escalations notify again."""
+        now = format_timestamp(self.store.now)
+        alert = alerts.get(key)
+        if alert is None:
+            alert = Alert(key, check, problem.subject, problem.alert_level, problem.message,
+                          "firing", now, now)
+            alerts[key] = alert
+            changes.fired.append(alert)
+            return
+        escalated = alert.state == "firing" and _LEVEL_RANK[problem.alert_level] > _LEVEL_RANK[
+            alert.level]
+        if alert.state == "resolved":
+            alert.state, alert.first_seen, alert.count = "firing", now, 0
+            alert.occurrences += 1
+            alert.resolved_at = alert.resolved_by = None
+            escalated = True
+        alert.last_seen, alert.count = now, alert.count + 1
+        alert.level, alert.message = problem.alert_level, problem.message
+        if escalated:
+            changes.fired.append(alert)
+
+    def _resolve(self, alert: Alert, by: str) -> None:
+        alert.state, alert.resolved_by = "resolved", by
+        alert.resolved_at = format_timestamp(self.store.now)
+
+    def _purge(self, alerts: Dict[str, Alert]) -> int:
+        expired = [key for key, alert in alerts.items() if self._expired(alert)]
+        for key in expired:
+            del alerts[key]
+        return len(expired)
+
+    def resolve_alert(self, key: str) -> AlertChanges:
+        """Resolve one alert by hand; raises UsageError for an unknown id, StoreBusyError."""
+        changes = AlertChanges()
+        with self.store.maintenance_lock():
+            alerts = self.load_alerts()
+            alert = alerts.get(key)
+            if alert is None:
+                raise UsageError("no alert %r (list them with: monitor alerts --all)" % key)
+            if alert.state == "firing":
+                self._resolve(alert, "manual")
+                changes.resolved.append(alert)
+            changes.purged = self._purge(alerts)
+            self._save_alerts(alerts)
+        changes.open = self.alerts()
+        self._deliver(changes)
+        return changes
+
+    def _deliver(self, changes: AlertChanges) -> None:
+        """POST fired and resolved alerts to the webhook; stop at the first failure, warn."""
+        if not self.webhook_url:
+            return
+        events = ([("firing", a) for a in changes.fired]
+                  + [("resolved", a) for a in changes.resolved])
+        for position, (event, alert) in enumerate(events):
+            try:
+                send_webhook(self.webhook_url, event, alert, self.store, self.webhook_timeout)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                changes.warnings.append("webhook %s unreachable (%s); %d notification(s) not "
+                                        "delivered" % (self.webhook_url, exc,
+                                                       len(events) - position))
+                return
+
+    # -- report -------------------------------------------------------------------
+    def report(self) -> "MonitorReport":
+        """Metrics (saved as a sample), health checks (alerts not re-evaluated), open alerts."""
+        metrics = self.metrics(save=True)
+        health = self.health(evaluate_alerts=False, record=False)
+        try:
+            open_alerts = self.alerts()
+        except IntegrityError as exc:
+            open_alerts = []
+            health.warnings.append(str(exc))
+        return MonitorReport(self.store.now, metrics, health, open_alerts, self._samples(),
+                             metrics.warnings + health.warnings)
+
+
+_LEVEL_RANK = {level: rank for rank, level in enumerate(AlertLevel)}
+
+
+@dataclasses.dataclass
+class MonitorReport:
+    """What ``monitor report`` publishes: metrics, health, open alerts and the size history."""
+
+    generated: _dt.datetime
+    metrics: MetricsReport
+    health: HealthReport
+    alerts: List[Alert]
+    history: List[Dict[str, Any]]
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+# -- renderers: nagios, prometheus, html ---------------------------------------------
+
+def _perf_label(label: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+        return label
+    return "'%s'" % label.replace("'", "''").replace("=", "_")
+
+
+def _perf_number(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and not value.is_integer():
+        return ("%.4f" % value).rstrip("0").rstrip(".")
+    return "%d" % value
+
+
+def nagios_line(report: HealthReport) -> str:
+    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
+    bad = [c for c in report.checks if c.status is not HealthStatus.HEALTHY]
+    if bad:
+        summary = "; ".join("%s: %s" % (c.name, c.message) for c in bad)
+    else:
+        summary = "%d checks healthy" % len(report.checks)
+    perf = []
+    for label, (value, uom, warn, crit) in report.perfdata.items():
+        shown = "U" if value is None else _perf_number(value) + uom
+        text = "%s=%s;%s;%s;0" % (_perf_label(label), shown, _perf_number(warn),
+                                  _perf_number(crit))
+        perf.append(re.sub(r";+$", "", text) if value is not None else text.split(";")[0])
+    summary = summary.replace("|", "/").replace("\n", " ")
+    return "AML %s - %s | %s" % (report.status.nagios, summary, " ".join(perf))
+
+
+def _prom_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _prom_value(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int) or float(value).is_integer():
+        return "%d" % value
+    return repr(float(value))
+
+
+class _PromWriter:
+    """Collects metric families in the Prometheus text exposition format (version 0.0.4)."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: Iterable[Tuple[Dict[str, str], Optional[float]]]) -> None:
+        """One family; samples whose value is None (not measured) are left out."""
+        known = [(labels, value) for labels, value in samples if value is not None]
+        if not known:
+            return
+        self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")))
+        self.lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in known:
+            text = ",".join('%s="%s"' % (k, _prom_escape(str(v))) for k, v in labels.items())
+            self.lines.append("%s%s %s" % (name, "{%s}" % text if text else "", _prom_value(value)))
+
+    def text(self) -> str:
+        """The exposition text, newline-terminated."""
+        return "\n".join(self.lines) + "\n"
+
+
+def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = None,
+                    alerts: Optional[List[Alert]] = None) -> str:
+    """Metrics (and health and alert counts when given) in the Prometheus text format."""
+    w = _PromWriter()
+    w.family("aml_store_bytes", "gauge", "Bytes of the memory store on disk, aml state excluded.",
+             [({}, metrics.total_bytes)])
+    w.family("aml_state_bytes", "gauge", "Bytes of aml's own state folder .aml.",
+             [({}, metrics.state_bytes)])
+    w.family("aml_index_bytes", "gauge", "Bytes of the persisted index.",
+             [({}, metrics.index_bytes)])
+    w.family("aml_agent_bytes", "gauge", "Bytes on disk per agent folder.",
+             [({"agent": a.agent}, a.bytes) for a in metrics.agents])
+    w.family("aml_agent_files", "gauge", "JSON files per agent by encoding.",
+             [({"agent": a.agent, "encoding": enc}, n) for a in metrics.agents
+              for enc, n in (("gzip", a.gzip_files), ("plain", a.plain_files))])
+    w.family("aml_records", "gauge",
+             "Records per agent, type and state (unreadable files excluded).",
+             [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
+              for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
+    w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
+             [({"agent": a.agent}, len(a.unreadable)) for a in metrics.agents])
+    _prom_performance(w, metrics)
+    if health is not None:
+        _prom_health(w, health, alerts or [])
+    return w.text()
+
+
+def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
+    perf = metrics.performance
+    w.family("aml_growth_bytes_per_day", "gauge", "Store growth per day over the last 30 days.",
+             [({}, metrics.growth.bytes_per_day)])
+    w.family("aml_days_until_limit", "gauge", "Days until a size limit at the current growth.",
+             [({"limit": f.limit, "subject": f.subject}, f.days_until) for f in metrics.forecasts])
+    w.family("aml_full_load_seconds", "gauge", "Time to read and parse every record file, now.",
+             [({}, perf.full_load_ms / 1000.0 if perf.full_load_ms is not None else None)])
+    w.family("aml_lookup_seconds", "gauge", "Time of one indexed lookup, measured now.",
+             [({}, perf.lookup_ms / 1000.0 if perf.lookup_ms is not None else None)])
+    w.family("aml_cache_hit_ratio", "gauge", "Hot-cache hit ratio recorded by real lookups.",
+             [({}, perf.cache_hit_rate)])
+    ops = sorted(perf.last_operations.values(), key=lambda o: o.operation)
+    w.family("aml_last_operation_duration_seconds", "gauge", "Duration of the last run.",
+             [({"operation": o.operation}, o.seconds) for o in ops])
+    w.family("aml_last_operation_age_days", "gauge", "Days since the last run started.",
+             [({"operation": o.operation}, o.age_days) for o in ops])
+
+
+def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> None:
+    w.family("aml_health_status", "gauge", "Health per check: 0 ok, 1 warning, 2 critical, "
+             "3 unknown.", [({"check": c.name}, c.status.exit_code) for c in health.checks])
+    w.family("aml_health_overall", "gauge", "Overall health: 0 ok, 1 warning, 2 critical, "
+             "3 unknown.", [({}, health.status.exit_code)])
+    w.family("aml_alerts_open", "gauge", "Open alerts by level.",
+             [({"level": level.value}, sum(1 for a in alerts if a.level is level))
+              for level in AlertLevel])
+
+
+_CHART_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
+                 "#e377c2")
+_HTML_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
+color:#222;background:#fafafa}h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:24px 0 8px}
+table{border-collapse:collapse;background:#fff;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f0f0f0}.num{text-align:right}.muted{color:#777;font-size:12px}
+.s-healthy{background:#d9f2d9}.s-warning{background:#fff2c6}.s-critical{background:#f9d0d0}
+.s-unknown{background:#e4e4e4}.charts{display:flex;flex-wrap:wrap;gap:16px}
+svg{background:#fff;border:1px solid #ddd}td:not(:last-child){white-space:nowrap}
+"""
+
+
+def _unit_or_unknown(value: Optional[float], fmt: str) -> str:
+    return "unknown" if value is None else fmt % value
+
+
+def _esc(value: Any) -> str:
+    return _html.escape("unknown" if value is None else str(value), quote=True)
+
+
+def _chart_series(samples: List[Dict[str, Any]], key: str
+                  ) -> Dict[str, List[Tuple[_dt.datetime, float]]]:
+    """{agent: [(time, value), ...]} of one per-agent sample field."""
+    series: Dict[str, List[Tuple[_dt.datetime, float]]] = {}
+    for sample in samples:
+        moment = parse_timestamp(sample.get("at"))
+        for agent, values in sorted((sample.get("agents") or {}).items()):
+            value = _number(values.get(key)) if isinstance(values, dict) else None
+            if moment is not None and value is not None:
+                series.setdefault(agent, []).append((moment, value))
+    return series
+
+
+_CHART = {"width": 560, "height": 260, "left": 70, "right": 150, "top": 30, "bottom": 40}
+
+
+def _svg_axes(title: str, t0: _dt.datetime, t1: _dt.datetime, top_label: str) -> List[str]:
+    """Title, the two axes and their end labels of a chart."""
+    c = _CHART
+    x0, x1 = c["left"], c["width"] - c["right"]
+    y0, y1 = c["top"], c["height"] - c["bottom"]
+    return ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" role="img" '
+            'aria-label="%s">' % (c["width"], c["height"], _esc(title)),
+            '<text x="%d" y="18" font-size="14" font-weight="bold">%s</text>' % (x0, _esc(title)),
+            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (x0, y1, x1, y1),
+            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (x0, y0, x0, y1),
+            '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>'
+            % (x0 - 4, y0 + 4, _esc(top_label)),
+            '<text x="%d" y="%d" font-size="11" text-anchor="end">0</text>' % (x0 - 4, y1),
+            '<text x="%d" y="%d" font-size="11">%s</text>'
+            % (x0, c["height"] - 12, _esc(t0.strftime("%Y-%m-%d %H:%M"))),
+            '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>'
+            % (x1, c["height"] - 12, _esc(t1.strftime("%Y-%m-%d %H:%M")))]
+
+
+def _svg_chart(title: str, series: Dict[str, List[Tuple[_dt.datetime, float]]],
+               fmt: Callable[[float], str]) -> str:
+    """A self-contained SVG line chart, one line and legend entry per agent."""
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return ('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="60" role="img">'
+                '<text x="10" y="35">%s: no samples yet</text></svg>' % (_CHART["width"],
+                                                                          _esc(title)))
+    t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
+    vmax = max(p[1] for p in points) or 1.0
+    c = _CHART
+    plot_w, plot_h = c["width"] - c["left"] - c["right"], c["height"] - c["top"] - c["bottom"]
+
+    def xy(moment: _dt.datetime, value: float) -> Tuple[float, float]:
+        share = (moment - t0).total_seconds() / (t1 - t0).total_seconds() if t1 > t0 else 0.5
+        return c["left"] + share * plot_w, c["top"] + plot_h - value / vmax * plot_h
+
+    parts = _svg_axes(title, t0, t1, fmt(vmax))
+    for number, (agent, values) in enumerate(sorted(series.items())):
+        color = _CHART_COLORS[number % len(_CHART_COLORS)]
+        coords = [xy(m, v) for m, v in values]
+        parts.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>'
+                     % (color, " ".join("%.1f,%.1f" % p for p in coords)))
+        parts.extend('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (x, y, color)
+                     for x, y in coords)
+        legend_x, legend_y = c["left"] + plot_w + 12, c["top"] + 12 + number * 16
+        parts.append('<rect x="%d" y="%d" width="10" height="10" fill="%s"/><text x="%d" y="%d" '
+                     'font-size="12">%s</text>' % (legend_x, legend_y - 9, color, legend_x + 14,
+                                                   legend_y, _esc(agent)))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _html_table(headers: Sequence[str], rows: Iterable[Sequence[str]],
+                row_classes: Optional[Sequence[str]] = None) -> str:
+    """A table from already-escaped cells."""
+    head = "".join("<th>%s</th>" % _esc(h) for h in headers)
+    body = []
+    for number, row in enumerate(rows):
+        css = ' class="%s"' % row_classes[number] if row_classes else ""
+        body.append("<tr%s>%s</tr>" % (css, "".join("<td>%s</td>" % cell for cell in row)))
+    if not body:
+        body.append('<tr><td colspan="%d" class="muted">none</td></tr>' % len(headers))
+    return "<table><tr>%s</tr>%s</table>" % (head, "".join(body))
+
+
+def _html_agents(metrics: MetricsReport) -> str:
+    rows = []
+    for agent in metrics.agents:
+        counts = ["%d / %d" % (agent.records[t.value]["active"], agent.records[t.value]["inactive"])
+                  for t in RecordType]
+        rows.append([_esc(agent.agent), _esc(human_bytes(agent.bytes))] + counts
+                    + [_esc("%d gzip, %d plain" % (agent.gzip_files, agent.plain_files)),
+                       _esc(", ".join(agent.unreadable) or "-")])
+    return _html_table(["agent", "size", "patterns (active / inactive)", "solutions",
+                        "decisions", "files", "unreadable"], rows)
+
+
+def html_report(report: MonitorReport) -> str:
+    """A self-contained HTML page: summary, charts over time, checks and open alerts."""
+    metrics, health = report.metrics, report.health
+    perf = metrics.performance
+    checks = _html_table(["check", "status", "finding"],
+                         [[_esc(c.name), _esc(c.status.value), _esc(c.message)]
+                          for c in health.checks],
+                         ["s-" + c.status.value for c in health.checks])
+    alerts = _html_table(["id", "level", "check / subject", "first seen", "last seen", "count",
+                          "message"],
+                         [[_esc(a.id), _esc(a.level.value), _esc("%s / %s" % (a.check, a.subject)),
+                           _esc(a.first_seen), _esc(a.last_seen), _esc(a.count), _esc(a.message)]
+                          for a in report.alerts])
+    charts = (_svg_chart("Size per agent", _chart_series(report.history, "bytes"), human_bytes)
+              + _svg_chart("Records per agent", _chart_series(report.history, "records"),
+                           lambda v: "%d" % v))
+    summary = "%s in %d agents; %d records; index %s; full load %s; indexed lookup %s; " \
+        "hot-cache hit rate %s" % (
+            human_bytes(metrics.total_bytes), len(metrics.agents),
+            sum(a.record_total for a in metrics.agents),
+            "none" if not metrics.index_bytes else human_bytes(metrics.index_bytes),
+            _unit_or_unknown(perf.full_load_ms, "%.1f ms"), _unit_or_unknown(perf.lookup_ms,
+                                                                            "%.2f ms"),
+            _unit_or_unknown(None if perf.cache_hit_rate is None else perf.cache_hit_rate * 100,
+                             "%.0f%%"))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<title>aml report: %s</title><style>%s</style></head><body>"
+            "<h1>aml report <span class=\"s-%s\">%s</span></h1>"
+            "<p class=\"muted\">%s &middot; generated %s &middot; aml %s</p><p>%s</p>"
+            "<h2>Size and records over time</h2><div class=\"charts\">%s</div>"
+            "<h2>Health checks</h2>%s<h2>Open alerts</h2>%s<h2>Agents</h2>%s"
+            "</body></html>\n" % (_esc(metrics.store), _HTML_STYLE, health.status.value,
+                                 _esc(health.status.nagios), _esc(metrics.store),
+                                 _esc(format_timestamp(report.generated)), __version__,
+                                 _esc(summary), charts, checks, alerts, _html_agents(metrics)))
+
+
+__all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresholds",
+            "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
+            "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
+            "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
+            "nagios_line", "prometheus_text", "html_report", "worst_status"]
+
 
 # =============================================================================
 # 15. Output formatting
@@ -6548,10 +8079,13 @@ def _backup_manager(args: argparse.Namespace) -> BackupManager:
                  "compression_level": getattr(args, "compression_level", None)}
     if getattr(args, "no_verify", False):
         overrides["verify_after_backup"] = False
-    return BackupManager(store, backup_config_for(store, args.config, **overrides))
+    manager = BackupManager(store, backup_config_for(store, args.config, **overrides))
+    manager.progress = output_for(args).progress
+    return manager
 
 
 def _print_backup(out: Output, result: BackupResult) -> None:
+    out.progress_done()
     for warning in result.warnings:
         out.warn(warning)
     out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
@@ -6585,17 +8119,24 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
             "  (%s)" % snap.reason if snap.reason else ""))
     for name in result.foreign:
         out.line("%-26s foreign (not aml's; left alone)" % name)
-    out.line("repository %s: %d snapshots, %s" % (result.backup_root / REPO_DIR_NAME,
-                                                 len(result.snapshots),
-                                                 human_bytes(result.repository_bytes)))
+    out.line("repository %s: %d snapshots, %s%s" % (
+        result.backup_root / REPO_DIR_NAME, len(result.snapshots),
+        human_bytes(result.repository_bytes),
+        " (and %d of other stores)" % result.other_stores if result.other_stores else ""))
     out.document(result)
     return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+
+
+def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
+    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
+        raise UsageError("two different backup ids given")
+    return args.backup_id or args.backup_id_flag
 
 
 def cmd_backup_verify(args: argparse.Namespace) -> int:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
     out = output_for(args)
-    result = _backup_manager(args).verify(args.backup_id, deep=args.deep,
+    result = _backup_manager(args).verify(_one_backup_id(args), deep=args.deep,
                                           all_snapshots=args.all)
     for problem in result.problems:
         print("aml: error: %s" % problem, file=sys.stderr)
@@ -6609,16 +8150,15 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
 def cmd_backup_restore(args: argparse.Namespace) -> int:
     """backup restore: put a snapshot back (or preview it with --dry-run)."""
     out = output_for(args)
-    if args.backup_id and args.backup_id_flag and args.backup_id != args.backup_id_flag:
-        raise UsageError("two different backup ids given")
     at = None
     if args.at:
         at = parse_timestamp(args.at)
         if at is None:
             raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
-    result = _backup_manager(args).restore(args.backup_id or args.backup_id_flag, at=at,
+    result = _backup_manager(args).restore(_one_backup_id(args), at=at,
                                            agents=args.agents, target=args.target,
                                            dry_run=args.dry_run, force=args.force)
+    out.progress_done()
     verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):
@@ -6689,6 +8229,7 @@ def _build_backup(subparsers: Any) -> None:
     p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
     _backup_options(p)
     p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
+    p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
     p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
     p.set_defaults(func=cmd_backup_verify)
@@ -6863,6 +8404,250 @@ def _print_migration(out: Output, result: MigrationResult) -> None:
 
 
 # --- monitor command (section 14) ---
+
+
+class HealthUnknownError(AmlError):
+    """``monitor health`` could not run at all: UNKNOWN (3) by the plugin convention."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+def _monitor_common(formats: Sequence[str], default: str) -> argparse.ArgumentParser:
+    """The common options with this action's own ``--format`` choices (a fresh copy)."""
+    # A fresh copy of the common options, so "resolve" replaces --format here only.
+    common = argparse.ArgumentParser(add_help=False, conflict_handler="resolve",
+                                     parents=[_common_options()])
+    common.add_argument("--format", choices=formats, default=argparse.SUPPRESS,
+                        help="output format: %s (default: %s)" % (", ".join(formats), default))
+    return common
+
+
+def _monitor_action(sub: Any, name: str, help_text: str, formats: Sequence[str],
+                    default: str, func: Callable[[argparse.Namespace], int]
+                    ) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text,
+                            parents=[_monitor_common(formats, default)],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func, default_format=default)
+    return parser
+
+
+def _threshold_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threshold", action="append", metavar="KEY=VALUE",
+                        help="override a threshold (repeatable), e.g. agent_memory_warning_mb=50;"
+                        " keys: " + ", ".join(sorted(DEFAULT_THRESHOLDS)))
+
+
+@command_builder
+def _build_monitor(subparsers: Any) -> None:
+    parser = subparser(subparsers, "monitor", "metrics, health checks, alerts and reports")
+    sub = parser.add_subparsers(dest="monitor_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    metrics = _monitor_action(sub, "metrics", "measure sizes, record counts, growth and timings",
+                              ("text", "json", "prometheus"), "text", cmd_monitor_metrics)
+    _threshold_option(metrics)
+    metrics.add_argument("--no-save", action="store_true",
+                         help="do not add this run's sample to .aml/metrics-history.json")
+    health = _monitor_action(sub, "health", "run the health checks; exit 0 ok, 1 warning, "
+                             "2 critical, 3 unknown; updates alerts",
+                             ("text", "json", "nagios"), "text", cmd_monitor_health)
+    _threshold_option(health)
+    health.add_argument("--webhook", metavar="URL", help="POST alert changes here as JSON")
+    alerts = _monitor_action(sub, "alerts", "list open alerts, or resolve one by hand",
+                             ("text", "json"), "text", cmd_monitor_alerts)
+    alerts.add_argument("--all", action="store_true", help="include resolved alerts")
+    alerts.add_argument("--resolve", metavar="ALERT_ID", help="resolve this alert by hand")
+    alerts.add_argument("--webhook", metavar="URL", help="POST the resolution here as JSON")
+    _threshold_option(alerts)
+    report = _monitor_action(sub, "report", "write the JSON, Prometheus or HTML report",
+                             ("json", "html", "prometheus"), "json", cmd_monitor_report)
+    _threshold_option(report)
+    report.add_argument("--output", metavar="FILE", type=Path,
+                        help="write to FILE atomically instead of stdout")
+
+
+def _open_monitor(args: argparse.Namespace) -> MemoryMonitor:
+    """Store, thresholds and webhook from defaults, config files and flags."""
+    store = open_store(args)
+    section = dict(load_aml_config(store, args.config).get("monitor", {}))
+    thresholds = resolve_thresholds(store, section, parse_threshold_flags(
+        getattr(args, "threshold", None)))
+    timeout = _number(section.get("webhook_timeout", 5.0))
+    if timeout is None or timeout <= 0:
+        raise UsageError("monitor.webhook_timeout must be a positive number of seconds")
+    return MemoryMonitor(store, thresholds, getattr(args, "webhook", None)
+                         or section.get("webhook_url"), timeout)
+
+
+def _monitor_output(args: argparse.Namespace) -> Output:
+    """Output for text/json; other formats are written by the handler itself."""
+    if args.format == "text" and args.default_format != "text":
+        args.format = args.default_format
+    return Output(args.format if args.format in ("text", "json") else "text", args.quiet)
+
+
+def _shown(value: Any, unit: str = "") -> str:
+    return "unknown" if value is None else ("%.2f" % value if isinstance(value, float)
+                                            else str(value)) + unit
+
+
+def _metrics_lines(report: MetricsReport) -> List[str]:
+    """The text form of a metrics report."""
+    lines = ["Store %s: %s in %d agents (aml state %s, index %s)" % (
+        report.store, human_bytes(report.total_bytes), len(report.agents),
+        human_bytes(report.state_bytes),
+        human_bytes(report.index_bytes) if report.index_bytes else "none"),
+        "Files: %d gzip, %d plain; largest agent: %s" % (report.gzip_files, report.plain_files,
+                                                         report.largest_agent or "none"),
+        "%-24s %10s  %-17s  %-17s  %s" % ("AGENT", "SIZE", "PATTERNS act/inact",
+                                              "SOLUTIONS", "DECISIONS")]
+    for agent in report.agents:
+        lines.append(("%-24s %10s  %s" % (agent.agent, human_bytes(agent.bytes), "  ".join(
+            "%-17s" % ("%d / %d" % (agent.records[t.value]["active"],
+                                    agent.records[t.value]["inactive"])) for t in RecordType)
+        )).rstrip())
+    lines.extend(_growth_lines(report))
+    lines.extend(_performance_lines(report.performance))
+    return lines
+
+
+def _growth_lines(report: MetricsReport) -> List[str]:
+    growth = report.growth
+    if growth.previous_at is None:
+        lines = ["Growth: unknown (no earlier sample; every run adds one)"]
+    else:
+        lines = ["Growth: %+d bytes, %+d records since %s; %s/day" % (
+            growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
+            "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
+    quiet = 0
+    for forecast in report.forecasts:
+        if forecast.subject != "store" and forecast.days_until is None:
+            quiet += 1  # agents that are not growing: counted, listed in --format json
+            continue
+        when = forecast.note if forecast.days_until is None else "%.1f days, %s" % (
+            forecast.days_until, forecast.note)
+        lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
+                                           human_bytes(forecast.limit_bytes), when))
+    if quiet:
+        lines.append("  %d agent limit(s) not approaching: no growth or no growth data" % quiet)
+    return lines
+
+
+def _performance_lines(perf: PerformanceMetrics) -> List[str]:
+    lines = ["Full load now: %s (%d files, %d records)" % (
+        _shown(perf.full_load_ms, " ms"), perf.full_load_files, perf.full_load_records),
+        "Indexed lookup now: %s (%s)" % (_shown(perf.lookup_ms, " ms"), perf.lookup_note),
+        "Hot-cache hit rate: %s (%s hits, %s misses)" % (
+            _shown(perf.cache_hit_rate), _shown(perf.cache_hits), _shown(perf.cache_misses))]
+    for op in perf.last_operations.values():
+        lines.append("Last %s: %s" % (op.operation, "never ran" if op.started is None else
+                                      "%s, took %s" % (op.started, _shown(op.seconds, " s"))))
+    return lines
+
+
+def cmd_monitor_metrics(args: argparse.Namespace) -> int:
+    """``monitor metrics``: exit 3 when a record file could not be read."""
+    out = _monitor_output(args)
+    monitor = _open_monitor(args)
+    report = monitor.metrics(save=not args.no_save)
+    for problem in report.warnings:
+        out.warn(problem)
+    for problem in report.unreadable:
+        out.warn("unreadable, not counted: %s" % problem)
+    if args.format == "prometheus":
+        out.stdout.write(prometheus_text(report))
+    else:
+        for line in _metrics_lines(report):
+            out.line(line)
+        out.document(report)
+    return int(report.exit_code)
+
+
+def _health_lines(report: HealthReport) -> List[str]:
+    lines = ["Health: %s (%s)" % (report.status.nagios, report.store)]
+    for check in report.checks:
+        lines.append("  %-9s %-12s %s" % (check.status.value, check.name, check.message))
+    changes = report.alerts
+    if changes is not None and (changes.fired or changes.resolved):
+        lines.append("Alerts: %d fired, %d resolved, %d open (see: monitor alerts)"
+                     % (len(changes.fired), len(changes.resolved), len(changes.open)))
+    return lines
+
+
+def cmd_monitor_health(args: argparse.Namespace) -> int:
+    """``monitor health``: exit code 0/1/2/3 by the plugin convention, whatever the format."""
+    out = _monitor_output(args)
+    try:
+        report = _open_monitor(args).health()
+    except AmlError as exc:
+        if args.format == "nagios":
+            print("AML UNKNOWN - %s" % str(exc).replace("|", "/"), file=out.stdout)
+        raise HealthUnknownError(str(exc)) from None
+    for warning in report.warnings:
+        out.warn(warning)
+    if args.format == "nagios":
+        print(nagios_line(report), file=out.stdout)
+    elif report.status is HealthStatus.HEALTHY:
+        for line in _health_lines(report):
+            out.line(line)
+    else:
+        for line in _health_lines(report):
+            out.always(line)  # cron mails a problem even with -q
+    out.document(report)
+    return report.exit_code
+
+
+def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
+    lines = ["%-22s %-8s %-15s %5s  %-24s %-24s %s" % ("ID", "LEVEL", "STATE", "COUNT",
+                                                      "FIRST SEEN", "LAST SEEN", "MESSAGE")]
+    for alert in alerts:
+        state = alert.state if alert.state == "firing" else "%s (%s)" % (alert.state,
+                                                                          alert.resolved_by)
+        lines.append("%-22s %-8s %-15s %5d  %-24s %-24s %s" % (
+            alert.id, alert.level.value, state, alert.count, alert.first_seen, alert.last_seen,
+            alert.message))
+    return lines if alerts else ["No %salerts." % ("" if include_resolved else "open ")]
+
+
+def cmd_monitor_alerts(args: argparse.Namespace) -> int:
+    """``monitor alerts``: list (read-only) or ``--resolve`` one alert by hand."""
+    out = _monitor_output(args)
+    monitor = _open_monitor(args)
+    if args.resolve:
+        changes = monitor.resolve_alert(args.resolve)
+        for warning in changes.warnings:
+            out.warn(warning)
+        out.line("%s resolved." % args.resolve if changes.resolved
+                 else "%s was already resolved." % args.resolve)
+        out.document(changes)
+        return int(ExitCode.OK)
+    alerts = monitor.alerts(include_resolved=args.all)
+    for line in _alert_lines(alerts, args.all):
+        out.line(line)
+    out.document({"alerts": alerts})
+    return int(ExitCode.OK)
+
+
+def cmd_monitor_report(args: argparse.Namespace) -> int:
+    """``monitor report``: JSON, Prometheus text or HTML, to stdout or atomically to a file."""
+    _monitor_output(args)
+    report = _open_monitor(args).report()
+    out = Output("text", args.quiet)
+    for warning in report.warnings:
+        out.warn(warning)
+    for problem in report.metrics.unreadable:
+        out.warn("unreadable, not counted: %s" % problem)
+    if args.format == "html":
+        text = html_report(report)
+    elif args.format == "prometheus":
+        text = prometheus_text(report.metrics, report.health, report.alerts)
+    else:
+        text = json.dumps(to_jsonable(report), indent=2, sort_keys=True) + "\n"
+    if args.output is None:
+        out.stdout.write(text)
+    else:
+        atomic_write_bytes(args.output, text.encode("utf-8"))
+    return int(report.metrics.exit_code)
 
 
 class _Terminated(BaseException):

@@ -15,6 +15,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -588,7 +589,8 @@ def test_every_snapshot_restores_on_its_own(tmp_path):
 def test_agents_created_after_the_last_backup_are_included(tmp_path):
     root = build_store(tmp_path / "memory")
     backup_manager(root).create()
-    write_data(root / "late-agent" / "decisions.json", [make_decision("late-agent", random.Random(1))])
+    late = [make_decision("late-agent", random.Random(1))]
+    write_data(root / "late-agent" / "decisions.json", late)
     snap = backup_manager(root).create(aml.BackupType.INCREMENTAL)
     paths = [e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]]
     assert "late-agent/decisions.json" in paths
@@ -689,14 +691,13 @@ def test_corrupt_backup_is_detected_and_never_restored(tmp_path, capsys, how):
     snap = backup_manager(root, verify_after_backup=False).create()
     mutate_store(root)
     _corrupt(backup_manager(root), how)
-    before = tree_digest(root)
     code, _, err = run_cli(root, "backup", "verify", snap.backup_id, capsys=capsys)
     assert code == 6 and snap.backup_id in err
     assert ("checksum" in err or "missing" in err or "unreadable" in err)
+    before = tree_digest(root)
     code, _, err = run_cli(root, "backup", "restore", snap.backup_id, capsys=capsys)
     assert code == 6 and err.startswith("aml: error:")
-    assert {k: v for k, v in tree_digest(root).items() if "history" not in k and "verified" not in k} \
-        == {k: v for k, v in before.items() if "history" not in k and "verified" not in k}
+    assert tree_digest(root) == before
 
 
 @pytest.mark.parametrize("bad_path", ["../escape.json", "/tmp/abs.json", "a/../../x.json",
@@ -727,6 +728,21 @@ def test_symlink_in_target_is_refused(tmp_path):
     with pytest.raises(aml.RefusedError, match="symlink"):
         backup_manager(root).restore(snap.backup_id, target=target, force=True)
     assert list(outside.iterdir()) == []
+    linked = tmp_path / "linked-store"
+    linked.symlink_to(root)                       # the store's own path may be a symlink
+    write_data(root / "global" / "shared.json", {"changed": True})
+    backup_manager(linked).restore(snap.backup_id)
+    assert read_data(root / "global" / "shared.json") == {"notes": ["kept"]}
+
+
+def test_restore_waits_for_the_runtime_lock_and_refuses_without_a_full_safety_copy(tmp_path):
+    root, snap, _, mutated = snapshot_then_mutate(tmp_path)
+    busy = root / "code-reviewer" / "patterns.json"
+    Path(str(busy) + ".lock").mkdir()                         # the runtime holds it
+    manager = aml.BackupManager(aml.Store(root, now=NOW, lock_timeout=0.2))
+    with pytest.raises(aml.RefusedError, match="code-reviewer/patterns.json"):
+        manager.restore(snap.backup_id)
+    assert tree_digest(root, skip_state=True) == mutated    # the lock is an empty folder
 
 
 def test_restore_dry_run_changes_nothing(tmp_path, capsys):
@@ -742,12 +758,17 @@ def test_restore_dry_run_changes_nothing(tmp_path, capsys):
     assert tree_digest(tmp_path / "memory-backup") == repo_before
 
 
-def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+def snapshot_then_mutate(tmp_path):
+    """A store, its snapshot, and the tree digests at the snapshot and after mutate_store."""
     root = build_store(tmp_path / "memory")
     snap = backup_manager(root).create()
-    expected = tree_digest(root, skip_state=True)
+    at_snapshot = tree_digest(root, skip_state=True)
     mutate_store(root)
-    before = tree_digest(root, skip_state=True)
+    return root, snap, at_snapshot, tree_digest(root, skip_state=True)
+
+
+def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_path):
+    root, snap, expected, before = snapshot_then_mutate(tmp_path)
     target = tmp_path / "copy"
     backup_manager(root).restore(snap.backup_id, target=target)
     assert tree_digest(target) == expected and tree_digest(root, skip_state=True) == before
@@ -759,11 +780,7 @@ def test_restore_target_leaves_store_alone_and_needs_force_when_not_empty(tmp_pa
 
 
 def test_restore_agents_restores_only_those(tmp_path):
-    root = build_store(tmp_path / "memory")
-    snap = backup_manager(root).create()
-    original = tree_digest(root, skip_state=True)
-    mutate_store(root)
-    after_mutation = tree_digest(root, skip_state=True)
+    root, snap, original, after_mutation = snapshot_then_mutate(tmp_path)
     backup_manager(root).restore(snap.backup_id, agents=["code-reviewer"])
     now = tree_digest(root, skip_state=True)
     assert now["code-reviewer/patterns.json"] == original["code-reviewer/patterns.json"]
@@ -810,6 +827,59 @@ def test_rotation_keeps_remaining_snapshots_whole_and_frees_space(tmp_path, caps
     assert manager.verify(all_snapshots=True, deep=True).ok
 
 
+def _daily_snapshots(root, days, **config):
+    """One snapshot a day, each after rewriting code-reviewer's patterns with a changed record."""
+    path = root / "code-reviewer" / "patterns.json"
+    for day in range(days):
+        records = read_data(path)
+        records[day % len(records)]["metrics"]["executionCount"] = 1000 + day
+        write_data(path, records, gz=True)
+        backup_manager(root, now=NOW + dt.timedelta(days=day), **config).create()
+
+
+def test_crash_during_rotation_loses_nothing(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz=True)
+    _daily_snapshots(root, 4)
+    manager = backup_manager(root, now=NOW + dt.timedelta(days=40), max_backups=1,
+                             retention_days=0)
+    monkeypatch.setattr(aml, "PACK_REWRITE_DEAD_SHARE", 0.0)   # rewrite every partly-dead pack
+    monkeypatch.setattr(aml._GarbageCollector, "_delete", _boom)  # crash after the new pack
+    packs = len(list(manager.packs.glob("*.idx")))
+    with pytest.raises(OSError):
+        manager.rotate()
+    monkeypatch.undo()
+    assert len(list(manager.packs.glob("*.idx"))) == packs + 1   # rewritten copy committed
+    assert manager.verify(all_snapshots=True, deep=True).ok
+    manager.rotate()
+    assert manager.verify(all_snapshots=True, deep=True).ok and len(manager.snapshot_ids()) == 1
+
+
+def test_item_list_delta_chains_are_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(aml, "MAX_DELTA_DEPTH", 2)
+    root = build_store(tmp_path / "memory", gz=True)
+    _daily_snapshots(root, 5)
+    manager = backup_manager(root)
+    depths = [next(e["depth"] for e in manager.load_manifest(i)["files"]
+                   if e["path"] == "code-reviewer/patterns.json") for i in manager.snapshot_ids()]
+    assert depths == [0, 1, 2, 0, 1]
+    assert manager.verify(all_snapshots=True, deep=True).ok
+
+
+def test_stores_sharing_a_backup_root_never_touch_each_other(tmp_path):
+    vault = tmp_path / "vault"
+    one = build_store(tmp_path / "one" / "memory", gz=True, seed=1)
+    two = build_store(tmp_path / "two" / "memory", gz=True, seed=2)
+    _daily_snapshots(one, 3, backup_root=vault)
+    theirs = backup_manager(two, backup_root=vault, now=NOW + dt.timedelta(days=5)).create()
+    ours = backup_manager(one, backup_root=vault, now=NOW + dt.timedelta(days=60),
+                          retention_days=1, max_backups=1)
+    result = ours.rotate()
+    assert len(result.deleted) == 2 and theirs.backup_id not in result.deleted
+    assert ours.snapshot_at(NOW + dt.timedelta(days=10)) != theirs.backup_id
+    assert ours.verify(all_snapshots=True, deep=True).ok
+    assert ours.list().other_stores == 1
+
+
 def test_rotation_calendar_rules_and_max_backups(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
     for day in range(0, 60, 3):
@@ -835,6 +905,7 @@ def test_rotation_never_deletes_the_newest_verified_snapshot(tmp_path):
 
 def test_auto_follows_the_schedule(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
+    backup_manager(root).create(agents=["code-reviewer"])   # does not count as the store's
     first = backup_manager(root).auto()
     assert first.backup.type is aml.BackupType.FULL
     again = backup_manager(root, now=NOW + dt.timedelta(hours=2)).auto()
@@ -869,6 +940,12 @@ def test_config_file_section_moves_the_backup_root(tmp_path, capsys):
     code, out, _ = run_cli(root, "backup", "list", "--backup-root", tmp_path / "none",
                            capsys=capsys)
     assert code == 0 and "0 snapshots" in out
+
+
+def test_backup_root_inside_the_store_is_refused(tmp_path):
+    root = build_store(tmp_path / "memory")
+    with pytest.raises(aml.UsageError, match="inside the store"):
+        backup_manager(root, backup_root=root / "backups")
 
 
 def test_foreign_backups_are_left_alone_and_permissions_are_private(tmp_path, capsys):
@@ -922,7 +999,8 @@ def test_cli_original_spellings_and_json(tmp_path, capsys):
     code, out, _ = run_cli(root, "backup", "list", "--format", "json", capsys=capsys)
     ids = [s["backup_id"] for s in json.loads(out)["snapshots"]]
     assert code == 0 and ids[0].startswith("full_") and ids[1].startswith("incr_")
-    code, out, _ = run_cli(root, "backup", "verify", ids[0], "--format", "json", capsys=capsys)
+    code, out, _ = run_cli(root, "backup", "verify", "--backup-id", ids[0], "--format", "json",
+                           capsys=capsys)
     assert code == 0 and json.loads(out)["ok"] is True
     assert run_cli(root, "backup", "restore", "--backup-id", ids[0], "-q") == 0
     code, out, _ = run_cli(root, "backup", "verify", "--all", "--deep", capsys=capsys)
@@ -932,6 +1010,19 @@ def test_cli_original_spellings_and_json(tmp_path, capsys):
     code, out, err = run_cli(root, "backup", "auto", "-q", "--now", "2026-11-22T02:00:00Z",
                              capsys=capsys)
     assert code == 0 and out == "" and err == ""
+
+
+def test_cron_line_runs_quietly_and_fails_loudly(tmp_path):
+    root = build_store(tmp_path / "memory", patterns=5)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    argv = [sys.executable, str(HERE / "aml.py"), str(root), "backup", "auto", "-q"]
+    done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    pack = next((tmp_path / "memory-backup" / "aml" / "packs").glob("*.pack"))
+    pack.write_bytes(pack.read_bytes()[:40])
+    argv[-2:] = ["verify", "--all"]
+    done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert done.returncode == 6 and done.stderr.startswith("aml: error:")
 
 
 @pytest.mark.parametrize("text", ['[{"a": 1}, {"b": [2, 3]}]', '[\n  1,\n  "x"\n]\n', "[7]"])
@@ -2543,6 +2634,623 @@ def test_migrate_cli_spellings_and_usage_errors(tmp_path, capsys):
 # =============================================================================
 # 14. Monitoring and alerts
 # =============================================================================
+
+import html.parser
+import http.server
+import re
+import shutil
+import socket
+import fcntl
+import threading
+import zlib
+
+
+def _health(root, *extra, capsys, fmt="json"):
+    """Run ``monitor health`` and return (exit code, parsed JSON or text, stderr)."""
+    code, out, err = run_cli(root, "monitor", "health", "--format", fmt, *extra, capsys=capsys)
+    return code, (json.loads(out) if fmt == "json" else out), err
+
+
+def _check(report, name):
+    return next(c for c in report["checks"] if c["name"] == name)
+
+
+def _record_backup(root, when=None):
+    """Record a verified backup whose manifest exists, as section 8 does."""
+    manifest = root.parent / "memory-backup" / "snap" / "manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("{}")
+    aml.Store(root).record_operation("backup", when or aml.utcnow(), 0.4, {
+        "backup_id": "snap", "type": "full", "verified": True, "manifest": str(manifest),
+        "bytes_added": 10, "files": 3})
+
+
+def _make_healthy(root, hits=90, misses=10):
+    """A real verified backup, a fresh index built by ``optimize index``, a good hit rate."""
+    assert run_cli(root, "backup", "create", "-q") == 0
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    if hits or misses:
+        aml.Store(root).write_state("cache-stats.json",
+                                    {"hits": hits, "misses": misses, "updated": NOW_TEXT})
+
+
+def _file_counts(root):
+    """{agent: {type: {active, inactive}}} counted straight from the files."""
+    counts = {}
+    for agent_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name != "global"
+                            and not p.name.startswith(".")):
+        counts[agent_dir.name] = {}
+        for rtype in ("pattern", "solution", "decision"):
+            path = agent_dir / (rtype + "s.json")
+            recs = read_data(path) if path.exists() else []
+            active = sum(1 for r in recs if r.get("active", True))
+            counts[agent_dir.name][rtype] = {"active": active, "inactive": len(recs) - active,
+                                             "invalid": 0}
+    return counts
+
+
+def test_metrics_counts_equal_records_in_files(store, capsys):
+    rng = random.Random(5)
+    path = store / "code-reviewer" / "patterns.json"
+    recs = read_data(path)
+    for rec in recs[:7]:
+        rec["active"] = False
+    write_data(path, recs, gz=path.read_bytes()[:2] == b"\x1f\x8b")
+    write_data(store / "new-agent" / "decisions.json", [make_decision("new-agent", rng)])
+    code, out, _ = run_cli(store, "monitor", "metrics", "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    got = {a["agent"]: a["records"] for a in doc["agents"]}
+    assert code == 0 and got == _file_counts(store)
+    assert got["code-reviewer"]["pattern"] == {"active": 33, "inactive": 7, "invalid": 0}
+    assert got["new-agent"]["decision"]["active"] == 1
+    assert doc["performance"]["full_load_records"] == 3 * 65 + 1
+    assert doc["performance"]["lookup_ms"] is None or doc["performance"]["lookup_ms"] >= 0
+    assert doc["performance"]["cache_hit_rate"] is None  # no lookups recorded: unknown, not 0
+    assert doc["growth"]["bytes_per_day"] is None and doc["growth"]["samples"] == 0
+    assert doc["performance"]["last_operations"]["prune"]["seconds"] is None
+
+
+def test_metrics_reports_unreadable_file_and_exits_3(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    bad = root / "test-automator" / "solutions.json"
+    bad.write_bytes(bad.read_bytes()[:40])
+    before = tree_digest(root, skip_state=True)
+    code, out, err = run_cli(root, "monitor", "metrics", "--format", "json", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 3 and "test-automator/solutions.json" in err
+    assert doc["unreadable"][0].startswith("test-automator/solutions.json")
+    agent = next(a for a in doc["agents"] if a["agent"] == "test-automator")
+    assert sum(agent["records"]["solution"].values()) == 0 and agent["records"]["pattern"]["active"]
+    assert tree_digest(root, skip_state=True) == before  # only .aml/ was written
+
+
+def test_metrics_growth_and_days_until_limit(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"))
+    code = run_cli(root, "monitor", "metrics", "--now", "2026-11-01T00:00:00Z", capsys=capsys)[0]
+    assert code == 0
+    rng = random.Random(9)
+    path = root / "a1" / "patterns.json"
+    write_data(path, read_data(path) + [make_pattern("a1", rng) for _ in range(20)])
+    code, out, _ = run_cli(root, "monitor", "metrics", "--format", "json",
+                           "--now", "2026-11-11T00:00:00Z", capsys=capsys)
+    doc = json.loads(out)
+    assert doc["growth"]["records_since_previous"] == 20
+    assert doc["growth"]["bytes_since_previous"] > 0
+    growth = doc["growth"]
+    assert growth["bytes_per_day"] == pytest.approx(growth["bytes_since_previous"] / 10)
+    by_subject = {(f["subject"], f["limit"]): f for f in doc["forecasts"]}
+    a1 = by_subject[("a1", "agent_memory_critical_mb")]
+    assert a1["days_until"] > 0
+    assert by_subject[("a2", "agent_memory_critical_mb")]["note"] == "not growing"
+
+
+def test_metrics_history_is_bounded(tmp_path, capsys, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=3, solutions=1, decisions=1)
+    monkeypatch.setattr(aml, "METRICS_HISTORY_MAX", 3)
+    for day in range(1, 6):
+        run_cli(root, "monitor", "metrics", "-q", "--now", "2026-11-0%dT00:00:00Z" % day)
+    samples = aml.Store(root).read_state("metrics-history.json")["samples"]
+    assert [s["at"][:10] for s in samples] == ["2026-11-03", "2026-11-04", "2026-11-05"]
+    run_cli(root, "monitor", "metrics", "-q", "--no-save", "--now", "2026-11-09T00:00:00Z")
+    assert len(aml.Store(root).read_state("metrics-history.json")["samples"]) == 3
+
+
+def test_metrics_times_a_real_indexed_lookup_without_counting_it(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+
+    def performance():
+        out = run_cli(root, "monitor", "metrics", "--format", "json", capsys=capsys)[1]
+        return json.loads(out)
+
+    assert performance()["performance"]["lookup_ms"] is None  # no index yet: unknown
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    doc = performance()
+    assert doc["performance"]["lookup_ms"] > 0 and " via " in doc["performance"]["lookup_note"]
+    assert doc["index_bytes"] == aml.MemoryIndex(aml.Store(root)).size_bytes() > 0
+    assert doc["performance"]["last_operations"]["index"]["seconds"] is not None
+    assert aml.hot_cache_stats(aml.Store(root)) == {"hits": 0, "misses": 0}
+    path = root / "code-reviewer" / "solutions.json"
+    write_data(path, read_data(path)[:-1], gz=True)
+    doc = performance()
+    assert doc["performance"]["lookup_ms"] is None and "stale" in doc["performance"]["lookup_note"]
+
+
+def test_metrics_reads_last_durations_from_history(tmp_path):
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=3, solutions=1, decisions=1)
+    store = aml.Store(root, now=NOW)
+    store.record_operation("prune", NOW - dt.timedelta(days=2), 1.25, {"removed": 4})
+    report = aml.MemoryMonitor(store).metrics(save=False)
+    prune = report.performance.last_operations["prune"]
+    assert prune.seconds == 1.25 and prune.age_days == pytest.approx(2.0)
+    assert report.performance.last_operations["backup"].started is None
+
+
+def test_fresh_store_without_backup_is_warning(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    before = tree_digest(root, skip_state=True)
+    code, doc, _ = _health(root, capsys=capsys)
+    assert code == 1 and doc["status"] == "warning"
+    assert _check(doc, "backup")["status"] == "warning"
+    assert _check(doc, "integrity")["status"] == "healthy"
+    assert {c["name"] for c in doc["checks"]} >= {"structure", "size", "index", "backup",
+                                                  "integrity", "performance", "maintenance"}
+    assert tree_digest(root, skip_state=True) == before
+    assert aml.Store(root).last_operation("health")["summary"]["status"] == "warning"
+
+
+def test_backup_check_needs_a_recent_verified_snapshot_that_exists(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    assert run_cli(root, "backup", "create", "-q") == 0
+    store = aml.Store(root)
+    entry = store.last_operation("backup")
+    backup_id, manifest = entry["summary"]["backup_id"], Path(entry["summary"]["manifest"])
+
+    def backup_status(*extra):
+        return _check(_health(root, *extra, capsys=capsys)[1], "backup")["status"]
+
+    assert backup_status() == "healthy"
+    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": False,
+                                                        "deep": True})
+    assert backup_status() == "warning"  # its latest verify failed
+    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": True,
+                                                        "deep": True})
+    assert backup_status() == "healthy"
+    later = aml.utcnow() + dt.timedelta(days=2)
+    assert backup_status("--now", aml.format_timestamp(later)) == "warning"  # > 36 h
+    later = aml.utcnow() + dt.timedelta(days=8)
+    assert backup_status("--now", aml.format_timestamp(later)) == "critical"  # > 168 h
+    manifest.rename(manifest.with_name("moved"))
+    assert backup_status() == "warning"  # its manifest is gone
+
+
+def test_structure_check_names_stale_locks_leftovers_and_gz_files(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    stale = root / "code-reviewer" / "patterns.json.lock"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    (root / "code-reviewer" / "solutions.json.lock").mkdir()  # fresh: a writer holds it
+    (root / "test-automator" / (".decisions.json" + aml.TMP_MARKER + "1-ab")).write_text("[")
+    (root / "test-automator" / "old.json.gz").write_bytes(gzip.compress(b"[]"))
+    before = tree_digest(root, skip_state=True)
+    code, doc, _ = _health(root, capsys=capsys)
+    structure = _check(doc, "structure")
+    assert structure["status"] == "warning" and _check(doc, "integrity")["status"] == "healthy"
+    assert sorted(p["subject"] for p in structure["problems"]) == [
+        "code-reviewer/patterns.json.lock", "test-automator/.decisions.json.aml-tmp-1-ab",
+        "test-automator/old.json.gz"]
+    assert tree_digest(root, skip_state=True) == before and stale.is_dir()  # reported, not fixed
+
+
+@pytest.mark.parametrize("damage", ["truncated-gzip", "invalid-json", "object-not-array",
+                                    "non-object-element"])
+def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
+    root = build_store(tmp_path / "m", gz=(damage == "truncated-gzip"))
+    bad = root / "code-reviewer" / "decisions.json"
+    if damage == "truncated-gzip":
+        bad.write_bytes(bad.read_bytes()[:50])
+    elif damage == "invalid-json":
+        bad.write_text('[{"id": "x", "active": NaN}]')
+    elif damage == "object-not-array":
+        bad.write_text('{"id": "x"}')
+    else:
+        bad.write_text('[{"id": "x"}, 3]')
+    code, doc, _ = _health(root, capsys=capsys)
+    integrity = _check(doc, "integrity")
+    assert code == 2 and doc["status"] == "critical" and integrity["status"] == "critical"
+    assert "code-reviewer/decisions.json" in integrity["message"]
+    code, line, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 2 and line.startswith("AML CRITICAL - ")
+    assert "code-reviewer/decisions.json" in line
+
+
+NAGIOS_RE = re.compile(r"^AML (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+ \| "
+                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?(;[0-9.]*){0,4}) ?)+$")
+
+
+def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz="mixed")
+    code, out, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 1 and out.count("\n") == 1 and NAGIOS_RE.match(out.rstrip("\n")), out
+    _make_healthy(root)
+    code, out, _ = _health(root, capsys=capsys, fmt="nagios")
+    assert code == 0 and out.startswith("AML OK - 7 checks healthy | "), out
+    assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%" in out
+    assert "store_bytes=" in out and ";838860800;0" in out  # critical = 800 MiB
+    assert re.search(r" lookup_ms=[0-9.]+ms;100;", out) and "stale_index_files=0;" in out
+    # An empty store: no id to look up and no lookups recorded, so performance is unknown.
+    empty = build_store(tmp_path / "empty", patterns=0, solutions=0, decisions=0)
+    _make_healthy(empty, hits=0, misses=0)
+    code, out, _ = _health(empty, capsys=capsys, fmt="nagios")
+    assert code == 3 and out.startswith("AML UNKNOWN - performance: ") and NAGIOS_RE.match(
+        out.rstrip("\n")) and "lookup_ms=U" in out
+
+
+def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
+    code, out, err = run_cli(tmp_path / "missing", "monitor", "health", "--format", "nagios",
+                             capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "does not exist" in err
+
+
+def test_health_plugin_from_cron_like_environment(tmp_path):
+    root = build_store(tmp_path / "m", gz=True)
+    result = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "monitor", "health",
+                             "--format", "nagios"], cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == ""
+    assert result.stdout.startswith("AML WARNING - ") and result.stdout.count("\n") == 1
+
+
+def test_crontab_monitor_lines_run_in_a_cron_environment(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True)
+    _make_healthy(root)
+    jobs = [j for j in _crontab_commands() if "monitor" in j]
+    assert [j[j.index("monitor") + 1] for j in jobs] == ["health", "report", "report"]
+    outputs = []
+    for number, job in enumerate(jobs):
+        _, argv = _aml_args(job)
+        argv[0] = str(root)
+        if "--output" in argv:
+            outputs.append(tmp_path / ("out%d" % number))
+            argv[argv.index("--output") + 1] = str(outputs[-1])
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
+                              env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b""), argv
+    assert "aml_health_overall 0" in _parse_prometheus(outputs[0].read_text())[
+        "aml_health_overall"]
+    assert outputs[1].read_text().startswith("<!DOCTYPE html>")
+
+
+def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
+    assert set(codes.values()) == {1}
+    assert run_cli(root, "monitor", "health", "-q", capsys=capsys)[1].startswith("Health: WARNING")
+
+
+def test_thresholds_from_store_config_aml_config_and_flags(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    config = dict(CONFIG, storage={"maxSizeGb": 2}, performance={"queryTimeoutMs": 50})
+    write_data(root / "config.json", config)
+    store = aml.Store(root)
+    got = aml.resolve_thresholds(store)
+    assert got["global_memory_critical_mb"] == 2048 and got["query_time_warning_ms"] == 50
+    got = aml.resolve_thresholds(store, {"query_time_warning_ms": 70},
+                                 {"agent_memory_warning_mb": 1})
+    assert got["query_time_warning_ms"] == 70 and got["agent_memory_warning_mb"] == 1
+    with pytest.raises(aml.UsageError):
+        aml.resolve_thresholds(store, flags={"agent_memory_warning_mb": 90})  # above critical
+    code, _, err = run_cli(root, "monitor", "health", "--threshold", "nope=1", capsys=capsys)
+    assert code == 3 and "unknown threshold" in err  # health: UNKNOWN, the plugin convention
+    code, _, err = run_cli(root, "monitor", "metrics", "--threshold", "nope=1", capsys=capsys)
+    assert code == 2 and "unknown threshold" in err
+    code, doc, _ = _health(root, "--threshold", "agent_memory_critical_mb=0.01",
+                           "--threshold", "agent_memory_warning_mb=0.005", capsys=capsys)
+    size = _check(doc, "size")
+    assert code == 2 and size["status"] == "critical"
+    assert {p["subject"] for p in size["problems"]} == {"backend-developer", "code-reviewer",
+                                                        "test-automator"}
+
+
+def test_integrity_cache_rechecks_only_changed_files(tmp_path, capsys, monkeypatch):
+    root = build_store(tmp_path / "m", gz="mixed")
+    old = time.time() - 60  # older than the racy window, so the first run caches them
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+    assert _health(root, capsys=capsys)[0] == 1
+    loads = []
+    real = aml.load_json_file
+
+    def counting(path, expect=None):
+        if ".aml" not in Path(path).parts:
+            loads.append(Path(path).relative_to(root).as_posix())
+        return real(path, expect)
+
+    monkeypatch.setattr(aml, "load_json_file", counting)
+    monkeypatch.setattr(aml.Store, "runtime_config", lambda self: {})
+    assert _health(root, capsys=capsys)[0] == 1 and loads == []
+    changed = root / "test-automator" / "patterns.json"
+    write_data(changed, read_data(changed)[:-1])
+    os.utime(changed, (old + 5, old + 5))
+    assert _health(root, capsys=capsys)[0] == 1
+    assert loads == ["test-automator/patterns.json"]
+
+
+def test_read_only_commands_write_only_inside_state_folder(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    before = tree_digest(root)
+    for action in (["metrics"], ["health"], ["alerts", "--all"], ["report"]):
+        run_cli(root, "monitor", *action, capsys=capsys)
+    after = tree_digest(root)
+    assert {k: v for k, v in after.items() if not k.startswith(".aml")} == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_alert_of_a_check_that_cannot_run_is_error_and_not_resolved(tmp_path, capsys,
+                                                                    monkeypatch):
+    root = build_store(tmp_path / "m")
+    _health(root, capsys=capsys)
+
+    def broken(store):
+        raise OSError("index folder unreadable")
+
+    monkeypatch.setattr(aml, "_index_staleness", broken)
+    code, doc, _ = _health(root, capsys=capsys)
+    index = _check(doc, "index")
+    assert code == 1 and index["status"] == "unknown" and not index["ran"]
+    stored = aml.Store(root).read_state("alerts.json")["alerts"]
+    assert stored[aml.alert_id("index", "index")]["state"] == "firing"  # unknown is not cleared
+    assert stored[aml.alert_id("index", "check")]["level"] == "ERROR"
+    assert [a for a in doc["alerts"]["fired"] if a["level"] == "ERROR"][0]["check"] == "index"
+
+
+def test_health_reports_but_skips_state_writes_while_another_run_holds_the_store(tmp_path,
+                                                                                  capsys):
+    root = build_store(tmp_path / "m")
+    (root / ".aml").mkdir()
+    fd = os.open(str(root / ".aml" / "maintenance.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another aml process would (own file description)
+        code, doc, err = _health(root, "--lock-timeout", "0.3", capsys=capsys)
+        metrics = run_cli(root, "monitor", "metrics", "--lock-timeout", "0.3", capsys=capsys)
+    finally:
+        os.close(fd)
+    assert metrics[0] == 0 and "not updated" in metrics[2]
+    assert not (root / ".aml" / "metrics-history.json").exists()
+    assert code == 1 and doc["status"] == "warning" and "not updated" in err
+    assert not (root / ".aml" / "alerts.json").exists()
+    assert aml.Store(root).last_operation("health") is None
+
+
+def _alerts(root, capsys, *extra):
+    code, out, _ = run_cli(root, "monitor", "alerts", "--format", "json", *extra, capsys=capsys)
+    assert code == 0
+    return {a["check"]: a for a in json.loads(out)["alerts"]}
+
+
+def test_alert_raised_twice_is_one_alert_then_resolves(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    _health(root, "--now", "2026-11-20T06:00:00Z", capsys=capsys)
+    _health(root, "--now", "2026-11-21T06:00:00Z", capsys=capsys)
+    backup = _alerts(root, capsys)["backup"]
+    assert backup["count"] == 2 and backup["level"] == "WARNING" and backup["state"] == "firing"
+    assert backup["first_seen"].startswith("2026-11-20") and backup["last_seen"].startswith(
+        "2026-11-21")
+    assert backup["id"] == aml.alert_id("backup", "backup")
+    _record_backup(root, when=aml.parse_timestamp("2026-11-22T05:00:00Z"))
+    code, doc, _ = _health(root, "--now", "2026-11-22T06:00:00Z", capsys=capsys)
+    assert [a["check"] for a in doc["alerts"]["resolved"]] == ["backup"]
+    assert "backup" not in _alerts(root, capsys)
+    resolved = _alerts(root, capsys, "--all")["backup"]
+    assert resolved["state"] == "resolved" and resolved["resolved_by"] == "auto"
+    # Retention: 7 days after resolution the alert is still listed, after 8 it is gone.
+    lenient = ("--threshold", "backup_max_age_hours=1000", "--threshold",
+               "backup_critical_age_hours=1000")
+    _health(root, "--now", "2026-11-29T05:00:00Z", *lenient, capsys=capsys)
+    assert "backup" in _alerts(root, capsys, "--all", "--now", "2026-11-29T05:00:00Z")
+    _health(root, "--now", "2026-11-30T07:00:00Z", *lenient, capsys=capsys)
+    stored = aml.Store(root).read_state("alerts.json")["alerts"]
+    assert aml.alert_id("backup", "backup") not in stored and "index" in _alerts(root, capsys)
+
+
+def test_manual_resolve_and_reopen(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    _health(root, capsys=capsys)
+    alert_key = aml.alert_id("maintenance", "maintenance")
+    code, out, _ = run_cli(root, "monitor", "alerts", "--resolve", alert_key, capsys=capsys)
+    assert code == 0 and "resolved" in out
+    assert _alerts(root, capsys, "--all")["maintenance"]["resolved_by"] == "manual"
+    assert run_cli(root, "monitor", "alerts", "--resolve", "nope-1", capsys=capsys)[0] == 2
+    _health(root, capsys=capsys)  # the condition persists: the alert fires again
+    again = _alerts(root, capsys)["maintenance"]
+    assert again["occurrences"] == 2 and again["count"] == 1
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    """A JSON receiver on 127.0.0.1 in a thread; yields (url, list of payloads)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield "http://127.0.0.1:%d/hook" % server.server_port, server.received
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_webhook_receives_firing_and_resolved(tmp_path, capsys, webhook):
+    url, received = webhook
+    root = build_store(tmp_path / "m")
+    assert _health(root, "--webhook", url, capsys=capsys)[0] == 1
+    fired = sorted(p["alert"]["check"] for p in received if p["event"] == "firing")
+    assert fired == ["backup", "index", "maintenance"]
+    assert all(p["source"] == "aml" and p["alert"]["level"] == "WARNING" for p in received)
+    del received[:]
+    _health(root, "--webhook", url, capsys=capsys)
+    assert received == []  # a persisting condition does not notify again
+    _record_backup(root)
+    _health(root, "--webhook", url, capsys=capsys)
+    assert [(p["event"], p["alert"]["check"]) for p in received] == [("resolved", "backup")]
+    assert received[0]["alert"]["resolved_by"] == "auto"
+
+
+def test_webhook_and_thresholds_from_the_aml_config_file(tmp_path, capsys, webhook):
+    url, received = webhook
+    root = build_store(tmp_path / "m", agents=("solo",))
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_url": url, "webhook_timeout": 2,
+                                              "agent_memory_warning_mb": 0.001}}))
+    code, doc, _ = _health(root, "--config", config, capsys=capsys)
+    assert code == 1 and _check(doc, "size")["problems"][0]["subject"] == "solo"
+    assert ("firing", "size", "solo") in [(p["event"], p["alert"]["check"], p["alert"]["subject"])
+                                          for p in received]
+    config.write_text(json.dumps({"monitor": {"agent_memory_warnign_mb": 1}}))
+    code, _, err = run_cli(root, "monitor", "health", "--config", config, capsys=capsys)
+    assert code == 3 and "agent_memory_warnign_mb" in err
+
+
+def test_unreachable_webhook_does_not_fail_the_run(tmp_path, capsys):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    root = build_store(tmp_path / "m")
+    code, doc, err = _health(root, "--webhook", "http://127.0.0.1:%d/x" % port, capsys=capsys)
+    assert code == 1 and doc["status"] == "warning" and len(doc["alerts"]["fired"]) == 3
+    assert "webhook" in err and "unreachable" in err and "3 notification(s)" in err
+    assert len(_alerts(root, capsys)) == 3
+    code, _, err = run_cli(root, "monitor", "health", "--webhook", "ftp://x", capsys=capsys)
+    assert code == 3 and "http" in err
+
+
+def test_webhook_that_never_answers_times_out(tmp_path, capsys):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # connections queue in the kernel; nobody ever answers
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_timeout": 0.3}}))
+    root = build_store(tmp_path / "m")
+    try:
+        code, doc, err = _health(root, "--config", config, "--webhook",
+                                 "http://127.0.0.1:%d/" % silent.getsockname()[1], capsys=capsys)
+    finally:
+        silent.close()
+    assert code == 1 and "timed out" in err and len(doc["alerts"]["open"]) == 3
+
+
+PROM_LINE = {
+    "help": re.compile(r"^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) .+$"),
+    "type": re.compile(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary|"
+                       r"untyped)$"),
+    "sample": re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)'
+                         r'(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*")'
+                         r'(,[a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*")*\})?'
+                         r' (-?[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?|NaN|[+-]Inf)$'),
+}
+
+
+def _parse_prometheus(text):
+    """Check every line against the exposition format; returns {family: [sample lines]}."""
+    assert text.endswith("\n")
+    families, typed = {}, set()
+    for line in text.splitlines():
+        kind = next((k for k, rx in PROM_LINE.items() if rx.match(line)), None)
+        assert kind is not None, "not exposition format: %r" % line
+        name = PROM_LINE[kind].match(line).group(1)
+        if kind == "type":
+            assert name not in typed
+            typed.add(name)
+            families[name] = []
+        elif kind == "sample":
+            assert name in typed and name.startswith("aml_"), line
+            families[name].append(line)
+    return families
+
+
+def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", 'we"ird\\agent'), gz="mixed")
+    code, out, _ = run_cli(root, "monitor", "metrics", "--format", "prometheus", capsys=capsys)
+    families = _parse_prometheus(out)
+    assert code == 0 and 'aml_records{agent="we\\"ird\\\\agent",type="pattern",state="active"} 40' \
+        in families["aml_records"]
+    assert "aml_cache_hit_ratio" not in families  # unknown is left out, never a made-up 0
+    target = tmp_path / "textfile" / "aml.prom"
+    target.parent.mkdir()
+    code, out, _ = run_cli(root, "monitor", "report", "--format", "prometheus", "--output", target,
+                           capsys=capsys)
+    families = _parse_prometheus(target.read_text())
+    assert code == 0 and out == "" and os.listdir(target.parent) == ["aml.prom"]
+    assert families["aml_health_overall"] == ["aml_health_overall 1"]
+    assert 'aml_health_status{check="backup"} 1' in families["aml_health_status"]
+
+
+class _HtmlCollector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend(attrs)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _html_report(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2<b>"))
+    for day in (1, 5):
+        run_cli(root, "monitor", "metrics", "-q", "--now", "2026-11-%02dT00:00:00Z" % day)
+    _health(root, capsys=capsys)
+    target = tmp_path / "report.html"
+    assert run_cli(root, "monitor", "report", "--format", "html", "--output", target,
+                   capsys=capsys)[0] == 0
+    return target
+
+
+def test_html_report_is_self_contained(tmp_path, capsys):
+    target = _html_report(tmp_path, capsys)
+    parser = _HtmlCollector()
+    parser.feed(target.read_text())
+    assert {"script", "link", "img", "iframe"}.isdisjoint(parser.tags)
+    assert not [v for k, v in parser.attrs if k in ("src", "href") and v]
+    assert parser.tags.count("svg") == 2 and parser.tags.count("polyline") == 4  # 2 charts x 2
+    text = " ".join(parser.text)
+    assert "a2<b>" in text and "no verified backup yet" in text and "backup-" in text
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="headless chromium is not installed")
+def test_html_report_renders_in_headless_chromium(tmp_path, capsys):
+    target = _html_report(tmp_path, capsys)
+    shot = tmp_path / "shot.png"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--user-data-dir=%s" % (tmp_path / "profile"),
+                    "--window-size=1200,1400", "--screenshot=%s" % shot, target.as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels, offset = b"", 8
+    while offset < len(data):  # concatenate the IDAT chunks: a blank page has ~1 byte value
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        if data[offset + 4:offset + 8] == b"IDAT":
+            pixels += data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    assert len(set(zlib.decompress(pixels))) > 50
 
 
 # =============================================================================
