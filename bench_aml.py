@@ -880,15 +880,29 @@ with open(sys.argv[1], "w") as out:
 
 PROCESS_TIMEOUT = 3600    # seconds; a hung command is killed and reported (exit -9)
 
+# Profiles import aml as a module named "aml" (not run as __main__), so a process pool in aml
+# can still pickle its worker functions by reference.
+_PROFILE_DRIVER = """
+import cProfile, importlib.util, sys
+spec = importlib.util.spec_from_file_location("aml", sys.argv[1])
+aml = importlib.util.module_from_spec(spec)
+sys.modules["aml"] = aml
+spec.loader.exec_module(aml)
+profiler = cProfile.Profile()
+code = profiler.runcall(aml.main, sys.argv[3:])
+profiler.dump_stats(sys.argv[2])
+sys.exit(code)
+"""
+
 
 def run_process(argv: Sequence[str], cwd: Optional[Path] = None,
-                env: Optional[Dict[str, str]] = None) -> Run:
+                env: Optional[Dict[str, str]] = None, timeout: Optional[float] = None) -> Run:
     """Run argv to completion with stdout/stderr to temp files; time it and read its peak RSS."""
     import tempfile
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r", suffix=".rusage") as figures:
         subprocess.run([sys.executable, "-S", "-c", _WRAPPER, figures.name,
-                        str(PROCESS_TIMEOUT)] + list(argv),
+                        str(int(timeout or PROCESS_TIMEOUT))] + list(argv),
                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                        cwd=str(cwd) if cwd else None, env=env, check=False)
         text = figures.read().split()
@@ -1219,26 +1233,26 @@ class Bench:
             result["extra"] = extras[-1]
             self.compare(op, result, extras)
             if self.opts.profile_misses and result.get("target", {}).get("status") == "MISS":
-                result["profile"] = self.profile(op)
+                result["profile"] = self.profile(op, result["median"])
         return result
 
-    def profile(self, op: "Op", top: int = 12) -> List[str]:
+    def profile(self, op: "Op", median: float, top: int = 12) -> List[str]:
         """One more run under cProfile: the functions that take the time (own time first)."""
         import pstats
         ctx = op.setup(self, self.runs)
         out = self.work / "profile.out"
-        self.aml_profiled(out, ctx["store"], *op.args(self, ctx))
+        run = run_process([sys.executable, "-c", _PROFILE_DRIVER, str(self.opts.aml), str(out),
+                           str(ctx["store"])] + op.args(self, ctx), cwd=self.work,
+                          timeout=max(120, 10 * median))
+        if not out.is_file():
+            return ["profile run did not finish (exit %d)" % run.code]
         stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
         rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
         total = sum(v[2] for v in stats.values()) or 1.0
-        return ["%5.1f %% own %7.3f s, cumulative %7.3f s  %s (%s:%d)" % (
+        lines = ["%5.1f %% own %7.3f s, cumulative %7.3f s  %s (%s:%d)" % (
             100 * tt / total, tt, ct, func, Path(path).name, line)
             for (path, line, func), (_, _, tt, ct, _) in rows]
-
-    def aml_profiled(self, out: Path, store: Path, *args: str) -> Run:
-        """Run aml.py under cProfile, writing the stats to ``out``."""
-        return run_process([sys.executable, "-m", "cProfile", "-o", str(out), str(self.opts.aml),
-                            str(store)] + list(args), cwd=self.work)
+        return lines + ["(parent process only: time spent in worker processes is not shown)"]
 
     def compare(self, op: "Op", result: Dict[str, Any], extras: List[Dict[str, Any]]) -> None:
         """Ratios to the floor, the nearest tool and the original claim; the target verdict."""
