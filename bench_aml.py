@@ -1252,7 +1252,7 @@ class Bench:
         lines = ["%5.1f %% own %7.3f s, cumulative %7.3f s  %s (%s:%d)" % (
             100 * tt / total, tt, ct, func, Path(path).name, line)
             for (path, line, func), (_, _, tt, ct, _) in rows]
-        return lines + ["(parent process only: time spent in worker processes is not shown)"]
+        return lines + ["(this process only: time in worker processes aml starts is not shown)"]
 
     def compare(self, op: "Op", result: Dict[str, Any], extras: List[Dict[str, Any]]) -> None:
         """Ratios to the floor, the nearest tool and the original claim; the target verdict."""
@@ -1467,10 +1467,17 @@ def _restore_target(b: Bench, r: Dict[str, Any]) -> Tuple[str, Optional[bool]]:
 
 
 def _verify_target(b: Bench, r: Dict[str, Any]) -> Tuple[str, Optional[bool]]:
+    """Verify hashes the snapshot's content: compare with SHA-256 over the store's bytes.
+
+    The repository's own bytes are smaller (compressed, deduplicated); their SHA-256 time is
+    given too, as the stricter reading of the target."""
+    repo = b.floor_seconds("sha256 of backup repo")
+    text = ">= half SHA-256 throughput (%s; %s the repository's stored bytes)" % (
+        "%.2fx the store's bytes" % r["floor"]["ratio"] if "floor" in r else "?",
+        "%.0fx" % (r["median"] / repo) if repo else "?")
     if "floor" not in r:
-        return (">= half SHA-256 throughput", None)
-    return (">= half SHA-256 throughput (%.2fx floor)" % r["floor"]["ratio"],
-            r["floor"]["ratio"] <= 2.0)
+        return (text, None)
+    return (text, r["floor"]["ratio"] <= 2.0)
 
 
 def _compress_target(b: Bench, r: Dict[str, Any]) -> Tuple[str, Optional[bool]]:
@@ -1540,7 +1547,7 @@ def _backup_and_monitor_ops() -> List[Op]:
            _fresh("prune-safety"), floor=REWRITE_FLOOR,
            after=_rewrite_after),
         Op("backup verify", ("backup", "verify"), lambda b, c: ["backup", "verify", c["id"]],
-           _with_snapshot, floor="sha256 of backup repo", claim=CLAIMS["verify"],
+           _with_snapshot, floor="sha256", claim=CLAIMS["verify"],
            target=_verify_target),
         Op("backup verify --deep", ("backup", "verify"),
            lambda b, c: ["backup", "verify", c["id"], "--deep"], _with_snapshot,
