@@ -22,24 +22,37 @@ Store layout (a ``.json`` file may hold gzip bytes; aml decides by content)::
 
 Typical commands::
 
-    aml.py .loom/memory prune --dry-run
+    aml.py .loom/memory monitor health                 # first look: 0 ok, 1 warn, 2 crit, 3 unknown
+    aml.py .loom/memory backup create                  # verified snapshot in .loom/memory-backup/
+    aml.py .loom/memory prune --dry-run                # what would go, and why
     aml.py .loom/memory prune time_based performance_based
-    aml.py .loom/memory prune --undo RUN_ID
+    aml.py .loom/memory prune --undo RUN_ID            # put a run's removed records back
+    aml.py .loom/memory optimize all                   # gc, compress cold files, index, warm cache
+    aml.py .loom/memory search --tag database --min-confidence 0.7
+    aml.py .loom/memory get RECORD_ID
+    aml.py .loom/memory backup restore ID --target /tmp/check
+    aml.py .loom/memory migrate detect
+    aml.py .loom/memory migrate migrate-latest --dry-run
+    aml.py .loom/memory monitor report --format html --output report.html
 
-Cron (weekly prune, Sunday 3 a.m.; quiet on success)::
+Cron (see crontab.example; quiet on success, one error line and non-zero on failure)::
 
-    0 3 * * 0  python3 /path/to/aml.py /path/to/.loom/memory prune --quiet
+    0 2 * * *  python3 /path/to/aml.py /path/to/.loom/memory backup auto -q
+    0 3 * * 0  python3 /path/to/aml.py /path/to/.loom/memory prune -q
+    0 6 * * *  python3 /path/to/aml.py /path/to/.loom/memory monitor health -q
 
 Exit codes::
 
     0  success
-    1  the operation failed
+    1  the operation failed (or: nothing found for get/search of an unknown id or agent)
     2  usage error (bad arguments, missing memory path)
     3  finished, but some files could not be read and were skipped
-    4  refused by a safety guard (mass deletion, missing backup, ...)
+    4  refused by a safety guard (mass deletion, failed safety backup, ...)
     5  store busy: a lock stayed held past the wait limit
     6  integrity failure (a backup or state file does not verify)
     130 interrupted
+    monitor health follows the monitoring-plugin convention instead:
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
 
 Section map (``grep -n '^# [0-9]*\\. ' aml.py``)::
 
@@ -344,9 +357,29 @@ def _json_kind(kind: type) -> str:
 
 def encode_json(obj: Any, fmt: FileFormat) -> bytes:
     """Serialize ``obj`` in the given format (gzip stays gzip, plain stays plain)."""
-    text = runtime_json(obj) + ("\n" if fmt.trailing_newline else "")
-    data = (UTF8_BOM if fmt.bom else b"") + text.encode("utf-8")
+    chunks = [UTF8_BOM] if fmt.bom else []
+    chunks.extend(_runtime_json_chunks(obj))
+    if fmt.trailing_newline:
+        chunks.append(b"\n")
+    data = b"".join(chunks)
+    del chunks
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if fmt.gzip else data
+
+
+def _runtime_json_chunks(obj: Any) -> List[bytes]:
+    """runtime_json(obj) as UTF-8, an array one element at a time: the same bytes, without
+    the whole-document chunk list json.dumps(indent=2) builds (about 6x the file's size).
+    Every newline in JSON text is structural (strings escape theirs), so indenting an
+    element's own text by two spaces gives exactly its text inside the array."""
+    if not isinstance(obj, list) or not obj:
+        return [runtime_json(obj).encode("utf-8")]
+    chunks = [b"[\n  "]
+    for n, item in enumerate(obj):
+        if n:
+            chunks.append(b",\n  ")
+        chunks.append(runtime_json(item).replace("\n", "\n  ").encode("utf-8"))
+    chunks.append(b"\n]")
+    return chunks
 
 
 def fsync_dir(directory: Path) -> None:
@@ -989,11 +1022,28 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
     return payload
 
 
-class Archive:
-    """Removed records, one checksummed file per run in ``.aml/archive/``; undo puts them back.
+ARCHIVE_PART_FORMAT = "aml-archive-part-1"
+# A part is this head, then the payload exactly as its sha256 was computed, then "}".
+_PART_HEAD = re.compile(br'\{"format": "%s", "sha256": "([0-9a-f]{64})", "payload": '
+                        % ARCHIVE_PART_FORMAT.encode("ascii"))
 
-    Entries are written *before* records leave their data files, so a crash between the two
-    leaves a record in both places (undo skips ids that are present), never in neither.
+
+def archived_record_text(record: Any) -> str:
+    """A record as compact JSON in its own key order: what an archive part keeps, so a put-back
+    record reads exactly as it did (state files sort keys, this text does not)."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class Archive:
+    """Removed records of each run, written *before* they leave their data files.
+
+    Layout: ``.aml/archive/<run_id>/manifest.json`` (checksummed: run_id, operation, created,
+    status ``writing`` then ``complete``, counts, undone) and ``part-NNNN.json.gz`` files, each
+    the gzip of ``{"format", "sha256" (of the payload), "payload": {"run_id", "part",
+    "entries"}}``. An entry keeps its record once, as ``record_text``; reading gives ``record``
+    back in its original key order. Runs of the old layout (``<run_id>.json``) are still read.
+    A crash between a part and its file's rewrite leaves a record in both places (undo skips
+    ids that are present), never in neither.
     """
 
     def __init__(self, store: Store):
@@ -1001,40 +1051,150 @@ class Archive:
         self.folder = store.state_dir / "archive"
 
     def path_for(self, run_id: str) -> Path:
-        """The archive file of one run; raises UsageError for an id that is not a plain name."""
+        """The folder of one run; raises UsageError for an id that is not a plain name."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_id or "") or run_id.startswith("."):
             raise UsageError("invalid run id %r" % run_id)
-        return self.folder / (run_id + ".json")
+        return self.folder / run_id
 
-    def save(self, run_id: str, operation: str, entries: List[Dict[str, Any]]) -> Path:
-        """Persist the removed records of one run (each entry: agent, file, reason, record...)."""
+    def _legacy_path(self, run_id: str) -> Path:
+        return self.path_for(run_id).with_name(run_id + ".json")
+
+    def begin(self, run_id: str, operation: str) -> Path:
+        """Create the run's folder and its manifest (status ``writing``)."""
         self.store.ensure_state_dir()
         self.folder.mkdir(mode=0o700, exist_ok=True)
-        path = self.path_for(run_id)
-        write_checksummed(path, {"run_id": run_id, "operation": operation,
-                                 "created": format_timestamp(self.store.now),
-                                 "entries": entries, "undone": None})
+        folder = self.path_for(run_id)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        write_checksummed(folder / "manifest.json", {
+            "run_id": run_id, "operation": operation, "created": format_timestamp(self.store.now),
+            "status": "writing", "counts": {}, "undone": None})
+        return folder
+
+    def write_part(self, run_id: str, number: int, entries: List[Dict[str, Any]]) -> Path:
+        """Write (or atomically replace) part ``number`` of a run begun with ``begin``."""
+        payload = {"run_id": run_id, "part": number,
+                   "entries": [_compact_entry(e) for e in entries]}
+        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        text = '{"format": "%s", "sha256": "%s", "payload": %s}' % (
+            ARCHIVE_PART_FORMAT, sha256_hex(body.encode("utf-8")), body)
+        path = self.path_for(run_id) / ("part-%04d.json.gz" % number)
+        atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), 6, mtime=0), mode=0o600)
         return path
 
-    def load(self, run_id: str) -> Dict[str, Any]:
-        """One run's archive; raises UsageError if absent, IntegrityError if corrupt."""
-        payload = read_checksummed(self.path_for(run_id))
+    def drop_part(self, run_id: str, number: int) -> None:
+        """Remove a part whose records stayed in their file after all."""
+        folder = self.path_for(run_id)
+        with contextlib.suppress(FileNotFoundError):
+            (folder / ("part-%04d.json.gz" % number)).unlink()
+            fsync_dir(folder)
+
+    def finish(self, run_id: str, counts: Dict[str, int]) -> None:
+        """Mark a run's archive complete, with its counts."""
+        manifest = self.manifest(run_id)
+        manifest.update(status="complete", counts=counts)
+        write_checksummed(self.path_for(run_id) / "manifest.json", manifest)
+
+    def save(self, run_id: str, operation: str, entries: List[Dict[str, Any]]) -> Path:
+        """Persist the removed records of a small run as one part (entries per contracts.md)."""
+        folder = self.begin(run_id, operation)
+        self.write_part(run_id, 1, entries)
+        self.finish(run_id, {"entries": len(entries), "parts": 1})
+        return folder
+
+    def manifest(self, run_id: str) -> Dict[str, Any]:
+        """A run's manifest (entries not included); raises UsageError/IntegrityError."""
+        payload = read_checksummed(self.path_for(run_id) / "manifest.json")
         if payload is None:
-            raise UsageError("no archived run %r in %s" % (run_id, self.folder))
+            payload = read_checksummed(self._legacy_path(run_id))
+            if payload is None:
+                raise UsageError("no archived run %r in %s" % (run_id, self.folder))
+            payload = {k: v for k, v in payload.items() if k != "entries"}
+            payload.update(status="complete", legacy=True)
+        return payload
+
+    def part_names(self, run_id: str) -> List[str]:
+        """The run's part file names in writing order (``""`` names an old single-file run)."""
+        folder = self.path_for(run_id)
+        if not folder.is_dir():
+            return [""] if self._legacy_path(run_id).exists() else []
+        names = [p.name for p in folder.glob("part-*.json.gz")]
+        return sorted(names, key=lambda n: (len(n), n))  # part-10000 after part-9999
+
+    def read_part(self, run_id: str, name: str, records: bool = True) -> List[Dict[str, Any]]:
+        """The entries of one part, each with ``record`` (without it, and unparsed, when
+        ``records`` is False); raises IntegrityError if the part does not verify."""
+        if name == "":
+            entries = read_checksummed(self._legacy_path(run_id), {}).get("entries", [])
+            return [_legacy_entry(e) for e in entries]
+        path = self.path_for(run_id) / name
+        try:
+            data = gzip.decompress(path.read_bytes())
+            head = _PART_HEAD.match(data)
+            if not head or not data.endswith(b"}"):
+                raise ValueError("not an %s document" % ARCHIVE_PART_FORMAT)
+            body = memoryview(data)[head.end():-1]
+            ok = head.group(1).decode("ascii") == hashlib.sha256(body).hexdigest()
+            entries = parse_json_text(str(body, "utf-8"))["entries"] if ok else []
+            del body, data
+            entries = [_full_entry(e) if records else e for e in entries]
+        except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError("%s: unreadable archive part (%s)" % (path, exc)) from None
+        if not ok:
+            raise IntegrityError("%s: checksum mismatch" % path)
+        return entries
+
+    def load(self, run_id: str) -> Dict[str, Any]:
+        """A run's manifest plus all its ``entries`` (for small runs; big ones: read_part)."""
+        payload = self.manifest(run_id)
+        payload["entries"] = [e for name in self.part_names(run_id)
+                              for e in self.read_part(run_id, name)]
         return payload
 
     def runs(self) -> List[str]:
         """Archived run ids, oldest first."""
         if not self.folder.is_dir():
             return []
-        return sorted(p.stem for p in self.folder.glob("*.json") if not p.name.startswith("."))
+        names = {p.name for p in self.folder.iterdir() if (p / "manifest.json").is_file()}
+        names.update(p.stem for p in self.folder.glob("*.json"))
+        return sorted(n for n in names if not n.startswith("."))
 
     def mark_undone(self, run_id: str, when: _dt.datetime) -> None:
-        """Record that a run was undone (its entries stay, for the record)."""
-        payload = self.load(run_id)
+        """Record that a run was undone (its parts stay, for the record)."""
+        path = self.path_for(run_id) / "manifest.json"
+        if not path.exists():
+            path = self._legacy_path(run_id)
+        payload = read_checksummed(path)
         payload["undone"] = format_timestamp(when)
-        write_checksummed(self.path_for(run_id), payload)
+        write_checksummed(path, payload)
 
+
+def _compact_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """An entry as a part stores it: the record once, as text in its own key order."""
+    if "record_text" in entry and "record" not in entry:
+        return entry
+    compact = {k: v for k, v in entry.items() if k != "record"}
+    compact["record_text"] = archived_record_text(entry.get("record"))
+    return compact
+
+
+def _full_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored entry with ``record`` parsed back from its text (key order kept)."""
+    full = {k: v for k, v in entry.items() if k != "record_text"}
+    full["record"] = parse_json_text(entry["record_text"])
+    return full
+
+
+def _legacy_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """An old-layout entry (``record``, maybe ``record_text``) with its record in original
+    key order when the text agrees."""
+    full = {k: v for k, v in entry.items() if k != "record_text"}
+    text = entry.get("record_text")
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            ordered = parse_json_text(text)
+            if ordered == entry.get("record"):
+                full["record"] = ordered
+    return full
 
 # =============================================================================
 # 8. Backup and restore
@@ -3991,6 +4151,7 @@ def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Ver
 class PrunedRecord:
     """One record a run removed (or, in a dry run, would remove)."""
 
+    __slots__ = ("agent", "file", "type", "id", "index", "reason", "details")  # one per removal
     agent: str
     file: str
     type: str
@@ -4049,60 +4210,127 @@ class PruneResult:
 
 
 # -- planning -------------------------------------------------------------------
+# A plan keeps compact per-record facts (sizes, positions and, for space_based, value,
+# activity, protection and a short content digest), never the records: memory is bounded by
+# the largest file plus a few bytes per record, however many files the store has.
+
+import array  # noqa: E402
+import heapq  # noqa: E402
+
+
+@dataclasses.dataclass
+class _Removal:
+    """One planned removal: why, the values that triggered it, and the id seen at planning
+    (``id_known`` is False for space_based picks until the file is read again)."""
+
+    __slots__ = ("reason", "details", "id", "id_known")
+    reason: PruneReason
+    details: Dict[str, Any]
+    id: Optional[str]
+    id_known: bool
+
+
+@dataclasses.dataclass
+class _SpaceFacts:
+    """What space_based ranks a file's records by: value, last activity, protection, digest."""
+
+    values: "array.array[float]"
+    activity: "array.array[float]"
+    protected: bytearray
+    marks: bytearray  # 8 bytes a record: blake2b of its compact JSON, to find it again
+
+    def mark(self, index: int) -> bytes:
+        """The content digest of one record."""
+        return bytes(self.marks[8 * index:8 * index + 8])
+
+    def keep(self, kept: List[int]) -> "_SpaceFacts":
+        """The facts of the kept records only."""
+        return _SpaceFacts(array.array("d", (self.values[i] for i in kept)),
+                           array.array("d", (self.activity[i] for i in kept)),
+                           bytearray(self.protected[i] for i in kept),
+                           bytearray(b"".join(self.mark(i) for i in kept)))
+
 
 @dataclasses.dataclass
 class _FilePlan:
-    """One record file as planned: its content, facts and the positions chosen for removal."""
+    """One record file as planned: compact facts per record and the removals chosen."""
 
     data_file: DataFile
     rel: str
-    records: List[Any]
-    fmt: FileFormat
-    disk_bytes: int
-    facts: List[RecordFacts] = dataclasses.field(default_factory=list)
-    positions: List[int] = dataclasses.field(default_factory=list)
-    removals: Dict[int, Verdict] = dataclasses.field(default_factory=dict)
+    disk_bytes: int = 0
+    digest: str = ""  # sha256 of the content as planned (compact JSON), to notice changes
+    sizes: "array.array[int]" = dataclasses.field(default_factory=lambda: array.array("q"))
+    positions: "array.array[int]" = dataclasses.field(default_factory=lambda: array.array("q"))
+    removals: Dict[int, _Removal] = dataclasses.field(default_factory=dict)
+    space: Optional[_SpaceFacts] = None
+    part: int = 0  # archive part holding this round's removals (0: none yet)
+    pending: List[PrunedRecord] = dataclasses.field(default_factory=list)
     ratio: Optional[float] = None
+
+    @property
+    def count(self) -> int:
+        """Records in the file as planned."""
+        return len(self.sizes)
 
     def estimate(self, index: int) -> float:
         """Estimated on-disk bytes of one record: its compact JSON size times the file's
         bytes-on-disk per compact byte (which covers both indentation and gzip)."""
-        if self.ratio is None:  # computed on first use: it serializes the whole file
-            compact = len(_ordered_text(self.records).encode("utf-8")) or 1
+        if self.ratio is None:
+            compact = (sum(self.sizes) + max(self.count - 1, 0) + 2) or 1
             self.ratio = self.disk_bytes / compact
-        return len(_ordered_text(self.records[index]).encode("utf-8")) * self.ratio
+        return self.sizes[index] * self.ratio
 
     def removed_estimate(self) -> float:
         """Estimated bytes the planned removals free."""
         return sum(self.estimate(i) for i in self.removals)
 
-
-def _new_file_plan(store: Store, data_file: DataFile, records: List[Any],
-                   fmt: FileFormat) -> _FilePlan:
-    plan = _FilePlan(data_file=data_file, rel=data_file.path.relative_to(store.root).as_posix(),
-                     records=records, fmt=fmt, disk_bytes=data_file.path.stat().st_size)
-    _refresh_plan(plan, records, list(range(len(records))))
-    return plan
-
-
-def _refresh_plan(plan: _FilePlan, records: List[Any], positions: List[int]) -> None:
-    """Point a plan at new content (after a write or a change by the runtime)."""
-    plan.records, plan.positions, plan.removals = records, positions, {}
-    rtype = plan.data_file.rtype
-    plan.facts = [record_facts(rtype, r) for r in records]
-    plan.ratio = None
-    with contextlib.suppress(OSError):
-        plan.disk_bytes = plan.data_file.path.stat().st_size
+    def keep_only(self, kept: List[int]) -> None:
+        """After a write: the plan describes just the kept records."""
+        self.sizes = array.array("q", (self.sizes[i] for i in kept))
+        self.positions = array.array("q", (self.positions[i] for i in kept))
+        self.space = self.space.keep(kept) if self.space is not None else None
+        self.removals, self.ratio, self.part, self.pending = {}, None, 0, []
+        with contextlib.suppress(OSError):
+            self.disk_bytes = self.data_file.path.stat().st_size
 
 
-def _keep_only(plan: _FilePlan, kept: List[int]) -> None:
-    """After a write: the plan holds just the kept records (their facts are unchanged)."""
-    plan.records = [plan.records[i] for i in kept]
-    plan.facts = [plan.facts[i] for i in kept]
-    plan.positions = [plan.positions[i] for i in kept]
-    plan.removals, plan.ratio = {}, None
-    with contextlib.suppress(OSError):
-        plan.disk_bytes = plan.data_file.path.stat().st_size
+def _measure(records: List[Any], marks: Optional[bytearray] = None
+             ) -> Tuple["array.array[int]", str]:
+    """Compact JSON size of each record and the sha256 of the whole array's compact JSON;
+    appends each record's 8-byte digest to ``marks`` when given."""
+    sizes, whole = array.array("q"), hashlib.sha256(b"[")
+    for n, record in enumerate(records):
+        text = archived_record_text(record).encode("utf-8")
+        sizes.append(len(text))
+        whole.update(b"," + text if n else text)
+        if marks is not None:
+            marks += hashlib.blake2b(text, digest_size=8).digest()
+    whole.update(b"]")
+    return sizes, whole.hexdigest()
+
+
+def _digest(records: List[Any]) -> str:
+    """The sha256 of an array's compact JSON, as _measure computes it, serialized a slice
+    at a time (C speed, and never the whole file's text at once)."""
+    whole = hashlib.sha256(b"[")
+    for start in range(0, len(records), 256):
+        text = archived_record_text(records[start:start + 256])[1:-1]
+        whole.update((b"," if start else b"") + text.encode("utf-8"))
+    whole.update(b"]")
+    return whole.hexdigest()
+
+
+def _moment(when: Optional[_dt.datetime]) -> float:
+    return when.timestamp() if when is not None else float("-inf")
+
+
+def _space_order(plan: _FilePlan, n: int) -> Iterator[Tuple[float, float, int, int]]:
+    """A file's space candidates, lowest value (then oldest) first, as (value, time, n, i)."""
+    facts = plan.space
+    order = array.array("q", sorted(
+        (i for i in range(plan.count) if i not in plan.removals and not facts.protected[i]),
+        key=lambda i: (facts.values[i], facts.activity[i])))
+    return ((facts.values[i], facts.activity[i], n, i) for i in order)
 
 
 def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
@@ -4144,23 +4372,30 @@ def _strategies(names: Optional[Iterable[Any]]) -> List[PruneStrategy]:
     return list(dict.fromkeys(chosen))
 
 
-_EPOCH = _dt.datetime(1, 1, 1, tzinfo=_dt.timezone.utc)
-
-
 @dataclasses.dataclass
 class _Run:
-    """The state of one run: its plans, archive entries written and pending, and its result."""
+    """The state of one run: its plans, what was applied per agent, and its result."""
 
     result: PruneResult
     plans: List[_FilePlan]
     strategies: List[PruneStrategy]
     force: bool = False
-    applied: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-    pending: Dict[str, List[Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    applied: Dict[str, int] = dataclasses.field(default_factory=dict)
+    parts: int = 0  # archive parts numbered so far
+
+    @property
+    def space(self) -> bool:
+        """Whether space_based is one of the run's strategies."""
+        return PruneStrategy.SPACE_BASED in self.strategies
 
 
 class MemoryPruner:
-    """Plans and runs pruning of a store with the thresholds of a PruneConfig."""
+    """Plans and runs pruning of a store with the thresholds of a PruneConfig.
+
+    Planning streams the store one file at a time and keeps compact facts; a real run then
+    archives every file's removals (one archive part per file), and only then rewrites the
+    files one by one under their locks, re-planning a file the runtime changed meanwhile.
+    """
 
     def __init__(self, store: Store, config: Optional[PruneConfig] = None):
         self.store = store
@@ -4175,6 +4410,7 @@ class MemoryPruner:
         A plan the mass-deletion guard would refuse has ``refused`` set. Raises UsageError.
         """
         run = self._prepare(_strategies(strategies), agents, dry_run=True)
+        self._describe(run)
         run.result.refused = self._guard_message(run)
         if not pruning_enabled(self.store):
             run.result.findings.append({"problem": "%s says pruning.enabled=false: a real run "
@@ -4208,80 +4444,110 @@ class MemoryPruner:
         message = self._guard_message(run)
         if message and not force:
             raise RefusedError(message)
-        run.result.removed = []
         if any(p.removals for p in run.plans):
             if self.config.create_backup:
                 run.result.backup_id = safety_backup(self.store, "before %s" % run.result.run_id)
             self._apply(run)
-            if PruneStrategy.SPACE_BASED in strategies:
+            if run.space:
                 self._space_rounds(run)
+        if run.parts:
+            archive = Archive(self.store)
+            archive.finish(run.result.run_id, {"entries": len(run.result.removed),
+                                               "parts": len(archive.part_names(run.result.run_id))})
         self._measure_after(run)
         self.store.record_operation("prune", started, time.monotonic() - clock,
                                     self._history_summary(run.result))
         return run.result
 
     def _apply(self, run: _Run) -> None:
-        """Archive every planned removal, then rewrite each file without those records."""
+        """Archive every file's planned removals (a part each), then rewrite the files."""
         todo = [p for p in run.plans if p.removals]
         if not todo:
             return
+        if not run.parts:
+            run.result.archive = str(Archive(self.store).begin(run.result.run_id, "prune"))
         for plan in todo:
-            run.pending[plan.rel] = self._entries(plan)
-        self._save_archive(run)
-        if any(r == PruneReason.MEMORY_LIMIT_EXCEEDED for p in todo for r, _ in p.removals.values()):
+            self._archive_file(run, plan)
+        if any(r.reason is PruneReason.MEMORY_LIMIT_EXCEEDED
+               for p in todo for r in p.removals.values()):
             run.result.space_iterations += 1
         for plan in todo:
-            self._apply_file(run, plan)
+            if plan.removals:
+                self._apply_file(run, plan)
 
-    def _apply_file(self, run: _Run, plan: _FilePlan) -> None:
+    def _archive_file(self, run: _Run, plan: _FilePlan) -> None:
+        """Write the archive part of one file's removals, from its current content."""
         try:
-            with self.store.rewrite(plan.data_file.path) as job:
-                if job.data != plan.records:
-                    self._replan_file(run, plan, job.data)
-                kept = [i for i in range(len(plan.records)) if i not in plan.removals]
-                job.data = [plan.records[i] for i in kept]
-                job.changed = bool(plan.removals)
-        except (StoreBusyError, CorruptFileError) as exc:
-            run.plans.remove(plan)  # left alone for the rest of the run, space rounds included
+            records, _ = self.store.load_records(plan.data_file)
+        except CorruptFileError as exc:
             self._drop_file(run, plan, exc)
             return
-        plan.fmt = job.fmt
-        entries = run.pending.pop(plan.rel, [])
-        run.applied.extend(entries)
-        run.result.removed.extend(_pruned_record(e) for e in entries)
-        _keep_only(plan, kept)
+        if _digest(records) != plan.digest:
+            self._replan_file(run, plan, records)
+        self._write_part(run, plan, records)
+
+    def _write_part(self, run: _Run, plan: _FilePlan, records: List[Any]) -> None:
+        """(Re)write the file's archive part for its current removals (drop it when none)."""
+        archive = Archive(self.store)
+        if not plan.removals:
+            if plan.part:
+                archive.drop_part(run.result.run_id, plan.part)
+            plan.part, plan.pending = 0, []
+            return
+        if not plan.part:
+            run.parts += 1
+            plan.part = run.parts
+        entries = self._entries(plan, records)
+        archive.write_part(run.result.run_id, plan.part, entries)
+        plan.pending = [_pruned_record(e) for e in entries]
+
+    def _apply_file(self, run: _Run, plan: _FilePlan) -> None:
+        """Rewrite one file without its archived removals, under its lock."""
+        try:
+            with self.store.rewrite(plan.data_file.path) as job:
+                if _digest(job.data) != plan.digest:  # changed since it was archived
+                    self._replan_file(run, plan, job.data)
+                    self._write_part(run, plan, job.data)
+                kept = [i for i in range(len(job.data)) if i not in plan.removals]
+                job.data = [job.data[i] for i in kept]
+                job.changed = bool(plan.removals)
+        except (StoreBusyError, CorruptFileError) as exc:
+            self._drop_file(run, plan, exc)
+            return
+        run.result.removed.extend(plan.pending)
+        agent = plan.data_file.agent
+        run.applied[agent] = run.applied.get(agent, 0) + len(plan.pending)
+        # Only a later space round needs the digest of what is left.
+        digest = _digest(job.data) if run.space else ""
+        plan.keep_only(kept)
+        plan.digest = digest
 
     def _drop_file(self, run: _Run, plan: _FilePlan, exc: AmlError) -> None:
         """A file went busy or unreadable since planning: keep it untouched, fix the archive."""
-        run.pending.pop(plan.rel, None)
+        if plan in run.plans:
+            run.plans.remove(plan)  # left alone for the rest of the run, space rounds included
         plan.removals = {}
+        if plan.part:
+            Archive(self.store).drop_part(run.result.run_id, plan.part)
+        plan.part, plan.pending = 0, []
         if isinstance(exc, StoreBusyError):
             run.result.busy.append(str(exc))
         else:
             run.result.unreadable.append({"file": plan.rel, "problem": getattr(exc, "problem",
                                                                                  str(exc))})
-        self._save_archive(run)
 
     def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any]) -> None:
-        """The runtime changed the file since planning: decide again from its fresh content."""
-        space_picked = [_canonical(plan.records[i]) for i, (reason, _) in plan.removals.items()
-                        if reason is PruneReason.MEMORY_LIMIT_EXCEEDED]
-        space_details = [d for r, d in plan.removals.values()
-                         if r is PruneReason.MEMORY_LIMIT_EXCEEDED]
-        _refresh_plan(plan, fresh, list(range(len(fresh))))
-        self._choose_file(plan, run.strategies, findings=None)
-        for i, record in enumerate(fresh):
-            if i not in plan.removals and _canonical(record) in space_picked:
-                plan.removals[i] = (PruneReason.MEMORY_LIMIT_EXCEEDED, space_details[0])
-        entries = self._entries(plan)
-        if entries != run.pending.get(plan.rel):
-            run.pending[plan.rel] = entries
-            self._save_archive(run)
-
-    def _save_archive(self, run: _Run) -> None:
-        entries = run.applied + [e for es in run.pending.values() for e in es]
-        path = Archive(self.store).save(run.result.run_id, "prune", entries)
-        run.result.archive = str(path)
+        """The runtime changed the file since planning: decide again from its fresh content,
+        keeping the space_based picks that are still there (found by content digest)."""
+        picked: Dict[bytes, Dict[str, Any]] = {}
+        if plan.space is not None:
+            picked = {plan.space.mark(i): r.details for i, r in plan.removals.items()
+                      if r.reason is PruneReason.MEMORY_LIMIT_EXCEEDED}
+        self._plan_content(plan, fresh, run.strategies, findings=None)
+        for i in range(plan.count if picked else 0):
+            if i not in plan.removals and plan.space.mark(i) in picked:
+                plan.removals[i] = _Removal(PruneReason.MEMORY_LIMIT_EXCEEDED,
+                                            picked[plan.space.mark(i)], None, False)
 
     def _space_rounds(self, run: _Run) -> None:
         """Measure on disk after writing; while still over a limit, remove more and rewrite."""
@@ -4301,7 +4567,7 @@ class MemoryPruner:
         for summary in result.agents:
             summary.bytes_after = agent_disk_bytes(self.store, summary.agent)
             over = summary.bytes_after - self.rules.agent_memory_limit
-            if PruneStrategy.SPACE_BASED in run.strategies and over > 0:
+            if run.space and over > 0:
                 result.findings.append({"agent": summary.agent, "problem": (
                     "still over agent_memory_limit by %d bytes (what is left is pinned, "
                     "high value or unreadable)" % over)})
@@ -4318,48 +4584,71 @@ class MemoryPruner:
             agents=[AgentPruneSummary(a, bytes_before=agent_disk_bytes(self.store, a))
                     for a in chosen_agents],
             removed=[], bytes_before=store_disk_bytes(self.store), bytes_estimated=dry_run)
-        run = _Run(result=result, plans=self._load(chosen_agents, result), strategies=strategies)
-        for plan in run.plans:
-            self._choose_file(plan, strategies, result.findings)
-        if PruneStrategy.SPACE_BASED in strategies:
+        run = _Run(result=result, plans=self._load(chosen_agents, strategies, result),
+                   strategies=strategies)
+        if run.space:
             self._choose_space(run.plans, result)
-        result.removed = [_pruned_record(e) for p in run.plans for e in self._entries(p)]
-        _count_removed(result.agents, result.removed)
         for summary in result.agents:
-            summary.records_before = sum(len(p.records) for p in run.plans
-                                         if p.data_file.agent == summary.agent)
-            freed = sum(p.removed_estimate() for p in run.plans if p.data_file.agent == summary.agent)
-            summary.bytes_after = int(summary.bytes_before - freed)
+            mine = [p for p in run.plans if p.data_file.agent == summary.agent]
+            summary.records_before = sum(p.count for p in mine)
+            summary.bytes_after = int(summary.bytes_before
+                                      - sum(p.removed_estimate() for p in mine))
         result.bytes_after = result.bytes_before - sum(
             s.bytes_before - s.bytes_after for s in result.agents)
         return run
 
-    def _load(self, agents: List[str], result: PruneResult) -> List[_FilePlan]:
-        errors: List[CorruptFileError] = []
-        plans = [_new_file_plan(self.store, data_file, records, fmt)
-                 for data_file, records, fmt in self.store.iter_record_files(agents, errors)]
-        for exc in errors:
-            rel = exc.path.relative_to(self.store.root).as_posix()
-            result.unreadable.append({"file": rel, "problem": exc.problem})
+    def _load(self, agents: List[str], strategies: List[PruneStrategy],
+              result: PruneResult) -> List[_FilePlan]:
+        """Plan each readable file as it streams by; only its compact plan is kept."""
+        plans = []
+        for data_file in (f for agent in agents for f in self.store.record_files(agent)):
+            plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
+            try:  # not iter_record_files: its generator would hold this file while the next loads
+                records = self.store.load_records(data_file)[0]
+            except CorruptFileError as exc:
+                result.unreadable.append({"file": plan.rel, "problem": exc.problem})
+                continue
+            self._plan_content(plan, records, strategies, result.findings)
+            plans.append(plan)
+            del records
         return plans
 
-    def _choose_file(self, plan: _FilePlan, strategies: List[PruneStrategy],
+    def _plan_content(self, plan: _FilePlan, records: List[Any],
+                      strategies: List[PruneStrategy],
+                      findings: Optional[List[Dict[str, Any]]]) -> None:
+        """(Re)plan one file from its content: compact facts, then time/performance removals."""
+        rtype = plan.data_file.rtype
+        facts = [record_facts(rtype, r) for r in records]
+        marks = bytearray() if PruneStrategy.SPACE_BASED in strategies else None
+        plan.sizes, plan.digest = _measure(records, marks)
+        plan.positions = array.array("q", range(len(records)))
+        plan.removals, plan.ratio = {}, None
+        plan.space = None if marks is None else _SpaceFacts(
+            array.array("d", (record_value(f, self.rules) for f in facts)),
+            array.array("d", (_moment(f.last_activity) for f in facts)),
+            bytearray(is_protected(f, self.rules) for f in facts), marks)
+        with contextlib.suppress(OSError):
+            plan.disk_bytes = plan.data_file.path.stat().st_size
+        self._choose_file(plan, facts, strategies, findings)
+
+    def _choose_file(self, plan: _FilePlan, facts: List[RecordFacts],
+                     strategies: List[PruneStrategy],
                      findings: Optional[List[Dict[str, Any]]]) -> None:
         """Mark the time and performance removals of one file (protected records are skipped)."""
-        for i, facts in enumerate(plan.facts):
-            if findings is not None and facts.last_activity and facts.last_activity > self.store.now:
+        for i, fact in enumerate(facts):
+            if findings is not None and fact.last_activity and fact.last_activity > self.store.now:
                 findings.append({"agent": plan.data_file.agent, "file": plan.rel, "index": i,
-                                 "id": facts.id, "problem": "timestamp in the future (%s)"
-                                 % format_timestamp(facts.last_activity)})
-            if is_protected(facts, self.rules):
+                                 "id": fact.id, "problem": "timestamp in the future (%s)"
+                                 % format_timestamp(fact.last_activity)})
+            if is_protected(fact, self.rules):
                 continue
             verdict = None
             if PruneStrategy.TIME_BASED in strategies:
-                verdict = time_verdict(facts, self.rules, self.store.now)
+                verdict = time_verdict(fact, self.rules, self.store.now)
             if verdict is None and PruneStrategy.PERFORMANCE_BASED in strategies:
-                verdict = performance_verdict(facts, self.rules)
+                verdict = performance_verdict(fact, self.rules)
             if verdict is not None:
-                plan.removals[i] = verdict
+                plan.removals[i] = _Removal(verdict[0], verdict[1], fact.id, True)
 
     def _choose_space(self, plans: List[_FilePlan], result: PruneResult) -> int:
         """Add memory_limit_exceeded removals, lowest value first, until the estimate fits."""
@@ -4375,28 +4664,49 @@ class MemoryPruner:
     def _take_lowest(self, plans: List[_FilePlan], size: float, limit: int, scope: str) -> int:
         if size <= limit:
             return 0
-        candidates = [(record_value(f, self.rules), f.last_activity or _EPOCH, n, i)
-                      for n, plan in enumerate(plans) for i, f in enumerate(plan.facts)
-                      if i not in plan.removals and not is_protected(f, self.rules)]
-        candidates.sort(key=lambda c: (c[0], c[1]))
         added = 0
-        for value, _, n, i in candidates:
+        # Each file's candidates are sorted on their own; merging keeps one per file at hand.
+        for value, _, n, i in heapq.merge(*(_space_order(p, n) for n, p in enumerate(plans))):
             if size <= limit:
                 break
-            plans[n].removals[i] = (PruneReason.MEMORY_LIMIT_EXCEEDED, {
+            plans[n].removals[i] = _Removal(PruneReason.MEMORY_LIMIT_EXCEEDED, {
                 "scope": scope, "value": round(value, 3), "size_bytes": int(size),
-                "limit_bytes": limit})
+                "limit_bytes": limit}, None, False)
             size -= plans[n].estimate(i)
             added += 1
         return added
 
-    def _entries(self, plan: _FilePlan) -> List[Dict[str, Any]]:
-        """Archive entries (contracts.md schema) of a file's planned removals."""
-        return [{"agent": plan.data_file.agent, "file": plan.rel,
-                 "type": plan.data_file.rtype.value, "id": plan.facts[i].id,
-                 "index": plan.positions[i], "reason": reason.value, "details": details,
-                 "record": plan.records[i], "record_text": _ordered_text(plan.records[i])}
-                for i, (reason, details) in sorted(plan.removals.items())]
+    def _describe(self, run: _Run) -> None:
+        """The dry run's list of every record that would go (space picks' ids read again)."""
+        for plan in list(run.plans):
+            if any(not r.id_known for r in plan.removals.values()):
+                self._learn_ids(run, plan)
+            run.result.removed.extend(
+                PrunedRecord(agent=plan.data_file.agent, file=plan.rel,
+                             type=plan.data_file.rtype.value, id=r.id,
+                             index=plan.positions[i], reason=r.reason, details=r.details)
+                for i, r in sorted(plan.removals.items()))
+        _count_removed(run.result.agents, run.result.removed)
+
+    def _learn_ids(self, run: _Run, plan: _FilePlan) -> None:
+        try:
+            records, _ = self.store.load_records(plan.data_file)
+        except CorruptFileError:
+            return  # it turned unreadable since planning: listed without ids
+        if _digest(records) != plan.digest:
+            self._replan_file(run, plan, records)
+        rtype = plan.data_file.rtype
+        for i, removal in plan.removals.items():
+            removal.id, removal.id_known = record_facts(rtype, records[i]).id, True
+
+    def _entries(self, plan: _FilePlan, records: List[Any]) -> List[Dict[str, Any]]:
+        """Archive entries (contracts.md schema, the record kept once as its exact text)."""
+        rtype = plan.data_file.rtype
+        return [{"agent": plan.data_file.agent, "file": plan.rel, "type": rtype.value,
+                 "id": record_facts(rtype, records[i]).id, "index": plan.positions[i],
+                 "reason": removal.reason.value, "details": removal.details,
+                 "record_text": archived_record_text(records[i])}
+                for i, removal in sorted(plan.removals.items())]
 
     def _guard_message(self, run: _Run) -> Optional[str]:
         """The mass-deletion guard: None, or which agents the run would strip too far."""
@@ -4404,7 +4714,7 @@ class MemoryPruner:
         over = []
         for summary in run.result.agents:
             count = sum(len(p.removals) for p in run.plans if p.data_file.agent == summary.agent)
-            count += sum(1 for e in run.applied if e["agent"] == summary.agent)
+            count += run.applied.get(summary.agent, 0)
             if summary.records_before and count / summary.records_before > share:
                 over.append("%s would lose %d of %d records (%.0f%%)" % (
                     summary.agent, count, summary.records_before,
@@ -4430,26 +4740,10 @@ def _pruned_record(entry: Dict[str, Any]) -> PrunedRecord:
 def _count_removed(summaries: List[AgentPruneSummary], removed: List[PrunedRecord]) -> None:
     for summary in summaries:
         summary.removed = {"pattern": 0, "solution": 0, "decision": 0}
-        for record in removed:
-            if record.agent == summary.agent:
-                summary.removed[record.type] += 1
-
-
-def _ordered_text(record: Any) -> str:
-    """The record as compact JSON in its own key order (state files sort keys; undo restores
-    this text so a put-back record reads exactly as before)."""
-    return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _archived_record(entry: Dict[str, Any]) -> Any:
-    """The record of an archive entry, in its original key order when ``record_text`` agrees."""
-    text = entry.get("record_text")
-    if isinstance(text, str):
-        with contextlib.suppress(ValueError):
-            ordered = parse_json_text(text)
-            if ordered == entry["record"]:
-                return ordered
-    return entry["record"]
+    counts = {s.agent: s.removed for s in summaries}
+    for record in removed:
+        if record.agent in counts:
+            counts[record.agent][record.type] += 1
 
 
 def _canonical(record: Any) -> str:
@@ -4492,35 +4786,57 @@ def undo_run(store: Store, run_id: str) -> UndoResult:
     """Put the records of an archived run (prune or gc) back where they were.
 
     Each record goes back at its original position when the file allows it; a record whose
-    id (or, without an id, whose exact content) is present again is skipped. The run is marked
-    undone once every file was handled; a second undo is a no-op that says so. Raises
-    UsageError (no such run), IntegrityError (corrupt archive), StoreBusyError.
+    id (or, without an id, whose exact content) is present again is skipped. Every archive
+    part is verified before anything changes; then files are restored one at a time (memory:
+    one part and one file). The run is marked undone once every file was handled; a second
+    undo is a no-op that says so. Raises UsageError (no such run), IntegrityError (corrupt
+    archive), StoreBusyError.
     """
     archive = Archive(store)
-    payload = archive.load(run_id)
-    if payload.get("undone"):
-        return UndoResult(run_id, payload.get("operation", "?"), already_undone=payload["undone"])
+    manifest = archive.manifest(run_id)
+    if manifest.get("undone"):
+        return UndoResult(run_id, manifest.get("operation", "?"),
+                          already_undone=manifest["undone"])
     with store.maintenance_lock():
         store.cleanup_temp_files()
-        payload = archive.load(run_id)
-        result = UndoResult(run_id, payload.get("operation", "?"),
-                            already_undone=payload.get("undone"))
+        manifest = archive.manifest(run_id)
+        result = UndoResult(run_id, manifest.get("operation", "?"),
+                            already_undone=manifest.get("undone"))
         if result.already_undone:
             return result
-        grouped = _entries_by_file(payload.get("entries", []))
-        paths = {rel: _archived_file(store, rel) for rel in grouped}
-        for rel, entries in grouped.items():
+        files = _parts_by_file(archive, run_id)
+        paths = {rel: _archived_file(store, rel) for rel in files}
+        read = _part_reader(archive, run_id)
+        for rel, names in files.items():  # records stay text until they are put back
+            entries = [e for name in names for e in read(name) if e.get("file") == rel]
             _restore_file(store, paths[rel], rel, entries, result)
         if not result.unreadable and not result.busy:
             archive.mark_undone(run_id, store.now)
     return result
 
 
-def _entries_by_file(entries: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
-    grouped: Dict[str, List[Dict[str, Any]]] = {}
-    for entry in entries:
-        grouped.setdefault(entry.get("file"), []).append(entry)
-    return grouped
+def _parts_by_file(archive: Archive, run_id: str) -> Dict[Any, List[str]]:
+    """Which parts hold entries of which file; reads (and so verifies) every part once."""
+    files: Dict[Any, List[str]] = {}
+    for name in archive.part_names(run_id):
+        for entry in archive.read_part(run_id, name, records=False):
+            rel = entry.get("file")
+            names = files.setdefault(rel if isinstance(rel, str) else None, [])
+            if not names or names[-1] != name:
+                names.append(name)
+    return files
+
+
+def _part_reader(archive: Archive, run_id: str) -> Callable[[str], List[Dict[str, Any]]]:
+    """read_part with the last part kept, so a part holding many files is read once."""
+    last: Dict[str, List[Dict[str, Any]]] = {}
+
+    def read(name: str) -> List[Dict[str, Any]]:
+        if name not in last:
+            last.clear()
+            last[name] = archive.read_part(run_id, name, records=False)
+        return last[name]
+    return read
 
 
 def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, Any]],
@@ -4542,10 +4858,12 @@ def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, An
 
 def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: UndoResult) -> int:
     ids = {r.get("id") for r in data if isinstance(r, dict) and r.get("id")}
-    contents = {_canonical(r) for r in data}
+    # Whole-record texts are only needed to recognise records without an id.
+    contents = ({_canonical(r) for r in data} if any(not e.get("id") for e in entries)
+                else set())
     restored = 0
     for entry in sorted(entries, key=lambda e: e.get("index") or 0):
-        record, rid = _archived_record(entry), entry.get("id")
+        record, rid = _entry_record(entry), entry.get("id")
         if (rid in ids) if rid else (_canonical(record) in contents):
             result.skipped.append({"file": entry.get("file"), "id": rid,
                                    "index": entry.get("index"), "why": "present again"})
@@ -4558,19 +4876,34 @@ def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: Undo
     return restored
 
 
+def _entry_record(entry: Dict[str, Any]) -> Any:
+    """An entry's record, parsed from its text (in its original key order) on first use."""
+    if "record" not in entry:
+        try:
+            entry["record"] = parse_json_text(entry.pop("record_text"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError("archive entry %s of %s has no readable record (%s)"
+                                 % (entry.get("id"), entry.get("file"), exc)) from None
+    return entry["record"]
+
+
 def list_runs(store: Store) -> List[Dict[str, Any]]:
     """Every archived run (prune and gc), oldest first; read-only. Corrupt ones say so."""
     archive = Archive(store)
     runs = []
     for run_id in archive.runs():
         try:
-            payload = archive.load(run_id)
+            manifest = archive.manifest(run_id)
+            count = manifest.get("counts", {}).get("entries")
+            if count is None:  # interrupted or old-layout run: count its parts
+                count = sum(len(archive.read_part(run_id, name, records=False))
+                            for name in archive.part_names(run_id))
         except IntegrityError as exc:
             runs.append({"run_id": run_id, "problem": str(exc)})
             continue
-        runs.append({"run_id": run_id, "operation": payload.get("operation"),
-                     "created": payload.get("created"), "undone": payload.get("undone"),
-                     "records": len(payload.get("entries", []))})
+        runs.append({"run_id": run_id, "operation": manifest.get("operation"),
+                     "created": manifest.get("created"), "undone": manifest.get("undone"),
+                     "status": manifest.get("status"), "records": count})
     return runs
 
 
@@ -7746,9 +8079,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _run_line(run: Dict[str, Any]) -> str:
     if "problem" in run:
         return "%s  CORRUPT: %s" % (run["run_id"], run["problem"])
+    note = ("  (undone %s)" % run["undone"] if run["undone"] else
+            "  (interrupted: archive incomplete; undo puts back what is missing)"
+            if run.get("status") == "writing" else "")
     return "%s  %s  %s  %d records%s" % (run["run_id"], run["operation"], run["created"],
-                                         run["records"], "  (undone %s)" % run["undone"]
-                                         if run["undone"] else "")
+                                         run["records"], note)
 
 
 def _details_text(details: Dict[str, Any]) -> str:

@@ -122,11 +122,14 @@ def make_decision(agent, rng, age=None, would_repeat=None, **extra):
 
 
 def write_data(path, obj, gz=False, newline=False):
-    """Write a store file the way the runtime does (gzip bytes under .json, or plain)."""
+    """Write a store file the way the runtime does (gzip bytes under .json, or plain).
+
+    The gzip header carries no time, so two stores built from one seed are byte-identical.
+    """
     text = json.dumps(obj, indent=2, ensure_ascii=False) + ("\n" if newline else "")
     data = text.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data) if gz else data)
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
 
 
 def read_data(path):
@@ -606,7 +609,7 @@ def test_derived_state_locks_and_temp_files_are_not_backed_up(tmp_path):
     (root / "code-reviewer" / "ghost.json.lock").mkdir()      # a runtime lock of another file
     snap = backup_manager(root).create()
     paths = {e["path"] for e in backup_manager(root).load_manifest(snap.backup_id)["files"]}
-    assert ".aml/archive/prune_x.json" in paths and "config.json" in paths
+    assert ".aml/archive/prune_x/part-0001.json.gz" in paths and "config.json" in paths
     assert "global/shared.json" in paths
     assert not [p for p in paths if "index" in p or "lock" in p or "tmp" in p]
 
@@ -1600,6 +1603,164 @@ def test_undo_refuses_archive_entries_outside_the_store(tmp_path):
     assert not (tmp_path / "evil").exists()
 
 
+def _part_doc(path):
+    """An archive part decoded: {"format", "sha256", "payload"}."""
+    return json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
+
+
+def test_archive_is_a_manifest_and_one_checksummed_gzip_part_per_file(tmp_path):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    folder = root / ".aml" / "archive" / result.run_id
+    manifest = aml.read_checksummed(folder / "manifest.json")
+    assert manifest["status"] == "complete" and manifest["operation"] == "prune"
+    parts = sorted(folder.glob("part-*.json.gz"))
+    assert manifest["counts"] == {"entries": len(result.removed), "parts": len(parts)}
+    assert len(parts) == len({r.file for r in result.removed}) > 1
+    for part in parts:
+        doc = _part_doc(part)
+        body = json.dumps(doc["payload"], sort_keys=True, ensure_ascii=False)
+        assert doc["sha256"] == hashlib.sha256(body.encode("utf-8")).hexdigest()
+        entries = doc["payload"]["entries"]
+        assert len({e["file"] for e in entries}) == 1
+        for entry in entries:  # the record is stored once, as its exact text
+            assert "record" not in entry
+            assert entry["record_text"] == json.dumps(before[entry["file"]][entry["index"]],
+                                                      ensure_ascii=False, separators=(",", ":"))
+    assert not list((root / ".aml" / "archive").glob("*.json"))
+
+
+def test_corrupt_archive_part_refuses_undo_before_any_change(tmp_path):
+    root = _prune_store(tmp_path / "m")
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    last = sorted((root / ".aml" / "archive" / result.run_id).glob("part-*.json.gz"))[-1]
+    doc = _part_doc(last)
+    doc["payload"]["entries"][0]["index"] += 1  # tampered, checksum left as it was
+    last.write_bytes(gzip.compress(json.dumps(doc).encode("utf-8")))
+    pruned = tree_digest(root, skip_state=True)
+    with pytest.raises(aml.IntegrityError, match="checksum"):
+        aml.undo_run(aml.Store(root, now=NOW), result.run_id)
+    assert tree_digest(root, skip_state=True) == pruned
+    last.write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(aml.IntegrityError, match="unreadable archive part"):
+        aml.undo_run(aml.Store(root, now=NOW), result.run_id)
+    assert [r["run_id"] for r in aml.list_runs(aml.Store(root)) if "problem" in r] == []
+
+
+def test_undo_reads_the_old_single_file_archive_layout(tmp_path, capsys):
+    rng = random.Random(14)
+    keep, lost = _pattern(rng), _pattern(rng)
+    ordered = dict(reversed(list(lost.items())))  # the file's own key order, not sorted
+    root = _one_agent(tmp_path / "m", patterns=[keep])
+    store = aml.Store(root, now=NOW)
+    store.ensure_state_dir()
+    (root / ".aml" / "archive").mkdir()
+    aml.write_checksummed(root / ".aml" / "archive" / "prune_20261101_000000_aaaaaa.json", {
+        "run_id": "prune_20261101_000000_aaaaaa", "operation": "prune", "created": NOW_TEXT,
+        "undone": None, "entries": [{
+            "agent": "solo", "file": "solo/patterns.json", "type": "pattern", "id": lost["id"],
+            "index": 0, "reason": "unused_too_long", "details": {}, "record": ordered,
+            "record_text": json.dumps(ordered, separators=(",", ":"))}]})
+    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
+    assert "prune_20261101_000000_aaaaaa  prune" in out and "1 records" in out
+    result = aml.undo_run(store, "prune_20261101_000000_aaaaaa")
+    assert result.restored == 1 and read_data(root / "solo" / "patterns.json") == [ordered, keep]
+    assert list(read_data(root / "solo" / "patterns.json")[0]) == list(ordered)
+    again = aml.undo_run(store, "prune_20261101_000000_aaaaaa")
+    assert again.already_undone == aml.format_timestamp(NOW) and again.restored == 0
+
+
+def test_crash_while_archiving_changes_no_data_file_and_rerun_completes(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz=True)
+    before = tree_digest(root)
+    real_write = aml.atomic_write_bytes
+    parts = []
+
+    def flaky_write(path, data, mode=None):
+        if Path(path).name.startswith("part-"):
+            parts.append(path)
+            if len(parts) == 2:
+                raise OSError(28, "No space left on device")
+        return real_write(path, data, mode)
+
+    monkeypatch.setattr(aml, "atomic_write_bytes", flaky_write)
+    with pytest.raises(OSError):
+        aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    monkeypatch.undo()
+    assert tree_digest(root, skip_state=True) == before
+    store = aml.Store(root, now=NOW)
+    [run] = aml.list_runs(store)
+    assert run["status"] == "writing" and run["records"] > 0
+    undo = aml.undo_run(store, run["run_id"])  # every archived record is still in its file
+    assert undo.restored == 0 and len(undo.skipped) == run["records"]
+    assert tree_digest(root, skip_state=True) == before
+    second = aml.MemoryPruner(store, aml.PruneConfig(create_backup=False)).run()
+    assert second.exit_code == 0 and second.removed
+
+
+def test_prune_and_undo_never_hold_two_parsed_files_at_once(tmp_path, monkeypatch):
+    import weakref
+
+    class Records(list):
+        """A list that can be weakly referenced, to see which loaded arrays are still alive."""
+
+    root = _prune_store(tmp_path / "m", agents=tuple("agent-%d" % i for i in range(6)))
+    alive, peak = [], [0]
+    real_load = aml.load_json_file
+
+    def tracking_load(path, expect=None):
+        data, fmt = real_load(path, expect)
+        if not isinstance(data, list):
+            return data, fmt
+        alive[:] = [ref for ref in alive if ref() is not None]
+        data = Records(data)
+        alive.append(weakref.ref(data))
+        peak[0] = max(peak[0], len(alive))
+        return data, fmt
+
+    monkeypatch.setattr(aml, "load_json_file", tracking_load)
+    store = aml.Store(root, now=NOW)
+    config = aml.PruneConfig(create_backup=False, agent_memory_limit=20000)
+    planned = aml.MemoryPruner(store, config).plan()
+    result = aml.MemoryPruner(store, config).run(force=True)
+    assert len(result.removed) >= len(planned.removed) > 0
+    assert aml.undo_run(store, result.run_id).restored == len(result.removed)
+    assert peak[0] == 1  # of 18 record files: never two parsed at once
+
+
+@pytest.mark.parametrize("bom,newline,gz", [(False, False, False), (True, True, False),
+                                            (False, True, True)])
+def test_array_writer_gives_the_runtime_bytes_one_record_at_a_time(bom, newline, gz):
+    # prune's memory bound needs encode_json to serialize an array one element at a time;
+    # the bytes must stay exactly those of json.dumps(indent=2) on the whole document.
+    rng = random.Random(15)
+    records = [make_pattern("a", rng) for _ in range(3)] + [
+        {}, [], {"nested": [[], {}, [1, {"x": "line\nbreak \u2028 é ☃"}]]}, "text", 1.5, None]
+    fmt = aml.FileFormat(gzip=gz, bom=bom, trailing_newline=newline)
+    for doc in (records, [], [{}], {"not": ["an array"]}):
+        expected = ((b"\xef\xbb\xbf" if bom else b"") + json.dumps(
+            doc, indent=2, ensure_ascii=False).encode("utf-8") + (b"\n" if newline else b""))
+        data = aml.encode_json(doc, fmt)
+        assert (gzip.decompress(data) if gz else data) == expected
+
+
+def test_undo_puts_back_what_gc_archived(tmp_path):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    path = root / "code-reviewer" / "solutions.json"
+    zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+    orphan = {k: v for k, v in read_data(path)[0].items() if k != "id"}  # gc: missing_id
+    write_data(path, read_data(path)[:3] + [orphan] + read_data(path)[3:], gz=zipped)
+    before = _all_records(root)
+    store = aml.Store(root, now=NOW)
+    result = aml.collect_garbage(store)
+    assert result.run_id and orphan not in read_data(path)
+    [run] = aml.list_runs(store)
+    assert (run["operation"], run["status"], run["records"]) == ("gc", "complete", 1)
+    assert aml.undo_run(store, result.run_id).restored == 1
+    assert _all_records(root) == before and (path.read_bytes()[:2] == b"\x1f\x8b") == zipped
+
+
 def test_mass_deletion_guard_refuses_then_force_works(tmp_path, capsys):
     rng = random.Random(10)
     root = _one_agent(tmp_path / "m", patterns=[_pattern(rng, last_used=200) for _ in range(6)]
@@ -2059,8 +2220,9 @@ def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatc
     calls, real = [], os.replace
 
     def flaky(src, dst):
-        calls.append(dst)
-        if len(calls) == 3:   # archive, first data file, then the second data file fails
+        if ".aml" not in Path(dst).parts:   # archive writes (manifest, part) are not counted
+            calls.append(dst)
+        if len(calls) == 2:   # the first data file is written, the second one fails
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
