@@ -276,11 +276,6 @@ def runtime_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
 
 
-def state_json(obj: Any) -> str:
-    """Deterministic JSON for aml's own state files (sorted keys, trailing newline)."""
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-
-
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
@@ -998,11 +993,26 @@ class Rewrite:
     bytes_written: int = 0
 
 
+def _state_body(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":"))
+
+
 def write_checksummed(path: Path, payload: Any) -> None:
-    """Write ``{"sha256": ..., "payload": ...}`` atomically (mode 0600)."""
-    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
-    atomic_write_bytes(Path(path), state_json(doc).encode("utf-8"), mode=0o600)
+    """Write ``{"format", "payload", "sha256"}`` atomically (mode 0600).
+
+    Compact, sorted JSON: deterministic, and serialised once by the C encoder (an indented
+    dump takes the pure-Python path, which dominated runs that append to the history).
+    """
+    atomic_write_bytes(Path(path), checksummed_bytes(payload), mode=0o600)
+
+
+def checksummed_bytes(payload: Any) -> bytes:
+    """The bytes of a checksummed state document (what write_checksummed writes)."""
+    body = _state_body(payload)
+    text = '{"format":"aml-state-1","payload":%s,"sha256":"%s"}\n' % (
+        body, sha256_hex(body.encode("utf-8")))
+    return text.encode("utf-8")
 
 
 def read_checksummed(path: Path, default: Any = None) -> Any:
@@ -1013,8 +1023,7 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
     try:
         doc, _ = load_json_file(path, expect=dict)
         payload = doc["payload"]
-        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        ok = doc.get("sha256") == sha256_hex(body.encode("utf-8"))
+        ok = doc.get("sha256") == sha256_hex(_state_body(payload).encode("utf-8"))
     except (CorruptFileError, KeyError, ValueError) as exc:
         raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
     if not ok:
@@ -1202,6 +1211,7 @@ def _legacy_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
 # =============================================================================
 # Only this section needs these; importing them here keeps the shared import block stable.
 import concurrent.futures  # noqa: E402
+import bisect  # noqa: E402
 import difflib  # noqa: E402
 import struct  # noqa: E402
 
@@ -1222,12 +1232,16 @@ class BackupType(enum.Enum):
 SCHEDULE_PERIODS = {"hourly": 1.0 / 24, "daily": 1.0, "weekly": 7.0, "monthly": 30.0}
 FULL_EVERY_PERIODS = 7
 REPO_DIR_NAME = "aml"
-BLOCK_SIZE = 256 * 1024          # uncompressed bytes per zlib block inside a pack
+BLOCK_SIZE = 1024 * 1024         # uncompressed bytes per zlib block inside a pack
 MAX_DELTA_DEPTH = 64             # item lists chain at most this many deltas before a full list
 BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a repository
+VERIFY_BATCH_OBJECTS = 65536     # objects verify checks together (bounds its memory)
+RESTORE_WORKERS = 2              # files rebuilt, checked and written at once by restore
 PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
 _PACK_MAGIC = b"AMLPACK1"
-_IDX_MAGIC = b"AMLIDX02"
+_IDX_MAGIC = b"AMLIDX03"           # object rows sorted by key
+_IDX_MAGIC_UNSORTED = b"AMLIDX02"  # older indexes: still read (no binary search)
+_PROBES_BEFORE_MAP = 2048          # lookups by binary search before building the full map
 KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
 _MANIFEST_FORMAT = "aml-backup-manifest-1"
 
@@ -1419,7 +1433,7 @@ def _gzip_mtime(raw: bytes) -> int:
 # -- Pack files: content-addressed objects in zlib blocks -------------------
 
 class _PackWriter:
-    """Appends new objects to one new pack, compressing 256 KiB blocks on worker threads.
+    """Appends new objects to one new pack, compressing 1 MiB blocks on worker threads.
 
     The pack is written under its final name but stays invisible until ``commit`` writes
     its index (after fsync of the pack); a pack without an index is a leftover.
@@ -1430,7 +1444,9 @@ class _PackWriter:
         self.path = packs_dir / (self.name + ".pack")
         self.level = level
         self.known = known
-        self.entries: Dict[bytes, Tuple[int, int, int]] = {}
+        # key (first KEY_LEN bytes of the SHA-256) -> packed (block, offset, length): compact,
+        # as a first full backup holds one per record until the index is written.
+        self.entries: Dict[bytes, bytes] = {}
         self.blocks: List[Tuple[int, int, int]] = []
         self.bytes_written = 0
         self.committed = False
@@ -1451,7 +1467,7 @@ class _PackWriter:
         ``meta`` objects (item lists) go to their own blocks, so reading a snapshot's lists
         does not decompress record blocks.
         """
-        if digest in self.entries or digest in self._queued or self.known(digest):
+        if digest[:KEY_LEN] in self.entries or digest in self._queued or self.known(digest):
             return False
         buf = self._bufs[meta]
         buf.append((digest, data))
@@ -1468,7 +1484,7 @@ class _PackWriter:
         block_no, offset = self._next_block, 0
         self._next_block += 1
         for digest, data in buf:
-            self.entries[digest] = (block_no, offset, len(data))
+            self.entries[digest[:KEY_LEN]] = struct.pack("<III", block_no, offset, len(data))
             offset += len(data)
         block = b"".join(data for _, data in buf)
         self._pending.append((self._pool.submit(zlib.compress, block, self.level), len(block)))
@@ -1519,28 +1535,67 @@ class _PackWriter:
             self.path.unlink()
 
 
-def _encode_index(blocks: List[Tuple[int, int, int]],
-                  entries: Dict[bytes, Tuple[int, int, int]]) -> bytes:
+def _encode_index(blocks: List[Tuple[int, int, int]], entries: Dict[bytes, bytes]) -> bytes:
     """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
 
     Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
-    manifest or item list that references them and is checked on every read).
+    manifest or item list that references them and is checked on every read). Rows are
+    sorted by key, so a few lookups need no map (binary search in the raw table).
     """
     parts = [struct.pack("<I", len(blocks))]
     parts.extend(struct.pack("<QII", *b) for b in blocks)
     parts.append(struct.pack("<I", len(entries)))
-    parts.extend(d[:KEY_LEN] + struct.pack("<III", *loc) for d, loc in entries.items())
+    parts.extend(key + entries[key] for key in sorted(entries))
     payload = b"".join(parts)
     return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
 
 
-def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
-                                                     Dict[bytes, Tuple[int, int, int]]]:
+_ROW = KEY_LEN + 12   # bytes per object row in a pack index: key, block, offset, length
+
+
+class _PackIndex:
+    """One pack's decoded index: its block table and its object rows (raw bytes)."""
+
+    def __init__(self, name: str, blocks: List[Tuple[int, int, int]], table: bytes,
+                 sorted_keys: bool):
+        self.name = name
+        self.blocks = blocks
+        self.table = table
+        self.count = len(table) // _ROW
+        self.sorted_keys = sorted_keys
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, row: int) -> bytes:
+        """The key of a row (lets ``bisect`` search the raw table)."""
+        if not 0 <= row < self.count:
+            raise IndexError(row)
+        return self.table[row * _ROW:row * _ROW + KEY_LEN]
+
+    def keys(self) -> List[bytes]:
+        """Every key, in row order."""
+        table = self.table
+        return [table[i:i + KEY_LEN] for i in range(0, len(table), _ROW)]
+
+    def loc(self, row: int) -> Tuple[int, int, int]:
+        """(block, offset, length) of a row."""
+        return struct.unpack_from("<III", self.table, row * _ROW + KEY_LEN)
+
+    def find(self, key: bytes) -> Optional[int]:
+        """The row of a key by binary search (sorted indexes only), or None."""
+        row = bisect.bisect_left(self, key)
+        return row if row < self.count and self[row] == key else None
+
+
+def _decode_index(path: Path, raw: bytes) -> _PackIndex:
     try:
         payload = zlib.decompress(raw[40:])
     except zlib.error:
         payload = b""
-    if not raw.startswith(_IDX_MAGIC) or hashlib.sha256(payload).digest() != raw[8:40]:
+    magic = raw[:8]
+    if magic not in (_IDX_MAGIC, _IDX_MAGIC_UNSORTED) \
+            or hashlib.sha256(payload).digest() != raw[8:40]:
         raise IntegrityError("%s: pack index checksum mismatch" % path)
     try:
         nblocks = struct.unpack_from("<I", payload, 0)[0]
@@ -1548,45 +1603,73 @@ def _decode_index(path: Path, raw: bytes) -> Tuple[List[Tuple[int, int, int]],
         blocks = list(struct.iter_unpack("<QII", payload[4:pos]))
         nobj = struct.unpack_from("<I", payload, pos)[0]
         table = payload[pos + 4:]
-        width = KEY_LEN + 12
-        if len(table) != width * nobj:
+        if len(blocks) != nblocks or len(table) != _ROW * nobj:
             raise ValueError("size")
-        entries = {key: (block, off, length) for key, block, off, length
-                   in struct.iter_unpack("<%dsIII" % KEY_LEN, table)}
     except (struct.error, ValueError):
         raise IntegrityError("%s: malformed pack index" % path) from None
-    return blocks, entries
+    return _PackIndex(path.stem, blocks, table, magic == _IDX_MAGIC)
 
 
 class _ObjectStore:
-    """Read side of the repository: every committed pack's objects, checked on every read."""
+    """Read side of the repository: every committed pack's objects, checked on every read.
+
+    Indexes are decoded to raw sorted tables; the key-to-location map over all packs is
+    built only when many objects are looked up (a no-change incremental looks up a few).
+    """
 
     def __init__(self, packs_dir: Path):
         self.packs_dir = packs_dir
-        self.where: Dict[bytes, Tuple[str, int, int, int]] = {}
-        self.blocks: Dict[str, List[Tuple[int, int, int]]] = {}
-        self.entries: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
+        self.packs: Dict[str, _PackIndex] = {}
         self.problems: List[str] = []
+        self._where: Optional[Dict[bytes, int]] = None
+        self._probes = 0
         self._cache: Dict[Tuple[str, int], bytes] = {}
         self._cached = 0
+        self._cache_lock = threading.Lock()   # restore reads files on worker threads
+        self._map_lock = threading.Lock()
         for idx in sorted(packs_dir.glob("pack-*.idx")) if packs_dir.is_dir() else []:
-            self._load(idx)
+            try:
+                self.packs[idx.stem] = _decode_index(idx, idx.read_bytes())
+            except (OSError, IntegrityError) as exc:
+                self.problems.append(str(exc))
+        self.pack_list = list(self.packs.values())
 
-    def _load(self, idx: Path) -> None:
-        try:
-            blocks, entries = _decode_index(idx, idx.read_bytes())
-        except (OSError, IntegrityError) as exc:
-            self.problems.append(str(exc))
-            return
-        name = idx.stem
-        self.blocks[name] = blocks
-        self.entries[name] = entries
-        for digest, (block, off, length) in entries.items():
-            self.where.setdefault(digest, (name, block, off, length))
+    @property
+    def where(self) -> Dict[bytes, int]:
+        """{key: pack number << 32 | row} over every pack (one int per object keeps it
+        small); the first pack (by name) holding a key wins. See ``at``."""
+        if self._where is not None:
+            return self._where
+        with self._map_lock:   # restore's worker threads may all ask at once
+            if self._where is None:
+                where: Dict[bytes, int] = {}
+                for number in reversed(range(len(self.pack_list))):
+                    pack = self.pack_list[number]
+                    where.update(zip(pack.keys(), range(number << 32,
+                                                        (number << 32) + pack.count)))
+                self._where = where
+        return self._where
+
+    def at(self, code: int) -> Tuple[_PackIndex, int]:
+        """The (pack, row) a ``where`` value names."""
+        return self.pack_list[code >> 32], code & 0xFFFFFFFF
+
+    def _locate(self, key: bytes) -> Optional[Tuple[_PackIndex, int]]:
+        """(pack, row) of a key, or None."""
+        if self._where is None and self._probes < _PROBES_BEFORE_MAP:
+            self._probes += 1
+            if all(p.sorted_keys for p in self.packs.values()):
+                for pack in self.packs.values():
+                    row = pack.find(key)
+                    if row is not None:
+                        return pack, row
+                return None
+        code = self.where.get(key)
+        return None if code is None else self.at(code)
 
     def has(self, digest: bytes) -> bool:
         """True if a committed pack indexes this object."""
-        return digest[:KEY_LEN] in self.where
+        return self._locate(digest[:KEY_LEN]) is not None
 
     def get(self, digest: bytes, check: bool = True) -> bytes:
         """The object's bytes; raises IntegrityError if missing, unreadable or not matching.
@@ -1594,48 +1677,89 @@ class _ObjectStore:
         ``check=False`` skips the per-object SHA-256 (the length is still checked) for
         callers that verify the SHA-256 of the whole rebuilt file instead.
         """
-        loc = self.where.get(digest[:KEY_LEN])
-        if loc is None:
+        found = self._locate(digest[:KEY_LEN])
+        if found is None:
             raise IntegrityError("object %s is missing" % digest.hex()[:16])
-        name, block_no, off, length = loc
-        data = self._block(name, block_no)[off:off + length]
+        pack, row = found
+        block_no, off, length = pack.loc(row)
+        data = self._block(pack.name, block_no)[off:off + length]
         if len(data) != length or (check and hashlib.sha256(data).digest() != digest):
             raise IntegrityError("object %s in %s.pack: checksum mismatch"
-                                 % (digest.hex()[:16], name))
+                                 % (digest.hex()[:16], pack.name))
         return data
 
-    def _order(self, digest: bytes) -> Tuple[str, int, int]:
-        loc = self.where.get(digest[:KEY_LEN])
-        return (loc[0], loc[1], loc[2]) if loc else ("", -1, 0)
+    def get_unchecked(self, digests: Sequence[bytes]) -> List[bytes]:
+        """The bytes of many objects, in order, with lengths checked but not SHA-256s (for
+        callers that check the SHA-256 of the whole file they make); raises IntegrityError."""
+        where, out, last, block = self.where, [], None, b""
+        for digest in digests:
+            code = where.get(digest[:KEY_LEN])
+            if code is None:
+                raise IntegrityError("object %s is missing" % digest.hex()[:16])
+            pack, row = self.at(code)
+            block_no, off, length = struct.unpack_from("<III", pack.table,
+                                                       row * _ROW + KEY_LEN)
+            if (pack.name, block_no) != last:
+                last = (pack.name, block_no)
+                block = self._block(*last)
+            data = block[off:off + length]
+            if len(data) != length:
+                raise IntegrityError("object %s in %s.pack: truncated"
+                                     % (digest.hex()[:16], pack.name))
+            out.append(data)
+        return out
 
     def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
-        """Check objects in pack order (each block read once); returns {digest: problem}."""
-        bad = {}
-        for digest in sorted(set(digests), key=self._order):
-            try:
-                self.get(digest)
-            except IntegrityError as exc:
-                bad[digest] = str(exc)
+        """Check objects block by block (each block read and decompressed once, the next
+        ones on worker threads); returns {digest: problem}."""
+        bad: Dict[bytes, str] = {}
+        by_block: Dict[Tuple[str, int], List[Tuple[int, int, bytes]]] = {}
+        where = self.where
+        for digest in set(digests):
+            code = where.get(digest[:KEY_LEN])
+            if code is None:
+                bad[digest] = "object %s is missing" % digest.hex()[:16]
+                continue
+            pack, row = self.at(code)
+            block_no, off, length = pack.loc(row)
+            by_block.setdefault((pack.name, block_no), []).append((off, length, digest))
+        sha256 = hashlib.sha256
+        for key, block in _prefetched(self._read_block_safe, sorted(by_block)):
+            for off, length, digest in by_block[key]:
+                if isinstance(block, IntegrityError):
+                    bad[digest] = str(block)
+                elif length > len(block) - off or sha256(block[off:off + length]).digest() \
+                        != digest:
+                    bad[digest] = "object %s in %s.pack: checksum mismatch" % (
+                        digest.hex()[:16], key[0])
         return bad
 
-    def fetch_many(self, digests: Iterable[bytes], check: bool = True) -> Dict[bytes, bytes]:
-        """The bytes of many objects, read in pack order; raises IntegrityError."""
-        return {d: self.get(d, check) for d in sorted(set(digests), key=self._order)}
+    def _read_block_safe(self, key: Tuple[str, int]) -> Any:
+        """A block's bytes (as a memoryview), or the IntegrityError reading it raised."""
+        try:
+            return memoryview(self._read_block(*key))
+        except IntegrityError as exc:
+            return exc
 
     def _block(self, name: str, block_no: int) -> bytes:
         key = (name, block_no)
-        if key not in self._cache:
+        data = self._cache.get(key)
+        if data is None:
+            # Decompressed outside the lock (zlib releases the GIL); a block two threads
+            # read at once is decompressed twice, which is harmless.
             data = self._read_block(name, block_no)
-            while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
-                self._cached -= len(self._cache.pop(next(iter(self._cache))))
-            self._cache[key] = data
-            self._cached += len(data)
-        return self._cache[key]
+            with self._cache_lock:
+                if key not in self._cache:
+                    while self._cache and self._cached + len(data) > BLOCK_CACHE_BYTES:
+                        self._cached -= len(self._cache.pop(next(iter(self._cache))))
+                    self._cache[key] = data
+                    self._cached += len(data)
+        return data
 
     def _read_block(self, name: str, block_no: int) -> bytes:
         path = self.packs_dir / (name + ".pack")
         try:
-            offset, clen, ulen = self.blocks[name][block_no]
+            offset, clen, ulen = self.packs[name].blocks[block_no]
             with open(str(path), "rb") as handle:
                 handle.seek(offset)
                 data = zlib.decompress(handle.read(clen))
@@ -1644,6 +1768,22 @@ class _ObjectStore:
         if len(data) != ulen:
             raise IntegrityError("%s: block %d has the wrong size" % (path, block_no))
         return data
+
+
+def _prefetched(func: Callable[[Any], Any], keys: List[Any],
+                ahead: int = 2) -> Iterator[Tuple[Any, Any]]:
+    """``(key, func(key))`` in order, computing up to ``ahead`` results on worker threads;
+    memory holds at most ``ahead + 1`` results."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: collections.deque = collections.deque()
+        for key in keys:
+            pending.append((key, pool.submit(func, key)))
+            if len(pending) > ahead:
+                done_key, future = pending.popleft()
+                yield done_key, future.result()
+        while pending:
+            done_key, future = pending.popleft()
+            yield done_key, future.result()
 
 
 # -- Item lists: a file's records as digests, stored whole or as deltas -----
@@ -1784,9 +1924,7 @@ def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
 
 def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
     """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
-    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    doc = {"format": "aml-state-1", "sha256": sha256_hex(body.encode("utf-8")), "payload": payload}
-    data = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    data = checksummed_bytes(payload)
     atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
 
 
@@ -2046,8 +2184,8 @@ class BackupManager:
 
     def _verify_locked(self, ids: List[str], deep: bool) -> VerifyResult:
         objects = _ObjectStore(self.packs)
-        lists = _Lists(objects)
-        checked: Dict[bytes, Optional[str]] = {}
+        # Objects shared by several snapshots are checked once; one snapshot keeps no set.
+        checked: Optional[Dict[bytes, Optional[str]]] = {} if len(ids) > 1 else None
         result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
                               objects_checked=0, problems=list(objects.problems))
         for backup_id in ids:
@@ -2057,39 +2195,14 @@ class BackupManager:
             except AmlError as exc:
                 result.problems.append("%s: %s" % (backup_id, exc))
             else:
-                result.problems.extend("%s: %s" % (backup_id, p) for p in self._verify_files(
-                    manifest["files"], objects, lists, checked, deep))
+                problems, count = _verify_files(manifest["files"], objects, checked, deep)
+                result.problems.extend("%s: %s" % (backup_id, p) for p in problems)
                 result.files_checked += len(manifest["files"])
+                result.objects_checked += count
             if len(result.problems) > before:
                 result.failed.append(backup_id)
-        result.objects_checked = len(checked)
         result.ok = not result.problems
         return result
-
-    def _verify_files(self, entries: List[Any], objects: _ObjectStore, lists: _Lists,
-                      checked: Dict[bytes, Optional[str]], deep: bool) -> List[str]:
-        """Problems of one manifest's files: objects checked once each, in pack order."""
-        problems, needs = [], []
-        for entry in entries:
-            try:
-                safe_relpath(entry.get("path"))
-                needs.append((entry, _entry_objects(entry, lists)))
-            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                problems.append("%s: %s" % (_entry_path(entry), exc))
-        todo = {d for _, ds in needs for d in ds if d not in checked}
-        checked.update(dict.fromkeys(todo))
-        checked.update(objects.check_many(todo))
-        good = []
-        for entry, digests in needs:
-            bad = next((checked[d] for d in digests if checked[d]), None)
-            if bad:
-                problems.append("%s: %s" % (_entry_path(entry), bad))
-            else:
-                good.append(entry)
-        if deep:
-            data = objects.fetch_many(d for _, ds in needs for d in ds if not checked[d])
-            problems.extend(p for e in good for p in _deep_check(e, lists, data))
-        return problems
 
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
@@ -2132,13 +2245,17 @@ class BackupManager:
                                    removed=plan.removed, unchanged=plan.unchanged,
                                    safety_backup=None)
             if dry_run or not plan.changes():
+                plan.check()   # a corrupt backup fails even when nothing would change
                 return result
             if not live and not force and plan.target_had_files:
                 raise RefusedError("--target %s is not empty; use --force to restore into it"
                                    % root)
-            if live:
-                result.safety_backup = self._safety_snapshot(backup_id)
-            plan.apply()
+
+            def before_swap() -> None:   # every staged file is checked by now
+                if live:
+                    result.safety_backup = self._safety_snapshot(backup_id)
+
+            plan.apply(before_swap)
         self.store.record_operation("restore", started, time.monotonic() - clock, {
             "backup_id": backup_id, "target": str(root.resolve()),
             "created": len(result.created), "replaced": len(result.replaced),
@@ -2303,9 +2420,53 @@ def _calendar_picks(ids: List[str], count: int, key: Callable[[_dt.datetime], An
     return list(seen.values())
 
 
-def _deep_check(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> List[str]:
+def _verify_files(entries: List[Any], objects: _ObjectStore,
+                  checked: Optional[Dict[bytes, Optional[str]]],
+                  deep: bool) -> Tuple[List[str], int]:
+    """Problems of one manifest's files and the number of objects checked. Files go in
+    batches of about VERIFY_BATCH_OBJECTS objects, so memory does not grow with the store."""
+    problems: List[str] = []
+    batch: List[Tuple[Dict[str, Any], List[bytes]]] = []
+    size = count = 0
+    for n, entry in enumerate(entries, 1):
+        try:
+            safe_relpath(entry.get("path"))
+            digests = _entry_objects(entry, _Lists(objects))
+        except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append("%s: %s" % (_entry_path(entry), exc))
+        else:
+            batch.append((entry, digests))
+            size += len(digests)
+        if batch and (size >= VERIFY_BATCH_OBJECTS or n == len(entries)):
+            count += _verify_batch(batch, objects, checked, deep, problems)
+            batch, size = [], 0
+    return problems, count
+
+
+def _verify_batch(batch: List[Tuple[Dict[str, Any], List[bytes]]], objects: _ObjectStore,
+                  checked: Optional[Dict[bytes, Optional[str]]], deep: bool,
+                  problems: List[str]) -> int:
+    """Check a batch's objects block by block, then (deep) rebuild and parse each good file."""
+    todo = {d for _, ds in batch for d in ds}
+    new = todo if checked is None else {d for d in todo if d not in checked}
+    bad = objects.check_many(new)
+    if checked is not None:   # remember each result, problems included, for later snapshots
+        checked.update(dict.fromkeys(new))
+        checked.update(bad)
+        bad = {d: checked[d] for d in todo if checked[d]}
+    for entry, digests in batch:
+        wrong = next((bad[d] for d in digests if d in bad), None)
+        if wrong:
+            problems.append("%s: %s" % (_entry_path(entry), wrong))
+        elif deep:   # one file at a time: memory is bounded by the largest file
+            problems.extend(_deep_check(entry, objects, None))
+    return len(new)
+
+
+def _deep_check(entry: Dict[str, Any], objects: _ObjectStore,
+                lists: Optional[_Lists]) -> List[str]:
     try:
-        _check_parses(entry, rebuild_content(entry, lists, data))
+        _check_parses(entry, read_file_content(entry, objects, lists))
     except (AmlError, ValueError, KeyError, TypeError) as exc:
         return ["%s: %s" % (_entry_path(entry), exc)]
     return []
@@ -2327,17 +2488,25 @@ def _entry_objects(entry: Dict[str, Any], lists: _Lists) -> List[bytes]:
     return chain + items
 
 
-def rebuild_content(entry: Dict[str, Any], lists: _Lists, data: Dict[bytes, bytes]) -> bytes:
-    """A file's content (decompressed for gzip files) from fetched objects, checked against
-    its recorded SHA-256; raises IntegrityError or KeyError (object not fetched)."""
+def read_file_content(entry: Dict[str, Any], objects: _ObjectStore,
+                      lists: Optional[_Lists] = None) -> bytes:
+    """One file's content (decompressed for gzip files) read from the repository and checked
+    against its recorded SHA-256; holds only that file. Raises IntegrityError, KeyError..."""
+    digests = _entry_objects(entry, lists or _Lists(objects))
+    # Objects are not hashed one by one: the SHA-256 of the whole file covers them all.
     if entry["kind"] == "blob":
-        content = data[bytes.fromhex(entry["object"])]
+        content = objects.get_unchecked(digests[:1])[0]
         expected = entry["sha256"]
     else:
-        items = _entry_objects(entry, lists)[-entry["count"]:] if entry["count"] else []
-        body = entry["sep"].encode("utf-8").join(data[d] for d in items)
-        content = b"".join([UTF8_BOM if entry["bom"] else b"", entry["head"].encode("utf-8"),
-                            body, entry["tail"].encode("utf-8")])
+        items = digests[len(digests) - entry["count"]:] if entry["count"] else []
+        parts = objects.get_unchecked(items)
+        # One join (separators interleaved) so the file is copied once, not twice.
+        sep = entry["sep"].encode("utf-8")
+        framed = [sep] * max(2 * len(parts) - 1, 0)
+        framed[0::2] = parts
+        del parts
+        head = (UTF8_BOM if entry["bom"] else b"") + entry["head"].encode("utf-8")
+        content = b"".join([head] + framed + [entry["tail"].encode("utf-8")])
         expected = entry["content_sha256"]
     if sha256_hex(content) != expected:
         raise IntegrityError("rebuilt content does not match its recorded SHA-256")
@@ -2384,8 +2553,9 @@ class _RestorePlan:
         self.manager = manager
         self.root = root
         self.live = root == manager.store.root.resolve()
+        self.backup_id = manifest["id"]
         self.entries = self._entries(manifest, scope)
-        self.content = self._rebuild(manifest["id"], _ObjectStore(manager.packs))
+        self.objects = _ObjectStore(manager.packs)
         self.created: List[str] = []
         self.replaced: List[str] = []
         self.unchanged = 0
@@ -2395,27 +2565,24 @@ class _RestorePlan:
         self.target_had_files = bool(existing)
         self.removed = [rel for rel in existing if rel not in self.entries]
 
-    def _rebuild(self, backup_id: str, objects: _ObjectStore) -> Dict[str, bytes]:
-        """Every file's content, verified, before anything is touched; raises IntegrityError."""
-        lists = _Lists(objects)
-        needs, content = {}, {}
-        for rel, entry in self.entries.items():
+    def check(self) -> None:
+        """Rebuild and check every file of the scope, writing nothing; raises IntegrityError."""
+        self._each_file(lambda rel, content: None)
+
+    def _each_file(self, use: Callable[[str, bytes], None]) -> None:
+        """Rebuild every file of the scope on worker threads, check its SHA-256, pass it to
+        ``use``; one file per worker in memory. Raises IntegrityError naming the file."""
+        def job(rel: str) -> None:
             try:
-                needs[rel] = _entry_objects(entry, lists)
+                content = read_file_content(self.entries[rel], self.objects)
             except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
-        try:
-            # Each rebuilt file is checked against its full SHA-256 below, which covers
-            # every object in it, so hashing each object again would only cost time.
-            data = objects.fetch_many((d for ds in needs.values() for d in ds), check=False)
-        except IntegrityError as exc:
-            raise IntegrityError("backup %s: %s" % (backup_id, exc)) from None
-        for rel, entry in self.entries.items():
-            try:
-                content[rel] = rebuild_content(entry, lists, data)
-            except (IntegrityError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise IntegrityError("backup %s: %s: %s" % (backup_id, rel, exc)) from None
-        return content
+                raise IntegrityError("backup %s: %s: %s" % (self.backup_id, rel, exc)) from None
+            use(rel, content)
+
+        # zlib, SHA-256, gzip and fsync release the GIL, so files overlap on both cores.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
+            for _ in pool.map(job, list(self.entries)):
+                pass
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
@@ -2458,9 +2625,11 @@ class _RestorePlan:
         """True if the restore would change anything."""
         return bool(self.created or self.replaced or self.removed)
 
-    def apply(self) -> None:
-        """Stage every file, then swap each in (runtime lock, os.replace) and remove extras."""
+    def apply(self, before_swap: Callable[[], None]) -> None:
+        """Stage every file (each rebuilt and checked; nothing is swapped if any fails), call
+        ``before_swap`` (the safety snapshot), then swap each in and remove extras."""
         state = self.root / STATE_DIR_NAME
+        made_root = not self.root.exists()
         _check_no_symlinks(self.root, STATE_DIR_NAME + "/x")
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         for old in state.glob("restore-*"):
@@ -2469,43 +2638,60 @@ class _RestorePlan:
         staging.mkdir(mode=0o700)
         try:
             staged = self._stage(staging)
-            for n, rel in enumerate(self.created + self.replaced, 1):
-                self.manager.progress("restore: file %d of %d" % (n, len(staged)))
-                self._swap(rel, staged[rel])
+            before_swap()
+            swapped: Dict[Path, None] = {}
+            try:
+                for n, rel in enumerate(self.created + self.replaced, 1):
+                    self.manager.progress("restore: file %d of %d" % (n, len(staged)))
+                    swapped.update(dict.fromkeys(self._swap(rel, staged[rel])))
+            finally:
+                # Each file is whole at every moment; the renames are made durable once per
+                # folder (also after a failure), before anything is removed or recorded.
+                for folder in swapped:
+                    fsync_dir(folder)
             for rel in self.removed:
                 self._remove(rel)
         finally:
             _remove_tree(staging)
             with contextlib.suppress(OSError):
                 state.rmdir()   # only if empty: a --target restore leaves no aml folder
+                if made_root:
+                    self.root.rmdir()   # a failed --target restore leaves no empty folder
 
     def _stage(self, staging: Path) -> Dict[str, Path]:
-        """Write every file to be swapped in under ``staging``, fsynced; gzip on threads."""
-        names = self.created + self.replaced
-        jobs = [(rel, staging / str(n)) for n, rel in enumerate(names)]
-        workers = max(1, min(4, os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda job: self._stage_one(*job), jobs))
-        return dict(jobs)
+        """Check every file of the scope; write (fsynced) those to be swapped in."""
+        staged = {rel: staging / str(n) for n, rel in enumerate(self.created + self.replaced)}
 
-    def _stage_one(self, rel: str, path: Path) -> None:
+        def use(rel: str, content: bytes) -> None:
+            if rel in staged:
+                self._stage_one(rel, staged[rel], content)
+
+        self._each_file(use)
+        return staged
+
+    def _stage_one(self, rel: str, path: Path, content: bytes) -> None:
         entry = self.entries[rel]
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(encode_restored(entry, self.content[rel]))
+            handle.write(encode_restored(entry, content))
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(str(path), mode & 0o777)
 
-    def _swap(self, rel: str, staged: Path) -> None:
+    def _swap(self, rel: str, staged: Path) -> List[Path]:
+        """Move one staged file into place; returns the folders whose entries changed."""
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
+        made, folder = [], path.parent
+        while not folder.exists():
+            made.append(folder.parent)
+            folder = folder.parent
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_no_symlinks(self.root, rel)
         with self._lock(path):
             os.replace(str(staged), str(path))
-        fsync_dir(path.parent)
+        return [path.parent] + made
 
     def _lock(self, path: Path) -> Any:
         """The runtime's lock for a file of the live store; a --target has no runtime."""
@@ -2558,8 +2744,11 @@ class _GarbageCollector:
         """Plan per pack, then (unless dry_run) rewrite and delete."""
         drop, rewrite = [], []
         live = {d[:KEY_LEN]: d for d in self.live}
-        for name, entries in self.objects.entries.items():
-            keep = [live[k] for k in entries if k in live and self.objects.where[k][0] == name]
+        where = self.objects.where
+        for number, pack in enumerate(self.objects.pack_list):
+            name = pack.name
+            entries = dict(zip(pack.keys(), map(pack.loc, range(pack.count))))
+            keep = [live[k] for k in entries if k in live and where[k] >> 32 == number]
             kept = {d[:KEY_LEN] for d in keep}
             dead = [entries[k][2] for k in entries if k not in kept]
             if not dead:
@@ -2575,7 +2764,7 @@ class _GarbageCollector:
         before = self._size(n for n, _ in rewrite) + self._size(drop)
         if dry_run:
             self.result.bytes_freed = self._size(drop) + sum(
-                int(self._size([n]) * (1 - len(k) / len(self.objects.entries[n])))
+                int(self._size([n]) * (1 - len(k) / self.objects.packs[n].count))
                 for n, k in rewrite)
             return
         added = self._rewrite(rewrite)
@@ -2681,7 +2870,8 @@ class _SnapshotBuilder:
                  "sha256": sha256_hex(raw), "stat": key}
         if prev and prev.get("sha256") == entry["sha256"] and self._intact(prev):
             return dict(prev, **entry)   # byte-identical: no need to split it again
-        entry.update(self._array_entry(raw, prev, writer) or self._blob_entry(rel, raw, writer))
+        entry.update(self._array_entry(raw, entry["sha256"], prev, writer)
+                     or self._blob_entry(rel, raw, writer))
         return entry
 
     def _intact(self, prev: Dict[str, Any]) -> bool:
@@ -2710,7 +2900,7 @@ class _SnapshotBuilder:
                                  % (self.store.root / rel))
         return {"kind": "blob", "object": digest.hex(), "json": kind}
 
-    def _array_entry(self, raw: bytes, prev: Optional[Dict[str, Any]],
+    def _array_entry(self, raw: bytes, raw_sha256: str, prev: Optional[Dict[str, Any]],
                      writer: _PackWriter) -> Optional[Dict[str, Any]]:
         is_gzip = raw[:2] == GZIP_MAGIC
         try:
@@ -2723,16 +2913,20 @@ class _SnapshotBuilder:
         if parts is None:
             return None
         head, sep, tail, spans = parts
-        items = []
+        body = content[len(UTF8_BOM):] if bom else content
+        # In ASCII text, character offsets are byte offsets: slice the bytes, no re-encoding.
+        ascii_text = body.isascii()
+        sha256, add, items = hashlib.sha256, writer.add, []
         for start, end in spans:
-            data = text[start:end].encode("utf-8")
-            digest = hashlib.sha256(data).digest()
-            writer.add(digest, data)
+            data = body[start:end] if ascii_text else text[start:end].encode("utf-8")
+            digest = sha256(data).digest()
+            add(digest, data)
             items.append(digest)
         ref, depth = self._store_list(items, prev, writer)
         return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
                 "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
-                "content_sha256": sha256_hex(content), "list": ref, "depth": depth}
+                "content_sha256": sha256_hex(content) if is_gzip else raw_sha256,
+                "list": ref, "depth": depth}
 
     def _store_list(self, items: List[bytes], prev: Optional[Dict[str, Any]],
                     writer: _PackWriter) -> Tuple[str, int]:
@@ -7592,21 +7786,25 @@ def _perf_number(value: Any) -> str:
     return "%d" % value
 
 
-def nagios_line(report: HealthReport) -> str:
-    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
+def health_summary(report: HealthReport) -> str:
+    """One line: ``AML WARNING - check: message; ...`` naming every check that is not healthy."""
     bad = [c for c in report.checks if c.status is not HealthStatus.HEALTHY]
     if bad:
         summary = "; ".join("%s: %s" % (c.name, c.message) for c in bad)
     else:
         summary = "%d checks healthy" % len(report.checks)
+    return "AML %s - %s" % (report.status.nagios, summary.replace("|", "/").replace("\n", " "))
+
+
+def nagios_line(report: HealthReport) -> str:
+    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
     perf = []
     for label, (value, uom, warn, crit) in report.perfdata.items():
         shown = "U" if value is None else _perf_number(value) + uom
         text = "%s=%s;%s;%s;0" % (_perf_label(label), shown, _perf_number(warn),
                                   _perf_number(crit))
         perf.append(re.sub(r";+$", "", text) if value is not None else text.split(";")[0])
-    summary = summary.replace("|", "/").replace("\n", " ")
-    return "AML %s - %s | %s" % (report.status.nagios, summary, " ".join(perf))
+    return "%s | %s" % (health_summary(report), " ".join(perf))
 
 
 def _prom_escape(value: str) -> str:
@@ -7856,7 +8054,7 @@ __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresho
             "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
             "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
             "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
-            "nagios_line", "prometheus_text", "html_report", "worst_status"]
+            "nagios_line", "health_summary", "prometheus_text", "html_report", "worst_status"]
 
 
 # =============================================================================
@@ -8914,7 +9112,7 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     out = _monitor_output(args)
     try:
         report = _open_monitor(args).health()
-    except AmlError as exc:
+    except (AmlError, OSError) as exc:  # e.g. permission denied: health could not run, UNKNOWN
         if args.format == "nagios":
             print("AML UNKNOWN - %s" % str(exc).replace("|", "/"), file=out.stdout)
         raise HealthUnknownError(str(exc)) from None
@@ -8922,12 +9120,12 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
         out.warn(warning)
     if args.format == "nagios":
         print(nagios_line(report), file=out.stdout)
-    elif report.status is HealthStatus.HEALTHY:
-        for line in _health_lines(report):
-            out.line(line)
+    elif out.quiet:
+        if report.status is not HealthStatus.HEALTHY:
+            out.always(health_summary(report))  # cron mails one clear line
     else:
         for line in _health_lines(report):
-            out.always(line)  # cron mails a problem even with -q
+            out.line(line)
     out.document(report)
     return report.exit_code
 
@@ -9011,6 +9209,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.OK)
+    except OSError as exc:
+        # Permission denied, disk full, ...: one clear line, not a traceback (cron mails it).
+        where = exc.filename if exc.filename is not None else ""
+        print("aml: error: %s%s" % (exc.strerror or exc, ": %s" % where if where else ""),
+              file=sys.stderr)
+        return int(ExitCode.FAILURE)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -430,7 +430,7 @@ def test_state_checksum_detects_tampering(tmp_path):
     s.write_state("thing.json", {"a": 1})
     assert s.read_state("thing.json") == {"a": 1}
     path = s.state_path("thing.json")
-    path.write_text(path.read_text().replace('"a": 1', '"a": 2'))
+    path.write_text(path.read_text().replace('"a":1', '"a":2'))
     with pytest.raises(aml.IntegrityError):
         s.read_state("thing.json")
     assert s.read_state_lenient("thing.json", "fresh") == "fresh"
@@ -866,6 +866,66 @@ def test_item_list_delta_chains_are_capped(tmp_path, monkeypatch):
                    if e["path"] == "code-reviewer/patterns.json") for i in manager.snapshot_ids()]
     assert depths == [0, 1, 2, 0, 1]
     assert manager.verify(all_snapshots=True, deep=True).ok
+
+
+def _rewrite_index_unsorted(idx):
+    """Rewrite a pack index the way older aml wrote it: magic AMLIDX02, rows in any order."""
+    import struct
+    import zlib
+    pack = aml._decode_index(idx, idx.read_bytes())
+    rows = [pack.table[i:i + aml._ROW] for i in range(0, len(pack.table), aml._ROW)][::-1]
+    payload = b"".join([struct.pack("<I", len(pack.blocks))]
+                       + [struct.pack("<QII", *b) for b in pack.blocks]
+                       + [struct.pack("<I", len(rows))] + rows)
+    idx.write_bytes(b"AMLIDX02" + hashlib.sha256(payload).digest() + zlib.compress(payload))
+
+
+def test_index_search_and_map_agree_and_older_unsorted_indexes_still_read(tmp_path,
+                                                                          monkeypatch):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    manager = backup_manager(root)
+    snap = manager.create()
+    expected = content_digest(root)
+    keys = [k + bytes(20) for p in aml._ObjectStore(manager.packs).pack_list for k in p.keys()]
+    probes = keys[:40] + [bytes(32), b"\xff" * 32]
+    searched = aml._ObjectStore(manager.packs)          # few lookups: binary search
+    assert [searched.has(k) for k in probes] == [True] * 40 + [False, False]
+    assert searched._where is None
+    monkeypatch.setattr(aml, "_PROBES_BEFORE_MAP", 0)  # every lookup through the map
+    assert [aml._ObjectStore(manager.packs).has(k) for k in probes] == [True] * 40 + [False] * 2
+    monkeypatch.undo()
+    for idx in manager.packs.glob("*.idx"):
+        _rewrite_index_unsorted(idx)
+    mutate_store(root)
+    older = backup_manager(root)
+    assert older.verify(snap.backup_id, deep=True).ok
+    assert older.create().objects_added < 10        # unchanged records found in the old index
+    older.restore(snap.backup_id)
+    assert content_digest(root) == expected
+
+
+def test_verify_in_batches_names_every_snapshot_sharing_a_damaged_object(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(aml, "VERIFY_BATCH_OBJECTS", 7)
+    root = build_store(tmp_path / "memory")
+    first = backup_manager(root, verify_after_backup=False).create()
+    second = backup_manager(root, verify_after_backup=False).create(aml.BackupType.FULL)
+    one, both = backup_manager(root).verify(first.backup_id), \
+        backup_manager(root).verify(all_snapshots=True)
+    assert one.ok and both.ok and both.objects_checked == one.objects_checked > 7
+    _corrupt(backup_manager(root), "flipped")
+    result = backup_manager(root).verify(all_snapshots=True)
+    assert not result.ok and result.failed == [first.backup_id, second.backup_id]
+
+
+def test_corrupt_backup_restored_into_a_new_target_leaves_no_folder(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    snap = backup_manager(root, verify_after_backup=False).create()
+    _corrupt(backup_manager(root), "flipped")
+    target = tmp_path / "copy"
+    with pytest.raises(aml.IntegrityError):
+        backup_manager(root).restore(snap.backup_id, target=target)
+    assert not target.exists()
 
 
 def test_stores_sharing_a_backup_root_never_touch_each_other(tmp_path):
@@ -2631,8 +2691,8 @@ def test_crash_between_files_then_rerun_equals_clean_run(tmp_path, monkeypatch, 
         return real_replace(src, dst)
 
     monkeypatch.setattr(aml.os, "replace", flaky_replace)
-    with pytest.raises(OSError):
-        run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT)
+    # main reports the OSError as one "aml: error:" line and exit 1
+    assert run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 1
     monkeypatch.undo()
     partial = store_records(crashed)
     assert sum(1 for recs in partial.values() if recs[0].get("schemaVersion")) == 1
@@ -3086,7 +3146,10 @@ def test_health_exit_code_is_the_same_for_every_format(tmp_path, capsys):
     root = build_store(tmp_path / "m")
     codes = {fmt: _health(root, capsys=capsys, fmt=fmt)[0] for fmt in ("text", "json", "nagios")}
     assert set(codes.values()) == {1}
-    assert run_cli(root, "monitor", "health", "-q", capsys=capsys)[1].startswith("Health: WARNING")
+    code, out, _ = run_cli(root, "monitor", "health", "-q", capsys=capsys)
+    # For cron: one clear line naming what is wrong, and nothing at all when healthy.
+    assert code == 1 and out.startswith("AML WARNING - ") and out.count("\n") == 1
+    assert "backup: no verified backup yet" in out and " | " not in out
 
 
 def test_thresholds_from_store_config_aml_config_and_flags(tmp_path, capsys):
@@ -3601,3 +3664,540 @@ def test_no_two_top_level_definitions_share_a_name():
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+# =============================================================================
+# End to end: the README and a year of cron
+# =============================================================================
+
+# The README convention: in a ```sh block every line is a command; in a ```console block the
+# lines starting with "$ " are. A command is an aml command when it starts with one of
+# README_PROGRAMS. Optional groups in [brackets] are dropped, the command ends at the first
+# shell operator (|, ;, &&, >, 2>, &), a trailing "# comment" is ignored. The first argument
+# (the memory path) becomes the generated store; a path under /tmp/ goes under the test's
+# tmp_path; a backup id, run id or record id (or the placeholders ID, RUN_ID) becomes one of
+# the store's at that moment. Untagged ``` blocks (transcripts with other paths and clocks) are
+# not run. The commands run in README order, in-process, on one store, with --now pinned to
+# NOW when they do not give it (the store's record ages must not depend on today's date).
+README_PROGRAMS = ("python3 aml.py ", "aml.py ", "aml ")
+README_SHELL_OPERATOR = re.compile(r"\s*(?:;|&&|\|)|\s+(?:[0-9]?>|&\s*$)")
+README_AGENTS = ("backend-developer", "code-reviewer", "frontend-developer", "test-automator")
+BACKUP_ID = re.compile(r"^(?:full|incr)_\d{8}_\d{6}(?:_\d+)?$")
+RUN_ID = re.compile(r"^(?:prune|gc)_\d{8}_\d{6}_[0-9a-f]+$")
+RECORD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+# Commands that may (or must) exit non-zero on the generated store, and why. Everything else
+# must exit 0. Never 2 (usage), never a traceback.
+README_EXPECTED_CODES = [
+    # health exits with the plugin status of its worst check: 1 (warning) while the store has
+    # no index, no backup or maintenance yet, or when a runbook lowers the size threshold.
+    (re.compile(r" monitor health"), {0, 1}),
+    # the runbook shows the mass-deletion guard refusing an aggressive prune (exit 4); its dry
+    # run exits 4 as well when the real run would refuse.
+    (re.compile(r" prune --aggressive(?! --agents)"), {0, 4}),
+    # migrating down refuses (4) when records hold values the older schema has no place for.
+    (re.compile(r" migrate migrate (?:--version )?1\.[0-2]"), {0, 4}),
+    # an unknown id or agent is an empty answer with a message: exit 1 (optimize section).
+    (re.compile(r" get no-such-id| search --agent nobody"), {1}),
+    # the troubleshooting example holds the maintenance lock first: store busy.
+    (re.compile(r" prune -q --lock-timeout"), {5}),
+]
+
+
+def readme_blocks(text):
+    """(language, line number of the first line, lines) of every fenced block of a README."""
+    blocks, current = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            if current is None:
+                current = (line[3:].strip(), number + 1, [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current[2].append(line)
+    return blocks
+
+
+def readme_commands(text):
+    """[(line number, command text)] of the README's sh and console blocks, in order."""
+    found = []
+    for lang, first, lines in readme_blocks(text):
+        if lang not in ("sh", "console"):
+            continue
+        for offset, line in enumerate(lines):
+            command = line[2:] if line.startswith("$ ") else (line if lang == "sh" else None)
+            if command is not None and command.strip():
+                found.append((first + offset, command.strip()))
+    return found
+
+
+def is_aml_command(command):
+    """True for a line the README runner runs (see README_PROGRAMS)."""
+    return command.startswith(README_PROGRAMS)
+
+
+def readme_argv(command):
+    """The argv after the program name, as the convention above reads a README line."""
+    previous = None
+    while previous != command:  # nested optional groups: [ID | --all] inside [...]
+        previous, command = command, re.sub(r"\s*\[[^\[\]]*\]", "", command)
+    command = README_SHELL_OPERATOR.split(command, maxsplit=1)[0]
+    tokens = shlex.split(command, comments=True)
+    return tokens[2:] if tokens[0] == "python3" else tokens[1:]
+
+
+def expected_codes(command):
+    """The exit codes a README command may return on the generated store."""
+    for pattern, codes in README_EXPECTED_CODES:
+        if pattern.search(" " + command.split(" ", 1)[1]):
+            return codes
+    return {0}
+
+
+class ReadmeStoreState:
+    """Resolves README ids and placeholders against the generated store as it is now."""
+
+    def __init__(self, root, scratch):
+        self.root, self.scratch = Path(root), Path(scratch)
+
+    def snapshot_id(self):
+        folder = self.root.parent / "memory-backup" / "aml" / "snapshots"
+        names = sorted(p.name.split(".")[0] for p in folder.glob("*.json")) \
+            if folder.exists() else []
+        if not names:  # a restore or verify example before any backup: take one first
+            assert run_cli(self.root, "backup", "create", "-q", "--now", NOW_TEXT) == 0
+            return self.snapshot_id()
+        return names[0]
+
+    def run_id(self, like="RUN_ID"):
+        """The newest archived run (of the same operation as ``like``, e.g. prune_...)."""
+        runs = [r for r in aml.Archive(aml.Store(self.root)).runs()
+                if like == "RUN_ID" or r.split("_")[0] == like.split("_")[0]]
+        assert runs, "a README line undoes a run before any run was archived"
+        return max(runs, key=lambda r: r.split("_", 1)[1])  # by its timestamp
+
+    def record_id(self):
+        return read_data(self.root / README_AGENTS[0] / "patterns.json")[0]["id"]
+
+    def resolve(self, argv):
+        """argv with the store, scratch paths and ids of this store."""
+        out = list(argv)
+        if out and not out[0].startswith("-"):
+            out[0] = self.path(out[0]) if out[0].startswith("/tmp/") else str(self.root)
+        for i, token in enumerate(out[1:], 1):
+            if token.startswith("/tmp/"):
+                out[i] = self.path(token)
+            elif token == "ID" or BACKUP_ID.match(token):
+                out[i] = self.snapshot_id()
+            elif token == "RUN_ID" or RUN_ID.match(token):
+                out[i] = self.run_id(token)
+            elif RECORD_ID.match(token):
+                out[i] = self.record_id()
+        if out and not out[0].startswith("-") and "--now" not in out:
+            out += ["--now", NOW_TEXT]
+        return out
+
+    def path(self, token):
+        return str(self.scratch / token[len("/tmp/"):])
+
+
+def readme_store(tmp_path):
+    """The generated store the README runs on: the README's agents, mixed gzip and plain."""
+    root = build_store(tmp_path / "project" / ".loom" / "memory", agents=README_AGENTS,
+                       gz="mixed", patterns=24, solutions=8, decisions=6, seed=16)
+    return root
+
+
+def run_readme_line(argv, capsys):
+    """Run one README command in-process: (exit code, stdout, stderr); argparse exits count."""
+    try:
+        code = aml.main(argv)
+    except SystemExit as exc:  # --version, --help
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_readme_convention_reads_lines_as_documented():
+    assert readme_argv("aml.py .loom/memory backup verify [ID | --all] [--deep]") == \
+        [".loom/memory", "backup", "verify"]
+    assert readme_argv("aml .loom/memory prune -q --lock-timeout 2; echo \"exit $?\"") == \
+        [".loom/memory", "prune", "-q", "--lock-timeout", "2"]
+    assert readme_argv("python3 aml.py m backup restore ID | --backup-id ID  # x") == \
+        ["m", "backup", "restore", "ID"]
+    assert readme_argv("aml m backup verify --all --deep 2>&1 | tail -2") == \
+        ["m", "backup", "verify", "--all", "--deep"]
+    assert not is_aml_command("python3.8 aml.py .loom/memory monitor health")
+    assert not is_aml_command("runuser -u nobody -- python3 aml.py .loom/memory backup create")
+    state = ReadmeStoreState("/s/memory", "/scratch")
+    assert state.resolve(["/tmp/r/memory", "migrate", "detect"]) == \
+        ["/scratch/r/memory", "migrate", "detect", "--now", NOW_TEXT]
+    assert expected_codes("aml .loom/memory monitor health -q") == {0, 1}
+    assert expected_codes("aml .loom/memory prune --aggressive --dry-run") == {0, 4}
+    assert expected_codes("aml .loom/memory prune --aggressive --agents a -q") == {0}
+
+
+def test_readme_covers_every_capability_and_the_guide():
+    commands = [c for _, c in readme_commands((HERE / "README.md").read_text())
+                if is_aml_command(c)]
+    verbs = {tuple(readme_argv(c)[1:3]) for c in commands}
+    for verb in [("prune",), ("optimize", "index"), ("search",), ("get",),
+                 ("backup", "create"), ("backup", "restore"), ("backup", "verify"),
+                 ("migrate", "detect"), ("monitor", "health"), ("monitor", "metrics")]:
+        assert any(v[:len(verb)] == verb for v in verbs), verb
+    assert len(commands) >= 60
+
+
+def test_every_readme_command_runs_on_a_generated_store(tmp_path, monkeypatch, capsys):
+    root = readme_store(tmp_path)
+    project = root.parent.parent
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.chdir(project)
+    state, hold_lock, ran = ReadmeStoreState(root, tmp_path / "scratch"), False, []
+    for number, command in readme_commands((HERE / "README.md").read_text()):
+        if command.startswith("flock ") and command.endswith("&"):
+            hold_lock = True  # the next aml command runs while another aml holds the store
+            continue
+        if not is_aml_command(command):
+            continue  # shell setup (cp, mkdir, make test): not aml's
+        argv = state.resolve(readme_argv(command))
+        with contextlib.ExitStack() as stack:
+            if hold_lock:
+                stack.enter_context(held_by_other_process(root / ".aml"))
+                hold_lock = False
+            code, out, err = run_readme_line(argv, capsys)
+        where = "README.md:%d: %s -> %s" % (number, command, argv)
+        assert "Traceback" not in err, where
+        assert code in expected_codes(command), "%s: exit %s\n%s%s" % (where, code, out, err)
+        ran.append(command)
+    assert len(ran) >= 60
+
+
+def test_readme_library_example_runs(tmp_path):
+    text = (HERE / "README.md").read_text()
+    examples = [lines for lang, _, lines in readme_blocks(text) if lang == "python"]
+    assert len(examples) == 1 and "PruneConfig" in "\n".join(examples[0])
+    code = "\n".join(examples[0]).replace('"/opt/aml"', repr(str(HERE)))
+    root = readme_store(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(root.parent.parent),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    # exit 1: the health checks warn (no index yet), as in the README's output
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.split()[1:3] == ["would", "lose"]] == \
+        list(README_AGENTS)
+    assert "verified: True" in proc.stdout and "defaults: 60 36" in proc.stdout
+    assert (tmp_path / "aml-backups" / "aml" / "snapshots").is_dir()  # ../ of the cwd
+    assert re.search(r"^size +healthy .*limit 40\.0 MiB", proc.stdout, re.M)
+
+
+def test_an_os_error_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    code, out, err = run_cli(root, "backup", "create", capsys=capsys)
+    assert (code, out) == (1, "")
+    assert err == "aml: error: Permission denied: %s\n" % (root / ".aml")
+
+
+# -- a year of cron in fast-forward ---------------------------------------------
+
+YEAR_GZ_AGENTS = ("backend-developer", "code-reviewer")
+YEAR_PLAIN_AGENTS = ("test-automator",)
+YEAR_FILES = {"patterns.json": "pattern", "solutions.json": "solution",
+              "decisions.json": "decision"}
+
+
+def _rt_is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _rt_is_ts(v):
+    return isinstance(v, str) and aml.parse_timestamp(v) is not None
+
+
+def runtime_problems(rtype, rec):
+    """Why the runtime's validator (SPEC 2.1) would reject a record; [] when it accepts it."""
+    if not isinstance(rec, dict):
+        return ["not an object"]
+    checks = [(isinstance(rec.get("id"), str) and rec["id"], "id"),
+              (isinstance(rec.get("agent"), str), "agent"),
+              (_rt_is_ts(rec.get("timestamp")), "timestamp"),
+              (isinstance(rec.get("active", True), bool), "active"),
+              (isinstance(rec.get("tags", []), list), "tags")]
+    if rtype == "pattern":
+        m, e, p = rec.get("metrics"), rec.get("evolution"), rec.get("pattern")
+        checks += [
+            (isinstance(p, dict) and isinstance(p.get("approach"), dict), "pattern"),
+            (isinstance(m, dict) and _rt_is_num(m.get("successRate"))
+             and 0 <= m["successRate"] <= 1 and isinstance(m.get("executionCount"), int),
+             "metrics"),
+            (isinstance(e, dict) and _rt_is_num(e.get("confidenceScore"))
+             and 0 <= e["confidenceScore"] <= 1 and _rt_is_ts(e.get("created"))
+             and _rt_is_ts(e.get("lastUsed")) and isinstance(e.get("refinements"), int),
+             "evolution")]
+    elif rtype == "solution":
+        eff = rec.get("effectiveness")
+        checks += [(isinstance(rec.get("problem"), dict), "problem"),
+                   (isinstance(rec.get("solution"), dict), "solution"),
+                   (isinstance(eff, dict) and isinstance(eff.get("worked"), bool),
+                    "effectiveness"),
+                   (isinstance(rec.get("verifiedCount", 0), int), "verifiedCount")]
+    else:
+        d = rec.get("decision")
+        checks += [(isinstance(d, dict) and isinstance(d.get("alternativesConsidered"), list),
+                    "decision"),
+                   ("outcome" not in rec or isinstance(rec["outcome"], dict), "outcome")]
+    return [what for ok, what in checks if not ok]
+
+
+def runtime_read(path):
+    """A data file as the runtime reads it: gzip by content, else UTF-8 JSON; raises if bad."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw.decode("utf-8"))
+
+
+class RuntimeWriter:
+    """Writes like the runtime: takes <abs file>.lock with mkdir, rewrites the whole file."""
+
+    def __init__(self, root, rng):
+        self.root, self.rng = Path(root), rng
+
+    def rewrite(self, agent, fname, change):
+        path = self.root / agent / fname
+        lock = Path(str(path.resolve()) + ".lock")
+        if lock.is_dir() and time.time() - lock.stat().st_mtime > aml.LOCK_STALE_SECONDS:
+            lock.rmdir()  # a dead process's lock: stale after 30 s, as the runtime treats it
+        lock.mkdir()  # fails if aml holds it: in this single-threaded year it never does
+        try:
+            data = runtime_read(path) if path.exists() else []
+            change(data)
+            write_data(path, data, gz=agent in YEAR_GZ_AGENTS)
+        finally:
+            lock.rmdir()
+
+    def day(self, agent, when):
+        """One working day: 0-1 new record per file, two records used. Returns the new ids."""
+        stamp, new_ids = aml.format_timestamp(when), []
+        makers = {"patterns.json": make_pattern, "solutions.json": make_solution,
+                  "decisions.json": make_decision}
+        for fname, maker in makers.items():
+            def change(data, maker=maker):
+                for _ in range(self.rng.randint(0, 1)):
+                    rec = maker(agent, self.rng, age=0, conf=0.6) if maker is make_pattern \
+                        else maker(agent, self.rng, age=0)
+                    rec["timestamp"] = stamp
+                    if "evolution" in rec:
+                        rec["evolution"]["created"] = rec["evolution"]["lastUsed"] = stamp
+                        rec["metrics"]["successRate"] = self.rng.uniform(0.4, 1.0)
+                    data.append(rec)
+                    new_ids.append(rec["id"])
+                for rec in self.rng.sample(data, min(len(data), 2)):
+                    if "evolution" in rec:
+                        rec["evolution"]["lastUsed"] = stamp
+                        rec["metrics"]["executionCount"] += 1
+            self.rewrite(agent, fname, change)
+        return new_ids
+
+
+def year_store(root, rng):
+    """A young runtime store, gzip and plain agents, a third of its records still 1.0.0."""
+    write_data(root / "config.json", CONFIG)
+    ids = set()
+    for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+        gz = agent in YEAR_GZ_AGENTS
+        for fname, maker in (("patterns.json", make_pattern), ("solutions.json", make_solution),
+                             ("decisions.json", make_decision)):
+            records = [maker(agent, rng, age=rng.randint(0, 60)) for _ in range(8)]
+            for rec in records[::3]:  # 1.0.0: written before tags and active existed
+                rec.pop("tags"), rec.pop("active")
+            ids.update(r["id"] for r in records)
+            write_data(root / agent / fname, records, gz)
+        write_data(root / agent / "metrics.json", {"agent": agent}, gz)
+    return ids
+
+
+def store_ids(root):
+    """Every record id in the store's record files."""
+    return {rec["id"] for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS for fname in YEAR_FILES
+            for rec in runtime_read(Path(root) / agent / fname)}
+
+
+def archived(root):
+    """[(record id, reason)] of every record any run archived."""
+    archive = aml.Archive(aml.Store(root))
+    return [(entry["record"]["id"], entry["reason"]) for run in archive.runs()
+            for entry in archive.load(run)["entries"]]
+
+
+def file_contents(root):
+    """{relative path: content} outside .aml: decompressed for gzip files, bytes for plain."""
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and rel.parts[0] != ".aml":
+            raw = path.read_bytes()
+            out[str(rel)] = ("gzip", gzip.decompress(raw)) if raw[:2] == b"\x1f\x8b" \
+                else ("plain", raw)
+    return out
+
+
+def _year_alerts(cron, when, *flags):
+    return json.loads(cron(when, "monitor", "alerts", "--format", "json", *flags))["alerts"]
+
+
+class Cron:
+    """Runs aml's crontab jobs in-process at a fixed clock; every run's exit code is kept."""
+
+    def __init__(self, root, capsys):
+        self.root, self.capsys, self.log = root, capsys, []
+
+    def __call__(self, when, *argv, codes=(0,)):
+        stamp = aml.format_timestamp(when)
+        code = aml.main([str(self.root)] + list(argv) + ["--now", stamp])
+        out, err = self.capsys.readouterr()
+        self.log.append((stamp, argv, code))
+        assert code in codes and "Traceback" not in err, (stamp, argv, code, out, err)
+        return out
+
+
+def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
+    # Durability is proven by the crash tests; here fsync would only make a year take minutes
+    # on a busy disk, so it is a no-op (every write is still a temp file and a rename).
+    monkeypatch.setattr(aml.os, "fsync", lambda fd: None)
+    rng = random.Random(2026)
+    root = tmp_path / "project" / ".loom" / "memory"
+    written = year_store(root, rng)
+    writer, cron = RuntimeWriter(root, rng), Cron(root, capsys)
+    start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+    mid_month = (start + dt.timedelta(days=182)).strftime("%Y-%m")
+    mid_copy = mid_id = lock_alert = lock_resolved = None
+    crashed = False
+    for day in range(366):
+        today = start + dt.timedelta(days=day)
+        at = lambda hour, minute=0: today + dt.timedelta(hours=hour, minutes=minute)  # noqa
+        tomorrow = today + dt.timedelta(days=1)
+        if day % 6 == 0:  # the nightly backup, every sixth night to keep the test fast
+            cron(at(2), "backup", "auto", "-q", "--keep-weekly", "8", "--keep-monthly", "12")
+        if day == 1:  # the operator upgrades the schema once, after the first backup
+            detect = json.loads(cron(at(8, 55), "migrate", "detect", "--format", "json"))
+            assert "1.0.0" in detect["totals"]
+            cron(at(9), "migrate", "migrate-latest", "-q")
+            detect = json.loads(cron(at(9, 5), "migrate", "detect", "--format", "json"))
+            assert set(detect["totals"]) == {"2.0.0"} and not detect["runtime_invalid"]
+        if today.weekday() == 6:
+            cron(at(3), "prune", "-q")
+        if today.day == 1:
+            cron(at(4), "optimize", "all", "-q")
+            cron(at(4, 30), "optimize", "index", "-q")
+        if day >= 200 and today.weekday() == 0 and not crashed:
+            # a runtime process died holding a lock, before the Monday health check
+            crashed = True
+            crash = Path(str((root / "code-reviewer" / "patterns.json").resolve()) + ".lock")
+            crash.mkdir()
+            os.utime(crash, (time.time() - 3600,) * 2)
+        if today.weekday() == 0:
+            health = cron(at(6), "monitor", "health", "-q", codes=(0, 1))
+            if crashed and lock_alert is None:
+                assert "stale runtime lock" in health, health
+                lock_alert = next(a["id"] for a in _year_alerts(cron, at(6, 1))
+                                  if a["check"] == "structure")
+            elif lock_alert is not None and lock_resolved is None:
+                lock_resolved = next(a for a in _year_alerts(cron, at(6, 1), "--all")
+                                     if a["id"] == lock_alert)
+        if day % 3 == 0:  # the agents work every third day, after the night's cron jobs
+            for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+                written.update(writer.day(agent, at(14)))
+        if day == 100:  # a runtime bug writes one solution twice: the monthly gc must archive it
+            writer.rewrite(YEAR_PLAIN_AGENTS[0], "solutions.json",
+                           lambda data: data.append(json.loads(json.dumps(data[-1]))))
+        if today.strftime("%Y-%m") == mid_month and tomorrow.strftime("%Y-%m") != mid_month:
+            # the last day of the mid-year month: one more snapshot, the newest of its month,
+            # so rotation's --keep-monthly keeps it; and a copy of the store as it is now
+            out = cron(at(23), "backup", "create")
+            mid_id = out.split(":")[0]
+            mid_copy = file_contents(root)
+    end = start + dt.timedelta(days=366, hours=12)
+
+    # a year of cron ran: every job exited 0 (health: 0 or 1), each kind of maintenance
+    # recorded itself, rotation deleted old snapshots; the health check saw the dead
+    # runtime's lock, and the alert resolved itself once the runtime's next write cleared it
+    jobs = [argv[:2] for _, argv, _ in cron.log]
+    assert jobs.count(("prune", "-q")) == 52 and jobs.count(("optimize", "all")) == 12
+    history = aml.Store(root).read_state("history.json")
+    done = {entry["operation"] for entry in history}  # the newest 500 runs
+    assert {"backup", "verify", "rotate", "prune", "gc", "compress", "index", "warm-cache",
+            "health"} <= done, done
+    assert [run["to"] for run in aml.Store(root).read_state("migrations.json")] == ["2.0.0"]
+    taken = sum(1 for entry in history if entry["operation"] == "backup")
+    listed = [line for line in cron(end, "backup", "list").splitlines()
+              if re.match(r"(full|incr)_", line)]
+    assert 12 <= len(listed) < taken
+    assert lock_resolved is not None and lock_resolved["state"] == "resolved"
+    assert lock_resolved["resolved_by"] == "auto"  # the runtime's next write cleared it
+
+    # nothing lost: every record ever written is in the store or archived with a reason
+    present, gone = store_ids(root), archived(root)
+    assert written - present - {record_id for record_id, _ in gone} == set()
+    reasons = {r.value for r in aml.PruneReason} | {r.value for r in aml.GcReason}
+    assert gone and {reason for _, reason in gone} <= reasons
+    assert "duplicate" in {reason for _, reason in gone}
+    # an id both archived and present is only the copy gc removed while keeping the original
+    assert {i for i, reason in gone if reason != "duplicate"} & present == set()
+
+    # every file still reads as the runtime reads it, every record passes its validator
+    for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+        for fname, rtype in YEAR_FILES.items():
+            records = runtime_read(root / agent / fname)
+            assert isinstance(records, list)
+            assert [(r["id"], runtime_problems(rtype, r)) for r in records
+                    if runtime_problems(rtype, r)] == []
+        assert isinstance(runtime_read(root / agent / "metrics.json"), dict)
+        encodings = {(root / agent / f).read_bytes()[:2] == b"\x1f\x8b" for f in YEAR_FILES}
+        assert encodings == {agent in YEAR_GZ_AGENTS}  # each rewrite kept the runtime's choice
+    # the monthly compression gzipped what the runtime no longer touches
+    assert (root / YEAR_PLAIN_AGENTS[0] / "metrics.json").read_bytes()[:2] == b"\x1f\x8b"
+
+    # the mid-year snapshot is still there and restores exactly what the store was then
+    scratch = tmp_path / "restore-check"
+    assert mid_id and mid_id in cron(end, "backup", "list")
+    cron(end, "backup", "verify", mid_id, "--deep")
+    cron(end, "backup", "restore", mid_id, "--target", str(scratch / "memory"))
+    assert file_contents(scratch / "memory") == mid_copy
+    assert cron(end, "monitor", "health", codes=(0, 1)).startswith("Health: ")
+
+
+def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    jobs = [j for j in _crontab_commands() if j[-3:] == ["optimize", "index", "-q"]]
+    assert len(jobs) == 1  # the monthly index rebuild
+    _, argv = _aml_args(jobs[0])
+    argv[0] = str(root)
+    proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
+                          env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert aml.MemoryIndex(aml.Store(root)).stale_files() == []
+    with held_by_other_process(root / ".aml"):  # on failure: non-zero and one line
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv +
+                              ["--lock-timeout", "0.2"], cwd=str(tmp_path),
+                              env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 5 and proc.stdout == b""
+    assert proc.stderr.decode().count("\n") == 1 and proc.stderr.startswith(b"aml: error: ")
+
+
+def test_health_that_cannot_run_for_an_os_error_is_unknown(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    code, out, err = run_cli(root, "monitor", "health", "--format", "nagios", capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "Permission denied" in out
+    assert err.startswith("aml: error: ") and err.count("\n") == 1
