@@ -1889,8 +1889,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--days", type=int, default=30,
                         help="simulated days of backups, 0 to skip (default: 30)")
     parser.add_argument("--days-size", type=float, default=None,
-                        help="store size for the simulated days (default: 100 if benchmarked, "
-                             "else the smallest size)")
+                        help="store size for the simulated days (default: the smallest size)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only the operations whose name starts with one of these "
                              "(e.g. get backup 'monitor health')")
@@ -1911,7 +1910,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     opts.sizes = [float(s) if "." in s else int(s) for s in opts.sizes.split(",") if s.strip()]
     if opts.days_size is None:
-        opts.days_size = 100 if 100 in opts.sizes else min(opts.sizes)
+        opts.days_size = min(opts.sizes)
     opts.aml = opts.aml.resolve()
     return opts
 
