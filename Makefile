@@ -19,7 +19,9 @@ test-all:
 	  $(MAKE) --no-print-directory test PYTHON=$$py VENV=.venv-$$v || exit 1; \
 	done; [ $$found -gt 0 ] || { echo "no CPython 3.9-3.13 found"; exit 1; }
 
-# Benchmarks against the machine's floors (see README); SIZES in MB.
+# Benchmarks against the machine's floors (see README "Performance"), e.g.
+#   make bench BENCH_ARGS="--sizes 10,100,1000 --scratch /var/tmp/aml-bench"
+BENCH_ARGS ?= --sizes 10,100
 bench:
 	$(PYTHON) bench_aml.py $(BENCH_ARGS)
 

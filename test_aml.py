@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -3947,6 +3948,165 @@ def test_html_report_renders_in_headless_chromium(tmp_path, capsys):
             pixels += data[offset + 8:offset + 8 + length]
         offset += 12 + length
     assert len(set(zlib.decompress(pixels))) > 50
+
+
+# =============================================================================
+# Benchmark script (bench_aml.py): its store generator and process measurement
+# =============================================================================
+
+import bench_aml  # noqa: E402  (beside aml.py; only these tests use it)
+
+RUNTIME_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def _is_num(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strs(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _shape_problems(kind, rec):
+    """What the runtime's validator (SPEC 2.1) would reject in one generated record."""
+    base = [isinstance(rec.get(k), str) for k in ("id", "agent")] + [
+        bool(RUNTIME_TS.match(rec.get("timestamp", ""))), isinstance(rec.get("active"), bool),
+        _strs(rec.get("tags", []))]
+    if kind == "patterns.json":
+        p, m, ev = rec["pattern"], rec["metrics"], rec["evolution"]
+        checks = [isinstance(p["type"], str), isinstance(p["context"], dict),
+                  isinstance(p["approach"]["technique"], str),
+                  isinstance(p["approach"]["rationale"], str), _strs(p["approach"]["steps"]),
+                  _strs(p["conditions"]["whenApplicable"]),
+                  _strs(p["conditions"]["whenNotApplicable"]), 0 <= m["successRate"] <= 1,
+                  isinstance(m["executionCount"], int), _is_num(m["avgTimeSavedMs"]),
+                  isinstance(m["errorPreventionCount"], int), isinstance(ev["refinements"], int),
+                  0 <= ev["confidenceScore"] <= 1, ev["lastUsed"] >= ev["created"]]
+    elif kind == "solutions.json":
+        pr, so, ef = rec["problem"], rec["solution"], rec["effectiveness"]
+        checks = [isinstance(pr["errorType"], str), isinstance(pr["errorMessage"], str),
+                  isinstance(pr["context"], dict), isinstance(so["rootCause"], str),
+                  isinstance(so["fixApproach"], str), isinstance(so["prevention"], str),
+                  _strs(so.get("relatedPatterns", [])), isinstance(ef["worked"], bool),
+                  _is_num(ef["timeToFixMinutes"]), isinstance(ef["preventedRecurrence"], int),
+                  isinstance(rec["verifiedCount"], int)]
+    else:
+        d = rec["decision"]
+        checks = [isinstance(d["question"], str), isinstance(d["chosenOption"], str),
+                  _strs(d["alternativesConsidered"]), _strs(d["decisionFactors"]["primary"]),
+                  _strs(d["decisionFactors"]["secondary"]), rec.get("outcome", {}) is not None]
+        if "outcome" in rec:
+            o = rec["outcome"]
+            checks += [isinstance(o["wouldRepeat"], bool), _strs(o["lessonsLearned"]),
+                       0 <= o["successMetrics"].get("developmentSpeed", 1) <= 2,
+                       0 <= o["successMetrics"].get("maintainability", 0.5) <= 1]
+    return [i for i, ok in enumerate(base + checks) if not ok]
+
+
+def _bench_store(tmp_path, name="s", size=0.3, seed=7, encoding="mixed"):
+    meta = bench_aml.generate_store(tmp_path / name, size, seed=seed, encoding=encoding)
+    return tmp_path / name, meta
+
+
+def test_bench_generator_is_reproducible_from_its_seed(tmp_path):
+    a, _ = _bench_store(tmp_path, "a")
+    b, _ = _bench_store(tmp_path, "b")
+    c, _ = _bench_store(tmp_path, "c", seed=8)
+    assert tree_digest(a) == tree_digest(b)
+    assert tree_digest(a) != tree_digest(c)
+
+
+def test_bench_generator_writes_records_the_runtime_accepts(tmp_path):
+    root, meta = _bench_store(tmp_path, size=0.5)
+    store = aml.Store(root)
+    assert sorted(store.agents()) == sorted(a["agent"] for a in meta["agents"])
+    ages, seen = [], 0
+    for path in bench_aml.record_files(root):
+        records = read_data(path)
+        assert isinstance(records, list) and records
+        for rec in records:
+            assert _shape_problems(path.name, rec) == [], (path, rec["id"])
+            assert rec["agent"] == path.parent.name
+            ages.append((NOW - aml.parse_timestamp(rec["timestamp"])).days)
+        seen += len(records)
+    assert seen == meta["records"]
+    assert max(ages) > 400 and min(ages) < 30
+    assert read_data(root / "config.json")["version"] == "1.0.0"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "plain", "mixed"])
+def test_bench_generator_encodings_and_size(tmp_path, encoding):
+    root, meta = _bench_store(tmp_path, size=0.4, encoding=encoding)
+    heads = {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in bench_aml.record_files(root)}
+    if encoding == "gzip":
+        assert all(heads.values())
+    elif encoding == "plain":
+        assert not any(heads.values())
+        text = next(iter(heads)).read_text()
+        assert text == json.dumps(json.loads(text), indent=2)   # the runtime's layout exactly
+    else:
+        assert len(set(heads.values())) == 2
+    assert (root / "config.json").read_bytes()[:1] == b"{"
+    assert 0.85 * 0.4 * bench_aml.MB < meta["bytes"] < 1.2 * 0.4 * bench_aml.MB
+
+
+def test_bench_generator_has_near_and_exact_duplicates_and_inactive_records(tmp_path):
+    rng = random.Random(3)
+    data, ids, count, _ = bench_aml.generate_records(
+        "patterns.json", "qa", 400000, False, rng, dup_rate=0.2, exact_dup_rate=0.02)
+    records = json.loads(data)
+    assert len(records) == count > len(ids) == len(set(ids))    # exact duplicates share an id
+    bodies = {}
+    for rec in records:
+        key = json.dumps([rec["pattern"]["conditions"], rec["pattern"]["approach"]["steps"],
+                          rec["tags"]], sort_keys=True)
+        bodies.setdefault(key, set()).add(rec["id"])
+    assert any(len(group) > 1 for group in bodies.values())     # same content, new id
+    assert any(rec["active"] is False for rec in records)
+
+
+def test_bench_plan_scales_agents_and_keeps_each_under_the_limit(tmp_path):
+    small = bench_aml.plan_store(tmp_path, 10, 1, "mixed")
+    big = bench_aml.plan_store(tmp_path, 1000, 1, "mixed")
+    assert len(big) > len(small) >= 3
+    assert all(p.budget < bench_aml.AGENT_LIMIT for p in big)
+    assert {p.gzip for p in small} == {True, False}
+    assert len({p.agent for p in big}) == len(big)
+
+
+def test_bench_mutation_rewrites_whole_files_and_changes_one_percent(tmp_path):
+    root, meta = _bench_store(tmp_path, size=0.6)
+    before = {p: read_data(p) for p in bench_aml.record_files(root)}
+    zipped = {p: p.read_bytes()[:2] == b"\x1f\x8b" for p in before}
+    counts = bench_aml.mutate_store(root, 0.01, 1, NOW + dt.timedelta(days=1))
+    changed = 0
+    for path, old in before.items():
+        new = read_data(path)
+        assert [r["id"] for r in new] == [r["id"] for r in old]
+        changed += sum(a != b for a, b in zip(old, new))
+        assert (path.read_bytes()[:2] == b"\x1f\x8b") == zipped[path]
+        if not zipped[path]:
+            assert path.read_text() == json.dumps(new, indent=2)
+    assert changed == counts["records_changed"]
+    assert 0.005 * meta["records"] <= changed <= 0.02 * meta["records"]
+
+
+def test_bench_process_peak_memory_is_the_childs_not_the_parents():
+    ballast = bytearray(150 * 1024 * 1024)
+    ballast[::4096] = b"x" * len(ballast[::4096])          # touch every page
+    run = bench_aml.run_process([sys.executable, "-c", "import sys; sys.exit(3)"])
+    assert run.code == 3 and 0 < run.maxrss_mb < 100 and run.seconds > 0
+    del ballast
+
+
+def test_bench_reports_a_missing_command_as_not_available(tmp_path):
+    root, meta = _bench_store(tmp_path, size=0.1)
+    opts = bench_aml.parse_args(["--aml", str(HERE / "aml.py"), "--sizes", "1"])
+    bench = bench_aml.Bench(opts, 0.1, root, meta, tmp_path, runs=1)
+    bench.work.mkdir()
+    op = bench_aml.Op("no such", ("no-such-command",), lambda b, c: [], bench_aml._ro)
+    assert bench.run_op(op) == {"name": "no such", "command": "no-such-command",
+                                "available": False}
 
 
 # =============================================================================
