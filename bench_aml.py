@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -1925,8 +1926,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     report: Dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H%M", time.gmtime()) + "Z",
-        "command": " ".join(["python3", "bench_aml.py"] + list(sys.argv[1:] if argv is None
-                                                              else argv)),
+        "command": shlex.join(["python3", "bench_aml.py"] + list(sys.argv[1:] if argv is None
+                                                                 else argv)),
         "aml": aml_description(opts.aml), "machine": machine(),
         "disk": disk_of(Path(opts.scratch)), "sizes": [], "cross_size": []}
     for size in sorted(opts.sizes):
