@@ -188,6 +188,21 @@ def run_cli(*argv, capsys=None):
     return code, out, err
 
 
+def fail_nth_replace(monkeypatch, n=2, counts=lambda dst: True, err=(5, "I/O error")):
+    """Make the ``n``-th counted os.replace raise OSError(err): a crash between two writes."""
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        if counts(dst):
+            calls.append(dst)
+            if len(calls) == n:
+                raise OSError(*err)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(aml.os, "replace", flaky)
+    return calls
+
+
 @contextlib.contextmanager
 def held_by_other_process(state_dir):
     """Hold aml's maintenance lock on ``state_dir`` from another process (another aml run)."""
@@ -792,15 +807,7 @@ def test_crash_mid_restore_keeps_files_whole_and_rerun_completes(tmp_path, monke
     for agent in ("backend-developer", "code-reviewer", "test-automator"):
         path = root / agent / "patterns.json"
         write_data(path, read_data(path)[:3], gz=True)
-    real_replace, calls = os.replace, []
-
-    def flaky(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(5, "I/O error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(aml.os, "replace", flaky)
+    fail_nth_replace(monkeypatch)
     with pytest.raises(OSError):
         backup_manager(root).restore(snap.backup_id)
     monkeypatch.undo()
@@ -2300,17 +2307,7 @@ def test_runtime_change_between_plan_and_write_is_replanned(tmp_path, monkeypatc
 def test_crash_on_second_file_leaves_files_old_or_new_and_rerun_completes(tmp_path, monkeypatch):
     root = _prune_store(tmp_path / "m", gz="mixed")
     before = _all_records(root)
-    real_replace = os.replace
-    data_writes = []
-
-    def flaky_replace(src, dst):
-        if Path(dst).name in aml.RECORD_FILES:
-            data_writes.append(dst)
-            if len(data_writes) == 2:
-                raise OSError(5, "Input/output error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(aml.os, "replace", flaky_replace)
+    fail_nth_replace(monkeypatch, counts=lambda dst: Path(dst).name in aml.RECORD_FILES)
     with pytest.raises(OSError):
         aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
     monkeypatch.undo()
@@ -2600,16 +2597,7 @@ def test_compress_never_touches_unparseable_files(tmp_path, capsys):
 def test_compress_crash_leaves_files_intact_and_rerun_completes(tmp_path, monkeypatch):
     root = build_store(tmp_path / "m", agents=("a",))
     original = tree_digest(root)
-    calls = []
-    real = os.replace
-
-    def flaky(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
-        return real(src, dst)
-
-    monkeypatch.setattr(aml.os, "replace", flaky)
+    fail_nth_replace(monkeypatch)
     with pytest.raises(OSError):
         aml.transcode_store(aml.Store(root), True, age_days=0, workers=1)
     monkeypatch.undo()
@@ -2749,16 +2737,9 @@ def test_gc_crash_midway_leaves_files_whole_and_rerun_finishes(store, monkeypatc
     path = store / "code-reviewer" / "solutions.json"
     write_data(path, read_data(path) + [read_data(path)[0]],
                gz=path.read_bytes()[:2] == b"\x1f\x8b")
-    calls, real = [], os.replace
-
-    def flaky(src, dst):
-        if ".aml" not in Path(dst).parts:   # archive writes (manifest, part) are not counted
-            calls.append(dst)
-        if len(calls) == 2:   # the first data file is written, the second one fails
-            raise OSError(28, "No space left on device")
-        return real(src, dst)
-
-    monkeypatch.setattr(aml.os, "replace", flaky)
+    # Archive writes (manifest, part) are not counted: the second data file's write fails.
+    fail_nth_replace(monkeypatch, counts=lambda dst: ".aml" not in Path(dst).parts,
+                     err=(28, "No space left on device"))
     with pytest.raises(OSError):
         aml.collect_garbage(aml.Store(store))
     monkeypatch.undo()
@@ -3154,15 +3135,7 @@ def test_crash_between_files_then_rerun_equals_clean_run(tmp_path, monkeypatch, 
     clean = build_store(tmp_path / "clean", gz="mixed")
     crashed = build_store(tmp_path / "crashed", gz="mixed")
     assert run_cli(clean, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 0
-    real_replace, calls = os.replace, []
-
-    def flaky_replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(5, "I/O error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(aml.os, "replace", flaky_replace)
+    fail_nth_replace(monkeypatch)
     # main reports the OSError as one "aml: error:" line and exit 1
     assert run_cli(crashed, "migrate", "migrate-latest", "--no-backup", "--now", NOW_TEXT) == 1
     monkeypatch.undo()
