@@ -179,6 +179,15 @@ def tree_digest(root, skip_state=False):
     return out
 
 
+def cron_env():
+    """The environment cron gives a job (a minimal PATH), plus CI's calendar shift when set."""
+    env = {"PATH": "/usr/bin:/bin"}
+    for name in ("PYTHONPATH", "AML_CLOCK_SHIFT_DAYS"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
 def run_cli(*argv, capsys=None):
     """Run aml.main in-process; returns (exit code, stdout, stderr) when capsys is given."""
     code = aml.main([str(a) for a in argv])
@@ -949,7 +958,7 @@ def test_restore_at_picks_newest_snapshot_not_after_the_time(tmp_path, capsys):
         write_data(root / "global" / "shared.json", {"day": day})
         ids.append(backup_manager(root, now=NOW + dt.timedelta(days=day)).create().backup_id)
     code, out, _ = run_cli(root, "backup", "restore", "--at", "2026-11-22T23:00:00Z", "-q",
-                           capsys=capsys)
+                           "--now", "2026-11-24T12:00:00Z", capsys=capsys)
     assert code == 0 and read_data(root / "global" / "shared.json") == {"day": 2}
     with pytest.raises(aml.UsageError):
         backup_manager(root).restore(at=NOW)
@@ -1270,7 +1279,7 @@ def test_cli_original_spellings_and_json(tmp_path, capsys):
 
 def test_cron_line_runs_quietly_and_fails_loudly(tmp_path):
     root = build_store(tmp_path / "memory", patterns=5)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = dict(cron_env(), HOME=str(tmp_path))
     argv = [sys.executable, str(HERE / "aml.py"), str(root), "backup", "auto", "-q"]
     done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
@@ -2502,7 +2511,7 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(elsewhere),
-                          env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                          env=cron_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
     store = aml.Store(root)
@@ -3313,7 +3322,11 @@ import zlib
 
 
 def _health(root, *extra, capsys, fmt="json"):
-    """Run ``monitor health`` and return (exit code, parsed JSON or text, stderr)."""
+    """Run ``monitor health`` and return (exit code, parsed JSON or text, stderr).
+
+    The clock is NOW unless the caller fixes another one: health's outcome depends on the date.
+    """
+    extra = extra if "--now" in extra else extra + ("--now", NOW_TEXT)
     code, out, err = run_cli(root, "monitor", "health", "--format", fmt, *extra, capsys=capsys)
     return code, (json.loads(out) if fmt == "json" else out), err
 
@@ -3327,15 +3340,27 @@ def _record_backup(root, when=None):
     manifest = root.parent / "memory-backup" / "snap" / "manifest.json"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text("{}")
-    aml.Store(root).record_operation("backup", when or aml.utcnow(), 0.4, {
+    aml.Store(root).record_operation("backup", when or NOW, 0.4, {
         "backup_id": "snap", "type": "full", "verified": True, "manifest": str(manifest),
         "bytes_added": 10, "files": 3})
 
 
+PINNED_QUERY_MS = 600000
+
+
 def _make_healthy(root, hits=90, misses=10):
-    """A real verified backup, a fresh index built by ``optimize index``, a good hit rate."""
-    assert run_cli(root, "backup", "create", "-q") == 0
-    assert run_cli(root, "optimize", "index", "-q") == 0
+    """A real verified backup, a fresh index built by ``optimize index``, a good hit rate.
+
+    The lookup threshold is pinned high in aml's config file: the performance check times a real
+    lookup, and a loaded machine must not turn a healthy store into a WARNING.
+    """
+    config = Path(root) / ".aml" / "config.json"
+    doc = json.loads(config.read_text()) if config.exists() else {}
+    doc.setdefault("monitor", {})["query_time_warning_ms"] = PINNED_QUERY_MS
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(json.dumps(doc))
+    assert run_cli(root, "backup", "create", "-q", "--now", NOW_TEXT) == 0
+    assert run_cli(root, "optimize", "index", "-q", "--now", NOW_TEXT) == 0
     if hits or misses:
         aml.Store(root).write_state("cache-stats.json",
                                     {"hits": hits, "misses": misses, "updated": NOW_TEXT})
@@ -3467,7 +3492,7 @@ def test_fresh_store_without_backup_is_warning(tmp_path, capsys):
 
 def test_backup_check_needs_a_recent_verified_snapshot_that_exists(tmp_path, capsys):
     root = build_store(tmp_path / "m")
-    assert run_cli(root, "backup", "create", "-q") == 0
+    assert run_cli(root, "backup", "create", "-q", "--now", NOW_TEXT) == 0
     store = aml.Store(root)
     entry = store.last_operation("backup")
     backup_id, manifest = entry["summary"]["backup_id"], Path(entry["summary"]["manifest"])
@@ -3476,15 +3501,15 @@ def test_backup_check_needs_a_recent_verified_snapshot_that_exists(tmp_path, cap
         return _check(_health(root, *extra, capsys=capsys)[1], "backup")["status"]
 
     assert backup_status() == "healthy"
-    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": False,
-                                                        "deep": True})
+    store.record_operation("verify", NOW, 0.1, {"backup_id": backup_id, "ok": False,
+                                                  "deep": True})
     assert backup_status() == "warning"  # its latest verify failed
-    store.record_operation("verify", aml.utcnow(), 0.1, {"backup_id": backup_id, "ok": True,
-                                                        "deep": True})
+    store.record_operation("verify", NOW, 0.1, {"backup_id": backup_id, "ok": True,
+                                                  "deep": True})
     assert backup_status() == "healthy"
-    later = aml.utcnow() + dt.timedelta(days=2)
+    later = NOW + dt.timedelta(days=2)
     assert backup_status("--now", aml.format_timestamp(later)) == "warning"  # > 36 h
-    later = aml.utcnow() + dt.timedelta(days=8)
+    later = NOW + dt.timedelta(days=8)
     assert backup_status("--now", aml.format_timestamp(later)) == "critical"  # > 168 h
     manifest.rename(manifest.with_name("moved"))
     assert backup_status() == "warning"  # its manifest is gone
@@ -3543,7 +3568,8 @@ def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
     assert code == 0 and out.startswith("AML OK - 7 checks healthy | "), out
     assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%" in out
     assert "store_bytes=" in out and ";838860800;0" in out  # critical = 800 MiB
-    assert re.search(r" lookup_ms=[0-9.]+ms;100;", out) and "stale_index_files=0;" in out
+    assert re.search(r" lookup_ms=[0-9.]+ms;%d;" % PINNED_QUERY_MS, out)
+    assert "stale_index_files=0;" in out
     # An empty store: no id to look up and no lookups recorded, so performance is unknown.
     empty = build_store(tmp_path / "empty", patterns=0, solutions=0, decisions=0)
     _make_healthy(empty, hits=0, misses=0)
@@ -3561,7 +3587,7 @@ def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
 def test_health_plugin_from_cron_like_environment(tmp_path):
     root = build_store(tmp_path / "m", gz=True)
     result = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "monitor", "health",
-                             "--format", "nagios"], cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"},
+                             "--format", "nagios"], cwd=str(tmp_path), env=cron_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr == ""
     assert result.stdout.startswith("AML WARNING - ") and result.stdout.count("\n") == 1
@@ -3579,8 +3605,9 @@ def test_crontab_monitor_lines_run_in_a_cron_environment(tmp_path):
         if "--output" in argv:
             outputs.append(tmp_path / ("out%d" % number))
             argv[argv.index("--output") + 1] = str(outputs[-1])
-        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
-                              env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120)
+        # cron runs the line on the real clock; the store was made at NOW, so fix the clock.
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv + ["--now", NOW_TEXT],
+                              cwd=str(tmp_path), env=cron_env(), capture_output=True, timeout=120)
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b""), argv
     assert "aml_health_overall 0" in _parse_prometheus(outputs[0].read_text())[
         "aml_health_overall"]
@@ -3692,6 +3719,7 @@ def test_health_reports_but_skips_state_writes_while_another_run_holds_the_store
 
 
 def _alerts(root, capsys, *extra):
+    extra = extra if "--now" in extra else extra + ("--now", NOW_TEXT)
     code, out, _ = run_cli(root, "monitor", "alerts", "--format", "json", *extra, capsys=capsys)
     assert code == 0
     return {a["check"]: a for a in json.loads(out)["alerts"]}
@@ -3709,8 +3737,8 @@ def test_alert_raised_twice_is_one_alert_then_resolves(tmp_path, capsys):
     _record_backup(root, when=aml.parse_timestamp("2026-11-22T05:00:00Z"))
     code, doc, _ = _health(root, "--now", "2026-11-22T06:00:00Z", capsys=capsys)
     assert [a["check"] for a in doc["alerts"]["resolved"]] == ["backup"]
-    assert "backup" not in _alerts(root, capsys)
-    resolved = _alerts(root, capsys, "--all")["backup"]
+    assert "backup" not in _alerts(root, capsys, "--now", "2026-11-22T06:00:00Z")
+    resolved = _alerts(root, capsys, "--all", "--now", "2026-11-22T06:00:00Z")["backup"]
     assert resolved["state"] == "resolved" and resolved["resolved_by"] == "auto"
     # Retention: 7 days after resolution the alert is still listed, after 8 it is gone.
     lenient = ("--threshold", "backup_max_age_hours=1000", "--threshold",
@@ -3719,14 +3747,16 @@ def test_alert_raised_twice_is_one_alert_then_resolves(tmp_path, capsys):
     assert "backup" in _alerts(root, capsys, "--all", "--now", "2026-11-29T05:00:00Z")
     _health(root, "--now", "2026-11-30T07:00:00Z", *lenient, capsys=capsys)
     stored = aml.Store(root).read_state("alerts.json")["alerts"]
-    assert aml.alert_id("backup", "backup") not in stored and "index" in _alerts(root, capsys)
+    assert aml.alert_id("backup", "backup") not in stored and "index" in _alerts(
+        root, capsys, "--now", "2026-11-30T07:00:00Z")
 
 
 def test_manual_resolve_and_reopen(tmp_path, capsys):
     root = build_store(tmp_path / "m")
     _health(root, capsys=capsys)
     alert_key = aml.alert_id("maintenance", "maintenance")
-    code, out, _ = run_cli(root, "monitor", "alerts", "--resolve", alert_key, capsys=capsys)
+    code, out, _ = run_cli(root, "monitor", "alerts", "--resolve", alert_key, "--now", NOW_TEXT,
+                           capsys=capsys)
     assert code == 0 and "resolved" in out
     assert _alerts(root, capsys, "--all")["maintenance"]["resolved_by"] == "manual"
     assert run_cli(root, "monitor", "alerts", "--resolve", "nope-1", capsys=capsys)[0] == 2
@@ -4624,14 +4654,14 @@ def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
     _, argv = _aml_args(jobs[0])
     argv[0] = str(root)
     proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
-                          env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                          env=cron_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
     assert aml.MemoryIndex(aml.Store(root)).stale_files() == []
     with held_by_other_process(root / ".aml"):  # on failure: non-zero and one line
         proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv +
                               ["--lock-timeout", "0.2"], cwd=str(tmp_path),
-                              env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                              env=cron_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=120)
     assert proc.returncode == 5 and proc.stdout == b""
     assert proc.stderr.decode().count("\n") == 1 and proc.stderr.startswith(b"aml: error: ")
