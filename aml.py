@@ -715,9 +715,10 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "confidence": (("evolution", "confidenceScore"), ("evolution", "confidence_score"),
                    ("confidenceScore",), ("confidence_score",), ("confidence",),
                    ("performance", "confidence"), ("performance", "confidence_score"),
-                   ("lifecycle", "confidence_score")),
+                   ("lifecycle", "confidence_score"), ("lifecycle", "confidence")),
     "last_used": (("evolution", "lastUsed"), ("evolution", "last_used"), ("lastUsed",),
-                  ("last_used",), ("lifecycle", "last_used"), ("lifecycle", "lastUsed")),
+                  ("last_used",), ("lifecycle", "last_used"), ("lifecycle", "lastUsed"),
+                  ("lifecycle", "last_used_at")),
     "created": (("evolution", "created"), ("lifecycle", "created_at"), ("lifecycle", "created"),
                 ("createdAt",), ("created_at",), ("created",)),
     "reviewed": (("reviewedAt",), ("reviewed_at",)),
@@ -729,7 +730,7 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
                          ("performance", "error_prevention_count"),
                          ("performance", "errorPreventionCount")),
     "refinements": (("evolution", "refinements"), ("refinements",), ("lifecycle", "refinements"),
-                    ("performance", "refinements")),
+                    ("performance", "refinements"), ("lifecycle", "refinement_count")),
 }
 
 

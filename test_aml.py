@@ -2929,6 +2929,9 @@ DOCUMENTED_MOVES = {
     ("lifecycle", "created_at"): ("evolution", "created"),
     ("lifecycle", "last_used"): ("evolution", "lastUsed"),
     ("lifecycle", "refinements"): ("evolution", "refinements"),
+    ("lifecycle", "last_used_at"): ("evolution", "lastUsed"),
+    ("lifecycle", "refinement_count"): ("evolution", "refinements"),
+    ("lifecycle", "confidence"): ("evolution", "confidenceScore"),
     ("pinned",): ("lifecycle", "pinned"), ("supersededBy",): ("lifecycle", "supersededBy"),
     ("verified_count",): ("verifiedCount",), ("reviewed_at",): ("reviewedAt",),
     ("is_active",): ("active",),
@@ -2974,10 +2977,9 @@ def _older_tool(rec, i):
     m, e = out.pop("metrics"), out.pop("evolution")
     out["performance"] = {"success_rate": m["successRate"], "execution_count": m["executionCount"],
                           "avg_time_saved_ms": m["avgTimeSavedMs"],
-                          "error_prevention_count": m["errorPreventionCount"],
-                          "confidence": e["confidenceScore"]}
-    out["lifecycle"] = {"created_at": e["created"], "last_used": e["lastUsed"],
-                        "refinements": e["refinements"]}
+                          "error_prevention_count": m["errorPreventionCount"]}
+    out["lifecycle"] = {"created_at": e["created"], "last_used_at": e["lastUsed"],
+                        "refinement_count": e["refinements"], "confidence": e["confidenceScore"]}
     if i % 2:
         out["schemaVersion"] = "2.0.0"  # it even stamped our key: shape decides, not the stamp
     return out
@@ -3296,6 +3298,31 @@ def test_migrate_cli_spellings_and_usage_errors(tmp_path, capsys):
     assert code == 2 and "two different" in err
     code, _, err = run_cli(root, "migrate", "migrate", "--version", "3.0", capsys=capsys)
     assert code == 2 and "unknown schema version" in err
+
+
+# ---- issue 11: the older toolkit's real record shape ----
+
+def test_older_toolkit_shape_reads_the_same_facts_and_migrates_to_runtime_records(tmp_path,
+                                                                                  fake_backup,
+                                                                                  capsys):
+    root = versioned_store(tmp_path / "m", "older-tool")
+    before = read_data(root / "alpha/patterns.json")
+    assert "lifecycle" in before[0] and "confidence" in before[0]["lifecycle"]
+    code, out, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 0 and "left unchanged" not in err, err
+    after = read_data(root / "alpha/patterns.json")
+    for old, new in zip(before, after):
+        assert runtime_valid("pattern", new) == [] and aml.runtime_problems(
+            aml.RecordType.PATTERN, new) == []
+        assert_values_preserved(old, new)
+        assert new["lifecycle"] == {"state": "active"} and "performance" not in new
+        # The one field reader sees the same values in either shape (prune, monitor, search).
+        facts_old = aml.record_facts(aml.RecordType.PATTERN, old)
+        facts_new = aml.record_facts(aml.RecordType.PATTERN, new)
+        for field in ("created", "last_used", "success_rate", "execution_count", "confidence"):
+            assert getattr(facts_old, field) is not None
+            assert getattr(facts_old, field) == getattr(facts_new, field), field
+    assert aml.first_value(before[0], "refinements") == after[0]["evolution"]["refinements"]
 
 
 # =============================================================================
