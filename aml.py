@@ -722,6 +722,7 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "created": (("evolution", "created"), ("lifecycle", "created_at"), ("lifecycle", "created"),
                 ("createdAt",), ("created_at",), ("created",)),
     "reviewed": (("reviewedAt",), ("reviewed_at",)),
+    "would_repeat": (("outcome", "wouldRepeat"), ("outcome", "would_repeat")),
     "avg_time_saved": (("metrics", "avgTimeSavedMs"), ("metrics", "avg_time_saved_ms"),
                        ("avgTimeSavedMs",), ("avg_time_saved_ms",),
                        ("performance", "avg_time_saved_ms"), ("performance", "avgTimeSavedMs")),
@@ -769,6 +770,14 @@ class RecordFacts:
     pinned: bool
     superseded: bool
     tags: Tuple[str, ...]
+    outcome_mean: Optional[float] = None  # mean of the older toolkit's outcome.success_metrics
+
+    @property
+    def negative_outcome(self) -> bool:
+        """A decision that would not be repeated, or whose old-style success metrics average
+        below 0.5 (the older toolkit's rule)."""
+        return self.would_repeat is False or (self.outcome_mean is not None
+                                              and self.outcome_mean < 0.5)
 
     @property
     def last_activity(self) -> Optional[_dt.datetime]:
@@ -810,6 +819,13 @@ def _bool_or_none(value: Any) -> Optional[bool]:
     return value if isinstance(value, bool) else None
 
 
+def _outcome_mean(record: Dict[str, Any]) -> Optional[float]:
+    metrics = dig(record, "outcome", "success_metrics")
+    values = [v for v in map(_number, metrics.values()) if v is not None] \
+        if isinstance(metrics, dict) else []
+    return sum(values) / len(values) if values else None
+
+
 def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
     """Read the maintenance-relevant facts of a record of any known layout; never raises."""
     rec = record if isinstance(record, dict) else {}
@@ -827,12 +843,13 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
         execution_count=_number(first_value(rec, "execution_count")),
         confidence=_number(first_value(rec, "confidence")),
         worked=_bool_or_none(dig(rec, "effectiveness", "worked")),
-        would_repeat=_bool_or_none(dig(rec, "outcome", "wouldRepeat")),
+        would_repeat=_bool_or_none(first_value(rec, "would_repeat")),
         verified_count=_number(rec.get("verifiedCount", rec.get("verified_count"))),
         active=_is_active(rec),
         pinned=_is_pinned(rec, tags),
         superseded=_is_superseded(rec),
         tags=tags,
+        outcome_mean=_outcome_mean(rec),
     )
 
 
@@ -4677,7 +4694,7 @@ def record_value(facts: RecordFacts, config: PruneConfig) -> float:
     Pattern: mean of its success rate (counted once executed min_execution_count times) and
     its confidence; 0 when neither is known. Solution: 0 if it did not work or is
     superseded, else 0.6 (worked) or 0.3 (unknown) plus 0.1 per verification, at most 1.
-    Decision: 0 if it would not be repeated, 0.9 if it would, 0.5 without an outcome.
+    Decision: 0 for a negative outcome, 0.9 if it would be repeated, 0.5 without an outcome.
     """
     if facts.rtype is RecordType.PATTERN:
         parts = [facts.confidence] if facts.confidence is not None else []
@@ -4690,7 +4707,7 @@ def record_value(facts: RecordFacts, config: PruneConfig) -> float:
             return 0.0
         base = 0.6 if facts.worked else 0.3
         return _clamp(base + 0.1 * max(0.0, facts.verified_count or 0.0))
-    return {False: 0.0, True: 0.9, None: 0.5}[facts.would_repeat]
+    return 0.0 if facts.negative_outcome else {True: 0.9, None: 0.5}[facts.would_repeat]
 
 
 def _clamp(value: float) -> float:
@@ -4765,8 +4782,10 @@ def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Ver
         return PruneReason.FAILED_SOLUTION, {"worked": False}
     if facts.rtype is RecordType.SOLUTION and facts.superseded:
         return PruneReason.OUTDATED_SOLUTION, {"superseded": True}
-    if facts.rtype is RecordType.DECISION and facts.would_repeat is False:
-        return PruneReason.NEGATIVE_OUTCOME, {"would_repeat": False}
+    if facts.rtype is RecordType.DECISION and facts.negative_outcome:
+        if facts.would_repeat is False:
+            return PruneReason.NEGATIVE_OUTCOME, {"would_repeat": False}
+        return PruneReason.NEGATIVE_OUTCOME, {"success_metrics_mean": facts.outcome_mean}
     return None
 
 

@@ -2512,6 +2512,32 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
     assert backup["backup_id"] == summary["backup_id"] and backup["verified"] is True
 
 
+# ---- issue 11: old-style decision outcomes ----
+
+def test_old_style_decision_outcomes_count_as_negative(tmp_path):
+    rng = random.Random(11)
+
+    def decision(outcome):
+        rec = make_decision("solo", rng, age=5)
+        rec["outcome"] = outcome
+        return rec
+
+    snake_no = decision({"would_repeat": False, "lessons_learned": ["slow"]})
+    snake_yes = decision({"would_repeat": True})
+    low_mean = decision({"success_metrics": {"speed": 0.2, "quality": 0.4, "note": "n/a"}})
+    ok_mean = decision({"success_metrics": {"speed": 0.5, "quality": 0.6}})
+    camel_no = decision({"successMetrics": {}, "lessonsLearned": [], "wouldRepeat": False})
+    root = _one_agent(tmp_path / "m", decisions=[snake_no, snake_yes, low_mean, ok_mean, camel_no])
+    result = _plan(root, ["performance_based"])
+    assert _reasons(result) == {r["id"]: "negative_outcome" for r in (snake_no, low_mean, camel_no)}
+    details = {r.id: r.details for r in result.removed}
+    assert details[snake_no["id"]] == {"would_repeat": False}
+    assert details[low_mean["id"]] == {"success_metrics_mean": pytest.approx(0.3)}
+    # A negative outcome has no value, so high-value preservation never keeps it.
+    facts = aml.record_facts(aml.RecordType.DECISION, low_mean)
+    assert facts.negative_outcome and aml.record_value(facts, aml.PruneConfig()) == 0.0
+
+
 # =============================================================================
 # 12. Compression and garbage collection
 # =============================================================================
