@@ -520,6 +520,16 @@ def is_temp_leftover(name: str) -> bool:
     return name.startswith(".") and TMP_MARKER in name
 
 
+RUNTIME_TMP_SUFFIX = ".json.tmp"   # the runtime writes <file>.json.tmp, then renames it
+
+
+def is_transient_entry(name: str) -> bool:
+    """True for an entry that is never store content: a runtime lock (``*.lock``), the
+    runtime's temp file (``<file>.json.tmp``) or aml's own temp file. Every walk of the store
+    (agents, backup, restore, sizes, integrity, gc) skips these; only aml's own are removed."""
+    return name.endswith(".lock") or name.endswith(RUNTIME_TMP_SUFFIX) or is_temp_leftover(name)
+
+
 def lock_path_for(path: Path) -> Path:
     """The runtime's lock directory for a data file: ``<absolute path>.lock``."""
     return Path(os.path.abspath(str(path)) + ".lock")
@@ -874,7 +884,7 @@ class DataFile:
 
 def is_reserved_name(name: str) -> bool:
     """True for folder names that are never agents (SPEC 2)."""
-    return name.startswith(".") or name in RESERVED_DIRS or name.endswith(".lock")
+    return name.startswith(".") or name in RESERVED_DIRS or is_transient_entry(name)
 
 
 class Store:
@@ -923,7 +933,7 @@ class Store:
         folder = self.root / agent
         files = []
         for entry in sorted(os.scandir(str(folder)), key=lambda e: e.name):
-            if (entry.name.endswith(".json") and not is_temp_leftover(entry.name)
+            if (entry.name.endswith(".json") and not is_transient_entry(entry.name)
                     and entry.is_file(follow_symlinks=False)):
                 files.append(DataFile(agent, Path(entry.path)))
         return files
@@ -1052,7 +1062,7 @@ class Store:
         """
         removed = []
         for dirpath, dirnames, filenames in os.walk(str(self.root)):
-            dirnames[:] = [d for d in dirnames if not d.endswith(".lock")]
+            dirnames[:] = [d for d in dirnames if not is_transient_entry(d)]
             for name in filenames:
                 if is_temp_leftover(name):
                     path = Path(dirpath) / name
@@ -2023,7 +2033,7 @@ def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[s
 def _skip_name(rel: str) -> bool:
     """Never backed up: aml state other than the archive, runtime locks, temp files."""
     name = rel.rsplit("/", 1)[-1]
-    if name.endswith(".lock") or is_temp_leftover(name):
+    if is_transient_entry(name):
         return True
     top = rel.split("/", 1)[0]
     if top == STATE_DIR_NAME:
@@ -4976,13 +4986,14 @@ def _space_order(plan: _FilePlan, n: int) -> Iterator[Tuple[float, float, int, i
 
 
 def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
-    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``)."""
+    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``, locks
+    and temp files)."""
     total = 0
     skip = set(skip)
     for dirpath, dirnames, filenames in os.walk(str(folder)):
-        if dirpath == str(folder):
-            dirnames[:] = [d for d in dirnames if d not in skip]
-        for name in filenames:
+        dirnames[:] = [d for d in dirnames if not is_transient_entry(d)
+                       and not (dirpath == str(folder) and d in skip)]
+        for name in filter(lambda n: not is_transient_entry(n), filenames):
             with contextlib.suppress(OSError):
                 info = os.lstat(os.path.join(dirpath, name))
                 if stat.S_ISREG(info.st_mode):
@@ -5923,7 +5934,7 @@ def stale_lock_dirs(store: Store, now: Optional[float] = None) -> List[Path]:
 def _temp_leftovers(store: Store) -> List[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(str(store.root)):
-        dirnames[:] = [d for d in dirnames if not d.endswith(".lock")]
+        dirnames[:] = [d for d in dirnames if not is_transient_entry(d)]
         out.extend(Path(dirpath) / n for n in filenames if is_temp_leftover(n))
     return out
 
@@ -7647,7 +7658,7 @@ def _integrity_targets(store: Store) -> List[Tuple[Path, Optional[type], bool]]:
     global_dir = store.root / "global"
     if global_dir.is_dir():
         targets.extend((p, None, False) for p in sorted(global_dir.glob("*.json"))
-                       if p.is_file() and not is_temp_leftover(p.name))
+                       if p.is_file() and not is_transient_entry(p.name))
     return targets
 
 
@@ -7908,9 +7919,10 @@ class MemoryMonitor:
         for dirpath, dirnames, filenames in os.walk(root):
             if dirpath == root and STATE_DIR_NAME in dirnames:
                 dirnames.remove(STATE_DIR_NAME)
-            for name in [d for d in dirnames if d.endswith(".lock")]:
+            for name in [d for d in dirnames if is_transient_entry(d)]:
                 dirnames.remove(name)  # never look inside a lock
-                problems.extend(self._stale_lock(Path(dirpath) / name))
+                if name.endswith(".lock"):
+                    problems.extend(self._stale_lock(Path(dirpath) / name))
             for name in filenames:
                 rel = _rel(self.store, Path(dirpath) / name)
                 if is_temp_leftover(name):

@@ -1376,6 +1376,58 @@ def test_split_json_array_refuses_what_it_cannot_split(text):
     assert aml.split_json_array(text) is None
 
 
+# ---- issue 11: the runtime's temp and lock entries are not store content ----
+
+def _runtime_in_flight(root, lock=True):
+    """What a busy runtime leaves beside its files: a temp file about to be renamed, a lock."""
+    tmp = root / "backend-developer" / "patterns.json.tmp"
+    tmp.write_bytes((root / "backend-developer" / "patterns.json").read_bytes())
+    if lock:  # held (fresh): whatever reads code-reviewer/solutions.json waits for it
+        (root / "code-reviewer" / "solutions.json.lock").mkdir()
+    (root / "global" / "shared.json.tmp").write_text('{"notes": []}')
+    return tmp
+
+
+def test_backup_skips_runtime_temp_files_that_vanish_mid_backup(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory", gz=True)
+    tmp = _runtime_in_flight(root, lock=False)
+    real_entry = aml._SnapshotBuilder.file_entry
+
+    def runtime_renames_meanwhile(self, rel, writer):
+        if tmp.exists():
+            os.replace(str(tmp), str(tmp.with_name("patterns.json")))
+        return real_entry(self, rel, writer)
+
+    monkeypatch.setattr(aml._SnapshotBuilder, "file_entry", runtime_renames_meanwhile)
+    code, out, err = run_cli(root, "backup", "create", "--format", "json", capsys=capsys)
+    assert code == 0 and err == "", err
+    manager = aml.BackupManager(aml.Store(root), aml.BackupConfig(backup_root=tmp_path /
+                                                                  "memory-backup"))
+    paths = [e["path"] for e in manager.load_manifest(json.loads(out)["backup_id"])["files"]]
+    assert "backend-developer/patterns.json" in paths
+    assert not [p for p in paths if p.endswith((".tmp", ".lock")) or ".lock/" in p]
+
+
+def test_runtime_temp_and_lock_entries_are_skipped_by_every_walk(tmp_path):
+    root = build_store(tmp_path / "memory", agents=("backend-developer", "code-reviewer"))
+    store = aml.Store(root, now=NOW)
+    sizes = {a: aml.agent_disk_bytes(store, a) for a in store.agents()}
+    total = aml.store_disk_bytes(store)
+    tmp = _runtime_in_flight(root)
+    assert store.agents() == ["backend-developer", "code-reviewer"]
+    assert {a: aml.agent_disk_bytes(store, a) for a in store.agents()} == sizes
+    assert aml.store_disk_bytes(store) == total
+    assert [f.path.name for f in store.agent_files("backend-developer")] == [
+        "context.json", "decisions.json", "metrics.json", "patterns.json", "solutions.json"]
+    assert not any(rel.endswith(".tmp") or ".lock" in rel
+                   for rel in aml.store_scope_files(root, None))
+    before = tree_digest(root, skip_state=True)
+    assert run_cli(root, "optimize", "gc", "-q", "--now", NOW_TEXT) == 0
+    assert tree_digest(root, skip_state=True) == before  # the runtime's entries stay untouched
+    health = aml.MemoryMonitor(aml.Store(root, now=NOW)).health(False, record=False)
+    assert not [p for c in health.checks for p in c.problems if ".tmp" in str(p)]
+
+
 # =============================================================================
 # 9. Bloom filter and LRU cache
 # =============================================================================
