@@ -7251,6 +7251,7 @@ class AgentMetrics:
     plain_files: int
     records: Dict[str, Dict[str, int]]
     unreadable: List[str]
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)  # per type and "total"
 
     @property
     def record_total(self) -> int:
@@ -7327,6 +7328,7 @@ class MetricsReport:
     forecasts: List[LimitForecast]
     performance: PerformanceMetrics
     warnings: List[str] = dataclasses.field(default_factory=list)
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)  # per type and "total"
 
     @property
     def exit_code(self) -> ExitCode:
@@ -7532,6 +7534,13 @@ def _indexed_lookup_ms(store: Store, state: IndexState) -> LookupTiming:
 
 # -- metrics --------------------------------------------------------------------
 
+def _record_totals(records: Dict[str, Dict[str, int]]) -> Dict[str, int]:
+    """Records per type over every state (active, inactive, invalid), and their ``total``."""
+    totals = {rtype: sum(states.values()) for rtype, states in records.items()}
+    totals["total"] = sum(totals.values())
+    return totals
+
+
 def _empty_counts() -> Dict[str, Dict[str, int]]:
     return {t.value: {"active": 0, "inactive": 0, "invalid": 0} for t in RecordType}
 
@@ -7573,6 +7582,7 @@ def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
         seconds += time.perf_counter() - started  # reading and parsing only, not counting
         _count_records(metrics.records, data_file.rtype, records)
         loaded += 1
+    metrics.totals = _record_totals(metrics.records)
     return metrics, loaded, seconds
 
 
@@ -7775,6 +7785,7 @@ class MemoryMonitor:
             sum(a.gzip_files for a in agents), sum(a.plain_files for a in agents), counts,
             unreadable, growth, [], self._performance(history, index, load_ms, loaded,
                                                       record_total))
+        report.totals = _record_totals(counts)
         report.forecasts = self._forecasts(report, samples)
         return report
 
@@ -8371,6 +8382,13 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
              "Records per agent, type and state (unreadable files excluded).",
              [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
               for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
+    w.family("aml_agent_records", "gauge", "Records per agent and type, every state "
+             "(unreadable files excluded).",
+             [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
+              for a in metrics.agents for t in RecordType])
+    w.family("aml_store_records", "gauge", "Records of the store per type, every state; "
+             "sum() is the store's total.",
+             [({"type": t.value}, metrics.totals.get(t.value, 0)) for t in RecordType])
     w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
              [({"agent": a.agent}, len(a.unreadable)) for a in metrics.agents])
     _prom_performance(w, metrics)
@@ -9547,13 +9565,18 @@ def _metrics_lines(report: MetricsReport) -> List[str]:
         human_bytes(report.index_bytes) if report.index_bytes else "none"),
         "Files: %d gzip, %d plain; largest agent: %s" % (report.gzip_files, report.plain_files,
                                                          report.largest_agent or "none"),
-        "%-24s %10s  %-17s  %-17s  %s" % ("AGENT", "SIZE", "PATTERNS act/inact",
-                                              "SOLUTIONS", "DECISIONS")]
-    for agent in report.agents:
-        lines.append(("%-24s %10s  %s" % (agent.agent, human_bytes(agent.bytes), "  ".join(
-            "%-17s" % ("%d / %d" % (agent.records[t.value]["active"],
-                                    agent.records[t.value]["inactive"])) for t in RecordType)
-        )).rstrip())
+        "Records: %d (%s); per type: all = active/inactive/invalid" % (
+            report.totals.get("total", 0), ", ".join(
+                "%d %ss" % (report.totals.get(t.value, 0), t.value) for t in RecordType)),
+        "%-24s %10s  %-20s  %-20s  %-20s  %s" % ("AGENT", "SIZE", "PATTERNS", "SOLUTIONS",
+                                                  "DECISIONS", "RECORDS")]
+    rows = [(a.agent, a.bytes, a.records, a.totals) for a in report.agents]
+    rows.append(("STORE", report.total_bytes, report.records, report.totals))
+    for name, size, records, totals in rows:
+        lines.append("%-24s %10s  %s  %d" % (name, human_bytes(size), "  ".join(
+            "%-20s" % ("%d = %d/%d/%d" % ((totals.get(t.value, 0),) + tuple(
+                records[t.value][state] for state in ("active", "inactive", "invalid"))))
+            for t in RecordType), totals.get("total", 0)))
     lines.extend(_growth_lines(report))
     lines.extend(_performance_lines(report.performance))
     return lines

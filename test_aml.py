@@ -4028,6 +4028,36 @@ def test_html_report_renders_in_headless_chromium(tmp_path, capsys):
     assert len(set(zlib.decompress(pixels))) > 50
 
 
+# ---- issue 11: monitor metrics totals ----
+
+def test_metrics_give_totals_per_type_agent_and_store_in_every_format(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"), patterns=6, solutions=4,
+                       decisions=3, gz="mixed")
+    path = root / "a2" / "patterns.json"
+    recs = read_data(path)
+    recs[0]["active"] = False
+    write_data(path, recs + ["not a record", 7], gz=True)
+    code, out, _ = run_cli(root, "monitor", "metrics", "--no-save", "--format", "json",
+                           capsys=capsys)
+    doc = json.loads(out)
+    agents = {a["agent"]: a["totals"] for a in doc["agents"]}
+    assert code == 0 and agents["a1"] == {"pattern": 6, "solution": 4, "decision": 3, "total": 13}
+    assert agents["a2"] == {"pattern": 8, "solution": 4, "decision": 3, "total": 15}
+    assert doc["totals"] == {"pattern": 14, "solution": 8, "decision": 6, "total": 28}
+    code, out, _ = run_cli(root, "monitor", "metrics", "--no-save", capsys=capsys)
+    assert "Records: 28 (14 patterns, 8 solutions, 6 decisions)" in out
+    rows = {line.split()[0]: line.split()[3:] for line in out.splitlines()
+            if line.startswith(("a1 ", "a2 ", "STORE "))}
+    assert rows["a2"] == ["8", "=", "5/1/2", "4", "=", "4/0/0", "3", "=", "3/0/0", "15"]
+    assert rows["STORE"] == ["14", "=", "11/1/2", "8", "=", "8/0/0", "6", "=", "6/0/0", "28"]
+    code, out, _ = run_cli(root, "monitor", "metrics", "--no-save", "--format", "prometheus",
+                           capsys=capsys)
+    assert 'aml_agent_records{agent="a2",type="pattern"} 8' in out.splitlines()
+    assert 'aml_store_records{type="decision"} 6' in out.splitlines()
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+               if line.startswith("aml_store_records{")) == 28
+
+
 # =============================================================================
 # Benchmark script (bench_aml.py): its store generator and process measurement
 # =============================================================================
