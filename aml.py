@@ -5597,6 +5597,7 @@ class TranscodeResult:
     unreadable: List[str]
     workers: int
     seconds: float
+    backup_id: Optional[str] = None  # the safety backup taken before the first change
 
     @property
     def ratio(self) -> Optional[float]:
@@ -5672,12 +5673,15 @@ def _agent_data_files(store: Store) -> List[Path]:
 
 
 def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run: bool = False,
-                    workers: int = 0) -> TranscodeResult:
+                    workers: int = 0, backup: Optional[Callable[[], str]] = None
+                    ) -> TranscodeResult:
     """Gzip (``to_gzip``) or un-gzip every agent data file in place, under the same name.
 
     Compression takes files unchanged for ``age_days`` (0 = all); decompression takes all.
     Each file is locked, parsed (an unparseable file is listed, never written), converted,
     verified and replaced atomically with its mtime kept; files run in parallel threads.
+    ``backup`` (e.g. a safety_backup call) runs first, only when some file needs converting;
+    a file that seemed done then is never written (reported as changed if it no longer is).
     Call with the maintenance lock held.
     """
     started = time.monotonic()
@@ -5693,10 +5697,14 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
     index = MemoryIndex(store)
     indexed = _indexed_stats(index)
+    todo = {p for p in paths if _is_gzip_file(p) != to_gzip}
+    backup_id = backup() if backup is not None and todo and not dry_run else None
     with paused_cyclic_gc():  # the parses of files the index did not vouch for
-        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
-                                                  indexed.get(p)) for p in paths], count,
-                                threads=True)
+        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
+                                                  dry_run or p not in todo, indexed.get(p))
+                                                 for p in paths], count, threads=True)
+    outcomes = [o[:1] + ("changed",) + o[2:] if o[1] == "done" and Path(o[0]) not in todo
+                else o for o in outcomes]
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
@@ -5713,7 +5721,7 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
         skipped_done=[rel(o[0]) for o in by["skipped"]],
         skipped_changed=[rel(o[0]) for o in by["changed"]],
         unreadable=["%s: %s" % (rel(o[0]), o[4]) for o in by["unreadable"]],
-        workers=count, seconds=time.monotonic() - started)
+        workers=count, seconds=time.monotonic() - started, backup_id=backup_id)
 
 
 class GcReason(enum.Enum):
@@ -8942,16 +8950,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConfig,
                         args: argparse.Namespace) -> Dict[str, Any]:
-    backup_id = None
-    if not args.dry_run and config.create_backup and "compress" in steps:
-        backup_id = safety_backup(store, "optimize %s" % args.action)
-    gc_backup = None
-    if config.create_backup and backup_id is None:
-        gc_backup = lambda: safety_backup(store, "optimize gc")  # noqa: E731
+    backup = None  # one safety backup, taken by the first step about to change something
+    if config.create_backup:
+        backup = _once(lambda: safety_backup(store, "optimize %s" % args.action))
     results: Dict[str, Any] = {}
     for step in steps:
         started, clock = store.now, time.monotonic()
-        result = _optimize_step(store, step, config, args, gc_backup)
+        result = _optimize_step(store, step, config, args, backup)
         results[step] = result
         if not args.dry_run:
             store.record_operation("compress" if step == "decompress" else step, started,
@@ -8959,16 +8964,28 @@ def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConf
     return results
 
 
+def _once(make: Callable[[], str]) -> Callable[[], str]:
+    """``make`` called at most once; later calls return its first result."""
+    made: List[str] = []
+
+    def call() -> str:
+        if not made:
+            made.append(make())
+        return made[0]
+    return call
+
+
 def _optimize_step(store: Store, step: str, config: OptimizeConfig, args: argparse.Namespace,
-                   gc_backup: Optional[Callable[[], str]]) -> Any:
+                   backup: Optional[Callable[[], str]]) -> Any:
     if step == "index":
         return MemoryIndex(store).refresh(dry_run=args.dry_run)
     if step in ("compress", "decompress"):
         return transcode_store(store, step == "compress", config.compress_age_days,
-                               args.dry_run, config.workers)
+                               args.dry_run, config.workers,
+                               backup if step == "compress" else None)
     if step == "warm-cache":
         return warm_cache(store, config.cache_max_bytes, args.dry_run)
-    return collect_garbage(store, args.dry_run, args.force, gc_backup)
+    return collect_garbage(store, args.dry_run, args.force, backup)
 
 
 def _step_summary(step: str, result: Any) -> Dict[str, Any]:
@@ -8977,7 +8994,8 @@ def _step_summary(step: str, result: Any) -> Dict[str, Any]:
                 "records": result.records, "bytes": result.index_bytes, "rebuilt": result.rebuilt}
     if step in ("compress", "decompress"):
         return {"direction": step, "files": len(result.files), "bytes_before": result.bytes_before,
-                "bytes_after": result.bytes_after, "unreadable": len(result.unreadable)}
+                "bytes_after": result.bytes_after, "unreadable": len(result.unreadable),
+                "backup_id": result.backup_id}
     if step == "warm-cache":
         return {"records": result.records, "bytes": result.bytes, "budget": result.budget}
     return {"run_id": result.run_id, "removed": len(result.removed), "by_reason": result.by_reason,
@@ -8995,10 +9013,11 @@ def _print_step(out: Output, step: str, result: Any) -> None:
                     len(result.files_reread), result.records, result.ids,
                     human_bytes(result.index_bytes), human_bytes(result.bloom_bytes)))
     elif step in ("compress", "decompress"):
-        out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed"
+        out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed%s"
                  % (step, would, step, len(result.files), human_bytes(result.bytes_before),
                     human_bytes(result.bytes_after), len(result.skipped_recent),
-                    len(result.skipped_done), len(result.skipped_changed)))
+                    len(result.skipped_done), len(result.skipped_changed),
+                    "; safety backup %s" % result.backup_id if result.backup_id else ""))
     elif step == "warm-cache":
         out.line("warm-cache: %skeep %d records hot, %s of %s (%d ranked, %d files read)%s"
                  % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),

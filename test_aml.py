@@ -2909,6 +2909,30 @@ def test_optimize_all_runs_every_step_in_order(store, capsys):
     assert run_cli(store, "optimize", "build-index", "-q", capsys=capsys) == (0, "", "")
 
 
+# ---- issue 11: compress takes its safety backup only when a file qualifies ----
+
+def test_compress_takes_no_safety_backup_when_no_file_qualifies(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"), patterns=5, gz=True)
+    taken = []
+    monkeypatch.setattr(aml, "safety_backup", lambda store, reason, *a, **k: taken.append(
+        reason) or "full_test_%d" % len(taken))
+    before = tree_digest(root, skip_state=True)
+    for action in ("compress", "all"):
+        code, out, err = run_cli(root, "optimize", action, "--age-days", "0", "--now", NOW_TEXT,
+                                 capsys=capsys)
+        assert code == 0 and taken == [] and "safety backup" not in out, (action, out, err)
+    assert tree_digest(root, skip_state=True) == before
+    write_data(root / "a2" / "solutions.json", read_data(root / "a2" / "solutions.json"))
+    code, out, _ = run_cli(root, "optimize", "all", "--age-days", "0", "--now", NOW_TEXT,
+                           capsys=capsys)
+    assert code == 0 and taken == ["optimize all"] and "safety backup full_test_1" in out
+    assert read_data(root / "a2" / "solutions.json") and _is_gzip(root / "a2" / "solutions.json")
+
+
+def _is_gzip(path):
+    return Path(path).read_bytes()[:2] == b"\x1f\x8b"
+
+
 # =============================================================================
 # 13. Migration
 # =============================================================================
