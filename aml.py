@@ -113,6 +113,8 @@ import operator
 import os
 import re
 import secrets
+import shlex
+import shutil
 import signal
 import stat
 import struct
@@ -6938,6 +6940,7 @@ class MigrationManager:
         self.store = store
         self.agents = agents
         self.progress = progress or (lambda text: None)
+        self.program = "aml"  # how hints name the program (the CLI sets what the user typed)
 
     def _files(self) -> Iterator[Tuple[DataFile, str]]:
         for agent in self.store.select_agents(self.agents):
@@ -7088,9 +7091,9 @@ class MigrationManager:
             _version_key(v) <= _version_key(target) for v in run["from"])]
         run = (exact or runs)[-1]
         return ("To go back, restore the pre-migration backup %s (taken before the run of %s, "
-                "whose records were %s): aml <memory_path> backup restore %s"
+                "whose records were %s): %s %s backup restore %s"
                 % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
-                   run["backup_id"]))
+                   self.program, shlex.quote(str(self.store.root)), run["backup_id"]))
 
     def _record(self, result: MigrationResult) -> None:
         counts = {"records": result.records, "changed": result.changed,
@@ -8739,6 +8742,31 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def program_invocation(argv0: Optional[str] = None) -> str:
+    """How the user ran aml, quoted so a printed hint can be pasted: ``aml`` (found on the
+    PATH), ``./aml.py`` (an executable path), ``python3 aml.py`` (through the interpreter);
+    ``aml`` when this file is not the running script (imported, main() called in-process)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    here = os.path.realpath(__file__)
+    if not argv0 or os.path.realpath(argv0) != here:
+        return "aml"
+    found = shutil.which(os.path.basename(argv0)) if os.sep in argv0 else None
+    if found and os.path.realpath(found) == here:
+        return shlex.quote(os.path.basename(argv0))
+    if os.sep in argv0 and os.access(argv0, os.X_OK):
+        return shlex.quote(argv0)
+    return "%s %s" % (_interpreter(), shlex.quote(argv0))
+
+
+def _interpreter() -> str:
+    """The running Python by a name the PATH knows (``python3``), else its full path."""
+    typed = (getattr(sys, "orig_argv", None) or [sys.executable])[0] or sys.executable
+    for name in (os.path.basename(typed), os.path.basename(sys.executable)):
+        if name and shutil.which(name):
+            return shlex.quote(name)
+    return shlex.quote(sys.executable)
+
+
 def open_store(args: argparse.Namespace) -> Store:
     """The Store named on the command line, with the run's clock and lock wait."""
     return Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
@@ -8855,8 +8883,9 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
         out.line("dry run: nothing was changed")
     elif result.removed:
         backup = "; safety backup %s" % result.backup_id if result.backup_id else ""
-        out.line("run %s%s; undo with: aml.py %s prune --undo %s"
-                 % (result.run_id, backup, memory_path, result.run_id))
+        out.line("run %s%s; undo with: %s %s prune --undo %s"
+                 % (result.run_id, backup, program_invocation(), shlex.quote(str(memory_path)),
+                    result.run_id))
 
 
 def _print_undo(out: Output, result: UndoResult) -> int:
@@ -9451,6 +9480,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     target = _target_version(args)
     store, out = open_store(args), output_for(args)
     manager = MigrationManager(store, args.agents, progress=out.progress)
+    manager.program = program_invocation()
     try:
         result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
     finally:

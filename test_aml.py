@@ -4270,6 +4270,40 @@ def test_no_two_top_level_definitions_share_a_name():
     assert sorted({n for n in names if names.count(n) > 1}) == []
 
 
+# ---- issue 11: printed hints name the program as the user typed it ----
+
+def test_undo_hint_is_the_invocation_typed_and_pastes(tmp_path):
+    tool, bin_dir = tmp_path / "tool", tmp_path / "bin"
+    tool.mkdir()
+    bin_dir.mkdir()
+    script = tool / "aml.py"
+    script.write_bytes((HERE / "aml.py").read_bytes())
+    script.chmod(0o755)
+    (bin_dir / "aml").symlink_to(script)
+    root = _prune_store(tmp_path / "my memory")
+    original = _all_records(root)
+    env = {"PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable),
+                                    "/usr/bin", "/bin"])}
+    for typed, program in (([sys.executable, "aml.py"], os.path.basename(sys.executable) + " aml.py"),
+                           (["./aml.py"], "./aml.py"), (["aml"], "aml")):
+        proc = subprocess.run(typed + [str(root), "prune", "--no-backup", "--now", NOW_TEXT],
+                              cwd=str(tool), env=env, capture_output=True, text=True,
+                              timeout=120)
+        hint = proc.stdout.strip().splitlines()[-1].split("; undo with: ", 1)
+        assert proc.returncode == 0 and len(hint) == 2, proc.stdout + proc.stderr
+        assert hint[1].startswith("%s '%s' prune --undo prune_" % (program, root)), hint[1]
+        assert _all_records(root) != original
+        pasted = subprocess.run(hint[1], shell=True, cwd=str(tool), env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert pasted.returncode == 0, pasted.stderr
+        assert _all_records(root) == original
+
+
+def test_program_invocation_in_process_and_for_another_script():
+    assert aml.program_invocation("/usr/bin/pytest") == "aml"
+    assert aml.program_invocation("") == "aml"
+
+
 # =============================================================================
 # End to end: the README and a year of cron
 # =============================================================================
