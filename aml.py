@@ -211,6 +211,16 @@ _TS_RE = re.compile(
     r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?\s*$")
 
 
+def first_few(items: Sequence[str], noun: str, shown: int = 3, sep: str = ", ") -> str:
+    """A bounded one-line list: the first ``shown`` items, then ``and 37 more agents (40 in
+    all)`` (``noun`` is the singular: agent)."""
+    if len(items) <= shown:
+        return sep.join(items)
+    rest = len(items) - shown
+    return "%s and %d more %s%s (%d in all)" % (sep.join(items[:shown]), rest, noun,
+                                               "s" if rest > 1 else "", len(items))
+
+
 def utcnow() -> _dt.datetime:
     """The current time, timezone-aware UTC."""
     return _dt.datetime.now(_dt.timezone.utc)
@@ -5378,7 +5388,8 @@ class MemoryPruner:
         if not over:
             return None
         return ("mass-deletion guard: %s, more than max_removal_share %.0f%%; check the clock "
-                "and thresholds, or pass --force" % ("; ".join(over), 100 * share))
+                "and thresholds, or pass --force" % (first_few(over, "agent", sep="; "),
+                                                     100 * share))
 
     def _history_summary(self, result: PruneResult) -> Dict[str, Any]:
         return {"run_id": result.run_id, "removed": len(result.removed),
@@ -5993,7 +6004,7 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
     orphans, index_gone = _orphaned_state(store)
     if refused and not dry_run:
         raise RefusedError("gc would remove more than half of the records of %s; check the "
-                           "store, then rerun with --force" % ", ".join(refused))
+                           "store, then rerun with --force" % first_few(refused, "agent"))
     run_id, backup_id, removed, skipped = None, None, plan, 0
     if not dry_run:
         if plan and backup is not None:
@@ -9069,7 +9080,7 @@ def _print_gc(out: Output, result: GcResult, would: str) -> None:
                 len(result.orphaned_state)))
     if result.refused_agents:
         out.warn("gc: more than half of the records of %s would go: refused without --force"
-                 % ", ".join(result.refused_agents))
+                 % first_few(result.refused_agents, "agent"))
     if result.skipped_changed:
         out.warn("gc: %d records changed meanwhile and were left in place"
                  % result.skipped_changed)

@@ -2590,6 +2590,36 @@ def test_old_style_decision_outcomes_count_as_negative(tmp_path):
     assert facts.negative_outcome and aml.record_value(facts, aml.PruneConfig()) == 0.0
 
 
+# ---- issue 11: the mass-deletion refusal is one bounded line ----
+
+def test_mass_deletion_refusal_names_a_few_agents_and_the_count(tmp_path, capsys):
+    rng = random.Random(13)
+    root = tmp_path / "m"
+    write_data(root / "config.json", CONFIG)
+    agents = ["agent-%02d-with-a-long-descriptive-name" % n for n in range(40)]
+    for agent in agents:  # 3 of 4 patterns unused for 200 days: prune would take 75 %
+        stale = [make_pattern(agent, rng, age=300, last_used=200, success=0.7, count=10,
+                              conf=0.6) for _ in range(3)]
+        fresh = make_pattern(agent, rng, age=10, last_used=1, success=0.7, count=10, conf=0.7)
+        write_data(root / agent / "patterns.json", stale + [fresh])
+    for argv in (("prune", "--no-backup"), ("optimize", "gc", "--no-backup")):
+        if argv[0] == "optimize":  # 3 of 4 solutions lack their body: gc would take 75 %
+            for agent in agents:
+                (root / agent / "patterns.json").unlink()
+                write_data(root / agent / "solutions.json", [
+                    {"id": "x-%s-%d" % (agent, n), "agent": agent} for n in range(3)] + [
+                    make_solution(agent, rng)])
+        before = tree_digest(root, skip_state=True)
+        code, _, err = run_cli(root, *argv, "--now", NOW_TEXT, capsys=capsys)
+        lines = err.strip().splitlines()
+        assert code == 4 and len(lines) == 1 and len(lines[0]) < 400, err
+        assert agents[0] in lines[0] and agents[3] not in lines[0] and agents[-1] not in lines[0]
+        assert "and 37 more agents (40 in all)" in lines[0]
+        assert tree_digest(root, skip_state=True) == before
+    assert aml.first_few(["a", "b"], "agent") == "a, b"
+    assert aml.first_few(list("abcd"), "agent") == "a, b, c and 1 more agent (4 in all)"
+
+
 # =============================================================================
 # 12. Compression and garbage collection
 # =============================================================================
