@@ -124,7 +124,8 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple,
+                    Union)
 
 # =============================================================================
 # 3. Constants, exit codes, errors
@@ -1084,6 +1085,20 @@ class Store:
         return removed
 
 
+StoreLike = Union[Store, str, "os.PathLike[str]"]
+
+
+def as_store(store: StoreLike, who: str) -> Store:
+    """``store`` itself, or the Store at a memory path (str or os.PathLike) for the library's
+    constructors; raises TypeError at once for anything else (UsageError for a bad path)."""
+    if isinstance(store, Store):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return Store(Path(store))
+    raise TypeError("%s() takes a Store or a memory path (str or os.PathLike), not %s"
+                    % (who, type(store).__name__))
+
+
 AML_CONFIG_SECTIONS = ("prune", "backup", "optimize", "monitor")
 
 
@@ -1211,8 +1226,8 @@ class Archive:
     ids that are present), never in neither.
     """
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: StoreLike):
+        self.store = store = as_store(store, "Archive")
         self.folder = store.state_dir / "archive"
 
     def path_for(self, run_id: str) -> Path:
@@ -2090,8 +2105,8 @@ class BackupManager:
     Every snapshot's manifest lists every file, so each restores on its own.
     """
 
-    def __init__(self, store: Store, config: Optional[BackupConfig] = None):
-        self.store = store
+    def __init__(self, store: StoreLike, config: Optional[BackupConfig] = None):
+        self.store = store = as_store(store, "BackupManager")
         self.config = (config or BackupConfig()).validate()
         root = self.config.backup_root
         # A relative backup_root is taken from the working directory now, once (as any path
@@ -3859,8 +3874,8 @@ class MemoryIndex:
     they raise IntegrityError and the caller falls back to a scan.
     """
 
-    def __init__(self, store: Store, fp_rate: float = DEFAULT_BLOOM_FP_RATE):
-        self.store = store
+    def __init__(self, store: StoreLike, fp_rate: float = DEFAULT_BLOOM_FP_RATE):
+        self.store = store = as_store(store, "MemoryIndex")
         self.fp_rate = fp_rate
         self.folder = store.state_dir / "index"
         self._manifest: Optional[Dict[str, Any]] = None
@@ -4237,8 +4252,9 @@ class HotCache:
     places the id there; otherwise, or if anything fails to verify, it is a miss.
     """
 
-    def __init__(self, index: MemoryIndex):
-        self.index = index
+    def __init__(self, index: Union[MemoryIndex, StoreLike]):
+        self.index = index if isinstance(index, MemoryIndex) else MemoryIndex(
+            as_store(index, "HotCache"))
         self._doc: Optional[Dict[str, Any]] = None
 
     def _load(self) -> Dict[str, Any]:
@@ -5062,8 +5078,8 @@ class MemoryPruner:
     files one by one under their locks, re-planning a file the runtime changed meanwhile.
     """
 
-    def __init__(self, store: Store, config: Optional[PruneConfig] = None):
-        self.store = store
+    def __init__(self, store: StoreLike, config: Optional[PruneConfig] = None):
+        self.store = store = as_store(store, "MemoryPruner")
         self.config = config or PruneConfig()
         self.rules = self.config.effective()
 
@@ -5815,8 +5831,8 @@ class GarbageCollector:
     records unless ``force``.
     """
 
-    def __init__(self, store: Store, force: bool = False):
-        self.store = store
+    def __init__(self, store: StoreLike, force: bool = False):
+        self.store = store = as_store(store, "GarbageCollector")
         self.force = force
 
     def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
@@ -6946,9 +6962,9 @@ MIGRATIONS_STATE = "migrations.json"
 class MigrationManager:
     """Detects schema versions and migrates a store's records, one locked file at a time."""
 
-    def __init__(self, store: Store, agents: Optional[Sequence[str]] = None,
+    def __init__(self, store: StoreLike, agents: Optional[Sequence[str]] = None,
                  progress: Optional[Callable[[str], None]] = None):
-        self.store = store
+        self.store = store = as_store(store, "MigrationManager")
         self.agents = agents
         self.progress = progress or (lambda text: None)
         self.program = "aml"  # how hints name the program (the CLI sets what the user typed)
@@ -7762,9 +7778,9 @@ class MemoryMonitor:
     never into agent data. Raises UsageError for bad thresholds.
     """
 
-    def __init__(self, store: Store, thresholds: Optional[Dict[str, float]] = None,
+    def __init__(self, store: StoreLike, thresholds: Optional[Dict[str, float]] = None,
                  webhook_url: Optional[str] = None, webhook_timeout: float = 5.0):
-        self.store = store
+        self.store = store = as_store(store, "MemoryMonitor")
         self.thresholds = resolve_thresholds(store, flags=thresholds)
         self.webhook_url = _check_webhook_url(webhook_url)
         self.webhook_timeout = webhook_timeout

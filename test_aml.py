@@ -614,6 +614,38 @@ def test_rewrite_splice_failure_leaves_file_whole(tmp_path, monkeypatch):
     assert path.read_bytes() == original and sorted(os.listdir(path.parent)) == names
 
 
+# ---- issue 11: every public constructor takes a Store or a path ----
+
+STORE_TAKERS = ("Archive", "BackupManager", "MemoryIndex", "HotCache", "MemoryPruner",
+                "GarbageCollector", "MigrationManager", "MemoryMonitor")
+
+
+@pytest.mark.parametrize("name", STORE_TAKERS)
+def test_public_constructors_take_a_path_or_a_store_and_reject_the_rest(tmp_path, name):
+    root = build_store(tmp_path / "memory", agents=("alpha",), patterns=4, solutions=2,
+                       decisions=2)
+    cls = getattr(aml, name)
+    assert name in aml.__all__
+    for given in (str(root), root, aml.Store(root, now=NOW)):
+        made = cls(given)
+        store = made.index.store if name == "HotCache" else made.store
+        assert isinstance(store, aml.Store) and store.root == root
+    for wrong in (42, None, b"/tmp", ["memory"]):
+        with pytest.raises(TypeError, match=r"%s\(\) takes a Store or a memory path" % name):
+            cls(wrong)
+    with pytest.raises(aml.UsageError):
+        cls(str(tmp_path / "missing"))
+
+
+def test_path_built_components_work_as_the_older_toolkit_used_them(tmp_path):
+    root = build_store(tmp_path / "memory", agents=("alpha",), patterns=4, solutions=2,
+                       decisions=2)
+    assert aml.MemoryIndex(str(root)).refresh().records == 8
+    assert aml.MemoryPruner(root, aml.PruneConfig()).plan().agents[0].records_before == 8
+    assert sum(aml.MigrationManager(str(root)).detect().totals.values()) == 8
+    assert aml.MemoryMonitor(root).metrics(save=False).totals["total"] == 8
+
+
 # =============================================================================
 # 8. Backup and restore
 # =============================================================================
