@@ -543,6 +543,14 @@ def is_transient_entry(name: str) -> bool:
     return name.endswith(".lock") or name.endswith(RUNTIME_TMP_SUFFIX) or is_temp_leftover(name)
 
 
+def _is_gzip_file(path: Path) -> bool:
+    try:
+        with open(str(path), "rb") as handle:
+            return handle.read(2) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
 def lock_path_for(path: Path) -> Path:
     """The runtime's lock directory for a data file: ``<absolute path>.lock``."""
     return Path(os.path.abspath(str(path)) + ".lock")
@@ -1097,6 +1105,9 @@ def as_store(store: StoreLike, who: str) -> Store:
         return Store(Path(store))
     raise TypeError("%s() takes a Store or a memory path (str or os.PathLike), not %s"
                     % (who, type(store).__name__))
+
+
+__all__ += ["StoreLike", "as_store"]
 
 
 AML_CONFIG_SECTIONS = ("prune", "backup", "optimize", "monitor")
@@ -7593,14 +7604,6 @@ def _count_records(counts: Dict[str, Dict[str, int]], rtype: Optional[RecordType
             bucket["active"] += 1
         else:
             bucket["inactive"] += 1
-
-
-def _is_gzip_file(path: Path) -> bool:
-    try:
-        with open(str(path), "rb") as handle:
-            return handle.read(2) == GZIP_MAGIC
-    except OSError:
-        return False
 
 
 def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
