@@ -113,6 +113,8 @@ import operator
 import os
 import re
 import secrets
+import shlex
+import shutil
 import signal
 import stat
 import struct
@@ -122,7 +124,8 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple,
+                    Union)
 
 # =============================================================================
 # 3. Constants, exit codes, errors
@@ -207,6 +210,16 @@ _TS_RE = re.compile(
     r"^\s*(\d{4})-(\d{2})-(\d{2})"
     r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
     r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?\s*$")
+
+
+def first_few(items: Sequence[str], noun: str, shown: int = 3, sep: str = ", ") -> str:
+    """A bounded one-line list: the first ``shown`` items, then ``and 37 more agents (40 in
+    all)`` (``noun`` is the singular: agent)."""
+    if len(items) <= shown:
+        return sep.join(items)
+    rest = len(items) - shown
+    return "%s and %d more %s%s (%d in all)" % (sep.join(items[:shown]), rest, noun,
+                                               "s" if rest > 1 else "", len(items))
 
 
 def utcnow() -> _dt.datetime:
@@ -520,6 +533,24 @@ def is_temp_leftover(name: str) -> bool:
     return name.startswith(".") and TMP_MARKER in name
 
 
+RUNTIME_TMP_SUFFIX = ".json.tmp"   # the runtime writes <file>.json.tmp, then renames it
+
+
+def is_transient_entry(name: str) -> bool:
+    """True for an entry that is never store content: a runtime lock (``*.lock``), the
+    runtime's temp file (``<file>.json.tmp``) or aml's own temp file. Every walk of the store
+    (agents, backup, restore, sizes, integrity, gc) skips these; only aml's own are removed."""
+    return name.endswith(".lock") or name.endswith(RUNTIME_TMP_SUFFIX) or is_temp_leftover(name)
+
+
+def _is_gzip_file(path: Path) -> bool:
+    try:
+        with open(str(path), "rb") as handle:
+            return handle.read(2) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
 def lock_path_for(path: Path) -> Path:
     """The runtime's lock directory for a data file: ``<absolute path>.lock``."""
     return Path(os.path.abspath(str(path)) + ".lock")
@@ -715,12 +746,14 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "confidence": (("evolution", "confidenceScore"), ("evolution", "confidence_score"),
                    ("confidenceScore",), ("confidence_score",), ("confidence",),
                    ("performance", "confidence"), ("performance", "confidence_score"),
-                   ("lifecycle", "confidence_score")),
+                   ("lifecycle", "confidence_score"), ("lifecycle", "confidence")),
     "last_used": (("evolution", "lastUsed"), ("evolution", "last_used"), ("lastUsed",),
-                  ("last_used",), ("lifecycle", "last_used"), ("lifecycle", "lastUsed")),
+                  ("last_used",), ("lifecycle", "last_used"), ("lifecycle", "lastUsed"),
+                  ("lifecycle", "last_used_at")),
     "created": (("evolution", "created"), ("lifecycle", "created_at"), ("lifecycle", "created"),
                 ("createdAt",), ("created_at",), ("created",)),
     "reviewed": (("reviewedAt",), ("reviewed_at",)),
+    "would_repeat": (("outcome", "wouldRepeat"), ("outcome", "would_repeat")),
     "avg_time_saved": (("metrics", "avgTimeSavedMs"), ("metrics", "avg_time_saved_ms"),
                        ("avgTimeSavedMs",), ("avg_time_saved_ms",),
                        ("performance", "avg_time_saved_ms"), ("performance", "avgTimeSavedMs")),
@@ -729,7 +762,7 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
                          ("performance", "error_prevention_count"),
                          ("performance", "errorPreventionCount")),
     "refinements": (("evolution", "refinements"), ("refinements",), ("lifecycle", "refinements"),
-                    ("performance", "refinements")),
+                    ("performance", "refinements"), ("lifecycle", "refinement_count")),
 }
 
 
@@ -768,6 +801,14 @@ class RecordFacts:
     pinned: bool
     superseded: bool
     tags: Tuple[str, ...]
+    outcome_mean: Optional[float] = None  # mean of the older toolkit's outcome.success_metrics
+
+    @property
+    def negative_outcome(self) -> bool:
+        """A decision that would not be repeated, or whose old-style success metrics average
+        below 0.5 (the older toolkit's rule)."""
+        return self.would_repeat is False or (self.outcome_mean is not None
+                                              and self.outcome_mean < 0.5)
 
     @property
     def last_activity(self) -> Optional[_dt.datetime]:
@@ -809,6 +850,13 @@ def _bool_or_none(value: Any) -> Optional[bool]:
     return value if isinstance(value, bool) else None
 
 
+def _outcome_mean(record: Dict[str, Any]) -> Optional[float]:
+    metrics = dig(record, "outcome", "success_metrics")
+    values = [v for v in map(_number, metrics.values()) if v is not None] \
+        if isinstance(metrics, dict) else []
+    return sum(values) / len(values) if values else None
+
+
 def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
     """Read the maintenance-relevant facts of a record of any known layout; never raises."""
     rec = record if isinstance(record, dict) else {}
@@ -826,12 +874,13 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
         execution_count=_number(first_value(rec, "execution_count")),
         confidence=_number(first_value(rec, "confidence")),
         worked=_bool_or_none(dig(rec, "effectiveness", "worked")),
-        would_repeat=_bool_or_none(dig(rec, "outcome", "wouldRepeat")),
+        would_repeat=_bool_or_none(first_value(rec, "would_repeat")),
         verified_count=_number(rec.get("verifiedCount", rec.get("verified_count"))),
         active=_is_active(rec),
         pinned=_is_pinned(rec, tags),
         superseded=_is_superseded(rec),
         tags=tags,
+        outcome_mean=_outcome_mean(rec),
     )
 
 
@@ -856,7 +905,7 @@ class DataFile:
 
 def is_reserved_name(name: str) -> bool:
     """True for folder names that are never agents (SPEC 2)."""
-    return name.startswith(".") or name in RESERVED_DIRS or name.endswith(".lock")
+    return name.startswith(".") or name in RESERVED_DIRS or is_transient_entry(name)
 
 
 class Store:
@@ -905,7 +954,7 @@ class Store:
         folder = self.root / agent
         files = []
         for entry in sorted(os.scandir(str(folder)), key=lambda e: e.name):
-            if (entry.name.endswith(".json") and not is_temp_leftover(entry.name)
+            if (entry.name.endswith(".json") and not is_transient_entry(entry.name)
                     and entry.is_file(follow_symlinks=False)):
                 files.append(DataFile(agent, Path(entry.path)))
         return files
@@ -1034,7 +1083,7 @@ class Store:
         """
         removed = []
         for dirpath, dirnames, filenames in os.walk(str(self.root)):
-            dirnames[:] = [d for d in dirnames if not d.endswith(".lock")]
+            dirnames[:] = [d for d in dirnames if not is_transient_entry(d)]
             for name in filenames:
                 if is_temp_leftover(name):
                     path = Path(dirpath) / name
@@ -1042,6 +1091,23 @@ class Store:
                         path.unlink()
                         removed.append(path)
         return removed
+
+
+StoreLike = Union[Store, str, "os.PathLike[str]"]
+
+
+def as_store(store: StoreLike, who: str) -> Store:
+    """``store`` itself, or the Store at a memory path (str or os.PathLike) for the library's
+    constructors; raises TypeError at once for anything else (UsageError for a bad path)."""
+    if isinstance(store, Store):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return Store(Path(store))
+    raise TypeError("%s() takes a Store or a memory path (str or os.PathLike), not %s"
+                    % (who, type(store).__name__))
+
+
+__all__ += ["StoreLike", "as_store"]
 
 
 AML_CONFIG_SECTIONS = ("prune", "backup", "optimize", "monitor")
@@ -1171,8 +1237,8 @@ class Archive:
     ids that are present), never in neither.
     """
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: StoreLike):
+        self.store = store = as_store(store, "Archive")
         self.folder = store.state_dir / "archive"
 
     def path_for(self, run_id: str) -> Path:
@@ -2005,7 +2071,7 @@ def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[s
 def _skip_name(rel: str) -> bool:
     """Never backed up: aml state other than the archive, runtime locks, temp files."""
     name = rel.rsplit("/", 1)[-1]
-    if name.endswith(".lock") or is_temp_leftover(name):
+    if is_transient_entry(name):
         return True
     top = rel.split("/", 1)[0]
     if top == STATE_DIR_NAME:
@@ -2050,8 +2116,8 @@ class BackupManager:
     Every snapshot's manifest lists every file, so each restores on its own.
     """
 
-    def __init__(self, store: Store, config: Optional[BackupConfig] = None):
-        self.store = store
+    def __init__(self, store: StoreLike, config: Optional[BackupConfig] = None):
+        self.store = store = as_store(store, "BackupManager")
         self.config = (config or BackupConfig()).validate()
         root = self.config.backup_root
         # A relative backup_root is taken from the working directory now, once (as any path
@@ -3819,8 +3885,8 @@ class MemoryIndex:
     they raise IntegrityError and the caller falls back to a scan.
     """
 
-    def __init__(self, store: Store, fp_rate: float = DEFAULT_BLOOM_FP_RATE):
-        self.store = store
+    def __init__(self, store: StoreLike, fp_rate: float = DEFAULT_BLOOM_FP_RATE):
+        self.store = store = as_store(store, "MemoryIndex")
         self.fp_rate = fp_rate
         self.folder = store.state_dir / "index"
         self._manifest: Optional[Dict[str, Any]] = None
@@ -4197,8 +4263,9 @@ class HotCache:
     places the id there; otherwise, or if anything fails to verify, it is a miss.
     """
 
-    def __init__(self, index: MemoryIndex):
-        self.index = index
+    def __init__(self, index: Union[MemoryIndex, StoreLike]):
+        self.index = index if isinstance(index, MemoryIndex) else MemoryIndex(
+            as_store(index, "HotCache"))
         self._doc: Optional[Dict[str, Any]] = None
 
     def _load(self) -> Dict[str, Any]:
@@ -4676,7 +4743,7 @@ def record_value(facts: RecordFacts, config: PruneConfig) -> float:
     Pattern: mean of its success rate (counted once executed min_execution_count times) and
     its confidence; 0 when neither is known. Solution: 0 if it did not work or is
     superseded, else 0.6 (worked) or 0.3 (unknown) plus 0.1 per verification, at most 1.
-    Decision: 0 if it would not be repeated, 0.9 if it would, 0.5 without an outcome.
+    Decision: 0 for a negative outcome, 0.9 if it would be repeated, 0.5 without an outcome.
     """
     if facts.rtype is RecordType.PATTERN:
         parts = [facts.confidence] if facts.confidence is not None else []
@@ -4689,7 +4756,7 @@ def record_value(facts: RecordFacts, config: PruneConfig) -> float:
             return 0.0
         base = 0.6 if facts.worked else 0.3
         return _clamp(base + 0.1 * max(0.0, facts.verified_count or 0.0))
-    return {False: 0.0, True: 0.9, None: 0.5}[facts.would_repeat]
+    return 0.0 if facts.negative_outcome else {True: 0.9, None: 0.5}[facts.would_repeat]
 
 
 def _clamp(value: float) -> float:
@@ -4764,8 +4831,10 @@ def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Ver
         return PruneReason.FAILED_SOLUTION, {"worked": False}
     if facts.rtype is RecordType.SOLUTION and facts.superseded:
         return PruneReason.OUTDATED_SOLUTION, {"superseded": True}
-    if facts.rtype is RecordType.DECISION and facts.would_repeat is False:
-        return PruneReason.NEGATIVE_OUTCOME, {"would_repeat": False}
+    if facts.rtype is RecordType.DECISION and facts.negative_outcome:
+        if facts.would_repeat is False:
+            return PruneReason.NEGATIVE_OUTCOME, {"would_repeat": False}
+        return PruneReason.NEGATIVE_OUTCOME, {"success_metrics_mean": facts.outcome_mean}
     return None
 
 
@@ -4956,13 +5025,14 @@ def _space_order(plan: _FilePlan, n: int) -> Iterator[Tuple[float, float, int, i
 
 
 def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
-    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``)."""
+    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``, locks
+    and temp files)."""
     total = 0
     skip = set(skip)
     for dirpath, dirnames, filenames in os.walk(str(folder)):
-        if dirpath == str(folder):
-            dirnames[:] = [d for d in dirnames if d not in skip]
-        for name in filenames:
+        dirnames[:] = [d for d in dirnames if not is_transient_entry(d)
+                       and not (dirpath == str(folder) and d in skip)]
+        for name in filter(lambda n: not is_transient_entry(n), filenames):
             with contextlib.suppress(OSError):
                 info = os.lstat(os.path.join(dirpath, name))
                 if stat.S_ISREG(info.st_mode):
@@ -5019,8 +5089,8 @@ class MemoryPruner:
     files one by one under their locks, re-planning a file the runtime changed meanwhile.
     """
 
-    def __init__(self, store: Store, config: Optional[PruneConfig] = None):
-        self.store = store
+    def __init__(self, store: StoreLike, config: Optional[PruneConfig] = None):
+        self.store = store = as_store(store, "MemoryPruner")
         self.config = config or PruneConfig()
         self.rules = self.config.effective()
 
@@ -5345,7 +5415,8 @@ class MemoryPruner:
         if not over:
             return None
         return ("mass-deletion guard: %s, more than max_removal_share %.0f%%; check the clock "
-                "and thresholds, or pass --force" % ("; ".join(over), 100 * share))
+                "and thresholds, or pass --force" % (first_few(over, "agent", sep="; "),
+                                                     100 * share))
 
     def _history_summary(self, result: PruneResult) -> Dict[str, Any]:
         return {"run_id": result.run_id, "removed": len(result.removed),
@@ -5566,6 +5637,7 @@ class TranscodeResult:
     unreadable: List[str]
     workers: int
     seconds: float
+    backup_id: Optional[str] = None  # the safety backup taken before the first change
 
     @property
     def ratio(self) -> Optional[float]:
@@ -5641,12 +5713,15 @@ def _agent_data_files(store: Store) -> List[Path]:
 
 
 def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run: bool = False,
-                    workers: int = 0) -> TranscodeResult:
+                    workers: int = 0, backup: Optional[Callable[[], str]] = None
+                    ) -> TranscodeResult:
     """Gzip (``to_gzip``) or un-gzip every agent data file in place, under the same name.
 
     Compression takes files unchanged for ``age_days`` (0 = all); decompression takes all.
     Each file is locked, parsed (an unparseable file is listed, never written), converted,
     verified and replaced atomically with its mtime kept; files run in parallel threads.
+    ``backup`` (e.g. a safety_backup call) runs first, only when some file needs converting;
+    a file that seemed done then is never written (reported as changed if it no longer is).
     Call with the maintenance lock held.
     """
     started = time.monotonic()
@@ -5662,10 +5737,14 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
     index = MemoryIndex(store)
     indexed = _indexed_stats(index)
+    todo = {p for p in paths if _is_gzip_file(p) != to_gzip}
+    backup_id = backup() if backup is not None and todo and not dry_run else None
     with paused_cyclic_gc():  # the parses of files the index did not vouch for
-        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
-                                                  indexed.get(p)) for p in paths], count,
-                                threads=True)
+        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
+                                                  dry_run or p not in todo, indexed.get(p))
+                                                 for p in paths], count, threads=True)
+    outcomes = [o[:1] + ("changed",) + o[2:] if o[1] == "done" and Path(o[0]) not in todo
+                else o for o in outcomes]
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
@@ -5682,7 +5761,7 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
         skipped_done=[rel(o[0]) for o in by["skipped"]],
         skipped_changed=[rel(o[0]) for o in by["changed"]],
         unreadable=["%s: %s" % (rel(o[0]), o[4]) for o in by["unreadable"]],
-        workers=count, seconds=time.monotonic() - started)
+        workers=count, seconds=time.monotonic() - started, backup_id=backup_id)
 
 
 class GcReason(enum.Enum):
@@ -5763,8 +5842,8 @@ class GarbageCollector:
     records unless ``force``.
     """
 
-    def __init__(self, store: Store, force: bool = False):
-        self.store = store
+    def __init__(self, store: StoreLike, force: bool = False):
+        self.store = store = as_store(store, "GarbageCollector")
         self.force = force
 
     def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
@@ -5903,7 +5982,7 @@ def stale_lock_dirs(store: Store, now: Optional[float] = None) -> List[Path]:
 def _temp_leftovers(store: Store) -> List[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(str(store.root)):
-        dirnames[:] = [d for d in dirnames if not d.endswith(".lock")]
+        dirnames[:] = [d for d in dirnames if not is_transient_entry(d)]
         out.extend(Path(dirpath) / n for n in filenames if is_temp_leftover(n))
     return out
 
@@ -5952,7 +6031,7 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
     orphans, index_gone = _orphaned_state(store)
     if refused and not dry_run:
         raise RefusedError("gc would remove more than half of the records of %s; check the "
-                           "store, then rerun with --force" % ", ".join(refused))
+                           "store, then rerun with --force" % first_few(refused, "agent"))
     run_id, backup_id, removed, skipped = None, None, plan, 0
     if not dry_run:
         if plan and backup is not None:
@@ -6894,11 +6973,12 @@ MIGRATIONS_STATE = "migrations.json"
 class MigrationManager:
     """Detects schema versions and migrates a store's records, one locked file at a time."""
 
-    def __init__(self, store: Store, agents: Optional[Sequence[str]] = None,
+    def __init__(self, store: StoreLike, agents: Optional[Sequence[str]] = None,
                  progress: Optional[Callable[[str], None]] = None):
-        self.store = store
+        self.store = store = as_store(store, "MigrationManager")
         self.agents = agents
         self.progress = progress or (lambda text: None)
+        self.program = "aml"  # how hints name the program (the CLI sets what the user typed)
 
     def _files(self) -> Iterator[Tuple[DataFile, str]]:
         for agent in self.store.select_agents(self.agents):
@@ -7049,9 +7129,9 @@ class MigrationManager:
             _version_key(v) <= _version_key(target) for v in run["from"])]
         run = (exact or runs)[-1]
         return ("To go back, restore the pre-migration backup %s (taken before the run of %s, "
-                "whose records were %s): aml <memory_path> backup restore %s"
+                "whose records were %s): %s %s backup restore %s"
                 % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
-                   run["backup_id"]))
+                   self.program, shlex.quote(str(self.store.root)), run["backup_id"]))
 
     def _record(self, result: MigrationResult) -> None:
         counts = {"records": result.records, "changed": result.changed,
@@ -7220,6 +7300,7 @@ class AgentMetrics:
     plain_files: int
     records: Dict[str, Dict[str, int]]
     unreadable: List[str]
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)  # per type and "total"
 
     @property
     def record_total(self) -> int:
@@ -7296,6 +7377,7 @@ class MetricsReport:
     forecasts: List[LimitForecast]
     performance: PerformanceMetrics
     warnings: List[str] = dataclasses.field(default_factory=list)
+    totals: Dict[str, int] = dataclasses.field(default_factory=dict)  # per type and "total"
 
     @property
     def exit_code(self) -> ExitCode:
@@ -7501,6 +7583,13 @@ def _indexed_lookup_ms(store: Store, state: IndexState) -> LookupTiming:
 
 # -- metrics --------------------------------------------------------------------
 
+def _record_totals(records: Dict[str, Dict[str, int]]) -> Dict[str, int]:
+    """Records per type over every state (active, inactive, invalid), and their ``total``."""
+    totals = {rtype: sum(states.values()) for rtype, states in records.items()}
+    totals["total"] = sum(totals.values())
+    return totals
+
+
 def _empty_counts() -> Dict[str, Dict[str, int]]:
     return {t.value: {"active": 0, "inactive": 0, "invalid": 0} for t in RecordType}
 
@@ -7515,14 +7604,6 @@ def _count_records(counts: Dict[str, Dict[str, int]], rtype: Optional[RecordType
             bucket["active"] += 1
         else:
             bucket["inactive"] += 1
-
-
-def _is_gzip_file(path: Path) -> bool:
-    try:
-        with open(str(path), "rb") as handle:
-            return handle.read(2) == GZIP_MAGIC
-    except OSError:
-        return False
 
 
 def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
@@ -7542,6 +7623,7 @@ def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
         seconds += time.perf_counter() - started  # reading and parsing only, not counting
         _count_records(metrics.records, data_file.rtype, records)
         loaded += 1
+    metrics.totals = _record_totals(metrics.records)
     return metrics, loaded, seconds
 
 
@@ -7627,7 +7709,7 @@ def _integrity_targets(store: Store) -> List[Tuple[Path, Optional[type], bool]]:
     global_dir = store.root / "global"
     if global_dir.is_dir():
         targets.extend((p, None, False) for p in sorted(global_dir.glob("*.json"))
-                       if p.is_file() and not is_temp_leftover(p.name))
+                       if p.is_file() and not is_transient_entry(p.name))
     return targets
 
 
@@ -7699,9 +7781,9 @@ class MemoryMonitor:
     never into agent data. Raises UsageError for bad thresholds.
     """
 
-    def __init__(self, store: Store, thresholds: Optional[Dict[str, float]] = None,
+    def __init__(self, store: StoreLike, thresholds: Optional[Dict[str, float]] = None,
                  webhook_url: Optional[str] = None, webhook_timeout: float = 5.0):
-        self.store = store
+        self.store = store = as_store(store, "MemoryMonitor")
         self.thresholds = resolve_thresholds(store, flags=thresholds)
         self.webhook_url = _check_webhook_url(webhook_url)
         self.webhook_timeout = webhook_timeout
@@ -7744,6 +7826,7 @@ class MemoryMonitor:
             sum(a.gzip_files for a in agents), sum(a.plain_files for a in agents), counts,
             unreadable, growth, [], self._performance(history, index, load_ms, loaded,
                                                       record_total))
+        report.totals = _record_totals(counts)
         report.forecasts = self._forecasts(report, samples)
         return report
 
@@ -7888,9 +7971,10 @@ class MemoryMonitor:
         for dirpath, dirnames, filenames in os.walk(root):
             if dirpath == root and STATE_DIR_NAME in dirnames:
                 dirnames.remove(STATE_DIR_NAME)
-            for name in [d for d in dirnames if d.endswith(".lock")]:
+            for name in [d for d in dirnames if is_transient_entry(d)]:
                 dirnames.remove(name)  # never look inside a lock
-                problems.extend(self._stale_lock(Path(dirpath) / name))
+                if name.endswith(".lock"):
+                    problems.extend(self._stale_lock(Path(dirpath) / name))
             for name in filenames:
                 rel = _rel(self.store, Path(dirpath) / name)
                 if is_temp_leftover(name):
@@ -8339,6 +8423,13 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
              "Records per agent, type and state (unreadable files excluded).",
              [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
               for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
+    w.family("aml_agent_records", "gauge", "Records per agent and type, every state "
+             "(unreadable files excluded).",
+             [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
+              for a in metrics.agents for t in RecordType])
+    w.family("aml_store_records", "gauge", "Records of the store per type, every state; "
+             "sum() is the store's total.",
+             [({"type": t.value}, metrics.totals.get(t.value, 0)) for t in RecordType])
     w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
              [({"agent": a.agent}, len(a.unreadable)) for a in metrics.agents])
     _prom_performance(w, metrics)
@@ -8681,6 +8772,31 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def program_invocation(argv0: Optional[str] = None) -> str:
+    """How the user ran aml, quoted so a printed hint can be pasted: ``aml`` (found on the
+    PATH), ``./aml.py`` (an executable path), ``python3 aml.py`` (through the interpreter);
+    ``aml`` when this file is not the running script (imported, main() called in-process)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    here = os.path.realpath(__file__)
+    if not argv0 or os.path.realpath(argv0) != here:
+        return "aml"
+    found = shutil.which(os.path.basename(argv0)) if os.sep in argv0 else None
+    if found and os.path.realpath(found) == here:
+        return shlex.quote(os.path.basename(argv0))
+    if os.sep in argv0 and os.access(argv0, os.X_OK):
+        return shlex.quote(argv0)
+    return "%s %s" % (_interpreter(), shlex.quote(argv0))
+
+
+def _interpreter() -> str:
+    """The running Python by a name the PATH knows (``python3``), else its full path."""
+    typed = (getattr(sys, "orig_argv", None) or [sys.executable])[0] or sys.executable
+    for name in (os.path.basename(typed), os.path.basename(sys.executable)):
+        if name and shutil.which(name):
+            return shlex.quote(name)
+    return shlex.quote(sys.executable)
+
+
 def open_store(args: argparse.Namespace) -> Store:
     """The Store named on the command line, with the run's clock and lock wait."""
     return Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
@@ -8797,8 +8913,9 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
         out.line("dry run: nothing was changed")
     elif result.removed:
         backup = "; safety backup %s" % result.backup_id if result.backup_id else ""
-        out.line("run %s%s; undo with: aml.py %s prune --undo %s"
-                 % (result.run_id, backup, memory_path, result.run_id))
+        out.line("run %s%s; undo with: %s %s prune --undo %s"
+                 % (result.run_id, backup, program_invocation(), shlex.quote(str(memory_path)),
+                    result.run_id))
 
 
 def _print_undo(out: Output, result: UndoResult) -> int:
@@ -8892,16 +9009,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConfig,
                         args: argparse.Namespace) -> Dict[str, Any]:
-    backup_id = None
-    if not args.dry_run and config.create_backup and "compress" in steps:
-        backup_id = safety_backup(store, "optimize %s" % args.action)
-    gc_backup = None
-    if config.create_backup and backup_id is None:
-        gc_backup = lambda: safety_backup(store, "optimize gc")  # noqa: E731
+    backup = None  # one safety backup, taken by the first step about to change something
+    if config.create_backup:
+        backup = _once(lambda: safety_backup(store, "optimize %s" % args.action))
     results: Dict[str, Any] = {}
     for step in steps:
         started, clock = store.now, time.monotonic()
-        result = _optimize_step(store, step, config, args, gc_backup)
+        result = _optimize_step(store, step, config, args, backup)
         results[step] = result
         if not args.dry_run:
             store.record_operation("compress" if step == "decompress" else step, started,
@@ -8909,16 +9023,28 @@ def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConf
     return results
 
 
+def _once(make: Callable[[], str]) -> Callable[[], str]:
+    """``make`` called at most once; later calls return its first result."""
+    made: List[str] = []
+
+    def call() -> str:
+        if not made:
+            made.append(make())
+        return made[0]
+    return call
+
+
 def _optimize_step(store: Store, step: str, config: OptimizeConfig, args: argparse.Namespace,
-                   gc_backup: Optional[Callable[[], str]]) -> Any:
+                   backup: Optional[Callable[[], str]]) -> Any:
     if step == "index":
         return MemoryIndex(store).refresh(dry_run=args.dry_run)
     if step in ("compress", "decompress"):
         return transcode_store(store, step == "compress", config.compress_age_days,
-                               args.dry_run, config.workers)
+                               args.dry_run, config.workers,
+                               backup if step == "compress" else None)
     if step == "warm-cache":
         return warm_cache(store, config.cache_max_bytes, args.dry_run)
-    return collect_garbage(store, args.dry_run, args.force, gc_backup)
+    return collect_garbage(store, args.dry_run, args.force, backup)
 
 
 def _step_summary(step: str, result: Any) -> Dict[str, Any]:
@@ -8927,7 +9053,8 @@ def _step_summary(step: str, result: Any) -> Dict[str, Any]:
                 "records": result.records, "bytes": result.index_bytes, "rebuilt": result.rebuilt}
     if step in ("compress", "decompress"):
         return {"direction": step, "files": len(result.files), "bytes_before": result.bytes_before,
-                "bytes_after": result.bytes_after, "unreadable": len(result.unreadable)}
+                "bytes_after": result.bytes_after, "unreadable": len(result.unreadable),
+                "backup_id": result.backup_id}
     if step == "warm-cache":
         return {"records": result.records, "bytes": result.bytes, "budget": result.budget}
     return {"run_id": result.run_id, "removed": len(result.removed), "by_reason": result.by_reason,
@@ -8945,10 +9072,11 @@ def _print_step(out: Output, step: str, result: Any) -> None:
                     len(result.files_reread), result.records, result.ids,
                     human_bytes(result.index_bytes), human_bytes(result.bloom_bytes)))
     elif step in ("compress", "decompress"):
-        out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed"
+        out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed%s"
                  % (step, would, step, len(result.files), human_bytes(result.bytes_before),
                     human_bytes(result.bytes_after), len(result.skipped_recent),
-                    len(result.skipped_done), len(result.skipped_changed)))
+                    len(result.skipped_done), len(result.skipped_changed),
+                    "; safety backup %s" % result.backup_id if result.backup_id else ""))
     elif step == "warm-cache":
         out.line("warm-cache: %skeep %d records hot, %s of %s (%d ranked, %d files read)%s"
                  % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),
@@ -8971,7 +9099,7 @@ def _print_gc(out: Output, result: GcResult, would: str) -> None:
                 len(result.orphaned_state)))
     if result.refused_agents:
         out.warn("gc: more than half of the records of %s would go: refused without --force"
-                 % ", ".join(result.refused_agents))
+                 % first_few(result.refused_agents, "agent"))
     if result.skipped_changed:
         out.warn("gc: %d records changed meanwhile and were left in place"
                  % result.skipped_changed)
@@ -9382,6 +9510,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     target = _target_version(args)
     store, out = open_store(args), output_for(args)
     manager = MigrationManager(store, args.agents, progress=out.progress)
+    manager.program = program_invocation()
     try:
         result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
     finally:
@@ -9515,13 +9644,18 @@ def _metrics_lines(report: MetricsReport) -> List[str]:
         human_bytes(report.index_bytes) if report.index_bytes else "none"),
         "Files: %d gzip, %d plain; largest agent: %s" % (report.gzip_files, report.plain_files,
                                                          report.largest_agent or "none"),
-        "%-24s %10s  %-17s  %-17s  %s" % ("AGENT", "SIZE", "PATTERNS act/inact",
-                                              "SOLUTIONS", "DECISIONS")]
-    for agent in report.agents:
-        lines.append(("%-24s %10s  %s" % (agent.agent, human_bytes(agent.bytes), "  ".join(
-            "%-17s" % ("%d / %d" % (agent.records[t.value]["active"],
-                                    agent.records[t.value]["inactive"])) for t in RecordType)
-        )).rstrip())
+        "Records: %d (%s); per type: all = active/inactive/invalid" % (
+            report.totals.get("total", 0), ", ".join(
+                "%d %ss" % (report.totals.get(t.value, 0), t.value) for t in RecordType)),
+        "%-24s %10s  %-20s  %-20s  %-20s  %s" % ("AGENT", "SIZE", "PATTERNS", "SOLUTIONS",
+                                                  "DECISIONS", "RECORDS")]
+    rows = [(a.agent, a.bytes, a.records, a.totals) for a in report.agents]
+    rows.append(("STORE", report.total_bytes, report.records, report.totals))
+    for name, size, records, totals in rows:
+        lines.append("%-24s %10s  %s  %d" % (name, human_bytes(size), "  ".join(
+            "%-20s" % ("%d = %d/%d/%d" % ((totals.get(t.value, 0),) + tuple(
+                records[t.value][state] for state in ("active", "inactive", "invalid"))))
+            for t in RecordType), totals.get("total", 0)))
     lines.extend(_growth_lines(report))
     lines.extend(_performance_lines(report.performance))
     return lines

@@ -623,6 +623,38 @@ def test_rewrite_splice_failure_leaves_file_whole(tmp_path, monkeypatch):
     assert path.read_bytes() == original and sorted(os.listdir(path.parent)) == names
 
 
+# ---- issue 11: every public constructor takes a Store or a path ----
+
+STORE_TAKERS = ("Archive", "BackupManager", "MemoryIndex", "HotCache", "MemoryPruner",
+                "GarbageCollector", "MigrationManager", "MemoryMonitor")
+
+
+@pytest.mark.parametrize("name", STORE_TAKERS)
+def test_public_constructors_take_a_path_or_a_store_and_reject_the_rest(tmp_path, name):
+    root = build_store(tmp_path / "memory", agents=("alpha",), patterns=4, solutions=2,
+                       decisions=2)
+    cls = getattr(aml, name)
+    assert name in aml.__all__
+    for given in (str(root), root, aml.Store(root, now=NOW)):
+        made = cls(given)
+        store = made.index.store if name == "HotCache" else made.store
+        assert isinstance(store, aml.Store) and store.root == root
+    for wrong in (42, None, b"/tmp", ["memory"]):
+        with pytest.raises(TypeError, match=r"%s\(\) takes a Store or a memory path" % name):
+            cls(wrong)
+    with pytest.raises(aml.UsageError):
+        cls(str(tmp_path / "missing"))
+
+
+def test_path_built_components_work_as_the_older_toolkit_used_them(tmp_path):
+    root = build_store(tmp_path / "memory", agents=("alpha",), patterns=4, solutions=2,
+                       decisions=2)
+    assert aml.MemoryIndex(str(root)).refresh().records == 8
+    assert aml.MemoryPruner(root, aml.PruneConfig()).plan().agents[0].records_before == 8
+    assert sum(aml.MigrationManager(str(root)).detect().totals.values()) == 8
+    assert aml.MemoryMonitor(root).metrics(save=False).totals["total"] == 8
+
+
 # =============================================================================
 # 8. Backup and restore
 # =============================================================================
@@ -1383,6 +1415,58 @@ def test_restore_of_an_intact_agent_works_beside_a_damaged_one(tmp_path, capsys)
 @pytest.mark.parametrize("text", ["[]", "{}", "[1,", "[1] x", "[1, 2 ,3]", "[NaN]"])
 def test_split_json_array_refuses_what_it_cannot_split(text):
     assert aml.split_json_array(text) is None
+
+
+# ---- issue 11: the runtime's temp and lock entries are not store content ----
+
+def _runtime_in_flight(root, lock=True):
+    """What a busy runtime leaves beside its files: a temp file about to be renamed, a lock."""
+    tmp = root / "backend-developer" / "patterns.json.tmp"
+    tmp.write_bytes((root / "backend-developer" / "patterns.json").read_bytes())
+    if lock:  # held (fresh): whatever reads code-reviewer/solutions.json waits for it
+        (root / "code-reviewer" / "solutions.json.lock").mkdir()
+    (root / "global" / "shared.json.tmp").write_text('{"notes": []}')
+    return tmp
+
+
+def test_backup_skips_runtime_temp_files_that_vanish_mid_backup(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "memory", gz=True)
+    tmp = _runtime_in_flight(root, lock=False)
+    real_entry = aml._SnapshotBuilder.file_entry
+
+    def runtime_renames_meanwhile(self, rel, writer):
+        if tmp.exists():
+            os.replace(str(tmp), str(tmp.with_name("patterns.json")))
+        return real_entry(self, rel, writer)
+
+    monkeypatch.setattr(aml._SnapshotBuilder, "file_entry", runtime_renames_meanwhile)
+    code, out, err = run_cli(root, "backup", "create", "--format", "json", capsys=capsys)
+    assert code == 0 and err == "", err
+    manager = aml.BackupManager(aml.Store(root), aml.BackupConfig(backup_root=tmp_path /
+                                                                  "memory-backup"))
+    paths = [e["path"] for e in manager.load_manifest(json.loads(out)["backup_id"])["files"]]
+    assert "backend-developer/patterns.json" in paths
+    assert not [p for p in paths if p.endswith((".tmp", ".lock")) or ".lock/" in p]
+
+
+def test_runtime_temp_and_lock_entries_are_skipped_by_every_walk(tmp_path):
+    root = build_store(tmp_path / "memory", agents=("backend-developer", "code-reviewer"))
+    store = aml.Store(root, now=NOW)
+    sizes = {a: aml.agent_disk_bytes(store, a) for a in store.agents()}
+    total = aml.store_disk_bytes(store)
+    tmp = _runtime_in_flight(root)
+    assert store.agents() == ["backend-developer", "code-reviewer"]
+    assert {a: aml.agent_disk_bytes(store, a) for a in store.agents()} == sizes
+    assert aml.store_disk_bytes(store) == total
+    assert [f.path.name for f in store.agent_files("backend-developer")] == [
+        "context.json", "decisions.json", "metrics.json", "patterns.json", "solutions.json"]
+    assert not any(rel.endswith(".tmp") or ".lock" in rel
+                   for rel in aml.store_scope_files(root, None))
+    before = tree_digest(root, skip_state=True)
+    assert run_cli(root, "optimize", "gc", "-q", "--now", NOW_TEXT) == 0
+    assert tree_digest(root, skip_state=True) == before  # the runtime's entries stay untouched
+    health = aml.MemoryMonitor(aml.Store(root, now=NOW)).health(False, record=False)
+    assert not [p for c in health.checks for p in c.problems if ".tmp" in str(p)]
 
 
 # =============================================================================
@@ -2521,6 +2605,62 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
     assert backup["backup_id"] == summary["backup_id"] and backup["verified"] is True
 
 
+# ---- issue 11: old-style decision outcomes ----
+
+def test_old_style_decision_outcomes_count_as_negative(tmp_path):
+    rng = random.Random(11)
+
+    def decision(outcome):
+        rec = make_decision("solo", rng, age=5)
+        rec["outcome"] = outcome
+        return rec
+
+    snake_no = decision({"would_repeat": False, "lessons_learned": ["slow"]})
+    snake_yes = decision({"would_repeat": True})
+    low_mean = decision({"success_metrics": {"speed": 0.2, "quality": 0.4, "note": "n/a"}})
+    ok_mean = decision({"success_metrics": {"speed": 0.5, "quality": 0.6}})
+    camel_no = decision({"successMetrics": {}, "lessonsLearned": [], "wouldRepeat": False})
+    root = _one_agent(tmp_path / "m", decisions=[snake_no, snake_yes, low_mean, ok_mean, camel_no])
+    result = _plan(root, ["performance_based"])
+    assert _reasons(result) == {r["id"]: "negative_outcome" for r in (snake_no, low_mean, camel_no)}
+    details = {r.id: r.details for r in result.removed}
+    assert details[snake_no["id"]] == {"would_repeat": False}
+    assert details[low_mean["id"]] == {"success_metrics_mean": pytest.approx(0.3)}
+    # A negative outcome has no value, so high-value preservation never keeps it.
+    facts = aml.record_facts(aml.RecordType.DECISION, low_mean)
+    assert facts.negative_outcome and aml.record_value(facts, aml.PruneConfig()) == 0.0
+
+
+# ---- issue 11: the mass-deletion refusal is one bounded line ----
+
+def test_mass_deletion_refusal_names_a_few_agents_and_the_count(tmp_path, capsys):
+    rng = random.Random(13)
+    root = tmp_path / "m"
+    write_data(root / "config.json", CONFIG)
+    agents = ["agent-%02d-with-a-long-descriptive-name" % n for n in range(40)]
+    for agent in agents:  # 3 of 4 patterns unused for 200 days: prune would take 75 %
+        stale = [make_pattern(agent, rng, age=300, last_used=200, success=0.7, count=10,
+                              conf=0.6) for _ in range(3)]
+        fresh = make_pattern(agent, rng, age=10, last_used=1, success=0.7, count=10, conf=0.7)
+        write_data(root / agent / "patterns.json", stale + [fresh])
+    for argv in (("prune", "--no-backup"), ("optimize", "gc", "--no-backup")):
+        if argv[0] == "optimize":  # 3 of 4 solutions lack their body: gc would take 75 %
+            for agent in agents:
+                (root / agent / "patterns.json").unlink()
+                write_data(root / agent / "solutions.json", [
+                    {"id": "x-%s-%d" % (agent, n), "agent": agent} for n in range(3)] + [
+                    make_solution(agent, rng)])
+        before = tree_digest(root, skip_state=True)
+        code, _, err = run_cli(root, *argv, "--now", NOW_TEXT, capsys=capsys)
+        lines = err.strip().splitlines()
+        assert code == 4 and len(lines) == 1 and len(lines[0]) < 400, err
+        assert agents[0] in lines[0] and agents[3] not in lines[0] and agents[-1] not in lines[0]
+        assert "and 37 more agents (40 in all)" in lines[0]
+        assert tree_digest(root, skip_state=True) == before
+    assert aml.first_few(["a", "b"], "agent") == "a, b"
+    assert aml.first_few(list("abcd"), "agent") == "a, b, c and 1 more agent (4 in all)"
+
+
 # =============================================================================
 # 12. Compression and garbage collection
 # =============================================================================
@@ -2840,6 +2980,30 @@ def test_optimize_all_runs_every_step_in_order(store, capsys):
     assert run_cli(store, "optimize", "build-index", "-q", capsys=capsys) == (0, "", "")
 
 
+# ---- issue 11: compress takes its safety backup only when a file qualifies ----
+
+def test_compress_takes_no_safety_backup_when_no_file_qualifies(tmp_path, monkeypatch, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"), patterns=5, gz=True)
+    taken = []
+    monkeypatch.setattr(aml, "safety_backup", lambda store, reason, *a, **k: taken.append(
+        reason) or "full_test_%d" % len(taken))
+    before = tree_digest(root, skip_state=True)
+    for action in ("compress", "all"):
+        code, out, err = run_cli(root, "optimize", action, "--age-days", "0", "--now", NOW_TEXT,
+                                 capsys=capsys)
+        assert code == 0 and taken == [] and "safety backup" not in out, (action, out, err)
+    assert tree_digest(root, skip_state=True) == before
+    write_data(root / "a2" / "solutions.json", read_data(root / "a2" / "solutions.json"))
+    code, out, _ = run_cli(root, "optimize", "all", "--age-days", "0", "--now", NOW_TEXT,
+                           capsys=capsys)
+    assert code == 0 and taken == ["optimize all"] and "safety backup full_test_1" in out
+    assert read_data(root / "a2" / "solutions.json") and _is_gzip(root / "a2" / "solutions.json")
+
+
+def _is_gzip(path):
+    return Path(path).read_bytes()[:2] == b"\x1f\x8b"
+
+
 # =============================================================================
 # 13. Migration
 # =============================================================================
@@ -2938,6 +3102,9 @@ DOCUMENTED_MOVES = {
     ("lifecycle", "created_at"): ("evolution", "created"),
     ("lifecycle", "last_used"): ("evolution", "lastUsed"),
     ("lifecycle", "refinements"): ("evolution", "refinements"),
+    ("lifecycle", "last_used_at"): ("evolution", "lastUsed"),
+    ("lifecycle", "refinement_count"): ("evolution", "refinements"),
+    ("lifecycle", "confidence"): ("evolution", "confidenceScore"),
     ("pinned",): ("lifecycle", "pinned"), ("supersededBy",): ("lifecycle", "supersededBy"),
     ("verified_count",): ("verifiedCount",), ("reviewed_at",): ("reviewedAt",),
     ("is_active",): ("active",),
@@ -2983,10 +3150,9 @@ def _older_tool(rec, i):
     m, e = out.pop("metrics"), out.pop("evolution")
     out["performance"] = {"success_rate": m["successRate"], "execution_count": m["executionCount"],
                           "avg_time_saved_ms": m["avgTimeSavedMs"],
-                          "error_prevention_count": m["errorPreventionCount"],
-                          "confidence": e["confidenceScore"]}
-    out["lifecycle"] = {"created_at": e["created"], "last_used": e["lastUsed"],
-                        "refinements": e["refinements"]}
+                          "error_prevention_count": m["errorPreventionCount"]}
+    out["lifecycle"] = {"created_at": e["created"], "last_used_at": e["lastUsed"],
+                        "refinement_count": e["refinements"], "confidence": e["confidenceScore"]}
     if i % 2:
         out["schemaVersion"] = "2.0.0"  # it even stamped our key: shape decides, not the stamp
     return out
@@ -3305,6 +3471,31 @@ def test_migrate_cli_spellings_and_usage_errors(tmp_path, capsys):
     assert code == 2 and "two different" in err
     code, _, err = run_cli(root, "migrate", "migrate", "--version", "3.0", capsys=capsys)
     assert code == 2 and "unknown schema version" in err
+
+
+# ---- issue 11: the older toolkit's real record shape ----
+
+def test_older_toolkit_shape_reads_the_same_facts_and_migrates_to_runtime_records(tmp_path,
+                                                                                  fake_backup,
+                                                                                  capsys):
+    root = versioned_store(tmp_path / "m", "older-tool")
+    before = read_data(root / "alpha/patterns.json")
+    assert "lifecycle" in before[0] and "confidence" in before[0]["lifecycle"]
+    code, out, err = run_cli(root, "migrate", "migrate-latest", capsys=capsys)
+    assert code == 0 and "left unchanged" not in err, err
+    after = read_data(root / "alpha/patterns.json")
+    for old, new in zip(before, after):
+        assert runtime_valid("pattern", new) == [] and aml.runtime_problems(
+            aml.RecordType.PATTERN, new) == []
+        assert_values_preserved(old, new)
+        assert new["lifecycle"] == {"state": "active"} and "performance" not in new
+        # The one field reader sees the same values in either shape (prune, monitor, search).
+        facts_old = aml.record_facts(aml.RecordType.PATTERN, old)
+        facts_new = aml.record_facts(aml.RecordType.PATTERN, new)
+        for field in ("created", "last_used", "success_rate", "execution_count", "confidence"):
+            assert getattr(facts_old, field) is not None
+            assert getattr(facts_old, field) == getattr(facts_new, field), field
+    assert aml.first_value(before[0], "refinements") == after[0]["evolution"]["refinements"]
 
 
 # =============================================================================
@@ -3953,6 +4144,36 @@ def test_html_report_renders_in_headless_chromium(tmp_path, capsys):
     assert len(set(zlib.decompress(pixels))) > 50
 
 
+# ---- issue 11: monitor metrics totals ----
+
+def test_metrics_give_totals_per_type_agent_and_store_in_every_format(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"), patterns=6, solutions=4,
+                       decisions=3, gz="mixed")
+    path = root / "a2" / "patterns.json"
+    recs = read_data(path)
+    recs[0]["active"] = False
+    write_data(path, recs + ["not a record", 7], gz=True)
+    code, out, _ = run_cli(root, "monitor", "metrics", "--no-save", "--format", "json",
+                           capsys=capsys)
+    doc = json.loads(out)
+    agents = {a["agent"]: a["totals"] for a in doc["agents"]}
+    assert code == 0 and agents["a1"] == {"pattern": 6, "solution": 4, "decision": 3, "total": 13}
+    assert agents["a2"] == {"pattern": 8, "solution": 4, "decision": 3, "total": 15}
+    assert doc["totals"] == {"pattern": 14, "solution": 8, "decision": 6, "total": 28}
+    code, out, _ = run_cli(root, "monitor", "metrics", "--no-save", capsys=capsys)
+    assert "Records: 28 (14 patterns, 8 solutions, 6 decisions)" in out
+    rows = {line.split()[0]: line.split()[3:] for line in out.splitlines()
+            if line.startswith(("a1 ", "a2 ", "STORE "))}
+    assert rows["a2"] == ["8", "=", "5/1/2", "4", "=", "4/0/0", "3", "=", "3/0/0", "15"]
+    assert rows["STORE"] == ["14", "=", "11/1/2", "8", "=", "8/0/0", "6", "=", "6/0/0", "28"]
+    code, out, _ = run_cli(root, "monitor", "metrics", "--no-save", "--format", "prometheus",
+                           capsys=capsys)
+    assert 'aml_agent_records{agent="a2",type="pattern"} 8' in out.splitlines()
+    assert 'aml_store_records{type="decision"} 6' in out.splitlines()
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+               if line.startswith("aml_store_records{")) == 28
+
+
 # =============================================================================
 # Benchmark script (bench_aml.py): its store generator and process measurement
 # =============================================================================
@@ -4139,6 +4360,40 @@ def test_no_two_top_level_definitions_share_a_name():
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+# ---- issue 11: printed hints name the program as the user typed it ----
+
+def test_undo_hint_is_the_invocation_typed_and_pastes(tmp_path):
+    tool, bin_dir = tmp_path / "tool", tmp_path / "bin"
+    tool.mkdir()
+    bin_dir.mkdir()
+    script = tool / "aml.py"
+    script.write_bytes((HERE / "aml.py").read_bytes())
+    script.chmod(0o755)
+    (bin_dir / "aml").symlink_to(script)
+    root = _prune_store(tmp_path / "my memory")
+    original = _all_records(root)
+    env = {"PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable),
+                                    "/usr/bin", "/bin"])}
+    for typed, program in (([sys.executable, "aml.py"], os.path.basename(sys.executable) + " aml.py"),
+                           (["./aml.py"], "./aml.py"), (["aml"], "aml")):
+        proc = subprocess.run(typed + [str(root), "prune", "--no-backup", "--now", NOW_TEXT],
+                              cwd=str(tool), env=env, capture_output=True, text=True,
+                              timeout=120)
+        hint = proc.stdout.strip().splitlines()[-1].split("; undo with: ", 1)
+        assert proc.returncode == 0 and len(hint) == 2, proc.stdout + proc.stderr
+        assert hint[1].startswith("%s '%s' prune --undo prune_" % (program, root)), hint[1]
+        assert _all_records(root) != original
+        pasted = subprocess.run(hint[1], shell=True, cwd=str(tool), env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert pasted.returncode == 0, pasted.stderr
+        assert _all_records(root) == original
+
+
+def test_program_invocation_in_process_and_for_another_script():
+    assert aml.program_invocation("/usr/bin/pytest") == "aml"
+    assert aml.program_invocation("") == "aml"
 
 
 # =============================================================================
