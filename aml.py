@@ -3579,7 +3579,7 @@ def _copy(manager: BackupManager, target: Any, backup_ids: Optional[Sequence[str
     for backup_id in ids:
         if not manager.manifest_path(backup_id).exists():
             raise UsageError("no backup %r in %s" % (backup_id, manager.repo))
-    if not ids:
+    if not ids and not dry_run:
         raise UsageError("no backups of this store in %s to copy" % manager.repo)
     result = CopyResult(destination=target.label, dry_run=dry_run, copied=[], present=[],
                         objects_copied=0, bytes_copied=0, verified=False, objects_checked=0)
