@@ -31,6 +31,8 @@ Typical commands::
     aml.py .loom/memory search --tag database --min-confidence 0.7
     aml.py .loom/memory get RECORD_ID
     aml.py .loom/memory backup restore ID --target /tmp/check
+    aml.py .loom/memory backup copy --to /mnt/usb/aml-backup   # or rclone:NAME:path
+    aml.py .loom/memory backup diff ID_A ID_B           # records added, removed, changed
     aml.py .loom/memory migrate detect
     aml.py .loom/memory migrate migrate-latest --dry-run
     aml.py .loom/memory monitor report --format html --output report.html
