@@ -2466,7 +2466,8 @@ class BackupManager:
     # -- rotate ---------------------------------------------------------------
     def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
                keep_monthly: int = 0, lock_store: bool = True, keep_last: int = 0,
-               keep_hourly: int = 0, keep_yearly: int = 0) -> RotateResult:
+               keep_hourly: int = 0, keep_yearly: int = 0, keep_within: int = 0
+               ) -> RotateResult:
         """Delete snapshots past retention_days (or, when any keep_* is given, not picked by
         one of those rules instead) and past max_backups.
 
@@ -2476,7 +2477,8 @@ class BackupManager:
         """
         started, clock = self.store.now, time.monotonic()
         keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
-                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly}
+                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
+                "within": keep_within}
         hold = (self.store.maintenance_lock() if lock_store and not dry_run
                 else contextlib.nullcontext())
         with hold, self._repo_lock(exclusive=not dry_run):
@@ -2489,10 +2491,11 @@ class BackupManager:
 
     def retained(self, ids: List[str], keep_daily: int = 0, keep_weekly: int = 0,
                  keep_monthly: int = 0, keep_last: int = 0, keep_hourly: int = 0,
-                 keep_yearly: int = 0) -> List[str]:
+                 keep_yearly: int = 0, keep_within: int = 0) -> List[str]:
         """The snapshot ids rotation keeps, oldest first."""
         keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
-                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly}
+                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
+                "within": keep_within}
         return sorted(self.retention_reasons(ids, keep), key=_id_order)
 
     def retention_reasons(self, ids: List[str], keep: Dict[str, int]) -> Dict[str, List[str]]:
@@ -2557,13 +2560,14 @@ class BackupManager:
     # -- auto -----------------------------------------------------------------
     def auto(self, keep_daily: int = 0, keep_weekly: int = 0, keep_monthly: int = 0,
              keep_last: int = 0, keep_hourly: int = 0, keep_yearly: int = 0,
-             dry_run: bool = False) -> AutoResult:
+             dry_run: bool = False, keep_within: int = 0) -> AutoResult:
         """For cron: a snapshot when one is due per backup_schedule (full every 7 periods,
         else incremental), verified per verify_after_backup, then rotation, then (with
         copy_to) a copy to the second repository. A failed copy is in ``copy_error``; a
         failed backup raises. ``dry_run`` changes nothing and says what each step would do."""
         keep = dict(keep_daily=keep_daily, keep_weekly=keep_weekly, keep_monthly=keep_monthly,
-                    keep_last=keep_last, keep_hourly=keep_hourly, keep_yearly=keep_yearly)
+                    keep_last=keep_last, keep_hourly=keep_hourly, keep_yearly=keep_yearly,
+                    keep_within=keep_within)
         if dry_run:
             return auto_plan(self, keep)
         with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
@@ -3207,18 +3211,21 @@ KEEP_RULES: Dict[str, Callable[[_dt.datetime], str]] = {
 
 def _keep_reasons(ids: List[str], keep: Dict[str, int], now: _dt.datetime,
                   retention_days: int) -> Dict[str, List[str]]:
-    """{id: reasons} picked by the keep rules (``last`` and KEEP_RULES) or, when no count is
-    given, by the age rule; raises UsageError for a negative count or an unknown rule."""
+    """{id: reasons} picked by the keep rules (``last``, ``within`` days and KEEP_RULES) or,
+    when no count is given, by the age rule (retention_days); raises UsageError for a
+    negative count or an unknown rule."""
     for rule, count in keep.items():
-        if rule != "last" and rule not in KEEP_RULES:
+        if rule not in ("last", "within") and rule not in KEEP_RULES:
             raise UsageError("unknown retention rule keep_%s" % rule)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise UsageError("--keep-%s must be an integer >= 0, not %r" % (rule, count))
     reasons: Dict[str, List[str]] = {}
-    if not any(keep.values()):
-        for backup_id in ids:
-            if days_between(_id_time(backup_id), now) <= retention_days:
-                reasons[backup_id] = ["within %d days" % retention_days]
+    given = any(keep.values())
+    within = keep.get("within", 0) if given else retention_days
+    for backup_id in ids if within or not given else []:
+        if days_between(_id_time(backup_id), now) <= within:
+            reasons[backup_id] = ["within %d days" % within]
+    if not given:
         return reasons
     for backup_id in ids[len(ids) - keep.get("last", 0):] if keep.get("last") else []:
         reasons.setdefault(backup_id, []).append("last %d" % keep["last"])
@@ -10078,6 +10085,8 @@ def _keep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-last", type=int, metavar="N", default=0,
                         help="keep the N newest snapshots (any --keep-* replaces the "
                         "--retention-days age rule)")
+    parser.add_argument("--keep-within", type=int, metavar="DAYS", default=0,
+                        help="keep every snapshot younger than DAYS")
     for unit in KEEP_RULES:
         parser.add_argument("--keep-%s" % unit, type=int, metavar="N", default=0,
                             help="keep the newest snapshot of each of the last N %s"
@@ -10086,7 +10095,7 @@ def _keep_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _keep_args(args: argparse.Namespace) -> Dict[str, int]:
-    return {"keep_" + rule: getattr(args, "keep_" + rule) for rule in ("last",) +
+    return {"keep_" + rule: getattr(args, "keep_" + rule) for rule in ("last", "within") +
             tuple(KEEP_RULES)}
 
 

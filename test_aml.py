@@ -1723,6 +1723,7 @@ def test_keep_rules_replace_the_age_rule_and_the_dry_run_says_why(tmp_path, caps
     assert manager.retained(ids) == [i for i in ids if aml._id_time(i) >= later -
                                      dt.timedelta(days=60)]
     assert manager.retained(ids, keep_last=2) == ids[-2:]   # the age rule does not add 6
+    assert manager.retained(ids, keep_within=35, keep_last=1) == ids[-3:]   # 10, 20, 30 days old
     yearly = manager.retained(ids, keep_yearly=5)
     assert [aml._id_time(i).year for i in yearly] == [2026, 2027] and yearly[-1] == ids[-1]
     reasons = manager.retention_reasons(ids, {"last": 1, "hourly": 2, "monthly": 2})
