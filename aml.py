@@ -3867,18 +3867,19 @@ def diff_snapshots(manager: BackupManager, a: str, b: str) -> DiffResult:
     UsageError (unknown id) or IntegrityError (damaged data)."""
     old = {_entry_path(e): e for e in manager.load_manifest(a)["files"]}
     new = {_entry_path(e): e for e in manager.load_manifest(b)["files"]}
-    reader = _RecordReader(_ObjectStore(manager.packs))
     result = DiffResult(a=a, b=b, files=[], files_unchanged=0, records_added=0,
                         records_removed=0, records_changed=0)
-    for path in sorted(set(old) | set(new)):
-        change = reader.diff_file(path, old.get(path), new.get(path))
-        if change is None:
-            result.files_unchanged += 1
-            continue
-        result.files.append(change)
-        result.records_added += len(change.added)
-        result.records_removed += len(change.removed)
-        result.records_changed += len(change.changed)
+    with manager._repo_lock(exclusive=False):   # rotation waits until the reading is done
+        reader = _RecordReader(_ObjectStore(manager.packs))
+        for path in sorted(set(old) | set(new)):
+            change = reader.diff_file(path, old.get(path), new.get(path))
+            if change is None:
+                result.files_unchanged += 1
+                continue
+            result.files.append(change)
+            result.records_added += len(change.added)
+            result.records_removed += len(change.removed)
+            result.records_changed += len(change.changed)
     return result
 
 
@@ -3996,7 +3997,8 @@ def dump_file(manager: BackupManager, backup_id: str, path: str) -> DumpResult:
     recorded SHA-256. Raises UsageError (unknown id or file), IntegrityError."""
     entry = _snapshot_entry(manager, backup_id, path)
     try:
-        content = read_file_content(entry, _ObjectStore(manager.packs))
+        with manager._repo_lock(exclusive=False):
+            content = read_file_content(entry, _ObjectStore(manager.packs))
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError("backup %s: %s: %s" % (backup_id, path, exc)) from None
     data = encode_restored(entry, content)
@@ -4015,7 +4017,17 @@ def dump_record(manager: BackupManager, backup_id: str, record_id: str,
     else:
         entries = [e for e in manager.load_manifest(backup_id)["files"]
                    if e.get("kind") == "array"]
-    reader = _RecordReader(_ObjectStore(manager.packs))
+    with manager._repo_lock(exclusive=False):
+        found = _find_records(_RecordReader(_ObjectStore(manager.packs)), backup_id,
+                              entries, record_id)
+    if not found:
+        raise AmlError("no record %r in backup %s%s"
+                       % (record_id, backup_id, " file %s" % path if path else ""))
+    return found
+
+
+def _find_records(reader: _RecordReader, backup_id: str, entries: List[Dict[str, Any]],
+                  record_id: str) -> List[DumpResult]:
     needle = json.dumps(record_id)[1:-1].encode("utf-8")
     found = []
     for entry in entries:
@@ -4029,9 +4041,6 @@ def dump_record(manager: BackupManager, backup_id: str, record_id: str,
                 found.append(DumpResult(backup_id=backup_id, path=_entry_path(entry),
                                         data=bytes(data), exact=True, record_id=record_id,
                                         position=position))
-    if not found:
-        raise AmlError("no record %r in backup %s%s"
-                       % (record_id, backup_id, " file %s" % path if path else ""))
     return found
 
 
@@ -4090,6 +4099,11 @@ def _logical_size(entry: Dict[str, Any], items: List[bytes], objects: _ObjectSto
 def repository_stats(manager: BackupManager) -> StatsResult:
     """Measure the repository: bytes on disk, as restored, deduplicated, and what each
     snapshot (oldest first) added. Damaged parts are in ``problems``."""
+    with manager._repo_lock(exclusive=False):   # rotation waits until the counting is done
+        return _repository_stats(manager)
+
+
+def _repository_stats(manager: BackupManager) -> StatsResult:
     objects = _ObjectStore(manager.packs)
     lists, seen, rows = _Lists(objects), set(), []
     problems = list(objects.problems)
