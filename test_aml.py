@@ -1612,6 +1612,10 @@ def test_auto_copies_to_copy_to_and_reports_a_failed_copy(tmp_path, capsys):
                                 "2026-11-21T15:00:00Z", capsys=capsys)[1])
     assert not [p for c in health["checks"] for p in c.get("problems", [])
                 if "copy" in p["message"]]
+    health = json.loads(run_cli(root, "monitor", "health", "--format", "json", "--now",
+                                "2026-11-24T15:00:00Z", capsys=capsys)[1])
+    messages = [p["message"] for c in health["checks"] for p in c.get("problems", [])]
+    assert any(re.match(r"last copy to .*offsite is 73 h old", m) for m in messages), messages
 
 
 def test_diff_lists_exactly_the_records_changed(tmp_path, capsys):
