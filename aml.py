@@ -3451,8 +3451,10 @@ class _LocalTarget:
         self.label = str(root)
         self.manager = BackupManager(source.store, dataclasses.replace(
             source.config, backup_root=root, copy_to=None))
-        if self.manager.repo.resolve() == source.repo.resolve():
-            raise UsageError("%s is the source repository itself" % root)
+        there, here = self.manager.repo.resolve(), source.repo.resolve()
+        if there.is_relative_to(here) or here.is_relative_to(there):
+            raise UsageError("%s is (or holds, or is inside) the source repository %s"
+                             % (root, source.repo))
 
     @contextlib.contextmanager
     def session(self, dry_run: bool) -> Iterator[BackupManager]:

@@ -1479,8 +1479,9 @@ def test_copy_crash_before_an_index_lands_leaves_the_destination_valid(tmp_path,
 
 def test_copy_refuses_its_own_repository_and_skips_another_stores_snapshot(tmp_path):
     root, first, later = two_snapshots(tmp_path)
-    with pytest.raises(aml.UsageError):
-        aml.copy_backups(backup_manager(root), str(tmp_path / "memory-backup"))
+    for inside in ("memory-backup", "memory-backup/aml/packs", "memory/usb"):
+        with pytest.raises(aml.UsageError):
+            aml.copy_backups(backup_manager(root), str(tmp_path / inside))
     other = build_store(tmp_path / "other", patterns=3)
     dest = tmp_path / "usb"
     clash = backup_manager(other, backup_root=dest).create()
