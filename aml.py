@@ -10095,7 +10095,8 @@ def _backup_options(parser: argparse.ArgumentParser) -> None:
 
 def _keep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention-days", type=int, metavar="N", default=None,
-                        help="delete snapshots older than N days (default 30)")
+                        help="delete snapshots older than N days (default 30; not "
+                        "applied when a --keep-* is given)")
     parser.add_argument("--max-backups", type=int, metavar="N", default=None,
                         help="keep at most N snapshots (default 100)")
     parser.add_argument("--keep-last", type=int, metavar="N", default=0,
@@ -10323,8 +10324,8 @@ def _build_backup(subparsers: Any) -> None:
         _backup_options(p)
         _keep_options(p)
         p.add_argument("--dry-run", action="store_true",
-                       help="only say what would be taken, deleted (and why each is kept)"
-                       + (" and copied" if name == "auto" else ""))
+                       help="change nothing; say what would be %sdeleted, and why each kept "
+                       "snapshot is kept" % ("taken, copied and " if name == "auto" else ""))
         p.set_defaults(func=func)
     _build_backup_inspection(sub)
 
