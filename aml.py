@@ -31,6 +31,8 @@ Typical commands::
     aml.py .loom/memory search --tag database --min-confidence 0.7
     aml.py .loom/memory get RECORD_ID
     aml.py .loom/memory backup restore ID --target /tmp/check
+    aml.py .loom/memory backup copy --to /mnt/usb/aml-backup   # or rclone:NAME:path
+    aml.py .loom/memory backup diff ID_A ID_B           # records added, removed, changed
     aml.py .loom/memory migrate detect
     aml.py .loom/memory migrate migrate-latest --dry-run
     aml.py .loom/memory monitor report --format html --output report.html
@@ -1435,6 +1437,7 @@ class BackupConfig:
     incremental_enabled: bool = True
     verify_after_backup: bool = True
     backup_schedule: str = "daily"
+    copy_to: Optional[str] = None   # a second repository `backup auto` copies to (see copy)
 
     def validate(self) -> "BackupConfig":
         """Return self; raises UsageError for a value out of range."""
@@ -1450,6 +1453,9 @@ class BackupConfig:
                 raise UsageError("%s must be an integer >= %d, not %r" % (name, low, value))
         if self.compression_level > 9:
             raise UsageError("compression_level must be 0..9, not %r" % self.compression_level)
+        if self.copy_to is not None and (not isinstance(self.copy_to, str) or not self.copy_to):
+            raise UsageError("copy_to must be a folder or rclone:NAME:path, not %r"
+                             % (self.copy_to,))
         return self
 
 
@@ -1541,6 +1547,7 @@ class RotateResult:
     bytes_freed: int
     packs_rewritten: int
     warnings: List[str] = dataclasses.field(default_factory=list)
+    reasons: Dict[str, List[str]] = dataclasses.field(default_factory=dict)  # kept: why
 
 
 @dataclasses.dataclass
@@ -1550,6 +1557,11 @@ class AutoResult:
     backup: Optional[BackupResult]
     skipped: Optional[str]
     rotate: Optional[RotateResult]
+    copy: Optional["CopyResult"] = None      # with copy_to: what the copy did
+    copy_error: Optional[str] = None         # with copy_to: why the copy failed
+    copy_exit: int = 0                       # the copy failure's exit code
+    plan: Optional["BackupPlan"] = None      # dry run: what the backup would read and add
+    dry_run: bool = False
 
 
 def _json_kind_of(data: bytes) -> str:
@@ -2519,17 +2531,24 @@ class BackupManager:
 
     # -- rotate ---------------------------------------------------------------
     def rotate(self, dry_run: bool = False, keep_daily: int = 0, keep_weekly: int = 0,
-               keep_monthly: int = 0, lock_store: bool = True) -> RotateResult:
-        """Delete snapshots past retention_days/max_backups (calendar rules keep some longer).
+               keep_monthly: int = 0, lock_store: bool = True, keep_last: int = 0,
+               keep_hourly: int = 0, keep_yearly: int = 0, keep_within: int = 0
+               ) -> RotateResult:
+        """Delete snapshots past retention_days (or, when any keep_* is given, not picked by
+        one of those rules instead) and past max_backups.
 
         Never deletes the newest snapshot nor the newest verified one; then frees the objects
-        no remaining snapshot uses. Raises StoreBusyError.
+        no remaining snapshot uses. ``reasons`` says why each kept one is kept. Raises
+        StoreBusyError.
         """
         started, clock = self.store.now, time.monotonic()
+        keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
+                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
+                "within": keep_within}
         hold = (self.store.maintenance_lock() if lock_store and not dry_run
                 else contextlib.nullcontext())
         with hold, self._repo_lock(exclusive=not dry_run):
-            result = self._rotate_locked(dry_run, keep_daily, keep_weekly, keep_monthly)
+            result = self._rotate_locked(dry_run, keep)
         if not dry_run:
             self.store.record_operation("rotate", started, time.monotonic() - clock, {
                 "deleted": result.deleted, "kept": len(result.kept),
@@ -2537,33 +2556,43 @@ class BackupManager:
         return result
 
     def retained(self, ids: List[str], keep_daily: int = 0, keep_weekly: int = 0,
-                 keep_monthly: int = 0) -> List[str]:
+                 keep_monthly: int = 0, keep_last: int = 0, keep_hourly: int = 0,
+                 keep_yearly: int = 0, keep_within: int = 0) -> List[str]:
         """The snapshot ids rotation keeps, oldest first."""
-        now = self.store.now
-        keep = {i for i in ids if days_between(_id_time(i), now) <= self.config.retention_days}
-        for count, key in ((keep_daily, lambda t: t.date()),
-                           (keep_weekly, lambda t: t.isocalendar()[:2]),
-                           (keep_monthly, lambda t: (t.year, t.month))):
-            keep.update(_calendar_picks(ids, count, key))
-        protected = set(ids[-1:])
-        protected.update([self.newest_verified()] if self.newest_verified() else [])
-        ordered = sorted(keep, key=_id_order)
+        keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
+                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
+                "within": keep_within}
+        return sorted(self.retention_reasons(ids, keep), key=_id_order)
+
+    def retention_reasons(self, ids: List[str], keep: Dict[str, int]) -> Dict[str, List[str]]:
+        """{kept id: why} for ``ids`` (oldest first) under ``keep`` ({rule: count}, rules of
+        KEEP_RULES). Any count > 0 replaces the retention_days age rule; max_backups caps
+        the rest; the newest and the newest verified snapshot are always kept."""
+        reasons = _keep_reasons(ids, keep, self.store.now, self.config.retention_days)
+        protected = {i: "newest snapshot" for i in ids[-1:]}
+        verified = self.newest_verified()
+        if verified in ids:
+            protected.setdefault(verified, "newest verified snapshot")
+        ordered = sorted(reasons, key=_id_order)
         while len(ordered) > self.config.max_backups:
             victim = next((i for i in ordered if i not in protected), None)
             if victim is None:
                 break
             ordered.remove(victim)
-        return sorted(set(ordered) | protected, key=_id_order)
+        out = {i: reasons[i] for i in ordered}
+        for backup_id, why in protected.items():
+            out.setdefault(backup_id, []).append(why)
+        return out
 
-    def _rotate_locked(self, dry_run: bool, keep_daily: int, keep_weekly: int,
-                       keep_monthly: int) -> RotateResult:
+    def _rotate_locked(self, dry_run: bool, keep: Dict[str, int]) -> RotateResult:
         if not dry_run:
             self._cleanup_leftovers()
         ids = self.own_snapshot_ids()
-        kept = self.retained(ids, keep_daily, keep_weekly, keep_monthly)
+        reasons = self.retention_reasons(ids, keep)
+        kept = sorted(reasons, key=_id_order)
         deleted = [i for i in ids if i not in kept]
         result = RotateResult(dry_run=dry_run, deleted=deleted, kept=kept, objects_freed=0,
-                              bytes_freed=0, packs_rewritten=0)
+                              bytes_freed=0, packs_rewritten=0, reasons=reasons)
         objects = _ObjectStore(self.packs)
         # Space is freed against every remaining snapshot, other stores' included.
         remaining = [i for i in self.snapshot_ids() if i not in deleted]
@@ -2595,28 +2624,39 @@ class BackupManager:
         return live
 
     # -- auto -----------------------------------------------------------------
-    def auto(self, keep_daily: int = 0, keep_weekly: int = 0,
-             keep_monthly: int = 0) -> AutoResult:
+    def auto(self, keep_daily: int = 0, keep_weekly: int = 0, keep_monthly: int = 0,
+             keep_last: int = 0, keep_hourly: int = 0, keep_yearly: int = 0,
+             dry_run: bool = False, keep_within: int = 0) -> AutoResult:
         """For cron: a snapshot when one is due per backup_schedule (full every 7 periods,
-        else incremental), verified per verify_after_backup, then rotation."""
-        period = SCHEDULE_PERIODS[self.config.backup_schedule]
-        now = self.store.now
+        else incremental), verified per verify_after_backup, then rotation, then (with
+        copy_to) a copy to the second repository. A failed copy is in ``copy_error``; a
+        failed backup raises. ``dry_run`` changes nothing and says what each step would do."""
+        keep = dict(keep_daily=keep_daily, keep_weekly=keep_weekly, keep_monthly=keep_monthly,
+                    keep_last=keep_last, keep_hourly=keep_hourly, keep_yearly=keep_yearly,
+                    keep_within=keep_within)
+        if dry_run:
+            return auto_plan(self, keep)
         with self.store.maintenance_lock(), self._repo_lock(exclusive=True):
             self._cleanup_leftovers()
-            ids = [i for i in self.own_snapshot_ids() if self._whole_store(i)]
-            backup, skipped = None, None
-            if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
-                skipped = "%s is recent enough for the %s schedule" % (
-                    ids[-1], self.config.backup_schedule)
-            else:
-                fulls = [i for i in ids if i.startswith("full_")]
-                due = not fulls or days_between(_id_time(fulls[-1]), now) >= \
-                    FULL_EVERY_PERIODS * period - 0.1 * period
-                btype = BackupType.FULL if due else BackupType.INCREMENTAL
-                backup = self._snapshot_and_verify(btype, None, None)
-        rotated = self.rotate(keep_daily=keep_daily, keep_weekly=keep_weekly,
-                              keep_monthly=keep_monthly)
-        return AutoResult(backup=backup, skipped=skipped, rotate=rotated)
+            btype, skipped = self._auto_due()
+            backup = self._snapshot_and_verify(btype, None, None) if btype else None
+        result = AutoResult(backup=backup, skipped=skipped, rotate=self.rotate(**keep))
+        if self.config.copy_to:
+            copy_step(self, result)
+        return result
+
+    def _auto_due(self) -> Tuple[Optional[BackupType], Optional[str]]:
+        """The type of snapshot ``auto`` takes now, or None and why none is due."""
+        period = SCHEDULE_PERIODS[self.config.backup_schedule]
+        now = self.store.now
+        ids = [i for i in self.own_snapshot_ids() if self._whole_store(i)]
+        if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
+            return None, "%s is recent enough for the %s schedule" % (
+                ids[-1], self.config.backup_schedule)
+        fulls = [i for i in ids if i.startswith("full_")]
+        due = not fulls or days_between(_id_time(fulls[-1]), now) >= \
+            FULL_EVERY_PERIODS * period - 0.1 * period
+        return (BackupType.FULL if due else BackupType.INCREMENTAL), None
 
     def _whole_store(self, backup_id: str) -> bool:
         try:
@@ -3079,6 +3119,9 @@ def backup_config_for(store: Store, config_file: Optional[Path] = None,
     root = section.get("backup_root")
     if root and isinstance(root, str):
         section["backup_root"] = store_parent(store) / Path(os.path.expanduser(root))
+    copy_to = section.get("copy_to")
+    if copy_to and isinstance(copy_to, str) and not copy_to.startswith("rclone:"):
+        section["copy_to"] = str(store_parent(store) / Path(os.path.expanduser(copy_to)))
     config = apply_config_fields(BackupConfig(), section, "aml config [backup]")
     values = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(config, **values).validate()
@@ -3220,9 +3263,970 @@ class _SnapshotBuilder:
         writer.add(digest, data, meta=True)
         return digest.hex(), 0
 
+
+# -- Retention rules: which snapshots rotation keeps, and why ----------------
+
+KEEP_RULES: Dict[str, Callable[[_dt.datetime], str]] = {
+    "hourly": lambda t: t.strftime("%Y-%m-%d %H:00"),
+    "daily": lambda t: t.strftime("%Y-%m-%d"),
+    "weekly": lambda t: "%04d-W%02d" % tuple(t.isocalendar()[:2]),
+    "monthly": lambda t: t.strftime("%Y-%m"),
+    "yearly": lambda t: t.strftime("%Y"),
+}
+
+
+def _keep_reasons(ids: List[str], keep: Dict[str, int], now: _dt.datetime,
+                  retention_days: int) -> Dict[str, List[str]]:
+    """{id: reasons} picked by the keep rules (``last``, ``within`` days and KEEP_RULES) or,
+    when no count is given, by the age rule (retention_days); raises UsageError for a
+    negative count or an unknown rule."""
+    for rule, count in keep.items():
+        if rule not in ("last", "within") and rule not in KEEP_RULES:
+            raise UsageError("unknown retention rule keep_%s" % rule)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise UsageError("--keep-%s must be an integer >= 0, not %r" % (rule, count))
+    reasons: Dict[str, List[str]] = {}
+    given = any(keep.values())
+    within = keep.get("within", 0) if given else retention_days
+    for backup_id in ids if within or not given else []:
+        if days_between(_id_time(backup_id), now) <= within:
+            reasons[backup_id] = ["within %d days" % within]
+    if not given:
+        return reasons
+    for backup_id in ids[len(ids) - keep.get("last", 0):] if keep.get("last") else []:
+        reasons.setdefault(backup_id, []).append("last %d" % keep["last"])
+    for rule, label in KEEP_RULES.items():
+        for backup_id in _calendar_picks(ids, keep.get(rule, 0), label):
+            reasons.setdefault(backup_id, []).append(
+                "%s %s" % (rule, label(_id_time(backup_id))))
+    return reasons
+
+
+# -- Dry runs: what a backup would read and add -------------------------------
+
+@dataclasses.dataclass
+class BackupPlan:
+    """What ``backup create --dry-run`` found: the snapshot it would take, the files it would
+    read, and the objects and bytes (before compression) it would add."""
+
+    type: BackupType
+    baseline: Optional[str]
+    files: int
+    records: int
+    files_read: int
+    bytes_read: int
+    files_new: int
+    files_changed: int
+    objects_added: int
+    bytes_added: int
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+class _DryWriter:
+    """Stands in for _PackWriter in a dry run: counts the objects it would add, writes none."""
+
+    def __init__(self, known: Callable[[bytes], bool]):
+        self.known = known
+        self.seen: Set[bytes] = set()
+        self.objects = 0
+        self.bytes = 0
+
+    def add(self, digest: bytes, data: bytes, meta: bool = False) -> bool:
+        """Count one object unless the repository (or this run) has it; True if counted."""
+        if digest in self.seen or self.known(digest):
+            return False
+        self.seen.add(digest)
+        self.objects += 1
+        self.bytes += len(data)
+        return True
+
+
+def plan_backup(manager: BackupManager, backup_type: BackupType = BackupType.INCREMENTAL,
+                agents: Optional[Sequence[str]] = None) -> BackupPlan:
+    """Read the store as ``create`` would (same files, same locks) and write nothing: no
+    repository, no state. Raises UsageError for an unknown agent."""
+    store = manager.store
+    selected = store.select_agents(agents) if agents else None
+    previous = manager._newest_readable()
+    if previous is None or not manager.config.incremental_enabled:
+        backup_type = BackupType.FULL
+    objects = _ObjectStore(manager.packs)
+    snap = _SnapshotBuilder(manager, objects, previous,
+                            incremental=backup_type is BackupType.INCREMENTAL)
+    writer = _DryWriter(objects.has)
+    plan = BackupPlan(type=backup_type, baseline=previous.get("id") if previous else None,
+                      files=0, records=0, files_read=0, bytes_read=0, files_new=0,
+                      files_changed=0, objects_added=0, bytes_added=0)
+    for rel in store_scope_files(store.root, selected):
+        prev, reread = snap.previous.get(rel), snap.reread
+        entry = snap.file_entry(rel, writer)   # type: ignore[arg-type]
+        if entry is None:
+            continue
+        plan.files += 1
+        plan.records += entry.get("count", 0)
+        if snap.reread > reread:
+            plan.files_read += 1
+            plan.bytes_read += entry["size"]
+        if prev is None:
+            plan.files_new += 1
+        elif prev.get("sha256") != entry["sha256"]:
+            plan.files_changed += 1
+    plan.objects_added, plan.bytes_added, plan.warnings = writer.objects, writer.bytes, \
+        snap.warnings
+    return plan
+
+
+def auto_plan(manager: BackupManager, keep: Dict[str, int]) -> AutoResult:
+    """What ``auto`` would do now, changing nothing: the snapshot (planned), the rotation as
+    a dry run over the snapshots there now, and (with copy_to) the copy as a dry run."""
+    btype, skipped = manager._auto_due()
+    plan = plan_backup(manager, btype) if btype else None
+    rotated = manager.rotate(dry_run=True, **keep)
+    result = AutoResult(backup=None, skipped=skipped, rotate=rotated, plan=plan, dry_run=True)
+    if manager.config.copy_to:
+        copy_step(manager, result, dry_run=True)
+    return result
+
+
+# -- Copies: a second repository, in a folder or behind rclone ---------------
+# Only copies and --repo need these; importing them here keeps the shared import block stable.
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import base64  # noqa: E402
+
+RCLONE_PREFIX = "rclone:"
+
+
+@dataclasses.dataclass
+class CopyResult:
+    """What ``backup copy`` wrote to the destination (or, dry run, would write), and whether
+    every snapshot it copied verified there."""
+
+    destination: str
+    dry_run: bool
+    copied: List[str]
+    present: List[str]
+    objects_copied: int
+    bytes_copied: int
+    verified: bool
+    objects_checked: int
+    problems: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _staging_dir() -> Iterator[Path]:
+    """A private temporary folder (under TMPDIR), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="aml-repo-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(str(path), ignore_errors=True)
+
+
+class _Rclone:
+    """An rclone remote (``rclone:NAME:path``) holding a repository at ``NAME:path/aml``,
+    driven through rclone's own subcommands (lsjson, copy, copyto, moveto, deletefile)."""
+
+    def __init__(self, spec: str):
+        remote = spec[len(RCLONE_PREFIX):]
+        if ":" not in remote:
+            raise UsageError("%r: expected rclone:NAME:path (or rclone::local:/path)" % spec)
+        self.spec = spec
+        self.base = remote + REPO_DIR_NAME if remote.endswith(":") else \
+            remote.rstrip("/") + "/" + REPO_DIR_NAME
+        self.exe = shutil.which("rclone")
+        if self.exe is None:
+            raise AmlError("%s: rclone is not installed (it is needed for rclone: "
+                           "repositories)" % spec)
+
+    def _run(self, *args: str, missing_ok: bool = False) -> bytes:
+        try:
+            done = subprocess.run([str(self.exe)] + list(args), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise AmlError("%s: cannot run rclone (%s)" % (self.spec, exc)) from None
+        if done.returncode == 3 and missing_ok:   # rclone: directory not found
+            return b"[]"
+        if done.returncode:
+            lines = [ln for ln in done.stderr.decode("utf-8", "replace").splitlines()
+                     if ln.strip() and "NOTICE" not in ln]
+            raise AmlError("%s: rclone %s failed (exit %d): %s" % (
+                self.spec, args[0], done.returncode, lines[-1] if lines else "no message"))
+        return done.stdout
+
+    def url(self, rel: str) -> str:
+        """The rclone path of a file of the repository."""
+        return self.base + "/" + rel
+
+    def listing(self) -> List[str]:
+        """Every file of the remote repository, relative to it (empty if there is none)."""
+        out = self._run("lsjson", "-R", "--files-only", "--no-mimetype", "--no-modtime",
+                        self.base, missing_ok=True)
+        try:
+            return sorted(e["Path"] for e in json.loads(out.decode("utf-8")))
+        except (ValueError, KeyError, TypeError):
+            raise AmlError("%s: rclone lsjson printed something unexpected" % self.spec) \
+                from None
+
+    def fetch(self, local_repo: Path, rels: List[str]) -> None:
+        """Download ``rels`` into ``local_repo`` (one rclone copy)."""
+        local_repo.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not rels:
+            return
+        listing = local_repo.parent / "files-from"
+        listing.write_text("".join(r + "\n" for r in rels), encoding="utf-8")
+        try:
+            self._run("copy", "--files-from-raw", str(listing), self.base, str(local_repo))
+        finally:
+            listing.unlink()
+
+    def upload(self, local: Path, rel: str) -> None:
+        """Put one file in place whole: upload under a temp name, then rename it (so a
+        reader never sees a partly uploaded file under its final name)."""
+        folder, _, name = rel.rpartition("/")
+        temp = (folder + "/" if folder else "") + "%s%s-%s" % (
+            TMP_MARKER, secrets.token_hex(4), name.replace(".", "_"))
+        self._run("copyto", str(local), self.url(temp))
+        self._run("moveto", self.url(temp), self.url(rel))
+
+    def remove_leftovers(self, listing: List[str]) -> None:
+        """Delete what an interrupted copy left: temp uploads and packs without an index."""
+        present = set(listing)
+        for rel in listing:
+            name = rel.rsplit("/", 1)[-1]
+            orphan = rel.endswith(".pack") and rel[:-5] + ".idx" not in present
+            if is_temp_leftover(name) or orphan:
+                self._run("deletefile", self.url(rel))
+
+
+def _is_repo_metadata(rel: str) -> bool:
+    """Manifests and pack indexes: what a copy needs to know what the remote holds."""
+    name = rel.rsplit("/", 1)[-1]
+    return not is_temp_leftover(name) and (
+        (rel.startswith("snapshots/") and name.endswith(".json"))
+        or (rel.startswith("packs/") and name.endswith(".idx")))
+
+
+class _LocalTarget:
+    """A destination repository in a folder (another disk, a mounted share)."""
+
+    def __init__(self, source: BackupManager, root: Path):
+        self.label = str(root)
+        self.manager = BackupManager(source.store, dataclasses.replace(
+            source.config, backup_root=root, copy_to=None))
+        there, here = self.manager.repo.resolve(), source.repo.resolve()
+        if there.is_relative_to(here) or here.is_relative_to(there):
+            raise UsageError("%s is (or holds, or is inside) the source repository %s"
+                             % (root, source.repo))
+
+    @contextlib.contextmanager
+    def session(self, dry_run: bool) -> Iterator[BackupManager]:
+        """The destination's manager, locked and cleaned of leftovers unless dry run."""
+        if dry_run:
+            yield self.manager
+            return
+        with self.manager._repo_lock(exclusive=True):
+            self.manager._cleanup_leftovers()
+            yield self.manager
+
+    def publish(self, rel: str) -> None:
+        """Files are written in place: nothing to do."""
+
+    @contextlib.contextmanager
+    def readable(self, keys: Set[bytes]) -> Iterator[BackupManager]:
+        """The destination as it is on disk, for verification."""
+        yield self.manager
+
+    def mark_verified(self, check: VerifyResult) -> None:
+        """Record the verification in the destination's verified.json."""
+        self.manager._mark_verified({i: i not in check.failed for i in check.backup_ids},
+                                    check.deep)
+
+
+class _RcloneTarget:
+    """A destination behind rclone: its manifests and indexes are staged locally, new packs
+    are written there and each file is uploaded (pack, index, manifest last)."""
+
+    def __init__(self, source: BackupManager, spec: str):
+        self.label = spec
+        self.source = source
+        self.remote = _Rclone(spec)
+        self.staging: Optional[BackupManager] = None
+
+    def _manager(self, root: Path) -> BackupManager:
+        return BackupManager(self.source.store, dataclasses.replace(
+            self.source.config, backup_root=root, copy_to=None))
+
+    @contextlib.contextmanager
+    def session(self, dry_run: bool) -> Iterator[BackupManager]:
+        """A local staging repository mirroring the remote's manifests and indexes."""
+        with _staging_dir() as tmp:
+            listing = self.remote.listing()
+            if not dry_run:
+                self.remote.remove_leftovers(listing)
+            self.remote.fetch(tmp / REPO_DIR_NAME, [r for r in listing if _is_repo_metadata(r)])
+            self.staging = self._manager(tmp)
+            if not dry_run:
+                self.staging._ensure_repo()
+            yield self.staging
+
+    def publish(self, rel: str) -> None:
+        """Upload one file of the staging repository."""
+        assert self.staging is not None
+        self.remote.upload(self.staging.repo / rel, rel)
+
+    @contextlib.contextmanager
+    def readable(self, keys: Set[bytes]) -> Iterator[BackupManager]:
+        """A fresh download of the manifests, the indexes and the packs holding ``keys``:
+        verification reads what the remote holds, not what was staged."""
+        assert self.staging is not None
+        objects = _ObjectStore(self.staging.packs)
+        packs = {objects.at(objects.where[k])[0].name for k in keys if k in objects.where}
+        listing = self.remote.listing()
+        wanted = [r for r in listing if _is_repo_metadata(r)
+                  or r[len("packs/"):-len(".pack")] in packs]
+        with _staging_dir() as tmp:
+            self.remote.fetch(tmp / REPO_DIR_NAME, wanted)
+            yield self._manager(tmp)
+
+    def mark_verified(self, check: VerifyResult) -> None:
+        """A remote keeps no verified.json (verify --repo checks it again)."""
+
+
+def _copy_target(source: BackupManager, to: str) -> Any:
+    if to.startswith(RCLONE_PREFIX):
+        return _RcloneTarget(source, to)
+    return _LocalTarget(source, Path(os.path.abspath(os.path.expanduser(to))))
+
+
+def copy_backups(manager: BackupManager, to: str, backup_ids: Optional[Sequence[str]] = None,
+                 dry_run: bool = False) -> CopyResult:
+    """Copy snapshots (default: every snapshot of the store) into the repository ``to`` (a
+    folder, or ``rclone:NAME:path``), incrementally: only objects it lacks, each snapshot's
+    objects (pack, then index) before its manifest, so an interrupted copy leaves it valid.
+    Then verify the copied snapshots there. Damaged source snapshots and failed checks are
+    in ``problems``; raises UsageError, StoreBusyError, AmlError (rclone failed), OSError.
+    Every run but a dry run is recorded in the store's history (``copy``)."""
+    started, clock = manager.store.now, time.monotonic()
+    try:
+        result = _copy(manager, _copy_target(manager, to), backup_ids, dry_run)
+    except (AmlError, OSError) as exc:
+        if not dry_run and not isinstance(exc, UsageError):
+            _record_copy(manager, started, clock, to, None, str(exc))
+        raise
+    result.seconds = time.monotonic() - clock
+    if not dry_run:
+        _record_copy(manager, started, clock, to, result, None)
+    return result
+
+
+def _record_copy(manager: BackupManager, started: _dt.datetime, clock: float, to: str,
+                 result: Optional[CopyResult], error: Optional[str]) -> None:
+    summary: Dict[str, Any] = {"to": to, "ok": error is None and bool(result)
+                               and not result.problems}
+    if result is not None:
+        summary.update(copied=result.copied, verified=result.verified,
+                       bytes_copied=result.bytes_copied)
+        error = "; ".join(result.problems[:3]) or None
+    if error:
+        summary["error"] = error
+    manager.store.record_operation("copy", started, time.monotonic() - clock, summary)
+
+
+@contextlib.contextmanager
+def _copy_lock(manager: BackupManager, dry_run: bool) -> Iterator[None]:
+    """One copy out of a repository at a time (backups and rotation may go on)."""
+    if dry_run or not manager.repo.is_dir():
+        yield
+        return
+    fd = os.open(str(manager.repo / "copy.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        manager._flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _copy(manager: BackupManager, target: Any, backup_ids: Optional[Sequence[str]],
+          dry_run: bool) -> CopyResult:
+    ids = list(backup_ids) if backup_ids else manager.own_snapshot_ids()
+    for backup_id in ids:
+        if not manager.manifest_path(backup_id).exists():
+            raise UsageError("no backup %r in %s" % (backup_id, manager.repo))
+    if not ids and not dry_run:
+        raise UsageError("no backups of this store in %s to copy" % manager.repo)
+    result = CopyResult(destination=target.label, dry_run=dry_run, copied=[], present=[],
+                        objects_copied=0, bytes_copied=0, verified=False, objects_checked=0)
+    with _copy_lock(manager, dry_run), manager._repo_lock(exclusive=False), \
+            target.session(dry_run) as dest:
+        todo = _copy_todo(manager, dest, ids, result)
+        copier = _Copier(manager, dest, target)
+        for n, backup_id in enumerate(todo, 1):
+            manager.progress("copy: snapshot %d of %d" % (n, len(todo)))
+            try:
+                objects, size = copier.copy(backup_id, dry_run)
+            except (IntegrityError, ValueError, KeyError, TypeError) as exc:
+                result.problems.append("%s: not copied: %s" % (backup_id, exc))
+                continue
+            result.copied.append(backup_id)
+            result.objects_copied += objects
+            result.bytes_copied += size
+        if not dry_run:
+            _verify_copy(target, copier.keys, result)
+    return result
+
+
+def _copy_todo(manager: BackupManager, dest: BackupManager, ids: List[str],
+               result: CopyResult) -> List[str]:
+    """The ids to copy: missing at the destination, or there with other bytes (a repaired
+    manifest), unless the destination's is another store's snapshot with the same id."""
+    existing = set(dest.snapshot_ids())
+    todo = []
+    for backup_id in ids:
+        if backup_id in existing:
+            raw = manager.manifest_path(backup_id).read_bytes()
+            if dest.manifest_path(backup_id).read_bytes() == raw:
+                result.present.append(backup_id)
+                continue
+            try:
+                theirs = dest.load_manifest(backup_id).get("store")
+                ours = manager.load_manifest(backup_id).get("store")
+            except AmlError:
+                theirs = ours = None   # a damaged copy (or source): replaced, or reported
+            if theirs != ours:
+                result.warnings.append("%s: the destination holds another store's snapshot "
+                                       "with this id; not copied" % backup_id)
+                continue
+        todo.append(backup_id)
+    return todo
+
+
+class _Copier:
+    """Copies one snapshot at a time: its objects the destination lacks into a new pack
+    (data, fsync, index), then its manifest, byte for byte."""
+
+    def __init__(self, manager: BackupManager, dest: BackupManager, target: Any):
+        self.manager = manager
+        self.dest = dest
+        self.target = target
+        self.source = _ObjectStore(manager.packs)
+        self.lists = _Lists(self.source)
+        self.there = _ObjectStore(dest.packs)
+        self.landed: Set[bytes] = set()   # keys this run added at the destination
+        self.keys: Set[bytes] = set()     # keys the copied snapshots need
+
+    def _known(self, digest: bytes) -> bool:
+        return digest[:KEY_LEN] in self.landed or self.there.has(digest)
+
+    def _needs(self, manifest: Dict[str, Any]) -> Tuple[List[bytes], List[bytes]]:
+        meta: Dict[bytes, None] = {}
+        data: Dict[bytes, None] = {}
+        for entry in manifest["files"]:
+            digests = _entry_objects(entry, self.lists)
+            lists = len(digests) - entry["count"] if entry["kind"] == "array" else 0
+            meta.update(dict.fromkeys(digests[:lists]))
+            data.update(dict.fromkeys(digests[lists:]))
+        return list(meta), [d for d in data if d not in meta]
+
+    def copy(self, backup_id: str, dry_run: bool) -> Tuple[int, int]:
+        """Copy one snapshot; returns the objects and bytes written (dry run: the objects
+        and their bytes before compression). Raises IntegrityError for a damaged source."""
+        manifest = self.manager.load_manifest(backup_id)
+        raw = self.manager.manifest_path(backup_id).read_bytes()
+        meta, data = self._needs(manifest)
+        self.keys.update(d[:KEY_LEN] for d in meta + data)
+        if dry_run:
+            missing = [d for d in meta + data if not self._known(d)]
+            self.landed.update(d[:KEY_LEN] for d in missing)
+            return len(missing), sum(_object_length(self.source, d) for d in missing) \
+                + len(raw)
+        writer = _PackWriter(self.dest.packs, self.dest.config.compression_level, self._known)
+        try:
+            for digest in meta:
+                writer.add(digest, self.source.get(digest), meta=True)
+            for digest in data:
+                writer.add(digest, self.source.get(digest))
+            added = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        if writer.committed:
+            self.target.publish("packs/%s.pack" % writer.name)
+            self.target.publish("packs/%s.idx" % writer.name)
+            self.landed.update(writer.entries)
+        _write_raw_manifest(self.dest.manifest_path(backup_id), raw)   # the commit point
+        self.target.publish("snapshots/%s.json" % backup_id)
+        return len(writer.entries), added + len(raw)
+
+
+def _write_raw_manifest(path: Path, raw: bytes) -> None:
+    atomic_write_bytes(path, raw, mode=0o600)
+
+
+def _verify_copy(target: Any, keys: Set[bytes], result: CopyResult) -> None:
+    """Verify the snapshots just copied by reading them back from the destination."""
+    if not result.copied:
+        result.verified = not result.problems
+        return
+    with target.readable(keys) as there:
+        check = there._verify_locked(result.copied, deep=False)
+    target.mark_verified(check)
+    result.objects_checked = check.objects_checked
+    result.problems.extend("at %s: %s" % (target.label, p) for p in check.problems)
+    result.verified = check.ok
+
+
+def copy_step(manager: BackupManager, result: AutoResult, dry_run: bool = False) -> None:
+    """The copy ``auto`` runs with copy_to; a failure goes into ``result`` (copy_error and
+    copy_exit), as the backup before it stands."""
+    try:
+        result.copy = copy_backups(manager, str(manager.config.copy_to), dry_run=dry_run)
+    except (AmlError, OSError) as exc:
+        result.copy_error = "copy to %s failed: %s" % (manager.config.copy_to, exc)
+        result.copy_exit = int(getattr(exc, "exit_code", ExitCode.FAILURE))
+        return
+    if result.copy.problems:
+        result.copy_error = "copy to %s failed: %s" % (
+            manager.config.copy_to, "; ".join(result.copy.problems[:3]))
+        result.copy_exit = int(ExitCode.INTEGRITY)
+
+
+# -- Reading another repository (--repo): a copy, a folder or an rclone remote --
+
+class _RepoView(BackupManager):
+    """Another repository (a copy) opened to list, verify, inspect and restore from. The
+    safety snapshot a restore takes still goes to the store's own repository (``home``);
+    verifications are recorded as ``copy_verify``, apart from the home repository's."""
+
+    def __init__(self, home: BackupManager, root: Path, label: str, remote: bool):
+        super().__init__(home.store, dataclasses.replace(home.config, backup_root=root,
+                                                         copy_to=None))
+        self.home = home
+        self.label = label
+        self.remote = remote
+        self.progress = home.progress
+
+    def _safety_snapshot(self, backup_id: str) -> BackupResult:
+        with self.home._repo_lock(exclusive=True):
+            self.home._cleanup_leftovers()
+            return self.home._safety_snapshot(backup_id)
+
+    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+        if not self.remote:   # a staged download is thrown away: no marks there
+            self._mark_verified({i: i not in check.failed for i in check.backup_ids},
+                                check.deep)
+        for backup_id in check.backup_ids:
+            self.store.record_operation("copy_verify", started, time.monotonic() - clock, {
+                "backup_id": backup_id, "ok": backup_id not in check.failed,
+                "deep": check.deep, "to": self.label})
+
+
+@contextlib.contextmanager
+def open_repository(manager: BackupManager, repo: Optional[str]) -> Iterator[BackupManager]:
+    """``manager`` itself, or (``repo`` given) a manager reading that repository: a folder
+    holding ``aml/`` or ``rclone:NAME:path`` (downloaded whole into a temporary folder for
+    the duration). Raises UsageError when there is no repository there, AmlError (rclone)."""
+    if not repo:
+        yield manager
+        return
+    if repo.startswith(RCLONE_PREFIX):
+        remote = _Rclone(repo)
+        with _staging_dir() as tmp:
+            listing = [r for r in remote.listing()
+                       if not is_temp_leftover(r.rsplit("/", 1)[-1]) and r != "lock"]
+            if not any(r.startswith("snapshots/") for r in listing):
+                raise UsageError("no aml repository at %s" % repo)
+            remote.fetch(tmp / REPO_DIR_NAME, listing)
+            yield _RepoView(manager, tmp, repo, remote=True)
+        return
+    root = Path(os.path.abspath(os.path.expanduser(repo)))
+    if not (root / REPO_DIR_NAME / "snapshots").is_dir():
+        raise UsageError("no aml repository at %s (expected %s)"
+                         % (repo, root / REPO_DIR_NAME / "snapshots"))
+    view = _RepoView(manager, root, repo, remote=False)
+    yield manager if view.repo.resolve() == manager.repo.resolve() else view
+
+
+# -- Looking into a repository: ls, diff, dump, stats ------------------------
+
+@dataclasses.dataclass
+class SnapshotFile:
+    """One file of a snapshot as ``backup ls`` shows it."""
+
+    path: str
+    kind: str                 # records (a JSON array), object, ..., or bytes
+    gzip: Optional[bool]      # for record files: stored as gzip (None: kept as exact bytes)
+    records: Optional[int]
+    size: int                 # bytes of the file as it was on disk
+    sha256: str
+
+
+@dataclasses.dataclass
+class LsResult:
+    """The files of one snapshot."""
+
+    backup_id: str
+    type: Optional[str]
+    created: Optional[str]
+    files: List[SnapshotFile]
+    bytes: int
+    records: int
+
+
+def list_snapshot(manager: BackupManager, backup_id: str) -> LsResult:
+    """The files, records and sizes a snapshot holds (from its manifest, which is checked);
+    raises UsageError (unknown id) or IntegrityError."""
+    manifest = manager.load_manifest(backup_id)
+    files = []
+    for entry in manifest["files"]:
+        array = entry.get("kind") == "array"
+        files.append(SnapshotFile(
+            path=_entry_path(entry), kind="records" if array else str(entry.get("json", "bytes")),
+            gzip=bool(entry.get("gzip")) if array else None,
+            records=entry.get("count") if array else None, size=int(entry.get("size", 0)),
+            sha256=str(entry.get("sha256"))))
+    return LsResult(backup_id=backup_id, type=manifest.get("type"),
+                    created=manifest.get("created"), files=files,
+                    bytes=sum(f.size for f in files), records=sum(f.records or 0 for f in files))
+
+
+@dataclasses.dataclass
+class RecordChange:
+    """A record present in both snapshots with other content, and the fields that differ
+    (dotted paths into nested objects)."""
+
+    id: str
+    fields: List[str]
+
+
+@dataclasses.dataclass
+class FileDiff:
+    """How one file differs: ``status`` added, removed, changed (records or fields differ)
+    or rewritten (same records, other bytes: order, layout or gzip)."""
+
+    path: str
+    agent: str
+    status: str
+    added: List[str] = dataclasses.field(default_factory=list)
+    removed: List[str] = dataclasses.field(default_factory=list)
+    changed: List[RecordChange] = dataclasses.field(default_factory=list)
+    fields: List[str] = dataclasses.field(default_factory=list)   # JSON object files
+
+
+@dataclasses.dataclass
+class DiffResult:
+    """Every file that differs between snapshots ``a`` and ``b``, and record totals."""
+
+    a: str
+    b: str
+    files: List[FileDiff]
+    files_unchanged: int
+    records_added: int
+    records_removed: int
+    records_changed: int
+
+
+def diff_snapshots(manager: BackupManager, a: str, b: str) -> DiffResult:
+    """Per agent and file: the records added, removed and changed (by id, with the changed
+    fields) from snapshot ``a`` to ``b``. Only records whose bytes differ are read. Raises
+    UsageError (unknown id) or IntegrityError (damaged data)."""
+    old = {_entry_path(e): e for e in manager.load_manifest(a)["files"]}
+    new = {_entry_path(e): e for e in manager.load_manifest(b)["files"]}
+    result = DiffResult(a=a, b=b, files=[], files_unchanged=0, records_added=0,
+                        records_removed=0, records_changed=0)
+    with manager._repo_lock(exclusive=False):   # rotation waits until the reading is done
+        reader = _RecordReader(_ObjectStore(manager.packs))
+        for path in sorted(set(old) | set(new)):
+            change = reader.diff_file(path, old.get(path), new.get(path))
+            if change is None:
+                result.files_unchanged += 1
+                continue
+            result.files.append(change)
+            result.records_added += len(change.added)
+            result.records_removed += len(change.removed)
+            result.records_changed += len(change.changed)
+    return result
+
+
+class _RecordReader:
+    """Reads single records (item objects) and whole files of a repository, checked."""
+
+    def __init__(self, objects: _ObjectStore):
+        self.objects = objects
+        self.lists = _Lists(objects)
+
+    def items(self, entry: Optional[Dict[str, Any]]) -> List[bytes]:
+        """The record digests of an array entry, in order ([] for none)."""
+        if entry is None:
+            return []
+        digests = _entry_objects(entry, self.lists)
+        return digests[len(digests) - entry["count"]:] if entry["count"] else []
+
+    def records(self, digests: Iterable[bytes]) -> Dict[str, Any]:
+        """{record key: parsed record}: the key is the id, else ``sha256:<12 hex>``."""
+        out: Dict[str, Any] = {}
+        for digest in digests:
+            record = _parse_record(self.objects.get(digest))
+            key = _record_key(record, digest)
+            n = 2
+            while key in out:   # the same id twice in one file: keep both apart
+                key, n = "%s#%d" % (_record_key(record, digest), n), n + 1
+            out[key] = record
+        return out
+
+    def diff_file(self, path: str, old: Optional[Dict[str, Any]],
+                  new: Optional[Dict[str, Any]]) -> Optional[FileDiff]:
+        """How one file changed, or None if its bytes are the same."""
+        if old is not None and new is not None and old.get("sha256") == new.get("sha256"):
+            return None
+        status = "added" if old is None else "removed" if new is None else "changed"
+        change = FileDiff(path=path, agent=path.split("/", 1)[0] if "/" in path else "",
+                          status=status)
+        if all(e is None or e.get("kind") == "array" for e in (old, new)):
+            self._diff_records(change, self.items(old), self.items(new))
+        elif old is not None and new is not None:
+            change.fields = _changed_fields(self._json(old), self._json(new))
+        if status == "changed" and not (change.added or change.removed or change.changed
+                                        or change.fields):
+            change.status = "rewritten"
+        return change
+
+    def _diff_records(self, change: FileDiff, old: List[bytes], new: List[bytes]) -> None:
+        before, after = set(old), set(new)
+        gone = self.records(d for d in dict.fromkeys(old) if d not in after)
+        came = self.records(d for d in dict.fromkeys(new) if d not in before)
+        change.removed = [k for k in gone if k not in came]
+        change.added = [k for k in came if k not in gone]
+        change.changed = [RecordChange(k, _changed_fields(gone[k], came[k]))
+                          for k in gone if k in came]
+
+    def _json(self, entry: Dict[str, Any]) -> Any:
+        content = read_file_content(entry, self.objects, self.lists)
+        try:
+            return parse_json_text(decode_file_bytes(Path(_entry_path(entry)), content)[0])
+        except (CorruptFileError, ValueError, RecursionError):
+            return content   # bytes: compared whole
+
+
+def _parse_record(data: bytes) -> Any:
+    try:
+        return parse_json_text(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return data
+
+
+def _record_key(record: Any, digest: bytes) -> str:
+    rid = record.get("id") if isinstance(record, dict) else None
+    if isinstance(rid, str) and rid or isinstance(rid, int) and not isinstance(rid, bool):
+        return str(rid)
+    return "sha256:" + digest.hex()[:12]
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> List[str]:
+    """Dotted paths of the fields that differ between two JSON values."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        same = old == new and type(old) is type(new)
+        return [] if same else [prefix[:-1] or "(whole value)"]
+    out: List[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        if key not in old or key not in new:
+            out.append(prefix + str(key))
+        elif old[key] != new[key] or type(old[key]) is not type(new[key]):
+            out.extend(_changed_fields(old[key], new[key], prefix + str(key) + "."))
+    return out
+
+
+@dataclasses.dataclass
+class DumpResult:
+    """One file (or one record) of a snapshot: ``data`` is the bytes; ``exact`` says they are
+    the bytes the file (record) had on disk (False: a gzip file re-compressed, content equal)."""
+
+    backup_id: str
+    path: str
+    data: bytes
+    exact: bool
+    record_id: Optional[str] = None
+    position: Optional[int] = None
+
+
+def _snapshot_entry(manager: BackupManager, backup_id: str, path: str) -> Dict[str, Any]:
+    wanted = path[2:] if path.startswith("./") else path
+    for entry in manager.load_manifest(backup_id)["files"]:
+        if _entry_path(entry) == wanted:
+            return entry
+    raise UsageError("backup %s has no file %r (see: backup ls %s)" % (backup_id, path, backup_id))
+
+
+def dump_file(manager: BackupManager, backup_id: str, path: str) -> DumpResult:
+    """The bytes a restore would write for one file, rebuilt and checked against its
+    recorded SHA-256. Raises UsageError (unknown id or file), IntegrityError."""
+    entry = _snapshot_entry(manager, backup_id, path)
+    try:
+        with manager._repo_lock(exclusive=False):
+            content = read_file_content(entry, _ObjectStore(manager.packs))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError("backup %s: %s: %s" % (backup_id, path, exc)) from None
+    data = encode_restored(entry, content)
+    return DumpResult(backup_id=backup_id, path=_entry_path(entry), data=data,
+                      exact=sha256_hex(data) == entry.get("sha256"))
+
+
+def dump_record(manager: BackupManager, backup_id: str, record_id: str,
+                path: Optional[str] = None) -> List[DumpResult]:
+    """Every record with this id (in ``path``, else in any file) exactly as stored (its JSON
+    text in the file), each checked. Raises UsageError, AmlError (no such record)."""
+    if path is not None:
+        entries = [_snapshot_entry(manager, backup_id, path)]
+        if entries[0].get("kind") != "array":
+            raise UsageError("%s in backup %s holds no records" % (path, backup_id))
+    else:
+        entries = [e for e in manager.load_manifest(backup_id)["files"]
+                   if e.get("kind") == "array"]
+    with manager._repo_lock(exclusive=False):
+        found = _find_records(_RecordReader(_ObjectStore(manager.packs)), backup_id,
+                              entries, record_id)
+    if not found:
+        raise AmlError("no record %r in backup %s%s"
+                       % (record_id, backup_id, " file %s" % path if path else ""))
+    return found
+
+
+def _find_records(reader: _RecordReader, backup_id: str, entries: List[Dict[str, Any]],
+                  record_id: str) -> List[DumpResult]:
+    needle = json.dumps(record_id)[1:-1].encode("utf-8")
+    found = []
+    for entry in entries:
+        digests = reader.items(entry)
+        for position, (digest, data) in enumerate(
+                zip(digests, reader.objects.get_unchecked(digests))):
+            if needle in data and _record_key(_parse_record(data), digest) == record_id:
+                if hashlib.sha256(data).digest() != digest:
+                    raise IntegrityError("backup %s: %s: record %s: checksum mismatch"
+                                         % (backup_id, _entry_path(entry), record_id))
+                found.append(DumpResult(backup_id=backup_id, path=_entry_path(entry),
+                                        data=bytes(data), exact=True, record_id=record_id,
+                                        position=position))
+    return found
+
+
+@dataclasses.dataclass
+class SnapshotStats:
+    """One snapshot's size as restored and what it added to the repository: the objects
+    no older snapshot uses, their bytes before compression, and its manifest."""
+
+    backup_id: str
+    created: Optional[str]
+    files: int
+    records: int
+    logical_bytes: int
+    new_objects: int
+    added_bytes: int
+    manifest_bytes: int
+
+
+@dataclasses.dataclass
+class StatsResult:
+    """Sizes of a repository: on disk, as restored, deduplicated; and per snapshot."""
+
+    repository: Path
+    snapshots: List[SnapshotStats]
+    repository_bytes: int       # every file of the repository on disk
+    pack_bytes: int             # packs and their indexes
+    manifest_bytes: int
+    packs: int
+    logical_bytes: int          # all snapshots as restored (record files decompressed)
+    unique_objects: int         # objects the snapshots use
+    unique_bytes: int           # ... their bytes before compression
+    unreferenced_objects: int   # objects no snapshot uses (rotate frees them)
+    unreferenced_bytes: int
+    dedup_ratio: Optional[float]         # logical_bytes / unique_bytes
+    compression_ratio: Optional[float]   # stored object bytes / pack_bytes
+    problems: List[str] = dataclasses.field(default_factory=list)
+
+
+def _object_length(objects: _ObjectStore, digest: bytes) -> int:
+    code = objects.where.get(digest[:KEY_LEN])
+    if code is None:
+        raise IntegrityError("object %s is missing" % digest.hex()[:16])
+    pack, row = objects.at(code)
+    return pack.loc(row)[2]
+
+
+def _logical_size(entry: Dict[str, Any], items: List[bytes], objects: _ObjectStore) -> int:
+    if entry["kind"] != "array":
+        return int(entry.get("size", 0))
+    text = len(entry["head"].encode("utf-8")) + len(entry["tail"].encode("utf-8"))
+    return (text + len(UTF8_BOM if entry.get("bom") else b"")
+            + len(entry["sep"].encode("utf-8")) * max(len(items) - 1, 0)
+            + sum(_object_length(objects, d) for d in items))
+
+
+def repository_stats(manager: BackupManager) -> StatsResult:
+    """Measure the repository: bytes on disk, as restored, deduplicated, and what each
+    snapshot (oldest first) added. Damaged parts are in ``problems``."""
+    with manager._repo_lock(exclusive=False):   # rotation waits until the counting is done
+        return _repository_stats(manager)
+
+
+def _repository_stats(manager: BackupManager) -> StatsResult:
+    objects = _ObjectStore(manager.packs)
+    lists, seen, rows = _Lists(objects), set(), []
+    problems = list(objects.problems)
+    for backup_id in manager.snapshot_ids():
+        try:
+            manifest = manager.load_manifest(backup_id)
+            row = _snapshot_stats(manager, backup_id, manifest, objects, lists, seen)
+        except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append("%s: %s" % (backup_id, exc))
+            continue
+        rows.append(row)
+    files = [p for p in manager.repo.rglob("*") if p.is_file()] if manager.repo.is_dir() else []
+    size = {p: p.stat().st_size for p in files}
+    pack_bytes = sum(n for p, n in size.items() if p.parent == manager.packs)
+    all_bytes = sum(_object_length(objects, k) for k in objects.where)
+    unique = sum(r.added_bytes for r in rows)
+    logical = sum(r.logical_bytes for r in rows)
+    return StatsResult(
+        repository=manager.repo, snapshots=rows, repository_bytes=sum(size.values()),
+        pack_bytes=pack_bytes, manifest_bytes=sum(r.manifest_bytes for r in rows),
+        packs=len(objects.pack_list), logical_bytes=logical, unique_objects=len(seen),
+        unique_bytes=unique, unreferenced_objects=max(len(objects.where) - len(seen), 0),
+        unreferenced_bytes=max(all_bytes - unique, 0),
+        dedup_ratio=round(logical / unique, 2) if unique else None,
+        compression_ratio=round(all_bytes / pack_bytes, 2) if pack_bytes else None,
+        problems=problems)
+
+
+def _snapshot_stats(manager: BackupManager, backup_id: str, manifest: Dict[str, Any],
+                    objects: _ObjectStore, lists: _Lists, seen: Set[bytes]) -> SnapshotStats:
+    row = SnapshotStats(backup_id=backup_id, created=manifest.get("created"),
+                        files=len(manifest["files"]), records=0, logical_bytes=0,
+                        new_objects=0, added_bytes=0,
+                        manifest_bytes=manager.manifest_path(backup_id).stat().st_size)
+    for entry in manifest["files"]:
+        digests = _entry_objects(entry, lists)
+        items = digests[len(digests) - entry["count"]:] if entry["kind"] == "array" \
+            and entry["count"] else ([] if entry["kind"] == "array" else digests)
+        row.records += entry.get("count", 0)
+        row.logical_bytes += _logical_size(entry, items, objects)
+        for digest in digests:
+            key = digest[:KEY_LEN]
+            if key not in seen:
+                seen.add(key)
+                row.new_objects += 1
+                row.added_bytes += _object_length(objects, digest)
+    return row
+
 __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "SnapshotInfo",
             "ListResult", "VerifyResult", "RestoreResult", "RotateResult", "AutoResult",
-            "safety_backup", "backup_config_for", "safe_relpath"]
+            "safety_backup", "backup_config_for", "safe_relpath", "BackupPlan", "plan_backup",
+            "CopyResult", "copy_backups", "open_repository", "LsResult", "SnapshotFile",
+            "list_snapshot", "DiffResult", "FileDiff", "RecordChange", "diff_snapshots",
+            "DumpResult", "dump_file", "dump_record", "StatsResult", "SnapshotStats",
+            "repository_stats", "KEEP_RULES"]
 
 
 
@@ -7508,6 +8512,32 @@ def _last_verified_backup(store: Store, history: List[Dict[str, Any]]
     return None
 
 
+def _copy_problems(store: Store, history: List[Dict[str, Any]],
+                   thresholds: Dict[str, Any]) -> List[Problem]:
+    """The off-machine copy (``backup copy``, ``auto`` with copy_to): a WARNING when the
+    last copy (or verify --repo) failed, or the last good copy is older than
+    backup_max_age_hours. Nothing when no copy was ever made."""
+    last = _last_entry(history, ["copy", "copy_verify"])
+    if last is None:
+        return []
+    summary = last.get("summary") if isinstance(last.get("summary"), dict) else {}
+    if summary.get("ok") is False:
+        what = "copy to" if last.get("operation") == "copy" else "verify of the copy at"
+        return [Problem("backup-copy", HealthStatus.WARNING, "last %s %s failed: %s" % (
+            what, summary.get("to"), summary.get("error") or "verification failed"))]
+    good = next((e for e in reversed(history) if e.get("operation") == "copy"
+                 and isinstance(e.get("summary"), dict) and e["summary"].get("ok")), None)
+    started = parse_timestamp(good.get("started")) if good else None
+    if started is None:
+        return []
+    hours = days_between(started, store.now) * 24
+    if hours <= thresholds["backup_max_age_hours"]:
+        return []
+    return [Problem("backup-copy", HealthStatus.WARNING, "last copy to %s is %.0f h old "
+                    "(limit %g h)" % (good["summary"].get("to"), hours,
+                                      thresholds["backup_max_age_hours"]))]
+
+
 def _cache_stats(store: Store) -> Dict[str, Any]:
     """The hot-cache counters that real get/search lookups recorded (zeros when none)."""
     stats = hot_cache_stats(store)
@@ -8047,7 +9077,8 @@ class MemoryMonitor:
         if entry is None:
             problem = Problem("backup", HealthStatus.WARNING,
                               "no verified backup yet (run: backup create)")
-            return self._finish("backup", [problem], "")
+            return self._finish("backup", [problem] + _copy_problems(self.store, history, t),
+                                "")
         started = parse_timestamp(entry.get("started")) or self.store.now
         hours = days_between(started, self.store.now) * 24
         details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2)}
@@ -8058,6 +9089,7 @@ class MemoryMonitor:
                 problems.append(Problem("backup", status, "last verified backup is %.0f h old "
                                         "(limit %g h)" % (hours, t[key])))
                 break
+        problems.extend(_copy_problems(self.store, history, t))
         return self._finish("backup", problems, "verified backup %s, %.1f h old"
                             % (details["backup_id"], hours), details)
 
@@ -9191,14 +10223,31 @@ def _backup_options(parser: argparse.ArgumentParser) -> None:
 
 def _keep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention-days", type=int, metavar="N", default=None,
-                        help="delete snapshots older than N days (default 30)")
+                        help="delete snapshots older than N days (default 30; not "
+                        "applied when a --keep-* is given)")
     parser.add_argument("--max-backups", type=int, metavar="N", default=None,
                         help="keep at most N snapshots (default 100)")
-    for unit in ("daily", "weekly", "monthly"):
+    parser.add_argument("--keep-last", type=int, metavar="N", default=0,
+                        help="keep the N newest snapshots (any --keep-* replaces the "
+                        "--retention-days age rule)")
+    parser.add_argument("--keep-within", type=int, metavar="DAYS", default=0,
+                        help="keep every snapshot younger than DAYS")
+    for unit in KEEP_RULES:
         parser.add_argument("--keep-%s" % unit, type=int, metavar="N", default=0,
-                            help="also keep the newest snapshot of each of the last N %s "
-                            "periods" % {"daily": "days", "weekly": "weeks",
-                                         "monthly": "months"}[unit])
+                            help="keep the newest snapshot of each of the last N %s"
+                            % {"hourly": "hours", "daily": "days", "weekly": "weeks",
+                               "monthly": "months", "yearly": "years"}[unit])
+
+
+def _keep_args(args: argparse.Namespace) -> Dict[str, int]:
+    return {"keep_" + rule: getattr(args, "keep_" + rule) for rule in ("last", "within") +
+            tuple(KEEP_RULES)}
+
+
+def _repo_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", metavar="DEST", default=None,
+                        help="read another repository (a copy): a folder holding aml/, or "
+                        "rclone:NAME:path")
 
 
 def _create_options(parser: argparse.ArgumentParser, incremental_flag: bool) -> None:
@@ -9209,6 +10258,9 @@ def _create_options(parser: argparse.ArgumentParser, incremental_flag: bool) -> 
     parser.add_argument("--compression-level", type=int, metavar="0-9", default=None)
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the verification after the backup")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read the store as the backup would; say what it would read and "
+                        "add; write nothing")
 
 
 def _backup_manager(args: argparse.Namespace) -> BackupManager:
@@ -9241,6 +10293,11 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
     out = output_for(args)
     incremental = args.kind == "incremental" or getattr(args, "incremental", False)
     btype = BackupType.INCREMENTAL if incremental else BackupType.FULL
+    if args.dry_run:
+        plan = plan_backup(_backup_manager(args), btype, agents=args.agents)
+        _print_plan(out, plan)
+        out.document(plan)
+        return ExitCode.PARTIAL if plan.warnings else ExitCode.OK
     result = _backup_manager(args).create(btype, agents=args.agents)
     _print_backup(out, result)
     out.document(result)
@@ -9250,7 +10307,8 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
 def cmd_backup_list(args: argparse.Namespace) -> int:
     """backup list: snapshots, foreign files, repository size."""
     out = output_for(args)
-    result = _backup_manager(args).list()
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        result = manager.list()
     for problem in result.problems:
         out.warn(problem)
     mark = {True: "verified", False: "FAILED", None: "unverified"}
@@ -9262,7 +10320,7 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
     for name in result.foreign:
         out.line("%-26s foreign (not aml's; left alone)" % name)
     out.line("repository %s: %d snapshots, %s%s" % (
-        result.backup_root / REPO_DIR_NAME, len(result.snapshots),
+        args.repo or result.backup_root / REPO_DIR_NAME, len(result.snapshots),
         human_bytes(result.repository_bytes),
         " (and %d of other stores)" % result.other_stores if result.other_stores else ""))
     out.document(result)
@@ -9278,8 +10336,8 @@ def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
 def cmd_backup_verify(args: argparse.Namespace) -> int:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
     out = output_for(args)
-    result = _backup_manager(args).verify(_one_backup_id(args), deep=args.deep,
-                                          all_snapshots=args.all)
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        result = manager.verify(_one_backup_id(args), deep=args.deep, all_snapshots=args.all)
     for problem in result.problems:
         print("aml: error: %s" % problem, file=sys.stderr)
     out.line("%s %s: %d files, %d objects checked%s" % (
@@ -9297,9 +10355,9 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
         at = parse_timestamp(args.at)
         if at is None:
             raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
-    result = _backup_manager(args).restore(_one_backup_id(args), at=at,
-                                           agents=args.agents, target=args.target,
-                                           dry_run=args.dry_run, force=args.force)
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        result = manager.restore(_one_backup_id(args), at=at, agents=args.agents,
+                                 target=args.target, dry_run=args.dry_run, force=args.force)
     out.progress_done()
     for warning in result.warnings:
         out.warn(warning)
@@ -9319,9 +10377,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
 def cmd_backup_rotate(args: argparse.Namespace) -> int:
     """backup rotate: apply retention and free unused space."""
     out = output_for(args)
-    result = _backup_manager(args).rotate(dry_run=args.dry_run, keep_daily=args.keep_daily,
-                                          keep_weekly=args.keep_weekly,
-                                          keep_monthly=args.keep_monthly)
+    result = _backup_manager(args).rotate(dry_run=args.dry_run, **_keep_args(args))
     _print_rotate(out, result)
     out.document(result)
     return ExitCode.PARTIAL if result.warnings else ExitCode.OK
@@ -9333,6 +10389,9 @@ def _print_rotate(out: Output, result: RotateResult) -> None:
     verb = "would delete" if result.dry_run else "deleted"
     for backup_id in result.deleted:
         (out.always if result.dry_run else out.line)("%s %s" % (verb, backup_id))
+    for backup_id in result.kept if result.dry_run else []:
+        out.always("would keep %s: %s" % (backup_id, ", ".join(result.reasons.get(backup_id,
+                                                                                  []))))
     out.line("%s %d, kept %d snapshots; %d objects, %s freed%s" % (
         verb, len(result.deleted), len(result.kept), result.objects_freed,
         human_bytes(result.bytes_freed), " (dry run)" if result.dry_run else ""))
@@ -9341,23 +10400,29 @@ def _print_rotate(out: Output, result: RotateResult) -> None:
 def cmd_backup_auto(args: argparse.Namespace) -> int:
     """backup auto: snapshot when due, verify, rotate (for cron)."""
     out = output_for(args)
-    result = _backup_manager(args).auto(keep_daily=args.keep_daily,
-                                        keep_weekly=args.keep_weekly,
-                                        keep_monthly=args.keep_monthly)
+    result = _backup_manager(args).auto(dry_run=args.dry_run, **_keep_args(args))
     if result.backup:
         _print_backup(out, result.backup)
+    elif result.plan:
+        _print_plan(out, result.plan)
     else:
         out.line("no backup due: %s" % result.skipped)
     _print_rotate(out, result.rotate)
+    if result.copy:
+        _print_copy(out, result.copy)
     out.document(result)
-    warned = (result.backup and result.backup.warnings) or result.rotate.warnings
+    if result.copy_error:
+        print("aml: error: %s" % result.copy_error, file=sys.stderr)
+        return result.copy_exit
+    warned = (result.backup and result.backup.warnings) or result.rotate.warnings or \
+        (result.plan and result.plan.warnings)
     return ExitCode.PARTIAL if warned else ExitCode.OK
 
 
 @command_builder
 def _build_backup(subparsers: Any) -> None:
     parser = subparser(subparsers, "backup", "snapshots of the store: create, list, verify, "
-                       "restore, rotate, auto")
+                       "restore, rotate, auto, copy, ls, diff, dump, stats")
     sub = parser.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
     sub.required = True
     for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
@@ -9369,6 +10434,7 @@ def _build_backup(subparsers: Any) -> None:
         p.set_defaults(func=cmd_backup_create, kind=name)
     p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
     _backup_options(p)
+    _repo_option(p)
     p.set_defaults(func=cmd_backup_list)
     p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
     _backup_options(p)
@@ -9376,6 +10442,7 @@ def _build_backup(subparsers: Any) -> None:
     p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
     p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
+    _repo_option(p)
     p.set_defaults(func=cmd_backup_verify)
     _build_restore(sub)
     for name, help_text, func in (
@@ -9384,9 +10451,206 @@ def _build_backup(subparsers: Any) -> None:
         p = subparser(sub, name, help_text)
         _backup_options(p)
         _keep_options(p)
-        if name == "rotate":
-            p.add_argument("--dry-run", action="store_true", help="only list what would go")
+        p.add_argument("--dry-run", action="store_true",
+                       help="change nothing; say what would be %sdeleted, and why each kept "
+                       "snapshot is kept" % ("taken, copied and " if name == "auto" else ""))
         p.set_defaults(func=func)
+    _build_backup_inspection(sub)
+
+
+def _print_plan(out: Output, plan: BackupPlan) -> None:
+    for warning in plan.warnings:
+        out.warn(warning)
+    out.always("would take %s backup%s: %d files, %d records; would read %d files (%s); "
+               "%d new, %d changed; would add about %d objects, %s before compression "
+               "(dry run)" % ("a full" if plan.type is BackupType.FULL else "an incremental",
+                              " on %s" % plan.baseline if plan.baseline
+                              else "", plan.files, plan.records, plan.files_read,
+                              human_bytes(plan.bytes_read), plan.files_new, plan.files_changed,
+                              plan.objects_added, human_bytes(plan.bytes_added)))
+
+
+def _print_copy(out: Output, result: CopyResult) -> None:
+    out.progress_done()
+    for warning in result.warnings:
+        out.warn(warning)
+    if result.dry_run:
+        for backup_id in result.copied:
+            out.always("would copy %s" % backup_id)
+        out.always("to %s: would copy %d snapshots (%d there already), %d objects, %s before "
+                   "compression (dry run)" % (result.destination, len(result.copied),
+                                             len(result.present), result.objects_copied,
+                                             human_bytes(result.bytes_copied)))
+        return
+    for backup_id in result.copied:
+        out.line("copied %s" % backup_id)
+    if not result.copied and not result.problems:
+        out.line("to %s: nothing to copy (%d snapshots there already)"
+                 % (result.destination, len(result.present)))
+        return
+    out.line("to %s: %d snapshots copied (%d there already), %d objects, %s written; %s" % (
+        result.destination, len(result.copied), len(result.present), result.objects_copied,
+        human_bytes(result.bytes_copied), "verified there (%d objects checked)"
+        % result.objects_checked if result.verified else "NOT verified"))
+
+
+def cmd_backup_copy(args: argparse.Namespace) -> int:
+    """backup copy: snapshots into a second repository (folder or rclone remote), verified."""
+    out = output_for(args)
+    manager = _backup_manager(args)
+    to = args.to or manager.config.copy_to
+    if not to:
+        raise UsageError("name the destination: --to DEST (or [backup] copy_to in the config)")
+    result = copy_backups(manager, to, args.backup_ids, dry_run=args.dry_run)
+    for problem in result.problems:
+        print("aml: error: %s" % problem, file=sys.stderr)
+    _print_copy(out, result)
+    out.document(result)
+    if result.problems:
+        return ExitCode.INTEGRITY
+    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+
+
+def cmd_backup_ls(args: argparse.Namespace) -> int:
+    """backup ls: the files of a snapshot, with records and sizes."""
+    out = output_for(args)
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        result = list_snapshot(manager, args.backup_id)
+    out.line("%s (%s, %s): %d files, %d records, %s" % (
+        result.backup_id, result.type, result.created, len(result.files), result.records,
+        human_bytes(result.bytes)))
+    for item in result.files:
+        out.line("  %7s  %-7s %-4s %10s  %s" % (
+            "-" if item.records is None else item.records, item.kind,
+            "gzip" if item.gzip else "", human_bytes(item.size), item.path))
+    out.document(result)
+    return ExitCode.OK
+
+
+def cmd_backup_diff(args: argparse.Namespace) -> int:
+    """backup diff: records added, removed and changed between two snapshots."""
+    out = output_for(args)
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        result = diff_snapshots(manager, args.a, args.b)
+    mark = {"added": "+", "removed": "-", "changed": "M", "rewritten": "="}
+    for change in result.files:
+        counts = (change.added, change.removed, change.changed)
+        out.line("%s %s%s%s" % (
+            mark[change.status], change.path, "  (+%d -%d ~%d records)"
+            % tuple(map(len, counts)) if any(counts) else "",
+            "  fields: " + ", ".join(change.fields) if change.fields else ""))
+        for rid in change.added:
+            out.line("    + %s" % rid)
+        for rid in change.removed:
+            out.line("    - %s" % rid)
+        for record in change.changed:
+            out.line("    ~ %s: %s" % (record.id, ", ".join(record.fields) or "layout only"))
+    out.line("%s -> %s: %d files differ, %d unchanged; records +%d -%d ~%d" % (
+        result.a, result.b, len(result.files), result.files_unchanged, result.records_added,
+        result.records_removed, result.records_changed))
+    out.document(result)
+    return ExitCode.OK
+
+
+def cmd_backup_dump(args: argparse.Namespace) -> int:
+    """backup dump: a file's bytes, or one record as stored, on stdout."""
+    out = output_for(args)
+    if args.file is None and args.record is None:
+        raise UsageError("name a FILE or --record RID (see backup ls ID)")
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        if args.record is None:
+            found = [dump_file(manager, args.backup_id, args.file)]
+        else:
+            found = dump_record(manager, args.backup_id, args.record, args.file)
+    if len(found) > 1:
+        raise UsageError("record %s is in %d files (%s); name one: backup dump %s FILE "
+                         "--record %s" % (args.record, len(found), ", ".join(
+                             d.path for d in found), args.backup_id, args.record))
+    dumped = found[0]
+    if not dumped.exact:
+        out.warn("%s: gzip file re-compressed by aml; its content is exact, its gzip bytes "
+                 "may differ from the original" % dumped.path)
+    if out.format == "json":
+        doc = dataclasses.asdict(dumped)
+        data = doc.pop("data")
+        doc["size"], doc["sha256"] = len(data), sha256_hex(data)
+        if args.record is not None:
+            doc["record"] = _parse_record(data)
+        else:
+            doc["base64"] = base64.b64encode(data).decode("ascii")
+        out.document(doc)
+        return ExitCode.OK
+    stream = getattr(out.stdout, "buffer", None)
+    if stream is None:   # a text-only stdout (tests): the bytes as text
+        out.stdout.write(dumped.data.decode("utf-8", "replace"))
+    else:
+        out.stdout.flush()
+        stream.write(dumped.data)
+    if args.record is not None:
+        (stream or out.stdout).write(b"\n" if stream else "\n")
+    (stream or out.stdout).flush()
+    return ExitCode.OK
+
+
+def cmd_backup_stats(args: argparse.Namespace) -> int:
+    """backup stats: repository size, deduplication, what each snapshot added."""
+    out = output_for(args)
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        result = repository_stats(manager)
+    for problem in result.problems:
+        out.warn(problem)
+    out.line("%-26s %-24s %6s %8s %10s %8s %10s" % (
+        "snapshot", "created", "files", "records", "restored", "new obj", "added"))
+    for row in result.snapshots:
+        out.line("%-26s %-24s %6d %8d %10s %8d %10s" % (
+            row.backup_id, row.created, row.files, row.records,
+            human_bytes(row.logical_bytes), row.new_objects,
+            human_bytes(row.added_bytes + row.manifest_bytes)))
+
+    def ratio(value: Optional[float]) -> str:
+        return "-" if value is None else "%.2fx" % value
+
+    out.line("repository %s: %d snapshots, %s on disk (%d packs %s, manifests %s)" % (
+        args.repo or result.repository, len(result.snapshots),
+        human_bytes(result.repository_bytes), result.packs, human_bytes(result.pack_bytes),
+        human_bytes(result.manifest_bytes)))
+    out.line("restored size %s; unique data %s in %d objects: deduplication %s, compression "
+             "%s; unreferenced %d objects (%s, rotate frees them)" % (
+                 human_bytes(result.logical_bytes), human_bytes(result.unique_bytes),
+                 result.unique_objects, ratio(result.dedup_ratio),
+                 ratio(result.compression_ratio), result.unreferenced_objects,
+                 human_bytes(result.unreferenced_bytes)))
+    out.document(result)
+    return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+
+
+def _build_backup_inspection(sub: Any) -> None:
+    p = subparser(sub, "copy", "copy snapshots into a second repository (a folder or "
+                  "rclone:NAME:path), incrementally, then verify them there")
+    _backup_options(p)
+    p.add_argument("backup_ids", nargs="*", metavar="ID",
+                   help="snapshots to copy (default: every snapshot of the store)")
+    p.add_argument("--to", metavar="DEST", default=None,
+                   help="the destination (default: [backup] copy_to of the config)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be copied")
+    p.set_defaults(func=cmd_backup_copy)
+    p = subparser(sub, "ls", "list a snapshot's files with records and sizes")
+    p.add_argument("backup_id", metavar="ID")
+    p.set_defaults(func=cmd_backup_ls)
+    p = subparser(sub, "diff", "records added, removed and changed between two snapshots")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.set_defaults(func=cmd_backup_diff)
+    p = subparser(sub, "dump", "print a file of a snapshot (or one record) exactly as stored")
+    p.add_argument("backup_id", metavar="ID")
+    p.add_argument("file", metavar="FILE", nargs="?", help="path in the snapshot (see ls)")
+    p.add_argument("--record", metavar="RID", help="only the record with this id")
+    p.set_defaults(func=cmd_backup_dump)
+    p = subparser(sub, "stats", "repository size, deduplication, what each snapshot added")
+    p.set_defaults(func=cmd_backup_stats)
+    for name in ("ls", "diff", "dump", "stats"):
+        _backup_options(sub.choices[name])
+        _repo_option(sub.choices[name])
 
 
 def _build_restore(sub: Any) -> None:
@@ -9400,6 +10664,7 @@ def _build_restore(sub: Any) -> None:
                    help="restore into DIR instead of the store (the store is left alone)")
     p.add_argument("--dry-run", action="store_true", help="list what would change")
     p.add_argument("--force", action="store_true", help="allow a non-empty --target")
+    _repo_option(p)
     p.set_defaults(func=cmd_backup_restore)
 
 

@@ -4,6 +4,7 @@ Every store is generated in ``tmp_path`` by the factories below; nothing here re
 ``../shared``. Run with ``make test``.
 """
 
+import base64
 import contextlib
 import datetime as dt
 import gzip
@@ -13,6 +14,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1467,6 +1469,403 @@ def test_runtime_temp_and_lock_entries_are_skipped_by_every_walk(tmp_path):
     assert tree_digest(root, skip_state=True) == before  # the runtime's entries stay untouched
     health = aml.MemoryMonitor(aml.Store(root, now=NOW)).health(False, record=False)
     assert not [p for c in health.checks for p in c.problems if ".tmp" in str(p)]
+# ---- issue 16: copies to a second repository, inspection, retention rules ----
+
+def two_snapshots(tmp_path, gz=False, **config):
+    """A store with a full snapshot on day 0 and, after mutate_store, an incremental on day 1."""
+    root = build_store(tmp_path / "memory", gz=gz, patterns=20)
+    first = backup_manager(root, **config).create()
+    mutate_store(root)
+    later = backup_manager(root, now=NOW + dt.timedelta(days=1), **config).create(
+        aml.BackupType.INCREMENTAL)
+    return root, first, later
+
+
+def restored_tree(manager, backup_id, target):
+    manager.restore(backup_id, target=target)
+    return tree_digest(target)
+
+
+@pytest.mark.parametrize("gz", [False, "mixed"], ids=["plain", "mixed"])
+def test_copy_to_a_folder_is_incremental_verified_and_restores_byte_for_byte(tmp_path, gz):
+    root = build_store(tmp_path / "memory", gz=gz, patterns=20)
+    original = tree_digest(root, skip_state=True)
+    first = backup_manager(root).create()
+    dest = tmp_path / "usb"
+    copied = aml.copy_backups(backup_manager(root), str(dest))
+    assert copied.copied == [first.backup_id] and copied.verified and not copied.problems
+    assert copied.objects_checked == copied.objects_copied == first.objects_added
+    mutate_store(root)
+    later = backup_manager(root, now=NOW + dt.timedelta(days=1)).create(
+        aml.BackupType.INCREMENTAL)
+    again = aml.copy_backups(backup_manager(root), str(dest))
+    assert again.present == [first.backup_id] and again.copied == [later.backup_id]
+    assert again.objects_copied == later.objects_added      # only what the copy lacked
+    assert aml.copy_backups(backup_manager(root), str(dest)).copied == []
+    with aml.open_repository(backup_manager(root), str(dest)) as copy:
+        assert copy.verify(all_snapshots=True).ok
+        from_copy = restored_tree(copy, first.backup_id, tmp_path / "from-copy")
+    from_home = restored_tree(backup_manager(root), first.backup_id, tmp_path / "from-home")
+    assert from_copy == from_home                            # byte for byte
+    if not gz:
+        assert from_copy == original
+    for snap in (first, later):   # the manifests are the same bytes
+        assert (dest / "aml" / "snapshots" / snap.manifest.name).read_bytes() == \
+            snap.manifest.read_bytes()
+
+
+def test_copy_killed_mid_way_leaves_the_destination_valid_and_a_rerun_completes(tmp_path):
+    root, first, later = two_snapshots(tmp_path)
+    dest = tmp_path / "usb"
+    backup_manager(root).create()    # a third one, so the copy has several packs to write
+    ids = backup_manager(root).snapshot_ids()
+    assert run_cli(root, "backup", "copy", first.backup_id, "--to", dest, "-q") == 0
+    # A real aml process, killed (SIGKILL) right after its first pack landed at the
+    # destination and before that snapshot's manifest was written.
+    code = ("import sys, time, aml\n"
+            "real = aml._PackWriter.commit\n"
+            "def commit(self):\n"
+            "    n = real(self)\n"
+            "    print('landed', flush=True)\n"
+            "    time.sleep(120)\n"
+            "    return n\n"
+            "aml._PackWriter.commit = commit\n"
+            "sys.exit(aml.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), "backup", "copy", "--to",
+                             str(dest)], cwd=str(HERE), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "landed"
+    finally:
+        proc.kill()
+        proc.wait()
+    copy = aml.BackupManager(aml.Store(root, now=NOW), aml.BackupConfig(backup_root=dest))
+    assert copy.snapshot_ids() == [first.backup_id]          # the manifest comes last
+    assert copy.verify(all_snapshots=True).ok
+    assert run_cli(root, "backup", "copy", "--to", dest, "-q") == 0
+    assert copy.snapshot_ids() == ids and copy.verify(all_snapshots=True).ok
+    with aml.open_repository(backup_manager(root), str(dest)) as view:
+        assert restored_tree(view, later.backup_id, tmp_path / "a") == \
+            restored_tree(backup_manager(root), later.backup_id, tmp_path / "b")
+
+
+def test_copy_crash_before_an_index_lands_leaves_the_destination_valid(tmp_path, monkeypatch):
+    root, first, later = two_snapshots(tmp_path)
+    dest = tmp_path / "usb"
+    fail_nth_replace(monkeypatch, n=2, counts=lambda dst: str(dst).endswith(".idx"))
+    with pytest.raises(OSError):
+        aml.copy_backups(backup_manager(root), str(dest))
+    monkeypatch.undo()
+    packs = dest / "aml" / "packs"
+    assert len(list(packs.glob("*.pack"))) == len(list(packs.glob("*.idx"))) == 1
+    (packs / "pack-20990101000000-deadbeef.pack").write_bytes(b"AMLPACK1 killed mid-write")
+    (packs / ".aml-tmp-1234-x").write_bytes(b"")
+    history = aml.Store(root).read_state("history.json", [])
+    assert history[-1]["operation"] == "copy" and history[-1]["summary"]["ok"] is False
+    copy = aml.BackupManager(aml.Store(root, now=NOW), aml.BackupConfig(backup_root=dest))
+    assert copy.snapshot_ids() == [first.backup_id] and copy.verify().ok
+    result = aml.copy_backups(backup_manager(root), str(dest))
+    assert result.copied == [later.backup_id] and result.verified
+    assert len(list(packs.glob("*.pack"))) == len(list(packs.glob("*.idx"))) == 2
+
+
+def test_copy_refuses_its_own_repository_and_skips_another_stores_snapshot(tmp_path):
+    root, first, later = two_snapshots(tmp_path)
+    for inside in ("memory-backup", "memory-backup/aml/packs", "memory/usb"):
+        with pytest.raises(aml.UsageError):
+            aml.copy_backups(backup_manager(root), str(tmp_path / inside))
+    other = build_store(tmp_path / "other", patterns=3)
+    dest = tmp_path / "usb"
+    clash = backup_manager(other, backup_root=dest).create()
+    assert clash.backup_id == first.backup_id               # same second, another store
+    result = aml.copy_backups(backup_manager(root), str(dest))
+    assert result.copied == [later.backup_id] and "another store" in result.warnings[0]
+    assert backup_manager(other, backup_root=dest).verify(clash.backup_id).ok
+
+
+def rclone_env(monkeypatch, tmp_path):
+    if shutil.which("rclone") is None:
+        pytest.skip("rclone not installed")
+    monkeypatch.setenv("RCLONE_CONFIG_AMLTEST_TYPE", "local")
+    monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "rclone.conf"))   # no user config
+    return "rclone:amltest:%s" % (tmp_path / "remote")
+
+
+def test_copy_to_an_rclone_remote_verifies_there_and_restores(tmp_path, monkeypatch, capsys):
+    remote = rclone_env(monkeypatch, tmp_path)
+    root, first, later = two_snapshots(tmp_path, gz="mixed")
+    code, out, err = run_cli(root, "backup", "copy", "--to", remote, capsys=capsys)
+    assert code == 0 and "verified there" in out, err
+    on_disk = tmp_path / "remote" / "aml"
+    assert sorted(p.name for p in (on_disk / "snapshots").iterdir()) == [
+        first.manifest.name, later.manifest.name]
+    # The remote is a repository of its own: readable as a folder, and through rclone.
+    assert backup_manager(root, backup_root=tmp_path / "remote").verify(all_snapshots=True).ok
+    code, out, _ = run_cli(root, "backup", "verify", "--all", "--repo", remote, capsys=capsys)
+    assert code == 0 and "OK" in out
+    assert run_cli(root, "backup", "restore", first.backup_id, "--repo", remote, "--target",
+                   tmp_path / "drill", "-q") == 0
+    assert tree_digest(tmp_path / "drill") == restored_tree(
+        backup_manager(root), first.backup_id, tmp_path / "home")
+    code, out, _ = run_cli(root, "backup", "copy", "--to", remote, capsys=capsys)
+    assert code == 0 and "nothing to copy" in out
+    code, out, _ = run_cli(root, "backup", "diff", first.backup_id, later.backup_id, "--repo",
+                           remote, "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)["records_removed"] == 7
+
+
+def test_rclone_copy_interrupted_between_uploads_recovers(tmp_path, monkeypatch):
+    remote = rclone_env(monkeypatch, tmp_path)
+    root, first, later = two_snapshots(tmp_path)
+    real, calls = aml._Rclone.upload, []
+
+    def flaky(self, local, rel):
+        calls.append(rel)
+        if len(calls) == 5:   # pack, idx, manifest of the first; the second's pack; its idx
+            raise aml.AmlError("network gone")
+        return real(self, local, rel)
+
+    monkeypatch.setattr(aml._Rclone, "upload", flaky)
+    with pytest.raises(aml.AmlError):
+        aml.copy_backups(backup_manager(root), remote)
+    monkeypatch.setattr(aml._Rclone, "upload", real)
+    packs = tmp_path / "remote" / "aml" / "packs"
+    assert len(list(packs.glob("*.pack"))) == 2 and len(list(packs.glob("*.idx"))) == 1
+    with aml.open_repository(backup_manager(root), remote) as view:
+        assert view.snapshot_ids() == [first.backup_id] and view.verify().ok
+    result = aml.copy_backups(backup_manager(root), remote)
+    assert result.copied == [later.backup_id] and result.verified
+    assert len(list(packs.glob("*.pack"))) == len(list(packs.glob("*.idx"))) == 2
+    assert not [p for p in packs.iterdir() if aml.is_temp_leftover(p.name)]
+
+
+def test_rclone_missing_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    root, _, _ = two_snapshots(tmp_path)
+    monkeypatch.setattr(aml.shutil, "which", lambda name: None)
+    code, _, err = run_cli(root, "backup", "copy", "--to", "rclone:x:y", capsys=capsys)
+    assert code == 1 and err.startswith("aml: error:") and "rclone is not installed" in err
+
+
+def test_restore_from_a_copy_keeps_its_safety_snapshot_at_home(tmp_path, capsys):
+    root, first, later = two_snapshots(tmp_path)
+    dest = tmp_path / "usb"
+    aml.copy_backups(backup_manager(root), str(dest))
+    before = content_digest(root)
+    code, out, _ = run_cli(root, "backup", "restore", first.backup_id, "--repo", dest,
+                           "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and "safety backup" in out
+    safety = out.rsplit("safety backup ", 1)[1].strip()
+    assert safety in backup_manager(root).snapshot_ids()
+    assert safety not in aml.BackupManager(aml.Store(root), aml.BackupConfig(
+        backup_root=dest)).snapshot_ids()
+    assert backup_manager(root).restore(safety).replaced   # the way back works
+    assert content_digest(root) == before
+    code, _, err = run_cli(root, "backup", "list", "--repo", tmp_path / "nowhere",
+                           capsys=capsys)
+    assert code == 2 and "no aml repository" in err
+
+
+def test_a_damaged_copy_fails_verify_and_health_says_so(tmp_path, capsys):
+    root, first, later = two_snapshots(tmp_path)
+    dest = tmp_path / "usb"
+    aml.copy_backups(backup_manager(root), str(dest))
+    for pack in (dest / "aml" / "packs").glob("*.pack"):
+        _flip_byte(pack)
+    code, _, err = run_cli(root, "backup", "verify", "--all", "--repo", dest, capsys=capsys)
+    assert code == 6 and "aml: error:" in err
+    assert backup_manager(root).verify(all_snapshots=True).ok   # the home repository is fine
+    health = json.loads(run_cli(root, "monitor", "health", "--format", "json",
+                                "--now", NOW_TEXT, capsys=capsys)[1])
+    messages = [p["message"] for c in health["checks"] for p in c.get("problems", [])]
+    assert any("verify of the copy" in m for m in messages), messages
+
+
+def test_auto_copies_to_copy_to_and_reports_a_failed_copy(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", patterns=5)
+    (root / ".aml").mkdir()
+    config = root / ".aml" / "config.json"
+    config.write_text('{"backup": {"copy_to": "offsite"}}')   # beside the store
+    code, out, err = run_cli(root, "backup", "auto", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0, err
+    first = backup_manager(root).snapshot_ids()
+    assert [p.stem for p in (tmp_path / "offsite" / "aml" / "snapshots").iterdir()] == first
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    config.write_text('{"backup": {"copy_to": "%s"}}' % (tmp_path / "blocked"))
+    code, out, err = run_cli(root, "backup", "auto", "--now", "2026-11-21T12:00:00Z",
+                             capsys=capsys)
+    assert code != 0 and "aml: error: copy to" in err
+    assert len(backup_manager(root).snapshot_ids()) == 2      # the backup itself stands
+    health = json.loads(run_cli(root, "monitor", "health", "--format", "json", "--now",
+                                "2026-11-21T13:00:00Z", capsys=capsys)[1])
+    messages = [p["message"] for c in health["checks"] for p in c.get("problems", [])]
+    assert any("last copy to" in m and "failed" in m for m in messages), messages
+    config.write_text('{"backup": {"copy_to": "offsite"}}')
+    assert run_cli(root, "backup", "auto", "-q", "--now", "2026-11-21T14:00:00Z") == 0
+    health = json.loads(run_cli(root, "monitor", "health", "--format", "json", "--now",
+                                "2026-11-21T15:00:00Z", capsys=capsys)[1])
+    assert not [p for c in health["checks"] for p in c.get("problems", [])
+                if "copy" in p["message"]]
+    health = json.loads(run_cli(root, "monitor", "health", "--format", "json", "--now",
+                                "2026-11-24T15:00:00Z", capsys=capsys)[1])
+    messages = [p["message"] for c in health["checks"] for p in c.get("problems", [])]
+    assert any(re.match(r"last copy to .*offsite is 73 h old", m) for m in messages), messages
+
+
+def test_diff_lists_exactly_the_records_changed(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", gz="mixed", patterns=12)
+    first = backup_manager(root).create()
+    patterns = root / "code-reviewer" / "patterns.json"     # plain (mixed: odd agents)
+    records = read_data(patterns)
+    removed = [records[1]["id"], records[4]["id"]]
+    records[2]["metrics"]["successRate"] = 0.01
+    records[3]["tags"] = ["edited"]
+    added = make_pattern("code-reviewer", random.Random(9))
+    kept = [r for r in records if r["id"] not in removed] + [added]
+    write_data(patterns, kept)
+    gz_file = root / "backend-developer" / "solutions.json"  # gzip: same records, new bytes
+    write_data(gz_file, read_data(gz_file), gz=True, newline=True)
+    metrics = root / "test-automator" / "metrics.json"
+    write_data(metrics, dict(read_data(metrics), timestamp="2026-11-21T00:00:00.000Z"),
+               gz=True)
+    later = backup_manager(root, now=NOW + dt.timedelta(days=1)).create()
+    result = aml.diff_snapshots(backup_manager(root), first.backup_id, later.backup_id)
+    by_path = {f.path: f for f in result.files}
+    change = by_path["code-reviewer/patterns.json"]
+    assert change.status == "changed" and change.agent == "code-reviewer"
+    assert change.removed == removed and change.added == [added["id"]]
+    assert {(c.id, tuple(c.fields)) for c in change.changed} == {
+        (records[2]["id"], ("metrics.successRate",)), (records[3]["id"], ("tags",))}
+    assert by_path["backend-developer/solutions.json"].status == "rewritten"
+    assert by_path["test-automator/metrics.json"].fields == ["timestamp"]
+    assert set(by_path) == {"code-reviewer/patterns.json", "backend-developer/solutions.json",
+                            "test-automator/metrics.json"}
+    assert (result.records_added, result.records_removed, result.records_changed) == (1, 2, 2)
+    code, out, _ = run_cli(root, "backup", "diff", first.backup_id, later.backup_id,
+                           capsys=capsys)
+    assert code == 0 and "~ %s: metrics.successRate" % records[2]["id"] in out
+    doc = json.loads(run_cli(root, "backup", "diff", first.backup_id, later.backup_id,
+                             "--format", "json", capsys=capsys)[1])
+    assert doc["records_changed"] == 2 and len(doc["files"]) == 3
+
+
+def test_ls_and_dump_show_files_and_records_as_stored(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", patterns=8)
+    snap = backup_manager(root).create()
+    listing = aml.list_snapshot(backup_manager(root), snap.backup_id)
+    assert {f.path for f in listing.files} == set(tree_digest(root, skip_state=True))
+    row = next(f for f in listing.files if f.path == "code-reviewer/patterns.json")
+    assert (row.records, row.kind, row.size) == (8, "records",
+                                                 (root / row.path).stat().st_size)
+    code, out, _ = run_cli(root, "backup", "ls", snap.backup_id, "--format", "json",
+                           capsys=capsys)
+    assert code == 0 and json.loads(out)["records"] == listing.records
+    raw = (root / "code-reviewer" / "patterns.json").read_bytes()
+    assert aml.dump_file(backup_manager(root), snap.backup_id,
+                         "code-reviewer/patterns.json").data == raw
+    doc = json.loads(run_cli(root, "backup", "dump", snap.backup_id,
+                             "code-reviewer/patterns.json", "--format", "json",
+                             capsys=capsys)[1])
+    assert base64.b64decode(doc["base64"]) == raw and doc["exact"]
+    record = read_data(root / "code-reviewer" / "patterns.json")[5]
+    found = aml.dump_record(backup_manager(root), snap.backup_id, record["id"])
+    assert len(found) == 1 and found[0].position == 5 and found[0].data in raw
+    assert json.loads(found[0].data) == record
+    code, out, _ = run_cli(root, "backup", "dump", snap.backup_id, "--record", record["id"],
+                           capsys=capsys)
+    assert code == 0 and json.loads(out) == record
+    code, _, err = run_cli(root, "backup", "dump", snap.backup_id, "--record", "no-such-id",
+                           capsys=capsys)
+    assert code == 1 and "no record" in err
+    twin = root / "test-automator" / "patterns.json"
+    write_data(twin, read_data(twin) + [record])
+    again = backup_manager(root, now=NOW + dt.timedelta(hours=1)).create()
+    code, _, err = run_cli(root, "backup", "dump", again.backup_id, "--record", record["id"],
+                           capsys=capsys)
+    assert code == 2 and "in 2 files" in err
+    assert run_cli(root, "backup", "dump", again.backup_id, "test-automator/patterns.json",
+                   "--record", record["id"], capsys=capsys)[0] == 0
+    code, _, err = run_cli(root, "backup", "dump", snap.backup_id, "nope.json", capsys=capsys)
+    assert code == 2 and "has no file" in err
+
+
+def test_stats_measures_size_deduplication_and_what_each_snapshot_added(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", patterns=20)
+    first = backup_manager(root).create()
+    same = backup_manager(root, now=NOW + dt.timedelta(hours=1)).create()
+    mutate_store(root)
+    later = backup_manager(root, now=NOW + dt.timedelta(hours=2)).create()
+    stats = aml.repository_stats(backup_manager(root))
+    rows = {r.backup_id: r for r in stats.snapshots}
+    assert rows[first.backup_id].new_objects == first.objects_added
+    assert rows[same.backup_id].new_objects == 0 == rows[same.backup_id].added_bytes
+    assert rows[later.backup_id].new_objects == later.objects_added
+    plain = sum((root / p).stat().st_size for p in tree_digest(root, skip_state=True))
+    assert rows[later.backup_id].logical_bytes == plain      # a plain store restores as is
+    assert stats.repository_bytes == repo_bytes(backup_manager(root))
+    assert stats.unique_objects == sum(r.new_objects for r in stats.snapshots)
+    assert stats.dedup_ratio > 2.5 and stats.compression_ratio > 1
+    assert stats.unreferenced_objects == 0
+    doc = json.loads(run_cli(root, "backup", "stats", "--format", "json", capsys=capsys)[1])
+    assert doc["unique_bytes"] == stats.unique_bytes and len(doc["snapshots"]) == 3
+
+
+def test_keep_rules_replace_the_age_rule_and_the_dry_run_says_why(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", patterns=3)
+    for hours in range(0, 24 * 400, 24 * 10):
+        backup_manager(root, now=NOW + dt.timedelta(hours=hours), verify_after_backup=False
+                       ).create()
+    later = NOW + dt.timedelta(days=400)
+    manager = backup_manager(root, now=later, retention_days=60)
+    ids = manager.snapshot_ids()
+    assert manager.retained(ids) == [i for i in ids if aml._id_time(i) >= later -
+                                     dt.timedelta(days=60)]
+    assert manager.retained(ids, keep_last=2) == ids[-2:]   # the age rule does not add 6
+    assert manager.retained(ids, keep_within=35, keep_last=1) == ids[-3:]   # 10, 20, 30 days old
+    yearly = manager.retained(ids, keep_yearly=5)
+    assert [aml._id_time(i).year for i in yearly] == [2026, 2027] and yearly[-1] == ids[-1]
+    reasons = manager.retention_reasons(ids, {"last": 1, "hourly": 2, "monthly": 2})
+    assert reasons[ids[-1]] == ["last 1", "hourly %s" % aml._id_time(ids[-1]).strftime(
+        "%Y-%m-%d %H:00"), "monthly %s" % aml._id_time(ids[-1]).strftime("%Y-%m"),
+        "newest snapshot"]
+    assert len(reasons) == 3
+    before = tree_digest(tmp_path)
+    code, out, _ = run_cli(root, "backup", "rotate", "--dry-run", "--keep-last", "3",
+                           "--now", "2027-12-25T12:00:00Z", capsys=capsys)
+    assert code == 0 and out.count("would keep") == 3 and out.count("would delete ") == 38
+    assert "would keep %s: last 3, newest snapshot" % ids[-1] in out
+    assert tree_digest(tmp_path) == before
+    with pytest.raises(aml.UsageError):
+        manager.retained(ids, keep_last=-1)
+    result = manager.rotate(keep_weekly=2, keep_last=1)
+    assert result.kept == ids[-2:] and len(result.deleted) == len(ids) - 2
+
+
+def test_create_and_auto_dry_runs_predict_and_change_nothing(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", gz="mixed", patterns=10)
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text('{"backup": {"copy_to": "offsite"}}')
+    before = tree_digest(tmp_path)
+    plan = aml.plan_backup(backup_manager(root), aml.BackupType.FULL)
+    code, out, _ = run_cli(root, "backup", "auto", "--dry-run", "--now", NOW_TEXT,
+                           capsys=capsys)
+    assert code == 0 and "would take a full backup" in out
+    assert tree_digest(tmp_path) == before and not (tmp_path / "memory-backup").exists()
+    done = backup_manager(root).create(aml.BackupType.FULL)
+    assert (plan.files, plan.records, plan.objects_added) == (done.files, done.records,
+                                                             done.objects_added)
+    mutate_store(root)
+    plan = aml.plan_backup(backup_manager(root))
+    assert plan.type is aml.BackupType.INCREMENTAL and plan.baseline == done.backup_id
+    assert (plan.files_new, plan.files_changed) == (1, 2) and plan.files_read == 3
+    before = tree_digest(tmp_path)
+    code, out, _ = run_cli(root, "backup", "create", "--incremental", "--dry-run",
+                           "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)["objects_added"] == plan.objects_added
+    code, out, _ = run_cli(root, "backup", "auto", "--dry-run", "--now", "2026-11-21T12:00:00Z",
+                           capsys=capsys)
+    assert code == 0 and "would copy %s" % done.backup_id in out
+    assert tree_digest(tmp_path) == before
+    real = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    assert real.objects_added == plan.objects_added and real.files_reread == plan.files_read
 
 
 # =============================================================================
