@@ -8688,7 +8688,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:22px 0 8px}
 table{border-collapse:collapse;background:#fff;font-size:13px;width:100%}
 table.compact{width:auto;min-width:min(100%,360px)}
 td,th{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top;
-overflow-wrap:anywhere}th{background:#f0f0f0}.num{text-align:right;white-space:nowrap}
+overflow-wrap:anywhere}th{background:#f0f0f0;overflow-wrap:normal}
+.num,.nw,.status{white-space:nowrap}.num{text-align:right}p{overflow-wrap:anywhere}
 .muted{color:#666;font-size:12px}.status{padding:1px 8px;border-radius:4px}
 .s-healthy{background:#d9f2d9}.s-warning{background:#fff2c6}.s-critical{background:#f9d0d0}
 .s-unknown{background:#e4e4e4}
@@ -8719,14 +8720,16 @@ def _bytes_or_unknown(value: Any) -> str:
 
 
 def _html_table(headers: Sequence[str], rows: Iterable[Sequence[str]],
-                row_classes: Optional[Sequence[str]] = None, numeric: Sequence[int] = ()
-                ) -> str:
-    """A table from already-escaped cells; columns in ``numeric`` align right."""
+                row_classes: Optional[Sequence[str]] = None, numeric: Sequence[int] = (),
+                nowrap: Sequence[int] = ()) -> str:
+    """A table from already-escaped cells; ``numeric`` columns align right, ``nowrap`` ones
+    (short words) never break."""
     head = "".join("<th>%s</th>" % _esc(h) for h in headers)
     body = []
     for number, row in enumerate(rows):
         css = ' class="%s"' % row_classes[number] if row_classes else ""
-        cells = "".join('<td class="num">%s</td>' % c if i in numeric else "<td>%s</td>" % c
+        cells = "".join('<td class="num">%s</td>' % c if i in numeric else
+                        '<td class="nw">%s</td>' % c if i in nowrap else "<td>%s</td>" % c
                         for i, c in enumerate(row))
         body.append("<tr%s>%s</tr>" % (css, cells))
     if not body:
@@ -8789,13 +8792,13 @@ def _top_series(agents: Dict[str, List[_Point]], ranking: List[str], top: int = 
              for n, a in enumerate(ranked[:top])]
     rest = ranked[top:]
     if rest:
-        by_time: Dict[_dt.datetime, List[float]] = {}
+        by_time: Dict[_dt.datetime, List[Optional[float]]] = {}
         for agent in rest:
             for moment, value in agents[agent]:
-                by_time.setdefault(moment, [])
-                if value is not None:
-                    by_time[moment].append(value)
-        points = [(m, max(v) if v else None) for m, v in sorted(by_time.items())]
+                by_time.setdefault(moment, []).append(value)
+        # One unknown value among them makes their largest unknown too: a gap, not a guess.
+        points = [(m, None if None in v else max(v)) for m, v in  # type: ignore[type-var]
+                  sorted(by_time.items())]
         shown.append(("%d others (largest of them)" % len(rest), _OTHERS_COLOR, points))
     return shown
 
@@ -8823,6 +8826,8 @@ def _nice_ticks(vmax: float, count: int = 5) -> List[float]:
 
 
 def _tick_text(value: float, divisor: float, unit: str) -> str:
+    if value == 0 and unit in ("k", "M"):
+        return "0"
     text = ("%.2f" % (value / divisor)).rstrip("0").rstrip(".")
     return "%s %s" % (text, unit) if unit else text
 
@@ -8911,16 +8916,18 @@ def _value_text(kind: str, value: float) -> str:
 
 def _svg_limits(frame: _Frame, limits: List[Tuple[str, float]], kind: str) -> List[str]:
     parts, above = [], []
-    for name, value in limits:
+    for number, (name, value) in enumerate(limits):
         color = _LIMIT_COLORS.get(name.split()[-1], "#c00000")
         if value > frame.vtop:
             above.append("%s %s" % (name, _value_text(kind, value)))
             continue
         y = frame.y(value)
+        # Labels alternate left and right so two close limits stay readable.
+        x, anchor = (frame.x0 + 4, "start") if number % 2 == 0 else (frame.x1 - 2, "end")
         parts.append('<line class="limit" x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s" '
                      'stroke-width="1.5" stroke-dasharray="6 4"/><text x="%d" y="%.1f" '
-                     'font-size="10" text-anchor="end" fill="%s">%s</text>'
-                     % (frame.x0, y, frame.x1, y, color, frame.x1 - 2, y - 3, color,
+                     'font-size="10" text-anchor="%s" fill="%s">%s</text>'
+                     % (frame.x0, y, frame.x1, y, color, x, y - 3, anchor, color,
                         _esc("%s %s" % (name, _value_text(kind, value)))))
     if above:
         parts.append('<text class="limit" x="%d" y="%d" font-size="10" text-anchor="end" '
@@ -9082,7 +9089,7 @@ def _health_section(doc: Dict[str, Any]) -> str:
     checks = [c for c in _doc_list(doc, "health", "checks") if isinstance(c, dict)]
     return _html_table(["check", "status", "finding"],
                        [[_esc(c.get("name")), _status_cell(c.get("status")),
-                         _esc(c.get("message"))] for c in checks])
+                         _esc(c.get("message"))] for c in checks], nowrap=(0, 1))
 
 
 def _alerts_section(doc: Dict[str, Any]) -> str:
@@ -9093,7 +9100,7 @@ def _alerts_section(doc: Dict[str, Any]) -> str:
                                                                  a.get("subject"))),
                          _esc(a.get("first_seen")), _esc(a.get("last_seen")),
                          _esc(a.get("count")), _esc(a.get("message")), _esc(a.get("id"))]
-                        for a in alerts], numeric=(4,))
+                        for a in alerts], numeric=(4,), nowrap=(0,))
 
 
 def _limit(doc: Dict[str, Any], key: str) -> Optional[float]:
@@ -9213,7 +9220,7 @@ def _jobs_section(doc: Dict[str, Any]) -> str:
                      _unit_or_unknown(_number(job.get("seconds")), "%.2f s"),
                      _esc(job.get("runs")), _esc(_summary_text(job.get("summary")))])
     return _html_table(["job", "last run", "age", "took", "runs kept", "outcome"], rows,
-                       numeric=(2, 3, 4))
+                       numeric=(2, 3, 4), nowrap=(0,))
 
 
 def _records_section(doc: Dict[str, Any]) -> str:

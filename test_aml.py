@@ -3940,11 +3940,13 @@ def grown_store(root, agents, days=6, unreadable_day=None, gz=False):
     names = ["agent-%02d" % n for n in range(agents)]
     root = build_store(root, agents=names, patterns=10, solutions=3, decisions=2, gz=gz)
     rng = random.Random(7)
+    rates = [random.Random(n).lognormvariate(0, 0.8) for n in range(agents)]
     for day in range(days):
         when = (NOW - dt.timedelta(days=days - 1 - day)).strftime("%Y-%m-%dT%H:%M:%SZ")
         for n, agent in enumerate(names):
             path = root / agent / "patterns.json"
-            records = read_data(path) + [make_pattern(agent, rng) for _ in range(n % 4 + day)]
+            grow = int(rates[n] * (day + 1))   # agents grow at different rates
+            records = read_data(path) + [make_pattern(agent, rng) for _ in range(grow)]
             write_data(path, records, gz)
         broken = root / names[-1] / "solutions.json"
         saved = broken.read_bytes()
