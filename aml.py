@@ -34,6 +34,7 @@ Typical commands::
     aml.py .loom/memory migrate detect
     aml.py .loom/memory migrate migrate-latest --dry-run
     aml.py .loom/memory monitor report --format html --output report.html
+    aml.py .loom/memory monitor serve                  # live dashboard, /metrics: 127.0.0.1:9731
 
 Cron (see crontab.example; quiet on success, one error line and non-zero on failure)::
 

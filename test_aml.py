@@ -4232,8 +4232,10 @@ def test_serve_subprocess_stops_cleanly_on_signals(tmp_path, sig):
         code, err = _stop(proc, sig)
     assert code == 0 and err == ""
     assert tree_digest(root) == before
-    with socket.socket() as probe:          # the port is released
+    with socket.socket() as probe:          # the port is released (TIME_WAIT aside)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        probe.listen(1)
 
 
 def test_serve_options_and_config(tmp_path, capsys):
