@@ -8408,20 +8408,14 @@ class _ReadOnlyMonitor(MemoryMonitor):
         return []
 
     def snapshot(self) -> MonitorReport:
-        """Metrics (not saved), health (alerts not evaluated), open alerts, the size history
-        with this measurement as its last point; raises AmlError or OSError."""
-        metrics = self.metrics(save=False)
-        health = self.health(evaluate_alerts=False, record=False)
-        try:
-            open_alerts = self.alerts()
-        except IntegrityError as exc:
-            open_alerts = []
-            health.warnings.append(str(exc))
-        samples = self._samples()
-        if not samples or parse_timestamp(samples[-1]["at"]) < metrics.taken_at:
-            samples.append(_new_sample(metrics))
-        return MonitorReport(self.store.now, metrics, health, open_alerts, samples,
-                             metrics.warnings + health.warnings)
+        """What ``report()`` gives, written nowhere (its sample and every state update go
+        through _under_state_lock), with this measurement as the size history's last point;
+        raises AmlError or OSError."""
+        report = self.report()
+        samples = report.history
+        if not samples or parse_timestamp(samples[-1]["at"]) < report.metrics.taken_at:
+            samples.append(_new_sample(report.metrics))
+        return report
 
 
 def _last_runs(history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
