@@ -10405,7 +10405,7 @@ def cmd_monitor_serve(args: argparse.Namespace) -> int:
         out.warn("listening on %s: anyone who can reach this port can read the store's "
                  "health and metrics" % args.bind)
     host, port = server.server_address[:2]
-    out.always("aml: serving %s on http://%s:%d/ (measured at most every %g s)"
+    out.line("aml: serving %s on http://%s:%d/ (measured at most every %g s)"
                % (monitor.store.root, "[%s]" % host if ":" in host else host, port, interval))
     out.stdout.flush()
     try:

@@ -4196,6 +4196,26 @@ def test_serve_answers_match_what_the_cli_prints(tmp_path, capsys):
         assert check.returncode in (0, 3) and "error" not in check.stderr, check.stderr
 
 
+def test_serve_answers_503_while_the_store_cannot_be_measured(tmp_path):
+    def measure():
+        raise aml.IntegrityError("alerts.json does not verify")
+
+    server = aml.dashboard_server(aml.DashboardCache(measure, 60), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        url = "http://127.0.0.1:%d" % server.server_address[1]
+        code, _headers, body = _fetch(url + "/api/health")
+        assert code == 503 and body == b"aml: measurement failed: alerts.json does not verify\n"
+        assert _fetch(url + "/metrics")[0] == 503
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert aml._is_loopback("127.0.0.2") and aml._is_loopback("::1")
+    assert aml._is_loopback("localhost") and not aml._is_loopback("0.0.0.0")
+
+
 def _start_serve(root, *extra, env=None):
     """``aml.py monitor serve --port 0`` as a subprocess; returns (process, base URL)."""
     proc = subprocess.Popen([sys.executable, str(HERE / "aml.py"), str(root), "monitor",
