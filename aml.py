@@ -9136,8 +9136,9 @@ def _charts_section(doc: Dict[str, Any]) -> str:
                                                      count_total)], (), runs),
         svg_chart(_per_agent_title("Records per agent", counts), "count",
                   _top_series(counts, ranking), (), runs)]
-    return '<div class="charts">%s</div><p class="muted">%d samples (one per monitor metrics ' \
-           'or report run, and this measurement)</p>' % ("".join(charts), len(samples))
+    return '<div class="charts">%s</div><p class="muted">%d sample%s (one per monitor metrics ' \
+           'or report run, and this measurement)</p>' % ("".join(charts), len(samples),
+                                                         "" if len(samples) == 1 else "s")
 
 
 def _per_agent_title(title: str, agents: Dict[str, List[_Point]]) -> str:
