@@ -36,6 +36,7 @@ Typical commands::
     aml.py .loom/memory migrate detect
     aml.py .loom/memory migrate migrate-latest --dry-run
     aml.py .loom/memory monitor report --format html --output report.html
+    aml.py .loom/memory monitor serve                  # live dashboard, /metrics: 127.0.0.1:9731
 
 Cron (see crontab.example; quiet on success, one error line and non-zero on failure)::
 
@@ -8166,6 +8167,10 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 # =============================================================================
 
 # Imported here rather than in section 2 so that the parallel branches merge cleanly.
+import http.server  # noqa: E402  (monitor serve)
+import ipaddress  # noqa: E402
+import socket  # noqa: E402
+import urllib.parse  # noqa: E402
 
 
 class HealthStatus(enum.Enum):
@@ -8212,7 +8217,7 @@ DEFAULT_THRESHOLDS: Dict[str, float] = {
     "backup_max_age_hours": 36, "backup_critical_age_hours": 168,
     "maintenance_max_age_days": 8, "cache_min_lookups": 20,
 }
-MONITOR_SETTINGS = ("webhook_url", "webhook_timeout")
+MONITOR_SETTINGS = ("webhook_url", "webhook_timeout", "serve_interval")
 METRICS_HISTORY_MAX = 1000
 GROWTH_WINDOW_DAYS = 30.0
 MAINTENANCE_OPERATIONS = ("prune", "gc", "compress", "index", "warm-cache", "rotate", "migrate")
@@ -8718,8 +8723,15 @@ def _forecast(limit: str, subject: str, limit_mb: float, current: int,
 def _new_sample(report: MetricsReport) -> Dict[str, Any]:
     return {"at": format_timestamp(report.taken_at), "total_bytes": report.total_bytes,
             "records": sum(a.record_total for a in report.agents),
-            "agents": {a.agent: {"bytes": a.bytes, "records": a.record_total}
-                       for a in report.agents}}
+            "agents": {a.agent: _sample_agent(a) for a in report.agents}}
+
+
+def _sample_agent(agent: AgentMetrics) -> Dict[str, Any]:
+    # "unreadable" marks a record count that misses files, so charts draw a gap, not a drop.
+    entry: Dict[str, Any] = {"bytes": agent.bytes, "records": agent.record_total}
+    if agent.unreadable:
+        entry["unreadable"] = len(agent.unreadable)
+    return entry
 
 
 # -- integrity ------------------------------------------------------------------
@@ -9499,163 +9511,210 @@ def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> N
               for level in AlertLevel])
 
 
-_CHART_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
-                 "#e377c2")
-_HTML_STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
-color:#222;background:#fafafa}h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:24px 0 8px}
-table{border-collapse:collapse;background:#fff;font-size:13px}
-td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f0f0f0}.num{text-align:right}.muted{color:#777;font-size:12px}
-.s-healthy{background:#d9f2d9}.s-warning{background:#fff2c6}.s-critical{background:#f9d0d0}
-.s-unknown{background:#e4e4e4}.charts{display:flex;flex-wrap:wrap;gap:16px}
-svg{background:#fff;border:1px solid #ddd}td:not(:last-child){white-space:nowrap}
-"""
+# -- the live dashboard: monitor serve ------------------------------------------------
+
+DEFAULT_SERVE_PORT = 9731
+DEFAULT_SERVE_INTERVAL = 60.0
+DASHBOARD_BACKUPS = 5
+_HTML_TYPE = "text/html; charset=utf-8"
+_JSON_TYPE = "application/json"
+_PROM_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DASHBOARD_PATHS = ("/", "/metrics", "/api/health", "/api/metrics", "/api/alerts",
+                   "/api/dashboard")
 
 
-def _unit_or_unknown(value: Optional[float], fmt: str) -> str:
-    return "unknown" if value is None else fmt % value
+class _ReadOnlyMonitor(MemoryMonitor):
+    """A MemoryMonitor that never writes: the state updates of health() (integrity cache,
+    alerts, run history) are skipped, so it takes no maintenance lock and creates nothing."""
+
+    def _under_state_lock(self, action: Callable[[], None]) -> List[str]:
+        return []
+
+    def snapshot(self) -> MonitorReport:
+        """What ``report()`` gives, written nowhere (its sample and every state update go
+        through _under_state_lock), with this measurement as the size history's last point;
+        raises AmlError or OSError."""
+        report = self.report()
+        samples = report.history
+        if not samples or parse_timestamp(samples[-1]["at"]) < report.metrics.taken_at:
+            samples.append(_new_sample(report.metrics))
+        return report
 
 
-def _esc(value: Any) -> str:
-    return _html.escape("unknown" if value is None else str(value), quote=True)
+def _last_runs(history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The newest history entry of every operation, with how many runs the history holds."""
+    last: Dict[str, Dict[str, Any]] = {}
+    runs: Dict[str, int] = collections.Counter()
+    for entry in history:
+        operation = entry.get("operation")
+        if isinstance(operation, str):
+            last[operation], runs[operation] = entry, runs[operation] + 1
+    return [dict(last[op], runs=runs[op]) for op in sorted(last)]
 
 
-def _chart_series(samples: List[Dict[str, Any]], key: str
-                  ) -> Dict[str, List[Tuple[_dt.datetime, float]]]:
-    """{agent: [(time, value), ...]} of one per-agent sample field."""
-    series: Dict[str, List[Tuple[_dt.datetime, float]]] = {}
-    for sample in samples:
-        moment = parse_timestamp(sample.get("at"))
-        for agent, values in sorted((sample.get("agents") or {}).items()):
-            value = _number(values.get(key)) if isinstance(values, dict) else None
-            if moment is not None and value is not None:
-                series.setdefault(agent, []).append((moment, value))
-    return series
+def backup_summary(store: Store, config_file: Optional[Path] = None,
+                   latest: int = DASHBOARD_BACKUPS) -> Dict[str, Any]:
+    """The newest snapshots of the store (read-only); ``error`` says why there are none."""
+    try:
+        listing = BackupManager(store, backup_config_for(store, config_file)).list()
+    except (AmlError, OSError) as exc:
+        return {"error": str(exc), "count": 0, "latest": []}
+    return {"root": str(listing.backup_root), "count": len(listing.snapshots),
+            "repository_bytes": listing.repository_bytes, "problems": listing.problems,
+            "latest": to_jsonable(listing.snapshots[::-1][:latest])}
 
 
-_CHART = {"width": 560, "height": 260, "left": 70, "right": 150, "top": 30, "bottom": 40}
+def dashboard_document(report: MonitorReport, thresholds: Dict[str, float],
+                       history: List[Dict[str, Any]], backups: Dict[str, Any]
+                       ) -> Dict[str, Any]:
+    """The one JSON document the dashboard page is drawn from (served at /api/dashboard)."""
+    maintenance = [{"operation": e.get("operation"), "started": e.get("started")}
+                   for e in history if e.get("operation") in MAINTENANCE_OPERATIONS]
+    return {"store": report.metrics.store, "generated": format_timestamp(report.generated),
+            "version": __version__, "metrics": to_jsonable(report.metrics),
+            "health": to_jsonable(report.health), "alerts": to_jsonable(report.alerts),
+            "samples": report.history, "thresholds": dict(thresholds),
+            "jobs": _last_runs(history), "maintenance": maintenance, "backups": backups,
+            "warnings": list(report.warnings)}
 
 
-def _svg_axes(title: str, t0: _dt.datetime, t1: _dt.datetime, top_label: str) -> List[str]:
-    """Title, the two axes and their end labels of a chart."""
-    c = _CHART
-    x0, x1 = c["left"], c["width"] - c["right"]
-    y0, y1 = c["top"], c["height"] - c["bottom"]
-    return ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" role="img" '
-            'aria-label="%s">' % (c["width"], c["height"], _esc(title)),
-            '<text x="%d" y="18" font-size="14" font-weight="bold">%s</text>' % (x0, _esc(title)),
-            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (x0, y1, x1, y1),
-            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (x0, y0, x0, y1),
-            '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>'
-            % (x0 - 4, y0 + 4, _esc(top_label)),
-            '<text x="%d" y="%d" font-size="11" text-anchor="end">0</text>' % (x0 - 4, y1),
-            '<text x="%d" y="%d" font-size="11">%s</text>'
-            % (x0, c["height"] - 12, _esc(t0.strftime("%Y-%m-%d %H:%M"))),
-            '<text x="%d" y="%d" font-size="11" text-anchor="end">%s</text>'
-            % (x1, c["height"] - 12, _esc(t1.strftime("%Y-%m-%d %H:%M")))]
+def _history_for_display(store: Store, warnings: List[str]) -> List[Dict[str, Any]]:
+    try:
+        return _history(store)
+    except IntegrityError as exc:
+        warnings.append(str(exc))
+        return []
 
 
-def _svg_chart(title: str, series: Dict[str, List[Tuple[_dt.datetime, float]]],
-               fmt: Callable[[float], str]) -> str:
-    """A self-contained SVG line chart, one line and legend entry per agent."""
-    points = [p for values in series.values() for p in values]
-    if not points:
-        return ('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="60" role="img">'
-                '<text x="10" y="35">%s: no samples yet</text></svg>' % (_CHART["width"],
-                                                                          _esc(title)))
-    t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
-    vmax = max(p[1] for p in points) or 1.0
-    c = _CHART
-    plot_w, plot_h = c["width"] - c["left"] - c["right"], c["height"] - c["top"] - c["bottom"]
-
-    def xy(moment: _dt.datetime, value: float) -> Tuple[float, float]:
-        share = (moment - t0).total_seconds() / (t1 - t0).total_seconds() if t1 > t0 else 0.5
-        return c["left"] + share * plot_w, c["top"] + plot_h - value / vmax * plot_h
-
-    parts = _svg_axes(title, t0, t1, fmt(vmax))
-    for number, (agent, values) in enumerate(sorted(series.items())):
-        color = _CHART_COLORS[number % len(_CHART_COLORS)]
-        coords = [xy(m, v) for m, v in values]
-        parts.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>'
-                     % (color, " ".join("%.1f,%.1f" % p for p in coords)))
-        parts.extend('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (x, y, color)
-                     for x, y in coords)
-        legend_x, legend_y = c["left"] + plot_w + 12, c["top"] + 12 + number * 16
-        parts.append('<rect x="%d" y="%d" width="10" height="10" fill="%s"/><text x="%d" y="%d" '
-                     'font-size="12">%s</text>' % (legend_x, legend_y - 9, color, legend_x + 14,
-                                                   legend_y, _esc(agent)))
-    parts.append("</svg>")
-    return "".join(parts)
+def _json_view(payload: Any) -> Tuple[str, bytes]:
+    text = json.dumps(to_jsonable(payload), indent=2, sort_keys=True) + "\n"
+    return _JSON_TYPE, text.encode("utf-8")
 
 
-def _html_table(headers: Sequence[str], rows: Iterable[Sequence[str]],
-                row_classes: Optional[Sequence[str]] = None) -> str:
-    """A table from already-escaped cells."""
-    head = "".join("<th>%s</th>" % _esc(h) for h in headers)
-    body = []
-    for number, row in enumerate(rows):
-        css = ' class="%s"' % row_classes[number] if row_classes else ""
-        body.append("<tr%s>%s</tr>" % (css, "".join("<td>%s</td>" % cell for cell in row)))
-    if not body:
-        body.append('<tr><td colspan="%d" class="muted">none</td></tr>' % len(headers))
-    return "<table><tr>%s</tr>%s</table>" % (head, "".join(body))
+def dashboard_views(monitor: MemoryMonitor, config_file: Optional[Path] = None,
+                    refresh: Optional[int] = None) -> Dict[str, Tuple[str, bytes]]:
+    """Measure once without writing; {path: (content type, body)} of every served path.
+
+    The JSON bodies are what ``monitor health|metrics|alerts --format json`` print (health
+    without alert changes: the server never evaluates alerts). Raises AmlError or OSError.
+    """
+    reader = monitor if isinstance(monitor, _ReadOnlyMonitor) else _ReadOnlyMonitor(
+        monitor.store, monitor.thresholds)
+    report = reader.snapshot()
+    history = _history_for_display(reader.store, report.warnings)
+    doc = dashboard_document(report, reader.thresholds, history,
+                             backup_summary(reader.store, config_file))
+    prom = prometheus_text(report.metrics, report.health, report.alerts)
+    return {"/": (_HTML_TYPE, render_dashboard(doc, refresh).encode("utf-8")),
+            "/metrics": (_PROM_TYPE, prom.encode("utf-8")),
+            "/api/health": _json_view(report.health), "/api/metrics": _json_view(report.metrics),
+            "/api/alerts": _json_view({"alerts": report.alerts}),
+            "/api/dashboard": _json_view(doc)}
 
 
-def _html_agents(metrics: MetricsReport) -> str:
-    rows = []
-    for agent in metrics.agents:
-        counts = ["%d / %d" % (agent.records[t.value]["active"], agent.records[t.value]["inactive"])
-                  for t in RecordType]
-        rows.append([_esc(agent.agent), _esc(human_bytes(agent.bytes))] + counts
-                    + [_esc("%d gzip, %d plain" % (agent.gzip_files, agent.plain_files)),
-                       _esc(", ".join(agent.unreadable) or "-")])
-    return _html_table(["agent", "size", "patterns (active / inactive)", "solutions",
-                        "decisions", "files", "unreadable"], rows)
+class DashboardCache:
+    """The latest views, measured again at most every ``interval`` seconds (thread-safe).
+
+    A failed measurement is kept as the answer until the next one is due, so a broken
+    store is not re-read on every request either.
+    """
+
+    def __init__(self, measure: Callable[[], Dict[str, Tuple[str, bytes]]], interval: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.measure, self.interval, self.clock = measure, interval, clock
+        self.measurements = 0
+        self._lock = threading.Lock()
+        self._taken: Optional[float] = None
+        self._views: Optional[Dict[str, Tuple[str, bytes]]] = None
+        self._error: Optional[str] = None
+
+    def views(self) -> Dict[str, Tuple[str, bytes]]:
+        """The cached views; raises AmlError when the last measurement failed."""
+        with self._lock:
+            now = self.clock()
+            if self._taken is None or now - self._taken >= self.interval:
+                self._taken, self.measurements = now, self.measurements + 1
+                try:
+                    self._views, self._error = self.measure(), None
+                except (AmlError, OSError) as exc:
+                    self._views, self._error = None, str(exc)
+            if self._views is None:
+                raise AmlError("measurement failed: %s" % self._error)
+            return self._views
 
 
-def html_report(report: MonitorReport) -> str:
-    """A self-contained HTML page: summary, charts over time, checks and open alerts."""
-    metrics, health = report.metrics, report.health
-    perf = metrics.performance
-    checks = _html_table(["check", "status", "finding"],
-                         [[_esc(c.name), _esc(c.status.value), _esc(c.message)]
-                          for c in health.checks],
-                         ["s-" + c.status.value for c in health.checks])
-    alerts = _html_table(["id", "level", "check / subject", "first seen", "last seen", "count",
-                          "message"],
-                         [[_esc(a.id), _esc(a.level.value), _esc("%s / %s" % (a.check, a.subject)),
-                           _esc(a.first_seen), _esc(a.last_seen), _esc(a.count), _esc(a.message)]
-                          for a in report.alerts])
-    charts = (_svg_chart("Size per agent", _chart_series(report.history, "bytes"), human_bytes)
-              + _svg_chart("Records per agent", _chart_series(report.history, "records"),
-                           lambda v: "%d" % v))
-    summary = "%s in %d agents; %d records; index %s; full load %s; indexed lookup %s; " \
-        "hot-cache hit rate %s" % (
-            human_bytes(metrics.total_bytes), len(metrics.agents),
-            sum(a.record_total for a in metrics.agents),
-            "none" if not metrics.index_bytes else human_bytes(metrics.index_bytes),
-            _unit_or_unknown(perf.full_load_ms, "%.1f ms"), _unit_or_unknown(perf.lookup_ms,
-                                                                            "%.2f ms"),
-            _unit_or_unknown(None if perf.cache_hit_rate is None else perf.cache_hit_rate * 100,
-                             "%.0f%%"))
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>aml report: %s</title><style>%s</style></head><body>"
-            "<h1>aml report <span class=\"s-%s\">%s</span></h1>"
-            "<p class=\"muted\">%s &middot; generated %s &middot; aml %s</p><p>%s</p>"
-            "<h2>Size and records over time</h2><div class=\"charts\">%s</div>"
-            "<h2>Health checks</h2>%s<h2>Open alerts</h2>%s<h2>Agents</h2>%s"
-            "</body></html>\n" % (_esc(metrics.store), _HTML_STYLE, health.status.value,
-                                 _esc(health.status.nagios), _esc(metrics.store),
-                                 _esc(format_timestamp(report.generated)), __version__,
-                                 _esc(summary), charts, checks, alerts, _html_agents(metrics)))
+class _DashboardHandler(http.server.BaseHTTPRequestHandler):
+    """GET and HEAD of the dashboard paths; anything else is 404 (or 501 for other methods)."""
+
+    server_version = "aml/" + __version__
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        self._respond(True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._respond(False)
+
+    def _respond(self, with_body: bool) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        path = "/" if path == "/index.html" else path
+        if path not in DASHBOARD_PATHS:
+            self._send(404, "text/plain; charset=utf-8", b"not found\n", with_body)
+            return
+        try:
+            content_type, body = self.server.cache.views()[path]  # type: ignore[attr-defined]
+        except AmlError as exc:
+            self._send(503, "text/plain; charset=utf-8", ("aml: %s\n" % exc).encode("utf-8"),
+                       with_body)
+            return
+        self._send(200, content_type, body, with_body)
+
+    def _send(self, code: int, content_type: str, body: bytes, with_body: bool) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'none'; "
+                         "style-src 'unsafe-inline'; img-src data:")
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # no access log: under cron or systemd it would be noise
+
+
+class _DashboardServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True   # a stuck client never delays the shutdown
+    allow_reuse_address = True
+
+
+class _DashboardServer6(_DashboardServer):
+    address_family = socket.AF_INET6
+
+
+def dashboard_server(cache: DashboardCache, bind: str = "127.0.0.1", port: int = 0
+                     ) -> http.server.ThreadingHTTPServer:
+    """A bound (not yet serving) HTTP server for ``cache``; port 0 picks a free one.
+
+    Raises AmlError when the address cannot be bound.
+    """
+    cls = _DashboardServer6 if ":" in bind else _DashboardServer
+    try:
+        server = cls((bind, port), _DashboardHandler)
+    except OSError as exc:
+        raise AmlError("cannot listen on %s port %d: %s" % (bind, port, exc.strerror or exc))
+    server.cache = cache  # type: ignore[attr-defined]
+    return server
 
 
 __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresholds",
             "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
             "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
             "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
-            "nagios_line", "health_summary", "prometheus_text", "html_report", "worst_status"]
+            "nagios_line", "health_summary", "prometheus_text", "html_report", "worst_status",
+            "DashboardCache", "dashboard_views", "dashboard_server", "dashboard_document",
+            "backup_summary", "render_dashboard", "svg_chart"]
 
 
 # =============================================================================
@@ -9724,6 +9783,639 @@ class Output:
         if not self.quiet and getattr(self.stderr, "isatty", lambda: False)():
             self.stderr.write("\r\033[K")
             self.stderr.flush()
+
+
+# -- the dashboard page: monitor serve and monitor report --format html ---------------
+# Drawn from the JSON document of dashboard_document(), read with .get() everywhere so
+# fields other commands add later do not break it. No script, no external asset.
+
+CHART_TOP_N = 8
+# Tableau 10 without its grey (kept for "others"): nine hues told apart, also in print.
+_SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                  "#e377c2", "#bcbd22", "#17becf")
+_OTHERS_COLOR, _TOTAL_COLOR = "#7f7f7f", "#111111"
+_LIMIT_COLORS = {"warning": "#d08700", "critical": "#c00000"}
+_PLOT = {"width": 640, "height": 280, "left": 66, "right": 14, "top": 26, "bottom": 46}
+_TIME_STEPS = (3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400, 14 * 86400,
+               30 * 86400, 91 * 86400, 365 * 86400)
+_HTML_STYLE = """
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:16px;
+color:#222;background:#fafafa;max-width:1600px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:22px 0 8px}
+table{border-collapse:collapse;background:#fff;font-size:13px;width:100%}
+table.compact{width:auto;min-width:min(100%,360px)}
+td,th{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top;
+overflow-wrap:anywhere}th{background:#f0f0f0;overflow-wrap:normal}
+.num,.nw,.status{white-space:nowrap}.num{text-align:right}p{overflow-wrap:anywhere}
+.muted{color:#666;font-size:12px}.status{padding:1px 8px;border-radius:4px}
+.s-healthy{background:#d9f2d9}.s-warning{background:#fff2c6}.s-critical{background:#f9d0d0}
+.s-unknown{background:#e4e4e4}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,520px),1fr));gap:16px}
+figure{margin:0;background:#fff;border:1px solid #ddd;padding:8px;min-width:0}
+figure svg{display:block;width:100%;height:auto}
+figcaption{font-weight:bold;font-size:14px;margin-bottom:4px}
+.legend{display:flex;flex-wrap:wrap;gap:2px 14px;list-style:none;margin:6px 0 0;padding:0;
+font-size:12px}.legend li{display:flex;align-items:center;gap:4px;min-width:0;
+overflow-wrap:anywhere}.sw{display:inline-block;width:14px;height:4px;flex:none}
+.bar{background:#e8e8e8;height:10px;min-width:60px;position:relative}
+.bar span{display:block;height:10px;background:#4e79a7}
+.bar.s-warning span{background:#d08700}.bar.s-critical span{background:#c00000}
+"""
+
+
+def _esc(value: Any) -> str:
+    return _html.escape("unknown" if value is None else str(value), quote=True)
+
+
+def _unit_or_unknown(value: Optional[float], fmt: str) -> str:
+    return "unknown" if value is None else fmt % value
+
+
+def _bytes_or_unknown(value: Any) -> str:
+    number = _number(value)
+    return "unknown" if number is None else human_bytes(number)
+
+
+def _html_table(headers: Sequence[str], rows: Iterable[Sequence[str]],
+                row_classes: Optional[Sequence[str]] = None, numeric: Sequence[int] = (),
+                nowrap: Sequence[int] = ()) -> str:
+    """A table from already-escaped cells; ``numeric`` columns align right, ``nowrap`` ones
+    (short words) never break."""
+    head = "".join("<th>%s</th>" % _esc(h) for h in headers)
+    body = []
+    for number, row in enumerate(rows):
+        css = ' class="%s"' % row_classes[number] if row_classes else ""
+        cells = "".join('<td class="num">%s</td>' % c if i in numeric else
+                        '<td class="nw">%s</td>' % c if i in nowrap else "<td>%s</td>" % c
+                        for i, c in enumerate(row))
+        body.append("<tr%s>%s</tr>" % (css, cells))
+    if not body:
+        body.append('<tr><td colspan="%d" class="muted">none</td></tr>' % len(headers))
+    return "<table><tr>%s</tr>%s</table>" % (head, "".join(body))
+
+
+# -- chart data ----------------------------------------------------------------------
+
+_Point = Tuple[_dt.datetime, Optional[float]]   # value None: not measurable (unreadable file)
+
+
+def _agent_value(values: Any, key: str) -> Optional[float]:
+    if not isinstance(values, dict):
+        return None
+    if key == "records" and values.get("unreadable"):
+        return None   # a count without its unreadable files would look like a drop
+    return _number(values.get(key))
+
+
+def _sample_series(samples: List[Dict[str, Any]], key: str
+                   ) -> Tuple[Dict[str, List[_Point]], List[_Point]]:
+    """({agent: points}, store total points) of one sample field, oldest first."""
+    agents: Dict[str, List[_Point]] = {}
+    total: List[_Point] = []
+    for sample in samples:
+        moment = parse_timestamp(sample.get("at"))
+        if moment is None:
+            continue
+        per_agent = sample.get("agents") if isinstance(sample.get("agents"), dict) else {}
+        for agent, values in sorted(per_agent.items()):
+            agents.setdefault(agent, []).append((moment, _agent_value(values, key)))
+        field = "total_bytes" if key == "bytes" else key
+        value = _number(sample.get(field))
+        if key == "records" and any(isinstance(v, dict) and v.get("unreadable")
+                                    for v in per_agent.values()):
+            value = None
+        total.append((moment, value))
+    return agents, total
+
+
+def _latest(points: List[_Point]) -> float:
+    known = [v for _, v in points if v is not None]
+    return known[-1] if known else 0.0
+
+
+def _size_ranking(agents: Dict[str, List[_Point]]) -> List[str]:
+    """Agents largest first by their latest value (ties by name)."""
+    return sorted(agents, key=lambda a: (-_latest(agents[a]), a))
+
+
+def _top_series(agents: Dict[str, List[_Point]], ranking: List[str], top: int = CHART_TOP_N
+                ) -> List[Tuple[str, str, List[_Point]]]:
+    """(label, colour, points): the first ``top`` agents of ``ranking`` (so every chart gives
+    an agent the same colour), then the largest of the rest at each time."""
+    ranked = [a for a in ranking if a in agents] + sorted(set(agents) - set(ranking))
+    if len(ranked) <= top + 1:
+        top = len(ranked)
+    shown = [(a, _SERIES_COLORS[n % len(_SERIES_COLORS)], agents[a])
+             for n, a in enumerate(ranked[:top])]
+    rest = ranked[top:]
+    if rest:
+        by_time: Dict[_dt.datetime, List[Optional[float]]] = {}
+        for agent in rest:
+            for moment, value in agents[agent]:
+                by_time.setdefault(moment, []).append(value)
+        # One unknown value among them makes their largest unknown too: a gap, not a guess.
+        points = [(m, None if None in v else max(v)) for m, v in  # type: ignore[type-var]
+                  sorted(by_time.items())]
+        shown.append(("%d others (largest of them)" % len(rest), _OTHERS_COLOR, points))
+    return shown
+
+
+# -- chart drawing -------------------------------------------------------------------
+
+def _axis_unit(kind: str, vmax: float) -> Tuple[float, str]:
+    """(divisor, unit) for tick labels: binary units for bytes, k/M for counts."""
+    steps = ((1024 ** 3, "GiB"), (_MB, "MiB"), (1024, "KiB"), (1, "B")) if kind == "bytes" \
+        else ((1e6, "M"), (1e3, "k"), (1, ""))
+    for divisor, unit in steps:
+        if vmax >= divisor:
+            return divisor, unit
+    return steps[-1]
+
+
+def _nice_ticks(vmax: float, count: int = 5) -> List[float]:
+    """0 and round steps (1, 2 or 5 times a power of ten) up to at least ``vmax``."""
+    if vmax <= 0:
+        return [0.0, 1.0]
+    raw = vmax / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    return [i * step for i in range(int(math.ceil(vmax / step - 1e-9)) + 1)]
+
+
+def _tick_text(value: float, divisor: float, unit: str) -> str:
+    if value == 0 and unit in ("k", "M"):
+        return "0"
+    text = ("%.2f" % (value / divisor)).rstrip("0").rstrip(".")
+    return "%s %s" % (text, unit) if unit else text
+
+
+def _time_ticks(t0: _dt.datetime, t1: _dt.datetime) -> List[Tuple[_dt.datetime, str]]:
+    """Calendar-aligned UTC ticks, at most six, labelled with the date (and hour if needed)."""
+    span = (t1 - t0).total_seconds()
+    step = next((s for s in _TIME_STEPS if span / s <= 6), _TIME_STEPS[-1])
+    first = math.ceil(t0.timestamp() / step) * step
+    fmt = "%Y-%m-%d" if step >= 86400 else "%m-%d %H:%M"
+    ticks, at = [], first
+    while at <= t1.timestamp() + 1e-6:
+        moment = _dt.datetime.fromtimestamp(at, _dt.timezone.utc)
+        ticks.append((moment, moment.strftime(fmt)))
+        at += step
+    return ticks
+
+
+class _Frame:
+    """Maps time and value to SVG coordinates of one plot."""
+
+    def __init__(self, t0: _dt.datetime, t1: _dt.datetime, vtop: float):
+        p = _PLOT
+        self.t0, self.t1, self.vtop = t0, t1, vtop
+        self.x0, self.x1 = p["left"], p["width"] - p["right"]
+        self.y0, self.y1 = p["top"], p["height"] - p["bottom"]
+
+    def x(self, moment: _dt.datetime) -> float:
+        span = (self.t1 - self.t0).total_seconds()
+        share = (moment - self.t0).total_seconds() / span if span > 0 else 0.5
+        return self.x0 + share * (self.x1 - self.x0)
+
+    def y(self, value: float) -> float:
+        return self.y1 - min(value / self.vtop, 1.0) * (self.y1 - self.y0)
+
+
+def _svg_grid(frame: _Frame, ticks: List[float], divisor: float, unit: str) -> List[str]:
+    parts = []
+    for value in ticks:
+        y = frame.y(value)
+        parts.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s"/>'
+                     % (frame.x0, y, frame.x1, y, "#999" if value == 0 else "#eee"))
+        parts.append('<text x="%d" y="%.1f" font-size="11" text-anchor="end">%s</text>'
+                     % (frame.x0 - 5, y + 4, _esc(_tick_text(value, divisor, unit))))
+    for moment, label in _time_ticks(frame.t0, frame.t1):
+        x = frame.x(moment)
+        parts.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#999"/>'
+                     % (x, frame.y1, x, frame.y1 + 4))
+        parts.append('<text x="%.1f" y="%d" font-size="11" text-anchor="middle">%s</text>'
+                     % (x, frame.y1 + 16, _esc(label)))
+    parts.append('<text x="%d" y="%d" font-size="10" text-anchor="end" fill="#666">time '
+                 '(UTC)</text>' % (frame.x1, _PLOT["height"] - 4))
+    return parts
+
+
+def _svg_line(frame: _Frame, label: str, color: str, points: List[_Point], width: float
+              ) -> List[str]:
+    """Polylines broken where a value is unknown, dots where a point stands alone, and a
+    red cross on the time axis at each unknown value."""
+    parts, run = [], []
+    for moment, value in points + [(frame.t1, None)]:
+        if value is not None:
+            run.append((frame.x(moment), frame.y(value)))
+            continue
+        if len(run) > 1:
+            parts.append('<polyline fill="none" stroke="%s" stroke-width="%g" points="%s">'
+                         '<title>%s</title></polyline>' % (color, width, " ".join(
+                             "%.1f,%.1f" % p for p in run), _esc(label)))
+        elif run:
+            parts.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"><title>%s</title>'
+                         '</circle>' % (run[0][0], run[0][1], color, _esc(label)))
+        run = []
+    for moment, value in points:
+        if value is None:
+            x, y = frame.x(moment), frame.y1 - 6
+            parts.append('<path class="gap" d="M%.1f %.1fl8 8m0 -8l-8 8" stroke="#c00000" '
+                         'stroke-width="2"><title>%s: not measurable at %s (unreadable '
+                         'file)</title></path>' % (x - 4, y - 4, _esc(label),
+                                                   _esc(format_timestamp(moment))))
+    return parts
+
+
+def _value_text(kind: str, value: float) -> str:
+    return human_bytes(value) if kind == "bytes" else "%g" % value
+
+
+def _svg_limits(frame: _Frame, limits: List[Tuple[str, float]], kind: str) -> List[str]:
+    parts, above = [], []
+    for number, (name, value) in enumerate(limits):
+        color = _LIMIT_COLORS.get(name.split()[-1], "#c00000")
+        if value > frame.vtop:
+            above.append("%s %s" % (name, _value_text(kind, value)))
+            continue
+        y = frame.y(value)
+        # Labels alternate left and right so two close limits stay readable.
+        x, anchor = (frame.x0 + 4, "start") if number % 2 == 0 else (frame.x1 - 2, "end")
+        parts.append('<line class="limit" x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s" '
+                     'stroke-width="1.5" stroke-dasharray="6 4"/><text x="%d" y="%.1f" '
+                     'font-size="10" text-anchor="%s" fill="%s">%s</text>'
+                     % (frame.x0, y, frame.x1, y, color, x, y - 3, anchor, color,
+                        _esc("%s %s" % (name, _value_text(kind, value)))))
+    if above:
+        parts.append('<text class="limit" x="%d" y="%d" font-size="10" text-anchor="end" '
+                     'fill="#666">above the scale: %s</text>'
+                     % (frame.x1, _PLOT["top"] - 10, _esc(", ".join(above))))
+    return parts
+
+
+def _svg_markers(frame: _Frame, runs: List[Tuple[_dt.datetime, str]]) -> List[str]:
+    return ['<path class="maintenance" d="M%.1f %dl-4 7h8z" fill="#555"><title>%s</title>'
+            '</path>' % (frame.x(m), frame.y1 + 23, _esc("%s at %s" % (op, format_timestamp(m))))
+            for m, op in runs if frame.t0 <= m <= frame.t1]
+
+
+def _chart_range(series: List[Tuple[str, str, List[_Point]]], limits: List[Tuple[str, float]]
+                 ) -> Tuple[_dt.datetime, _dt.datetime, float]:
+    moments = [m for _, _, pts in series for m, _ in pts]
+    vmax = max([v for _, _, pts in series for _, v in pts if v is not None] or [0.0])
+    # A limit near the data is drawn inside the plot; one far above would flatten every
+    # line, so it is named at the top instead.
+    near = [v for _, v in limits if v <= max(vmax, 1.0) * 2.5]
+    return min(moments), max(moments), max([vmax] + near)
+
+
+def svg_chart(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]],
+              limits: Sequence[Tuple[str, float]] = (),
+              runs: Sequence[Tuple[_dt.datetime, str]] = ()) -> str:
+    """A self-contained, responsive SVG line chart with its HTML legend (a <figure>).
+
+    ``kind`` is "bytes" or "count"; ``series`` holds (label, colour, points) drawn in
+    order; ``limits`` (name, value) become dashed lines; ``runs`` mark the time axis.
+    """
+    series = [s for s in series if s[2]]
+    if not series:
+        return '<figure><figcaption>%s</figcaption><p class="muted">no samples yet</p>' \
+               '</figure>' % _esc(title)
+    t0, t1, vmax = _chart_range(series, list(limits))
+    if t0 == t1:   # one sample: lines would be dots on top of each other
+        return _svg_bars(title, kind, series, list(limits), vmax)
+    divisor, unit = _axis_unit(kind, vmax)
+    ticks = _nice_ticks(vmax / divisor)
+    frame = _Frame(t0, t1, ticks[-1] * divisor)
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" role="img" '
+             'aria-label="%s">' % (_PLOT["width"], _PLOT["height"], _esc(title))]
+    parts += _svg_grid(frame, [t * divisor for t in ticks], divisor, unit)
+    parts += _svg_limits(frame, list(limits), kind)
+    for label, color, points in reversed(series):   # the first (largest, total) on top
+        parts += _svg_line(frame, label, color, points, 3 if color == _TOTAL_COLOR else 2)
+    parts += _svg_markers(frame, list(runs))
+    parts.append("</svg>")
+    return '<figure class="chart"><figcaption>%s</figcaption>%s%s</figure>' % (
+        _esc(title), "".join(parts), _chart_legend(
+            series, [lim for lim in limits if lim[1] <= frame.vtop], runs, t0, t1))
+
+
+def _svg_bars(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]],
+              limits: List[Tuple[str, float]], vmax: float) -> str:
+    """One horizontal bar per series: the chart of a store with a single sample."""
+    row, left, right, top = 22, 170, 90, 26
+    width, height = _PLOT["width"], top + row * len(series) + 8
+    divisor, unit = _axis_unit(kind, vmax)
+    scale = _nice_ticks(vmax / divisor)[-1] * divisor or 1.0
+    span = width - left - right
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" role="img" '
+             'aria-label="%s">' % (width, height, _esc(title)),
+             '<text x="%d" y="16" font-size="11" fill="#666">one sample, %s</text>'
+             % (left, _esc(format_timestamp(series[0][2][0][0])))]
+    for number, (label, color, points) in enumerate(series):
+        value, y = points[-1][1], top + number * row
+        shown = label if len(label) <= 26 else label[:25] + "\u2026"
+        parts.append('<text x="%d" y="%d" font-size="11" text-anchor="end">%s<title>%s'
+                     '</title></text>' % (left - 6, y + 13, _esc(shown), _esc(label)))
+        if value is None:
+            parts.append('<text class="gap" x="%d" y="%d" font-size="11" fill="#c00000">'
+                         '&#10005; not measurable (unreadable file)</text>' % (left, y + 13))
+            continue
+        bar = min(value / scale, 1.0) * span
+        parts.append('<rect x="%d" y="%d" width="%.1f" height="14" fill="%s"/><text x="%.1f" '
+                     'y="%d" font-size="11">%s</text>' % (left, y + 2, bar, color, left + bar + 4,
+                                                         y + 13, _esc(_value_text(kind, value))))
+    for name, value in limits:
+        if value <= scale:
+            x = left + value / scale * span
+            parts.append('<line class="limit" x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" '
+                         'stroke-dasharray="6 4"><title>%s</title></line>' % (
+                             x, top - 4, x, height - 4, _LIMIT_COLORS.get(
+                                 name.split()[-1], "#c00000"), _esc(name)))
+    parts.append("</svg>")
+    return '<figure class="chart"><figcaption>%s</figcaption>%s%s</figure>' % (
+        _esc(title), "".join(parts), _chart_legend(
+            series, [lim for lim in limits if lim[1] <= scale], [], series[0][2][0][0],
+            series[0][2][0][0]))
+
+
+def _chart_legend(series: List[Tuple[str, str, List[_Point]]],
+                  limits: Sequence[Tuple[str, float]],
+                  runs: Sequence[Tuple[_dt.datetime, str]],
+                  t0: _dt.datetime, t1: _dt.datetime) -> str:
+    items = ['<li><span class="sw" style="background:%s"></span>%s</li>' % (c, _esc(label))
+             for label, c, _ in series]
+    items += ['<li><span class="sw" style="background:repeating-linear-gradient(90deg,%s 0 6px,'
+              'transparent 6px 10px)"></span>%s</li>' % (_LIMIT_COLORS.get(
+                  name.split()[-1], "#c00000"), _esc(name)) for name, _ in limits]
+    if any(t0 <= m <= t1 for m, _ in runs):
+        items.append('<li><span style="color:#555">&#9650;</span>maintenance run</li>')
+    if any(v is None for _, _, pts in series for _, v in pts):
+        items.append('<li><span style="color:#c00000">&#10005;</span>not measurable '
+                     '(unreadable file)</li>')
+    return '<ul class="legend">%s</ul>' % "".join(items)
+
+
+# -- page sections -------------------------------------------------------------------
+
+def _part(doc: Any, key: str) -> Dict[str, Any]:
+    """``doc[key]`` when both are JSON objects, else {} (the page never trusts a shape)."""
+    value = doc.get(key) if isinstance(doc, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _doc_list(doc: Dict[str, Any], *keys: str) -> List[Any]:
+    value: Any = doc
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, list) else []
+
+
+def _status_cell(status: Any) -> str:
+    return '<span class="status s-%s">%s</span>' % (_esc(status), _esc(status))
+
+
+def _summary_section(doc: Dict[str, Any]) -> str:
+    metrics = _part(doc, "metrics")
+    perf = _part(metrics, "performance")
+    growth = _part(metrics, "growth")
+    agents = _doc_list(metrics, "agents")
+    records = sum(_agent_records(a) for a in agents)
+    rate = _number(perf.get("cache_hit_rate"))
+    rows = [("store size", _bytes_or_unknown(metrics.get("total_bytes"))),
+            ("agents", str(len(agents))), ("records", str(records)),
+            ("unreadable files", str(len(_doc_list(metrics, "unreadable")))),
+            ("index", _bytes_or_unknown(metrics.get("index_bytes"))
+             if metrics.get("index_bytes") else "none"),
+            ("growth per day", _bytes_or_unknown(growth.get("bytes_per_day"))),
+            ("full load now", _unit_or_unknown(_number(perf.get("full_load_ms")), "%.1f ms")),
+            ("indexed lookup now", _unit_or_unknown(_number(perf.get("lookup_ms")), "%.2f ms")),
+            ("hot-cache hit rate", _unit_or_unknown(None if rate is None else rate * 100,
+                                                    "%.0f%%"))]
+    return _html_table(["measure", "value"], [[_esc(k), _esc(v)] for k, v in rows],
+                       numeric=(1,)).replace("<table>", '<table class="compact">', 1)
+
+
+def _agent_records(agent: Dict[str, Any]) -> int:
+    records = agent.get("records") if isinstance(agent.get("records"), dict) else {}
+    return int(sum(_number(n) or 0 for states in records.values() if isinstance(states, dict)
+                   for n in states.values()))
+
+
+def _health_section(doc: Dict[str, Any]) -> str:
+    checks = [c for c in _doc_list(doc, "health", "checks") if isinstance(c, dict)]
+    return _html_table(["check", "status", "finding"],
+                       [[_esc(c.get("name")), _status_cell(c.get("status")),
+                         _esc(c.get("message"))] for c in checks], nowrap=(0, 1))
+
+
+def _alerts_section(doc: Dict[str, Any]) -> str:
+    alerts = [a for a in _doc_list(doc, "alerts") if isinstance(a, dict)]
+    return _html_table(["level", "check / subject", "since", "last seen", "count", "message",
+                        "id"],
+                       [[_esc(a.get("level")), _esc("%s / %s" % (a.get("check"),
+                                                                 a.get("subject"))),
+                         _esc(a.get("first_seen")), _esc(a.get("last_seen")),
+                         _esc(a.get("count")), _esc(a.get("message")), _esc(a.get("id"))]
+                        for a in alerts], numeric=(4,), nowrap=(0,))
+
+
+def _limit(doc: Dict[str, Any], key: str) -> Optional[float]:
+    value = _number(_part(doc, "thresholds").get(key))
+    return None if value is None else value * _MB
+
+
+def _limits(doc: Dict[str, Any], scope: str) -> List[Tuple[str, float]]:
+    found = []
+    for level in ("warning", "critical"):
+        value = _limit(doc, "%s_memory_%s_mb" % (scope, level))
+        if value is not None:
+            found.append(("%s limit %s" % (scope.replace("global", "store"), level), value))
+    return found
+
+
+def _maintenance_runs(doc: Dict[str, Any]) -> List[Tuple[_dt.datetime, str]]:
+    runs = []
+    for entry in _doc_list(doc, "maintenance"):
+        moment = parse_timestamp(entry.get("started")) if isinstance(entry, dict) else None
+        if moment is not None:
+            runs.append((moment, str(entry.get("operation"))))
+    return runs
+
+
+def _charts_section(doc: Dict[str, Any]) -> str:
+    samples = [s for s in _doc_list(doc, "samples") if isinstance(s, dict)]
+    runs = _maintenance_runs(doc)
+    sizes, size_total = _sample_series(samples, "bytes")
+    counts, count_total = _sample_series(samples, "records")
+    ranking = _size_ranking(sizes)
+    charts = [
+        svg_chart("Store size", "bytes", [("store total", _TOTAL_COLOR, size_total)],
+                  _limits(doc, "global"), runs),
+        svg_chart(_per_agent_title("Size per agent", sizes), "bytes",
+                  _top_series(sizes, ranking), _limits(doc, "agent"), runs),
+        svg_chart("Records in the store", "count", [("all records", _TOTAL_COLOR,
+                                                     count_total)], (), runs),
+        svg_chart(_per_agent_title("Records per agent", counts), "count",
+                  _top_series(counts, ranking), (), runs)]
+    return '<div class="charts">%s</div><p class="muted">%d sample%s (one per monitor metrics ' \
+           'or report run, and this measurement)</p>' % ("".join(charts), len(samples),
+                                                         "" if len(samples) == 1 else "s")
+
+
+def _per_agent_title(title: str, agents: Dict[str, List[_Point]]) -> str:
+    if len(agents) > CHART_TOP_N + 1:
+        return "%s: the %d largest of %d" % (title, CHART_TOP_N, len(agents))
+    return title
+
+
+def _share_bar(share: float, css: str) -> str:
+    return '<div class="bar %s"><span style="width:%.1f%%"></span></div>' % (
+        css, min(max(share, 0.0), 1.0) * 100)
+
+
+def _size_row(subject: str, size: Any, warn: Optional[float], crit: Optional[float]
+              ) -> Tuple[List[str], str]:
+    value = _number(size) or 0.0
+    css = "s-critical" if crit is not None and value >= crit else \
+        "s-warning" if warn is not None and value >= warn else ""
+    share = value / warn if warn else 0.0
+    return ([_esc(subject), _esc(human_bytes(value)), _bytes_or_unknown(warn),
+             _bytes_or_unknown(crit), "%.0f%%" % (share * 100), _share_bar(share, css)], css)
+
+
+def _sizes_section(doc: Dict[str, Any]) -> str:
+    metrics = _part(doc, "metrics")
+    rows = [_size_row("store (all agents)", metrics.get("total_bytes"),
+                      _limit(doc, "global_memory_warning_mb"),
+                      _limit(doc, "global_memory_critical_mb"))]
+    agents = sorted((a for a in _doc_list(metrics, "agents") if isinstance(a, dict)),
+                    key=lambda a: (-(_number(a.get("bytes")) or 0), str(a.get("agent"))))
+    rows += [_size_row(str(a.get("agent")), a.get("bytes"),
+                       _limit(doc, "agent_memory_warning_mb"),
+                       _limit(doc, "agent_memory_critical_mb")) for a in agents]
+    return _html_table(["subject", "size", "warning limit", "critical limit",
+                        "of warning", "share of the warning limit"],
+                       [r for r, _ in rows], [c for _, c in rows], numeric=(1, 2, 3, 4))
+
+
+def _forecasts_section(doc: Dict[str, Any]) -> str:
+    forecasts = [f for f in _doc_list(doc, "metrics", "forecasts") if isinstance(f, dict)]
+    shown = [f for f in forecasts if f.get("subject") == "store"
+             or _number(f.get("days_until")) is not None]
+    shown.sort(key=lambda f: (f.get("subject") != "store",
+                              _number(f.get("days_until")) or 0.0, str(f.get("subject"))))
+    rows = [[_esc(f.get("subject")), _esc(f.get("limit")), _bytes_or_unknown(f.get("limit_bytes")),
+             _bytes_or_unknown(f.get("current_bytes")),
+             _bytes_or_unknown(f.get("bytes_per_day")),
+             _unit_or_unknown(_number(f.get("days_until")), "%.1f"), _esc(f.get("note"))]
+            for f in shown]
+    quiet = len(forecasts) - len(shown)
+    note = '<p class="muted">%d agent limit(s) not approaching: no growth or no growth ' \
+           'data</p>' % quiet if quiet else ""
+    return _html_table(["subject", "limit", "limit size", "now", "growth per day",
+                        "days until", "note"], rows, numeric=(2, 3, 4, 5)) + note
+
+
+def _summary_text(summary: Any) -> str:
+    """The scalar fields of a run summary, shortened: ``key=value, ...``."""
+    if not isinstance(summary, dict):
+        return ""
+    items = ["%s=%s" % (k, v) for k, v in sorted(summary.items())
+             if isinstance(v, (str, int, float, bool)) or v is None]
+    text = ", ".join(items)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _jobs_section(doc: Dict[str, Any]) -> str:
+    now = parse_timestamp(doc.get("generated"))
+    rows = []
+    for job in (j for j in _doc_list(doc, "jobs") if isinstance(j, dict)):
+        started = parse_timestamp(job.get("started"))
+        age = days_between(started, now) if started and now else None
+        rows.append([_esc(job.get("operation")), _esc(job.get("started")),
+                     _unit_or_unknown(None if age is None else age * 24, "%.1f h ago"),
+                     _unit_or_unknown(_number(job.get("seconds")), "%.2f s"),
+                     _esc(job.get("runs")), _esc(_summary_text(job.get("summary")))])
+    return _html_table(["job", "last run", "age", "took", "runs kept", "outcome"], rows,
+                       numeric=(2, 3, 4), nowrap=(0,))
+
+
+def _records_section(doc: Dict[str, Any]) -> str:
+    agents = [a for a in _doc_list(doc, "metrics", "agents") if isinstance(a, dict)]
+    types: List[str] = []
+    for agent in agents:
+        types += [t for t in _part(agent, "records") if t not in types]
+    rows = []
+    for agent in agents:
+        records = _part(agent, "records")
+        counts = ["%s / %s" % (_part(records, t).get("active", 0),
+                               _part(records, t).get("inactive", 0)) for t in types]
+        rows.append([_esc(agent.get("agent"))] + [_esc(c) for c in counts] + [
+            _esc(_agent_records(agent)), _esc("%s gzip, %s plain" % (
+                agent.get("gzip_files"), agent.get("plain_files"))),
+            _esc(", ".join(str(u) for u in agent.get("unreadable") or []) or "-")])
+    return _html_table(["agent"] + ["%s (active / inactive)" % t for t in types]
+                       + ["total", "files", "unreadable"], rows,
+                       numeric=tuple(range(1, len(types) + 2)))
+
+
+def _backups_section(doc: Dict[str, Any]) -> str:
+    backups = doc.get("backups") if isinstance(doc.get("backups"), dict) else {}
+    if backups.get("error"):
+        return '<p class="muted">backups unavailable: %s</p>' % _esc(backups["error"])
+    mark = {True: "verified", False: "FAILED", None: "not verified"}
+    rows = [[_esc(s.get("backup_id")), _esc(s.get("type")), _esc(s.get("created")),
+             _esc(s.get("files")), _esc(s.get("records")),
+             _bytes_or_unknown(s.get("logical_bytes")), _esc(mark.get(s.get("verified"), "?"))]
+            for s in backups.get("latest") or [] if isinstance(s, dict)]
+    problems = "".join('<p class="muted">%s</p>' % _esc(p) for p in backups.get("problems") or [])
+    return (_html_table(["backup", "type", "created", "files", "records", "size", "verified"],
+                        rows, numeric=(3, 4, 5))
+            + '<p class="muted">%s snapshot(s) in %s, repository %s</p>' % (
+                _esc(backups.get("count")), _esc(backups.get("root")),
+                _bytes_or_unknown(backups.get("repository_bytes"))) + problems)
+
+
+_DASHBOARD_SECTIONS = (
+    ("summary", "Summary", _summary_section), ("health", "Health checks", _health_section),
+    ("alerts", "Open alerts", _alerts_section), ("growth", "Growth over time", _charts_section),
+    ("sizes", "Sizes against limits", _sizes_section),
+    ("forecasts", "Forecasts", _forecasts_section),
+    ("jobs", "Last run of every job", _jobs_section),
+    ("records", "Record counts", _records_section),
+    ("backups", "Latest backups", _backups_section))
+
+
+def render_dashboard(doc: Dict[str, Any], refresh: Optional[int] = None) -> str:
+    """The self-contained HTML page of a dashboard document; ``refresh`` seconds reloads it."""
+    status = str(_part(doc, "health").get("status", "unknown"))
+    meta = '<meta http-equiv="refresh" content="%d">' % refresh if refresh else ""
+    body = "".join('<section id="%s"><h2>%s</h2>%s</section>' % (key, _esc(title), draw(doc))
+                   for key, title, draw in _DASHBOARD_SECTIONS)
+    warnings = "".join("<li>%s</li>" % _esc(w) for w in doc.get("warnings") or [])
+    if warnings:
+        body += '<section id="warnings"><h2>Warnings</h2><ul>%s</ul></section>' % warnings
+    note = " &middot; refreshes every %d s" % refresh if refresh else ""
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">%s"
+            "<title>aml: %s</title><style>%s</style></head><body>"
+            "<h1>aml <span class=\"status s-%s\">%s</span></h1>"
+            "<p class=\"muted\">%s &middot; measured %s &middot; aml %s%s</p>%s"
+            "</body></html>\n" % (meta, _esc(doc.get("store")), _HTML_STYLE, _esc(status),
+                                 _esc(status.upper()), _esc(doc.get("store")),
+                                 _esc(doc.get("generated")), _esc(doc.get("version")), note,
+                                 body))
+
+
+def html_report(report: MonitorReport, thresholds: Optional[Dict[str, float]] = None,
+                history: Sequence[Dict[str, Any]] = (),
+                backups: Optional[Dict[str, Any]] = None) -> str:
+    """The static page of ``monitor report --format html``: the dashboard, not refreshing."""
+    return render_dashboard(dashboard_document(
+        report, thresholds if thresholds is not None else DEFAULT_THRESHOLDS, list(history),
+        backups if backups is not None else {"error": "not listed", "latest": []}))
 
 
 # =============================================================================
@@ -10874,9 +11566,21 @@ def _build_monitor(subparsers: Any) -> None:
     _threshold_option(report)
     report.add_argument("--output", metavar="FILE", type=Path,
                         help="write to FILE atomically instead of stdout")
+    serve = _monitor_action(sub, "serve", "serve a live dashboard, /metrics and /api/health,"
+                            " /api/metrics, /api/alerts over HTTP; read-only",
+                            ("text",), "text", cmd_monitor_serve)
+    _threshold_option(serve)
+    serve.add_argument("--bind", metavar="ADDRESS", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", metavar="N", type=int, default=DEFAULT_SERVE_PORT,
+                       help="TCP port (default: %d; 0 picks a free one)" % DEFAULT_SERVE_PORT)
+    serve.add_argument("--interval", metavar="SECONDS", type=float,
+                       help="measure at most this often (default: the config's monitor "
+                       "serve_interval, else %g)" % DEFAULT_SERVE_INTERVAL)
 
 
-def _open_monitor(args: argparse.Namespace) -> MemoryMonitor:
+def _open_monitor(args: argparse.Namespace, cls: Callable[..., MemoryMonitor] = MemoryMonitor
+                  ) -> MemoryMonitor:
     """Store, thresholds and webhook from defaults, config files and flags."""
     store = open_store(args)
     section = dict(load_aml_config(store, args.config).get("monitor", {}))
@@ -10885,8 +11589,8 @@ def _open_monitor(args: argparse.Namespace) -> MemoryMonitor:
     timeout = _number(section.get("webhook_timeout", 5.0))
     if timeout is None or timeout <= 0:
         raise UsageError("monitor.webhook_timeout must be a positive number of seconds")
-    return MemoryMonitor(store, thresholds, getattr(args, "webhook", None)
-                         or section.get("webhook_url"), timeout)
+    return cls(store, thresholds, getattr(args, "webhook", None)
+               or section.get("webhook_url"), timeout)
 
 
 def _monitor_output(args: argparse.Namespace) -> Output:
@@ -11046,14 +11750,17 @@ def cmd_monitor_alerts(args: argparse.Namespace) -> int:
 def cmd_monitor_report(args: argparse.Namespace) -> int:
     """``monitor report``: JSON, Prometheus text or HTML, to stdout or atomically to a file."""
     _monitor_output(args)
-    report = _open_monitor(args).report()
+    monitor = _open_monitor(args)
+    report = monitor.report()
     out = Output("text", args.quiet)
     for warning in report.warnings:
         out.warn(warning)
     for problem in report.metrics.unreadable:
         out.warn("unreadable, not counted: %s" % problem)
     if args.format == "html":
-        text = html_report(report)
+        history = _history_for_display(monitor.store, report.warnings)
+        text = html_report(report, monitor.thresholds, history,
+                           backup_summary(monitor.store, args.config))
     elif args.format == "prometheus":
         text = prometheus_text(report.metrics, report.health, report.alerts)
     else:
@@ -11063,6 +11770,51 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
     else:
         atomic_write_bytes(args.output, text.encode("utf-8"))
     return int(report.metrics.exit_code)
+
+
+def _serve_interval(args: argparse.Namespace, store: Store) -> float:
+    """--interval, else the config's monitor serve_interval, else the default; UsageError."""
+    interval = args.interval
+    if interval is None:
+        section = load_aml_config(store, args.config).get("monitor", {})
+        interval = _number(section.get("serve_interval", DEFAULT_SERVE_INTERVAL))
+    if interval is None or not 0 < interval <= 86400:
+        raise UsageError("the serve interval must be a number of seconds above 0 (at most a day)")
+    return interval
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def cmd_monitor_serve(args: argparse.Namespace) -> int:
+    """``monitor serve``: HTTP until SIGINT or SIGTERM, then exit 0; never writes the store."""
+    out = _monitor_output(args)
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port %d: expected 0 to 65535" % args.port)
+    monitor = _open_monitor(args, _ReadOnlyMonitor)   # bad thresholds or config fail now
+    interval = _serve_interval(args, monitor.store)
+    refresh = max(5, int(math.ceil(interval)))
+    cache = DashboardCache(lambda: dashboard_views(_open_monitor(args, _ReadOnlyMonitor),
+                                                   args.config, refresh), interval)
+    server = dashboard_server(cache, args.bind, args.port)
+    if not _is_loopback(args.bind):
+        out.warn("listening on %s: anyone who can reach this port can read the store's "
+                 "health and metrics" % args.bind)
+    host, port = server.server_address[:2]
+    out.line("aml: serving %s on http://%s:%d/ (measured at most every %g s)"
+               % (monitor.store.root, "[%s]" % host if ":" in host else host, port, interval))
+    out.stdout.flush()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except (KeyboardInterrupt, _Terminated):
+        pass   # a requested stop, not a failure: systemd and the shell see exit 0
+    finally:
+        server.server_close()
+    return int(ExitCode.OK)
 
 
 class _Terminated(BaseException):

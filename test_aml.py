@@ -4516,7 +4516,8 @@ def test_html_report_is_self_contained(tmp_path, capsys):
     parser.feed(target.read_text())
     assert {"script", "link", "img", "iframe"}.isdisjoint(parser.tags)
     assert not [v for k, v in parser.attrs if k in ("src", "href") and v]
-    assert parser.tags.count("svg") == 2 and parser.tags.count("polyline") == 4  # 2 charts x 2
+    # store size and records: one total line each; per agent: one line per agent (2 agents)
+    assert parser.tags.count("svg") == 4 and parser.tags.count("polyline") == 6
     text = " ".join(parser.text)
     assert "a2<b>" in text and "no verified backup yet" in text and "backup-" in text
 
@@ -4571,6 +4572,426 @@ def test_metrics_give_totals_per_type_agent_and_store_in_every_format(tmp_path, 
     assert 'aml_store_records{type="decision"} 6' in out.splitlines()
     assert sum(int(line.rsplit(" ", 1)[1]) for line in out.splitlines()
                if line.startswith("aml_store_records{")) == 28
+# ---- issue 17: monitor serve and dashboard charts ----
+
+import signal  # noqa: E402
+import urllib.request  # noqa: E402
+
+SERVE_PATHS = ("/metrics", "/api/health", "/api/metrics", "/api/alerts", "/api/dashboard")
+PAGE_SECTIONS = ("summary", "health", "alerts", "growth", "sizes", "forecasts", "jobs",
+                 "records", "backups")
+
+
+def grown_store(root, agents, days=6, unreadable_day=None, gz=False):
+    """A store measured once a day while it grows: ``monitor metrics --now`` each day, an
+    ``optimize index`` every third day, one agent unreadable on ``unreadable_day``."""
+    names = ["agent-%02d" % n for n in range(agents)]
+    root = build_store(root, agents=names, patterns=10, solutions=3, decisions=2, gz=gz)
+    rng = random.Random(7)
+    rates = [random.Random(n).lognormvariate(0, 0.8) for n in range(agents)]
+    for day in range(days):
+        when = (NOW - dt.timedelta(days=days - 1 - day)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for n, agent in enumerate(names):
+            path = root / agent / "patterns.json"
+            grow = int(rates[n] * (day + 1))   # agents grow at different rates
+            records = read_data(path) + [make_pattern(agent, rng) for _ in range(grow)]
+            write_data(path, records, gz)
+        broken = root / names[-1] / "solutions.json"
+        saved = broken.read_bytes()
+        if day == unreadable_day:
+            broken.write_bytes(b"[{\"id\": ")
+        assert run_cli(root, "monitor", "metrics", "-q", "--now", when) in (0, 3)
+        broken.write_bytes(saved)
+        if day % 3 == 1:
+            assert run_cli(root, "optimize", "index", "-q", "--now", when) == 0
+    return root
+
+
+def _doc(root, *thresholds):
+    """The dashboard document and page the server would serve now (read-only)."""
+    store = aml.Store(root, now=NOW)
+    monitor = aml.MemoryMonitor(store, dict(thresholds))
+    views = aml.dashboard_views(monitor)
+    return json.loads(views["/api/dashboard"][1]), views["/"][1].decode()
+
+
+def _figures_of(page):
+    parser = _SvgCollector()
+    parser.feed(page)
+    return parser.figures
+
+
+class _SvgCollector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.figures, self.ids, self.in_li = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.ids.append(attrs.get("id"))
+        if tag == "figure":
+            self.figures.append({"lines": [], "points": [], "legend": [], "ticks": [], "gaps": 0,
+                                 "limits": 0, "maintenance": 0, "swatches": [], "bars": 0})
+        figure = self.figures[-1] if self.figures else None
+        if figure is None:
+            return
+        if tag == "polyline":
+            figure["lines"].append(attrs["stroke"])
+            figure["points"].append([tuple(map(float, xy.split(",")))
+                                     for xy in attrs["points"].split()])
+        if tag == "rect":
+            figure["bars"] += 1
+        if tag == "li":
+            figure["legend"].append("")
+            self.in_li = True
+        if tag == "span" and "background:" in (attrs.get("style") or "") \
+                and "gradient" not in attrs["style"]:
+            figure["swatches"].append(attrs["style"].split("background:")[1])
+        for kind in ("gap", "limit", "maintenance"):
+            if attrs.get("class") == kind:
+                figure["gaps" if kind == "gap" else "limits" if kind == "limit"
+                       else kind] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "li":
+            self.in_li = False
+
+    def handle_data(self, data):
+        if self.figures and self.in_li:
+            self.figures[-1]["legend"][-1] += data
+        if self.figures and self.lasttag == "text":
+            self.figures[-1]["ticks"].append(data)
+
+
+@pytest.mark.parametrize("agents", [1, 5, 24, 60])
+def test_charts_hold_up_from_one_to_sixty_agents(tmp_path, agents):
+    root = grown_store(tmp_path / "m", agents, days=4 if agents == 60 else 6)
+    doc, page = _doc(root, ("agent_memory_warning_mb", 0.03), ("agent_memory_critical_mb", 0.05))
+    parser = _SvgCollector()
+    parser.feed(page)
+    assert set(PAGE_SECTIONS) <= set(parser.ids)
+    store_size, per_agent, records, agent_records = parser.figures
+    shown = min(agents, 8) if agents > 9 else agents
+    for figure in (per_agent, agent_records):
+        assert len(figure["lines"]) == shown + (agents > 9)       # top 8 + "others"
+        assert len(set(figure["lines"])) == len(figure["lines"])  # every series its colour
+        assert len(figure["swatches"]) == len(figure["lines"])    # every series in the legend
+    assert per_agent["lines"][:shown] == agent_records["lines"][:shown]  # same agent, same hue
+    if agents > 9:
+        assert any("%d others" % (agents - 8) in item for item in per_agent["legend"])
+    assert store_size["lines"] == ["#111111"] and records["lines"] == ["#111111"]  # totals
+    assert [t for t in per_agent["ticks"] if re.fullmatch(r"[\d.]+ KiB", t)][1:]  # units
+    assert len([t for t in records["ticks"] if re.fullmatch(r"\d+(\.\d+)?( k)?", t)]) >= 3
+    assert any(re.fullmatch(r"(2026-)?11-\d\d( \d\d:00)?", t) for t in store_size["ticks"])
+    assert per_agent["limits"] >= 1 and any("agent limit warning" in i
+                                            for i in per_agent["legend"])
+    days = 4 if agents == 60 else 6
+    assert store_size["maintenance"] == len([d for d in range(days) if d % 3 == 1]) and "maintenance run" in store_size["legend"][-1]
+    assert store_size["gaps"] == per_agent["gaps"] == 0
+
+
+def test_unreadable_file_is_a_gap_with_a_marker_not_a_drop(tmp_path):
+    root = grown_store(tmp_path / "m", 3, days=6, unreadable_day=3)
+    doc, page = _doc(root)
+    unreadable = [s for s in doc["samples"] if s["agents"]["agent-02"].get("unreadable")]
+    assert [s["at"][:10] for s in unreadable] == ["2026-11-18"]
+    _store_size, per_agent, records, agent_records = _figures_of(page)
+    assert per_agent["gaps"] == 0                      # bytes stay measurable
+    assert records["gaps"] == 1 and agent_records["gaps"] == 1
+    assert len(agent_records["lines"]) == 4            # agent-02's line broken in two
+    assert "not measurable (unreadable file)" in agent_records["legend"][-1]
+    for line in agent_records["points"] + records["points"]:  # records only grow: no dip
+        heights = [y for _x, y in line]
+        assert len(heights) >= 2 and heights == sorted(heights, reverse=True)
+
+
+def test_one_sample_draws_bars_not_overlapping_dots(tmp_path):
+    root = build_store(tmp_path / "m", agents=("a1", "a2", "a3"))
+    doc, page = _doc(root)
+    assert len(doc["samples"]) == 1                    # only this measurement
+    figures = _figures_of(page)
+    assert all(f["bars"] and not f["lines"] for f in figures)
+    assert figures[1]["bars"] == 3 and "one sample" in " ".join(figures[1]["ticks"])
+
+
+def test_far_limits_are_named_above_the_scale_not_flattening_lines(tmp_path):
+    root = grown_store(tmp_path / "m", 2, days=3)
+    _doc_, page = _doc(root)                           # default limits: 600 MiB store
+    store_size = _figures_of(page)[0]
+    assert store_size["limits"] == 1 and any("above the scale: store limit warning 600.0 MiB"
+                                             in t for t in store_size["ticks"])
+    assert not any("MiB" in t for t in store_size["ticks"][:8])  # axis stays in KiB
+
+
+def test_dashboard_ignores_fields_it_does_not_know(tmp_path):
+    root = grown_store(tmp_path / "m", 2, days=2)
+    doc, page = _doc(root)
+    doc["metrics"]["totals"] = {"bytes": 1, "new": [1, 2]}
+    doc["health"]["checks"].append({"name": "future", "status": "warning", "message": "m",
+                                    "extra": {"x": 1}})
+    doc["metrics"]["agents"][0]["records"]["lessons"] = {"active": 2, "inactive": 0,
+                                                         "stale": 1}
+    doc["jobs"].append({"operation": "new-job", "summary": {"nested": {"a": 1}, "ok": True}})
+    doc["backups"] = {"error": "backup root unreadable"}
+    page = aml.render_dashboard(doc, refresh=30)
+    assert "future" in page and "lessons (active / inactive)" in page and "new-job" in page
+    assert 'http-equiv="refresh" content="30"' in page and "backup root unreadable" in page
+    for broken in ({}, {"metrics": None, "health": "x", "samples": [None, {"at": "bad"}]}):
+        assert "<section id=\"sizes\">" in aml.render_dashboard(broken)
+
+
+def test_dashboard_cache_measures_at_most_every_interval():
+    clock, calls = [100.0], []
+
+    def measure():
+        calls.append(clock[0])
+        if len(calls) == 3:
+            raise aml.IntegrityError("history.json does not verify")
+        return {"/": ("text/html", b"page %d" % len(calls))}
+
+    cache = aml.DashboardCache(measure, 30, clock=lambda: clock[0])
+    assert cache.views()["/"][1] == b"page 1"
+    clock[0] += 29.9
+    assert cache.views()["/"][1] == b"page 1" and len(calls) == 1
+    clock[0] += 0.1
+    assert cache.views()["/"][1] == b"page 2"
+    clock[0] += 30
+    with pytest.raises(aml.AmlError, match="history.json does not verify"):
+        cache.views()
+    with pytest.raises(aml.AmlError):
+        cache.views()                                  # the failure is not retried at once
+    assert len(calls) == 3
+    clock[0] += 30
+    assert cache.views()["/"][1] == b"page 4"
+
+
+def _fetch(url, method="GET"):
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+@contextlib.contextmanager
+def _served(root, interval=60, thresholds=None):
+    """The dashboard server of ``root`` in a thread, on a free port; shut down after."""
+    def measure():
+        store = aml.Store(root, now=NOW)
+        return aml.dashboard_views(aml.MemoryMonitor(store, thresholds), None, 60)
+
+    server = aml.dashboard_server(aml.DashboardCache(measure, interval), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.server_address[1], server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_serve_never_writes_the_store_or_the_backups(tmp_path, capsys, gz):
+    root = grown_store(tmp_path / "m", 3, days=3, gz=gz)
+    assert run_cli(root, "backup", "create", "-q", "--now", NOW_TEXT) == 0
+    (root / "agent-01" / "decisions.json").write_bytes(b"{broken")  # integrity finds it
+    bare = build_store(tmp_path / "bare", agents=("x",), gz=gz)       # no .aml/ at all
+    before = {p: tree_digest(p) for p in (root, bare, tmp_path / "memory-backup")}
+    for target in (root, bare):
+        with _served(target, interval=0) as (url, server):  # interval 0: measure every time
+            for path in ("/",) + SERVE_PATHS + ("/", "/metrics"):
+                assert _fetch(url + path)[0] == 200
+    assert {p: tree_digest(p) for p in before} == before
+    assert not (bare / ".aml").exists()
+
+
+def test_serve_answers_match_what_the_cli_prints(tmp_path, capsys):
+    root = grown_store(tmp_path / "m", 3, days=3)
+    _health(root, "--now", NOW_TEXT, capsys=capsys)   # opens alerts
+    capsys.readouterr()
+    with _served(root) as (url, server):
+        answers = {p: _fetch(url + p) for p in ("/",) + SERVE_PATHS}
+        assert _fetch(url + "/nope")[0] == 404 and _fetch(url + "/", "POST")[0] == 501
+        assert _fetch(url + "/api/health", "HEAD")[2] == b""
+    assert all(code == 200 for code, _h, _b in answers.values())
+    assert answers["/metrics"][1]["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert answers["/"][1]["Content-Type"] == "text/html; charset=utf-8"
+    code, out, _err = run_cli(root, "monitor", "alerts", "--format", "json", "--now", NOW_TEXT,
+                              capsys=capsys)
+    assert json.loads(answers["/api/alerts"][2]) == json.loads(out) and json.loads(out)["alerts"]
+    code, out, _err = run_cli(root, "monitor", "metrics", "--format", "json", "--no-save",
+                              "--now", NOW_TEXT, capsys=capsys)
+    served, printed = json.loads(answers["/api/metrics"][2]), json.loads(out)
+    for doc in (served, printed):   # timings are measured anew by each run
+        for key in ("full_load_ms", "lookup_ms"):
+            doc["performance"][key] = None
+    assert served == printed
+    health = json.loads(answers["/api/health"][2])
+    assert [c["name"] for c in health["checks"]] == list(aml.MemoryMonitor.CHECKS)
+    assert health["alerts"] is None   # the server never evaluates alerts
+    prom = answers["/metrics"][2].decode()
+    assert "aml_health_overall" in prom and 'aml_alerts_open{level="WARNING"}' in prom
+    promtool = shutil.which("promtool")
+    if promtool:
+        check = subprocess.run([promtool, "check", "metrics"], input=prom, text=True,
+                               capture_output=True, timeout=60)
+        # Exit 3 is promtool's naming lint (base units: another change's subject); 1 would be
+        # text that Prometheus cannot parse.
+        assert check.returncode in (0, 3) and "error" not in check.stderr, check.stderr
+
+
+def test_serve_answers_503_while_the_store_cannot_be_measured(tmp_path):
+    def measure():
+        raise aml.IntegrityError("alerts.json does not verify")
+
+    server = aml.dashboard_server(aml.DashboardCache(measure, 60), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        url = "http://127.0.0.1:%d" % server.server_address[1]
+        code, _headers, body = _fetch(url + "/api/health")
+        assert code == 503 and body == b"aml: measurement failed: alerts.json does not verify\n"
+        assert _fetch(url + "/metrics")[0] == 503
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert aml._is_loopback("127.0.0.2") and aml._is_loopback("::1")
+    assert aml._is_loopback("localhost") and not aml._is_loopback("0.0.0.0")
+
+
+def _start_serve(root, *extra, env=None):
+    """``aml.py monitor serve --port 0`` as a subprocess; returns (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "aml.py"), str(root), "monitor",
+                             "serve", "--port", "0", *extra], cwd=str(root.parent),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    line = proc.stdout.readline()
+    match = re.search(r"on (http://127\.0\.0\.1:\d+)/ \(measured at most every", line)
+    if not match:
+        proc.kill()
+        raise AssertionError("no serving line: %r %r" % (line, proc.communicate(timeout=30)))
+    return proc, match.group(1)
+
+
+def _stop(proc, sig=signal.SIGTERM):
+    proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("monitor serve did not stop within 30 s of %s" % sig)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_subprocess_stops_cleanly_on_signals(tmp_path, sig):
+    root = grown_store(tmp_path / "m", 2, days=2)
+    before = tree_digest(root)
+    proc, url = _start_serve(root, "--now", NOW_TEXT, "--interval", "5")
+    try:
+        assert _fetch(url + "/api/metrics")[0] == 200
+    finally:
+        code, err = _stop(proc, sig)
+    assert code == 0 and err == ""
+    assert tree_digest(root) == before
+    with socket.socket() as probe:          # the port is released (TIME_WAIT aside)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        probe.listen(1)
+
+
+def test_serve_options_and_config(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a",))
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text('{"monitor": {"serve_interval": 0}}')
+    code, _out, err = run_cli(root, "monitor", "serve", "--port", "0", capsys=capsys)
+    assert code == 2 and "serve interval must be" in err
+    (root / ".aml" / "config.json").write_text('{"monitor": {"serve_interval": 7}}')
+    assert aml._serve_interval(aml._finish_args(aml.build_parser().parse_args(
+        [str(root), "monitor", "serve"])), aml.Store(root)) == 7
+    assert aml._serve_interval(aml._finish_args(aml.build_parser().parse_args(
+        [str(root), "monitor", "serve", "--interval", "2.5"])), aml.Store(root)) == 2.5
+    assert run_cli(root, "monitor", "health", "-q", "--now", NOW_TEXT) in (0, 1)  # key known
+    code, _out, err = run_cli(root, "monitor", "serve", "--port", "70000", capsys=capsys)
+    assert code == 2 and "--port 70000" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, _out, err = run_cli(root, "monitor", "serve", "--port", port, capsys=capsys)
+    assert code == 1 and err.startswith("aml: error: cannot listen on 127.0.0.1 port %d" % port)
+
+
+_MEASURE_JS = """<script>
+(function () {
+  var w = window.innerWidth, wide = [];
+  document.querySelectorAll('body *').forEach(function (el) {
+    var r = el.getBoundingClientRect();
+    if (r.width > w + 0.5 || r.right > w + 0.5) {
+      wide.push(el.tagName + (el.id ? '#' + el.id : '') + ':' + Math.round(r.right));
+    }
+  });
+  var out = document.createElement('pre');
+  out.id = 'measured';
+  out.textContent = JSON.stringify({viewport: w, scroll: document.documentElement.scrollWidth,
+                                    wide: wide.slice(0, 20), figures: document.querySelectorAll(
+                                      'figure svg').length});
+  document.body.appendChild(out);
+})();
+</script>"""
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browser(tmp_path, url, *extra, width=1280, height=2000):
+    """Headless Chromium on ``url``; returns its stdout (the DOM with --dump-dom)."""
+    run = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                          "--no-first-run", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync",
+                          "--hide-scrollbars", "--user-data-dir=%s" % (tmp_path / "profile"),
+                          "--window-size=%d,%d" % (width, height), *extra, url],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
+@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+@pytest.mark.parametrize("agents", [1, 24, 60])
+def test_serve_page_in_headless_chromium_fits_1280_and_700_px(tmp_path, agents):
+    root = grown_store(tmp_path / "m", agents, days=4, unreadable_day=2)
+    before = tree_digest(root)
+    proc, url = _start_serve(root, "--now", NOW_TEXT, "--threshold",
+                             "agent_memory_warning_mb=0.03")
+    try:
+        dom = _browser(tmp_path, url + "/", "--dump-dom")
+        for section in PAGE_SECTIONS:
+            assert '<section id="%s">' % section in dom
+        assert dom.count("<figure") == 4 and 'name="viewport"' in dom
+        for path in SERVE_PATHS:
+            code, _headers, body = _fetch(url + path)
+            assert code == 200 and body
+        page = _fetch(url + "/")[2].decode()
+    finally:
+        code, err = _stop(proc)
+    assert code == 0 and err == ""
+    assert tree_digest(root) == before
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _MEASURE_JS + "</body>"))
+    for width in (1280, 700):
+        dom = _browser(tmp_path, probe.as_uri(), "--dump-dom", "--virtual-time-budget=3000",
+                       width=width)
+        measured = json.loads(html.unescape(re.search(r'<pre id="measured">(.*?)</pre>',
+                                                       dom).group(1)))
+        assert measured["viewport"] == width and measured["figures"] == 4
+        assert measured["wide"] == [] and measured["scroll"] <= width, measured
 
 
 # =============================================================================
