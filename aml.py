@@ -209,6 +209,25 @@ _TS_RE = re.compile(
     r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?\s*$")
 
 
+@contextlib.contextmanager
+def naming_path(path: Any) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write hitting a full disk, an fsync) with
+    ``path``, so its one-line error says which file or folder could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+def os_error_text(exc: OSError, path: Any = None) -> str:
+    """``<file>: <reason>`` for an OSError (``path`` when the error names none)."""
+    where = exc.filename if exc.filename is not None else path
+    reason = exc.strerror or str(exc)
+    return "%s: %s" % (where, reason) if where is not None else reason
+
+
 def utcnow() -> _dt.datetime:
     """The current time, timezone-aware UTC."""
     return _dt.datetime.now(_dt.timezone.utc)
@@ -495,7 +514,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: Optional[int] = None) -> N
     tmp = _temp_path(path)
     fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with naming_path(path), os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -505,7 +524,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: Optional[int] = None) -> N
         with contextlib.suppress(OSError):
             os.unlink(str(tmp))
         raise
-    fsync_dir(path.parent)
+    with naming_path(path.parent):
+        fsync_dir(path.parent)
 
 
 def write_json_file(path: Path, obj: Any, fmt: FileFormat = FileFormat()) -> int:
@@ -535,21 +555,29 @@ class FileLock:
     """
 
     def __init__(self, path: Path, timeout: float = DEFAULT_LOCK_TIMEOUT,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 busy: Optional[Set[str]] = None):
         self.path = Path(path)
         self.lock_dir = lock_path_for(self.path)
         self.timeout = timeout
+        self.busy = busy  # lock paths found busy earlier in this run: not waited for again
         self._sleep = sleep
         self._held = False
         self._stop = threading.Event()
         self._refresher: Optional[threading.Thread] = None
 
     def acquire(self) -> None:
-        """Take the lock or raise StoreBusyError after ``timeout`` seconds."""
+        """Take the lock or raise StoreBusyError after ``timeout`` seconds (at once for a lock
+        already found busy in this run: one wait per file and run, not one per access)."""
+        if self.busy is not None and str(self.lock_dir) in self.busy:
+            raise StoreBusyError("store busy: %s is locked by another process (found busy "
+                                 "earlier in this run; not waited for again)" % self.lock_dir)
         deadline = time.monotonic() + self.timeout
         delay = 0.05
         while not self._try_once():
             if time.monotonic() >= deadline:
+                if self.busy is not None:
+                    self.busy.add(str(self.lock_dir))
                 raise StoreBusyError("store busy: %s is locked by another process (waited %.0f s)"
                                      % (self.lock_dir, self.timeout))
             self._sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -877,6 +905,9 @@ class Store:
         self.lock_timeout = lock_timeout
         self.config_file = config_file  # aml config file named on the command line, if any
         self.state_dir = self.root / STATE_DIR_NAME
+        # Runtime locks that stayed held past lock_timeout in this run: every later access
+        # skips the file at once (a run waits for a busy file once, and reports it once).
+        self.busy_locks: Set[str] = set()
 
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:
@@ -951,12 +982,17 @@ class Store:
 
     # -- locked writes -------------------------------------------------------
     def file_lock(self, path: Path) -> FileLock:
-        """The runtime-compatible lock for one data file, with this store's wait limit."""
-        return FileLock(path, timeout=self.lock_timeout)
+        """The runtime-compatible lock for one data file, with this store's wait limit
+        (a file found busy earlier in this run raises StoreBusyError at once)."""
+        return FileLock(path, timeout=self.lock_timeout, busy=self.busy_locks)
 
     def maintenance_lock(self) -> MaintenanceLock:
-        """The store-wide lock that keeps two aml runs apart (creates ``.aml/``)."""
-        return MaintenanceLock(self.ensure_state_dir(), timeout=self.lock_timeout)
+        """The store-wide lock that keeps two aml runs apart (creates ``.aml/``); taking it
+        outermost starts a new run, so files found busy before are waited for again."""
+        lock = MaintenanceLock(self.ensure_state_dir(), timeout=self.lock_timeout)
+        if os.path.abspath(str(lock.path)) not in MaintenanceLock._held:
+            self.busy_locks.clear()
+        return lock
 
     @contextlib.contextmanager
     def rewrite(self, path: Path, expect: type = list) -> Iterator["Rewrite"]:
@@ -1571,11 +1607,12 @@ class _PackWriter:
     def _write_oldest(self) -> None:
         future, ulen = self._pending.pop(0)
         data = future.result()
-        if self._fh is None:
-            self._fh = open(str(self.path), "xb")
-            os.chmod(str(self.path), 0o600)
-            self._fh.write(_PACK_MAGIC)
-        self._fh.write(data)
+        with naming_path(self.path):
+            if self._fh is None:
+                self._fh = open(str(self.path), "xb")
+                os.chmod(str(self.path), 0o600)
+                self._fh.write(_PACK_MAGIC)
+            self._fh.write(data)
         self.blocks.append((self._offset, len(data), ulen))
         self._offset += len(data)
 
@@ -1588,9 +1625,10 @@ class _PackWriter:
         self._pool.shutdown()
         if self._fh is None:
             return 0
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        with naming_path(self.path):
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
         self._fh = None
         index = _encode_index(self.blocks, self.entries)
         atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
@@ -2871,7 +2909,7 @@ class _RestorePlan:
         entry = self.entries[rel]
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
+        with naming_path(path), os.fdopen(fd, "wb") as handle:
             handle.write(encode_restored(entry, content))
             handle.flush()
             os.fsync(handle.fileno())
@@ -5325,10 +5363,11 @@ class MemoryPruner:
     def _entries(self, plan: _FilePlan, records: List[Any]) -> List[Dict[str, Any]]:
         """Archive entries (contracts.md schema, the record kept once as its exact text)."""
         rtype = plan.data_file.rtype
+        kept = copies_kept(records, plan.removals)
         return [{"agent": plan.data_file.agent, "file": plan.rel, "type": rtype.value,
                  "id": record_facts(rtype, records[i]).id, "index": plan.positions[i],
                  "reason": removal.reason.value, "details": removal.details,
-                 "record_text": archived_record_text(records[i])}
+                 "copies_kept": kept[i], "record_text": archived_record_text(records[i])}
                 for i, removal in sorted(plan.removals.items())]
 
     def _guard_message(self, run: _Run) -> Optional[str]:
@@ -5374,11 +5413,32 @@ def _canonical(record: Any) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
+def _id_key(record: Any) -> Optional[str]:
+    """The id identical records share (None without one): narrows content comparisons."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def copies_kept(records: List[Any], removed: Iterable[int]) -> Dict[int, int]:
+    """{removed position: how many records with its exact content the file keeps}.
+
+    Stored in each archive entry (``copies_kept``) so undo knows how many copies the file
+    held once the removal was written (a gc duplicate keeps one, most removals none), and so
+    tells a file the run rewrote from one a crash left untouched. Only records sharing an id
+    with a removed one are serialised.
+    """
+    removed = set(removed)
+    keys = {_id_key(records[i]) for i in removed}
+    left: Dict[str, int] = collections.Counter(
+        _canonical(r) for j, r in enumerate(records) if j not in removed and _id_key(r) in keys)
+    return {i: left.get(_canonical(records[i]), 0) for i in removed}
+
+
 # -- undo -----------------------------------------------------------------------
 
 @dataclasses.dataclass
 class UndoResult:
-    """What ``prune --undo`` put back."""
+    """What ``prune --undo`` put back, and what it could not (the run then stays not undone)."""
 
     run_id: str
     operation: str
@@ -5387,12 +5447,18 @@ class UndoResult:
     skipped: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     busy: List[str] = dataclasses.field(default_factory=list)
+    # {"file", "records", "why"} for every file whose records were not put back.
+    not_restored: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    failed: Optional[ExitCode] = None  # the worst non-busy, non-unreadable failure seen
 
     @property
     def exit_code(self) -> ExitCode:
-        """BUSY over PARTIAL over OK (a run left not undone can be undone again)."""
+        """BUSY over another failure over PARTIAL over OK (a run left not undone can be
+        undone again)."""
         if self.busy:
             return ExitCode.BUSY
+        if self.failed is not None:
+            return self.failed
         return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
 
 
@@ -5406,14 +5472,16 @@ def _archived_file(store: Store, rel: Any) -> Path:
 
 
 def undo_run(store: Store, run_id: str) -> UndoResult:
-    """Put the records of an archived run (prune or gc) back where they were.
+    """Return the files of an archived run (prune, gc or any other) to their pre-run content.
 
-    Each record goes back at its original position when the file allows it; a record whose
-    id (or, without an id, whose exact content) is present again is skipped. Every archive
-    part is verified before anything changes; then files are restored one at a time (memory:
-    one part and one file). The run is marked undone once every file was handled; a second
-    undo is a no-op that says so. Raises UsageError (no such run), IntegrityError (corrupt
-    archive), StoreBusyError.
+    Per file and per distinct record content, the file must hold as many copies as it did
+    before the run: the copies the run kept (``copies_kept`` of its last entry) plus the
+    copies it archived. Only what is missing is inserted, at its original position, so an
+    undo after a crash mid-run, or a second undo after a partial one, puts back exactly what
+    the file lacks. Every archive part is verified before anything changes; then files are
+    restored one at a time. A file that is busy, unreadable, or cannot be written is listed in
+    ``not_restored`` with why, and the run is marked undone only when nothing was left out.
+    Raises UsageError (no such run), IntegrityError (corrupt archive), StoreBusyError.
     """
     archive = Archive(store)
     manifest = archive.manifest(run_id)
@@ -5433,7 +5501,7 @@ def undo_run(store: Store, run_id: str) -> UndoResult:
         for rel, names in files.items():  # records stay text until they are put back
             entries = [e for name in names for e in read(name) if e.get("file") == rel]
             _restore_file(store, paths[rel], rel, entries, result)
-        if not result.unreadable and not result.busy:
+        if not result.not_restored:
             archive.mark_undone(run_id, store.now)
     return result
 
@@ -5464,39 +5532,57 @@ def _part_reader(archive: Archive, run_id: str) -> Callable[[str], List[Dict[str
 
 def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, Any]],
                   result: UndoResult) -> None:
-    """Insert one file's archived records back, lowest original index first."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with store.file_lock(path):
-            if not path.exists():
-                write_json_file(path, [])
+    """Insert what one file lacks of its archived records, lowest original index first."""
     try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with store.file_lock(path):
+                if not path.exists():
+                    write_json_file(path, [])
         with store.rewrite(path) as job:
             job.changed = _insert_entries(job.data, entries, result) > 0
+        return
     except StoreBusyError as exc:
         result.busy.append(str(exc))
+        why = str(exc)
     except CorruptFileError as exc:
         result.unreadable.append({"file": rel, "problem": exc.problem})
+        why = "unreadable: %s" % exc.problem
+    except (IntegrityError, OSError) as exc:
+        code = ExitCode.INTEGRITY if isinstance(exc, IntegrityError) else ExitCode.FAILURE
+        result.failed = max(result.failed or code, code)
+        why = str(exc) if isinstance(exc, IntegrityError) else os_error_text(exc, path)
+    result.not_restored.append({"file": rel, "records": len(entries), "why": why})
 
 
 def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: UndoResult) -> int:
-    ids = {r.get("id") for r in data if isinstance(r, dict) and r.get("id")}
-    # Whole-record texts are only needed to recognise records without an id.
-    contents = ({_canonical(r) for r in data} if any(not e.get("id") for e in entries)
-                else set())
-    restored = 0
-    for entry in sorted(entries, key=lambda e: e.get("index") or 0):
-        record, rid = _entry_record(entry), entry.get("id")
-        if (rid in ids) if rid else (_canonical(record) in contents):
-            result.skipped.append({"file": entry.get("file"), "id": rid,
-                                   "index": entry.get("index"), "why": "present again"})
-            continue
-        data.insert(min(max(0, int(entry.get("index") or 0)), len(data)), record)
-        ids.add(rid)
-        contents.add(_canonical(record))
-        restored += 1
-    result.restored += restored
-    return restored
+    """Insert, per distinct content, the archived copies the file lacks (a multiset, so
+    identical records and records sharing an id are each counted); returns how many."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for entry in entries:  # in part order: the last entry of a group is the run's last word
+        groups.setdefault(_canonical(_entry_record(entry)), []).append(entry)
+    keys = {_id_key(e["record"]) for e in entries}
+    present = collections.Counter(_canonical(r) for r in data if _id_key(r) in keys)
+    chosen = []
+    for canon, group in groups.items():
+        before = _copies_kept_of(group[-1]) + len(group)  # copies the file held before the run
+        missing = max(0, min(len(group), before - present.get(canon, 0)))
+        chosen.extend(group[:missing])
+        result.skipped.extend({"file": e.get("file"), "id": e.get("id"), "index": e.get("index"),
+                               "why": "present again"} for e in group[missing:])
+    for entry in sorted(chosen, key=lambda e: e.get("index") or 0):
+        data.insert(min(max(0, int(entry.get("index") or 0)), len(data)), entry["record"])
+    result.restored += len(chosen)
+    return len(chosen)
+
+
+def _copies_kept_of(entry: Dict[str, Any]) -> int:
+    """How many identical copies the run left in the file; entries archived before aml
+    stored ``copies_kept`` only keep a copy when gc removed an exact duplicate."""
+    kept = entry.get("copies_kept")
+    if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 0:
+        return kept
+    return 1 if entry.get("reason") == "duplicate" else 0  # GcReason.DUPLICATE
 
 
 def _entry_record(entry: Dict[str, Any]) -> Any:
@@ -5752,6 +5838,7 @@ class GcResult:
     skipped_changed: int
     backup_id: Optional[str]
     seconds: float
+    busy: List[str] = dataclasses.field(default_factory=list)
 
 
 class GarbageCollector:
@@ -5766,6 +5853,8 @@ class GarbageCollector:
     def __init__(self, store: Store, force: bool = False):
         self.store = store
         self.force = force
+        self.busy: List[str] = []        # files apply left alone: their lock stayed held
+        self.unreadable: List[str] = []  # files apply left alone: unreadable since planning
 
     def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
         """Archive entries for the agent's defective records, reading its files (no writes)."""
@@ -5842,28 +5931,41 @@ class GarbageCollector:
 
     def apply(self, run_id: str, entries: List[Dict[str, Any]]
               ) -> Tuple[List[Dict[str, Any]], int]:
-        """Archive, then remove ``entries`` from their files under the runtime's lock.
+        """Remove ``entries`` from their files, each file under the runtime's lock, its
+        archive part written (with ``copies_kept``) before the file is replaced.
 
         A record is removed only if the file still holds it unchanged; returns the entries
-        actually removed (the archive is rewritten to match) and how many were skipped.
+        actually removed and how many were skipped as changed. A file whose lock stays held
+        or that turned unreadable is left alone and listed in ``busy`` / ``unreadable``.
         """
         archive = Archive(self.store)
-        archive.save(run_id, "gc", entries)
-        removed, skipped = [], 0
+        archive.begin(run_id, "gc")
+        removed: List[Dict[str, Any]] = []
+        skipped, parts = 0, 0
         by_file: Dict[str, List[Dict[str, Any]]] = {}
         for entry in entries:
             by_file.setdefault(entry["file"], []).append(entry)
         for rel, file_entries in by_file.items():
-            done = self._remove_from(self.store.root / rel, file_entries)
+            number = parts + 1
+            try:
+                done = self._remove_from(self.store.root / rel, file_entries,
+                                         lambda d, n=number: archive.write_part(run_id, n, d))
+            except StoreBusyError as exc:
+                self.busy.append(str(exc))
+                continue
+            except CorruptFileError as exc:
+                self.unreadable.append(str(exc))
+                continue
+            parts += bool(done)
             removed.extend(done)
             skipped += len(file_entries) - len(done)
-        if skipped:
-            archive.save(run_id, "gc", removed)
+        archive.finish(run_id, {"entries": len(removed), "parts": parts})
         return removed, skipped
 
-    def _remove_from(self, path: Path, entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def _remove_from(self, path: Path, entries: List[Dict[str, Any]],
+                     write_part: Callable[[List[Dict[str, Any]]], Any]) -> List[Dict[str, Any]]:
         with self.store.rewrite(path) as job:
-            positions, done = set(), []
+            positions: Dict[int, Dict[str, Any]] = {}
             for entry in entries:
                 canon = _canonical(entry["record"])
                 i = entry["index"]
@@ -5871,13 +5973,16 @@ class GarbageCollector:
                     i = next((j for j, r in enumerate(job.data)
                               if j not in positions and _canonical(r) == canon), None)
                 if i is not None:
-                    positions.add(i)
-                    done.append(entry)
+                    positions[i] = entry
             if positions:
+                kept = copies_kept(job.data, positions)
+                for i, entry in positions.items():
+                    entry.update(index=i, copies_kept=kept[i])
+                write_part(list(positions.values()))  # archived before the file changes
                 job.data = [r for j, r in enumerate(job.data) if j not in positions]
                 job.changed = True
-                job.removed = positions  # pure deletion: splice, do not re-encode
-        return done
+                job.removed = set(positions)  # pure deletion: splice, do not re-encode
+        return list(positions.values())
 
 
 def stale_lock_dirs(store: Store, now: Optional[float] = None) -> List[Path]:
@@ -5964,8 +6069,8 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
     rel = lambda p: p.relative_to(store.root).as_posix()  # noqa: E731
     reasons = dict(collections.Counter(e["reason"] for e in removed))
     return GcResult(dry_run, run_id, removed, reasons, refused, [rel(p) for p in locks],
-                    [rel(p) for p in temps], orphans, [str(e) for e in errors], skipped,
-                    backup_id, time.monotonic() - started)
+                    [rel(p) for p in temps], orphans, [str(e) for e in errors] + gc.unreadable,
+                    skipped, backup_id, time.monotonic() - started, gc.busy)
 
 
 def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans: List[str],
