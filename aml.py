@@ -8907,10 +8907,9 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
 
 
 def _print_undo(out: Output, result: UndoResult) -> int:
-    for problem in result.unreadable:
-        out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
-    for message in result.busy:
-        out.warn(message)
+    for item in result.not_restored:
+        out.warn("not restored: %d records of %s (%s)" % (item["records"], item["file"],
+                                                          item["why"]))
     out.document(result)
     if result.already_undone:
         out.always("run %s was already undone at %s; nothing to do"
@@ -8921,6 +8920,10 @@ def _print_undo(out: Output, result: UndoResult) -> int:
                                         skip["why"]))
     out.line("run %s (%s): restored %d records, skipped %d"
              % (result.run_id, result.operation, result.restored, len(result.skipped)))
+    if result.not_restored:
+        out.warn("run %s is not marked undone: %d files were not restored; rerun the undo "
+                 "(it puts back only what is still missing)"
+                 % (result.run_id, len(result.not_restored)))
     return int(result.exit_code)
 
 

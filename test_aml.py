@@ -2514,6 +2514,185 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
     assert backup["backup_id"] == summary["backup_id"] and backup["verified"] is True
 
 
+# ---- issue 18: undo returns the store to its pre-run state ----
+
+def _texts(root):
+    """{file: decompressed bytes} of every agent record file (gzip undone, order kept)."""
+    out = {}
+    for path in sorted(Path(root).glob("*/*s.json")):
+        raw = path.read_bytes()
+        out[str(path.relative_to(root))] = (raw[:2] == b"\x1f\x8b",
+                                            gzip.decompress(raw) if raw[:2] == b"\x1f\x8b"
+                                            else raw)
+    return out
+
+
+def _gc_mess(root, gz):
+    """One agent with exact duplicates and a same-id conflict among enough good records."""
+    rng = random.Random(18)
+    good = [_pattern(rng) for _ in range(10)]
+    dup = _pattern(rng)
+    newer = _pattern(rng, last_used=1)
+    older = dict(_pattern(rng, last_used=50), id=newer["id"])  # same id, other content
+    patterns = good[:3] + [dup, dict(dup)] + good[3:6] + [older, newer, dict(dup)] + good[6:]
+    return _one_agent(root, patterns=patterns, gz=gz)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_undo_of_gc_puts_back_exact_duplicates_and_id_conflicts(tmp_path, capsys, gz):
+    root = _gc_mess(tmp_path / "m", gz)
+    before, texts = _all_records(root), _texts(root)
+    code, doc, _ = run_cli(root, "optimize", "gc", "--no-backup", "--format", "json",
+                           capsys=capsys)
+    gc = json.loads(doc)["steps"]["gc"]
+    assert code == 0 and gc["by_reason"] == {"duplicate": 2, "id_conflict": 1}
+    code, out, _ = run_cli(root, "prune", "--undo", gc["run_id"], capsys=capsys)
+    assert code == 0 and "restored 3 records, skipped 0" in out
+    assert _all_records(root) == before and _texts(root) == texts  # byte for byte, gzip kept
+    code, out, _ = run_cli(root, "prune", "--undo", gc["run_id"], capsys=capsys)
+    assert code == 0 and "already undone" in out and _all_records(root) == before
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_undo_of_prune_puts_back_every_record_sharing_an_id(tmp_path, capsys, gz):
+    rng = random.Random(19)
+    old = _pattern(rng, last_used=200)
+    other = dict(_pattern(rng, last_used=300), id=old["id"])  # same id, other content
+    patterns = [_pattern(rng) for _ in range(8)]
+    patterns[2:2] = [old, dict(old)]
+    patterns[6:6] = [other]
+    root = _one_agent(tmp_path / "m", patterns=patterns, gz=gz)
+    before, texts = _all_records(root), _texts(root)
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run = json.loads(doc)
+    assert code == 0 and [r["id"] for r in run["removed"]] == [old["id"]] * 3
+    assert _all_records(root)["solo/patterns.json"] == [p for p in patterns if p["id"] != old["id"]]
+    result = aml.undo_run(aml.Store(root, now=NOW), run["run_id"])
+    assert (result.restored, result.skipped, result.not_restored) == (3, [], [])
+    assert _all_records(root) == before and _texts(root) == texts
+
+
+def test_undo_after_a_crash_between_files_restores_the_pre_run_set(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    data = lambda dst: Path(dst).name in aml.RECORD_FILES  # noqa: E731
+    fail_nth_replace(monkeypatch, n=3, counts=data)
+    with pytest.raises(OSError):
+        aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    monkeypatch.undo()
+    assert _all_records(root) != before  # two files were pruned, the third was not
+    run_id = aml.Archive(aml.Store(root)).runs()[0]
+    result = aml.undo_run(aml.Store(root, now=NOW), run_id)
+    assert _all_records(root) == before and result.not_restored == []
+    assert result.skipped  # the records of the files the crash left untouched
+
+
+def test_gc_crash_after_its_part_then_undo_restores_the_pre_run_set(tmp_path, monkeypatch):
+    root = _gc_mess(tmp_path / "m", gz=True)
+    before = _all_records(root)
+    data = lambda dst: Path(dst).name in aml.RECORD_FILES  # noqa: E731
+    fail_nth_replace(monkeypatch, n=1, counts=data)  # the part is written, the file is not
+    with pytest.raises(OSError):
+        aml.collect_garbage(aml.Store(root, now=NOW))
+    monkeypatch.undo()
+    assert _all_records(root) == before
+    run_id = aml.Archive(aml.Store(root)).runs()[0]
+    result = aml.undo_run(aml.Store(root, now=NOW), run_id)
+    assert result.restored == 0 and len(result.skipped) == 3  # all still in the file
+    assert _all_records(root) == before
+
+
+def test_undo_that_cannot_restore_a_file_says_why_and_stays_not_undone(tmp_path, capsys,
+                                                                        monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = _all_records(root)
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run_id = json.loads(doc)["run_id"]
+    real = aml.atomic_write_bytes
+    full = str(root / "code-reviewer" / "patterns.json")
+
+    def no_space(path, data, mode=None):
+        if str(path) == full:
+            raise OSError(28, "No space left on device")
+        return real(path, data, mode)
+
+    monkeypatch.setattr(aml, "atomic_write_bytes", no_space)
+    code, out, err = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 1 and "code-reviewer/patterns.json" in err and "No space left" in err
+    assert aml.Archive(aml.Store(root)).manifest(run_id)["undone"] is None
+    monkeypatch.undo()
+    code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 0 and _all_records(root) == before
+    assert aml.Archive(aml.Store(root)).manifest(run_id)["undone"]
+
+
+import signal  # noqa: E402  (only the kill -9 tests need it)
+
+_KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import aml
+n, when, calls, real = int(sys.argv[2]), sys.argv[3], [0], os.replace
+def replace(src, dst):
+    calls[0] += 1
+    if calls[0] == n and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+    if calls[0] == n and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+code = aml.main(sys.argv[4:])
+print("replaces", calls[0])
+sys.exit(code)
+"""
+
+
+def _killed_run(root, argv, n, when):
+    """Run aml in a subprocess that SIGKILLs itself at its n-th os.replace (before or after)."""
+    proc = subprocess.run([sys.executable, "-c", _KILLER, str(HERE), str(n), when, str(root)]
+                          + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=120)
+    return proc
+
+
+@pytest.mark.parametrize("command", [["prune", "--no-backup", "--now", NOW_TEXT],
+                                     ["optimize", "gc", "--no-backup"]], ids=["prune", "gc"])
+def test_kill_9_then_undo_returns_the_exact_pre_run_record_set(tmp_path, command):
+    def fresh(name):
+        root = _prune_store(tmp_path / name / "m", gz="mixed")
+        for path in list(root.glob("*/patterns.json"))[:2]:  # something for gc to remove
+            records = read_data(path)
+            older = dict(records[1], id=records[0]["id"], timestamp=ts(399))
+            write_data(path, records[:3] + [records[2], older] + records[3:],
+                       gz=path.read_bytes()[:2] == b"\x1f\x8b")
+        return root
+
+    total = _killed_run(fresh("count"), command, 0, "never")
+    assert total.returncode == 0, total.stderr
+    replaces = int(total.stdout.split()[-1])
+    assert replaces > 4
+    for n in sorted({1, 2, 3, replaces // 3, replaces // 2, replaces - 2, replaces - 1}):
+        for when in ("before", "after"):
+            root = fresh("%d-%s" % (n, when))
+            before = _all_records(root)
+            proc = _killed_run(root, command, n, when)
+            assert proc.returncode == -signal.SIGKILL, (n, when, proc.stderr)
+            for lock in root.glob("*/*.lock"):  # left by the killed run: let them go stale
+                os.utime(str(lock), (time.time() - 60, time.time() - 60))
+            runs = aml.Archive(aml.Store(root)).runs()
+            if not runs:  # killed before its archive existed: nothing may have changed
+                assert _all_records(root) == before, (n, when)
+                continue
+            undo = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "prune",
+                                   "--undo", runs[0]], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+            assert undo.returncode == 0, (n, when, undo.stderr)
+            assert _all_records(root) == before, (n, when, undo.stdout)
+            assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
+
+
 # =============================================================================
 # 12. Compression and garbage collection
 # =============================================================================
