@@ -3063,7 +3063,8 @@ def store_parent(store: Store) -> Path:
 
 
 def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = None) -> str:
-    """Take and verify a snapshot before destructive work; returns its id.
+    """Take and verify a snapshot before destructive work; returns its id. ``reason`` says
+    what it comes before (``"before <run id>"``), as the backup list and errors show it.
 
     Call it with the store's maintenance lock held (it does not take it again). Raises
     RefusedError when the backup cannot be taken or does not verify, so the work stops.
@@ -3073,7 +3074,7 @@ def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = No
         result = BackupManager(store, config).create(BackupType.INCREMENTAL, reason=reason,
                                                      verify=True, lock_store=False)
     except (AmlError, OSError) as exc:
-        raise RefusedError("safety backup before %s failed, nothing was changed (%s); "
+        raise RefusedError("safety backup %s failed, nothing was changed (%s); "
                            "--no-backup skips it" % (reason, exc)) from None
     return result.backup_id
 
@@ -9002,10 +9003,10 @@ def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConf
                         args: argparse.Namespace) -> Dict[str, Any]:
     backup_id = None
     if not args.dry_run and config.create_backup and "compress" in steps:
-        backup_id = safety_backup(store, "optimize %s" % args.action)
+        backup_id = safety_backup(store, "before optimize %s" % args.action)
     gc_backup = None
     if config.create_backup and backup_id is None:
-        gc_backup = lambda: safety_backup(store, "optimize gc")  # noqa: E731
+        gc_backup = lambda: safety_backup(store, "before optimize gc")  # noqa: E731
     results: Dict[str, Any] = {}
     for step in steps:
         started, clock = store.now, time.monotonic()

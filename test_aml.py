@@ -4865,3 +4865,32 @@ def test_every_readme_transcript_is_tagged_so_the_runner_runs_it():
         elif fence and fence[0] == "" and line.lstrip("$ ").startswith(("aml", "python3 aml.py")):
             untagged.append(fence[1])
     assert untagged == []
+
+
+# ---- issue 18: busy files, temp files, errors that name their path ----
+
+def test_a_full_disk_error_names_the_file_it_could_not_write(tmp_path, capsys, monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = _all_records(root)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aml.os, "fsync", full)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    monkeypatch.undo()
+    assert code == 1 and err.count("\n") == 1 and "No space left on device: " in err
+    assert str(root) in err.split("No space left on device: ")[1]
+    assert _all_records(root) == before
+
+
+@pytest.mark.parametrize("command", [["prune", "--now", NOW_TEXT], ["optimize", "gc"],
+                                     ["migrate", "migrate-latest"]])
+def test_a_failed_safety_backup_says_before_once(tmp_path, capsys, command):
+    root = _gc_mess(tmp_path / "m", gz=False)
+    write_data(root / "solo" / "solutions.json", [make_solution("solo", random.Random(1))])
+    (tmp_path / "memory-backup").write_text("a file where the backup folder should be")
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, *command, capsys=capsys)
+    assert code == 4 and "safety backup before " in err and "before before" not in err
+    assert tree_digest(root, skip_state=True) == before
