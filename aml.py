@@ -5653,6 +5653,7 @@ class TranscodeResult:
     unreadable: List[str]
     workers: int
     seconds: float
+    busy: List[str] = dataclasses.field(default_factory=list)  # locks held: left as they were
 
     @property
     def ratio(self) -> Optional[float]:
@@ -5678,41 +5679,57 @@ def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> byte
 
 
 def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool,
-                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[Any, ...]:
+                   indexed: Optional[Tuple[int, int]] = None,
+                   busy: Optional[Set[str]] = None) -> Tuple[Any, ...]:
     """Compress or decompress one file in place under its lock; runs in a worker thread.
 
     Returns (path, outcome, bytes before, bytes after, problem, (size, mtime_ns) before,
     (size, mtime_ns) after; both None unless done) with outcome ``done``,
-    ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile) or
-    ``unreadable``. The file's mtime is kept so ``--age-days`` stays meaningful.
+    ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile), ``busy``
+    (its lock stayed held; ``busy`` is the run's set of such locks) or ``unreadable``. The
+    file's mtime is kept so ``--age-days`` stays meaningful.
     ``indexed`` is the (size, mtime_ns) at which the index parsed the file successfully;
     if the file still matches, it is not parsed again.
     """
     path = Path(path_text)
-    with FileLock(path, timeout=lock_timeout):
-        try:
-            before = path.stat()
-            raw = path.read_bytes()
-            parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
-                         and len(raw) == before.st_size)
-            if (raw[:2] == GZIP_MAGIC) == to_gzip:
-                if not parsed_ok:  # already in form, but a truncated gzip is not "done"
-                    parse_json_text(decode_file_bytes(path, raw)[0])
-                return path_text, "skipped", len(raw), len(raw), "", None, None
-            new = _transcode_bytes(raw, to_gzip, parsed_ok)
-        except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
-            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc)), None, None
-        if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
-            raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
-        after = path.stat()
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return path_text, "changed", len(raw), len(raw), "", None, None
-        if not dry_run:  # write errors propagate: the old file is intact (atomic write)
-            atomic_write_bytes(path, new)
-            os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
-            after = path.stat()  # still under the lock: exactly the file as we left it
-        return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
-                (after.st_size, after.st_mtime_ns))
+    lock = FileLock(path, timeout=lock_timeout, busy=busy)
+    try:
+        lock.acquire()
+    except StoreBusyError as exc:  # left as it was; the other files go on
+        return path_text, "busy", 0, 0, str(exc), None, None
+    try:
+        return _transcode_locked(path, to_gzip, dry_run, indexed)
+    finally:
+        lock.release()
+
+
+def _transcode_locked(path: Path, to_gzip: bool, dry_run: bool,
+                      indexed: Optional[Tuple[int, int]]) -> Tuple[Any, ...]:
+    """_transcode_one's work, with the file's lock held."""
+    path_text = str(path)
+    try:
+        before = path.stat()
+        raw = path.read_bytes()
+        parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
+                     and len(raw) == before.st_size)
+        if (raw[:2] == GZIP_MAGIC) == to_gzip:
+            if not parsed_ok:  # already in form, but a truncated gzip is not "done"
+                parse_json_text(decode_file_bytes(path, raw)[0])
+            return path_text, "skipped", len(raw), len(raw), "", None, None
+        new = _transcode_bytes(raw, to_gzip, parsed_ok)
+    except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
+        return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc)), None, None
+    if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
+        raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        return path_text, "changed", len(raw), len(raw), "", None, None
+    if not dry_run:  # write errors propagate: the old file is intact (atomic write)
+        atomic_write_bytes(path, new)
+        os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = path.stat()  # still under the lock: exactly the file as we left it
+    return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
+            (after.st_size, after.st_mtime_ns))
 
 
 def _indexed_stats(index: MemoryIndex) -> Dict[Path, Tuple[int, int]]:
@@ -5734,9 +5751,12 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     Compression takes files unchanged for ``age_days`` (0 = all); decompression takes all.
     Each file is locked, parsed (an unparseable file is listed, never written), converted,
     verified and replaced atomically with its mtime kept; files run in parallel threads.
-    Call with the maintenance lock held.
+    A file whose lock stays held is left as it was and listed in ``busy``. Call with the
+    maintenance lock held (a real run first removes temp files an interrupted one left).
     """
     started = time.monotonic()
+    if not dry_run:
+        store.cleanup_temp_files()
     cutoff = store.now.timestamp() - age_days * 86400.0
     paths, recent = [], []
     for path in _agent_data_files(store):
@@ -5751,11 +5771,11 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     indexed = _indexed_stats(index)
     with paused_cyclic_gc():  # the parses of files the index did not vouch for
         outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
-                                                  indexed.get(p)) for p in paths], count,
-                                threads=True)
+                                                  indexed.get(p), store.busy_locks)
+                                                 for p in paths], count, threads=True)
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
-                                                                     "unreadable")}
+                                                                     "unreadable", "busy")}
     if not dry_run and by["done"]:
         # A file big enough to have record offsets in the id table is left to the next refresh:
         # its byte offsets do not hold in gzip bytes, nor character offsets in re-indented text.
@@ -5769,7 +5789,7 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
         skipped_done=[rel(o[0]) for o in by["skipped"]],
         skipped_changed=[rel(o[0]) for o in by["changed"]],
         unreadable=["%s: %s" % (rel(o[0]), o[4]) for o in by["unreadable"]],
-        workers=count, seconds=time.monotonic() - started)
+        workers=count, seconds=time.monotonic() - started, busy=[o[4] for o in by["busy"]])
 
 
 class GcReason(enum.Enum):
@@ -6902,6 +6922,7 @@ class MigrationResult:
     backup_id: Optional[str] = None
     run_id: Optional[str] = None
     seconds: float = 0.0
+    busy: List[str] = dataclasses.field(default_factory=list)  # files left as they were
 
     def absorb(self, outcome: FileMigration) -> None:
         """Add one file's outcome."""
@@ -6928,9 +6949,12 @@ class MigrationResult:
         self.samples.append(sample)
 
     def exit_code(self) -> ExitCode:
-        """4 if a step down was refused, 3 if files or records were skipped, else 0."""
+        """4 if a step down was refused, 5 if a busy file was left as it was, 3 if files or
+        records were skipped, else 0."""
         if self.refused:
             return ExitCode.REFUSED
+        if self.busy:
+            return ExitCode.BUSY
         return ExitCode.PARTIAL if (self.unreadable or self.reported) else ExitCode.OK
 
 
@@ -7102,6 +7126,8 @@ class MigrationManager:
                 self._rewrite(data_file, rel, target, result)
             except CorruptFileError as exc:
                 result.unreadable.append(str(exc))
+            except StoreBusyError as exc:  # left as it was; the other files go on
+                result.busy.append(str(exc))
         return result
 
     def _safety_backup(self, target: SchemaVersion) -> str:
@@ -8989,13 +9015,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         results = _run_optimize_steps(store, steps, config, args)
     out.document({"action": action, "dry_run": args.dry_run, "order": list(results),
                   "steps": results})
-    code = ExitCode.OK
+    code, named = ExitCode.OK, set()  # each busy file named once, by its first step
     for step, result in results.items():
-        _print_step(out, step, result)
-        if getattr(result, "unreadable", None):
+        _print_step(out, step, result, named)
+        if getattr(result, "unreadable", None) and code is ExitCode.OK:
             code = ExitCode.PARTIAL
         if getattr(result, "refused_agents", None):  # only a dry run gets here: say it would
             code = ExitCode.REFUSED
+    if any(getattr(r, "busy", None) for r in results.values()):
+        code = ExitCode.BUSY  # busy files were left as they were; the rest was done
     return code
 
 
@@ -9044,10 +9072,15 @@ def _step_summary(step: str, result: Any) -> Dict[str, Any]:
             "orphaned_state": len(result.orphaned_state), "backup_id": result.backup_id}
 
 
-def _print_step(out: Output, step: str, result: Any) -> None:
+def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
     would = "would " if result.dry_run else ""
     for problem in getattr(result, "unreadable", []):
         out.warn("%s: skipped, unreadable: %s" % (step, problem))
+    for message in getattr(result, "busy", []):
+        lock = message.split(" (")[0]  # "store busy: <lock> is locked by another process"
+        if lock not in named:
+            named.add(lock)
+            out.warn("%s: skipped, left as it was: %s" % (step, message))
     if step == "index":
         out.line("index: %s%s; %d files, %d re-read, %d records, %d ids, %s on disk (bloom %s)"
                  % (would, "rebuild" if result.rebuilt else "refresh", result.files,
@@ -9497,6 +9530,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         out.progress_done()
     for problem in result.unreadable:
         out.warn("skipped unreadable file %s" % problem)
+    for message in result.busy:
+        out.warn("skipped, left as it was: %s" % message)
     for item in result.reported[:20]:
         out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
                                                      item["problem"]))

@@ -4894,3 +4894,81 @@ def test_a_failed_safety_backup_says_before_once(tmp_path, capsys, command):
     code, _, err = run_cli(root, *command, capsys=capsys)
     assert code == 4 and "safety backup before " in err and "before before" not in err
     assert tree_digest(root, skip_state=True) == before
+
+
+def _busy_store(root, gz=False):
+    """Three agents, each patterns file with an exact duplicate for gc; one file's lock held."""
+    root = build_store(root, gz=gz)
+    for path in root.glob("*/patterns.json"):
+        records = read_data(path)
+        write_data(path, records + [records[0]], gz=gz)
+    busy = root / "code-reviewer" / "patterns.json"
+    aml.lock_path_for(busy).mkdir()  # fresh: held by the runtime for the whole test
+    return root, busy
+
+
+def _count_waits(monkeypatch):
+    """Record the message of every StoreBusyError a FileLock raises."""
+    real, seen = aml.FileLock.acquire, []
+
+    def acquire(self):
+        try:
+            return real(self)
+        except aml.StoreBusyError as exc:
+            seen.append(str(exc))
+            raise
+
+    monkeypatch.setattr(aml.FileLock, "acquire", acquire)
+    return seen
+
+
+@pytest.mark.parametrize("command,gz,done", [
+    (["optimize", "gc"], False, lambda p: len(read_data(p)) == 40),
+    (["optimize", "compress", "--age-days", "0"], False, lambda p: p.read_bytes()[:2] == b"\x1f\x8b"),
+    (["optimize", "decompress"], True, lambda p: p.read_bytes()[:1] == b"["),
+    (["migrate", "migrate-latest"], False, lambda p: read_data(p)[0].get("metadata") is not None),
+    (["optimize", "all", "--age-days", "0"], False,
+     lambda p: p.read_bytes()[:2] == b"\x1f\x8b" and len(read_data(p)) == 40),
+], ids=["gc", "compress", "decompress", "migrate", "all"])
+def test_a_busy_file_is_skipped_once_and_the_rest_is_done(tmp_path, capsys, monkeypatch,
+                                                           command, gz, done):
+    root, busy = _busy_store(tmp_path / "m", gz)
+    raw = busy.read_bytes()
+    waits = _count_waits(monkeypatch)
+    code, out, err = run_cli(root, *command, "--lock-timeout", "0.2", capsys=capsys)
+    assert code == 5 and out.strip() and "error" not in err, err  # finished, and said what it did
+    assert busy.read_bytes() == raw and str(aml.lock_path_for(busy)) in err
+    others = [p for p in root.glob("*/patterns.json") if p != busy]
+    assert len(others) == 2 and all(done(p) for p in others), err
+    assert len([w for w in waits if "(waited" in w]) == 1  # waited for once in the whole run
+    assert err.count(str(aml.lock_path_for(busy))) == 1  # and named once
+
+
+def test_prune_waits_for_a_busy_file_once_with_its_safety_backup(tmp_path, capsys,
+                                                                 monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    busy = root / "code-reviewer" / "patterns.json"
+    raw = busy.read_bytes()
+    aml.lock_path_for(busy).mkdir()
+    waits = _count_waits(monkeypatch)
+    code, out, err = run_cli(root, "prune", "--now", NOW_TEXT, "--lock-timeout", "0.2",
+                             "--format", "json", capsys=capsys)
+    assert code == 5 and busy.read_bytes() == raw
+    doc = json.loads(out)
+    assert doc["backup_id"] and len(doc["busy"]) == 1 and doc["removed"]
+    assert len([w for w in waits if "(waited" in w]) == 1
+
+
+@pytest.mark.parametrize("step,gz", [("compress", False), ("decompress", True)])
+def test_compress_and_decompress_remove_the_temp_files_of_an_interrupted_run(tmp_path, capsys,
+                                                                            step, gz):
+    root = build_store(tmp_path / "m", gz=gz)
+    data = root / "code-reviewer" / "patterns.json"
+    leftover = aml._temp_path(data)  # what a kill between write and rename leaves
+    leftover.write_bytes(data.read_bytes()[:100])
+    assert aml.is_temp_leftover(leftover.name)
+    code, _, err = run_cli(root, "optimize", step, "--age-days", "0", "--no-backup",
+                           capsys=capsys)
+    assert code == 0, err
+    assert not leftover.exists()
+    assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
