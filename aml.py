@@ -4451,6 +4451,10 @@ def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupRe
     if not result.records:
         result.not_found = True
         result.message = "no record with id %r in %s" % (record_id, store.root)
+        if result.unreadable:  # it may be in a file that could not be read: not a "no"
+            result.message = ("no record with id %r in the readable files of %s; it may be in "
+                              "the %d unreadable file(s) named above"
+                              % (record_id, store.root, len(result.unreadable)))
     return result
 
 
@@ -9172,7 +9176,8 @@ def _lookup_exit(out: Output, result: LookupResult) -> int:
         out.warn("skipped, unreadable: %s" % problem)
     if result.not_found:
         out.warn(result.message or "not found")
-        return ExitCode.FAILURE
+        if not result.unreadable:
+            return ExitCode.FAILURE
     return ExitCode.PARTIAL if result.unreadable else ExitCode.OK
 
 

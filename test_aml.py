@@ -4972,3 +4972,19 @@ def test_compress_and_decompress_remove_the_temp_files_of_an_interrupted_run(tmp
     assert code == 0, err
     assert not leftover.exists()
     assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["index", "scan"])
+def test_get_of_an_id_that_may_be_in_an_unreadable_file_exits_3(tmp_path, capsys, scan):
+    root = build_store(tmp_path / "m", gz=True)
+    broken = root / "code-reviewer" / "patterns.json"
+    rid = read_data(broken)[0]["id"]
+    broken.write_bytes(broken.read_bytes()[:-20])  # truncated gzip
+    code, out, err = run_cli(root, "get", rid, *(["--scan"] if scan else []), capsys=capsys)
+    assert code == 3 and out == "" and "code-reviewer/patterns.json" in err
+    assert "may be in the 1 unreadable file" in err
+    code, _, err = run_cli(root, "get", "no-such-id-at-all", capsys=capsys)
+    assert code == 3
+    broken.unlink()
+    code, _, err = run_cli(root, "get", rid, capsys=capsys)
+    assert code == 1 and "no record with id" in err and "unreadable" not in err
