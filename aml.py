@@ -7273,6 +7273,14 @@ STATE_LOCK_WAIT = 5.0  # under the 10 s after which Nagios kills a plugin by def
 # A file modified this recently is re-parsed next time even if size and mtime match, because
 # a second write within the same mtime tick would otherwise hide from the cache.
 INTEGRITY_RACY_SECONDS = 2.0
+# A cached "parses" also needs the same content sample: the first and last 16 KiB and 16
+# blocks of 4 KiB spread between (a file up to 96 KiB is hashed whole), so bit rot that keeps
+# size and mtime is caught where it hits a sampled byte; every cached file is parsed in full
+# again at least every INTEGRITY_RECHECK_DAYS, which catches the rest.
+INTEGRITY_EDGE_BYTES = 16 * 1024
+INTEGRITY_SAMPLE_BYTES = 4096
+INTEGRITY_SAMPLES = 16
+INTEGRITY_RECHECK_DAYS = 7.0
 _MB = 1024 * 1024
 
 
@@ -7780,6 +7788,24 @@ def _parse_problem(path: Path, expect: Optional[type], objects: bool) -> Optiona
     return None
 
 
+def content_sample(path: Path, size: int) -> str:
+    """A cheap content fingerprint (blake2b of sampled ranges, see INTEGRITY_SAMPLES); raises
+    OSError."""
+    digest = hashlib.blake2b(digest_size=16)
+    edge, block = INTEGRITY_EDGE_BYTES, INTEGRITY_SAMPLE_BYTES
+    with open(str(path), "rb") as handle:
+        if size <= 2 * edge + INTEGRITY_SAMPLES * block:
+            digest.update(handle.read())
+            return digest.hexdigest()
+        span = size - 2 * edge - block
+        ranges = [(0, edge)] + [(edge + span * k // (INTEGRITY_SAMPLES - 1), block)
+                                for k in range(INTEGRITY_SAMPLES)] + [(size - edge, edge)]
+        for offset, length in ranges:
+            handle.seek(offset)
+            digest.update(handle.read(length))
+    return digest.hexdigest()
+
+
 def _check_one_file(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
     """Parse a file; a failure is retried once if the file changed meanwhile (live writer)."""
     before = path.stat()
@@ -8114,7 +8140,8 @@ class MemoryMonitor:
                             % (details["backup_id"], hours), details)
 
     def _check_integrity(self, history: List[Dict[str, Any]]) -> HealthCheck:
-        """Parse every data file (cached by size and mtime); any failure is critical."""
+        """Parse every data file (cached by size, mtime and a content sample, and re-parsed
+        every INTEGRITY_RECHECK_DAYS); any failure is critical."""
         cache = self._integrity_cache()
         targets = _integrity_targets(self.store)
         fresh, problems, parsed = {}, [], 0
@@ -8122,11 +8149,16 @@ class MemoryMonitor:
             rel = _rel(self.store, path)
             try:
                 info = path.stat()
+                sample = content_sample(path, info.st_size)
             except FileNotFoundError:
                 continue  # removed since listing (a live writer); nothing left to check
+            except OSError as exc:
+                problems.append(Problem(rel, HealthStatus.CRITICAL,
+                                        "%s: cannot read (%s)" % (rel, exc.strerror or exc)))
+                continue
             key = [info.st_size, info.st_mtime_ns]
             cached = cache.get(rel)
-            if cached and cached.get("key") == key and cached.get("ok") is True:
+            if cached and self._still_good(cached, key, sample):
                 fresh[rel] = cached
                 continue
             problem = _check_one_file(path, expect, objects)
@@ -8134,12 +8166,21 @@ class MemoryMonitor:
             if problem is not None:
                 problems.append(Problem(rel, HealthStatus.CRITICAL, "%s: %s" % (rel, problem)))
             elif time.time() - info.st_mtime >= INTEGRITY_RACY_SECONDS:
-                fresh[rel] = {"key": key, "ok": True}
+                fresh[rel] = {"key": key, "ok": True, "sample": sample,
+                              "checked": format_timestamp(self.store.now)}
         self._integrity_fresh = fresh  # saved by health() under the state lock
         return self._finish("integrity", problems,
                             "%d files parse (%d parsed now, %d unchanged since the last check)"
                             % (len(targets), parsed, len(targets) - parsed),
                             {"files": len(targets), "parsed": parsed})
+
+    def _still_good(self, cached: Dict[str, Any], key: List[int], sample: str) -> bool:
+        """A cached parse still counts: same size, mtime and sample, parsed recently enough."""
+        checked = parse_timestamp(cached.get("checked"))
+        return (cached.get("key") == key and cached.get("ok") is True
+                and cached.get("sample") == sample and checked is not None
+                and (self.store.now - checked).total_seconds()
+                < INTEGRITY_RECHECK_DAYS * 86400.0)
 
     def _integrity_cache(self) -> Dict[str, Any]:
         try:

@@ -4988,3 +4988,35 @@ def test_get_of_an_id_that_may_be_in_an_unreadable_file_exits_3(tmp_path, capsys
     broken.unlink()
     code, _, err = run_cli(root, "get", rid, capsys=capsys)
     assert code == 1 and "no record with id" in err and "unreadable" not in err
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_bit_rot_that_keeps_size_and_mtime_is_not_reported_healthy(tmp_path, capsys, size):
+    root = build_store(tmp_path / "m", gz=True, patterns=40 if size == "small" else 2000)
+    rotten = root / "code-reviewer" / "patterns.json"
+    old = time.time() - 60  # older than the racy window, so the first run caches them
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+    first = _check(_health(root, capsys=capsys)[1], "integrity")
+    assert first["status"] == "healthy"
+    raw = bytearray(rotten.read_bytes())
+    info = rotten.stat()
+    raw[16384 if size == "large" else len(raw) // 2] ^= 0x40  # one bit, in a sampled block
+    rotten.write_bytes(bytes(raw))
+    os.utime(rotten, ns=(info.st_atime_ns, info.st_mtime_ns))  # same size, same mtime
+    check = _check(_health(root, capsys=capsys)[1], "integrity")
+    assert check["status"] == "critical" and "code-reviewer/patterns.json" in json.dumps(check)
+
+
+def test_integrity_cache_reparses_every_file_after_the_recheck_period(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    old = time.time() - 60
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+    when = aml.format_timestamp(NOW)
+    later = aml.format_timestamp(NOW + dt.timedelta(days=aml.INTEGRITY_RECHECK_DAYS + 1))
+    _health(root, "--now", when, capsys=capsys)
+    again = _check(_health(root, "--now", when, capsys=capsys)[1], "integrity")
+    assert again["details"]["parsed"] == 0
+    late = _check(_health(root, "--now", later, capsys=capsys)[1], "integrity")
+    assert late["details"]["parsed"] == late["details"]["files"] > 0
