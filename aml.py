@@ -2022,6 +2022,72 @@ def _check_no_symlinks(root: Path, rel: str) -> None:
                                % (rel, current))
 
 
+def manifest_path_problems(files: List[Any]) -> List[str]:
+    """Every reason in a manifest's own paths that restore refuses: an unsafe path, one aml
+    never restores (``.aml/`` other than the archive, locks, temp files, the conventional
+    backup folder), a path listed twice, and a file that is also a folder of another path."""
+    problems: List[str] = []
+    seen: Set[str] = set()
+    for entry in files:
+        try:
+            rel = safe_relpath(entry.get("path") if isinstance(entry, dict) else None)
+        except IntegrityError as exc:
+            problems.append(str(exc))
+            continue
+        if _skip_name(rel):
+            problems.append("path %r is outside what aml restores" % rel)
+        elif rel in seen:
+            problems.append("path %r is listed twice" % rel)
+        seen.add(rel)
+    for rel in sorted(seen):
+        folder = rel
+        while "/" in folder:
+            folder = folder.rsplit("/", 1)[0]
+            if folder in seen:
+                problems.append("path %r is a file and also the folder of %r" % (folder, rel))
+                break
+    return problems
+
+
+def target_path_problems(rels: Iterable[str], root: Path, repo: Path) -> List[str]:
+    """Why restoring ``rels`` into ``root`` would be refused there: a symlink or file on
+    the way, a folder where the file goes, or a path into the backup repository (each
+    folder is looked at once; one lstat per file)."""
+    problems: List[str] = []
+    repo_text = os.path.realpath(str(repo))
+    root_text = os.path.realpath(str(root))
+    repo_inside = os.path.commonpath([repo_text, root_text]) == root_text
+    bad_folders: Dict[str, Optional[str]] = {}
+    for rel in rels:
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        if folder not in bad_folders:
+            try:
+                _check_no_symlinks(root, rel)
+                bad_folders[folder] = None
+            except RefusedError as exc:
+                bad_folders[folder] = str(exc)
+        if bad_folders[folder] is not None:
+            problems.append(bad_folders[folder])
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(str(root / rel)).st_mode):
+                problems.append("refusing to restore %s: %s is a folder" % (rel, root / rel))
+                continue
+        if repo_inside and os.path.commonpath(
+                [repo_text, os.path.realpath(str(root / rel))]) == repo_text:
+            problems.append("refusing to restore %s: it is inside the backup repository %s"
+                            % (rel, repo))
+    return problems
+
+
+def _is_safe(rel: Any) -> bool:
+    try:
+        safe_relpath(rel)
+    except IntegrityError:
+        return False
+    return True
+
+
 def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
     return agents is None or rel.split("/", 1)[0] in agents
 
@@ -2406,6 +2472,7 @@ class BackupManager:
                 result.problems.append("%s: %s" % (backup_id, exc))
             else:
                 problems, count = _verify_files(manifest["files"], objects, checked, deep)
+                problems.extend(self._restore_refusals(manifest["files"]))
                 result.problems.extend("%s: %s" % (backup_id, p) for p in problems)
                 result.files_checked += len(manifest["files"])
                 result.objects_checked += count
@@ -2413,6 +2480,14 @@ class BackupManager:
                 result.failed.append(backup_id)
         result.ok = not result.problems
         return result
+
+    def _restore_refusals(self, files: List[Any]) -> List[str]:
+        """What would make a restore of these files into the live store refuse (unsafe
+        paths are already reported per file by _verify_files)."""
+        problems = [p for p in manifest_path_problems(files) if "unsafe path" not in p]
+        rels = [e["path"] for e in files if isinstance(e, dict) and _is_safe(e.get("path"))]
+        return problems + ["restore into %s would refuse: %s" % (self.store.root, p)
+                           for p in target_path_problems(rels, self.store.root, self.repo)]
 
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
@@ -2791,6 +2866,10 @@ class _RestorePlan:
         self.live = root == manager.store.root.resolve()
         self.backup_id = manifest["id"]
         self.entries = self._entries(manifest, scope)
+        refusals = target_path_problems(self.entries, root, manager.repo)
+        if refusals:  # found in the plan: nothing has changed yet
+            raise RefusedError("; ".join(refusals[:5]) + (" (and %d more)" % (len(refusals) - 5)
+                                                          if len(refusals) > 5 else ""))
         self.objects = _ObjectStore(manager.packs)
         self.created: List[str] = []
         self.replaced: List[str] = []
@@ -2822,15 +2901,10 @@ class _RestorePlan:
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
-        entries = {}
-        for entry in manifest["files"]:
-            rel = safe_relpath(_entry_path(entry))
-            if _skip_name(rel):
-                raise IntegrityError("backup %s: path %r is outside what aml restores"
-                                     % (manifest.get("id"), rel))
-            if _in_scope(rel, scope):
-                entries[rel] = entry
-        return entries
+        problems = manifest_path_problems(manifest["files"])
+        if problems:
+            raise IntegrityError("backup %s: %s" % (manifest.get("id"), "; ".join(problems[:5])))
+        return {e["path"]: e for e in manifest["files"] if _in_scope(e["path"], scope)}
 
     def _classify(self, rel: str) -> None:
         _check_no_symlinks(self.root, rel)

@@ -5020,3 +5020,37 @@ def test_integrity_cache_reparses_every_file_after_the_recheck_period(tmp_path, 
     assert again["details"]["parsed"] == 0
     late = _check(_health(root, "--now", later, capsys=capsys)[1], "integrity")
     assert late["details"]["parsed"] == late["details"]["files"] > 0
+
+
+@pytest.mark.parametrize("tamper", ["folder", "duplicate", "file_and_folder", "state_dir"])
+def test_every_reason_restore_refuses_is_found_by_verify_and_before_any_change(
+        tmp_path, capsys, tamper):
+    root = build_store(tmp_path / "memory")
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    payload = manager.load_manifest(snap.backup_id)
+    files = payload["files"]
+    last = files[-1]
+    if tamper == "folder":  # a folder in the live store where the manifest has a file
+        (root / "code-reviewer" / "notes.json").mkdir()
+        last["path"] = "code-reviewer/notes.json"
+    elif tamper == "duplicate":
+        files.append(dict(files[0]))
+    elif tamper == "file_and_folder":
+        files.append(dict(last, path="code-reviewer"))
+    else:
+        files.append(dict(last, path=".aml/alerts.json"))
+    aml._write_manifest(path, payload)
+    code, out, err = run_cli(root, "backup", "verify", "--backup-id", snap.backup_id, "--deep",
+                             capsys=capsys)
+    assert code != 0 and ("notes.json" in out + err or "twice" in out + err
+                          or "also the folder" in out + err or ".aml/alerts.json" in out + err)
+    for rel in ("backend-developer/patterns.json", "test-automator/decisions.json"):
+        write_data(root / rel, read_data(root / rel)[:-1])  # the restore has work to do
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "backup", "restore", "--backup-id", snap.backup_id,
+                           capsys=capsys)
+    assert code in (4, 6) and err.count("\n") == 1 and "restore-" not in err
+    assert tree_digest(root, skip_state=True) == before
+    assert not list((root / ".aml").glob("restore-*"))
