@@ -1202,9 +1202,10 @@ class Archive:
     status ``writing`` then ``complete``, counts, undone) and ``part-NNNN.json.gz`` files, each
     the gzip of ``{"format", "sha256" (of the payload), "payload": {"run_id", "part",
     "entries"}}``. An entry keeps its record once, as ``record_text``; reading gives ``record``
-    back in its original key order. Runs of the old layout (``<run_id>.json``) are still read.
-    A crash between a part and its file's rewrite leaves a record in both places (undo skips
-    ids that are present), never in neither.
+    back in its original key order, and ``copies_kept``: how many records with its exact
+    content the run left in that file. Runs of the old layout (``<run_id>.json``) are still
+    read. A crash between a part and its file's rewrite leaves a record in both places (undo
+    counts copies by content and puts back only what is missing), never in neither.
     """
 
     def __init__(self, store: Store):

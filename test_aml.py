@@ -2669,11 +2669,20 @@ def test_kill_9_then_undo_returns_the_exact_pre_run_record_set(tmp_path, command
                        gz=path.read_bytes()[:2] == b"\x1f\x8b")
         return root
 
-    total = _killed_run(fresh("count"), command, 0, "never")
+    counted = fresh("count")
+    total = _killed_run(counted, command, 0, "never")
     assert total.returncode == 0, total.stderr
+    uninterrupted = _all_records(counted)
     replaces = int(total.stdout.split()[-1])
     assert replaces > 4
-    for n in sorted({1, 2, 3, replaces // 3, replaces // 2, replaces - 2, replaces - 1}):
+
+    def undo(root, run_id):
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "prune",
+                               "--undo", run_id], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+    for n in sorted({1, replaces // 3, replaces // 2, replaces - 2, replaces - 1}):
         for when in ("before", "after"):
             root = fresh("%d-%s" % (n, when))
             before = _all_records(root)
@@ -2681,16 +2690,27 @@ def test_kill_9_then_undo_returns_the_exact_pre_run_record_set(tmp_path, command
             assert proc.returncode == -signal.SIGKILL, (n, when, proc.stderr)
             for lock in root.glob("*/*.lock"):  # left by the killed run: let them go stale
                 os.utime(str(lock), (time.time() - 60, time.time() - 60))
-            runs = aml.Archive(aml.Store(root)).runs()
-            if not runs:  # killed before its archive existed: nothing may have changed
+            assert not [p for p in root.rglob("*") if p.name.endswith(".json")
+                        and p.is_file() and ".aml" not in p.parts
+                        and not _parses(p)], (n, when)  # no torn file
+            killed = aml.Archive(aml.Store(root)).runs()
+            if not killed:  # killed before its archive existed: nothing may have changed
                 assert _all_records(root) == before, (n, when)
                 continue
-            undo = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "prune",
-                                   "--undo", runs[0]], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, timeout=120)
-            assert undo.returncode == 0, (n, when, undo.stderr)
-            assert _all_records(root) == before, (n, when, undo.stdout)
+            rerun = _killed_run(root, command, 0, "never")  # a rerun ends as if never killed
+            assert rerun.returncode == 0 and _all_records(root) == uninterrupted, (n, when)
+            for run_id in reversed(aml.Archive(aml.Store(root)).runs()):
+                undo(root, run_id)  # both runs (same second: in either order)
+            assert _all_records(root) == before, (n, when)
             assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
+
+
+def _parses(path):
+    try:
+        read_data(path)
+        return True
+    except ValueError:
+        return False
 
 
 # =============================================================================
