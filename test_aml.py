@@ -2567,7 +2567,8 @@ def test_undo_of_prune_puts_back_every_record_sharing_an_id(tmp_path, capsys, gz
                            capsys=capsys)
     run = json.loads(doc)
     assert code == 0 and [r["id"] for r in run["removed"]] == [old["id"]] * 3
-    assert _all_records(root)["solo/patterns.json"] == [p for p in patterns if p["id"] != old["id"]]
+    kept = [p for p in patterns if p["id"] != old["id"]]
+    assert _all_records(root)["solo/patterns.json"] == kept
     result = aml.undo_run(aml.Store(root, now=NOW), run["run_id"])
     assert (result.restored, result.skipped, result.not_restored) == (3, [], [])
     assert _all_records(root) == before and _texts(root) == texts
@@ -4944,7 +4945,8 @@ def _count_waits(monkeypatch):
 
 @pytest.mark.parametrize("command,gz,done", [
     (["optimize", "gc"], False, lambda p: len(read_data(p)) == 40),
-    (["optimize", "compress", "--age-days", "0"], False, lambda p: p.read_bytes()[:2] == b"\x1f\x8b"),
+    (["optimize", "compress", "--age-days", "0"], False,
+     lambda p: p.read_bytes()[:2] == b"\x1f\x8b"),
     (["optimize", "decompress"], True, lambda p: p.read_bytes()[:1] == b"["),
     (["migrate", "migrate-latest"], False, lambda p: read_data(p)[0].get("metadata") is not None),
     (["optimize", "all", "--age-days", "0"], False,
