@@ -210,7 +210,7 @@ _TS_RE = re.compile(
 
 
 @contextlib.contextmanager
-def naming_path(path: Any) -> Iterator[None]:
+def _naming_path(path: Any) -> Iterator[None]:
     """Re-raise an OSError that names no file (a write hitting a full disk, an fsync) with
     ``path``, so its one-line error says which file or folder could not be written."""
     try:
@@ -221,7 +221,7 @@ def naming_path(path: Any) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
-def os_error_text(exc: OSError, path: Any = None) -> str:
+def _os_error_text(exc: OSError, path: Any = None) -> str:
     """``<file>: <reason>`` for an OSError (``path`` when the error names none)."""
     where = exc.filename if exc.filename is not None else path
     reason = exc.strerror or str(exc)
@@ -514,7 +514,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: Optional[int] = None) -> N
     tmp = _temp_path(path)
     fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with naming_path(path), os.fdopen(fd, "wb") as handle:
+        with _naming_path(path), os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -524,7 +524,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: Optional[int] = None) -> N
         with contextlib.suppress(OSError):
             os.unlink(str(tmp))
         raise
-    with naming_path(path.parent):
+    with _naming_path(path.parent):
         fsync_dir(path.parent)
 
 
@@ -1608,7 +1608,7 @@ class _PackWriter:
     def _write_oldest(self) -> None:
         future, ulen = self._pending.pop(0)
         data = future.result()
-        with naming_path(self.path):
+        with _naming_path(self.path):
             if self._fh is None:
                 self._fh = open(str(self.path), "xb")
                 os.chmod(str(self.path), 0o600)
@@ -1626,7 +1626,7 @@ class _PackWriter:
         self._pool.shutdown()
         if self._fh is None:
             return 0
-        with naming_path(self.path):
+        with _naming_path(self.path):
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
@@ -2023,7 +2023,7 @@ def _check_no_symlinks(root: Path, rel: str) -> None:
                                % (rel, current))
 
 
-def manifest_path_problems(files: List[Any]) -> List[str]:
+def _manifest_path_problems(files: List[Any]) -> List[str]:
     """Every reason in a manifest's own paths that restore refuses: an unsafe path, one aml
     never restores (``.aml/`` other than the archive, locks, temp files, the conventional
     backup folder), a path listed twice, and a file that is also a folder of another path."""
@@ -2050,7 +2050,7 @@ def manifest_path_problems(files: List[Any]) -> List[str]:
     return problems
 
 
-def target_path_problems(rels: Iterable[str], root: Path, repo: Path) -> List[str]:
+def _target_path_problems(rels: Iterable[str], root: Path, repo: Path) -> List[str]:
     """Why restoring ``rels`` into ``root`` would be refused there: a symlink or file on
     the way, a folder where the file goes, or a path into the backup repository (each
     folder is looked at once; one lstat per file)."""
@@ -2485,10 +2485,10 @@ class BackupManager:
     def _restore_refusals(self, files: List[Any]) -> List[str]:
         """What would make a restore of these files into the live store refuse (unsafe
         paths are already reported per file by _verify_files)."""
-        problems = [p for p in manifest_path_problems(files) if "unsafe path" not in p]
+        problems = [p for p in _manifest_path_problems(files) if "unsafe path" not in p]
         rels = [e["path"] for e in files if isinstance(e, dict) and _is_safe(e.get("path"))]
         return problems + ["restore into %s would refuse: %s" % (self.store.root, p)
-                           for p in target_path_problems(rels, self.store.root, self.repo)]
+                           for p in _target_path_problems(rels, self.store.root, self.repo)]
 
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
@@ -2867,7 +2867,7 @@ class _RestorePlan:
         self.live = root == manager.store.root.resolve()
         self.backup_id = manifest["id"]
         self.entries = self._entries(manifest, scope)
-        refusals = target_path_problems(self.entries, root, manager.repo)
+        refusals = _target_path_problems(self.entries, root, manager.repo)
         if refusals:  # found in the plan: nothing has changed yet
             raise RefusedError("; ".join(refusals[:5]) + (" (and %d more)" % (len(refusals) - 5)
                                                           if len(refusals) > 5 else ""))
@@ -2902,7 +2902,7 @@ class _RestorePlan:
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
-        problems = manifest_path_problems(manifest["files"])
+        problems = _manifest_path_problems(manifest["files"])
         if problems:
             raise IntegrityError("backup %s: %s" % (manifest.get("id"), "; ".join(problems[:5])))
         return {e["path"]: e for e in manifest["files"] if _in_scope(e["path"], scope)}
@@ -2984,7 +2984,7 @@ class _RestorePlan:
         entry = self.entries[rel]
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with naming_path(path), os.fdopen(fd, "wb") as handle:
+        with _naming_path(path), os.fdopen(fd, "wb") as handle:
             handle.write(encode_restored(entry, content))
             handle.flush()
             os.fsync(handle.fileno())
@@ -5631,7 +5631,7 @@ def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, An
     except (IntegrityError, OSError) as exc:
         code = ExitCode.INTEGRITY if isinstance(exc, IntegrityError) else ExitCode.FAILURE
         result.failed = max(result.failed or code, code)
-        why = str(exc) if isinstance(exc, IntegrityError) else os_error_text(exc, path)
+        why = str(exc) if isinstance(exc, IntegrityError) else _os_error_text(exc, path)
     result.not_restored.append({"file": rel, "records": len(entries), "why": why})
 
 
@@ -5698,6 +5698,7 @@ def list_runs(store: Store) -> List[Dict[str, Any]]:
 
 __all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "PruneResult",
             "PrunedRecord", "AgentPruneSummary", "UndoResult", "undo_run", "list_runs",
+            "copies_kept",
             "prune_config_for", "record_value", "is_protected", "time_verdict",
             "performance_verdict", "agent_disk_bytes", "store_disk_bytes"]
 
@@ -7863,7 +7864,7 @@ def _parse_problem(path: Path, expect: Optional[type], objects: bool) -> Optiona
     return None
 
 
-def content_sample(path: Path, size: int) -> str:
+def _content_sample(path: Path, size: int) -> str:
     """A cheap content fingerprint (blake2b of sampled ranges, see INTEGRITY_SAMPLES); raises
     OSError."""
     digest = hashlib.blake2b(digest_size=16)
@@ -8224,7 +8225,7 @@ class MemoryMonitor:
             rel = _rel(self.store, path)
             try:
                 info = path.stat()
-                sample = content_sample(path, info.st_size)
+                sample = _content_sample(path, info.st_size)
             except FileNotFoundError:
                 continue  # removed since listing (a live writer); nothing left to check
             except OSError as exc:
