@@ -5509,9 +5509,11 @@ def copies_kept(records: List[Any], removed: Iterable[int]) -> Dict[int, int]:
     """
     removed = set(removed)
     keys = {_id_key(records[i]) for i in removed}
-    left: Dict[str, int] = collections.Counter(
-        _canonical(r) for j, r in enumerate(records) if j not in removed and _id_key(r) in keys)
-    return {i: left.get(_canonical(records[i]), 0) for i in removed}
+    peers = [r for j, r in enumerate(records) if j not in removed and _id_key(r) in keys]
+    shared = {_id_key(r) for r in peers}  # ids no kept record has need no serialising
+    left: Dict[str, int] = collections.Counter(_canonical(r) for r in peers)
+    return {i: left.get(_canonical(records[i]), 0) if _id_key(records[i]) in shared else 0
+            for i in removed}
 
 
 # -- undo -----------------------------------------------------------------------
