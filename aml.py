@@ -225,6 +225,25 @@ def first_few(items: Sequence[str], noun: str, shown: int = 3, sep: str = ", ") 
                                                "s" if rest > 1 else "", len(items))
 
 
+@contextlib.contextmanager
+def _naming_path(path: Any) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write hitting a full disk, an fsync) with
+    ``path``, so its one-line error says which file or folder could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+def _os_error_text(exc: OSError, path: Any = None) -> str:
+    """``<file>: <reason>`` for an OSError (``path`` when the error names none)."""
+    where = exc.filename if exc.filename is not None else path
+    reason = exc.strerror or str(exc)
+    return "%s: %s" % (where, reason) if where is not None else reason
+
+
 def utcnow() -> _dt.datetime:
     """The current time, timezone-aware UTC."""
     return _dt.datetime.now(_dt.timezone.utc)
@@ -511,7 +530,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: Optional[int] = None) -> N
     tmp = _temp_path(path)
     fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with _naming_path(path), os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -521,7 +540,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: Optional[int] = None) -> N
         with contextlib.suppress(OSError):
             os.unlink(str(tmp))
         raise
-    fsync_dir(path.parent)
+    with _naming_path(path.parent):
+        fsync_dir(path.parent)
 
 
 def write_json_file(path: Path, obj: Any, fmt: FileFormat = FileFormat()) -> int:
@@ -569,21 +589,29 @@ class FileLock:
     """
 
     def __init__(self, path: Path, timeout: float = DEFAULT_LOCK_TIMEOUT,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 busy: Optional[Set[str]] = None):
         self.path = Path(path)
         self.lock_dir = lock_path_for(self.path)
         self.timeout = timeout
+        self.busy = busy  # lock paths found busy earlier in this run: not waited for again
         self._sleep = sleep
         self._held = False
         self._stop = threading.Event()
         self._refresher: Optional[threading.Thread] = None
 
     def acquire(self) -> None:
-        """Take the lock or raise StoreBusyError after ``timeout`` seconds."""
+        """Take the lock or raise StoreBusyError after ``timeout`` seconds (at once for a lock
+        already found busy in this run: one wait per file and run, not one per access)."""
+        if self.busy is not None and str(self.lock_dir) in self.busy:
+            raise StoreBusyError("store busy: %s is locked by another process (found busy "
+                                 "earlier in this run; not waited for again)" % self.lock_dir)
         deadline = time.monotonic() + self.timeout
         delay = 0.05
         while not self._try_once():
             if time.monotonic() >= deadline:
+                if self.busy is not None:
+                    self.busy.add(str(self.lock_dir))
                 raise StoreBusyError("store busy: %s is locked by another process (waited %.0f s)"
                                      % (self.lock_dir, self.timeout))
             self._sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -929,6 +957,9 @@ class Store:
         self.lock_timeout = lock_timeout
         self.config_file = config_file  # aml config file named on the command line, if any
         self.state_dir = self.root / STATE_DIR_NAME
+        # Runtime locks that stayed held past lock_timeout in this run: every later access
+        # skips the file at once (a run waits for a busy file once, and reports it once).
+        self.busy_locks: Set[str] = set()
 
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:
@@ -1003,12 +1034,17 @@ class Store:
 
     # -- locked writes -------------------------------------------------------
     def file_lock(self, path: Path) -> FileLock:
-        """The runtime-compatible lock for one data file, with this store's wait limit."""
-        return FileLock(path, timeout=self.lock_timeout)
+        """The runtime-compatible lock for one data file, with this store's wait limit
+        (a file found busy earlier in this run raises StoreBusyError at once)."""
+        return FileLock(path, timeout=self.lock_timeout, busy=self.busy_locks)
 
     def maintenance_lock(self) -> MaintenanceLock:
-        """The store-wide lock that keeps two aml runs apart (creates ``.aml/``)."""
-        return MaintenanceLock(self.ensure_state_dir(), timeout=self.lock_timeout)
+        """The store-wide lock that keeps two aml runs apart (creates ``.aml/``); taking it
+        outermost starts a new run, so files found busy before are waited for again."""
+        lock = MaintenanceLock(self.ensure_state_dir(), timeout=self.lock_timeout)
+        if os.path.abspath(str(lock.path)) not in MaintenanceLock._held:
+            self.busy_locks.clear()
+        return lock
 
     @contextlib.contextmanager
     def rewrite(self, path: Path, expect: type = list) -> Iterator["Rewrite"]:
@@ -1235,9 +1271,10 @@ class Archive:
     status ``writing`` then ``complete``, counts, undone) and ``part-NNNN.json.gz`` files, each
     the gzip of ``{"format", "sha256" (of the payload), "payload": {"run_id", "part",
     "entries"}}``. An entry keeps its record once, as ``record_text``; reading gives ``record``
-    back in its original key order. Runs of the old layout (``<run_id>.json``) are still read.
-    A crash between a part and its file's rewrite leaves a record in both places (undo skips
-    ids that are present), never in neither.
+    back in its original key order, and ``copies_kept``: how many records with its exact
+    content the run left in that file. Runs of the old layout (``<run_id>.json``) are still
+    read. A crash between a part and its file's rewrite leaves a record in both places (undo
+    counts copies by content and puts back only what is missing), never in neither.
     """
 
     def __init__(self, store: StoreLike):
@@ -1650,11 +1687,12 @@ class _PackWriter:
     def _write_oldest(self) -> None:
         future, ulen = self._pending.pop(0)
         data = future.result()
-        if self._fh is None:
-            self._fh = open(str(self.path), "xb")
-            os.chmod(str(self.path), 0o600)
-            self._fh.write(_PACK_MAGIC)
-        self._fh.write(data)
+        with _naming_path(self.path):
+            if self._fh is None:
+                self._fh = open(str(self.path), "xb")
+                os.chmod(str(self.path), 0o600)
+                self._fh.write(_PACK_MAGIC)
+            self._fh.write(data)
         self.blocks.append((self._offset, len(data), ulen))
         self._offset += len(data)
 
@@ -1667,9 +1705,10 @@ class _PackWriter:
         self._pool.shutdown()
         if self._fh is None:
             return 0
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        with _naming_path(self.path):
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
         self._fh = None
         index = _encode_index(self.blocks, self.entries)
         atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
@@ -2063,6 +2102,72 @@ def _check_no_symlinks(root: Path, rel: str) -> None:
                                % (rel, current))
 
 
+def _manifest_path_problems(files: List[Any]) -> List[str]:
+    """Every reason in a manifest's own paths that restore refuses: an unsafe path, one aml
+    never restores (``.aml/`` other than the archive, locks, temp files, the conventional
+    backup folder), a path listed twice, and a file that is also a folder of another path."""
+    problems: List[str] = []
+    seen: Set[str] = set()
+    for entry in files:
+        try:
+            rel = safe_relpath(entry.get("path") if isinstance(entry, dict) else None)
+        except IntegrityError as exc:
+            problems.append(str(exc))
+            continue
+        if _skip_name(rel):
+            problems.append("path %r is outside what aml restores" % rel)
+        elif rel in seen:
+            problems.append("path %r is listed twice" % rel)
+        seen.add(rel)
+    for rel in sorted(seen):
+        folder = rel
+        while "/" in folder:
+            folder = folder.rsplit("/", 1)[0]
+            if folder in seen:
+                problems.append("path %r is a file and also the folder of %r" % (folder, rel))
+                break
+    return problems
+
+
+def _target_path_problems(rels: Iterable[str], root: Path, repo: Path) -> List[str]:
+    """Why restoring ``rels`` into ``root`` would be refused there: a symlink or file on
+    the way, a folder where the file goes, or a path into the backup repository (each
+    folder is looked at once; one lstat per file)."""
+    problems: List[str] = []
+    repo_text = os.path.realpath(str(repo))
+    root_text = os.path.realpath(str(root))
+    repo_inside = os.path.commonpath([repo_text, root_text]) == root_text
+    bad_folders: Dict[str, Optional[str]] = {}
+    for rel in rels:
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        if folder not in bad_folders:
+            try:
+                _check_no_symlinks(root, rel)
+                bad_folders[folder] = None
+            except RefusedError as exc:
+                bad_folders[folder] = str(exc)
+        if bad_folders[folder] is not None:
+            problems.append(bad_folders[folder])
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(str(root / rel)).st_mode):
+                problems.append("refusing to restore %s: %s is a folder" % (rel, root / rel))
+                continue
+        if repo_inside and os.path.commonpath(
+                [repo_text, os.path.realpath(str(root / rel))]) == repo_text:
+            problems.append("refusing to restore %s: it is inside the backup repository %s"
+                            % (rel, repo))
+    return problems
+
+
+def _is_safe(rel: Any) -> bool:
+    try:
+        safe_relpath(rel)
+    except IntegrityError:
+        return False
+    return True
+
+
 def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
     return agents is None or rel.split("/", 1)[0] in agents
 
@@ -2447,6 +2552,7 @@ class BackupManager:
                 result.problems.append("%s: %s" % (backup_id, exc))
             else:
                 problems, count = _verify_files(manifest["files"], objects, checked, deep)
+                problems.extend(self._restore_refusals(manifest["files"]))
                 result.problems.extend("%s: %s" % (backup_id, p) for p in problems)
                 result.files_checked += len(manifest["files"])
                 result.objects_checked += count
@@ -2454,6 +2560,14 @@ class BackupManager:
                 result.failed.append(backup_id)
         result.ok = not result.problems
         return result
+
+    def _restore_refusals(self, files: List[Any]) -> List[str]:
+        """What would make a restore of these files into the live store refuse (unsafe
+        paths are already reported per file by _verify_files)."""
+        problems = [p for p in _manifest_path_problems(files) if "unsafe path" not in p]
+        rels = [e["path"] for e in files if isinstance(e, dict) and _is_safe(e.get("path"))]
+        return problems + ["restore into %s would refuse: %s" % (self.store.root, p)
+                           for p in _target_path_problems(rels, self.store.root, self.repo)]
 
     # -- restore --------------------------------------------------------------
     def snapshot_at(self, moment: _dt.datetime, agents: Optional[Sequence[str]] = None) -> str:
@@ -2860,6 +2974,10 @@ class _RestorePlan:
         self.live = root == manager.store.root.resolve()
         self.backup_id = manifest["id"]
         self.entries = self._entries(manifest, scope)
+        refusals = _target_path_problems(self.entries, root, manager.repo)
+        if refusals:  # found in the plan: nothing has changed yet
+            raise RefusedError("; ".join(refusals[:5]) + (" (and %d more)" % (len(refusals) - 5)
+                                                          if len(refusals) > 5 else ""))
         self.objects = _ObjectStore(manager.packs)
         self.created: List[str] = []
         self.replaced: List[str] = []
@@ -2891,15 +3009,10 @@ class _RestorePlan:
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
-        entries = {}
-        for entry in manifest["files"]:
-            rel = safe_relpath(_entry_path(entry))
-            if _skip_name(rel):
-                raise IntegrityError("backup %s: path %r is outside what aml restores"
-                                     % (manifest.get("id"), rel))
-            if _in_scope(rel, scope):
-                entries[rel] = entry
-        return entries
+        problems = _manifest_path_problems(manifest["files"])
+        if problems:
+            raise IntegrityError("backup %s: %s" % (manifest.get("id"), "; ".join(problems[:5])))
+        return {e["path"]: e for e in manifest["files"] if _in_scope(e["path"], scope)}
 
     def _classify(self, rel: str) -> None:
         _check_no_symlinks(self.root, rel)
@@ -2978,7 +3091,7 @@ class _RestorePlan:
         entry = self.entries[rel]
         mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
+        with _naming_path(path), os.fdopen(fd, "wb") as handle:
             handle.write(encode_restored(entry, content))
             handle.flush()
             os.fsync(handle.fileno())
@@ -3135,7 +3248,8 @@ def store_parent(store: Store) -> Path:
 
 
 def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = None) -> str:
-    """Take and verify a snapshot before destructive work; returns its id.
+    """Take and verify a snapshot before destructive work; returns its id. ``reason`` says
+    what it comes before (``"before <run id>"``), as the backup list and errors show it.
 
     Call it with the store's maintenance lock held (it does not take it again). Raises
     RefusedError when the backup cannot be taken or does not verify, so the work stops.
@@ -3145,7 +3259,7 @@ def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = No
         result = BackupManager(store, config).create(BackupType.INCREMENTAL, reason=reason,
                                                      verify=True, lock_store=False)
     except (AmlError, OSError) as exc:
-        raise RefusedError("safety backup before %s failed, nothing was changed (%s); "
+        raise RefusedError("safety backup %s failed, nothing was changed (%s); "
                            "--no-backup skips it" % (reason, exc)) from None
     return result.backup_id
 
@@ -5484,6 +5598,10 @@ def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupRe
     if not result.records:
         result.not_found = True
         result.message = "no record with id %r in %s" % (record_id, store.root)
+        if result.unreadable:  # it may be in a file that could not be read: not a "no"
+            result.message = ("no record with id %r in the readable files of %s; it may be in "
+                              "the %d unreadable file(s) named above"
+                              % (record_id, store.root, len(result.unreadable)))
     return result
 
 
@@ -6400,10 +6518,11 @@ class MemoryPruner:
     def _entries(self, plan: _FilePlan, records: List[Any]) -> List[Dict[str, Any]]:
         """Archive entries (contracts.md schema, the record kept once as its exact text)."""
         rtype = plan.data_file.rtype
+        kept = copies_kept(records, plan.removals)
         return [{"agent": plan.data_file.agent, "file": plan.rel, "type": rtype.value,
                  "id": record_facts(rtype, records[i]).id, "index": plan.positions[i],
                  "reason": removal.reason.value, "details": removal.details,
-                 "record_text": archived_record_text(records[i])}
+                 "copies_kept": kept[i], "record_text": archived_record_text(records[i])}
                 for i, removal in sorted(plan.removals.items())]
 
     def _guard_message(self, run: _Run) -> Optional[str]:
@@ -6450,11 +6569,34 @@ def _canonical(record: Any) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
+def _id_key(record: Any) -> Optional[str]:
+    """The id identical records share (None without one): narrows content comparisons."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def copies_kept(records: List[Any], removed: Iterable[int]) -> Dict[int, int]:
+    """{removed position: how many records with its exact content the file keeps}.
+
+    Stored in each archive entry (``copies_kept``) so undo knows how many copies the file
+    held once the removal was written (a gc duplicate keeps one, most removals none), and so
+    tells a file the run rewrote from one a crash left untouched. Only records sharing an id
+    with a removed one are serialised.
+    """
+    removed = set(removed)
+    keys = {_id_key(records[i]) for i in removed}
+    peers = [r for j, r in enumerate(records) if j not in removed and _id_key(r) in keys]
+    shared = {_id_key(r) for r in peers}  # ids no kept record has need no serialising
+    left: Dict[str, int] = collections.Counter(_canonical(r) for r in peers)
+    return {i: left.get(_canonical(records[i]), 0) if _id_key(records[i]) in shared else 0
+            for i in removed}
+
+
 # -- undo -----------------------------------------------------------------------
 
 @dataclasses.dataclass
 class UndoResult:
-    """What ``prune --undo`` put back."""
+    """What ``prune --undo`` put back, and what it could not (the run then stays not undone)."""
 
     run_id: str
     operation: str
@@ -6463,12 +6605,18 @@ class UndoResult:
     skipped: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     busy: List[str] = dataclasses.field(default_factory=list)
+    # {"file", "records", "why"} for every file whose records were not put back.
+    not_restored: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    failed: Optional[ExitCode] = None  # the worst non-busy, non-unreadable failure seen
 
     @property
     def exit_code(self) -> ExitCode:
-        """BUSY over PARTIAL over OK (a run left not undone can be undone again)."""
+        """BUSY over another failure over PARTIAL over OK (a run left not undone can be
+        undone again)."""
         if self.busy:
             return ExitCode.BUSY
+        if self.failed is not None:
+            return self.failed
         return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
 
 
@@ -6482,14 +6630,16 @@ def _archived_file(store: Store, rel: Any) -> Path:
 
 
 def undo_run(store: Store, run_id: str) -> UndoResult:
-    """Put the records of an archived run (prune or gc) back where they were.
+    """Return the files of an archived run (prune, gc or any other) to their pre-run content.
 
-    Each record goes back at its original position when the file allows it; a record whose
-    id (or, without an id, whose exact content) is present again is skipped. Every archive
-    part is verified before anything changes; then files are restored one at a time (memory:
-    one part and one file). The run is marked undone once every file was handled; a second
-    undo is a no-op that says so. Raises UsageError (no such run), IntegrityError (corrupt
-    archive), StoreBusyError.
+    Per file and per distinct record content, the file must hold as many copies as it did
+    before the run: the copies the run kept (``copies_kept`` of its last entry) plus the
+    copies it archived. Only what is missing is inserted, at its original position, so an
+    undo after a crash mid-run, or a second undo after a partial one, puts back exactly what
+    the file lacks. Every archive part is verified before anything changes; then files are
+    restored one at a time. A file that is busy, unreadable, or cannot be written is listed in
+    ``not_restored`` with why, and the run is marked undone only when nothing was left out.
+    Raises UsageError (no such run), IntegrityError (corrupt archive), StoreBusyError.
     """
     archive = Archive(store)
     manifest = archive.manifest(run_id)
@@ -6509,7 +6659,7 @@ def undo_run(store: Store, run_id: str) -> UndoResult:
         for rel, names in files.items():  # records stay text until they are put back
             entries = [e for name in names for e in read(name) if e.get("file") == rel]
             _restore_file(store, paths[rel], rel, entries, result)
-        if not result.unreadable and not result.busy:
+        if not result.not_restored:
             archive.mark_undone(run_id, store.now)
     return result
 
@@ -6540,39 +6690,57 @@ def _part_reader(archive: Archive, run_id: str) -> Callable[[str], List[Dict[str
 
 def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, Any]],
                   result: UndoResult) -> None:
-    """Insert one file's archived records back, lowest original index first."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with store.file_lock(path):
-            if not path.exists():
-                write_json_file(path, [])
+    """Insert what one file lacks of its archived records, lowest original index first."""
     try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with store.file_lock(path):
+                if not path.exists():
+                    write_json_file(path, [])
         with store.rewrite(path) as job:
             job.changed = _insert_entries(job.data, entries, result) > 0
+        return
     except StoreBusyError as exc:
         result.busy.append(str(exc))
+        why = str(exc)
     except CorruptFileError as exc:
         result.unreadable.append({"file": rel, "problem": exc.problem})
+        why = "unreadable: %s" % exc.problem
+    except (IntegrityError, OSError) as exc:
+        code = ExitCode.INTEGRITY if isinstance(exc, IntegrityError) else ExitCode.FAILURE
+        result.failed = max(result.failed or code, code)
+        why = str(exc) if isinstance(exc, IntegrityError) else _os_error_text(exc, path)
+    result.not_restored.append({"file": rel, "records": len(entries), "why": why})
 
 
 def _insert_entries(data: List[Any], entries: List[Dict[str, Any]], result: UndoResult) -> int:
-    ids = {r.get("id") for r in data if isinstance(r, dict) and r.get("id")}
-    # Whole-record texts are only needed to recognise records without an id.
-    contents = ({_canonical(r) for r in data} if any(not e.get("id") for e in entries)
-                else set())
-    restored = 0
-    for entry in sorted(entries, key=lambda e: e.get("index") or 0):
-        record, rid = _entry_record(entry), entry.get("id")
-        if (rid in ids) if rid else (_canonical(record) in contents):
-            result.skipped.append({"file": entry.get("file"), "id": rid,
-                                   "index": entry.get("index"), "why": "present again"})
-            continue
-        data.insert(min(max(0, int(entry.get("index") or 0)), len(data)), record)
-        ids.add(rid)
-        contents.add(_canonical(record))
-        restored += 1
-    result.restored += restored
-    return restored
+    """Insert, per distinct content, the archived copies the file lacks (a multiset, so
+    identical records and records sharing an id are each counted); returns how many."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for entry in entries:  # in part order: the last entry of a group is the run's last word
+        groups.setdefault(_canonical(_entry_record(entry)), []).append(entry)
+    keys = {_id_key(e["record"]) for e in entries}
+    present = collections.Counter(_canonical(r) for r in data if _id_key(r) in keys)
+    chosen = []
+    for canon, group in groups.items():
+        before = _copies_kept_of(group[-1]) + len(group)  # copies the file held before the run
+        missing = max(0, min(len(group), before - present.get(canon, 0)))
+        chosen.extend(group[:missing])
+        result.skipped.extend({"file": e.get("file"), "id": e.get("id"), "index": e.get("index"),
+                               "why": "present again"} for e in group[missing:])
+    for entry in sorted(chosen, key=lambda e: e.get("index") or 0):
+        data.insert(min(max(0, int(entry.get("index") or 0)), len(data)), entry["record"])
+    result.restored += len(chosen)
+    return len(chosen)
+
+
+def _copies_kept_of(entry: Dict[str, Any]) -> int:
+    """How many identical copies the run left in the file; entries archived before aml
+    stored ``copies_kept`` only keep a copy when gc removed an exact duplicate."""
+    kept = entry.get("copies_kept")
+    if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 0:
+        return kept
+    return 1 if entry.get("reason") == "duplicate" else 0  # GcReason.DUPLICATE
 
 
 def _entry_record(entry: Dict[str, Any]) -> Any:
@@ -6608,6 +6776,7 @@ def list_runs(store: Store) -> List[Dict[str, Any]]:
 
 __all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "PruneResult",
             "PrunedRecord", "AgentPruneSummary", "UndoResult", "undo_run", "list_runs",
+            "copies_kept",
             "prune_config_for", "record_value", "is_protected", "time_verdict",
             "performance_verdict", "agent_disk_bytes", "store_disk_bytes"]
 
@@ -6643,6 +6812,7 @@ class TranscodeResult:
     workers: int
     seconds: float
     backup_id: Optional[str] = None  # the safety backup taken before the first change
+    busy: List[str] = dataclasses.field(default_factory=list)  # locks held: left as they were
 
     @property
     def ratio(self) -> Optional[float]:
@@ -6668,41 +6838,57 @@ def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> byte
 
 
 def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: bool,
-                   indexed: Optional[Tuple[int, int]] = None) -> Tuple[Any, ...]:
+                   indexed: Optional[Tuple[int, int]] = None,
+                   busy: Optional[Set[str]] = None) -> Tuple[Any, ...]:
     """Compress or decompress one file in place under its lock; runs in a worker thread.
 
     Returns (path, outcome, bytes before, bytes after, problem, (size, mtime_ns) before,
     (size, mtime_ns) after; both None unless done) with outcome ``done``,
-    ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile) or
-    ``unreadable``. The file's mtime is kept so ``--age-days`` stays meaningful.
+    ``skipped`` (already in the wanted form), ``changed`` (modified meanwhile), ``busy``
+    (its lock stayed held; ``busy`` is the run's set of such locks) or ``unreadable``. The
+    file's mtime is kept so ``--age-days`` stays meaningful.
     ``indexed`` is the (size, mtime_ns) at which the index parsed the file successfully;
     if the file still matches, it is not parsed again.
     """
     path = Path(path_text)
-    with FileLock(path, timeout=lock_timeout):
-        try:
-            before = path.stat()
-            raw = path.read_bytes()
-            parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
-                         and len(raw) == before.st_size)
-            if (raw[:2] == GZIP_MAGIC) == to_gzip:
-                if not parsed_ok:  # already in form, but a truncated gzip is not "done"
-                    parse_json_text(decode_file_bytes(path, raw)[0])
-                return path_text, "skipped", len(raw), len(raw), "", None, None
-            new = _transcode_bytes(raw, to_gzip, parsed_ok)
-        except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
-            return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc)), None, None
-        if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
-            raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
-        after = path.stat()
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return path_text, "changed", len(raw), len(raw), "", None, None
-        if not dry_run:  # write errors propagate: the old file is intact (atomic write)
-            atomic_write_bytes(path, new)
-            os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
-            after = path.stat()  # still under the lock: exactly the file as we left it
-        return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
-                (after.st_size, after.st_mtime_ns))
+    lock = FileLock(path, timeout=lock_timeout, busy=busy)
+    try:
+        lock.acquire()
+    except StoreBusyError as exc:  # left as it was; the other files go on
+        return path_text, "busy", 0, 0, str(exc), None, None
+    try:
+        return _transcode_locked(path, to_gzip, dry_run, indexed)
+    finally:
+        lock.release()
+
+
+def _transcode_locked(path: Path, to_gzip: bool, dry_run: bool,
+                      indexed: Optional[Tuple[int, int]]) -> Tuple[Any, ...]:
+    """_transcode_one's work, with the file's lock held."""
+    path_text = str(path)
+    try:
+        before = path.stat()
+        raw = path.read_bytes()
+        parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
+                     and len(raw) == before.st_size)
+        if (raw[:2] == GZIP_MAGIC) == to_gzip:
+            if not parsed_ok:  # already in form, but a truncated gzip is not "done"
+                parse_json_text(decode_file_bytes(path, raw)[0])
+            return path_text, "skipped", len(raw), len(raw), "", None, None
+        new = _transcode_bytes(raw, to_gzip, parsed_ok)
+    except (CorruptFileError, ValueError, OSError, EOFError, zlib.error) as exc:
+        return path_text, "unreadable", 0, 0, str(getattr(exc, "problem", exc)), None, None
+    if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
+        raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        return path_text, "changed", len(raw), len(raw), "", None, None
+    if not dry_run:  # write errors propagate: the old file is intact (atomic write)
+        atomic_write_bytes(path, new)
+        os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = path.stat()  # still under the lock: exactly the file as we left it
+    return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
+            (after.st_size, after.st_mtime_ns))
 
 
 def _indexed_stats(index: MemoryIndex) -> Dict[Path, Tuple[int, int]]:
@@ -6727,9 +6913,12 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     verified and replaced atomically with its mtime kept; files run in parallel threads.
     ``backup`` (e.g. a safety_backup call) runs first, only when some file needs converting;
     a file that seemed done then is never written (reported as changed if it no longer is).
-    Call with the maintenance lock held.
+    A file whose lock stays held is left as it was and listed in ``busy``. Call with the
+    maintenance lock held (a real run first removes temp files an interrupted one left).
     """
     started = time.monotonic()
+    if not dry_run:
+        store.cleanup_temp_files()
     cutoff = store.now.timestamp() - age_days * 86400.0
     paths, recent = [], []
     for path in _agent_data_files(store):
@@ -6746,13 +6935,14 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     backup_id = backup() if backup is not None and todo and not dry_run else None
     with paused_cyclic_gc():  # the parses of files the index did not vouch for
         outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
-                                                  dry_run or p not in todo, indexed.get(p))
+                                                  dry_run or p not in todo, indexed.get(p),
+                                                  store.busy_locks)
                                                  for p in paths], count, threads=True)
     outcomes = [o[:1] + ("changed",) + o[2:] if o[1] == "done" and Path(o[0]) not in todo
                 else o for o in outcomes]
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
-                                                                     "unreadable")}
+                                                                     "unreadable", "busy")}
     if not dry_run and by["done"]:
         # A file big enough to have record offsets in the id table is left to the next refresh:
         # its byte offsets do not hold in gzip bytes, nor character offsets in re-indented text.
@@ -6766,7 +6956,8 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
         skipped_done=[rel(o[0]) for o in by["skipped"]],
         skipped_changed=[rel(o[0]) for o in by["changed"]],
         unreadable=["%s: %s" % (rel(o[0]), o[4]) for o in by["unreadable"]],
-        workers=count, seconds=time.monotonic() - started, backup_id=backup_id)
+        workers=count, seconds=time.monotonic() - started, backup_id=backup_id,
+        busy=[o[4] for o in by["busy"]])
 
 
 class GcReason(enum.Enum):
@@ -6836,6 +7027,7 @@ class GcResult:
     skipped_changed: int
     backup_id: Optional[str]
     seconds: float
+    busy: List[str] = dataclasses.field(default_factory=list)
 
 
 class GarbageCollector:
@@ -6850,6 +7042,8 @@ class GarbageCollector:
     def __init__(self, store: StoreLike, force: bool = False):
         self.store = store = as_store(store, "GarbageCollector")
         self.force = force
+        self.busy: List[str] = []        # files apply left alone: their lock stayed held
+        self.unreadable: List[str] = []  # files apply left alone: unreadable since planning
 
     def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
         """Archive entries for the agent's defective records, reading its files (no writes)."""
@@ -6926,28 +7120,41 @@ class GarbageCollector:
 
     def apply(self, run_id: str, entries: List[Dict[str, Any]]
               ) -> Tuple[List[Dict[str, Any]], int]:
-        """Archive, then remove ``entries`` from their files under the runtime's lock.
+        """Remove ``entries`` from their files, each file under the runtime's lock, its
+        archive part written (with ``copies_kept``) before the file is replaced.
 
         A record is removed only if the file still holds it unchanged; returns the entries
-        actually removed (the archive is rewritten to match) and how many were skipped.
+        actually removed and how many were skipped as changed. A file whose lock stays held
+        or that turned unreadable is left alone and listed in ``busy`` / ``unreadable``.
         """
         archive = Archive(self.store)
-        archive.save(run_id, "gc", entries)
-        removed, skipped = [], 0
+        archive.begin(run_id, "gc")
+        removed: List[Dict[str, Any]] = []
+        skipped, parts = 0, 0
         by_file: Dict[str, List[Dict[str, Any]]] = {}
         for entry in entries:
             by_file.setdefault(entry["file"], []).append(entry)
         for rel, file_entries in by_file.items():
-            done = self._remove_from(self.store.root / rel, file_entries)
+            number = parts + 1
+            try:
+                done = self._remove_from(self.store.root / rel, file_entries,
+                                         lambda d, n=number: archive.write_part(run_id, n, d))
+            except StoreBusyError as exc:
+                self.busy.append(str(exc))
+                continue
+            except CorruptFileError as exc:
+                self.unreadable.append(str(exc))
+                continue
+            parts += bool(done)
             removed.extend(done)
             skipped += len(file_entries) - len(done)
-        if skipped:
-            archive.save(run_id, "gc", removed)
+        archive.finish(run_id, {"entries": len(removed), "parts": parts})
         return removed, skipped
 
-    def _remove_from(self, path: Path, entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def _remove_from(self, path: Path, entries: List[Dict[str, Any]],
+                     write_part: Callable[[List[Dict[str, Any]]], Any]) -> List[Dict[str, Any]]:
         with self.store.rewrite(path) as job:
-            positions, done = set(), []
+            positions: Dict[int, Dict[str, Any]] = {}
             for entry in entries:
                 canon = _canonical(entry["record"])
                 i = entry["index"]
@@ -6955,13 +7162,16 @@ class GarbageCollector:
                     i = next((j for j, r in enumerate(job.data)
                               if j not in positions and _canonical(r) == canon), None)
                 if i is not None:
-                    positions.add(i)
-                    done.append(entry)
+                    positions[i] = entry
             if positions:
+                kept = copies_kept(job.data, positions)
+                for i, entry in positions.items():
+                    entry.update(index=i, copies_kept=kept[i])
+                write_part(list(positions.values()))  # archived before the file changes
                 job.data = [r for j, r in enumerate(job.data) if j not in positions]
                 job.changed = True
-                job.removed = positions  # pure deletion: splice, do not re-encode
-        return done
+                job.removed = set(positions)  # pure deletion: splice, do not re-encode
+        return list(positions.values())
 
 
 def stale_lock_dirs(store: Store, now: Optional[float] = None) -> List[Path]:
@@ -7048,8 +7258,8 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
     rel = lambda p: p.relative_to(store.root).as_posix()  # noqa: E731
     reasons = dict(collections.Counter(e["reason"] for e in removed))
     return GcResult(dry_run, run_id, removed, reasons, refused, [rel(p) for p in locks],
-                    [rel(p) for p in temps], orphans, [str(e) for e in errors], skipped,
-                    backup_id, time.monotonic() - started)
+                    [rel(p) for p in temps], orphans, [str(e) for e in errors] + gc.unreadable,
+                    skipped, backup_id, time.monotonic() - started, gc.busy)
 
 
 def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans: List[str],
@@ -7880,6 +8090,7 @@ class MigrationResult:
     backup_id: Optional[str] = None
     run_id: Optional[str] = None
     seconds: float = 0.0
+    busy: List[str] = dataclasses.field(default_factory=list)  # files left as they were
 
     def absorb(self, outcome: FileMigration) -> None:
         """Add one file's outcome."""
@@ -7906,9 +8117,12 @@ class MigrationResult:
         self.samples.append(sample)
 
     def exit_code(self) -> ExitCode:
-        """4 if a step down was refused, 3 if files or records were skipped, else 0."""
+        """4 if a step down was refused, 5 if a busy file was left as it was, 3 if files or
+        records were skipped, else 0."""
         if self.refused:
             return ExitCode.REFUSED
+        if self.busy:
+            return ExitCode.BUSY
         return ExitCode.PARTIAL if (self.unreadable or self.reported) else ExitCode.OK
 
 
@@ -8081,6 +8295,8 @@ class MigrationManager:
                 self._rewrite(data_file, rel, target, result)
             except CorruptFileError as exc:
                 result.unreadable.append(str(exc))
+            except StoreBusyError as exc:  # left as it was; the other files go on
+                result.busy.append(str(exc))
         return result
 
     def _safety_backup(self, target: SchemaVersion) -> str:
@@ -8226,6 +8442,14 @@ STATE_LOCK_WAIT = 5.0  # under the 10 s after which Nagios kills a plugin by def
 # A file modified this recently is re-parsed next time even if size and mtime match, because
 # a second write within the same mtime tick would otherwise hide from the cache.
 INTEGRITY_RACY_SECONDS = 2.0
+# A cached "parses" also needs the same content sample: the first and last 16 KiB and 16
+# blocks of 4 KiB spread between (a file up to 96 KiB is hashed whole), so bit rot that keeps
+# size and mtime is caught where it hits a sampled byte; every cached file is parsed in full
+# again at least every INTEGRITY_RECHECK_DAYS, which catches the rest.
+INTEGRITY_EDGE_BYTES = 16 * 1024
+INTEGRITY_SAMPLE_BYTES = 4096
+INTEGRITY_SAMPLES = 16
+INTEGRITY_RECHECK_DAYS = 7.0
 _MB = 1024 * 1024
 
 
@@ -8768,6 +8992,24 @@ def _parse_problem(path: Path, expect: Optional[type], objects: bool) -> Optiona
     return None
 
 
+def _content_sample(path: Path, size: int) -> str:
+    """A cheap content fingerprint (blake2b of sampled ranges, see INTEGRITY_SAMPLES); raises
+    OSError."""
+    digest = hashlib.blake2b(digest_size=16)
+    edge, block = INTEGRITY_EDGE_BYTES, INTEGRITY_SAMPLE_BYTES
+    with open(str(path), "rb") as handle:
+        if size <= 2 * edge + INTEGRITY_SAMPLES * block:
+            digest.update(handle.read())
+            return digest.hexdigest()
+        span = size - 2 * edge - block
+        ranges = [(0, edge)] + [(edge + span * k // (INTEGRITY_SAMPLES - 1), block)
+                                for k in range(INTEGRITY_SAMPLES)] + [(size - edge, edge)]
+        for offset, length in ranges:
+            handle.seek(offset)
+            digest.update(handle.read(length))
+    return digest.hexdigest()
+
+
 def _check_one_file(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
     """Parse a file; a failure is retried once if the file changed meanwhile (live writer)."""
     before = path.stat()
@@ -9106,7 +9348,8 @@ class MemoryMonitor:
                             % (details["backup_id"], hours), details)
 
     def _check_integrity(self, history: List[Dict[str, Any]]) -> HealthCheck:
-        """Parse every data file (cached by size and mtime); any failure is critical."""
+        """Parse every data file (cached by size, mtime and a content sample, and re-parsed
+        every INTEGRITY_RECHECK_DAYS); any failure is critical."""
         cache = self._integrity_cache()
         targets = _integrity_targets(self.store)
         fresh, problems, parsed = {}, [], 0
@@ -9114,11 +9357,16 @@ class MemoryMonitor:
             rel = _rel(self.store, path)
             try:
                 info = path.stat()
+                sample = _content_sample(path, info.st_size)
             except FileNotFoundError:
                 continue  # removed since listing (a live writer); nothing left to check
+            except OSError as exc:
+                problems.append(Problem(rel, HealthStatus.CRITICAL,
+                                        "%s: cannot read (%s)" % (rel, exc.strerror or exc)))
+                continue
             key = [info.st_size, info.st_mtime_ns]
             cached = cache.get(rel)
-            if cached and cached.get("key") == key and cached.get("ok") is True:
+            if cached and self._still_good(cached, key, sample):
                 fresh[rel] = cached
                 continue
             problem = _check_one_file(path, expect, objects)
@@ -9126,12 +9374,21 @@ class MemoryMonitor:
             if problem is not None:
                 problems.append(Problem(rel, HealthStatus.CRITICAL, "%s: %s" % (rel, problem)))
             elif time.time() - info.st_mtime >= INTEGRITY_RACY_SECONDS:
-                fresh[rel] = {"key": key, "ok": True}
+                fresh[rel] = {"key": key, "ok": True, "sample": sample,
+                              "checked": format_timestamp(self.store.now)}
         self._integrity_fresh = fresh  # saved by health() under the state lock
         return self._finish("integrity", problems,
                             "%d files parse (%d parsed now, %d unchanged since the last check)"
                             % (len(targets), parsed, len(targets) - parsed),
                             {"files": len(targets), "parsed": parsed})
+
+    def _still_good(self, cached: Dict[str, Any], key: List[int], sample: str) -> bool:
+        """A cached parse still counts: same size, mtime and sample, parsed recently enough."""
+        checked = parse_timestamp(cached.get("checked"))
+        return (cached.get("key") == key and cached.get("ok") is True
+                and cached.get("sample") == sample and checked is not None
+                and (self.store.now - checked).total_seconds()
+                < INTEGRITY_RECHECK_DAYS * 86400.0)
 
     def _integrity_cache(self) -> Dict[str, Any]:
         try:
@@ -10643,10 +10900,9 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
 
 
 def _print_undo(out: Output, result: UndoResult) -> int:
-    for problem in result.unreadable:
-        out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
-    for message in result.busy:
-        out.warn(message)
+    for item in result.not_restored:
+        out.warn("not restored: %d records of %s (%s)" % (item["records"], item["file"],
+                                                          item["why"]))
     out.document(result)
     if result.already_undone:
         out.always("run %s was already undone at %s; nothing to do"
@@ -10657,6 +10913,10 @@ def _print_undo(out: Output, result: UndoResult) -> int:
                                         skip["why"]))
     out.line("run %s (%s): restored %d records, skipped %d"
              % (result.run_id, result.operation, result.restored, len(result.skipped)))
+    if result.not_restored:
+        out.warn("run %s is not marked undone: %d files were not restored; rerun the undo "
+                 "(it puts back only what is still missing)"
+                 % (result.run_id, len(result.not_restored)))
     return int(result.exit_code)
 
 
@@ -10721,13 +10981,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         results = _run_optimize_steps(store, steps, config, args)
     out.document({"action": action, "dry_run": args.dry_run, "order": list(results),
                   "steps": results})
-    code = ExitCode.OK
+    code, named = ExitCode.OK, set()  # each busy file named once, by its first step
     for step, result in results.items():
-        _print_step(out, step, result)
-        if getattr(result, "unreadable", None):
+        _print_step(out, step, result, named)
+        if getattr(result, "unreadable", None) and code is ExitCode.OK:
             code = ExitCode.PARTIAL
         if getattr(result, "refused_agents", None):  # only a dry run gets here: say it would
             code = ExitCode.REFUSED
+    if any(getattr(r, "busy", None) for r in results.values()):
+        code = ExitCode.BUSY  # busy files were left as they were; the rest was done
     return code
 
 
@@ -10735,7 +10997,7 @@ def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConf
                         args: argparse.Namespace) -> Dict[str, Any]:
     backup = None  # one safety backup, taken by the first step about to change something
     if config.create_backup:
-        backup = _once(lambda: safety_backup(store, "optimize %s" % args.action))
+        backup = _once(lambda: safety_backup(store, "before optimize %s" % args.action))
     results: Dict[str, Any] = {}
     for step in steps:
         started, clock = store.now, time.monotonic()
@@ -10786,10 +11048,15 @@ def _step_summary(step: str, result: Any) -> Dict[str, Any]:
             "orphaned_state": len(result.orphaned_state), "backup_id": result.backup_id}
 
 
-def _print_step(out: Output, step: str, result: Any) -> None:
+def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
     would = "would " if result.dry_run else ""
     for problem in getattr(result, "unreadable", []):
         out.warn("%s: skipped, unreadable: %s" % (step, problem))
+    for message in getattr(result, "busy", []):
+        lock = message.split(" (")[0]  # "store busy: <lock> is locked by another process"
+        if lock not in named:
+            named.add(lock)
+            out.warn("%s: skipped, left as it was: %s" % (step, message))
     if step == "index":
         out.line("index: %s%s; %d files, %d re-read, %d records, %d ids, %s on disk (bloom %s)"
                  % (would, "rebuild" if result.rebuilt else "refresh", result.files,
@@ -10882,7 +11149,8 @@ def _lookup_exit(out: Output, result: LookupResult) -> int:
         out.warn("skipped, unreadable: %s" % problem)
     if result.not_found:
         out.warn(result.message or "not found")
-        return ExitCode.FAILURE
+        if not result.unreadable:
+            return ExitCode.FAILURE
     return ExitCode.PARTIAL if result.unreadable else ExitCode.OK
 
 
@@ -11474,6 +11742,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         out.progress_done()
     for problem in result.unreadable:
         out.warn("skipped unreadable file %s" % problem)
+    for message in result.busy:
+        out.warn("skipped, left as it was: %s" % message)
     for item in result.reported[:20]:
         out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
                                                      item["problem"]))

@@ -2520,7 +2520,7 @@ def _sorted_by_id(records):
     return sorted(records, key=lambda r: json.dumps(r, sort_keys=True))
 
 
-def test_undo_restores_exactly_and_skips_reappeared_ids(tmp_path, capsys):
+def test_undo_restores_exactly_and_keeps_a_reappeared_id_beside_it(tmp_path, capsys):
     root = _prune_store(tmp_path / "m", gz="mixed")
     before = _all_records(root)
     plain = {p: p.read_bytes() for p in (root / "code-reviewer").glob("*.json")}
@@ -2542,8 +2542,10 @@ def test_undo_restores_exactly_and_skips_reappeared_ids(tmp_path, capsys):
     again = dict(before[back["file"]][back["index"]], tags=["re-learned"])
     write_data(path, read_data(path) + [again], gz=path.read_bytes()[:2] == b"\x1f\x8b")
     result = aml.undo_run(aml.Store(root, now=NOW), second["run_id"])
-    assert [s["id"] for s in result.skipped] == [back["id"]]
-    expected = {rel: [again if r.get("id") == back["id"] else r for r in records]
+    # "Present" is decided by content (issue 18): a changed record with the archived one's id
+    # does not stand in for it, so both are there after the undo and nothing is lost.
+    assert result.skipped == [] and result.restored == len(second["removed"])
+    expected = {rel: records + ([again] if rel == back["file"] else [])
                 for rel, records in before.items()}
     assert {k: _sorted_by_id(v) for k, v in _all_records(root).items()} == {
         k: _sorted_by_id(v) for k, v in expected.items()}
@@ -3058,6 +3060,204 @@ def test_mass_deletion_refusal_names_a_few_agents_and_the_count(tmp_path, capsys
         assert tree_digest(root, skip_state=True) == before
     assert aml.first_few(["a", "b"], "agent") == "a, b"
     assert aml.first_few(list("abcd"), "agent") == "a, b, c and 1 more agent (4 in all)"
+# ---- issue 18: undo returns the store to its pre-run state ----
+
+def _texts(root):
+    """{file: decompressed bytes} of every agent record file (gzip undone, order kept)."""
+    out = {}
+    for path in sorted(Path(root).glob("*/*s.json")):
+        raw = path.read_bytes()
+        out[str(path.relative_to(root))] = (raw[:2] == b"\x1f\x8b",
+                                            gzip.decompress(raw) if raw[:2] == b"\x1f\x8b"
+                                            else raw)
+    return out
+
+
+def _gc_mess(root, gz):
+    """One agent with exact duplicates and a same-id conflict among enough good records."""
+    rng = random.Random(18)
+    good = [_pattern(rng) for _ in range(10)]
+    dup = _pattern(rng)
+    newer = _pattern(rng, last_used=1)
+    older = dict(_pattern(rng, last_used=50), id=newer["id"])  # same id, other content
+    patterns = good[:3] + [dup, dict(dup)] + good[3:6] + [older, newer, dict(dup)] + good[6:]
+    return _one_agent(root, patterns=patterns, gz=gz)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_undo_of_gc_puts_back_exact_duplicates_and_id_conflicts(tmp_path, capsys, gz):
+    root = _gc_mess(tmp_path / "m", gz)
+    before, texts = _all_records(root), _texts(root)
+    code, doc, _ = run_cli(root, "optimize", "gc", "--no-backup", "--format", "json",
+                           capsys=capsys)
+    gc = json.loads(doc)["steps"]["gc"]
+    assert code == 0 and gc["by_reason"] == {"duplicate": 2, "id_conflict": 1}
+    code, out, _ = run_cli(root, "prune", "--undo", gc["run_id"], capsys=capsys)
+    assert code == 0 and "restored 3 records, skipped 0" in out
+    assert _all_records(root) == before and _texts(root) == texts  # byte for byte, gzip kept
+    code, out, _ = run_cli(root, "prune", "--undo", gc["run_id"], capsys=capsys)
+    assert code == 0 and "already undone" in out and _all_records(root) == before
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_undo_of_prune_puts_back_every_record_sharing_an_id(tmp_path, capsys, gz):
+    rng = random.Random(19)
+    old = _pattern(rng, last_used=200)
+    other = dict(_pattern(rng, last_used=300), id=old["id"])  # same id, other content
+    patterns = [_pattern(rng) for _ in range(8)]
+    patterns[2:2] = [old, dict(old)]
+    patterns[6:6] = [other]
+    root = _one_agent(tmp_path / "m", patterns=patterns, gz=gz)
+    before, texts = _all_records(root), _texts(root)
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run = json.loads(doc)
+    assert code == 0 and [r["id"] for r in run["removed"]] == [old["id"]] * 3
+    kept = [p for p in patterns if p["id"] != old["id"]]
+    assert _all_records(root)["solo/patterns.json"] == kept
+    result = aml.undo_run(aml.Store(root, now=NOW), run["run_id"])
+    assert (result.restored, result.skipped, result.not_restored) == (3, [], [])
+    assert _all_records(root) == before and _texts(root) == texts
+
+
+def test_undo_after_a_crash_between_files_restores_the_pre_run_set(tmp_path, monkeypatch):
+    root = _prune_store(tmp_path / "m", gz="mixed")
+    before = _all_records(root)
+    data = lambda dst: Path(dst).name in aml.RECORD_FILES  # noqa: E731
+    fail_nth_replace(monkeypatch, n=3, counts=data)
+    with pytest.raises(OSError):
+        aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    monkeypatch.undo()
+    assert _all_records(root) != before  # two files were pruned, the third was not
+    run_id = aml.Archive(aml.Store(root)).runs()[0]
+    result = aml.undo_run(aml.Store(root, now=NOW), run_id)
+    assert _all_records(root) == before and result.not_restored == []
+    assert result.skipped  # the records of the files the crash left untouched
+
+
+def test_gc_crash_after_its_part_then_undo_restores_the_pre_run_set(tmp_path, monkeypatch):
+    root = _gc_mess(tmp_path / "m", gz=True)
+    before = _all_records(root)
+    data = lambda dst: Path(dst).name in aml.RECORD_FILES  # noqa: E731
+    fail_nth_replace(monkeypatch, n=1, counts=data)  # the part is written, the file is not
+    with pytest.raises(OSError):
+        aml.collect_garbage(aml.Store(root, now=NOW))
+    monkeypatch.undo()
+    assert _all_records(root) == before
+    run_id = aml.Archive(aml.Store(root)).runs()[0]
+    result = aml.undo_run(aml.Store(root, now=NOW), run_id)
+    assert result.restored == 0 and len(result.skipped) == 3  # all still in the file
+    assert _all_records(root) == before
+
+
+def test_undo_that_cannot_restore_a_file_says_why_and_stays_not_undone(tmp_path, capsys,
+                                                                        monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = _all_records(root)
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run_id = json.loads(doc)["run_id"]
+    real = aml.atomic_write_bytes
+    full = str(root / "code-reviewer" / "patterns.json")
+
+    def no_space(path, data, mode=None):
+        if str(path) == full:
+            raise OSError(28, "No space left on device")
+        return real(path, data, mode)
+
+    monkeypatch.setattr(aml, "atomic_write_bytes", no_space)
+    code, out, err = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 1 and "code-reviewer/patterns.json" in err and "No space left" in err
+    assert aml.Archive(aml.Store(root)).manifest(run_id)["undone"] is None
+    monkeypatch.undo()
+    code, out, _ = run_cli(root, "prune", "--undo", run_id, capsys=capsys)
+    assert code == 0 and _all_records(root) == before
+    assert aml.Archive(aml.Store(root)).manifest(run_id)["undone"]
+
+
+import signal  # noqa: E402  (only the kill -9 tests need it)
+
+_KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import aml
+n, when, calls, real = int(sys.argv[2]), sys.argv[3], [0], os.replace
+def replace(src, dst):
+    calls[0] += 1
+    if calls[0] == n and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+    if calls[0] == n and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+code = aml.main(sys.argv[4:])
+print("replaces", calls[0])
+sys.exit(code)
+"""
+
+
+def _killed_run(root, argv, n, when):
+    """Run aml in a subprocess that SIGKILLs itself at its n-th os.replace (before or after)."""
+    proc = subprocess.run([sys.executable, "-c", _KILLER, str(HERE), str(n), when, str(root)]
+                          + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=120)
+    return proc
+
+
+@pytest.mark.parametrize("command", [["prune", "--no-backup", "--now", NOW_TEXT],
+                                     ["optimize", "gc", "--no-backup"]], ids=["prune", "gc"])
+def test_kill_9_then_undo_returns_the_exact_pre_run_record_set(tmp_path, command):
+    def fresh(name):
+        root = _prune_store(tmp_path / name / "m", gz="mixed")
+        for path in list(root.glob("*/patterns.json"))[:2]:  # something for gc to remove
+            records = read_data(path)
+            older = dict(records[1], id=records[0]["id"], timestamp=ts(399))
+            write_data(path, records[:3] + [records[2], older] + records[3:],
+                       gz=path.read_bytes()[:2] == b"\x1f\x8b")
+        return root
+
+    counted = fresh("count")
+    total = _killed_run(counted, command, 0, "never")
+    assert total.returncode == 0, total.stderr
+    uninterrupted = _all_records(counted)
+    replaces = int(total.stdout.split()[-1])
+    assert replaces > 4
+
+    def undo(root, run_id):
+        proc = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "prune",
+                               "--undo", run_id], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+    for n in sorted({1, replaces // 3, replaces // 2, replaces - 2, replaces - 1}):
+        for when in ("before", "after"):
+            root = fresh("%d-%s" % (n, when))
+            before = _all_records(root)
+            proc = _killed_run(root, command, n, when)
+            assert proc.returncode == -signal.SIGKILL, (n, when, proc.stderr)
+            for lock in root.glob("*/*.lock"):  # left by the killed run: let them go stale
+                os.utime(str(lock), (time.time() - 60, time.time() - 60))
+            assert not [p for p in root.rglob("*") if p.name.endswith(".json")
+                        and p.is_file() and ".aml" not in p.parts
+                        and not _parses(p)], (n, when)  # no torn file
+            killed = aml.Archive(aml.Store(root)).runs()
+            if not killed:  # killed before its archive existed: nothing may have changed
+                assert _all_records(root) == before, (n, when)
+                continue
+            rerun = _killed_run(root, command, 0, "never")  # a rerun ends as if never killed
+            assert rerun.returncode == 0 and _all_records(root) == uninterrupted, (n, when)
+            for run_id in reversed(aml.Archive(aml.Store(root)).runs()):
+                undo(root, run_id)  # both runs (same second: in either order)
+            assert _all_records(root) == before, (n, when)
+            assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
+
+
+def _parses(path):
+    try:
+        read_data(path)
+        return True
+    except ValueError:
+        return False
 
 
 # =============================================================================
@@ -3395,7 +3595,7 @@ def test_compress_takes_no_safety_backup_when_no_file_qualifies(tmp_path, monkey
     write_data(root / "a2" / "solutions.json", read_data(root / "a2" / "solutions.json"))
     code, out, _ = run_cli(root, "optimize", "all", "--age-days", "0", "--now", NOW_TEXT,
                            capsys=capsys)
-    assert code == 0 and taken == ["optimize all"] and "safety backup full_test_1" in out
+    assert code == 0 and taken == ["before optimize all"] and "safety backup full_test_1" in out
     assert read_data(root / "a2" / "solutions.json") and _is_gzip(root / "a2" / "solutions.json")
 
 
@@ -5789,3 +5989,193 @@ def test_every_readme_transcript_is_tagged_so_the_runner_runs_it():
         elif fence and fence[0] == "" and line.lstrip("$ ").startswith(("aml", "python3 aml.py")):
             untagged.append(fence[1])
     assert untagged == []
+
+
+# ---- issue 18: busy files, temp files, errors that name their path ----
+
+def test_a_full_disk_error_names_the_file_it_could_not_write(tmp_path, capsys, monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    before = _all_records(root)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aml.os, "fsync", full)
+    code, _, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, capsys=capsys)
+    monkeypatch.undo()
+    assert code == 1 and err.count("\n") == 1 and "No space left on device: " in err
+    assert str(root) in err.split("No space left on device: ")[1]
+    assert _all_records(root) == before
+
+
+@pytest.mark.parametrize("command", [["prune", "--now", NOW_TEXT], ["optimize", "gc"],
+                                     ["migrate", "migrate-latest"]])
+def test_a_failed_safety_backup_says_before_once(tmp_path, capsys, command):
+    root = _gc_mess(tmp_path / "m", gz=False)
+    write_data(root / "solo" / "solutions.json", [make_solution("solo", random.Random(1))])
+    (tmp_path / "memory-backup").write_text("a file where the backup folder should be")
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, *command, capsys=capsys)
+    assert code == 4 and "safety backup before " in err and "before before" not in err
+    assert tree_digest(root, skip_state=True) == before
+
+
+def _busy_store(root, gz=False):
+    """Three agents, each patterns file with an exact duplicate for gc; one file's lock held."""
+    root = build_store(root, gz=gz)
+    for path in root.glob("*/patterns.json"):
+        records = read_data(path)
+        write_data(path, records + [records[0]], gz=gz)
+    busy = root / "code-reviewer" / "patterns.json"
+    aml.lock_path_for(busy).mkdir()  # fresh: held by the runtime for the whole test
+    return root, busy
+
+
+def _count_waits(monkeypatch):
+    """Record the message of every StoreBusyError a FileLock raises."""
+    real, seen = aml.FileLock.acquire, []
+
+    def acquire(self):
+        try:
+            return real(self)
+        except aml.StoreBusyError as exc:
+            seen.append(str(exc))
+            raise
+
+    monkeypatch.setattr(aml.FileLock, "acquire", acquire)
+    return seen
+
+
+@pytest.mark.parametrize("command,gz,done", [
+    (["optimize", "gc"], False, lambda p: len(read_data(p)) == 40),
+    (["optimize", "compress", "--age-days", "0"], False,
+     lambda p: p.read_bytes()[:2] == b"\x1f\x8b"),
+    (["optimize", "decompress"], True, lambda p: p.read_bytes()[:1] == b"["),
+    (["migrate", "migrate-latest"], False, lambda p: read_data(p)[0].get("metadata") is not None),
+    (["optimize", "all", "--age-days", "0"], False,
+     lambda p: p.read_bytes()[:2] == b"\x1f\x8b" and len(read_data(p)) == 40),
+], ids=["gc", "compress", "decompress", "migrate", "all"])
+def test_a_busy_file_is_skipped_once_and_the_rest_is_done(tmp_path, capsys, monkeypatch,
+                                                           command, gz, done):
+    root, busy = _busy_store(tmp_path / "m", gz)
+    raw = busy.read_bytes()
+    waits = _count_waits(monkeypatch)
+    code, out, err = run_cli(root, *command, "--lock-timeout", "0.2", capsys=capsys)
+    assert code == 5 and out.strip() and "error" not in err, err  # finished, and said what it did
+    assert busy.read_bytes() == raw and str(aml.lock_path_for(busy)) in err
+    others = [p for p in root.glob("*/patterns.json") if p != busy]
+    assert len(others) == 2 and all(done(p) for p in others), err
+    assert len([w for w in waits if "(waited" in w]) == 1  # waited for once in the whole run
+    assert err.count(str(aml.lock_path_for(busy))) == 1  # and named once
+
+
+def test_prune_waits_for_a_busy_file_once_with_its_safety_backup(tmp_path, capsys,
+                                                                 monkeypatch):
+    root = _prune_store(tmp_path / "m")
+    busy = root / "code-reviewer" / "patterns.json"
+    raw = busy.read_bytes()
+    aml.lock_path_for(busy).mkdir()
+    waits = _count_waits(monkeypatch)
+    code, out, err = run_cli(root, "prune", "--now", NOW_TEXT, "--lock-timeout", "0.2",
+                             "--format", "json", capsys=capsys)
+    assert code == 5 and busy.read_bytes() == raw
+    doc = json.loads(out)
+    assert doc["backup_id"] and len(doc["busy"]) == 1 and doc["removed"]
+    assert len([w for w in waits if "(waited" in w]) == 1
+
+
+@pytest.mark.parametrize("step,gz", [("compress", False), ("decompress", True)])
+def test_compress_and_decompress_remove_the_temp_files_of_an_interrupted_run(tmp_path, capsys,
+                                                                            step, gz):
+    root = build_store(tmp_path / "m", gz=gz)
+    data = root / "code-reviewer" / "patterns.json"
+    leftover = aml._temp_path(data)  # what a kill between write and rename leaves
+    leftover.write_bytes(data.read_bytes()[:100])
+    assert aml.is_temp_leftover(leftover.name)
+    code, _, err = run_cli(root, "optimize", step, "--age-days", "0", "--no-backup",
+                           capsys=capsys)
+    assert code == 0, err
+    assert not leftover.exists()
+    assert not [p for p in root.rglob("*") if aml.is_temp_leftover(p.name)]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["index", "scan"])
+def test_get_of_an_id_that_may_be_in_an_unreadable_file_exits_3(tmp_path, capsys, scan):
+    root = build_store(tmp_path / "m", gz=True)
+    broken = root / "code-reviewer" / "patterns.json"
+    rid = read_data(broken)[0]["id"]
+    broken.write_bytes(broken.read_bytes()[:-20])  # truncated gzip
+    code, out, err = run_cli(root, "get", rid, *(["--scan"] if scan else []), capsys=capsys)
+    assert code == 3 and out == "" and "code-reviewer/patterns.json" in err
+    assert "may be in the 1 unreadable file" in err
+    code, _, err = run_cli(root, "get", "no-such-id-at-all", capsys=capsys)
+    assert code == 3
+    broken.unlink()
+    code, _, err = run_cli(root, "get", rid, capsys=capsys)
+    assert code == 1 and "no record with id" in err and "unreadable" not in err
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_bit_rot_that_keeps_size_and_mtime_is_not_reported_healthy(tmp_path, capsys, size):
+    root = build_store(tmp_path / "m", gz=True, patterns=40 if size == "small" else 2000)
+    rotten = root / "code-reviewer" / "patterns.json"
+    old = time.time() - 60  # older than the racy window, so the first run caches them
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+    first = _check(_health(root, capsys=capsys)[1], "integrity")
+    assert first["status"] == "healthy"
+    raw = bytearray(rotten.read_bytes())
+    info = rotten.stat()
+    raw[16384 if size == "large" else len(raw) // 2] ^= 0x40  # one bit, in a sampled block
+    rotten.write_bytes(bytes(raw))
+    os.utime(rotten, ns=(info.st_atime_ns, info.st_mtime_ns))  # same size, same mtime
+    check = _check(_health(root, capsys=capsys)[1], "integrity")
+    assert check["status"] == "critical" and "code-reviewer/patterns.json" in json.dumps(check)
+
+
+def test_integrity_cache_reparses_every_file_after_the_recheck_period(tmp_path, capsys):
+    root = build_store(tmp_path / "m", gz=True)
+    old = time.time() - 60
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+    when = aml.format_timestamp(NOW)
+    later = aml.format_timestamp(NOW + dt.timedelta(days=aml.INTEGRITY_RECHECK_DAYS + 1))
+    _health(root, "--now", when, capsys=capsys)
+    again = _check(_health(root, "--now", when, capsys=capsys)[1], "integrity")
+    assert again["details"]["parsed"] == 0
+    late = _check(_health(root, "--now", later, capsys=capsys)[1], "integrity")
+    assert late["details"]["parsed"] == late["details"]["files"] > 0
+
+
+@pytest.mark.parametrize("tamper", ["folder", "duplicate", "file_and_folder", "state_dir"])
+def test_every_reason_restore_refuses_is_found_by_verify_and_before_any_change(
+        tmp_path, capsys, tamper):
+    root = build_store(tmp_path / "memory")
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    payload = manager.load_manifest(snap.backup_id)
+    files = payload["files"]
+    last = files[-1]
+    if tamper == "folder":  # a folder in the live store where the manifest has a file
+        (root / "code-reviewer" / "notes.json").mkdir()
+        last["path"] = "code-reviewer/notes.json"
+    elif tamper == "duplicate":
+        files.append(dict(files[0]))
+    elif tamper == "file_and_folder":
+        files.append(dict(last, path="code-reviewer"))
+    else:
+        files.append(dict(last, path=".aml/alerts.json"))
+    aml._write_manifest(path, payload)
+    code, out, err = run_cli(root, "backup", "verify", "--backup-id", snap.backup_id, "--deep",
+                             capsys=capsys)
+    assert code != 0 and ("notes.json" in out + err or "twice" in out + err
+                          or "also the folder" in out + err or ".aml/alerts.json" in out + err)
+    for rel in ("backend-developer/patterns.json", "test-automator/decisions.json"):
+        write_data(root / rel, read_data(root / rel)[:-1])  # the restore has work to do
+    before = tree_digest(root, skip_state=True)
+    code, _, err = run_cli(root, "backup", "restore", "--backup-id", snap.backup_id,
+                           capsys=capsys)
+    assert code in (4, 6) and err.count("\n") == 1 and "restore-" not in err
+    assert tree_digest(root, skip_state=True) == before
+    assert not list((root / ".aml").glob("restore-*"))
