@@ -73,7 +73,8 @@ __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
     "IntegrityError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
-    "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "Archive", "load_aml_config",
+    "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "check_is_store", "Archive",
+    "load_aml_config",
     "main",
 ]
 
@@ -141,6 +142,11 @@ RESERVED_DIRS = frozenset({"global", "config", "audit", "backup", "backups", "mo
 LOCK_STALE_SECONDS = 30.0
 LOCK_REFRESH_SECONDS = 10.0
 DEFAULT_LOCK_TIMEOUT = 60.0
+# Scheduled jobs that monitoring watches one by one: job -> the history operations whose
+# entry is a successful run of it (optimize all records gc, compress, index, warm-cache).
+JOB_OPERATIONS = {"backup": ("backup",), "prune": ("prune",), "index": ("index",),
+                  "optimize": ("gc", "compress")}
+JOB_FAILURES_FILE = "job-failures.json"
 GZIP_LEVEL = 6
 
 
@@ -1009,6 +1015,22 @@ class Store:
                         "seconds": round(seconds, 6), "summary": summary})
         self.write_state("history.json", history[-keep:])
 
+    def record_job_failure(self, job: str, command: str, reason: str, exit_code: int) -> None:
+        """Remember the newest failed run of a scheduled job (monitoring shows it until a
+        later success). Uses its own short lock: the failure may be "store busy", while
+        another aml run holds the maintenance lock."""
+        self.ensure_state_dir()
+        fd = os.open(str(self.state_path("job-failures.lock")), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            failures = self.read_state_lenient(JOB_FAILURES_FILE, {})
+            failures = failures if isinstance(failures, dict) else {}
+            failures[job] = {"at": format_timestamp(self.now), "command": command,
+                             "reason": reason, "exit_code": exit_code}
+            self.write_state(JOB_FAILURES_FILE, failures)
+        finally:
+            os.close(fd)
+
     def last_operation(self, operation: str) -> Optional[Dict[str, Any]]:
         """The newest history entry for an operation, or None."""
         for entry in reversed(self.read_state_lenient("history.json", [])):
@@ -1042,6 +1064,26 @@ class Store:
                         path.unlink()
                         removed.append(path)
         return removed
+
+
+def check_is_store(store: Store) -> None:
+    """Raise UsageError unless the folder holds config.json or at least one agent folder.
+
+    A path one level too high (``.loom`` instead of ``.loom/memory``) would otherwise be an
+    empty store on which every job succeeds forever.
+    """
+    if store.config_path().is_file() or store.agents():
+        return
+    hint = ""
+    with contextlib.suppress(OSError):
+        inner = [e.name for e in sorted(os.scandir(str(store.root)), key=lambda e: e.name)
+                 if e.is_dir() and not e.name.startswith(".")
+                 and (Store(Path(e.path)).config_path().is_file() or Store(Path(e.path)).agents())]
+        if inner:
+            hint = " (did you mean %s?)" % (store.root / inner[0])
+    raise UsageError("%s is not a memory store: expected config.json or one folder per agent "
+                     "holding patterns.json, solutions.json or decisions.json%s; for a new store "
+                     "create config.json there first" % (store.root, hint))
 
 
 AML_CONFIG_SECTIONS = ("prune", "backup", "optimize", "monitor")
@@ -7125,8 +7167,14 @@ DEFAULT_THRESHOLDS: Dict[str, float] = {
     "global_memory_warning_mb": 600, "global_memory_critical_mb": 800,
     "cache_hit_rate_warning": 0.5, "query_time_warning_ms": 100, "alert_retention_days": 7,
     # aml's own: backup and maintenance recency, and how many lookups a hit rate needs.
-    "backup_max_age_hours": 36, "backup_critical_age_hours": 168,
-    "maintenance_max_age_days": 8, "cache_min_lookups": 20,
+    # Each scheduled job warns when its last success is older than one period of the
+    # crontab.example schedule plus two hours (so the 06:00 check sees a missed 02:00 backup
+    # the same morning), and goes critical after two periods.
+    "backup_max_age_hours": 26, "backup_critical_age_hours": 50,
+    "index_max_age_hours": 26, "index_critical_age_hours": 50,
+    "prune_max_age_hours": 170, "prune_critical_age_hours": 338,
+    "optimize_max_age_hours": 746, "optimize_critical_age_hours": 1490,
+    "cache_min_lookups": 20,
 }
 MONITOR_SETTINGS = ("webhook_url", "webhook_timeout")
 METRICS_HISTORY_MAX = 1000
@@ -7138,6 +7186,7 @@ STATE_LOCK_WAIT = 5.0  # under the 10 s after which Nagios kills a plugin by def
 # a second write within the same mtime tick would otherwise hide from the cache.
 INTEGRITY_RACY_SECONDS = 2.0
 _MB = 1024 * 1024
+_DAY_SECONDS = 86400.0
 
 
 def _non_negative_number(key: str, value: Any, source: str) -> float:
@@ -7185,11 +7234,11 @@ def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = 
     for values, source in layers:
         _check_threshold_keys(values, source)
         result.update({k: _non_negative_number(k, v, source) for k, v in values.items()})
-    for scope in ("agent", "global"):
-        warn, crit = result[scope + "_memory_warning_mb"], result[scope + "_memory_critical_mb"]
-        if warn > crit:
-            raise UsageError("%s_memory_warning_mb (%g) is above %s_memory_critical_mb (%g)"
-                             % (scope, warn, scope, crit))
+    pairs = [(s + "_memory_warning_mb", s + "_memory_critical_mb") for s in ("agent", "global")]
+    pairs += [(j + "_max_age_hours", j + "_critical_age_hours") for j in JOB_OPERATIONS]
+    for warn, crit in pairs:
+        if result[warn] > result[crit]:
+            raise UsageError("%s (%g) is above %s (%g)" % (warn, result[warn], crit, result[crit]))
     return result
 
 
@@ -7296,6 +7345,8 @@ class MetricsReport:
     forecasts: List[LimitForecast]
     performance: PerformanceMetrics
     warnings: List[str] = dataclasses.field(default_factory=list)
+    # per scheduled job (JOB_OPERATIONS): {"last_success": ts or None, "last_failure": ...}
+    jobs: Dict[str, Dict[str, Optional[str]]] = dataclasses.field(default_factory=dict)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -7745,7 +7796,19 @@ class MemoryMonitor:
             unreadable, growth, [], self._performance(history, index, load_ms, loaded,
                                                       record_total))
         report.forecasts = self._forecasts(report, samples)
+        report.jobs = self._job_times(history)
         return report
+
+    def _job_times(self, history: List[Dict[str, Any]]) -> Dict[str, Dict[str, Optional[str]]]:
+        failures = self._job_failures()
+        jobs = {}
+        for job, operations in JOB_OPERATIONS.items():
+            entry = _last_entry(history, operations)
+            failure = failures.get(job)
+            jobs[job] = {"last_success": entry.get("started") if entry else None,
+                         "last_failure": failure.get("at") if isinstance(failure, dict)
+                         else None}
+        return jobs
 
     def _performance(self, history: List[Dict[str, Any]], index: IndexState, load_ms: float,
                      loaded: int, records: int) -> PerformanceMetrics:
@@ -7863,6 +7926,7 @@ class MemoryMonitor:
     def _finish(name: str, problems: List[Problem], ok_message: str,
                 details: Optional[Dict[str, Any]] = None) -> HealthCheck:
         status = worst_status(p.status for p in problems)
+        problems = sorted(problems, key=lambda p: -_STATUS_RANK[p.status])  # worst first
         message = "; ".join(p.message for p in problems[:3]) if problems else ok_message
         if len(problems) > 3:
             message += "; and %d more" % (len(problems) - 3)
@@ -7947,35 +8011,67 @@ class MemoryMonitor:
             what = "index does not verify" if index.corrupt else "no index built"
             problem = Problem("index", HealthStatus.WARNING, what + " (run: optimize index)")
             return self._finish("index", [problem], "", details)
-        problems = []
-        if index.stale:
+        problems, ok = [], "index covers every data file (%s)" % human_bytes(index.size_bytes)
+        # The runtime writes all day; files changed since a recent refresh are expected (the
+        # scheduled `optimize index` re-reads them, get/search scan what is stale).
+        entry = _last_entry(history, JOB_OPERATIONS["index"])
+        refreshed = parse_timestamp(entry.get("started")) if entry else None
+        hours = days_between(refreshed, self.store.now) * 24 if refreshed else None
+        recent = hours is not None and hours <= self.thresholds["index_max_age_hours"]
+        if index.stale and recent:
+            ok = "index refreshed %.1f h ago; %d file(s) changed since" % (hours,
+                                                                           len(index.stale))
+        elif index.stale:
             names = ", ".join(index.stale[:3]) + (", ..." if len(index.stale) > 3 else "")
             problems.append(Problem("index", HealthStatus.WARNING, "index is stale for %d "
                                     "file(s) (%s) (run: optimize index)"
                                     % (len(index.stale), names)))
-        return self._finish("index", problems, "index covers every data file (%s)"
-                            % human_bytes(index.size_bytes), details)
+        return self._finish("index", problems, ok, details)
 
     def _check_backup(self, history: List[Dict[str, Any]]) -> HealthCheck:
-        """A verified backup whose manifest exists, recent enough."""
-        t = self.thresholds
+        """A verified backup whose manifest exists, recent enough; the last run did not fail."""
         entry = _last_verified_backup(self.store, history)
+        failed = self._failure_note("backup", entry)
         if entry is None:
-            problem = Problem("backup", HealthStatus.WARNING,
-                              "no verified backup yet (run: backup create)")
-            return self._finish("backup", [problem], "")
+            problem = Problem("backup", HealthStatus.WARNING, (failed or "no verified backup "
+                              "yet") + " (run: backup create)")
+            return self._finish("backup", [problem], "", {"failed": failed})
         started = parse_timestamp(entry.get("started")) or self.store.now
         hours = days_between(started, self.store.now) * 24
-        details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2)}
-        problems = []
-        for status, key in ((HealthStatus.CRITICAL, "backup_critical_age_hours"),
-                            (HealthStatus.WARNING, "backup_max_age_hours")):
+        details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2),
+                   "failed": failed}
+        problem = self._overdue("backup", "last verified backup", hours, failed)
+        return self._finish("backup", [problem] if problem else [], "verified backup %s, "
+                            "%.1f h old" % (details["backup_id"], hours), details)
+
+    def _job_failures(self) -> Dict[str, Any]:
+        try:
+            doc = self.store.read_state(JOB_FAILURES_FILE, {})
+        except IntegrityError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _failure_note(self, job: str, success: Optional[Dict[str, Any]]) -> Optional[str]:
+        """"<job> failed at T: reason" when the job's newest run failed, else None."""
+        failure = self._job_failures().get(job)
+        failed_at = parse_timestamp(failure.get("at")) if isinstance(failure, dict) else None
+        succeeded = parse_timestamp(success.get("started")) if success else None
+        if failed_at is None or (succeeded is not None and succeeded > failed_at):
+            return None
+        return "%s failed at %s: %s" % (failure.get("command") or job, failure["at"],
+                                        failure.get("reason"))
+
+    def _overdue(self, job: str, what: str, hours: float, failed: Optional[str]
+                 ) -> Optional[Problem]:
+        """One problem for a job: its failure and/or its last success past the limits."""
+        t, notes, status = self.thresholds, [failed] if failed else [], HealthStatus.WARNING
+        for level, key in ((HealthStatus.CRITICAL, job + "_critical_age_hours"),
+                           (HealthStatus.WARNING, job + "_max_age_hours")):
             if hours > t[key]:
-                problems.append(Problem("backup", status, "last verified backup is %.0f h old "
-                                        "(limit %g h)" % (hours, t[key])))
+                notes.append("%s is %.0f h old (limit %g h)" % (what, hours, t[key]))
+                status = level
                 break
-        return self._finish("backup", problems, "verified backup %s, %.1f h old"
-                            % (details["backup_id"], hours), details)
+        return Problem(job, status, "; ".join(notes)) if notes else None
 
     def _check_integrity(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Parse every data file (cached by size and mtime); any failure is critical."""
@@ -8016,7 +8112,8 @@ class MemoryMonitor:
     def _check_performance(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Indexed lookup time measured now and the recorded hot-cache hit rate."""
         t, problems, known = self.thresholds, [], []
-        lookup = _indexed_lookup_ms(self.store, _index_staleness(self.store))
+        index = _index_staleness(self.store)
+        lookup = _indexed_lookup_ms(self.store, index)
         if lookup.failed:
             problems.append(Problem("lookup", HealthStatus.WARNING, lookup.note))
         if lookup.ms is not None:
@@ -8037,29 +8134,42 @@ class MemoryMonitor:
         details = {"lookup_ms": lookup.ms, "lookup_note": lookup.note, "cache_hit_rate": rate,
                    "cache_lookups": int(hits + misses)}
         if not known and not problems:
-            return HealthCheck("performance", HealthStatus.UNKNOWN, "nothing to measure: %s; "
+            # a built index with files the runtime changed since the last refresh is normal
+            # on a live store: not measured this time, nothing unknown about the store
+            status = HealthStatus.HEALTHY if index.built and index.stale else \
+                HealthStatus.UNKNOWN
+            return HealthCheck("performance", status, "nothing to measure: %s; "
                                "fewer than %d cached lookups recorded"
                                % (lookup.note, t["cache_min_lookups"]), [], details)
         return self._finish("performance", problems, ", ".join(known), details)
 
     def _check_maintenance(self, history: List[Dict[str, Any]]) -> HealthCheck:
-        """aml's scheduled maintenance (prune, gc, index, ...) ran within the limit."""
-        limit = self.thresholds["maintenance_max_age_days"]
-        entry = _last_entry(history, MAINTENANCE_OPERATIONS)
-        if entry is None:
+        """Each scheduled job (prune, index, optimize) succeeded within its own limit and its
+        newest run did not fail; a job that never ran warns once aml has watched the store
+        for longer than the job's limit."""
+        if (_last_entry(history, MAINTENANCE_OPERATIONS) is None
+                and not self._job_failures()):
             return self._finish("maintenance", [Problem(
                 "maintenance", HealthStatus.WARNING, "aml maintenance has never run on this "
                 "store (see crontab.example)")], "")
-        started = parse_timestamp(entry.get("started")) or self.store.now
-        age = days_between(started, self.store.now)
-        problems = []
-        if age > limit:
-            problems.append(Problem("maintenance", HealthStatus.WARNING, "last maintenance (%s) "
-                                    "ran %.1f days ago (limit %g)"
-                                    % (entry.get("operation"), age, limit)))
-        return self._finish("maintenance", problems, "last maintenance: %s %.1f days ago"
-                            % (entry.get("operation"), age),
-                            {"operation": entry.get("operation"), "age_days": round(age, 3)})
+        starts = [parse_timestamp(e.get("started")) for e in history]
+        since = min((s for s in starts if s is not None), default=self.store.now)
+        problems, known, details = [], [], {}
+        for job in ("prune", "index", "optimize"):
+            entry = _last_entry(history, JOB_OPERATIONS[job])
+            started = parse_timestamp(entry.get("started")) if entry else None
+            hours = days_between(started or since, self.store.now) * 24
+            details[job] = {"last_success": entry.get("started") if entry else None,
+                            "age_hours": round(hours, 2) if started else None}
+            what = "last successful %s" % job if started else \
+                "%s never ran; aml's first run here" % job
+            problem = self._overdue(job, what, hours, self._failure_note(job, entry))
+            if problem:
+                problems.append(problem)
+            if started:
+                known.append("%s %.1f days ago" % (job, hours / 24))
+        return self._finish("maintenance", problems, "last success: " + (", ".join(known)
+                            or "none yet"), details)
 
     def _perfdata(self, checks: List[HealthCheck]) -> Dict[str, Any]:
         """Numbers for the plugin's performance data: {label: [value, uom, warn, crit]}."""
@@ -8086,8 +8196,9 @@ class MemoryMonitor:
         perf["lookup_ms"] = [by_name.get("performance", {}).get("lookup_ms"), "ms",
                              t["query_time_warning_ms"], None]
         rate = by_name.get("performance", {}).get("cache_hit_rate")
+        # a lower bound: range syntax "50:" means "warn below 50"
         perf["cache_hit_rate"] = [round(rate * 100, 1) if rate is not None else None, "%",
-                                  None, None]
+                                  "%s:" % _perf_number(t["cache_hit_rate_warning"] * 100), None]
         return perf
 
     # -- alerts -------------------------------------------------------------------
@@ -8259,19 +8370,24 @@ def _perf_label(label: str) -> str:
 def _perf_number(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, str):
+        return value  # already a range ("50:")
     if isinstance(value, float) and not value.is_integer():
         return ("%.4f" % value).rstrip("0").rstrip(".")
     return "%d" % value
 
 
 def health_summary(report: HealthReport) -> str:
-    """One line: ``AML WARNING - check: message; ...`` naming every check that is not healthy."""
-    bad = [c for c in report.checks if c.status is not HealthStatus.HEALTHY]
+    """One line: ``AML WARNING - STORE: check: message; ...`` naming the store and every check
+    that is not healthy, the most severe first (a critical cause is never cut off)."""
+    bad = sorted((c for c in report.checks if c.status is not HealthStatus.HEALTHY),
+                 key=lambda c: -_STATUS_RANK[c.status])
     if bad:
         summary = "; ".join("%s: %s" % (c.name, c.message) for c in bad)
     else:
         summary = "%d checks healthy" % len(report.checks)
-    return "AML %s - %s" % (report.status.nagios, summary.replace("|", "/").replace("\n", " "))
+    return "AML %s - %s: %s" % (report.status.nagios, report.store,
+                                summary.replace("|", "/").replace("\n", " "))
 
 
 def nagios_line(report: HealthReport) -> str:
@@ -8298,10 +8414,15 @@ def _prom_value(value: float) -> str:
 
 
 class _PromWriter:
-    """Collects metric families in the Prometheus text exposition format (version 0.0.4)."""
+    """Collects metric families in the Prometheus text exposition format (version 0.0.4).
 
-    def __init__(self) -> None:
+    ``labels`` (the ``store`` label) are added to every sample, so two stores on one host
+    do not collide in one textfile collector.
+    """
+
+    def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
         self.lines: List[str] = []
+        self.labels = dict(labels or {})
 
     def family(self, name: str, kind: str, help_text: str,
                samples: Iterable[Tuple[Dict[str, str], Optional[float]]]) -> None:
@@ -8312,6 +8433,7 @@ class _PromWriter:
         self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")))
         self.lines.append("# TYPE %s %s" % (name, kind))
         for labels, value in known:
+            labels = dict(self.labels, **labels)
             text = ",".join('%s="%s"' % (k, _prom_escape(str(v))) for k, v in labels.items())
             self.lines.append("%s%s %s" % (name, "{%s}" % text if text else "", _prom_value(value)))
 
@@ -8322,8 +8444,9 @@ class _PromWriter:
 
 def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = None,
                     alerts: Optional[List[Alert]] = None) -> str:
-    """Metrics (and health and alert counts when given) in the Prometheus text format."""
-    w = _PromWriter()
+    """Metrics (and health and alert counts when given) in the Prometheus text format,
+    base units (bytes, seconds), every sample labelled with its ``store``."""
+    w = _PromWriter({"store": os.path.abspath(metrics.store)})
     w.family("aml_store_bytes", "gauge", "Bytes of the memory store on disk, aml state excluded.",
              [({}, metrics.total_bytes)])
     w.family("aml_state_bytes", "gauge", "Bytes of aml's own state folder .aml.",
@@ -8349,10 +8472,13 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
 
 def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
     perf = metrics.performance
-    w.family("aml_growth_bytes_per_day", "gauge", "Store growth per day over the last 30 days.",
-             [({}, metrics.growth.bytes_per_day)])
-    w.family("aml_days_until_limit", "gauge", "Days until a size limit at the current growth.",
-             [({"limit": f.limit, "subject": f.subject}, f.days_until) for f in metrics.forecasts])
+    per_day = metrics.growth.bytes_per_day
+    w.family("aml_growth_bytes_per_second", "gauge", "Store growth rate over the last 30 days.",
+             [({}, per_day / _DAY_SECONDS if per_day is not None else None)])
+    w.family("aml_limit_eta_seconds", "gauge", "Time until a size limit at the current growth.",
+             [({"limit": f.limit, "subject": f.subject},
+               f.days_until * _DAY_SECONDS if f.days_until is not None else None)
+              for f in metrics.forecasts])
     w.family("aml_full_load_seconds", "gauge", "Time to read and parse every record file, now.",
              [({}, perf.full_load_ms / 1000.0 if perf.full_load_ms is not None else None)])
     w.family("aml_lookup_seconds", "gauge", "Time of one indexed lookup, measured now.",
@@ -8362,8 +8488,22 @@ def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
     ops = sorted(perf.last_operations.values(), key=lambda o: o.operation)
     w.family("aml_last_operation_duration_seconds", "gauge", "Duration of the last run.",
              [({"operation": o.operation}, o.seconds) for o in ops])
-    w.family("aml_last_operation_age_days", "gauge", "Days since the last run started.",
-             [({"operation": o.operation}, o.age_days) for o in ops])
+    w.family("aml_last_operation_age_seconds", "gauge", "Time since the last run started.",
+             [({"operation": o.operation}, o.age_days * _DAY_SECONDS
+               if o.age_days is not None else None) for o in ops])
+    w.family("aml_last_operation_timestamp_seconds", "gauge", "Start of the last run (Unix "
+             "time).", [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
+    for kind in ("success", "failure"):
+        w.family("aml_job_last_%s_timestamp_seconds" % kind, "gauge", "Start of the last %s "
+                 "of each scheduled job (Unix time)." % ("successful run" if kind == "success"
+                                                         else "failed run"),
+                 [({"job": job}, _unix_time(times.get("last_" + kind)))
+                  for job, times in sorted(metrics.jobs.items())])
+
+
+def _unix_time(text: Optional[str]) -> Optional[float]:
+    moment = parse_timestamp(text) if text else None
+    return round(moment.timestamp(), 3) if moment else None
 
 
 def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> None:
@@ -8682,9 +8822,17 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def open_store(args: argparse.Namespace) -> Store:
-    """The Store named on the command line, with the run's clock and lock wait."""
-    return Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
-                 config_file=args.config)
+    """The Store named on the command line, with the run's clock and lock wait.
+
+    Raises UsageError for a folder that is not a store (see check_is_store), so no command
+    creates ``.aml/`` in a wrong folder; restoring into an empty folder is allowed.
+    """
+    store = Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
+                  config_file=args.config)
+    restoring = getattr(args, "backup_command", None) == "restore"
+    if not (restoring and not any(os.scandir(str(store.root)))):
+        check_is_store(store)
+    return store
 
 
 def output_for(args: argparse.Namespace) -> Output:
@@ -9469,6 +9617,9 @@ def _build_monitor(subparsers: Any) -> None:
                              ("text", "json", "nagios"), "text", cmd_monitor_health)
     _threshold_option(health)
     health.add_argument("--webhook", metavar="URL", help="POST alert changes here as JSON")
+    health.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="answer UNKNOWN (exit 3) when the checks take longer "
+                        "(default: no limit; Nagios kills a plugin after 10 s)")
     alerts = _monitor_action(sub, "alerts", "list open alerts, or resolve one by hand",
                              ("text", "json"), "text", cmd_monitor_alerts)
     alerts.add_argument("--all", action="store_true", help="include resolved alerts")
@@ -9593,11 +9744,15 @@ def _health_lines(report: HealthReport) -> List[str]:
 def cmd_monitor_health(args: argparse.Namespace) -> int:
     """``monitor health``: exit code 0/1/2/3 by the plugin convention, whatever the format."""
     out = _monitor_output(args)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be a positive number of seconds")
     try:
-        report = _open_monitor(args).health()
+        with _deadline(args.timeout):
+            report = _open_monitor(args).health()
     except (AmlError, OSError) as exc:  # e.g. permission denied: health could not run, UNKNOWN
-        if args.format == "nagios":
-            print("AML UNKNOWN - %s" % str(exc).replace("|", "/"), file=out.stdout)
+        if args.format != "json":
+            print("AML UNKNOWN - %s: %s" % (args.memory_path, str(exc).replace("|", "/")),
+                  file=out.stdout)
         raise HealthUnknownError(str(exc)) from None
     for warning in report.warnings:
         out.warn(warning)
@@ -9611,6 +9766,33 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
             out.line(line)
     out.document(report)
     return report.exit_code
+
+
+class HealthTimeoutError(AmlError):
+    """``monitor health --timeout`` ran out of time (UNKNOWN)."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+@contextlib.contextmanager
+def _deadline(seconds: Optional[float]) -> Iterator[None]:
+    """Raise HealthTimeoutError in the main thread after ``seconds`` (SIGALRM); the
+    exception unwinds every ``with``, so locks are released. No limit when None."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise HealthTimeoutError("health checks did not finish within --timeout %g s" % seconds)
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
@@ -9662,8 +9844,61 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
     if args.output is None:
         out.stdout.write(text)
     else:
-        atomic_write_bytes(args.output, text.encode("utf-8"))
+        write_report_file(args.output, text)
     return int(report.metrics.exit_code)
+
+
+def write_report_file(path: Path, text: str) -> None:
+    """Write a report atomically; raises AmlError naming the output folder when it is
+    missing or not writable (not aml's temp file inside it)."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise AmlError("output folder %s does not exist (create it, writable by this user)"
+                       % folder)
+    if not os.access(str(folder), os.W_OK | os.X_OK):
+        raise AmlError("output folder %s is not writable by this user" % folder)
+    try:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    except PermissionError:
+        raise AmlError("output folder %s is not writable by this user" % folder) from None
+
+
+def _job_of(args: Optional[argparse.Namespace]) -> Optional[str]:
+    """The scheduled job (JOB_OPERATIONS) a command line runs, or None (previews, reads)."""
+    if args is None or getattr(args, "dry_run", False):
+        return None
+    command = getattr(args, "command", None)
+    if command == "prune" and not (args.undo or args.list_runs):
+        return "prune"
+    if command == "backup" and args.backup_command in ("create", "full", "incremental",
+                                                       "auto"):
+        return "backup"
+    if command == "optimize" and args.action in ("index", "build-index"):
+        return "index"
+    if command == "optimize" and args.action in ("all", "gc", "compress"):
+        return "optimize"
+    return None
+
+
+def _record_job(args: Optional[argparse.Namespace], code: int,
+                error: Optional[Any] = None) -> int:
+    """Record a failed scheduled job (exit code not 0) for monitoring; returns ``code``."""
+    job = _job_of(args)
+    if job is None or code in (ExitCode.OK, ExitCode.USAGE) or args is None:
+        return code  # a usage error may name a folder that is not a store: write nothing
+    reason = str(error) if error is not None else "exit %d (see the job's output)" % code
+    command = " ".join(w for w in (args.command, getattr(args, "backup_command", None),
+                                   getattr(args, "action", None)) if w)
+    # A store aml cannot write (the very error being reported, often) keeps the failure
+    # unrecorded: the job's own error line, already printed, is what cron mails.
+    with contextlib.suppress(AmlError, OSError):
+        Store(args.memory_path, now=args.now).record_job_failure(job, command, reason, code)
+    return code
+
+
+def _is_health_command(argv: Sequence[str]) -> bool:
+    words = [a for a in argv if not a.startswith("-")]
+    return any(a == "monitor" and b == "health" for a, b in zip(words, words[1:]))
 
 
 class _Terminated(BaseException):
@@ -9679,12 +9914,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
     try:
         args = _finish_args(build_parser().parse_args(argv))
-        return int(args.func(args))
+        return _record_job(args, int(args.func(args)))
     except AmlError as exc:
         print("aml: error: %s" % exc, file=sys.stderr)
-        return int(exc.exit_code)
+        if isinstance(exc, UsageError) and _is_health_command(argv):
+            # The plugin convention: a usage error is UNKNOWN (3), never CRITICAL (2).
+            print("AML UNKNOWN - %s" % str(exc).replace("|", "/"))
+            return int(ExitCode.PARTIAL)
+        return _record_job(args, int(exc.exit_code), exc)
     except (KeyboardInterrupt, _Terminated):
         print("aml: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
@@ -9695,9 +9936,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:
         # Permission denied, disk full, ...: one clear line, not a traceback (cron mails it).
         where = exc.filename if exc.filename is not None else ""
-        print("aml: error: %s%s" % (exc.strerror or exc, ": %s" % where if where else ""),
-              file=sys.stderr)
-        return int(ExitCode.FAILURE)
+        message = "%s%s" % (exc.strerror or exc, ": %s" % where if where else "")
+        print("aml: error: %s" % message, file=sys.stderr)
+        return _record_job(args, int(ExitCode.FAILURE), message)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -3531,7 +3531,7 @@ def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
 
 
 NAGIOS_RE = re.compile(r"^AML (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+ \| "
-                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?(;[0-9.]*){0,4}) ?)+$")
+                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?(;[0-9.:]*){0,4}) ?)+$")
 
 
 def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
@@ -3540,15 +3540,15 @@ def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
     assert code == 1 and out.count("\n") == 1 and NAGIOS_RE.match(out.rstrip("\n")), out
     _make_healthy(root)
     code, out, _ = _health(root, capsys=capsys, fmt="nagios")
-    assert code == 0 and out.startswith("AML OK - 7 checks healthy | "), out
-    assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%" in out
+    assert code == 0 and out.startswith("AML OK - %s: 7 checks healthy | " % root), out
+    assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%;50:;" in out
     assert "store_bytes=" in out and ";838860800;0" in out  # critical = 800 MiB
     assert re.search(r" lookup_ms=[0-9.]+ms;100;", out) and "stale_index_files=0;" in out
     # An empty store: no id to look up and no lookups recorded, so performance is unknown.
     empty = build_store(tmp_path / "empty", patterns=0, solutions=0, decisions=0)
     _make_healthy(empty, hits=0, misses=0)
     code, out, _ = _health(empty, capsys=capsys, fmt="nagios")
-    assert code == 3 and out.startswith("AML UNKNOWN - performance: ") and NAGIOS_RE.match(
+    assert code == 3 and out.startswith("AML UNKNOWN - %s: performance: " % empty) and NAGIOS_RE.match(
         out.rstrip("\n")) and "lookup_ms=U" in out
 
 
@@ -3582,8 +3582,8 @@ def test_crontab_monitor_lines_run_in_a_cron_environment(tmp_path):
         proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv, cwd=str(tmp_path),
                               env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120)
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b""), argv
-    assert "aml_health_overall 0" in _parse_prometheus(outputs[0].read_text())[
-        "aml_health_overall"]
+    assert 'aml_health_overall{store="%s"} 0' % root in _parse_prometheus(
+        outputs[0].read_text())["aml_health_overall"]
     assert outputs[1].read_text().startswith("<!DOCTYPE html>")
 
 
@@ -3853,8 +3853,9 @@ def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
     root = build_store(tmp_path / "m", agents=("a1", 'we"ird\\agent'), gz="mixed")
     code, out, _ = run_cli(root, "monitor", "metrics", "--format", "prometheus", capsys=capsys)
     families = _parse_prometheus(out)
-    assert code == 0 and 'aml_records{agent="we\\"ird\\\\agent",type="pattern",state="active"} 40' \
-        in families["aml_records"]
+    label = 'store="%s",' % root
+    assert code == 0 and 'aml_records{%sagent="we\\"ird\\\\agent",type="pattern",state="active"} 40' \
+        % label in families["aml_records"]
     assert "aml_cache_hit_ratio" not in families  # unknown is left out, never a made-up 0
     target = tmp_path / "textfile" / "aml.prom"
     target.parent.mkdir()
@@ -3862,8 +3863,8 @@ def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
                            capsys=capsys)
     families = _parse_prometheus(target.read_text())
     assert code == 0 and out == "" and os.listdir(target.parent) == ["aml.prom"]
-    assert families["aml_health_overall"] == ["aml_health_overall 1"]
-    assert 'aml_health_status{check="backup"} 1' in families["aml_health_status"]
+    assert families["aml_health_overall"] == ['aml_health_overall{store="%s"} 1' % root]
+    assert 'aml_health_status{%scheck="backup"} 1' % label in families["aml_health_status"]
 
 
 class _HtmlCollector(html.parser.HTMLParser):
@@ -4332,7 +4333,7 @@ def test_readme_library_example_runs(tmp_path):
     lines = proc.stdout.splitlines()
     assert [line.split()[0] for line in lines if line.split()[1:3] == ["would", "lose"]] == \
         list(README_AGENTS)
-    assert "verified: True" in proc.stdout and "defaults: 60 36" in proc.stdout
+    assert "verified: True" in proc.stdout and "defaults: 60 26" in proc.stdout
     assert (tmp_path / "aml-backups" / "aml" / "snapshots").is_dir()  # ../ of the cwd
     assert re.search(r"^size +healthy .*limit 40\.0 MiB", proc.stdout, re.M)
 
@@ -4511,6 +4512,13 @@ class Cron:
         return out
 
 
+# This year backs up every sixth night and refreshes the index monthly (to stay fast): the
+# job limits follow that sparser schedule.
+YEAR_SPARSE = ("--threshold", "backup_max_age_hours=200", "--threshold",
+               "backup_critical_age_hours=400", "--threshold", "index_max_age_hours=800",
+               "--threshold", "index_critical_age_hours=1600")
+
+
 def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
     # Durability is proven by the crash tests; here fsync would only make a year take minutes
     # on a busy disk, so it is a no-op (every write is still a temp file and a rename).
@@ -4547,7 +4555,7 @@ def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
             crash.mkdir()
             os.utime(crash, (time.time() - 3600,) * 2)
         if today.weekday() == 0:
-            health = cron(at(6), "monitor", "health", "-q", codes=(0, 1))
+            health = cron(at(6), "monitor", "health", "-q", *YEAR_SPARSE, codes=(0, 1))
             if crashed and lock_alert is None:
                 assert "stale runtime lock" in health, health
                 lock_alert = next(a["id"] for a in _year_alerts(cron, at(6, 1))
@@ -4614,7 +4622,7 @@ def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
     cron(end, "backup", "verify", mid_id, "--deep")
     cron(end, "backup", "restore", mid_id, "--target", str(scratch / "memory"))
     assert file_contents(scratch / "memory") == mid_copy
-    assert cron(end, "monitor", "health", codes=(0, 1)).startswith("Health: ")
+    assert cron(end, "monitor", "health", *YEAR_SPARSE, codes=(0, 1)).startswith("Health: ")
 
 
 def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
