@@ -5,6 +5,7 @@ Every store is generated in ``tmp_path`` by the factories below; nothing here re
 """
 
 import contextlib
+import dataclasses
 import datetime as dt
 import gzip
 import hashlib
@@ -4692,3 +4693,224 @@ def test_every_readme_transcript_is_tagged_so_the_runner_runs_it():
         elif fence and fence[0] == "" and line.lstrip("$ ").startswith(("aml", "python3 aml.py")):
             untagged.append(fence[1])
     assert untagged == []
+
+
+# ---- issue 12: unattended on a live store (crontab.example as shipped, 60 days) ----
+
+SIM_AML = "python3 /opt/aml/aml.py"
+SIM_STORE = "'/srv/project/.loom/memory'"
+SIM_REPORTS = {"/var/lib/node_exporter/textfile_collector/aml.prom": "textfile/aml.prom",
+               "/var/www/aml/report.html": "www/report.html"}
+SIM_CONFIG = {"monitor": {"query_time_warning_ms": 100000,  # a timed lookup must not flip it
+                          "agent_memory_warning_mb": 1, "agent_memory_critical_mb": 2}}
+
+
+def crontab_lines():
+    """[(minute, hour, day of month, day of week, command)] of crontab.example's jobs."""
+    jobs = []
+    for line in (HERE / "crontab.example").read_text().splitlines():
+        if not line.strip() or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
+            continue
+        minute, hour, dom, month, dow, command = line.split(None, 5)
+        assert month == "*", line
+        jobs.append((minute, hour, dom, dow, command))
+    return jobs
+
+
+def _cron_matches(field, value):
+    return field == "*" or value in {int(v) for v in field.split(",")}
+
+
+def cron_due(day):
+    """[(time, command)] of the crontab lines cron starts on ``day``, in order."""
+    due = []
+    for minute, hour, dom, dow, command in crontab_lines():
+        if _cron_matches(dom, day.day) and _cron_matches(dow, (day.weekday() + 1) % 7):
+            due.append((day + dt.timedelta(hours=int(hour), minutes=int(minute)), command))
+    return sorted(due)
+
+
+class CronSim:
+    """crontab.example's lines on one store at a fixed clock, with a runtime writing between.
+
+    Each line's text is the shipped one with its paths adapted (as the README tells the user)
+    and ``--now`` added after aml.py; it runs under ``sh -c`` with PATH=/usr/bin:/bin in
+    another folder, or in-process (same argv, same folder) where the entry point is not what
+    is being proved. Every run's output is logged: cron mails any output.
+    """
+
+    def __init__(self, base, capsys, seed=12):
+        self.base, self.capsys = Path(base), capsys
+        self.root = self.base / "project" / ".loom" / "memory"
+        self.cwd = self.base / "elsewhere"
+        self.writer = RuntimeWriter(self.root, random.Random(seed))
+        self.log = []
+
+    def command(self, text, when):
+        text = text.replace(SIM_AML, "%s %s --now %s" % (
+            shlex.quote(sys.executable), shlex.quote(str(HERE / "aml.py")),
+            aml.format_timestamp(when)))
+        text = text.replace(SIM_STORE, shlex.quote(str(self.root)))
+        for path, local in SIM_REPORTS.items():
+            text = text.replace("'%s'" % path, shlex.quote(str(self.base / local)))
+        return text
+
+    def run(self, when, text, real=False):
+        command = self.command(text, when)
+        if real:
+            proc = subprocess.run(["/bin/sh", "-c", command], cwd=str(self.cwd),
+                                  env={"PATH": "/usr/bin:/bin", "HOME": str(self.cwd)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=120)
+            code, output = proc.returncode, proc.stdout
+        else:
+            code = aml.main(shlex.split(command)[2:])
+            output = "".join(self.capsys.readouterr())
+        self.log.append((when, text, code, output))
+        return code, output
+
+    def day(self, day, real=False, skip=(), before=None):
+        """One day: the night's jobs, a runtime write just before the health check (so the
+        index is a little stale, as on a live store), the agents' day of work at 14:00."""
+        wrote_early = False
+        for when, text in cron_due(day):
+            if "monitor health" in text and not wrote_early:
+                self.writer.day(YEAR_PLAIN_AGENTS[0], when - dt.timedelta(minutes=15))
+                wrote_early = True
+            if before:
+                before(when, text)
+            if not any(word in text for word in skip):
+                self.run(when, text, real)
+        for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+            self.writer.day(agent, day + dt.timedelta(hours=14))
+
+    def output_since(self, moment):
+        return [(when, text, code, out) for when, text, code, out in self.log
+                if when >= moment and out]
+
+
+def sim_store(base):
+    """A young runtime store, the report folders the README says to create, the pinned
+    thresholds in the store's aml config file."""
+    root = Path(base) / "project" / ".loom" / "memory"
+    year_store(root, random.Random(2026))
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text(json.dumps(SIM_CONFIG))
+    for local in SIM_REPORTS.values():
+        (Path(base) / local).parent.mkdir(parents=True, exist_ok=True)
+    (Path(base) / "elsewhere").mkdir()
+    return root
+
+
+SIM_START = NOW.replace(hour=0, minute=0, second=0, microsecond=0)   # a Friday
+SIM_SUNDAY = 9    # 2026-11-29: the weekly prune's day
+SIM_FIRST = 11    # 2026-12-01: the monthly optimize's day
+
+
+def _scenario(snapshot, base, capsys, monkeypatch, first_day):
+    shutil.copytree(str(snapshot), str(base), symlinks=True)
+    monkeypatch.chdir(base / "elsewhere")
+    sim = CronSim(base, capsys, seed=first_day)
+    return sim, SIM_START + dt.timedelta(days=first_day)
+
+
+def _first_health_line(sim, since):
+    lines = [(when, out) for when, text, _, out in sim.output_since(since)
+             if "monitor health" in text]
+    return lines[0] if lines else (None, "")
+
+
+def test_crontab_is_quiet_for_60_days_on_a_healthy_live_store_and_loud_within_a_day(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(aml.os, "fsync", lambda fd: None)  # durability: see the crash tests
+    base = tmp_path / "healthy"
+    sim_store(base)
+    monkeypatch.chdir(base / "elsewhere")
+    sim = CronSim(base, capsys)
+    snapshots = {}
+    for day in range(60):
+        if day in (SIM_SUNDAY, SIM_FIRST):  # the state to fork the failure scenarios from
+            snapshots[day] = tmp_path / ("at-day-%d" % day)
+            shutil.copytree(str(base), str(snapshots[day]), symlinks=True)
+        # the real entry point (sh -c, minimal PATH, other cwd) on the first days, a Sunday,
+        # the 1st of a month and the last day; in-process (same argv) otherwise
+        real = day in (0, 1, SIM_SUNDAY, SIM_FIRST, 59)
+        sim.day(SIM_START + dt.timedelta(days=day), real=real)
+    noisy = [(aml.format_timestamp(w), t, c, o) for w, t, c, o in sim.log if o or c]
+    assert noisy == []
+    jobs = {text.split("' ", 1)[1].split(" -")[0] for _, text, _, _ in sim.log}
+    assert jobs == {"backup auto", "optimize index", "prune", "optimize all",
+                    "monitor health", "monitor report"}
+    assert sum(1 for _, t, _, _ in sim.log if " prune " in t) == 9
+    prom = (base / SIM_REPORTS["/var/lib/node_exporter/textfile_collector/aml.prom"]).read_text()
+    assert 'aml_health_overall{store="%s"} 0' % sim.root in prom
+    history = aml.Store(sim.root).read_state("history.json")
+    assert {"backup", "verify", "rotate", "prune", "index", "gc", "health"} <= \
+        {e["operation"] for e in history}
+
+    # Each failure, injected into a copy of the healthy store, shows within one day: the
+    # failing job's own line at once, and the next health check names the store and cause.
+    def failing(name, first_day, inject, expect, skip=(), before=None):
+        sim, start = _scenario(snapshots[first_day], tmp_path / name, capsys, monkeypatch,
+                               first_day)
+        with monkeypatch.context() as patch:
+            inject(sim, patch)
+            for offset in (0, 1):
+                sim.day(start + dt.timedelta(days=offset), skip=skip, before=before)
+        out = sim.output_since(start)
+        assert out and out[0][0] - start <= dt.timedelta(days=1), (name, out)
+        when, line = _first_health_line(sim, start)
+        assert when is not None and when - start <= dt.timedelta(days=1, hours=6), (name, out)
+        assert line.startswith("AML ") and str(sim.root) in line and expect in line, line
+        return sim
+
+    def backup_fails(sim, patch):
+        backups = sim.root.parent / "memory-backup"
+        backups.rename(backups.with_name("memory-backup.moved"))
+        backups.write_text("not a folder")
+    failing("backup-fails", SIM_SUNDAY, backup_fails, "backup auto failed")
+
+    def backup_does_not_verify(sim, patch):
+        real = aml.BackupManager._verify_and_repair
+
+        def bad(self, *args, **kwargs):
+            result = real(self, *args, **kwargs)
+            return dataclasses.replace(result, ok=False, problems=["pack 1: checksum mismatch"])
+        patch.setattr(aml.BackupManager, "_verify_and_repair", bad)
+    failing("backup-unverified", SIM_SUNDAY, backup_does_not_verify, "does not verify")
+
+    def wrong_clock_agent(sim, patch):  # prune's mass-deletion guard refuses: exit 4
+        rng = random.Random(4)
+        write_data(sim.root / "legacy-agent" / "patterns.json",
+                   [make_pattern("legacy-agent", rng, age=400 + i) for i in range(10)])
+    failing("prune-fails", SIM_SUNDAY, wrong_clock_agent, "prune failed")
+
+    def disk_full(sim, patch):
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        patch.setattr(aml, "collect_garbage", full)
+    failing("optimize-fails", SIM_FIRST, disk_full, "optimize all failed")
+
+    def index_fails(sim, patch):
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        patch.setattr(aml.MemoryIndex, "refresh", full)
+    failing("index-fails", SIM_SUNDAY, index_fails, "optimize index failed")
+
+    def truncated(sim, patch):
+        path = sim.root / YEAR_GZ_AGENTS[0] / "metrics.json"  # the writer leaves it alone
+        path.write_bytes(path.read_bytes()[:-30])
+    failing("truncated", SIM_SUNDAY, truncated, "integrity")
+
+    def over_limit(sim, patch):
+        rng = random.Random(5)
+        sim.writer.rewrite(YEAR_PLAIN_AGENTS[0], "patterns.json", lambda data: data.extend(
+            dict(make_pattern(YEAR_PLAIN_AGENTS[0], rng, age=0), notes="x" * 1500)
+            for _ in range(900)))
+    failing("over-limit", SIM_SUNDAY, over_limit, "size")
+
+    # maintenance stopped: the crontab lost every job but health (or only the weekly prune)
+    failing("all-stopped", SIM_SUNDAY, lambda sim, patch: None, "backup",
+            skip=("backup auto", "optimize", "prune"))
+    failing("prune-stopped", SIM_SUNDAY, lambda sim, patch: None, "prune is 171 h old",
+            skip=(" prune ",))
