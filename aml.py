@@ -271,6 +271,36 @@ def days_between(earlier: _dt.datetime, later: _dt.datetime) -> float:
     return (later - earlier).total_seconds() / 86400.0
 
 
+# Progress of long work: callback(phase, done, total, unit); unit "files", "records" or "B".
+# Library code only calls it; the CLI renders it on a terminal (section 15).
+ProgressCallback = Callable[[str, int, int, str], None]
+
+
+def no_progress(phase: str, done: int, total: int, unit: str = "files") -> None:
+    """The default progress callback: does nothing."""
+
+
+def with_progress(progress: ProgressCallback, phase: str, items: Sequence[Any],
+                  size: Optional[Callable[[Any], int]] = None) -> Iterator[Any]:
+    """Yield ``items``, reporting before each and after the last: by ``size(item)`` bytes
+    when given, else by count."""
+    total = sum(size(i) for i in items) if size else len(items)
+    done, unit = 0, "B" if size else "files"
+    for item in items:
+        progress(phase, done, total, unit)
+        yield item
+        done += size(item) if size else 1
+    progress(phase, done, total, unit)
+
+
+def _file_size(item: Any) -> int:
+    path = getattr(item, "path", item)
+    try:
+        return os.stat(str(path)).st_size
+    except OSError:
+        return 0
+
+
 def human_bytes(count: float) -> str:
     """Render a byte count for people: ``512 B``, ``1.5 KiB``, ``80.0 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -883,6 +913,7 @@ class Store:
         self.lock_timeout = lock_timeout
         self.config_file = config_file  # aml config file named on the command line, if any
         self.state_dir = self.root / STATE_DIR_NAME
+        self.progress: ProgressCallback = no_progress  # long work reports here (the CLI draws it)
 
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:
@@ -2106,7 +2137,7 @@ class BackupManager:
         self.repo = self.root / REPO_DIR_NAME
         self.packs = self.repo / "packs"
         self.snapshots_dir = self.repo / "snapshots"
-        self.progress: Callable[[str], None] = lambda text: None   # the CLI shows it on a TTY
+        self.progress: ProgressCallback = store.progress   # the CLI shows it on a TTY
         self._manifests: Dict[str, Dict[str, Any]] = {}
         self._fresh_pack: Optional[str] = None   # the pack the last create wrote
 
@@ -2283,7 +2314,7 @@ class BackupManager:
             paths = store_scope_files(self.store.root, selected)
             entries = []
             for n, rel in enumerate(paths, 1):
-                self.progress("backup: file %d of %d" % (n, len(paths)))
+                self.progress("backup: reading files", n - 1, len(paths), "files")
                 entries.append(snap.file_entry(rel, writer))
             entries = [e for e in entries if e]
             bytes_added = writer.commit()
@@ -2402,7 +2433,8 @@ class BackupManager:
         checked: Optional[Dict[bytes, Optional[str]]] = {} if len(ids) > 1 else None
         result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
                               objects_checked=0, problems=list(objects.problems))
-        for backup_id in ids:
+        for backup_id in with_progress(self.progress, "verify%s" % (" --deep" if deep else ""),
+                                       ids):
             before = len(result.problems)
             try:
                 manifest = self.load_manifest(backup_id)
@@ -2882,7 +2914,8 @@ class _RestorePlan:
             swapped: Dict[Path, None] = {}
             try:
                 for n, rel in enumerate(self.created + self.replaced, 1):
-                    self.manager.progress("restore: file %d of %d" % (n, len(staged)))
+                    self.manager.progress("restore: replacing files", n - 1, len(staged),
+                                          "files")
                     swapped.update(dict.fromkeys(self._swap(rel, staged[rel])))
             finally:
                 # Each file is whole at every moment; the renames are made durable once per
@@ -3681,8 +3714,14 @@ def worker_count(workers: int, jobs: int) -> int:
     return max(1, min(jobs, workers or os.cpu_count() or 1))
 
 
+def _ticked(value: Any, tick: Callable[[int, int], None], done: int, total: int) -> Any:
+    tick(done, total)
+    return value
+
+
 def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers: int = 0,
-                 threads: bool = False) -> List[Any]:
+                 threads: bool = False,
+                 progress: Optional[Callable[[int, int], None]] = None) -> List[Any]:
     """``func(*job)`` for every job, in order; in forked worker processes when more than one.
 
     ``threads`` uses a thread pool instead (for work that releases the GIL, like zlib and
@@ -3690,8 +3729,9 @@ def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers:
     module-level function.
     """
     count = worker_count(workers, len(jobs))
+    tick = progress or (lambda done, total: None)
     if count <= 1:
-        return [func(*job) for job in jobs]
+        return [_ticked(func(*job), tick, n, len(jobs)) for n, job in enumerate(jobs, 1)]
     import concurrent.futures  # only here: it costs import time every other command would pay
     if threads:
         pool: Any = concurrent.futures.ThreadPoolExecutor(count)
@@ -3701,7 +3741,7 @@ def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers:
             count, mp_context=multiprocessing.get_context("fork"))
     try:
         futures = [pool.submit(func, *job) for job in jobs]
-        return [future.result() for future in futures]
+        return [_ticked(f.result(), tick, n, len(jobs)) for n, f in enumerate(futures, 1)]
     finally:
         # On an error or SIGTERM, jobs not started yet are dropped; running ones finish
         # (each is atomic), so the run stops promptly without a half-written file.
@@ -3987,7 +4027,9 @@ class MemoryIndex:
         """index_file_part for each file; in one worker process per core for big batches."""
         jobs = [(str(self.store.root / f.path), slots[f.path]) for f in todo]
         small = sum(f.size for f in todo) < _PARALLEL_INDEX_BYTES
-        return parallel_map(_index_file_safe, jobs, 1 if small else 0)
+        progress = lambda n, total: self.store.progress("index: reading files", n, total,  # noqa
+                                                         "files")
+        return parallel_map(_index_file_safe, jobs, 1 if small else 0, progress=progress)
 
     def _old_part(self, entry: Dict[str, Any]) -> Optional[Tuple[bytes, bytes, int]]:
         try:
@@ -5130,12 +5172,12 @@ class MemoryPruner:
             return
         if not run.parts:
             run.result.archive = str(Archive(self.store).begin(run.result.run_id, "prune"))
-        for plan in todo:
+        for plan in with_progress(self.store.progress, "prune: archiving", todo):
             self._archive_file(run, plan)
         if any(r.reason is PruneReason.MEMORY_LIMIT_EXCEEDED
                for p in todo for r in p.removals.values()):
             run.result.space_iterations += 1
-        for plan in todo:
+        for plan in with_progress(self.store.progress, "prune: rewriting", todo):
             if plan.removals:
                 self._apply_file(run, plan)
 
@@ -5266,7 +5308,9 @@ class MemoryPruner:
               result: PruneResult) -> List[_FilePlan]:
         """Plan each readable file as it streams by; only its compact plan is kept."""
         plans = []
-        for data_file in (f for agent in agents for f in self.store.record_files(agent)):
+        files = [f for agent in agents for f in self.store.record_files(agent)]
+        phase = "prune: planning" if result.dry_run else "prune: scanning"
+        for data_file in with_progress(self.store.progress, phase, files, _file_size):
             plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
             try:  # not iter_record_files: its generator would hold this file while the next loads
                 records = self.store.load_records(data_file)[0]
@@ -5707,7 +5751,8 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     with paused_cyclic_gc():  # the parses of files the index did not vouch for
         outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout, dry_run,
                                                   indexed.get(p)) for p in paths], count,
-                                threads=True)
+                                threads=True, progress=lambda n, total: store.progress(
+                                    "compress" if to_gzip else "decompress", n, total, "files"))
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
     by = {kind: [o for o in outcomes if o[1] == kind] for kind in ("done", "skipped", "changed",
                                                                      "unreadable")}
@@ -5985,7 +6030,7 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
     gc = GarbageCollector(store, force)
     errors: List[CorruptFileError] = []
     plan, refused = [], []
-    for agent in store.agents():
+    for agent in with_progress(store.progress, "gc: planning", store.agents()):
         entries, total = gc.plan_with_total(agent, errors)
         if not gc.guard(agent, entries, total):
             refused.append(agent)
@@ -6937,17 +6982,16 @@ class MigrationManager:
     """Detects schema versions and migrates a store's records, one locked file at a time."""
 
     def __init__(self, store: Store, agents: Optional[Sequence[str]] = None,
-                 progress: Optional[Callable[[str], None]] = None):
+                 progress: Optional[ProgressCallback] = None):
         self.store = store
         self.agents = agents
-        self.progress = progress or (lambda text: None)
+        self.progress = progress or store.progress
 
     def _files(self) -> Iterator[Tuple[DataFile, str]]:
-        for agent in self.store.select_agents(self.agents):
-            for data_file in self.store.record_files(agent):
-                rel = data_file.path.relative_to(self.store.root).as_posix()
-                self.progress("migrate: %s" % rel)
-                yield data_file, rel
+        files = [f for agent in self.store.select_agents(self.agents)
+                 for f in self.store.record_files(agent)]
+        for data_file in with_progress(self.progress, "migrate", files, _file_size):
+            yield data_file, data_file.path.relative_to(self.store.root).as_posix()
 
     def history(self) -> List[Dict[str, Any]]:
         """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
@@ -8700,24 +8744,90 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+class ProgressReporter:
+    """The one progress line of a run, on a terminal's stderr: ``phase: done/total (pct),
+    ETA m:ss``. Drawn only once the run has taken PROGRESS_DELAY seconds, at most every
+    PROGRESS_EVERY seconds; never when stderr is not a terminal or with --quiet. Pass it
+    (or its ``update``) wherever library code takes a ProgressCallback."""
+
+    def __init__(self, stream: Any, enabled: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.enabled, self.clock = stream, enabled, clock
+        self.started = clock()
+        self.phase: Optional[str] = None
+        self.phase_started = self.last = self.started
+        self.drawn = False
+
+    def update(self, phase: str, done: int, total: int, unit: str = "files") -> None:
+        """A ProgressCallback."""
+        if not self.enabled:
+            return
+        now = self.clock()
+        if phase != self.phase:
+            self.phase, self.phase_started = phase, now
+        elif now - self.last < PROGRESS_EVERY:
+            return
+        if now - self.started < PROGRESS_DELAY:
+            return
+        self.last = now
+        self.stream.write("\r\033[K" + progress_text(phase, done, total, unit,
+                                                     now - self.phase_started))
+        self.stream.flush()
+        self.drawn = True
+
+    __call__ = update
+
+    def clear(self) -> None:
+        """Erase the line (before other output, and at the end of the run)."""
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
+
+
+PROGRESS_DELAY = 2.0
+PROGRESS_EVERY = 0.25
+
+
+def progress_text(phase: str, done: int, total: int, unit: str, elapsed: float) -> str:
+    """``prune: scanning 12.0 MiB of 50.0 MiB (24%), ETA 0:42`` (no ETA before any progress)."""
+    done = min(done, total)
+    if unit == "B":
+        amount = "%s of %s" % (human_bytes(done), human_bytes(total))
+    else:
+        amount = "%d of %d %s" % (done, total, unit)
+    text = "%s %s" % (phase, amount)
+    if total > 0:
+        text += " (%d%%)" % (100 * done // total)
+    if 0 < done < total and elapsed > 0:
+        left = int(elapsed * (total - done) / done)
+        text += ", ETA %d:%02d" % (left // 60, left % 60)
+    return text
+
+
 class Output:
     """Where a command's results go: text or one JSON document on stdout, diagnostics on stderr."""
 
     def __init__(self, fmt: str = "text", quiet: bool = False,
-                 stdout: Optional[io.TextIOBase] = None, stderr: Optional[io.TextIOBase] = None):
+                 stdout: Optional[io.TextIOBase] = None, stderr: Optional[io.TextIOBase] = None,
+                 reporter: Optional[ProgressReporter] = None):
         self.format = fmt
         self.quiet = quiet
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
+        self.reporter = reporter or ProgressReporter(self.stderr, not quiet and getattr(
+            self.stderr, "isatty", lambda: False)())
 
     def line(self, text: str = "") -> None:
         """A line of the text report (suppressed by --quiet and in JSON mode)."""
         if self.format == "text" and not self.quiet:
+            self.reporter.clear()
             print(text, file=self.stdout)
 
     def always(self, text: str) -> None:
         """A text line printed even with --quiet (used for results the user asked to see)."""
         if self.format == "text":
+            self.reporter.clear()
             print(text, file=self.stdout)
 
     def document(self, payload: Any) -> None:
@@ -8728,19 +8838,16 @@ class Output:
 
     def warn(self, text: str) -> None:
         """A warning on stderr (shown even with --quiet: cron should mail problems)."""
+        self.reporter.clear()
         print("aml: warning: %s" % text, file=self.stderr)
 
-    def progress(self, text: str) -> None:
-        """Progress on a terminal only (stderr is a TTY, not quiet); silent under cron."""
-        if not self.quiet and getattr(self.stderr, "isatty", lambda: False)():
-            self.stderr.write("\r\033[K" + text)
-            self.stderr.flush()
+    def progress(self, phase: str, done: int, total: int, unit: str = "files") -> None:
+        """A ProgressCallback: drawn on a terminal only (see ProgressReporter)."""
+        self.reporter.update(phase, done, total, unit)
 
     def progress_done(self) -> None:
         """Clear the progress line if one was drawn."""
-        if not self.quiet and getattr(self.stderr, "isatty", lambda: False)():
-            self.stderr.write("\r\033[K")
-            self.stderr.flush()
+        self.reporter.clear()
 
 
 # =============================================================================
@@ -8813,6 +8920,7 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in _COMMON_DEFAULTS.items():
         if not hasattr(args, key):
             setattr(args, key, value)
+    args.reporter = ProgressReporter(sys.stderr, not args.quiet and sys.stderr.isatty())
     if args.now is not None:
         moment = parse_timestamp(args.now)
         if moment is None:
@@ -8829,6 +8937,7 @@ def open_store(args: argparse.Namespace) -> Store:
     """
     store = Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
                   config_file=args.config)
+    store.progress = args.reporter.update
     restoring = getattr(args, "backup_command", None) == "restore"
     if not (restoring and not any(os.scandir(str(store.root)))):
         check_is_store(store)
@@ -8836,8 +8945,8 @@ def open_store(args: argparse.Namespace) -> Store:
 
 
 def output_for(args: argparse.Namespace) -> Output:
-    """The Output object for a parsed command line."""
-    return Output(args.format, args.quiet)
+    """The Output object for a parsed command line (sharing the run's progress line)."""
+    return Output(args.format, args.quiet, reporter=args.reporter)
 
 
 # --- prune command (section 11) ---
@@ -8866,6 +8975,9 @@ def _build_prune(subparsers: Any) -> None:
                         help="put back the records of an archived prune or gc run")
     parser.add_argument("--list-runs", action="store_true",
                         help="list archived runs that --undo accepts")
+    parser.add_argument("-v", "--list", action="store_true", dest="list_records",
+                        help="also list every record removed (or that would be), with its "
+                        "reason (always in --format json)")
     parser.set_defaults(func=cmd_prune)
 
 
@@ -8897,7 +9009,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = prune_config_for(store, load_aml_config(store, args.config), _prune_flags(args))
     result = MemoryPruner(store, config).run(_strategies(strategies), args.agents,
                                              force=args.force)
-    _print_prune(out, result, args.memory_path)
+    _print_prune(out, result, args.memory_path, args.list_records)
     return int(result.exit_code)
 
 
@@ -8916,7 +9028,8 @@ def _details_text(details: Dict[str, Any]) -> str:
                      for k, v in sorted(details.items()))
 
 
-def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
+def _print_prune(out: Output, result: PruneResult, memory_path: Path,
+                 list_records: bool = False) -> None:
     for problem in result.unreadable:
         out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
     for message in result.busy:
@@ -8925,7 +9038,18 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
         out.warn("a real run would refuse: " + result.refused)
     out.document(result)
     verb = "would remove" if result.dry_run else "removed"
-    if result.dry_run or not out.quiet:
+    estimate = " (estimate)" if result.bytes_estimated else ""
+    for summary in result.agents:  # totals first: per agent, then per reason
+        out.line("%s: %s %d of %d records (%d patterns, %d solutions, %d decisions), "
+                 "%s -> %s%s" % (summary.agent, verb, summary.removed_total,
+                                 summary.records_before, summary.removed["pattern"],
+                                 summary.removed["solution"], summary.removed["decision"],
+                                 human_bytes(summary.bytes_before),
+                                 human_bytes(summary.bytes_after), estimate))
+    reasons = collections.Counter(rec.reason.value for rec in result.removed)
+    out.line("by reason: %s" % (", ".join("%s %d" % kv for kv in sorted(reasons.items()))
+                                or "nothing to remove"))
+    if list_records:  # asked for: shown even with --quiet
         for rec in result.removed:
             out.always("%s %s %s %s %s (%s)" % (verb, rec.agent, rec.type, rec.id or
                                                "#%d" % rec.index, rec.reason.value,
@@ -8933,14 +9057,6 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
     for finding in result.findings:
         out.line("finding: %s%s" % ("%s: " % finding["file"] if "file" in finding else "",
                                     finding["problem"]))
-    estimate = " (estimate)" if result.bytes_estimated else ""
-    for summary in result.agents:
-        out.line("%s: %s %d of %d records (%d patterns, %d solutions, %d decisions), "
-                 "%s -> %s%s" % (summary.agent, verb, summary.removed_total,
-                                 summary.records_before, summary.removed["pattern"],
-                                 summary.removed["solution"], summary.removed["decision"],
-                                 human_bytes(summary.bytes_before),
-                                 human_bytes(summary.bytes_after), estimate))
     if result.dry_run:
         out.line("dry run: nothing was changed")
     elif result.removed:
@@ -9300,6 +9416,7 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
     out = output_for(args)
     result = _backup_manager(args).verify(_one_backup_id(args), deep=args.deep,
                                           all_snapshots=args.all)
+    out.progress_done()
     for problem in result.problems:
         print("aml: error: %s" % problem, file=sys.stderr)
     out.line("%s %s: %d files, %d objects checked%s" % (
@@ -9650,7 +9767,8 @@ def _monitor_output(args: argparse.Namespace) -> Output:
     """Output for text/json; other formats are written by the handler itself."""
     if args.format == "text" and args.default_format != "text":
         args.format = args.default_format
-    return Output(args.format if args.format in ("text", "json") else "text", args.quiet)
+    return Output(args.format if args.format in ("text", "json") else "text", args.quiet,
+                  reporter=args.reporter)
 
 
 def _shown(value: Any, unit: str = "") -> str:
@@ -9896,6 +10014,11 @@ def _record_job(args: Optional[argparse.Namespace], code: int,
     return code
 
 
+def _clear_progress(args: Optional[argparse.Namespace]) -> None:
+    if args is not None:
+        args.reporter.clear()
+
+
 def _is_health_command(argv: Sequence[str]) -> bool:
     words = [a for a in argv if not a.startswith("-")]
     return any(a == "monitor" and b == "health" for a, b in zip(words, words[1:]))
@@ -9920,6 +10043,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = _finish_args(build_parser().parse_args(argv))
         return _record_job(args, int(args.func(args)))
     except AmlError as exc:
+        _clear_progress(args)
         print("aml: error: %s" % exc, file=sys.stderr)
         if isinstance(exc, UsageError) and _is_health_command(argv):
             # The plugin convention: a usage error is UNKNOWN (3), never CRITICAL (2).
@@ -9927,6 +10051,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return int(ExitCode.PARTIAL)
         return _record_job(args, int(exc.exit_code), exc)
     except (KeyboardInterrupt, _Terminated):
+        _clear_progress(args)
         print("aml: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
@@ -9937,9 +10062,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Permission denied, disk full, ...: one clear line, not a traceback (cron mails it).
         where = exc.filename if exc.filename is not None else ""
         message = "%s%s" % (exc.strerror or exc, ": %s" % where if where else "")
+        _clear_progress(args)
         print("aml: error: %s" % message, file=sys.stderr)
         return _record_job(args, int(ExitCode.FAILURE), message)
     finally:
+        _clear_progress(args)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

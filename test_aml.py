@@ -1941,7 +1941,8 @@ def test_mixed_timestamp_styles_in_one_file(tmp_path):
 def test_dry_run_changes_nothing_and_lists_every_record(tmp_path, capsys, gz):
     root = _prune_store(tmp_path / "m", gz=gz)
     before = tree_digest(root)
-    code, out, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, capsys=capsys)
+    code, out, _ = run_cli(root, "prune", "--dry-run", "--list", "--now", NOW_TEXT,
+                           capsys=capsys)
     assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
     code, doc, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, "--format", "json",
                            capsys=capsys)
