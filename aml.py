@@ -71,7 +71,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
-    "IntegrityError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
+    "IntegrityError", "ReadOnlyError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
     "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "check_is_store", "Archive",
     "load_aml_config",
@@ -196,6 +196,16 @@ class StoreBusyError(AmlError):
     """A lock stayed held by someone else past the wait limit."""
 
     exit_code = ExitCode.BUSY
+
+
+class ReadOnlyError(AmlError):
+    """aml's state folder (or a lock in it) cannot be written by this user."""
+
+    exit_code = ExitCode.FAILURE
+
+
+# errno values meaning "this user may read but not write here"
+READ_ONLY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class IntegrityError(AmlError):
@@ -658,8 +668,18 @@ class MaintenanceLock:
         self.timeout = timeout
         self._entered = False
 
+    def _open_read_only(self, exc: OSError) -> int:
+        """A reader without write access still locks the existing file (flock needs no write
+        permission); raises ReadOnlyError when there is none to lock."""
+        try:
+            return os.open(str(self.path), os.O_RDONLY)
+        except OSError:
+            raise ReadOnlyError("no write access to %s (%s)" % (self.path.parent,
+                                                                exc.strerror)) from None
+
     def acquire(self) -> None:
-        """Take the lock or raise StoreBusyError."""
+        """Take the lock or raise StoreBusyError (ReadOnlyError: no lock file, none
+        creatable)."""
         key = os.path.abspath(str(self.path))
         with self._guard:
             if key in self._held:
@@ -672,8 +692,13 @@ class MaintenanceLock:
         self._entered = True
 
     def _flock(self) -> int:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in READ_ONLY_ERRNOS:
+                raise
+            fd = self._open_read_only(exc)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -914,6 +939,10 @@ class Store:
         self.config_file = config_file  # aml config file named on the command line, if any
         self.state_dir = self.root / STATE_DIR_NAME
         self.progress: ProgressCallback = no_progress  # long work reports here (the CLI draws it)
+        # Read-only commands set save_optional: a state write this user may not make is then
+        # skipped and named in ``unsaved`` instead of failing the command.
+        self.save_optional = False
+        self.unsaved: List[str] = []
 
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:
@@ -993,7 +1022,26 @@ class Store:
 
     def maintenance_lock(self) -> MaintenanceLock:
         """The store-wide lock that keeps two aml runs apart (creates ``.aml/``)."""
-        return MaintenanceLock(self.ensure_state_dir(), timeout=self.lock_timeout)
+        return MaintenanceLock(self.state_dir, timeout=self.lock_timeout)
+
+    @contextlib.contextmanager
+    def optional_write(self, what: str) -> Iterator[None]:
+        """With ``save_optional``, a write refused for lack of permission is skipped and
+        ``what`` noted in ``unsaved``; otherwise the error propagates."""
+        try:
+            yield
+        except ReadOnlyError:
+            if not self.save_optional:
+                raise
+            self._note_unsaved(what)
+        except OSError as exc:
+            if not (self.save_optional and exc.errno in READ_ONLY_ERRNOS):
+                raise
+            self._note_unsaved(what)
+
+    def _note_unsaved(self, what: str) -> None:
+        if what not in self.unsaved:
+            self.unsaved.append(what)
 
     @contextlib.contextmanager
     def rewrite(self, path: Path, expect: type = list) -> Iterator["Rewrite"]:
@@ -1034,9 +1082,10 @@ class Store:
         return read_checksummed(self.state_path(name), default)
 
     def write_state(self, name: str, payload: Any) -> None:
-        """Atomically write a checksummed state document into ``.aml/``."""
-        self.ensure_state_dir()
-        write_checksummed(self.state_path(name), payload)
+        """Atomically write a checksummed state document into ``.aml/`` (see optional_write)."""
+        with self.optional_write("%s/%s" % (STATE_DIR_NAME, name)):
+            self.ensure_state_dir()
+            write_checksummed(self.state_path(name), payload)
 
     def record_operation(self, operation: str, started: _dt.datetime, seconds: float,
                          summary: Dict[str, Any], keep: int = 500) -> None:
@@ -2144,14 +2193,18 @@ class BackupManager:
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
     def _repo_lock(self, exclusive: bool) -> Iterator[None]:
-        if exclusive:
+        # A read-only command (verify, restore --dry-run) by a user who may not write the
+        # repository takes the shared lock on the existing file and creates nothing.
+        reader = self.store.save_optional and not os.access(str(self.repo), os.W_OK)
+        if exclusive and not reader:
             self._ensure_repo()
         elif not (self.repo / "lock").exists():
             yield
             return
-        fd = os.open(str(self.repo / "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        flags = os.O_RDONLY if reader else os.O_RDWR | os.O_CREAT
+        fd = os.open(str(self.repo / "lock"), flags, 0o600)
         try:
-            self._flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self._flock(fd, fcntl.LOCK_EX if exclusive and not reader else fcntl.LOCK_SH)
             yield
         finally:
             os.close(fd)
@@ -2337,7 +2390,9 @@ class BackupManager:
             skipped=snap.skipped)
 
     def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
-        self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
+        with self.store.optional_write("verification marks in %s" % self.repo):
+            self._mark_verified({i: i not in check.failed for i in check.backup_ids},
+                                check.deep)
         for backup_id in check.backup_ids:
             summary = {"backup_id": backup_id, "ok": backup_id not in check.failed,
                        "deep": check.deep}
@@ -4441,10 +4496,12 @@ def _query_index(store: Store, use_index: bool, refresh: bool = True
     if not use_index:
         yield None, False
         return
-    lock = MaintenanceLock(store.ensure_state_dir(), timeout=0)
+    lock = MaintenanceLock(store.state_dir, timeout=0)
     try:
         lock.acquire()
-    except StoreBusyError:
+    except (StoreBusyError, ReadOnlyError) as exc:
+        if isinstance(exc, ReadOnlyError):
+            store._note_unsaved("index refresh and hot-cache counters")
         index = MemoryIndex(store)
         usable = index.manifest() is not None and (not refresh or not index.stale_files())
         yield (index if usable else None), False
@@ -7902,10 +7959,10 @@ class MemoryMonitor:
 
     def _under_state_lock(self, action: Callable[[], None]) -> List[str]:
         """Run a state update under the maintenance lock; if another run holds it, skip."""
-        lock = MaintenanceLock(self.store.ensure_state_dir(),
+        lock = MaintenanceLock(self.store.state_dir,
                                timeout=min(self.store.lock_timeout, STATE_LOCK_WAIT))
         try:
-            with lock:
+            with self.store.optional_write("monitoring state"), lock:
                 action()
         except StoreBusyError:
             return ["another aml run holds the store; monitoring state was not updated"]
@@ -8938,6 +8995,11 @@ def open_store(args: argparse.Namespace) -> Store:
     store = Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
                   config_file=args.config)
     store.progress = args.reporter.update
+    store.save_optional = _reads_only(args)
+    args.store = store  # main() names what a read-only user's run could not save
+    if store.save_optional and store.state_dir.is_dir() and not os.access(
+            str(store.state_dir), os.R_OK | os.X_OK):
+        _use_scratch_state(args, store)
     restoring = getattr(args, "backup_command", None) == "restore"
     if not (restoring and not any(os.scandir(str(store.root)))):
         check_is_store(store)
@@ -10014,6 +10076,54 @@ def _record_job(args: Optional[argparse.Namespace], code: int,
     return code
 
 
+def _use_scratch_state(args: argparse.Namespace, store: Store) -> None:
+    """``.aml/`` (mode 0700) of another user: work from the files alone, as on a store aml
+    never touched, with a private scratch folder for this run's state (removed at exit)."""
+    import tempfile  # only here: the one command path that needs it
+    args.scratch = Path(tempfile.mkdtemp(prefix="aml-readonly-"))
+    args.hidden_state = store.state_dir
+    store.state_dir = args.scratch
+
+
+def _remove_scratch(args: Optional[argparse.Namespace]) -> None:
+    scratch = getattr(args, "scratch", None)
+    if scratch is None:
+        return
+    for dirpath, dirnames, filenames in os.walk(str(scratch), topdown=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+        os.rmdir(dirpath)
+
+
+def _reads_only(args: argparse.Namespace) -> bool:
+    """True for commands that only read the store: their state writes (caches, history,
+    alerts) are optional, so a user with read permission only can run them."""
+    command, dry = args.command, getattr(args, "dry_run", False)
+    if command in ("get", "search") or (command in ("prune", "optimize", "migrate") and dry):
+        return not getattr(args, "undo", None)
+    if command == "migrate":
+        return args.migrate_action == "detect"
+    if command == "backup":
+        return args.backup_command in ("list", "verify") or (
+            args.backup_command == "restore" and dry)
+    if command == "monitor":
+        return not getattr(args, "resolve", None)
+    return False
+
+
+def _note_unsaved(args: Optional[argparse.Namespace]) -> None:
+    store, hidden = getattr(args, "store", None), getattr(args, "hidden_state", None)
+    if store is None or args.quiet or not (store.unsaved or hidden):
+        return
+    parts = ["%s is not readable by this user: its index, caches, history and config.json "
+             "were not used, and nothing was saved in it" % hidden] if hidden else []
+    if store.unsaved:
+        parts.append("not saved: " + ", ".join(store.unsaved))
+    _clear_progress(args)
+    print("aml: note: read-only access to %s: %s" % (store.root, "; ".join(parts)),
+          file=sys.stderr)
+
+
 def _clear_progress(args: Optional[argparse.Namespace]) -> None:
     if args is not None:
         args.reporter.clear()
@@ -10041,7 +10151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = None
     try:
         args = _finish_args(build_parser().parse_args(argv))
-        return _record_job(args, int(args.func(args)))
+        code = _record_job(args, int(args.func(args)))
+        _note_unsaved(args)
+        return code
     except AmlError as exc:
         _clear_progress(args)
         print("aml: error: %s" % exc, file=sys.stderr)
@@ -10067,6 +10179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _record_job(args, int(ExitCode.FAILURE), message)
     finally:
         _clear_progress(args)
+        _remove_scratch(args)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

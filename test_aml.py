@@ -4650,11 +4650,12 @@ def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
 def test_health_that_cannot_run_for_an_os_error_is_unknown(tmp_path, monkeypatch, capsys):
     root = build_store(tmp_path / "memory")
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
-    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    # (a read-only user's permission error is not one: health then answers, see issue 12)
+    def broken(self):
+        raise OSError(5, "Input/output error", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", broken)
     code, out, err = run_cli(root, "monitor", "health", "--format", "nagios", capsys=capsys)
-    assert code == 3 and out.startswith("AML UNKNOWN - ") and "Permission denied" in out
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "Input/output error" in out
     assert err.startswith("aml: error: ") and err.count("\n") == 1
 
 
