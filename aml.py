@@ -9929,7 +9929,7 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     try:
         with _deadline(args.timeout):
             report = _open_monitor(args).health()
-    except (AmlError, OSError) as exc:  # e.g. permission denied: health could not run, UNKNOWN
+    except (AmlError, OSError, _HealthTimeout) as exc:  # health could not run: UNKNOWN
         if args.format != "json":
             print("AML UNKNOWN - %s: %s" % (args.memory_path, str(exc).replace("|", "/")),
                   file=out.stdout)
@@ -9948,15 +9948,14 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-class HealthTimeoutError(AmlError):
-    """``monitor health --timeout`` ran out of time (UNKNOWN)."""
-
-    exit_code = ExitCode.PARTIAL
+class _HealthTimeout(BaseException):
+    """Raised by the --timeout alarm; a BaseException so no check's error handling (which
+    turns an AmlError into an UNKNOWN check and goes on) swallows it."""
 
 
 @contextlib.contextmanager
 def _deadline(seconds: Optional[float]) -> Iterator[None]:
-    """Raise HealthTimeoutError in the main thread after ``seconds`` (SIGALRM); the
+    """Raise _HealthTimeout in the main thread after ``seconds`` (SIGALRM); the
     exception unwinds every ``with``, so locks are released. No limit when None."""
     usable = (seconds is not None and hasattr(signal, "setitimer")
               and threading.current_thread() is threading.main_thread())
@@ -9965,7 +9964,7 @@ def _deadline(seconds: Optional[float]) -> Iterator[None]:
         return
 
     def expired(signum: int, frame: Any) -> None:
-        raise HealthTimeoutError("health checks did not finish within --timeout %g s" % seconds)
+        raise _HealthTimeout("health checks did not finish within --timeout %g s" % seconds)
     previous = signal.signal(signal.SIGALRM, expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:

@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -4916,3 +4917,299 @@ def test_crontab_is_quiet_for_60_days_on_a_healthy_live_store_and_loud_within_a_
             skip=("backup auto", "optimize", "prune"))
     failing("prune-stopped", SIM_SUNDAY, lambda sim, patch: None, "prune is 171 h old",
             skip=(" prune ",))
+
+
+def _jobs_store(tmp_path, when):
+    """A store whose backup, index and prune all succeeded at ``when`` (a clock text)."""
+    root = _prune_store(tmp_path / "memory")
+    for argv in (("backup", "create"), ("optimize", "index"), ("prune", "--no-backup")):
+        assert run_cli(root, *argv, "-q", "--now", when) == 0
+    return root
+
+
+def _health_line(root, when, capsys, *extra):
+    code, out, _ = run_cli(root, "monitor", "health", "-q", "--now", when, *extra, capsys=capsys)
+    return code, out
+
+
+def test_health_watches_each_job_and_shows_a_failed_run_with_its_reason(tmp_path, capsys):
+    root = _jobs_store(tmp_path, "2026-11-20T03:00:00Z")
+    lenient = ("--threshold", "backup_max_age_hours=1000", "--threshold",
+               "backup_critical_age_hours=2000", "--threshold", "index_max_age_hours=1000",
+               "--threshold", "index_critical_age_hours=2000")
+    assert _health_line(root, "2026-11-20T06:00:00Z", capsys, *lenient) == (0, "")
+    # a weekly prune that fails: the backup's rotation does not hide it any more
+    rng = random.Random(4)
+    write_data(root / "legacy-agent" / "patterns.json",
+               [make_pattern("legacy-agent", rng, age=400 + i) for i in range(10)])
+    code, _, err = run_cli(root, "prune", "-q", "--now", "2026-11-22T03:00:00Z", capsys=capsys)
+    assert code == 4 and "mass-deletion guard" in err
+    assert run_cli(root, "backup", "auto", "-q", "--now", "2026-11-22T03:30:00Z") == 0
+    code, out = _health_line(root, "2026-11-22T06:00:00Z", capsys, *lenient)
+    assert code == 1 and out.startswith("AML WARNING - %s: maintenance: " % root)
+    assert "prune failed at 2026-11-22T03:00:00.000Z: mass-deletion guard: legacy-agent" in out
+    doc = json.loads(run_cli(root, "monitor", "health", "--format", "json", "--now",
+                             "2026-11-22T06:00:00Z", *lenient, capsys=capsys)[1])
+    assert _check(doc, "maintenance")["details"]["prune"]["last_success"].startswith(
+        "2026-11-20T03:00")
+    # a later success clears it; then the job goes overdue: warning, then critical
+    assert run_cli(root, "prune", "-q", "--force", "--no-backup", "--now",
+                   "2026-11-22T07:00:00Z") == 0
+    assert _health_line(root, "2026-11-22T08:00:00Z", capsys, *lenient) == (0, "")
+    code, out = _health_line(root, "2026-11-29T10:00:00Z", capsys, *lenient)
+    assert code == 1 and "last successful prune is 171 h old (limit 170 h)" in out
+    code, out = _health_line(root, "2026-12-06T10:00:00Z", capsys, *lenient)
+    assert code == 2 and out.startswith("AML CRITICAL - ") and "(limit 338 h)" in out
+
+
+def test_a_failed_backup_is_recorded_and_shown_even_when_an_older_one_is_recent(tmp_path,
+                                                                               capsys):
+    root = _jobs_store(tmp_path, "2026-11-20T02:00:00Z")
+    backups = root.parent / "memory-backup"
+    backups.rename(tmp_path / "moved")
+    backups.write_text("not a folder")
+    code, _, err = run_cli(root, "backup", "auto", "-q", "--now", "2026-11-21T02:00:00Z",
+                           capsys=capsys)
+    assert code != 0 and err.startswith("aml: error: ")
+    failures = aml.Store(root).read_state("job-failures.json")
+    assert failures["backup"]["command"] == "backup auto" and failures["backup"]["reason"]
+    backups.unlink()
+    (tmp_path / "moved").rename(backups)
+    code, out = _health_line(root, "2026-11-21T03:00:00Z", capsys)
+    assert code == 1 and "backup: backup auto failed at 2026-11-21T02:00:00.000Z" in out
+
+
+def test_monitor_health_usage_error_is_unknown_with_one_stdout_line(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    for argv in (("monitor", "health", "--no-such-flag"), ("monitor", "health", "--timeout",
+                                                          "soon"),
+                 ("monitor", "health", "--threshold", "bogus=1")):
+        code, out, err = run_cli(root, *argv, capsys=capsys)
+        assert code == 3 and out.startswith("AML UNKNOWN - ") and out.count("\n") == 1, argv
+    # other commands keep exit 2 for a usage error
+    assert run_cli(root, "monitor", "metrics", "--no-such-flag", capsys=capsys)[0] == 2
+
+
+def test_monitor_health_timeout_answers_unknown_and_releases_locks(tmp_path, capsys,
+                                                                   monkeypatch):
+    root = build_store(tmp_path / "memory")
+
+    def slow(self, history):
+        time.sleep(30)
+    monkeypatch.setattr(aml.MemoryMonitor, "_check_integrity", slow)
+    started = time.monotonic()
+    code, out, _ = run_cli(root, "monitor", "health", "--format", "nagios", "--timeout", "0.3",
+                           capsys=capsys)
+    assert time.monotonic() - started < 25  # the answer came, not the 30 s check
+    assert code == 3 and out.startswith("AML UNKNOWN - %s: health checks did not finish "
+                                        "within --timeout 0.3 s" % root)
+    assert aml.signal.getitimer(aml.signal.ITIMER_REAL) == (0.0, 0.0)
+    with aml.MaintenanceLock(root / ".aml", timeout=0):
+        pass  # nothing left held
+
+
+def test_health_line_puts_the_critical_cause_first_and_perfdata_uses_ranges(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    _make_healthy(root, hits=10, misses=90)  # hit rate 10 %: a warning
+    broken = root / "code-reviewer" / "patterns.json"
+    broken.write_bytes(broken.read_bytes()[:-20])  # critical: integrity
+    code, out, _ = run_cli(root, "monitor", "health", "--format", "nagios", capsys=capsys)
+    summary = out.split(" | ")[0]
+    assert code == 2 and summary.startswith("AML CRITICAL - %s: integrity: " % root)
+    assert summary.index("integrity:") < summary.index("performance:")
+    assert "cache_hit_rate=10%;50:;;0" in out  # a lower bound: warn below 50
+
+
+def test_a_folder_that_is_not_a_store_is_refused_and_nothing_is_created(tmp_path, capsys):
+    root = build_store(tmp_path / "project" / ".loom" / "memory")
+    loom = root.parent
+    before = sorted(p.name for p in loom.iterdir())
+    for argv in (("prune", "-q"), ("backup", "create", "-q"), ("search", "--text", "x"),
+                 ("monitor", "metrics"), ("optimize", "index", "-q"), ("migrate", "detect")):
+        code, out, err = run_cli(loom, *argv, capsys=capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, argv
+        assert "%s is not a memory store: expected config.json" % loom in err
+        assert "did you mean %s?" % root in err
+    code, out, _ = run_cli(loom, "monitor", "health", "-q", capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "not a memory store" in out
+    assert sorted(p.name for p in loom.iterdir()) == before  # no .aml, no memory-backup
+    fresh = tmp_path / "new" / "memory"
+    fresh.mkdir(parents=True)
+    (fresh / "config.json").write_text("{}")
+    assert run_cli(fresh, "prune", "-q", "--now", NOW_TEXT) == 0
+    assert run_cli(fresh, "backup", "create", "-q", "--now", NOW_TEXT) == 0
+
+
+def test_report_output_folder_missing_or_unwritable_is_one_line_naming_it(tmp_path, capsys,
+                                                                          monkeypatch):
+    root = build_store(tmp_path / "memory")
+    missing = tmp_path / "textfile_collector" / "aml.prom"
+    code, out, err = run_cli(root, "monitor", "report", "--format", "prometheus", "--output",
+                             missing, capsys=capsys)
+    assert (code, out) == (1, "") and err == (
+        "aml: error: output folder %s does not exist (create it, writable by this user)\n"
+        % missing.parent)
+    missing.parent.mkdir()
+    monkeypatch.setattr(aml.os, "access", lambda path, mode: Path(path) != missing.parent)
+    code, _, err = run_cli(root, "monitor", "report", "--format", "html", "--output", missing,
+                           capsys=capsys)
+    assert code == 1 and err == "aml: error: output folder %s is not writable by this user\n" \
+        % missing.parent
+    assert os.listdir(missing.parent) == []
+
+
+def test_readme_scheduling_section_names_every_path_of_the_crontab():
+    text = (HERE / "README.md").read_text()
+    section = text[text.index("<!-- section: scheduling -->"):]
+    section = section[:section.index("\n## ", 40)]
+    paths = set(re.findall(r"(/[\w./-]+)", " ".join(c for *_, c in crontab_lines())))
+    assert paths == {"/opt/aml/aml.py", "/srv/project/.loom/memory",
+                     "/var/lib/node_exporter/textfile_collector/aml.prom",
+                     "/var/www/aml/report.html"}
+    for path in paths:
+        assert path in section, path
+
+
+def test_every_crontab_line_names_its_store_quoted_so_cron_mail_subjects_do():
+    for *_, command in crontab_lines():
+        assert "$" not in command and command.startswith(SIM_AML + " " + SIM_STORE + " ")
+
+
+def test_prometheus_names_are_base_units_with_a_store_label_and_promtool_accepts_them(
+        tmp_path, capsys):
+    texts = []
+    for name in ("one", "two"):
+        root = build_store(tmp_path / name / "memory", gz="mixed")
+        _make_healthy(root)
+        run_cli(root, "prune", "-q", "--no-backup", "--force")
+        code, out, _ = run_cli(root, "monitor", "report", "--format", "prometheus",
+                               capsys=capsys)
+        assert code == 0
+        families = _parse_prometheus(out)
+        assert not [f for f in families if re.search(r"_days?(_|$)|_ms$|_mb$", f)], families
+        samples = [s for lines in families.values() for s in lines]
+        assert all('store="%s"' % root in s for s in samples)
+        stamps = families["aml_job_last_success_timestamp_seconds"]
+        assert {re.search(r'job="(\w+)"', s).group(1) for s in stamps} == \
+            {"backup", "index", "prune"}
+        assert all(float(s.rsplit(" ", 1)[1]) > 1.7e9 for s in stamps)
+        texts.append(out)
+    both = "".join(texts)  # two stores in one textfile folder: no sample collides
+    samples = [line.rsplit(" ", 1)[0] for line in both.splitlines() if not line.startswith("#")]
+    assert len(samples) == len(set(samples))
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    for text in texts:
+        proc = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        assert proc.returncode == 0, proc.stdout
+
+
+def _as_nobody_possible():
+    if os.geteuid() != 0:
+        return "needs root to drop to another user (running as uid %d)" % os.geteuid()
+    try:
+        import pwd
+        return pwd.getpwnam("nobody") and None
+    except (ImportError, KeyError):
+        return "no user 'nobody' to drop to"
+
+
+def test_read_only_commands_work_for_a_user_who_may_only_read(tmp_path):
+    reason = _as_nobody_possible()
+    if reason:
+        pytest.skip(reason)
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    base = tmp_path / "shared"
+    root = build_store(base / "memory", gz="mixed")
+    backup_id = run_cli_out(root, "backup", "create", "--format", "json")["backup_id"]
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    record_id = read_data(root / "code-reviewer" / "patterns.json")[0]["id"]
+    script = base / "aml.py"
+    shutil.copy(str(HERE / "aml.py"), str(script))
+    for path in [tmp_path] + [Path(d) for d, _, _ in os.walk(str(tmp_path))]:
+        os.chmod(str(path), 0o755)
+    for dirpath, _, filenames in os.walk(str(tmp_path)):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    parent = tmp_path
+    while parent != parent.parent:  # the test's folder must be reachable for nobody
+        parent = parent.parent
+        if not os.access(str(parent), os.X_OK) or not (parent.stat().st_mode & 0o001):
+            pytest.skip("%s is not searchable by other users" % parent)
+
+    def as_nobody(*argv):
+        def drop():
+            os.setgid(nobody.pw_gid)
+            os.setgroups([])
+            os.setuid(nobody.pw_uid)
+        return subprocess.run([sys.executable, str(script), str(root)] + list(argv),
+                              cwd="/", env={"PATH": "/usr/bin:/bin"}, preexec_fn=drop,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+
+    commands = [("get", record_id), ("search", "--text", "a"), ("monitor", "health"),
+                ("monitor", "metrics"), ("monitor", "report"), ("backup", "list"),
+                ("backup", "verify"), ("backup", "restore", backup_id, "--dry-run"),
+                ("prune", "--dry-run"), ("migrate", "detect")]
+    for state_mode in (0o755, 0o700):  # .aml readable, then as aml creates it: private
+        os.chmod(str(root / ".aml"), state_mode)
+        before = tree_digest(base)
+        for argv in commands:
+            proc = as_nobody(*argv, "--now", NOW_TEXT)
+            assert proc.returncode in (0, 1), (argv, proc.stdout, proc.stderr)
+            assert "Permission denied" not in proc.stderr and "Traceback" not in proc.stderr
+            notes = [l for l in proc.stderr.splitlines() if l.startswith("aml: note: ")]
+            assert len(notes) <= 1, proc.stderr
+            if argv[0] == "monitor" and argv[1] in ("health", "metrics"):
+                assert notes and "read-only access to %s" % root in notes[0], proc.stderr
+        assert tree_digest(base) == before
+    assert record_id in as_nobody("get", record_id).stdout
+    assert "OK" in as_nobody("backup", "verify").stdout
+
+
+def run_cli_out(root, *argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert aml.main([str(root)] + list(argv) + ["--now", NOW_TEXT]) == 0
+    return json.loads(out.getvalue())
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_only_and_prune_leads_with_totals(tmp_path, capsys,
+                                                                 monkeypatch):
+    root = _prune_store(tmp_path / "memory", gz=True)
+    monkeypatch.setattr(aml, "PROGRESS_DELAY", 0.0)  # the line waits 2 s on a real run
+    monkeypatch.setattr(aml, "PROGRESS_EVERY", 0.0)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert aml.main([str(root), "prune", "--dry-run", "--now", NOW_TEXT]) == 0
+    drawn = terminal.getvalue()
+    assert "\r\x1b[Kprune: planning " in drawn and " KiB (" in drawn and "%)" in drawn
+    assert drawn.endswith("\r\x1b[K")  # cleared before the run ended
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("backend-developer: would remove ")
+    assert lines[3].startswith("by reason: ") and not any(
+        l.startswith("would remove ") for l in lines)
+    assert aml.main([str(root), "prune", "--now", NOW_TEXT, "--force"]) == 0
+    drawn = terminal.getvalue()
+    for phase in ("prune: scanning", "backup: reading files", "prune: archiving",
+                  "prune: rewriting"):
+        assert "\r\x1b[K" + phase in drawn, phase
+    capsys.readouterr()
+    for quiet in (["-q"], []):
+        terminal.truncate(0)
+        terminal.seek(0)
+        if not quiet:
+            monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: cron
+        assert aml.main([str(root), "prune", "--dry-run", "--now", NOW_TEXT] + quiet) == 0
+        assert terminal.getvalue() == ""
+    assert aml.progress_text("verify --deep", 1, 4, "files", 3.0) == \
+        "verify --deep 1 of 4 files (25%), ETA 0:09"
