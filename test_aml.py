@@ -5120,32 +5120,58 @@ def test_read_only_commands_work_for_a_user_who_may_only_read(tmp_path):
     reason = _as_nobody_possible()
     if reason:
         pytest.skip(reason)
+    import tempfile
+    # pytest's tmp_path is private to root (0700), so this store lives in a folder of its own
+    # that the other user can reach; it is removed at the end.
+    shared = Path(tempfile.mkdtemp(prefix="aml-test-ro-"))
+    try:
+        os.chmod(str(shared), 0o755)
+        if not all(os.stat(str(p)).st_mode & 0o001 for p in shared.parents):
+            pytest.skip("%s is not searchable by other users" % shared.parent)
+        _read_only_commands_as_nobody(shared)
+    finally:
+        shutil.rmtree(str(shared))
+
+
+def _world_usable(path):
+    """True when another user may run ``path``: every folder above it searchable."""
+    path = Path(path)
+    return path.exists() and all(os.stat(str(p)).st_mode & 0o001 for p in path.parents) \
+        and os.stat(str(path)).st_mode & 0o001
+
+
+def _python_for_others():
+    """This interpreter when another user can run it, else the system python3 (3.9+)."""
+    if _world_usable(os.path.realpath(sys.executable)):
+        return sys.executable
+    system = "/usr/bin/python3"
+    if _world_usable(os.path.realpath(system)) and subprocess.run(
+            [system, "-c", "import sys; sys.exit(sys.version_info < (3, 9))"]).returncode == 0:
+        return system
+    pytest.skip("no Python 3.9+ that the user nobody may run")
+
+
+def _read_only_commands_as_nobody(base):
     import pwd
     nobody = pwd.getpwnam("nobody")
-    base = tmp_path / "shared"
-    root = build_store(base / "memory", gz="mixed")
+    python = _python_for_others()
+    root = _prune_store(base / "memory", gz="mixed")  # under the mass-deletion guard
     backup_id = run_cli_out(root, "backup", "create", "--format", "json")["backup_id"]
     assert run_cli(root, "optimize", "index", "-q") == 0
     record_id = read_data(root / "code-reviewer" / "patterns.json")[0]["id"]
     script = base / "aml.py"
     shutil.copy(str(HERE / "aml.py"), str(script))
-    for path in [tmp_path] + [Path(d) for d, _, _ in os.walk(str(tmp_path))]:
-        os.chmod(str(path), 0o755)
-    for dirpath, _, filenames in os.walk(str(tmp_path)):
+    for dirpath, dirnames, filenames in os.walk(str(base)):
+        os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
-    parent = tmp_path
-    while parent != parent.parent:  # the test's folder must be reachable for nobody
-        parent = parent.parent
-        if not os.access(str(parent), os.X_OK) or not (parent.stat().st_mode & 0o001):
-            pytest.skip("%s is not searchable by other users" % parent)
 
     def as_nobody(*argv):
         def drop():
             os.setgid(nobody.pw_gid)
             os.setgroups([])
             os.setuid(nobody.pw_uid)
-        return subprocess.run([sys.executable, str(script), str(root)] + list(argv),
+        return subprocess.run([python, str(script), str(root)] + list(argv),
                               cwd="/", env={"PATH": "/usr/bin:/bin"}, preexec_fn=drop,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               timeout=120)
@@ -5166,8 +5192,9 @@ def test_read_only_commands_work_for_a_user_who_may_only_read(tmp_path):
             if argv[0] == "monitor" and argv[1] in ("health", "metrics"):
                 assert notes and "read-only access to %s" % root in notes[0], proc.stderr
         assert tree_digest(base) == before
-    assert record_id in as_nobody("get", record_id).stdout
-    assert "OK" in as_nobody("backup", "verify").stdout
+        assert record_id in as_nobody("get", record_id).stdout
+        assert " OK: " in as_nobody("backup", "verify").stdout
+        assert "would remove" in as_nobody("prune", "--dry-run", "--list").stdout
 
 
 def run_cli_out(root, *argv):
