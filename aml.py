@@ -37,22 +37,23 @@ Typical commands::
 
 Cron (see crontab.example; quiet on success, one error line and non-zero on failure)::
 
-    0 2 * * *  python3 /path/to/aml.py /path/to/.loom/memory backup auto -q
-    0 3 * * 0  python3 /path/to/aml.py /path/to/.loom/memory prune -q
-    0 6 * * *  python3 /path/to/aml.py /path/to/.loom/memory monitor health -q
+    0 2 * * *  python3 /path/to/aml.py '/path/to/.loom/memory' backup auto -q
+    30 2 * * * python3 /path/to/aml.py '/path/to/.loom/memory' optimize index -q
+    0 3 * * 0  python3 /path/to/aml.py '/path/to/.loom/memory' prune -q
+    0 6 * * *  python3 /path/to/aml.py '/path/to/.loom/memory' monitor health -q
 
 Exit codes::
 
     0  success
     1  the operation failed (or: nothing found for get/search of an unknown id or agent)
-    2  usage error (bad arguments, missing memory path)
+    2  usage error (bad arguments, missing memory path, a folder that is not a store)
     3  finished, but some files could not be read and were skipped
     4  refused by a safety guard (mass deletion, failed safety backup, ...)
     5  store busy: a lock stayed held past the wait limit
     6  integrity failure (a backup or state file does not verify)
     130 interrupted
     monitor health follows the monitoring-plugin convention instead:
-    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also for its usage errors and --timeout)
 
 Section map (``grep -n '^# [0-9]*\\. ' aml.py``)::
 
