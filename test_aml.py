@@ -3534,7 +3534,8 @@ def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
 
 
 NAGIOS_RE = re.compile(r"^AML (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+ \| "
-                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?(;[0-9.:]*){0,4}) ?)+$")
+                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?"
+                       r"(;[0-9.:]*){0,4}) ?)+$")
 
 
 def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
@@ -3551,8 +3552,8 @@ def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
     empty = build_store(tmp_path / "empty", patterns=0, solutions=0, decisions=0)
     _make_healthy(empty, hits=0, misses=0)
     code, out, _ = _health(empty, capsys=capsys, fmt="nagios")
-    assert code == 3 and out.startswith("AML UNKNOWN - %s: performance: " % empty) and NAGIOS_RE.match(
-        out.rstrip("\n")) and "lookup_ms=U" in out
+    assert code == 3 and out.startswith("AML UNKNOWN - %s: performance: " % empty)
+    assert NAGIOS_RE.match(out.rstrip("\n")) and "lookup_ms=U" in out
 
 
 def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
@@ -3857,8 +3858,8 @@ def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
     code, out, _ = run_cli(root, "monitor", "metrics", "--format", "prometheus", capsys=capsys)
     families = _parse_prometheus(out)
     label = 'store="%s",' % root
-    assert code == 0 and 'aml_records{%sagent="we\\"ird\\\\agent",type="pattern",state="active"} 40' \
-        % label in families["aml_records"]
+    wanted = 'aml_records{%sagent="we\\"ird\\\\agent",type="pattern",state="active"} 40' % label
+    assert code == 0 and wanted in families["aml_records"]
     assert "aml_cache_hit_ratio" not in families  # unknown is left out, never a made-up 0
     target = tmp_path / "textfile" / "aml.prom"
     target.parent.mkdir()
