@@ -40,22 +40,23 @@ Typical commands::
 
 Cron (see crontab.example; quiet on success, one error line and non-zero on failure)::
 
-    0 2 * * *  python3 /path/to/aml.py /path/to/.loom/memory backup auto -q
-    0 3 * * 0  python3 /path/to/aml.py /path/to/.loom/memory prune -q
-    0 6 * * *  python3 /path/to/aml.py /path/to/.loom/memory monitor health -q
+    0 2 * * *  python3 /path/to/aml.py '/path/to/.loom/memory' backup auto -q
+    30 2 * * * python3 /path/to/aml.py '/path/to/.loom/memory' optimize index -q
+    0 3 * * 0  python3 /path/to/aml.py '/path/to/.loom/memory' prune -q
+    0 6 * * *  python3 /path/to/aml.py '/path/to/.loom/memory' monitor health -q
 
 Exit codes::
 
     0  success
     1  the operation failed (or: nothing found for get/search of an unknown id or agent)
-    2  usage error (bad arguments, missing memory path)
+    2  usage error (bad arguments, missing memory path, a folder that is not a store)
     3  finished, but some files could not be read and were skipped
     4  refused by a safety guard (mass deletion, failed safety backup, ...)
     5  store busy: a lock stayed held past the wait limit
     6  integrity failure (a backup or state file does not verify)
     130 interrupted
     monitor health follows the monitoring-plugin convention instead:
-    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also for its usage errors and --timeout)
 
 Section map (``grep -n '^# [0-9]*\\. ' aml.py``)::
 
@@ -74,9 +75,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
-    "IntegrityError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
+    "IntegrityError", "ReadOnlyError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
-    "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "Archive", "load_aml_config",
+    "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "check_is_store", "Archive",
+    "load_aml_config",
     "main",
 ]
 
@@ -147,6 +149,11 @@ RESERVED_DIRS = frozenset({"global", "config", "audit", "backup", "backups", "mo
 LOCK_STALE_SECONDS = 30.0
 LOCK_REFRESH_SECONDS = 10.0
 DEFAULT_LOCK_TIMEOUT = 60.0
+# Scheduled jobs that monitoring watches one by one: job -> the history operations whose
+# entry is a successful run of it (optimize all records gc, compress, index, warm-cache).
+JOB_OPERATIONS = {"backup": ("backup",), "prune": ("prune",), "index": ("index",),
+                  "optimize": ("gc", "compress")}
+JOB_FAILURES_FILE = "job-failures.json"
 GZIP_LEVEL = 6
 
 
@@ -196,6 +203,16 @@ class StoreBusyError(AmlError):
     """A lock stayed held by someone else past the wait limit."""
 
     exit_code = ExitCode.BUSY
+
+
+class ReadOnlyError(AmlError):
+    """aml's state folder (or a lock in it) cannot be written by this user."""
+
+    exit_code = ExitCode.FAILURE
+
+
+# errno values meaning "this user may read but not write here"
+READ_ONLY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class IntegrityError(AmlError):
@@ -298,6 +315,36 @@ def compact_stamp(moment: _dt.datetime) -> str:
 def days_between(earlier: _dt.datetime, later: _dt.datetime) -> float:
     """Whole and fractional days from ``earlier`` to ``later`` (negative if in the future)."""
     return (later - earlier).total_seconds() / 86400.0
+
+
+# Progress of long work: callback(phase, done, total, unit); unit "files", "records" or "B".
+# Library code only calls it; the CLI renders it on a terminal (section 15).
+ProgressCallback = Callable[[str, int, int, str], None]
+
+
+def no_progress(phase: str, done: int, total: int, unit: str = "files") -> None:
+    """The default progress callback: does nothing."""
+
+
+def with_progress(progress: ProgressCallback, phase: str, items: Sequence[Any],
+                  size: Optional[Callable[[Any], int]] = None) -> Iterator[Any]:
+    """Yield ``items``, reporting before each and after the last: by ``size(item)`` bytes
+    when given, else by count."""
+    total = sum(size(i) for i in items) if size else len(items)
+    done, unit = 0, "B" if size else "files"
+    for item in items:
+        progress(phase, done, total, unit)
+        yield item
+        done += size(item) if size else 1
+    progress(phase, done, total, unit)
+
+
+def _file_size(item: Any) -> int:
+    path = getattr(item, "path", item)
+    try:
+        return os.stat(str(path)).st_size
+    except OSError:
+        return 0
 
 
 def human_bytes(count: float) -> str:
@@ -684,8 +731,18 @@ class MaintenanceLock:
         self.timeout = timeout
         self._entered = False
 
+    def _open_read_only(self, exc: OSError) -> int:
+        """A reader without write access still locks the existing file (flock needs no write
+        permission); raises ReadOnlyError when there is none to lock."""
+        try:
+            return os.open(str(self.path), os.O_RDONLY)
+        except OSError:
+            raise ReadOnlyError("no write access to %s (%s)" % (self.path.parent,
+                                                                exc.strerror)) from None
+
     def acquire(self) -> None:
-        """Take the lock or raise StoreBusyError."""
+        """Take the lock or raise StoreBusyError (ReadOnlyError: no lock file, none
+        creatable)."""
         key = os.path.abspath(str(self.path))
         with self._guard:
             if key in self._held:
@@ -698,8 +755,13 @@ class MaintenanceLock:
         self._entered = True
 
     def _flock(self) -> int:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in READ_ONLY_ERRNOS:
+                raise
+            fd = self._open_read_only(exc)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -961,6 +1023,13 @@ class Store:
         # skips the file at once (a run waits for a busy file once, and reports it once).
         self.busy_locks: Set[str] = set()
 
+
+        self.progress: ProgressCallback = no_progress  # long work reports here (the CLI draws it)
+        # Read-only commands set save_optional: a state write this user may not make is then
+        # skipped and named in ``unsaved`` instead of failing the command.
+        self.save_optional = False
+        self.unsaved: List[str] = []
+
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:
         """Agent folder names, sorted: not reserved and holding a known memory file."""
@@ -1041,10 +1110,29 @@ class Store:
     def maintenance_lock(self) -> MaintenanceLock:
         """The store-wide lock that keeps two aml runs apart (creates ``.aml/``); taking it
         outermost starts a new run, so files found busy before are waited for again."""
-        lock = MaintenanceLock(self.ensure_state_dir(), timeout=self.lock_timeout)
+        lock = MaintenanceLock(self.state_dir, timeout=self.lock_timeout)
         if os.path.abspath(str(lock.path)) not in MaintenanceLock._held:
             self.busy_locks.clear()
         return lock
+
+    @contextlib.contextmanager
+    def optional_write(self, what: str) -> Iterator[None]:
+        """With ``save_optional``, a write refused for lack of permission is skipped and
+        ``what`` noted in ``unsaved``; otherwise the error propagates."""
+        try:
+            yield
+        except ReadOnlyError:
+            if not self.save_optional:
+                raise
+            self._note_unsaved(what)
+        except OSError as exc:
+            if not (self.save_optional and exc.errno in READ_ONLY_ERRNOS):
+                raise
+            self._note_unsaved(what)
+
+    def _note_unsaved(self, what: str) -> None:
+        if what not in self.unsaved:
+            self.unsaved.append(what)
 
     @contextlib.contextmanager
     def rewrite(self, path: Path, expect: type = list) -> Iterator["Rewrite"]:
@@ -1085,9 +1173,10 @@ class Store:
         return read_checksummed(self.state_path(name), default)
 
     def write_state(self, name: str, payload: Any) -> None:
-        """Atomically write a checksummed state document into ``.aml/``."""
-        self.ensure_state_dir()
-        write_checksummed(self.state_path(name), payload)
+        """Atomically write a checksummed state document into ``.aml/`` (see optional_write)."""
+        with self.optional_write("%s/%s" % (STATE_DIR_NAME, name)):
+            self.ensure_state_dir()
+            write_checksummed(self.state_path(name), payload)
 
     def record_operation(self, operation: str, started: _dt.datetime, seconds: float,
                          summary: Dict[str, Any], keep: int = 500) -> None:
@@ -1096,6 +1185,22 @@ class Store:
         history.append({"operation": operation, "started": format_timestamp(started),
                         "seconds": round(seconds, 6), "summary": summary})
         self.write_state("history.json", history[-keep:])
+
+    def record_job_failure(self, job: str, command: str, reason: str, exit_code: int) -> None:
+        """Remember the newest failed run of a scheduled job (monitoring shows it until a
+        later success). Uses its own short lock: the failure may be "store busy", while
+        another aml run holds the maintenance lock."""
+        self.ensure_state_dir()
+        fd = os.open(str(self.state_path("job-failures.lock")), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            failures = self.read_state_lenient(JOB_FAILURES_FILE, {})
+            failures = failures if isinstance(failures, dict) else {}
+            failures[job] = {"at": format_timestamp(self.now), "command": command,
+                             "reason": reason, "exit_code": exit_code}
+            self.write_state(JOB_FAILURES_FILE, failures)
+        finally:
+            os.close(fd)
 
     def last_operation(self, operation: str) -> Optional[Dict[str, Any]]:
         """The newest history entry for an operation, or None."""
@@ -1147,6 +1252,26 @@ def as_store(store: StoreLike, who: str) -> Store:
 
 
 __all__ += ["StoreLike", "as_store"]
+
+
+def check_is_store(store: Store) -> None:
+    """Raise UsageError unless the folder holds config.json or at least one agent folder.
+
+    A path one level too high (``.loom`` instead of ``.loom/memory``) would otherwise be an
+    empty store on which every job succeeds forever.
+    """
+    if store.config_path().is_file() or store.agents():
+        return
+    hint = ""
+    with contextlib.suppress(OSError):
+        inner = [e.name for e in sorted(os.scandir(str(store.root)), key=lambda e: e.name)
+                 if e.is_dir() and not e.name.startswith(".")
+                 and (Store(Path(e.path)).config_path().is_file() or Store(Path(e.path)).agents())]
+        if inner:
+            hint = " (did you mean %s?)" % (store.root / inner[0])
+    raise UsageError("%s is not a memory store: expected config.json or one folder per agent "
+                     "holding patterns.json, solutions.json or decisions.json%s; for a new store "
+                     "create config.json there first" % (store.root, hint))
 
 
 AML_CONFIG_SECTIONS = ("prune", "backup", "optimize", "monitor")
@@ -2248,21 +2373,25 @@ class BackupManager:
         self.repo = self.root / REPO_DIR_NAME
         self.packs = self.repo / "packs"
         self.snapshots_dir = self.repo / "snapshots"
-        self.progress: Callable[[str], None] = lambda text: None   # the CLI shows it on a TTY
+        self.progress: ProgressCallback = store.progress   # the CLI shows it on a TTY
         self._manifests: Dict[str, Dict[str, Any]] = {}
         self._fresh_pack: Optional[str] = None   # the pack the last create wrote
 
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
     def _repo_lock(self, exclusive: bool) -> Iterator[None]:
-        if exclusive:
+        # A read-only command (verify, restore --dry-run) by a user who may not write the
+        # repository takes the shared lock on the existing file and creates nothing.
+        reader = self.store.save_optional and not os.access(str(self.repo), os.W_OK)
+        if exclusive and not reader:
             self._ensure_repo()
         elif not (self.repo / "lock").exists():
             yield
             return
-        fd = os.open(str(self.repo / "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        flags = os.O_RDONLY if reader else os.O_RDWR | os.O_CREAT
+        fd = os.open(str(self.repo / "lock"), flags, 0o600)
         try:
-            self._flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self._flock(fd, fcntl.LOCK_EX if exclusive and not reader else fcntl.LOCK_SH)
             yield
         finally:
             os.close(fd)
@@ -2425,7 +2554,7 @@ class BackupManager:
             paths = store_scope_files(self.store.root, selected)
             entries = []
             for n, rel in enumerate(paths, 1):
-                self.progress("backup: file %d of %d" % (n, len(paths)))
+                self.progress("backup: reading files", n - 1, len(paths), "files")
                 entries.append(snap.file_entry(rel, writer))
             entries = [e for e in entries if e]
             bytes_added = writer.commit()
@@ -2448,7 +2577,9 @@ class BackupManager:
             skipped=snap.skipped)
 
     def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
-        self._mark_verified({i: i not in check.failed for i in check.backup_ids}, check.deep)
+        with self.store.optional_write("verification marks in %s" % self.repo):
+            self._mark_verified({i: i not in check.failed for i in check.backup_ids},
+                                check.deep)
         for backup_id in check.backup_ids:
             summary = {"backup_id": backup_id, "ok": backup_id not in check.failed,
                        "deep": check.deep}
@@ -2544,7 +2675,8 @@ class BackupManager:
         checked: Optional[Dict[bytes, Optional[str]]] = {} if len(ids) > 1 else None
         result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
                               objects_checked=0, problems=list(objects.problems))
-        for backup_id in ids:
+        for backup_id in with_progress(self.progress, "verify%s" % (" --deep" if deep else ""),
+                                       ids):
             before = len(result.problems)
             try:
                 manifest = self.load_manifest(backup_id)
@@ -3060,7 +3192,8 @@ class _RestorePlan:
             swapped: Dict[Path, None] = {}
             try:
                 for n, rel in enumerate(self.created + self.replaced, 1):
-                    self.manager.progress("restore: file %d of %d" % (n, len(staged)))
+                    self.manager.progress("restore: replacing files", n - 1, len(staged),
+                                          "files")
                     swapped.update(dict.fromkeys(self._swap(rel, staged[rel])))
             finally:
                 # Each file is whole at every moment; the renames are made durable once per
@@ -3780,7 +3913,7 @@ def _copy(manager: BackupManager, target: Any, backup_ids: Optional[Sequence[str
         todo = _copy_todo(manager, dest, ids, result)
         copier = _Copier(manager, dest, target)
         for n, backup_id in enumerate(todo, 1):
-            manager.progress("copy: snapshot %d of %d" % (n, len(todo)))
+            manager.progress("copy: snapshots", n - 1, len(todo), "snapshots")
             try:
                 objects, size = copier.copy(backup_id, dry_run)
             except (IntegrityError, ValueError, KeyError, TypeError) as exc:
@@ -4824,8 +4957,14 @@ def worker_count(workers: int, jobs: int) -> int:
     return max(1, min(jobs, workers or os.cpu_count() or 1))
 
 
+def _ticked(value: Any, tick: Callable[[int, int], None], done: int, total: int) -> Any:
+    tick(done, total)
+    return value
+
+
 def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers: int = 0,
-                 threads: bool = False) -> List[Any]:
+                 threads: bool = False,
+                 progress: Optional[Callable[[int, int], None]] = None) -> List[Any]:
     """``func(*job)`` for every job, in order; in forked worker processes when more than one.
 
     ``threads`` uses a thread pool instead (for work that releases the GIL, like zlib and
@@ -4833,8 +4972,9 @@ def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers:
     module-level function.
     """
     count = worker_count(workers, len(jobs))
+    tick = progress or (lambda done, total: None)
     if count <= 1:
-        return [func(*job) for job in jobs]
+        return [_ticked(func(*job), tick, n, len(jobs)) for n, job in enumerate(jobs, 1)]
     import concurrent.futures  # only here: it costs import time every other command would pay
     if threads:
         pool: Any = concurrent.futures.ThreadPoolExecutor(count)
@@ -4844,7 +4984,7 @@ def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers:
             count, mp_context=multiprocessing.get_context("fork"))
     try:
         futures = [pool.submit(func, *job) for job in jobs]
-        return [future.result() for future in futures]
+        return [_ticked(f.result(), tick, n, len(jobs)) for n, f in enumerate(futures, 1)]
     finally:
         # On an error or SIGTERM, jobs not started yet are dropped; running ones finish
         # (each is atomic), so the run stops promptly without a half-written file.
@@ -5130,7 +5270,9 @@ class MemoryIndex:
         """index_file_part for each file; in one worker process per core for big batches."""
         jobs = [(str(self.store.root / f.path), slots[f.path]) for f in todo]
         small = sum(f.size for f in todo) < _PARALLEL_INDEX_BYTES
-        return parallel_map(_index_file_safe, jobs, 1 if small else 0)
+        progress = lambda n, total: self.store.progress("index: reading files", n, total,  # noqa
+                                                         "files")
+        return parallel_map(_index_file_safe, jobs, 1 if small else 0, progress=progress)
 
     def _old_part(self, entry: Dict[str, Any]) -> Optional[Tuple[bytes, bytes, int]]:
         try:
@@ -5543,10 +5685,12 @@ def _query_index(store: Store, use_index: bool, refresh: bool = True
     if not use_index:
         yield None, False
         return
-    lock = MaintenanceLock(store.ensure_state_dir(), timeout=0)
+    lock = MaintenanceLock(store.state_dir, timeout=0)
     try:
         lock.acquire()
-    except StoreBusyError:
+    except (StoreBusyError, ReadOnlyError) as exc:
+        if isinstance(exc, ReadOnlyError):
+            store._note_unsaved("index refresh and hot-cache counters")
         index = MemoryIndex(store)
         usable = index.manifest() is not None and (not refresh or not index.stale_files())
         yield (index if usable else None), False
@@ -6281,12 +6425,12 @@ class MemoryPruner:
             return
         if not run.parts:
             run.result.archive = str(Archive(self.store).begin(run.result.run_id, "prune"))
-        for plan in todo:
+        for plan in with_progress(self.store.progress, "prune: archiving", todo):
             self._archive_file(run, plan)
         if any(r.reason is PruneReason.MEMORY_LIMIT_EXCEEDED
                for p in todo for r in p.removals.values()):
             run.result.space_iterations += 1
-        for plan in todo:
+        for plan in with_progress(self.store.progress, "prune: rewriting", todo):
             if plan.removals:
                 self._apply_file(run, plan)
 
@@ -6417,7 +6561,9 @@ class MemoryPruner:
               result: PruneResult) -> List[_FilePlan]:
         """Plan each readable file as it streams by; only its compact plan is kept."""
         plans = []
-        for data_file in (f for agent in agents for f in self.store.record_files(agent)):
+        files = [f for agent in agents for f in self.store.record_files(agent)]
+        phase = "prune: planning" if result.dry_run else "prune: scanning"
+        for data_file in with_progress(self.store.progress, phase, files, _file_size):
             plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
             try:  # not iter_record_files: its generator would hold this file while the next loads
                 records = self.store.load_records(data_file)[0]
@@ -6936,8 +7082,9 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     with paused_cyclic_gc():  # the parses of files the index did not vouch for
         outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
                                                   dry_run or p not in todo, indexed.get(p),
-                                                  store.busy_locks)
-                                                 for p in paths], count, threads=True)
+                                                  store.busy_locks) for p in paths], count,
+                                threads=True, progress=lambda n, total: store.progress(
+                                    "compress" if to_gzip else "decompress", n, total, "files"))
     outcomes = [o[:1] + ("changed",) + o[2:] if o[1] == "done" and Path(o[0]) not in todo
                 else o for o in outcomes]
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
@@ -7237,7 +7384,7 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
     gc = GarbageCollector(store, force)
     errors: List[CorruptFileError] = []
     plan, refused = [], []
-    for agent in store.agents():
+    for agent in with_progress(store.progress, "gc: planning", store.agents()):
         entries, total = gc.plan_with_total(agent, errors)
         if not gc.guard(agent, entries, total):
             refused.append(agent)
@@ -8193,18 +8340,17 @@ class MigrationManager:
     """Detects schema versions and migrates a store's records, one locked file at a time."""
 
     def __init__(self, store: StoreLike, agents: Optional[Sequence[str]] = None,
-                 progress: Optional[Callable[[str], None]] = None):
+                 progress: Optional[ProgressCallback] = None):
         self.store = store = as_store(store, "MigrationManager")
         self.agents = agents
-        self.progress = progress or (lambda text: None)
+        self.progress = progress or store.progress
         self.program = "aml"  # how hints name the program (the CLI sets what the user typed)
 
     def _files(self) -> Iterator[Tuple[DataFile, str]]:
-        for agent in self.store.select_agents(self.agents):
-            for data_file in self.store.record_files(agent):
-                rel = data_file.path.relative_to(self.store.root).as_posix()
-                self.progress("migrate: %s" % rel)
-                yield data_file, rel
+        files = [f for agent in self.store.select_agents(self.agents)
+                 for f in self.store.record_files(agent)]
+        for data_file in with_progress(self.progress, "migrate", files, _file_size):
+            yield data_file, data_file.path.relative_to(self.store.root).as_posix()
 
     def history(self) -> List[Dict[str, Any]]:
         """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
@@ -8430,8 +8576,14 @@ DEFAULT_THRESHOLDS: Dict[str, float] = {
     "global_memory_warning_mb": 600, "global_memory_critical_mb": 800,
     "cache_hit_rate_warning": 0.5, "query_time_warning_ms": 100, "alert_retention_days": 7,
     # aml's own: backup and maintenance recency, and how many lookups a hit rate needs.
-    "backup_max_age_hours": 36, "backup_critical_age_hours": 168,
-    "maintenance_max_age_days": 8, "cache_min_lookups": 20,
+    # Each scheduled job warns when its last success is older than one period of the
+    # crontab.example schedule plus two hours (so the 06:00 check sees a missed 02:00 backup
+    # the same morning), and goes critical after two periods.
+    "backup_max_age_hours": 26, "backup_critical_age_hours": 50,
+    "index_max_age_hours": 26, "index_critical_age_hours": 50,
+    "prune_max_age_hours": 170, "prune_critical_age_hours": 338,
+    "optimize_max_age_hours": 746, "optimize_critical_age_hours": 1490,
+    "cache_min_lookups": 20,
 }
 MONITOR_SETTINGS = ("webhook_url", "webhook_timeout", "serve_interval")
 METRICS_HISTORY_MAX = 1000
@@ -8451,6 +8603,7 @@ INTEGRITY_SAMPLE_BYTES = 4096
 INTEGRITY_SAMPLES = 16
 INTEGRITY_RECHECK_DAYS = 7.0
 _MB = 1024 * 1024
+_DAY_SECONDS = 86400.0
 
 
 def _non_negative_number(key: str, value: Any, source: str) -> float:
@@ -8498,11 +8651,11 @@ def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = 
     for values, source in layers:
         _check_threshold_keys(values, source)
         result.update({k: _non_negative_number(k, v, source) for k, v in values.items()})
-    for scope in ("agent", "global"):
-        warn, crit = result[scope + "_memory_warning_mb"], result[scope + "_memory_critical_mb"]
-        if warn > crit:
-            raise UsageError("%s_memory_warning_mb (%g) is above %s_memory_critical_mb (%g)"
-                             % (scope, warn, scope, crit))
+    pairs = [(s + "_memory_warning_mb", s + "_memory_critical_mb") for s in ("agent", "global")]
+    pairs += [(j + "_max_age_hours", j + "_critical_age_hours") for j in JOB_OPERATIONS]
+    for warn, crit in pairs:
+        if result[warn] > result[crit]:
+            raise UsageError("%s (%g) is above %s (%g)" % (warn, result[warn], crit, result[crit]))
     return result
 
 
@@ -8611,6 +8764,10 @@ class MetricsReport:
     performance: PerformanceMetrics
     warnings: List[str] = dataclasses.field(default_factory=list)
     totals: Dict[str, int] = dataclasses.field(default_factory=dict)  # per type and "total"
+
+
+    # per scheduled job (JOB_OPERATIONS): {"last_success": ts or None, "last_failure": ...}
+    jobs: Dict[str, Dict[str, Optional[str]]] = dataclasses.field(default_factory=dict)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -9112,7 +9269,19 @@ class MemoryMonitor:
                                                       record_total))
         report.totals = _record_totals(counts)
         report.forecasts = self._forecasts(report, samples)
+        report.jobs = self._job_times(history)
         return report
+
+    def _job_times(self, history: List[Dict[str, Any]]) -> Dict[str, Dict[str, Optional[str]]]:
+        failures = self._job_failures()
+        jobs = {}
+        for job, operations in JOB_OPERATIONS.items():
+            entry = _last_entry(history, operations)
+            failure = failures.get(job)
+            jobs[job] = {"last_success": entry.get("started") if entry else None,
+                         "last_failure": failure.get("at") if isinstance(failure, dict)
+                         else None}
+        return jobs
 
     def _performance(self, history: List[Dict[str, Any]], index: IndexState, load_ms: float,
                      loaded: int, records: int) -> PerformanceMetrics:
@@ -9162,10 +9331,10 @@ class MemoryMonitor:
 
     def _under_state_lock(self, action: Callable[[], None]) -> List[str]:
         """Run a state update under the maintenance lock; if another run holds it, skip."""
-        lock = MaintenanceLock(self.store.ensure_state_dir(),
+        lock = MaintenanceLock(self.store.state_dir,
                                timeout=min(self.store.lock_timeout, STATE_LOCK_WAIT))
         try:
-            with lock:
+            with self.store.optional_write("monitoring state"), lock:
                 action()
         except StoreBusyError:
             return ["another aml run holds the store; monitoring state was not updated"]
@@ -9230,6 +9399,7 @@ class MemoryMonitor:
     def _finish(name: str, problems: List[Problem], ok_message: str,
                 details: Optional[Dict[str, Any]] = None) -> HealthCheck:
         status = worst_status(p.status for p in problems)
+        problems = sorted(problems, key=lambda p: -_STATUS_RANK[p.status])  # worst first
         message = "; ".join(p.message for p in problems[:3]) if problems else ok_message
         if len(problems) > 3:
             message += "; and %d more" % (len(problems) - 3)
@@ -9315,37 +9485,71 @@ class MemoryMonitor:
             what = "index does not verify" if index.corrupt else "no index built"
             problem = Problem("index", HealthStatus.WARNING, what + " (run: optimize index)")
             return self._finish("index", [problem], "", details)
-        problems = []
-        if index.stale:
+        problems, ok = [], "index covers every data file (%s)" % human_bytes(index.size_bytes)
+        # The runtime writes all day; files changed since a recent refresh are expected (the
+        # scheduled `optimize index` re-reads them, get/search scan what is stale).
+        entry = _last_entry(history, JOB_OPERATIONS["index"])
+        refreshed = parse_timestamp(entry.get("started")) if entry else None
+        hours = days_between(refreshed, self.store.now) * 24 if refreshed else None
+        recent = hours is not None and hours <= self.thresholds["index_max_age_hours"]
+        if index.stale and recent:
+            ok = "index refreshed %.1f h ago; %d file(s) changed since" % (hours,
+                                                                           len(index.stale))
+        elif index.stale:
             names = ", ".join(index.stale[:3]) + (", ..." if len(index.stale) > 3 else "")
             problems.append(Problem("index", HealthStatus.WARNING, "index is stale for %d "
                                     "file(s) (%s) (run: optimize index)"
                                     % (len(index.stale), names)))
-        return self._finish("index", problems, "index covers every data file (%s)"
-                            % human_bytes(index.size_bytes), details)
+        return self._finish("index", problems, ok, details)
 
     def _check_backup(self, history: List[Dict[str, Any]]) -> HealthCheck:
-        """A verified backup whose manifest exists, recent enough."""
-        t = self.thresholds
+        """A verified backup whose manifest exists, recent enough; the last run did not fail."""
         entry = _last_verified_backup(self.store, history)
+        failed = self._failure_note("backup", entry)
         if entry is None:
-            problem = Problem("backup", HealthStatus.WARNING,
-                              "no verified backup yet (run: backup create)")
-            return self._finish("backup", [problem] + _copy_problems(self.store, history, t),
-                                "")
+            problem = Problem("backup", HealthStatus.WARNING, (failed or "no verified backup "
+                              "yet") + " (run: backup create)")
+            return self._finish("backup", [problem] + self._copy_problems(history), "",
+                                {"failed": failed})
         started = parse_timestamp(entry.get("started")) or self.store.now
         hours = days_between(started, self.store.now) * 24
-        details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2)}
-        problems = []
-        for status, key in ((HealthStatus.CRITICAL, "backup_critical_age_hours"),
-                            (HealthStatus.WARNING, "backup_max_age_hours")):
+        details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2),
+                   "failed": failed}
+        problem = self._overdue("backup", "last verified backup", hours, failed)
+        return self._finish("backup", ([problem] if problem else []) + self._copy_problems(
+            history), "verified backup %s, %.1f h old" % (details["backup_id"], hours), details)
+
+    def _copy_problems(self, history: List[Dict[str, Any]]) -> List[Problem]:
+        return _copy_problems(self.store, history, self.thresholds)
+
+    def _job_failures(self) -> Dict[str, Any]:
+        try:
+            doc = self.store.read_state(JOB_FAILURES_FILE, {})
+        except IntegrityError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _failure_note(self, job: str, success: Optional[Dict[str, Any]]) -> Optional[str]:
+        """"<job> failed at T: reason" when the job's newest run failed, else None."""
+        failure = self._job_failures().get(job)
+        failed_at = parse_timestamp(failure.get("at")) if isinstance(failure, dict) else None
+        succeeded = parse_timestamp(success.get("started")) if success else None
+        if failed_at is None or (succeeded is not None and succeeded > failed_at):
+            return None
+        return "%s failed at %s: %s" % (failure.get("command") or job, failure["at"],
+                                        failure.get("reason"))
+
+    def _overdue(self, job: str, what: str, hours: float, failed: Optional[str]
+                 ) -> Optional[Problem]:
+        """One problem for a job: its failure and/or its last success past the limits."""
+        t, notes, status = self.thresholds, [failed] if failed else [], HealthStatus.WARNING
+        for level, key in ((HealthStatus.CRITICAL, job + "_critical_age_hours"),
+                           (HealthStatus.WARNING, job + "_max_age_hours")):
             if hours > t[key]:
-                problems.append(Problem("backup", status, "last verified backup is %.0f h old "
-                                        "(limit %g h)" % (hours, t[key])))
+                notes.append("%s is %.0f h old (limit %g h)" % (what, hours, t[key]))
+                status = level
                 break
-        problems.extend(_copy_problems(self.store, history, t))
-        return self._finish("backup", problems, "verified backup %s, %.1f h old"
-                            % (details["backup_id"], hours), details)
+        return Problem(job, status, "; ".join(notes)) if notes else None
 
     def _check_integrity(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Parse every data file (cached by size, mtime and a content sample, and re-parsed
@@ -9401,7 +9605,8 @@ class MemoryMonitor:
     def _check_performance(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Indexed lookup time measured now and the recorded hot-cache hit rate."""
         t, problems, known = self.thresholds, [], []
-        lookup = _indexed_lookup_ms(self.store, _index_staleness(self.store))
+        index = _index_staleness(self.store)
+        lookup = _indexed_lookup_ms(self.store, index)
         if lookup.failed:
             problems.append(Problem("lookup", HealthStatus.WARNING, lookup.note))
         if lookup.ms is not None:
@@ -9422,29 +9627,42 @@ class MemoryMonitor:
         details = {"lookup_ms": lookup.ms, "lookup_note": lookup.note, "cache_hit_rate": rate,
                    "cache_lookups": int(hits + misses)}
         if not known and not problems:
-            return HealthCheck("performance", HealthStatus.UNKNOWN, "nothing to measure: %s; "
+            # a built index with files the runtime changed since the last refresh is normal
+            # on a live store: not measured this time, nothing unknown about the store
+            status = HealthStatus.HEALTHY if index.built and index.stale else \
+                HealthStatus.UNKNOWN
+            return HealthCheck("performance", status, "nothing to measure: %s; "
                                "fewer than %d cached lookups recorded"
                                % (lookup.note, t["cache_min_lookups"]), [], details)
         return self._finish("performance", problems, ", ".join(known), details)
 
     def _check_maintenance(self, history: List[Dict[str, Any]]) -> HealthCheck:
-        """aml's scheduled maintenance (prune, gc, index, ...) ran within the limit."""
-        limit = self.thresholds["maintenance_max_age_days"]
-        entry = _last_entry(history, MAINTENANCE_OPERATIONS)
-        if entry is None:
+        """Each scheduled job (prune, index, optimize) succeeded within its own limit and its
+        newest run did not fail; a job that never ran warns once aml has watched the store
+        for longer than the job's limit."""
+        if (_last_entry(history, MAINTENANCE_OPERATIONS) is None
+                and not self._job_failures()):
             return self._finish("maintenance", [Problem(
                 "maintenance", HealthStatus.WARNING, "aml maintenance has never run on this "
                 "store (see crontab.example)")], "")
-        started = parse_timestamp(entry.get("started")) or self.store.now
-        age = days_between(started, self.store.now)
-        problems = []
-        if age > limit:
-            problems.append(Problem("maintenance", HealthStatus.WARNING, "last maintenance (%s) "
-                                    "ran %.1f days ago (limit %g)"
-                                    % (entry.get("operation"), age, limit)))
-        return self._finish("maintenance", problems, "last maintenance: %s %.1f days ago"
-                            % (entry.get("operation"), age),
-                            {"operation": entry.get("operation"), "age_days": round(age, 3)})
+        starts = [parse_timestamp(e.get("started")) for e in history]
+        since = min((s for s in starts if s is not None), default=self.store.now)
+        problems, known, details = [], [], {}
+        for job in ("prune", "index", "optimize"):
+            entry = _last_entry(history, JOB_OPERATIONS[job])
+            started = parse_timestamp(entry.get("started")) if entry else None
+            hours = days_between(started or since, self.store.now) * 24
+            details[job] = {"last_success": entry.get("started") if entry else None,
+                            "age_hours": round(hours, 2) if started else None}
+            what = "last successful %s" % job if started else \
+                "%s never ran; aml's first run here" % job
+            problem = self._overdue(job, what, hours, self._failure_note(job, entry))
+            if problem:
+                problems.append(problem)
+            if started:
+                known.append("%s %.1f days ago" % (job, hours / 24))
+        return self._finish("maintenance", problems, "last success: " + (", ".join(known)
+                            or "none yet"), details)
 
     def _perfdata(self, checks: List[HealthCheck]) -> Dict[str, Any]:
         """Numbers for the plugin's performance data: {label: [value, uom, warn, crit]}."""
@@ -9471,8 +9689,9 @@ class MemoryMonitor:
         perf["lookup_ms"] = [by_name.get("performance", {}).get("lookup_ms"), "ms",
                              t["query_time_warning_ms"], None]
         rate = by_name.get("performance", {}).get("cache_hit_rate")
+        # a lower bound: range syntax "50:" means "warn below 50"
         perf["cache_hit_rate"] = [round(rate * 100, 1) if rate is not None else None, "%",
-                                  None, None]
+                                  "%s:" % _perf_number(t["cache_hit_rate_warning"] * 100), None]
         return perf
 
     # -- alerts -------------------------------------------------------------------
@@ -9644,19 +9863,24 @@ def _perf_label(label: str) -> str:
 def _perf_number(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, str):
+        return value  # already a range ("50:")
     if isinstance(value, float) and not value.is_integer():
         return ("%.4f" % value).rstrip("0").rstrip(".")
     return "%d" % value
 
 
 def health_summary(report: HealthReport) -> str:
-    """One line: ``AML WARNING - check: message; ...`` naming every check that is not healthy."""
-    bad = [c for c in report.checks if c.status is not HealthStatus.HEALTHY]
+    """One line: ``AML WARNING - STORE: check: message; ...`` naming the store and every check
+    that is not healthy, the most severe first (a critical cause is never cut off)."""
+    bad = sorted((c for c in report.checks if c.status is not HealthStatus.HEALTHY),
+                 key=lambda c: -_STATUS_RANK[c.status])
     if bad:
         summary = "; ".join("%s: %s" % (c.name, c.message) for c in bad)
     else:
         summary = "%d checks healthy" % len(report.checks)
-    return "AML %s - %s" % (report.status.nagios, summary.replace("|", "/").replace("\n", " "))
+    return "AML %s - %s: %s" % (report.status.nagios, report.store,
+                                summary.replace("|", "/").replace("\n", " "))
 
 
 def nagios_line(report: HealthReport) -> str:
@@ -9683,10 +9907,15 @@ def _prom_value(value: float) -> str:
 
 
 class _PromWriter:
-    """Collects metric families in the Prometheus text exposition format (version 0.0.4)."""
+    """Collects metric families in the Prometheus text exposition format (version 0.0.4).
 
-    def __init__(self) -> None:
+    ``labels`` (the ``store`` label) are added to every sample, so two stores on one host
+    do not collide in one textfile collector.
+    """
+
+    def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
         self.lines: List[str] = []
+        self.labels = dict(labels or {})
 
     def family(self, name: str, kind: str, help_text: str,
                samples: Iterable[Tuple[Dict[str, str], Optional[float]]]) -> None:
@@ -9697,6 +9926,7 @@ class _PromWriter:
         self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")))
         self.lines.append("# TYPE %s %s" % (name, kind))
         for labels, value in known:
+            labels = dict(self.labels, **labels)
             text = ",".join('%s="%s"' % (k, _prom_escape(str(v))) for k, v in labels.items())
             self.lines.append("%s%s %s" % (name, "{%s}" % text if text else "", _prom_value(value)))
 
@@ -9707,8 +9937,9 @@ class _PromWriter:
 
 def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = None,
                     alerts: Optional[List[Alert]] = None) -> str:
-    """Metrics (and health and alert counts when given) in the Prometheus text format."""
-    w = _PromWriter()
+    """Metrics (and health and alert counts when given) in the Prometheus text format,
+    base units (bytes, seconds), every sample labelled with its ``store``."""
+    w = _PromWriter({"store": os.path.abspath(metrics.store)})
     w.family("aml_store_bytes", "gauge", "Bytes of the memory store on disk, aml state excluded.",
              [({}, metrics.total_bytes)])
     w.family("aml_state_bytes", "gauge", "Bytes of aml's own state folder .aml.",
@@ -9741,10 +9972,13 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
 
 def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
     perf = metrics.performance
-    w.family("aml_growth_bytes_per_day", "gauge", "Store growth per day over the last 30 days.",
-             [({}, metrics.growth.bytes_per_day)])
-    w.family("aml_days_until_limit", "gauge", "Days until a size limit at the current growth.",
-             [({"limit": f.limit, "subject": f.subject}, f.days_until) for f in metrics.forecasts])
+    per_day = metrics.growth.bytes_per_day
+    w.family("aml_growth_bytes_per_second", "gauge", "Store growth rate over the last 30 days.",
+             [({}, per_day / _DAY_SECONDS if per_day is not None else None)])
+    w.family("aml_limit_eta_seconds", "gauge", "Time until a size limit at the current growth.",
+             [({"limit": f.limit, "subject": f.subject},
+               f.days_until * _DAY_SECONDS if f.days_until is not None else None)
+              for f in metrics.forecasts])
     w.family("aml_full_load_seconds", "gauge", "Time to read and parse every record file, now.",
              [({}, perf.full_load_ms / 1000.0 if perf.full_load_ms is not None else None)])
     w.family("aml_lookup_seconds", "gauge", "Time of one indexed lookup, measured now.",
@@ -9754,8 +9988,22 @@ def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
     ops = sorted(perf.last_operations.values(), key=lambda o: o.operation)
     w.family("aml_last_operation_duration_seconds", "gauge", "Duration of the last run.",
              [({"operation": o.operation}, o.seconds) for o in ops])
-    w.family("aml_last_operation_age_days", "gauge", "Days since the last run started.",
-             [({"operation": o.operation}, o.age_days) for o in ops])
+    w.family("aml_last_operation_age_seconds", "gauge", "Time since the last run started.",
+             [({"operation": o.operation}, o.age_days * _DAY_SECONDS
+               if o.age_days is not None else None) for o in ops])
+    w.family("aml_last_operation_timestamp_seconds", "gauge", "Start of the last run (Unix "
+             "time).", [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
+    for kind in ("success", "failure"):
+        w.family("aml_job_last_%s_timestamp_seconds" % kind, "gauge", "Start of the last %s "
+                 "of each scheduled job (Unix time)." % ("successful run" if kind == "success"
+                                                         else "failed run"),
+                 [({"job": job}, _unix_time(times.get("last_" + kind)))
+                  for job, times in sorted(metrics.jobs.items())])
+
+
+def _unix_time(text: Optional[str]) -> Optional[float]:
+    moment = parse_timestamp(text) if text else None
+    return round(moment.timestamp(), 3) if moment else None
 
 
 def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> None:
@@ -9999,24 +10247,90 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+class ProgressReporter:
+    """The one progress line of a run, on a terminal's stderr: ``phase: done/total (pct),
+    ETA m:ss``. Drawn only once the run has taken PROGRESS_DELAY seconds, at most every
+    PROGRESS_EVERY seconds; never when stderr is not a terminal or with --quiet. Pass it
+    (or its ``update``) wherever library code takes a ProgressCallback."""
+
+    def __init__(self, stream: Any, enabled: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.enabled, self.clock = stream, enabled, clock
+        self.started = clock()
+        self.phase: Optional[str] = None
+        self.phase_started = self.last = self.started
+        self.drawn = False
+
+    def update(self, phase: str, done: int, total: int, unit: str = "files") -> None:
+        """A ProgressCallback."""
+        if not self.enabled:
+            return
+        now = self.clock()
+        if phase != self.phase:
+            self.phase, self.phase_started = phase, now
+        elif now - self.last < PROGRESS_EVERY:
+            return
+        if now - self.started < PROGRESS_DELAY:
+            return
+        self.last = now
+        self.stream.write("\r\033[K" + progress_text(phase, done, total, unit,
+                                                     now - self.phase_started))
+        self.stream.flush()
+        self.drawn = True
+
+    __call__ = update
+
+    def clear(self) -> None:
+        """Erase the line (before other output, and at the end of the run)."""
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
+
+
+PROGRESS_DELAY = 2.0
+PROGRESS_EVERY = 0.25
+
+
+def progress_text(phase: str, done: int, total: int, unit: str, elapsed: float) -> str:
+    """``prune: scanning 12.0 MiB of 50.0 MiB (24%), ETA 0:42`` (no ETA before any progress)."""
+    done = min(done, total)
+    if unit == "B":
+        amount = "%s of %s" % (human_bytes(done), human_bytes(total))
+    else:
+        amount = "%d of %d %s" % (done, total, unit)
+    text = "%s %s" % (phase, amount)
+    if total > 0:
+        text += " (%d%%)" % (100 * done // total)
+    if 0 < done < total and elapsed > 0:
+        left = int(elapsed * (total - done) / done)
+        text += ", ETA %d:%02d" % (left // 60, left % 60)
+    return text
+
+
 class Output:
     """Where a command's results go: text or one JSON document on stdout, diagnostics on stderr."""
 
     def __init__(self, fmt: str = "text", quiet: bool = False,
-                 stdout: Optional[io.TextIOBase] = None, stderr: Optional[io.TextIOBase] = None):
+                 stdout: Optional[io.TextIOBase] = None, stderr: Optional[io.TextIOBase] = None,
+                 reporter: Optional[ProgressReporter] = None):
         self.format = fmt
         self.quiet = quiet
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
+        self.reporter = reporter or ProgressReporter(self.stderr, not quiet and getattr(
+            self.stderr, "isatty", lambda: False)())
 
     def line(self, text: str = "") -> None:
         """A line of the text report (suppressed by --quiet and in JSON mode)."""
         if self.format == "text" and not self.quiet:
+            self.reporter.clear()
             print(text, file=self.stdout)
 
     def always(self, text: str) -> None:
         """A text line printed even with --quiet (used for results the user asked to see)."""
         if self.format == "text":
+            self.reporter.clear()
             print(text, file=self.stdout)
 
     def document(self, payload: Any) -> None:
@@ -10027,19 +10341,16 @@ class Output:
 
     def warn(self, text: str) -> None:
         """A warning on stderr (shown even with --quiet: cron should mail problems)."""
+        self.reporter.clear()
         print("aml: warning: %s" % text, file=self.stderr)
 
-    def progress(self, text: str) -> None:
-        """Progress on a terminal only (stderr is a TTY, not quiet); silent under cron."""
-        if not self.quiet and getattr(self.stderr, "isatty", lambda: False)():
-            self.stderr.write("\r\033[K" + text)
-            self.stderr.flush()
+    def progress(self, phase: str, done: int, total: int, unit: str = "files") -> None:
+        """A ProgressCallback: drawn on a terminal only (see ProgressReporter)."""
+        self.reporter.update(phase, done, total, unit)
 
     def progress_done(self) -> None:
         """Clear the progress line if one was drawn."""
-        if not self.quiet and getattr(self.stderr, "isatty", lambda: False)():
-            self.stderr.write("\r\033[K")
-            self.stderr.flush()
+        self.reporter.clear()
 
 
 # -- the dashboard page: monitor serve and monitor report --format html ---------------
@@ -10745,6 +11056,7 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in _COMMON_DEFAULTS.items():
         if not hasattr(args, key):
             setattr(args, key, value)
+    args.reporter = ProgressReporter(sys.stderr, not args.quiet and sys.stderr.isatty())
     if args.now is not None:
         moment = parse_timestamp(args.now)
         if moment is None:
@@ -10779,14 +11091,28 @@ def _interpreter() -> str:
 
 
 def open_store(args: argparse.Namespace) -> Store:
-    """The Store named on the command line, with the run's clock and lock wait."""
-    return Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
-                 config_file=args.config)
+    """The Store named on the command line, with the run's clock and lock wait.
+
+    Raises UsageError for a folder that is not a store (see check_is_store), so no command
+    creates ``.aml/`` in a wrong folder; restoring into an empty folder is allowed.
+    """
+    store = Store(args.memory_path, now=args.now, lock_timeout=args.lock_timeout,
+                  config_file=args.config)
+    store.progress = args.reporter.update
+    store.save_optional = _reads_only(args)
+    args.store = store  # main() names what a read-only user's run could not save
+    if store.save_optional and store.state_dir.is_dir() and not os.access(
+            str(store.state_dir), os.R_OK | os.X_OK):
+        _use_scratch_state(args, store)
+    restoring = getattr(args, "backup_command", None) == "restore"
+    if not (restoring and not any(os.scandir(str(store.root)))):
+        check_is_store(store)
+    return store
 
 
 def output_for(args: argparse.Namespace) -> Output:
-    """The Output object for a parsed command line."""
-    return Output(args.format, args.quiet)
+    """The Output object for a parsed command line (sharing the run's progress line)."""
+    return Output(args.format, args.quiet, reporter=args.reporter)
 
 
 # --- prune command (section 11) ---
@@ -10815,6 +11141,9 @@ def _build_prune(subparsers: Any) -> None:
                         help="put back the records of an archived prune or gc run")
     parser.add_argument("--list-runs", action="store_true",
                         help="list archived runs that --undo accepts")
+    parser.add_argument("-v", "--list", action="store_true", dest="list_records",
+                        help="also list every record removed (or that would be), with its "
+                        "reason (always in --format json)")
     parser.set_defaults(func=cmd_prune)
 
 
@@ -10846,7 +11175,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = prune_config_for(store, load_aml_config(store, args.config), _prune_flags(args))
     result = MemoryPruner(store, config).run(_strategies(strategies), args.agents,
                                              force=args.force)
-    _print_prune(out, result, args.memory_path)
+    _print_prune(out, result, args.memory_path, args.list_records)
     return int(result.exit_code)
 
 
@@ -10865,7 +11194,8 @@ def _details_text(details: Dict[str, Any]) -> str:
                      for k, v in sorted(details.items()))
 
 
-def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
+def _print_prune(out: Output, result: PruneResult, memory_path: Path,
+                 list_records: bool = False) -> None:
     for problem in result.unreadable:
         out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
     for message in result.busy:
@@ -10874,7 +11204,18 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
         out.warn("a real run would refuse: " + result.refused)
     out.document(result)
     verb = "would remove" if result.dry_run else "removed"
-    if result.dry_run or not out.quiet:
+    estimate = " (estimate)" if result.bytes_estimated else ""
+    for summary in result.agents:  # totals first: per agent, then per reason
+        out.line("%s: %s %d of %d records (%d patterns, %d solutions, %d decisions), "
+                 "%s -> %s%s" % (summary.agent, verb, summary.removed_total,
+                                 summary.records_before, summary.removed["pattern"],
+                                 summary.removed["solution"], summary.removed["decision"],
+                                 human_bytes(summary.bytes_before),
+                                 human_bytes(summary.bytes_after), estimate))
+    reasons = collections.Counter(rec.reason.value for rec in result.removed)
+    out.line("by reason: %s" % (", ".join("%s %d" % kv for kv in sorted(reasons.items()))
+                                or "nothing to remove"))
+    if list_records:  # asked for: shown even with --quiet
         for rec in result.removed:
             out.always("%s %s %s %s %s (%s)" % (verb, rec.agent, rec.type, rec.id or
                                                "#%d" % rec.index, rec.reason.value,
@@ -10882,14 +11223,6 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path) -> None:
     for finding in result.findings:
         out.line("finding: %s%s" % ("%s: " % finding["file"] if "file" in finding else "",
                                     finding["problem"]))
-    estimate = " (estimate)" if result.bytes_estimated else ""
-    for summary in result.agents:
-        out.line("%s: %s %d of %d records (%d patterns, %d solutions, %d decisions), "
-                 "%s -> %s%s" % (summary.agent, verb, summary.removed_total,
-                                 summary.records_before, summary.removed["pattern"],
-                                 summary.removed["solution"], summary.removed["decision"],
-                                 human_bytes(summary.bytes_before),
-                                 human_bytes(summary.bytes_after), estimate))
     if result.dry_run:
         out.line("dry run: nothing was changed")
     elif result.removed:
@@ -11298,6 +11631,7 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
         result = manager.verify(_one_backup_id(args), deep=args.deep, all_snapshots=args.all)
+    out.progress_done()
     for problem in result.problems:
         print("aml: error: %s" % problem, file=sys.stderr)
     out.line("%s %s: %d files, %d objects checked%s" % (
@@ -11825,6 +12159,9 @@ def _build_monitor(subparsers: Any) -> None:
                              ("text", "json", "nagios"), "text", cmd_monitor_health)
     _threshold_option(health)
     health.add_argument("--webhook", metavar="URL", help="POST alert changes here as JSON")
+    health.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="answer UNKNOWN (exit 3) when the checks take longer "
+                        "(default: no limit; Nagios kills a plugin after 10 s)")
     alerts = _monitor_action(sub, "alerts", "list open alerts, or resolve one by hand",
                              ("text", "json"), "text", cmd_monitor_alerts)
     alerts.add_argument("--all", action="store_true", help="include resolved alerts")
@@ -11867,7 +12204,8 @@ def _monitor_output(args: argparse.Namespace) -> Output:
     """Output for text/json; other formats are written by the handler itself."""
     if args.format == "text" and args.default_format != "text":
         args.format = args.default_format
-    return Output(args.format if args.format in ("text", "json") else "text", args.quiet)
+    return Output(args.format if args.format in ("text", "json") else "text", args.quiet,
+                  reporter=args.reporter)
 
 
 def _shown(value: Any, unit: str = "") -> str:
@@ -11966,11 +12304,15 @@ def _health_lines(report: HealthReport) -> List[str]:
 def cmd_monitor_health(args: argparse.Namespace) -> int:
     """``monitor health``: exit code 0/1/2/3 by the plugin convention, whatever the format."""
     out = _monitor_output(args)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be a positive number of seconds")
     try:
-        report = _open_monitor(args).health()
-    except (AmlError, OSError) as exc:  # e.g. permission denied: health could not run, UNKNOWN
-        if args.format == "nagios":
-            print("AML UNKNOWN - %s" % str(exc).replace("|", "/"), file=out.stdout)
+        with _deadline(args.timeout):
+            report = _open_monitor(args).health()
+    except (AmlError, OSError, _HealthTimeout) as exc:  # health could not run: UNKNOWN
+        if args.format != "json":
+            print("AML UNKNOWN - %s: %s" % (args.memory_path, str(exc).replace("|", "/")),
+                  file=out.stdout)
         raise HealthUnknownError(str(exc)) from None
     for warning in report.warnings:
         out.warn(warning)
@@ -11984,6 +12326,32 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
             out.line(line)
     out.document(report)
     return report.exit_code
+
+
+class _HealthTimeout(BaseException):
+    """Raised by the --timeout alarm; a BaseException so no check's error handling (which
+    turns an AmlError into an UNKNOWN check and goes on) swallows it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: Optional[float]) -> Iterator[None]:
+    """Raise _HealthTimeout in the main thread after ``seconds`` (SIGALRM); the
+    exception unwinds every ``with``, so locks are released. No limit when None."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise _HealthTimeout("health checks did not finish within --timeout %g s" % seconds)
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
@@ -12038,7 +12406,7 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
     if args.output is None:
         out.stdout.write(text)
     else:
-        atomic_write_bytes(args.output, text.encode("utf-8"))
+        write_report_file(args.output, text)
     return int(report.metrics.exit_code)
 
 
@@ -12087,6 +12455,112 @@ def cmd_monitor_serve(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
+def write_report_file(path: Path, text: str) -> None:
+    """Write a report atomically; raises AmlError naming the output folder when it is
+    missing or not writable (not aml's temp file inside it)."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise AmlError("output folder %s does not exist (create it, writable by this user)"
+                       % folder)
+    if not os.access(str(folder), os.W_OK | os.X_OK):
+        raise AmlError("output folder %s is not writable by this user" % folder)
+    try:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    except PermissionError:
+        raise AmlError("output folder %s is not writable by this user" % folder) from None
+
+
+def _job_of(args: Optional[argparse.Namespace]) -> Optional[str]:
+    """The scheduled job (JOB_OPERATIONS) a command line runs, or None (previews, reads)."""
+    if args is None or getattr(args, "dry_run", False):
+        return None
+    command = getattr(args, "command", None)
+    if command == "prune" and not (args.undo or args.list_runs):
+        return "prune"
+    if command == "backup" and args.backup_command in ("create", "full", "incremental",
+                                                       "auto"):
+        return "backup"
+    if command == "optimize" and args.action in ("index", "build-index"):
+        return "index"
+    if command == "optimize" and args.action in ("all", "gc", "compress"):
+        return "optimize"
+    return None
+
+
+def _record_job(args: Optional[argparse.Namespace], code: int,
+                error: Optional[Any] = None) -> int:
+    """Record a failed scheduled job (exit code not 0) for monitoring; returns ``code``."""
+    job = _job_of(args)
+    if job is None or code in (ExitCode.OK, ExitCode.USAGE) or args is None:
+        return code  # a usage error may name a folder that is not a store: write nothing
+    reason = str(error) if error is not None else "exit %d (see the job's output)" % code
+    command = " ".join(w for w in (args.command, getattr(args, "backup_command", None),
+                                   getattr(args, "action", None)) if w)
+    # A store aml cannot write (the very error being reported, often) keeps the failure
+    # unrecorded: the job's own error line, already printed, is what cron mails.
+    with contextlib.suppress(AmlError, OSError):
+        Store(args.memory_path, now=args.now).record_job_failure(job, command, reason, code)
+    return code
+
+
+def _use_scratch_state(args: argparse.Namespace, store: Store) -> None:
+    """``.aml/`` (mode 0700) of another user: work from the files alone, as on a store aml
+    never touched, with a private scratch folder for this run's state (removed at exit)."""
+    import tempfile  # only here: the one command path that needs it
+    args.scratch = Path(tempfile.mkdtemp(prefix="aml-readonly-"))
+    args.hidden_state = store.state_dir
+    store.state_dir = args.scratch
+
+
+def _remove_scratch(args: Optional[argparse.Namespace]) -> None:
+    scratch = getattr(args, "scratch", None)
+    if scratch is None:
+        return
+    for dirpath, dirnames, filenames in os.walk(str(scratch), topdown=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+        os.rmdir(dirpath)
+
+
+def _reads_only(args: argparse.Namespace) -> bool:
+    """True for commands that only read the store: their state writes (caches, history,
+    alerts) are optional, so a user with read permission only can run them."""
+    command, dry = args.command, getattr(args, "dry_run", False)
+    if command in ("get", "search") or (command in ("prune", "optimize", "migrate") and dry):
+        return not getattr(args, "undo", None)
+    if command == "migrate":
+        return args.migrate_action == "detect"
+    if command == "backup":
+        return args.backup_command in ("list", "verify") or (
+            args.backup_command == "restore" and dry)
+    if command == "monitor":
+        return not getattr(args, "resolve", None)
+    return False
+
+
+def _note_unsaved(args: Optional[argparse.Namespace]) -> None:
+    store, hidden = getattr(args, "store", None), getattr(args, "hidden_state", None)
+    if store is None or args.quiet or not (store.unsaved or hidden):
+        return
+    parts = ["%s is not readable by this user: its index, caches, history and config.json "
+             "were not used, and nothing was saved in it" % hidden] if hidden else []
+    if store.unsaved:
+        parts.append("not saved: " + ", ".join(store.unsaved))
+    _clear_progress(args)
+    print("aml: note: read-only access to %s: %s" % (store.root, "; ".join(parts)),
+          file=sys.stderr)
+
+
+def _clear_progress(args: Optional[argparse.Namespace]) -> None:
+    if args is not None:
+        args.reporter.clear()
+
+
+def _is_health_command(argv: Sequence[str]) -> bool:
+    words = [a for a in argv if not a.startswith("-")]
+    return any(a == "monitor" and b == "health" for a, b in zip(words, words[1:]))
+
+
 class _Terminated(BaseException):
     """Raised from the SIGTERM handler so every ``finally`` (lock release) runs."""
 
@@ -12100,13 +12574,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
     try:
         args = _finish_args(build_parser().parse_args(argv))
-        return int(args.func(args))
+        code = _record_job(args, int(args.func(args)))
+        _note_unsaved(args)
+        return code
     except AmlError as exc:
+        _clear_progress(args)
         print("aml: error: %s" % exc, file=sys.stderr)
-        return int(exc.exit_code)
+        if isinstance(exc, UsageError) and _is_health_command(argv):
+            # The plugin convention: a usage error is UNKNOWN (3), never CRITICAL (2).
+            print("AML UNKNOWN - %s" % str(exc).replace("|", "/"))
+            return int(ExitCode.PARTIAL)
+        return _record_job(args, int(exc.exit_code), exc)
     except (KeyboardInterrupt, _Terminated):
+        _clear_progress(args)
         print("aml: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
@@ -12116,10 +12600,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:
         # Permission denied, disk full, ...: one clear line, not a traceback (cron mails it).
         where = exc.filename if exc.filename is not None else ""
-        print("aml: error: %s%s" % (exc.strerror or exc, ": %s" % where if where else ""),
-              file=sys.stderr)
-        return int(ExitCode.FAILURE)
+        message = "%s%s" % (exc.strerror or exc, ": %s" % where if where else "")
+        _clear_progress(args)
+        print("aml: error: %s" % message, file=sys.stderr)
+        return _record_job(args, int(ExitCode.FAILURE), message)
     finally:
+        _clear_progress(args)
+        _remove_scratch(args)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -6,9 +6,11 @@ Every store is generated in ``tmp_path`` by the factories below; nothing here re
 
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -2432,7 +2434,8 @@ def test_mixed_timestamp_styles_in_one_file(tmp_path):
 def test_dry_run_changes_nothing_and_lists_every_record(tmp_path, capsys, gz):
     root = _prune_store(tmp_path / "m", gz=gz)
     before = tree_digest(root)
-    code, out, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, capsys=capsys)
+    code, out, _ = run_cli(root, "prune", "--dry-run", "--list", "--now", NOW_TEXT,
+                           capsys=capsys)
     assert code == 0 and tree_digest(root) == before and not (root / ".aml").exists()
     code, doc, _ = run_cli(root, "prune", "--dry-run", "--now", NOW_TEXT, "--format", "json",
                            capsys=capsys)
@@ -4346,7 +4349,8 @@ def test_corrupted_file_turns_integrity_critical(tmp_path, capsys, damage):
 
 
 NAGIOS_RE = re.compile(r"^AML (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+ \| "
-                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?(;[0-9.]*){0,4}) ?)+$")
+                       r"(('[^']+'|[A-Za-z0-9_.-]+)=(U|-?[0-9.]+(B|ms|%|s|c)?"
+                       r"(;[0-9.:]*){0,4}) ?)+$")
 
 
 def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
@@ -4355,8 +4359,8 @@ def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
     assert code == 1 and out.count("\n") == 1 and NAGIOS_RE.match(out.rstrip("\n")), out
     _make_healthy(root)
     code, out, _ = _health(root, capsys=capsys, fmt="nagios")
-    assert code == 0 and out.startswith("AML OK - 7 checks healthy | "), out
-    assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%" in out
+    assert code == 0 and out.startswith("AML OK - %s: 7 checks healthy | " % root), out
+    assert NAGIOS_RE.match(out.rstrip("\n")) and "cache_hit_rate=90%;50:;" in out
     assert "store_bytes=" in out and ";838860800;0" in out  # critical = 800 MiB
     assert re.search(r" lookup_ms=[0-9.]+ms;%d;" % PINNED_QUERY_MS, out)
     assert "stale_index_files=0;" in out
@@ -4364,8 +4368,8 @@ def test_nagios_line_format_and_exit_codes(tmp_path, capsys):
     empty = build_store(tmp_path / "empty", patterns=0, solutions=0, decisions=0)
     _make_healthy(empty, hits=0, misses=0)
     code, out, _ = _health(empty, capsys=capsys, fmt="nagios")
-    assert code == 3 and out.startswith("AML UNKNOWN - performance: ") and NAGIOS_RE.match(
-        out.rstrip("\n")) and "lookup_ms=U" in out
+    assert code == 3 and out.startswith("AML UNKNOWN - %s: performance: " % empty)
+    assert NAGIOS_RE.match(out.rstrip("\n")) and "lookup_ms=U" in out
 
 
 def test_health_that_cannot_run_is_unknown(tmp_path, capsys):
@@ -4399,8 +4403,8 @@ def test_crontab_monitor_lines_run_in_a_cron_environment(tmp_path):
         proc = subprocess.run([sys.executable, str(HERE / "aml.py")] + argv + ["--now", NOW_TEXT],
                               cwd=str(tmp_path), env=cron_env(), capture_output=True, timeout=120)
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b""), argv
-    assert "aml_health_overall 0" in _parse_prometheus(outputs[0].read_text())[
-        "aml_health_overall"]
+    assert 'aml_health_overall{store="%s"} 0' % root in _parse_prometheus(
+        outputs[0].read_text())["aml_health_overall"]
     assert outputs[1].read_text().startswith("<!DOCTYPE html>")
 
 
@@ -4673,8 +4677,9 @@ def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
     root = build_store(tmp_path / "m", agents=("a1", 'we"ird\\agent'), gz="mixed")
     code, out, _ = run_cli(root, "monitor", "metrics", "--format", "prometheus", capsys=capsys)
     families = _parse_prometheus(out)
-    assert code == 0 and 'aml_records{agent="we\\"ird\\\\agent",type="pattern",state="active"} 40' \
-        in families["aml_records"]
+    label = 'store="%s",' % root
+    wanted = 'aml_records{%sagent="we\\"ird\\\\agent",type="pattern",state="active"} 40' % label
+    assert code == 0 and wanted in families["aml_records"]
     assert "aml_cache_hit_ratio" not in families  # unknown is left out, never a made-up 0
     target = tmp_path / "textfile" / "aml.prom"
     target.parent.mkdir()
@@ -4682,8 +4687,8 @@ def test_prometheus_output_parses_line_by_line(tmp_path, capsys):
                            capsys=capsys)
     families = _parse_prometheus(target.read_text())
     assert code == 0 and out == "" and os.listdir(target.parent) == ["aml.prom"]
-    assert families["aml_health_overall"] == ["aml_health_overall 1"]
-    assert 'aml_health_status{check="backup"} 1' in families["aml_health_status"]
+    assert families["aml_health_overall"] == ['aml_health_overall{store="%s"} 1' % root]
+    assert 'aml_health_status{%scheck="backup"} 1' % label in families["aml_health_status"]
 
 
 class _HtmlCollector(html.parser.HTMLParser):
@@ -4768,9 +4773,10 @@ def test_metrics_give_totals_per_type_agent_and_store_in_every_format(tmp_path, 
     assert rows["STORE"] == ["14", "=", "11/1/2", "8", "=", "8/0/0", "6", "=", "6/0/0", "28"]
     code, out, _ = run_cli(root, "monitor", "metrics", "--no-save", "--format", "prometheus",
                            capsys=capsys)
-    assert 'aml_agent_records{agent="a2",type="pattern"} 8' in out.splitlines()
-    assert 'aml_store_records{type="decision"} 6' in out.splitlines()
-    assert sum(int(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+    lines = [line.replace('store="%s",' % root, "") for line in out.splitlines()]
+    assert 'aml_agent_records{agent="a2",type="pattern"} 8' in lines
+    assert 'aml_store_records{type="decision"} 6' in lines
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in lines
                if line.startswith("aml_store_records{")) == 28
 # ---- issue 17: monitor serve and dashboard charts ----
 
@@ -5034,7 +5040,8 @@ def test_serve_answers_match_what_the_cli_prints(tmp_path, capsys):
     assert [c["name"] for c in health["checks"]] == list(aml.MemoryMonitor.CHECKS)
     assert health["alerts"] is None   # the server never evaluates alerts
     prom = answers["/metrics"][2].decode()
-    assert "aml_health_overall" in prom and 'aml_alerts_open{level="WARNING"}' in prom
+    assert "aml_health_overall" in prom and re.search(
+        r'aml_alerts_open\{store="[^"]+",level="WARNING"\}', prom)
     promtool = shutil.which("promtool")
     if promtool:
         check = subprocess.run([promtool, "check", "metrics"], input=prom, text=True,
@@ -5637,7 +5644,7 @@ def test_readme_library_example_runs(tmp_path):
     lines = proc.stdout.splitlines()
     assert [line.split()[0] for line in lines if line.split()[1:3] == ["would", "lose"]] == \
         list(README_AGENTS)
-    assert "verified: True" in proc.stdout and "defaults: 60 36" in proc.stdout
+    assert "verified: True" in proc.stdout and "defaults: 60 26" in proc.stdout
     assert (tmp_path / "aml-backups" / "aml" / "snapshots").is_dir()  # ../ of the cwd
     assert re.search(r"^size +healthy .*limit 40\.0 MiB", proc.stdout, re.M)
 
@@ -5816,6 +5823,13 @@ class Cron:
         return out
 
 
+# This year backs up every sixth night and refreshes the index monthly (to stay fast): the
+# job limits follow that sparser schedule.
+YEAR_SPARSE = ("--threshold", "backup_max_age_hours=200", "--threshold",
+               "backup_critical_age_hours=400", "--threshold", "index_max_age_hours=800",
+               "--threshold", "index_critical_age_hours=1600")
+
+
 def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
     # Durability is proven by the crash tests; here fsync would only make a year take minutes
     # on a busy disk, so it is a no-op (every write is still a temp file and a rename).
@@ -5852,7 +5866,7 @@ def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
             crash.mkdir()
             os.utime(crash, (time.time() - 3600,) * 2)
         if today.weekday() == 0:
-            health = cron(at(6), "monitor", "health", "-q", codes=(0, 1))
+            health = cron(at(6), "monitor", "health", "-q", *YEAR_SPARSE, codes=(0, 1))
             if crashed and lock_alert is None:
                 assert "stale runtime lock" in health, health
                 lock_alert = next(a["id"] for a in _year_alerts(cron, at(6, 1))
@@ -5919,7 +5933,7 @@ def test_a_year_of_cron_on_one_store(tmp_path, capsys, monkeypatch):
     cron(end, "backup", "verify", mid_id, "--deep")
     cron(end, "backup", "restore", mid_id, "--target", str(scratch / "memory"))
     assert file_contents(scratch / "memory") == mid_copy
-    assert cron(end, "monitor", "health", codes=(0, 1)).startswith("Health: ")
+    assert cron(end, "monitor", "health", *YEAR_SPARSE, codes=(0, 1)).startswith("Health: ")
 
 
 def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
@@ -5945,11 +5959,12 @@ def test_crontab_index_line_runs_in_a_cron_environment(tmp_path):
 def test_health_that_cannot_run_for_an_os_error_is_unknown(tmp_path, monkeypatch, capsys):
     root = build_store(tmp_path / "memory")
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self.root / ".aml"))
-    monkeypatch.setattr(aml.Store, "ensure_state_dir", denied)
+    # (a read-only user's permission error is not one: health then answers, see issue 12)
+    def broken(self):
+        raise OSError(5, "Input/output error", str(self.root / ".aml"))
+    monkeypatch.setattr(aml.Store, "ensure_state_dir", broken)
     code, out, err = run_cli(root, "monitor", "health", "--format", "nagios", capsys=capsys)
-    assert code == 3 and out.startswith("AML UNKNOWN - ") and "Permission denied" in out
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "Input/output error" in out
     assert err.startswith("aml: error: ") and err.count("\n") == 1
 
 
@@ -6179,3 +6194,547 @@ def test_every_reason_restore_refuses_is_found_by_verify_and_before_any_change(
     assert code in (4, 6) and err.count("\n") == 1 and "restore-" not in err
     assert tree_digest(root, skip_state=True) == before
     assert not list((root / ".aml").glob("restore-*"))
+# ---- issue 12: unattended on a live store (crontab.example as shipped, 60 days) ----
+
+SIM_AML = "python3 /opt/aml/aml.py"
+SIM_STORE = "'/srv/project/.loom/memory'"
+SIM_REPORTS = {"/var/lib/node_exporter/textfile_collector/aml.prom": "textfile/aml.prom",
+               "/var/www/aml/report.html": "www/report.html"}
+SIM_CONFIG = {"monitor": {"query_time_warning_ms": 100000,  # a timed lookup must not flip it
+                          "agent_memory_warning_mb": 1, "agent_memory_critical_mb": 2}}
+
+
+def crontab_lines():
+    """[(minute, hour, day of month, day of week, command)] of crontab.example's jobs."""
+    jobs = []
+    for line in (HERE / "crontab.example").read_text().splitlines():
+        if not line.strip() or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
+            continue
+        minute, hour, dom, month, dow, command = line.split(None, 5)
+        assert month == "*", line
+        jobs.append((minute, hour, dom, dow, command))
+    return jobs
+
+
+def _cron_matches(field, value):
+    return field == "*" or value in {int(v) for v in field.split(",")}
+
+
+def cron_due(day):
+    """[(time, command)] of the crontab lines cron starts on ``day``, in order."""
+    due = []
+    for minute, hour, dom, dow, command in crontab_lines():
+        if _cron_matches(dom, day.day) and _cron_matches(dow, (day.weekday() + 1) % 7):
+            due.append((day + dt.timedelta(hours=int(hour), minutes=int(minute)), command))
+    return sorted(due)
+
+
+class CronSim:
+    """crontab.example's lines on one store at a fixed clock, with a runtime writing between.
+
+    Each line's text is the shipped one with its paths adapted (as the README tells the user)
+    and ``--now`` added after aml.py; it runs under ``sh -c`` with PATH=/usr/bin:/bin in
+    another folder, or in-process (same argv, same folder) where the entry point is not what
+    is being proved. Every run's output is logged: cron mails any output.
+    """
+
+    def __init__(self, base, capsys, seed=12):
+        self.base, self.capsys = Path(base), capsys
+        self.root = self.base / "project" / ".loom" / "memory"
+        self.cwd = self.base / "elsewhere"
+        self.writer = RuntimeWriter(self.root, random.Random(seed))
+        self.log = []
+
+    def command(self, text, when):
+        text = text.replace(SIM_AML, "%s %s --now %s" % (
+            shlex.quote(sys.executable), shlex.quote(str(HERE / "aml.py")),
+            aml.format_timestamp(when)))
+        text = text.replace(SIM_STORE, shlex.quote(str(self.root)))
+        for path, local in SIM_REPORTS.items():
+            text = text.replace("'%s'" % path, shlex.quote(str(self.base / local)))
+        return text
+
+    def run(self, when, text, real=False):
+        command = self.command(text, when)
+        if real:
+            proc = subprocess.run(["/bin/sh", "-c", command], cwd=str(self.cwd),
+                                  env={"PATH": "/usr/bin:/bin", "HOME": str(self.cwd)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=120)
+            code, output = proc.returncode, proc.stdout
+        else:
+            code = aml.main(shlex.split(command)[2:])
+            output = "".join(self.capsys.readouterr())
+        self.log.append((when, text, code, output))
+        return code, output
+
+    def day(self, day, real=False, skip=(), before=None):
+        """One day: the night's jobs, a runtime write just before the health check (so the
+        index is a little stale, as on a live store), the agents' day of work at 14:00."""
+        wrote_early = False
+        for when, text in cron_due(day):
+            if "monitor health" in text and not wrote_early:
+                self.writer.day(YEAR_PLAIN_AGENTS[0], when - dt.timedelta(minutes=15))
+                wrote_early = True
+            if before:
+                before(when, text)
+            if not any(word in text for word in skip):
+                self.run(when, text, real)
+        for agent in YEAR_GZ_AGENTS + YEAR_PLAIN_AGENTS:
+            self.writer.day(agent, day + dt.timedelta(hours=14))
+
+    def output_since(self, moment):
+        return [(when, text, code, out) for when, text, code, out in self.log
+                if when >= moment and out]
+
+
+def sim_store(base):
+    """A young runtime store, the report folders the README says to create, the pinned
+    thresholds in the store's aml config file."""
+    root = Path(base) / "project" / ".loom" / "memory"
+    year_store(root, random.Random(2026))
+    (root / ".aml").mkdir()
+    (root / ".aml" / "config.json").write_text(json.dumps(SIM_CONFIG))
+    for local in SIM_REPORTS.values():
+        (Path(base) / local).parent.mkdir(parents=True, exist_ok=True)
+    (Path(base) / "elsewhere").mkdir()
+    return root
+
+
+SIM_START = NOW.replace(hour=0, minute=0, second=0, microsecond=0)   # a Friday
+SIM_SUNDAY = 9    # 2026-11-29: the weekly prune's day
+SIM_FIRST = 11    # 2026-12-01: the monthly optimize's day
+
+
+def _scenario(snapshot, base, capsys, monkeypatch, first_day):
+    shutil.copytree(str(snapshot), str(base), symlinks=True)
+    monkeypatch.chdir(base / "elsewhere")
+    sim = CronSim(base, capsys, seed=first_day)
+    return sim, SIM_START + dt.timedelta(days=first_day)
+
+
+def _first_health_line(sim, since):
+    lines = [(when, out) for when, text, _, out in sim.output_since(since)
+             if "monitor health" in text]
+    return lines[0] if lines else (None, "")
+
+
+def test_crontab_is_quiet_for_60_days_on_a_healthy_live_store_and_loud_within_a_day(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(aml.os, "fsync", lambda fd: None)  # durability: see the crash tests
+    base = tmp_path / "healthy"
+    sim_store(base)
+    monkeypatch.chdir(base / "elsewhere")
+    sim = CronSim(base, capsys)
+    snapshots = {}
+    for day in range(60):
+        if day in (SIM_SUNDAY, SIM_FIRST):  # the state to fork the failure scenarios from
+            snapshots[day] = tmp_path / ("at-day-%d" % day)
+            shutil.copytree(str(base), str(snapshots[day]), symlinks=True)
+        # the real entry point (sh -c, minimal PATH, other cwd) on the first day, a Sunday,
+        # the 1st of a month and the last day; in-process (same argv) otherwise
+        real = day in (0, SIM_SUNDAY, SIM_FIRST, 59)  # every line runs for real at least once
+        sim.day(SIM_START + dt.timedelta(days=day), real=real)
+    noisy = [(aml.format_timestamp(w), t, c, o) for w, t, c, o in sim.log if o or c]
+    assert noisy == []
+    jobs = {text.split("' ", 1)[1].split(" -")[0] for _, text, _, _ in sim.log}
+    assert jobs == {"backup auto", "optimize index", "prune", "optimize all",
+                    "monitor health", "monitor report"}
+    assert sum(1 for _, t, _, _ in sim.log if " prune " in t) == 9
+    prom = (base / SIM_REPORTS["/var/lib/node_exporter/textfile_collector/aml.prom"]).read_text()
+    assert 'aml_health_overall{store="%s"} 0' % sim.root in prom
+    history = aml.Store(sim.root).read_state("history.json")
+    assert {"backup", "verify", "rotate", "prune", "index", "gc", "health"} <= \
+        {e["operation"] for e in history}
+
+    # Each failure, injected into a copy of the healthy store, shows within one day: the
+    # failing job's own line at once, and the next health check names the store and cause.
+    def failing(name, first_day, inject, expect, skip=(), before=None):
+        sim, start = _scenario(snapshots[first_day], tmp_path / name, capsys, monkeypatch,
+                               first_day)
+        with monkeypatch.context() as patch:
+            inject(sim, patch)
+            for offset in (0, 1):  # the second day only when the first stayed quiet
+                if offset == 0 or _first_health_line(sim, start)[0] is None:
+                    sim.day(start + dt.timedelta(days=offset), skip=skip, before=before)
+        out = sim.output_since(start)
+        assert out and out[0][0] - start <= dt.timedelta(days=1), (name, out)
+        when, line = _first_health_line(sim, start)
+        assert when is not None and when - start <= dt.timedelta(days=1, hours=6), (name, out)
+        assert line.startswith("AML ") and str(sim.root) in line and expect in line, line
+        return sim
+
+    def backup_fails(sim, patch):
+        backups = sim.root.parent / "memory-backup"
+        backups.rename(backups.with_name("memory-backup.moved"))
+        backups.write_text("not a folder")
+    failing("backup-fails", SIM_SUNDAY, backup_fails, "backup auto failed")
+
+    def backup_does_not_verify(sim, patch):
+        real = aml.BackupManager._verify_and_repair
+
+        def bad(self, *args, **kwargs):
+            result = real(self, *args, **kwargs)
+            return dataclasses.replace(result, ok=False, problems=["pack 1: checksum mismatch"])
+        patch.setattr(aml.BackupManager, "_verify_and_repair", bad)
+    failing("backup-unverified", SIM_SUNDAY, backup_does_not_verify, "does not verify")
+
+    def wrong_clock_agent(sim, patch):  # prune's mass-deletion guard refuses: exit 4
+        rng = random.Random(4)
+        write_data(sim.root / "legacy-agent" / "patterns.json",
+                   [make_pattern("legacy-agent", rng, age=400 + i) for i in range(10)])
+    failing("prune-fails", SIM_SUNDAY, wrong_clock_agent, "prune failed")
+
+    def disk_full(sim, patch):
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        patch.setattr(aml, "collect_garbage", full)
+    failing("optimize-fails", SIM_FIRST, disk_full, "optimize all failed")
+
+    def index_fails(sim, patch):
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        patch.setattr(aml.MemoryIndex, "refresh", full)
+    failing("index-fails", SIM_SUNDAY, index_fails, "optimize index failed")
+
+    def truncated(sim, patch):
+        path = sim.root / YEAR_GZ_AGENTS[0] / "metrics.json"  # the writer leaves it alone
+        path.write_bytes(path.read_bytes()[:-30])
+    failing("truncated", SIM_SUNDAY, truncated, "integrity")
+
+    def over_limit(sim, patch):
+        rng = random.Random(5)
+        sim.writer.rewrite(YEAR_PLAIN_AGENTS[0], "patterns.json", lambda data: data.extend(
+            dict(make_pattern(YEAR_PLAIN_AGENTS[0], rng, age=0), notes="x" * 1500)
+            for _ in range(900)))
+    failing("over-limit", SIM_SUNDAY, over_limit, "size")
+
+    # maintenance stopped: the crontab lost every job but health (or only the weekly prune)
+    failing("all-stopped", SIM_SUNDAY, lambda sim, patch: None, "backup",
+            skip=("backup auto", "optimize", "prune"))
+    failing("prune-stopped", SIM_SUNDAY, lambda sim, patch: None, "prune is 171 h old",
+            skip=(" prune ",))
+
+
+def _jobs_store(tmp_path, when):
+    """A store whose backup, index and prune all succeeded at ``when`` (a clock text)."""
+    root = _prune_store(tmp_path / "memory")
+    for argv in (("backup", "create"), ("optimize", "index"), ("prune", "--no-backup")):
+        assert run_cli(root, *argv, "-q", "--now", when) == 0
+    return root
+
+
+def _health_line(root, when, capsys, *extra):
+    code, out, _ = run_cli(root, "monitor", "health", "-q", "--now", when, *extra, capsys=capsys)
+    return code, out
+
+
+def test_health_watches_each_job_and_shows_a_failed_run_with_its_reason(tmp_path, capsys):
+    root = _jobs_store(tmp_path, "2026-11-20T03:00:00Z")
+    lenient = ("--threshold", "backup_max_age_hours=1000", "--threshold",
+               "backup_critical_age_hours=2000", "--threshold", "index_max_age_hours=1000",
+               "--threshold", "index_critical_age_hours=2000")
+    assert _health_line(root, "2026-11-20T06:00:00Z", capsys, *lenient) == (0, "")
+    # a weekly prune that fails: the backup's rotation does not hide it any more
+    rng = random.Random(4)
+    write_data(root / "legacy-agent" / "patterns.json",
+               [make_pattern("legacy-agent", rng, age=400 + i) for i in range(10)])
+    code, _, err = run_cli(root, "prune", "-q", "--now", "2026-11-22T03:00:00Z", capsys=capsys)
+    assert code == 4 and "mass-deletion guard" in err
+    assert run_cli(root, "backup", "auto", "-q", "--now", "2026-11-22T03:30:00Z") == 0
+    code, out = _health_line(root, "2026-11-22T06:00:00Z", capsys, *lenient)
+    assert code == 1 and out.startswith("AML WARNING - %s: maintenance: " % root)
+    assert "prune failed at 2026-11-22T03:00:00.000Z: mass-deletion guard: legacy-agent" in out
+    doc = json.loads(run_cli(root, "monitor", "health", "--format", "json", "--now",
+                             "2026-11-22T06:00:00Z", *lenient, capsys=capsys)[1])
+    assert _check(doc, "maintenance")["details"]["prune"]["last_success"].startswith(
+        "2026-11-20T03:00")
+    # a later success clears it; then the job goes overdue: warning, then critical
+    assert run_cli(root, "prune", "-q", "--force", "--no-backup", "--now",
+                   "2026-11-22T07:00:00Z") == 0
+    assert _health_line(root, "2026-11-22T08:00:00Z", capsys, *lenient) == (0, "")
+    code, out = _health_line(root, "2026-11-29T10:00:00Z", capsys, *lenient)
+    assert code == 1 and "last successful prune is 171 h old (limit 170 h)" in out
+    code, out = _health_line(root, "2026-12-06T10:00:00Z", capsys, *lenient)
+    assert code == 2 and out.startswith("AML CRITICAL - ") and "(limit 338 h)" in out
+
+
+def test_a_failed_backup_is_recorded_and_shown_even_when_an_older_one_is_recent(tmp_path,
+                                                                               capsys):
+    root = _jobs_store(tmp_path, "2026-11-20T02:00:00Z")
+    backups = root.parent / "memory-backup"
+    backups.rename(tmp_path / "moved")
+    backups.write_text("not a folder")
+    code, _, err = run_cli(root, "backup", "auto", "-q", "--now", "2026-11-21T02:00:00Z",
+                           capsys=capsys)
+    assert code != 0 and err.startswith("aml: error: ")
+    failures = aml.Store(root).read_state("job-failures.json")
+    assert failures["backup"]["command"] == "backup auto" and failures["backup"]["reason"]
+    backups.unlink()
+    (tmp_path / "moved").rename(backups)
+    code, out = _health_line(root, "2026-11-21T03:00:00Z", capsys)
+    assert code == 1 and "backup: backup auto failed at 2026-11-21T02:00:00.000Z" in out
+
+
+def test_monitor_health_usage_error_is_unknown_with_one_stdout_line(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    for argv in (("monitor", "health", "--no-such-flag"), ("monitor", "health", "--timeout",
+                                                          "soon"),
+                 ("monitor", "health", "--threshold", "bogus=1")):
+        code, out, err = run_cli(root, *argv, capsys=capsys)
+        assert code == 3 and out.startswith("AML UNKNOWN - ") and out.count("\n") == 1, argv
+    # other commands keep exit 2 for a usage error
+    assert run_cli(root, "monitor", "metrics", "--no-such-flag", capsys=capsys)[0] == 2
+
+
+def test_monitor_health_timeout_answers_unknown_and_releases_locks(tmp_path, capsys,
+                                                                   monkeypatch):
+    root = build_store(tmp_path / "memory")
+
+    def slow(self, history):
+        time.sleep(30)
+    monkeypatch.setattr(aml.MemoryMonitor, "_check_integrity", slow)
+    started = time.monotonic()
+    code, out, _ = run_cli(root, "monitor", "health", "--format", "nagios", "--timeout", "0.3",
+                           capsys=capsys)
+    assert time.monotonic() - started < 25  # the answer came, not the 30 s check
+    assert code == 3 and out.startswith("AML UNKNOWN - %s: health checks did not finish "
+                                        "within --timeout 0.3 s" % root)
+    assert aml.signal.getitimer(aml.signal.ITIMER_REAL) == (0.0, 0.0)
+    with aml.MaintenanceLock(root / ".aml", timeout=0):
+        pass  # nothing left held
+
+
+def test_health_line_puts_the_critical_cause_first_and_perfdata_uses_ranges(tmp_path, capsys):
+    root = build_store(tmp_path / "memory")
+    _make_healthy(root, hits=10, misses=90)  # hit rate 10 %: a warning
+    broken = root / "code-reviewer" / "patterns.json"
+    broken.write_bytes(broken.read_bytes()[:-20])  # critical: integrity
+    code, out, _ = run_cli(root, "monitor", "health", "--format", "nagios", "--now", NOW_TEXT,
+                           capsys=capsys)
+    summary = out.split(" | ")[0]
+    assert code == 2 and summary.startswith("AML CRITICAL - %s: integrity: " % root)
+    assert summary.index("integrity:") < summary.index("performance:")
+    assert "cache_hit_rate=10%;50:;;0" in out  # a lower bound: warn below 50
+
+
+def test_a_folder_that_is_not_a_store_is_refused_and_nothing_is_created(tmp_path, capsys):
+    root = build_store(tmp_path / "project" / ".loom" / "memory")
+    loom = root.parent
+    before = sorted(p.name for p in loom.iterdir())
+    for argv in (("prune", "-q"), ("backup", "create", "-q"), ("search", "--text", "x"),
+                 ("monitor", "metrics"), ("optimize", "index", "-q"), ("migrate", "detect")):
+        code, out, err = run_cli(loom, *argv, capsys=capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, argv
+        assert "%s is not a memory store: expected config.json" % loom in err
+        assert "did you mean %s?" % root in err
+    code, out, _ = run_cli(loom, "monitor", "health", "-q", capsys=capsys)
+    assert code == 3 and out.startswith("AML UNKNOWN - ") and "not a memory store" in out
+    assert sorted(p.name for p in loom.iterdir()) == before  # no .aml, no memory-backup
+    fresh = tmp_path / "new" / "memory"
+    fresh.mkdir(parents=True)
+    (fresh / "config.json").write_text("{}")
+    assert run_cli(fresh, "prune", "-q", "--now", NOW_TEXT) == 0
+    assert run_cli(fresh, "backup", "create", "-q", "--now", NOW_TEXT) == 0
+
+
+def test_report_output_folder_missing_or_unwritable_is_one_line_naming_it(tmp_path, capsys,
+                                                                          monkeypatch):
+    root = build_store(tmp_path / "memory")
+    missing = tmp_path / "textfile_collector" / "aml.prom"
+    code, out, err = run_cli(root, "monitor", "report", "--format", "prometheus", "--output",
+                             missing, capsys=capsys)
+    assert (code, out) == (1, "") and err == (
+        "aml: error: output folder %s does not exist (create it, writable by this user)\n"
+        % missing.parent)
+    missing.parent.mkdir()
+    monkeypatch.setattr(aml.os, "access", lambda path, mode: Path(path) != missing.parent)
+    code, _, err = run_cli(root, "monitor", "report", "--format", "html", "--output", missing,
+                           capsys=capsys)
+    assert code == 1 and err == "aml: error: output folder %s is not writable by this user\n" \
+        % missing.parent
+    assert os.listdir(missing.parent) == []
+
+
+def test_readme_scheduling_section_names_every_path_of_the_crontab():
+    text = (HERE / "README.md").read_text()
+    section = text[text.index("<!-- section: scheduling -->"):]
+    section = section[:section.index("\n## ", 40)]
+    paths = set(re.findall(r"(/[\w./-]+)", " ".join(c for *_, c in crontab_lines())))
+    assert paths == {"/opt/aml/aml.py", "/srv/project/.loom/memory",
+                     "/var/lib/node_exporter/textfile_collector/aml.prom",
+                     "/var/www/aml/report.html"}
+    for path in paths:
+        assert path in section, path
+
+
+def test_every_crontab_line_names_its_store_quoted_so_cron_mail_subjects_do():
+    for *_, command in crontab_lines():
+        assert "$" not in command and command.startswith(SIM_AML + " " + SIM_STORE + " ")
+
+
+def test_prometheus_names_are_base_units_with_a_store_label_and_promtool_accepts_them(
+        tmp_path, capsys):
+    texts = []
+    for name in ("one", "two"):
+        root = build_store(tmp_path / name / "memory", gz="mixed")
+        _make_healthy(root)
+        run_cli(root, "prune", "-q", "--no-backup", "--force")
+        code, out, _ = run_cli(root, "monitor", "report", "--format", "prometheus",
+                               capsys=capsys)
+        assert code == 0
+        families = _parse_prometheus(out)
+        assert not [f for f in families if re.search(r"_days?(_|$)|_ms$|_mb$", f)], families
+        samples = [s for lines in families.values() for s in lines]
+        assert all('store="%s"' % root in s for s in samples)
+        stamps = families["aml_job_last_success_timestamp_seconds"]
+        assert {re.search(r'job="(\w+)"', s).group(1) for s in stamps} == \
+            {"backup", "index", "prune"}
+        assert all(float(s.rsplit(" ", 1)[1]) > 1.7e9 for s in stamps)
+        texts.append(out)
+    both = "".join(texts)  # two stores in one textfile folder: no sample collides
+    samples = [line.rsplit(" ", 1)[0] for line in both.splitlines() if not line.startswith("#")]
+    assert len(samples) == len(set(samples))
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    for text in texts:
+        proc = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        assert proc.returncode == 0, proc.stdout
+
+
+def _as_nobody_possible():
+    if os.geteuid() != 0:
+        return "needs root to drop to another user (running as uid %d)" % os.geteuid()
+    try:
+        import pwd
+        return pwd.getpwnam("nobody") and None
+    except (ImportError, KeyError):
+        return "no user 'nobody' to drop to"
+
+
+def test_read_only_commands_work_for_a_user_who_may_only_read(tmp_path):
+    reason = _as_nobody_possible()
+    if reason:
+        pytest.skip(reason)
+    import tempfile
+    # pytest's tmp_path is private to root (0700), so this store lives in a folder of its own
+    # that the other user can reach; it is removed at the end.
+    shared = Path(tempfile.mkdtemp(prefix="aml-test-ro-"))
+    try:
+        os.chmod(str(shared), 0o755)
+        if not all(os.stat(str(p)).st_mode & 0o001 for p in shared.parents):
+            pytest.skip("%s is not searchable by other users" % shared.parent)
+        _read_only_commands_as_nobody(shared)
+    finally:
+        shutil.rmtree(str(shared))
+
+
+def _world_usable(path):
+    """True when another user may run ``path``: every folder above it searchable."""
+    path = Path(path)
+    return path.exists() and all(os.stat(str(p)).st_mode & 0o001 for p in path.parents) \
+        and os.stat(str(path)).st_mode & 0o001
+
+
+def _python_for_others():
+    """This interpreter when another user can run it, else the system python3 (3.9+)."""
+    if _world_usable(os.path.realpath(sys.executable)):
+        return sys.executable
+    system = "/usr/bin/python3"
+    if _world_usable(os.path.realpath(system)) and subprocess.run(
+            [system, "-c", "import sys; sys.exit(sys.version_info < (3, 9))"]).returncode == 0:
+        return system
+    pytest.skip("no Python 3.9+ that the user nobody may run")
+
+
+def _read_only_commands_as_nobody(base):
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    python = _python_for_others()
+    root = _prune_store(base / "memory", gz="mixed")  # under the mass-deletion guard
+    backup_id = run_cli_out(root, "backup", "create", "--format", "json")["backup_id"]
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    record_id = read_data(root / "code-reviewer" / "patterns.json")[0]["id"]
+    script = base / "aml.py"
+    shutil.copy(str(HERE / "aml.py"), str(script))
+    for dirpath, dirnames, filenames in os.walk(str(base)):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+
+    def as_nobody(*argv):
+        def drop():
+            os.setgid(nobody.pw_gid)
+            os.setgroups([])
+            os.setuid(nobody.pw_uid)
+        return subprocess.run([python, str(script), str(root)] + list(argv),
+                              cwd="/", env={"PATH": "/usr/bin:/bin"}, preexec_fn=drop,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+
+    commands = [("get", record_id), ("search", "--text", "a"), ("monitor", "health"),
+                ("monitor", "metrics"), ("monitor", "report"), ("backup", "list"),
+                ("backup", "verify"), ("backup", "restore", backup_id, "--dry-run"),
+                ("prune", "--dry-run"), ("migrate", "detect")]
+    for state_mode in (0o755, 0o700):  # .aml readable, then as aml creates it: private
+        os.chmod(str(root / ".aml"), state_mode)
+        before = tree_digest(base)
+        for argv in commands:
+            proc = as_nobody(*argv, "--now", NOW_TEXT)
+            assert proc.returncode in (0, 1), (argv, proc.stdout, proc.stderr)
+            assert "Permission denied" not in proc.stderr and "Traceback" not in proc.stderr
+            notes = [l for l in proc.stderr.splitlines() if l.startswith("aml: note: ")]
+            assert len(notes) <= 1, proc.stderr
+            if argv[0] == "monitor" and argv[1] in ("health", "metrics"):
+                assert notes and "read-only access to %s" % root in notes[0], proc.stderr
+        assert tree_digest(base) == before
+        assert record_id in as_nobody("get", record_id).stdout
+        assert " OK: " in as_nobody("backup", "verify").stdout
+        assert "would remove" in as_nobody("prune", "--dry-run", "--list").stdout
+
+
+def run_cli_out(root, *argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert aml.main([str(root)] + list(argv) + ["--now", NOW_TEXT]) == 0
+    return json.loads(out.getvalue())
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_only_and_prune_leads_with_totals(tmp_path, capsys,
+                                                                 monkeypatch):
+    root = _prune_store(tmp_path / "memory", gz=True)
+    monkeypatch.setattr(aml, "PROGRESS_DELAY", 0.0)  # the line waits 2 s on a real run
+    monkeypatch.setattr(aml, "PROGRESS_EVERY", 0.0)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert aml.main([str(root), "prune", "--dry-run", "--now", NOW_TEXT]) == 0
+    drawn = terminal.getvalue()
+    assert "\r\x1b[Kprune: planning " in drawn and " KiB (" in drawn and "%)" in drawn
+    assert drawn.endswith("\r\x1b[K")  # cleared before the run ended
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("backend-developer: would remove ")
+    assert lines[3].startswith("by reason: ") and not any(
+        l.startswith("would remove ") for l in lines)
+    assert aml.main([str(root), "prune", "--now", NOW_TEXT, "--force"]) == 0
+    drawn = terminal.getvalue()
+    for phase in ("prune: scanning", "backup: reading files", "prune: archiving",
+                  "prune: rewriting"):
+        assert "\r\x1b[K" + phase in drawn, phase
+    capsys.readouterr()
+    for quiet in (["-q"], []):
+        terminal.truncate(0)
+        terminal.seek(0)
+        if not quiet:
+            monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: cron
+        assert aml.main([str(root), "prune", "--dry-run", "--now", NOW_TEXT] + quiet) == 0
+        assert terminal.getvalue() == ""
+    assert aml.progress_text("verify --deep", 1, 4, "files", 3.0) == \
+        "verify --deep 1 of 4 files (25%), ETA 0:09"
