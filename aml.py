@@ -278,9 +278,43 @@ def _reject_constant(name: str) -> Any:
     raise ValueError("non-standard JSON constant %s" % name)
 
 
+# A number token that may lie past the double range (1e400, or 309+ digits): only a text
+# with one is parsed a second time, number by number (UUIDs and words never match).
+_HUGE_NUMBER_RE = re.compile(r"(?<![\w.-])-?\d+(?:\.\d+)?[eE]\+?\d{3,}(?!\w)|\d{309}")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError("number %s is past the double range (the runtime would read it as "
+                         "Infinity)" % (token if len(token) < 40 else token[:37] + "..."))
+    return value
+
+
+def _finite_int(token: str) -> int:
+    if len(token) > 308:
+        _finite_float(token)
+    return int(token)
+
+
+def check_json_limits(text: str) -> None:
+    """Raise ValueError if ``text`` holds a number past the double range: the runtime reads
+    it as Infinity, and a parsed float became ``inf``, which aml could never write back."""
+    if _HUGE_NUMBER_RE.search(text):
+        json.loads(text, parse_float=_finite_float, parse_int=_finite_int,
+                   parse_constant=_reject_constant)
+
+
 def parse_json_text(text: str) -> Any:
-    """Strict JSON: ``NaN``/``Infinity`` are errors, as for the runtime."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """Strict JSON: ``NaN``/``Infinity`` are errors, as for the runtime, and so are numbers
+    past the double range and nesting too deep for Python (ValueError, never
+    RecursionError: one bad file must not stop a run)."""
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+        check_json_limits(text)
+    except RecursionError:
+        raise ValueError("nested too deeply (over %d levels)" % sys.getrecursionlimit()) from None
+    return obj
 
 
 def runtime_json(obj: Any) -> str:
@@ -340,19 +374,66 @@ def decode_file_bytes(path: Path, raw: bytes) -> Tuple[str, FileFormat]:
     return text, FileFormat(gzip=is_gzip, bom=bom, trailing_newline=text.endswith("\n"))
 
 
-def load_json_file(path: Path, expect: Optional[type] = None) -> Tuple[Any, FileFormat]:
-    """Read a JSON file that may hold gzip bytes; raises CorruptFileError, never returns empty."""
-    obj, fmt, _ = load_json_text(path, expect)
+def load_json_file(path: Path, expect: Optional[type] = None, follow_symlinks: bool = False
+                   ) -> Tuple[Any, FileFormat]:
+    """Read a JSON file that may hold gzip bytes; raises CorruptFileError, never returns empty.
+
+    A symlink (unless ``follow_symlinks``), folder, FIFO or device is refused unopened."""
+    obj, fmt, _ = load_json_text(path, expect, follow_symlinks)
     return obj, fmt
 
 
-def load_json_text(path: Path, expect: Optional[type] = None) -> Tuple[Any, FileFormat, str]:
-    """Like load_json_file, also returning the decoded text (for splicing rewrites)."""
-    path = Path(path)
+def _odd_kind(mode: int) -> Optional[str]:
+    """What a non-regular directory entry is, for messages; None for a regular file."""
+    for test, name in ((stat.S_ISREG, None), (stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "folder"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "device or special file"
+
+
+def odd_file_problem(kind: str) -> str:
+    """Why a data file that is not a regular file is skipped (one wording everywhere)."""
+    if kind == "symlink":
+        return ("is a symlink, not a regular file: aml never reads or writes through a link in "
+                "the store (the runtime would read its target); replace it with the file itself")
+    return "is a %s, not a regular file; skipped unopened" % kind
+
+
+def read_regular_file(path: Path, follow_symlinks: bool = False) -> bytes:
+    """The bytes of a regular file; raises CorruptFileError for anything else, unopened.
+
+    Checked with lstat before opening and with fstat after (opened O_NONBLOCK|O_NOFOLLOW), so
+    a FIFO is never opened for a blocking read and a link swapped in meanwhile is not followed.
+    """
     try:
-        raw = path.read_bytes()
+        info = os.stat(str(path)) if follow_symlinks else os.lstat(str(path))
+        kind = _odd_kind(info.st_mode)
+        if kind is not None:
+            raise CorruptFileError(path, odd_file_problem(kind))
+        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+        fd = os.open(str(path), flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptFileError(path, odd_file_problem("symlink")) from None
+        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    try:
+        kind = _odd_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise CorruptFileError(path, odd_file_problem(kind))
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
     except OSError as exc:
         raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    finally:
+        os.close(fd)
+
+
+def load_json_text(path: Path, expect: Optional[type] = None, follow_symlinks: bool = False
+                   ) -> Tuple[Any, FileFormat, str]:
+    """Like load_json_file, also returning the decoded text (for splicing rewrites)."""
+    path = Path(path)
+    raw = read_regular_file(path, follow_symlinks)
     text, fmt = decode_file_bytes(path, raw)
     try:
         obj = parse_json_text(text)
@@ -885,7 +966,8 @@ class Store:
         for entry in sorted(os.scandir(str(self.root)), key=lambda e: e.name):
             if is_reserved_name(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
-            if any(os.path.isfile(os.path.join(entry.path, f)) for f in KNOWN_AGENT_FILES):
+            # lexists: an agent whose only file is a symlink or FIFO is found, and reported
+            if any(os.path.lexists(os.path.join(entry.path, f)) for f in KNOWN_AGENT_FILES):
                 found.append(entry.name)
         return found
 
@@ -901,12 +983,14 @@ class Store:
         return list(dict.fromkeys(wanted))
 
     def agent_files(self, agent: str) -> List[DataFile]:
-        """Every JSON data file of an agent (known names and any other ``*.json``), sorted."""
+        """Every JSON data file of an agent (known names and any other ``*.json``), sorted.
+
+        Entries that are not regular files (a symlink, folder, FIFO) are listed too, so that
+        every command reports them: reading one raises CorruptFileError, unopened."""
         folder = self.root / agent
         files = []
         for entry in sorted(os.scandir(str(folder)), key=lambda e: e.name):
-            if (entry.name.endswith(".json") and not is_temp_leftover(entry.name)
-                    and entry.is_file(follow_symlinks=False)):
+            if entry.name.endswith(".json") and not is_temp_leftover(entry.name):
                 files.append(DataFile(agent, Path(entry.path)))
         return files
 
@@ -923,7 +1007,7 @@ class Store:
         path = self.config_path()
         if not path.exists():
             return {}
-        return load_json_file(path, expect=dict)[0]
+        return load_json_text(path, dict, follow_symlinks=True)[0]  # never written: a link is fine
 
     # -- reading records -----------------------------------------------------
     def load_records(self, data_file: DataFile) -> Tuple[List[Any], FileFormat]:
@@ -1063,7 +1147,7 @@ def load_aml_config(store: Store, path: Optional[Path] = None) -> Dict[str, Dict
         path = store.state_dir / "config.json"
         if not path.exists():
             return {}
-    doc, _ = load_json_file(Path(path), expect=dict)
+    doc = load_json_text(Path(path), dict, follow_symlinks=True)[0]
     unknown = sorted(set(doc) - set(AML_CONFIG_SECTIONS))
     if unknown:
         raise UsageError("%s: unknown section(s) %s (known: %s)"
@@ -1988,18 +2072,35 @@ def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
     return agents is None or rel.split("/", 1)[0] in agents
 
 
-def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
-    """Relative POSIX paths of the regular files under root/top (no symlinks, no skipped names)."""
+def _walk_files(root: Path, top: str, skip: Callable[[str], bool],
+                odd: Optional[List[Tuple[str, str]]] = None) -> Iterator[str]:
+    """Relative POSIX paths of the files under root/top (no symlinks, no skipped names).
+
+    With an ``odd`` list, only regular files are yielded; every other entry (a symlink to a
+    file or folder, a FIFO, a socket, a device) is appended there as (path, kind) instead.
+    """
     base = root / top if top else root
     for dirpath, dirnames, filenames in os.walk(str(base)):
         rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = sorted(d for d in dirnames if not skip(rel_dir + d)
-                             and not os.path.islink(os.path.join(dirpath, d)))
-        for name in sorted(filenames):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if not skip(rel_dir + d) and d not in links)
+        if odd is not None:  # a folder where a data file belongs: walked, and reported
+            odd.extend((rel_dir + d, "folder") for d in dirnames if d.endswith(".json"))
+        for name in sorted(filenames + links):
             rel = rel_dir + name
-            if not skip(rel) and not os.path.islink(os.path.join(dirpath, name)):
-                yield rel
+            if skip(rel):
+                continue
+            if odd is None:
+                if name not in links and not os.path.islink(os.path.join(dirpath, name)):
+                    yield rel
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                kind = _odd_kind(os.lstat(os.path.join(dirpath, name)).st_mode)
+                if kind is None:
+                    yield rel
+                else:
+                    odd.append((rel, kind))
 
 
 def _skip_name(rel: str) -> bool:
@@ -2014,13 +2115,15 @@ def _skip_name(rel: str) -> bool:
     return top.startswith(".") or top == "memory-backup"
 
 
-def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
-    """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted."""
+def store_scope_files(root: Path, agents: Optional[Sequence[str]],
+                      odd: Optional[List[Tuple[str, str]]] = None) -> List[str]:
+    """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted (with an
+    ``odd`` list: regular files only, the rest listed there; see _walk_files)."""
     if agents is None:
-        return list(_walk_files(root, "", _skip_name))
+        return list(_walk_files(root, "", _skip_name, odd))
     found: List[str] = []
     for agent in agents:
-        found.extend(_walk_files(root, agent, _skip_name))
+        found.extend(_walk_files(root, agent, _skip_name, odd))
     return found
 
 
@@ -2238,7 +2341,9 @@ class BackupManager:
                                 incremental=btype is BackupType.INCREMENTAL)
         writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
         try:
-            paths = store_scope_files(self.store.root, selected)
+            odd: List[Tuple[str, str]] = []
+            paths = store_scope_files(self.store.root, selected, odd)
+            snap.not_regular([(rel, odd_file_problem(kind)) for rel, kind in odd])
             entries = []
             for n, rel in enumerate(paths, 1):
                 self.progress("backup: file %d of %d" % (n, len(paths)))
@@ -3067,6 +3172,9 @@ class _SnapshotBuilder:
             if self.incremental and prev and prev.get("stat") == key and self._intact(prev):
                 return prev
             raw = self._read(rel, path)
+        except CorruptFileError as exc:   # became a FIFO or link since the walk
+            self.not_regular([(rel, exc.problem)])
+            return None
         except (OSError, StoreBusyError) as exc:
             self.warnings.append("%s: cannot read (%s); not in this backup"
                                  % (path, getattr(exc, "strerror", None) or exc))
@@ -3081,20 +3189,26 @@ class _SnapshotBuilder:
                      or self._blob_entry(rel, raw, writer))
         return entry
 
+    def not_regular(self, odd: List[Tuple[str, str]]) -> None:
+        """Report (path, problem) of files left out unopened (a FIFO would block a read)."""
+        for rel, problem in odd:
+            self.warnings.append("%s: %s; not in this backup" % (self.store.root / rel, problem))
+            self.skipped.append(rel)
+
     def _intact(self, prev: Dict[str, Any]) -> bool:
         ref = prev.get("list") or prev.get("object")
         return isinstance(ref, str) and self.objects.has(bytes.fromhex(ref))
 
     def _read(self, rel: str, path: Path) -> bytes:
         if rel.startswith(STATE_DIR_NAME + "/"):
-            return path.read_bytes()
+            return read_regular_file(path)
         lock = self.store.file_lock(path)
         try:
             lock.acquire()            # the runtime may be mid-write
         except PermissionError:
-            return path.read_bytes()  # a read-only store cannot be locked, only read
+            return read_regular_file(path)  # a read-only store cannot be locked, only read
         try:
-            return path.read_bytes()
+            return read_regular_file(path)
         finally:
             lock.release()
 
@@ -3118,6 +3232,10 @@ class _SnapshotBuilder:
             return None
         parts = split_json_array(text)
         if parts is None:
+            return None
+        try:
+            check_json_limits(text)   # 1e400: kept as bytes, and reported as not valid JSON
+        except ValueError:
             return None
         head, sep, tail, spans = parts
         body = content[len(UTF8_BOM):] if bom else content
@@ -3589,10 +3707,7 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
     bytes, they are byte offsets in the file as stored, flagged with _BYTE_OFFSET, so a get
     reads only that record. Raises CorruptFileError as load_json_file does.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    raw = read_regular_file(path)
     text, _ = decode_file_bytes(path, raw)
     try:
         if len(text) < _OFFSET_MIN_CHARS:
@@ -3600,7 +3715,11 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
             if isinstance(records, list):
                 return records, None
         else:
-            records, offsets = _array_with_offsets(text)
+            try:
+                records, offsets = _array_with_offsets(text)
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
+            check_json_limits(text)
             if raw[:2] != GZIP_MAGIC and text.isascii():
                 shift = _BYTE_OFFSET + (len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0)
                 offsets = [at + shift for at in offsets]
@@ -3786,9 +3905,7 @@ def _file_stats(store: Store) -> List[_FileStat]:
         with os.scandir(str(store.root / agent)) as entries:
             found = sorted((e.name, e) for e in entries if e.name in RECORD_FILES)
         for name, entry in found:
-            try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
+            try:  # a symlink, folder or FIFO is listed too: indexing reports it as unreadable
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
@@ -5604,8 +5721,8 @@ def _transcode_one(path_text: str, to_gzip: bool, lock_timeout: float, dry_run: 
     path = Path(path_text)
     with FileLock(path, timeout=lock_timeout):
         try:
+            raw = read_regular_file(path)   # a symlink, folder or FIFO: unreadable, unopened
             before = path.stat()
-            raw = path.read_bytes()
             parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
                          and len(raw) == before.st_size)
             if (raw[:2] == GZIP_MAGIC) == to_gzip:
@@ -5653,7 +5770,8 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     cutoff = store.now.timestamp() - age_days * 86400.0
     paths, recent = [], []
     for path in _agent_data_files(store):
-        if to_gzip and age_days > 0 and path.stat().st_mtime > cutoff:
+        info = os.lstat(str(path))   # a symlink, folder or FIFO goes on, to be reported
+        if to_gzip and age_days > 0 and stat.S_ISREG(info.st_mode) and info.st_mtime > cutoff:
             recent.append(path)
         else:
             paths.append(path)
@@ -7518,8 +7636,11 @@ def _count_records(counts: Dict[str, Dict[str, int]], rtype: Optional[RecordType
 
 
 def _is_gzip_file(path: Path) -> bool:
-    try:
-        with open(str(path), "rb") as handle:
+    try:  # never open a FIFO (it would block) nor follow a link
+        if not stat.S_ISREG(os.lstat(str(path)).st_mode):
+            return False
+        fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
             return handle.read(2) == GZIP_MAGIC
     except OSError:
         return False
@@ -7634,7 +7755,11 @@ def _integrity_targets(store: Store) -> List[Tuple[Path, Optional[type], bool]]:
 def _parse_problem(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
     """None when the file parses as the runtime needs it, else the problem."""
     try:
-        data, _fmt = load_json_file(path, expect=expect)
+        # the runtime's own config.json may be a link (aml never writes it); data files not
+        if path.name == "config.json":
+            data = load_json_text(path, expect, follow_symlinks=True)[0]
+        else:
+            data, _fmt = load_json_file(path, expect=expect)
     except CorruptFileError as exc:
         return exc.problem
     if objects:
@@ -7646,10 +7771,10 @@ def _parse_problem(path: Path, expect: Optional[type], objects: bool) -> Optiona
 
 def _check_one_file(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
     """Parse a file; a failure is retried once if the file changed meanwhile (live writer)."""
-    before = path.stat()
+    before = os.lstat(str(path))
     problem = _parse_problem(path, expect, objects)
     if problem is not None:
-        after = path.stat()
+        after = os.lstat(str(path))
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             problem = _parse_problem(path, expect, objects)
     return problem
