@@ -4684,3 +4684,103 @@ def test_every_readme_transcript_is_tagged_so_the_runner_runs_it():
         elif fence and fence[0] == "" and line.lstrip("$ ").startswith(("aml", "python3 aml.py")):
             untagged.append(fence[1])
     assert untagged == []
+
+
+# ---- issue 18: hostile files, webhooks and repositories ----
+
+import stat
+
+_ODD_COMMANDS = [["prune", "--force", "--now", NOW_TEXT], ["optimize", "gc"],
+                 ["optimize", "compress", "--age-days", "0"], ["optimize", "index"],
+                 ["search", "--tag", "nothing"], ["backup", "create"],
+                 ["migrate", "migrate-latest"], ["monitor", "metrics"]]
+# One process runs every command (aml.main in turn), so a FIFO that blocks a read shows
+# as a timeout of that process instead of a hung test.
+_ODD_DRIVER = ("import json, sys, aml\n"
+               "codes = []\n"
+               "for argv in json.loads(sys.argv[1]):\n"
+               "    codes.append(aml.main(argv))\n"
+               "    print(json.dumps(codes), flush=True)\n")
+
+
+def _make_odd(path, kind, outside):
+    path.unlink()
+    if kind == "symlink":
+        os.symlink(str(outside), str(path))
+    elif kind == "folder":
+        path.mkdir()
+        (path / "inside.json").write_text("[]")
+    else:
+        os.mkfifo(str(path))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder", "fifo"])
+def test_a_data_file_that_is_not_a_regular_file_is_reported_by_every_command(tmp_path, kind):
+    root = build_store(tmp_path / "m", agents=("alpha", "beta"))
+    outside = tmp_path / "outside.json"
+    write_data(outside, [make_pattern("alpha", random.Random(7))])
+    outside_bytes = outside.read_bytes()
+    odd = root / "alpha" / "patterns.json"
+    _make_odd(odd, kind, outside)
+    argv = [[str(root)] + c + ["--format", "json"] for c in _ODD_COMMANDS]
+    try:
+        proc = subprocess.run([sys.executable, "-c", _ODD_DRIVER, json.dumps(argv)], cwd=str(HERE),
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail("blocked on the %s after %s" % (kind, (exc.stdout or b"").splitlines()[-1:]))
+    codes = json.loads(proc.stdout.splitlines()[-1])
+    assert codes == [3] * len(_ODD_COMMANDS), proc.stderr
+    assert proc.stderr.count("alpha/patterns.json") >= len(_ODD_COMMANDS)
+    assert "Traceback" not in proc.stderr
+    assert outside.read_bytes() == outside_bytes   # nothing written through the link
+    assert os.path.islink(str(odd)) == (kind == "symlink")
+    assert odd.is_dir() == (kind == "folder")
+    if kind == "fifo":
+        assert stat.S_ISFIFO(os.lstat(str(odd)).st_mode)
+
+
+def test_safety_backup_never_blocks_on_a_fifo_elsewhere_in_the_store(tmp_path):
+    root = build_store(tmp_path / "m", agents=("alpha",))
+    os.mkfifo(str(root / "alpha" / "pipe"))
+    proc = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "prune", "--force",
+                           "--now", NOW_TEXT], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr   # the pipe is no data file: only left out
+    # the maintenance lock was released: the next run is not "busy"
+    assert aml.main([str(root), "monitor", "metrics", "-q"]) == 0
+
+
+def _deep_text(depth=10000):
+    return "[" + "{\"a\":" * depth + "1" + "}" * depth + "]"
+
+
+def _huge_text(root):
+    text = (root / "alpha" / "patterns.json").read_text()
+    return text.replace('"successRate": ', '"successRate": 1e400, "was": ', 1)
+
+
+@pytest.mark.parametrize("bad", ["deep", "huge"])
+def test_a_record_too_deep_or_past_the_double_range_is_one_bad_file(tmp_path, capsys, bad):
+    root = build_store(tmp_path / "m", agents=("alpha", "beta"))
+    path = root / "alpha" / "patterns.json"
+    path.write_text(_deep_text() if bad == "deep" else _huge_text(root))
+    before = path.read_bytes()
+    beta_before = (root / "beta" / "patterns.json").read_bytes()
+    for argv in (["backup", "create"], ["prune", "--force", "--now", NOW_TEXT],
+                 ["migrate", "migrate-latest"], ["monitor", "metrics"], ["optimize", "index"],
+                 ["optimize", "gc"], ["search", "--tag", "x"], ["migrate", "detect"],
+                 ["optimize", "compress", "--age-days", "0"]):
+        code, _, err = run_cli(root, *argv, capsys=capsys)
+        assert code == 3 and "alpha/patterns.json" in err, (argv, err)
+        assert ("nested too deeply" if bad == "deep" else "1e400") in err, (argv, err)
+    code, out, _ = run_cli(root, "monitor", "health", capsys=capsys)
+    assert code == 2 and "alpha/patterns.json" in out
+    assert path.read_bytes() == before   # fail closed: never rewritten
+    assert (root / "beta" / "patterns.json").read_bytes() != beta_before  # the rest went on
+
+
+def test_parse_json_text_rejects_what_the_runtime_reads_differently():
+    for text in ("[1e400]", "[-2.5E+999]", "[%s]" % ("9" * 400), _deep_text(5000)):
+        with pytest.raises(ValueError):
+            aml.parse_json_text(text)
+    assert aml.parse_json_text('["3f2e1234-1e23", 1e300, 12345678901234567890]') == [
+        "3f2e1234-1e23", 1e300, 12345678901234567890]
