@@ -1570,12 +1570,15 @@ class AutoResult:
     rotate: Optional[RotateResult]
 
 
-def _json_kind_of(data: bytes) -> str:
-    """``array``/``object``/``string``/... for JSON bytes (gzip allowed), else ``invalid``."""
+def _json_kind_of(data: bytes, problems: Optional[List[str]] = None) -> str:
+    """``array``/``object``/``string``/... for JSON bytes (gzip allowed), else ``invalid``
+    (and why, appended to ``problems``)."""
     try:
         text, _ = decode_file_bytes(Path("-"), data)
         return _kind_name(parse_json_text(text))
-    except (CorruptFileError, ValueError, RecursionError):
+    except (CorruptFileError, ValueError, RecursionError) as exc:
+        if problems is not None:
+            problems.append(getattr(exc, "problem", None) or str(exc))
         return "invalid"
 
 
@@ -3215,10 +3218,11 @@ class _SnapshotBuilder:
     def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
         digest = hashlib.sha256(raw).digest()
         writer.add(digest, raw)
-        kind = _json_kind_of(raw) if rel.endswith(".json") else "bytes"
+        problems: List[str] = []
+        kind = _json_kind_of(raw, problems) if rel.endswith(".json") else "bytes"
         if kind == "invalid":
-            self.warnings.append("%s: not valid JSON; backed up as bytes"
-                                 % (self.store.root / rel))
+            self.warnings.append("%s: not valid JSON (%s); backed up as bytes"
+                                 % (self.store.root / rel, problems[0][:200]))
         return {"kind": "blob", "object": digest.hex(), "json": kind}
 
     def _array_entry(self, raw: bytes, raw_sha256: str, prev: Optional[Dict[str, Any]],
