@@ -718,7 +718,13 @@ class MaintenanceLock:
 
     def _flock(self) -> int:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise RefusedError("%s is a symlink: aml never follows a link in its state folder"
+                               % self.path) from None
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -940,6 +946,28 @@ def is_reserved_name(name: str) -> bool:
     return name.startswith(".") or name in RESERVED_DIRS or name.endswith(".lock")
 
 
+def refuse_linked_state(state_dir: Path) -> None:
+    """Raise RefusedError if ``.aml`` or any folder in it is a symlink or not a folder.
+
+    Following one would put the archive, history, index or locks outside the store (and
+    read state from there), so it is refused, as restore refuses links; nothing is created.
+    """
+    def refuse(path: str) -> None:
+        raise RefusedError("%s is a symlink or not a folder: aml keeps its state only in a real "
+                           "folder inside the store and never follows a link there; replace it "
+                           "with a folder (or remove it)" % path)
+
+    try:
+        if not stat.S_ISDIR(os.lstat(str(state_dir)).st_mode):
+            refuse(str(state_dir))
+    except FileNotFoundError:
+        return
+    for dirpath, dirnames, _ in os.walk(str(state_dir)):  # lists linked folders, never enters
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                refuse(os.path.join(dirpath, name))
+
+
 class Store:
     """A memory store on disk: agents, their files, and aml's state folder.
 
@@ -958,6 +986,7 @@ class Store:
         self.lock_timeout = lock_timeout
         self.config_file = config_file  # aml config file named on the command line, if any
         self.state_dir = self.root / STATE_DIR_NAME
+        refuse_linked_state(self.state_dir)
 
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:

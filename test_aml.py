@@ -4784,3 +4784,25 @@ def test_parse_json_text_rejects_what_the_runtime_reads_differently():
             aml.parse_json_text(text)
     assert aml.parse_json_text('["3f2e1234-1e23", 1e300, 12345678901234567890]') == [
         "3f2e1234-1e23", 1e300, 12345678901234567890]
+
+
+@pytest.mark.parametrize("linked", [".aml", ".aml/archive", ".aml/index", ".aml/maintenance.lock"])
+def test_a_symlinked_state_folder_is_refused_never_followed(tmp_path, capsys, linked):
+    root = build_store(tmp_path / "m", agents=("alpha", "beta"))
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    code, out, _ = run_cli(root, "prune", "--force", "--no-backup", "--now", NOW_TEXT,
+                           "--format", "json", capsys=capsys)
+    assert code == 0
+    run_id = json.loads(out)["run_id"]
+    real, elsewhere = root / linked, tmp_path / "elsewhere"
+    os.replace(str(real), str(elsewhere))
+    os.symlink(str(elsewhere), str(real))
+    outside = tree_digest(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()
+    data = tree_digest(root, skip_state=True)
+    for argv in (["prune", "--force", "--no-backup", "--now", NOW_TEXT], ["optimize", "index"],
+                 ["monitor", "health"], ["prune", "--undo", run_id], ["backup", "create"]):
+        code, _, err = run_cli(root, *argv, capsys=capsys)
+        expected = 3 if argv[0] == "monitor" else 4   # health: UNKNOWN
+        assert code == expected and str(real) in err and "symlink" in err, (argv, err)
+    assert (tree_digest(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()) == outside
+    assert tree_digest(root, skip_state=True) == data
