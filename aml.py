@@ -3006,13 +3006,13 @@ class _RestorePlan:
 
     def _stage_one(self, rel: str, path: Path, content: bytes) -> None:
         entry = self.entries[rel]
-        mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
+        mode = restored_mode(entry.get("mode"))
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(encode_restored(entry, content))
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(str(path), mode & 0o777)
+        os.chmod(str(path), mode)
 
     def _swap(self, rel: str, staged: Path) -> List[Path]:
         """Move one staged file into place; returns the folders whose entries changed."""
@@ -3048,6 +3048,18 @@ class _RestorePlan:
             except OSError:
                 break
             parent = parent.parent
+
+
+def restored_mode(mode: Any) -> int:
+    """The permission bits restore gives a file whose manifest says ``mode``.
+
+    A data file is read and written, never run: only read and write bits are kept (no
+    execute, setuid, setgid or sticky bit, and no write for others), and the owner can always
+    read and write it. A manifest is input: 0o6777 is restored as 0o664. Not a number: 0o644.
+    """
+    if not isinstance(mode, int) or isinstance(mode, bool):
+        return 0o644
+    return (mode & 0o664) | 0o600
 
 
 def _remove_tree(folder: Path) -> None:

@@ -4806,3 +4806,21 @@ def test_a_symlinked_state_folder_is_refused_never_followed(tmp_path, capsys, li
         assert code == expected and str(real) in err and "symlink" in err, (argv, err)
     assert (tree_digest(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()) == outside
     assert tree_digest(root, skip_state=True) == data
+
+
+@pytest.mark.parametrize("recorded, restored", [(0o6777, 0o664), (0o4755, 0o644), (0o1666, 0o664),
+                                                (0o400, 0o600), (0o640, 0o640), ("0777", 0o644)])
+def test_restore_applies_only_the_permission_bits_a_data_file_can_have(tmp_path, recorded,
+                                                                       restored):
+    root = build_store(tmp_path / "memory", agents=("alpha",))
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    payload = manager.load_manifest(snap.backup_id)
+    for entry in payload["files"]:
+        entry["mode"] = recorded
+    aml._write_manifest(path, payload)
+    target = tmp_path / "restored"
+    backup_manager(root).restore(snap.backup_id, target=target)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in target.rglob("*.json")}
+    assert modes == {restored}
