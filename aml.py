@@ -374,6 +374,39 @@ def decode_file_bytes(path: Path, raw: bytes) -> Tuple[str, FileFormat]:
     return text, FileFormat(gzip=is_gzip, bom=bom, trailing_newline=text.endswith("\n"))
 
 
+# A backup manifest or pack index (digests, paths, sizes: a few times smaller gzipped) is
+# never inflated past this many times its size, nor past the floor for small ones, so a
+# crafted zlib bomb stops at the cap instead of filling memory. (Archive parts are not
+# capped: records removed as exact duplicates may legitimately compress 1000 to 1.)
+STATE_INFLATE_RATIO = 200
+STATE_INFLATE_FLOOR = 64 * 1024 * 1024
+
+
+def state_inflate_cap(compressed: int) -> int:
+    """The most bytes a compressed state file of ``compressed`` bytes may inflate to."""
+    return max(STATE_INFLATE_FLOOR, STATE_INFLATE_RATIO * compressed)
+
+
+def inflate_capped(data: bytes, limit: int, what: Any, gzip_wrapped: bool = False) -> bytes:
+    """zlib (or one gzip member's) data inflated to at most ``limit`` bytes, memory bounded.
+
+    Raises IntegrityError naming ``what`` for data that is damaged, truncated, followed by
+    extra bytes, or that would inflate past ``limit`` (a zlib bomb).
+    """
+    inflater = zlib.decompressobj(31 if gzip_wrapped else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise IntegrityError("%s: unreadable compressed data (%s)" % (what, exc)) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise IntegrityError("%s: inflates past %s, the most it can hold; refused as a "
+                             "zlib bomb" % (what, human_bytes(limit)))
+    if not inflater.eof or inflater.unused_data:
+        raise IntegrityError("%s: unreadable compressed data (truncated, or trailing bytes)"
+                             % what)
+    return out
+
+
 def load_json_file(path: Path, expect: Optional[type] = None, follow_symlinks: bool = False
                    ) -> Tuple[Any, FileFormat]:
     """Read a JSON file that may hold gzip bytes; raises CorruptFileError, never returns empty.
@@ -1250,10 +1283,15 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
     if not path.exists():
         return default
     try:
-        doc, _ = load_json_file(path, expect=dict)
+        raw = read_regular_file(path)
+        if raw[:2] == GZIP_MAGIC:   # backup manifests: inflated with a cap
+            raw = inflate_capped(raw, state_inflate_cap(len(raw)), path, gzip_wrapped=True)
+        doc = parse_json_text(raw.decode("utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         payload = doc["payload"]
         ok = doc.get("sha256") == sha256_hex(_state_body(payload).encode("utf-8"))
-    except (CorruptFileError, KeyError, ValueError) as exc:
+    except (CorruptFileError, KeyError, ValueError, TypeError) as exc:
         raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
     if not ok:
         raise IntegrityError("%s: checksum mismatch" % path)
@@ -1796,8 +1834,10 @@ class _PackIndex:
 
 def _decode_index(path: Path, raw: bytes) -> _PackIndex:
     try:
-        payload = zlib.decompress(raw[40:])
-    except zlib.error:
+        payload = inflate_capped(raw[40:], state_inflate_cap(len(raw)), path)
+    except IntegrityError as exc:
+        if "bomb" in str(exc):
+            raise
         payload = b""
     magic = raw[:8]
     if magic not in (_IDX_MAGIC, _IDX_MAGIC_UNSORTED) \
@@ -1980,8 +2020,9 @@ class _ObjectStore:
             offset, clen, ulen = self.packs[name].blocks[block_no]
             with open(str(path), "rb") as handle:
                 handle.seek(offset)
-                data = zlib.decompress(handle.read(clen))
-        except (OSError, IndexError, zlib.error) as exc:
+                # the index knows the block's size: inflating stops there (memory bounded)
+                data = inflate_capped(handle.read(clen), ulen, "%s: block %d" % (path, block_no))
+        except (OSError, IndexError) as exc:
             raise IntegrityError("%s: block %d unreadable (%s)" % (path, block_no, exc)) from None
         if len(data) != ulen:
             raise IntegrityError("%s: block %d has the wrong size" % (path, block_no))

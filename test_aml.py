@@ -4824,3 +4824,54 @@ def test_restore_applies_only_the_permission_bits_a_data_file_can_have(tmp_path,
     backup_manager(root).restore(snap.backup_id, target=target)
     modes = {stat.S_IMODE(p.stat().st_mode) for p in target.rglob("*.json")}
     assert modes == {restored}
+
+
+def _zero_bomb(size, gzip_wrapped=False):
+    """Compressed zeros that inflate to ``size`` bytes, built a MiB at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31 if gzip_wrapped else 15)
+    chunk, parts = bytes(1 << 20), []
+    for _ in range(size >> 20):
+        parts.append(packer.compress(chunk))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def _bomb_block_zero(manager, size):
+    """Point block 0 of the first pack at a zlib bomb (index checksum recomputed)."""
+    idx = sorted(manager.packs.glob("*.idx"))[0]
+    pack = idx.with_suffix(".pack")
+    decoded = aml._decode_index(idx, idx.read_bytes())
+    blocks = list(decoded.blocks)
+    bomb = _zero_bomb(size)
+    blocks[0] = (pack.stat().st_size, len(bomb), blocks[0][2])
+    with open(str(pack), "ab") as handle:
+        handle.write(bomb)
+    table, row = decoded.table, aml._ROW
+    entries = {table[i:i + aml.KEY_LEN]: table[i + aml.KEY_LEN:i + row]
+               for i in range(0, len(table), row)}
+    idx.write_bytes(aml._encode_index(blocks, entries))
+
+
+_RSS_DRIVER = ("import resource, sys, aml\n"
+               "code = aml.main(sys.argv[1:])\n"
+               "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+
+
+@pytest.mark.parametrize("where", ["block", "manifest"])
+def test_a_zlib_bomb_in_the_repository_is_an_integrity_failure_in_bounded_memory(tmp_path,
+                                                                                 where):
+    root = build_store(tmp_path / "memory", agents=("alpha",))
+    manager = backup_manager(root)
+    snap = manager.create()
+    if where == "block":
+        _bomb_block_zero(manager, 256 << 20)
+    else:
+        manager.manifest_path(snap.backup_id).write_bytes(_zero_bomb(256 << 20, True))
+    for argv in (["backup", "verify", snap.backup_id, "--deep"],
+                 ["backup", "restore", snap.backup_id, "--target", str(tmp_path / "t")]):
+        proc = subprocess.run([sys.executable, "-c", _RSS_DRIVER, str(root)] + argv,
+                              cwd=str(HERE), capture_output=True, text=True, timeout=120)
+        code, peak_kib = map(int, proc.stdout.splitlines()[-1].split())
+        assert code == 6 and "zlib bomb" in proc.stderr, proc.stderr
+        assert peak_kib < 200 * 1024   # the bomb inflates to 256 MiB: it was never inflated
+    assert not (tmp_path / "t").exists()
