@@ -114,11 +114,13 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import struct
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
@@ -7883,20 +7885,150 @@ def _alert_from_dict(doc: Dict[str, Any]) -> Optional[Alert]:
         return None  # an entry we cannot read is dropped rather than trusted
 
 
+class WebhookAnswerError(OSError):
+    """The webhook answered, but not with 2xx (a redirect is not a delivery)."""
+
+
+# Query keys whose values are secrets, and what a token looks like in a value or path segment.
+_SECRET_KEY_RE = re.compile(r"token|key|secret|sig|pass|pwd|auth|cred|session|code", re.I)
+_TOKEN_RE = re.compile(r"(?=[^/]*\d)(?=[^/]*[A-Za-z])[A-Za-z0-9_\-.~+=%]{16,}")
+
+
+def _url_secrets(url: str) -> List[str]:
+    """The parts of a URL that are credentials: userinfo, secret-looking query values and
+    token-looking path segments (longest first, for replacing)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return [url]
+    found = []
+    if "@" in parts.netloc:
+        found.append(parts.netloc.rsplit("@", 1)[0])
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if value and (_SECRET_KEY_RE.search(key) or _TOKEN_RE.fullmatch(value)):
+            found.append(value)
+    found.extend(s for s in parts.path.split("/") if _TOKEN_RE.fullmatch(s))
+    return sorted(set(found), key=len, reverse=True)
+
+
+def redact_url(text: str, url: Optional[str] = None) -> str:
+    """``text`` with the credentials of ``url`` (default: ``text`` itself) replaced by ``***``,
+    so a webhook's user:password, token query values and path tokens never reach a cron
+    mail or a state file."""
+    for secret in _url_secrets(text if url is None else url):
+        text = text.replace(secret, "***")
+    return text
+
+
+class _Deadline:
+    """One time limit over a whole HTTP exchange (connect, send, read), however slowly a
+    server drips bytes: at the limit a timer shuts the socket down, which ends any read."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._watch: List[Tuple[threading.Timer, Any]] = []
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise OSError(errno.ETIMEDOUT, "timed out")
+        return left
+
+    def watch(self, sock: Any) -> Any:
+        """Arm the timer on a fresh socket (a dup: TLS wrapping detaches the original)."""
+        twin = sock.dup()
+        timer = threading.Timer(max(0.0, self.end - time.monotonic()), self._expire, (twin,))
+        timer.daemon = True
+        self._watch.append((timer, twin))
+        timer.start()
+        return sock
+
+    def _expire(self, twin: Any) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            twin.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for timer, twin in self._watch:
+            timer.cancel()
+            twin.close()
+
+
+def _deadline_connection(base: type, deadline: _Deadline) -> type:
+    class _Connection(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["timeout"] = deadline.remaining()
+            super().__init__(*args, **kwargs)
+            create = self._create_connection
+            self._create_connection = lambda *a, **k: deadline.watch(create(*a, **k))
+    return _Connection
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is reported, never followed (urllib would resend a POST as a body-less
+    GET, possibly to another scheme or host)."""
+
+    def _refuse(self, *args: Any) -> None:
+        return None   # the default handler then raises HTTPError for the 3xx status
+
+    http_error_301 = http_error_302 = http_error_303 = http_error_307 = _refuse
+    http_error_308 = _refuse
+
+
+class _DeadlineHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(_deadline_connection(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(_deadline_connection(http.client.HTTPSConnection, self.deadline),
+                            req, context=self._context)
+
+
 def send_webhook(url: str, event: str, alert: Alert, store: Store, timeout: float) -> None:
-    """POST one alert event as JSON; raises OSError (including URLError) when delivery fails."""
+    """POST one alert event as JSON within ``timeout`` seconds in all; raises OSError
+    (WebhookAnswerError for an answer other than 2xx, a redirect included) when it fails."""
     body = json.dumps({"source": "aml", "version": __version__, "event": event,
                        "store": str(store.root.resolve()), "alert": to_jsonable(alert)},
                       sort_keys=True).encode("utf-8")
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "aml/%s" % __version__})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        response.read(65536)
+    deadline = _Deadline(timeout)
+    opener = urllib.request.build_opener(_NoRedirect, _DeadlineHTTP(deadline),
+                                         _DeadlineHTTPS(deadline))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            response.read(65536)
+    except urllib.error.HTTPError as exc:
+        redirect = " (a redirect: not followed, the alert was not delivered)" \
+            if 300 <= exc.code < 400 else ""
+        raise WebhookAnswerError("answered HTTP %d %s%s" % (exc.code, exc.reason, redirect)) \
+            from None
+    except (OSError, http.client.HTTPException):
+        if deadline.expired:
+            raise OSError(errno.ETIMEDOUT, "timed out after %g s (the limit is on the whole "
+                          "delivery)" % timeout) from None
+        raise
+    finally:
+        deadline.close()
 
 
 def _check_webhook_url(url: Optional[str]) -> Optional[str]:
     if url and not re.match(r"^https?://", url, re.IGNORECASE):
-        raise UsageError("webhook URL %r must start with http:// or https://" % url)
+        raise UsageError("webhook URL %r must start with http:// or https://" % redact_url(url))
     return url or None
 
 
@@ -8425,9 +8557,10 @@ class MemoryMonitor:
             try:
                 send_webhook(self.webhook_url, event, alert, self.store, self.webhook_timeout)
             except (OSError, ValueError, http.client.HTTPException) as exc:
-                changes.warnings.append("webhook %s unreachable (%s); %d notification(s) not "
-                                        "delivered" % (self.webhook_url, exc,
-                                                       len(events) - position))
+                how = "failed" if isinstance(exc, WebhookAnswerError) else "unreachable"
+                changes.warnings.append(redact_url(
+                    "webhook %s %s (%s); %d notification(s) not delivered"
+                    % (self.webhook_url, how, exc, len(events) - position), self.webhook_url))
                 return
 
     # -- report -------------------------------------------------------------------
@@ -8743,7 +8876,8 @@ __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresho
             "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
             "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
             "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
-            "nagios_line", "health_summary", "prometheus_text", "html_report", "worst_status"]
+            "redact_url", "WebhookAnswerError", "nagios_line", "health_summary",
+            "prometheus_text", "html_report", "worst_status"]
 
 
 # =============================================================================

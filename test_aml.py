@@ -4875,3 +4875,124 @@ def test_a_zlib_bomb_in_the_repository_is_an_integrity_failure_in_bounded_memory
         assert code == 6 and "zlib bomb" in proc.stderr, proc.stderr
         assert peak_kib < 200 * 1024   # the bomb inflates to 256 MiB: it was never inflated
     assert not (tmp_path / "t").exists()
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the server's ``status`` and a Location; counts requests."""
+
+    def _answer(self):
+        self.server.requests.append((self.command, self.path))
+        self.send_response(self.server.status)
+        self.send_header("Location", self.server.location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serving(handler, **attrs):
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    for name, value in attrs.items():
+        setattr(server, name, value)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirected_webhook_is_a_failure_naming_the_status_never_followed(tmp_path, capsys,
+                                                                           webhook, status):
+    target, received = webhook
+    root = build_store(tmp_path / "m")
+    with _serving(_Redirector, status=status, location=target, requests=[]) as server:
+        url = "http://127.0.0.1:%d/hook" % server.server_port
+        code, doc, err = _health(root, "--webhook", url, capsys=capsys)
+        assert [c for c, _ in server.requests] == ["POST"]   # one try, no resend
+    assert code == 1 and received == []                       # nothing followed the redirect
+    assert "HTTP %d" % status in err and "redirect" in err and "not delivered" in err
+    assert "3 notification(s) not delivered" in err
+
+
+def test_a_redirect_to_another_scheme_is_never_followed(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    with _serving(_Redirector, status=302, location="file:///etc/passwd", requests=[]) as server:
+        code, _, err = _health(root, "--webhook", "http://127.0.0.1:%d/" % server.server_port,
+                               capsys=capsys)
+    assert code == 1 and "HTTP 302" in err and "passwd" not in err
+
+
+def test_webhook_timeout_bounds_the_whole_delivery_against_a_dripping_server(tmp_path, capsys):
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(0.1)
+
+    def drip():   # answers one header byte every 0.2 s, for ever (0.2 s < any socket timeout)
+        conns = []
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conns.append(listener.accept()[0])
+            for conn in conns:
+                with contextlib.suppress(OSError):
+                    conn.send(b"X" if conns else b"")
+            stop.wait(0.2)
+        for conn in conns:
+            conn.close()
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_timeout": 0.5}}))
+    root = build_store(tmp_path / "m")
+    done = []
+    runner = threading.Thread(target=lambda: done.append(_health(
+        root, "--config", config, "--webhook", "http://127.0.0.1:%d/" % listener.getsockname()[1],
+        capsys=capsys)), daemon=True)
+    runner.start()
+    runner.join(60)   # unbounded before the fix: the drip never ends, so the run never did
+    stop.set()
+    thread.join(5)
+    listener.close()
+    assert done, "the webhook delivery outlived its timeout"
+    code, doc, err = done[0]
+    assert code == 1 and "timed out" in err and len(doc["alerts"]["open"]) == 3
+
+
+@pytest.mark.parametrize("url, secrets", [
+    ("http://alice:s3cr3t-pw@127.0.0.1:{port}/hook", ["alice", "s3cr3t-pw"]),
+    ("http://127.0.0.1:{port}/hook?token=abc123&x=1", ["abc123"]),
+    ("http://127.0.0.1:{port}/services/T0001/B0002/Zk8sQ2xV9pLm4NqR7tWy", ["Zk8sQ2xV9pLm4NqR7tWy"]),
+])
+def test_webhook_credentials_never_appear_in_messages(tmp_path, capsys, url, secrets):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()   # nothing listens: delivery fails and the warning names the URL
+    url = url.format(port=port)
+    root = build_store(tmp_path / "m")
+    code, out, err = run_cli(root, "monitor", "health", "--webhook", url, capsys=capsys)
+    assert code == 1 and "webhook" in err and "***" in err and "127.0.0.1" in err
+    bad = url.replace("http://", "ftp://")
+    code2, out2, err2 = run_cli(root, "monitor", "health", "--webhook", bad, capsys=capsys)
+    assert code2 == 3 and "***" in err2
+    state = "".join(p.read_text(errors="replace") for p in (root / ".aml").rglob("*")
+                    if p.is_file())
+    for secret in secrets:
+        assert secret not in err + out + err2 + out2 + state
+
+
+def test_redact_url_keeps_what_locates_the_endpoint():
+    assert aml.redact_url("https://u:p@hooks.example.org/a/b?api_key=K&page=2") == \
+        "https://***@hooks.example.org/a/b?api_key=***&page=2"
+    assert aml.redact_url("http://127.0.0.1:8080/hook") == "http://127.0.0.1:8080/hook"
