@@ -4366,6 +4366,7 @@ class WarmResult:
     min_score: Optional[float]
     seconds: float
     note: str = ""
+    unreadable: List[str] = dataclasses.field(default_factory=list)  # files left out, why
 
 
 # A hot.bin row: bloom_digest(id), file slot, position, file size and mtime_ns when warmed,
@@ -4734,7 +4735,9 @@ def warm_cache(store: Store, max_bytes: int = DEFAULT_CACHE_BYTES,
     elif index.manifest() is None:
         return WarmResult(True, 0, 0, max_bytes, 0, 0, None, 0.0,
                           note="no index yet: a real run builds it first, then ranks")
-    return HotCache(index).warm(max_bytes, store.now, dry_run)
+    result = HotCache(index).warm(max_bytes, store.now, dry_run)
+    result.unreadable = index.unreadable()
+    return result
 
 
 __all__ += ["HotCache", "WarmResult", "warm_score", "hot_cache_stats", "get_record",

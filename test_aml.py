@@ -4693,7 +4693,8 @@ import stat
 _ODD_COMMANDS = [["prune", "--force", "--now", NOW_TEXT], ["optimize", "gc"],
                  ["optimize", "compress", "--age-days", "0"], ["optimize", "index"],
                  ["search", "--tag", "nothing"], ["backup", "create"],
-                 ["migrate", "migrate-latest"], ["monitor", "metrics"]]
+                 ["migrate", "migrate-latest"], ["monitor", "metrics"],
+                 ["optimize", "warm-cache"]]
 # One process runs every command (aml.main in turn), so a FIFO that blocks a read shows
 # as a timeout of that process instead of a hung test.
 _ODD_DRIVER = ("import json, sys, aml\n"
