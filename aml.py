@@ -121,11 +121,13 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import struct
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
@@ -360,9 +362,27 @@ def _reject_constant(name: str) -> Any:
     raise ValueError("non-standard JSON constant %s" % name)
 
 
+def _finite_float(token: str) -> float:
+    """parse_float for every strict parse: a number past the double range is an error (the
+    runtime reads it as Infinity, and aml could never write ``inf`` back as JSON). One call
+    per float: on 20 MB of records a parse took 0.40-0.52 s with it, 0.43-0.48 s without.
+    (An integer of 309+ digits parses exactly and is written back as it was: not refused.)"""
+    value = float(token)
+    if value in (math.inf, -math.inf):
+        raise ValueError("number %s is past the double range (the runtime would read it as "
+                         "Infinity)" % (token if len(token) < 40 else token[:37] + "..."))
+    return value
+
+
 def parse_json_text(text: str) -> Any:
-    """Strict JSON: ``NaN``/``Infinity`` are errors, as for the runtime."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """Strict JSON: ``NaN``/``Infinity`` are errors, as for the runtime, and so are numbers
+    past the double range and nesting too deep for Python (ValueError, never
+    RecursionError: one bad file must not stop a run)."""
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply (over %d levels)" % sys.getrecursionlimit()) from None
+    return obj
 
 
 def runtime_json(obj: Any) -> str:
@@ -422,19 +442,99 @@ def decode_file_bytes(path: Path, raw: bytes) -> Tuple[str, FileFormat]:
     return text, FileFormat(gzip=is_gzip, bom=bom, trailing_newline=text.endswith("\n"))
 
 
-def load_json_file(path: Path, expect: Optional[type] = None) -> Tuple[Any, FileFormat]:
-    """Read a JSON file that may hold gzip bytes; raises CorruptFileError, never returns empty."""
-    obj, fmt, _ = load_json_text(path, expect)
+# A backup manifest or pack index (digests, paths, sizes: a few times smaller gzipped) is
+# never inflated past this many times its size, nor past the floor for small ones, so a
+# crafted zlib bomb stops at the cap instead of filling memory. (Archive parts are not
+# capped: records removed as exact duplicates may legitimately compress 1000 to 1.)
+STATE_INFLATE_RATIO = 200
+STATE_INFLATE_FLOOR = 64 * 1024 * 1024
+
+
+def state_inflate_cap(compressed: int) -> int:
+    """The most bytes a compressed state file of ``compressed`` bytes may inflate to."""
+    return max(STATE_INFLATE_FLOOR, STATE_INFLATE_RATIO * compressed)
+
+
+def inflate_capped(data: bytes, limit: int, what: Any, gzip_wrapped: bool = False) -> bytes:
+    """zlib (or one gzip member's) data inflated to at most ``limit`` bytes, memory bounded.
+
+    Raises IntegrityError naming ``what`` for data that is damaged, truncated, followed by
+    extra bytes, or that would inflate past ``limit`` (a zlib bomb).
+    """
+    inflater = zlib.decompressobj(31 if gzip_wrapped else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise IntegrityError("%s: unreadable compressed data (%s)" % (what, exc)) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise IntegrityError("%s: inflates past %s, the most it can hold; refused as a "
+                             "zlib bomb" % (what, human_bytes(limit)))
+    if not inflater.eof or inflater.unused_data:
+        raise IntegrityError("%s: unreadable compressed data (truncated, or trailing bytes)"
+                             % what)
+    return out
+
+
+def load_json_file(path: Path, expect: Optional[type] = None, follow_symlinks: bool = False
+                   ) -> Tuple[Any, FileFormat]:
+    """Read a JSON file that may hold gzip bytes; raises CorruptFileError, never returns empty.
+
+    A symlink (unless ``follow_symlinks``), folder, FIFO or device is refused unopened."""
+    obj, fmt, _ = load_json_text(path, expect, follow_symlinks)
     return obj, fmt
 
 
-def load_json_text(path: Path, expect: Optional[type] = None) -> Tuple[Any, FileFormat, str]:
-    """Like load_json_file, also returning the decoded text (for splicing rewrites)."""
-    path = Path(path)
+def _odd_kind(mode: int) -> Optional[str]:
+    """What a non-regular directory entry is, for messages; None for a regular file."""
+    for test, name in ((stat.S_ISREG, None), (stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "folder"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "device or special file"
+
+
+def odd_file_problem(kind: str) -> str:
+    """Why a data file that is not a regular file is skipped (one wording everywhere)."""
+    if kind == "symlink":
+        return ("is a symlink, not a regular file: aml never reads or writes through a link in "
+                "the store (the runtime would read its target); replace it with the file itself")
+    return "is a %s, not a regular file; skipped unopened" % kind
+
+
+def read_regular_file(path: Path, follow_symlinks: bool = False) -> bytes:
+    """The bytes of a regular file; raises CorruptFileError for anything else, unopened.
+
+    Checked with lstat before opening and with fstat after (opened O_NONBLOCK|O_NOFOLLOW), so
+    a FIFO is never opened for a blocking read and a link swapped in meanwhile is not followed.
+    """
     try:
-        raw = path.read_bytes()
+        info = os.stat(str(path)) if follow_symlinks else os.lstat(str(path))
+        kind = _odd_kind(info.st_mode)
+        if kind is not None:
+            raise CorruptFileError(path, odd_file_problem(kind))
+        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+        fd = os.open(str(path), flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptFileError(path, odd_file_problem("symlink")) from None
+        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    try:
+        kind = _odd_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise CorruptFileError(path, odd_file_problem(kind))
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
     except OSError as exc:
         raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    finally:
+        os.close(fd)
+
+
+def load_json_text(path: Path, expect: Optional[type] = None, follow_symlinks: bool = False
+                   ) -> Tuple[Any, FileFormat, str]:
+    """Like load_json_file, also returning the decoded text (for splicing rewrites)."""
+    path = Path(path)
+    raw = read_regular_file(path, follow_symlinks)
     text, fmt = decode_file_bytes(path, raw)
     try:
         obj = parse_json_text(text)
@@ -480,7 +580,8 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
 # -- JSON array splitting: records as exact byte slices ---------------------
 
 _WS_RE = re.compile(r"[ \t\n\r]*")
-_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant).scan_once
+_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant,
+                              parse_float=_finite_float).scan_once
 
 
 def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
@@ -614,8 +715,11 @@ def is_transient_entry(name: str) -> bool:
 
 
 def _is_gzip_file(path: Path) -> bool:
-    try:
-        with open(str(path), "rb") as handle:
+    try:  # never open a FIFO (it would block) nor follow a link
+        if not stat.S_ISREG(os.lstat(str(path)).st_mode):
+            return False
+        fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
             return handle.read(2) == GZIP_MAGIC
     except OSError:
         return False
@@ -735,7 +839,7 @@ class MaintenanceLock:
         """A reader without write access still locks the existing file (flock needs no write
         permission); raises ReadOnlyError when there is none to lock."""
         try:
-            return os.open(str(self.path), os.O_RDONLY)
+            return os.open(str(self.path), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             raise ReadOnlyError("no write access to %s (%s)" % (self.path.parent,
                                                                 exc.strerror)) from None
@@ -757,8 +861,11 @@ class MaintenanceLock:
     def _flock(self) -> int:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RefusedError("%s is a symlink: aml never follows a link in its state "
+                                   "folder" % self.path) from None
             if exc.errno not in READ_ONLY_ERRNOS:
                 raise
             fd = self._open_read_only(exc)
@@ -1001,6 +1108,28 @@ def is_reserved_name(name: str) -> bool:
     return name.startswith(".") or name in RESERVED_DIRS or is_transient_entry(name)
 
 
+def refuse_linked_state(state_dir: Path) -> None:
+    """Raise RefusedError if ``.aml`` or any folder in it is a symlink or not a folder.
+
+    Following one would put the archive, history, index or locks outside the store (and
+    read state from there), so it is refused, as restore refuses links; nothing is created.
+    """
+    def refuse(path: str) -> None:
+        raise RefusedError("%s is a symlink or not a folder: aml keeps its state only in a real "
+                           "folder inside the store and never follows a link there; replace it "
+                           "with a folder (or remove it)" % path)
+
+    try:
+        if not stat.S_ISDIR(os.lstat(str(state_dir)).st_mode):
+            refuse(str(state_dir))
+    except FileNotFoundError:
+        return
+    for dirpath, dirnames, _ in os.walk(str(state_dir)):  # lists linked folders, never enters
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                refuse(os.path.join(dirpath, name))
+
+
 class Store:
     """A memory store on disk: agents, their files, and aml's state folder.
 
@@ -1022,13 +1151,12 @@ class Store:
         # Runtime locks that stayed held past lock_timeout in this run: every later access
         # skips the file at once (a run waits for a busy file once, and reports it once).
         self.busy_locks: Set[str] = set()
-
-
         self.progress: ProgressCallback = no_progress  # long work reports here (the CLI draws it)
         # Read-only commands set save_optional: a state write this user may not make is then
         # skipped and named in ``unsaved`` instead of failing the command.
         self.save_optional = False
         self.unsaved: List[str] = []
+        refuse_linked_state(self.state_dir)
 
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:
@@ -1037,7 +1165,8 @@ class Store:
         for entry in sorted(os.scandir(str(self.root)), key=lambda e: e.name):
             if is_reserved_name(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
-            if any(os.path.isfile(os.path.join(entry.path, f)) for f in KNOWN_AGENT_FILES):
+            # lexists: an agent whose only file is a symlink or FIFO is found, and reported
+            if any(os.path.lexists(os.path.join(entry.path, f)) for f in KNOWN_AGENT_FILES):
                 found.append(entry.name)
         return found
 
@@ -1053,12 +1182,14 @@ class Store:
         return list(dict.fromkeys(wanted))
 
     def agent_files(self, agent: str) -> List[DataFile]:
-        """Every JSON data file of an agent (known names and any other ``*.json``), sorted."""
+        """Every JSON data file of an agent (known names and any other ``*.json``), sorted.
+
+        Entries that are not regular files (a symlink, folder, FIFO) are listed too, so that
+        every command reports them: reading one raises CorruptFileError, unopened."""
         folder = self.root / agent
         files = []
         for entry in sorted(os.scandir(str(folder)), key=lambda e: e.name):
-            if (entry.name.endswith(".json") and not is_transient_entry(entry.name)
-                    and entry.is_file(follow_symlinks=False)):
+            if entry.name.endswith(".json") and not is_transient_entry(entry.name):
                 files.append(DataFile(agent, Path(entry.path)))
         return files
 
@@ -1075,7 +1206,7 @@ class Store:
         path = self.config_path()
         if not path.exists():
             return {}
-        return load_json_file(path, expect=dict)[0]
+        return load_json_text(path, dict, follow_symlinks=True)[0]  # never written: a link is fine
 
     # -- reading records -----------------------------------------------------
     def load_records(self, data_file: DataFile) -> Tuple[List[Any], FileFormat]:
@@ -1293,7 +1424,7 @@ def load_aml_config(store: Store, path: Optional[Path] = None) -> Dict[str, Dict
         path = store.state_dir / "config.json"
         if not path.exists():
             return {}
-    doc, _ = load_json_file(Path(path), expect=dict)
+    doc = load_json_text(Path(path), dict, follow_symlinks=True)[0]
     unknown = sorted(set(doc) - set(AML_CONFIG_SECTIONS))
     if unknown:
         raise UsageError("%s: unknown section(s) %s (known: %s)"
@@ -1367,10 +1498,15 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
     if not path.exists():
         return default
     try:
-        doc, _ = load_json_file(path, expect=dict)
+        raw = read_regular_file(path)
+        if raw[:2] == GZIP_MAGIC:   # backup manifests: inflated with a cap
+            raw = inflate_capped(raw, state_inflate_cap(len(raw)), path, gzip_wrapped=True)
+        doc = parse_json_text(raw.decode("utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         payload = doc["payload"]
         ok = doc.get("sha256") == sha256_hex(_state_body(payload).encode("utf-8"))
-    except (CorruptFileError, KeyError, ValueError) as exc:
+    except (CorruptFileError, KeyError, ValueError, TypeError) as exc:
         raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
     if not ok:
         raise IntegrityError("%s: checksum mismatch" % path)
@@ -1727,12 +1863,15 @@ class AutoResult:
     dry_run: bool = False
 
 
-def _json_kind_of(data: bytes) -> str:
-    """``array``/``object``/``string``/... for JSON bytes (gzip allowed), else ``invalid``."""
+def _json_kind_of(data: bytes, problems: Optional[List[str]] = None) -> str:
+    """``array``/``object``/``string``/... for JSON bytes (gzip allowed), else ``invalid``
+    (and why, appended to ``problems``)."""
     try:
         text, _ = decode_file_bytes(Path("-"), data)
         return _kind_name(parse_json_text(text))
-    except (CorruptFileError, ValueError, RecursionError):
+    except (CorruptFileError, ValueError, RecursionError) as exc:
+        if problems is not None:
+            problems.append(getattr(exc, "problem", None) or str(exc))
         return "invalid"
 
 
@@ -1923,8 +2062,10 @@ class _PackIndex:
 
 def _decode_index(path: Path, raw: bytes) -> _PackIndex:
     try:
-        payload = zlib.decompress(raw[40:])
-    except zlib.error:
+        payload = inflate_capped(raw[40:], state_inflate_cap(len(raw)), path)
+    except IntegrityError as exc:
+        if "bomb" in str(exc):
+            raise
         payload = b""
     magic = raw[:8]
     if magic not in (_IDX_MAGIC, _IDX_MAGIC_UNSORTED) \
@@ -2107,8 +2248,9 @@ class _ObjectStore:
             offset, clen, ulen = self.packs[name].blocks[block_no]
             with open(str(path), "rb") as handle:
                 handle.seek(offset)
-                data = zlib.decompress(handle.read(clen))
-        except (OSError, IndexError, zlib.error) as exc:
+                # the index knows the block's size: inflating stops there (memory bounded)
+                data = inflate_capped(handle.read(clen), ulen, "%s: block %d" % (path, block_no))
+        except (OSError, IndexError) as exc:
             raise IntegrityError("%s: block %d unreadable (%s)" % (path, block_no, exc)) from None
         if len(data) != ulen:
             raise IntegrityError("%s: block %d has the wrong size" % (path, block_no))
@@ -2297,18 +2439,35 @@ def _in_scope(rel: str, agents: Optional[Sequence[str]]) -> bool:
     return agents is None or rel.split("/", 1)[0] in agents
 
 
-def _walk_files(root: Path, top: str, skip: Callable[[str], bool]) -> Iterator[str]:
-    """Relative POSIX paths of the regular files under root/top (no symlinks, no skipped names)."""
+def _walk_files(root: Path, top: str, skip: Callable[[str], bool],
+                odd: Optional[List[Tuple[str, str]]] = None) -> Iterator[str]:
+    """Relative POSIX paths of the files under root/top (no symlinks, no skipped names).
+
+    With an ``odd`` list, only regular files are yielded; every other entry (a symlink to a
+    file or folder, a FIFO, a socket, a device) is appended there as (path, kind) instead.
+    """
     base = root / top if top else root
     for dirpath, dirnames, filenames in os.walk(str(base)):
         rel_dir = os.path.relpath(dirpath, str(root)).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = sorted(d for d in dirnames if not skip(rel_dir + d)
-                             and not os.path.islink(os.path.join(dirpath, d)))
-        for name in sorted(filenames):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if not skip(rel_dir + d) and d not in links)
+        if odd is not None:  # a folder where a data file belongs: walked, and reported
+            odd.extend((rel_dir + d, "folder") for d in dirnames if d.endswith(".json"))
+        for name in sorted(filenames + links):
             rel = rel_dir + name
-            if not skip(rel) and not os.path.islink(os.path.join(dirpath, name)):
-                yield rel
+            if skip(rel):
+                continue
+            if odd is None:
+                if name not in links and not os.path.islink(os.path.join(dirpath, name)):
+                    yield rel
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                kind = _odd_kind(os.lstat(os.path.join(dirpath, name)).st_mode)
+                if kind is None:
+                    yield rel
+                else:
+                    odd.append((rel, kind))
 
 
 def _skip_name(rel: str) -> bool:
@@ -2323,13 +2482,15 @@ def _skip_name(rel: str) -> bool:
     return top.startswith(".") or top == "memory-backup"
 
 
-def store_scope_files(root: Path, agents: Optional[Sequence[str]]) -> List[str]:
-    """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted."""
+def store_scope_files(root: Path, agents: Optional[Sequence[str]],
+                      odd: Optional[List[Tuple[str, str]]] = None) -> List[str]:
+    """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted (with an
+    ``odd`` list: regular files only, the rest listed there; see _walk_files)."""
     if agents is None:
-        return list(_walk_files(root, "", _skip_name))
+        return list(_walk_files(root, "", _skip_name, odd))
     found: List[str] = []
     for agent in agents:
-        found.extend(_walk_files(root, agent, _skip_name))
+        found.extend(_walk_files(root, agent, _skip_name, odd))
     return found
 
 
@@ -2551,7 +2712,9 @@ class BackupManager:
                                 incremental=btype is BackupType.INCREMENTAL)
         writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
         try:
-            paths = store_scope_files(self.store.root, selected)
+            odd: List[Tuple[str, str]] = []
+            paths = store_scope_files(self.store.root, selected, odd)
+            snap.not_regular([(rel, odd_file_problem(kind)) for rel, kind in odd])
             entries = []
             for n, rel in enumerate(paths, 1):
                 self.progress("backup: reading files", n - 1, len(paths), "files")
@@ -3222,13 +3385,13 @@ class _RestorePlan:
 
     def _stage_one(self, rel: str, path: Path, content: bytes) -> None:
         entry = self.entries[rel]
-        mode = entry.get("mode") if isinstance(entry.get("mode"), int) else 0o644
+        mode = restored_mode(entry.get("mode"))
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with _naming_path(path), os.fdopen(fd, "wb") as handle:
             handle.write(encode_restored(entry, content))
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(str(path), mode & 0o777)
+        os.chmod(str(path), mode)
 
     def _swap(self, rel: str, staged: Path) -> List[Path]:
         """Move one staged file into place; returns the folders whose entries changed."""
@@ -3264,6 +3427,18 @@ class _RestorePlan:
             except OSError:
                 break
             parent = parent.parent
+
+
+def restored_mode(mode: Any) -> int:
+    """The permission bits restore gives a file whose manifest says ``mode``.
+
+    A data file is read and written, never run: only read and write bits are kept (no
+    execute, setuid, setgid or sticky bit, and no write for others), and the owner can always
+    read and write it. A manifest is input: 0o6777 is restored as 0o664. Not a number: 0o644.
+    """
+    if not isinstance(mode, int) or isinstance(mode, bool):
+        return 0o644
+    return (mode & 0o664) | 0o600
 
 
 def _remove_tree(folder: Path) -> None:
@@ -3424,6 +3599,9 @@ class _SnapshotBuilder:
             if self.incremental and prev and prev.get("stat") == key and self._intact(prev):
                 return prev
             raw = self._read(rel, path)
+        except CorruptFileError as exc:   # became a FIFO or link since the walk
+            self.not_regular([(rel, exc.problem)])
+            return None
         except (OSError, StoreBusyError) as exc:
             self.warnings.append("%s: cannot read (%s); not in this backup"
                                  % (path, getattr(exc, "strerror", None) or exc))
@@ -3438,30 +3616,37 @@ class _SnapshotBuilder:
                      or self._blob_entry(rel, raw, writer))
         return entry
 
+    def not_regular(self, odd: List[Tuple[str, str]]) -> None:
+        """Report (path, problem) of files left out unopened (a FIFO would block a read)."""
+        for rel, problem in odd:
+            self.warnings.append("%s: %s; not in this backup" % (self.store.root / rel, problem))
+            self.skipped.append(rel)
+
     def _intact(self, prev: Dict[str, Any]) -> bool:
         ref = prev.get("list") or prev.get("object")
         return isinstance(ref, str) and self.objects.has(bytes.fromhex(ref))
 
     def _read(self, rel: str, path: Path) -> bytes:
         if rel.startswith(STATE_DIR_NAME + "/"):
-            return path.read_bytes()
+            return read_regular_file(path)
         lock = self.store.file_lock(path)
         try:
             lock.acquire()            # the runtime may be mid-write
         except PermissionError:
-            return path.read_bytes()  # a read-only store cannot be locked, only read
+            return read_regular_file(path)  # a read-only store cannot be locked, only read
         try:
-            return path.read_bytes()
+            return read_regular_file(path)
         finally:
             lock.release()
 
     def _blob_entry(self, rel: str, raw: bytes, writer: _PackWriter) -> Dict[str, Any]:
         digest = hashlib.sha256(raw).digest()
         writer.add(digest, raw)
-        kind = _json_kind_of(raw) if rel.endswith(".json") else "bytes"
+        problems: List[str] = []
+        kind = _json_kind_of(raw, problems) if rel.endswith(".json") else "bytes"
         if kind == "invalid":
-            self.warnings.append("%s: not valid JSON; backed up as bytes"
-                                 % (self.store.root / rel))
+            self.warnings.append("%s: not valid JSON (%s); backed up as bytes"
+                                 % (self.store.root / rel, problems[0][:200]))
         return {"kind": "blob", "object": digest.hex(), "json": kind}
 
     def _array_entry(self, raw: bytes, raw_sha256: str, prev: Optional[Dict[str, Any]],
@@ -4844,7 +5029,7 @@ def posting_row(record: Any, position: int) -> List[Any]:
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _JSON_COMMA = re.compile(r"[ \t\n\r]*(,)?[ \t\n\r]*")
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 # Record offsets are kept only for files of at least this many characters: parsing element by
 # element costs about 30 % more than one json.loads (measured), which pays off only where
 # parsing the whole file for one get would cost more (a 4 MB file parses in about 30 ms).
@@ -4907,10 +5092,7 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
     bytes, they are byte offsets in the file as stored, flagged with _BYTE_OFFSET, so a get
     reads only that record. Raises CorruptFileError as load_json_file does.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    raw = read_regular_file(path)
     text, _ = decode_file_bytes(path, raw)
     try:
         if len(text) < _OFFSET_MIN_CHARS:
@@ -4918,7 +5100,10 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
             if isinstance(records, list):
                 return records, None
         else:
-            records, offsets = _array_with_offsets(text)
+            try:
+                records, offsets = _array_with_offsets(text)
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
             if raw[:2] != GZIP_MAGIC and text.isascii():
                 shift = _BYTE_OFFSET + (len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0)
                 offsets = [at + shift for at in offsets]
@@ -5111,9 +5296,7 @@ def _file_stats(store: Store) -> List[_FileStat]:
         with os.scandir(str(store.root / agent)) as entries:
             found = sorted((e.name, e) for e in entries if e.name in RECORD_FILES)
         for name, entry in found:
-            try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
+            try:  # a symlink, folder or FIFO is listed too: indexing reports it as unreadable
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
@@ -5508,6 +5691,7 @@ class WarmResult:
     min_score: Optional[float]
     seconds: float
     note: str = ""
+    unreadable: List[str] = dataclasses.field(default_factory=list)  # files left out, why
 
 
 # A hot.bin row: bloom_digest(id), file slot, position, file size and mtime_ns when warmed,
@@ -5883,7 +6067,9 @@ def warm_cache(store: Store, max_bytes: int = DEFAULT_CACHE_BYTES,
     elif index.manifest() is None:
         return WarmResult(True, 0, 0, max_bytes, 0, 0, None, 0.0,
                           note="no index yet: a real run builds it first, then ranks")
-    return HotCache(index).warm(max_bytes, store.now, dry_run)
+    result = HotCache(index).warm(max_bytes, store.now, dry_run)
+    result.unreadable = index.unreadable()
+    return result
 
 
 __all__ += ["HotCache", "WarmResult", "warm_score", "hot_cache_stats", "get_record",
@@ -7013,8 +7199,8 @@ def _transcode_locked(path: Path, to_gzip: bool, dry_run: bool,
     """_transcode_one's work, with the file's lock held."""
     path_text = str(path)
     try:
+        raw = read_regular_file(path)   # a symlink, folder or FIFO: unreadable, unopened
         before = path.stat()
-        raw = path.read_bytes()
         parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
                      and len(raw) == before.st_size)
         if (raw[:2] == GZIP_MAGIC) == to_gzip:
@@ -7068,7 +7254,8 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     cutoff = store.now.timestamp() - age_days * 86400.0
     paths, recent = [], []
     for path in _agent_data_files(store):
-        if to_gzip and age_days > 0 and path.stat().st_mtime > cutoff:
+        info = os.lstat(str(path))   # a symlink, folder or FIFO goes on, to be reported
+        if to_gzip and age_days > 0 and stat.S_ISREG(info.st_mode) and info.st_mtime > cutoff:
             recent.append(path)
         else:
             paths.append(path)
@@ -9139,7 +9326,11 @@ def _integrity_targets(store: Store) -> List[Tuple[Path, Optional[type], bool]]:
 def _parse_problem(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
     """None when the file parses as the runtime needs it, else the problem."""
     try:
-        data, _fmt = load_json_file(path, expect=expect)
+        # the runtime's own config.json may be a link (aml never writes it); data files not
+        if path.name == "config.json":
+            data = load_json_text(path, expect, follow_symlinks=True)[0]
+        else:
+            data, _fmt = load_json_file(path, expect=expect)
     except CorruptFileError as exc:
         return exc.problem
     if objects:
@@ -9169,10 +9360,10 @@ def _content_sample(path: Path, size: int) -> str:
 
 def _check_one_file(path: Path, expect: Optional[type], objects: bool) -> Optional[str]:
     """Parse a file; a failure is retried once if the file changed meanwhile (live writer)."""
-    before = path.stat()
+    before = os.lstat(str(path))
     problem = _parse_problem(path, expect, objects)
     if problem is not None:
-        after = path.stat()
+        after = os.lstat(str(path))
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             problem = _parse_problem(path, expect, objects)
     return problem
@@ -9195,20 +9386,150 @@ def _alert_from_dict(doc: Dict[str, Any]) -> Optional[Alert]:
         return None  # an entry we cannot read is dropped rather than trusted
 
 
+class WebhookAnswerError(OSError):
+    """The webhook answered, but not with 2xx (a redirect is not a delivery)."""
+
+
+# Query keys whose values are secrets, and what a token looks like in a value or path segment.
+_SECRET_KEY_RE = re.compile(r"token|key|secret|sig|pass|pwd|auth|cred|session|code", re.I)
+_TOKEN_RE = re.compile(r"(?=[^/]*\d)(?=[^/]*[A-Za-z])[A-Za-z0-9_\-.~+=%]{16,}")
+
+
+def _url_secrets(url: str) -> List[str]:
+    """The parts of a URL that are credentials: userinfo, secret-looking query values and
+    token-looking path segments (longest first, for replacing)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return [url]
+    found = []
+    if "@" in parts.netloc:
+        found.append(parts.netloc.rsplit("@", 1)[0])
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if value and (_SECRET_KEY_RE.search(key) or _TOKEN_RE.fullmatch(value)):
+            found.append(value)
+    found.extend(s for s in parts.path.split("/") if _TOKEN_RE.fullmatch(s))
+    return sorted(set(found), key=len, reverse=True)
+
+
+def redact_url(text: str, url: Optional[str] = None) -> str:
+    """``text`` with the credentials of ``url`` (default: ``text`` itself) replaced by ``***``,
+    so a webhook's user:password, token query values and path tokens never reach a cron
+    mail or a state file."""
+    for secret in _url_secrets(text if url is None else url):
+        text = text.replace(secret, "***")
+    return text
+
+
+class _Deadline:
+    """One time limit over a whole HTTP exchange (connect, send, read), however slowly a
+    server drips bytes: at the limit a timer shuts the socket down, which ends any read."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._watch: List[Tuple[threading.Timer, Any]] = []
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise OSError(errno.ETIMEDOUT, "timed out")
+        return left
+
+    def watch(self, sock: Any) -> Any:
+        """Arm the timer on a fresh socket (a dup: TLS wrapping detaches the original)."""
+        twin = sock.dup()
+        timer = threading.Timer(max(0.0, self.end - time.monotonic()), self._expire, (twin,))
+        timer.daemon = True
+        self._watch.append((timer, twin))
+        timer.start()
+        return sock
+
+    def _expire(self, twin: Any) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            twin.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for timer, twin in self._watch:
+            timer.cancel()
+            twin.close()
+
+
+def _deadline_connection(base: type, deadline: _Deadline) -> type:
+    class _Connection(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["timeout"] = deadline.remaining()
+            super().__init__(*args, **kwargs)
+            create = self._create_connection
+            self._create_connection = lambda *a, **k: deadline.watch(create(*a, **k))
+    return _Connection
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is reported, never followed (urllib would resend a POST as a body-less
+    GET, possibly to another scheme or host)."""
+
+    def _refuse(self, *args: Any) -> None:
+        return None   # the default handler then raises HTTPError for the 3xx status
+
+    http_error_301 = http_error_302 = http_error_303 = http_error_307 = _refuse
+    http_error_308 = _refuse
+
+
+class _DeadlineHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(_deadline_connection(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(_deadline_connection(http.client.HTTPSConnection, self.deadline),
+                            req, context=self._context)
+
+
 def send_webhook(url: str, event: str, alert: Alert, store: Store, timeout: float) -> None:
-    """POST one alert event as JSON; raises OSError (including URLError) when delivery fails."""
+    """POST one alert event as JSON within ``timeout`` seconds in all; raises OSError
+    (WebhookAnswerError for an answer other than 2xx, a redirect included) when it fails."""
     body = json.dumps({"source": "aml", "version": __version__, "event": event,
                        "store": str(store.root.resolve()), "alert": to_jsonable(alert)},
                       sort_keys=True).encode("utf-8")
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "aml/%s" % __version__})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        response.read(65536)
+    deadline = _Deadline(timeout)
+    opener = urllib.request.build_opener(_NoRedirect, _DeadlineHTTP(deadline),
+                                         _DeadlineHTTPS(deadline))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            response.read(65536)
+    except urllib.error.HTTPError as exc:
+        redirect = " (a redirect: not followed, the alert was not delivered)" \
+            if 300 <= exc.code < 400 else ""
+        raise WebhookAnswerError("answered HTTP %d %s%s" % (exc.code, exc.reason, redirect)) \
+            from None
+    except (OSError, http.client.HTTPException):
+        if deadline.expired:
+            raise OSError(errno.ETIMEDOUT, "timed out after %g s (the limit is on the whole "
+                          "delivery)" % timeout) from None
+        raise
+    finally:
+        deadline.close()
 
 
 def _check_webhook_url(url: Optional[str]) -> Optional[str]:
     if url and not re.match(r"^https?://", url, re.IGNORECASE):
-        raise UsageError("webhook URL %r must start with http:// or https://" % url)
+        raise UsageError("webhook URL %r must start with http:// or https://" % redact_url(url))
     return url or None
 
 
@@ -9818,9 +10139,10 @@ class MemoryMonitor:
             try:
                 send_webhook(self.webhook_url, event, alert, self.store, self.webhook_timeout)
             except (OSError, ValueError, http.client.HTTPException) as exc:
-                changes.warnings.append("webhook %s unreachable (%s); %d notification(s) not "
-                                        "delivered" % (self.webhook_url, exc,
-                                                       len(events) - position))
+                how = "failed" if isinstance(exc, WebhookAnswerError) else "unreachable"
+                changes.warnings.append(redact_url(
+                    "webhook %s %s (%s); %d notification(s) not delivered"
+                    % (self.webhook_url, how, exc, len(events) - position), self.webhook_url))
                 return
 
     # -- report -------------------------------------------------------------------
@@ -10217,6 +10539,7 @@ __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresho
             "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
             "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
             "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
+            "redact_url", "WebhookAnswerError",
             "nagios_line", "health_summary", "prometheus_text", "html_report", "worst_status",
             "DashboardCache", "dashboard_views", "dashboard_server", "dashboard_document",
             "backup_summary", "render_dashboard", "svg_chart"]

@@ -6738,3 +6738,320 @@ def test_progress_on_a_terminal_only_and_prune_leads_with_totals(tmp_path, capsy
         assert terminal.getvalue() == ""
     assert aml.progress_text("verify --deep", 1, 4, "files", 3.0) == \
         "verify --deep 1 of 4 files (25%), ETA 0:09"
+
+
+# ---- issue 18: hostile files, webhooks and repositories ----
+
+import stat
+
+_ODD_COMMANDS = [["prune", "--force", "--now", NOW_TEXT], ["optimize", "gc"],
+                 ["optimize", "compress", "--age-days", "0"], ["optimize", "index"],
+                 ["search", "--tag", "nothing"], ["backup", "create"],
+                 ["migrate", "migrate-latest"], ["monitor", "metrics"],
+                 ["optimize", "warm-cache"]]
+# One process runs every command (aml.main in turn), so a FIFO that blocks a read shows
+# as a timeout of that process instead of a hung test.
+_ODD_DRIVER = ("import json, sys, aml\n"
+               "codes = []\n"
+               "for argv in json.loads(sys.argv[1]):\n"
+               "    codes.append(aml.main(argv))\n"
+               "    print(json.dumps(codes), flush=True)\n")
+
+
+def _make_odd(path, kind, outside):
+    path.unlink()
+    if kind == "symlink":
+        os.symlink(str(outside), str(path))
+    elif kind == "folder":
+        path.mkdir()
+        (path / "inside.json").write_text("[]")
+    else:
+        os.mkfifo(str(path))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder", "fifo"])
+def test_a_data_file_that_is_not_a_regular_file_is_reported_by_every_command(tmp_path, kind):
+    root = build_store(tmp_path / "m", agents=("alpha", "beta"))
+    outside = tmp_path / "outside.json"
+    write_data(outside, [make_pattern("alpha", random.Random(7))])
+    outside_bytes = outside.read_bytes()
+    odd = root / "alpha" / "patterns.json"
+    _make_odd(odd, kind, outside)
+    argv = [[str(root)] + c + ["--format", "json"] for c in _ODD_COMMANDS]
+    try:
+        proc = subprocess.run([sys.executable, "-c", _ODD_DRIVER, json.dumps(argv)], cwd=str(HERE),
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail("blocked on the %s after %s" % (kind, (exc.stdout or b"").splitlines()[-1:]))
+    codes = json.loads(proc.stdout.splitlines()[-1])
+    assert codes == [3] * len(_ODD_COMMANDS), proc.stderr
+    assert proc.stderr.count("alpha/patterns.json") >= len(_ODD_COMMANDS)
+    assert "Traceback" not in proc.stderr
+    assert outside.read_bytes() == outside_bytes   # nothing written through the link
+    assert os.path.islink(str(odd)) == (kind == "symlink")
+    assert odd.is_dir() == (kind == "folder")
+    if kind == "fifo":
+        assert stat.S_ISFIFO(os.lstat(str(odd)).st_mode)
+
+
+def test_safety_backup_never_blocks_on_a_fifo_elsewhere_in_the_store(tmp_path):
+    root = build_store(tmp_path / "m", agents=("alpha",))
+    os.mkfifo(str(root / "alpha" / "pipe"))
+    proc = subprocess.run([sys.executable, str(HERE / "aml.py"), str(root), "prune", "--force",
+                           "--now", NOW_TEXT], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr   # the pipe is no data file: only left out
+    # the maintenance lock was released: the next run is not "busy"
+    assert aml.main([str(root), "monitor", "metrics", "-q"]) == 0
+
+
+def _deep_text(depth=10000):
+    return "[" + "{\"a\":" * depth + "1" + "}" * depth + "]"
+
+
+def _huge_text(root):
+    text = (root / "alpha" / "patterns.json").read_text()
+    return text.replace('"successRate": ', '"successRate": 1e400, "was": ', 1)
+
+
+@pytest.mark.parametrize("bad", ["deep", "huge"])
+def test_a_record_too_deep_or_past_the_double_range_is_one_bad_file(tmp_path, capsys, bad):
+    root = build_store(tmp_path / "m", agents=("alpha", "beta"))
+    path = root / "alpha" / "patterns.json"
+    path.write_text(_deep_text() if bad == "deep" else _huge_text(root))
+    before = path.read_bytes()
+    beta_before = (root / "beta" / "patterns.json").read_bytes()
+    for argv in (["backup", "create"], ["prune", "--force", "--now", NOW_TEXT],
+                 ["migrate", "migrate-latest"], ["monitor", "metrics"], ["optimize", "index"],
+                 ["optimize", "gc"], ["search", "--tag", "x"], ["migrate", "detect"],
+                 ["optimize", "compress", "--age-days", "0"]):
+        code, _, err = run_cli(root, *argv, capsys=capsys)
+        assert code == 3 and "alpha/patterns.json" in err, (argv, err)
+        assert ("nested too deeply" if bad == "deep" else "1e400") in err, (argv, err)
+    code, out, _ = run_cli(root, "monitor", "health", capsys=capsys)
+    assert code == 2 and "alpha/patterns.json" in out
+    assert path.read_bytes() == before   # fail closed: never rewritten
+    assert (root / "beta" / "patterns.json").read_bytes() != beta_before  # the rest went on
+
+
+def test_parse_json_text_rejects_what_the_runtime_reads_differently():
+    for text in ("[1e400]", "[-2.5E+999]", '{"a": [0.5, 1%s.0]}' % ("0" * 400), _deep_text(5000)):
+        with pytest.raises(ValueError):
+            aml.parse_json_text(text)
+    assert aml.parse_json_text('["3f2e1234-1e23", 1e300, 12345678901234567890]') == [
+        "3f2e1234-1e23", 1e300, 12345678901234567890]
+
+
+@pytest.mark.parametrize("linked", [".aml", ".aml/archive", ".aml/index", ".aml/maintenance.lock"])
+def test_a_symlinked_state_folder_is_refused_never_followed(tmp_path, capsys, linked):
+    root = build_store(tmp_path / "m", agents=("alpha", "beta"))
+    assert run_cli(root, "optimize", "index", "-q") == 0
+    code, out, _ = run_cli(root, "prune", "--force", "--no-backup", "--now", NOW_TEXT,
+                           "--format", "json", capsys=capsys)
+    assert code == 0
+    run_id = json.loads(out)["run_id"]
+    real, elsewhere = root / linked, tmp_path / "elsewhere"
+    os.replace(str(real), str(elsewhere))
+    os.symlink(str(elsewhere), str(real))
+    outside = tree_digest(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()
+    data = tree_digest(root, skip_state=True)
+    for argv in (["prune", "--force", "--no-backup", "--now", NOW_TEXT], ["optimize", "index"],
+                 ["monitor", "health"], ["prune", "--undo", run_id], ["backup", "create"]):
+        code, _, err = run_cli(root, *argv, capsys=capsys)
+        expected = 3 if argv[0] == "monitor" else 4   # health: UNKNOWN
+        assert code == expected and str(real) in err and "symlink" in err, (argv, err)
+    assert (tree_digest(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()) == outside
+    assert tree_digest(root, skip_state=True) == data
+
+
+@pytest.mark.parametrize("recorded, restored", [(0o6777, 0o664), (0o4755, 0o644), (0o1666, 0o664),
+                                                (0o400, 0o600), (0o640, 0o640), ("0777", 0o644)])
+def test_restore_applies_only_the_permission_bits_a_data_file_can_have(tmp_path, recorded,
+                                                                       restored):
+    root = build_store(tmp_path / "memory", agents=("alpha",))
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    payload = manager.load_manifest(snap.backup_id)
+    for entry in payload["files"]:
+        entry["mode"] = recorded
+    aml._write_manifest(path, payload)
+    target = tmp_path / "restored"
+    backup_manager(root).restore(snap.backup_id, target=target)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in target.rglob("*.json")}
+    assert modes == {restored}
+
+
+def _zero_bomb(size, gzip_wrapped=False):
+    """Compressed zeros that inflate to ``size`` bytes, built a MiB at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31 if gzip_wrapped else 15)
+    chunk, parts = bytes(1 << 20), []
+    for _ in range(size >> 20):
+        parts.append(packer.compress(chunk))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def _bomb_block_zero(manager, size):
+    """Point block 0 of the first pack at a zlib bomb (index checksum recomputed)."""
+    idx = sorted(manager.packs.glob("*.idx"))[0]
+    pack = idx.with_suffix(".pack")
+    decoded = aml._decode_index(idx, idx.read_bytes())
+    blocks = list(decoded.blocks)
+    bomb = _zero_bomb(size)
+    blocks[0] = (pack.stat().st_size, len(bomb), blocks[0][2])
+    with open(str(pack), "ab") as handle:
+        handle.write(bomb)
+    table, row = decoded.table, aml._ROW
+    entries = {table[i:i + aml.KEY_LEN]: table[i + aml.KEY_LEN:i + row]
+               for i in range(0, len(table), row)}
+    idx.write_bytes(aml._encode_index(blocks, entries))
+
+
+# VmHWM, not ru_maxrss: the latter keeps the forking pytest process's peak across exec.
+_RSS_DRIVER = ("import re, sys, aml\n"
+               "code = aml.main(sys.argv[1:])\n"
+               "status = open('/proc/self/status').read()\n"
+               "print(code, re.search(r'VmHWM:\\s*(\\d+)', status).group(1))\n")
+
+
+@pytest.mark.parametrize("where", ["block", "manifest"])
+def test_a_zlib_bomb_in_the_repository_is_an_integrity_failure_in_bounded_memory(tmp_path,
+                                                                                 where):
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak memory is read from /proc")
+    root = build_store(tmp_path / "memory", agents=("alpha",))
+    manager = backup_manager(root)
+    snap = manager.create()
+    if where == "block":
+        _bomb_block_zero(manager, 256 << 20)
+    else:
+        manager.manifest_path(snap.backup_id).write_bytes(_zero_bomb(256 << 20, True))
+    for argv in (["backup", "verify", snap.backup_id, "--deep"],
+                 ["backup", "restore", snap.backup_id, "--target", str(tmp_path / "t")]):
+        proc = subprocess.run([sys.executable, "-c", _RSS_DRIVER, str(root)] + argv,
+                              cwd=str(HERE), capture_output=True, text=True, timeout=120)
+        code, peak_kib = map(int, proc.stdout.splitlines()[-1].split())
+        assert code == 6 and "zlib bomb" in proc.stderr, (argv, proc.stdout, proc.stderr)
+        assert peak_kib < 200 * 1024, argv   # the bomb inflates to 256 MiB: it never was
+    assert not (tmp_path / "t").exists()
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the server's ``status`` and a Location; counts requests."""
+
+    def _answer(self):
+        self.server.requests.append((self.command, self.path))
+        self.send_response(self.server.status)
+        self.send_header("Location", self.server.location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serving(handler, **attrs):
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    for name, value in attrs.items():
+        setattr(server, name, value)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirected_webhook_is_a_failure_naming_the_status_never_followed(tmp_path, capsys,
+                                                                           webhook, status):
+    target, received = webhook
+    root = build_store(tmp_path / "m")
+    with _serving(_Redirector, status=status, location=target, requests=[]) as server:
+        url = "http://127.0.0.1:%d/hook" % server.server_port
+        code, doc, err = _health(root, "--webhook", url, capsys=capsys)
+        assert [c for c, _ in server.requests] == ["POST"]   # one try, no resend
+    assert code == 1 and received == []                       # nothing followed the redirect
+    assert "HTTP %d" % status in err and "redirect" in err and "not delivered" in err
+    assert "3 notification(s) not delivered" in err
+
+
+def test_a_redirect_to_another_scheme_is_never_followed(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    with _serving(_Redirector, status=302, location="file:///etc/passwd", requests=[]) as server:
+        code, _, err = _health(root, "--webhook", "http://127.0.0.1:%d/" % server.server_port,
+                               capsys=capsys)
+    assert code == 1 and "HTTP 302" in err and "passwd" not in err
+
+
+def test_webhook_timeout_bounds_the_whole_delivery_against_a_dripping_server(tmp_path, capsys):
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(0.1)
+
+    def drip():   # answers one header byte every 0.2 s, for ever (0.2 s < any socket timeout)
+        conns = []
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conns.append(listener.accept()[0])
+            for conn in conns:
+                with contextlib.suppress(OSError):
+                    conn.send(b"X" if conns else b"")
+            stop.wait(0.2)
+        for conn in conns:
+            conn.close()
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"monitor": {"webhook_timeout": 0.5}}))
+    root = build_store(tmp_path / "m")
+    done = []
+    runner = threading.Thread(target=lambda: done.append(_health(
+        root, "--config", config, "--webhook", "http://127.0.0.1:%d/" % listener.getsockname()[1],
+        capsys=capsys)), daemon=True)
+    runner.start()
+    runner.join(60)   # unbounded before the fix: the drip never ends, so the run never did
+    stop.set()
+    thread.join(5)
+    listener.close()
+    assert done, "the webhook delivery outlived its timeout"
+    code, doc, err = done[0]
+    assert code == 1 and "timed out" in err and len(doc["alerts"]["open"]) == 3
+
+
+@pytest.mark.parametrize("url, secrets", [
+    ("http://alice:s3cr3t-pw@127.0.0.1:{port}/hook", ["alice", "s3cr3t-pw"]),
+    ("http://127.0.0.1:{port}/hook?token=abc123&x=1", ["abc123"]),
+    ("http://127.0.0.1:{port}/services/T0001/B0002/Zk8sQ2xV9pLm4NqR7tWy", ["Zk8sQ2xV9pLm4NqR7tWy"]),
+])
+def test_webhook_credentials_never_appear_in_messages(tmp_path, capsys, url, secrets):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()   # nothing listens: delivery fails and the warning names the URL
+    url = url.format(port=port)
+    root = build_store(tmp_path / "m")
+    code, out, err = run_cli(root, "monitor", "health", "--webhook", url, capsys=capsys)
+    assert code == 1 and "webhook" in err and "***" in err and "127.0.0.1" in err
+    bad = url.replace("http://", "ftp://")
+    code2, out2, err2 = run_cli(root, "monitor", "health", "--webhook", bad, capsys=capsys)
+    assert code2 == 3 and "***" in err2
+    state = "".join(p.read_text(errors="replace") for p in (root / ".aml").rglob("*")
+                    if p.is_file())
+    for secret in secrets:
+        assert secret not in err + out + err2 + out2 + state
+
+
+def test_redact_url_keeps_what_locates_the_endpoint():
+    assert aml.redact_url("https://u:p@hooks.example.org/a/b?api_key=K&page=2") == \
+        "https://***@hooks.example.org/a/b?api_key=***&page=2"
+    assert aml.redact_url("http://127.0.0.1:8080/hook") == "http://127.0.0.1:8080/hook"
