@@ -6391,12 +6391,18 @@ class _FileDedupe:
         self.shingler = _Shingler()
         self.cache: Dict[int, Optional[_Candidate]] = {}
         self.held: Dict[Tuple[int, int], Dict[str, Any]] = {}  # similar pairs the guard kept apart
+        # An id held by two records is gc's business (exact duplicate or id conflict).
+        ids = collections.Counter(r.get("id") for r in records if isinstance(r, dict))
+        self.shared_ids = {rid for rid, n in ids.items() if n > 1}
+
+    def _takes_part(self, record: Any) -> bool:
+        return _eligible(record) and record["id"] not in self.shared_ids
 
     def candidate(self, index: int) -> Optional[_Candidate]:
         """The record at ``index`` ready for comparison (None if it cannot take part)."""
         if index not in self.cache:
             record = self.records[index]
-            units = knowledge_units(self.rtype, record) if _eligible(record) else []
+            units = knowledge_units(self.rtype, record) if self._takes_part(record) else []
             self.cache[index] = (_Candidate(index, record, self.rtype,
                                             self.shingler.shingles(units)) if units else None)
         return self.cache[index]
@@ -6405,7 +6411,7 @@ class _FileDedupe:
         """Per LSH band, band key -> record positions (every eligible record, one pass)."""
         bands: List[Dict[int, List[int]]] = [{} for _ in range(_BINS // _BAND_ROWS)]
         for index, record in enumerate(self.records):
-            if not _eligible(record):
+            if not self._takes_part(record):
                 continue
             units = knowledge_units(self.rtype, record)
             if not units:
@@ -6715,7 +6721,7 @@ def dedupe_store(store: Store, threshold: float = 0.85, dry_run: bool = True,
         raise UsageError("dedupe threshold %r must be in (0, 1]" % (threshold,))
     lock = contextlib.nullcontext() if dry_run else store.maintenance_lock()
     with lock, paused_cyclic_gc():
-        started, clock = store.now, time.monotonic()
+        clock = time.monotonic()
         result = DedupeResult(dry_run=dry_run, threshold=threshold)
         plans = _plan_dedupe(store, threshold, force, agents, result)
         if not dry_run and plans:
@@ -6725,10 +6731,6 @@ def dedupe_store(store: Store, threshold: float = 0.85, dry_run: bool = True,
                                    % ", ".join(result.refused_agents))
             _apply_dedupe(store, plans, backup, result)
         result.seconds = time.monotonic() - clock
-        if not dry_run:
-            store.record_operation("dedupe", started, result.seconds, {
-                "run_id": result.run_id, "merged": result.merged,
-                "clusters": len(result.clusters), "backup_id": result.backup_id})
     return result
 
 
