@@ -6145,7 +6145,6 @@ _BINS = 1 << _BIN_BITS  # 64 bins in 8 bands of 8: pairs at Jaccard 0.85 meet in
 _BAND_ROWS = 8          # p = 0.92, at 0.9 with 0.99, at 0.6 with 0.13 (1 - (1 - J^8)^8)
 _BUCKET_WINDOW = 32  # a record is compared with at most this many earlier bucket mates
 _MASK64 = (1 << 64) - 1
-_EMPTY_BAND = (None,) * _BAND_ROWS
 
 # The fields that carry the knowledge, per type (SPEC 2.1); stack trace hashes and related
 # pattern ids are references, not knowledge.
@@ -6249,10 +6248,13 @@ def minhash_bands(shingles: Set[int]) -> List[Optional[int]]:
     ordered = sorted(shingles, reverse=True)
     least = dict(zip(map(operator.rshift, ordered, itertools.repeat(64 - _BIN_BITS)), ordered))
     signature = tuple(map(least.get, range(_BINS)))
-    # A band of empty bins says nothing (short records have many): it gets no key.
-    return [hash(signature[band:band + _BAND_ROWS]) ^ band
-            if signature[band:band + _BAND_ROWS] != _EMPTY_BAND else None
-            for band in range(0, _BINS, _BAND_ROWS)]
+    # A band of fewer than two filled bins says too little (short records have many; one
+    # shingle such as a decision's type would put a tenth of the file in one bucket).
+    keys: List[Optional[int]] = []
+    for band in range(0, _BINS, _BAND_ROWS):
+        rows = signature[band:band + _BAND_ROWS]
+        keys.append(hash(rows) ^ band if _BAND_ROWS - rows.count(None) >= 2 else None)
+    return keys
 
 
 def jaccard(a: Set[int], b: Set[int]) -> float:
