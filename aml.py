@@ -28,6 +28,7 @@ Typical commands::
     aml.py .loom/memory prune time_based performance_based
     aml.py .loom/memory prune --undo RUN_ID            # put a run's removed records back
     aml.py .loom/memory optimize all                   # gc, compress cold files, index, warm cache
+    aml.py .loom/memory optimize dedupe                # near-duplicates (--apply merges them)
     aml.py .loom/memory search --tag database --min-confidence 0.7
     aml.py .loom/memory get RECORD_ID
     aml.py .loom/memory backup restore ID --target /tmp/check
@@ -71,7 +72,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
-    "IntegrityError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
+    "IntegrityError", "ExitCode", "RecordType", "RecordFacts", "record_facts", "wilson_interval",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
     "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "Archive", "load_aml_config",
     "main",
@@ -6371,11 +6372,16 @@ def text_differences(a: _Candidate, b: _Candidate, limit: int = 6) -> List[str]:
     words = lambda c: collections.Counter(  # noqa: E731
         (label, w) for label, text in c.fragments for w in _WORD_RE.findall(text.lower()))
     wa, wb = words(a), words(b)
-    diffs = ["%s: -%s" % key for key in sorted(wa - wb)] + ["%s: +%s" % key
-                                                              for key in sorted(wb - wa)]
+    fields: Dict[str, List[str]] = {}
+    for sign, extra in (("-", wa - wb), ("+", wb - wa)):
+        for label, word in sorted(extra):
+            fields.setdefault(label, []).append(sign + word)
+    diffs = ["%s: %s" % (label, " ".join(changes[:limit]) + (
+        " ... %d more" % (len(changes) - limit) if len(changes) > limit else ""))
+             for label, changes in sorted(fields.items())]
     if not diffs and a.fragments != b.fragments:
         diffs = ["punctuation or case only"]
-    return diffs[:limit] + (["... %d more" % (len(diffs) - limit)] if len(diffs) > limit else [])
+    return diffs[:limit]
 
 
 def _eligible(record: Any) -> bool:
@@ -6851,7 +6857,8 @@ def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
 __all__ += ["OptimizeConfig", "TranscodeResult", "transcode_store", "GcReason", "GcResult",
             "GarbageCollector", "collect_garbage", "stale_lock_dirs",
             "DedupeCluster", "DedupeResult", "dedupe_store", "merge_records",
-            "rebuild_supersede_map", "supersede_map", "knowledge_fragments", "outcome_conflict"]
+            "rebuild_supersede_map", "supersede_map", "knowledge_fragments", "outcome_conflict",
+            "guard_conflict", "jaccard", "success_evidence", "outcome_evidence", "outcome_counts"]
 
 
 # =============================================================================

@@ -4562,7 +4562,7 @@ README_PROGRAMS = ("python3 aml.py ", "aml.py ", "aml ")
 README_SHELL_OPERATOR = re.compile(r"\s*(?:;|&&|\|)|\s+(?:[0-9]?>|&\s*$)")
 README_AGENTS = ("backend-developer", "code-reviewer", "frontend-developer", "test-automator")
 BACKUP_ID = re.compile(r"^(?:full|incr)_\d{8}_\d{6}(?:_\d+)?$")
-RUN_ID = re.compile(r"^(?:prune|gc)_\d{8}_\d{6}_[0-9a-f]+$")
+RUN_ID = re.compile(r"^(?:prune|gc|dedupe)_\d{8}_\d{6}_[0-9a-f]+$")
 RECORD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 # Commands that may (or must) exit non-zero on the generated store, and why. Everything else
