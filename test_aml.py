@@ -3256,6 +3256,29 @@ def test_dedupe_flags_are_checked(tmp_path, capsys, argv):
     assert code == int(aml.ExitCode.USAGE) and err.startswith("aml: error:")
 
 
+def test_dedupe_plans_a_file_again_when_the_runtime_changed_it_meanwhile(tmp_path, monkeypatch):
+    rng = random.Random(9)
+    twins = {"patterns.json": lambda recs, r: [_twin(recs[0], r)]}
+    root, files = dedupe_store_dir(tmp_path / "m", twins=twins)
+    path = root / "backend-developer" / "patterns.json"
+    newcomer = _distinct_pattern("backend-developer", rng)
+    real_plan = aml._plan_dedupe
+
+    def plan_then_runtime_writes(*args):
+        plans = real_plan(*args)
+        write_data(path, [newcomer] + read_data(path))  # every position moves by one
+        return plans
+    monkeypatch.setattr(aml, "_plan_dedupe", plan_then_runtime_writes)
+    result = _dedupe(root, dry_run=False)
+    changed_by_runtime = [newcomer] + files["patterns.json"]
+    records = read_data(path)
+    assert result.merged == 1 and records[0] == newcomer and len(records) == 13
+    assert files["patterns.json"][-1]["id"] not in {r["id"] for r in records}
+    monkeypatch.undo()
+    aml.undo_run(aml.Store(root, now=NOW), result.run_id)
+    assert read_data(path) == changed_by_runtime
+
+
 def test_dedupe_never_merges_records_that_share_an_id(tmp_path):
     # An exact copy under the same id is gc's (duplicate); dedupe leaves both copies alone.
     twins = {"patterns.json": lambda recs, rng: [json.loads(json.dumps(recs[0])),
