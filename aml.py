@@ -6203,12 +6203,18 @@ def knowledge_units(rtype: RecordType, record: Any) -> List[Tuple[int, str]]:
     values as their compact JSON (an object's keys then read as words too)."""
     out = []
     for number, path in enumerate(_KNOWLEDGE[rtype]):
-        value = dig(record, *path)
+        value = record
+        for key in path:  # dig(), inlined: this runs for every record of the store
+            value = value.get(key) if isinstance(value, dict) else None
         if isinstance(value, str):
             out.append((number, value))
         elif value is not None:
-            out.append((number, json.dumps(value, ensure_ascii=False)))
+            out.append((number, _UNIT_JSON(value)))
     return out
+
+
+# One encoder for every unit: json.dumps with options builds a new encoder per call.
+_UNIT_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class _Shingler:
