@@ -5505,14 +5505,16 @@ def _archived_file(store: Store, rel: Any) -> Path:
 
 
 def undo_run(store: Store, run_id: str) -> UndoResult:
-    """Put the records of an archived run (prune or gc) back where they were.
+    """Put the records of an archived run (prune, gc or dedupe) back where they were.
 
     Each record goes back at its original position when the file allows it; a record whose
     id (or, without an id, whose exact content) is present again is skipped. Every archive
     part is verified before anything changes; then files are restored one at a time (memory:
     one part and one file). The run is marked undone once every file was handled; a second
-    undo is a no-op that says so. Raises UsageError (no such run), IntegrityError (corrupt
-    archive), StoreBusyError.
+    undo is a no-op that says so. A dedupe run's merged survivors are taken out first and
+    their originals put back (``blocked`` lists clusters that must wait; see
+    _unmerge_survivors). Raises UsageError (no such run), IntegrityError (corrupt archive),
+    StoreBusyError.
     """
     archive = Archive(store)
     manifest = archive.manifest(run_id)
@@ -9590,7 +9592,7 @@ def _build_prune(subparsers: Any) -> None:
     parser.add_argument("--no-backup", action="store_true",
                         help="skip the safety backup taken before the first change")
     parser.add_argument("--undo", metavar="RUN_ID",
-                        help="put back the records of an archived prune or gc run")
+                        help="put back the records of an archived prune, gc or dedupe run")
     parser.add_argument("--list-runs", action="store_true",
                         help="list archived runs that --undo accepts")
     parser.set_defaults(func=cmd_prune)
