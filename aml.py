@@ -5639,8 +5639,8 @@ def _unmerge_survivors(data: List[Any], entries: List[Dict[str, Any]], result: U
     held = {b["id"] for b in result.blocked}  # its merged records wait with it
     for entry in [e for e in keep if (e.get("details") or {}).get("supersededBy") in held]:
         keep.remove(entry)
-        result.blocked.append({"file": entry.get("file"), "id": entry.get("id"),
-                               "why": "waits for its survivor %s" % entry["details"]["supersededBy"]})
+        result.blocked.append({"file": entry.get("file"), "id": entry.get("id"), "why":
+                               "waits for its survivor %s" % entry["details"]["supersededBy"]})
     return keep, removed
 
 
@@ -6547,8 +6547,8 @@ def _merge_pattern_evidence(out: Dict[str, Any], records: List[Dict[str, Any]]) 
                for f, r in zip(facts, records)]
     total = sum(w for w, v in weights if v is not None)
     if total > 0 and _number(first_value(out, "avg_time_saved")) is not None:
-        _set_present(out, "avg_time_saved",
-                     _json_number(round(sum(w * v for w, v in weights if v is not None) / total, 2)))
+        saved = sum(w * v for w, v in weights if v is not None) / total
+        _set_present(out, "avg_time_saved", _json_number(round(saved, 2)))
     for field in ("error_prevention", "refinements"):
         _sum_field(out, records, field)
 

@@ -47,7 +47,10 @@ MAIN_TEXT = {"pattern": ("pattern", "approach", "rationale"),
 
 # -- 1. a store whose plants are known -------------------------------------------
 
-def generate_with_plants(root: Path, size_mb: float, seed: int) -> Dict[Tuple[str, str], List[Set[str]]]:
+Plants = Dict[Tuple[str, str], List[Set[str]]]
+
+
+def generate_with_plants(root: Path, size_mb: float, seed: int) -> Plants:
     """Generate the store; returns {(agent, file): [ids planted together]} (groups of 2+)."""
     groups: Dict[Tuple[str, str, int], Set[str]] = collections.defaultdict(set)
     counter = iter(range(1 << 62))
@@ -298,8 +301,8 @@ def speed(root: Path, threshold: float) -> Dict[str, Any]:
     started = time.perf_counter()
     result = aml.dedupe_store(store, threshold)
     detect = time.perf_counter() - started
-    run = bench_aml.run_process([sys.executable, str(HERE / "aml.py"), str(root), "optimize", "dedupe",
-                                 "--threshold", str(threshold), "-q"])
+    run = bench_aml.run_process([sys.executable, str(HERE / "aml.py"), str(root), "optimize",
+                                 "dedupe", "--threshold", str(threshold), "-q"])
     largest = max(len(aml.load_json_text(p)[2].encode("utf-8")) for p in files)
     return {"records": result.records, "bytes": sum(p.stat().st_size for p in files),
             "parse": sum(parse.values()), "detect": detect, "process": run.seconds,
