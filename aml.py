@@ -6175,7 +6175,7 @@ _IDENT_RE = re.compile(r"[a-z]+[A-Z]\w*|[A-Z][a-z0-9]+[A-Z]\w*|\w+_\w+|\w+(?:\.\
 _NEGATIONS = frozenset({"not", "no", "never", "don't", "doesn't", "isn't", "can't", "cannot",
                         "won't", "shouldn't", "without", "avoid", "nor"})
 # Guard classes in the order they are reported.
-FACT_CLASSES = ("path", "version", "error_code", "number", "identifier", "negation")
+FACT_CLASSES = ("context", "path", "version", "error_code", "number", "identifier", "negation")
 
 
 def knowledge_fragments(rtype: RecordType, record: Any) -> List[Tuple[str, str]]:
@@ -6275,10 +6275,13 @@ def jaccard(a: Set[int], b: Set[int]) -> float:
 
 
 def record_facts_for_guard(fragments: List[Tuple[str, str]]) -> Dict[str, "collections.Counter"]:
-    """Per guard class, the (field, token) multiset of numbers, versions, paths, error codes,
+    """Per guard class, the (field, token) multiset of context values (a pattern's, problem's
+    or decision's context, each value whole), numbers, versions, paths, error codes,
     identifiers and negations in the knowledge text: two records merge only if all agree."""
     found: Dict[str, collections.Counter] = {name: collections.Counter() for name in FACT_CLASSES}
     for label, text in fragments:
+        if ".context" in label:  # where the knowledge applies: typescript/nestjs is not python
+            found["context"][(label, " ".join(text.lower().split()))] += 1
         for match in _QUOTED_RE.finditer(text):
             found["identifier"][(label, next(g for g in match.groups() if g is not None))] += 1
         for token in _TOKEN_RE.findall(text):

@@ -3054,6 +3054,8 @@ HARD_NEGATIVES = {
                     "identifier", lambda t: t + " 'token'"),
     "negation": ("patterns.json", RATIONALE, lambda t: t, "negation",
                  lambda t: "never " + t),
+    "context": ("patterns.json", ("pattern", "context", "language"), lambda t: t, "context",
+                lambda t: "python" if t != "python" else "typescript"),
 }
 
 
