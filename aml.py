@@ -6253,7 +6253,7 @@ class _Shingler:
 def minhash_bands(shingles: Set[int]) -> List[Optional[int]]:
     """One-permutation MinHash (the least hash in each of _BINS bins by its top bits; a
     descending sort lets dict() keep the least per bin at C speed), folded into one key per
-    LSH band of _BAND_ROWS bins."""
+    LSH band of _BAND_ROWS bins, plus two sketch keys for short records (None: no key)."""
     ordered = sorted(shingles, reverse=True)
     least = dict(zip(map(operator.rshift, ordered, itertools.repeat(64 - _BIN_BITS)), ordered))
     signature = tuple(map(least.get, range(_BINS)))
@@ -6263,6 +6263,11 @@ def minhash_bands(shingles: Set[int]) -> List[Optional[int]]:
     for band in range(0, _BINS, _BAND_ROWS):
         rows = signature[band:band + _BAND_ROWS]
         keys.append(hash(rows) ^ band if _BAND_ROWS - rows.count(None) >= 2 else None)
+    # A short record keys few bands, so it also gets its 3 least and 3 greatest hashes
+    # (bottom-k and top-k sketches: two copies at Jaccard 0.94 share one with p = 0.97).
+    short = len(ordered) < _BINS // 2
+    keys.append(hash(("least",) + tuple(ordered[-3:])) if short else None)
+    keys.append(hash(("greatest",) + tuple(ordered[:3])) if short else None)
     return keys
 
 
@@ -6428,7 +6433,7 @@ class _FileDedupe:
 
     def buckets(self) -> List[Dict[int, List[int]]]:
         """Per LSH band, band key -> record positions (every eligible record, one pass)."""
-        bands: List[Dict[int, List[int]]] = [{} for _ in range(_BINS // _BAND_ROWS)]
+        bands: List[Dict[int, List[int]]] = [{} for _ in range(_BINS // _BAND_ROWS + 2)]
         for index, record in enumerate(self.records):
             if not self._takes_part(record):
                 continue
