@@ -28,6 +28,7 @@ Typical commands::
     aml.py .loom/memory prune time_based performance_based
     aml.py .loom/memory prune --undo RUN_ID            # put a run's removed records back
     aml.py .loom/memory optimize all                   # gc, compress cold files, index, warm cache
+    aml.py .loom/memory optimize dedupe                # near-duplicates (--apply merges them)
     aml.py .loom/memory search --tag database --min-confidence 0.7
     aml.py .loom/memory get RECORD_ID
     aml.py .loom/memory backup restore ID --target /tmp/check
@@ -76,6 +77,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
     "IntegrityError", "ReadOnlyError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
+    "wilson_interval",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
     "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "check_is_store", "Archive",
     "load_aml_config",
@@ -398,6 +400,22 @@ def sha256_hex(data: bytes) -> str:
 def new_run_id(operation: str, now: _dt.datetime) -> str:
     """A readable, sortable, collision-free id such as ``prune_20261125_030000_a1b2c3``."""
     return "%s_%s_%s" % (operation, compact_stamp(now), secrets.token_hex(3))
+
+
+WILSON_Z = 1.959963984540054  # two-sided 95 %
+
+
+def wilson_interval(successes: float, trials: float, z: float = WILSON_Z
+                    ) -> Tuple[float, float]:
+    """The Wilson score interval of a success rate; (0.0, 1.0) without trials."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = min(1.0, max(0.0, successes / trials))
+    denom = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    low = 0.0 if p == 0.0 else max(0.0, centre - spread)
+    return low, 1.0 if p == 1.0 else min(1.0, centre + spread)
 
 
 def dig(obj: Any, *path: str) -> Any:
@@ -1002,6 +1020,8 @@ class RecordFacts:
     superseded: bool
     tags: Tuple[str, ...]
     outcome_mean: Optional[float] = None  # mean of the older toolkit's outcome.success_metrics
+    # metrics.successCount/failureCount of the 2.0.0 layout, when the record has both
+    explicit_counts: Optional[Tuple[int, int]] = None
 
     @property
     def negative_outcome(self) -> bool:
@@ -1081,7 +1101,59 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
         superseded=_is_superseded(rec),
         tags=tags,
         outcome_mean=_outcome_mean(rec),
+        explicit_counts=_explicit_outcome_counts(rec),
     )
+
+
+def _explicit_outcome_counts(record: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """(successes, failures) from the 2.0.0 layout's metrics, or None where it has none."""
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict):
+        return None
+    pair = metrics.get("successCount"), metrics.get("failureCount")
+    if all(_number(v) is not None and float(v).is_integer() and v >= 0 for v in pair):
+        return int(pair[0]), int(pair[1])
+    return None
+
+
+def outcome_counts(rate: float, count: float) -> Tuple[int, int, bool]:
+    """(successes, observed outcomes, exact) behind a running mean ``rate`` over ``count``.
+
+    The runtime creates a pattern at successRate 0.5 with executionCount 1 (a neutral prior
+    counted as one execution) and keeps a running mean, so rate x count ends in .5 and the
+    observed outcomes are ``count - 1``. A whole product is a plain ratio (hand-written
+    records). Anything else is not a ratio of outcomes: rounded, and marked not exact.
+    """
+    count = int(count)
+    product = rate * count
+    if abs(product - round(product)) < 1e-6:
+        return int(round(product)), count, True
+    if abs(product - math.floor(product) - 0.5) < 1e-6:
+        return int(math.floor(product)), count - 1, True
+    return int(math.floor(product + 0.5)), count, False
+
+
+def success_evidence(facts: RecordFacts) -> Optional[Tuple[int, int]]:
+    """(successes, observed outcomes) of a pattern: exact counts of the 2.0.0 layout where
+    present, else recovered from the running mean and execution count as migrate does."""
+    parts = outcome_evidence(facts)
+    return None if parts is None else (parts[0], parts[1])
+
+
+def outcome_evidence(facts: RecordFacts) -> Optional[Tuple[int, int, int, bool]]:
+    """(successes, observed outcomes, prior counts, exact): success_evidence plus how many
+    executions are the runtime's neutral prior (0 or 1) and whether the counts are exact."""
+    count = facts.execution_count
+    if facts.explicit_counts is not None:
+        wins, losses = facts.explicit_counts
+        # The runtime moves successRate/executionCount, never these: stale ones are not used.
+        if count is None or wins + losses in (count, count - 1):
+            return wins, wins + losses, int(count - wins - losses) if count else 0, True
+    if facts.success_rate is None or count is None or count < 0:
+        return None
+    wins, observed, exact = outcome_counts(facts.success_rate, count)
+    observed = max(0, observed)
+    return max(0, min(wins, observed)), observed, int(count) - observed, exact
 
 
 # =============================================================================
@@ -6132,6 +6204,7 @@ class PruneConfig:
     create_backup: bool = True
     max_removal_share: float = 0.5
     aggressive: bool = False
+    scoring: str = "mean"  # or "wilson": judge success rates by their 95 % interval
 
     def effective(self) -> "PruneConfig":
         """The thresholds actually applied: aggressive mode only ever tightens them."""
@@ -6144,6 +6217,7 @@ class PruneConfig:
             min_success_rate=max(self.min_success_rate, AGGRESSIVE_SUCCESS_FLOOR))
 
 
+SCORINGS = ("mean", "wilson")
 _BOOL_FIELDS = ("preserve_high_value", "dry_run", "create_backup", "aggressive")
 _SHARE_FIELDS = ("min_success_rate", "min_confidence_score", "high_value_threshold",
                  "max_removal_share")
@@ -6153,7 +6227,9 @@ def _check_prune_config(config: PruneConfig, source: str) -> PruneConfig:
     """Reject wrong types and ranges, naming where the bad value came from; raises UsageError."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.name in _BOOL_FIELDS:
+        if field.name == "scoring":
+            ok = value in SCORINGS
+        elif field.name in _BOOL_FIELDS:
             ok = isinstance(value, bool)
         else:
             ok = _number(value) is not None and value >= 0
@@ -6193,8 +6269,9 @@ def prune_config_for(store: Store, aml_config: Optional[Dict[str, Any]] = None,
 def record_value(facts: RecordFacts, config: PruneConfig) -> float:
     """A documented 0..1 worth of a record; >= high_value_threshold is kept.
 
-    Pattern: mean of its success rate (counted once executed min_execution_count times) and
-    its confidence; 0 when neither is known. Solution: 0 if it did not work or is
+    Pattern: mean of its success rate (counted once executed min_execution_count times; with
+    ``scoring="wilson"`` the lower bound of its 95 % Wilson interval) and its confidence; 0
+    when neither is known. Solution: 0 if it did not work or is
     superseded, else 0.6 (worked) or 0.3 (unknown) plus 0.1 per verification, at most 1.
     Decision: 0 for a negative outcome, 0.9 if it would be repeated, 0.5 without an outcome.
     """
@@ -6202,7 +6279,7 @@ def record_value(facts: RecordFacts, config: PruneConfig) -> float:
         parts = [facts.confidence] if facts.confidence is not None else []
         if (facts.success_rate is not None
                 and (facts.execution_count or 0) >= config.min_execution_count):
-            parts.append(facts.success_rate)
+            parts.append(_rate_bounds(facts, config)[0])
         return _clamp(sum(parts) / len(parts)) if parts else 0.0
     if facts.rtype is RecordType.SOLUTION:
         if facts.worked is False or facts.superseded:
@@ -6214,6 +6291,26 @@ def record_value(facts: RecordFacts, config: PruneConfig) -> float:
 
 def _clamp(value: float) -> float:
     return max(0.0, min(1.0, value))
+
+
+def _rate_bounds(facts: RecordFacts, config: PruneConfig) -> Tuple[float, float]:
+    """(rate to rank and protect on, rate to prune on): the success rate twice, or with
+    ``scoring="wilson"`` the lower and upper bounds of its 95 % Wilson interval."""
+    rate = facts.success_rate if facts.success_rate is not None else 0.0
+    evidence = success_evidence(facts) if config.scoring == "wilson" else None
+    if evidence is None:
+        return rate, rate
+    return wilson_interval(*evidence)
+
+
+def _wilson_details(facts: RecordFacts, config: PruneConfig) -> Dict[str, Any]:
+    """The interval a wilson-scored verdict rests on, for the report."""
+    evidence = success_evidence(facts) if config.scoring == "wilson" else None
+    if evidence is None:
+        return {}
+    low, high = wilson_interval(*evidence)
+    return {"successes": evidence[0], "trials": evidence[1], "wilson_low": round(low, 4),
+            "wilson_high": round(high, 4)}
 
 
 def is_protected(facts: RecordFacts, config: PruneConfig) -> bool:
@@ -6247,7 +6344,8 @@ def time_verdict(facts: RecordFacts, config: PruneConfig, now: _dt.datetime) -> 
         if _is_failed_pattern(facts, config) and age > config.failed_pattern_max_age_days:
             details = _age_details(facts, now, config.failed_pattern_max_age_days)
             details.update(success_rate=facts.success_rate,
-                           execution_count=_whole(facts.execution_count))
+                           execution_count=_whole(facts.execution_count),
+                           **_wilson_details(facts, config))
             return PruneReason.FAILED_PATTERN_UNUSED, details
         if age > config.pattern_max_age_days:
             return PruneReason.UNUSED_TOO_LONG, _age_details(facts, now,
@@ -6265,18 +6363,18 @@ def _whole(value: Optional[float]) -> Any:
 def _is_failed_pattern(facts: RecordFacts, config: PruneConfig) -> bool:
     """Executed at least once and succeeding less often than min_success_rate."""
     return ((facts.execution_count or 0) >= 1 and facts.success_rate is not None
-            and facts.success_rate < config.min_success_rate)
+            and _rate_bounds(facts, config)[1] < config.min_success_rate)
 
 
 def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Verdict]:
     """performance_based: failing patterns, low confidence, failed/outdated solutions, regrets."""
     if (facts.rtype is RecordType.PATTERN and facts.success_rate is not None
             and (facts.execution_count or 0) >= config.min_execution_count
-            and facts.success_rate < config.min_success_rate):
-        return PruneReason.LOW_SUCCESS_RATE, {
+            and _rate_bounds(facts, config)[1] < config.min_success_rate):
+        return PruneReason.LOW_SUCCESS_RATE, dict({
             "success_rate": facts.success_rate, "min_success_rate": config.min_success_rate,
             "execution_count": _whole(facts.execution_count),
-            "min_execution_count": config.min_execution_count}
+            "min_execution_count": config.min_execution_count}, **_wilson_details(facts, config))
     if facts.confidence is not None and facts.confidence < config.min_confidence_score:
         return PruneReason.LOW_CONFIDENCE, {"confidence": facts.confidence,
                                             "min_confidence_score": config.min_confidence_score}
@@ -6940,6 +7038,8 @@ class UndoResult:
     # {"file", "records", "why"} for every file whose records were not put back.
     not_restored: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     failed: Optional[ExitCode] = None  # the worst non-busy, non-unreadable failure seen
+    # dedupe survivors whose original could not go back yet (changed or merged again since)
+    blocked: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -6949,7 +7049,7 @@ class UndoResult:
             return ExitCode.BUSY
         if self.failed is not None:
             return self.failed
-        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
+        return ExitCode.PARTIAL if self.unreadable or self.blocked else ExitCode.OK
 
 
 def _archived_file(store: Store, rel: Any) -> Path:
@@ -6962,15 +7062,18 @@ def _archived_file(store: Store, rel: Any) -> Path:
 
 
 def undo_run(store: Store, run_id: str) -> UndoResult:
-    """Return the files of an archived run (prune, gc or any other) to their pre-run content.
+    """Return the files of an archived run (prune, gc, dedupe or any other) to their pre-run
+    content.
 
     Per file and per distinct record content, the file must hold as many copies as it did
     before the run: the copies the run kept (``copies_kept`` of its last entry) plus the
     copies it archived. Only what is missing is inserted, at its original position, so an
     undo after a crash mid-run, or a second undo after a partial one, puts back exactly what
     the file lacks. Every archive part is verified before anything changes; then files are
-    restored one at a time. A file that is busy, unreadable, or cannot be written is listed in
-    ``not_restored`` with why, and the run is marked undone only when nothing was left out.
+    restored one at a time. A dedupe run's merged survivors are taken out first and their
+    originals put back (``blocked`` lists clusters that must wait; see _unmerge_survivors).
+    A file that is busy, unreadable, or cannot be written is listed in ``not_restored`` with
+    why, and the run is marked undone only when nothing was left out or blocked.
     Raises UsageError (no such run), IntegrityError (corrupt archive), StoreBusyError.
     """
     archive = Archive(store)
@@ -6991,8 +7094,10 @@ def undo_run(store: Store, run_id: str) -> UndoResult:
         for rel, names in files.items():  # records stay text until they are put back
             entries = [e for name in names for e in read(name) if e.get("file") == rel]
             _restore_file(store, paths[rel], rel, entries, result)
-        if not result.not_restored:
+        if not result.not_restored and not result.blocked:
             archive.mark_undone(run_id, store.now)
+        if manifest.get("operation") == "dedupe":  # its merged records point nowhere now
+            rebuild_supersede_map(store)
     return result
 
 
@@ -7030,7 +7135,10 @@ def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, An
                 if not path.exists():
                     write_json_file(path, [])
         with store.rewrite(path) as job:
-            job.changed = _insert_entries(job.data, entries, result) > 0
+            # Dedupe runs archive each survivor's pre-merge version: its merged version
+            # leaves first, so the original goes back in its place (no-op for other runs).
+            entries, unmerged = _unmerge_survivors(job.data, entries, result)
+            job.changed = _insert_entries(job.data, entries, result) + unmerged > 0
         return
     except StoreBusyError as exc:
         result.busy.append(str(exc))
@@ -7073,6 +7181,45 @@ def _copies_kept_of(entry: Dict[str, Any]) -> int:
     if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 0:
         return kept
     return 1 if entry.get("reason") == "duplicate" else 0  # GcReason.DUPLICATE
+
+
+def _unmerge_survivors(data: List[Any], entries: List[Dict[str, Any]], result: UndoResult
+                       ) -> Tuple[List[Dict[str, Any]], int]:
+    """Take each dedupe survivor's merged version out of ``data``; returns the entries still
+    to insert and how many were taken out.
+
+    A survivor entry (reason ``merge_survivor``) names the sha256 of the merged text aml
+    wrote. Found: it leaves, and the original is inserted with the merged records. The
+    original itself present (a crash before the rewrite): nothing to do. Anything else (the
+    survivor changed since, or a later run merged it away): the original stays in the
+    archive, the run stays not undone (``blocked``) and the undo can be rerun later.
+    """
+    keep, removed = [], 0
+    for entry in entries:
+        if entry.get("reason") != SURVIVOR_REASON:
+            keep.append(entry)
+            continue
+        rid, wanted = entry.get("id"), (entry.get("details") or {}).get("merged_sha256")
+        at = [i for i, r in enumerate(data) if isinstance(r, dict) and r.get("id") == rid]
+        texts = {i: archived_record_text(data[i]) for i in at}
+        merged = [i for i in at if sha256_hex(texts[i].encode("utf-8")) == wanted]
+        if merged:
+            del data[merged[0]]
+            removed += 1
+            keep.append(entry)
+        elif any(_canonical(data[i]) == _canonical(_entry_record(entry)) for i in at):
+            result.skipped.append({"file": entry.get("file"), "id": rid,
+                                   "index": entry.get("index"), "why": "present again"})
+        else:
+            result.blocked.append({"file": entry.get("file"), "id": rid, "why": (
+                "survivor changed since the merge; its original stays archived" if at else
+                "survivor is gone (merged or removed by a later run: undo that run first)")})
+    held = {b["id"] for b in result.blocked}  # its merged records wait with it
+    for entry in [e for e in keep if (e.get("details") or {}).get("supersededBy") in held]:
+        keep.remove(entry)
+        result.blocked.append({"file": entry.get("file"), "id": entry.get("id"), "why":
+                               "waits for its survivor %s" % entry["details"]["supersededBy"]})
+    return keep, removed
 
 
 def _entry_record(entry: Dict[str, Any]) -> Any:
@@ -7126,6 +7273,8 @@ class OptimizeConfig:
     cache_max_bytes: int = DEFAULT_CACHE_BYTES
     workers: int = 0  # compress/decompress threads; 0 = two per CPU core
     create_backup: bool = True
+    dedupe: bool = False  # make dedupe (merging) a step of ``optimize all``
+    dedupe_threshold: float = 0.85  # Jaccard of the knowledge shingles to call a near-duplicate
 
 
 @dataclasses.dataclass
@@ -7613,8 +7762,749 @@ def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans
         index.refresh()
 
 
+# -- consolidation: optimize dedupe ---------------------------------------------
+# Near-duplicates within one agent and one record type (one file): the knowledge fields'
+# text, normalised, in word 3-gram shingles labelled by field; a one-permutation MinHash
+# (blake2b of every word, 32 bins) with LSH banding (8 bands of 4 bins) proposes candidates,
+# so no pair is compared unless it shares a band; then the exact Jaccard of the shingle sets
+# and the false-merge guard decide. A merge supersedes: the survivor keeps its id and absorbs
+# the evidence; each merged record and the survivor's old version go to the archive first.
+
+DEDUPE_REASON = "near_duplicate"
+SURVIVOR_REASON = "merge_survivor"
+SUPERSEDE_STATE = "superseded.json"
+_BIN_BITS = 6
+_BINS = 1 << _BIN_BITS  # 64 bins in 8 bands of 8: pairs at Jaccard 0.85 meet in a band with
+_BAND_ROWS = 8          # p = 0.92, at 0.9 with 0.99, at 0.6 with 0.13 (1 - (1 - J^8)^8)
+_BUCKET_WINDOW = 32  # a record is compared with at most this many earlier bucket mates
+_MASK64 = (1 << 64) - 1
+
+# The fields that carry the knowledge, per type (SPEC 2.1); stack trace hashes and related
+# pattern ids are references, not knowledge.
+_KNOWLEDGE = {
+    RecordType.PATTERN: (("pattern", "type"), ("pattern", "context"),
+                         ("pattern", "approach", "technique"),
+                         ("pattern", "approach", "codeTemplate"),
+                         ("pattern", "approach", "rationale"), ("pattern", "approach", "steps"),
+                         ("pattern", "conditions", "whenApplicable"),
+                         ("pattern", "conditions", "whenNotApplicable")),
+    RecordType.SOLUTION: (("problem", "errorType"), ("problem", "errorMessage"),
+                          ("problem", "context"), ("solution", "rootCause"),
+                          ("solution", "fixApproach"), ("solution", "codeFix"),
+                          ("solution", "prevention")),
+    RecordType.DECISION: (("decision", "type"), ("decision", "question"),
+                          ("decision", "chosenOption"), ("decision", "context")),
+}
+_NOT_KNOWLEDGE = frozenset({"stackTraceHash", "relatedPatterns"})
+_WORD_RE = re.compile(r"\w+")
+_TOKEN_RE = re.compile(r"[^\s,;()\[\]{}<>\"'`=]+")
+_QUOTED_RE = re.compile(r"'([^'\n]{1,80})'|\"([^\"\n]{1,80})\"|`([^`\n]{1,80})`")
+_VERSION_RE = re.compile(r"v?\d+(?:\.\d+)+\w*", re.IGNORECASE)
+_CODE_RE = re.compile(r"[A-Z][A-Z0-9_]{2,}|[A-Z]{1,5}-?\d+|0x[0-9a-fA-F]+")
+_IDENT_RE = re.compile(r"[a-z]+[A-Z]\w*|[A-Z][a-z0-9]+[A-Z]\w*|\w+_\w+|\w+(?:\.\w+)+|\w+\(\)")
+_NEGATIONS = frozenset({"not", "no", "never", "don't", "doesn't", "isn't", "can't", "cannot",
+                        "won't", "shouldn't", "without", "avoid", "nor"})
+# Guard classes in the order they are reported.
+FACT_CLASSES = ("context", "path", "version", "error_code", "number", "identifier", "negation")
+
+
+def knowledge_fragments(rtype: RecordType, record: Any) -> List[Tuple[str, str]]:
+    """(field label, text) of every scalar in a record's knowledge fields, in record order."""
+    out: List[Tuple[str, str]] = []
+    for path in _KNOWLEDGE[rtype]:
+        _walk_fragments(dig(record, *path), ".".join(path), out)
+    return out
+
+
+def _walk_fragments(value: Any, label: str, out: List[Tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _NOT_KNOWLEDGE:
+                _walk_fragments(item, "%s.%s" % (label, key), out)
+    elif isinstance(value, list):
+        for item in value:
+            _walk_fragments(item, label, out)
+    elif isinstance(value, str):
+        out.append((label, value))
+    elif value is not None:
+        out.append((label, json.dumps(value)))
+
+
+def knowledge_units(rtype: RecordType, record: Any) -> List[Tuple[int, str]]:
+    """(field number, text) of each knowledge field present: strings as they are, other
+    values as their compact JSON (an object's keys then read as words too)."""
+    out = []
+    for number, path in enumerate(_KNOWLEDGE[rtype]):
+        value = record
+        for key in path:  # dig(), inlined: this runs for every record of the store
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            out.append((number, value))
+        elif value is not None:
+            out.append((number, _UNIT_JSON(value)))
+    return out
+
+
+# One encoder for every unit: json.dumps with options builds a new encoder per call.
+_UNIT_JSON = json.JSONEncoder(ensure_ascii=False).encode
+
+
+class _Shingler:
+    """Word hashes (blake2b, cached per file) and the field-tagged 3-gram shingles of a record."""
+
+    def __init__(self) -> None:
+        self.words: Dict[str, int] = {}
+
+    def _hashes(self, words: List[str]) -> List[int]:
+        cache = self.words
+        ids = list(map(cache.get, words))
+        if None in ids:
+            for n, word in enumerate(words):
+                if ids[n] is None:
+                    ids[n] = cache[word] = int.from_bytes(hashlib.blake2b(
+                        word.encode("utf-8"), digest_size=8).digest(), "little")
+        return ids
+
+    def shingles(self, units: List[Tuple[int, str]]) -> Set[int]:
+        """Hashes of (field, w1, w2, w3) for every 3 words in a row of each field (a shorter
+        field is one shingle): every shingle knows its field, so moving words between fields
+        (``whenApplicable`` to ``whenNotApplicable``) changes them."""
+        out: Set[int] = set()
+        for number, text in units:
+            ids = self._hashes(_WORD_RE.findall(text.lower()))
+            if len(ids) < 3:
+                out.add(hash((number, *ids)) & _MASK64)
+            else:
+                out.update(map(_MASK64.__and__, map(hash, zip(
+                    itertools.repeat(number), ids, ids[1:], ids[2:]))))
+        return out
+
+
+def minhash_bands(shingles: Set[int]) -> List[Optional[int]]:
+    """One-permutation MinHash (the least hash in each of _BINS bins by its top bits; a
+    descending sort lets dict() keep the least per bin at C speed), folded into one key per
+    LSH band of _BAND_ROWS bins, plus two sketch keys for short records (None: no key)."""
+    ordered = sorted(shingles, reverse=True)
+    least = dict(zip(map(operator.rshift, ordered, itertools.repeat(64 - _BIN_BITS)), ordered))
+    signature = tuple(map(least.get, range(_BINS)))
+    # A band of fewer than two filled bins says too little (short records have many; one
+    # shingle such as a decision's type would put a tenth of the file in one bucket).
+    keys: List[Optional[int]] = []
+    for band in range(0, _BINS, _BAND_ROWS):
+        rows = signature[band:band + _BAND_ROWS]
+        keys.append(hash(rows) ^ band if _BAND_ROWS - rows.count(None) >= 2 else None)
+    # A short record keys few bands, so it also gets its 3 least and 3 greatest hashes
+    # (bottom-k and top-k sketches: two copies at Jaccard 0.94 share one with p = 0.97).
+    short = len(ordered) < _BINS // 2
+    keys.append(hash(("least",) + tuple(ordered[-3:])) if short else None)
+    keys.append(hash(("greatest",) + tuple(ordered[:3])) if short else None)
+    return keys
+
+
+def jaccard(a: Set[int], b: Set[int]) -> float:
+    """|a & b| / |a | b| (1.0 for two empty sets)."""
+    if not a and not b:
+        return 1.0
+    common = len(a & b)
+    return common / (len(a) + len(b) - common)
+
+
+def record_facts_for_guard(fragments: List[Tuple[str, str]]) -> Dict[str, "collections.Counter"]:
+    """Per guard class, the (field, token) multiset of context values (a pattern's, problem's
+    or decision's context, each value whole), numbers, versions, paths, error codes,
+    identifiers and negations in the knowledge text: two records merge only if all agree."""
+    found: Dict[str, collections.Counter] = {name: collections.Counter() for name in FACT_CLASSES}
+    for label, text in fragments:
+        if ".context" in label:  # where the knowledge applies: typescript/nestjs is not python
+            found["context"][(label, " ".join(text.lower().split()))] += 1
+        for match in _QUOTED_RE.finditer(text):
+            found["identifier"][(label, next(g for g in match.groups() if g is not None))] += 1
+        for token in _TOKEN_RE.findall(text):
+            kind = _fact_class(token.strip(".:!?"))
+            if kind is not None:
+                found[kind][(label, token.strip(".:!?").lower() if kind == "negation"
+                             else token.strip(".:!?"))] += 1
+    return found
+
+
+def _fact_class(token: str) -> Optional[str]:
+    if not token:
+        return None
+    if "/" in token or "\\" in token:
+        return "path"
+    if _VERSION_RE.fullmatch(token):
+        return "version"
+    if _CODE_RE.fullmatch(token):
+        return "error_code"
+    if any(ch.isdigit() for ch in token):
+        return "number"
+    if _IDENT_RE.fullmatch(token):
+        return "identifier"
+    return "negation" if token.lower() in _NEGATIONS else None
+
+
+class _Candidate:
+    """What dedupe knows about one record of a file while it looks for its near-duplicates."""
+
+    __slots__ = ("index", "id", "facts", "fragments", "shingles", "guard")
+
+    def __init__(self, index: int, record: Dict[str, Any], rtype: RecordType,
+                 shingles: Set[int]):
+        self.index, self.id, self.facts = index, record["id"], record_facts(rtype, record)
+        self.fragments, self.shingles = knowledge_fragments(rtype, record), shingles
+        self.guard: Optional[Dict[str, collections.Counter]] = None
+
+    def guard_facts(self) -> Dict[str, "collections.Counter"]:
+        """The guard's fact multisets, computed on first use (only candidates need them)."""
+        if self.guard is None:
+            self.guard = record_facts_for_guard(self.fragments)
+        return self.guard
+
+    def evidence(self) -> float:
+        """How much evidence the record carries: observed outcomes, verifications, outcome."""
+        facts = self.facts
+        if facts.rtype is RecordType.PATTERN:
+            seen = success_evidence(facts)
+            return float(seen[1]) if seen else 0.0
+        if facts.rtype is RecordType.SOLUTION:
+            return max(0.0, facts.verified_count or 0.0) + (facts.worked is not None)
+        return float(facts.would_repeat is not None)
+
+    def rank(self) -> Tuple[bool, float, float, int]:
+        """Survivor order: pinned, most evidence, then most recent use, then first in file."""
+        return self.facts.pinned, self.evidence(), _moment(self.facts.last_activity), -self.index
+
+
+def outcome_conflict(a: RecordFacts, b: RecordFacts) -> Optional[str]:
+    """Why two records' outcomes disagree, or None: a solution that worked and one that did
+    not, a decision repeated and one regretted, or patterns whose 95 % Wilson intervals of
+    success do not overlap (their evidence cannot be one rate)."""
+    if a.rtype is RecordType.SOLUTION and a.worked != b.worked:
+        return "worked %s vs %s" % (_flag(a.worked), _flag(b.worked))
+    if a.rtype is RecordType.DECISION and a.would_repeat != b.would_repeat:
+        return "wouldRepeat %s vs %s" % (_flag(a.would_repeat), _flag(b.would_repeat))
+    if a.rtype is RecordType.PATTERN:
+        ea, eb = success_evidence(a), success_evidence(b)
+        if ea and eb and ea[1] and eb[1]:
+            la, ha = wilson_interval(*ea)
+            lb, hb = wilson_interval(*eb)
+            if ha < lb or hb < la:
+                return "success %d/%d vs %d/%d" % (ea + eb)
+    return None
+
+
+def _flag(value: Optional[bool]) -> str:
+    return {True: "true", False: "false", None: "absent"}[value]
+
+
+def guard_conflict(a: _Candidate, b: _Candidate) -> Optional[Tuple[str, str]]:
+    """(guard class, what differs) when two similar records must not merge, else None."""
+    if a.facts.active != b.facts.active:
+        return "state", "active %s vs %s" % (_flag(a.facts.active), _flag(b.facts.active))
+    outcome = outcome_conflict(a.facts, b.facts)
+    if outcome:
+        return "outcome", outcome
+    fa, fb = a.guard_facts(), b.guard_facts()
+    for kind in FACT_CLASSES:
+        if fa[kind] != fb[kind]:
+            only_a = sorted(t for _, t in (fa[kind] - fb[kind]))
+            only_b = sorted(t for _, t in (fb[kind] - fa[kind]))
+            return kind, "%s vs %s" % (", ".join(only_a) or "-", ", ".join(only_b) or "-")
+    return None
+
+
+def text_differences(a: _Candidate, b: _Candidate, limit: int = 6) -> List[str]:
+    """Words one record's knowledge has and the other's lacks, per field (``-`` a, ``+`` b)."""
+    words = lambda c: collections.Counter(  # noqa: E731
+        (label, w) for label, text in c.fragments for w in _WORD_RE.findall(text.lower()))
+    wa, wb = words(a), words(b)
+    fields: Dict[str, List[str]] = {}
+    for sign, extra in (("-", wa - wb), ("+", wb - wa)):
+        for label, word in sorted(extra):
+            fields.setdefault(label, []).append(sign + word)
+    diffs = ["%s: %s" % (label, " ".join(changes[:limit]) + (
+        " ... %d more" % (len(changes) - limit) if len(changes) > limit else ""))
+             for label, changes in sorted(fields.items())]
+    if not diffs and a.fragments != b.fragments:
+        diffs = ["punctuation or case only"]
+    return diffs[:limit]
+
+
+def _eligible(record: Any) -> bool:
+    """Whether dedupe may consider a record: an object with an id, not superseded."""
+    return (isinstance(record, dict) and isinstance(record.get("id"), str) and bool(record["id"])
+            and not _is_superseded(record))
+
+
+class _FileDedupe:
+    """Finds the clusters of one record file. Only LSH band keys are kept for every record;
+    shingle sets and guard facts are rebuilt for the few records that meet a candidate."""
+
+    def __init__(self, rtype: RecordType, records: List[Any], threshold: float):
+        self.rtype, self.records, self.threshold = rtype, records, threshold
+        self.shingler = _Shingler()
+        self.cache: Dict[int, Optional[_Candidate]] = {}
+        self.held: Dict[Tuple[int, int], Dict[str, Any]] = {}  # similar pairs the guard kept apart
+        # An id held by two records is gc's business (exact duplicate or id conflict).
+        ids = collections.Counter(r.get("id") for r in records if isinstance(r, dict))
+        self.shared_ids = {rid for rid, n in ids.items() if n > 1}
+
+    def _takes_part(self, record: Any) -> bool:
+        return _eligible(record) and record["id"] not in self.shared_ids
+
+    def candidate(self, index: int) -> Optional[_Candidate]:
+        """The record at ``index`` ready for comparison (None if it cannot take part)."""
+        if index not in self.cache:
+            record = self.records[index]
+            units = knowledge_units(self.rtype, record) if self._takes_part(record) else []
+            self.cache[index] = (_Candidate(index, record, self.rtype,
+                                            self.shingler.shingles(units)) if units else None)
+        return self.cache[index]
+
+    def buckets(self) -> List[Dict[int, List[int]]]:
+        """Per LSH band, band key -> record positions (every eligible record, one pass)."""
+        bands: List[Dict[int, List[int]]] = [{} for _ in range(_BINS // _BAND_ROWS + 2)]
+        for index, record in enumerate(self.records):
+            if not self._takes_part(record):
+                continue
+            units = knowledge_units(self.rtype, record)
+            if not units:
+                continue
+            for band, key in zip(bands, minhash_bands(self.shingler.shingles(units))):
+                if key is not None:
+                    band.setdefault(key, []).append(index)
+        return bands
+
+    def similarity(self, a: _Candidate, b: _Candidate) -> Optional[float]:
+        """The Jaccard of two records when they may merge; None when below the threshold, the
+        same id (gc's business) or kept apart by the guard (counted per guard class)."""
+        if a.id == b.id:
+            return None
+        score = jaccard(a.shingles, b.shingles)
+        if score < self.threshold:
+            return None
+        conflict = guard_conflict(a, b)
+        if conflict is not None:
+            first, second = (a, b) if a.index < b.index else (b, a)
+            self.held[(first.index, second.index)] = {
+                "ids": [first.id, second.id], "indexes": [first.index, second.index],
+                "guard": conflict[0], "differs": conflict[1], "similarity": round(score, 4)}
+            return None
+        return score
+
+    def clusters(self) -> List[Tuple[_Candidate, List[Tuple[_Candidate, float]]]]:
+        """(survivor, [(merged record, similarity)]) for each cluster, in file order."""
+        parent: Dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while parent.get(x, x) != x:
+                parent[x] = parent.get(parent[x], parent[x])
+                x = parent[x]
+            return x
+        checked: Set[Tuple[int, int]] = set()
+        for band in self.buckets():
+            for members in band.values():
+                for n in range(1, len(members)):
+                    b = members[n]
+                    for a in members[max(0, n - _BUCKET_WINDOW):n]:
+                        if (a, b) in checked or find(a) == find(b):
+                            continue
+                        checked.add((a, b))
+                        ca, cb = self.candidate(a), self.candidate(b)
+                        if ca and cb and self.similarity(ca, cb) is not None:
+                            parent[find(b)] = find(a)
+        groups: Dict[int, List[int]] = {}
+        for index in parent:
+            groups.setdefault(find(index), []).append(index)
+        found = []
+        for group in sorted(groups.values(), key=min):
+            found.extend(self._split(sorted(set(group) | {find(group[0])})))
+        return found
+
+    def _split(self, group: List[int]) -> List[Tuple[_Candidate, List[Tuple[_Candidate, float]]]]:
+        """Clusters of one connected group, each member compared with its survivor directly
+        (similarity is not transitive: A~B and B~C do not make A~C)."""
+        remaining = [c for c in (self.candidate(i) for i in group) if c is not None]
+        out = []
+        while len(remaining) > 1:
+            survivor = max(remaining, key=_Candidate.rank)
+            members = []
+            for cand in remaining:
+                if cand is not survivor and not cand.facts.pinned:
+                    score = self.similarity(survivor, cand)
+                    if score is not None:
+                        members.append((cand, score))
+            if members:
+                out.append((survivor, members))
+            taken = {survivor.index} | {c.index for c, _ in members}
+            remaining = [c for c in remaining if c.index not in taken]
+        return out
+
+
+# -- the merge: evidence adds up -----------------------------------------------
+
+def _json_number(value: float) -> Any:
+    """A number as the runtime writes it: integral values without a fraction."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _set_present(record: Dict[str, Any], field: str, value: Any) -> None:
+    """Set a logical field where the record keeps it (first layout present); else nowhere."""
+    for path in FIELD_PATHS[field]:
+        holder = dig(record, *path[:-1]) if len(path) > 1 else record
+        if isinstance(holder, dict) and holder.get(path[-1]) is not None:
+            holder[path[-1]] = value
+            return
+
+
+def _sum_field(out: Dict[str, Any], records: List[Dict[str, Any]], field: str) -> None:
+    values = [_number(first_value(r, field)) for r in records]
+    if _number(first_value(out, field)) is not None:
+        _set_present(out, field, _json_number(sum(v for v in values if v is not None)))
+
+
+def _merge_pattern_evidence(out: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
+    """Outcomes add (one neutral prior at most, as if one record had seen them all); the rate
+    is recomputed from the counts; time saved is weighted by executions."""
+    facts = [record_facts(RecordType.PATTERN, r) for r in records]
+    parts = [outcome_evidence(f) for f in facts]
+    if parts[0] is not None:
+        known = [p for p in parts if p is not None]
+        wins, seen = sum(p[0] for p in known), sum(p[1] for p in known)
+        prior = 1 if any(p[2] for p in known) else 0
+        count = seen + prior
+        if count:
+            _set_present(out, "execution_count", count)
+            _set_present(out, "success_rate", _json_number((wins + 0.5 * prior) / count))
+        metrics = out.get("metrics")
+        if isinstance(metrics, dict) and "successCount" in metrics and "failureCount" in metrics:
+            metrics["successCount"], metrics["failureCount"] = wins, seen - wins
+            if not all(p[3] for p in known):
+                metrics["countsApproximate"] = True
+    weights = [(f.execution_count or 0, _number(first_value(r, "avg_time_saved")))
+               for f, r in zip(facts, records)]
+    total = sum(w for w, v in weights if v is not None)
+    if total > 0 and _number(first_value(out, "avg_time_saved")) is not None:
+        saved = sum(w * v for w, v in weights if v is not None) / total
+        _set_present(out, "avg_time_saved", _json_number(round(saved, 2)))
+    for field in ("error_prevention", "refinements"):
+        _sum_field(out, records, field)
+
+
+def _latest(records: List[Dict[str, Any]], field: str, earliest: bool = False) -> Any:
+    """The raw value of ``field`` from the record where it is latest (or earliest)."""
+    stamped = [(parse_timestamp(first_value(r, field)), first_value(r, field)) for r in records]
+    stamped = [(t, raw) for t, raw in stamped if t is not None]
+    if not stamped:
+        return None
+    pick = (min if earliest else max)(stamped, key=lambda item: item[0])
+    return pick[1]
+
+
+def _union(lists: Iterable[Any]) -> List[Any]:
+    out: List[Any] = []
+    seen: Set[str] = set()
+    for items in lists:
+        for item in items if isinstance(items, list) else ():
+            key = _canonical(item)
+            if key not in seen:
+                seen.add(key)
+                out.append(item)
+    return out
+
+
+def merge_records(rtype: RecordType, survivor: Dict[str, Any],
+                  others: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The survivor after absorbing ``others``: same id, key order and layout; counts add,
+    rates are recomputed from counts, the latest use wins, tags (and a solution's related
+    patterns) are the union. The inputs are not changed."""
+    out = parse_json_text(archived_record_text(survivor))
+    records = [survivor] + list(others)
+    if rtype is RecordType.PATTERN:
+        _merge_pattern_evidence(out, records)
+    elif rtype is RecordType.SOLUTION:
+        for key in ("verifiedCount", "verified_count"):
+            if _number(out.get(key)) is not None:
+                out[key] = _json_number(sum(_number(r.get(key)) or 0 for r in records))
+        effect = out.get("effectiveness")
+        for key in ("preventedRecurrence", "relatedErrorsFixed"):
+            if isinstance(effect, dict) and _number(effect.get(key)) is not None:
+                effect[key] = _json_number(sum(_number(dig(r, "effectiveness", key)) or 0
+                                               for r in records))
+        if isinstance(dig(out, "solution", "relatedPatterns"), list):
+            out["solution"]["relatedPatterns"] = _union(dig(r, "solution", "relatedPatterns")
+                                                        for r in records)
+    for field, earliest in (("last_used", False), ("created", True), ("reviewed", False)):
+        value = _latest(records, field, earliest)
+        if value is not None:
+            _set_present(out, field, value)
+    if isinstance(out.get("tags"), list) or any(isinstance(r.get("tags"), list) for r in others):
+        tags = _union(r.get("tags") for r in records)
+        if tags or "tags" in out:
+            out["tags"] = tags
+    return out
+
+
+# -- planning and applying a dedupe run ------------------------------------------
+
+@dataclasses.dataclass
+class DedupeCluster:
+    """One cluster: the record that survives (and why) and those it absorbs."""
+
+    agent: str
+    file: str
+    type: str
+    survivor_id: str
+    survivor_index: int
+    why: str
+    members: List[Dict[str, Any]]  # id, index, similarity, differs
+
+
+@dataclasses.dataclass
+class DedupeResult:
+    """What ``optimize dedupe`` found and, with ``apply``, merged."""
+
+    dry_run: bool
+    threshold: float
+    run_id: Optional[str] = None
+    clusters: List[DedupeCluster] = dataclasses.field(default_factory=list)
+    held_apart: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    files: int = 0
+    records: int = 0
+    merged: int = 0
+    refused_agents: List[str] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
+    busy: List[str] = dataclasses.field(default_factory=list)
+    backup_id: Optional[str] = None
+    repointed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def guarded(self) -> Dict[str, int]:
+        """Similar pairs the guard kept apart, per guard class."""
+        return dict(collections.Counter(h["guard"] for h in self.held_apart))
+
+
+@dataclasses.dataclass
+class _DedupeFile:
+    """One file's plan: its content digest as planned and the clusters found in it."""
+
+    data_file: DataFile
+    rel: str
+    digest: str
+    clusters: List[Tuple[_Candidate, List[Tuple[_Candidate, float]]]]
+
+
+def _survivor_why(survivor: _Candidate, members: List[Tuple[_Candidate, float]]) -> str:
+    best = max((c for c, _ in members), key=_Candidate.rank)
+    if survivor.facts.pinned:
+        return "pinned"
+    if survivor.evidence() != best.evidence():
+        return "most evidence (%g vs %g)" % (survivor.evidence(), best.evidence())
+    if _moment(survivor.facts.last_activity) != _moment(best.facts.last_activity):
+        return "same evidence, most recent use (%s)" % format_timestamp(
+            survivor.facts.last_activity)
+    return "same evidence and use, first in the file"
+
+
+def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], threshold: float,
+                      result: Optional[DedupeResult]) -> _DedupeFile:
+    """Find one file's clusters and describe them in ``result`` (when given)."""
+    finder = _FileDedupe(data_file.rtype, records, threshold)
+    clusters = finder.clusters()
+    rel = data_file.path.relative_to(store.root).as_posix()
+    if result is None:
+        return _DedupeFile(data_file, rel, "", clusters)
+    for survivor, members in clusters:
+        result.clusters.append(DedupeCluster(
+            data_file.agent, rel, data_file.rtype.value, survivor.id, survivor.index,
+            _survivor_why(survivor, members),
+            [{"id": c.id, "index": c.index, "similarity": round(score, 4),
+              "differs": text_differences(survivor, c)} for c, score in members]))
+    result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
+    return _DedupeFile(data_file, rel, _digest(records), clusters)
+
+
+def _merged_survivors(plan: _DedupeFile, records: List[Any]
+                      ) -> Dict[int, Tuple[Dict[str, Any], List[int]]]:
+    """{survivor index: (merged survivor, merged positions)} for the clusters whose merged
+    record the runtime would accept (a merge never makes a valid record invalid)."""
+    rtype, out = plan.data_file.rtype, {}
+    for survivor, members in plan.clusters:
+        original = records[survivor.index]
+        merged = merge_records(rtype, original, [records[c.index] for c, _ in members])
+        if runtime_problems(rtype, merged) and not runtime_problems(rtype, original):
+            continue
+        out[survivor.index] = (merged, [c.index for c, _ in members])
+    return out
+
+
+def _dedupe_entries(plan: _DedupeFile, records: List[Any],
+                    merges: Dict[int, Tuple[Dict[str, Any], List[int]]],
+                    similarity: Dict[int, float]) -> List[Dict[str, Any]]:
+    """Archive entries: every merged record (supersededBy, similarity) and each survivor's
+    pre-merge version (with the digest of its merged text, so undo can recognise it)."""
+    base = {"agent": plan.data_file.agent, "file": plan.rel, "type": plan.data_file.rtype.value}
+    entries = []
+    for index, (merged, positions) in sorted(merges.items()):
+        survivor_id = records[index]["id"]
+        entries.append(dict(base, id=survivor_id, index=index, reason=SURVIVOR_REASON, details={
+            "merged": [records[i]["id"] for i in positions],
+            "merged_sha256": sha256_hex(archived_record_text(merged).encode("utf-8"))},
+            record_text=archived_record_text(records[index])))
+        entries.extend(dict(base, id=records[i]["id"], index=i, reason=DEDUPE_REASON, details={
+            "supersededBy": survivor_id, "similarity": round(similarity[i], 4),
+            "reason": "near-duplicate of %s (Jaccard %.3f)" % (survivor_id, similarity[i])},
+            record_text=archived_record_text(records[i])) for i in positions)
+    return sorted(entries, key=lambda e: e["index"])
+
+
+def dedupe_store(store: Store, threshold: float = 0.85, dry_run: bool = True,
+                 force: bool = False, backup: Optional[Callable[[], str]] = None,
+                 agents: Optional[Sequence[str]] = None) -> DedupeResult:
+    """Find near-duplicate clusters in every agent file and, unless ``dry_run``, merge them.
+
+    A dry run (the default) reads and reports only: it creates nothing. A real run takes the
+    maintenance lock, refuses (RefusedError, naming the agents) when it would merge away more
+    than half of an agent's records unless ``force``, runs ``backup`` before the first change,
+    archives every merged record and each survivor's old version (undo: ``prune --undo RUN``),
+    then rewrites each file under the runtime's lock, keeping its gzip or plain encoding.
+    Raises UsageError for a threshold outside (0, 1], StoreBusyError.
+    """
+    if not (_number(threshold) is not None and 0 < threshold <= 1):
+        raise UsageError("dedupe threshold %r must be in (0, 1]" % (threshold,))
+    lock = contextlib.nullcontext() if dry_run else store.maintenance_lock()
+    with lock, paused_cyclic_gc():
+        clock = time.monotonic()
+        result = DedupeResult(dry_run=dry_run, threshold=threshold)
+        plans = _plan_dedupe(store, threshold, force, agents, result)
+        if not dry_run and plans:
+            if result.refused_agents:
+                raise RefusedError("dedupe would merge away more than half of the records of "
+                                   "%s; check the threshold, then rerun with --force"
+                                   % ", ".join(result.refused_agents))
+            _apply_dedupe(store, plans, backup, result)
+        result.seconds = time.monotonic() - clock
+    return result
+
+
+def _plan_dedupe(store: Store, threshold: float, force: bool, agents: Optional[Sequence[str]],
+                 result: DedupeResult) -> List[_DedupeFile]:
+    """Plan every readable file (one in memory at a time); mark agents the guard refuses."""
+    plans = []
+    for agent in store.select_agents(agents):
+        mine, total = [], 0
+        for data_file in store.record_files(agent):
+            try:
+                records = store.load_records(data_file)[0]
+            except CorruptFileError as exc:
+                result.unreadable.append(str(exc))
+                continue
+            result.files += 1
+            result.records += len(records)
+            total += len(records)
+            plan = _plan_dedupe_file(store, data_file, records, threshold, result)
+            if plan.clusters:
+                mine.append(plan)
+            del records
+        merged = sum(len(members) for p in mine for _, members in p.clusters)
+        if merged * 2 > total and not force:
+            result.refused_agents.append(agent)
+        plans.extend(mine)
+    result.merged = sum(len(c.members) for c in result.clusters)
+    return plans
+
+
+def _apply_dedupe(store: Store, plans: List[_DedupeFile], backup: Optional[Callable[[], str]],
+                  result: DedupeResult) -> None:
+    """Back up, archive and rewrite each planned file; then refresh the supersede map."""
+    result.run_id = new_run_id("dedupe", store.now)
+    if backup is not None:
+        result.backup_id = backup()
+    archive = Archive(store)
+    archive.begin(result.run_id, "dedupe")
+    result.merged = 0
+    for part, plan in enumerate(plans, 1):
+        result.merged += _apply_dedupe_file(store, archive, result, plan, part)
+    entries = sum(len(archive.read_part(result.run_id, n, records=False))
+                  for n in archive.part_names(result.run_id))
+    archive.finish(result.run_id, {"entries": entries,
+                                   "parts": len(archive.part_names(result.run_id))})
+    result.repointed = rebuild_supersede_map(store)
+
+
+def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, plan: _DedupeFile,
+                       part: int) -> int:
+    """Merge one file's clusters under its lock: archive part first, then the rewrite.
+    A file the runtime changed since planning is planned again from what is there now."""
+    try:
+        with store.rewrite(plan.data_file.path) as job:
+            if _digest(job.data) != plan.digest:
+                plan = _plan_dedupe_file(store, plan.data_file, job.data, result.threshold, None)
+            merges = _merged_survivors(plan, job.data)
+            if not merges:
+                return 0
+            similarity = {c.index: score for _, members in plan.clusters for c, score in members}
+            archive.write_part(result.run_id, part,
+                               _dedupe_entries(plan, job.data, merges, similarity))
+            gone = {i for _, positions in merges.values() for i in positions}
+            job.data = [merges[i][0] if i in merges else record
+                        for i, record in enumerate(job.data) if i not in gone]
+            job.changed = True
+    except StoreBusyError as exc:
+        result.busy.append(str(exc))
+        return 0
+    except CorruptFileError as exc:
+        result.unreadable.append(str(exc))
+        return 0
+    return len(gone)
+
+
+def rebuild_supersede_map(store: Store) -> int:
+    """Rewrite ``.aml/superseded.json`` from the archives of dedupe runs not undone.
+
+    Maps ``agent/type/id`` of every merged record to its final survivor (no chains: a record
+    merged into a survivor that a later run merged points at the last one), its direct
+    survivor and the run. Returns how many records point past their direct survivor. A
+    run whose archive does not verify is left out (``prune --list-runs`` shows it).
+    """
+    archive, direct = Archive(store), {}
+    for run_id in archive.runs():
+        try:
+            manifest = archive.manifest(run_id)
+            if manifest.get("operation") != "dedupe" or manifest.get("undone"):
+                continue
+            entries = [e for n in archive.part_names(run_id)
+                       for e in archive.read_part(run_id, n, records=False)]
+        except IntegrityError:
+            continue
+        for entry in entries:
+            if entry.get("reason") == DEDUPE_REASON:
+                key = (entry["agent"], entry["type"], entry["id"])
+                direct[key] = (entry["details"]["supersededBy"], run_id)
+    flat, repointed = {}, 0
+    for (agent, rtype, rid), (by, run_id) in sorted(direct.items()):
+        final, seen = by, {rid}
+        while (agent, rtype, final) in direct and final not in seen:
+            seen.add(final)
+            final = direct[(agent, rtype, final)][0]
+        flat["%s/%s/%s" % (agent, rtype, rid)] = {"superseded_by": final, "merged_into": by,
+                                                  "run": run_id}
+        repointed += final != by
+    store.write_state(SUPERSEDE_STATE, flat)
+    return repointed
+
+
+def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
+    """``agent/type/id`` -> {superseded_by, merged_into, run} of merged records; read-only."""
+    return store.read_state_lenient(SUPERSEDE_STATE, {}) if store.state_dir.is_dir() else {}
+
+
 __all__ += ["OptimizeConfig", "TranscodeResult", "transcode_store", "GcReason", "GcResult",
-            "GarbageCollector", "collect_garbage", "stale_lock_dirs"]
+            "GarbageCollector", "collect_garbage", "stale_lock_dirs",
+            "DedupeCluster", "DedupeResult", "dedupe_store", "merge_records",
+            "rebuild_supersede_map", "supersede_map", "knowledge_fragments", "outcome_conflict",
+            "guard_conflict", "jaccard", "success_evidence", "outcome_evidence", "outcome_counts"]
 
 
 # =============================================================================
@@ -8087,14 +8977,8 @@ def _derived_counts(metrics: Dict[str, Any]) -> Dict[str, Any]:
     observed outcomes are ``count - 1``. A whole product is a plain ratio (hand-written
     records). Anything else is not a ratio of outcomes: rounded, and marked approximate.
     """
-    count = int(metrics["executionCount"])
-    product = metrics["successRate"] * count
-    if abs(product - round(product)) < 1e-6:
-        successes, observed, exact = int(round(product)), count, True
-    elif abs(product - math.floor(product) - 0.5) < 1e-6:
-        successes, observed, exact = int(math.floor(product)), count - 1, True
-    else:
-        successes, observed, exact = int(math.floor(product + 0.5)), count, False
+    successes, observed, exact = outcome_counts(metrics["successRate"],
+                                                metrics["executionCount"])
     counts: Dict[str, Any] = {"successCount": successes, "failureCount": observed - successes}
     if not exact:
         counts["countsApproximate"] = True
@@ -9392,7 +10276,7 @@ class WebhookAnswerError(OSError):
 
 # Query keys whose values are secrets, and what a token looks like in a value or path segment.
 _SECRET_KEY_RE = re.compile(r"token|key|secret|sig|pass|pwd|auth|cred|session|code", re.I)
-_TOKEN_RE = re.compile(r"(?=[^/]*\d)(?=[^/]*[A-Za-z])[A-Za-z0-9_\-.~+=%]{16,}")
+_SECRET_TOKEN_RE = re.compile(r"(?=[^/]*\d)(?=[^/]*[A-Za-z])[A-Za-z0-9_\-.~+=%]{16,}")
 
 
 def _url_secrets(url: str) -> List[str]:
@@ -9407,9 +10291,9 @@ def _url_secrets(url: str) -> List[str]:
         found.append(parts.netloc.rsplit("@", 1)[0])
     for pair in parts.query.split("&"):
         key, _, value = pair.partition("=")
-        if value and (_SECRET_KEY_RE.search(key) or _TOKEN_RE.fullmatch(value)):
+        if value and (_SECRET_KEY_RE.search(key) or _SECRET_TOKEN_RE.fullmatch(value)):
             found.append(value)
-    found.extend(s for s in parts.path.split("/") if _TOKEN_RE.fullmatch(s))
+    found.extend(s for s in parts.path.split("/") if _SECRET_TOKEN_RE.fullmatch(s))
     return sorted(set(found), key=len, reverse=True)
 
 
@@ -10780,14 +11664,14 @@ def _sample_series(samples: List[Dict[str, Any]], key: str
     return agents, total
 
 
-def _latest(points: List[_Point]) -> float:
+def _latest_point(points: List[_Point]) -> float:
     known = [v for _, v in points if v is not None]
     return known[-1] if known else 0.0
 
 
 def _size_ranking(agents: Dict[str, List[_Point]]) -> List[str]:
     """Agents largest first by their latest value (ties by name)."""
-    return sorted(agents, key=lambda a: (-_latest(agents[a]), a))
+    return sorted(agents, key=lambda a: (-_latest_point(agents[a]), a))
 
 
 def _top_series(agents: Dict[str, List[_Point]], ranking: List[str], top: int = CHART_TOP_N
@@ -11453,6 +12337,9 @@ def _build_prune(subparsers: Any) -> None:
                         help="time_based, performance_based and/or space_based")
     parser.add_argument("--aggressive", action="store_true",
                         help="tighten to 60/120 days and a 0.30 success floor")
+    parser.add_argument("--scoring", choices=SCORINGS,
+                        help="mean (default) or wilson: protect and rank on the lower bound "
+                        "of the 95%% Wilson interval of a success rate, prune on its upper bound")
     parser.add_argument("--dry-run", action="store_true",
                         help="list what would go; change nothing at all")
     parser.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
@@ -11461,7 +12348,7 @@ def _build_prune(subparsers: Any) -> None:
     parser.add_argument("--no-backup", action="store_true",
                         help="skip the safety backup taken before the first change")
     parser.add_argument("--undo", metavar="RUN_ID",
-                        help="put back the records of an archived prune or gc run")
+                        help="put back the records of an archived prune, gc or dedupe run")
     parser.add_argument("--list-runs", action="store_true",
                         help="list archived runs that --undo accepts")
     parser.add_argument("-v", "--list", action="store_true", dest="list_records",
@@ -11474,6 +12361,8 @@ def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
     flags: Dict[str, Any] = {}
     if args.aggressive:
         flags["aggressive"] = True
+    if args.scoring:
+        flags["scoring"] = args.scoring
     if args.dry_run:
         flags["dry_run"] = True
     if args.no_backup:
@@ -11567,6 +12456,8 @@ def _print_undo(out: Output, result: UndoResult) -> int:
     for skip in result.skipped:
         out.line("skipped %s %s: %s" % (skip["file"], skip["id"] or "#%s" % skip["index"],
                                         skip["why"]))
+    for block in result.blocked:
+        out.warn("not undone yet: %s %s: %s" % (block["file"], block["id"], block["why"]))
     out.line("run %s (%s): restored %d records, skipped %d"
              % (result.run_id, result.operation, result.restored, len(result.skipped)))
     if result.not_restored:
@@ -11584,12 +12475,17 @@ def _optimize_config(store: Store, args: argparse.Namespace) -> OptimizeConfig:
     config = apply_config_fields(OptimizeConfig(), section, "aml config [optimize]")
     flags = {"compress_age_days": getattr(args, "age_days", None),
              "cache_max_bytes": getattr(args, "cache_bytes", None),
-             "workers": getattr(args, "workers", None)}
+             "workers": getattr(args, "workers", None),
+             "dedupe_threshold": getattr(args, "threshold", None)}
     config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
     if getattr(args, "no_backup", False):
         config = dataclasses.replace(config, create_backup=False)
     if config.compress_age_days < 0 or config.cache_max_bytes < 1 or config.workers < 0:
         raise UsageError("--age-days, --cache-bytes and --workers must not be negative")
+    if not isinstance(config.dedupe, bool) or not (
+            _number(config.dedupe_threshold) is not None and 0 < config.dedupe_threshold <= 1):
+        raise UsageError("dedupe must be true or false and dedupe_threshold (--threshold) "
+                         "in (0, 1]")
     return config
 
 
@@ -11601,9 +12497,13 @@ _OPTIMIZE_EPILOG = """actions:
   warm-cache              persist the highest-value records (up to --cache-bytes) for get/search
   gc                      archive unusable, duplicate and same-id records; clean stale locks,
                           temp files and orphaned index state
-  all                     gc, compress, index, warm-cache (in that order: each step changes
-                          the files the next one reads, and the index is built last so it is
-                          fresh for the cache and for get/search)"""
+  dedupe                  report near-duplicate records (same agent and type) and what differs;
+                          --apply merges each cluster into its survivor (archived: undo with
+                          prune --undo RUN); --threshold sets the Jaccard (default 0.85)
+  all                     gc, [dedupe,] compress, index, warm-cache (in that order: each step
+                          changes the files the next one reads, and the index is built last so
+                          it is fresh for the cache and for get/search); dedupe runs, merging,
+                          only when the aml config sets "optimize": {"dedupe": true}"""
 
 
 @command_builder
@@ -11611,7 +12511,12 @@ def _build_optimize(subparsers: Any) -> None:
     parser = subparser(subparsers, "optimize", "index, compress, warm the cache, collect garbage",
                        epilog=_OPTIMIZE_EPILOG)
     parser.add_argument("action", choices=("all", "index", "build-index", "compress",
-                                           "decompress", "warm-cache", "gc"))
+                                           "decompress", "warm-cache", "gc", "dedupe"))
+    parser.add_argument("--apply", action="store_true",
+                        help="dedupe: merge the clusters (default: report only)")
+    parser.add_argument("--threshold", type=float, metavar="J",
+                        help="dedupe: Jaccard similarity to call records near-duplicates "
+                        "(default 0.85)")
     parser.add_argument("--dry-run", action="store_true", help="change nothing; report the plan")
     parser.add_argument("--age-days", type=float, metavar="N",
                         help="compress files unchanged for N days (default 30; 0 = all)")
@@ -11620,9 +12525,9 @@ def _build_optimize(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, metavar="N",
                         help="compress/decompress threads (default: two per CPU core)")
     parser.add_argument("--no-backup", action="store_true",
-                        help="skip the safety backup before gc/compress")
+                        help="skip the safety backup before gc/dedupe/compress")
     parser.add_argument("--force", action="store_true",
-                        help="let gc remove more than half of an agent's records")
+                        help="let gc or dedupe remove more than half of an agent's records")
     parser.set_defaults(func=cmd_optimize)
 
 
@@ -11631,7 +12536,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     store, out = open_store(args), output_for(args)
     config = _optimize_config(store, args)
     action = "index" if args.action == "build-index" else args.action
+    if (args.apply or args.threshold is not None) and action != "dedupe":
+        raise UsageError("--apply and --threshold belong to optimize dedupe")
+    if action == "dedupe" and not args.apply:
+        args.dry_run = True  # report only: reads, writes nothing
     steps = _OPTIMIZE_ORDER if action == "all" else (action,)
+    if action == "all" and config.dedupe:
+        steps = ("gc", "dedupe") + _OPTIMIZE_ORDER[1:]
     lock = contextlib.nullcontext() if args.dry_run else store.maintenance_lock()
     with lock:
         results = _run_optimize_steps(store, steps, config, args)
@@ -11686,6 +12597,8 @@ def _optimize_step(store: Store, step: str, config: OptimizeConfig, args: argpar
                                backup if step == "compress" else None)
     if step == "warm-cache":
         return warm_cache(store, config.cache_max_bytes, args.dry_run)
+    if step == "dedupe":
+        return dedupe_store(store, config.dedupe_threshold, args.dry_run, args.force, backup)
     return collect_garbage(store, args.dry_run, args.force, backup)
 
 
@@ -11699,6 +12612,10 @@ def _step_summary(step: str, result: Any) -> Dict[str, Any]:
                 "backup_id": result.backup_id}
     if step == "warm-cache":
         return {"records": result.records, "bytes": result.bytes, "budget": result.budget}
+    if step == "dedupe":
+        return {"run_id": result.run_id, "merged": result.merged,
+                "clusters": len(result.clusters), "held_apart": len(result.held_apart),
+                "backup_id": result.backup_id}
     return {"run_id": result.run_id, "removed": len(result.removed), "by_reason": result.by_reason,
             "stale_locks": len(result.stale_locks), "temp_files": len(result.temp_files),
             "orphaned_state": len(result.orphaned_state), "backup_id": result.backup_id}
@@ -11729,8 +12646,37 @@ def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
                  % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),
                     result.candidates, result.files_read,
                     ("; " + result.note) if result.note else ""))
+    elif step == "dedupe":
+        _print_dedupe(out, result)
     else:
         _print_gc(out, result, would)
+
+
+def _print_dedupe(out: Output, result: DedupeResult) -> None:
+    would = "would merge" if result.dry_run else "merged"
+    for cluster in result.clusters:
+        out.line("cluster %s %s: keep %s [%d] (%s)" % (
+            cluster.file, cluster.type, cluster.survivor_id, cluster.survivor_index, cluster.why))
+        for member in cluster.members:
+            out.line("  %s %s [%d] similarity %.3f; differs: %s" % (
+                would, member["id"], member["index"], member["similarity"],
+                "; ".join(member["differs"]) or "nothing"))
+    for held in result.held_apart:
+        out.line("kept apart %s %s [%d] ~ %s [%d] (similarity %.3f): %s differ: %s" % (
+            held["file"], held["ids"][0], held["indexes"][0], held["ids"][1],
+            held["indexes"][1], held["similarity"], held["guard"], held["differs"]))
+    guarded = ", ".join("%s %d" % kv for kv in sorted(result.guarded.items())) or "none"
+    out.line("dedupe: %s %d records into %d survivors; %d files, %d records read; kept apart "
+             "by the guard: %s; threshold %.2f%s" % (
+                 would, result.merged, len(result.clusters), result.files, result.records,
+                 guarded, result.threshold,
+                 "; run %s (undo: prune --undo %s)" % (result.run_id, result.run_id)
+                 if result.run_id else ""))
+    for agent in result.refused_agents:
+        out.warn("dedupe: more than half of the records of %s would be merged away: refused "
+                 "without --force" % agent)
+    for message in result.busy:
+        out.warn(message)
 
 
 def _print_gc(out: Output, result: GcResult, would: str) -> None:

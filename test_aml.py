@@ -3263,6 +3263,63 @@ def _parses(path):
         return False
 
 
+# ---- issue 15: evidence-aware scoring (--scoring wilson) ----
+
+def test_wilson_interval_of_thin_and_thick_evidence():
+    assert aml.wilson_interval(0, 3) == (0.0, pytest.approx(0.5615, abs=1e-4))
+    low, high = aml.wilson_interval(18, 20)
+    assert (round(low, 3), round(high, 3)) == (0.699, 0.972)
+    assert aml.wilson_interval(0, 0) == (0.0, 1.0) and aml.wilson_interval(5, 5)[1] == 1.0
+
+
+def _wilson_store(root):
+    rng = random.Random(15)
+    thin = _pattern(rng, success=0, count=3)        # 0 of 3: not evidence of < 20 %
+    thick = _pattern(rng, success=0, count=40)      # 0 of 40: it is
+    explicit = _pattern(rng, success=0.1, count=30)  # 3 of 30 by the mean, 0 of 30 counted
+    explicit["metrics"].update(successCount=0, failureCount=30)
+    stale = _pattern(rng, success=0.1, count=30)     # counts the runtime has moved past
+    stale["metrics"].update(successCount=0, failureCount=12)
+    return _one_agent(root, patterns=[thin, thick, explicit, stale]), thin, thick, explicit, stale
+
+
+def test_wilson_scoring_prunes_on_the_upper_bound_with_the_interval_shown(tmp_path, capsys):
+    root, thin, thick, explicit, stale = _wilson_store(tmp_path / "m")
+    mean = _reasons(_plan(root, ["performance_based"]))
+    assert set(mean) == {thin["id"], thick["id"], explicit["id"], stale["id"]}
+    result = _plan(root, ["performance_based"], scoring="wilson")
+    assert set(_reasons(result)) == {thick["id"], explicit["id"]}
+    details = {r.id: r.details for r in result.removed}
+    assert details[thick["id"]]["wilson_high"] == pytest.approx(0.0876, abs=1e-4)
+    assert (details[explicit["id"]]["successes"], details[explicit["id"]]["trials"]) == (0, 30)
+    code, out, _ = run_cli(root, "prune", "performance_based", "--scoring", "wilson",
+                           "--dry-run", "--list", "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and "wilson_high=0.088" in out and thin["id"] not in out
+
+
+def test_wilson_scoring_from_the_aml_config_and_bad_values_refused(tmp_path, capsys):
+    root, thin, thick, _, _ = _wilson_store(tmp_path / "m")
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"prune": {"scoring": "wilson"}}))
+    code, out, _ = run_cli(root, "prune", "performance_based", "--dry-run", "--list", "--config",
+                           config, "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and thick["id"] in out and thin["id"] not in out
+    config.write_text(json.dumps({"prune": {"scoring": "bayes"}}))
+    code, _, err = run_cli(root, "prune", "--dry-run", "--config", config, capsys=capsys)
+    assert code == int(aml.ExitCode.USAGE) and "scoring" in err
+
+
+def test_wilson_scoring_protects_and_ranks_on_the_lower_bound(tmp_path):
+    rng = random.Random(16)
+    lucky = _pattern(rng, success=1, count=3, conf=0.9)      # mean value 0.95: protected
+    proven = _pattern(rng, success=0.98, count=200, conf=0.9)
+    facts = [aml.record_facts(aml.RecordType.PATTERN, r) for r in (lucky, proven)]
+    mean, wilson = aml.PruneConfig(), aml.PruneConfig(scoring="wilson")
+    assert all(aml.is_protected(f, mean) for f in facts)
+    assert [aml.is_protected(f, wilson) for f in facts] == [False, True]
+    assert aml.record_value(facts[0], wilson) < aml.record_value(facts[1], wilson)
+
+
 # =============================================================================
 # 12. Compression and garbage collection
 # =============================================================================
@@ -3604,6 +3661,408 @@ def test_compress_takes_no_safety_backup_when_no_file_qualifies(tmp_path, monkey
 
 def _is_gzip(path):
     return Path(path).read_bytes()[:2] == b"\x1f\x8b"
+
+
+# ---- issue 15: consolidation (optimize dedupe) ----
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _words(rng, n):
+    """``n`` made-up lowercase words: texts that share nothing by chance."""
+    return " ".join("".join(rng.choice(_LETTERS) for _ in range(rng.randint(4, 9)))
+                    for _ in range(n))
+
+
+def _distinct_pattern(agent, rng, **kw):
+    rec = make_pattern(agent, rng, **kw)
+    rec["pattern"]["approach"] = {"technique": _words(rng, 4), "rationale": _words(rng, 18),
+                                  "steps": [_words(rng, 5), _words(rng, 5)]}
+    rec["pattern"]["conditions"] = {"whenApplicable": [_words(rng, 4)],
+                                    "whenNotApplicable": [_words(rng, 3)]}
+    return rec
+
+
+def _distinct_solution(agent, rng, **kw):
+    rec = make_solution(agent, rng, **kw)
+    rec["problem"]["errorMessage"] = _words(rng, 8)
+    rec["solution"] = {"rootCause": _words(rng, 8), "fixApproach": _words(rng, 10),
+                       "prevention": _words(rng, 5)}
+    return rec
+
+
+def _distinct_decision(agent, rng, **kw):
+    rec = make_decision(agent, rng, **kw)
+    rec["decision"]["question"] = _words(rng, 9) + "?"
+    rec["decision"]["context"] = {"component": _words(rng, 1), "notes": _words(rng, 10)}
+    rec["decision"]["chosenOption"] = _words(rng, 2)
+    return rec
+
+
+def _twin(record, rng, edit=None):
+    """A near-duplicate as agents relearn it: new id, same knowledge, one wording change."""
+    twin = json.loads(json.dumps(record))
+    twin["id"] = str(uuid.UUID(int=rng.getrandbits(128)))
+    if edit is None:
+        for path in (("pattern", "approach", "rationale"), ("solution", "fixApproach"),
+                     ("decision", "question")):
+            holder = aml.dig(twin, *path[:-1])
+            if isinstance(holder, dict) and path[-1] in holder:
+                holder[path[-1]] += " again"
+                break
+    else:
+        edit(twin)
+    return twin
+
+
+def dedupe_store_dir(root, gz=False, seed=15, twins=None, agent="backend-developer"):
+    """One agent with distinct records of each type, plus ``twins`` {file: [records]}."""
+    rng = random.Random(seed)
+    root = Path(root)
+    write_data(root / "config.json", CONFIG)
+    files = {"patterns.json": [_distinct_pattern(agent, rng) for _ in range(12)],
+             "solutions.json": [_distinct_solution(agent, rng) for _ in range(8)],
+             "decisions.json": [_distinct_decision(agent, rng) for _ in range(8)]}
+    for name, extra in (twins or {}).items():
+        files[name].extend(extra(files[name], rng) if callable(extra) else extra)
+    for name, records in files.items():
+        write_data(root / agent / name, records, gz)
+    return root, files
+
+
+def _dedupe(root, **kw):
+    return aml.dedupe_store(aml.Store(root, now=NOW), **kw)
+
+
+def test_dedupe_report_finds_planted_twins_and_changes_nothing(tmp_path, capsys):
+    twins = {"patterns.json": lambda recs, rng: [_twin(recs[0], rng), _twin(recs[3], rng)],
+             "solutions.json": lambda recs, rng: [_twin(recs[1], rng)],
+             "decisions.json": lambda recs, rng: [_twin(recs[2], rng)]}
+    root, files = dedupe_store_dir(tmp_path / "m", twins=twins)
+    before = tree_digest(root)
+    code, out, err = run_cli(root, "optimize", "dedupe", "--now", NOW_TEXT, capsys=capsys)
+    assert (code, err) == (0, "")
+    assert tree_digest(root) == before and not (root / ".aml").exists()  # inert
+    result = _dedupe(root)
+    pairs = sorted((c.type, c.survivor_index, m["index"]) for c in result.clusters
+                   for m in c.members)
+    planted = [("decision", 2, 8), ("pattern", 0, 12), ("pattern", 3, 13), ("solution", 1, 8)]
+    assert sorted((t, min(a, b), max(a, b)) for t, a, b in pairs) == planted
+    assert result.merged == 4 and "would merge" in out and "+again" in out
+    assert all(c.why for c in result.clusters)
+
+
+def _plain_bytes(path):
+    raw = Path(path).read_bytes()
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
+def _merge_pair_store(tmp_path, gz):
+    rng = random.Random(3)
+    root, files = dedupe_store_dir(tmp_path / "m", gz=gz)
+    a = files["patterns.json"][4]
+    a["metrics"].update(successRate=0.75, executionCount=8)        # 6 of 8 (plain ratio)
+    a["evolution"]["lastUsed"] = ts(40)
+    a["tags"] = ["database", "api"]
+    b = _twin(a, rng)
+    b["metrics"].update(successRate=0.5, executionCount=4, errorPreventionCount=5)  # 2 of 4
+    b["evolution"]["lastUsed"] = ts(2)
+    b["tags"] = ["api", "retries"]
+    files["patterns.json"].append(b)
+    write_data(root / "backend-developer" / "patterns.json", files["patterns.json"], gz)
+    return root, a, b
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_dedupe_apply_supersedes_evidence_adds_up_and_undo_is_byte_exact(tmp_path, gz):
+    root, a, b = _merge_pair_store(tmp_path, gz)
+    path = root / "backend-developer" / "patterns.json"
+    before, content = tree_digest(root), _plain_bytes(path)
+    result = _dedupe(root, dry_run=False)
+    assert result.merged == 1 and result.run_id
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == gz           # gzip stays gzip
+    records = read_data(path)
+    assert [r["id"] for r in records].count(a["id"]) == 1 and b["id"] not in {
+        r["id"] for r in records}
+    merged = next(r for r in records if r["id"] == a["id"])
+    assert merged["metrics"]["executionCount"] == 12
+    assert merged["metrics"]["successRate"] == pytest.approx(8 / 12)  # from counts, not 0.625
+    assert merged["metrics"]["errorPreventionCount"] == a["metrics"]["errorPreventionCount"] + 5
+    assert merged["evolution"]["lastUsed"] == b["evolution"]["lastUsed"]  # latest use wins
+    assert merged["tags"] == ["database", "api", "retries"]
+    assert list(merged) == list(a)                                   # same layout, key order
+    assert all(not aml.runtime_problems(aml.RecordType.PATTERN, r) for r in records)
+    entries = aml.Archive(aml.Store(root)).load(result.run_id)["entries"]
+    gone = next(e for e in entries if e["id"] == b["id"])
+    assert gone["details"]["supersededBy"] == a["id"] and gone["reason"] == "near_duplicate"
+    assert gone["record"] == b
+    undo = aml.undo_run(aml.Store(root, now=NOW), result.run_id)
+    assert (undo.restored, undo.blocked) == (2, [])
+    assert _plain_bytes(path) == content and (path.read_bytes()[:2] == b"\x1f\x8b") == gz
+    rest = tree_digest(root, skip_state=True)  # the gzip member is aml's (level 6), not ours
+    assert {k: v for k, v in rest.items() if k != "backend-developer/patterns.json"} == {
+        k: v for k, v in before.items() if k != "backend-developer/patterns.json"}
+    assert gz or rest == before
+    assert aml.supersede_map(aml.Store(root)) == {}
+
+
+def _hard_negative(path, value):
+    def edit(twin):
+        holder = aml.dig(twin, *path[:-1])
+        holder[path[-1]] = value(holder[path[-1]]) if callable(value) else value
+    return edit
+
+
+RATIONALE = ("pattern", "approach", "rationale")
+HARD_NEGATIVES = {
+    "number": ("patterns.json", RATIONALE, lambda t: t + " within 30 seconds", "number",
+               lambda t: t + " within 45 seconds"),
+    "version": ("patterns.json", RATIONALE, lambda t: t + " on node 18.2", "version",
+                lambda t: t + " on node 20.1"),
+    "path": ("patterns.json", RATIONALE, lambda t: t + " in src/api/users.ts", "path",
+             lambda t: t + " in src/api/orders.ts"),
+    "error_code": ("solutions.json", ("problem", "errorMessage"), lambda t: t + " ECONNREFUSED",
+                   "error_code", lambda t: t + " ETIMEDOUT"),
+    "identifier": ("solutions.json", ("solution", "fixApproach"), lambda t: t + " userId",
+                   "identifier", lambda t: t + " orderId"),
+    "quoted name": ("solutions.json", ("problem", "errorMessage"), lambda t: t + " 'email'",
+                    "identifier", lambda t: t + " 'token'"),
+    "negation": ("patterns.json", RATIONALE, lambda t: t, "negation",
+                 lambda t: "never " + t),
+    "context": ("patterns.json", ("pattern", "context", "language"), lambda t: t, "context",
+                lambda t: "python" if t != "python" else "typescript"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HARD_NEGATIVES))
+def test_dedupe_guard_never_merges_a_different_fact(tmp_path, kind):
+    name, path, base, guard, other = HARD_NEGATIVES[kind]
+
+    def plant(recs, rng):
+        holder = aml.dig(recs[0], *path[:-1])
+        holder[path[-1]] = base(holder[path[-1]])
+        return [_twin(recs[0], rng, _hard_negative(path, lambda t: other(
+            t[:len(t) - (len(base("")) if base("") else 0)] if base("") else t)))]
+    root, files = dedupe_store_dir(tmp_path / "m", twins={name: plant})
+    result = _dedupe(root)
+    assert result.clusters == [], kind
+    assert [h["guard"] for h in result.held_apart] == [guard]
+    assert _dedupe(root, dry_run=False).merged == 0
+
+
+@pytest.mark.parametrize("name,edit,differs", [
+    ("solutions.json", lambda t: t["effectiveness"].update(worked=False), "worked"),
+    ("decisions.json", lambda t: t.setdefault("outcome", {
+        "successMetrics": {}, "lessonsLearned": [], "wouldRepeat": True}).update(
+            wouldRepeat=not t["outcome"]["wouldRepeat"]), "wouldRepeat"),
+    ("patterns.json", lambda t: t["metrics"].update(successRate=0.05, executionCount=40),
+     "success"),
+    ("patterns.json", lambda t: t.update(active=False), "active"),
+])
+def test_dedupe_guard_never_merges_disagreeing_outcomes(tmp_path, name, edit, differs):
+    def plant(recs, rng):
+        if name == "patterns.json":
+            recs[0]["metrics"].update(successRate=0.95, executionCount=40)
+        if name == "solutions.json":
+            recs[0]["effectiveness"]["worked"] = True
+        return [_twin(recs[0], rng, edit)]
+    root, _ = dedupe_store_dir(tmp_path / "m", twins={name: plant})
+    result = _dedupe(root)
+    assert result.clusters == [] and len(result.held_apart) == 1
+    assert differs in result.held_apart[0]["differs"]
+
+
+def test_dedupe_thin_evidence_is_not_a_disagreement(tmp_path):
+    # 0 of 2 and 3 of 3: the Wilson intervals overlap, so the evidence merges.
+    def plant(recs, rng):
+        recs[0]["metrics"].update(successRate=1, executionCount=3)
+        return [_twin(recs[0], rng, lambda t: (t["metrics"].update(successRate=0,
+                                                                    executionCount=2),
+                                               t["pattern"]["approach"].update(
+                                                   rationale=t["pattern"]["approach"]
+                                                   ["rationale"] + " again")))]
+    root, _ = dedupe_store_dir(tmp_path / "m", twins={"patterns.json": plant})
+    assert _dedupe(root).merged == 1
+
+
+def test_dedupe_swapped_conditions_are_not_duplicates(tmp_path):
+    def plant(recs, rng):
+        cond = recs[0]["pattern"]["conditions"]
+        cond["whenApplicable"] += ["large tables"]
+        cond["whenNotApplicable"] += ["small tables"]
+
+        def swap(t):
+            c = t["pattern"]["conditions"]
+            c["whenApplicable"], c["whenNotApplicable"] = c["whenNotApplicable"], c[
+                "whenApplicable"]
+        return [_twin(recs[0], rng, swap)]
+    root, _ = dedupe_store_dir(tmp_path / "m", twins={"patterns.json": plant})
+    assert _dedupe(root).clusters == []
+
+
+def test_dedupe_mass_deletion_guard_refuses_without_force(tmp_path, capsys):
+    rng = random.Random(4)
+    root = tmp_path / "m"
+    write_data(root / "config.json", CONFIG)
+    base = _distinct_pattern("a", rng)
+    write_data(root / "a" / "patterns.json", [base, _twin(base, rng), _twin(base, rng)])
+    before = tree_digest(root)
+    code, _, err = run_cli(root, "optimize", "dedupe", "--apply", "--no-backup", capsys=capsys)
+    assert code == int(aml.ExitCode.REFUSED) and "--force" in err
+    assert tree_digest(root, skip_state=True) == before
+    code, out, _ = run_cli(root, "optimize", "dedupe", "--apply", "--no-backup", "--force",
+                           capsys=capsys)
+    assert code == 0 and len(read_data(root / "a" / "patterns.json")) == 1
+
+
+def test_dedupe_apply_takes_a_safety_backup_first(tmp_path, capsys):
+    twins = {"patterns.json": lambda recs, rng: [_twin(recs[0], rng)]}
+    root, _ = dedupe_store_dir(tmp_path / "m", twins=twins)
+    code, out, _ = run_cli(root, "optimize", "dedupe", "--apply", "--format", "json",
+                           "--now", NOW_TEXT, capsys=capsys)
+    doc = json.loads(out)["steps"]["dedupe"]
+    assert code == 0 and doc["backup_id"] and doc["merged"] == 1
+    assert aml.Store(root).last_operation("dedupe")["summary"]["run_id"] == doc["run_id"]
+
+
+def test_dedupe_leaves_a_file_locked_by_the_runtime_alone(tmp_path, capsys):
+    twins = {"patterns.json": lambda recs, rng: [_twin(recs[0], rng)],
+             "solutions.json": lambda recs, rng: [_twin(recs[0], rng)]}
+    root, _ = dedupe_store_dir(tmp_path / "m", twins=twins)
+    locked = root / "backend-developer" / "patterns.json"
+    before = locked.read_bytes()
+    aml.lock_path_for(locked).mkdir()  # fresh: held by the runtime
+    code, _, err = run_cli(root, "optimize", "dedupe", "--apply", "--no-backup",
+                           "--lock-timeout", "0.2", capsys=capsys)
+    assert code == int(aml.ExitCode.BUSY) and "store busy" in err
+    assert locked.read_bytes() == before and aml.lock_path_for(locked).is_dir()
+    assert len(read_data(root / "backend-developer" / "solutions.json")) == 8
+
+
+def test_dedupe_crash_before_the_rewrite_keeps_the_file_and_undo_is_clean(tmp_path, monkeypatch):
+    twins = {"patterns.json": lambda recs, rng: [_twin(recs[0], rng)]}
+    root, _ = dedupe_store_dir(tmp_path / "m", twins=twins)
+    before = tree_digest(root)
+    fail_nth_replace(monkeypatch, 1, counts=lambda dst: str(dst).endswith("patterns.json"))
+    with pytest.raises(OSError):
+        _dedupe(root, dry_run=False)
+    monkeypatch.undo()
+    assert tree_digest(root, skip_state=True) == before
+    run_id = aml.Archive(aml.Store(root)).runs()[0]
+    undo = aml.undo_run(aml.Store(root, now=NOW), run_id)
+    assert undo.blocked == [] and undo.restored == 0
+    assert tree_digest(root, skip_state=True) == before
+    assert _dedupe(root, dry_run=False).merged == 1  # a rerun completes
+
+
+def test_dedupe_chains_are_flattened_and_undo_goes_back_in_order(tmp_path):
+    rng = random.Random(8)
+    root, files = dedupe_store_dir(tmp_path / "m")
+    path = root / "backend-developer" / "patterns.json"
+    original = path.read_bytes()
+    a = files["patterns.json"][5]
+    a["metrics"].update(successRate=0.9, executionCount=10)
+    b = _twin(a, rng)
+    b["metrics"].update(successRate=1, executionCount=2)
+    write_data(path, files["patterns.json"] + [b])
+    start = path.read_bytes()
+    first = _dedupe(root, dry_run=False)
+    assert first.merged == 1
+    after_first = path.read_bytes()
+    c = _twin(a, rng)  # relearned again later, with more evidence than A
+    c["metrics"].update(successRate=0.95, executionCount=100)
+    write_data(path, read_data(path) + [c])
+    with_c = path.read_bytes()
+    second = _dedupe(root, dry_run=False)
+    assert second.merged == 1 and second.repointed == 1
+    chain = aml.supersede_map(aml.Store(root))
+    assert chain["backend-developer/pattern/%s" % b["id"]]["superseded_by"] == c["id"]
+    assert chain["backend-developer/pattern/%s" % b["id"]]["merged_into"] == a["id"]
+    assert chain["backend-developer/pattern/%s" % a["id"]]["superseded_by"] == c["id"]
+    early = aml.undo_run(aml.Store(root, now=NOW), first.run_id)  # A is merged away: wait
+    assert early.blocked and early.restored == 0 and early.exit_code == aml.ExitCode.PARTIAL
+    assert aml.undo_run(aml.Store(root, now=NOW), second.run_id).restored == 2
+    assert path.read_bytes() == with_c
+    chain = aml.supersede_map(aml.Store(root))
+    assert chain == {"backend-developer/pattern/%s" % b["id"]: {
+        "superseded_by": a["id"], "merged_into": a["id"], "run": first.run_id}}
+    write_data(path, [r for r in read_data(path) if r["id"] != c["id"]])
+    assert path.read_bytes() == after_first
+    assert aml.undo_run(aml.Store(root, now=NOW), first.run_id).blocked == []
+    assert path.read_bytes() == start != original
+
+
+def test_dedupe_undo_waits_when_the_survivor_changed_since(tmp_path):
+    twins = {"patterns.json": lambda recs, rng: [_twin(recs[0], rng)]}
+    root, _ = dedupe_store_dir(tmp_path / "m", twins=twins)
+    path = root / "backend-developer" / "patterns.json"
+    run = _dedupe(root, dry_run=False)
+    records = read_data(path)
+    records[0]["evolution"]["lastUsed"] = ts(0)  # the runtime used the survivor meanwhile
+    write_data(path, records)
+    changed = path.read_bytes()
+    undo = aml.undo_run(aml.Store(root, now=NOW), run.run_id)
+    assert len(undo.blocked) == 2 and undo.restored == 0  # the merged record waits too
+    assert path.read_bytes() == changed and not aml.Archive(aml.Store(root)).manifest(
+        run.run_id)["undone"]
+
+
+def test_optimize_all_merges_only_when_enabled_in_config(tmp_path, capsys):
+    twins = {"patterns.json": lambda recs, rng: [_twin(recs[0], rng)]}
+    root, _ = dedupe_store_dir(tmp_path / "m", twins=twins)
+    path = root / "backend-developer" / "patterns.json"
+    code, out, _ = run_cli(root, "optimize", "all", "--no-backup", "--now", NOW_TEXT,
+                           capsys=capsys)
+    assert code == 0 and "dedupe" not in out and len(read_data(path)) == 13
+    config = tmp_path / "aml.json"
+    config.write_text(json.dumps({"optimize": {"dedupe": True, "dedupe_threshold": 0.8}}))
+    code, out, _ = run_cli(root, "optimize", "all", "--no-backup", "--config", config,
+                           "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and "dedupe: merged 1 records" in out and "threshold 0.80" in out
+    assert len(read_data(path)) == 12
+    assert [e["operation"] for e in aml.Store(root).read_state("history.json")][-5:] == [
+        "gc", "dedupe", "compress", "index", "warm-cache"]
+
+
+@pytest.mark.parametrize("argv", [["optimize", "gc", "--apply"],
+                                  ["optimize", "dedupe", "--threshold", "1.5"],
+                                  ["optimize", "dedupe", "--threshold", "0"]])
+def test_dedupe_flags_are_checked(tmp_path, capsys, argv):
+    root, _ = dedupe_store_dir(tmp_path / "m")
+    code, _, err = run_cli(root, *argv, capsys=capsys)
+    assert code == int(aml.ExitCode.USAGE) and err.startswith("aml: error:")
+
+
+def test_dedupe_plans_a_file_again_when_the_runtime_changed_it_meanwhile(tmp_path, monkeypatch):
+    rng = random.Random(9)
+    twins = {"patterns.json": lambda recs, r: [_twin(recs[0], r)]}
+    root, files = dedupe_store_dir(tmp_path / "m", twins=twins)
+    path = root / "backend-developer" / "patterns.json"
+    newcomer = _distinct_pattern("backend-developer", rng)
+    real_plan = aml._plan_dedupe
+
+    def plan_then_runtime_writes(*args):
+        plans = real_plan(*args)
+        write_data(path, [newcomer] + read_data(path))  # every position moves by one
+        return plans
+    monkeypatch.setattr(aml, "_plan_dedupe", plan_then_runtime_writes)
+    result = _dedupe(root, dry_run=False)
+    changed_by_runtime = [newcomer] + files["patterns.json"]
+    records = read_data(path)
+    assert result.merged == 1 and records[0] == newcomer and len(records) == 13
+    assert files["patterns.json"][-1]["id"] not in {r["id"] for r in records}
+    monkeypatch.undo()
+    aml.undo_run(aml.Store(root, now=NOW), result.run_id)
+    assert read_data(path) == changed_by_runtime
+
+
+def test_dedupe_never_merges_records_that_share_an_id(tmp_path):
+    # An exact copy under the same id is gc's (duplicate); dedupe leaves both copies alone.
+    twins = {"patterns.json": lambda recs, rng: [json.loads(json.dumps(recs[0])),
+                                                 _twin(recs[0], rng)]}
+    root, _ = dedupe_store_dir(tmp_path / "m", twins=twins)
+    result = _dedupe(root)
+    assert [(c.survivor_index, [m["index"] for m in c.members]) for c in result.clusters] == []
 
 
 # =============================================================================
@@ -5440,7 +5899,7 @@ README_PROGRAMS = ("python3 aml.py ", "aml.py ", "aml ")
 README_SHELL_OPERATOR = re.compile(r"\s*(?:;|&&|\|)|\s+(?:[0-9]?>|&\s*$)")
 README_AGENTS = ("backend-developer", "code-reviewer", "frontend-developer", "test-automator")
 BACKUP_ID = re.compile(r"^(?:full|incr)_\d{8}_\d{6}(?:_\d+)?$")
-RUN_ID = re.compile(r"^(?:prune|gc)_\d{8}_\d{6}_[0-9a-f]+$")
+RUN_ID = re.compile(r"^(?:prune|gc|dedupe)_\d{8}_\d{6}_[0-9a-f]+$")
 RECORD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 # Commands that may (or must) exit non-zero on the generated store, and why. Everything else
