@@ -412,6 +412,23 @@ def test_maintenance_lock_is_reentrant_in_one_process(tmp_path):
     assert not aml.MaintenanceLock._held
 
 
+
+# ---- issue 13: gzip over every core ----
+
+def test_gzip_bytes_of_a_large_input_is_one_member_with_the_same_content():
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gamma", "delta", "retry", "backoff", "index", "\u00e9t\u00e9"]
+    text = json.dumps([{"n": i, "w": " ".join(rng.choice(words) for _ in range(12))}
+                       for i in range(90000)], indent=2, ensure_ascii=False).encode("utf-8")
+    assert len(text) > aml.GZIP_PARALLEL_MIN
+    packed = aml.gzip_bytes(text, mtime=1234)
+    inflater = zlib.decompressobj(31)
+    assert inflater.decompress(packed) == text and inflater.eof and not inflater.unused_data
+    assert gzip.decompress(packed) == text and packed[4:8] == (1234).to_bytes(4, "little")
+    # The chunks are primed with the window before them: the size stays that of one stream.
+    assert len(packed) <= 1.01 * len(gzip.compress(text, 6, mtime=0))
+    assert aml.gzip_bytes(b"[1]") == gzip.compress(b"[1]", 6, mtime=0)
+
 # =============================================================================
 # 6. Record model
 # =============================================================================
@@ -1375,6 +1392,79 @@ def test_restore_of_an_intact_agent_works_beside_a_damaged_one(tmp_path, capsys)
 def test_split_json_array_refuses_what_it_cannot_split(text):
     assert aml.split_json_array(text) is None
 
+
+
+# ---- issue 13: speed (verification after a backup trusts only what it may) ----
+
+def test_no_change_incremental_reads_no_object_of_its_verified_baseline(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    full = backup_manager(root).create(aml.BackupType.FULL)
+    assert full.verified
+    pack = next(backup_manager(root).packs.glob("*.pack"))
+    _flip_byte(pack)   # damage the baseline's only pack after it was verified
+    incr = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    # Packs are immutable: nothing of the verified baseline is read again.
+    assert incr.verified and incr.files_reread == 0 and not incr.repaired
+    # An explicit verify trusts nothing and finds the damage in both snapshots.
+    for backup_id in (full.backup_id, incr.backup_id):
+        assert not backup_manager(root).verify(backup_id).ok
+    assert not backup_manager(root).verify(all_snapshots=True).ok
+
+
+def test_incremental_on_an_unverified_baseline_reads_every_object(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root, verify_after_backup=False).create(aml.BackupType.FULL)
+    _flip_byte(next(backup_manager(root).packs.glob("*.pack")))
+    result = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    # No verified baseline: every object is read, the damage found and repaired.
+    assert result.verified and result.repaired
+    assert backup_manager(root).verify(result.backup_id, deep=True).ok
+
+
+def test_changed_file_in_an_incremental_is_verified_past_its_baseline(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True)
+    backup_manager(root).create(aml.BackupType.FULL)
+    path = root / "code-reviewer" / "patterns.json"
+    records = read_data(path)
+    records[0]["tags"] = ["changed"]
+    write_data(path, records, gz=True)
+    objects_before = backup_manager(root).verify().objects_checked
+    result = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    check = backup_manager(root)._verify_locked([result.backup_id], False,
+                                                trusted=_trusted_of(root, result))
+    # Only the changed record's object (in the fresh pack: checked whole) and the new item
+    # list are new; the verification reads far fewer objects than a full one.
+    assert result.verified and check.ok and check.objects_checked < objects_before / 10
+
+
+def _trusted_of(root, result):
+    manager = backup_manager(root)
+    marks = manager._verified()
+    manifest = manager.load_manifest(result.backup_id)
+    previous = [i for i in manager.snapshot_ids() if i != result.backup_id][-1]
+    assert marks[previous]["ok"] and manifest["files"]
+    return aml._Trusted(entries={e["path"]: e for e in
+                                 manager.load_manifest(previous)["files"]})
+
+
+def test_a_fresh_pack_damaged_on_disk_is_read_in_full_and_repaired(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    real_commit = aml._PackWriter.commit
+
+    def commit_then_damage(self):
+        added = real_commit(self)
+        if added and not getattr(aml, "_damaged_once", False):
+            aml._damaged_once = True
+            _flip_byte(self.path)   # the disk returns other bytes than were written
+        return added
+
+    monkeypatch.setattr(aml, "_damaged_once", False, raising=False)
+    monkeypatch.setattr(aml._PackWriter, "commit", commit_then_damage)
+    result = backup_manager(root).create(aml.BackupType.FULL)
+    # The pack's checksum did not match what was written: its objects were read, the
+    # damage found, and the files stored again.
+    assert result.verified and result.repaired
+    assert backup_manager(root).verify(result.backup_id, deep=True).ok
 
 # =============================================================================
 # 9. Bloom filter and LRU cache
