@@ -209,6 +209,9 @@ _TS_RE = re.compile(
     r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?\s*$")
 
 
+_RUNTIME_TS_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z\Z")
+
+
 def utcnow() -> _dt.datetime:
     """The current time, timezone-aware UTC."""
     return _dt.datetime.now(_dt.timezone.utc)
@@ -237,6 +240,13 @@ def parse_timestamp(value: Any) -> Optional[_dt.datetime]:
             return None
     if not isinstance(value, str):
         return None
+    match = _RUNTIME_TS_RE.match(value) if len(value) == 24 else None
+    if match:   # the runtime's own form: the same result as below, without the general path
+        try:
+            y, mo, d, h, mi, s, ms = map(int, match.groups())
+            return _dt.datetime(y, mo, d, h, mi, s, ms * 1000, tzinfo=_dt.timezone.utc)
+        except ValueError:
+            return None
     match = _TS_RE.match(value)
     if not match:
         return None
@@ -291,6 +301,11 @@ def runtime_json(obj: Any) -> str:
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def text_digest(text: str) -> str:
+    """Hex SHA-256 of a text's UTF-8 bytes: notices any change to a decoded file."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_run_id(operation: str, now: _dt.datetime) -> str:
@@ -773,7 +788,12 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
 def first_value(record: Dict[str, Any], field: str) -> Any:
     """The first present value of a logical field across the known layouts, else None."""
     for path in FIELD_PATHS[field]:
-        value = dig(record, *path)
+        value = record
+        for key in path:   # dig(record, *path), inlined: this runs for every record
+            if not isinstance(value, dict):
+                value = None
+                break
+            value = value.get(key)
         if value is not None:
             return value
     return None
@@ -844,6 +864,12 @@ def _is_active(record: Dict[str, Any]) -> bool:
 
 def _bool_or_none(value: Any) -> Optional[bool]:
     return value if isinstance(value, bool) else None
+
+
+def record_id(record: Any) -> Optional[str]:
+    """A record's id as record_facts reads it (a non-empty string), else None."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) and rid else None
 
 
 def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
@@ -967,6 +993,12 @@ class Store:
         """The JSON array of a record file; raises CorruptFileError (never returns [] on error)."""
         return load_json_file(data_file.path, expect=list)
 
+    def load_records_digest(self, data_file: DataFile) -> Tuple[List[Any], str]:
+        """Like load_records, with the SHA-256 of the file's decoded text (to notice later
+        whether it changed without serialising every record again)."""
+        records, _, text = load_json_text(data_file.path, expect=list)
+        return records, text_digest(text)
+
     def iter_record_files(self, agents: Optional[Sequence[str]] = None,
                           errors: Optional[List[CorruptFileError]] = None
                           ) -> Iterator[Tuple[DataFile, List[Any], FileFormat]]:
@@ -1007,11 +1039,12 @@ class Store:
         """
         with self.file_lock(path):
             data, fmt, text = load_json_text(path, expect=expect)
-            job = Rewrite(path=Path(path), data=data, fmt=fmt)
+            job = Rewrite(path=Path(path), data=data, fmt=fmt, text=text)
             original = list(data) if isinstance(data, list) else None
             yield job
             if job.changed:
                 spliced = _spliced_rewrite(job, text, original)
+                job.text = ""
                 del text, original
                 if spliced is None:
                     job.bytes_written = write_json_file(path, job.data, fmt)
@@ -1131,6 +1164,7 @@ class Rewrite:
     changed: bool = False
     bytes_written: int = 0
     removed: Optional[Set[int]] = None  # positions deleted, when that is the only change
+    text: str = dataclasses.field(default="", repr=False)  # the decoded text as read
 
 
 def _spliced_rewrite(job: Rewrite, text: str, original: Optional[List[Any]]) -> Optional[bytes]:
@@ -5003,7 +5037,7 @@ class _FilePlan:
     data_file: DataFile
     rel: str
     disk_bytes: int = 0
-    digest: str = ""  # sha256 of the content as planned (compact JSON), to notice changes
+    digest: str = ""  # sha256 of the file's decoded text as planned, to notice changes
     sizes: "array.array[int]" = dataclasses.field(default_factory=lambda: array.array("q"))
     positions: "array.array[int]" = dataclasses.field(default_factory=lambda: array.array("q"))
     removals: Dict[int, _Removal] = dataclasses.field(default_factory=dict)
@@ -5052,17 +5086,6 @@ def _measure(records: List[Any], marks: Optional[bytearray] = None
             marks += hashlib.blake2b(text, digest_size=8).digest()
     whole.update(b"]")
     return sizes, whole.hexdigest()
-
-
-def _digest(records: List[Any]) -> str:
-    """The sha256 of an array's compact JSON, as _measure computes it, serialized a slice
-    at a time (C speed, and never the whole file's text at once)."""
-    whole = hashlib.sha256(b"[")
-    for start in range(0, len(records), 256):
-        text = archived_record_text(records[start:start + 256])[1:-1]
-        whole.update((b"," if start else b"") + text.encode("utf-8"))
-    whole.update(b"]")
-    return whole.hexdigest()
 
 
 def _moment(when: Optional[_dt.datetime]) -> float:
@@ -5223,12 +5246,12 @@ class MemoryPruner:
     def _archive_file(self, run: _Run, plan: _FilePlan) -> None:
         """Write the archive part of one file's removals, from its current content."""
         try:
-            records, _ = self.store.load_records(plan.data_file)
+            records, digest = self.store.load_records_digest(plan.data_file)
         except CorruptFileError as exc:
             self._drop_file(run, plan, exc)
             return
-        if _digest(records) != plan.digest:
-            self._replan_file(run, plan, records)
+        if digest != plan.digest:
+            self._replan_file(run, plan, records, digest)
         self._write_part(run, plan, records)
 
     def _write_part(self, run: _Run, plan: _FilePlan, records: List[Any]) -> None:
@@ -5250,8 +5273,9 @@ class MemoryPruner:
         """Rewrite one file without its archived removals, under its lock."""
         try:
             with self.store.rewrite(plan.data_file.path) as job:
-                if _digest(job.data) != plan.digest:  # changed since it was archived
-                    self._replan_file(run, plan, job.data)
+                digest = text_digest(job.text)
+                if digest != plan.digest:  # changed since it was archived
+                    self._replan_file(run, plan, job.data, digest)
                     self._write_part(run, plan, job.data)
                 kept = [i for i in range(len(job.data)) if i not in plan.removals]
                 job.data = [job.data[i] for i in kept]
@@ -5263,10 +5287,9 @@ class MemoryPruner:
         run.result.removed.extend(plan.pending)
         agent = plan.data_file.agent
         run.applied[agent] = run.applied.get(agent, 0) + len(plan.pending)
-        # Only a later space round needs the digest of what is left.
-        digest = _digest(job.data) if run.space else ""
+        # What is left is not hashed again: a later space round re-plans it from the file.
         plan.keep_only(kept)
-        plan.digest = digest
+        plan.digest = ""
 
     def _drop_file(self, run: _Run, plan: _FilePlan, exc: AmlError) -> None:
         """A file went busy or unreadable since planning: keep it untouched, fix the archive."""
@@ -5282,14 +5305,16 @@ class MemoryPruner:
             run.result.unreadable.append({"file": plan.rel, "problem": getattr(exc, "problem",
                                                                                  str(exc))})
 
-    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any]) -> None:
-        """The runtime changed the file since planning: decide again from its fresh content,
-        keeping the space_based picks that are still there (found by content digest)."""
+    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any], digest: str) -> None:
+        """The runtime changed the file since planning: decide again from its fresh content
+        (whose text has SHA-256 ``digest``), keeping the space_based picks that are still
+        there (found by content digest)."""
         picked: Dict[bytes, Dict[str, Any]] = {}
         if plan.space is not None:
             picked = {plan.space.mark(i): r.details for i, r in plan.removals.items()
                       if r.reason is PruneReason.MEMORY_LIMIT_EXCEEDED}
         self._plan_content(plan, fresh, run.strategies, findings=None)
+        plan.digest = digest
         for i in range(plan.count if picked else 0):
             if i not in plan.removals and plan.space.mark(i) in picked:
                 plan.removals[i] = _Removal(PruneReason.MEMORY_LIMIT_EXCEEDED,
@@ -5350,11 +5375,12 @@ class MemoryPruner:
         for data_file in (f for agent in agents for f in self.store.record_files(agent)):
             plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
             try:  # not iter_record_files: its generator would hold this file while the next loads
-                records = self.store.load_records(data_file)[0]
+                records, digest = self.store.load_records_digest(data_file)
             except CorruptFileError as exc:
                 result.unreadable.append({"file": plan.rel, "problem": exc.problem})
                 continue
             self._plan_content(plan, records, strategies, result.findings)
+            plan.digest = digest
             plans.append(plan)
             del records
         return plans
@@ -5436,11 +5462,11 @@ class MemoryPruner:
 
     def _learn_ids(self, run: _Run, plan: _FilePlan) -> None:
         try:
-            records, _ = self.store.load_records(plan.data_file)
+            records, digest = self.store.load_records_digest(plan.data_file)
         except CorruptFileError:
             return  # it turned unreadable since planning: listed without ids
-        if _digest(records) != plan.digest:
-            self._replan_file(run, plan, records)
+        if digest != plan.digest:
+            self._replan_file(run, plan, records, digest)
         rtype = plan.data_file.rtype
         for i, removal in plan.removals.items():
             removal.id, removal.id_known = record_facts(rtype, records[i]).id, True
@@ -5449,7 +5475,7 @@ class MemoryPruner:
         """Archive entries (contracts.md schema, the record kept once as its exact text)."""
         rtype = plan.data_file.rtype
         return [{"agent": plan.data_file.agent, "file": plan.rel, "type": rtype.value,
-                 "id": record_facts(rtype, records[i]).id, "index": plan.positions[i],
+                 "id": record_id(records[i]), "index": plan.positions[i],
                  "reason": removal.reason.value, "details": removal.details,
                  "record_text": archived_record_text(records[i])}
                 for i, removal in sorted(plan.removals.items())]

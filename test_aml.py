@@ -2275,19 +2275,19 @@ def test_prune_and_undo_never_hold_two_parsed_files_at_once(tmp_path, monkeypatc
 
     root = _prune_store(tmp_path / "m", agents=tuple("agent-%d" % i for i in range(6)))
     alive, peak = [], [0]
-    real_load = aml.load_json_file
+    real_load = aml.load_json_text   # every parse of a data file goes through it
 
     def tracking_load(path, expect=None):
-        data, fmt = real_load(path, expect)
+        data, fmt, text = real_load(path, expect)
         if not isinstance(data, list):
-            return data, fmt
+            return data, fmt, text
         alive[:] = [ref for ref in alive if ref() is not None]
         data = Records(data)
         alive.append(weakref.ref(data))
         peak[0] = max(peak[0], len(alive))
-        return data, fmt
+        return data, fmt, text
 
-    monkeypatch.setattr(aml, "load_json_file", tracking_load)
+    monkeypatch.setattr(aml, "load_json_text", tracking_load)
     store = aml.Store(root, now=NOW)
     config = aml.PruneConfig(create_backup=False, agent_memory_limit=20000)
     planned = aml.MemoryPruner(store, config).plan()
