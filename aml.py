@@ -295,7 +295,66 @@ def parse_json_text(text: str) -> Any:
 
 def runtime_json(obj: Any) -> str:
     """JSON text as the runtime writes it: 2-space indent, UTF-8, no NaN."""
-    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+    return indented_json(obj, "\n")
+
+
+class _NotPlainJson(Exception):
+    """A value _indent does not write itself (json.dumps then decides)."""
+
+
+_JSON_STR = json.encoder.encode_basestring   # the C function when available
+_JSON_CONST = {None: "null", True: "true", False: "false"}
+
+
+def indented_json(obj: Any, pad: str) -> str:
+    """Exactly ``json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)`` with every
+    newline followed by ``pad[1:]``, written without the pure-Python encoder's generators
+    (json.dumps has no C path for indented output; it dominated migrate's rewrites).
+    Anything but plain JSON values (NaN, subclasses, non-string keys, cycles) is left
+    to json.dumps, errors included."""
+    out: List[str] = []
+    try:
+        _indent(obj, pad, out)
+    except (_NotPlainJson, RecursionError):
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+        return text.replace("\n", pad) if pad != "\n" else text
+    return "".join(out)
+
+
+def _indent(obj: Any, pad: str, out: List[str]) -> None:
+    kind = type(obj)
+    if kind is str:
+        out.append(_JSON_STR(obj))
+    elif kind is dict:
+        if not obj:
+            out.append("{}")
+            return
+        inner, sep = pad + "  ", "{"
+        for key, value in obj.items():
+            if type(key) is not str:
+                raise _NotPlainJson()
+            out.append(sep + inner + _JSON_STR(key) + ": ")
+            sep = ","
+            _indent(value, inner, out)
+        out.append(pad + "}")
+    elif kind is list:
+        if not obj:
+            out.append("[]")
+            return
+        inner, sep = pad + "  ", "["
+        for value in obj:
+            out.append(sep + inner)
+            sep = ","
+            _indent(value, inner, out)
+        out.append(pad + "]")
+    elif kind is int:
+        out.append(int.__repr__(obj))
+    elif kind is float and math.isfinite(obj):
+        out.append(float.__repr__(obj))
+    elif obj is None or kind is bool:
+        out.append(_JSON_CONST[obj])
+    else:
+        raise _NotPlainJson()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -442,7 +501,7 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
     for n, item in enumerate(obj):
         if n:
             chunks.append(b",\n  ")
-        chunks.append(runtime_json(item).replace("\n", "\n  ").encode("utf-8"))
+        chunks.append(indented_json(item, "\n  ").encode("utf-8"))
     chunks.append(b"\n]")
     return chunks
 

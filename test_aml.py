@@ -413,7 +413,7 @@ def test_maintenance_lock_is_reentrant_in_one_process(tmp_path):
 
 
 
-# ---- issue 13: gzip over every core ----
+# ---- issue 13: speed (gzip over every core, the indented writer) ----
 
 def test_gzip_bytes_of_a_large_input_is_one_member_with_the_same_content():
     rng = random.Random(5)
@@ -428,6 +428,26 @@ def test_gzip_bytes_of_a_large_input_is_one_member_with_the_same_content():
     # The chunks are primed with the window before them: the size stays that of one stream.
     assert len(packed) <= 1.01 * len(gzip.compress(text, 6, mtime=0))
     assert aml.gzip_bytes(b"[1]") == gzip.compress(b"[1]", 6, mtime=0)
+
+
+class _Rate(float):
+    """A float subclass: json.dumps writes it by float.__repr__ all the same."""
+
+
+@pytest.mark.parametrize("value", [
+    {}, [], [[], {}], {"a": [], "b": {}}, "s", 0, -1, 10 ** 30, 1.5, -0.0, 1e16, 1e-7, True,
+    None, {"x": {"y": [1, 2.5, True, False, None, "\u00e9 \u2028 \" \\ \n \x01 \ud83d\ude00"]}},
+    {"k": {"": ""}, "\u00e9": [[[1]]]}, (1, [2]), {"t": (1, 2)}, [_Rate(0.25)], {1: 2, "a": [3]},
+    {True: 1, None: 2}, [float("nan")], {"k": {"z": float("inf")}}])
+def test_indented_writer_gives_exactly_json_dumps_or_its_error(value):
+    for pad in ("\n", "\n  ", "\n    "):
+        try:
+            expected = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+        except ValueError as exc:
+            with pytest.raises(ValueError, match=re.escape(str(exc))):
+                aml.indented_json(value, pad)
+            continue
+        assert aml.indented_json(value, pad) == expected.replace("\n", pad)
 
 # =============================================================================
 # 6. Record model
