@@ -2399,9 +2399,10 @@ class BackupManager:
         try:
             paths = store_scope_files(self.store.root, selected)
             entries = []
-            for n, rel in enumerate(paths, 1):
+            # One file is read, inflated and hashed ahead on a worker thread.
+            for n, (rel, read) in enumerate(_prefetched(snap.preread, paths, ahead=1), 1):
                 self.progress("backup: file %d of %d" % (n, len(paths)))
-                entries.append(snap.file_entry(rel, writer))
+                entries.append(snap.file_entry(rel, writer, read))
             entries = [e for e in entries if e]
             bytes_added = writer.commit()
             self._fresh_pack = writer.name if writer.committed else None
@@ -3257,6 +3258,20 @@ def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = No
 
 
 
+@dataclasses.dataclass
+class _FileRead:
+    """One store file as _SnapshotBuilder.preread found it (``raw`` None: not read, as an
+    incremental may keep the previous entry; ``error``: it could not be read)."""
+
+    info: Optional[os.stat_result]
+    key: Optional[List[int]]
+    raw: Optional[bytes] = None
+    sha256: str = ""
+    content: Optional[bytes] = None   # a gzip file's inflated bytes, when they inflate
+    content_sha256: str = ""
+    error: Optional[BaseException] = None
+
+
 class _SnapshotBuilder:
     """Turns store files into manifest entries, writing only objects the repository lacks."""
 
@@ -3273,27 +3288,49 @@ class _SnapshotBuilder:
         self.warnings: List[str] = []
         self.skipped: List[str] = []
 
-    def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
-        """The manifest entry of one file; None (with a warning) if it cannot be read."""
+    def preread(self, rel: str, force: bool = False) -> "_FileRead":
+        """The I/O half of file_entry, safe on a worker thread (reading, inflating and
+        hashing release the GIL, so the next file loads while this one is split): the
+        stat, then the bytes unless an incremental may keep the previous entry."""
         path = self.store.root / rel
         try:
             info = os.lstat(str(path))
             key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
             prev = self.previous.get(rel)
-            if self.incremental and prev and prev.get("stat") == key and self._intact(prev):
-                return prev
+            if not force and self.incremental and prev and prev.get("stat") == key:
+                return _FileRead(info, key)
             raw = self._read(rel, path)
         except (OSError, StoreBusyError) as exc:
-            self.warnings.append("%s: cannot read (%s); not in this backup"
-                                 % (path, getattr(exc, "strerror", None) or exc))
+            return _FileRead(None, None, error=exc)
+        read = _FileRead(info, key, raw, sha256_hex(raw))
+        if raw[:2] == GZIP_MAGIC:
+            with contextlib.suppress(OSError, EOFError, zlib.error):
+                read.content = gzip.decompress(raw)
+                read.content_sha256 = sha256_hex(read.content)
+        return read
+
+    def file_entry(self, rel: str, writer: _PackWriter,
+                   read: Optional["_FileRead"] = None) -> Optional[Dict[str, Any]]:
+        """The manifest entry of one file (from its ``preread`` when given); None (with a
+        warning) if it cannot be read."""
+        read = read or self.preread(rel)
+        prev = self.previous.get(rel)
+        if read.error is None and read.raw is None:
+            if self._intact(prev):
+                return prev
+            read = self.preread(rel, force=True)
+        if read.error is not None:
+            self.warnings.append("%s: cannot read (%s); not in this backup" % (
+                self.store.root / rel, getattr(read.error, "strerror", None) or read.error))
             self.skipped.append(rel)
             return None
         self.reread += 1
-        entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),
-                 "sha256": sha256_hex(raw), "stat": key}
+        raw = read.raw
+        entry = {"path": rel, "mode": stat.S_IMODE(read.info.st_mode), "size": len(raw),
+                 "sha256": read.sha256, "stat": read.key}
         if prev and prev.get("sha256") == entry["sha256"] and self._intact(prev):
             return dict(prev, **entry)   # byte-identical: no need to split it again
-        entry.update(self._array_entry(raw, entry["sha256"], prev, writer)
+        entry.update(self._array_entry(raw, entry["sha256"], prev, writer, read)
                      or self._blob_entry(rel, raw, writer))
         return entry
 
@@ -3324,10 +3361,13 @@ class _SnapshotBuilder:
         return {"kind": "blob", "object": digest.hex(), "json": kind}
 
     def _array_entry(self, raw: bytes, raw_sha256: str, prev: Optional[Dict[str, Any]],
-                     writer: _PackWriter) -> Optional[Dict[str, Any]]:
+                     writer: _PackWriter, read: Optional["_FileRead"] = None
+                     ) -> Optional[Dict[str, Any]]:
         is_gzip = raw[:2] == GZIP_MAGIC
+        inflated = read.content if read is not None else None
         try:
-            content = gzip.decompress(raw) if is_gzip else raw
+            content = inflated if inflated is not None else \
+                gzip.decompress(raw) if is_gzip else raw
             bom = content.startswith(UTF8_BOM)
             text = content[len(UTF8_BOM):].decode("utf-8") if bom else content.decode("utf-8")
         except (OSError, EOFError, zlib.error, UnicodeDecodeError):
@@ -3348,7 +3388,8 @@ class _SnapshotBuilder:
         ref, depth = self._store_list(items, prev, writer)
         return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
                 "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
-                "content_sha256": sha256_hex(content) if is_gzip else raw_sha256,
+                "content_sha256": (read.content_sha256 if inflated is not None
+                                   else sha256_hex(content)) if is_gzip else raw_sha256,
                 "list": ref, "depth": depth}
 
     def _store_list(self, items: List[bytes], prev: Optional[Dict[str, Any]],
