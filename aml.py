@@ -2929,9 +2929,12 @@ def read_file_content(entry: Dict[str, Any], objects: _ObjectStore,
 
 
 def encode_restored(entry: Dict[str, Any], content: bytes) -> bytes:
-    """The bytes to write for a rebuilt file: gzip files are gzip again (same content)."""
+    """The bytes to write for a rebuilt file: gzip files are gzip again (same content).
+
+    One zlib stream, not gzip_bytes' chunks: its bytes are those the file had when it was
+    written by this same zlib at this level (restore already rebuilds files two at a time)."""
     if entry.get("kind") == "array" and entry.get("gzip"):
-        return gzip_bytes(content, mtime=entry.get("gzip_mtime", 0))
+        return gzip.compress(content, compresslevel=GZIP_LEVEL, mtime=entry.get("gzip_mtime", 0))
     return content
 
 

@@ -1022,16 +1022,19 @@ def floor_inflate_sha256(files: Sequence[Path]) -> float:
     return timed(work)
 
 
-def _inflate_pack(raw: bytes) -> None:
-    """Inflate and hash the concatenated zlib blocks after a pack's 8-byte magic."""
-    rest = raw[8:]
-    while rest:
-        inflater = zlib.decompressobj()
+def _inflate_pack(raw: bytes, feed: int = 1 << 16) -> None:
+    """Inflate and hash the concatenated zlib blocks after a pack's 8-byte magic (fed 64 KiB
+    at a time, so finding where each block ends copies nothing large)."""
+    view, pos = memoryview(raw), 8
+    while pos < len(raw):
+        inflater, digest = zlib.decompressobj(), hashlib.sha256()
         try:
-            hashlib.sha256(inflater.decompress(rest)).digest()
+            while not inflater.eof and pos < len(raw):
+                chunk = view[pos:pos + feed]
+                digest.update(inflater.decompress(chunk))
+                pos += len(chunk) - len(inflater.unused_data)
         except zlib.error:
             return
-        rest = inflater.unused_data
 
 
 def floor_parse_write(files: Sequence[Path], scratch: Path, write_back: bool = True
@@ -1842,7 +1845,8 @@ def _op_row(r: Dict[str, Any]) -> str:
              "%s %s" % (fmt_x(f["ratio"]), f["name"]) if f else "-",
              "%s %s" % (fmt_x(t["ratio"]), t["name"]) if t else "-",
              "%s (%s)" % (fmt_x(c["ratio"]), c["text"]) if c else "-",
-             "%s %s" % (r["target"]["status"], r["target"]["text"]) if r.get("target") else "-"]
+             "**%s**: %s" % (r["target"]["status"], r["target"]["text"]) if r.get("target")
+             else "-"]
     return "| " + " | ".join(cells) + " |"
 
 

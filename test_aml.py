@@ -1457,6 +1457,20 @@ def test_changed_file_in_an_incremental_is_verified_past_its_baseline(tmp_path):
     assert result.verified and check.ok and check.objects_checked < objects_before / 10
 
 
+def test_restore_gives_back_the_exact_gzip_bytes_of_a_large_file(tmp_path):
+    root = build_store(tmp_path / "memory", agents=("code-reviewer",), gz=True)
+    rng = random.Random(3)
+    big = root / "code-reviewer" / "patterns.json"
+    text = json.dumps([make_pattern("code-reviewer", rng) for _ in range(6000)], indent=2)
+    big.write_bytes(gzip.compress(text.encode("utf-8"), 6, mtime=0))   # the runtime's level
+    assert len(text) > aml.GZIP_PARALLEL_MIN
+    snap = backup_manager(root).create(aml.BackupType.FULL)
+    code = run_cli(root, "backup", "restore", snap.backup_id, "--target", tmp_path / "t", "-q")
+    # Rebuilt as one zlib stream at the file's level: the bytes it had, not only its content.
+    assert code == 0 and (tmp_path / "t" / "code-reviewer" / "patterns.json").read_bytes() \
+        == big.read_bytes()
+
+
 def _trusted_of(root, result):
     manager = backup_manager(root)
     marks = manager._verified()
