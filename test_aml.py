@@ -2636,6 +2636,33 @@ def test_crontab_prune_line_runs_in_a_cron_environment(tmp_path):
     assert backup["backup_id"] == summary["backup_id"] and backup["verified"] is True
 
 
+
+# ---- issue 13: prune notices a changed file by its text ----
+
+@pytest.mark.parametrize("rewrite_as", ["compact", "gzip"])
+def test_runtime_rewriting_the_same_records_between_plan_and_write(tmp_path, monkeypatch,
+                                                                   rewrite_as):
+    rng = random.Random(12)
+    stale = _pattern(rng, last_used=200)
+    others = [_pattern(rng) for _ in range(4)]
+    root = _one_agent(tmp_path / "m", patterns=[others[0], stale] + others[1:])
+    path = root / "solo" / "patterns.json"
+    real_rewrite = aml.Store.rewrite
+
+    def runtime_rewrites(self, target, expect=list):
+        records = read_data(path)   # the same records, written another way
+        if rewrite_as == "compact":
+            path.write_text(json.dumps(records, separators=(",", ":")))
+        else:
+            write_data(path, records, gz=True)
+        return real_rewrite(self, target, expect)
+
+    monkeypatch.setattr(aml.Store, "rewrite", runtime_rewrites)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    assert [r.id for r in result.removed] == [stale["id"]] and result.removed[0].index == 1
+    assert read_data(path) == others
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == (rewrite_as == "gzip")
+
 # =============================================================================
 # 12. Compression and garbage collection
 # =============================================================================
