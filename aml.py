@@ -931,19 +931,26 @@ def record_id(record: Any) -> Optional[str]:
     return rid if isinstance(rid, str) and rid else None
 
 
+def _same_text(a: Any, b: Any) -> bool:
+    return type(a) is str and type(b) is str and a == b
+
+
 def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
     """Read the maintenance-relevant facts of a record of any known layout; never raises."""
     rec = record if isinstance(record, dict) else {}
     tags = _tags(rec)
     rid = rec.get("id")
     agent = rec.get("agent")
+    stamp, created, last_used = (rec.get("timestamp"), first_value(rec, "created"),
+                                 first_value(rec, "last_used"))
+    when = parse_timestamp(stamp)
     return RecordFacts(
         rtype=rtype,
         id=rid if isinstance(rid, str) and rid else None,
         agent=agent if isinstance(agent, str) and agent else None,
-        timestamp=parse_timestamp(rec.get("timestamp")),
-        created=parse_timestamp(first_value(rec, "created")),
-        last_used=parse_timestamp(first_value(rec, "last_used")),
+        timestamp=when,   # the same text twice (often: created) is parsed once
+        created=when if _same_text(created, stamp) else parse_timestamp(created),
+        last_used=when if _same_text(last_used, stamp) else parse_timestamp(last_used),
         success_rate=_number(first_value(rec, "success_rate")),
         execution_count=_number(first_value(rec, "execution_count")),
         confidence=_number(first_value(rec, "confidence")),
