@@ -265,6 +265,9 @@ def _os_error_text(exc: OSError, path: Any = None) -> str:
     return "%s: %s" % (where, reason) if where is not None else reason
 
 
+_RUNTIME_TS_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z\Z")
+
+
 def utcnow() -> _dt.datetime:
     """The current time, timezone-aware UTC."""
     return _dt.datetime.now(_dt.timezone.utc)
@@ -293,6 +296,13 @@ def parse_timestamp(value: Any) -> Optional[_dt.datetime]:
             return None
     if not isinstance(value, str):
         return None
+    match = _RUNTIME_TS_RE.match(value) if len(value) == 24 else None
+    if match:   # the runtime's own form: the same result as below, without the general path
+        try:
+            y, mo, d, h, mi, s, ms = map(int, match.groups())
+            return _dt.datetime(y, mo, d, h, mi, s, ms * 1000, tzinfo=_dt.timezone.utc)
+        except ValueError:
+            return None
     match = _TS_RE.match(value)
     if not match:
         return None
@@ -389,12 +399,76 @@ def parse_json_text(text: str) -> Any:
 
 def runtime_json(obj: Any) -> str:
     """JSON text as the runtime writes it: 2-space indent, UTF-8, no NaN."""
-    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+    return indented_json(obj, "\n")
+
+
+class _NotPlainJson(Exception):
+    """A value _indent does not write itself (json.dumps then decides)."""
+
+
+_JSON_STR = json.encoder.encode_basestring   # the C function when available
+_JSON_CONST = {None: "null", True: "true", False: "false"}
+
+
+def indented_json(obj: Any, pad: str) -> str:
+    """Exactly ``json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)`` with every
+    newline followed by ``pad[1:]``, written without the pure-Python encoder's generators
+    (json.dumps has no C path for indented output; it dominated migrate's rewrites).
+    Anything but plain JSON values (NaN, subclasses, non-string keys, cycles) is left
+    to json.dumps, errors included."""
+    out: List[str] = []
+    try:
+        _indent(obj, pad, out)
+    except (_NotPlainJson, RecursionError):
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+        return text.replace("\n", pad) if pad != "\n" else text
+    return "".join(out)
+
+
+def _indent(obj: Any, pad: str, out: List[str]) -> None:
+    kind = type(obj)
+    if kind is str:
+        out.append(_JSON_STR(obj))
+    elif kind is dict:
+        if not obj:
+            out.append("{}")
+            return
+        inner, sep = pad + "  ", "{"
+        for key, value in obj.items():
+            if type(key) is not str:
+                raise _NotPlainJson()
+            out.append(sep + inner + _JSON_STR(key) + ": ")
+            sep = ","
+            _indent(value, inner, out)
+        out.append(pad + "}")
+    elif kind is list:
+        if not obj:
+            out.append("[]")
+            return
+        inner, sep = pad + "  ", "["
+        for value in obj:
+            out.append(sep + inner)
+            sep = ","
+            _indent(value, inner, out)
+        out.append(pad + "]")
+    elif kind is int:
+        out.append(int.__repr__(obj))
+    elif kind is float and math.isfinite(obj):
+        out.append(float.__repr__(obj))
+    elif obj is None or kind is bool:
+        out.append(_JSON_CONST[obj])
+    else:
+        raise _NotPlainJson()
 
 
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def text_digest(text: str) -> str:
+    """Hex SHA-256 of a text's UTF-8 bytes: notices any change to a decoded file."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_run_id(operation: str, now: _dt.datetime) -> str:
@@ -576,7 +650,44 @@ def encode_json(obj: Any, fmt: FileFormat) -> bytes:
         chunks.append(b"\n")
     data = b"".join(chunks)
     del chunks
-    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if fmt.gzip else data
+    return gzip_bytes(data) if fmt.gzip else data
+
+
+# Inputs at least this large are deflated in chunks on worker threads (zlib releases the GIL).
+GZIP_PARALLEL_MIN = 4 * 1024 * 1024
+_GZIP_CHUNK = 1024 * 1024
+_GZIP_WINDOW = 32 * 1024
+_DEFLATE_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def gzip_bytes(data: bytes, level: int = GZIP_LEVEL, mtime: int = 0) -> bytes:
+    """One gzip member holding ``data``, as ``gzip.compress`` makes, on every core.
+
+    Large inputs are deflated as pigz does: 1 MiB chunks on worker threads, each primed
+    with the 32 KiB before it (so the ratio stays within a fraction of a percent) and
+    ended on a byte boundary; the chunks form one deflate stream any gunzip reads.
+    """
+    if len(data) < GZIP_PARALLEL_MIN or _DEFLATE_WORKERS < 2:
+        return gzip.compress(data, compresslevel=level, mtime=mtime)
+    view, total = memoryview(data), len(data)
+
+    def deflate(start: int) -> bytes:
+        end = min(start + _GZIP_CHUNK, total)
+        primer = bytes(view[max(0, start - _GZIP_WINDOW):start])
+        packer = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY,
+                                  primer) if primer else \
+            zlib.compressobj(level, zlib.DEFLATED, -15, 8)
+        out = packer.compress(view[start:end])
+        return out + packer.flush(zlib.Z_FINISH if end == total else zlib.Z_SYNC_FLUSH)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_DEFLATE_WORKERS) as pool:
+        crc = pool.submit(zlib.crc32, view)
+        parts = list(pool.map(deflate, range(0, total, _GZIP_CHUNK)))
+        xfl = b"\x02" if level == 9 else b"\x04" if level == 1 else b"\x00"
+        parts.insert(0, b"\x1f\x8b\x08\x00" + struct.pack("<I", mtime & 0xFFFFFFFF) + xfl
+                     + b"\xff")
+        parts.append(struct.pack("<II", crc.result(), total & 0xFFFFFFFF))
+    return b"".join(parts)
 
 
 def _runtime_json_chunks(obj: Any) -> List[bytes]:
@@ -590,7 +701,7 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
     for n, item in enumerate(obj):
         if n:
             chunks.append(b",\n  ")
-        chunks.append(runtime_json(item).replace("\n", "\n  ").encode("utf-8"))
+        chunks.append(indented_json(item, "\n  ").encode("utf-8"))
     chunks.append(b"\n]")
     return chunks
 
@@ -660,7 +771,7 @@ def remove_array_elements(text: str, fmt: FileFormat, positions: Iterable[int]
     data = b"".join([UTF8_BOM if fmt.bom else b"", head.encode("utf-8"),
                      sep.join(kept).encode("utf-8"), tail.encode("utf-8")])
     del kept
-    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if fmt.gzip else data
+    return gzip_bytes(data) if fmt.gzip else data
 
 
 def fsync_dir(directory: Path) -> None:
@@ -987,7 +1098,12 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
 def first_value(record: Dict[str, Any], field: str) -> Any:
     """The first present value of a logical field across the known layouts, else None."""
     for path in FIELD_PATHS[field]:
-        value = dig(record, *path)
+        value = record
+        for key in path:   # dig(record, *path), inlined: this runs for every record
+            if not isinstance(value, dict):
+                value = None
+                break
+            value = value.get(key)
         if value is not None:
             return value
     return None
@@ -1077,19 +1193,32 @@ def _outcome_mean(record: Dict[str, Any]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def record_id(record: Any) -> Optional[str]:
+    """A record's id as record_facts reads it (a non-empty string), else None."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
+def _same_text(a: Any, b: Any) -> bool:
+    return type(a) is str and type(b) is str and a == b
+
+
 def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
     """Read the maintenance-relevant facts of a record of any known layout; never raises."""
     rec = record if isinstance(record, dict) else {}
     tags = _tags(rec)
     rid = rec.get("id")
     agent = rec.get("agent")
+    stamp, created, last_used = (rec.get("timestamp"), first_value(rec, "created"),
+                                 first_value(rec, "last_used"))
+    when = parse_timestamp(stamp)
     return RecordFacts(
         rtype=rtype,
         id=rid if isinstance(rid, str) and rid else None,
         agent=agent if isinstance(agent, str) and agent else None,
-        timestamp=parse_timestamp(rec.get("timestamp")),
-        created=parse_timestamp(first_value(rec, "created")),
-        last_used=parse_timestamp(first_value(rec, "last_used")),
+        timestamp=when,   # the same text twice (often: created) is parsed once
+        created=when if _same_text(created, stamp) else parse_timestamp(created),
+        last_used=when if _same_text(last_used, stamp) else parse_timestamp(last_used),
         success_rate=_number(first_value(rec, "success_rate")),
         execution_count=_number(first_value(rec, "execution_count")),
         confidence=_number(first_value(rec, "confidence")),
@@ -1285,6 +1414,12 @@ class Store:
         """The JSON array of a record file; raises CorruptFileError (never returns [] on error)."""
         return load_json_file(data_file.path, expect=list)
 
+    def load_records_digest(self, data_file: DataFile) -> Tuple[List[Any], str]:
+        """Like load_records, with the SHA-256 of the file's decoded text (to notice later
+        whether it changed without serialising every record again)."""
+        records, _, text = load_json_text(data_file.path, expect=list)
+        return records, text_digest(text)
+
     def iter_record_files(self, agents: Optional[Sequence[str]] = None,
                           errors: Optional[List[CorruptFileError]] = None
                           ) -> Iterator[Tuple[DataFile, List[Any], FileFormat]]:
@@ -1349,11 +1484,12 @@ class Store:
         """
         with self.file_lock(path):
             data, fmt, text = load_json_text(path, expect=expect)
-            job = Rewrite(path=Path(path), data=data, fmt=fmt)
+            job = Rewrite(path=Path(path), data=data, fmt=fmt, text=text)
             original = list(data) if isinstance(data, list) else None
             yield job
             if job.changed:
                 spliced = _spliced_rewrite(job, text, original)
+                job.text = ""
                 del text, original
                 if spliced is None:
                     job.bytes_written = write_json_file(path, job.data, fmt)
@@ -1527,6 +1663,7 @@ class Rewrite:
     changed: bool = False
     bytes_written: int = 0
     removed: Optional[Set[int]] = None  # positions deleted, when that is the only change
+    text: str = dataclasses.field(default="", repr=False)  # the decoded text as read
 
 
 def _spliced_rewrite(job: Rewrite, text: str, original: Optional[List[Any]]) -> Optional[bytes]:
@@ -1595,6 +1732,17 @@ def archived_record_text(record: Any) -> str:
     """A record as compact JSON in its own key order: what an archive part keeps, so a put-back
     record reads exactly as it did (state files sort keys, this text does not)."""
     return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _digest(records: List[Any]) -> str:
+    """The sha256 of an array's compact JSON (how dedupe notices a file that changed since it
+    was planned), serialized a slice at a time (never the whole file's text at once)."""
+    whole = hashlib.sha256(b"[")
+    for start in range(0, len(records), 256):
+        text = archived_record_text(records[start:start + 256])[1:-1]
+        whole.update((b"," if start else b"") + text.encode("utf-8"))
+    whole.update(b"]")
+    return whole.hexdigest()
 
 
 class Archive:
@@ -1893,6 +2041,22 @@ class VerifyResult:
 
 
 @dataclasses.dataclass
+class _Trusted:
+    """What the verification right after a backup need not read again (packs are immutable).
+
+    ``pack``: the pack this backup just wrote, once its bytes on disk match the SHA-256
+    computed while writing them (its objects were hashed from the bytes read from the
+    store). ``entries``: path -> entry of the verified snapshot an incremental builds on;
+    an identical entry is skipped, and a changed one's objects that the verified entry
+    also used are not read again. ``backup verify`` trusts nothing.
+    """
+
+    pack: Optional[str] = None
+    pack_sha256: bytes = b""
+    entries: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class RestoreResult:
     """What a restore changed (or, with dry_run, would change)."""
 
@@ -1984,6 +2148,7 @@ class _PackWriter:
         self._pending: List[Any] = []
         self._fh: Optional[Any] = None
         self._offset = len(_PACK_MAGIC)
+        self._sha = hashlib.sha256(_PACK_MAGIC)   # of the pack's bytes, for a cheap re-check
         # zlib releases the GIL: compressing blocks on threads overlaps with JSON scanning.
         workers = max(1, min(4, os.cpu_count() or 1))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
@@ -2029,6 +2194,7 @@ class _PackWriter:
                 os.chmod(str(self.path), 0o600)
                 self._fh.write(_PACK_MAGIC)
             self._fh.write(data)
+        self._sha.update(data)
         self.blocks.append((self._offset, len(data), ulen))
         self._offset += len(data)
 
@@ -2051,6 +2217,11 @@ class _PackWriter:
         self.committed = True
         self.bytes_written = self._offset + len(index)
         return self.bytes_written
+
+    @property
+    def sha256(self) -> bytes:
+        """SHA-256 of the pack file's bytes as written."""
+        return self._sha.digest()
 
     def abort(self) -> None:
         """Drop the pack unless committed (an uncommitted pack has no index: no reader)."""
@@ -2609,6 +2780,7 @@ class BackupManager:
         self.progress: ProgressCallback = store.progress   # the CLI shows it on a TTY
         self._manifests: Dict[str, Dict[str, Any]] = {}
         self._fresh_pack: Optional[str] = None   # the pack the last create wrote
+        self._trusted = _Trusted()               # what the last create may skip verifying
 
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
@@ -2753,9 +2925,14 @@ class BackupManager:
             return self._snapshot_and_verify(backup_type, agents, reason, verify)
 
     def _snapshot_and_verify(self, btype: BackupType, agents: Optional[Sequence[str]],
-                             reason: Optional[str], verify: Optional[bool] = None) -> BackupResult:
+                             reason: Optional[str], verify: Optional[bool] = None,
+                             trust_baseline: bool = True) -> BackupResult:
+        """``trust_baseline=False``: verify every object the snapshot uses, even those of
+        the verified snapshot it builds on (the safety copy before a restore)."""
         started, clock = self.store.now, time.monotonic()
         result = self._create_locked(btype, agents, reason)
+        if not trust_baseline:
+            self._trusted.entries = {}
         wanted = self.config.verify_after_backup if verify is None else verify
         # A full backup never trusts the objects it deduplicated against, verify or not.
         if wanted or result.type is BackupType.FULL:
@@ -2788,12 +2965,14 @@ class BackupManager:
             paths = store_scope_files(self.store.root, selected, odd)
             snap.not_regular([(rel, odd_file_problem(kind)) for rel, kind in odd])
             entries = []
-            for n, rel in enumerate(paths, 1):
+            # One file is read, inflated and hashed ahead on a worker thread.
+            for n, (rel, read) in enumerate(_prefetched(snap.preread, paths, ahead=1), 1):
                 self.progress("backup: reading files", n - 1, len(paths), "files")
-                entries.append(snap.file_entry(rel, writer))
+                entries.append(snap.file_entry(rel, writer, read))
             entries = [e for e in entries if e]
             bytes_added = writer.commit()
             self._fresh_pack = writer.name if writer.committed else None
+            self._trusted = self._trust_after_create(btype, previous, writer)
             backup_id = self._new_id(btype)
             manifest = {"format": _MANIFEST_FORMAT, "id": backup_id, "type": btype.value,
                         "created": format_timestamp(self.store.now),
@@ -2831,7 +3010,7 @@ class BackupManager:
         reused, not those it has just written, and verifies only after a repair.
         """
         if check_first:
-            check = self._verify_locked([result.backup_id], deep=False)
+            check = self._verify_locked([result.backup_id], deep=False, trusted=self._trusted)
             if check.ok:
                 return check
         fresh = None if check_first else self._fresh_pack
@@ -2844,7 +3023,7 @@ class BackupManager:
         result.repaired = repaired
         result.objects_added += objects_added
         result.bytes_added += bytes_added
-        check = self._verify_locked([result.backup_id], deep=False)
+        check = self._verify_locked([result.backup_id], deep=False, trusted=self._trusted)
         check.repaired = repaired
         return check
 
@@ -2904,8 +3083,27 @@ class BackupManager:
             self._record_verify(result, started, clock)
         return result
 
-    def _verify_locked(self, ids: List[str], deep: bool) -> VerifyResult:
+    def _trust_after_create(self, btype: BackupType, previous: Optional[Dict[str, Any]],
+                            writer: _PackWriter) -> _Trusted:
+        """What verifying the snapshot just made may skip: its fresh pack and, for an
+        incremental on a snapshot whose last verification passed, that snapshot's entries.
+        A full backup never trusts objects it deduplicated against."""
+        trusted = _Trusted()
+        if writer.committed:
+            trusted.pack, trusted.pack_sha256 = writer.name, writer.sha256
+        marks = self._verified() if btype is BackupType.INCREMENTAL and previous else {}
+        mark = marks.get(str(previous.get("id"))) if previous else None
+        if isinstance(mark, dict) and mark.get("ok") is True:
+            trusted.entries = {e.get("path"): e for e in previous["files"]
+                               if isinstance(e, dict)}
+        return trusted
+
+    def _verify_locked(self, ids: List[str], deep: bool,
+                       trusted: Optional[_Trusted] = None) -> VerifyResult:
         objects = _ObjectStore(self.packs)
+        if trusted is not None and trusted.pack and not _pack_matches(
+                self.packs / (trusted.pack + ".pack"), trusted.pack_sha256):
+            trusted = dataclasses.replace(trusted, pack=None)   # read every object of it
         # Objects shared by several snapshots are checked once; one snapshot keeps no set.
         checked: Optional[Dict[bytes, Optional[str]]] = {} if len(ids) > 1 else None
         result = VerifyResult(backup_ids=list(ids), deep=deep, ok=True, files_checked=0,
@@ -2918,7 +3116,8 @@ class BackupManager:
             except AmlError as exc:
                 result.problems.append("%s: %s" % (backup_id, exc))
             else:
-                problems, count = _verify_files(manifest["files"], objects, checked, deep)
+                problems, count = _verify_files(manifest["files"], objects, checked, deep,
+                                                trusted)
                 problems.extend(self._restore_refusals(manifest["files"]))
                 result.problems.extend("%s: %s" % (backup_id, p) for p in problems)
                 result.files_checked += len(manifest["files"])
@@ -3005,7 +3204,8 @@ class BackupManager:
     def _safety_snapshot(self, backup_id: str) -> BackupResult:
         """A verified snapshot of the live store before a restore; RefusedError if incomplete."""
         safety = self._snapshot_and_verify(BackupType.INCREMENTAL, None,
-                                           "before restore of %s" % backup_id)
+                                           "before restore of %s" % backup_id,
+                                           trust_baseline=False)
         if safety.skipped:
             raise RefusedError("nothing restored: the safety backup %s could not read %s"
                                % (safety.backup_id, ", ".join(safety.skipped)))
@@ -3208,16 +3408,17 @@ def _damaged_entries(entries: List[Any], objects: _ObjectStore,
 
 def _verify_files(entries: List[Any], objects: _ObjectStore,
                   checked: Optional[Dict[bytes, Optional[str]]],
-                  deep: bool) -> Tuple[List[str], int]:
+                  deep: bool, trusted: Optional[_Trusted] = None) -> Tuple[List[str], int]:
     """Problems of one manifest's files and the number of objects checked. Files go in
-    batches of about VERIFY_BATCH_OBJECTS objects, so memory does not grow with the store."""
+    batches of about VERIFY_BATCH_OBJECTS objects, so memory does not grow with the store.
+    ``trusted`` (right after a backup, not deep) names what need not be read again."""
     problems: List[str] = []
     batch: List[Tuple[Dict[str, Any], List[bytes]]] = []
     size = count = 0
     for n, entry in enumerate(entries, 1):
         try:
             safe_relpath(entry.get("path"))
-            digests = _entry_objects(entry, _Lists(objects))
+            digests = _untrusted_objects(entry, objects, trusted)
         except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
             problems.append("%s: %s" % (_entry_path(entry), exc))
         else:
@@ -3227,6 +3428,40 @@ def _verify_files(entries: List[Any], objects: _ObjectStore,
             count += _verify_batch(batch, objects, checked, deep, problems)
             batch, size = [], 0
     return problems, count
+
+
+def _untrusted_objects(entry: Dict[str, Any], objects: _ObjectStore,
+                       trusted: Optional[_Trusted]) -> List[bytes]:
+    """The objects of an entry a verification must read (all of them unless ``trusted``)."""
+    if trusted is None:
+        return _entry_objects(entry, _Lists(objects))
+    base = trusted.entries.get(entry.get("path"))
+    if base is not None and base == entry:
+        return []
+    lists = _Lists(objects)
+    digests = _entry_objects(entry, lists)
+    if base is not None:
+        with contextlib.suppress(AmlError, ValueError, KeyError, TypeError, AttributeError):
+            known = set(_entry_objects(base, lists))
+            digests = [d for d in digests if d not in known]
+    if trusted.pack and digests:
+        where = objects.where
+        fresh = next((n for n, p in enumerate(objects.pack_list) if p.name == trusted.pack), -1)
+        digests = [d for d in digests if (where.get(d[:KEY_LEN], -1) >> 32) != fresh
+                   or fresh < 0]
+    return digests
+
+
+def _pack_matches(path: Path, digest: bytes) -> bool:
+    """True if a pack file's bytes have this SHA-256 (read in 1 MiB blocks)."""
+    sha = hashlib.sha256()
+    try:
+        with open(str(path), "rb") as handle:
+            for block in iter(lambda: handle.read(BLOCK_SIZE), b""):
+                sha.update(block)
+    except OSError:
+        return False
+    return sha.digest() == digest
 
 
 def _verify_batch(batch: List[Tuple[Dict[str, Any], List[bytes]]], objects: _ObjectStore,
@@ -3300,7 +3535,10 @@ def read_file_content(entry: Dict[str, Any], objects: _ObjectStore,
 
 
 def encode_restored(entry: Dict[str, Any], content: bytes) -> bytes:
-    """The bytes to write for a rebuilt file: gzip files are gzip again (same content)."""
+    """The bytes to write for a rebuilt file: gzip files are gzip again (same content).
+
+    One zlib stream, not gzip_bytes' chunks: its bytes are those the file had when it was
+    written by this same zlib at this level (restore already rebuilds files two at a time)."""
     if entry.get("kind") == "array" and entry.get("gzip"):
         return gzip.compress(content, compresslevel=GZIP_LEVEL, mtime=entry.get("gzip_mtime", 0))
     return content
@@ -3645,6 +3883,20 @@ def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = No
 
 
 
+@dataclasses.dataclass
+class _FileRead:
+    """One store file as _SnapshotBuilder.preread found it (``raw`` None: not read, as an
+    incremental may keep the previous entry; ``error``: it could not be read)."""
+
+    info: Optional[os.stat_result]
+    key: Optional[List[int]]
+    raw: Optional[bytes] = None
+    sha256: str = ""
+    content: Optional[bytes] = None   # a gzip file's inflated bytes, when they inflate
+    content_sha256: str = ""
+    error: Optional[BaseException] = None
+
+
 class _SnapshotBuilder:
     """Turns store files into manifest entries, writing only objects the repository lacks."""
 
@@ -3661,30 +3913,52 @@ class _SnapshotBuilder:
         self.warnings: List[str] = []
         self.skipped: List[str] = []
 
-    def file_entry(self, rel: str, writer: _PackWriter) -> Optional[Dict[str, Any]]:
-        """The manifest entry of one file; None (with a warning) if it cannot be read."""
+    def preread(self, rel: str, force: bool = False) -> "_FileRead":
+        """The I/O half of file_entry, safe on a worker thread (reading, inflating and
+        hashing release the GIL, so the next file loads while this one is split): the
+        stat, then the bytes unless an incremental may keep the previous entry."""
         path = self.store.root / rel
         try:
             info = os.lstat(str(path))
             key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
             prev = self.previous.get(rel)
-            if self.incremental and prev and prev.get("stat") == key and self._intact(prev):
-                return prev
+            if not force and self.incremental and prev and prev.get("stat") == key:
+                return _FileRead(info, key)
             raw = self._read(rel, path)
         except CorruptFileError as exc:   # became a FIFO or link since the walk
             self.not_regular([(rel, exc.problem)])
             return None
         except (OSError, StoreBusyError) as exc:
-            self.warnings.append("%s: cannot read (%s); not in this backup"
-                                 % (path, getattr(exc, "strerror", None) or exc))
+            return _FileRead(None, None, error=exc)
+        read = _FileRead(info, key, raw, sha256_hex(raw))
+        if raw[:2] == GZIP_MAGIC:
+            with contextlib.suppress(OSError, EOFError, zlib.error):
+                read.content = gzip.decompress(raw)
+                read.content_sha256 = sha256_hex(read.content)
+        return read
+
+    def file_entry(self, rel: str, writer: _PackWriter,
+                   read: Optional["_FileRead"] = None) -> Optional[Dict[str, Any]]:
+        """The manifest entry of one file (from its ``preread`` when given); None (with a
+        warning) if it cannot be read."""
+        read = read or self.preread(rel)
+        prev = self.previous.get(rel)
+        if read.error is None and read.raw is None:
+            if self._intact(prev):
+                return prev
+            read = self.preread(rel, force=True)
+        if read.error is not None:
+            self.warnings.append("%s: cannot read (%s); not in this backup" % (
+                self.store.root / rel, getattr(read.error, "strerror", None) or read.error))
             self.skipped.append(rel)
             return None
         self.reread += 1
-        entry = {"path": rel, "mode": stat.S_IMODE(info.st_mode), "size": len(raw),
-                 "sha256": sha256_hex(raw), "stat": key}
+        raw = read.raw
+        entry = {"path": rel, "mode": stat.S_IMODE(read.info.st_mode), "size": len(raw),
+                 "sha256": read.sha256, "stat": read.key}
         if prev and prev.get("sha256") == entry["sha256"] and self._intact(prev):
             return dict(prev, **entry)   # byte-identical: no need to split it again
-        entry.update(self._array_entry(raw, entry["sha256"], prev, writer)
+        entry.update(self._array_entry(raw, entry["sha256"], prev, writer, read)
                      or self._blob_entry(rel, raw, writer))
         return entry
 
@@ -3722,10 +3996,13 @@ class _SnapshotBuilder:
         return {"kind": "blob", "object": digest.hex(), "json": kind}
 
     def _array_entry(self, raw: bytes, raw_sha256: str, prev: Optional[Dict[str, Any]],
-                     writer: _PackWriter) -> Optional[Dict[str, Any]]:
+                     writer: _PackWriter, read: Optional["_FileRead"] = None
+                     ) -> Optional[Dict[str, Any]]:
         is_gzip = raw[:2] == GZIP_MAGIC
+        inflated = read.content if read is not None else None
         try:
-            content = gzip.decompress(raw) if is_gzip else raw
+            content = inflated if inflated is not None else \
+                gzip.decompress(raw) if is_gzip else raw
             bom = content.startswith(UTF8_BOM)
             text = content[len(UTF8_BOM):].decode("utf-8") if bom else content.decode("utf-8")
         except (OSError, EOFError, zlib.error, UnicodeDecodeError):
@@ -3746,7 +4023,8 @@ class _SnapshotBuilder:
         ref, depth = self._store_list(items, prev, writer)
         return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
                 "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
-                "content_sha256": sha256_hex(content) if is_gzip else raw_sha256,
+                "content_sha256": (read.content_sha256 if inflated is not None
+                                   else sha256_hex(content)) if is_gzip else raw_sha256,
                 "list": ref, "depth": depth}
 
     def _store_list(self, items: List[bytes], prev: Optional[Dict[str, Any]],
@@ -6500,7 +6778,7 @@ class _FilePlan:
     data_file: DataFile
     rel: str
     disk_bytes: int = 0
-    digest: str = ""  # sha256 of the content as planned (compact JSON), to notice changes
+    digest: str = ""  # sha256 of the file's decoded text as planned, to notice changes
     sizes: "array.array[int]" = dataclasses.field(default_factory=lambda: array.array("q"))
     positions: "array.array[int]" = dataclasses.field(default_factory=lambda: array.array("q"))
     removals: Dict[int, _Removal] = dataclasses.field(default_factory=dict)
@@ -6536,30 +6814,16 @@ class _FilePlan:
             self.disk_bytes = self.data_file.path.stat().st_size
 
 
-def _measure(records: List[Any], marks: Optional[bytearray] = None
-             ) -> Tuple["array.array[int]", str]:
-    """Compact JSON size of each record and the sha256 of the whole array's compact JSON;
-    appends each record's 8-byte digest to ``marks`` when given."""
-    sizes, whole = array.array("q"), hashlib.sha256(b"[")
-    for n, record in enumerate(records):
+def _measure(records: List[Any], marks: Optional[bytearray] = None) -> "array.array[int]":
+    """Compact JSON size of each record; appends each record's 8-byte digest to ``marks``
+    when given. (A file's change is noticed by the SHA-256 of its text, see text_digest.)"""
+    sizes, blake2b = array.array("q"), hashlib.blake2b
+    for record in records:
         text = archived_record_text(record).encode("utf-8")
         sizes.append(len(text))
-        whole.update(b"," + text if n else text)
         if marks is not None:
-            marks += hashlib.blake2b(text, digest_size=8).digest()
-    whole.update(b"]")
-    return sizes, whole.hexdigest()
-
-
-def _digest(records: List[Any]) -> str:
-    """The sha256 of an array's compact JSON, as _measure computes it, serialized a slice
-    at a time (C speed, and never the whole file's text at once)."""
-    whole = hashlib.sha256(b"[")
-    for start in range(0, len(records), 256):
-        text = archived_record_text(records[start:start + 256])[1:-1]
-        whole.update((b"," if start else b"") + text.encode("utf-8"))
-    whole.update(b"]")
-    return whole.hexdigest()
+            marks += blake2b(text, digest_size=8).digest()
+    return sizes
 
 
 def _moment(when: Optional[_dt.datetime]) -> float:
@@ -6721,12 +6985,12 @@ class MemoryPruner:
     def _archive_file(self, run: _Run, plan: _FilePlan) -> None:
         """Write the archive part of one file's removals, from its current content."""
         try:
-            records, _ = self.store.load_records(plan.data_file)
+            records, digest = self.store.load_records_digest(plan.data_file)
         except CorruptFileError as exc:
             self._drop_file(run, plan, exc)
             return
-        if _digest(records) != plan.digest:
-            self._replan_file(run, plan, records)
+        if digest != plan.digest:
+            self._replan_file(run, plan, records, digest)
         self._write_part(run, plan, records)
 
     def _write_part(self, run: _Run, plan: _FilePlan, records: List[Any]) -> None:
@@ -6748,8 +7012,9 @@ class MemoryPruner:
         """Rewrite one file without its archived removals, under its lock."""
         try:
             with self.store.rewrite(plan.data_file.path) as job:
-                if _digest(job.data) != plan.digest:  # changed since it was archived
-                    self._replan_file(run, plan, job.data)
+                digest = text_digest(job.text)
+                if digest != plan.digest:  # changed since it was archived
+                    self._replan_file(run, plan, job.data, digest)
                     self._write_part(run, plan, job.data)
                 kept = [i for i in range(len(job.data)) if i not in plan.removals]
                 job.data = [job.data[i] for i in kept]
@@ -6761,10 +7026,9 @@ class MemoryPruner:
         run.result.removed.extend(plan.pending)
         agent = plan.data_file.agent
         run.applied[agent] = run.applied.get(agent, 0) + len(plan.pending)
-        # Only a later space round needs the digest of what is left.
-        digest = _digest(job.data) if run.space else ""
+        # What is left is not hashed again: a later space round re-plans it from the file.
         plan.keep_only(kept)
-        plan.digest = digest
+        plan.digest = ""
 
     def _drop_file(self, run: _Run, plan: _FilePlan, exc: AmlError) -> None:
         """A file went busy or unreadable since planning: keep it untouched, fix the archive."""
@@ -6780,14 +7044,16 @@ class MemoryPruner:
             run.result.unreadable.append({"file": plan.rel, "problem": getattr(exc, "problem",
                                                                                  str(exc))})
 
-    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any]) -> None:
-        """The runtime changed the file since planning: decide again from its fresh content,
-        keeping the space_based picks that are still there (found by content digest)."""
+    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any], digest: str) -> None:
+        """The runtime changed the file since planning: decide again from its fresh content
+        (whose text has SHA-256 ``digest``), keeping the space_based picks that are still
+        there (found by content digest)."""
         picked: Dict[bytes, Dict[str, Any]] = {}
         if plan.space is not None:
             picked = {plan.space.mark(i): r.details for i, r in plan.removals.items()
                       if r.reason is PruneReason.MEMORY_LIMIT_EXCEEDED}
         self._plan_content(plan, fresh, run.strategies, findings=None)
+        plan.digest = digest
         for i in range(plan.count if picked else 0):
             if i not in plan.removals and plan.space.mark(i) in picked:
                 plan.removals[i] = _Removal(PruneReason.MEMORY_LIMIT_EXCEEDED,
@@ -6850,11 +7116,12 @@ class MemoryPruner:
         for data_file in with_progress(self.store.progress, phase, files, _file_size):
             plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
             try:  # not iter_record_files: its generator would hold this file while the next loads
-                records = self.store.load_records(data_file)[0]
+                records, digest = self.store.load_records_digest(data_file)
             except CorruptFileError as exc:
                 result.unreadable.append({"file": plan.rel, "problem": exc.problem})
                 continue
             self._plan_content(plan, records, strategies, result.findings)
+            plan.digest = digest
             plans.append(plan)
             del records
         return plans
@@ -6866,7 +7133,7 @@ class MemoryPruner:
         rtype = plan.data_file.rtype
         facts = [record_facts(rtype, r) for r in records]
         marks = bytearray() if PruneStrategy.SPACE_BASED in strategies else None
-        plan.sizes, plan.digest = _measure(records, marks)
+        plan.sizes = _measure(records, marks)
         plan.positions = array.array("q", range(len(records)))
         plan.removals, plan.ratio = {}, None
         plan.space = None if marks is None else _SpaceFacts(
@@ -6936,11 +7203,11 @@ class MemoryPruner:
 
     def _learn_ids(self, run: _Run, plan: _FilePlan) -> None:
         try:
-            records, _ = self.store.load_records(plan.data_file)
+            records, digest = self.store.load_records_digest(plan.data_file)
         except CorruptFileError:
             return  # it turned unreadable since planning: listed without ids
-        if _digest(records) != plan.digest:
-            self._replan_file(run, plan, records)
+        if digest != plan.digest:
+            self._replan_file(run, plan, records, digest)
         rtype = plan.data_file.rtype
         for i, removal in plan.removals.items():
             removal.id, removal.id_known = record_facts(rtype, records[i]).id, True
@@ -6950,7 +7217,7 @@ class MemoryPruner:
         rtype = plan.data_file.rtype
         kept = copies_kept(records, plan.removals)
         return [{"agent": plan.data_file.agent, "file": plan.rel, "type": rtype.value,
-                 "id": record_facts(rtype, records[i]).id, "index": plan.positions[i],
+                 "id": record_id(records[i]), "index": plan.positions[i],
                  "reason": removal.reason.value, "details": removal.details,
                  "copies_kept": kept[i], "record_text": archived_record_text(records[i])}
                 for i, removal in sorted(plan.removals.items())]
@@ -7307,12 +7574,12 @@ def _transcode_bytes(raw: bytes, to_gzip: bool, parsed_ok: bool = False) -> byte
     ``parsed_ok`` (the index parsed this exact file) skips the parse when compressing.
     """
     if to_gzip and parsed_ok:
-        return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
+        return gzip_bytes(raw)
     text, fmt = decode_file_bytes(Path("-"), raw)
     obj = parse_json_text(text)
     if to_gzip:
         # Compress the exact plain bytes: after decompression the content is byte-identical.
-        return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
+        return gzip_bytes(raw)
     if "\n" in text.strip():
         return raw if raw[:2] != GZIP_MAGIC else gzip.decompress(raw)
     return encode_json(obj, dataclasses.replace(fmt, gzip=False))

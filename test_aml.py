@@ -425,6 +425,43 @@ def test_maintenance_lock_is_reentrant_in_one_process(tmp_path):
     assert not aml.MaintenanceLock._held
 
 
+
+# ---- issue 13: speed (gzip over every core, the indented writer) ----
+
+def test_gzip_bytes_of_a_large_input_is_one_member_with_the_same_content():
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gamma", "delta", "retry", "backoff", "index", "\u00e9t\u00e9"]
+    text = json.dumps([{"n": i, "w": " ".join(rng.choice(words) for _ in range(12))}
+                       for i in range(90000)], indent=2, ensure_ascii=False).encode("utf-8")
+    assert len(text) > aml.GZIP_PARALLEL_MIN
+    packed = aml.gzip_bytes(text, mtime=1234)
+    inflater = zlib.decompressobj(31)
+    assert inflater.decompress(packed) == text and inflater.eof and not inflater.unused_data
+    assert gzip.decompress(packed) == text and packed[4:8] == (1234).to_bytes(4, "little")
+    # The chunks are primed with the window before them: the size stays that of one stream.
+    assert len(packed) <= 1.01 * len(gzip.compress(text, 6, mtime=0))
+    assert aml.gzip_bytes(b"[1]") == gzip.compress(b"[1]", 6, mtime=0)
+
+
+class _Rate(float):
+    """A float subclass: json.dumps writes it by float.__repr__ all the same."""
+
+
+@pytest.mark.parametrize("value", [
+    {}, [], [[], {}], {"a": [], "b": {}}, "s", 0, -1, 10 ** 30, 1.5, -0.0, 1e16, 1e-7, True,
+    None, {"x": {"y": [1, 2.5, True, False, None, "\u00e9 \u2028 \" \\ \n \x01 \ud83d\ude00"]}},
+    {"k": {"": ""}, "\u00e9": [[[1]]]}, (1, [2]), {"t": (1, 2)}, [_Rate(0.25)], {1: 2, "a": [3]},
+    {True: 1, None: 2}, [float("nan")], {"k": {"z": float("inf")}}])
+def test_indented_writer_gives_exactly_json_dumps_or_its_error(value):
+    for pad in ("\n", "\n  ", "\n    "):
+        try:
+            expected = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+        except ValueError as exc:
+            with pytest.raises(ValueError, match=re.escape(str(exc))):
+                aml.indented_json(value, pad)
+            continue
+        assert aml.indented_json(value, pad) == expected.replace("\n", pad)
+
 # =============================================================================
 # 6. Record model
 # =============================================================================
@@ -1438,10 +1475,10 @@ def test_backup_skips_runtime_temp_files_that_vanish_mid_backup(tmp_path, monkey
     tmp = _runtime_in_flight(root, lock=False)
     real_entry = aml._SnapshotBuilder.file_entry
 
-    def runtime_renames_meanwhile(self, rel, writer):
+    def runtime_renames_meanwhile(self, rel, *args):
         if tmp.exists():
             os.replace(str(tmp), str(tmp.with_name("patterns.json")))
-        return real_entry(self, rel, writer)
+        return real_entry(self, rel, *args)
 
     monkeypatch.setattr(aml._SnapshotBuilder, "file_entry", runtime_renames_meanwhile)
     code, out, err = run_cli(root, "backup", "create", "--format", "json", capsys=capsys)
@@ -1869,6 +1906,93 @@ def test_create_and_auto_dry_runs_predict_and_change_nothing(tmp_path, capsys):
     real = backup_manager(root).create(aml.BackupType.INCREMENTAL)
     assert real.objects_added == plan.objects_added and real.files_reread == plan.files_read
 
+
+
+# ---- issue 13: speed (verification after a backup trusts only what it may) ----
+
+def test_no_change_incremental_reads_no_object_of_its_verified_baseline(tmp_path):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    full = backup_manager(root).create(aml.BackupType.FULL)
+    assert full.verified
+    pack = next(backup_manager(root).packs.glob("*.pack"))
+    _flip_byte(pack)   # damage the baseline's only pack after it was verified
+    incr = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    # Packs are immutable: nothing of the verified baseline is read again.
+    assert incr.verified and incr.files_reread == 0 and not incr.repaired
+    # An explicit verify trusts nothing and finds the damage in both snapshots.
+    for backup_id in (full.backup_id, incr.backup_id):
+        assert not backup_manager(root).verify(backup_id).ok
+    assert not backup_manager(root).verify(all_snapshots=True).ok
+
+
+def test_incremental_on_an_unverified_baseline_reads_every_object(tmp_path):
+    root = build_store(tmp_path / "memory")
+    backup_manager(root, verify_after_backup=False).create(aml.BackupType.FULL)
+    _flip_byte(next(backup_manager(root).packs.glob("*.pack")))
+    result = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    # No verified baseline: every object is read, the damage found and repaired.
+    assert result.verified and result.repaired
+    assert backup_manager(root).verify(result.backup_id, deep=True).ok
+
+
+def test_changed_file_in_an_incremental_is_verified_past_its_baseline(tmp_path):
+    root = build_store(tmp_path / "memory", gz=True)
+    backup_manager(root).create(aml.BackupType.FULL)
+    path = root / "code-reviewer" / "patterns.json"
+    records = read_data(path)
+    records[0]["tags"] = ["changed"]
+    write_data(path, records, gz=True)
+    objects_before = backup_manager(root).verify().objects_checked
+    result = backup_manager(root).create(aml.BackupType.INCREMENTAL)
+    check = backup_manager(root)._verify_locked([result.backup_id], False,
+                                                trusted=_trusted_of(root, result))
+    # Only the changed record's object (in the fresh pack: checked whole) and the new item
+    # list are new; the verification reads far fewer objects than a full one.
+    assert result.verified and check.ok and check.objects_checked < objects_before / 10
+
+
+def test_restore_gives_back_the_exact_gzip_bytes_of_a_large_file(tmp_path):
+    root = build_store(tmp_path / "memory", agents=("code-reviewer",), gz=True)
+    rng = random.Random(3)
+    big = root / "code-reviewer" / "patterns.json"
+    text = json.dumps([make_pattern("code-reviewer", rng) for _ in range(6000)], indent=2)
+    big.write_bytes(gzip.compress(text.encode("utf-8"), 6, mtime=0))   # the runtime's level
+    assert len(text) > aml.GZIP_PARALLEL_MIN
+    snap = backup_manager(root).create(aml.BackupType.FULL)
+    code = run_cli(root, "backup", "restore", snap.backup_id, "--target", tmp_path / "t", "-q")
+    # Rebuilt as one zlib stream at the file's level: the bytes it had, not only its content.
+    assert code == 0 and (tmp_path / "t" / "code-reviewer" / "patterns.json").read_bytes() \
+        == big.read_bytes()
+
+
+def _trusted_of(root, result):
+    manager = backup_manager(root)
+    marks = manager._verified()
+    manifest = manager.load_manifest(result.backup_id)
+    previous = [i for i in manager.snapshot_ids() if i != result.backup_id][-1]
+    assert marks[previous]["ok"] and manifest["files"]
+    return aml._Trusted(entries={e["path"]: e for e in
+                                 manager.load_manifest(previous)["files"]})
+
+
+def test_a_fresh_pack_damaged_on_disk_is_read_in_full_and_repaired(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    real_commit = aml._PackWriter.commit
+
+    def commit_then_damage(self):
+        added = real_commit(self)
+        if added and not getattr(aml, "_damaged_once", False):
+            aml._damaged_once = True
+            _flip_byte(self.path)   # the disk returns other bytes than were written
+        return added
+
+    monkeypatch.setattr(aml, "_damaged_once", False, raising=False)
+    monkeypatch.setattr(aml._PackWriter, "commit", commit_then_damage)
+    result = backup_manager(root).create(aml.BackupType.FULL)
+    # The pack's checksum did not match what was written: its objects were read, the
+    # damage found, and the files stored again.
+    assert result.verified and result.repaired
+    assert backup_manager(root).verify(result.backup_id, deep=True).ok
 
 # =============================================================================
 # 9. Bloom filter and LRU cache
@@ -2682,19 +2806,19 @@ def test_prune_and_undo_never_hold_two_parsed_files_at_once(tmp_path, monkeypatc
 
     root = _prune_store(tmp_path / "m", agents=tuple("agent-%d" % i for i in range(6)))
     alive, peak = [], [0]
-    real_load = aml.load_json_file
+    real_load = aml.load_json_text   # every parse of a data file goes through it
 
-    def tracking_load(path, expect=None):
-        data, fmt = real_load(path, expect)
+    def tracking_load(path, expect=None, **kwargs):
+        data, fmt, text = real_load(path, expect, **kwargs)
         if not isinstance(data, list):
-            return data, fmt
+            return data, fmt, text
         alive[:] = [ref for ref in alive if ref() is not None]
         data = Records(data)
         alive.append(weakref.ref(data))
         peak[0] = max(peak[0], len(alive))
-        return data, fmt
+        return data, fmt, text
 
-    monkeypatch.setattr(aml, "load_json_file", tracking_load)
+    monkeypatch.setattr(aml, "load_json_text", tracking_load)
     store = aml.Store(root, now=NOW)
     config = aml.PruneConfig(create_backup=False, agent_memory_limit=20000)
     planned = aml.MemoryPruner(store, config).plan()
@@ -3319,6 +3443,33 @@ def test_wilson_scoring_protects_and_ranks_on_the_lower_bound(tmp_path):
     assert [aml.is_protected(f, wilson) for f in facts] == [False, True]
     assert aml.record_value(facts[0], wilson) < aml.record_value(facts[1], wilson)
 
+
+
+# ---- issue 13: prune notices a changed file by its text ----
+
+@pytest.mark.parametrize("rewrite_as", ["compact", "gzip"])
+def test_runtime_rewriting_the_same_records_between_plan_and_write(tmp_path, monkeypatch,
+                                                                   rewrite_as):
+    rng = random.Random(12)
+    stale = _pattern(rng, last_used=200)
+    others = [_pattern(rng) for _ in range(4)]
+    root = _one_agent(tmp_path / "m", patterns=[others[0], stale] + others[1:])
+    path = root / "solo" / "patterns.json"
+    real_rewrite = aml.Store.rewrite
+
+    def runtime_rewrites(self, target, expect=list):
+        records = read_data(path)   # the same records, written another way
+        if rewrite_as == "compact":
+            path.write_text(json.dumps(records, separators=(",", ":")))
+        else:
+            write_data(path, records, gz=True)
+        return real_rewrite(self, target, expect)
+
+    monkeypatch.setattr(aml.Store, "rewrite", runtime_rewrites)
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    assert [r.id for r in result.removed] == [stale["id"]] and result.removed[0].index == 1
+    assert read_data(path) == others
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == (rewrite_as == "gzip")
 
 # =============================================================================
 # 12. Compression and garbage collection
