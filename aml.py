@@ -2952,13 +2952,7 @@ class BackupManager:
 
     def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
                        reason: Optional[str]) -> BackupResult:
-        selected = self.store.select_agents(agents) if agents else None
-        previous = self._newest_readable()
-        if previous is None or not self.config.incremental_enabled:
-            btype = BackupType.FULL
-        objects = _ObjectStore(self.packs)
-        snap = _SnapshotBuilder(self, objects, previous,
-                                incremental=btype is BackupType.INCREMENTAL)
+        selected, previous, btype, objects, snap = _snapshot_start(self, btype, agents)
         writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
         try:
             odd: List[Tuple[str, str]] = []
@@ -4124,18 +4118,27 @@ class _DryWriter:
         return True
 
 
+def _snapshot_start(manager: BackupManager, btype: BackupType, agents: Optional[Sequence[str]]
+                    ) -> Tuple[Optional[List[str]], Optional[Dict[str, Any]], BackupType,
+                               "_ObjectStore", "_SnapshotBuilder"]:
+    """What a backup and its dry run start from: the selected agents, the newest readable
+    snapshot (None makes it full), the type, the object lookup and the snapshot builder."""
+    selected = manager.store.select_agents(agents) if agents else None
+    previous = manager._newest_readable()
+    if previous is None or not manager.config.incremental_enabled:
+        btype = BackupType.FULL
+    objects = _ObjectStore(manager.packs)
+    snap = _SnapshotBuilder(manager, objects, previous,
+                            incremental=btype is BackupType.INCREMENTAL)
+    return selected, previous, btype, objects, snap
+
+
 def plan_backup(manager: BackupManager, backup_type: BackupType = BackupType.INCREMENTAL,
                 agents: Optional[Sequence[str]] = None) -> BackupPlan:
     """Read the store as ``create`` would (same files, same locks) and write nothing: no
     repository, no state. Raises UsageError for an unknown agent."""
     store = manager.store
-    selected = store.select_agents(agents) if agents else None
-    previous = manager._newest_readable()
-    if previous is None or not manager.config.incremental_enabled:
-        backup_type = BackupType.FULL
-    objects = _ObjectStore(manager.packs)
-    snap = _SnapshotBuilder(manager, objects, previous,
-                            incremental=backup_type is BackupType.INCREMENTAL)
+    selected, previous, backup_type, objects, snap = _snapshot_start(manager, backup_type, agents)
     writer = _DryWriter(objects.has)
     plan = BackupPlan(type=backup_type, baseline=previous.get("id") if previous else None,
                       files=0, records=0, files_read=0, bytes_read=0, files_new=0,
