@@ -12257,7 +12257,11 @@ def _health_section(doc: Dict[str, Any]) -> str:
 
 def _alerts_section(doc: Dict[str, Any]) -> str:
     alerts = [a for a in _doc_list(doc, "alerts") if isinstance(a, dict)]
-    return _html_table(["level", "check / subject", "since", "last seen", "count", "message",
+    # The page only reads alerts: they change when ``monitor health`` runs (cron), so an
+    # alert may lag a check above that has since recovered.
+    note = ('<p class="muted">As raised and resolved by the last <code>monitor health</code> '
+            'run; this page reads them and never changes them.</p>')
+    return note + _html_table(["level", "check / subject", "since", "last seen", "count", "message",
                         "id"],
                        [[_esc(a.get("level")), _esc("%s / %s" % (a.get("check"),
                                                                  a.get("subject"))),
