@@ -7444,7 +7444,7 @@ def test_a_record_too_deep_or_past_the_double_range_is_one_bad_file(tmp_path, ca
 
 
 def test_parse_json_text_rejects_what_the_runtime_reads_differently():
-    for text in ("[1e400]", "[-2.5E+999]", '{"a": [0.5, 1%s.0]}' % ("0" * 400), _deep_text(5000)):
+    for text in ("[1e400]", "[-2.5E+999]", '{"a": [0.5, 1%s.0]}' % ("0" * 400), _deep_text()):
         with pytest.raises(ValueError):
             aml.parse_json_text(text)
     assert aml.parse_json_text('["3f2e1234-1e23", 1e300, 12345678901234567890]') == [
