@@ -7264,8 +7264,9 @@ def _read_only_commands_as_nobody(base):
     nobody = pwd.getpwnam("nobody")
     python = _python_for_others()
     root = _prune_store(base / "memory", gz="mixed")  # under the mass-deletion guard
-    backup_id = run_cli_out(root, "backup", "create", "--format", "json")["backup_id"]
-    assert run_cli(root, "optimize", "index", "-q") == 0
+    backup_id = run_cli_out(root, "backup", "create", "--format", "json", "--now",
+                            NOW_TEXT)["backup_id"]
+    assert run_cli(root, "optimize", "index", "-q", "--now", NOW_TEXT) == 0
     record_id = read_data(root / "code-reviewer" / "patterns.json")[0]["id"]
     script = base / "aml.py"
     shutil.copy(str(HERE / "aml.py"), str(script))
