@@ -76,7 +76,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
-    "IntegrityError", "ReadOnlyError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
+    "IntegrityError", "ChecksumError", "ReadOnlyError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
     "wilson_interval",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
     "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "check_is_store", "Archive",
@@ -223,6 +223,10 @@ class IntegrityError(AmlError):
     """A backup, archive or state file failed verification."""
 
     exit_code = ExitCode.INTEGRITY
+
+
+class ChecksumError(IntegrityError):
+    """A checksummed file whose bytes do not match their checksum (see ``unseal``)."""
 
 
 # =============================================================================
@@ -826,6 +830,49 @@ def write_json_file(path: Path, obj: Any, fmt: FileFormat = FileFormat()) -> int
     data = encode_json(obj, fmt)
     atomic_write_bytes(path, data)
     return len(data)
+
+
+# One checksummed envelope for the files aml writes about itself (state files, archive parts,
+# backup manifests, the bloom filter). The checksum comes first and covers the payload's exact
+# bytes, so a reader verifies the raw bytes before it parses anything:
+#   {"format": "<name>", "sha256": "<hex of the payload bytes>", "payload": <payload>}
+# and nothing after the last "}" (so a file cut short never verifies). A JSON payload makes
+# the file a JSON document; a binary payload keeps the same framing.
+_SEAL_HEAD = re.compile(br'\{"format": "([A-Za-z0-9._-]{1,64})", "sha256": "([0-9a-f]{64})", '
+                        br'"payload": ')
+
+
+def seal(payload: Any, fmt: str, compact: bool = True) -> bytes:
+    """The envelope of ``payload``: bytes as they are, anything else as sorted JSON in UTF-8
+    (without spaces unless ``compact`` is False)."""
+    if isinstance(payload, (bytes, bytearray)):
+        body = bytes(payload)
+    else:
+        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":") if compact else None).encode("utf-8")
+    return b'{"format": "%s", "sha256": "%s", "payload": %s}' % (
+        fmt.encode("ascii"), sha256_hex(body).encode("ascii"), body)
+
+
+def is_sealed(raw: bytes) -> bool:
+    """Whether ``raw`` starts like ``seal`` output (files of older layouts do not)."""
+    return _SEAL_HEAD.match(raw) is not None
+
+
+def unseal(raw: bytes, fmt: str, where: Any, what: str = "file", parse: bool = True) -> Any:
+    """The payload of ``seal(payload, fmt)`` output, verified on its raw bytes: parsed JSON,
+    or the bytes when ``parse`` is False. Raises ChecksumError when the bytes do not match
+    their checksum, IntegrityError("<where>: unreadable <what> (...)") when not an envelope."""
+    head = _SEAL_HEAD.match(raw)
+    try:
+        if not head or head.group(1).decode("ascii") != fmt or not raw.endswith(b"}"):
+            raise ValueError("not an %s document" % fmt)
+        body = memoryview(raw)[head.end():-1]
+        if head.group(2).decode("ascii") != hashlib.sha256(body).hexdigest():
+            raise ChecksumError("%s: checksum mismatch" % where)
+        return parse_json_text(str(body, "utf-8")) if parse else bytes(body)
+    except ValueError as exc:
+        raise IntegrityError("%s: unreadable %s (%s)" % (where, what, exc)) from None
 
 
 def is_temp_leftover(name: str) -> bool:
@@ -1679,30 +1726,21 @@ def _spliced_rewrite(job: Rewrite, text: str, original: Optional[List[Any]]) -> 
     return remove_array_elements(text, job.fmt, job.removed)
 
 
-def _state_body(payload: Any) -> str:
-    return json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":"))
+STATE_FORMAT = "aml-state-2"   # sealed (see seal); "aml-state-1" files are still read
 
 
 def write_checksummed(path: Path, payload: Any) -> None:
-    """Write ``{"format", "payload", "sha256"}`` atomically (mode 0600).
+    """Write ``payload`` sealed as a state document, atomically (mode 0600).
 
-    Compact, sorted JSON: deterministic, and serialised once by the C encoder (an indented
-    dump takes the pure-Python path, which dominated runs that append to the history).
+    Sorted JSON without indent: deterministic, and serialised once by the C encoder (an
+    indented dump takes the pure-Python path, which dominated runs that append to the history).
     """
-    atomic_write_bytes(Path(path), checksummed_bytes(payload), mode=0o600)
-
-
-def checksummed_bytes(payload: Any) -> bytes:
-    """The bytes of a checksummed state document (what write_checksummed writes)."""
-    body = _state_body(payload)
-    text = '{"format":"aml-state-1","payload":%s,"sha256":"%s"}\n' % (
-        body, sha256_hex(body.encode("utf-8")))
-    return text.encode("utf-8")
+    atomic_write_bytes(Path(path), seal(payload, STATE_FORMAT), mode=0o600)
 
 
 def read_checksummed(path: Path, default: Any = None) -> Any:
-    """Read a file written by write_checksummed; raises IntegrityError if it does not verify."""
+    """Read a file written by write_checksummed (or by aml before the sealed layout, gzipped
+    or not), or ``default`` if absent; raises IntegrityError if it does not verify."""
     path = Path(path)
     if not path.exists():
         return default
@@ -1710,22 +1748,32 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
         raw = read_regular_file(path)
         if raw[:2] == GZIP_MAGIC:   # backup manifests: inflated with a cap
             raw = inflate_capped(raw, state_inflate_cap(len(raw)), path, gzip_wrapped=True)
+    except CorruptFileError as exc:
+        raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
+    if is_sealed(raw):
+        return unseal(raw, STATE_FORMAT, path, "state file")
+    return _read_state_1(path, raw)
+
+
+def _read_state_1(path: Path, raw: bytes) -> Any:
+    """The payload of an "aml-state-1" file: ``{"format", "payload", "sha256"}``, the checksum
+    of the payload's compact sorted JSON, so it is verified by serialising it again."""
+    try:
         doc = parse_json_text(raw.decode("utf-8"))
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
         payload = doc["payload"]
-        ok = doc.get("sha256") == sha256_hex(_state_body(payload).encode("utf-8"))
-    except (CorruptFileError, KeyError, ValueError, TypeError) as exc:
+        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":"))
+        ok = doc.get("sha256") == sha256_hex(body.encode("utf-8"))
+    except (KeyError, ValueError, TypeError) as exc:
         raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
     if not ok:
-        raise IntegrityError("%s: checksum mismatch" % path)
+        raise ChecksumError("%s: checksum mismatch" % path)
     return payload
 
 
 ARCHIVE_PART_FORMAT = "aml-archive-part-1"
-# A part is this head, then the payload exactly as its sha256 was computed, then "}".
-_PART_HEAD = re.compile(br'\{"format": "%s", "sha256": "([0-9a-f]{64})", "payload": '
-                        % ARCHIVE_PART_FORMAT.encode("ascii"))
 
 
 def archived_record_text(record: Any) -> str:
@@ -1751,10 +1799,9 @@ class Archive:
     Layout: ``.aml/archive/<run_id>/manifest.json`` (checksummed: run_id, operation, created,
     status ``writing`` then ``complete``, counts, undone) and ``part-NNNN.json.gz`` files, each
     the gzip of ``{"format", "sha256" (of the payload), "payload": {"run_id", "part",
-    "entries"}}``. An entry keeps its record once, as ``record_text``; reading gives ``record``
-    back in its original key order, and ``copies_kept``: how many records with its exact
-    content the run left in that file. Runs of the old layout (``<run_id>.json``) are still
-    read. A crash between a part and its file's rewrite leaves a record in both places (undo
+    "entries"}}`` sealed (see seal). An entry keeps its record once, as ``record_text``;
+    reading gives ``record`` back in its original key order, and ``copies_kept``: how many
+    records with its exact content the run left in that file. A crash between a part and its file's rewrite leaves a record in both places (undo
     counts copies by content and puts back only what is missing), never in neither.
     """
 
@@ -1767,9 +1814,6 @@ class Archive:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_id or "") or run_id.startswith("."):
             raise UsageError("invalid run id %r" % run_id)
         return self.folder / run_id
-
-    def _legacy_path(self, run_id: str) -> Path:
-        return self.path_for(run_id).with_name(run_id + ".json")
 
     def begin(self, run_id: str, operation: str) -> Path:
         """Create the run's folder and its manifest (status ``writing``)."""
@@ -1786,11 +1830,9 @@ class Archive:
         """Write (or atomically replace) part ``number`` of a run begun with ``begin``."""
         payload = {"run_id": run_id, "part": number,
                    "entries": [_compact_entry(e) for e in entries]}
-        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        text = '{"format": "%s", "sha256": "%s", "payload": %s}' % (
-            ARCHIVE_PART_FORMAT, sha256_hex(body.encode("utf-8")), body)
         path = self.path_for(run_id) / ("part-%04d.json.gz" % number)
-        atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), 6, mtime=0), mode=0o600)
+        sealed = seal(payload, ARCHIVE_PART_FORMAT, compact=False)   # parts as they always were
+        atomic_write_bytes(path, gzip.compress(sealed, 6, mtime=0), mode=0o600)
         return path
 
     def drop_part(self, run_id: str, number: int) -> None:
@@ -1817,43 +1859,32 @@ class Archive:
         """A run's manifest (entries not included); raises UsageError/IntegrityError."""
         payload = read_checksummed(self.path_for(run_id) / "manifest.json")
         if payload is None:
-            payload = read_checksummed(self._legacy_path(run_id))
-            if payload is None:
-                raise UsageError("no archived run %r in %s" % (run_id, self.folder))
-            payload = {k: v for k, v in payload.items() if k != "entries"}
-            payload.update(status="complete", legacy=True)
+            raise UsageError("no archived run %r in %s" % (run_id, self.folder))
         return payload
 
     def part_names(self, run_id: str) -> List[str]:
-        """The run's part file names in writing order (``""`` names an old single-file run)."""
+        """The run's part file names in writing order."""
         folder = self.path_for(run_id)
         if not folder.is_dir():
-            return [""] if self._legacy_path(run_id).exists() else []
+            return []
         names = [p.name for p in folder.glob("part-*.json.gz")]
         return sorted(names, key=lambda n: (len(n), n))  # part-10000 after part-9999
 
     def read_part(self, run_id: str, name: str, records: bool = True) -> List[Dict[str, Any]]:
         """The entries of one part, each with ``record`` (without it, and unparsed, when
         ``records`` is False); raises IntegrityError if the part does not verify."""
-        if name == "":
-            entries = read_checksummed(self._legacy_path(run_id), {}).get("entries", [])
-            return [_legacy_entry(e) for e in entries]
         path = self.path_for(run_id) / name
+        what = "archive part"
         try:
             data = gzip.decompress(path.read_bytes())
-            head = _PART_HEAD.match(data)
-            if not head or not data.endswith(b"}"):
-                raise ValueError("not an %s document" % ARCHIVE_PART_FORMAT)
-            body = memoryview(data)[head.end():-1]
-            ok = head.group(1).decode("ascii") == hashlib.sha256(body).hexdigest()
-            entries = parse_json_text(str(body, "utf-8"))["entries"] if ok else []
-            del body, data
-            entries = [_full_entry(e) if records else e for e in entries]
-        except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError("%s: unreadable archive part (%s)" % (path, exc)) from None
-        if not ok:
-            raise IntegrityError("%s: checksum mismatch" % path)
-        return entries
+        except (OSError, EOFError, zlib.error) as exc:
+            raise IntegrityError("%s: unreadable %s (%s)" % (path, what, exc)) from None
+        payload = unseal(data, ARCHIVE_PART_FORMAT, path, what)
+        del data
+        try:
+            return [_full_entry(e) if records else e for e in payload["entries"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError("%s: unreadable %s (%s)" % (path, what, exc)) from None
 
     def load(self, run_id: str) -> Dict[str, Any]:
         """A run's manifest plus all its ``entries`` (for small runs; big ones: read_part)."""
@@ -1867,14 +1898,11 @@ class Archive:
         if not self.folder.is_dir():
             return []
         names = {p.name for p in self.folder.iterdir() if (p / "manifest.json").is_file()}
-        names.update(p.stem for p in self.folder.glob("*.json"))
         return sorted(n for n in names if not n.startswith("."))
 
     def mark_undone(self, run_id: str, when: _dt.datetime) -> None:
         """Record that a run was undone (its parts stay, for the record)."""
         path = self.path_for(run_id) / "manifest.json"
-        if not path.exists():
-            path = self._legacy_path(run_id)
         payload = read_checksummed(path)
         payload["undone"] = format_timestamp(when)
         write_checksummed(path, payload)
@@ -1893,19 +1921,6 @@ def _full_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
     """A stored entry with ``record`` parsed back from its text (key order kept)."""
     full = {k: v for k, v in entry.items() if k != "record_text"}
     full["record"] = parse_json_text(entry["record_text"])
-    return full
-
-
-def _legacy_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
-    """An old-layout entry (``record``, maybe ``record_text``) with its record in original
-    key order when the text agrees."""
-    full = {k: v for k, v in entry.items() if k != "record_text"}
-    text = entry.get("record_text")
-    if isinstance(text, str):
-        with contextlib.suppress(ValueError):
-            ordered = parse_json_text(text)
-            if ordered == entry.get("record"):
-                full["record"] = ordered
     return full
 
 # =============================================================================
@@ -2739,7 +2754,7 @@ def store_scope_files(root: Path, agents: Optional[Sequence[str]],
 
 def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
     """Like write_checksummed, but gzip-compressed (read_checksummed reads it unchanged)."""
-    data = checksummed_bytes(payload)
+    data = seal(payload, STATE_FORMAT)
     atomic_write_bytes(path, gzip.compress(data, compresslevel=9, mtime=0), mode=0o600)
 
 
@@ -5044,6 +5059,7 @@ def paused_cyclic_gc() -> Iterator[None]:
 _BLOOM_MAGIC = b"AMLB"
 _BLOOM_VERSION = 1
 _BLOOM_HEADER = struct.Struct(">4sBQBQ")
+_BLOOM_FORMAT = "aml-bloom-1"   # sealed header and bits; older files end in a SHA-256 trailer
 _BIT_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 
 
@@ -5160,19 +5176,25 @@ class BloomFilter:
         return len(self.bits)
 
     def to_bytes(self) -> bytes:
-        """The persisted form: header, bit array, SHA-256 trailer."""
+        """The persisted form: header and bit array, sealed (see seal)."""
         body = _BLOOM_HEADER.pack(_BLOOM_MAGIC, _BLOOM_VERSION, self.m, self.k, self.count)
-        body += bytes(self.bits)
-        return body + hashlib.sha256(body).digest()
+        return seal(body + bytes(self.bits), _BLOOM_FORMAT)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "BloomFilter":
-        """Rebuild from ``to_bytes`` output; raises IntegrityError if it does not verify."""
+        """Rebuild from ``to_bytes`` output (or the older layout: header, bits, SHA-256 of both);
+        raises IntegrityError if it does not verify."""
         head = _BLOOM_HEADER.size
-        if len(data) < head + 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
-            raise IntegrityError("bloom filter: checksum mismatch or truncated")
+        if is_sealed(data):
+            data = unseal(data, _BLOOM_FORMAT, "bloom filter", "bloom filter", parse=False)
+        elif len(data) < head + 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
+            raise ChecksumError("bloom filter: checksum mismatch or truncated")
+        else:
+            data = data[:-32]
+        if len(data) < head:
+            raise IntegrityError("bloom filter: unknown format")
         magic, version, m, k, count = _BLOOM_HEADER.unpack_from(data)
-        size_ok = len(data) - head - 32 == (m + 7) // 8
+        size_ok = len(data) - head == (m + 7) // 8
         if magic != _BLOOM_MAGIC or version != _BLOOM_VERSION or not size_ok:
             raise IntegrityError("bloom filter: unknown format")
         bloom = cls.__new__(cls)
@@ -5180,7 +5202,7 @@ class BloomFilter:
         # k = m/n ln 2 and p = 2^-k at capacity, so both follow from the header.
         bloom.capacity = max(1, int(round(m * math.log(2) / max(k, 1))))
         bloom.fp_rate = 0.5 ** k
-        bloom.bits = bytearray(data[head:-32])
+        bloom.bits = bytearray(data[head:])
         return bloom
 
     def save(self, path: Path) -> None:

@@ -2747,29 +2747,6 @@ def test_corrupt_archive_part_refuses_undo_before_any_change(tmp_path):
     assert [r["run_id"] for r in aml.list_runs(aml.Store(root)) if "problem" in r] == []
 
 
-def test_undo_reads_the_old_single_file_archive_layout(tmp_path, capsys):
-    rng = random.Random(14)
-    keep, lost = _pattern(rng), _pattern(rng)
-    ordered = dict(reversed(list(lost.items())))  # the file's own key order, not sorted
-    root = _one_agent(tmp_path / "m", patterns=[keep])
-    store = aml.Store(root, now=NOW)
-    store.ensure_state_dir()
-    (root / ".aml" / "archive").mkdir()
-    aml.write_checksummed(root / ".aml" / "archive" / "prune_20261101_000000_aaaaaa.json", {
-        "run_id": "prune_20261101_000000_aaaaaa", "operation": "prune", "created": NOW_TEXT,
-        "undone": None, "entries": [{
-            "agent": "solo", "file": "solo/patterns.json", "type": "pattern", "id": lost["id"],
-            "index": 0, "reason": "unused_too_long", "details": {}, "record": ordered,
-            "record_text": json.dumps(ordered, separators=(",", ":"))}]})
-    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
-    assert "prune_20261101_000000_aaaaaa  prune" in out and "1 records" in out
-    result = aml.undo_run(store, "prune_20261101_000000_aaaaaa")
-    assert result.restored == 1 and read_data(root / "solo" / "patterns.json") == [ordered, keep]
-    assert list(read_data(root / "solo" / "patterns.json")[0]) == list(ordered)
-    again = aml.undo_run(store, "prune_20261101_000000_aaaaaa")
-    assert again.already_undone == aml.format_timestamp(NOW) and again.restored == 0
-
-
 def test_crash_while_archiving_changes_no_data_file_and_rerun_completes(tmp_path, monkeypatch):
     root = _prune_store(tmp_path / "m", gz=True)
     before = tree_digest(root)
