@@ -1952,9 +1952,13 @@ BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # decompressed blocks kept while reading a
 VERIFY_BATCH_OBJECTS = 65536     # objects verify checks together (bounds its memory)
 RESTORE_WORKERS = 2              # files rebuilt, checked and written at once by restore
 PACK_REWRITE_DEAD_SHARE = 0.2    # rotate rewrites a pack once this share of its bytes is garbage
+# A pack keeps its own layout (magic, then zlib blocks): it is appended to while a backup runs
+# and read by offset one block at a time, and every object in it is checked against its SHA-256
+# (from the pack index and the manifest or item list naming it), never the file as a whole.
 _PACK_MAGIC = b"AMLPACK1"
 _IDX_MAGIC = b"AMLIDX03"           # object rows sorted by key
 _IDX_MAGIC_UNSORTED = b"AMLIDX02"  # older indexes: still read (no binary search)
+_IDX_FORMAT = "aml-pack-index-1"   # sealed magic + zlib; older: magic, SHA-256, zlib
 _PROBES_BEFORE_MAP = 2048          # lookups by binary search before building the full map
 KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
 _MANIFEST_FORMAT = "aml-backup-manifest-1"
@@ -2266,7 +2270,7 @@ def _new_pack_name(packs_dir: Path) -> str:
 
 
 def _encode_index(blocks: List[Tuple[int, int, int]], entries: Dict[bytes, bytes]) -> bytes:
-    """Magic, SHA-256 of the payload, then the zlib payload: blocks and object locations.
+    """The magic and the zlib payload (blocks and object locations), sealed (see seal).
 
     Objects are keyed by the first 12 bytes of their SHA-256 (the full digest lives in the
     manifest or item list that references them and is checked on every read). Rows are
@@ -2277,7 +2281,7 @@ def _encode_index(blocks: List[Tuple[int, int, int]], entries: Dict[bytes, bytes
     parts.append(struct.pack("<I", len(entries)))
     parts.extend(key + entries[key] for key in sorted(entries))
     payload = b"".join(parts)
-    return _IDX_MAGIC + hashlib.sha256(payload).digest() + zlib.compress(payload, 6)
+    return seal(_IDX_MAGIC + zlib.compress(payload, 6), _IDX_FORMAT)
 
 
 _ROW = KEY_LEN + 12   # bytes per object row in a pack index: key, block, offset, length
@@ -2319,16 +2323,22 @@ class _PackIndex:
 
 
 def _decode_index(path: Path, raw: bytes) -> _PackIndex:
+    """A pack index of either layout; the sealed one is verified before it is inflated, the
+    older one (magic, SHA-256 of the inflated payload, zlib) after."""
+    if is_sealed(raw):
+        body = unseal(raw, _IDX_FORMAT, path, "pack index", parse=False)
+        magic, digest, packed = body[:8], None, body[8:]
+    else:
+        magic, digest, packed = raw[:8], raw[8:40], raw[40:]
     try:
-        payload = inflate_capped(raw[40:], state_inflate_cap(len(raw)), path)
+        payload = inflate_capped(packed, state_inflate_cap(len(raw)), path)
     except IntegrityError as exc:
-        if "bomb" in str(exc):
+        if "bomb" in str(exc) or digest is None:
             raise
         payload = b""
-    magic = raw[:8]
     if magic not in (_IDX_MAGIC, _IDX_MAGIC_UNSORTED) \
-            or hashlib.sha256(payload).digest() != raw[8:40]:
-        raise IntegrityError("%s: pack index checksum mismatch" % path)
+            or (digest is not None and hashlib.sha256(payload).digest() != digest):
+        raise ChecksumError("%s: pack index checksum mismatch" % path)
     try:
         nblocks = struct.unpack_from("<I", payload, 0)[0]
         pos = 4 + 16 * nblocks
@@ -5329,7 +5339,10 @@ __all__ += ["BloomFilter", "LRUCache", "CacheStats", "bloom_digest", "bloom_fp_r
 
 # Files of the index in .aml/index/ (see README "optimize"): manifest.json is the commit point
 # and carries the checksum of every other part, so a set of parts from two different builds
-# never verifies.
+# never verifies. manifest.json (and hot.json) are sealed state files and bloom.bin is sealed;
+# postings.dat, keys.dat, ids.bin, hot.dat and hot.bin keep their own layout: a lookup reads one
+# byte range of them (a bucket, a file's postings, a record) and checks that range's SHA-256
+# from the manifest, so a whole-file envelope would mean reading the whole file per lookup.
 INDEX_FORMAT = "aml-index-2"  # 2: id rows carry the record's text offset
 _IDS_MAGIC = b"AMLI"
 _IDS_HEADER = struct.Struct(">4sBI")
@@ -7533,7 +7546,7 @@ def list_runs(store: Store) -> List[Dict[str, Any]]:
         try:
             manifest = archive.manifest(run_id)
             count = manifest.get("counts", {}).get("entries")
-            if count is None:  # interrupted or old-layout run: count its parts
+            if count is None:  # an interrupted run: count its parts
                 count = sum(len(archive.read_part(run_id, name, records=False))
                             for name in archive.part_names(run_id))
         except IntegrityError as exc:
