@@ -7643,3 +7643,189 @@ def test_redact_url_keeps_what_locates_the_endpoint():
     assert aml.redact_url("https://u:p@hooks.example.org/a/b?api_key=K&page=2") == \
         "https://***@hooks.example.org/a/b?api_key=***&page=2"
     assert aml.redact_url("http://127.0.0.1:8080/hook") == "http://127.0.0.1:8080/hook"
+
+
+# ---- issue 14: one checksummed envelope (seal/unseal), older layouts still read ----
+
+def _state_1_bytes(payload):
+    """A state file exactly as aml wrote it before the sealed layout ("aml-state-1")."""
+    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":"))
+    return ('{"format":"aml-state-1","payload":%s,"sha256":"%s"}\n' % (
+        body, hashlib.sha256(body.encode("utf-8")).hexdigest())).encode("utf-8")
+
+
+def _flip_in_payload(raw, offset_from_end=3):
+    """One bit of a sealed file's payload changed (close to its end, inside the payload)."""
+    data = bytearray(raw)
+    data[len(data) - offset_from_end] ^= 0x01
+    return bytes(data)
+
+
+def test_seal_verifies_raw_bytes_and_a_flipped_byte_fails_closed():
+    for payload in ({"b": [1, "\u00e9"], "a": None}, b"\x00\xff}binary{"):
+        sealed = aml.seal(payload, "aml-test-1")
+        assert aml.is_sealed(sealed)
+        assert aml.unseal(sealed, "aml-test-1", "t", parse=isinstance(payload, dict)) == payload
+        with pytest.raises(aml.ChecksumError, match="t: checksum mismatch") as bad:
+            aml.unseal(_flip_in_payload(sealed), "aml-test-1", "t", parse=False)
+        assert bad.value.exit_code == aml.ExitCode.INTEGRITY == 6
+        with pytest.raises(aml.IntegrityError, match="t: "):   # cut short
+            aml.unseal(sealed[:-1], "aml-test-1", "t", "thing")
+        for broken in (sealed + b"\n", sealed.replace(b"test", b"tEst", 1), b""):
+            with pytest.raises(aml.IntegrityError, match="t: unreadable thing"):
+                aml.unseal(broken, "aml-test-1", "t", "thing")
+    assert json.loads(aml.seal({"x": 1}, "f")) == {
+        "format": "f", "sha256": hashlib.sha256(b'{"x":1}').hexdigest(), "payload": {"x": 1}}
+
+
+def test_state_files_of_the_older_layout_are_read_and_rewritten_sealed(tmp_path):
+    s = aml.Store(build_store(tmp_path / "m"))
+    s.ensure_state_dir()
+    path = s.state_path("thing.json")
+    path.write_bytes(_state_1_bytes({"b": "\u00e9t\u00e9", "a": [1, 2.5, None]}))
+    assert s.read_state("thing.json") == {"a": [1, 2.5, None], "b": "\u00e9t\u00e9"}
+    path.write_bytes(_state_1_bytes({"a": 1}).replace(b'"a":1', b'"a":2'))
+    with pytest.raises(aml.ChecksumError):
+        s.read_state("thing.json")
+    s.write_state("thing.json", {"a": 1})
+    assert path.read_bytes().startswith(b'{"format": "aml-state-2", "sha256": "')
+    assert s.read_state("thing.json") == {"a": 1}
+    path.write_bytes(_flip_in_payload(path.read_bytes()))
+    with pytest.raises(aml.ChecksumError) as bad:
+        s.read_state("thing.json")
+    assert bad.value.exit_code == 6
+
+
+def _write_old_archived_run(root, run_id, entry):
+    """A one-part run as aml wrote it before the envelope: manifest in "aml-state-1", the part
+    the gzip of '{"format": "aml-archive-part-1", "sha256": ..., "payload": ...}'."""
+    folder = root / ".aml" / "archive" / run_id
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_bytes(_state_1_bytes({
+        "run_id": run_id, "operation": "prune", "created": NOW_TEXT, "status": "complete",
+        "counts": {"entries": 1, "parts": 1}, "undone": None}))
+    body = json.dumps({"run_id": run_id, "part": 1, "entries": [entry]}, sort_keys=True,
+                      ensure_ascii=False, allow_nan=False)
+    text = '{"format": "%s", "sha256": "%s", "payload": %s}' % (
+        "aml-archive-part-1", hashlib.sha256(body.encode("utf-8")).hexdigest(), body)
+    (folder / "part-0001.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), 6, mtime=0))
+    return folder
+
+
+def test_archived_runs_of_the_older_layout_undo_and_a_flipped_byte_exits_6(tmp_path, capsys):
+    rng = random.Random(14)
+    keep, lost = _pattern(rng), _pattern(rng)
+    ordered = dict(reversed(list(lost.items())))  # the file's own key order, not sorted
+    root = _one_agent(tmp_path / "m", patterns=[keep])
+    aml.Store(root).ensure_state_dir()
+    run_id = "prune_20261101_000000_aaaaaa"
+    folder = _write_old_archived_run(root, run_id, {
+        "agent": "solo", "file": "solo/patterns.json", "type": "pattern", "id": lost["id"],
+        "index": 0, "reason": "unused_too_long", "details": {}, "copies_kept": 0,
+        "record_text": json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))})
+    code, out, _ = run_cli(root, "prune", "--list-runs", capsys=capsys)
+    assert code == 0 and run_id + "  prune" in out and "1 records" in out
+    code, out, _ = run_cli(root, "prune", "--undo", run_id, "--now", NOW_TEXT, capsys=capsys)
+    assert code == 0 and "restored 1 records" in out
+    assert read_data(root / "solo" / "patterns.json") == [ordered, keep]
+    assert list(read_data(root / "solo" / "patterns.json")[0]) == list(ordered)
+    manifest = folder / "manifest.json"
+    assert manifest.read_bytes().startswith(b'{"format": "aml-state-2"')  # undone: rewritten
+    # The new layout (a run written now) fails closed on one flipped byte, as before: exit 6.
+    root = _prune_store(tmp_path / "m2")
+    result = aml.MemoryPruner(aml.Store(root, now=NOW), aml.PruneConfig(create_backup=False)).run()
+    assert result.removed
+    new = root / ".aml" / "archive" / result.run_id
+    pruned = tree_digest(root, skip_state=True)
+    for victim in (new / "manifest.json", sorted(new.glob("part-*.json.gz"))[0]):
+        good = victim.read_bytes()
+        raw = gzip.decompress(good) if victim.suffix == ".gz" else good
+        raw = _flip_in_payload(raw)
+        victim.write_bytes(gzip.compress(raw) if victim.suffix == ".gz" else raw)
+        code, _, err = run_cli(root, "prune", "--undo", result.run_id, capsys=capsys)
+        assert code == 6 and "checksum mismatch" in err
+        assert tree_digest(root, skip_state=True) == pruned
+        victim.write_bytes(good)
+
+
+def _old_pack_index(idx):
+    """A pack index rewritten the way aml wrote it before the envelope (AMLIDX03)."""
+    import struct
+    import zlib
+    pack = aml._decode_index(idx, idx.read_bytes())
+    payload = b"".join([struct.pack("<I", len(pack.blocks))]
+                       + [struct.pack("<QII", *b) for b in pack.blocks]
+                       + [struct.pack("<I", pack.count), pack.table])
+    idx.write_bytes(b"AMLIDX03" + hashlib.sha256(payload).digest() + zlib.compress(payload, 6))
+
+
+def test_backup_repositories_of_the_older_layout_verify_and_restore(tmp_path, capsys):
+    root = build_store(tmp_path / "memory", gz="mixed")
+    expected = content_digest(root)
+    manager = backup_manager(root)
+    snap = manager.create()
+    path = manager.manifest_path(snap.backup_id)
+    sealed = gzip.decompress(path.read_bytes())
+    assert sealed.startswith(b'{"format": "aml-state-2"')
+    payload = aml.read_checksummed(path)
+    path.write_bytes(gzip.compress(_state_1_bytes(payload), compresslevel=9, mtime=0))
+    verified = manager.repo / "verified.json"
+    verified.write_bytes(_state_1_bytes(aml.read_checksummed(verified)))
+    for idx in manager.packs.glob("*.idx"):
+        _old_pack_index(idx)
+        assert idx.read_bytes()[:8] == b"AMLIDX03"
+    mutate_store(root)
+    code, _, err = run_cli(root, "backup", "verify", snap.backup_id, "--deep", capsys=capsys)
+    assert code == 0, err
+    assert run_cli(root, "backup", "restore", snap.backup_id, "-q") == 0
+    assert content_digest(root) == expected
+    # Written now: a flipped byte in the manifest or a pack index fails closed (exit 6).
+    again = backup_manager(root).create()
+    path = backup_manager(root).manifest_path(again.backup_id)
+    idx = max(manager.packs.glob("*.idx"), key=lambda p: p.stem)
+    assert idx.read_bytes().startswith(b'{"format": "aml-pack-index-1"')
+    for victim, gz in ((path, True), (idx, False)):
+        good = victim.read_bytes()
+        raw = _flip_in_payload(gzip.decompress(good) if gz else good, 40)
+        victim.write_bytes(gzip.compress(raw) if gz else raw)
+        code, _, err = run_cli(root, "backup", "verify", again.backup_id, capsys=capsys)
+        assert code == 6 and again.backup_id in err
+        code, _, err = run_cli(root, "backup", "restore", again.backup_id, capsys=capsys)
+        assert code == 6 and err.startswith("aml: error:")
+        victim.write_bytes(good)
+
+
+def test_bloom_filters_of_the_older_layout_are_read_and_a_flipped_byte_is_refused(tmp_path):
+    bloom = aml.BloomFilter(500, 0.01)
+    for i in range(300):
+        bloom.add("id-%d" % i)
+    body = aml._BLOOM_HEADER.pack(b"AMLB", 1, bloom.m, bloom.k, len(bloom)) + bytes(bloom.bits)
+    old = aml.BloomFilter.from_bytes(body + hashlib.sha256(body).digest())
+    assert (old.m, old.k, len(old), old.bits) == (bloom.m, bloom.k, 300, bloom.bits)
+    assert bloom.to_bytes().startswith(b'{"format": "aml-bloom-1"')
+    with pytest.raises(aml.ChecksumError):
+        aml.BloomFilter.from_bytes(body + hashlib.sha256(body + b"x").digest())
+    # An index on disk from before: its bloom.bin with the trailer, its manifest in aml-state-1.
+    root = build_store(tmp_path / "m")
+    s = aml.Store(root)
+    index = aml.MemoryIndex(s)
+    index.refresh()
+    record = read_data(root / "backend-developer" / "patterns.json")[3]
+    part, manifest = index.part("bloom.bin"), index.manifest()
+    new = aml.BloomFilter.from_bytes(part.read_bytes())
+    body = part.read_bytes()[len(b'{"format": "aml-bloom-1", "sha256": "') + 64 + 14:-1]
+    assert body == aml._BLOOM_HEADER.pack(b"AMLB", 1, new.m, new.k, len(new)) + bytes(new.bits)
+    part.write_bytes(body + hashlib.sha256(body).digest())
+    manifest["bloom"]["sha256"] = hashlib.sha256(part.read_bytes()).hexdigest()
+    index.part("manifest.json").write_bytes(_state_1_bytes(manifest))
+    assert aml.MemoryIndex(s).might_contain(record["id"]) is True
+    assert aml.MemoryIndex(s).locate(record["id"])
+    index = aml.MemoryIndex(s)
+    assert index.refresh().files_removed == []   # nothing changed: the older index is kept
+    assert part.read_bytes()[:4] == b"AMLB"
+    assert aml.MemoryIndex(s).might_contain(record["id"]) is True
+    new_bytes = aml.BloomFilter(10, 0.01).to_bytes()
+    for raw in (_flip_in_payload(new_bytes), new_bytes[:-1]):
+        with pytest.raises(aml.IntegrityError):
+            aml.BloomFilter.from_bytes(raw)
