@@ -76,8 +76,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmlError", "UsageError", "CorruptFileError", "RefusedError", "StoreBusyError",
-    "IntegrityError", "ChecksumError", "ReadOnlyError", "ExitCode", "RecordType", "RecordFacts", "record_facts",
-    "wilson_interval",
+    "IntegrityError", "ChecksumError", "ReadOnlyError", "ExitCode", "RecordType", "RecordFacts",
+    "record_facts", "wilson_interval",
     "parse_timestamp", "format_timestamp", "load_json_file", "write_json_file",
     "atomic_write_bytes", "FileLock", "MaintenanceLock", "Store", "check_is_store", "Archive",
     "load_aml_config",
@@ -1801,8 +1801,9 @@ class Archive:
     the gzip of ``{"format", "sha256" (of the payload), "payload": {"run_id", "part",
     "entries"}}`` sealed (see seal). An entry keeps its record once, as ``record_text``;
     reading gives ``record`` back in its original key order, and ``copies_kept``: how many
-    records with its exact content the run left in that file. A crash between a part and its file's rewrite leaves a record in both places (undo
-    counts copies by content and puts back only what is missing), never in neither.
+    records with its exact content the run left in that file. A crash between a part and its
+    file's rewrite leaves a record in both places (undo counts copies by content and puts back
+    only what is missing), never in neither.
     """
 
     def __init__(self, store: StoreLike):
