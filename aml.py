@@ -507,8 +507,8 @@ def dig(obj: Any, *path: str) -> Any:
 
 # =============================================================================
 # 5. Storage primitives
-# Crash-safe file I/O and the runtime's lock protocol. Knows nothing about
-# records; never prints.
+# Crash-safe file I/O, the checksummed envelope (seal/unseal) and the runtime's
+# lock protocol. Knows nothing about records; never prints.
 # =============================================================================
 
 @dataclasses.dataclass(frozen=True)
