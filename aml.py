@@ -10069,8 +10069,9 @@ def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = 
     layers = [("%s (storage, performance)" % store.config_path(),
                _store_config_thresholds(store)),
               ("aml config [monitor]", section), ("threshold override", dict(flags or {}))]
-    # a number given is held as a float, as the store's and the flags' are
-    layers = [(source, {k: float(v) if _finite(v) else v for k, v in values.items()})
+    # a valid number is held as a float, as the store's and the flags' are (a bad one is
+    # left as given, for the error)
+    layers = [(source, {k: float(v) if _finite(v) and v >= 0 else v for k, v in values.items()})
               for source, values in layers]
     return layer_config(MonitorThresholds(), layers).checked()
 
