@@ -227,7 +227,7 @@ class IntegrityError(AmlError):
 
 # =============================================================================
 # 4. Small utilities
-# Time, sizes, JSON text, checksums. Pure functions; no store knowledge.
+# Time, sizes, JSON text, checksums, config layering. Pure functions; no store knowledge.
 # =============================================================================
 
 _TS_RE = re.compile(
@@ -6518,7 +6518,6 @@ STORE_PRUNE_KEYS = {"maxAgeDays": "pattern_max_age_days",
                     "aggressiveMode": "aggressive"}
 
 
-_SHARE = dict(high=1)  # a PruneConfig share or rate: 0..1
 SCORINGS = ("mean", "wilson")
 
 
@@ -6529,16 +6528,16 @@ class PruneConfig:
     pattern_max_age_days: float = number_setting(90)
     decision_max_age_days: float = number_setting(180)
     failed_pattern_max_age_days: float = number_setting(30)
-    min_success_rate: float = number_setting(0.20, **_SHARE)
-    min_confidence_score: float = number_setting(0.15, **_SHARE)
+    min_success_rate: float = number_setting(0.20, high=1)
+    min_confidence_score: float = number_setting(0.15, high=1)
     min_execution_count: int = number_setting(3)
     agent_memory_limit: int = number_setting(80 * MIB)
     global_memory_limit: int = number_setting(800 * MIB)
     preserve_high_value: bool = flag_setting(True)
-    high_value_threshold: float = number_setting(0.85, **_SHARE)
+    high_value_threshold: float = number_setting(0.85, high=1)
     dry_run: bool = flag_setting(False)
     create_backup: bool = flag_setting(True)
-    max_removal_share: float = number_setting(0.5, **_SHARE)
+    max_removal_share: float = number_setting(0.5, high=1)
     aggressive: bool = flag_setting(False)
     # "wilson": judge success rates by their 95 % interval
     scoring: str = choice_setting("mean", SCORINGS)
