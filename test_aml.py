@@ -7766,14 +7766,21 @@ def test_optimize_settings_layer_default_file_flag(tmp_path, capsys):
                                   create_backup=False)
     assert (got.compress_age_days, got.workers, got.create_backup, got.dedupe) == (
         100000, 2, False, True)
-    # the command line reads the same layers: the file's age 0 compresses every file,
-    # --age-days 100000 none (dry runs, nothing written)
-    code, out, _ = run_cli(root, "--format", "json", "optimize", "compress", "--dry-run",
-                           capsys=capsys)
-    assert code == 0 and json.loads(out)["steps"]["compress"]["files"]
-    code, out, _ = run_cli(root, "--format", "json", "optimize", "compress", "--dry-run",
-                           "--age-days", "100000", capsys=capsys)
-    assert code == 0 and json.loads(out)["steps"]["compress"]["files"] == []
+    # the command line reads the same layers, on files last changed 10 days before NOW:
+    # the default (30 days) compresses none, the file's 5 days all, --age-days 20 none again
+    old = (NOW - dt.timedelta(days=10)).timestamp()
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+
+    def compressed(*flags):
+        code, out, _ = run_cli(root, "--format", "json", "--now", NOW_TEXT, "optimize",
+                               "compress", "--dry-run", *flags, capsys=capsys)
+        assert code == 0
+        return json.loads(out)["steps"]["compress"]["files"]
+    _aml_config(root, {})
+    assert compressed() == []
+    _aml_config(root, {"optimize": {"compress_age_days": 5}})
+    assert len(compressed()) == 5 and compressed("--age-days", "20") == []
 
 
 def test_monitor_settings_layer_default_store_file_flag(tmp_path, capsys):
