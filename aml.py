@@ -231,7 +231,7 @@ class ChecksumError(IntegrityError):
 
 # =============================================================================
 # 4. Small utilities
-# Time, sizes, JSON text, checksums. Pure functions; no store knowledge.
+# Time, sizes, JSON text, checksums, config layering. Pure functions; no store knowledge.
 # =============================================================================
 
 _TS_RE = re.compile(
@@ -503,6 +503,77 @@ def dig(obj: Any, *path: str) -> Any:
             return None
         obj = obj.get(key)
     return obj
+
+
+# -- layered settings ---------------------------------------------------------
+# Every config dataclass (BackupConfig, PruneConfig, OptimizeConfig, MonitorThresholds,
+# MonitorSettings) declares each field with setting() and its rule; layer_config() applies
+# the layers (defaults < files < flags) and check_config() checks a finished one.
+
+def setting(default: Any, check: Callable[[Any], bool], rule: str) -> Any:
+    """A dataclass field with its own rule: ``check(value)`` is true for an allowed value
+    and ``rule`` says in words what is allowed (for the error)."""
+    return dataclasses.field(default=default, metadata={"check": check, "rule": rule})
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def number_setting(default: Any, low: float = 0, high: Optional[float] = None,
+                   integer: bool = False, above: bool = False) -> Any:
+    """A numeric setting(): >= ``low`` (> with ``above``), <= ``high``, whole with ``integer``."""
+    def check(value: Any) -> bool:
+        if not _finite(value) or (integer and not isinstance(value, int)):
+            return False
+        return (value > low if above else value >= low) and (high is None or value <= high)
+    rule = "must be %s %s %g" % ("an integer" if integer else "a number", ">" if above else ">=",
+                                 low)
+    return setting(default, check, rule + ("" if high is None else " and <= %g" % high))
+
+
+def flag_setting(default: bool) -> Any:
+    """A true/false setting()."""
+    return setting(default, lambda value: isinstance(value, bool), "must be true or false")
+
+
+def choice_setting(default: str, choices: Sequence[str]) -> Any:
+    """A setting() that is one of ``choices``."""
+    return setting(default, lambda value: isinstance(value, str) and value in choices,
+                   "must be one of %s" % ", ".join(choices))
+
+
+def _check_value(field: "dataclasses.Field[Any]", value: Any, source: str) -> None:
+    check = field.metadata.get("check")
+    if check is not None and not check(value):
+        raise UsageError("%s: %s=%r is not a valid value (%s)"
+                         % (source, field.name, value, field.metadata["rule"]))
+
+
+def check_config(config: Any, source: str) -> Any:
+    """Return dataclass ``config`` after checking every field against its setting() rule;
+    raises UsageError naming the field and ``source``."""
+    for field in dataclasses.fields(config):
+        _check_value(field, getattr(config, field.name), source)
+    return config
+
+
+def layer_config(config: Any, layers: Iterable[Tuple[str, Dict[str, Any]]]) -> Any:
+    """A copy of dataclass ``config`` with each ``(source, values)`` layer applied in turn, so
+    later layers win. Raises UsageError naming the layer for an unknown key (the class's
+    ``SETTING_NOUN`` names what it holds) or a value its field's rule refuses."""
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    noun = getattr(type(config), "SETTING_NOUN", "setting")
+    for source, values in layers:
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise UsageError("%s: unknown %s(s) %s (known: %s)"
+                             % (source, noun, ", ".join(unknown), ", ".join(sorted(fields))))
+        for name, value in values.items():
+            _check_value(fields[name], value, source)
+        config = dataclasses.replace(config, **values)
+    return config
 
 
 # =============================================================================
@@ -1690,16 +1761,6 @@ def load_aml_config(store: Store, path: Optional[Path] = None) -> Dict[str, Dict
     return doc
 
 
-def apply_config_fields(config: Any, values: Dict[str, Any], source: str) -> Any:
-    """A copy of dataclass ``config`` with ``values`` applied; raises UsageError on unknown keys."""
-    names = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UsageError("%s: unknown setting(s) %s (known: %s)"
-                         % (source, ", ".join(unknown), ", ".join(sorted(names))))
-    return dataclasses.replace(config, **values)
-
-
 @dataclasses.dataclass
 class Rewrite:
     """The in-flight content of a locked read-modify-write (see Store.rewrite)."""
@@ -1969,33 +2030,23 @@ _MANIFEST_FORMAT = "aml-backup-manifest-1"
 class BackupConfig:
     """Where backups go and how they are kept; every field is used (see README)."""
 
-    backup_root: Optional[Path] = None
-    retention_days: int = 30
-    max_backups: int = 100
-    compression_level: int = 6
-    incremental_enabled: bool = True
-    verify_after_backup: bool = True
-    backup_schedule: str = "daily"
-    copy_to: Optional[str] = None   # a second repository `backup auto` copies to (see copy)
+    backup_root: Optional[Path] = setting(
+        None, lambda value: value is None or isinstance(value, (str, os.PathLike)),
+        "must be a path")
+    retention_days: int = number_setting(30, integer=True)
+    max_backups: int = number_setting(100, low=1, integer=True)
+    compression_level: int = number_setting(6, high=9, integer=True)
+    incremental_enabled: bool = flag_setting(True)
+    verify_after_backup: bool = flag_setting(True)
+    backup_schedule: str = choice_setting("daily", SCHEDULE_PERIODS)
+    # a second repository `backup auto` copies to (see copy)
+    copy_to: Optional[str] = setting(
+        None, lambda value: value is None or (isinstance(value, str) and bool(value)),
+        "must be a folder or rclone:NAME:path")
 
     def validate(self) -> "BackupConfig":
         """Return self; raises UsageError for a value out of range."""
-        if self.backup_root is not None and not isinstance(self.backup_root, (str, os.PathLike)):
-            raise UsageError("backup_root must be a path, not %r" % (self.backup_root,))
-        if self.backup_schedule not in SCHEDULE_PERIODS:
-            raise UsageError("backup_schedule must be one of %s, not %r"
-                             % (", ".join(SCHEDULE_PERIODS), self.backup_schedule))
-        checks = (("retention_days", 0), ("max_backups", 1), ("compression_level", 0))
-        for name, low in checks:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError("%s must be an integer >= %d, not %r" % (name, low, value))
-        if self.compression_level > 9:
-            raise UsageError("compression_level must be 0..9, not %r" % self.compression_level)
-        if self.copy_to is not None and (not isinstance(self.copy_to, str) or not self.copy_to):
-            raise UsageError("copy_to must be a folder or rclone:NAME:path, not %r"
-                             % (self.copy_to,))
-        return self
+        return check_config(self, "backup config")
 
 
 @dataclasses.dataclass
@@ -3874,9 +3925,9 @@ def backup_config_for(store: Store, config_file: Optional[Path] = None,
     copy_to = section.get("copy_to")
     if copy_to and isinstance(copy_to, str) and not copy_to.startswith("rclone:"):
         section["copy_to"] = str(store_parent(store) / Path(os.path.expanduser(copy_to)))
-    config = apply_config_fields(BackupConfig(), section, "aml config [backup]")
-    values = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(config, **values).validate()
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    return layer_config(BackupConfig(), (("aml config [backup]", section),
+                                         ("command line", flags)))
 
 
 def store_parent(store: Store) -> Path:
@@ -6503,25 +6554,29 @@ STORE_PRUNE_KEYS = {"maxAgeDays": "pattern_max_age_days",
                     "aggressiveMode": "aggressive"}
 
 
+SCORINGS = ("mean", "wilson")
+
+
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     """Pruning thresholds (SPEC 5). ``aggressive`` tightens to 60/120 days and a 0.30 floor."""
 
-    pattern_max_age_days: float = 90
-    decision_max_age_days: float = 180
-    failed_pattern_max_age_days: float = 30
-    min_success_rate: float = 0.20
-    min_confidence_score: float = 0.15
-    min_execution_count: int = 3
-    agent_memory_limit: int = 80 * MIB
-    global_memory_limit: int = 800 * MIB
-    preserve_high_value: bool = True
-    high_value_threshold: float = 0.85
-    dry_run: bool = False
-    create_backup: bool = True
-    max_removal_share: float = 0.5
-    aggressive: bool = False
-    scoring: str = "mean"  # or "wilson": judge success rates by their 95 % interval
+    pattern_max_age_days: float = number_setting(90)
+    decision_max_age_days: float = number_setting(180)
+    failed_pattern_max_age_days: float = number_setting(30)
+    min_success_rate: float = number_setting(0.20, high=1)
+    min_confidence_score: float = number_setting(0.15, high=1)
+    min_execution_count: int = number_setting(3)
+    agent_memory_limit: int = number_setting(80 * MIB)
+    global_memory_limit: int = number_setting(800 * MIB)
+    preserve_high_value: bool = flag_setting(True)
+    high_value_threshold: float = number_setting(0.85, high=1)
+    dry_run: bool = flag_setting(False)
+    create_backup: bool = flag_setting(True)
+    max_removal_share: float = number_setting(0.5, high=1)
+    aggressive: bool = flag_setting(False)
+    # "wilson": judge success rates by their 95 % interval
+    scoring: str = choice_setting("mean", SCORINGS)
 
     def effective(self) -> "PruneConfig":
         """The thresholds actually applied: aggressive mode only ever tightens them."""
@@ -6532,28 +6587,6 @@ class PruneConfig:
             pattern_max_age_days=min(self.pattern_max_age_days, AGGRESSIVE_PATTERN_DAYS),
             decision_max_age_days=min(self.decision_max_age_days, AGGRESSIVE_DECISION_DAYS),
             min_success_rate=max(self.min_success_rate, AGGRESSIVE_SUCCESS_FLOOR))
-
-
-SCORINGS = ("mean", "wilson")
-_BOOL_FIELDS = ("preserve_high_value", "dry_run", "create_backup", "aggressive")
-_SHARE_FIELDS = ("min_success_rate", "min_confidence_score", "high_value_threshold",
-                 "max_removal_share")
-
-
-def _check_prune_config(config: PruneConfig, source: str) -> PruneConfig:
-    """Reject wrong types and ranges, naming where the bad value came from; raises UsageError."""
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if field.name == "scoring":
-            ok = value in SCORINGS
-        elif field.name in _BOOL_FIELDS:
-            ok = isinstance(value, bool)
-        else:
-            ok = _number(value) is not None and value >= 0
-            ok = ok and (field.name not in _SHARE_FIELDS or value <= 1)
-        if not ok:
-            raise UsageError("%s: %s=%r is not a valid value" % (source, field.name, value))
-    return config
 
 
 def store_prune_settings(store: Store) -> Dict[str, Any]:
@@ -6572,13 +6605,10 @@ def pruning_enabled(store: Store) -> bool:
 def prune_config_for(store: Store, aml_config: Optional[Dict[str, Any]] = None,
                      flags: Optional[Dict[str, Any]] = None) -> PruneConfig:
     """Defaults < store config.json < aml config ``prune`` section < flags; raises UsageError."""
-    config = PruneConfig()
-    layers = (("%s (pruning)" % store.config_path(), store_prune_settings(store)),
-              ("aml config [prune]", (aml_config or {}).get("prune", {})),
-              ("command line", flags or {}))
-    for source, values in layers:
-        config = _check_prune_config(apply_config_fields(config, values, source), source)
-    return config
+    return layer_config(PruneConfig(), (
+        ("%s (pruning)" % store.config_path(), store_prune_settings(store)),
+        ("aml config [prune]", (aml_config or {}).get("prune", {})),
+        ("command line", flags or {})))
 
 
 # -- the value score ----------------------------------------------------------
@@ -7575,12 +7605,23 @@ __all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "Prun
 class OptimizeConfig:
     """Settings of ``optimize`` (aml config file section ``optimize``; flags win)."""
 
-    compress_age_days: float = 30.0
-    cache_max_bytes: int = DEFAULT_CACHE_BYTES
-    workers: int = 0  # compress/decompress threads; 0 = two per CPU core
-    create_backup: bool = True
-    dedupe: bool = False  # make dedupe (merging) a step of ``optimize all``
-    dedupe_threshold: float = 0.85  # Jaccard of the knowledge shingles to call a near-duplicate
+    compress_age_days: float = number_setting(30.0)
+    cache_max_bytes: int = number_setting(DEFAULT_CACHE_BYTES, low=1)
+    workers: int = number_setting(0, integer=True)  # compress/decompress threads; 0 = 2 per core
+    create_backup: bool = flag_setting(True)
+    dedupe: bool = flag_setting(False)  # make dedupe (merging) a step of ``optimize all``
+    # Jaccard of the knowledge shingles to call a near-duplicate
+    dedupe_threshold: float = number_setting(0.85, high=1, above=True)
+
+
+def optimize_config_for(store: Store, config_file: Optional[Path] = None,
+                        **overrides: Any) -> OptimizeConfig:
+    """OptimizeConfig from defaults < aml config section ``optimize`` < ``overrides`` (flags;
+    None means unset). Raises UsageError naming the field and layer of a bad value."""
+    section = load_aml_config(store, config_file).get("optimize", {})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    return layer_config(OptimizeConfig(), (("aml config [optimize]", section),
+                                           ("command line", flags)))
 
 
 @dataclasses.dataclass
@@ -8806,8 +8847,8 @@ def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
     return store.read_state_lenient(SUPERSEDE_STATE, {}) if store.state_dir.is_dir() else {}
 
 
-__all__ += ["OptimizeConfig", "TranscodeResult", "transcode_store", "GcReason", "GcResult",
-            "GarbageCollector", "collect_garbage", "stale_lock_dirs",
+__all__ += ["OptimizeConfig", "optimize_config_for", "TranscodeResult", "transcode_store",
+            "GcReason", "GcResult", "GarbageCollector", "collect_garbage", "stale_lock_dirs",
             "DedupeCluster", "DedupeResult", "dedupe_store", "merge_records",
             "rebuild_supersede_map", "supersede_map", "knowledge_fragments", "outcome_conflict",
             "guard_conflict", "jaccard", "success_evidence", "outcome_evidence", "outcome_counts"]
@@ -9947,22 +9988,73 @@ _LEVEL_FOR_STATUS = {HealthStatus.CRITICAL: AlertLevel.CRITICAL,
                      HealthStatus.WARNING: AlertLevel.WARNING,
                      HealthStatus.UNKNOWN: AlertLevel.INFO}
 
-DEFAULT_THRESHOLDS: Dict[str, float] = {
+_LIMIT = number_setting  # a threshold: a non-negative number
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorThresholds(collections.abc.Mapping):
+    """The health and metrics thresholds; read like a dict (``t["backup_max_age_hours"]``)."""
+
+    SETTING_NOUN = "threshold"
     # SPEC 5
-    "agent_memory_warning_mb": 60, "agent_memory_critical_mb": 80,
-    "global_memory_warning_mb": 600, "global_memory_critical_mb": 800,
-    "cache_hit_rate_warning": 0.5, "query_time_warning_ms": 100, "alert_retention_days": 7,
+    agent_memory_warning_mb: float = _LIMIT(60)
+    agent_memory_critical_mb: float = _LIMIT(80)
+    global_memory_warning_mb: float = _LIMIT(600)
+    global_memory_critical_mb: float = _LIMIT(800)
+    cache_hit_rate_warning: float = _LIMIT(0.5)
+    query_time_warning_ms: float = _LIMIT(100)
+    alert_retention_days: float = _LIMIT(7)
     # aml's own: backup and maintenance recency, and how many lookups a hit rate needs.
     # Each scheduled job warns when its last success is older than one period of the
     # crontab.example schedule plus two hours (so the 06:00 check sees a missed 02:00 backup
     # the same morning), and goes critical after two periods.
-    "backup_max_age_hours": 26, "backup_critical_age_hours": 50,
-    "index_max_age_hours": 26, "index_critical_age_hours": 50,
-    "prune_max_age_hours": 170, "prune_critical_age_hours": 338,
-    "optimize_max_age_hours": 746, "optimize_critical_age_hours": 1490,
-    "cache_min_lookups": 20,
-}
-MONITOR_SETTINGS = ("webhook_url", "webhook_timeout", "serve_interval")
+    backup_max_age_hours: float = _LIMIT(26)
+    backup_critical_age_hours: float = _LIMIT(50)
+    index_max_age_hours: float = _LIMIT(26)
+    index_critical_age_hours: float = _LIMIT(50)
+    prune_max_age_hours: float = _LIMIT(170)
+    prune_critical_age_hours: float = _LIMIT(338)
+    optimize_max_age_hours: float = _LIMIT(746)
+    optimize_critical_age_hours: float = _LIMIT(1490)
+    cache_min_lookups: float = _LIMIT(20)
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+    def checked(self) -> "MonitorThresholds":
+        """Return self; raises UsageError when a warning level is above its critical one."""
+        pairs = [(s + "_memory_warning_mb", s + "_memory_critical_mb") for s in ("agent", "global")]
+        pairs += [(j + "_max_age_hours", j + "_critical_age_hours") for j in JOB_OPERATIONS]
+        for warn, crit in pairs:
+            if self[warn] > self[crit]:
+                raise UsageError("%s (%g) is above %s (%g)" % (warn, self[warn], crit, self[crit]))
+        return self
+
+
+DEFAULT_THRESHOLDS = MonitorThresholds()
+DEFAULT_SERVE_INTERVAL = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSettings:
+    """The aml config ``monitor`` keys that are not thresholds (flags win)."""
+
+    webhook_url: Optional[str] = setting(
+        None, lambda value: value is None or isinstance(value, str), "must be a URL")
+    webhook_timeout: float = number_setting(5.0, above=True)
+    serve_interval: float = setting(
+        DEFAULT_SERVE_INTERVAL, lambda value: _finite(value) and 0 < value <= 86400,
+        "the serve interval must be a number of seconds above 0 (at most a day)")
+
+
 METRICS_HISTORY_MAX = 1000
 GROWTH_WINDOW_DAYS = 30.0
 MAINTENANCE_OPERATIONS = ("prune", "gc", "compress", "index", "warm-cache", "rotate", "migrate")
@@ -9983,14 +10075,6 @@ _MB = 1024 * 1024
 _DAY_SECONDS = 86400.0
 
 
-def _non_negative_number(key: str, value: Any, source: str) -> float:
-    number = _number(value)
-    if number is None or number < 0:
-        raise UsageError("%s: threshold %s must be a non-negative number, got %r"
-                         % (source, key, value))
-    return number
-
-
 def _store_config_thresholds(store: Store) -> Dict[str, float]:
     """Thresholds implied by the runtime's config.json (storage.maxSizeGb, queryTimeoutMs)."""
     try:
@@ -10008,32 +10092,34 @@ def _store_config_thresholds(store: Store) -> Dict[str, float]:
     return found
 
 
-def _check_threshold_keys(values: Dict[str, Any], source: str) -> None:
-    unknown = sorted(set(values) - set(DEFAULT_THRESHOLDS))
-    if unknown:
-        raise UsageError("%s: unknown threshold(s) %s (known: %s)"
-                         % (source, ", ".join(unknown), ", ".join(sorted(DEFAULT_THRESHOLDS))))
-
-
 def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = None,
-                       flags: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+                       flags: Optional["collections.abc.Mapping[str, Any]"] = None
+                       ) -> MonitorThresholds:
     """Thresholds: defaults < store config.json < aml config ``monitor`` < flags.
 
     Raises UsageError for an unknown key, a negative value or a warning above its critical.
     """
-    result = dict(DEFAULT_THRESHOLDS)
-    result.update(_store_config_thresholds(store))
-    layers = (({k: v for k, v in (config_section or {}).items() if k not in MONITOR_SETTINGS},
-               "aml config [monitor]"), (flags or {}, "threshold override"))
-    for values, source in layers:
-        _check_threshold_keys(values, source)
-        result.update({k: _non_negative_number(k, v, source) for k, v in values.items()})
-    pairs = [(s + "_memory_warning_mb", s + "_memory_critical_mb") for s in ("agent", "global")]
-    pairs += [(j + "_max_age_hours", j + "_critical_age_hours") for j in JOB_OPERATIONS]
-    for warn, crit in pairs:
-        if result[warn] > result[crit]:
-            raise UsageError("%s (%g) is above %s (%g)" % (warn, result[warn], crit, result[crit]))
-    return result
+    settings = set(MonitorSettings.__dataclass_fields__)
+    section = {k: v for k, v in (config_section or {}).items() if k not in settings}
+    layers = [("%s (storage, performance)" % store.config_path(),
+               _store_config_thresholds(store)),
+              ("aml config [monitor]", section), ("threshold override", dict(flags or {}))]
+    # a valid number is held as a float, as the store's and the flags' are (a bad one is
+    # left as given, for the error)
+    layers = [(source, {k: float(v) if _finite(v) and v >= 0 else v for k, v in values.items()})
+              for source, values in layers]
+    return layer_config(MonitorThresholds(), layers).checked()
+
+
+def monitor_settings_for(store: Store, config_section: Optional[Dict[str, Any]] = None,
+                         **overrides: Any) -> MonitorSettings:
+    """MonitorSettings: defaults < aml config ``monitor`` < ``overrides`` (flags; None means
+    unset). Raises UsageError naming the field and layer of a bad value."""
+    thresholds = set(MonitorThresholds.__dataclass_fields__)
+    section = {k: v for k, v in (config_section or {}).items() if k not in thresholds}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    return layer_config(MonitorSettings(), (("aml config [monitor]", section),
+                                            ("command line", flags)))
 
 
 def parse_threshold_flags(items: Optional[Sequence[str]]) -> Dict[str, float]:
@@ -11531,7 +11617,6 @@ def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> N
 # -- the live dashboard: monitor serve ------------------------------------------------
 
 DEFAULT_SERVE_PORT = 9731
-DEFAULT_SERVE_INTERVAL = 60.0
 DASHBOARD_BACKUPS = 5
 _HTML_TYPE = "text/html; charset=utf-8"
 _JSON_TYPE = "application/json"
@@ -11726,6 +11811,7 @@ def dashboard_server(cache: DashboardCache, bind: str = "127.0.0.1", port: int =
 
 
 __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresholds",
+            "MonitorThresholds", "MonitorSettings", "monitor_settings_for",
             "AgentMetrics", "OperationStat", "PerformanceMetrics", "GrowthMetrics",
             "LimitForecast", "MetricsReport", "Problem", "HealthCheck", "HealthReport", "Alert",
             "AlertChanges", "MonitorReport", "MemoryMonitor", "alert_id", "send_webhook",
@@ -12780,23 +12866,12 @@ def _print_undo(out: Output, result: UndoResult) -> int:
 # --- optimize, search and get commands (sections 9, 10, 12) ---
 
 def _optimize_config(store: Store, args: argparse.Namespace) -> OptimizeConfig:
-    """Defaults < aml config file section ``optimize`` < flags."""
-    section = load_aml_config(store, args.config).get("optimize", {})
-    config = apply_config_fields(OptimizeConfig(), section, "aml config [optimize]")
-    flags = {"compress_age_days": getattr(args, "age_days", None),
-             "cache_max_bytes": getattr(args, "cache_bytes", None),
-             "workers": getattr(args, "workers", None),
-             "dedupe_threshold": getattr(args, "threshold", None)}
-    config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
-    if getattr(args, "no_backup", False):
-        config = dataclasses.replace(config, create_backup=False)
-    if config.compress_age_days < 0 or config.cache_max_bytes < 1 or config.workers < 0:
-        raise UsageError("--age-days, --cache-bytes and --workers must not be negative")
-    if not isinstance(config.dedupe, bool) or not (
-            _number(config.dedupe_threshold) is not None and 0 < config.dedupe_threshold <= 1):
-        raise UsageError("dedupe must be true or false and dedupe_threshold (--threshold) "
-                         "in (0, 1]")
-    return config
+    """Defaults < aml config file section ``optimize`` < flags (see optimize_config_for)."""
+    return optimize_config_for(
+        store, args.config, compress_age_days=getattr(args, "age_days", None),
+        cache_max_bytes=getattr(args, "cache_bytes", None),
+        workers=getattr(args, "workers", None), dedupe_threshold=getattr(args, "threshold", None),
+        create_backup=False if getattr(args, "no_backup", False) else None)
 
 
 _OPTIMIZE_ORDER = ("gc", "compress", "index", "warm-cache")
@@ -13769,14 +13844,12 @@ def _open_monitor(args: argparse.Namespace, cls: Callable[..., MemoryMonitor] = 
                   ) -> MemoryMonitor:
     """Store, thresholds and webhook from defaults, config files and flags."""
     store = open_store(args)
-    section = dict(load_aml_config(store, args.config).get("monitor", {}))
+    section = load_aml_config(store, args.config).get("monitor", {})
     thresholds = resolve_thresholds(store, section, parse_threshold_flags(
         getattr(args, "threshold", None)))
-    timeout = _number(section.get("webhook_timeout", 5.0))
-    if timeout is None or timeout <= 0:
-        raise UsageError("monitor.webhook_timeout must be a positive number of seconds")
-    return cls(store, thresholds, getattr(args, "webhook", None)
-               or section.get("webhook_url"), timeout)
+    webhook = getattr(args, "webhook", None) or None
+    settings = monitor_settings_for(store, section, webhook_url=webhook)
+    return cls(store, thresholds, settings.webhook_url, settings.webhook_timeout)
 
 
 def _monitor_output(args: argparse.Namespace) -> Output:
@@ -13991,13 +14064,8 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
 
 def _serve_interval(args: argparse.Namespace, store: Store) -> float:
     """--interval, else the config's monitor serve_interval, else the default; UsageError."""
-    interval = args.interval
-    if interval is None:
-        section = load_aml_config(store, args.config).get("monitor", {})
-        interval = _number(section.get("serve_interval", DEFAULT_SERVE_INTERVAL))
-    if interval is None or not 0 < interval <= 86400:
-        raise UsageError("the serve interval must be a number of seconds above 0 (at most a day)")
-    return interval
+    section = load_aml_config(store, args.config).get("monitor", {})
+    return monitor_settings_for(store, section, serve_interval=args.interval).serve_interval
 
 
 def _is_loopback(address: str) -> bool:
