@@ -4701,7 +4701,7 @@ class SnapshotFile:
 
 
 @dataclasses.dataclass
-class LsResult:
+class LsResult(OperationResult):
     """The files of one snapshot."""
 
     backup_id: str
@@ -4753,7 +4753,7 @@ class FileDiff:
 
 
 @dataclasses.dataclass
-class DiffResult:
+class DiffResult(OperationResult):
     """Every file that differs between snapshots ``a`` and ``b``, and record totals."""
 
     a: str
@@ -13413,7 +13413,7 @@ def cmd_backup_ls(args: argparse.Namespace) -> int:
             "-" if item.records is None else item.records, item.kind,
             "gzip" if item.gzip else "", human_bytes(item.size), item.path))
     out.document(result)
-    return ExitCode.OK
+    return result.exit_code
 
 
 def cmd_backup_diff(args: argparse.Namespace) -> int:
@@ -13438,7 +13438,7 @@ def cmd_backup_diff(args: argparse.Namespace) -> int:
         result.a, result.b, len(result.files), result.files_unchanged, result.records_added,
         result.records_removed, result.records_changed))
     out.document(result)
-    return ExitCode.OK
+    return result.exit_code
 
 
 def cmd_backup_dump(args: argparse.Namespace) -> int:
