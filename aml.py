@@ -229,15 +229,15 @@ class OperationResult:
     """Base of every result a command turns into its exit code (mixed into dataclasses).
 
     A subclass declares the fields it has (none are declared here: a dataclass would take
-    them as field defaults); one it lacks reads as empty. ``exit_code``
-    is the one precedence every command follows, worst first: ``busy`` (5: a lock stayed
-    held past the wait; those files were left as they were) over ``refused`` (4: a safety
-    guard said no) over ``problems`` (6: something does not verify) over ``failure`` (the
-    code of another failure) over the lists named in ``PARTIAL_FIELDS`` (3: finished, but
-    files or records were left out: ``unreadable`` files, ``warnings``, ...) over 0.
-    ``unreadable`` is one shape everywhere: ``"<file>: <problem>"`` strings.
-    ``Output.report`` prints these lines the one way every command prints them. Not one:
-    HealthReport, whose exit code is the monitoring-plugin convention of its status.
+    them as field defaults); one it lacks reads as empty. ``exit_code`` is the one
+    precedence every command follows, worst first: ``busy`` (5: a lock stayed held past the
+    wait; those files were left as they were) over ``refused`` (4: a safety guard said no)
+    over ``problems`` (6: something does not verify) over ``failure`` (the code of another
+    failure) over the lists named in ``PARTIAL_FIELDS`` (3: finished, but files or records
+    were left out: ``unreadable`` files, ``warnings``, ...) over 0. ``unreadable`` is one
+    shape everywhere: ``"<file>: <problem>"`` strings. ``Output.report`` prints these lines
+    the one way every command prints them. Not one: HealthReport, whose exit code is the
+    monitoring-plugin convention of its status.
     """
 
     PARTIAL_FIELDS: ClassVar[Tuple[str, ...]] = ("unreadable", "warnings")
