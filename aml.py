@@ -133,8 +133,8 @@ import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple,
-                    Union)
+from typing import (Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Set, Tuple, Union)
 
 # =============================================================================
 # 3. Constants, exit codes, errors
@@ -227,6 +227,43 @@ class IntegrityError(AmlError):
 
 class ChecksumError(IntegrityError):
     """A checksummed file whose bytes do not match their checksum (see ``unseal``)."""
+
+
+class OperationResult:
+    """Base of every result a command turns into its exit code (mixed into dataclasses).
+
+    A subclass declares the fields it has (none are declared here: a dataclass would take
+    them as field defaults); one it lacks reads as empty. ``exit_code`` is the one
+    precedence every command follows, worst first: ``busy`` (5: a lock stayed held past the
+    wait; those files were left as they were) over ``refused`` (4: a safety guard said no)
+    over ``problems`` (6: something does not verify) over ``failure`` (the code of another
+    failure) over the lists named in ``PARTIAL_FIELDS`` (3: finished, but files or records
+    were left out: ``unreadable`` files, ``warnings``, ...) over 0. ``unreadable`` is one
+    shape everywhere: ``"<file>: <problem>"`` strings. ``Output.report`` prints these lines
+    the one way every command prints them. Not one: HealthReport, whose exit code is the
+    monitoring-plugin convention of its status.
+    """
+
+    PARTIAL_FIELDS: ClassVar[Tuple[str, ...]] = ("unreadable", "warnings")
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """BUSY over REFUSED over INTEGRITY over ``failure`` over PARTIAL over OK."""
+        if getattr(self, "busy", None):
+            return ExitCode.BUSY
+        if getattr(self, "refused", None):
+            return ExitCode.REFUSED
+        if getattr(self, "problems", None):
+            return ExitCode.INTEGRITY
+        failure = getattr(self, "failure", None)
+        if failure is not None:
+            return ExitCode(failure)
+        if any(getattr(self, name, None) for name in self.PARTIAL_FIELDS):
+            return ExitCode.PARTIAL
+        return ExitCode.OK
+
+
+__all__ += ["OperationResult"]
 
 
 # =============================================================================
@@ -2050,7 +2087,7 @@ class BackupConfig:
 
 
 @dataclasses.dataclass
-class BackupResult:
+class BackupResult(OperationResult):
     """One snapshot taken by BackupManager.create."""
 
     backup_id: str
@@ -2086,7 +2123,7 @@ class SnapshotInfo:
 
 
 @dataclasses.dataclass
-class ListResult:
+class ListResult(OperationResult):
     """Snapshots (oldest first), foreign files in the backup root, and the repository size."""
 
     backup_root: Path
@@ -2098,7 +2135,7 @@ class ListResult:
 
 
 @dataclasses.dataclass
-class VerifyResult:
+class VerifyResult(OperationResult):
     """Outcome of verifying one or more snapshots; ``problems`` names everything wrong."""
 
     backup_ids: List[str]
@@ -2128,8 +2165,10 @@ class _Trusted:
 
 
 @dataclasses.dataclass
-class RestoreResult:
-    """What a restore changed (or, with dry_run, would change)."""
+class RestoreResult(OperationResult):
+    """What a restore changed (or, with dry_run, would change); its warnings leave exit 0."""
+
+    PARTIAL_FIELDS = ()
 
     backup_id: str
     target: Path
@@ -2143,7 +2182,7 @@ class RestoreResult:
 
 
 @dataclasses.dataclass
-class RotateResult:
+class RotateResult(OperationResult):
     """Snapshots deleted and kept by rotation, and the space freed."""
 
     dry_run: bool
@@ -2157,7 +2196,7 @@ class RotateResult:
 
 
 @dataclasses.dataclass
-class AutoResult:
+class AutoResult(OperationResult):
     """What ``backup auto`` did: the snapshot (or why none was due) and the rotation."""
 
     backup: Optional[BackupResult]
@@ -2168,6 +2207,17 @@ class AutoResult:
     copy_exit: int = 0                       # the copy failure's exit code
     plan: Optional["BackupPlan"] = None      # dry run: what the backup would read and add
     dry_run: bool = False
+
+    @property
+    def failure(self) -> Optional[ExitCode]:
+        """The copy failure's exit code, if the copy failed."""
+        return ExitCode(self.copy_exit) if self.copy_error else None
+
+    @property
+    def warnings(self) -> List[str]:
+        """The backup's (or its plan's) and the rotation's warnings (the copy's do not count)."""
+        parts = (self.backup, self.rotate, self.plan)
+        return [w for part in parts if part is not None for w in part.warnings]
 
 
 def _json_kind_of(data: bytes, problems: Optional[List[str]] = None) -> str:
@@ -4159,7 +4209,7 @@ def _keep_reasons(ids: List[str], keep: Dict[str, int], now: _dt.datetime,
 # -- Dry runs: what a backup would read and add -------------------------------
 
 @dataclasses.dataclass
-class BackupPlan:
+class BackupPlan(OperationResult):
     """What ``backup create --dry-run`` found: the snapshot it would take, the files it would
     read, and the objects and bytes (before compression) it would add."""
 
@@ -4262,7 +4312,7 @@ RCLONE_PREFIX = "rclone:"
 
 
 @dataclasses.dataclass
-class CopyResult:
+class CopyResult(OperationResult):
     """What ``backup copy`` wrote to the destination (or, dry run, would write), and whether
     every snapshot it copied verified there."""
 
@@ -4728,7 +4778,7 @@ class SnapshotFile:
 
 
 @dataclasses.dataclass
-class LsResult:
+class LsResult(OperationResult):
     """The files of one snapshot."""
 
     backup_id: str
@@ -4780,7 +4830,7 @@ class FileDiff:
 
 
 @dataclasses.dataclass
-class DiffResult:
+class DiffResult(OperationResult):
     """Every file that differs between snapshots ``a`` and ``b``, and record totals."""
 
     a: str
@@ -4991,7 +5041,7 @@ class SnapshotStats:
 
 
 @dataclasses.dataclass
-class StatsResult:
+class StatsResult(OperationResult):
     """Sizes of a repository: on disk, as restored, deduplicated; and per snapshot."""
 
     repository: Path
@@ -5678,7 +5728,7 @@ class FoundRecord:
 
 
 @dataclasses.dataclass
-class LookupResult:
+class LookupResult(OperationResult):
     """What get and search return; ``not_found`` is set for an unknown id or agent."""
 
     records: List[FoundRecord]
@@ -5690,13 +5740,18 @@ class LookupResult:
     cache_misses: int = 0
 
     @property
+    def failure(self) -> Optional[ExitCode]:
+        """FAILURE when not found, unless an unreadable file may hold it (then PARTIAL)."""
+        return ExitCode.FAILURE if self.not_found and not self.unreadable else None
+
+    @property
     def count(self) -> int:
         """Number of records returned."""
         return len(self.records)
 
 
 @dataclasses.dataclass
-class IndexResult:
+class IndexResult(OperationResult):
     """What an index refresh did (or, in a dry run, would do)."""
 
     dry_run: bool
@@ -6119,7 +6174,7 @@ def warm_score(row: List[Any], now: _dt.datetime) -> float:
 
 
 @dataclasses.dataclass
-class WarmResult:
+class WarmResult(OperationResult):
     """What warm-cache selected (or, in a dry run, would select)."""
 
     dry_run: bool
@@ -6770,7 +6825,7 @@ class AgentPruneSummary:
 
 
 @dataclasses.dataclass
-class PruneResult:
+class PruneResult(OperationResult):
     """What a prune run did or, with ``dry_run``, would do."""
 
     run_id: Optional[str]
@@ -6782,22 +6837,13 @@ class PruneResult:
     bytes_before: int = 0
     bytes_after: int = 0
     bytes_estimated: bool = False
-    unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
     busy: List[str] = dataclasses.field(default_factory=list)
     findings: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     refused: Optional[str] = None
     backup_id: Optional[str] = None
     archive: Optional[str] = None
     space_iterations: int = 0
-
-    @property
-    def exit_code(self) -> ExitCode:
-        """BUSY over REFUSED over PARTIAL over OK."""
-        if self.busy:
-            return ExitCode.BUSY
-        if self.refused:
-            return ExitCode.REFUSED
-        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
 
 
 # -- planning -------------------------------------------------------------------
@@ -7110,8 +7156,7 @@ class MemoryPruner:
         if isinstance(exc, StoreBusyError):
             run.result.busy.append(str(exc))
         else:
-            run.result.unreadable.append({"file": plan.rel, "problem": getattr(exc, "problem",
-                                                                                 str(exc))})
+            run.result.unreadable.append("%s: %s" % (plan.rel, getattr(exc, "problem", exc)))
 
     def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any], digest: str) -> None:
         """The runtime changed the file since planning: decide again from its fresh content
@@ -7187,7 +7232,7 @@ class MemoryPruner:
             try:  # not iter_record_files: its generator would hold this file while the next loads
                 records, digest = self.store.load_records_digest(data_file)
             except CorruptFileError as exc:
-                result.unreadable.append({"file": plan.rel, "problem": exc.problem})
+                result.unreadable.append("%s: %s" % (plan.rel, exc.problem))
                 continue
             self._plan_content(plan, records, strategies, result.findings)
             plan.digest = digest
@@ -7361,7 +7406,7 @@ def copies_kept(records: List[Any], removed: Iterable[int]) -> Dict[int, int]:
 # -- undo -----------------------------------------------------------------------
 
 @dataclasses.dataclass
-class UndoResult:
+class UndoResult(OperationResult):
     """What ``prune --undo`` put back, and what it could not (the run then stays not undone)."""
 
     run_id: str
@@ -7369,7 +7414,7 @@ class UndoResult:
     already_undone: Optional[str] = None
     restored: int = 0
     skipped: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-    unreadable: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    unreadable: List[str] = dataclasses.field(default_factory=list)
     busy: List[str] = dataclasses.field(default_factory=list)
     # {"file", "records", "why"} for every file whose records were not put back.
     not_restored: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -7377,15 +7422,12 @@ class UndoResult:
     # dedupe survivors whose original could not go back yet (changed or merged again since)
     blocked: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
+    PARTIAL_FIELDS = ("unreadable", "blocked")  # a run left not undone can be undone again
+
     @property
-    def exit_code(self) -> ExitCode:
-        """BUSY over another failure over PARTIAL over OK (a run left not undone can be
-        undone again)."""
-        if self.busy:
-            return ExitCode.BUSY
-        if self.failed is not None:
-            return self.failed
-        return ExitCode.PARTIAL if self.unreadable or self.blocked else ExitCode.OK
+    def failure(self) -> Optional[ExitCode]:
+        """The worst non-busy, non-unreadable failure seen."""
+        return self.failed
 
 
 def _archived_file(store: Store, rel: Any) -> Path:
@@ -7480,7 +7522,7 @@ def _restore_file(store: Store, path: Path, rel: str, entries: List[Dict[str, An
         result.busy.append(str(exc))
         why = str(exc)
     except CorruptFileError as exc:
-        result.unreadable.append({"file": rel, "problem": exc.problem})
+        result.unreadable.append("%s: %s" % (rel, exc.problem))
         why = "unreadable: %s" % exc.problem
     except (IntegrityError, OSError) as exc:
         code = ExitCode.INTEGRITY if isinstance(exc, IntegrityError) else ExitCode.FAILURE
@@ -7625,7 +7667,7 @@ def optimize_config_for(store: Store, config_file: Optional[Path] = None,
 
 
 @dataclasses.dataclass
-class TranscodeResult:
+class TranscodeResult(OperationResult):
     """What compress or decompress did (or, in a dry run, would do)."""
 
     operation: str
@@ -7842,7 +7884,7 @@ def _exact_duplicates(records: List[Any], candidates: List[int]) -> Dict[int, in
 
 
 @dataclasses.dataclass
-class GcResult:
+class GcResult(OperationResult):
     """What gc removed and cleaned (or, in a dry run, would)."""
 
     dry_run: bool
@@ -7858,6 +7900,11 @@ class GcResult:
     backup_id: Optional[str]
     seconds: float
     busy: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def refused(self) -> List[str]:
+        """Agents the mass-removal guard refused (a real run raises instead)."""
+        return self.refused_agents
 
 
 class GarbageCollector:
@@ -8608,7 +8655,7 @@ class DedupeCluster:
 
 
 @dataclasses.dataclass
-class DedupeResult:
+class DedupeResult(OperationResult):
     """What ``optimize dedupe`` found and, with ``apply``, merged."""
 
     dry_run: bool
@@ -8625,6 +8672,11 @@ class DedupeResult:
     backup_id: Optional[str] = None
     repointed: int = 0
     seconds: float = 0.0
+
+    @property
+    def refused(self) -> List[str]:
+        """Agents the mass-removal guard refused (a real run raises instead)."""
+        return self.refused_agents
 
     @property
     def guarded(self) -> Dict[str, int]:
@@ -9638,7 +9690,7 @@ def migrate_records(rel: str, rtype: RecordType, records: List[Any], target: Sch
 # -- results ------------------------------------------------------------------
 
 @dataclasses.dataclass
-class MigrationResult:
+class MigrationResult(OperationResult):
     """One migration run or dry run: versions found, per-step changes, samples, problems."""
 
     target: str
@@ -9681,14 +9733,7 @@ class MigrationResult:
                 return
         self.samples.append(sample)
 
-    def exit_code(self) -> ExitCode:
-        """4 if a step down was refused, 5 if a busy file was left as it was, 3 if files or
-        records were skipped, else 0."""
-        if self.refused:
-            return ExitCode.REFUSED
-        if self.busy:
-            return ExitCode.BUSY
-        return ExitCode.PARTIAL if (self.unreadable or self.reported) else ExitCode.OK
+    PARTIAL_FIELDS = ("unreadable", "reported")  # files or records skipped
 
 
 @dataclasses.dataclass
@@ -9708,7 +9753,7 @@ class FileVersions:
 
 
 @dataclasses.dataclass
-class DetectionReport:
+class DetectionReport(OperationResult):
     """Schema versions per file, per agent and for the store; what cannot be placed; history."""
 
     files: List[FileVersions] = dataclasses.field(default_factory=list)
@@ -10208,7 +10253,7 @@ class LimitForecast:
 
 
 @dataclasses.dataclass
-class MetricsReport:
+class MetricsReport(OperationResult):
     """Everything ``monitor metrics`` measured in one run."""
 
     store: str
@@ -10232,10 +10277,7 @@ class MetricsReport:
     # per scheduled job (JOB_OPERATIONS): {"last_success": ts or None, "last_failure": ...}
     jobs: Dict[str, Dict[str, Optional[str]]] = dataclasses.field(default_factory=dict)
 
-    @property
-    def exit_code(self) -> ExitCode:
-        """PARTIAL when some file could not be read, else OK."""
-        return ExitCode.PARTIAL if self.unreadable else ExitCode.OK
+    PARTIAL_FIELDS = ("unreadable",)  # its warnings leave exit 0
 
 
 @dataclasses.dataclass
@@ -10284,7 +10326,7 @@ class Alert:
 
 
 @dataclasses.dataclass
-class AlertChanges:
+class AlertChanges(OperationResult):
     """What one alert evaluation changed, and webhook delivery problems (never fatal)."""
 
     fired: List[Alert] = dataclasses.field(default_factory=list)
@@ -10292,6 +10334,8 @@ class AlertChanges:
     purged: int = 0
     open: List[Alert] = dataclasses.field(default_factory=list)
     warnings: List[str] = dataclasses.field(default_factory=list)
+
+    PARTIAL_FIELDS = ()
 
 
 @dataclasses.dataclass
@@ -11439,7 +11483,7 @@ _LEVEL_RANK = {level: rank for rank, level in enumerate(AlertLevel)}
 
 
 @dataclasses.dataclass
-class MonitorReport:
+class MonitorReport(OperationResult):
     """What ``monitor report`` publishes: metrics, health, open alerts and the size history."""
 
     generated: _dt.datetime
@@ -11448,6 +11492,13 @@ class MonitorReport:
     alerts: List[Alert]
     history: List[Dict[str, Any]]
     warnings: List[str] = dataclasses.field(default_factory=list)
+
+    PARTIAL_FIELDS = ("unreadable",)  # the exit code of its metrics
+
+    @property
+    def unreadable(self) -> List[str]:
+        """The files its metrics could not read (not counted)."""
+        return self.metrics.unreadable
 
 
 # -- renderers: nagios, prometheus, html ---------------------------------------------
@@ -11942,6 +11993,27 @@ class Output:
         """A warning on stderr (shown even with --quiet: cron should mail problems)."""
         self.reporter.clear()
         print("aml: warning: %s" % text, file=self.stderr)
+
+    def error(self, text: str) -> None:
+        """An error line on stderr for a run that still reports its result."""
+        self.reporter.clear()
+        print("aml: error: %s" % text, file=self.stderr)
+
+    def report(self, result: Any, unreadable: str = "skipped, unreadable: %s",
+               busy: str = "%s", errors: Optional[bool] = False) -> None:
+        """The problem lines of a result (an OperationResult), the one way every command
+        prints them, on stderr and even with --quiet: what does not verify (as errors with
+        ``errors``, as warnings without, not at all with None: the caller sums it up), the
+        warnings, each unreadable file through the ``unreadable`` template, each busy lock
+        through ``busy``."""
+        for problem in getattr(result, "problems", ()) if errors is not None else ():
+            (self.error if errors else self.warn)(problem)
+        for warning in getattr(result, "warnings", ()):
+            self.warn(warning)
+        for problem in getattr(result, "unreadable", ()):
+            self.warn(unreadable % problem)
+        for message in getattr(result, "busy", ()):
+            self.warn(busy % message)
 
     def progress(self, phase: str, done: int, total: int, unit: str = "files") -> None:
         """A ProgressCallback: drawn on a terminal only (see ProgressReporter)."""
@@ -12804,10 +12876,7 @@ def _details_text(details: Dict[str, Any]) -> str:
 
 def _print_prune(out: Output, result: PruneResult, memory_path: Path,
                  list_records: bool = False) -> None:
-    for problem in result.unreadable:
-        out.warn("skipped unreadable %s: %s" % (problem["file"], problem["problem"]))
-    for message in result.busy:
-        out.warn(message)
+    out.report(result, unreadable="skipped unreadable %s")
     if result.refused:
         out.warn("a real run would refuse: " + result.refused)
     out.document(result)
@@ -13132,13 +13201,10 @@ def _record_line(found: FoundRecord) -> str:
 
 
 def _lookup_exit(out: Output, result: LookupResult) -> int:
-    for problem in result.unreadable:
-        out.warn("skipped, unreadable: %s" % problem)
+    out.report(result)
     if result.not_found:
         out.warn(result.message or "not found")
-        if not result.unreadable:
-            return ExitCode.FAILURE
-    return ExitCode.PARTIAL if result.unreadable else ExitCode.OK
+    return result.exit_code
 
 
 @command_builder
@@ -13225,8 +13291,7 @@ def _backup_manager(args: argparse.Namespace) -> BackupManager:
 
 def _print_backup(out: Output, result: BackupResult) -> None:
     out.progress_done()
-    for warning in result.warnings:
-        out.warn(warning)
+    out.report(result)
     for repair in result.repaired:   # the repository was damaged: say so even with -q
         out.warn("repaired damaged backup data: %s" % repair)
     out.line("%s: %d files, %d records, %d files read, %d new objects, %s added%s"
@@ -13244,11 +13309,11 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
         plan = plan_backup(_backup_manager(args), btype, agents=args.agents)
         _print_plan(out, plan)
         out.document(plan)
-        return ExitCode.PARTIAL if plan.warnings else ExitCode.OK
+        return plan.exit_code
     result = _backup_manager(args).create(btype, agents=args.agents)
     _print_backup(out, result)
     out.document(result)
-    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+    return result.exit_code
 
 
 def cmd_backup_list(args: argparse.Namespace) -> int:
@@ -13256,8 +13321,7 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
         result = manager.list()
-    for problem in result.problems:
-        out.warn(problem)
+    out.report(result)
     mark = {True: "verified", False: "FAILED", None: "unverified"}
     for snap in result.snapshots:
         out.line("%-26s %-11s %s %5d files %7d records %10s  %s%s" % (
@@ -13271,7 +13335,7 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
         human_bytes(result.repository_bytes),
         " (and %d of other stores)" % result.other_stores if result.other_stores else ""))
     out.document(result)
-    return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+    return result.exit_code
 
 
 def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
@@ -13286,13 +13350,12 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
     with open_repository(_backup_manager(args), args.repo) as manager:
         result = manager.verify(_one_backup_id(args), deep=args.deep, all_snapshots=args.all)
     out.progress_done()
-    for problem in result.problems:
-        print("aml: error: %s" % problem, file=sys.stderr)
+    out.report(result, errors=True)
     out.line("%s %s: %d files, %d objects checked%s" % (
         ", ".join(result.backup_ids), "OK" if result.ok else "FAILED", result.files_checked,
         result.objects_checked, " (deep)" if result.deep else ""))
     out.document(result)
-    return ExitCode.OK if result.ok else ExitCode.INTEGRITY
+    return result.exit_code
 
 
 def cmd_backup_restore(args: argparse.Namespace) -> int:
@@ -13307,8 +13370,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
         result = manager.restore(_one_backup_id(args), at=at, agents=args.agents,
                                  target=args.target, dry_run=args.dry_run, force=args.force)
     out.progress_done()
-    for warning in result.warnings:
-        out.warn(warning)
+    out.report(result)
     verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):
@@ -13319,7 +13381,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
         len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
         "; safety backup %s" % result.safety_backup if result.safety_backup else ""))
     out.document(result)
-    return ExitCode.OK
+    return result.exit_code
 
 
 def cmd_backup_rotate(args: argparse.Namespace) -> int:
@@ -13328,12 +13390,11 @@ def cmd_backup_rotate(args: argparse.Namespace) -> int:
     result = _backup_manager(args).rotate(dry_run=args.dry_run, **_keep_args(args))
     _print_rotate(out, result)
     out.document(result)
-    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+    return result.exit_code
 
 
 def _print_rotate(out: Output, result: RotateResult) -> None:
-    for warning in result.warnings:
-        out.warn(warning)
+    out.report(result)
     verb = "would delete" if result.dry_run else "deleted"
     for backup_id in result.deleted:
         (out.always if result.dry_run else out.line)("%s %s" % (verb, backup_id))
@@ -13360,11 +13421,8 @@ def cmd_backup_auto(args: argparse.Namespace) -> int:
         _print_copy(out, result.copy)
     out.document(result)
     if result.copy_error:
-        print("aml: error: %s" % result.copy_error, file=sys.stderr)
-        return result.copy_exit
-    warned = (result.backup and result.backup.warnings) or result.rotate.warnings or \
-        (result.plan and result.plan.warnings)
-    return ExitCode.PARTIAL if warned else ExitCode.OK
+        out.error(result.copy_error)
+    return result.exit_code
 
 
 @command_builder
@@ -13407,8 +13465,7 @@ def _build_backup(subparsers: Any) -> None:
 
 
 def _print_plan(out: Output, plan: BackupPlan) -> None:
-    for warning in plan.warnings:
-        out.warn(warning)
+    out.report(plan)
     out.always("would take %s backup%s: %d files, %d records; would read %d files (%s); "
                "%d new, %d changed; would add about %d objects, %s before compression "
                "(dry run)" % ("a full" if plan.type is BackupType.FULL else "an incremental",
@@ -13418,10 +13475,9 @@ def _print_plan(out: Output, plan: BackupPlan) -> None:
                               plan.objects_added, human_bytes(plan.bytes_added)))
 
 
-def _print_copy(out: Output, result: CopyResult) -> None:
+def _print_copy(out: Output, result: CopyResult, errors: Optional[bool] = None) -> None:
     out.progress_done()
-    for warning in result.warnings:
-        out.warn(warning)
+    out.report(result, errors=errors)
     if result.dry_run:
         for backup_id in result.copied:
             out.always("would copy %s" % backup_id)
@@ -13450,13 +13506,9 @@ def cmd_backup_copy(args: argparse.Namespace) -> int:
     if not to:
         raise UsageError("name the destination: --to DEST (or [backup] copy_to in the config)")
     result = copy_backups(manager, to, args.backup_ids, dry_run=args.dry_run)
-    for problem in result.problems:
-        print("aml: error: %s" % problem, file=sys.stderr)
-    _print_copy(out, result)
+    _print_copy(out, result, errors=True)
     out.document(result)
-    if result.problems:
-        return ExitCode.INTEGRITY
-    return ExitCode.PARTIAL if result.warnings else ExitCode.OK
+    return result.exit_code
 
 
 def cmd_backup_ls(args: argparse.Namespace) -> int:
@@ -13472,7 +13524,7 @@ def cmd_backup_ls(args: argparse.Namespace) -> int:
             "-" if item.records is None else item.records, item.kind,
             "gzip" if item.gzip else "", human_bytes(item.size), item.path))
     out.document(result)
-    return ExitCode.OK
+    return result.exit_code
 
 
 def cmd_backup_diff(args: argparse.Namespace) -> int:
@@ -13497,7 +13549,7 @@ def cmd_backup_diff(args: argparse.Namespace) -> int:
         result.a, result.b, len(result.files), result.files_unchanged, result.records_added,
         result.records_removed, result.records_changed))
     out.document(result)
-    return ExitCode.OK
+    return result.exit_code
 
 
 def cmd_backup_dump(args: argparse.Namespace) -> int:
@@ -13545,8 +13597,7 @@ def cmd_backup_stats(args: argparse.Namespace) -> int:
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
         result = repository_stats(manager)
-    for problem in result.problems:
-        out.warn(problem)
+    out.report(result)
     out.line("%-26s %-24s %6s %8s %10s %8s %10s" % (
         "snapshot", "created", "files", "records", "restored", "new obj", "added"))
     for row in result.snapshots:
@@ -13569,7 +13620,7 @@ def cmd_backup_stats(args: argparse.Namespace) -> int:
                  ratio(result.compression_ratio), result.unreferenced_objects,
                  human_bytes(result.unreferenced_bytes)))
     out.document(result)
-    return ExitCode.INTEGRITY if result.problems else ExitCode.OK
+    return result.exit_code
 
 
 def _build_backup_inspection(sub: Any) -> None:
@@ -13700,11 +13751,10 @@ def cmd_migrate_detect(args: argparse.Namespace) -> int:
     """``migrate detect``: print versions found; exit 3 if a file was unreadable."""
     store, out = open_store(args), output_for(args)
     report = MigrationManager(store, args.agents).detect()
-    for problem in report.unreadable:
-        out.warn("skipped unreadable file %s" % problem)
+    out.report(report, unreadable="skipped unreadable file %s")
     out.document(dict(to_jsonable(report), mixed=report.mixed, mixed_agents=report.mixed_agents))
     _print_detection(out, report, store.root)
-    return int(ExitCode.PARTIAL if report.unreadable else ExitCode.OK)
+    return int(report.exit_code)
 
 
 def _target_version(args: argparse.Namespace) -> SchemaVersion:
@@ -13728,10 +13778,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         result = manager.migrate(target, dry_run=args.dry_run, backup=not args.no_backup)
     finally:
         out.progress_done()
-    for problem in result.unreadable:
-        out.warn("skipped unreadable file %s" % problem)
-    for message in result.busy:
-        out.warn("skipped, left as it was: %s" % message)
+    out.report(result, unreadable="skipped unreadable file %s",
+               busy="skipped, left as it was: %s")
     for item in result.reported[:20]:
         out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
                                                      item["problem"]))
@@ -13741,7 +13789,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         out.warn(manager.refusal_message(result))
     out.document(result)
     _print_migration(out, result)
-    return int(result.exit_code())
+    return int(result.exit_code)
 
 
 def _print_migration(out: Output, result: MigrationResult) -> None:
@@ -13929,10 +13977,7 @@ def cmd_monitor_metrics(args: argparse.Namespace) -> int:
     out = _monitor_output(args)
     monitor = _open_monitor(args)
     report = monitor.metrics(save=not args.no_save)
-    for problem in report.warnings:
-        out.warn(problem)
-    for problem in report.unreadable:
-        out.warn("unreadable, not counted: %s" % problem)
+    out.report(report, unreadable="unreadable, not counted: %s")
     if args.format == "prometheus":
         out.stdout.write(prometheus_text(report))
     else:
@@ -13966,8 +14011,7 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
             print("AML UNKNOWN - %s: %s" % (args.memory_path, str(exc).replace("|", "/")),
                   file=out.stdout)
         raise HealthUnknownError(str(exc)) from None
-    for warning in report.warnings:
-        out.warn(warning)
+    out.report(report)
     if args.format == "nagios":
         print(nagios_line(report), file=out.stdout)
     elif out.quiet:
@@ -14024,12 +14068,11 @@ def cmd_monitor_alerts(args: argparse.Namespace) -> int:
     monitor = _open_monitor(args)
     if args.resolve:
         changes = monitor.resolve_alert(args.resolve)
-        for warning in changes.warnings:
-            out.warn(warning)
+        out.report(changes)
         out.line("%s resolved." % args.resolve if changes.resolved
                  else "%s was already resolved." % args.resolve)
         out.document(changes)
-        return int(ExitCode.OK)
+        return int(changes.exit_code)
     alerts = monitor.alerts(include_resolved=args.all)
     for line in _alert_lines(alerts, args.all):
         out.line(line)
@@ -14043,10 +14086,7 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
     monitor = _open_monitor(args)
     report = monitor.report()
     out = Output("text", args.quiet)
-    for warning in report.warnings:
-        out.warn(warning)
-    for problem in report.metrics.unreadable:
-        out.warn("unreadable, not counted: %s" % problem)
+    out.report(report, unreadable="unreadable, not counted: %s")
     if args.format == "html":
         history = _history_for_display(monitor.store, report.warnings)
         text = html_report(report, monitor.thresholds, history,
@@ -14059,7 +14099,7 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
         out.stdout.write(text)
     else:
         write_report_file(args.output, text)
-    return int(report.metrics.exit_code)
+    return int(report.exit_code)
 
 
 def _serve_interval(args: argparse.Namespace, store: Store) -> float:

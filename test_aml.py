@@ -7668,6 +7668,118 @@ def test_seal_verifies_raw_bytes_and_a_flipped_byte_fails_closed():
         assert aml.is_sealed(sealed)
 
 
+# ---- issue 14: results and exit codes ----
+
+@dataclasses.dataclass
+class _EveryField(aml.OperationResult):
+    """A result with every field the base reads, to build each exit code by hand."""
+
+    busy: list = dataclasses.field(default_factory=list)
+    refused: object = None
+    problems: list = dataclasses.field(default_factory=list)
+    failure: object = None
+    unreadable: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+
+
+_WORST_FIRST = [("busy", ["store busy: x.lock"], aml.ExitCode.BUSY),
+                ("refused", "mass deletion", aml.ExitCode.REFUSED),
+                ("problems", ["pack damaged"], aml.ExitCode.INTEGRITY),
+                ("failure", aml.ExitCode.FAILURE, aml.ExitCode.FAILURE),
+                ("unreadable", ["a/patterns.json: bad"], aml.ExitCode.PARTIAL),
+                ("warnings", ["note"], aml.ExitCode.PARTIAL)]
+
+
+@pytest.mark.parametrize("worst", range(len(_WORST_FIRST)))
+def test_operation_result_exit_code_is_the_worst_set_field_in_one_precedence(worst):
+    # every field from `worst` on is set: the code is the one of `worst`
+    result = _EveryField(**{name: value for name, value, _ in _WORST_FIRST[worst:]})
+    assert result.exit_code is _WORST_FIRST[worst][2]
+    assert _EveryField().exit_code is aml.ExitCode.OK
+
+
+def test_each_result_class_keeps_its_exit_code():
+    config = aml.PruneConfig()
+    prune = aml.PruneResult("r", False, [], config, [], [], unreadable=["a: x"], busy=["b"],
+                            refused="guard")
+    assert prune.exit_code is aml.ExitCode.BUSY
+    prune.busy = []
+    assert prune.exit_code is aml.ExitCode.REFUSED
+    prune.refused = None
+    assert prune.exit_code is aml.ExitCode.PARTIAL
+    undo = aml.UndoResult("r", "prune", skipped=[{"file": "a"}])
+    assert undo.exit_code is aml.ExitCode.OK        # skipped records are not a failure
+    undo.blocked = [{"file": "a"}]
+    assert undo.exit_code is aml.ExitCode.PARTIAL
+    undo.failed = aml.ExitCode.INTEGRITY
+    assert undo.exit_code is aml.ExitCode.INTEGRITY
+    migration = aml.MigrationResult(target="1.2.0", dry_run=True, reported=[{"file": "a"}])
+    assert migration.exit_code is aml.ExitCode.PARTIAL
+    migration.refused = [{"file": "a"}]
+    assert migration.exit_code is aml.ExitCode.REFUSED
+    lookup = aml.LookupResult([], "index", not_found=True)
+    assert lookup.exit_code is aml.ExitCode.FAILURE
+    lookup.unreadable = ["a: x"]                   # it may be in the unreadable file
+    assert lookup.exit_code is aml.ExitCode.PARTIAL
+    restore = aml.RestoreResult("b", Path("t"), False, [], [], [], 0, None, warnings=["w"])
+    assert restore.exit_code is aml.ExitCode.OK     # its warnings leave exit 0
+    copy = aml.CopyResult("d", False, [], [], 0, 0, True, 0, problems=["p"], warnings=["w"])
+    assert copy.exit_code is aml.ExitCode.INTEGRITY
+    copy.problems = []
+    assert copy.exit_code is aml.ExitCode.PARTIAL
+    rotate = aml.RotateResult(False, [], [], 0, 0, 0, warnings=["w"])
+    auto = aml.AutoResult(None, "not due", rotate, copy=copy)
+    assert auto.exit_code is aml.ExitCode.PARTIAL
+    rotate.warnings = []
+    assert auto.exit_code is aml.ExitCode.OK        # the copy's warnings do not count in auto
+    auto.copy_error, auto.copy_exit = "copy failed", 5
+    assert auto.exit_code is aml.ExitCode.BUSY
+    gc = aml.GcResult(True, None, [], {}, ["agent"], [], [], [], [], 0, None, 0.0)
+    assert gc.exit_code is aml.ExitCode.REFUSED
+
+
+def test_output_report_prints_problem_lines_in_one_order_and_shape():
+    out, err = io.StringIO(), io.StringIO()
+    output = aml.Output("text", quiet=True, stdout=out, stderr=err)
+    result = _EveryField(busy=["store busy: x.lock"], problems=["pack damaged"],
+                         unreadable=["a/p.json: bad"], warnings=["note"])
+    output.report(result, unreadable="skipped unreadable %s", busy="left: %s", errors=True)
+    output.report(result, errors=None)
+    assert err.getvalue().splitlines() == [
+        "aml: error: pack damaged", "aml: warning: note",
+        "aml: warning: skipped unreadable a/p.json: bad", "aml: warning: left: store busy: x.lock",
+        "aml: warning: note", "aml: warning: skipped, unreadable: a/p.json: bad",
+        "aml: warning: store busy: x.lock"]
+    assert out.getvalue() == ""
+
+
+def test_prune_names_an_unreadable_file_as_file_colon_problem_in_text_and_json(tmp_path,
+                                                                               capsys):
+    root = _prune_store(tmp_path / "m")
+    (root / "code-reviewer" / "patterns.json").write_bytes(b'[{"id": "a"},')
+    code, doc, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                             capsys=capsys)
+    unreadable = json.loads(doc)["unreadable"]
+    assert code == 3 and len(unreadable) == 1
+    assert unreadable[0].startswith("code-reviewer/patterns.json: ")
+    assert "aml: warning: skipped unreadable %s\n" % unreadable[0] in err
+
+
+def test_undo_names_an_unreadable_file_as_file_colon_problem(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m")
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run_id = json.loads(doc)["run_id"]
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(b'[{"id": "a"},')
+    result = aml.undo_run(aml.Store(root), run_id)
+    assert result.exit_code is aml.ExitCode.PARTIAL and bad.read_bytes() == b'[{"id": "a"},'
+    assert [u.split(": ")[0] for u in result.unreadable] == ["code-reviewer/patterns.json"]
+    code, doc, err = run_cli(root, "prune", "--undo", run_id, "--format", "json", capsys=capsys)
+    assert code == 3 and json.loads(doc)["unreadable"] == result.unreadable
+    assert "not restored" in err and "code-reviewer/patterns.json" in err
+
+
 # ---- issue 14: config layering (layer_config over dataclasses with per-field rules) ----
 
 def _aml_config(root, doc):
