@@ -7666,259 +7666,6 @@ def test_seal_verifies_raw_bytes_and_a_flipped_byte_fails_closed():
     for payload in ({"b": [1, "\u00e9"], "a": None}, b"\x00\xff}binary{"):
         sealed = aml.seal(payload, "aml-test-1")
         assert aml.is_sealed(sealed)
-
-
-# ---- issue 14: results and exit codes ----
-
-@dataclasses.dataclass
-class _EveryField(aml.OperationResult):
-    """A result with every field the base reads, to build each exit code by hand."""
-
-    busy: list = dataclasses.field(default_factory=list)
-    refused: object = None
-    problems: list = dataclasses.field(default_factory=list)
-    failure: object = None
-    unreadable: list = dataclasses.field(default_factory=list)
-    warnings: list = dataclasses.field(default_factory=list)
-
-
-_WORST_FIRST = [("busy", ["store busy: x.lock"], aml.ExitCode.BUSY),
-                ("refused", "mass deletion", aml.ExitCode.REFUSED),
-                ("problems", ["pack damaged"], aml.ExitCode.INTEGRITY),
-                ("failure", aml.ExitCode.FAILURE, aml.ExitCode.FAILURE),
-                ("unreadable", ["a/patterns.json: bad"], aml.ExitCode.PARTIAL),
-                ("warnings", ["note"], aml.ExitCode.PARTIAL)]
-
-
-@pytest.mark.parametrize("worst", range(len(_WORST_FIRST)))
-def test_operation_result_exit_code_is_the_worst_set_field_in_one_precedence(worst):
-    # every field from `worst` on is set: the code is the one of `worst`
-    result = _EveryField(**{name: value for name, value, _ in _WORST_FIRST[worst:]})
-    assert result.exit_code is _WORST_FIRST[worst][2]
-    assert _EveryField().exit_code is aml.ExitCode.OK
-
-
-def test_each_result_class_keeps_its_exit_code():
-    config = aml.PruneConfig()
-    prune = aml.PruneResult("r", False, [], config, [], [], unreadable=["a: x"], busy=["b"],
-                            refused="guard")
-    assert prune.exit_code is aml.ExitCode.BUSY
-    prune.busy = []
-    assert prune.exit_code is aml.ExitCode.REFUSED
-    prune.refused = None
-    assert prune.exit_code is aml.ExitCode.PARTIAL
-    undo = aml.UndoResult("r", "prune", skipped=[{"file": "a"}])
-    assert undo.exit_code is aml.ExitCode.OK        # skipped records are not a failure
-    undo.blocked = [{"file": "a"}]
-    assert undo.exit_code is aml.ExitCode.PARTIAL
-    undo.failed = aml.ExitCode.INTEGRITY
-    assert undo.exit_code is aml.ExitCode.INTEGRITY
-    migration = aml.MigrationResult(target="1.2.0", dry_run=True, reported=[{"file": "a"}])
-    assert migration.exit_code is aml.ExitCode.PARTIAL
-    migration.refused = [{"file": "a"}]
-    assert migration.exit_code is aml.ExitCode.REFUSED
-    lookup = aml.LookupResult([], "index", not_found=True)
-    assert lookup.exit_code is aml.ExitCode.FAILURE
-    lookup.unreadable = ["a: x"]                   # it may be in the unreadable file
-    assert lookup.exit_code is aml.ExitCode.PARTIAL
-    restore = aml.RestoreResult("b", Path("t"), False, [], [], [], 0, None, warnings=["w"])
-    assert restore.exit_code is aml.ExitCode.OK     # its warnings leave exit 0
-    copy = aml.CopyResult("d", False, [], [], 0, 0, True, 0, problems=["p"], warnings=["w"])
-    assert copy.exit_code is aml.ExitCode.INTEGRITY
-    copy.problems = []
-    assert copy.exit_code is aml.ExitCode.PARTIAL
-    rotate = aml.RotateResult(False, [], [], 0, 0, 0, warnings=["w"])
-    auto = aml.AutoResult(None, "not due", rotate, copy=copy)
-    assert auto.exit_code is aml.ExitCode.PARTIAL
-    rotate.warnings = []
-    assert auto.exit_code is aml.ExitCode.OK        # the copy's warnings do not count in auto
-    auto.copy_error, auto.copy_exit = "copy failed", 5
-    assert auto.exit_code is aml.ExitCode.BUSY
-    gc = aml.GcResult(True, None, [], {}, ["agent"], [], [], [], [], 0, None, 0.0)
-    assert gc.exit_code is aml.ExitCode.REFUSED
-
-
-def test_output_report_prints_problem_lines_in_one_order_and_shape():
-    out, err = io.StringIO(), io.StringIO()
-    output = aml.Output("text", quiet=True, stdout=out, stderr=err)
-    result = _EveryField(busy=["store busy: x.lock"], problems=["pack damaged"],
-                         unreadable=["a/p.json: bad"], warnings=["note"])
-    output.report(result, unreadable="skipped unreadable %s", busy="left: %s", errors=True)
-    output.report(result, errors=None)
-    assert err.getvalue().splitlines() == [
-        "aml: error: pack damaged", "aml: warning: note",
-        "aml: warning: skipped unreadable a/p.json: bad", "aml: warning: left: store busy: x.lock",
-        "aml: warning: note", "aml: warning: skipped, unreadable: a/p.json: bad",
-        "aml: warning: store busy: x.lock"]
-    assert out.getvalue() == ""
-
-
-def test_prune_names_an_unreadable_file_as_file_colon_problem_in_text_and_json(tmp_path,
-                                                                               capsys):
-    root = _prune_store(tmp_path / "m")
-    (root / "code-reviewer" / "patterns.json").write_bytes(b'[{"id": "a"},')
-    code, doc, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
-                             capsys=capsys)
-    unreadable = json.loads(doc)["unreadable"]
-    assert code == 3 and len(unreadable) == 1
-    assert unreadable[0].startswith("code-reviewer/patterns.json: ")
-    assert "aml: warning: skipped unreadable %s\n" % unreadable[0] in err
-
-
-def test_undo_names_an_unreadable_file_as_file_colon_problem(tmp_path, capsys):
-    root = _prune_store(tmp_path / "m")
-    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
-                           capsys=capsys)
-    run_id = json.loads(doc)["run_id"]
-    bad = root / "code-reviewer" / "patterns.json"
-    bad.write_bytes(b'[{"id": "a"},')
-    result = aml.undo_run(aml.Store(root), run_id)
-    assert result.exit_code is aml.ExitCode.PARTIAL and bad.read_bytes() == b'[{"id": "a"},'
-    assert [u.split(": ")[0] for u in result.unreadable] == ["code-reviewer/patterns.json"]
-    code, doc, err = run_cli(root, "prune", "--undo", run_id, "--format", "json", capsys=capsys)
-    assert code == 3 and json.loads(doc)["unreadable"] == result.unreadable
-    assert "not restored" in err and "code-reviewer/patterns.json" in err
-
-
-# ---- issue 14: config layering (layer_config over dataclasses with per-field rules) ----
-
-def _aml_config(root, doc):
-    (root / ".aml").mkdir(exist_ok=True)
-    (root / ".aml" / "config.json").write_text(json.dumps(doc))
-
-
-@pytest.mark.parametrize("section, argv, line", [
-    ({"prune": {"max_removal_share": 2}}, ("prune", "--dry-run"),
-     "aml config [prune]: max_removal_share=2 is not a valid value "
-     "(must be a number >= 0 and <= 1)"),
-    ({"backup": {"compression_level": 12}}, ("backup", "create"),
-     "aml config [backup]: compression_level=12 is not a valid value "
-     "(must be an integer >= 0 and <= 9)"),
-    ({}, ("backup", "create", "--compression-level", "12"),
-     "command line: compression_level=12 is not a valid value"),
-    ({"optimize": {"dedupe_threshold": 0}}, ("optimize", "dedupe"),
-     "aml config [optimize]: dedupe_threshold=0 is not a valid value "
-     "(must be a number > 0 and <= 1)"),
-    ({}, ("optimize", "compress", "--workers", "-1"),
-     "command line: workers=-1 is not a valid value (must be an integer >= 0)"),
-    ({"monitor": {"cache_min_lookups": -1}}, ("monitor", "metrics"),
-     "aml config [monitor]: cache_min_lookups=-1 is not a valid value (must be a number >= 0)"),
-    ({}, ("monitor", "metrics", "--threshold", "query_time_warning_ms=-5"),
-     "threshold override: query_time_warning_ms=-5.0 is not a valid value"),
-    ({"monitor": {"webhook_timeout": 0}}, ("monitor", "metrics"),
-     "aml config [monitor]: webhook_timeout=0 is not a valid value (must be a number > 0)"),
-    ({"monitor": {"webhook_timeout": "5"}}, ("monitor", "alerts"),
-     "aml config [monitor]: webhook_timeout='5' is not a valid value"),
-], ids=["prune-file", "backup-file", "backup-flag", "optimize-file", "optimize-flag",
-        "threshold-file", "threshold-flag", "webhook-timeout", "webhook-timeout-type"])
-def test_a_bad_setting_is_refused_in_one_line_naming_field_and_layer(tmp_path, capsys, section,
-                                                                     argv, line):
-    root = build_store(tmp_path / "m", agents=("a",))
-    _aml_config(root, section)
-    before = content_digest(root)
-    code, out, err = run_cli(root, *argv, capsys=capsys)
-    assert code == int(aml.ExitCode.USAGE) and line in err and err.count("\n") == 1
-    assert content_digest(root) == before
-
-
-def test_a_bad_library_config_names_field_and_layer(tmp_path):
-    store = aml.Store(build_store(tmp_path / "m", agents=("a",)))
-    with pytest.raises(aml.UsageError, match=r"^backup config: max_backups=0 is not a valid"):
-        aml.BackupManager(store, aml.BackupConfig(max_backups=0))
-    with pytest.raises(aml.UsageError, match=r"^command line: scoring='best' is not a valid "
-                       r"value \(must be one of mean, wilson\)$"):
-        aml.prune_config_for(store, {}, {"scoring": "best"})
-    write_data(store.root / "config.json", dict(CONFIG, pruning={"maxAgeDays": -3}))
-    with pytest.raises(aml.UsageError, match=r"config\.json \(pruning\): "
-                       r"pattern_max_age_days=-3 is not a valid"):
-        aml.prune_config_for(store)
-    with pytest.raises(aml.UsageError, match=r"^command line: create_backup='no' is not a valid"):
-        aml.optimize_config_for(store, create_backup="no")
-    with pytest.raises(aml.UsageError, match=r"^aml config \[monitor\]: unknown threshold\(s\) "
-                       r"nope \(known: agent_memory_critical_mb, "):
-        aml.resolve_thresholds(store, {"nope": 1, "webhook_url": "http://127.0.0.1:1/"})
-    with pytest.raises(aml.UsageError, match=r"^command line: serve_interval=90000 is not a "):
-        aml.monitor_settings_for(store, {}, serve_interval=90000)
-
-
-def test_prune_settings_layer_default_store_file_flag(tmp_path):
-    store = aml.Store(build_store(tmp_path / "m", agents=("a",)))
-    write_data(store.root / "config.json", dict(CONFIG, pruning={"maxAgeDays": 50}))
-    got = aml.prune_config_for(store)
-    assert (got.pattern_max_age_days, got.scoring, got.max_removal_share) == (50, "mean", 0.5)
-    _aml_config(store.root, {"prune": {"pattern_max_age_days": 40, "scoring": "wilson",
-                                       "max_removal_share": 0.3}})
-    got = aml.prune_config_for(store, aml.load_aml_config(store))
-    assert (got.pattern_max_age_days, got.scoring, got.max_removal_share) == (40, "wilson", 0.3)
-    got = aml.prune_config_for(store, aml.load_aml_config(store), {"scoring": "mean"})
-    assert (got.pattern_max_age_days, got.scoring, got.max_removal_share) == (40, "mean", 0.3)
-
-
-def test_backup_settings_layer_default_file_flag(tmp_path):
-    store = aml.Store(build_store(tmp_path / "m", agents=("a",)))
-    got = aml.backup_config_for(store)
-    assert (got.retention_days, got.max_backups, got.compression_level) == (30, 100, 6)
-    _aml_config(store.root, {"backup": {"retention_days": 10, "compression_level": 1}})
-    got = aml.backup_config_for(store, retention_days=None)     # None: the flag is not given
-    assert (got.retention_days, got.max_backups, got.compression_level) == (10, 100, 1)
-    got = aml.backup_config_for(store, retention_days=5)
-    assert (got.retention_days, got.max_backups, got.compression_level) == (5, 100, 1)
-
-
-def test_optimize_settings_layer_default_file_flag(tmp_path, capsys):
-    root = build_store(tmp_path / "m", agents=("a",))
-    store = aml.Store(root)
-    got = aml.optimize_config_for(store)
-    assert (got.compress_age_days, got.workers, got.create_backup, got.dedupe) == (
-        30.0, 0, True, False)
-    _aml_config(root, {"optimize": {"compress_age_days": 0, "workers": 2, "dedupe": True}})
-    got = aml.optimize_config_for(store)
-    assert (got.compress_age_days, got.workers, got.create_backup, got.dedupe) == (0, 2, True, True)
-    got = aml.optimize_config_for(store, compress_age_days=100000, workers=None,
-                                  create_backup=False)
-    assert (got.compress_age_days, got.workers, got.create_backup, got.dedupe) == (
-        100000, 2, False, True)
-    # the command line reads the same layers, on files last changed 10 days before NOW:
-    # the default (30 days) compresses none, the file's 5 days all, --age-days 20 none again
-    old = (NOW - dt.timedelta(days=10)).timestamp()
-    for path in root.rglob("*.json"):
-        os.utime(path, (old, old))
-
-    def compressed(*flags):
-        code, out, _ = run_cli(root, "--format", "json", "--now", NOW_TEXT, "optimize",
-                               "compress", "--dry-run", *flags, capsys=capsys)
-        assert code == 0
-        return json.loads(out)["steps"]["compress"]["files"]
-    _aml_config(root, {})
-    assert compressed() == []
-    _aml_config(root, {"optimize": {"compress_age_days": 5}})
-    assert len(compressed()) == 5 and compressed("--age-days", "20") == []
-
-
-def test_monitor_settings_layer_default_store_file_flag(tmp_path, capsys):
-    root = build_store(tmp_path / "m", agents=("a",))
-    write_data(root / "config.json", dict(CONFIG, performance={"queryTimeoutMs": 80}))
-    store = aml.Store(root)
-    got = aml.resolve_thresholds(store)
-    assert isinstance(got, aml.MonitorThresholds)
-    assert (got["agent_memory_warning_mb"], got["query_time_warning_ms"]) == (60, 80)
-    section = {"agent_memory_warning_mb": 50, "query_time_warning_ms": 70, "webhook_timeout": 2}
-    got = aml.resolve_thresholds(store, section)
-    assert (got["agent_memory_warning_mb"], got["query_time_warning_ms"]) == (50, 70)
-    got = aml.resolve_thresholds(store, section, {"agent_memory_warning_mb": 40})
-    assert (got["agent_memory_warning_mb"], got["query_time_warning_ms"]) == (40, 70)
-    assert dict(got) == dict(aml.DEFAULT_THRESHOLDS, agent_memory_warning_mb=40,
-                             query_time_warning_ms=70)
-    assert aml.monitor_settings_for(store).webhook_timeout == 5.0
-    assert aml.monitor_settings_for(store, section).webhook_timeout == 2
-    got = aml.monitor_settings_for(store, {"serve_interval": 7}, serve_interval=2.5)
-    assert got.serve_interval == 2.5
-    # what the dashboard and reports show: the same keys and values as the mapping
-    thresholds = aml.MemoryMonitor(store, thresholds={"agent_memory_warning_mb": 40}).thresholds
-    assert aml.to_jsonable(thresholds) == dict(thresholds) == dict(
-        aml.DEFAULT_THRESHOLDS, agent_memory_warning_mb=40, query_time_warning_ms=80)
-    assert list(aml.DEFAULT_THRESHOLDS)[:2] == ["agent_memory_warning_mb",
-                                                "agent_memory_critical_mb"]
         assert aml.unseal(sealed, "aml-test-1", "t", parse=isinstance(payload, dict)) == payload
         with pytest.raises(aml.ChecksumError, match="t: checksum mismatch") as bad:
             aml.unseal(_flip_in_payload(sealed), "aml-test-1", "t", parse=False)
@@ -8082,3 +7829,256 @@ def test_bloom_filters_of_the_older_layout_are_read_and_a_flipped_byte_is_refuse
     for raw in (_flip_in_payload(new_bytes), new_bytes[:-1]):
         with pytest.raises(aml.IntegrityError):
             aml.BloomFilter.from_bytes(raw)
+
+
+# ---- issue 14: config layering (layer_config over dataclasses with per-field rules) ----
+
+def _aml_config(root, doc):
+    (root / ".aml").mkdir(exist_ok=True)
+    (root / ".aml" / "config.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("section, argv, line", [
+    ({"prune": {"max_removal_share": 2}}, ("prune", "--dry-run"),
+     "aml config [prune]: max_removal_share=2 is not a valid value "
+     "(must be a number >= 0 and <= 1)"),
+    ({"backup": {"compression_level": 12}}, ("backup", "create"),
+     "aml config [backup]: compression_level=12 is not a valid value "
+     "(must be an integer >= 0 and <= 9)"),
+    ({}, ("backup", "create", "--compression-level", "12"),
+     "command line: compression_level=12 is not a valid value"),
+    ({"optimize": {"dedupe_threshold": 0}}, ("optimize", "dedupe"),
+     "aml config [optimize]: dedupe_threshold=0 is not a valid value "
+     "(must be a number > 0 and <= 1)"),
+    ({}, ("optimize", "compress", "--workers", "-1"),
+     "command line: workers=-1 is not a valid value (must be an integer >= 0)"),
+    ({"monitor": {"cache_min_lookups": -1}}, ("monitor", "metrics"),
+     "aml config [monitor]: cache_min_lookups=-1 is not a valid value (must be a number >= 0)"),
+    ({}, ("monitor", "metrics", "--threshold", "query_time_warning_ms=-5"),
+     "threshold override: query_time_warning_ms=-5.0 is not a valid value"),
+    ({"monitor": {"webhook_timeout": 0}}, ("monitor", "metrics"),
+     "aml config [monitor]: webhook_timeout=0 is not a valid value (must be a number > 0)"),
+    ({"monitor": {"webhook_timeout": "5"}}, ("monitor", "alerts"),
+     "aml config [monitor]: webhook_timeout='5' is not a valid value"),
+], ids=["prune-file", "backup-file", "backup-flag", "optimize-file", "optimize-flag",
+        "threshold-file", "threshold-flag", "webhook-timeout", "webhook-timeout-type"])
+def test_a_bad_setting_is_refused_in_one_line_naming_field_and_layer(tmp_path, capsys, section,
+                                                                     argv, line):
+    root = build_store(tmp_path / "m", agents=("a",))
+    _aml_config(root, section)
+    before = content_digest(root)
+    code, out, err = run_cli(root, *argv, capsys=capsys)
+    assert code == int(aml.ExitCode.USAGE) and line in err and err.count("\n") == 1
+    assert content_digest(root) == before
+
+
+def test_a_bad_library_config_names_field_and_layer(tmp_path):
+    store = aml.Store(build_store(tmp_path / "m", agents=("a",)))
+    with pytest.raises(aml.UsageError, match=r"^backup config: max_backups=0 is not a valid"):
+        aml.BackupManager(store, aml.BackupConfig(max_backups=0))
+    with pytest.raises(aml.UsageError, match=r"^command line: scoring='best' is not a valid "
+                       r"value \(must be one of mean, wilson\)$"):
+        aml.prune_config_for(store, {}, {"scoring": "best"})
+    write_data(store.root / "config.json", dict(CONFIG, pruning={"maxAgeDays": -3}))
+    with pytest.raises(aml.UsageError, match=r"config\.json \(pruning\): "
+                       r"pattern_max_age_days=-3 is not a valid"):
+        aml.prune_config_for(store)
+    with pytest.raises(aml.UsageError, match=r"^command line: create_backup='no' is not a valid"):
+        aml.optimize_config_for(store, create_backup="no")
+    with pytest.raises(aml.UsageError, match=r"^aml config \[monitor\]: unknown threshold\(s\) "
+                       r"nope \(known: agent_memory_critical_mb, "):
+        aml.resolve_thresholds(store, {"nope": 1, "webhook_url": "http://127.0.0.1:1/"})
+    with pytest.raises(aml.UsageError, match=r"^command line: serve_interval=90000 is not a "):
+        aml.monitor_settings_for(store, {}, serve_interval=90000)
+
+
+def test_prune_settings_layer_default_store_file_flag(tmp_path):
+    store = aml.Store(build_store(tmp_path / "m", agents=("a",)))
+    write_data(store.root / "config.json", dict(CONFIG, pruning={"maxAgeDays": 50}))
+    got = aml.prune_config_for(store)
+    assert (got.pattern_max_age_days, got.scoring, got.max_removal_share) == (50, "mean", 0.5)
+    _aml_config(store.root, {"prune": {"pattern_max_age_days": 40, "scoring": "wilson",
+                                       "max_removal_share": 0.3}})
+    got = aml.prune_config_for(store, aml.load_aml_config(store))
+    assert (got.pattern_max_age_days, got.scoring, got.max_removal_share) == (40, "wilson", 0.3)
+    got = aml.prune_config_for(store, aml.load_aml_config(store), {"scoring": "mean"})
+    assert (got.pattern_max_age_days, got.scoring, got.max_removal_share) == (40, "mean", 0.3)
+
+
+def test_backup_settings_layer_default_file_flag(tmp_path):
+    store = aml.Store(build_store(tmp_path / "m", agents=("a",)))
+    got = aml.backup_config_for(store)
+    assert (got.retention_days, got.max_backups, got.compression_level) == (30, 100, 6)
+    _aml_config(store.root, {"backup": {"retention_days": 10, "compression_level": 1}})
+    got = aml.backup_config_for(store, retention_days=None)     # None: the flag is not given
+    assert (got.retention_days, got.max_backups, got.compression_level) == (10, 100, 1)
+    got = aml.backup_config_for(store, retention_days=5)
+    assert (got.retention_days, got.max_backups, got.compression_level) == (5, 100, 1)
+
+
+def test_optimize_settings_layer_default_file_flag(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a",))
+    store = aml.Store(root)
+    got = aml.optimize_config_for(store)
+    assert (got.compress_age_days, got.workers, got.create_backup, got.dedupe) == (
+        30.0, 0, True, False)
+    _aml_config(root, {"optimize": {"compress_age_days": 0, "workers": 2, "dedupe": True}})
+    got = aml.optimize_config_for(store)
+    assert (got.compress_age_days, got.workers, got.create_backup, got.dedupe) == (0, 2, True, True)
+    got = aml.optimize_config_for(store, compress_age_days=100000, workers=None,
+                                  create_backup=False)
+    assert (got.compress_age_days, got.workers, got.create_backup, got.dedupe) == (
+        100000, 2, False, True)
+    # the command line reads the same layers, on files last changed 10 days before NOW:
+    # the default (30 days) compresses none, the file's 5 days all, --age-days 20 none again
+    old = (NOW - dt.timedelta(days=10)).timestamp()
+    for path in root.rglob("*.json"):
+        os.utime(path, (old, old))
+
+    def compressed(*flags):
+        code, out, _ = run_cli(root, "--format", "json", "--now", NOW_TEXT, "optimize",
+                               "compress", "--dry-run", *flags, capsys=capsys)
+        assert code == 0
+        return json.loads(out)["steps"]["compress"]["files"]
+    _aml_config(root, {})
+    assert compressed() == []
+    _aml_config(root, {"optimize": {"compress_age_days": 5}})
+    assert len(compressed()) == 5 and compressed("--age-days", "20") == []
+
+
+def test_monitor_settings_layer_default_store_file_flag(tmp_path, capsys):
+    root = build_store(tmp_path / "m", agents=("a",))
+    write_data(root / "config.json", dict(CONFIG, performance={"queryTimeoutMs": 80}))
+    store = aml.Store(root)
+    got = aml.resolve_thresholds(store)
+    assert isinstance(got, aml.MonitorThresholds)
+    assert (got["agent_memory_warning_mb"], got["query_time_warning_ms"]) == (60, 80)
+    section = {"agent_memory_warning_mb": 50, "query_time_warning_ms": 70, "webhook_timeout": 2}
+    got = aml.resolve_thresholds(store, section)
+    assert (got["agent_memory_warning_mb"], got["query_time_warning_ms"]) == (50, 70)
+    got = aml.resolve_thresholds(store, section, {"agent_memory_warning_mb": 40})
+    assert (got["agent_memory_warning_mb"], got["query_time_warning_ms"]) == (40, 70)
+    assert dict(got) == dict(aml.DEFAULT_THRESHOLDS, agent_memory_warning_mb=40,
+                             query_time_warning_ms=70)
+    assert aml.monitor_settings_for(store).webhook_timeout == 5.0
+    assert aml.monitor_settings_for(store, section).webhook_timeout == 2
+    got = aml.monitor_settings_for(store, {"serve_interval": 7}, serve_interval=2.5)
+    assert got.serve_interval == 2.5
+    # what the dashboard and reports show: the same keys and values as the mapping
+    thresholds = aml.MemoryMonitor(store, thresholds={"agent_memory_warning_mb": 40}).thresholds
+    assert aml.to_jsonable(thresholds) == dict(thresholds) == dict(
+        aml.DEFAULT_THRESHOLDS, agent_memory_warning_mb=40, query_time_warning_ms=80)
+    assert list(aml.DEFAULT_THRESHOLDS)[:2] == ["agent_memory_warning_mb",
+                                                "agent_memory_critical_mb"]
+
+
+# ---- issue 14: results and exit codes ----
+
+@dataclasses.dataclass
+class _EveryField(aml.OperationResult):
+    """A result with every field the base reads, to build each exit code by hand."""
+
+    busy: list = dataclasses.field(default_factory=list)
+    refused: object = None
+    problems: list = dataclasses.field(default_factory=list)
+    failure: object = None
+    unreadable: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+
+
+_WORST_FIRST = [("busy", ["store busy: x.lock"], aml.ExitCode.BUSY),
+                ("refused", "mass deletion", aml.ExitCode.REFUSED),
+                ("problems", ["pack damaged"], aml.ExitCode.INTEGRITY),
+                ("failure", aml.ExitCode.FAILURE, aml.ExitCode.FAILURE),
+                ("unreadable", ["a/patterns.json: bad"], aml.ExitCode.PARTIAL),
+                ("warnings", ["note"], aml.ExitCode.PARTIAL)]
+
+
+@pytest.mark.parametrize("worst", range(len(_WORST_FIRST)))
+def test_operation_result_exit_code_is_the_worst_set_field_in_one_precedence(worst):
+    # every field from `worst` on is set: the code is the one of `worst`
+    result = _EveryField(**{name: value for name, value, _ in _WORST_FIRST[worst:]})
+    assert result.exit_code is _WORST_FIRST[worst][2]
+    assert _EveryField().exit_code is aml.ExitCode.OK
+
+
+def test_each_result_class_keeps_its_exit_code():
+    config = aml.PruneConfig()
+    prune = aml.PruneResult("r", False, [], config, [], [], unreadable=["a: x"], busy=["b"],
+                            refused="guard")
+    assert prune.exit_code is aml.ExitCode.BUSY
+    prune.busy = []
+    assert prune.exit_code is aml.ExitCode.REFUSED
+    prune.refused = None
+    assert prune.exit_code is aml.ExitCode.PARTIAL
+    undo = aml.UndoResult("r", "prune", skipped=[{"file": "a"}])
+    assert undo.exit_code is aml.ExitCode.OK        # skipped records are not a failure
+    undo.blocked = [{"file": "a"}]
+    assert undo.exit_code is aml.ExitCode.PARTIAL
+    undo.failed = aml.ExitCode.INTEGRITY
+    assert undo.exit_code is aml.ExitCode.INTEGRITY
+    migration = aml.MigrationResult(target="1.2.0", dry_run=True, reported=[{"file": "a"}])
+    assert migration.exit_code is aml.ExitCode.PARTIAL
+    migration.refused = [{"file": "a"}]
+    assert migration.exit_code is aml.ExitCode.REFUSED
+    lookup = aml.LookupResult([], "index", not_found=True)
+    assert lookup.exit_code is aml.ExitCode.FAILURE
+    lookup.unreadable = ["a: x"]                   # it may be in the unreadable file
+    assert lookup.exit_code is aml.ExitCode.PARTIAL
+    restore = aml.RestoreResult("b", Path("t"), False, [], [], [], 0, None, warnings=["w"])
+    assert restore.exit_code is aml.ExitCode.OK     # its warnings leave exit 0
+    copy = aml.CopyResult("d", False, [], [], 0, 0, True, 0, problems=["p"], warnings=["w"])
+    assert copy.exit_code is aml.ExitCode.INTEGRITY
+    copy.problems = []
+    assert copy.exit_code is aml.ExitCode.PARTIAL
+    rotate = aml.RotateResult(False, [], [], 0, 0, 0, warnings=["w"])
+    auto = aml.AutoResult(None, "not due", rotate, copy=copy)
+    assert auto.exit_code is aml.ExitCode.PARTIAL
+    rotate.warnings = []
+    assert auto.exit_code is aml.ExitCode.OK        # the copy's warnings do not count in auto
+    auto.copy_error, auto.copy_exit = "copy failed", 5
+    assert auto.exit_code is aml.ExitCode.BUSY
+    gc = aml.GcResult(True, None, [], {}, ["agent"], [], [], [], [], 0, None, 0.0)
+    assert gc.exit_code is aml.ExitCode.REFUSED
+
+
+def test_output_report_prints_problem_lines_in_one_order_and_shape():
+    out, err = io.StringIO(), io.StringIO()
+    output = aml.Output("text", quiet=True, stdout=out, stderr=err)
+    result = _EveryField(busy=["store busy: x.lock"], problems=["pack damaged"],
+                         unreadable=["a/p.json: bad"], warnings=["note"])
+    output.report(result, unreadable="skipped unreadable %s", busy="left: %s", errors=True)
+    output.report(result, errors=None)
+    assert err.getvalue().splitlines() == [
+        "aml: error: pack damaged", "aml: warning: note",
+        "aml: warning: skipped unreadable a/p.json: bad", "aml: warning: left: store busy: x.lock",
+        "aml: warning: note", "aml: warning: skipped, unreadable: a/p.json: bad",
+        "aml: warning: store busy: x.lock"]
+    assert out.getvalue() == ""
+
+
+def test_prune_names_an_unreadable_file_as_file_colon_problem_in_text_and_json(tmp_path,
+                                                                               capsys):
+    root = _prune_store(tmp_path / "m")
+    (root / "code-reviewer" / "patterns.json").write_bytes(b'[{"id": "a"},')
+    code, doc, err = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                             capsys=capsys)
+    unreadable = json.loads(doc)["unreadable"]
+    assert code == 3 and len(unreadable) == 1
+    assert unreadable[0].startswith("code-reviewer/patterns.json: ")
+    assert "aml: warning: skipped unreadable %s\n" % unreadable[0] in err
+
+
+def test_undo_names_an_unreadable_file_as_file_colon_problem(tmp_path, capsys):
+    root = _prune_store(tmp_path / "m")
+    code, doc, _ = run_cli(root, "prune", "--no-backup", "--now", NOW_TEXT, "--format", "json",
+                           capsys=capsys)
+    run_id = json.loads(doc)["run_id"]
+    bad = root / "code-reviewer" / "patterns.json"
+    bad.write_bytes(b'[{"id": "a"},')
+    result = aml.undo_run(aml.Store(root), run_id)
+    assert result.exit_code is aml.ExitCode.PARTIAL and bad.read_bytes() == b'[{"id": "a"},'
+    assert [u.split(": ")[0] for u in result.unreadable] == ["code-reviewer/patterns.json"]
+    code, doc, err = run_cli(root, "prune", "--undo", run_id, "--format", "json", capsys=capsys)
+    assert code == 3 and json.loads(doc)["unreadable"] == result.unreadable
+    assert "not restored" in err and "code-reviewer/patterns.json" in err
