@@ -1014,23 +1014,103 @@ def lock_path_for(path: Path) -> Path:
     return Path(os.path.abspath(str(path)) + ".lock")
 
 
+def wait_for_lock(attempt: Callable[[], bool], timeout: float,
+                  sleep: Callable[[float], None] = time.sleep,
+                  clock: Callable[[], float] = time.monotonic,
+                  delay: float = 0.05, max_delay: float = 2.0) -> bool:
+    """Every lock's wait: True once ``attempt()`` succeeds, False when ``timeout`` s of
+    ``clock`` passed first (0: one attempt); sleeps ``delay``, doubling up to ``max_delay``."""
+    deadline = clock() + timeout
+    while not attempt():
+        if clock() >= deadline:
+            return False
+        sleep(min(delay, max(0.0, deadline - clock())))
+        delay = min(delay * 2, max_delay)
+    return True
+
+
+def flock_within(fd: int, mode: int, timeout: float,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> bool:
+    """flock ``fd`` (LOCK_EX/LOCK_SH) within ``timeout`` s, retrying every 0.2 s; False when
+    another holder keeps it or flock fails."""
+    def attempt() -> bool:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+    try:
+        return wait_for_lock(attempt, timeout, sleep, clock, 0.2, 0.2)
+    except OSError:
+        return False
+
+
+def stale_lock_age(path: Path, now: Optional[float] = None) -> Optional[float]:
+    """The one staleness rule (SPEC 2.2), of FileLock, gc and health: the age of the lock at
+    ``path`` if it is a real, empty directory (rmdir removes only those; an entry inside means
+    a holder) with an mtime over 30 s before ``now`` (wall clock, as the runtime's), else None."""
+    now = time.time() if now is None else now
+    try:
+        info = os.lstat(str(path))
+        if not stat.S_ISDIR(info.st_mode) or now - info.st_mtime <= LOCK_STALE_SECONDS:
+            return None
+        return None if os.listdir(str(path)) else now - info.st_mtime
+    except OSError:
+        return None  # released meanwhile
+
+
+@dataclasses.dataclass(frozen=True)
+class Leftover:
+    """What scan_leftovers found: ``kind`` "lock" (stale), "temp" (aml's) or "gz" (ignored)."""
+
+    kind: str
+    path: Path
+    in_state: bool = False   # under <store>/.aml, where only temp files are looked for
+    age: float = 0.0         # a stale lock's age in seconds
+
+
+def scan_leftovers(root: Path, now: Optional[float] = None) -> List[Leftover]:
+    """The one walk for what crashed writers leave, in walk order: stale ``*.json.lock``
+    folders and ``*.json.gz`` files outside ``.aml/``, aml's temp files anywhere. Never enters
+    a transient entry nor a link; gc removes exactly the locks health warns about."""
+    out, state = [], os.path.join(str(root), STATE_DIR_NAME)
+    for dirpath, dirnames, filenames in os.walk(str(root)):
+        in_state = dirpath == state or dirpath.startswith(state + os.sep)
+        for name in [d for d in dirnames if is_transient_entry(d)]:
+            dirnames.remove(name)  # never look inside a lock
+            age = None if in_state or not name.endswith(".json.lock") else \
+                stale_lock_age(Path(dirpath) / name, now)
+            if age is not None:
+                out.append(Leftover("lock", Path(dirpath) / name, False, age))
+        for name in filenames:
+            if is_temp_leftover(name):
+                out.append(Leftover("temp", Path(dirpath) / name, in_state))
+            elif name.endswith(".json.gz") and not in_state:
+                out.append(Leftover("gz", Path(dirpath) / name))
+    return out
+
+
 class FileLock:
     """The runtime's per-file lock: a directory ``<file>.lock`` made with mkdir.
 
-    Any entry at that path counts as held. A lock directory whose mtime is older than
-    30 s is stale and removed with rmdir; a fresh foreign lock is never touched. Waits with
-    backoff up to ``timeout`` seconds, then raises StoreBusyError. While held, a thread
+    Any entry at that path counts as held. A stale lock (stale_lock_age) is removed with
+    rmdir; a fresh foreign lock is never touched. Waits with backoff (wait_for_lock) up to
+    ``timeout`` seconds, then raises StoreBusyError. While held, a thread
     refreshes the mtime so the runtime never sees it as stale.
     """
 
     def __init__(self, path: Path, timeout: float = DEFAULT_LOCK_TIMEOUT,
                  sleep: Callable[[float], None] = time.sleep,
-                 busy: Optional[Set[str]] = None):
+                 busy: Optional[Set[str]] = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.path = Path(path)
         self.lock_dir = lock_path_for(self.path)
         self.timeout = timeout
         self.busy = busy  # lock paths found busy earlier in this run: not waited for again
-        self._sleep = sleep
+        self._sleep, self._clock = sleep, clock
         self._held = False
         self._stop = threading.Event()
         self._refresher: Optional[threading.Thread] = None
@@ -1041,16 +1121,11 @@ class FileLock:
         if self.busy is not None and str(self.lock_dir) in self.busy:
             raise StoreBusyError("store busy: %s is locked by another process (found busy "
                                  "earlier in this run; not waited for again)" % self.lock_dir)
-        deadline = time.monotonic() + self.timeout
-        delay = 0.05
-        while not self._try_once():
-            if time.monotonic() >= deadline:
-                if self.busy is not None:
-                    self.busy.add(str(self.lock_dir))
-                raise StoreBusyError("store busy: %s is locked by another process (waited %.0f s)"
-                                     % (self.lock_dir, self.timeout))
-            self._sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 2.0)
+        if not wait_for_lock(self._try_once, self.timeout, self._sleep, self._clock):
+            if self.busy is not None:
+                self.busy.add(str(self.lock_dir))
+            raise StoreBusyError("store busy: %s is locked by another process (waited %.0f s)"
+                                 % (self.lock_dir, self.timeout))
         self._held = True
         self._start_refresher()
 
@@ -1065,14 +1140,9 @@ class FileLock:
             raise AmlError("cannot lock %s: its folder is missing" % self.path) from None
 
     def _remove_if_stale(self) -> None:
-        try:
-            info = os.lstat(str(self.lock_dir))
-        except FileNotFoundError:
-            return
-        if not stat.S_ISDIR(info.st_mode) or time.time() - info.st_mtime <= LOCK_STALE_SECONDS:
-            return
-        with contextlib.suppress(OSError):
-            os.rmdir(str(self.lock_dir))
+        if stale_lock_age(self.lock_dir) is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(str(self.lock_dir))
 
     def _start_refresher(self) -> None:
         self._stop.clear()
@@ -1114,9 +1184,12 @@ class MaintenanceLock:
     _held: Dict[str, List[int]] = {}  # path -> [fd, depth], shared by every instance
     _guard = threading.Lock()
 
-    def __init__(self, state_dir: Path, timeout: float = DEFAULT_LOCK_TIMEOUT):
+    def __init__(self, state_dir: Path, timeout: float = DEFAULT_LOCK_TIMEOUT,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         self.path = Path(state_dir) / "maintenance.lock"
         self.timeout = timeout
+        self._sleep, self._clock = sleep, clock
         self._entered = False
 
     def _open_read_only(self, exc: OSError) -> int:
@@ -1142,6 +1215,16 @@ class MaintenanceLock:
             self._held[key] = [fd, 1]
         self._entered = True
 
+    def try_acquire(self) -> bool:
+        """Take the lock within ``timeout`` (True) or give up when another aml run holds it
+        (False): the try-lock of lookups and monitoring state updates. Raises ReadOnlyError
+        like acquire."""
+        try:
+            self.acquire()
+        except StoreBusyError:
+            return False
+        return True
+
     def _flock(self) -> int:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -1153,16 +1236,10 @@ class MaintenanceLock:
             if exc.errno not in READ_ONLY_ERRNOS:
                 raise
             fd = self._open_read_only(exc)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise StoreBusyError("store busy: another aml run holds %s" % self.path) from None
-                time.sleep(0.2)
+        if not flock_within(fd, fcntl.LOCK_EX, self.timeout, self._sleep, self._clock):
+            os.close(fd)
+            raise StoreBusyError("store busy: another aml run holds %s" % self.path)
+        return fd
 
     def release(self) -> None:
         """Release this holder's share of the lock (safe to call twice)."""
@@ -1713,21 +1790,20 @@ class Store:
                 os.replace(str(path), str(path) + ".corrupt")
             return default
 
-    def cleanup_temp_files(self) -> List[Path]:
-        """Remove temp files left by an interrupted aml write; returns what was removed.
+    def cleanup_temp_files(self, found: Optional[List[Path]] = None) -> List[Path]:
+        """Remove temp files left by an interrupted aml write (those scan_leftovers finds, or
+        the ``found`` ones of a scan just made); returns what was removed.
 
         Only names that aml's atomic writer creates are touched. Call with the maintenance
         lock held so no concurrent aml write is in flight.
         """
+        if found is None:
+            found = [e.path for e in scan_leftovers(self.root) if e.kind == "temp"]
         removed = []
-        for dirpath, dirnames, filenames in os.walk(str(self.root)):
-            dirnames[:] = [d for d in dirnames if not is_transient_entry(d)]
-            for name in filenames:
-                if is_temp_leftover(name):
-                    path = Path(dirpath) / name
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                        removed.append(path)
+        for path in found:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
         return removed
 
 
@@ -2929,15 +3005,8 @@ class BackupManager:
             os.close(fd)
 
     def _flock(self, fd: int, mode: int) -> None:
-        deadline = time.monotonic() + self.store.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
-                    raise StoreBusyError("backup repository busy: %s" % (self.repo / "lock"))
-                time.sleep(0.2)
+        if not flock_within(fd, mode, self.store.lock_timeout):
+            raise StoreBusyError("backup repository busy: %s" % (self.repo / "lock"))
 
     def _ensure_repo(self) -> None:
         for folder in (self.root, self.repo, self.packs, self.snapshots_dir):
@@ -6366,10 +6435,11 @@ def _query_index(store: Store, use_index: bool, refresh: bool = True
         return
     lock = MaintenanceLock(store.state_dir, timeout=0)
     try:
-        lock.acquire()
-    except (StoreBusyError, ReadOnlyError) as exc:
-        if isinstance(exc, ReadOnlyError):
-            store._note_unsaved("index refresh and hot-cache counters")
+        held = lock.try_acquire()
+    except ReadOnlyError:
+        store._note_unsaved("index refresh and hot-cache counters")
+        held = False
+    if not held:
         index = MemoryIndex(store)
         usable = index.manifest() is not None and (not refresh or not index.stale_files())
         yield (index if usable else None), False
@@ -8052,31 +8122,9 @@ class GarbageCollector:
 
 
 def stale_lock_dirs(store: Store, now: Optional[float] = None) -> List[Path]:
-    """Empty ``*.json.lock`` directories in the store older than 30 s (the runtime's rule)."""
-    now = time.time() if now is None else now
-    found = []
-    for dirpath, dirnames, _ in os.walk(str(store.root)):
-        if Path(dirpath) == store.root:
-            dirnames[:] = [d for d in dirnames if d != STATE_DIR_NAME]
-        for name in list(dirnames):
-            if not name.endswith(".json.lock"):
-                continue
-            dirnames.remove(name)
-            path = Path(dirpath) / name
-            with contextlib.suppress(OSError):
-                info = os.lstat(str(path))
-                if (stat.S_ISDIR(info.st_mode) and now - info.st_mtime > LOCK_STALE_SECONDS
-                        and not os.listdir(str(path))):
-                    found.append(path)
-    return found
-
-
-def _temp_leftovers(store: Store) -> List[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(str(store.root)):
-        dirnames[:] = [d for d in dirnames if not is_transient_entry(d)]
-        out.extend(Path(dirpath) / n for n in filenames if is_temp_leftover(n))
-    return out
+    """Stale ``*.json.lock`` directories in the store (stale_lock_age at ``now``): what gc
+    removes and health warns about."""
+    return [e.path for e in scan_leftovers(store.root, now) if e.kind == "lock"]
 
 
 _INDEX_FILES = frozenset({"manifest.json", "postings.dat", "keys.dat", "ids.bin", "bloom.bin",
@@ -8119,7 +8167,8 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
         if not gc.guard(agent, entries, total):
             refused.append(agent)
         plan.extend(entries)
-    locks, temps = stale_lock_dirs(store), _temp_leftovers(store)
+    leftovers = scan_leftovers(store.root)
+    locks, temps = ([e.path for e in leftovers if e.kind == kind] for kind in ("lock", "temp"))
     orphans, index_gone = _orphaned_state(store)
     if refused and not dry_run:
         raise RefusedError("gc would remove more than half of the records of %s; check the "
@@ -8142,11 +8191,10 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
 def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans: List[str],
                      index_gone: bool) -> None:
     for path in locks:
-        with contextlib.suppress(OSError):
-            info = os.lstat(str(path))
-            if time.time() - info.st_mtime > LOCK_STALE_SECONDS:  # still stale right now
+        if stale_lock_age(path) is not None:  # still stale right now
+            with contextlib.suppress(OSError):
                 os.rmdir(str(path))
-    store.cleanup_temp_files()
+    store.cleanup_temp_files(temps)
     index = MemoryIndex(store)
     for name in orphans:
         if "/" not in name:
@@ -10974,11 +11022,13 @@ class MemoryMonitor:
         """Run a state update under the maintenance lock; if another run holds it, skip."""
         lock = MaintenanceLock(self.store.state_dir,
                                timeout=min(self.store.lock_timeout, STATE_LOCK_WAIT))
-        try:
-            with self.store.optional_write("monitoring state"), lock:
+        with self.store.optional_write("monitoring state"):
+            if not lock.try_acquire():
+                return ["another aml run holds the store; monitoring state was not updated"]
+            try:
                 action()
-        except StoreBusyError:
-            return ["another aml run holds the store; monitoring state was not updated"]
+            finally:
+                lock.release()
         return []
 
     # -- health -------------------------------------------------------------------
@@ -11060,36 +11110,18 @@ class MemoryMonitor:
                             % len(agents), {"agents": agents})
 
     def _stray_entries(self) -> List[Problem]:
-        """Stale lock folders, aml temp leftovers and ``*.json.gz`` files the runtime ignores."""
-        problems: List[Problem] = []
-        root = str(self.store.root)
-        for dirpath, dirnames, filenames in os.walk(root):
-            if dirpath == root and STATE_DIR_NAME in dirnames:
-                dirnames.remove(STATE_DIR_NAME)
-            for name in [d for d in dirnames if is_transient_entry(d)]:
-                dirnames.remove(name)  # never look inside a lock
-                if name.endswith(".lock"):
-                    problems.extend(self._stale_lock(Path(dirpath) / name))
-            for name in filenames:
-                rel = _rel(self.store, Path(dirpath) / name)
-                if is_temp_leftover(name):
-                    problems.append(Problem(rel, HealthStatus.WARNING, "leftover temp file %s "
-                                            "(the next aml maintenance run removes it)" % rel))
-                elif name.endswith(".json.gz"):
-                    problems.append(Problem(rel, HealthStatus.WARNING, "%s: the runtime never "
-                                            "reads *.json.gz files" % rel))
+        """Stale lock folders (exactly those gc removes), aml temp leftovers and ``*.json.gz``
+        files the runtime ignores, outside ``.aml/``."""
+        messages = {"lock": "stale runtime lock %s (%.0f s old; a crashed writer?)",
+                    "temp": "leftover temp file %s (the next aml maintenance run removes it)",
+                    "gz": "%s: the runtime never reads *.json.gz files"}
+        problems = []
+        for entry in scan_leftovers(self.store.root):
+            if not entry.in_state:
+                rel = _rel(self.store, entry.path)
+                text = messages[entry.kind] % ((rel, entry.age) if entry.kind == "lock" else rel)
+                problems.append(Problem(rel, HealthStatus.WARNING, text))
         return problems
-
-    def _stale_lock(self, path: Path) -> List[Problem]:
-        try:
-            age = time.time() - path.lstat().st_mtime
-        except OSError:
-            return []  # released meanwhile
-        if age <= LOCK_STALE_SECONDS:
-            return []
-        rel = _rel(self.store, path)
-        return [Problem(rel, HealthStatus.WARNING, "stale runtime lock %s (%.0f s old; a "
-                        "crashed writer?)" % (rel, age))]
 
     def _check_size(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Per-agent and whole-store bytes against the warning and critical thresholds."""

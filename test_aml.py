@@ -462,6 +462,97 @@ def test_indented_writer_gives_exactly_json_dumps_or_its_error(value):
             continue
         assert aml.indented_json(value, pad) == expected.replace("\n", pad)
 
+
+# ---- issue 14: one lock-wait routine and one staleness rule ----
+
+import fcntl  # noqa: E402  (only the lock-wait tests need it)
+
+
+class _FakeClock:
+    """A monotonic clock that moves only when the injected sleep is called: no real waiting."""
+
+    def __init__(self):
+        self.t, self.sleeps = 100.0, []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.sleeps.append(round(seconds, 6))
+        self.t += seconds
+
+
+def test_wait_for_lock_backs_off_up_to_the_deadline_and_never_past_it():
+    clock = _FakeClock()
+    assert not aml.wait_for_lock(lambda: False, 1.0, clock.sleep, clock)
+    assert clock.sleeps == [0.05, 0.1, 0.2, 0.4, 0.25] and clock.t == 101.0
+    clock = _FakeClock()
+    assert not aml.wait_for_lock(lambda: False, 0, clock.sleep, clock) and clock.sleeps == []
+    tries = iter([False, False, True])
+    assert aml.wait_for_lock(lambda: next(tries), 60, clock.sleep, clock)
+    assert clock.sleeps == [0.05, 0.1]
+    clock = _FakeClock()
+    assert not aml.wait_for_lock(lambda: False, 9, clock.sleep, clock)
+    assert max(clock.sleeps) == 2.0 and sum(clock.sleeps) == pytest.approx(9)
+
+
+def test_file_lock_waits_through_the_shared_routine_with_its_message(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(b"[]")
+    Path(str(path) + ".lock").mkdir()  # fresh: a runtime writer holds it
+    clock, busy = _FakeClock(), set()
+    with pytest.raises(aml.StoreBusyError, match=r"store busy: .*patterns\.json\.lock is locked "
+                       r"by another process \(waited 5 s\)"):
+        aml.FileLock(path, timeout=5, sleep=clock.sleep, busy=busy, clock=clock).acquire()
+    assert sum(clock.sleeps) == pytest.approx(5) and busy == {str(path) + ".lock"}
+    with pytest.raises(aml.StoreBusyError, match="not waited for again"):
+        aml.FileLock(path, timeout=5, sleep=clock.sleep, busy=busy, clock=clock).acquire()
+
+
+def test_maintenance_lock_waits_in_the_shared_routine_and_takes_a_freed_lock(tmp_path):
+    holder = os.open(str(tmp_path / "maintenance.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: conflicts within this process too
+    try:
+        clock = _FakeClock()
+        with pytest.raises(aml.StoreBusyError, match="store busy: another aml run holds"):
+            aml.MaintenanceLock(tmp_path, timeout=1, sleep=clock.sleep, clock=clock).acquire()
+        assert clock.sleeps == [0.2] * 5 and not aml.MaintenanceLock._held
+
+        def release_then_sleep(seconds):
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            clock.sleep(seconds)
+        lock = aml.MaintenanceLock(tmp_path, timeout=60, sleep=release_then_sleep, clock=clock)
+        assert lock.try_acquire()
+        lock.release()
+        fcntl.flock(holder, fcntl.LOCK_SH)  # a reader: shared locks go on, exclusive ones wait
+        assert aml.flock_within(os.open(str(tmp_path / "maintenance.lock"), os.O_RDONLY),
+                                fcntl.LOCK_SH, 0)
+        assert not aml.MaintenanceLock(tmp_path, timeout=0).try_acquire()
+    finally:
+        os.close(holder)
+
+
+def test_stale_lock_age_is_the_one_rule_at_a_fixed_now(tmp_path):
+    now = 1_700_000_000.0
+    def lock(name, age, inside=False):
+        path = tmp_path / name
+        path.mkdir()
+        if inside:
+            (path / "owner").write_text("pid")
+        os.utime(path, (now - age, now - age))
+        return path
+    assert aml.stale_lock_age(lock("old.json.lock", 31), now) == pytest.approx(31)
+    assert aml.stale_lock_age(lock("edge.json.lock", 30), now) is None  # "older than 30 s"
+    assert aml.stale_lock_age(lock("held.json.lock", 3600, inside=True), now) is None
+    (tmp_path / "link.json.lock").symlink_to(tmp_path / "old.json.lock")
+    assert aml.stale_lock_age(tmp_path / "link.json.lock", now) is None
+    (tmp_path / "file.json.lock").write_text("x")
+    os.utime(tmp_path / "file.json.lock", (now - 3600, now - 3600))
+    assert aml.stale_lock_age(tmp_path / "file.json.lock", now) is None
+    assert aml.stale_lock_age(tmp_path / "gone.json.lock", now) is None
+    assert aml.stale_lock_age(tmp_path / "old.json.lock", now - 60) is None  # fresh back then
+
+
 # =============================================================================
 # 6. Record model
 # =============================================================================
@@ -4191,6 +4282,50 @@ def test_dedupe_never_merges_records_that_share_an_id(tmp_path):
     root, _ = dedupe_store_dir(tmp_path / "m", twins=twins)
     result = _dedupe(root)
     assert [(c.survivor_index, [m["index"] for m in c.members]) for c in result.clusters] == []
+
+
+
+# ---- issue 14: gc removes exactly the stale locks health warns about ----
+
+def _lock_variants(root, when):
+    """Lock folders of every kind, the old ones with mtime ``when``; returns the stale one."""
+    stale = root / "code-reviewer" / "patterns.json.lock"
+    held = root / "backend-developer" / "solutions.json.lock"
+    other = root / "code-reviewer" / "notes.lock"        # no data file's lock
+    fresh = root / "test-automator" / "patterns.json.lock"
+    inner = root / "code-reviewer" / "x.json.tmp" / "decisions.json.lock"  # inside a transient
+    for path in (stale, held, other, fresh, inner):
+        path.mkdir(parents=True)
+    (held / "owner").write_text("pid")
+    (root / "test-automator" / "decisions.json.lock").symlink_to(other)
+    state = root / ".aml" / "index.json.lock"
+    state.mkdir(parents=True)
+    for path in (stale, held, other, inner, state):
+        os.utime(path, (when, when))
+    return stale
+
+
+def test_health_and_gc_agree_on_which_lock_folders_are_stale(tmp_path, capsys):
+    root = build_store(tmp_path / "m")
+    stale = _lock_variants(root, 0)
+    # Fresh by any clock: touched a day ahead of the wall clock. The rule at a fixed now= and
+    # the CLI's runs (wall clock, as the runtime's; --now moves only the calendar) agree.
+    ahead = time.time() + 86400
+    os.utime(root / "test-automator" / "patterns.json.lock", (ahead, ahead))
+    assert aml.stale_lock_dirs(aml.Store(root), now=1_000_000_000.0) == [stale]
+    _, doc, _ = _health(root, capsys=capsys)
+    warned = sorted(p["subject"] for p in _check(doc, "structure")["problems"]
+                    if "stale runtime lock" in p["message"])
+    code, out, _ = run_cli(root, "optimize", "gc", "--dry-run", "--format", "json", "--now",
+                           NOW_TEXT, capsys=capsys)
+    assert code == 0 and warned == json.loads(out)["steps"]["gc"]["stale_locks"] == [
+        "code-reviewer/patterns.json.lock"]
+    assert run_cli(root, "optimize", "gc", "--no-backup", "-q", "--now", NOW_TEXT) == 0
+    assert not stale.exists() and (root / "backend-developer" / "solutions.json.lock").is_dir()
+    assert (root / "code-reviewer" / "notes.lock").is_dir()
+    assert (root / ".aml" / "index.json.lock").is_dir()
+    _, doc, _ = _health(root, capsys=capsys)
+    assert not [p for p in _check(doc, "structure")["problems"] if "lock" in p["subject"]]
 
 
 # =============================================================================
