@@ -6379,14 +6379,71 @@ def _search_indexed(index: MemoryIndex, query: SearchQuery) -> LookupResult:
     result = LookupResult([], "index", unreadable=index.unreadable())
     hot = HotCache(index)
     for entry in index.files(query.agent, query.rtype):
+        seen: Dict[str, Any] = {} if query.limit is not None else {"no offsets": True}
         for row in index.postings(entry):
             if _limit_reached(query, result):
                 return result
             if query.row_matches(row):
-                found = _fetch(index, hot, entry, row[P_ID], row[P_POS], result)
+                found = _search_fetch(index, hot, entry, row, result, seen)
                 if query.text_matches(found.record):
                     result.records.append(found)
     return result
+
+
+# Records a search reads by their own bytes from a plain ASCII file before it reads the
+# file once (a filter most rows pass, like a rare --text, then costs one read, not many).
+_SEARCH_READS = 16
+# Candidates of one file a search with --limit fetches one by one before it parses the file
+# whole (each costs an id-bucket read); a search without a limit parses every file it reads.
+_SEARCH_ONE_BY_ONE = 256
+
+
+def _search_fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row: List[Any],
+                  result: LookupResult, seen: Dict[str, Any]) -> FoundRecord:
+    """One search candidate, parsing only it, as get does: from the hot cache, else at its
+    offset in the id table (in a plain ASCII file the first few are read by their own bytes,
+    after that and in any other file from the file's text, read and decoded once per search
+    into ``seen``), else (a small file: no offsets; past _SEARCH_ONE_BY_ONE candidates, or
+    no --limit) from the file parsed whole. ``seen`` is per file, in the order search reads."""
+    record_id, position = row[P_ID], row[P_POS]
+    offset = None
+    seen["reads"] = seen.get("reads", 0) + 1
+    if record_id and not seen.get("no offsets") and seen["reads"] <= _SEARCH_ONE_BY_ONE:
+        offset = next((at for where, pos, at in index.locate_rows(record_id)
+                       if where["slot"] == entry["slot"] and pos == position), None)
+        seen["no offsets"] = offset is None
+    if offset is None or (offset & _BYTE_OFFSET and seen["reads"] <= _SEARCH_READS):
+        found = _fetch(index, hot, entry, record_id, position, result, offset)
+    elif hot.fetch(record_id, entry, position) is not None:
+        return _fetch(index, hot, entry, record_id, position, result)  # counts the hit
+    else:
+        result.cache_misses += 1
+        if "text" not in seen:
+            seen["text"], seen["bom"] = _indexed_text(index, entry)
+        at = offset - _BYTE_OFFSET - seen["bom"] if offset & _BYTE_OFFSET else offset
+        try:
+            record = _STRICT_DECODER.raw_decode(seen["text"], at)[0]
+        except ValueError:
+            raise IntegrityError("%s: no record at offset %d" % (entry["path"], at)) from None
+        found = _found(entry, position, record, "index")
+    if offset is not None and found.id != record_id:
+        raise IntegrityError("index points %s at a different record" % record_id)
+    return found
+
+
+def _indexed_text(index: MemoryIndex, entry: Dict[str, Any]) -> Tuple[str, int]:
+    """(decoded JSON text, bytes of BOM before it) of an indexed file, if it is unchanged
+    since indexing (IntegrityError if it changed, CorruptFileError if it cannot be read)."""
+    path = index.store.root / entry["path"]
+    try:
+        with open(str(path), "rb") as handle:
+            raw = handle.read()
+            info = os.fstat(handle.fileno())
+    except OSError as exc:
+        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+        raise IntegrityError("%s changed since it was indexed" % path)
+    return decode_file_bytes(path, raw)[0], len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
 
 
 def _search_scanned(store: Store, query: SearchQuery) -> LookupResult:

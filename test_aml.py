@@ -2409,6 +2409,64 @@ def test_get_finds_an_id_added_after_indexing_and_documents_the_copy_it_can_miss
         "code-reviewer", "test-automator"]
 
 
+# ---- issue 13: search fetches its candidates by offset, as get does ----
+
+def _offset_store(tmp_path, monkeypatch):
+    """Every kind of file that carries record offsets: gzip, plain ASCII (byte offsets), plain
+    with a BOM, plain non-ASCII (character offsets); ids repeat, one record has none."""
+    monkeypatch.setattr(aml, "_OFFSET_MIN_CHARS", 0)  # offsets for these small files too
+    monkeypatch.setattr(aml, "_SEARCH_READS", 3)       # both ways of reading a plain file
+    root = build_store(tmp_path / "s", gz="mixed", patterns=60)
+    rng = random.Random(5)
+    bom = root / "code-reviewer" / "patterns.json"
+    bom.write_bytes(aml.UTF8_BOM + bom.read_bytes())
+    wide = [make_pattern("wide", rng, note="café ✓ %d" % i) for i in range(50)]
+    wide[7] = dict(wide[3])  # the same record twice in one file
+    del wide[9]["id"]
+    write_data(root / "wide" / "patterns.json", wide)
+    return aml.Store(root, now=NOW)
+
+
+def _hits(result):
+    return [(r.agent, r.file, r.index, r.record) for r in result.records]
+
+
+@pytest.mark.parametrize("query", [
+    dict(limit=5), dict(limit=200), dict(tags=("database",), limit=7),
+    dict(text="exponential backoff", limit=9), dict(rtype="pattern", text="incident", limit=40),
+    dict(agent="wide", limit=30), dict(text="café", limit=100), dict(tags=("api",))])
+def test_search_by_offset_returns_what_a_full_parse_returns(tmp_path, monkeypatch, query):
+    s = _offset_store(tmp_path, monkeypatch)
+    expected = _hits(aml.search_records(s, aml.SearchQuery(**query), use_index=False))
+    assert expected
+    aml.MemoryIndex(s).refresh()
+    found = aml.search_records(s, aml.SearchQuery(**query))
+    assert found.source == "index" and _hits(found) == expected
+
+
+def test_search_with_a_limit_parses_only_the_records_it_fetches(tmp_path, monkeypatch):
+    s = _offset_store(tmp_path, monkeypatch)
+    aml.MemoryIndex(s).refresh()
+
+    def whole_file(self, entry):
+        raise AssertionError("parsed %s whole" % entry["path"])
+    monkeypatch.setattr(aml.MemoryIndex, "load_file", whole_file)
+    for query in (dict(limit=20), dict(tags=("testing",), limit=4), dict(agent="wide", limit=9),
+                  dict(text="exponential backoff", limit=3)):
+        assert aml.search_records(s, aml.SearchQuery(**query)).records
+
+
+def test_search_by_offset_notices_a_file_changed_since_indexing(tmp_path, monkeypatch):
+    s = _offset_store(tmp_path, monkeypatch)
+    aml.MemoryIndex(s).refresh()
+    path = s.root / "wide" / "patterns.json"
+    records = read_data(path)
+    records[0]["tags"] = ["changed"]
+    write_data(path, records)
+    found = aml.search_records(s, aml.SearchQuery(agent="wide", tags=("changed",), limit=5))
+    assert [r.record for r in found.records] == [records[0]]
+
+
 # =============================================================================
 # 11. Pruning
 # =============================================================================
