@@ -110,8 +110,6 @@ import gc as _cyclic_gc
 import gzip
 import hashlib
 import heapq
-import html as _html
-import http.client
 import io
 import itertools
 import json
@@ -128,9 +126,7 @@ import stat
 import struct
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple,
@@ -9927,7 +9923,6 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 # =============================================================================
 
 # Imported here rather than in section 2 so that the parallel branches merge cleanly.
-import http.server  # noqa: E402  (monitor serve)
 import ipaddress  # noqa: E402
 import socket  # noqa: E402
 import urllib.parse  # noqa: E402
@@ -10680,47 +10675,63 @@ def _deadline_connection(base: type, deadline: _Deadline) -> type:
     return _Connection
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A 3xx answer is reported, never followed (urllib would resend a POST as a body-less
-    GET, possibly to another scheme or host)."""
-
-    def _refuse(self, *args: Any) -> None:
-        return None   # the default handler then raises HTTPError for the 3xx status
-
-    http_error_301 = http_error_302 = http_error_303 = http_error_307 = _refuse
-    http_error_308 = _refuse
+_WEBHOOK_HANDLERS: List[type] = []
 
 
-class _DeadlineHTTP(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self.deadline = deadline
+def _webhook_handlers() -> List[type]:
+    """[no-redirect, HTTP, HTTPS] urllib handlers of send_webhook, made on first use: urllib's
+    HTTP modules cost every command that sends no webhook ~20 ms of start-up to import."""
+    if _WEBHOOK_HANDLERS:
+        return _WEBHOOK_HANDLERS
+    import http.client
+    import urllib.request
 
-    def http_open(self, req: Any) -> Any:
-        return self.do_open(_deadline_connection(http.client.HTTPConnection, self.deadline), req)
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        """A 3xx answer is reported, never followed (urllib would resend a POST as a
+        body-less GET, possibly to another scheme or host)."""
 
+        def _refuse(self, *args: Any) -> None:
+            return None   # the default handler then raises HTTPError for the 3xx status
 
-class _DeadlineHTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self.deadline = deadline
+        http_error_301 = http_error_302 = http_error_303 = http_error_307 = _refuse
+        http_error_308 = _refuse
 
-    def https_open(self, req: Any) -> Any:
-        return self.do_open(_deadline_connection(http.client.HTTPSConnection, self.deadline),
-                            req, context=self._context)
+    class _DeadlineHTTP(urllib.request.HTTPHandler):
+        def __init__(self, deadline: _Deadline):
+            super().__init__()
+            self.deadline = deadline
+
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(_deadline_connection(http.client.HTTPConnection,
+                                                     self.deadline), req)
+
+    class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+        def __init__(self, deadline: _Deadline):
+            super().__init__()
+            self.deadline = deadline
+
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(_deadline_connection(http.client.HTTPSConnection,
+                                                     self.deadline), req, context=self._context)
+
+    _WEBHOOK_HANDLERS[:] = [_NoRedirect, _DeadlineHTTP, _DeadlineHTTPS]
+    return _WEBHOOK_HANDLERS
 
 
 def send_webhook(url: str, event: str, alert: Alert, store: Store, timeout: float) -> None:
     """POST one alert event as JSON within ``timeout`` seconds in all; raises OSError
     (WebhookAnswerError for an answer other than 2xx, a redirect included) when it fails."""
+    import http.client
+    import urllib.error
+    import urllib.request
     body = json.dumps({"source": "aml", "version": __version__, "event": event,
                        "store": str(store.root.resolve()), "alert": to_jsonable(alert)},
                       sort_keys=True).encode("utf-8")
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "aml/%s" % __version__})
     deadline = _Deadline(timeout)
-    opener = urllib.request.build_opener(_NoRedirect, _DeadlineHTTP(deadline),
-                                         _DeadlineHTTPS(deadline))
+    no_redirect, plain, tls = _webhook_handlers()
+    opener = urllib.request.build_opener(no_redirect, plain(deadline), tls(deadline))
     try:
         with opener.open(request, timeout=timeout) as response:
             response.read(65536)
@@ -11344,6 +11355,7 @@ class MemoryMonitor:
         """POST fired and resolved alerts to the webhook; stop at the first failure, warn."""
         if not self.webhook_url:
             return
+        import http.client  # only a webhook needs it (start-up cost of every other command)
         events = ([("firing", a) for a in changes.fired]
                   + [("resolved", a) for a in changes.resolved])
         for position, (event, alert) in enumerate(events):
@@ -11681,65 +11693,76 @@ class DashboardCache:
             return self._views
 
 
-class _DashboardHandler(http.server.BaseHTTPRequestHandler):
-    """GET and HEAD of the dashboard paths; anything else is 404 (or 501 for other methods)."""
-
-    server_version = "aml/" + __version__
-
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-        self._respond(True)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._respond(False)
-
-    def _respond(self, with_body: bool) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        path = "/" if path == "/index.html" else path
-        if path not in DASHBOARD_PATHS:
-            self._send(404, "text/plain; charset=utf-8", b"not found\n", with_body)
-            return
-        try:
-            content_type, body = self.server.cache.views()[path]  # type: ignore[attr-defined]
-        except AmlError as exc:
-            self._send(503, "text/plain; charset=utf-8", ("aml: %s\n" % exc).encode("utf-8"),
-                       with_body)
-            return
-        self._send(200, content_type, body, with_body)
-
-    def _send(self, code: int, content_type: str, body: bytes, with_body: bool) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'none'; "
-                         "style-src 'unsafe-inline'; img-src data:")
-        self.end_headers()
-        if with_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # no access log: under cron or systemd it would be noise
+_DASHBOARD_CLASSES: List[type] = []
 
 
-class _DashboardServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True   # a stuck client never delays the shutdown
-    allow_reuse_address = True
+def _dashboard_classes() -> List[type]:
+    """[request handler, IPv4 server, IPv6 server] of the dashboard, made on first use:
+    http.server costs every command that serves nothing ~6 ms of start-up to import."""
+    if _DASHBOARD_CLASSES:
+        return _DASHBOARD_CLASSES
+    import http.server
 
+    class _DashboardHandler(http.server.BaseHTTPRequestHandler):
+        """GET and HEAD of the dashboard paths; anything else 404 (501 for other methods)."""
 
-class _DashboardServer6(_DashboardServer):
-    address_family = socket.AF_INET6
+        server_version = "aml/" + __version__
+
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            self._respond(True)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._respond(False)
+
+        def _respond(self, with_body: bool) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            path = "/" if path == "/index.html" else path
+            if path not in DASHBOARD_PATHS:
+                self._send(404, "text/plain; charset=utf-8", b"not found\n", with_body)
+                return
+            try:
+                views = self.server.cache.views()  # type: ignore[attr-defined]
+            except AmlError as exc:
+                self._send(503, "text/plain; charset=utf-8",
+                           ("aml: %s\n" % exc).encode("utf-8"), with_body)
+                return
+            self._send(200, views[path][0], views[path][1], with_body)
+
+        def _send(self, code: int, content_type: str, body: bytes, with_body: bool) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", "default-src 'none'; "
+                             "style-src 'unsafe-inline'; img-src data:")
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # no access log: under cron or systemd it would be noise
+
+    class _DashboardServer(http.server.ThreadingHTTPServer):
+        daemon_threads = True   # a stuck client never delays the shutdown
+        allow_reuse_address = True
+
+    class _DashboardServer6(_DashboardServer):
+        address_family = socket.AF_INET6
+
+    _DASHBOARD_CLASSES[:] = [_DashboardHandler, _DashboardServer, _DashboardServer6]
+    return _DASHBOARD_CLASSES
 
 
 def dashboard_server(cache: DashboardCache, bind: str = "127.0.0.1", port: int = 0
-                     ) -> http.server.ThreadingHTTPServer:
+                     ) -> "http.server.ThreadingHTTPServer":
     """A bound (not yet serving) HTTP server for ``cache``; port 0 picks a free one.
 
     Raises AmlError when the address cannot be bound.
     """
-    cls = _DashboardServer6 if ":" in bind else _DashboardServer
+    handler, server4, server6 = _dashboard_classes()
     try:
-        server = cls((bind, port), _DashboardHandler)
+        server = (server6 if ":" in bind else server4)((bind, port), handler)
     except OSError as exc:
         raise AmlError("cannot listen on %s port %d: %s" % (bind, port, exc.strerror or exc))
     server.cache = cache  # type: ignore[attr-defined]
@@ -11927,6 +11950,7 @@ overflow-wrap:anywhere}.sw{display:inline-block;width:14px;height:4px;flex:none}
 
 
 def _esc(value: Any) -> str:
+    import html as _html  # only HTML reports need it (start-up cost of every other command)
     return _html.escape("unknown" if value is None else str(value), quote=True)
 
 

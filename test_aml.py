@@ -6862,6 +6862,35 @@ def test_every_reason_restore_refuses_is_found_by_verify_and_before_any_change(
     assert code in (4, 6) and err.count("\n") == 1 and "restore-" not in err
     assert tree_digest(root, skip_state=True) == before
     assert not list((root / ".aml").glob("restore-*"))
+# ---- issue 13: start-up (no import a command does not need, the cached-bytecode form) ----
+
+def test_importing_aml_leaves_the_network_and_html_modules_unloaded(tmp_path):
+    code = ("import sys; sys.argv = ['aml', '--version']; import aml; "
+            "print([m for m in ('http.client', 'urllib.request', 'http.server', 'html', "
+            "'email.parser', 'ssl') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(HERE), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "[]", "")
+
+
+def test_the_cached_bytecode_form_of_a_cron_line_runs_as_the_script_does(tmp_path):
+    """README and crontab.example offer `cd /opt/aml && python3 -m aml ...` (bytecode cached
+    in __pycache__ instead of compiling aml.py on every run): same output, same exit code."""
+    root = build_store(tmp_path / "memory", gz="mixed")
+    pycache = tmp_path / "pycache"
+    env = dict(cron_env(), PYTHONPYCACHEPREFIX=str(pycache))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    runs = []
+    for entry in (["-m", "aml"], [str(HERE / "aml.py")], ["-m", "aml"]):
+        proc = subprocess.run([sys.executable] + entry + [str(root), "monitor", "metrics",
+                                                          "--format", "json"],
+                              cwd=str(HERE), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        runs.append((proc.returncode, json.loads(proc.stdout)["agents"], proc.stderr))
+    assert runs[0] == runs[1] == runs[2] and runs[0][0] == 0 and runs[0][1]
+    assert list(pycache.rglob("aml.*.pyc"))  # the second -m run read it instead of compiling
+
+
 # ---- issue 12: unattended on a live store (crontab.example as shipped, 60 days) ----
 
 SIM_AML = "python3 /opt/aml/aml.py"
