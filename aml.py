@@ -7707,6 +7707,22 @@ def _agent_data_files(store: Store) -> List[Path]:
     return [f.path for agent in store.agents() for f in store.agent_files(agent)]
 
 
+def _transcode_files(store: Store, paths: List[Path], sizes: Dict[Path, int], to_gzip: bool,
+                     dry_run: bool, todo: Set[Path], indexed: Dict[Path, Tuple[int, int]],
+                     count: int) -> List[Tuple[Any, ...]]:
+    """_transcode_one of every path on ``count`` threads, largest file first (so no big file
+    starts last while the other threads idle); outcomes in the order of ``paths``."""
+    order = sorted(paths, key=lambda p: -sizes[p])
+    with paused_cyclic_gc():  # the parses of files the index did not vouch for
+        done = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
+                                              dry_run or p not in todo, indexed.get(p),
+                                              store.busy_locks) for p in order], count,
+                            threads=True, progress=lambda n, total: store.progress(
+                                "compress" if to_gzip else "decompress", n, total, "files"))
+    by_path = {o[0]: o for o in done}
+    return [by_path[str(p)] for p in paths]
+
+
 def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run: bool = False,
                     workers: int = 0, backup: Optional[Callable[[], str]] = None
                     ) -> TranscodeResult:
@@ -7724,13 +7740,14 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     if not dry_run:
         store.cleanup_temp_files()
     cutoff = store.now.timestamp() - age_days * 86400.0
-    paths, recent = [], []
+    paths, recent, sizes = [], [], {}
     for path in _agent_data_files(store):
         info = os.lstat(str(path))   # a symlink, folder or FIFO goes on, to be reported
         if to_gzip and age_days > 0 and stat.S_ISREG(info.st_mode) and info.st_mtime > cutoff:
             recent.append(path)
         else:
             paths.append(path)
+            sizes[path] = info.st_size
     # Threads, two per core: zlib, reads and fsync release the GIL, and a file's fsync wait
     # overlaps another's compression (measured faster than one process per core).
     count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
@@ -7738,12 +7755,7 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     indexed = _indexed_stats(index)
     todo = {p for p in paths if _is_gzip_file(p) != to_gzip}
     backup_id = backup() if backup is not None and todo and not dry_run else None
-    with paused_cyclic_gc():  # the parses of files the index did not vouch for
-        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
-                                                  dry_run or p not in todo, indexed.get(p),
-                                                  store.busy_locks) for p in paths], count,
-                                threads=True, progress=lambda n, total: store.progress(
-                                    "compress" if to_gzip else "decompress", n, total, "files"))
+    outcomes = _transcode_files(store, paths, sizes, to_gzip, dry_run, todo, indexed, count)
     outcomes = [o[:1] + ("changed",) + o[2:] if o[1] == "done" and Path(o[0]) not in todo
                 else o for o in outcomes]
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
@@ -10696,20 +10708,17 @@ def _webhook_handlers() -> List[type]:
         http_error_301 = http_error_302 = http_error_303 = http_error_307 = _refuse
         http_error_308 = _refuse
 
-    class _DeadlineHTTP(urllib.request.HTTPHandler):
+    class _WithDeadline:
         def __init__(self, deadline: _Deadline):
             super().__init__()
             self.deadline = deadline
 
+    class _DeadlineHTTP(_WithDeadline, urllib.request.HTTPHandler):
         def http_open(self, req: Any) -> Any:
             return self.do_open(_deadline_connection(http.client.HTTPConnection,
                                                      self.deadline), req)
 
-    class _DeadlineHTTPS(urllib.request.HTTPSHandler):
-        def __init__(self, deadline: _Deadline):
-            super().__init__()
-            self.deadline = deadline
-
+    class _DeadlineHTTPS(_WithDeadline, urllib.request.HTTPSHandler):
         def https_open(self, req: Any) -> Any:
             return self.do_open(_deadline_connection(http.client.HTTPSConnection,
                                                      self.deadline), req, context=self._context)
