@@ -3872,6 +3872,50 @@ def _is_gzip(path):
     return Path(path).read_bytes()[:2] == b"\x1f\x8b"
 
 
+# ---- issue 13: compress, largest file first on every worker ----
+
+def _sized_store(root):
+    root = build_store(root, agents=("a1", "a2", "a3"), patterns=5, solutions=3, decisions=2)
+    write_data(root / "a2" / "patterns.json",
+               [make_pattern("a2", random.Random(n)) for n in range(120)])
+    write_data(root / "a3" / "decisions.json",
+               [make_decision("a3", random.Random(n)) for n in range(60)])
+    return root
+
+
+def test_compress_starts_with_the_largest_file_and_reports_in_store_order(tmp_path,
+                                                                          monkeypatch):
+    root = _sized_store(tmp_path / "m")
+    started, real = [], aml._transcode_one
+    monkeypatch.setattr(aml, "_transcode_one", lambda path, *a: started.append(path) or
+                        real(path, *a))
+    store = aml.Store(root, now=NOW)
+    files = [p.relative_to(root).as_posix() for p in aml._agent_data_files(store)]
+    sizes = {f: (root / f).stat().st_size for f in files}
+    result = aml.transcode_store(store, True, age_days=0, workers=1)
+    assert [Path(p).relative_to(root).as_posix() for p in started] == sorted(
+        files, key=lambda f: -sizes[f])
+    assert result.files == files and started[0].endswith("a2/patterns.json")
+
+
+def test_compress_on_many_workers_writes_what_one_worker_writes(tmp_path, monkeypatch):
+    """Chunked deflate on threads inside threads over files: the same verified bytes."""
+    monkeypatch.setattr(aml, "GZIP_PARALLEL_MIN", 2048)
+    monkeypatch.setattr(aml, "_GZIP_CHUNK", 4096)
+    outputs = []
+    for workers in (1, 6):
+        root = _sized_store(tmp_path / ("w%d" % workers))
+        before = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.json")}
+        result = aml.transcode_store(aml.Store(root, now=NOW), True, age_days=0,
+                                     workers=workers)
+        assert result.workers == min(workers, len(result.files)) and not result.unreadable
+        after = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.json")}
+        for name in result.files:
+            assert gzip.decompress(after[name]) == before[name]
+        outputs.append(after)
+    assert outputs[0] == outputs[1]
+
+
 # ---- issue 15: consolidation (optimize dedupe) ----
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
