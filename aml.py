@@ -6391,7 +6391,7 @@ def _search_indexed(index: MemoryIndex, query: SearchQuery) -> LookupResult:
 _SEARCH_READS = 16
 # Candidates of one file a search with --limit fetches one by one before it parses the file
 # whole (each costs an id-bucket read); a search without a limit parses every file it reads.
-_SEARCH_ONE_BY_ONE = 256
+_SEARCH_ONE_BY_ONE = 4096
 
 
 def _search_fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row: List[Any],
