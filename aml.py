@@ -110,8 +110,6 @@ import gc as _cyclic_gc
 import gzip
 import hashlib
 import heapq
-import html as _html
-import http.client
 import io
 import itertools
 import json
@@ -128,9 +126,7 @@ import stat
 import struct
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from pathlib import Path
 from typing import (Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence,
@@ -6591,14 +6587,71 @@ def _search_indexed(index: MemoryIndex, query: SearchQuery) -> LookupResult:
     result = LookupResult([], "index", unreadable=index.unreadable())
     hot = HotCache(index)
     for entry in index.files(query.agent, query.rtype):
+        seen: Dict[str, Any] = {} if query.limit is not None else {"no offsets": True}
         for row in index.postings(entry):
             if _limit_reached(query, result):
                 return result
             if query.row_matches(row):
-                found = _fetch(index, hot, entry, row[P_ID], row[P_POS], result)
+                found = _search_fetch(index, hot, entry, row, result, seen)
                 if query.text_matches(found.record):
                     result.records.append(found)
     return result
+
+
+# Records a search reads by their own bytes from a plain ASCII file before it reads the
+# file once (a filter most rows pass, like a rare --text, then costs one read, not many).
+_SEARCH_READS = 16
+# Candidates of one file a search with --limit fetches one by one before it parses the file
+# whole (each costs an id-bucket read); a search without a limit parses every file it reads.
+_SEARCH_ONE_BY_ONE = 4096
+
+
+def _search_fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row: List[Any],
+                  result: LookupResult, seen: Dict[str, Any]) -> FoundRecord:
+    """One search candidate, parsing only it, as get does: from the hot cache, else at its
+    offset in the id table (in a plain ASCII file the first few are read by their own bytes,
+    after that and in any other file from the file's text, read and decoded once per search
+    into ``seen``), else (a small file: no offsets; past _SEARCH_ONE_BY_ONE candidates, or
+    no --limit) from the file parsed whole. ``seen`` is per file, in the order search reads."""
+    record_id, position = row[P_ID], row[P_POS]
+    offset = None
+    seen["reads"] = seen.get("reads", 0) + 1
+    if record_id and not seen.get("no offsets") and seen["reads"] <= _SEARCH_ONE_BY_ONE:
+        offset = next((at for where, pos, at in index.locate_rows(record_id)
+                       if where["slot"] == entry["slot"] and pos == position), None)
+        seen["no offsets"] = offset is None
+    if offset is None or (offset & _BYTE_OFFSET and seen["reads"] <= _SEARCH_READS):
+        found = _fetch(index, hot, entry, record_id, position, result, offset)
+    elif hot.fetch(record_id, entry, position) is not None:
+        return _fetch(index, hot, entry, record_id, position, result)  # counts the hit
+    else:
+        result.cache_misses += 1
+        if "text" not in seen:
+            seen["text"], seen["bom"] = _indexed_text(index, entry)
+        at = offset - _BYTE_OFFSET - seen["bom"] if offset & _BYTE_OFFSET else offset
+        try:
+            record = _STRICT_DECODER.raw_decode(seen["text"], at)[0]
+        except ValueError:
+            raise IntegrityError("%s: no record at offset %d" % (entry["path"], at)) from None
+        found = _found(entry, position, record, "index")
+    if offset is not None and found.id != record_id:
+        raise IntegrityError("index points %s at a different record" % record_id)
+    return found
+
+
+def _indexed_text(index: MemoryIndex, entry: Dict[str, Any]) -> Tuple[str, int]:
+    """(decoded JSON text, bytes of BOM before it) of an indexed file, if it is unchanged
+    since indexing (IntegrityError if it changed, CorruptFileError if it cannot be read)."""
+    path = index.store.root / entry["path"]
+    try:
+        with open(str(path), "rb") as handle:
+            raw = handle.read()
+            info = os.fstat(handle.fileno())
+    except OSError as exc:
+        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+        raise IntegrityError("%s changed since it was indexed" % path)
+    return decode_file_bytes(path, raw)[0], len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
 
 
 def _search_scanned(store: Store, query: SearchQuery) -> LookupResult:
@@ -7843,6 +7896,22 @@ def _agent_data_files(store: Store) -> List[Path]:
     return [f.path for agent in store.agents() for f in store.agent_files(agent)]
 
 
+def _transcode_files(store: Store, paths: List[Path], sizes: Dict[Path, int], to_gzip: bool,
+                     dry_run: bool, todo: Set[Path], indexed: Dict[Path, Tuple[int, int]],
+                     count: int) -> List[Tuple[Any, ...]]:
+    """_transcode_one of every path on ``count`` threads, largest file first (so no big file
+    starts last while the other threads idle); outcomes in the order of ``paths``."""
+    order = sorted(paths, key=lambda p: -sizes[p])
+    with paused_cyclic_gc():  # the parses of files the index did not vouch for
+        done = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
+                                              dry_run or p not in todo, indexed.get(p),
+                                              store.busy_locks) for p in order], count,
+                            threads=True, progress=lambda n, total: store.progress(
+                                "compress" if to_gzip else "decompress", n, total, "files"))
+    by_path = {o[0]: o for o in done}
+    return [by_path[str(p)] for p in paths]
+
+
 def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run: bool = False,
                     workers: int = 0, backup: Optional[Callable[[], str]] = None
                     ) -> TranscodeResult:
@@ -7860,13 +7929,14 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     if not dry_run:
         store.cleanup_temp_files()
     cutoff = store.now.timestamp() - age_days * 86400.0
-    paths, recent = [], []
+    paths, recent, sizes = [], [], {}
     for path in _agent_data_files(store):
         info = os.lstat(str(path))   # a symlink, folder or FIFO goes on, to be reported
         if to_gzip and age_days > 0 and stat.S_ISREG(info.st_mode) and info.st_mtime > cutoff:
             recent.append(path)
         else:
             paths.append(path)
+            sizes[path] = info.st_size
     # Threads, two per core: zlib, reads and fsync release the GIL, and a file's fsync wait
     # overlaps another's compression (measured faster than one process per core).
     count = worker_count(workers or 2 * (os.cpu_count() or 1), len(paths))
@@ -7874,12 +7944,7 @@ def transcode_store(store: Store, to_gzip: bool, age_days: float = 30.0, dry_run
     indexed = _indexed_stats(index)
     todo = {p for p in paths if _is_gzip_file(p) != to_gzip}
     backup_id = backup() if backup is not None and todo and not dry_run else None
-    with paused_cyclic_gc():  # the parses of files the index did not vouch for
-        outcomes = parallel_map(_transcode_one, [(str(p), to_gzip, store.lock_timeout,
-                                                  dry_run or p not in todo, indexed.get(p),
-                                                  store.busy_locks) for p in paths], count,
-                                threads=True, progress=lambda n, total: store.progress(
-                                    "compress" if to_gzip else "decompress", n, total, "files"))
+    outcomes = _transcode_files(store, paths, sizes, to_gzip, dry_run, todo, indexed, count)
     outcomes = [o[:1] + ("changed",) + o[2:] if o[1] == "done" and Path(o[0]) not in todo
                 else o for o in outcomes]
     rel = lambda p: Path(p).relative_to(store.root).as_posix()  # noqa: E731
@@ -10040,7 +10105,6 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 # =============================================================================
 
 # Imported here rather than in section 2 so that the parallel branches merge cleanly.
-import http.server  # noqa: E402  (monitor serve)
 import ipaddress  # noqa: E402
 import socket  # noqa: E402
 import urllib.parse  # noqa: E402
@@ -10837,47 +10901,60 @@ def _deadline_connection(base: type, deadline: _Deadline) -> type:
     return _Connection
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A 3xx answer is reported, never followed (urllib would resend a POST as a body-less
-    GET, possibly to another scheme or host)."""
-
-    def _refuse(self, *args: Any) -> None:
-        return None   # the default handler then raises HTTPError for the 3xx status
-
-    http_error_301 = http_error_302 = http_error_303 = http_error_307 = _refuse
-    http_error_308 = _refuse
+_WEBHOOK_HANDLERS: List[type] = []
 
 
-class _DeadlineHTTP(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self.deadline = deadline
+def _webhook_handlers() -> List[type]:
+    """[no-redirect, HTTP, HTTPS] urllib handlers of send_webhook, made on first use: urllib's
+    HTTP modules cost every command that sends no webhook ~20 ms of start-up to import."""
+    if _WEBHOOK_HANDLERS:
+        return _WEBHOOK_HANDLERS
+    import http.client
+    import urllib.request
 
-    def http_open(self, req: Any) -> Any:
-        return self.do_open(_deadline_connection(http.client.HTTPConnection, self.deadline), req)
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        """A 3xx answer is reported, never followed (urllib would resend a POST as a
+        body-less GET, possibly to another scheme or host)."""
 
+        def _refuse(self, *args: Any) -> None:
+            return None   # the default handler then raises HTTPError for the 3xx status
 
-class _DeadlineHTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self.deadline = deadline
+        http_error_301 = http_error_302 = http_error_303 = http_error_307 = _refuse
+        http_error_308 = _refuse
 
-    def https_open(self, req: Any) -> Any:
-        return self.do_open(_deadline_connection(http.client.HTTPSConnection, self.deadline),
-                            req, context=self._context)
+    class _WithDeadline:
+        def __init__(self, deadline: _Deadline):
+            super().__init__()
+            self.deadline = deadline
+
+    class _DeadlineHTTP(_WithDeadline, urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(_deadline_connection(http.client.HTTPConnection,
+                                                     self.deadline), req)
+
+    class _DeadlineHTTPS(_WithDeadline, urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(_deadline_connection(http.client.HTTPSConnection,
+                                                     self.deadline), req, context=self._context)
+
+    _WEBHOOK_HANDLERS[:] = [_NoRedirect, _DeadlineHTTP, _DeadlineHTTPS]
+    return _WEBHOOK_HANDLERS
 
 
 def send_webhook(url: str, event: str, alert: Alert, store: Store, timeout: float) -> None:
     """POST one alert event as JSON within ``timeout`` seconds in all; raises OSError
     (WebhookAnswerError for an answer other than 2xx, a redirect included) when it fails."""
+    import http.client
+    import urllib.error
+    import urllib.request
     body = json.dumps({"source": "aml", "version": __version__, "event": event,
                        "store": str(store.root.resolve()), "alert": to_jsonable(alert)},
                       sort_keys=True).encode("utf-8")
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "aml/%s" % __version__})
     deadline = _Deadline(timeout)
-    opener = urllib.request.build_opener(_NoRedirect, _DeadlineHTTP(deadline),
-                                         _DeadlineHTTPS(deadline))
+    no_redirect, plain, tls = _webhook_handlers()
+    opener = urllib.request.build_opener(no_redirect, plain(deadline), tls(deadline))
     try:
         with opener.open(request, timeout=timeout) as response:
             response.read(65536)
@@ -11485,6 +11562,7 @@ class MemoryMonitor:
         """POST fired and resolved alerts to the webhook; stop at the first failure, warn."""
         if not self.webhook_url:
             return
+        import http.client  # only a webhook needs it (start-up cost of every other command)
         events = ([("firing", a) for a in changes.fired]
                   + [("resolved", a) for a in changes.resolved])
         for position, (event, alert) in enumerate(events):
@@ -11828,65 +11906,76 @@ class DashboardCache:
             return self._views
 
 
-class _DashboardHandler(http.server.BaseHTTPRequestHandler):
-    """GET and HEAD of the dashboard paths; anything else is 404 (or 501 for other methods)."""
-
-    server_version = "aml/" + __version__
-
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-        self._respond(True)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._respond(False)
-
-    def _respond(self, with_body: bool) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        path = "/" if path == "/index.html" else path
-        if path not in DASHBOARD_PATHS:
-            self._send(404, "text/plain; charset=utf-8", b"not found\n", with_body)
-            return
-        try:
-            content_type, body = self.server.cache.views()[path]  # type: ignore[attr-defined]
-        except AmlError as exc:
-            self._send(503, "text/plain; charset=utf-8", ("aml: %s\n" % exc).encode("utf-8"),
-                       with_body)
-            return
-        self._send(200, content_type, body, with_body)
-
-    def _send(self, code: int, content_type: str, body: bytes, with_body: bool) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'none'; "
-                         "style-src 'unsafe-inline'; img-src data:")
-        self.end_headers()
-        if with_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # no access log: under cron or systemd it would be noise
+_DASHBOARD_CLASSES: List[type] = []
 
 
-class _DashboardServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True   # a stuck client never delays the shutdown
-    allow_reuse_address = True
+def _dashboard_classes() -> List[type]:
+    """[request handler, IPv4 server, IPv6 server] of the dashboard, made on first use:
+    http.server costs every command that serves nothing ~6 ms of start-up to import."""
+    if _DASHBOARD_CLASSES:
+        return _DASHBOARD_CLASSES
+    import http.server
 
+    class _DashboardHandler(http.server.BaseHTTPRequestHandler):
+        """GET and HEAD of the dashboard paths; anything else 404 (501 for other methods)."""
 
-class _DashboardServer6(_DashboardServer):
-    address_family = socket.AF_INET6
+        server_version = "aml/" + __version__
+
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            self._respond(True)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._respond(False)
+
+        def _respond(self, with_body: bool) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            path = "/" if path == "/index.html" else path
+            if path not in DASHBOARD_PATHS:
+                self._send(404, "text/plain; charset=utf-8", b"not found\n", with_body)
+                return
+            try:
+                views = self.server.cache.views()  # type: ignore[attr-defined]
+            except AmlError as exc:
+                self._send(503, "text/plain; charset=utf-8",
+                           ("aml: %s\n" % exc).encode("utf-8"), with_body)
+                return
+            self._send(200, views[path][0], views[path][1], with_body)
+
+        def _send(self, code: int, content_type: str, body: bytes, with_body: bool) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", "default-src 'none'; "
+                             "style-src 'unsafe-inline'; img-src data:")
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # no access log: under cron or systemd it would be noise
+
+    class _DashboardServer(http.server.ThreadingHTTPServer):
+        daemon_threads = True   # a stuck client never delays the shutdown
+        allow_reuse_address = True
+
+    class _DashboardServer6(_DashboardServer):
+        address_family = socket.AF_INET6
+
+    _DASHBOARD_CLASSES[:] = [_DashboardHandler, _DashboardServer, _DashboardServer6]
+    return _DASHBOARD_CLASSES
 
 
 def dashboard_server(cache: DashboardCache, bind: str = "127.0.0.1", port: int = 0
-                     ) -> http.server.ThreadingHTTPServer:
+                     ) -> "http.server.ThreadingHTTPServer":
     """A bound (not yet serving) HTTP server for ``cache``; port 0 picks a free one.
 
     Raises AmlError when the address cannot be bound.
     """
-    cls = _DashboardServer6 if ":" in bind else _DashboardServer
+    handler, server4, server6 = _dashboard_classes()
     try:
-        server = cls((bind, port), _DashboardHandler)
+        server = (server6 if ":" in bind else server4)((bind, port), handler)
     except OSError as exc:
         raise AmlError("cannot listen on %s port %d: %s" % (bind, port, exc.strerror or exc))
     server.cache = cache  # type: ignore[attr-defined]
@@ -12096,6 +12185,7 @@ overflow-wrap:anywhere}.sw{display:inline-block;width:14px;height:4px;flex:none}
 
 
 def _esc(value: Any) -> str:
+    import html as _html  # only HTML reports need it (start-up cost of every other command)
     return _html.escape("unknown" if value is None else str(value), quote=True)
 
 

@@ -2500,6 +2500,64 @@ def test_get_finds_an_id_added_after_indexing_and_documents_the_copy_it_can_miss
         "code-reviewer", "test-automator"]
 
 
+# ---- issue 13: search fetches its candidates by offset, as get does ----
+
+def _offset_store(tmp_path, monkeypatch):
+    """Every kind of file that carries record offsets: gzip, plain ASCII (byte offsets), plain
+    with a BOM, plain non-ASCII (character offsets); ids repeat, one record has none."""
+    monkeypatch.setattr(aml, "_OFFSET_MIN_CHARS", 0)  # offsets for these small files too
+    monkeypatch.setattr(aml, "_SEARCH_READS", 3)       # both ways of reading a plain file
+    root = build_store(tmp_path / "s", gz="mixed", patterns=60)
+    rng = random.Random(5)
+    bom = root / "code-reviewer" / "patterns.json"
+    bom.write_bytes(aml.UTF8_BOM + bom.read_bytes())
+    wide = [make_pattern("wide", rng, note="café ✓ %d" % i) for i in range(50)]
+    wide[7] = dict(wide[3])  # the same record twice in one file
+    del wide[9]["id"]
+    write_data(root / "wide" / "patterns.json", wide)
+    return aml.Store(root, now=NOW)
+
+
+def _hits(result):
+    return [(r.agent, r.file, r.index, r.record) for r in result.records]
+
+
+@pytest.mark.parametrize("query", [
+    dict(limit=5), dict(limit=200), dict(tags=("database",), limit=7),
+    dict(text="exponential backoff", limit=9), dict(rtype="pattern", text="incident", limit=40),
+    dict(agent="wide", limit=30), dict(text="café", limit=100), dict(tags=("api",))])
+def test_search_by_offset_returns_what_a_full_parse_returns(tmp_path, monkeypatch, query):
+    s = _offset_store(tmp_path, monkeypatch)
+    expected = _hits(aml.search_records(s, aml.SearchQuery(**query), use_index=False))
+    assert expected
+    aml.MemoryIndex(s).refresh()
+    found = aml.search_records(s, aml.SearchQuery(**query))
+    assert found.source == "index" and _hits(found) == expected
+
+
+def test_search_with_a_limit_parses_only_the_records_it_fetches(tmp_path, monkeypatch):
+    s = _offset_store(tmp_path, monkeypatch)
+    aml.MemoryIndex(s).refresh()
+
+    def whole_file(self, entry):
+        raise AssertionError("parsed %s whole" % entry["path"])
+    monkeypatch.setattr(aml.MemoryIndex, "load_file", whole_file)
+    for query in (dict(limit=20), dict(tags=("testing",), limit=4), dict(agent="wide", limit=9),
+                  dict(text="exponential backoff", limit=3)):
+        assert aml.search_records(s, aml.SearchQuery(**query)).records
+
+
+def test_search_by_offset_notices_a_file_changed_since_indexing(tmp_path, monkeypatch):
+    s = _offset_store(tmp_path, monkeypatch)
+    aml.MemoryIndex(s).refresh()
+    path = s.root / "wide" / "patterns.json"
+    records = read_data(path)
+    records[0]["tags"] = ["changed"]
+    write_data(path, records)
+    found = aml.search_records(s, aml.SearchQuery(agent="wide", tags=("changed",), limit=5))
+    assert [r.record for r in found.records] == [records[0]]
+
+
 # =============================================================================
 # 11. Pruning
 # =============================================================================
@@ -3880,6 +3938,50 @@ def test_compress_takes_no_safety_backup_when_no_file_qualifies(tmp_path, monkey
 
 def _is_gzip(path):
     return Path(path).read_bytes()[:2] == b"\x1f\x8b"
+
+
+# ---- issue 13: compress, largest file first on every worker ----
+
+def _sized_store(root):
+    root = build_store(root, agents=("a1", "a2", "a3"), patterns=5, solutions=3, decisions=2)
+    write_data(root / "a2" / "patterns.json",
+               [make_pattern("a2", random.Random(n)) for n in range(120)])
+    write_data(root / "a3" / "decisions.json",
+               [make_decision("a3", random.Random(n)) for n in range(60)])
+    return root
+
+
+def test_compress_starts_with_the_largest_file_and_reports_in_store_order(tmp_path,
+                                                                          monkeypatch):
+    root = _sized_store(tmp_path / "m")
+    started, real = [], aml._transcode_one
+    monkeypatch.setattr(aml, "_transcode_one", lambda path, *a: started.append(path) or
+                        real(path, *a))
+    store = aml.Store(root, now=NOW)
+    files = [p.relative_to(root).as_posix() for p in aml._agent_data_files(store)]
+    sizes = {f: (root / f).stat().st_size for f in files}
+    result = aml.transcode_store(store, True, age_days=0, workers=1)
+    assert [Path(p).relative_to(root).as_posix() for p in started] == sorted(
+        files, key=lambda f: -sizes[f])
+    assert result.files == files and started[0].endswith("a2/patterns.json")
+
+
+def test_compress_on_many_workers_writes_what_one_worker_writes(tmp_path, monkeypatch):
+    """Chunked deflate on threads inside threads over files: the same verified bytes."""
+    monkeypatch.setattr(aml, "GZIP_PARALLEL_MIN", 2048)
+    monkeypatch.setattr(aml, "_GZIP_CHUNK", 4096)
+    outputs = []
+    for workers in (1, 6):
+        root = _sized_store(tmp_path / ("w%d" % workers))
+        before = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.json")}
+        result = aml.transcode_store(aml.Store(root, now=NOW), True, age_days=0,
+                                     workers=workers)
+        assert result.workers == min(workers, len(result.files)) and not result.unreadable
+        after = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.json")}
+        for name in result.files:
+            assert gzip.decompress(after[name]) == before[name]
+        outputs.append(after)
+    assert outputs[0] == outputs[1]
 
 
 # ---- issue 15: consolidation (optimize dedupe) ----
@@ -6916,6 +7018,35 @@ def test_every_reason_restore_refuses_is_found_by_verify_and_before_any_change(
     assert code in (4, 6) and err.count("\n") == 1 and "restore-" not in err
     assert tree_digest(root, skip_state=True) == before
     assert not list((root / ".aml").glob("restore-*"))
+# ---- issue 13: start-up (no import a command does not need, the cached-bytecode form) ----
+
+def test_importing_aml_leaves_the_network_and_html_modules_unloaded(tmp_path):
+    code = ("import sys; sys.argv = ['aml', '--version']; import aml; "
+            "print([m for m in ('http.client', 'urllib.request', 'http.server', 'html', "
+            "'email.parser', 'ssl') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(HERE), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "[]", "")
+
+
+def test_the_cached_bytecode_form_of_a_cron_line_runs_as_the_script_does(tmp_path):
+    """README and crontab.example offer `cd /opt/aml && python3 -m aml ...` (bytecode cached
+    in __pycache__ instead of compiling aml.py on every run): same output, same exit code."""
+    root = build_store(tmp_path / "memory", gz="mixed")
+    pycache = tmp_path / "pycache"
+    env = dict(cron_env(), PYTHONPYCACHEPREFIX=str(pycache))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    runs = []
+    for entry in (["-m", "aml"], [str(HERE / "aml.py")], ["-m", "aml"]):
+        proc = subprocess.run([sys.executable] + entry + [str(root), "monitor", "metrics",
+                                                          "--format", "json"],
+                              cwd=str(HERE), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        runs.append((proc.returncode, json.loads(proc.stdout)["agents"], proc.stderr))
+    assert runs[0] == runs[1] == runs[2] and runs[0][0] == 0 and runs[0][1]
+    assert list(pycache.rglob("aml.*.pyc"))  # the second -m run read it instead of compiling
+
+
 # ---- issue 12: unattended on a live store (crontab.example as shipped, 60 days) ----
 
 SIM_AML = "python3 /opt/aml/aml.py"
