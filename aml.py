@@ -5183,19 +5183,6 @@ class BloomFilter:
         bloom.bits = bytearray(data[head:-32])
         return bloom
 
-    def save(self, path: Path) -> None:
-        """Write atomically (mode 0600)."""
-        atomic_write_bytes(Path(path), self.to_bytes(), mode=0o600)
-
-    @classmethod
-    def load(cls, path: Path) -> "BloomFilter":
-        """Read a saved filter; raises IntegrityError if missing, unreadable or corrupt."""
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise IntegrityError("%s: cannot read bloom filter (%s)" % (path, exc)) from None
-        return cls.from_bytes(data)
-
 
 @dataclasses.dataclass
 class CacheStats:
@@ -5513,7 +5500,6 @@ def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers:
     tick = progress or (lambda done, total: None)
     if count <= 1:
         return [_ticked(func(*job), tick, n, len(jobs)) for n, job in enumerate(jobs, 1)]
-    import concurrent.futures  # only here: it costs import time every other command would pay
     if threads:
         pool: Any = concurrent.futures.ThreadPoolExecutor(count)
     else:
@@ -7798,10 +7784,6 @@ class GarbageCollector:
         self.busy: List[str] = []        # files apply left alone: their lock stayed held
         self.unreadable: List[str] = []  # files apply left alone: unreadable since planning
 
-    def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
-        """Archive entries for the agent's defective records, reading its files (no writes)."""
-        return self.plan_with_total(agent, errors)[0]
-
     def plan_with_total(self, agent: str, errors: List[CorruptFileError]
               ) -> Tuple[List[Dict[str, Any]], int]:
         """(entries, records in the agent's readable files), each file parsed once."""
@@ -9730,10 +9712,6 @@ class MigrationManager:
                 report.runtime_invalid.append(dict(where, problem="; ".join(problems)))
         entry.versions = sorted_versions(entry.versions)
         return entry
-
-    def migrate_latest(self, dry_run: bool = False, backup: bool = True) -> MigrationResult:
-        """Migrate every record to 2.0.0 (see ``migrate``)."""
-        return self.migrate(SchemaVersion.latest(), dry_run=dry_run, backup=backup)
 
     def migrate(self, target: Any, dry_run: bool = False, backup: bool = True
                 ) -> MigrationResult:
