@@ -1331,6 +1331,37 @@ def refuse_linked_state(state_dir: Path) -> None:
                 refuse(os.path.join(dirpath, name))
 
 
+class Operation:
+    """One timed run of an aml operation for the run history (``Store.operation(name)``).
+
+    Used as a context manager it records ``summary`` when the block ends without an
+    exception, if the block set it (a dry run leaves it None: nothing recorded); ``record``
+    appends an entry at once (another name, several entries, a failure about to be raised).
+    """
+
+    def __init__(self, store: "Store", name: str):
+        self.store, self.name, self.started = store, name, store.now
+        self.summary: Optional[Dict[str, Any]] = None
+        self._clock, self._elapsed = time.monotonic(), None  # type: float, Optional[float]
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since the run started; fixed when the ``with`` block ends."""
+        return self._elapsed if self._elapsed is not None else time.monotonic() - self._clock
+
+    def record(self, summary: Dict[str, Any], name: Optional[str] = None) -> None:
+        """Append a history entry for this run (as ``name`` if given) with the time so far."""
+        self.store.record_operation(name or self.name, self.started, self.seconds, summary)
+
+    def __enter__(self) -> "Operation":
+        return self
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        self._elapsed = self.seconds
+        if kind is None and self.summary is not None:
+            self.record(self.summary)
+
+
 class Store:
     """A memory store on disk: agents, their files, and aml's state folder.
 
@@ -1516,6 +1547,11 @@ class Store:
         with self.optional_write("%s/%s" % (STATE_DIR_NAME, name)):
             self.ensure_state_dir()
             write_checksummed(self.state_path(name), payload)
+
+    def operation(self, name: str) -> Operation:
+        """A run of ``name`` timed from now: ``with store.operation(name) as op:`` ... set
+        ``op.summary`` and the run is recorded in the history when the block ends."""
+        return Operation(self, name)
 
     def record_operation(self, operation: str, started: _dt.datetime, seconds: float,
                          summary: Dict[str, Any], keep: int = 500) -> None:
@@ -2929,25 +2965,24 @@ class BackupManager:
                              trust_baseline: bool = True) -> BackupResult:
         """``trust_baseline=False``: verify every object the snapshot uses, even those of
         the verified snapshot it builds on (the safety copy before a restore)."""
-        started, clock = self.store.now, time.monotonic()
-        result = self._create_locked(btype, agents, reason)
-        if not trust_baseline:
-            self._trusted.entries = {}
-        wanted = self.config.verify_after_backup if verify is None else verify
-        # A full backup never trusts the objects it deduplicated against, verify or not.
-        if wanted or result.type is BackupType.FULL:
-            check = self._verify_and_repair(result, check_first=wanted)
-            if wanted:
-                self._record_verify(check, started, clock)
-                result.verified = check.ok
-            if not check.ok:
-                raise IntegrityError("backup %s does not verify: %s"
-                                     % (result.backup_id, "; ".join(check.problems[:3])))
-        result.seconds = time.monotonic() - clock
-        self.store.record_operation("backup", started, result.seconds, {
-            "backup_id": result.backup_id, "type": result.type.value, "verified": result.verified,
-            "manifest": str(result.manifest.resolve()), "bytes_added": result.bytes_added,
-            "files": result.files})
+        with self.store.operation("backup") as op:
+            result = self._create_locked(btype, agents, reason)
+            if not trust_baseline:
+                self._trusted.entries = {}
+            wanted = self.config.verify_after_backup if verify is None else verify
+            # A full backup never trusts the objects it deduplicated against, verify or not.
+            if wanted or result.type is BackupType.FULL:
+                check = self._verify_and_repair(result, check_first=wanted)
+                if wanted:
+                    self._record_verify(check, op)
+                    result.verified = check.ok
+                if not check.ok:
+                    raise IntegrityError("backup %s does not verify: %s"
+                                         % (result.backup_id, "; ".join(check.problems[:3])))
+            op.summary = {"backup_id": result.backup_id, "type": result.type.value,
+                          "verified": result.verified, "manifest": str(result.manifest.resolve()),
+                          "bytes_added": result.bytes_added, "files": result.files}
+        result.seconds = op.seconds
         return result
 
     def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
@@ -2984,7 +3019,7 @@ class BackupManager:
             verified=False, manifest=path, reason=reason, warnings=snap.warnings,
             skipped=snap.skipped)
 
-    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+    def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         with self.store.optional_write("verification marks in %s" % self.repo):
             self._mark_verified({i: i not in check.failed for i in check.backup_ids},
                                 check.deep)
@@ -2993,7 +3028,7 @@ class BackupManager:
                        "deep": check.deep}
             if check.repaired:
                 summary["repaired"] = check.repaired
-            self.store.record_operation("verify", started, time.monotonic() - clock, summary)
+            op.record(summary, "verify")
 
     # -- repair ---------------------------------------------------------------
     def _verify_and_repair(self, result: BackupResult, check_first: bool = True) -> VerifyResult:
@@ -3063,7 +3098,7 @@ class BackupManager:
         Returns a VerifyResult whose ``problems`` name what is wrong (the CLI exits 6);
         raises UsageError for an unknown id or an empty repository.
         """
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("verify")
         ids = self.snapshot_ids()
         if not ids:
             raise UsageError("no backups in %s" % self.repo)
@@ -3074,7 +3109,7 @@ class BackupManager:
             ids = [backup_id]
         with self._repo_lock(exclusive=True):
             result = self._verify_locked(ids, deep)
-            self._record_verify(result, started, clock)
+            self._record_verify(result, op)
         return result
 
     def _trust_after_create(self, btype: BackupType, previous: Optional[Dict[str, Any]],
@@ -3152,12 +3187,12 @@ class BackupManager:
         changed), RefusedError (symlink in the target, non-empty --target without force),
         UsageError, StoreBusyError.
         """
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("restore")
         # The root itself may be a symlink the user chose; only folders below it are checked.
         root = (Path(target) if target is not None else self.store.root).resolve()
         live = root == self.store.root.resolve()
         hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
-        with hold, self._repo_lock(exclusive=not dry_run):
+        with op, hold, self._repo_lock(exclusive=not dry_run):
             if backup_id is None:
                 if at is None:
                     raise UsageError("name a backup id or --at TIMESTAMP")
@@ -3189,10 +3224,9 @@ class BackupManager:
                         % (safety.backup_id, r) for r in safety.repaired)
 
             plan.apply(before_swap)
-        self.store.record_operation("restore", started, time.monotonic() - clock, {
-            "backup_id": backup_id, "target": str(root.resolve()),
-            "created": len(result.created), "replaced": len(result.replaced),
-            "removed": len(result.removed), "safety_backup": result.safety_backup})
+            op.summary = {"backup_id": backup_id, "target": str(root.resolve()),
+                          "created": len(result.created), "replaced": len(result.replaced),
+                          "removed": len(result.removed), "safety_backup": result.safety_backup}
         return result
 
     def _safety_snapshot(self, backup_id: str) -> BackupResult:
@@ -3217,18 +3251,18 @@ class BackupManager:
         no remaining snapshot uses. ``reasons`` says why each kept one is kept. Raises
         StoreBusyError.
         """
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("rotate")
         keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
                 "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
                 "within": keep_within}
         hold = (self.store.maintenance_lock() if lock_store and not dry_run
                 else contextlib.nullcontext())
-        with hold, self._repo_lock(exclusive=not dry_run):
+        with op, hold, self._repo_lock(exclusive=not dry_run):
             result = self._rotate_locked(dry_run, keep)
-        if not dry_run:
-            self.store.record_operation("rotate", started, time.monotonic() - clock, {
-                "deleted": result.deleted, "kept": len(result.kept),
-                "bytes_freed": result.bytes_freed, "objects_freed": result.objects_freed})
+            if not dry_run:
+                op.summary = {"deleted": result.deleted, "kept": len(result.kept),
+                              "bytes_freed": result.bytes_freed,
+                              "objects_freed": result.objects_freed}
         return result
 
     def retained(self, ids: List[str], keep_daily: int = 0, keep_weekly: int = 0,
@@ -4396,21 +4430,21 @@ def copy_backups(manager: BackupManager, to: str, backup_ids: Optional[Sequence[
     Then verify the copied snapshots there. Damaged source snapshots and failed checks are
     in ``problems``; raises UsageError, StoreBusyError, AmlError (rclone failed), OSError.
     Every run but a dry run is recorded in the store's history (``copy``)."""
-    started, clock = manager.store.now, time.monotonic()
-    try:
-        result = _copy(manager, _copy_target(manager, to), backup_ids, dry_run)
-    except (AmlError, OSError) as exc:
-        if not dry_run and not isinstance(exc, UsageError):
-            _record_copy(manager, started, clock, to, None, str(exc))
-        raise
-    result.seconds = time.monotonic() - clock
-    if not dry_run:
-        _record_copy(manager, started, clock, to, result, None)
+    with manager.store.operation("copy") as op:
+        try:
+            result = _copy(manager, _copy_target(manager, to), backup_ids, dry_run)
+        except (AmlError, OSError) as exc:
+            if not dry_run and not isinstance(exc, UsageError):
+                op.record(_copy_summary(to, None, str(exc)))
+            raise
+        if not dry_run:
+            op.summary = _copy_summary(to, result, None)
+    result.seconds = op.seconds
     return result
 
 
-def _record_copy(manager: BackupManager, started: _dt.datetime, clock: float, to: str,
-                 result: Optional[CopyResult], error: Optional[str]) -> None:
+def _copy_summary(to: str, result: Optional[CopyResult], error: Optional[str]
+                  ) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"to": to, "ok": error is None and bool(result)
                                and not result.problems}
     if result is not None:
@@ -4419,7 +4453,7 @@ def _record_copy(manager: BackupManager, started: _dt.datetime, clock: float, to
         error = "; ".join(result.problems[:3]) or None
     if error:
         summary["error"] = error
-    manager.store.record_operation("copy", started, time.monotonic() - clock, summary)
+    return summary
 
 
 @contextlib.contextmanager
@@ -4600,14 +4634,13 @@ class _RepoView(BackupManager):
             self.home._cleanup_leftovers()
             return self.home._safety_snapshot(backup_id)
 
-    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+    def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         if not self.remote:   # a staged download is thrown away: no marks there
             self._mark_verified({i: i not in check.failed for i in check.backup_ids},
                                 check.deep)
         for backup_id in check.backup_ids:
-            self.store.record_operation("copy_verify", started, time.monotonic() - clock, {
-                "backup_id": backup_id, "ok": backup_id not in check.failed,
-                "deep": check.deep, "to": self.label})
+            op.record({"backup_id": backup_id, "ok": backup_id not in check.failed,
+                       "deep": check.deep, "to": self.label}, "copy_verify")
 
 
 @contextlib.contextmanager
@@ -6934,7 +6967,7 @@ class MemoryPruner:
     # -- the real run ------------------------------------------------------------
     def _run_locked(self, strategies: List[PruneStrategy], agents: Optional[Sequence[str]],
                     force: bool) -> PruneResult:
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("prune")
         run = self._prepare(strategies, agents, dry_run=False)
         run.force = force
         message = self._guard_message(run)
@@ -6951,8 +6984,7 @@ class MemoryPruner:
             archive.finish(run.result.run_id, {"entries": len(run.result.removed),
                                                "parts": len(archive.part_names(run.result.run_id))})
         self._measure_after(run)
-        self.store.record_operation("prune", started, time.monotonic() - clock,
-                                    self._history_summary(run.result))
+        op.record(self._history_summary(run.result))
         return run.result
 
     def _apply(self, run: _Run) -> None:
@@ -9725,14 +9757,13 @@ class MigrationManager:
         target = target if isinstance(target, SchemaVersion) else SchemaVersion.parse(target)
         if dry_run:
             return self._scan(target)
-        started = time.monotonic()
-        with self.store.maintenance_lock():
+        with self.store.operation("migrate") as op, self.store.maintenance_lock():
             self.store.cleanup_temp_files()
             if target is not SchemaVersion.latest():
                 self._refuse_if_lossy(self._scan(target))
             result = self._apply(target, backup)
-            result.seconds = time.monotonic() - started
-            self._record(result)
+            result.seconds = op.seconds
+            op.record(self._record(result))
         return result
 
     def _scan(self, target: SchemaVersion) -> MigrationResult:
@@ -9819,7 +9850,8 @@ class MigrationManager:
                 % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
                    self.program, shlex.quote(str(self.store.root)), run["backup_id"]))
 
-    def _record(self, result: MigrationResult) -> None:
+    def _record(self, result: MigrationResult) -> Dict[str, Any]:
+        """Append the run to ``.aml/migrations.json``; its summary for the run history."""
         counts = {"records": result.records, "changed": result.changed,
                   "files_changed": len(result.files_changed), "reported": len(result.reported),
                   "unreadable_files": len(result.unreadable), "steps": result.steps}
@@ -9828,9 +9860,7 @@ class MigrationManager:
                  "counts": counts, "backup_id": result.backup_id}
         runs = self.store.read_state_lenient(MIGRATIONS_STATE, [])
         self.store.write_state(MIGRATIONS_STATE, (runs + [entry])[-200:])
-        self.store.record_operation("migrate", self.store.now, result.seconds,
-                                    dict(counts, run_id=result.run_id, to=result.target,
-                                         backup_id=result.backup_id))
+        return dict(counts, run_id=result.run_id, to=result.target, backup_id=result.backup_id)
 
 
 __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAndVariations",
@@ -10798,7 +10828,7 @@ class MemoryMonitor:
         """Run every check; then, under one short lock, save the integrity cache, update
         alerts and record the run (skipped with a warning while another aml run holds the
         store). Webhooks are sent after the lock is released."""
-        started_at, started = self.store.now, time.perf_counter()
+        op = self.store.operation("health")
         self._integrity_fresh = None
         history, history_problem = self._read_history()
         checks = [self._run_check(name, history) for name in self.CHECKS]
@@ -10818,8 +10848,7 @@ class MemoryMonitor:
             if changes is not None:
                 self._update_alerts(checks, changes)
             if record:
-                self.store.record_operation("health", started_at, time.perf_counter() - started,
-                                            summary)
+                op.record(summary)
 
         busy = self._under_state_lock(update)
         report.warnings.extend(busy)
