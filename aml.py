@@ -7550,7 +7550,7 @@ __all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "Prun
 
 # =============================================================================
 # 12. Compression and garbage collection
-# In-place gzip of cold files, decompress, gc of broken and duplicate records.
+# In-place gzip of cold files, decompress, gc of broken and duplicate records; optimize().
 # =============================================================================
 
 @dataclasses.dataclass
@@ -8784,11 +8784,137 @@ def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
     return store.read_state_lenient(SUPERSEDE_STATE, {}) if store.state_dir.is_dir() else {}
 
 
+# -- optimize: the steps, in order, under one lock, with one safety backup --
+
+@dataclasses.dataclass
+class OptimizeRun:
+    """What a step of ``optimize`` is given: ``backup()`` takes the run's one safety backup
+    (the first step about to change something calls it) and returns its id; None: no backup."""
+
+    store: Store
+    config: OptimizeConfig
+    dry_run: bool
+    force: bool
+    backup: Optional[Callable[[], str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeStep:
+    """One step of ``optimize``: its runner, the history operation it is recorded as, and
+    the summary of its result that the history keeps."""
+
+    run: Callable[[OptimizeRun], Any]
+    operation: str
+    summary: Callable[[Any], Dict[str, Any]]
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """What ``optimize`` ran: each step's result, by step name, in the order run."""
+
+    action: str
+    dry_run: bool
+    order: List[str]
+    steps: Dict[str, Any]
+
+
+def _transcode_summary(result: TranscodeResult) -> Dict[str, Any]:
+    return {"direction": result.operation, "files": len(result.files),
+            "bytes_before": result.bytes_before, "bytes_after": result.bytes_after,
+            "unreadable": len(result.unreadable), "backup_id": result.backup_id}
+
+
+def _transcode(run: OptimizeRun, to_gzip: bool) -> TranscodeResult:
+    return transcode_store(run.store, to_gzip, run.config.compress_age_days, run.dry_run,
+                           run.config.workers, run.backup if to_gzip else None)
+
+
+OPTIMIZE_STEPS: Dict[str, OptimizeStep] = {
+    "gc": OptimizeStep(
+        lambda run: collect_garbage(run.store, run.dry_run, run.force, run.backup), "gc",
+        lambda r: {"run_id": r.run_id, "removed": len(r.removed), "by_reason": r.by_reason,
+                   "stale_locks": len(r.stale_locks), "temp_files": len(r.temp_files),
+                   "orphaned_state": len(r.orphaned_state), "backup_id": r.backup_id}),
+    "dedupe": OptimizeStep(
+        lambda run: dedupe_store(run.store, run.config.dedupe_threshold, run.dry_run,
+                                 run.force, run.backup), "dedupe",
+        lambda r: {"run_id": r.run_id, "merged": r.merged, "clusters": len(r.clusters),
+                   "held_apart": len(r.held_apart), "backup_id": r.backup_id}),
+    "compress": OptimizeStep(lambda run: _transcode(run, True), "compress", _transcode_summary),
+    "decompress": OptimizeStep(lambda run: _transcode(run, False), "compress",
+                               _transcode_summary),
+    "index": OptimizeStep(
+        lambda run: MemoryIndex(run.store).refresh(dry_run=run.dry_run), "index",
+        lambda r: {"files": r.files, "files_reread": len(r.files_reread), "records": r.records,
+                   "bytes": r.index_bytes, "rebuilt": r.rebuilt}),
+    "warm-cache": OptimizeStep(
+        lambda run: warm_cache(run.store, run.config.cache_max_bytes, run.dry_run),
+        "warm-cache", lambda r: {"records": r.records, "bytes": r.bytes, "budget": r.budget}),
+}
+OPTIMIZE_ACTIONS = ("all", "index", "build-index", "compress", "decompress", "warm-cache", "gc",
+                    "dedupe")
+_OPTIMIZE_ORDER = ("gc", "compress", "index", "warm-cache")
+
+
+def optimize_steps(action: str, config: OptimizeConfig) -> Tuple[str, ...]:
+    """The steps ``action`` runs, in order: ``all`` is gc, [dedupe,] compress, index,
+    warm-cache (dedupe only when ``config.dedupe``); ``build-index`` is ``index``."""
+    if action not in OPTIMIZE_ACTIONS:
+        raise UsageError("unknown optimize action %r (one of: %s)"
+                         % (action, ", ".join(OPTIMIZE_ACTIONS)))
+    if action != "all":
+        return ("index" if action == "build-index" else action,)
+    return ("gc", "dedupe") + _OPTIMIZE_ORDER[1:] if config.dedupe else _OPTIMIZE_ORDER
+
+
+def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = None,
+             dry_run: bool = False, force: bool = False) -> OptimizeResult:
+    """Run optimize ``action`` (see ``optimize_steps``) on the store.
+
+    A real run holds the maintenance lock throughout, takes at most one safety backup (before
+    the first step that changes something; none when ``config.create_backup`` is False) and
+    records each step in the run history that monitoring reads (``decompress`` as
+    ``compress``). A dry run takes no lock and writes nothing, history included. ``force``
+    lets gc and dedupe remove more than half of an agent's records. Raises UsageError,
+    RefusedError, StoreBusyError; a step's error stops the run (earlier steps stay recorded).
+    """
+    store = as_store(store, "optimize")
+    config = config or OptimizeConfig()
+    steps = optimize_steps(action, config)
+    action = "index" if action == "build-index" else action
+    backup = None
+    if config.create_backup:
+        backup = _once(lambda: safety_backup(store, "before optimize %s" % action))
+    run = OptimizeRun(store, config, dry_run, force, backup)
+    results: Dict[str, Any] = {}
+    with contextlib.nullcontext() if dry_run else store.maintenance_lock():
+        for name in steps:
+            step = OPTIMIZE_STEPS[name]
+            with store.operation(step.operation) as op:
+                results[name] = step.run(run)
+                if not dry_run:
+                    op.summary = step.summary(results[name])
+    return OptimizeResult(action=action, dry_run=dry_run, order=list(results), steps=results)
+
+
+def _once(make: Callable[[], str]) -> Callable[[], str]:
+    """``make`` called at most once; later calls return its first result."""
+    made: List[str] = []
+
+    def call() -> str:
+        if not made:
+            made.append(make())
+        return made[0]
+    return call
+
+
 __all__ += ["OptimizeConfig", "TranscodeResult", "transcode_store", "GcReason", "GcResult",
             "GarbageCollector", "collect_garbage", "stale_lock_dirs",
             "DedupeCluster", "DedupeResult", "dedupe_store", "merge_records",
             "rebuild_supersede_map", "supersede_map", "knowledge_fragments", "outcome_conflict",
-            "guard_conflict", "jaccard", "success_evidence", "outcome_evidence", "outcome_counts"]
+            "guard_conflict", "jaccard", "success_evidence", "outcome_evidence", "outcome_counts",
+            "OptimizeRun", "OptimizeStep", "OptimizeResult", "OPTIMIZE_STEPS", "OPTIMIZE_ACTIONS",
+            "optimize_steps", "optimize"]
 
 
 # =============================================================================
@@ -12770,7 +12896,6 @@ def _optimize_config(store: Store, args: argparse.Namespace) -> OptimizeConfig:
     return config
 
 
-_OPTIMIZE_ORDER = ("gc", "compress", "index", "warm-cache")
 _OPTIMIZE_EPILOG = """actions:
   index (or build-index)  build or refresh the index in .aml/index/ (re-reads changed files only)
   compress                gzip agent files unchanged for --age-days, in place, same names
@@ -12791,8 +12916,7 @@ _OPTIMIZE_EPILOG = """actions:
 def _build_optimize(subparsers: Any) -> None:
     parser = subparser(subparsers, "optimize", "index, compress, warm the cache, collect garbage",
                        epilog=_OPTIMIZE_EPILOG)
-    parser.add_argument("action", choices=("all", "index", "build-index", "compress",
-                                           "decompress", "warm-cache", "gc", "dedupe"))
+    parser.add_argument("action", choices=OPTIMIZE_ACTIONS)
     parser.add_argument("--apply", action="store_true",
                         help="dedupe: merge the clusters (default: report only)")
     parser.add_argument("--threshold", type=float, metavar="J",
@@ -12816,94 +12940,24 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     """optimize ACTION: run one step or all of them under the maintenance lock."""
     store, out = open_store(args), output_for(args)
     config = _optimize_config(store, args)
-    action = "index" if args.action == "build-index" else args.action
-    if (args.apply or args.threshold is not None) and action != "dedupe":
+    if (args.apply or args.threshold is not None) and args.action != "dedupe":
         raise UsageError("--apply and --threshold belong to optimize dedupe")
-    if action == "dedupe" and not args.apply:
-        args.dry_run = True  # report only: reads, writes nothing
-    steps = _OPTIMIZE_ORDER if action == "all" else (action,)
-    if action == "all" and config.dedupe:
-        steps = ("gc", "dedupe") + _OPTIMIZE_ORDER[1:]
-    lock = contextlib.nullcontext() if args.dry_run else store.maintenance_lock()
-    with lock:
-        results = _run_optimize_steps(store, steps, config, args)
-    out.document({"action": action, "dry_run": args.dry_run, "order": list(results),
-                  "steps": results})
+    dry_run = args.dry_run or (args.action == "dedupe" and not args.apply)  # report only
+    result = optimize(store, args.action, config, dry_run=dry_run, force=args.force)
+    out.document(result)
     code, named = ExitCode.OK, set()  # each busy file named once, by its first step
-    for step, result in results.items():
-        _print_step(out, step, result, named)
-        if getattr(result, "unreadable", None) and code is ExitCode.OK:
+    for step, outcome in result.steps.items():
+        _print_step(out, step, outcome, named)
+        if getattr(outcome, "unreadable", None) and code is ExitCode.OK:
             code = ExitCode.PARTIAL
-        if getattr(result, "refused_agents", None):  # only a dry run gets here: say it would
+        if getattr(outcome, "refused_agents", None):  # only a dry run gets here: say it would
             code = ExitCode.REFUSED
-    if any(getattr(r, "busy", None) for r in results.values()):
+    if any(getattr(r, "busy", None) for r in result.steps.values()):
         code = ExitCode.BUSY  # busy files were left as they were; the rest was done
     return code
 
 
-def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConfig,
-                        args: argparse.Namespace) -> Dict[str, Any]:
-    backup = None  # one safety backup, taken by the first step about to change something
-    if config.create_backup:
-        backup = _once(lambda: safety_backup(store, "before optimize %s" % args.action))
-    results: Dict[str, Any] = {}
-    for step in steps:
-        started, clock = store.now, time.monotonic()
-        result = _optimize_step(store, step, config, args, backup)
-        results[step] = result
-        if not args.dry_run:
-            store.record_operation("compress" if step == "decompress" else step, started,
-                                   time.monotonic() - clock, _step_summary(step, result))
-    return results
-
-
-def _once(make: Callable[[], str]) -> Callable[[], str]:
-    """``make`` called at most once; later calls return its first result."""
-    made: List[str] = []
-
-    def call() -> str:
-        if not made:
-            made.append(make())
-        return made[0]
-    return call
-
-
-def _optimize_step(store: Store, step: str, config: OptimizeConfig, args: argparse.Namespace,
-                   backup: Optional[Callable[[], str]]) -> Any:
-    if step == "index":
-        return MemoryIndex(store).refresh(dry_run=args.dry_run)
-    if step in ("compress", "decompress"):
-        return transcode_store(store, step == "compress", config.compress_age_days,
-                               args.dry_run, config.workers,
-                               backup if step == "compress" else None)
-    if step == "warm-cache":
-        return warm_cache(store, config.cache_max_bytes, args.dry_run)
-    if step == "dedupe":
-        return dedupe_store(store, config.dedupe_threshold, args.dry_run, args.force, backup)
-    return collect_garbage(store, args.dry_run, args.force, backup)
-
-
-def _step_summary(step: str, result: Any) -> Dict[str, Any]:
-    if step == "index":
-        return {"files": result.files, "files_reread": len(result.files_reread),
-                "records": result.records, "bytes": result.index_bytes, "rebuilt": result.rebuilt}
-    if step in ("compress", "decompress"):
-        return {"direction": step, "files": len(result.files), "bytes_before": result.bytes_before,
-                "bytes_after": result.bytes_after, "unreadable": len(result.unreadable),
-                "backup_id": result.backup_id}
-    if step == "warm-cache":
-        return {"records": result.records, "bytes": result.bytes, "budget": result.budget}
-    if step == "dedupe":
-        return {"run_id": result.run_id, "merged": result.merged,
-                "clusters": len(result.clusters), "held_apart": len(result.held_apart),
-                "backup_id": result.backup_id}
-    return {"run_id": result.run_id, "removed": len(result.removed), "by_reason": result.by_reason,
-            "stale_locks": len(result.stale_locks), "temp_files": len(result.temp_files),
-            "orphaned_state": len(result.orphaned_state), "backup_id": result.backup_id}
-
-
 def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
-    would = "would " if result.dry_run else ""
     for problem in getattr(result, "unreadable", []):
         out.warn("%s: skipped, unreadable: %s" % (step, problem))
     for message in getattr(result, "busy", []):
@@ -12911,26 +12965,30 @@ def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
         if lock not in named:
             named.add(lock)
             out.warn("%s: skipped, left as it was: %s" % (step, message))
-    if step == "index":
-        out.line("index: %s%s; %d files, %d re-read, %d records, %d ids, %s on disk (bloom %s)"
-                 % (would, "rebuild" if result.rebuilt else "refresh", result.files,
-                    len(result.files_reread), result.records, result.ids,
-                    human_bytes(result.index_bytes), human_bytes(result.bloom_bytes)))
-    elif step in ("compress", "decompress"):
-        out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed%s"
-                 % (step, would, step, len(result.files), human_bytes(result.bytes_before),
-                    human_bytes(result.bytes_after), len(result.skipped_recent),
-                    len(result.skipped_done), len(result.skipped_changed),
-                    "; safety backup %s" % result.backup_id if result.backup_id else ""))
-    elif step == "warm-cache":
-        out.line("warm-cache: %skeep %d records hot, %s of %s (%d ranked, %d files read)%s"
-                 % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),
-                    result.candidates, result.files_read,
-                    ("; " + result.note) if result.note else ""))
-    elif step == "dedupe":
-        _print_dedupe(out, result)
-    else:
-        _print_gc(out, result, would)
+    _STEP_PRINTERS[type(result)](out, result, "would " if result.dry_run else "")
+
+
+def _print_index(out: Output, result: IndexResult, would: str) -> None:
+    out.line("index: %s%s; %d files, %d re-read, %d records, %d ids, %s on disk (bloom %s)"
+             % (would, "rebuild" if result.rebuilt else "refresh", result.files,
+                len(result.files_reread), result.records, result.ids,
+                human_bytes(result.index_bytes), human_bytes(result.bloom_bytes)))
+
+
+def _print_transcode(out: Output, result: TranscodeResult, would: str) -> None:
+    step = result.operation
+    out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed%s"
+             % (step, would, step, len(result.files), human_bytes(result.bytes_before),
+                human_bytes(result.bytes_after), len(result.skipped_recent),
+                len(result.skipped_done), len(result.skipped_changed),
+                "; safety backup %s" % result.backup_id if result.backup_id else ""))
+
+
+def _print_warm(out: Output, result: WarmResult, would: str) -> None:
+    out.line("warm-cache: %skeep %d records hot, %s of %s (%d ranked, %d files read)%s"
+             % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),
+                result.candidates, result.files_read,
+                ("; " + result.note) if result.note else ""))
 
 
 def _print_dedupe(out: Output, result: DedupeResult) -> None:
@@ -12977,6 +13035,12 @@ def _print_gc(out: Output, result: GcResult, would: str) -> None:
     if result.skipped_changed:
         out.warn("gc: %d records changed meanwhile and were left in place"
                  % result.skipped_changed)
+
+
+# How each step's result is printed (the steps themselves: OPTIMIZE_STEPS).
+_STEP_PRINTERS: Dict[type, Callable[[Output, Any, str], None]] = {
+    IndexResult: _print_index, TranscodeResult: _print_transcode, WarmResult: _print_warm,
+    DedupeResult: lambda out, result, would: _print_dedupe(out, result), GcResult: _print_gc}
 
 
 def _add_lookup_options(parser: argparse.ArgumentParser) -> None:
