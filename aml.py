@@ -1342,7 +1342,8 @@ class Operation:
     def __init__(self, store: "Store", name: str):
         self.store, self.name, self.started = store, name, store.now
         self.summary: Optional[Dict[str, Any]] = None
-        self._clock, self._elapsed = time.monotonic(), None  # type: float, Optional[float]
+        self._clock = time.monotonic()
+        self._elapsed: Optional[float] = None
 
     @property
     def seconds(self) -> float:
