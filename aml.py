@@ -1559,6 +1559,38 @@ def refuse_linked_state(state_dir: Path) -> None:
                 refuse(os.path.join(dirpath, name))
 
 
+class Operation:
+    """One timed run of an aml operation for the run history (``Store.operation(name)``).
+
+    Used as a context manager it records ``summary`` when the block ends without an
+    exception, if the block set it (a dry run leaves it None: nothing recorded); ``record``
+    appends an entry at once (another name, several entries, a failure about to be raised).
+    """
+
+    def __init__(self, store: "Store", name: str):
+        self.store, self.name, self.started = store, name, store.now
+        self.summary: Optional[Dict[str, Any]] = None
+        self._clock = time.monotonic()
+        self._elapsed: Optional[float] = None
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since the run started; fixed when the ``with`` block ends."""
+        return self._elapsed if self._elapsed is not None else time.monotonic() - self._clock
+
+    def record(self, summary: Dict[str, Any], name: Optional[str] = None) -> None:
+        """Append a history entry for this run (as ``name`` if given) with the time so far."""
+        self.store.record_operation(name or self.name, self.started, self.seconds, summary)
+
+    def __enter__(self) -> "Operation":
+        return self
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        self._elapsed = self.seconds
+        if kind is None and self.summary is not None:
+            self.record(self.summary)
+
+
 class Store:
     """A memory store on disk: agents, their files, and aml's state folder.
 
@@ -1744,6 +1776,11 @@ class Store:
         with self.optional_write("%s/%s" % (STATE_DIR_NAME, name)):
             self.ensure_state_dir()
             write_checksummed(self.state_path(name), payload)
+
+    def operation(self, name: str) -> Operation:
+        """A run of ``name`` timed from now: ``with store.operation(name) as op:`` ... set
+        ``op.summary`` and the run is recorded in the history when the block ends."""
+        return Operation(self, name)
 
     def record_operation(self, operation: str, started: _dt.datetime, seconds: float,
                          summary: Dict[str, Any], keep: int = 500) -> None:
@@ -3121,25 +3158,24 @@ class BackupManager:
                              trust_baseline: bool = True) -> BackupResult:
         """``trust_baseline=False``: verify every object the snapshot uses, even those of
         the verified snapshot it builds on (the safety copy before a restore)."""
-        started, clock = self.store.now, time.monotonic()
-        result = self._create_locked(btype, agents, reason)
-        if not trust_baseline:
-            self._trusted.entries = {}
-        wanted = self.config.verify_after_backup if verify is None else verify
-        # A full backup never trusts the objects it deduplicated against, verify or not.
-        if wanted or result.type is BackupType.FULL:
-            check = self._verify_and_repair(result, check_first=wanted)
-            if wanted:
-                self._record_verify(check, started, clock)
-                result.verified = check.ok
-            if not check.ok:
-                raise IntegrityError("backup %s does not verify: %s"
-                                     % (result.backup_id, "; ".join(check.problems[:3])))
-        result.seconds = time.monotonic() - clock
-        self.store.record_operation("backup", started, result.seconds, {
-            "backup_id": result.backup_id, "type": result.type.value, "verified": result.verified,
-            "manifest": str(result.manifest.resolve()), "bytes_added": result.bytes_added,
-            "files": result.files})
+        with self.store.operation("backup") as op:
+            result = self._create_locked(btype, agents, reason)
+            if not trust_baseline:
+                self._trusted.entries = {}
+            wanted = self.config.verify_after_backup if verify is None else verify
+            # A full backup never trusts the objects it deduplicated against, verify or not.
+            if wanted or result.type is BackupType.FULL:
+                check = self._verify_and_repair(result, check_first=wanted)
+                if wanted:
+                    self._record_verify(check, op)
+                    result.verified = check.ok
+                if not check.ok:
+                    raise IntegrityError("backup %s does not verify: %s"
+                                         % (result.backup_id, "; ".join(check.problems[:3])))
+            op.summary = {"backup_id": result.backup_id, "type": result.type.value,
+                          "verified": result.verified, "manifest": str(result.manifest.resolve()),
+                          "bytes_added": result.bytes_added, "files": result.files}
+        result.seconds = op.seconds
         return result
 
     def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
@@ -3176,7 +3212,7 @@ class BackupManager:
             verified=False, manifest=path, reason=reason, warnings=snap.warnings,
             skipped=snap.skipped)
 
-    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+    def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         with self.store.optional_write("verification marks in %s" % self.repo):
             self._mark_verified({i: i not in check.failed for i in check.backup_ids},
                                 check.deep)
@@ -3185,7 +3221,7 @@ class BackupManager:
                        "deep": check.deep}
             if check.repaired:
                 summary["repaired"] = check.repaired
-            self.store.record_operation("verify", started, time.monotonic() - clock, summary)
+            op.record(summary, "verify")
 
     # -- repair ---------------------------------------------------------------
     def _verify_and_repair(self, result: BackupResult, check_first: bool = True) -> VerifyResult:
@@ -3255,7 +3291,7 @@ class BackupManager:
         Returns a VerifyResult whose ``problems`` name what is wrong (the CLI exits 6);
         raises UsageError for an unknown id or an empty repository.
         """
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("verify")
         ids = self.snapshot_ids()
         if not ids:
             raise UsageError("no backups in %s" % self.repo)
@@ -3266,7 +3302,7 @@ class BackupManager:
             ids = [backup_id]
         with self._repo_lock(exclusive=True):
             result = self._verify_locked(ids, deep)
-            self._record_verify(result, started, clock)
+            self._record_verify(result, op)
         return result
 
     def _trust_after_create(self, btype: BackupType, previous: Optional[Dict[str, Any]],
@@ -3344,12 +3380,12 @@ class BackupManager:
         changed), RefusedError (symlink in the target, non-empty --target without force),
         UsageError, StoreBusyError.
         """
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("restore")
         # The root itself may be a symlink the user chose; only folders below it are checked.
         root = (Path(target) if target is not None else self.store.root).resolve()
         live = root == self.store.root.resolve()
         hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
-        with hold, self._repo_lock(exclusive=not dry_run):
+        with op, hold, self._repo_lock(exclusive=not dry_run):
             if backup_id is None:
                 if at is None:
                     raise UsageError("name a backup id or --at TIMESTAMP")
@@ -3381,10 +3417,9 @@ class BackupManager:
                         % (safety.backup_id, r) for r in safety.repaired)
 
             plan.apply(before_swap)
-        self.store.record_operation("restore", started, time.monotonic() - clock, {
-            "backup_id": backup_id, "target": str(root.resolve()),
-            "created": len(result.created), "replaced": len(result.replaced),
-            "removed": len(result.removed), "safety_backup": result.safety_backup})
+            op.summary = {"backup_id": backup_id, "target": str(root.resolve()),
+                          "created": len(result.created), "replaced": len(result.replaced),
+                          "removed": len(result.removed), "safety_backup": result.safety_backup}
         return result
 
     def _safety_snapshot(self, backup_id: str) -> BackupResult:
@@ -3409,18 +3444,18 @@ class BackupManager:
         no remaining snapshot uses. ``reasons`` says why each kept one is kept. Raises
         StoreBusyError.
         """
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("rotate")
         keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
                 "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
                 "within": keep_within}
         hold = (self.store.maintenance_lock() if lock_store and not dry_run
                 else contextlib.nullcontext())
-        with hold, self._repo_lock(exclusive=not dry_run):
+        with op, hold, self._repo_lock(exclusive=not dry_run):
             result = self._rotate_locked(dry_run, keep)
-        if not dry_run:
-            self.store.record_operation("rotate", started, time.monotonic() - clock, {
-                "deleted": result.deleted, "kept": len(result.kept),
-                "bytes_freed": result.bytes_freed, "objects_freed": result.objects_freed})
+            if not dry_run:
+                op.summary = {"deleted": result.deleted, "kept": len(result.kept),
+                              "bytes_freed": result.bytes_freed,
+                              "objects_freed": result.objects_freed}
         return result
 
     def retained(self, ids: List[str], keep_daily: int = 0, keep_weekly: int = 0,
@@ -4588,21 +4623,21 @@ def copy_backups(manager: BackupManager, to: str, backup_ids: Optional[Sequence[
     Then verify the copied snapshots there. Damaged source snapshots and failed checks are
     in ``problems``; raises UsageError, StoreBusyError, AmlError (rclone failed), OSError.
     Every run but a dry run is recorded in the store's history (``copy``)."""
-    started, clock = manager.store.now, time.monotonic()
-    try:
-        result = _copy(manager, _copy_target(manager, to), backup_ids, dry_run)
-    except (AmlError, OSError) as exc:
-        if not dry_run and not isinstance(exc, UsageError):
-            _record_copy(manager, started, clock, to, None, str(exc))
-        raise
-    result.seconds = time.monotonic() - clock
-    if not dry_run:
-        _record_copy(manager, started, clock, to, result, None)
+    with manager.store.operation("copy") as op:
+        try:
+            result = _copy(manager, _copy_target(manager, to), backup_ids, dry_run)
+        except (AmlError, OSError) as exc:
+            if not dry_run and not isinstance(exc, UsageError):
+                op.record(_copy_summary(to, None, str(exc)))
+            raise
+        if not dry_run:
+            op.summary = _copy_summary(to, result, None)
+    result.seconds = op.seconds
     return result
 
 
-def _record_copy(manager: BackupManager, started: _dt.datetime, clock: float, to: str,
-                 result: Optional[CopyResult], error: Optional[str]) -> None:
+def _copy_summary(to: str, result: Optional[CopyResult], error: Optional[str]
+                  ) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"to": to, "ok": error is None and bool(result)
                                and not result.problems}
     if result is not None:
@@ -4611,7 +4646,7 @@ def _record_copy(manager: BackupManager, started: _dt.datetime, clock: float, to
         error = "; ".join(result.problems[:3]) or None
     if error:
         summary["error"] = error
-    manager.store.record_operation("copy", started, time.monotonic() - clock, summary)
+    return summary
 
 
 @contextlib.contextmanager
@@ -4792,14 +4827,13 @@ class _RepoView(BackupManager):
             self.home._cleanup_leftovers()
             return self.home._safety_snapshot(backup_id)
 
-    def _record_verify(self, check: VerifyResult, started: _dt.datetime, clock: float) -> None:
+    def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         if not self.remote:   # a staged download is thrown away: no marks there
             self._mark_verified({i: i not in check.failed for i in check.backup_ids},
                                 check.deep)
         for backup_id in check.backup_ids:
-            self.store.record_operation("copy_verify", started, time.monotonic() - clock, {
-                "backup_id": backup_id, "ok": backup_id not in check.failed,
-                "deep": check.deep, "to": self.label})
+            op.record({"backup_id": backup_id, "ok": backup_id not in check.failed,
+                       "deep": check.deep, "to": self.label}, "copy_verify")
 
 
 @contextlib.contextmanager
@@ -5382,19 +5416,6 @@ class BloomFilter:
         bloom.bits = bytearray(data[head:])
         return bloom
 
-    def save(self, path: Path) -> None:
-        """Write atomically (mode 0600)."""
-        atomic_write_bytes(Path(path), self.to_bytes(), mode=0o600)
-
-    @classmethod
-    def load(cls, path: Path) -> "BloomFilter":
-        """Read a saved filter; raises IntegrityError if missing, unreadable or corrupt."""
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise IntegrityError("%s: cannot read bloom filter (%s)" % (path, exc)) from None
-        return cls.from_bytes(data)
-
 
 @dataclasses.dataclass
 class CacheStats:
@@ -5715,7 +5736,6 @@ def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers:
     tick = progress or (lambda done, total: None)
     if count <= 1:
         return [_ticked(func(*job), tick, n, len(jobs)) for n, job in enumerate(jobs, 1)]
-    import concurrent.futures  # only here: it costs import time every other command would pay
     if threads:
         pool: Any = concurrent.futures.ThreadPoolExecutor(count)
     else:
@@ -7183,7 +7203,7 @@ class MemoryPruner:
     # -- the real run ------------------------------------------------------------
     def _run_locked(self, strategies: List[PruneStrategy], agents: Optional[Sequence[str]],
                     force: bool) -> PruneResult:
-        started, clock = self.store.now, time.monotonic()
+        op = self.store.operation("prune")
         run = self._prepare(strategies, agents, dry_run=False)
         run.force = force
         message = self._guard_message(run)
@@ -7200,8 +7220,7 @@ class MemoryPruner:
             archive.finish(run.result.run_id, {"entries": len(run.result.removed),
                                                "parts": len(archive.part_names(run.result.run_id))})
         self._measure_after(run)
-        self.store.record_operation("prune", started, time.monotonic() - clock,
-                                    self._history_summary(run.result))
+        op.record(self._history_summary(run.result))
         return run.result
 
     def _apply(self, run: _Run) -> None:
@@ -7763,7 +7782,7 @@ __all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "Prun
 
 # =============================================================================
 # 12. Compression and garbage collection
-# In-place gzip of cold files, decompress, gc of broken and duplicate records.
+# In-place gzip of cold files, decompress, gc of broken and duplicate records; optimize().
 # =============================================================================
 
 @dataclasses.dataclass
@@ -8056,10 +8075,6 @@ class GarbageCollector:
         self.force = force
         self.busy: List[str] = []        # files apply left alone: their lock stayed held
         self.unreadable: List[str] = []  # files apply left alone: unreadable since planning
-
-    def plan_agent(self, agent: str, errors: List[CorruptFileError]) -> List[Dict[str, Any]]:
-        """Archive entries for the agent's defective records, reading its files (no writes)."""
-        return self.plan_with_total(agent, errors)[0]
 
     def plan_with_total(self, agent: str, errors: List[CorruptFileError]
               ) -> Tuple[List[Dict[str, Any]], int]:
@@ -9012,11 +9027,137 @@ def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
     return store.read_state_lenient(SUPERSEDE_STATE, {}) if store.state_dir.is_dir() else {}
 
 
+# -- optimize: the steps, in order, under one lock, with one safety backup --
+
+@dataclasses.dataclass
+class OptimizeRun:
+    """What a step of ``optimize`` is given: ``backup()`` takes the run's one safety backup
+    (the first step about to change something calls it) and returns its id; None: no backup."""
+
+    store: Store
+    config: OptimizeConfig
+    dry_run: bool
+    force: bool
+    backup: Optional[Callable[[], str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeStep:
+    """One step of ``optimize``: its runner, the history operation it is recorded as, and
+    the summary of its result that the history keeps."""
+
+    run: Callable[[OptimizeRun], Any]
+    operation: str
+    summary: Callable[[Any], Dict[str, Any]]
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """What ``optimize`` ran: each step's result, by step name, in the order run."""
+
+    action: str
+    dry_run: bool
+    order: List[str]
+    steps: Dict[str, Any]
+
+
+def _transcode_summary(result: TranscodeResult) -> Dict[str, Any]:
+    return {"direction": result.operation, "files": len(result.files),
+            "bytes_before": result.bytes_before, "bytes_after": result.bytes_after,
+            "unreadable": len(result.unreadable), "backup_id": result.backup_id}
+
+
+def _transcode(run: OptimizeRun, to_gzip: bool) -> TranscodeResult:
+    return transcode_store(run.store, to_gzip, run.config.compress_age_days, run.dry_run,
+                           run.config.workers, run.backup if to_gzip else None)
+
+
+OPTIMIZE_STEPS: Dict[str, OptimizeStep] = {
+    "gc": OptimizeStep(
+        lambda run: collect_garbage(run.store, run.dry_run, run.force, run.backup), "gc",
+        lambda r: {"run_id": r.run_id, "removed": len(r.removed), "by_reason": r.by_reason,
+                   "stale_locks": len(r.stale_locks), "temp_files": len(r.temp_files),
+                   "orphaned_state": len(r.orphaned_state), "backup_id": r.backup_id}),
+    "dedupe": OptimizeStep(
+        lambda run: dedupe_store(run.store, run.config.dedupe_threshold, run.dry_run,
+                                 run.force, run.backup), "dedupe",
+        lambda r: {"run_id": r.run_id, "merged": r.merged, "clusters": len(r.clusters),
+                   "held_apart": len(r.held_apart), "backup_id": r.backup_id}),
+    "compress": OptimizeStep(lambda run: _transcode(run, True), "compress", _transcode_summary),
+    "decompress": OptimizeStep(lambda run: _transcode(run, False), "compress",
+                               _transcode_summary),
+    "index": OptimizeStep(
+        lambda run: MemoryIndex(run.store).refresh(dry_run=run.dry_run), "index",
+        lambda r: {"files": r.files, "files_reread": len(r.files_reread), "records": r.records,
+                   "bytes": r.index_bytes, "rebuilt": r.rebuilt}),
+    "warm-cache": OptimizeStep(
+        lambda run: warm_cache(run.store, run.config.cache_max_bytes, run.dry_run),
+        "warm-cache", lambda r: {"records": r.records, "bytes": r.bytes, "budget": r.budget}),
+}
+OPTIMIZE_ACTIONS = ("all", "index", "build-index", "compress", "decompress", "warm-cache", "gc",
+                    "dedupe")
+_OPTIMIZE_ORDER = ("gc", "compress", "index", "warm-cache")
+
+
+def optimize_steps(action: str, config: OptimizeConfig) -> Tuple[str, ...]:
+    """The steps ``action`` runs, in order: ``all`` is gc, [dedupe,] compress, index,
+    warm-cache (dedupe only when ``config.dedupe``); ``build-index`` is ``index``."""
+    if action not in OPTIMIZE_ACTIONS:
+        raise UsageError("unknown optimize action %r (one of: %s)"
+                         % (action, ", ".join(OPTIMIZE_ACTIONS)))
+    if action != "all":
+        return ("index" if action == "build-index" else action,)
+    return ("gc", "dedupe") + _OPTIMIZE_ORDER[1:] if config.dedupe else _OPTIMIZE_ORDER
+
+
+def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = None,
+             dry_run: bool = False, force: bool = False) -> OptimizeResult:
+    """Run optimize ``action`` (see ``optimize_steps``) on the store.
+
+    A real run holds the maintenance lock throughout, takes at most one safety backup (before
+    the first step that changes something; none when ``config.create_backup`` is False) and
+    records each step in the run history that monitoring reads (``decompress`` as
+    ``compress``). A dry run takes no lock and writes nothing, history included. ``force``
+    lets gc and dedupe remove more than half of an agent's records. Raises UsageError,
+    RefusedError, StoreBusyError; a step's error stops the run (earlier steps stay recorded).
+    """
+    store = as_store(store, "optimize")
+    config = config or OptimizeConfig()
+    steps = optimize_steps(action, config)
+    action = "index" if action == "build-index" else action
+    backup = None
+    if config.create_backup:
+        backup = _once(lambda: safety_backup(store, "before optimize %s" % action))
+    run = OptimizeRun(store, config, dry_run, force, backup)
+    results: Dict[str, Any] = {}
+    with contextlib.nullcontext() if dry_run else store.maintenance_lock():
+        for name in steps:
+            step = OPTIMIZE_STEPS[name]
+            with store.operation(step.operation) as op:
+                results[name] = step.run(run)
+                if not dry_run:
+                    op.summary = step.summary(results[name])
+    return OptimizeResult(action=action, dry_run=dry_run, order=list(results), steps=results)
+
+
+def _once(make: Callable[[], str]) -> Callable[[], str]:
+    """``make`` called at most once; later calls return its first result."""
+    made: List[str] = []
+
+    def call() -> str:
+        if not made:
+            made.append(make())
+        return made[0]
+    return call
+
+
 __all__ += ["OptimizeConfig", "optimize_config_for", "TranscodeResult", "transcode_store",
             "GcReason", "GcResult", "GarbageCollector", "collect_garbage", "stale_lock_dirs",
             "DedupeCluster", "DedupeResult", "dedupe_store", "merge_records",
             "rebuild_supersede_map", "supersede_map", "knowledge_fragments", "outcome_conflict",
-            "guard_conflict", "jaccard", "success_evidence", "outcome_evidence", "outcome_counts"]
+            "guard_conflict", "jaccard", "success_evidence", "outcome_evidence", "outcome_counts",
+            "OptimizeRun", "OptimizeStep", "OptimizeResult", "OPTIMIZE_STEPS", "OPTIMIZE_ACTIONS",
+            "optimize_steps", "optimize"]
 
 
 # =============================================================================
@@ -9966,10 +10107,6 @@ class MigrationManager:
         entry.versions = sorted_versions(entry.versions)
         return entry
 
-    def migrate_latest(self, dry_run: bool = False, backup: bool = True) -> MigrationResult:
-        """Migrate every record to 2.0.0 (see ``migrate``)."""
-        return self.migrate(SchemaVersion.latest(), dry_run=dry_run, backup=backup)
-
     def migrate(self, target: Any, dry_run: bool = False, backup: bool = True
                 ) -> MigrationResult:
         """Migrate every record to ``target`` (up, or down where lossless).
@@ -9982,14 +10119,13 @@ class MigrationManager:
         target = target if isinstance(target, SchemaVersion) else SchemaVersion.parse(target)
         if dry_run:
             return self._scan(target)
-        started = time.monotonic()
-        with self.store.maintenance_lock():
+        with self.store.operation("migrate") as op, self.store.maintenance_lock():
             self.store.cleanup_temp_files()
             if target is not SchemaVersion.latest():
                 self._refuse_if_lossy(self._scan(target))
             result = self._apply(target, backup)
-            result.seconds = time.monotonic() - started
-            self._record(result)
+            result.seconds = op.seconds
+            op.record(self._record(result))
         return result
 
     def _scan(self, target: SchemaVersion) -> MigrationResult:
@@ -10076,7 +10212,8 @@ class MigrationManager:
                 % (run["backup_id"], run.get("when"), versions_text(run.get("from", {})),
                    self.program, shlex.quote(str(self.store.root)), run["backup_id"]))
 
-    def _record(self, result: MigrationResult) -> None:
+    def _record(self, result: MigrationResult) -> Dict[str, Any]:
+        """Append the run to ``.aml/migrations.json``; its summary for the run history."""
         counts = {"records": result.records, "changed": result.changed,
                   "files_changed": len(result.files_changed), "reported": len(result.reported),
                   "unreadable_files": len(result.unreadable), "steps": result.steps}
@@ -10085,9 +10222,7 @@ class MigrationManager:
                  "counts": counts, "backup_id": result.backup_id}
         runs = self.store.read_state_lenient(MIGRATIONS_STATE, [])
         self.store.write_state(MIGRATIONS_STATE, (runs + [entry])[-200:])
-        self.store.record_operation("migrate", self.store.now, result.seconds,
-                                    dict(counts, run_id=result.run_id, to=result.target,
-                                         backup_id=result.backup_id))
+        return dict(counts, run_id=result.run_id, to=result.target, backup_id=result.backup_id)
 
 
 __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAndVariations",
@@ -11113,7 +11248,7 @@ class MemoryMonitor:
         """Run every check; then, under one short lock, save the integrity cache, update
         alerts and record the run (skipped with a warning while another aml run holds the
         store). Webhooks are sent after the lock is released."""
-        started_at, started = self.store.now, time.perf_counter()
+        op = self.store.operation("health")
         self._integrity_fresh = None
         history, history_problem = self._read_history()
         checks = [self._run_check(name, history) for name in self.CHECKS]
@@ -11133,8 +11268,7 @@ class MemoryMonitor:
             if changes is not None:
                 self._update_alerts(checks, changes)
             if record:
-                self.store.record_operation("health", started_at, time.perf_counter() - started,
-                                            summary)
+                op.record(summary)
 
         busy = self._under_state_lock(update)
         report.warnings.extend(busy)
@@ -13065,7 +13199,6 @@ def _optimize_config(store: Store, args: argparse.Namespace) -> OptimizeConfig:
         create_backup=False if getattr(args, "no_backup", False) else None)
 
 
-_OPTIMIZE_ORDER = ("gc", "compress", "index", "warm-cache")
 _OPTIMIZE_EPILOG = """actions:
   index (or build-index)  build or refresh the index in .aml/index/ (re-reads changed files only)
   compress                gzip agent files unchanged for --age-days, in place, same names
@@ -13086,8 +13219,7 @@ _OPTIMIZE_EPILOG = """actions:
 def _build_optimize(subparsers: Any) -> None:
     parser = subparser(subparsers, "optimize", "index, compress, warm the cache, collect garbage",
                        epilog=_OPTIMIZE_EPILOG)
-    parser.add_argument("action", choices=("all", "index", "build-index", "compress",
-                                           "decompress", "warm-cache", "gc", "dedupe"))
+    parser.add_argument("action", choices=OPTIMIZE_ACTIONS)
     parser.add_argument("--apply", action="store_true",
                         help="dedupe: merge the clusters (default: report only)")
     parser.add_argument("--threshold", type=float, metavar="J",
@@ -13111,94 +13243,24 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     """optimize ACTION: run one step or all of them under the maintenance lock."""
     store, out = open_store(args), output_for(args)
     config = _optimize_config(store, args)
-    action = "index" if args.action == "build-index" else args.action
-    if (args.apply or args.threshold is not None) and action != "dedupe":
+    if (args.apply or args.threshold is not None) and args.action != "dedupe":
         raise UsageError("--apply and --threshold belong to optimize dedupe")
-    if action == "dedupe" and not args.apply:
-        args.dry_run = True  # report only: reads, writes nothing
-    steps = _OPTIMIZE_ORDER if action == "all" else (action,)
-    if action == "all" and config.dedupe:
-        steps = ("gc", "dedupe") + _OPTIMIZE_ORDER[1:]
-    lock = contextlib.nullcontext() if args.dry_run else store.maintenance_lock()
-    with lock:
-        results = _run_optimize_steps(store, steps, config, args)
-    out.document({"action": action, "dry_run": args.dry_run, "order": list(results),
-                  "steps": results})
+    dry_run = args.dry_run or (args.action == "dedupe" and not args.apply)  # report only
+    result = optimize(store, args.action, config, dry_run=dry_run, force=args.force)
+    out.document(result)
     code, named = ExitCode.OK, set()  # each busy file named once, by its first step
-    for step, result in results.items():
-        _print_step(out, step, result, named)
-        if getattr(result, "unreadable", None) and code is ExitCode.OK:
+    for step, outcome in result.steps.items():
+        _print_step(out, step, outcome, named)
+        if getattr(outcome, "unreadable", None) and code is ExitCode.OK:
             code = ExitCode.PARTIAL
-        if getattr(result, "refused_agents", None):  # only a dry run gets here: say it would
+        if getattr(outcome, "refused_agents", None):  # only a dry run gets here: say it would
             code = ExitCode.REFUSED
-    if any(getattr(r, "busy", None) for r in results.values()):
+    if any(getattr(r, "busy", None) for r in result.steps.values()):
         code = ExitCode.BUSY  # busy files were left as they were; the rest was done
     return code
 
 
-def _run_optimize_steps(store: Store, steps: Sequence[str], config: OptimizeConfig,
-                        args: argparse.Namespace) -> Dict[str, Any]:
-    backup = None  # one safety backup, taken by the first step about to change something
-    if config.create_backup:
-        backup = _once(lambda: safety_backup(store, "before optimize %s" % args.action))
-    results: Dict[str, Any] = {}
-    for step in steps:
-        started, clock = store.now, time.monotonic()
-        result = _optimize_step(store, step, config, args, backup)
-        results[step] = result
-        if not args.dry_run:
-            store.record_operation("compress" if step == "decompress" else step, started,
-                                   time.monotonic() - clock, _step_summary(step, result))
-    return results
-
-
-def _once(make: Callable[[], str]) -> Callable[[], str]:
-    """``make`` called at most once; later calls return its first result."""
-    made: List[str] = []
-
-    def call() -> str:
-        if not made:
-            made.append(make())
-        return made[0]
-    return call
-
-
-def _optimize_step(store: Store, step: str, config: OptimizeConfig, args: argparse.Namespace,
-                   backup: Optional[Callable[[], str]]) -> Any:
-    if step == "index":
-        return MemoryIndex(store).refresh(dry_run=args.dry_run)
-    if step in ("compress", "decompress"):
-        return transcode_store(store, step == "compress", config.compress_age_days,
-                               args.dry_run, config.workers,
-                               backup if step == "compress" else None)
-    if step == "warm-cache":
-        return warm_cache(store, config.cache_max_bytes, args.dry_run)
-    if step == "dedupe":
-        return dedupe_store(store, config.dedupe_threshold, args.dry_run, args.force, backup)
-    return collect_garbage(store, args.dry_run, args.force, backup)
-
-
-def _step_summary(step: str, result: Any) -> Dict[str, Any]:
-    if step == "index":
-        return {"files": result.files, "files_reread": len(result.files_reread),
-                "records": result.records, "bytes": result.index_bytes, "rebuilt": result.rebuilt}
-    if step in ("compress", "decompress"):
-        return {"direction": step, "files": len(result.files), "bytes_before": result.bytes_before,
-                "bytes_after": result.bytes_after, "unreadable": len(result.unreadable),
-                "backup_id": result.backup_id}
-    if step == "warm-cache":
-        return {"records": result.records, "bytes": result.bytes, "budget": result.budget}
-    if step == "dedupe":
-        return {"run_id": result.run_id, "merged": result.merged,
-                "clusters": len(result.clusters), "held_apart": len(result.held_apart),
-                "backup_id": result.backup_id}
-    return {"run_id": result.run_id, "removed": len(result.removed), "by_reason": result.by_reason,
-            "stale_locks": len(result.stale_locks), "temp_files": len(result.temp_files),
-            "orphaned_state": len(result.orphaned_state), "backup_id": result.backup_id}
-
-
 def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
-    would = "would " if result.dry_run else ""
     for problem in getattr(result, "unreadable", []):
         out.warn("%s: skipped, unreadable: %s" % (step, problem))
     for message in getattr(result, "busy", []):
@@ -13206,26 +13268,30 @@ def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
         if lock not in named:
             named.add(lock)
             out.warn("%s: skipped, left as it was: %s" % (step, message))
-    if step == "index":
-        out.line("index: %s%s; %d files, %d re-read, %d records, %d ids, %s on disk (bloom %s)"
-                 % (would, "rebuild" if result.rebuilt else "refresh", result.files,
-                    len(result.files_reread), result.records, result.ids,
-                    human_bytes(result.index_bytes), human_bytes(result.bloom_bytes)))
-    elif step in ("compress", "decompress"):
-        out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed%s"
-                 % (step, would, step, len(result.files), human_bytes(result.bytes_before),
-                    human_bytes(result.bytes_after), len(result.skipped_recent),
-                    len(result.skipped_done), len(result.skipped_changed),
-                    "; safety backup %s" % result.backup_id if result.backup_id else ""))
-    elif step == "warm-cache":
-        out.line("warm-cache: %skeep %d records hot, %s of %s (%d ranked, %d files read)%s"
-                 % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),
-                    result.candidates, result.files_read,
-                    ("; " + result.note) if result.note else ""))
-    elif step == "dedupe":
-        _print_dedupe(out, result)
-    else:
-        _print_gc(out, result, would)
+    _STEP_PRINTERS[type(result)](out, result, "would " if result.dry_run else "")
+
+
+def _print_index(out: Output, result: IndexResult, would: str) -> None:
+    out.line("index: %s%s; %d files, %d re-read, %d records, %d ids, %s on disk (bloom %s)"
+             % (would, "rebuild" if result.rebuilt else "refresh", result.files,
+                len(result.files_reread), result.records, result.ids,
+                human_bytes(result.index_bytes), human_bytes(result.bloom_bytes)))
+
+
+def _print_transcode(out: Output, result: TranscodeResult, would: str) -> None:
+    step = result.operation
+    out.line("%s: %s%s %d files, %s -> %s; skipped %d recent, %d already done, %d changed%s"
+             % (step, would, step, len(result.files), human_bytes(result.bytes_before),
+                human_bytes(result.bytes_after), len(result.skipped_recent),
+                len(result.skipped_done), len(result.skipped_changed),
+                "; safety backup %s" % result.backup_id if result.backup_id else ""))
+
+
+def _print_warm(out: Output, result: WarmResult, would: str) -> None:
+    out.line("warm-cache: %skeep %d records hot, %s of %s (%d ranked, %d files read)%s"
+             % (would, result.records, human_bytes(result.bytes), human_bytes(result.budget),
+                result.candidates, result.files_read,
+                ("; " + result.note) if result.note else ""))
 
 
 def _print_dedupe(out: Output, result: DedupeResult) -> None:
@@ -13272,6 +13338,12 @@ def _print_gc(out: Output, result: GcResult, would: str) -> None:
     if result.skipped_changed:
         out.warn("gc: %d records changed meanwhile and were left in place"
                  % result.skipped_changed)
+
+
+# How each step's result is printed (the steps themselves: OPTIMIZE_STEPS).
+_STEP_PRINTERS: Dict[type, Callable[[Output, Any, str], None]] = {
+    IndexResult: _print_index, TranscodeResult: _print_transcode, WarmResult: _print_warm,
+    DedupeResult: lambda out, result, would: _print_dedupe(out, result), GcResult: _print_gc}
 
 
 def _add_lookup_options(parser: argparse.ArgumentParser) -> None:

@@ -4430,6 +4430,120 @@ def test_health_and_gc_agree_on_which_lock_folders_are_stale(tmp_path, capsys):
     assert not [p for p in _check(doc, "structure")["problems"] if "lock" in p["subject"]]
 
 
+
+# ---- issue 14: optimize() in the library, one step table, store.operation ----
+
+_STEP_HISTORY = {  # what each step records in .aml/history.json (as the CLI always did)
+    "gc": ("gc", {"run_id", "removed", "by_reason", "stale_locks", "temp_files",
+                  "orphaned_state", "backup_id"}),
+    "dedupe": ("dedupe", {"run_id", "merged", "clusters", "held_apart", "backup_id"}),
+    "compress": ("compress", {"direction", "files", "bytes_before", "bytes_after", "unreadable",
+                              "backup_id"}),
+    "decompress": ("compress", {"direction", "files", "bytes_before", "bytes_after",
+                                "unreadable", "backup_id"}),
+    "index": ("index", {"files", "files_reread", "records", "bytes", "rebuilt"}),
+    "warm-cache": ("warm-cache", {"records", "bytes", "budget"}),
+}
+_ACTION_STEPS = {"all": ["gc", "compress", "index", "warm-cache"], "index": ["index"],
+                 "build-index": ["index"], "compress": ["compress"],
+                 "decompress": ["decompress"], "warm-cache": ["warm-cache"], "gc": ["gc"],
+                 "dedupe": ["dedupe"]}
+
+
+def _maintenance(root, now):
+    report = aml.MemoryMonitor(aml.Store(root, now=now)).health(False, record=False)
+    return next(c for c in report.checks if c.name == "maintenance")
+
+
+def test_library_optimize_writes_history_the_maintenance_check_sees(tmp_path, monkeypatch):
+    root = build_store(tmp_path / "m", agents=("a1", "a2"), patterns=6)
+    path = root / "a1" / "patterns.json"
+    write_data(path, read_data(path) + [read_data(path)[0]])  # an exact duplicate: gc's
+    age_files(root, 60)
+    taken = []
+    monkeypatch.setattr(aml, "safety_backup", lambda store, reason, *a, **k: taken.append(
+        reason) or "full_test_%d" % len(taken))
+    later = NOW + dt.timedelta(hours=2)
+    assert "never run" in _maintenance(root, later).message
+    result = aml.optimize(aml.Store(root, now=NOW), "all", aml.OptimizeConfig())
+    assert result.order == ["gc", "compress", "index", "warm-cache"] and not result.dry_run
+    assert len(result.steps["gc"].removed) == 1 and result.steps["compress"].files
+    assert taken == ["before optimize all"]  # gc and compress both change files: one backup
+    history = aml.Store(root).read_state("history.json")
+    assert [(e["operation"], aml.parse_timestamp(e["started"])) for e in history] == [
+        (op, NOW) for op in ("gc", "compress", "index", "warm-cache")]
+    assert history[0]["summary"]["backup_id"] == history[1]["summary"]["backup_id"] \
+        == "full_test_1"
+    check = _maintenance(root, later)
+    assert "never run" not in check.message
+    assert aml.parse_timestamp(check.details["optimize"]["last_success"]) == NOW
+    assert aml.parse_timestamp(check.details["index"]["last_success"]) == NOW
+    assert check.details["optimize"]["age_hours"] == 2.0
+
+
+def test_library_optimize_dry_run_takes_no_lock_and_writes_no_history(tmp_path):
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=6)
+    age_files(root, 60)
+    (root / ".aml").mkdir(mode=0o700)
+    before = tree_digest(root)
+    with held_by_other_process(root / ".aml"):
+        store = aml.Store(root, now=NOW, lock_timeout=0)
+        result = aml.optimize(store, "all", aml.OptimizeConfig(dedupe=True), dry_run=True)
+        assert result.dry_run and result.order == ["gc", "dedupe", "compress", "index",
+                                                   "warm-cache"]
+        assert result.steps["compress"].files  # it would compress them
+        with pytest.raises(aml.StoreBusyError):  # a real run takes the lock
+            aml.optimize(store, "index", aml.OptimizeConfig())
+    after = tree_digest(root)
+    after.pop(".aml/maintenance.lock", None)
+    assert after == before and not (root / ".aml" / "history.json").exists()
+
+
+@pytest.mark.parametrize("action", sorted(_ACTION_STEPS))
+def test_optimize_step_table_covers_every_action(tmp_path, action):
+    commands = next(a.choices for a in aml.build_parser()._actions
+                    if isinstance(a.choices, dict) and "optimize" in a.choices)
+    parser_choices = next(a.choices for a in commands["optimize"]._actions if a.dest == "action")
+    assert set(parser_choices) == set(_ACTION_STEPS) == set(aml.OPTIMIZE_ACTIONS)
+    assert set(aml.OPTIMIZE_STEPS) == set(_STEP_HISTORY)
+    root = build_store(tmp_path / "m", agents=("a1",), patterns=6, gz=action == "decompress")
+    age_files(root, 60)
+    config = aml.OptimizeConfig(create_backup=False)
+    result = aml.optimize(aml.Store(root, now=NOW), action, config, force=True)
+    steps = _ACTION_STEPS[action]
+    assert result.order == steps == list(aml.optimize_steps(action, config))
+    history = aml.Store(root).read_state("history.json")
+    assert [(e["operation"], set(e["summary"])) for e in history] == [
+        _STEP_HISTORY[step] for step in steps]
+    if action in ("compress", "decompress"):
+        assert history[0]["summary"]["direction"] == action and history[0]["summary"]["files"]
+
+
+def test_all_runs_dedupe_second_only_when_the_config_enables_it():
+    assert aml.optimize_steps("all", aml.OptimizeConfig(dedupe=True)) == (
+        "gc", "dedupe", "compress", "index", "warm-cache")
+    with pytest.raises(aml.UsageError):
+        aml.optimize_steps("vacuum", aml.OptimizeConfig())
+
+
+def test_store_operation_records_a_run_only_when_it_ends_with_a_summary(tmp_path):
+    store = aml.Store(build_store(tmp_path / "m", agents=("a1",), patterns=2), now=NOW)
+    with store.operation("index"):
+        pass  # no summary (a dry run): nothing recorded
+    with pytest.raises(aml.RefusedError):
+        with store.operation("gc") as op:
+            op.summary = {"removed": 1}
+            raise aml.RefusedError("guard")
+    with store.operation("prune") as op:
+        op.record({"note": "first"}, "verify")
+        op.summary = {"removed": 2}
+    seconds = op.seconds
+    assert op.seconds == seconds >= 0  # fixed once the block ended
+    history = store.read_state("history.json")
+    assert [(e["operation"], aml.parse_timestamp(e["started"]), e["summary"])
+            for e in history] == [("verify", NOW, {"note": "first"}),
+                                  ("prune", NOW, {"removed": 2})]
+
 # =============================================================================
 # 13. Migration
 # =============================================================================
