@@ -9052,13 +9052,32 @@ class OptimizeStep:
 
 
 @dataclasses.dataclass
-class OptimizeResult:
-    """What ``optimize`` ran: each step's result, by step name, in the order run."""
+class OptimizeResult(OperationResult):
+    """What ``optimize`` ran: each step's result, by step name, in the order run. Its exit
+    code is the one precedence over what the steps left: busy files, refused agents (only a
+    dry run gets here), unreadable files."""
 
     action: str
     dry_run: bool
     order: List[str]
     steps: Dict[str, Any]
+    PARTIAL_FIELDS: ClassVar[Tuple[str, ...]] = ("unreadable",)
+
+    def _of_steps(self, name: str) -> List[Any]:
+        return [item for result in self.steps.values()
+                for item in getattr(result, name, None) or []]
+
+    @property
+    def busy(self) -> List[str]:
+        return self._of_steps("busy")
+
+    @property
+    def refused(self) -> List[str]:
+        return self._of_steps("refused")
+
+    @property
+    def unreadable(self) -> List[str]:
+        return self._of_steps("unreadable")
 
 
 def _transcode_summary(result: TranscodeResult) -> Dict[str, Any]:
@@ -13248,16 +13267,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     dry_run = args.dry_run or (args.action == "dedupe" and not args.apply)  # report only
     result = optimize(store, args.action, config, dry_run=dry_run, force=args.force)
     out.document(result)
-    code, named = ExitCode.OK, set()  # each busy file named once, by its first step
+    named: Set[str] = set()  # each busy file named once, by its first step
     for step, outcome in result.steps.items():
         _print_step(out, step, outcome, named)
-        if getattr(outcome, "unreadable", None) and code is ExitCode.OK:
-            code = ExitCode.PARTIAL
-        if getattr(outcome, "refused_agents", None):  # only a dry run gets here: say it would
-            code = ExitCode.REFUSED
-    if any(getattr(r, "busy", None) for r in result.steps.values()):
-        code = ExitCode.BUSY  # busy files were left as they were; the rest was done
-    return code
+    return int(result.exit_code)
 
 
 def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
