@@ -8035,7 +8035,7 @@ def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans
 # -- consolidation: optimize dedupe ---------------------------------------------
 # Near-duplicates within one agent and one record type (one file): the knowledge fields'
 # text, normalised, in word 3-gram shingles labelled by field; a one-permutation MinHash
-# (blake2b of every word, 32 bins) with LSH banding (8 bands of 4 bins) proposes candidates,
+# (blake2b of every word, 64 bins) with LSH banding (8 bands of 8 bins) proposes candidates,
 # so no pair is compared unless it shares a band; then the exact Jaccard of the shingle sets
 # and the false-merge guard decide. A merge supersedes: the survivor keeps its id and absorbs
 # the evidence; each merged record and the survivor's old version go to the archive first.
