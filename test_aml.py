@@ -4257,6 +4257,24 @@ def test_dedupe_filler_words_never_hide_a_different_fact(tmp_path):
     assert [h["guard"] for h in result.held_apart] == ["error_code"]
 
 
+def test_dedupe_odd_knowledge_values_still_shingle_by_field(tmp_path):
+    # Words are split per record at a \x01 joining the fields; a field holding \x01 itself,
+    # a list of non-strings and a nested context still find their twin, and the copy whose
+    # steps moved to another field does not.
+    rng = random.Random(3)
+    first = _distinct_pattern("backend-developer", rng)
+    first["pattern"]["approach"]["rationale"] += " \x01 split \x01 here"
+    first["pattern"]["approach"]["steps"] = [3, {"run": "migrate users table"}, "then verify"]
+    first["pattern"]["context"] = {"language": "python", "deploy": {"region": "eu"}}
+    twin = _twin(first, rng)
+    moved = _twin(first, rng, edit=lambda t: t["pattern"]["conditions"].update(
+        whenNotApplicable=t["pattern"]["approach"].pop("steps")))
+    root, _ = dedupe_store_dir(tmp_path / "m", twins={"patterns.json": [first, twin, moved]})
+    result = _dedupe(root)
+    assert [sorted([c.survivor_id] + [m["id"] for m in c.members])
+            for c in result.clusters] == [sorted([first["id"], twin["id"]])]
+
+
 # =============================================================================
 # 13. Migration
 # =============================================================================
