@@ -8133,8 +8133,9 @@ def knowledge_units(rtype: RecordType, record: Any) -> List[Tuple[int, str]]:
 
 
 # Shingle words: lowercased UTF-8 with every ASCII byte that is not a letter, digit, "_" or
-# \x01 (the field separator of _Shingler.shingles) turned into a space (bytes.translate and split run at C speed; a regex per field cost
-# more than parsing the record). Bytes of other characters stay part of their word.
+# \x01 (the field separator of _Shingler.shingles) turned into a space (bytes.translate and
+# split run at C speed; a regex per field cost more than parsing the record). Bytes of other
+# characters stay part of their word.
 _WORD_BYTES = bytes(b if (chr(b).isalnum() or b in (0x01, 0x5F) or b >= 0x80) else 0x20
                     for b in range(256)).lower()
 
