@@ -8287,7 +8287,7 @@ def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans
 # -- consolidation: optimize dedupe ---------------------------------------------
 # Near-duplicates within one agent and one record type (one file): the knowledge fields'
 # text, normalised, in word 3-gram shingles labelled by field; a one-permutation MinHash
-# (blake2b of every word, 32 bins) with LSH banding (8 bands of 4 bins) proposes candidates,
+# (blake2b of every word, 64 bins) with LSH banding (8 bands of 8 bins) proposes candidates,
 # so no pair is compared unless it shares a band; then the exact Jaccard of the shingle sets
 # and the false-merge guard decide. A merge supersedes: the survivor keeps its id and absorbs
 # the evidence; each merged record and the survivor's old version go to the archive first.
@@ -8299,7 +8299,7 @@ _BIN_BITS = 6
 _BINS = 1 << _BIN_BITS  # 64 bins in 8 bands of 8: pairs at Jaccard 0.85 meet in a band with
 _BAND_ROWS = 8          # p = 0.92, at 0.9 with 0.99, at 0.6 with 0.13 (1 - (1 - J^8)^8)
 _BUCKET_WINDOW = 32  # a record is compared with at most this many earlier bucket mates
-_MASK64 = (1 << 64) - 1
+_BIN_MASK = _BINS - 1
 
 # The fields that carry the knowledge, per type (SPEC 2.1); stack trace hashes and related
 # pattern ids are references, not knowledge.
@@ -8319,6 +8319,13 @@ _KNOWLEDGE = {
 }
 _NOT_KNOWLEDGE = frozenset({"stackTraceHash", "relatedPatterns"})
 _WORD_RE = re.compile(r"\w+")
+# Words that carry no knowledge are left out of the shingles (not out of the guard's facts):
+# "... for this team" appended to a short decision's question then changes one shingle, not
+# three (it fell under the threshold at 0.84). Negations are not among them.
+_STOP_WORDS = ("a", "an", "the", "this", "that", "these", "those", "for", "of", "to", "in",
+               "on", "at", "by", "with", "from", "as", "into", "and", "or", "is", "are", "was",
+               "be", "it", "its", "we", "our", "us", "you", "your", "they", "their")
+_STOP_WORD_BYTES = tuple(w.encode("ascii") for w in _STOP_WORDS)
 _TOKEN_RE = re.compile(r"[^\s,;()\[\]{}<>\"'`=]+")
 _QUOTED_RE = re.compile(r"'([^'\n]{1,80})'|\"([^\"\n]{1,80})\"|`([^`\n]{1,80})`")
 _VERSION_RE = re.compile(r"v?\d+(?:\.\d+)+\w*", re.IGNORECASE)
@@ -8360,61 +8367,81 @@ def knowledge_units(rtype: RecordType, record: Any) -> List[Tuple[int, str]]:
         value = record
         for key in path:  # dig(), inlined: this runs for every record of the store
             value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, str):
+        if value is None:
+            continue
+        if value.__class__ is str:
             out.append((number, value))
-        elif value is not None:
-            out.append((number, _UNIT_JSON(value)))
+        elif value.__class__ is list:
+            try:
+                out.append((number, " ".join(value)))
+            except TypeError:  # not all strings: their words as Python writes them
+                out.append((number, str(value)))
+        elif value.__class__ is dict:
+            out.append((number, " ".join(map(str, itertools.chain.from_iterable(
+                value.items())))))
+        else:
+            out.append((number, str(value)))
     return out
 
 
-# One encoder for every unit: json.dumps with options builds a new encoder per call.
-_UNIT_JSON = json.JSONEncoder(ensure_ascii=False).encode
+# Shingle words: lowercased UTF-8 with every ASCII byte that is not a letter, digit, "_" or
+# \x01 (the field separator of _Shingler.shingles) turned into a space (bytes.translate and
+# split run at C speed; a regex per field cost more than parsing the record). Bytes of other
+# characters stay part of their word.
+_WORD_BYTES = bytes(b if (chr(b).isalnum() or b in (0x01, 0x5F) or b >= 0x80) else 0x20
+                    for b in range(256)).lower()
 
 
 class _Shingler:
     """Word hashes (blake2b, cached per file) and the field-tagged 3-gram shingles of a record."""
 
     def __init__(self) -> None:
-        self.words: Dict[str, int] = {}
+        self.words: Dict[bytes, int] = dict.fromkeys(_STOP_WORD_BYTES, 0)
 
-    def _hashes(self, words: List[str]) -> List[int]:
+    def _hashes(self, words: List[bytes]) -> List[int]:
+        """A stable non-zero 64-bit hash per word (stop words 0, then left out)."""
         cache = self.words
         ids = list(map(cache.get, words))
         if None in ids:
             for n, word in enumerate(words):
                 if ids[n] is None:
                     ids[n] = cache[word] = int.from_bytes(hashlib.blake2b(
-                        word.encode("utf-8"), digest_size=8).digest(), "little")
-        return ids
+                        word, digest_size=8).digest(), "little") | 1
+        return list(filter(None, ids)) if 0 in ids else ids
 
     def shingles(self, units: List[Tuple[int, str]]) -> Set[int]:
         """Hashes of (field, w1, w2, w3) for every 3 words in a row of each field (a shorter
         field is one shingle): every shingle knows its field, so moving words between fields
         (``whenApplicable`` to ``whenNotApplicable``) changes them."""
         out: Set[int] = set()
-        for number, text in units:
-            ids = self._hashes(_WORD_RE.findall(text.lower()))
+        # One lower/encode/translate for the whole record, cut back into its fields at the
+        # \x01 that joined them (a field holding \x01 itself: each field on its own).
+        fields = "\x01".join([text for _, text in units]).lower().encode(
+            "utf-8", "surrogatepass").translate(_WORD_BYTES).split(b"\x01")
+        if len(fields) != len(units):
+            fields = [text.lower().encode("utf-8", "surrogatepass").translate(_WORD_BYTES)
+                      for _, text in units]
+        for (number, _), field in zip(units, fields):
+            ids = self._hashes(field.split())
             if len(ids) < 3:
-                out.add(hash((number, *ids)) & _MASK64)
+                out.add(hash((number, *ids)))
             else:
-                out.update(map(_MASK64.__and__, map(hash, zip(
-                    itertools.repeat(number), ids, ids[1:], ids[2:]))))
+                out.update(map(hash, zip(itertools.repeat(number), ids, ids[1:], ids[2:])))
         return out
 
 
 def minhash_bands(shingles: Set[int]) -> List[Optional[int]]:
-    """One-permutation MinHash (the least hash in each of _BINS bins by its top bits; a
+    """One-permutation MinHash (the least hash in each of _BINS bins by its low bits; a
     descending sort lets dict() keep the least per bin at C speed), folded into one key per
     LSH band of _BAND_ROWS bins, plus two sketch keys for short records (None: no key)."""
     ordered = sorted(shingles, reverse=True)
-    least = dict(zip(map(operator.rshift, ordered, itertools.repeat(64 - _BIN_BITS)), ordered))
-    signature = tuple(map(least.get, range(_BINS)))
+    least = dict(zip(map(_BIN_MASK.__and__, ordered), ordered))
+    bands = list(zip(*[iter(map(least.get, range(_BINS)))] * _BAND_ROWS))
     # A band of fewer than two filled bins says too little (short records have many; one
     # shingle such as a decision's type would put a tenth of the file in one bucket).
-    keys: List[Optional[int]] = []
-    for band in range(0, _BINS, _BAND_ROWS):
-        rows = signature[band:band + _BAND_ROWS]
-        keys.append(hash(rows) ^ band if _BAND_ROWS - rows.count(None) >= 2 else None)
+    keys: List[Optional[int]] = [
+        hash(rows) if empty <= _BAND_ROWS - 2 else None
+        for rows, empty in zip(bands, map(tuple.count, bands, itertools.repeat(None)))]
     # A short record keys few bands, so it also gets its 3 least and 3 greatest hashes
     # (bottom-k and top-k sketches: two copies at Jaccard 0.94 share one with p = 0.97).
     short = len(ordered) < _BINS // 2
@@ -8452,6 +8479,8 @@ def record_facts_for_guard(fragments: List[Tuple[str, str]]) -> Dict[str, "colle
 def _fact_class(token: str) -> Optional[str]:
     if not token:
         return None
+    if token.isalpha() and (token.islower() or token.istitle()):  # most words: no fact
+        return "negation" if token.lower() in _NEGATIONS else None
     if "/" in token or "\\" in token:
         return "path"
     if _VERSION_RE.fullmatch(token):
@@ -8468,13 +8497,28 @@ def _fact_class(token: str) -> Optional[str]:
 class _Candidate:
     """What dedupe knows about one record of a file while it looks for its near-duplicates."""
 
-    __slots__ = ("index", "id", "facts", "fragments", "shingles", "guard")
+    __slots__ = ("index", "id", "record", "rtype", "_facts", "_fragments", "shingles",
+                 "guard")
 
     def __init__(self, index: int, record: Dict[str, Any], rtype: RecordType,
                  shingles: Set[int]):
-        self.index, self.id, self.facts = index, record["id"], record_facts(rtype, record)
-        self.fragments, self.shingles = knowledge_fragments(rtype, record), shingles
-        self.guard: Optional[Dict[str, collections.Counter]] = None
+        self.index, self.id, self.record, self.rtype = index, record["id"], record, rtype
+        self.shingles = shingles
+        self._facts: Optional[RecordFacts] = None  # these three on first use: most
+        self._fragments: Optional[List[Tuple[str, str]]] = None  # candidates fall below
+        self.guard: Optional[Dict[str, collections.Counter]] = None  # the threshold
+
+    @property
+    def facts(self) -> RecordFacts:
+        if self._facts is None:
+            self._facts = record_facts(self.rtype, self.record)
+        return self._facts
+
+    @property
+    def fragments(self) -> List[Tuple[str, str]]:
+        if self._fragments is None:
+            self._fragments = knowledge_fragments(self.rtype, self.record)
+        return self._fragments
 
     def guard_facts(self) -> Dict[str, "collections.Counter"]:
         """The guard's fact multisets, computed on first use (only candidates need them)."""
@@ -8559,13 +8603,15 @@ def _eligible(record: Any) -> bool:
 
 
 class _FileDedupe:
-    """Finds the clusters of one record file. Only LSH band keys are kept for every record;
-    shingle sets and guard facts are rebuilt for the few records that meet a candidate."""
+    """Finds the clusters of one record file. For every record only its LSH band keys and its
+    shingle hashes packed 8 bytes each are kept (a tenth of the parsed record or less); sets,
+    record facts and guard facts are built for the records that meet a candidate."""
 
     def __init__(self, rtype: RecordType, records: List[Any], threshold: float):
         self.rtype, self.records, self.threshold = rtype, records, threshold
         self.shingler = _Shingler()
         self.cache: Dict[int, Optional[_Candidate]] = {}
+        self.packed: Dict[int, "array.array"] = {}  # shingle hashes, from buckets()
         self.held: Dict[Tuple[int, int], Dict[str, Any]] = {}  # similar pairs the guard kept apart
         # An id held by two records is gc's business (exact duplicate or id conflict).
         ids = collections.Counter(r.get("id") for r in records if isinstance(r, dict))
@@ -8577,7 +8623,10 @@ class _FileDedupe:
     def candidate(self, index: int) -> Optional[_Candidate]:
         """The record at ``index`` ready for comparison (None if it cannot take part)."""
         if index not in self.cache:
-            record = self.records[index]
+            record, packed = self.records[index], self.packed.get(index)
+            if packed is not None:
+                self.cache[index] = _Candidate(index, record, self.rtype, set(packed))
+                return self.cache[index]
             units = knowledge_units(self.rtype, record) if self._takes_part(record) else []
             self.cache[index] = (_Candidate(index, record, self.rtype,
                                             self.shingler.shingles(units)) if units else None)
@@ -8592,7 +8641,9 @@ class _FileDedupe:
             units = knowledge_units(self.rtype, record)
             if not units:
                 continue
-            for band, key in zip(bands, minhash_bands(self.shingler.shingles(units))):
+            shingles = self.shingler.shingles(units)
+            self.packed[index] = array.array("q", shingles)
+            for band, key in zip(bands, minhash_bands(shingles)):
                 if key is not None:
                     band.setdefault(key, []).append(index)
         return bands
@@ -8849,7 +8900,9 @@ def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], thr
             [{"id": c.id, "index": c.index, "similarity": round(score, 4),
               "differs": text_differences(survivor, c)} for c, score in members]))
     result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
-    return _DedupeFile(data_file, rel, _digest(records), clusters)
+    # The digest tells a real run whether the file changed before its rewrite; a report
+    # rewrites nothing (and the digest costs as much as the detection of a file).
+    return _DedupeFile(data_file, rel, "" if result.dry_run else _digest(records), clusters)
 
 
 def _merged_survivors(plan: _DedupeFile, records: List[Any]

@@ -387,6 +387,13 @@ def _measured(rng: random.Random) -> str:
     return ""
 
 
+def _same(body: Dict[str, Any], key: str, value: Any) -> Any:
+    """``value`` for a new record's content; a near-duplicate's copy of the body already holds
+    its original's, so the copy keeps every number, state and outcome (the random draw is
+    made either way: the stream, and so every other record, stays as it was)."""
+    return body.setdefault("_same_" + key, value)
+
+
 def pattern_body(rng: random.Random) -> Dict[str, Any]:
     """The textual content of a pattern (what near-duplicates share)."""
     framework = rng.choice(FRAMEWORKS)
@@ -411,8 +418,8 @@ def render_pattern(rng: random.Random, agent: str, clock: Clock, body: Dict[str,
     created = clock.at(age, rng)
     last_used = max(created, clock.at(idle, rng))
     quality = rng.random()
-    rate = (rng.uniform(0.6, 0.98) if quality < 0.7 else
-            rng.uniform(0.3, 0.6) if quality < 0.9 else rng.uniform(0.0, 0.25))
+    rate = _same(body, "rate", rng.uniform(0.6, 0.98) if quality < 0.7 else
+                 rng.uniform(0.3, 0.6) if quality < 0.9 else rng.uniform(0.0, 0.25))
     runs = int(rng.expovariate(1 / 40.0))
     wins = int(round(rate * runs))
     confidence = min(0.99, 0.1 + (wins / runs if runs else 0.5) * 0.9 * (1 - math.exp(-runs / 15)))
@@ -437,7 +444,8 @@ def render_pattern(rng: random.Random, agent: str, clock: Clock, body: Dict[str,
                     ("pattern", _obj(pattern, "    ")), ("metrics", _obj(metrics, "    ")),
                     ("evolution", _obj(evolution, "    ")),
                     ("tags", _strings(body["tags"], "    ")),
-                    ("active", "false" if rng.random() < 0.03 else "true")])
+                    ("active", _same(body, "active", "false" if rng.random() < 0.03
+                                     else "true"))])
 
 
 def solution_body(rng: random.Random) -> Dict[str, Any]:
@@ -470,7 +478,7 @@ def render_solution(rng: random.Random, agent: str, clock: Clock, body: Dict[str
     if rng.random() < 0.4:
         solution.append(("relatedPatterns", _strings(
             [_uuid(rng) for _ in range(rng.randint(1, 2))], "      ")))
-    effect = [("worked", "true" if rng.random() < 0.85 else "false"),
+    effect = [("worked", _same(body, "worked", "true" if rng.random() < 0.85 else "false")),
               ("timeToFixMinutes", str(rng.randint(3, 240))),
               ("preventedRecurrence", str(rng.randint(0, 9))),
               ("relatedErrorsFixed", str(rng.randint(0, 4)))]
@@ -479,7 +487,8 @@ def render_solution(rng: random.Random, agent: str, clock: Clock, body: Dict[str
                     ("problem", _obj(problem, "    ")), ("solution", _obj(solution, "    ")),
                     ("effectiveness", _obj(effect, "    ")),
                     ("tags", _strings(body["tags"], "    ")),
-                    ("active", "false" if rng.random() < 0.03 else "true"),
+                    ("active", _same(body, "active", "false" if rng.random() < 0.03
+                                     else "true")),
                     ("verifiedCount", str(rng.randint(0, 12)))])
 
 
@@ -521,6 +530,7 @@ def render_decision(rng: random.Random, agent: str, clock: Clock, body: Dict[str
                ("greenfield", "true" if rng.random() < 0.3 else "false"),
                ("ticket", _Q("%s-%d" % (rng.choice(("ENG", "ARCH", "PLAT")),
                                         rng.randint(10, 9999))))]
+    context = _same(body, "context", context)
     decision = [("type", _Q(body["type"])), ("question", _Q(body["question"])),
                 ("context", _obj(context, "      ")), ("chosenOption", _Q(body["option"])),
                 ("alternativesConsidered", _strings(body["alternatives"], "      ")),
@@ -531,10 +541,11 @@ def render_decision(rng: random.Random, agent: str, clock: Clock, body: Dict[str
         decision.append(("rationale", _Q(body["rationale"])))
     fields = [("id", _Q(_uuid(rng))), ("agent", _Q(agent)), ("timestamp", _Q(iso_ms(created))),
               ("decision", _obj(decision, "    "))]
-    if rng.random() < 0.75:
-        fields.append(("outcome", _outcome(rng)))
+    outcome = _same(body, "outcome", _outcome(rng) if rng.random() < 0.75 else None)
+    if outcome:
+        fields.append(("outcome", outcome))
     fields += [("tags", _strings(body["tags"], "    ")),
-               ("active", "false" if rng.random() < 0.03 else "true")]
+               ("active", _same(body, "active", "false" if rng.random() < 0.03 else "true"))]
     if rng.random() < 0.4:
         fields.append(("reviewedAt", _Q(iso_ms(min(clock.now_ms, created + rng.randint(
             86400000, 120 * 86400000))))))
@@ -547,7 +558,9 @@ KINDS = {"patterns.json": (pattern_body, render_pattern),
 
 
 def _near_duplicate(body: Dict[str, Any], rng: random.Random) -> Dict[str, Any]:
-    """A copy of a recent record's content with one small wording change, as agents relearn."""
+    """A copy of a recent record's content with one small wording change, as agents relearn:
+    same content under a new id (its numbers, versions, paths, error codes, state and outcome
+    are its original's, see _same; ages and evidence counts are its own)."""
     twin = dict(body)
     for key in ("rationale", "technique", "fix", "question"):
         if twin.get(key):

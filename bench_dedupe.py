@@ -27,6 +27,7 @@ Standard library only; keep sizes small on a shared machine.
 import argparse
 import collections
 import json
+import os
 import random
 import shutil
 import sys
@@ -51,7 +52,8 @@ MAIN_TEXT = {"pattern": ("pattern", "approach", "rationale"),
 Plants = Dict[Tuple[str, str], List[Set[str]]]
 
 
-def generate_with_plants(root: Path, size_mb: float, seed: int) -> Plants:
+def generate_with_plants(root: Path, size_mb: float, seed: int, encoding: str = "mixed"
+                         ) -> Plants:
     """Generate the store; returns {(agent, file): [ids planted together]} (groups of 2+)."""
     groups: Dict[Tuple[str, str, int], Set[str]] = collections.defaultdict(set)
     counter = iter(range(1 << 62))
@@ -73,7 +75,7 @@ def generate_with_plants(root: Path, size_mb: float, seed: int) -> Plants:
 
     bench_aml.KINDS.update({kind: wrap(kind) for kind in original})
     try:
-        bench_aml.generate_store(root, size_mb, seed=seed, encoding="mixed", jobs=1)
+        bench_aml.generate_store(root, size_mb, seed=seed, encoding=encoding, jobs=1)
     finally:
         bench_aml.KINDS.update(original)
     out: Dict[Tuple[str, str], List[Set[str]]] = collections.defaultdict(list)
@@ -333,11 +335,29 @@ def speed_lines(figures: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def machine() -> str:
+    """The CPU, its core count and the load when the run started (a shared machine's
+    neighbours slow every figure; the ratios are of CPU seconds measured in one run)."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return "machine: %s, %d cores, load average %.2f %.2f %.2f at the start" % (
+        (model, os.cpu_count() or 0) + os.getloadavg())
+
+
 def main(argv: Any = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=float, default=20, help="store size in MiB (default 20)")
     parser.add_argument("--small", type=float, default=5,
-                        help="a second, smaller size for the linearity check (default 5)")
+                        help="a second, smaller size for the linearity check (default 5; "
+                        "0: none)")
+    parser.add_argument("--encoding", choices=("mixed", "gzip", "plain"), default="mixed",
+                        help="record files gzip, plain or every other agent gzip (default)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--per-class", type=int, default=40,
                         help="hard-negative pairs per class and type (default 40)")
@@ -347,17 +367,20 @@ def main(argv: Any = None) -> int:
     scratch = Path(opts.scratch or tempfile.mkdtemp(prefix="bench-dedupe-"))
     try:
         big, small, hard_root = scratch / "store", scratch / "small", scratch / "hard"
-        plants = generate_with_plants(big, opts.size, opts.seed)
-        bench_aml.generate_store(small, opts.small, seed=opts.seed, encoding="mixed")
+        plants = generate_with_plants(big, opts.size, opts.seed, opts.encoding)
+        if opts.small:
+            bench_aml.generate_store(small, opts.small, seed=opts.seed, encoding=opts.encoding)
         hard = build_hard_negatives(big, hard_root, opts.per_class, opts.seed)
         print("$ python3 bench_dedupe.py %s" % " ".join(sys.argv[1:]))
-        print("threshold %.2f; %s; Python %s" % (opts.threshold, time.strftime("%Y-%m-%d"),
-                                                 sys.version.split()[0]))
+        print("threshold %.2f; encoding %s; %s; Python %s" % (
+            opts.threshold, opts.encoding, time.strftime("%Y-%m-%d"), sys.version.split()[0]))
+        print(machine())
         print()
         print("\n".join(quality(big, plants, hard_root, hard, opts.threshold)))
         print()
-        print("\n".join(speed_lines([speed(small, opts.threshold),
-                                     speed(big, opts.threshold)])))
+        print("\n".join(speed_lines(([speed(small, opts.threshold)] if opts.small else [])
+                                    + [speed(big, opts.threshold)])))
+        print("load average after: %.2f %.2f %.2f" % os.getloadavg())
     finally:
         if opts.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)

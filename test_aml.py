@@ -4544,6 +4544,65 @@ def test_store_operation_records_a_run_only_when_it_ends_with_a_summary(tmp_path
             for e in history] == [("verify", NOW, {"note": "first"}),
                                   ("prune", NOW, {"removed": 2})]
 
+# ---- issue 15: dedupe recall on short records ----
+
+def _short_decision(agent, rng, question, option, component):
+    """A decision as bench_aml writes them: a short question, a short option, a flat context."""
+    rec = make_decision(agent, rng, would_repeat=True)
+    rec["decision"].update(type="state-management", question=question, chosenOption=option,
+                           context={"component": component, "scale": "medium", "teamSize": 7,
+                                    "greenfield": False, "ticket": "ARCH-4711"})
+    return rec
+
+
+@pytest.mark.parametrize("change", [" for this team", " for the team", " in this team"])
+def test_dedupe_finds_a_short_decision_reworded_with_filler_words(tmp_path, change):
+    # A short decision has about 14 shingles: three appended words ("for this team") made
+    # three new ones, Jaccard 0.82 < 0.85, and the twin was missed. Words that carry no
+    # knowledge are not shingled, so only "team" is new.
+    rng = random.Random(7)
+    first = _short_decision("backend-developer", rng, "REST or GraphQL for search?",
+                            "react-query + local state", "search")
+    twin = _twin(first, rng, edit=lambda t: t["decision"].update(
+        question=t["decision"]["question"] + change))
+    root, _ = dedupe_store_dir(tmp_path / "m", twins={"decisions.json": [first, twin]})
+    result = _dedupe(root)
+    assert [(c.survivor_id, [m["id"] for m in c.members]) for c in result.clusters] in (
+        [(first["id"], [twin["id"]])], [(twin["id"], [first["id"]])])
+
+
+def test_dedupe_filler_words_never_hide_a_different_fact(tmp_path):
+    # The filler words leave the shingles only: the guard still reads every token, so the
+    # twin whose question names another ticket is held apart.
+    rng = random.Random(7)
+    first = _short_decision("backend-developer", rng, "Which cache fits search for ENG-1042?",
+                            "redis", "search")
+    other = _twin(first, rng, edit=lambda t: t["decision"].update(
+        question="Which cache fits search for ENG-1043?"))
+    root, _ = dedupe_store_dir(tmp_path / "m", twins={"decisions.json": [first, other]})
+    result = _dedupe(root)
+    assert result.clusters == []
+    assert [h["guard"] for h in result.held_apart] == ["error_code"]
+
+
+def test_dedupe_odd_knowledge_values_still_shingle_by_field(tmp_path):
+    # Words are split per record at a \x01 joining the fields; a field holding \x01 itself,
+    # a list of non-strings and a nested context still find their twin, and the copy whose
+    # steps moved to another field does not.
+    rng = random.Random(3)
+    first = _distinct_pattern("backend-developer", rng)
+    first["pattern"]["approach"]["rationale"] += " \x01 split \x01 here"
+    first["pattern"]["approach"]["steps"] = [3, {"run": "migrate users table"}, "then verify"]
+    first["pattern"]["context"] = {"language": "python", "deploy": {"region": "eu"}}
+    twin = _twin(first, rng)
+    moved = _twin(first, rng, edit=lambda t: t["pattern"]["conditions"].update(
+        whenNotApplicable=t["pattern"]["approach"].pop("steps")))
+    root, _ = dedupe_store_dir(tmp_path / "m", twins={"patterns.json": [first, twin, moved]})
+    result = _dedupe(root)
+    assert [sorted([c.survivor_id] + [m["id"] for m in c.members])
+            for c in result.clusters] == [sorted([first["id"], twin["id"]])]
+
+
 # =============================================================================
 # 13. Migration
 # =============================================================================
