@@ -706,11 +706,41 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
     return chunks
 
 
-# -- JSON array splitting: records as exact byte slices ---------------------
+# -- JSON arrays: each record with the exact span of its text ---------------
 
-_WS_RE = re.compile(r"[ \t\n\r]*")
-_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant,
-                              parse_float=_finite_float).scan_once
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_COMMA = re.compile(r"[ \t\n\r]*(,)?[ \t\n\r]*")
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def scan_json_array(text: str) -> Iterator[Tuple[Any, int, int]]:
+    """Each element of JSON array ``text`` as (value, start, end): ``text[start:end]`` is its
+    exact text. The one array scanner (backup's splitter, the index's record offsets).
+
+    The C scanner with parse_json_text's strict rules. Raises ValueError (RecursionError when
+    nested too deeply) once the text proves not to be exactly one JSON array, after yielding
+    the elements before that point: a caller uses nothing until the scan has finished.
+    """
+    skip, comma, scan = _JSON_SPACE.match, _JSON_COMMA.match, _STRICT_DECODER.scan_once
+    at = skip(text, 0).end()
+    if text[at:at + 1] != "[":
+        raise ValueError("not an array")
+    at = skip(text, at + 1).end()
+    if text[at:at + 1] != "]":
+        while True:
+            try:
+                item, end = scan(text, at)
+            except StopIteration:
+                raise ValueError("no JSON value at %d" % at) from None
+            yield item, at, end
+            found = comma(text, end)
+            at = found.end()
+            if found.group(1) is None:
+                break
+        if text[at:at + 1] != "]":
+            raise ValueError("array not closed")
+    if skip(text, at + 1).end() != len(text):
+        raise ValueError("extra data")
 
 
 def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
@@ -721,32 +751,15 @@ def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int,
     differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
     """
     try:
-        return _split_array(text)
-    except (StopIteration, ValueError, RecursionError, IndexError):
+        spans = [(start, end) for _, start, end in scan_json_array(text)]
+    except (ValueError, RecursionError):
         return None
-
-
-def _split_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
-    pos = _WS_RE.match(text).end()
-    if not text.startswith("[", pos):
+    if not spans:
         return None
-    start = cur = _WS_RE.match(text, pos + 1).end()
-    spans: List[Tuple[int, int]] = []
-    sep = None
-    while True:
-        end = _SCAN_ONCE(text, cur)[1]
-        spans.append((cur, end))
-        nxt = _WS_RE.match(text, end).end()
-        if text.startswith(",", nxt):
-            cur = _WS_RE.match(text, nxt + 1).end()
-            if sep is None:
-                sep = text[end:cur]
-            elif text[end:cur] != sep:
-                return None
-        elif text.startswith("]", nxt) and not text[nxt + 1:].strip(" \t\n\r"):
-            return text[:start], sep or "", text[end:], spans
-        else:
-            return None
+    sep = text[spans[0][1]:spans[1][0]] if len(spans) > 1 else ""
+    if any(text[end:nxt] != sep for (_, end), (nxt, _) in zip(spans, spans[1:])):
+        return None
+    return text[:spans[0][0]], sep, text[spans[-1][1]:], spans
 
 
 def remove_array_elements(text: str, fmt: FileFormat, positions: Iterable[int]
@@ -1032,7 +1045,7 @@ class MaintenanceLock:
         self.release()
 
 
-__all__ += ["load_json_text", "split_json_array", "remove_array_elements"]
+__all__ += ["load_json_text", "scan_json_array", "split_json_array", "remove_array_elements"]
 
 
 # =============================================================================
@@ -1097,22 +1110,47 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
 
 def first_value(record: Dict[str, Any], field: str) -> Any:
     """The first present value of a logical field across the known layouts, else None."""
+    if not isinstance(record, dict):
+        return None
     for path in FIELD_PATHS[field]:
-        value = record
-        for key in path:   # dig(record, *path), inlined: this runs for every record
-            if not isinstance(value, dict):
-                value = None
-                break
-            value = value.get(key)
+        value = record.get(path[0])
+        for key in path[1:]:   # dig(), inlined: this runs for every record
+            value = value.get(key) if isinstance(value, dict) else None
         if value is not None:
             return value
     return None
 
 
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+# Top-level keys where a legacy layout may keep a field; a runtime record has none of them.
+_LEGACY_KEYS = frozenset(path[0] for paths in FIELD_PATHS.values() for path in paths
+                         if path[0] not in ("metrics", "evolution"))
+
+
+def usage_fields(record: Dict[str, Any]) -> Tuple[Any, Any, Any, Any, Any]:
+    """(confidence, success rate, execution count, last used, created) of a record as stored,
+    each the first_value of its field: the one reader behind record_facts and the index's
+    posting_row. A runtime record holds them all in ``evolution``/``metrics`` (read directly);
+    only a record with a gap and another layout's keys takes the generic lookup."""
+    get = record.get
+    evo, met = get("evolution"), get("metrics")
+    conf = last = created = rate = count = None
+    if type(evo) is dict:
+        conf, last, created = evo.get("confidenceScore"), evo.get("lastUsed"), evo.get("created")
+    if type(met) is dict:
+        rate, count = met.get("successRate"), met.get("executionCount")
+    if None in (conf, rate, count, last, created) and (
+            evo or met or not _LEGACY_KEYS.isdisjoint(record)):
+        conf = first_value(record, "confidence") if conf is None else conf
+        rate = first_value(record, "success_rate") if rate is None else rate
+        count = first_value(record, "execution_count") if count is None else count
+        last = first_value(record, "last_used") if last is None else last
+        created = first_value(record, "created") if created is None else created
+    return conf, rate, count, last, created
+
+
+def _number(value: Any, isfinite: Callable[[float], bool] = math.isfinite) -> Optional[float]:
+    kind = type(value)  # exact types: a bool is not a number here
+    return float(value) if (kind is float or kind is int) and isfinite(value) else None
 
 
 @dataclasses.dataclass
@@ -1157,11 +1195,12 @@ def _lifecycle_state(record: Dict[str, Any]) -> Optional[str]:
     return state.lower() if isinstance(state, str) else None
 
 
+_is_str = str.__instancecheck__  # a C-level predicate for filter()
+
+
 def _tags(record: Dict[str, Any]) -> Tuple[str, ...]:
     tags = record.get("tags")
-    if not isinstance(tags, list):
-        return ()
-    return tuple(t for t in tags if isinstance(t, str))
+    return tuple(filter(_is_str, tags)) if type(tags) is list else ()
 
 
 def _is_pinned(record: Dict[str, Any], tags: Tuple[str, ...]) -> bool:
@@ -1209,8 +1248,8 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
     tags = _tags(rec)
     rid = rec.get("id")
     agent = rec.get("agent")
-    stamp, created, last_used = (rec.get("timestamp"), first_value(rec, "created"),
-                                 first_value(rec, "last_used"))
+    confidence, rate, count, last_used, created = usage_fields(rec)
+    stamp = rec.get("timestamp")
     when = parse_timestamp(stamp)
     return RecordFacts(
         rtype=rtype,
@@ -1219,9 +1258,9 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
         timestamp=when,   # the same text twice (often: created) is parsed once
         created=when if _same_text(created, stamp) else parse_timestamp(created),
         last_used=when if _same_text(last_used, stamp) else parse_timestamp(last_used),
-        success_rate=_number(first_value(rec, "success_rate")),
-        execution_count=_number(first_value(rec, "execution_count")),
-        confidence=_number(first_value(rec, "confidence")),
+        success_rate=_number(rate),
+        execution_count=_number(count),
+        confidence=_number(confidence),
         worked=_bool_or_none(dig(rec, "effectiveness", "worked")),
         would_repeat=_bool_or_none(first_value(rec, "would_repeat")),
         verified_count=_number(rec.get("verifiedCount", rec.get("verified_count"))),
@@ -5324,100 +5363,32 @@ DEFAULT_BLOOM_FP_RATE = 0.01
 P_ID, P_POS, P_CONF, P_SR, P_EXEC, P_LAST, P_ACTIVE, P_TAGS = range(8)
 
 
-# Top-level keys where a legacy layout may keep a field; a runtime record has none of them.
-_LEGACY_KEYS = frozenset(path[0] for paths in FIELD_PATHS.values() for path in paths
-                         if path[0] not in ("metrics", "evolution"))
-
-
-def _field(record: Dict[str, Any], field: str) -> Any:
-    # first_value without the generic dig(): the index build calls this per record.
-    for path in FIELD_PATHS[field]:
-        value = record.get(path[0])
-        for key in path[1:]:
-            value = value.get(key) if isinstance(value, dict) else None
-        if value is not None:
-            return value
-    return None
-
-
-def _num(value: Any, isfinite: Callable[[float], bool] = math.isfinite) -> Optional[float]:
-    kind = type(value)  # exact types: a bool is not a number here
-    return float(value) if (kind is float or kind is int) and isfinite(value) else None
-
-
-_is_str = str.__instancecheck__  # a C-level predicate for filter()
-
-
 def posting_row(record: Any, position: int) -> List[Any]:
     """The facts the index keeps for one record (see P_* for the layout); never raises.
 
-    Reads the same values as record_facts (runtime camelCase first, then legacy layouts).
-    The index build calls this once per record, so it avoids per-field helper calls.
+    Reads the same values as record_facts (usage_fields), the raw last-activity value kept
+    as stored (last used, else created, else the record timestamp).
     """
     if not isinstance(record, dict):
         return [None, position, None, None, None, None, True, []]
+    conf, rate, count, last, created = usage_fields(record)
     get = record.get
-    evo, met = get("evolution"), get("metrics")
-    conf = last = rate = count = None
-    if type(evo) is dict:
-        conf, last = evo.get("confidenceScore"), evo.get("lastUsed")
-    if type(met) is dict:
-        rate, count = met.get("successRate"), met.get("executionCount")
-    if (evo or met or not _LEGACY_KEYS.isdisjoint(record)) and (
-            conf is None or rate is None or count is None or last is None):
-        # Only then can a later layout path hold a value (the generic, slower lookup).
-        conf = _field(record, "confidence") if conf is None else conf
-        rate = _field(record, "success_rate") if rate is None else rate
-        count = _field(record, "execution_count") if count is None else count
-        last = _field(record, "last_used") if last is None else last
-        last = last or _field(record, "created")
-    last = last or get("timestamp")
+    last = last or created or get("timestamp")
     rid, active, tags = get("id"), get("active"), get("tags")
-    kind = type(last)
-    return [rid if type(rid) is str and rid else None, position, _num(conf), _num(rate),
-            _num(count), last if kind is str or kind is int or kind is float else None,
+    kind = type(last)  # below: record_id, _is_active and _tags inlined (once per record)
+    return [rid if type(rid) is str and rid else None, position, _number(conf),
+            _number(rate), _number(count),
+            last if kind is str or kind is int or kind is float else None,
             active if type(active) is bool else _is_active(record),
             list(filter(_is_str, tags)) if type(tags) is list else []]
 
 
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-_JSON_COMMA = re.compile(r"[ \t\n\r]*(,)?[ \t\n\r]*")
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 # Record offsets are kept only for files of at least this many characters: parsing element by
 # element costs about 30 % more than one json.loads (measured), which pays off only where
 # parsing the whole file for one get would cost more (a 4 MB file parses in about 30 ms).
 _OFFSET_MIN_CHARS = 4 * 1024 * 1024
 _NO_OFFSET = 2 ** 64 - 1  # in an id row: parse the whole (small) file
 _BYTE_OFFSET = 1 << 62    # flag in an id row: the offset is a byte offset in the file as stored
-
-
-def _array_with_offsets(text: str) -> Tuple[List[Any], List[int]]:
-    """Parse a JSON array element by element: (elements, offset of each in ``text``).
-
-    The same C scanner and strict rules as parse_json_text; raises ValueError for anything
-    that is not exactly one JSON array (the caller then reports json.loads' own error).
-    """
-    skip, comma, decode = _JSON_SPACE.match, _JSON_COMMA.match, _STRICT_DECODER.raw_decode
-    at = skip(text, 0).end()
-    if text[at:at + 1] != "[":
-        raise ValueError("not an array")
-    at = skip(text, at + 1).end()
-    items: List[Any] = []
-    offsets: List[int] = []
-    if text[at:at + 1] != "]":
-        while True:
-            item, end = decode(text, at)
-            items.append(item)
-            offsets.append(at)
-            found = comma(text, end)
-            at = found.end()
-            if found.group(1) is None:
-                break
-        if text[at:at + 1] != "]":
-            raise ValueError("array not closed")
-    if skip(text, at + 1).end() != len(text):
-        raise ValueError("extra data")
-    return items, offsets
 
 
 def _value_at(path: Path, handle: Any, offset: int) -> Any:
@@ -5453,8 +5424,11 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
             if isinstance(records, list):
                 return records, None
         else:
+            records, offsets = [], []
             try:
-                records, offsets = _array_with_offsets(text)
+                for record, at, _ in scan_json_array(text):
+                    records.append(record)
+                    offsets.append(at)
             except RecursionError:
                 raise ValueError("nested too deeply") from None
             if raw[:2] != GZIP_MAGIC and text.isascii():

@@ -2321,7 +2321,8 @@ def test_warm_score_prefers_confident_recent_active_records():
 @pytest.mark.parametrize("text", ['[]', ' [ ] ', '[{"a": [1, {"b": "]"}]}, 2,"x" ,null]\n',
                                   json.dumps([{"id": "é", "n": 1.5}] * 3, indent=2)])
 def test_array_with_offsets_parses_like_json_loads(text):
-    items, offsets = aml._array_with_offsets(text)
+    scanned = list(aml.scan_json_array(text))  # the one scanner (was _array_with_offsets)
+    items, offsets = [item for item, _, _ in scanned], [start for _, start, _ in scanned]
     assert items == json.loads(text) and len(offsets) == len(items)
     assert [json.JSONDecoder().raw_decode(text, at)[0] for at in offsets] == items
 
