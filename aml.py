@@ -5645,6 +5645,49 @@ def _problems(entries: Iterable[Dict[str, Any]]) -> List[str]:
     return ["%s: %s" % (e["path"], e["problem"]) for e in entries]
 
 
+def _file_range(path: Path, offset: int, length: int) -> bytes:
+    """``length`` bytes of a file from ``offset`` (fewer at its end); raises OSError."""
+    with open(str(path), "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+class _IdTable:
+    """A file of fixed-size rows, each starting with bloom_digest(id), stored bucket after
+    bucket (the digest's first byte) after ``header`` bytes. Its owner keeps a [first row,
+    rows, SHA-256] span per bucket (the index manifest for ids.bin, hot.json for hot.bin), so
+    a lookup reads and verifies one bucket: the one bucketed id table of the index and cache.
+    """
+
+    def __init__(self, path: Path, row: struct.Struct, header: int = 0):
+        self.path, self.row, self.header = path, row, header
+
+    def bucket(self, span: Sequence[Any]) -> Optional[bytes]:
+        """One bucket's rows, or None when they do not match its SHA-256; raises OSError."""
+        start, count, digest_sha = span
+        size = self.row.size
+        chunk = _file_range(self.path, self.header + start * size, count * size)
+        return chunk if sha256_hex(chunk) == digest_sha else None
+
+    def find(self, chunk: bytes, digest: bytes) -> List[Tuple[Any, ...]]:
+        """The unpacked rows of a bucket's bytes that start with ``digest``, in table order."""
+        size, found, at = self.row.size, [], chunk.find(digest)
+        while at >= 0:
+            if at % size == 0:  # a match must start a row, not straddle two
+                found.append(self.row.unpack_from(chunk, at))
+            at = chunk.find(digest, at + 1)
+        return found
+
+    @staticmethod
+    def spans(chunks: List[bytes], row_size: int) -> List[List[Any]]:
+        """The [first row, rows, SHA-256] of each bucket of a table written as ``chunks``."""
+        spans, start = [], 0
+        for chunk in chunks:
+            spans.append([start, len(chunk) // row_size, sha256_hex(chunk)])
+            start += len(chunk) // row_size
+        return spans
+
+
 class MemoryIndex:
     """The persisted record index in ``.aml/index/``: id -> (file, position), postings, bloom.
 
@@ -5786,18 +5829,13 @@ class MemoryIndex:
 
     def _old_part(self, entry: Dict[str, Any]) -> Optional[Tuple[bytes, bytes, int]]:
         try:
-            blob = self._read_range("postings.dat", entry["offset"], entry["length"])
-            keys = self._read_range("keys.dat", entry["keys_offset"], entry["keys_length"])
+            blob = _file_range(self.part("postings.dat"), entry["offset"], entry["length"])
+            keys = _file_range(self.part("keys.dat"), entry["keys_offset"], entry["keys_length"])
         except (OSError, KeyError):
             return None
         if sha256_hex(blob) != entry["sha256"] or sha256_hex(keys) != entry["keys_sha256"]:
             return None
         return blob, keys, entry["records"]
-
-    def _read_range(self, name: str, offset: int, length: int) -> bytes:
-        with open(str(self.part(name)), "rb") as handle:
-            handle.seek(offset)
-            return handle.read(length)
 
     def _write(self, parts: List[Tuple[_FileStat, int, bytes, bytes, int]],
                bad: List[Dict[str, Any]]) -> None:
@@ -5826,21 +5864,20 @@ class MemoryIndex:
         """ids.bin: all files' rows of bucket 0, then of bucket 1, ...; a checksum per bucket."""
         heads = [_BUCKET_COUNTS.unpack_from(keys) for keys in file_keys]
         cursors = [_BUCKET_COUNTS.size] * len(file_keys)
-        chunks, buckets, start = [], [], 0
+        chunks = []
         for bucket in range(_ID_BUCKETS):
             pieces = []
             for i, keys in enumerate(file_keys):
                 end = cursors[i] + heads[i][bucket] * _ID_ROW.size
                 pieces.append(keys[cursors[i]:end])
                 cursors[i] = end
-            chunk = b"".join(pieces)
-            buckets.append([start, len(chunk) // _ID_ROW.size, sha256_hex(chunk)])
-            start += len(chunk) // _ID_ROW.size
-            chunks.append(chunk)
+            chunks.append(b"".join(pieces))
+        buckets = _IdTable.spans(chunks, _ID_ROW.size)
         body = b"".join(chunks)
-        atomic_write_bytes(self.part("ids.bin"), _IDS_HEADER.pack(_IDS_MAGIC, 1, start) + body,
+        count = len(body) // _ID_ROW.size
+        atomic_write_bytes(self.part("ids.bin"), _IDS_HEADER.pack(_IDS_MAGIC, 1, count) + body,
                            mode=0o600)
-        return {"count": start, "buckets": buckets}, body
+        return {"count": count, "buckets": buckets}, body
 
     def _build_bloom(self, body: bytes, count: int) -> Tuple[bytes, BloomFilter]:
         """The bloom filter over every id, hashed straight from the id table's rows."""
@@ -5900,24 +5937,18 @@ class MemoryIndex:
         this id (one bucket read)."""
         manifest = self._verified()
         digest = bloom_digest(record_id)
-        start, count, digest_sha = manifest["ids"]["buckets"][digest[0]]
-        size = _ID_ROW.size
-        chunk = self._read_range("ids.bin", _IDS_HEADER.size + start * size, count * size)
-        if sha256_hex(chunk) != digest_sha:
+        table = _IdTable(self.part("ids.bin"), _ID_ROW, _IDS_HEADER.size)
+        chunk = table.bucket(manifest["ids"]["buckets"][digest[0]])
+        if chunk is None:
             raise IntegrityError("%s: id table bucket %d does not verify"
                                  % (self.folder, digest[0]))
         slots = {e["slot"]: e for e in manifest["files"]}
-        found, at = [], chunk.find(digest)
-        while at >= 0:
-            if at % size == 0:  # a match must start a row, not straddle two
-                _, slot, position, offset = _ID_ROW.unpack_from(chunk, at)
-                found.append((slots[slot], position, None if offset == _NO_OFFSET else offset))
-            at = chunk.find(digest, at + 1)
-        return found
+        return [(slots[slot], position, None if offset == _NO_OFFSET else offset)
+                for _, slot, position, offset in table.find(chunk, digest)]
 
     def postings(self, entry: Dict[str, Any]) -> List[List[Any]]:
         """The posting rows of one indexed file (read by seek); raises IntegrityError."""
-        blob = self._read_range("postings.dat", entry["offset"], entry["length"])
+        blob = _file_range(self.part("postings.dat"), entry["offset"], entry["length"])
         if sha256_hex(blob) != entry["sha256"]:
             raise IntegrityError("%s: postings of %s do not verify" % (self.folder, entry["path"]))
         return json.loads(blob.decode("utf-8"))
@@ -6050,26 +6081,25 @@ class HotCache:
             self._doc = doc if ok else {"buckets": [[0, 0, sha256_hex(b"")]] * _ID_BUCKETS}
         return self._doc
 
+    def _table(self) -> _IdTable:
+        return _IdTable(self.index.part("hot.bin"), _HOT_ROW)
+
     def _bucket(self, number: int) -> bytes:
-        start, count, digest_sha = self._load()["buckets"][number]
+        span = self._load()["buckets"][number]
         try:
-            chunk = self.index._read_range("hot.bin", start * _HOT_ROW.size, count * _HOT_ROW.size)
+            return self._table().bucket(span) or b""
         except OSError:
             return b""
-        return chunk if sha256_hex(chunk) == digest_sha else b""
 
     def fetch(self, record_id: Optional[str], entry: Dict[str, Any], position: int) -> Any:
         """The hot record for this id at this (fresh) location, or None (a miss)."""
         if not record_id:
             return None
         digest = bloom_digest(record_id)
-        chunk = self._bucket(digest[0])
-        at = chunk.find(digest)
-        while at >= 0 and at % _HOT_ROW.size:
-            at = chunk.find(digest, at + 1)
-        if at < 0:
+        rows = self._table().find(self._bucket(digest[0]), digest)
+        if not rows:
             return None
-        _, slot, pos, size, mtime_ns, offset, length, sha = _HOT_ROW.unpack_from(chunk, at)
+        _, slot, pos, size, mtime_ns, offset, length, sha = rows[0]
         if (slot, pos, size, mtime_ns) != (entry["slot"], position, entry["size"],
                                            entry["mtime_ns"]):
             return None
@@ -6077,7 +6107,7 @@ class HotCache:
 
     def _record(self, offset: int, length: int, sha: bytes) -> Any:
         try:
-            blob = self.index._read_range("hot.dat", offset, length)
+            blob = _file_range(self.index.part("hot.dat"), offset, length)
         except OSError:
             return None
         return json.loads(blob.decode("utf-8")) if hashlib.sha256(blob).digest() == sha else None
@@ -6148,14 +6178,11 @@ class HotCache:
                 digest, entry["slot"], row[P_POS], entry["size"], entry["mtime_ns"], offset,
                 len(blob), hashlib.sha256(blob).digest()))
             offset += len(blob)
-        buckets, start = [], 0
-        for rows in by_bucket:
-            buckets.append([start, len(rows), sha256_hex(b"".join(rows))])
-            start += len(rows)
+        chunks = [b"".join(rows) for rows in by_bucket]
+        buckets = _IdTable.spans(chunks, _HOT_ROW.size)
         atomic_write_bytes(self.index.part("hot.dat"), b"".join(b for _, _, b in chosen),
                            mode=0o600)
-        atomic_write_bytes(self.index.part("hot.bin"), b"".join(map(b"".join, by_bucket)),
-                           mode=0o600)
+        atomic_write_bytes(self.index.part("hot.bin"), b"".join(chunks), mode=0o600)
         write_checksummed(self.index.part("hot.json"),
                           {"built": format_timestamp(now), "budget": max_bytes, "bytes": offset,
                            "records": len(chosen), "buckets": buckets})
