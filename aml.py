@@ -467,7 +467,10 @@ def sha256_hex(data: bytes) -> str:
 
 
 def text_digest(text: str) -> str:
-    """Hex SHA-256 of a text's UTF-8 bytes: notices any change to a decoded file."""
+    """Hex SHA-256 of a text's UTF-8 bytes: notices any change to a decoded file.
+
+    The one "file unchanged since it was planned" test (prune and dedupe compare it under the
+    file's lock); hashing the text as read costs no re-serialising of records."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -1771,17 +1774,6 @@ def archived_record_text(record: Any) -> str:
     """A record as compact JSON in its own key order: what an archive part keeps, so a put-back
     record reads exactly as it did (state files sort keys, this text does not)."""
     return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _digest(records: List[Any]) -> str:
-    """The sha256 of an array's compact JSON (how dedupe notices a file that changed since it
-    was planned), serialized a slice at a time (never the whole file's text at once)."""
-    whole = hashlib.sha256(b"[")
-    for start in range(0, len(records), 256):
-        text = archived_record_text(records[start:start + 256])[1:-1]
-        whole.update((b"," if start else b"") + text.encode("utf-8"))
-    whole.update(b"]")
-    return whole.hexdigest()
 
 
 class Archive:
@@ -4050,6 +4042,8 @@ class _SnapshotBuilder:
         sha256, add, items = hashlib.sha256, writer.add, []
         for start, end in spans:
             data = body[start:end] if ascii_text else text[start:end].encode("utf-8")
+            # A record's identity here is its exact bytes, not _canonical: a restore must
+            # give back the file byte for byte, whitespace and key order included.
             digest = sha256(data).digest()
             add(digest, data)
             items.append(digest)
@@ -6761,7 +6755,11 @@ class _SpaceFacts:
     values: "array.array[float]"
     activity: "array.array[float]"
     protected: bytearray
-    marks: bytearray  # 8 bytes a record: blake2b of its compact JSON, to find it again
+    # 8 bytes a record: blake2b of its compact JSON in key order, to find a pick again after
+    # the runtime changed the file. Not _canonical: this text is already made for the sizes
+    # (a sorted one would serialise every record again), and a record whose keys were only
+    # reordered is at worst not picked again this run: never a wrong record removed.
+    marks: bytearray
 
     def mark(self, index: int) -> bytes:
         """The content digest of one record."""
@@ -7266,7 +7264,11 @@ def _count_removed(summaries: List[AgentPruneSummary], removed: List[PrunedRecor
 
 
 def _canonical(record: Any) -> str:
-    """Order-independent text of a record, to recognise the same content again."""
+    """Order-independent text of a record, to recognise the same content again: the one record
+    identity of gc's duplicates, undo's copies and dedupe's exact matches (a record the
+    runtime re-wrote with its keys in another order is still the same record). Backup keys
+    records by their exact bytes instead (see _SnapshotBuilder._array_entry), prune's space
+    picks by a short digest of their compact text (see _SpaceFacts.marks)."""
     return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
@@ -8579,8 +8581,9 @@ def _survivor_why(survivor: _Candidate, members: List[Tuple[_Candidate, float]])
 
 
 def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], threshold: float,
-                      result: Optional[DedupeResult]) -> _DedupeFile:
-    """Find one file's clusters and describe them in ``result`` (when given)."""
+                      result: Optional[DedupeResult], digest: str = "") -> _DedupeFile:
+    """Find one file's clusters and describe them in ``result`` (when given); ``digest`` is
+    the text_digest of the file as read."""
     finder = _FileDedupe(data_file.rtype, records, threshold)
     clusters = finder.clusters()
     rel = data_file.path.relative_to(store.root).as_posix()
@@ -8593,7 +8596,7 @@ def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], thr
             [{"id": c.id, "index": c.index, "similarity": round(score, 4),
               "differs": text_differences(survivor, c)} for c, score in members]))
     result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
-    return _DedupeFile(data_file, rel, _digest(records), clusters)
+    return _DedupeFile(data_file, rel, digest, clusters)
 
 
 def _merged_survivors(plan: _DedupeFile, records: List[Any]
@@ -8667,14 +8670,14 @@ def _plan_dedupe(store: Store, threshold: float, force: bool, agents: Optional[S
         mine, total = [], 0
         for data_file in store.record_files(agent):
             try:
-                records = store.load_records(data_file)[0]
+                records, digest = store.load_records_digest(data_file)
             except CorruptFileError as exc:
                 result.unreadable.append(str(exc))
                 continue
             result.files += 1
             result.records += len(records)
             total += len(records)
-            plan = _plan_dedupe_file(store, data_file, records, threshold, result)
+            plan = _plan_dedupe_file(store, data_file, records, threshold, result, digest)
             if plan.clusters:
                 mine.append(plan)
             del records
@@ -8710,7 +8713,7 @@ def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, pla
     A file the runtime changed since planning is planned again from what is there now."""
     try:
         with store.rewrite(plan.data_file.path) as job:
-            if _digest(job.data) != plan.digest:
+            if text_digest(job.text) != plan.digest:
                 plan = _plan_dedupe_file(store, plan.data_file, job.data, result.threshold, None)
             merges = _merged_survivors(plan, job.data)
             if not merges:
