@@ -716,15 +716,20 @@ _JSON_COMMA = re.compile(r"[ \t\n\r]*(,)?[ \t\n\r]*")
 _STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
-def scan_json_array(text: str) -> Iterator[Tuple[Any, int, int]]:
-    """Each element of JSON array ``text`` as (value, start, end): ``text[start:end]`` is its
-    exact text. The one array scanner (backup's splitter, the index's record offsets).
+def scan_json_array(text: str, values: bool = True) -> Tuple[List[Any], List[int], List[int]]:
+    """(elements, start of each, end of each) of JSON array ``text``: ``text[start:end]`` is an
+    element's exact text. The one array scanner (backup's splitter, the index's offsets).
 
-    The C scanner with parse_json_text's strict rules. Raises ValueError (RecursionError when
-    nested too deeply) once the text proves not to be exactly one JSON array, after yielding
-    the elements before that point: a caller uses nothing until the scan has finished.
+    The C scanner with parse_json_text's strict rules; raises ValueError for anything that is
+    not exactly one JSON array (RecursionError when nested too deeply). ``values=False``
+    keeps only the spans (the splitter's memory stays one file's text).
     """
     skip, comma, scan = _JSON_SPACE.match, _JSON_COMMA.match, _STRICT_DECODER.scan_once
+    items: List[Any] = []
+    starts: List[int] = []
+    ends: List[int] = []
+    keep = items.append if values else id  # id: a C call that keeps nothing
+    start, stop = starts.append, ends.append
     at = skip(text, 0).end()
     if text[at:at + 1] != "[":
         raise ValueError("not an array")
@@ -735,7 +740,9 @@ def scan_json_array(text: str) -> Iterator[Tuple[Any, int, int]]:
                 item, end = scan(text, at)
             except StopIteration:
                 raise ValueError("no JSON value at %d" % at) from None
-            yield item, at, end
+            keep(item)
+            start(at)
+            stop(end)
             found = comma(text, end)
             at = found.end()
             if found.group(1) is None:
@@ -744,6 +751,7 @@ def scan_json_array(text: str) -> Iterator[Tuple[Any, int, int]]:
             raise ValueError("array not closed")
     if skip(text, at + 1).end() != len(text):
         raise ValueError("extra data")
+    return items, starts, ends
 
 
 def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
@@ -754,15 +762,15 @@ def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int,
     differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
     """
     try:
-        spans = [(start, end) for _, start, end in scan_json_array(text)]
+        _, starts, ends = scan_json_array(text, values=False)
     except (ValueError, RecursionError):
         return None
-    if not spans:
+    if not starts:
         return None
-    sep = text[spans[0][1]:spans[1][0]] if len(spans) > 1 else ""
-    if any(text[end:nxt] != sep for (_, end), (nxt, _) in zip(spans, spans[1:])):
+    sep = text[ends[0]:starts[1]] if len(starts) > 1 else ""
+    if any(text[end:nxt] != sep for end, nxt in zip(ends, starts[1:])):
         return None
-    return text[:spans[0][0]], sep, text[spans[-1][1]:], spans
+    return text[:starts[0]], sep, text[ends[-1]:], list(zip(starts, ends))
 
 
 def remove_array_elements(text: str, fmt: FileFormat, positions: Iterable[int]
@@ -5418,11 +5426,8 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
             if isinstance(records, list):
                 return records, None
         else:
-            records, offsets = [], []
             try:
-                for record, at, _ in scan_json_array(text):
-                    records.append(record)
-                    offsets.append(at)
+                records, offsets, _ = scan_json_array(text)
             except RecursionError:
                 raise ValueError("nested too deeply") from None
             if raw[:2] != GZIP_MAGIC and text.isascii():

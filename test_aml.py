@@ -2321,8 +2321,7 @@ def test_warm_score_prefers_confident_recent_active_records():
 @pytest.mark.parametrize("text", ['[]', ' [ ] ', '[{"a": [1, {"b": "]"}]}, 2,"x" ,null]\n',
                                   json.dumps([{"id": "é", "n": 1.5}] * 3, indent=2)])
 def test_array_with_offsets_parses_like_json_loads(text):
-    scanned = list(aml.scan_json_array(text))  # the one scanner (was _array_with_offsets)
-    items, offsets = [item for item, _, _ in scanned], [start for _, start, _ in scanned]
+    items, offsets, _ = aml.scan_json_array(text)  # the one scanner (was _array_with_offsets)
     assert items == json.loads(text) and len(offsets) == len(items)
     assert [json.JSONDecoder().raw_decode(text, at)[0] for at in offsets] == items
 
@@ -7676,10 +7675,11 @@ def test_redact_url_keeps_what_locates_the_endpoint():
     ' [\n  {"id": "é", "n": [2, [3]]} ,\t"[,]" , -1.5e3, true, null ]\n',
     '[]'])
 def test_scan_json_array_gives_each_element_with_its_exact_text(text):
-    scanned = list(aml.scan_json_array(text))
-    assert [value for value, _, _ in scanned] == json.loads(text)
-    assert [json.loads(text[start:end]) for _, start, end in scanned] == json.loads(text)
-    assert all(text[start:end] == text[start:end].strip() for _, start, end in scanned)
+    items, starts, ends = aml.scan_json_array(text)
+    assert items == json.loads(text) and len(starts) == len(ends) == len(items)
+    assert [json.loads(text[start:end]) for start, end in zip(starts, ends)] == items
+    assert all(text[start:end] == text[start:end].strip() for start, end in zip(starts, ends))
+    assert aml.scan_json_array(text, values=False) == ([], starts, ends)
 
 
 @pytest.mark.parametrize("gz", [False, True])
