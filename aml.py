@@ -1121,10 +1121,9 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
 
 def first_value(record: Dict[str, Any], field: str) -> Any:
     """The first present value of a logical field across the known layouts, else None."""
-    if not isinstance(record, dict):
-        return None
+    get = record.get if type(record) is dict else {}.get
     for path in FIELD_PATHS[field]:
-        value = record.get(path[0])
+        value = get(path[0])
         for key in path[1:]:   # dig(), inlined: this runs for every record
             value = value.get(key) if isinstance(value, dict) else None
         if value is not None:
@@ -1149,7 +1148,7 @@ def usage_fields(record: Dict[str, Any]) -> Tuple[Any, Any, Any, Any, Any]:
         conf, last, created = evo.get("confidenceScore"), evo.get("lastUsed"), evo.get("created")
     if type(met) is dict:
         rate, count = met.get("successRate"), met.get("executionCount")
-    if None in (conf, rate, count, last, created) and (
+    if (conf is None or rate is None or count is None or last is None or created is None) and (
             evo or met or not _LEGACY_KEYS.isdisjoint(record)):
         conf = first_value(record, "confidence") if conf is None else conf
         rate = first_value(record, "success_rate") if rate is None else rate
