@@ -504,7 +504,10 @@ def sha256_hex(data: bytes) -> str:
 
 
 def text_digest(text: str) -> str:
-    """Hex SHA-256 of a text's UTF-8 bytes: notices any change to a decoded file."""
+    """Hex SHA-256 of a text's UTF-8 bytes: notices any change to a decoded file.
+
+    The one "file unchanged since it was planned" test (prune and dedupe compare it under the
+    file's lock); hashing the text as read costs no re-serialising of records."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -814,11 +817,49 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
     return chunks
 
 
-# -- JSON array splitting: records as exact byte slices ---------------------
+# -- JSON arrays: each record with the exact span of its text ---------------
 
-_WS_RE = re.compile(r"[ \t\n\r]*")
-_SCAN_ONCE = json.JSONDecoder(parse_constant=_reject_constant,
-                              parse_float=_finite_float).scan_once
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_COMMA = re.compile(r"[ \t\n\r]*(,)?[ \t\n\r]*")
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def scan_json_array(text: str, values: bool = True) -> Tuple[List[Any], List[int], List[int]]:
+    """(elements, start of each, end of each) of JSON array ``text``: ``text[start:end]`` is an
+    element's exact text. The one array scanner (backup's splitter, the index's offsets).
+
+    The C scanner with parse_json_text's strict rules; raises ValueError for anything that is
+    not exactly one JSON array (RecursionError when nested too deeply). ``values=False``
+    keeps only the spans (the splitter's memory stays one file's text).
+    """
+    skip, comma, scan = _JSON_SPACE.match, _JSON_COMMA.match, _STRICT_DECODER.scan_once
+    items: List[Any] = []
+    starts: List[int] = []
+    ends: List[int] = []
+    keep = items.append if values else id  # id: a C call that keeps nothing
+    start, stop = starts.append, ends.append
+    at = skip(text, 0).end()
+    if text[at:at + 1] != "[":
+        raise ValueError("not an array")
+    at = skip(text, at + 1).end()
+    if text[at:at + 1] != "]":
+        while True:
+            try:
+                item, end = scan(text, at)
+            except StopIteration:
+                raise ValueError("no JSON value at %d" % at) from None
+            keep(item)
+            start(at)
+            stop(end)
+            found = comma(text, end)
+            at = found.end()
+            if found.group(1) is None:
+                break
+        if text[at:at + 1] != "]":
+            raise ValueError("array not closed")
+    if skip(text, at + 1).end() != len(text):
+        raise ValueError("extra data")
+    return items, starts, ends
 
 
 def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
@@ -829,32 +870,15 @@ def split_json_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int,
     differ (hand-edited), empty arrays and invalid JSON return None (stored whole).
     """
     try:
-        return _split_array(text)
-    except (StopIteration, ValueError, RecursionError, IndexError):
+        _, starts, ends = scan_json_array(text, values=False)
+    except (ValueError, RecursionError):
         return None
-
-
-def _split_array(text: str) -> Optional[Tuple[str, str, str, List[Tuple[int, int]]]]:
-    pos = _WS_RE.match(text).end()
-    if not text.startswith("[", pos):
+    if not starts:
         return None
-    start = cur = _WS_RE.match(text, pos + 1).end()
-    spans: List[Tuple[int, int]] = []
-    sep = None
-    while True:
-        end = _SCAN_ONCE(text, cur)[1]
-        spans.append((cur, end))
-        nxt = _WS_RE.match(text, end).end()
-        if text.startswith(",", nxt):
-            cur = _WS_RE.match(text, nxt + 1).end()
-            if sep is None:
-                sep = text[end:cur]
-            elif text[end:cur] != sep:
-                return None
-        elif text.startswith("]", nxt) and not text[nxt + 1:].strip(" \t\n\r"):
-            return text[:start], sep or "", text[end:], spans
-        else:
-            return None
+    sep = text[ends[0]:starts[1]] if len(starts) > 1 else ""
+    if any(text[end:nxt] != sep for end, nxt in zip(ends, starts[1:])):
+        return None
+    return text[:starts[0]], sep, text[ends[-1]:], list(zip(starts, ends))
 
 
 def remove_array_elements(text: str, fmt: FileFormat, positions: Iterable[int]
@@ -1260,7 +1284,7 @@ class MaintenanceLock:
         self.release()
 
 
-__all__ += ["load_json_text", "split_json_array", "remove_array_elements"]
+__all__ += ["load_json_text", "scan_json_array", "split_json_array", "remove_array_elements"]
 
 
 # =============================================================================
@@ -1325,22 +1349,46 @@ FIELD_PATHS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
 
 def first_value(record: Dict[str, Any], field: str) -> Any:
     """The first present value of a logical field across the known layouts, else None."""
+    get = record.get if type(record) is dict else {}.get
     for path in FIELD_PATHS[field]:
-        value = record
-        for key in path:   # dig(record, *path), inlined: this runs for every record
-            if not isinstance(value, dict):
-                value = None
-                break
-            value = value.get(key)
+        value = get(path[0])
+        for key in path[1:]:   # dig(), inlined: this runs for every record
+            value = value.get(key) if isinstance(value, dict) else None
         if value is not None:
             return value
     return None
 
 
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+# Top-level keys where a legacy layout may keep a field; a runtime record has none of them.
+_LEGACY_KEYS = frozenset(path[0] for paths in FIELD_PATHS.values() for path in paths
+                         if path[0] not in ("metrics", "evolution"))
+
+
+def usage_fields(record: Dict[str, Any]) -> Tuple[Any, Any, Any, Any, Any]:
+    """(confidence, success rate, execution count, last used, created) of a record as stored,
+    each the first_value of its field: the one reader behind record_facts and the index's
+    posting_row. A runtime record holds them all in ``evolution``/``metrics`` (read directly);
+    only a record with a gap and another layout's keys takes the generic lookup."""
+    get = record.get
+    evo, met = get("evolution"), get("metrics")
+    conf = last = created = rate = count = None
+    if type(evo) is dict:
+        conf, last, created = evo.get("confidenceScore"), evo.get("lastUsed"), evo.get("created")
+    if type(met) is dict:
+        rate, count = met.get("successRate"), met.get("executionCount")
+    if (conf is None or rate is None or count is None or last is None or created is None) and (
+            evo or met or not _LEGACY_KEYS.isdisjoint(record)):
+        conf = first_value(record, "confidence") if conf is None else conf
+        rate = first_value(record, "success_rate") if rate is None else rate
+        count = first_value(record, "execution_count") if count is None else count
+        last = first_value(record, "last_used") if last is None else last
+        created = first_value(record, "created") if created is None else created
+    return conf, rate, count, last, created
+
+
+def _number(value: Any, isfinite: Callable[[float], bool] = math.isfinite) -> Optional[float]:
+    kind = type(value)  # exact types: a bool is not a number here
+    return float(value) if (kind is float or kind is int) and isfinite(value) else None
 
 
 @dataclasses.dataclass
@@ -1385,11 +1433,12 @@ def _lifecycle_state(record: Dict[str, Any]) -> Optional[str]:
     return state.lower() if isinstance(state, str) else None
 
 
+_is_str = str.__instancecheck__  # a C-level predicate for filter()
+
+
 def _tags(record: Dict[str, Any]) -> Tuple[str, ...]:
     tags = record.get("tags")
-    if not isinstance(tags, list):
-        return ()
-    return tuple(t for t in tags if isinstance(t, str))
+    return tuple(filter(_is_str, tags)) if type(tags) is list else ()
 
 
 def _is_pinned(record: Dict[str, Any], tags: Tuple[str, ...]) -> bool:
@@ -1437,8 +1486,8 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
     tags = _tags(rec)
     rid = rec.get("id")
     agent = rec.get("agent")
-    stamp, created, last_used = (rec.get("timestamp"), first_value(rec, "created"),
-                                 first_value(rec, "last_used"))
+    confidence, rate, count, last_used, created = usage_fields(rec)
+    stamp = rec.get("timestamp")
     when = parse_timestamp(stamp)
     return RecordFacts(
         rtype=rtype,
@@ -1447,9 +1496,9 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
         timestamp=when,   # the same text twice (often: created) is parsed once
         created=when if _same_text(created, stamp) else parse_timestamp(created),
         last_used=when if _same_text(last_used, stamp) else parse_timestamp(last_used),
-        success_rate=_number(first_value(rec, "success_rate")),
-        execution_count=_number(first_value(rec, "execution_count")),
-        confidence=_number(first_value(rec, "confidence")),
+        success_rate=_number(rate),
+        execution_count=_number(count),
+        confidence=_number(confidence),
         worked=_bool_or_none(dig(rec, "effectiveness", "worked")),
         would_repeat=_bool_or_none(first_value(rec, "would_repeat")),
         verified_count=_number(rec.get("verifiedCount", rec.get("verified_count"))),
@@ -1987,17 +2036,6 @@ def archived_record_text(record: Any) -> str:
     """A record as compact JSON in its own key order: what an archive part keeps, so a put-back
     record reads exactly as it did (state files sort keys, this text does not)."""
     return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _digest(records: List[Any]) -> str:
-    """The sha256 of an array's compact JSON (how dedupe notices a file that changed since it
-    was planned), serialized a slice at a time (never the whole file's text at once)."""
-    whole = hashlib.sha256(b"[")
-    for start in range(0, len(records), 256):
-        text = archived_record_text(records[start:start + 256])[1:-1]
-        whole.update((b"," if start else b"") + text.encode("utf-8"))
-    whole.update(b"]")
-    return whole.hexdigest()
 
 
 class Archive:
@@ -4238,6 +4276,8 @@ class _SnapshotBuilder:
         sha256, add, items = hashlib.sha256, writer.add, []
         for start, end in spans:
             data = body[start:end] if ascii_text else text[start:end].encode("utf-8")
+            # A record's identity here is its exact bytes, not _canonical: a restore must
+            # give back the file byte for byte, whitespace and key order included.
             digest = sha256(data).digest()
             add(digest, data)
             items.append(digest)
@@ -5547,100 +5587,32 @@ DEFAULT_BLOOM_FP_RATE = 0.01
 P_ID, P_POS, P_CONF, P_SR, P_EXEC, P_LAST, P_ACTIVE, P_TAGS = range(8)
 
 
-# Top-level keys where a legacy layout may keep a field; a runtime record has none of them.
-_LEGACY_KEYS = frozenset(path[0] for paths in FIELD_PATHS.values() for path in paths
-                         if path[0] not in ("metrics", "evolution"))
-
-
-def _field(record: Dict[str, Any], field: str) -> Any:
-    # first_value without the generic dig(): the index build calls this per record.
-    for path in FIELD_PATHS[field]:
-        value = record.get(path[0])
-        for key in path[1:]:
-            value = value.get(key) if isinstance(value, dict) else None
-        if value is not None:
-            return value
-    return None
-
-
-def _num(value: Any, isfinite: Callable[[float], bool] = math.isfinite) -> Optional[float]:
-    kind = type(value)  # exact types: a bool is not a number here
-    return float(value) if (kind is float or kind is int) and isfinite(value) else None
-
-
-_is_str = str.__instancecheck__  # a C-level predicate for filter()
-
-
 def posting_row(record: Any, position: int) -> List[Any]:
     """The facts the index keeps for one record (see P_* for the layout); never raises.
 
-    Reads the same values as record_facts (runtime camelCase first, then legacy layouts).
-    The index build calls this once per record, so it avoids per-field helper calls.
+    Reads the same values as record_facts (usage_fields), the raw last-activity value kept
+    as stored (last used, else created, else the record timestamp).
     """
     if not isinstance(record, dict):
         return [None, position, None, None, None, None, True, []]
+    conf, rate, count, last, created = usage_fields(record)
     get = record.get
-    evo, met = get("evolution"), get("metrics")
-    conf = last = rate = count = None
-    if type(evo) is dict:
-        conf, last = evo.get("confidenceScore"), evo.get("lastUsed")
-    if type(met) is dict:
-        rate, count = met.get("successRate"), met.get("executionCount")
-    if (evo or met or not _LEGACY_KEYS.isdisjoint(record)) and (
-            conf is None or rate is None or count is None or last is None):
-        # Only then can a later layout path hold a value (the generic, slower lookup).
-        conf = _field(record, "confidence") if conf is None else conf
-        rate = _field(record, "success_rate") if rate is None else rate
-        count = _field(record, "execution_count") if count is None else count
-        last = _field(record, "last_used") if last is None else last
-        last = last or _field(record, "created")
-    last = last or get("timestamp")
+    last = last or created or get("timestamp")
     rid, active, tags = get("id"), get("active"), get("tags")
-    kind = type(last)
-    return [rid if type(rid) is str and rid else None, position, _num(conf), _num(rate),
-            _num(count), last if kind is str or kind is int or kind is float else None,
+    kind = type(last)  # below: record_id, _is_active and _tags inlined (once per record)
+    return [rid if type(rid) is str and rid else None, position, _number(conf),
+            _number(rate), _number(count),
+            last if kind is str or kind is int or kind is float else None,
             active if type(active) is bool else _is_active(record),
             list(filter(_is_str, tags)) if type(tags) is list else []]
 
 
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-_JSON_COMMA = re.compile(r"[ \t\n\r]*(,)?[ \t\n\r]*")
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 # Record offsets are kept only for files of at least this many characters: parsing element by
 # element costs about 30 % more than one json.loads (measured), which pays off only where
 # parsing the whole file for one get would cost more (a 4 MB file parses in about 30 ms).
 _OFFSET_MIN_CHARS = 4 * 1024 * 1024
 _NO_OFFSET = 2 ** 64 - 1  # in an id row: parse the whole (small) file
 _BYTE_OFFSET = 1 << 62    # flag in an id row: the offset is a byte offset in the file as stored
-
-
-def _array_with_offsets(text: str) -> Tuple[List[Any], List[int]]:
-    """Parse a JSON array element by element: (elements, offset of each in ``text``).
-
-    The same C scanner and strict rules as parse_json_text; raises ValueError for anything
-    that is not exactly one JSON array (the caller then reports json.loads' own error).
-    """
-    skip, comma, decode = _JSON_SPACE.match, _JSON_COMMA.match, _STRICT_DECODER.raw_decode
-    at = skip(text, 0).end()
-    if text[at:at + 1] != "[":
-        raise ValueError("not an array")
-    at = skip(text, at + 1).end()
-    items: List[Any] = []
-    offsets: List[int] = []
-    if text[at:at + 1] != "]":
-        while True:
-            item, end = decode(text, at)
-            items.append(item)
-            offsets.append(at)
-            found = comma(text, end)
-            at = found.end()
-            if found.group(1) is None:
-                break
-        if text[at:at + 1] != "]":
-            raise ValueError("array not closed")
-    if skip(text, at + 1).end() != len(text):
-        raise ValueError("extra data")
-    return items, offsets
 
 
 def _value_at(path: Path, handle: Any, offset: int) -> Any:
@@ -5677,7 +5649,7 @@ def load_records_with_offsets(path: Path) -> Tuple[List[Any], Optional[List[int]
                 return records, None
         else:
             try:
-                records, offsets = _array_with_offsets(text)
+                records, offsets, _ = scan_json_array(text)
             except RecursionError:
                 raise ValueError("nested too deeply") from None
             if raw[:2] != GZIP_MAGIC and text.isascii():
@@ -5898,6 +5870,49 @@ def _problems(entries: Iterable[Dict[str, Any]]) -> List[str]:
     return ["%s: %s" % (e["path"], e["problem"]) for e in entries]
 
 
+def _file_range(path: Path, offset: int, length: int) -> bytes:
+    """``length`` bytes of a file from ``offset`` (fewer at its end); raises OSError."""
+    with open(str(path), "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+class _IdTable:
+    """A file of fixed-size rows, each starting with bloom_digest(id), stored bucket after
+    bucket (the digest's first byte) after ``header`` bytes. Its owner keeps a [first row,
+    rows, SHA-256] span per bucket (the index manifest for ids.bin, hot.json for hot.bin), so
+    a lookup reads and verifies one bucket: the one bucketed id table of the index and cache.
+    """
+
+    def __init__(self, path: Path, row: struct.Struct, header: int = 0):
+        self.path, self.row, self.header = path, row, header
+
+    def bucket(self, span: Sequence[Any]) -> Optional[bytes]:
+        """One bucket's rows, or None when they do not match its SHA-256; raises OSError."""
+        start, count, digest_sha = span
+        size = self.row.size
+        chunk = _file_range(self.path, self.header + start * size, count * size)
+        return chunk if sha256_hex(chunk) == digest_sha else None
+
+    def find(self, chunk: bytes, digest: bytes) -> List[Tuple[Any, ...]]:
+        """The unpacked rows of a bucket's bytes that start with ``digest``, in table order."""
+        size, found, at = self.row.size, [], chunk.find(digest)
+        while at >= 0:
+            if at % size == 0:  # a match must start a row, not straddle two
+                found.append(self.row.unpack_from(chunk, at))
+            at = chunk.find(digest, at + 1)
+        return found
+
+    @staticmethod
+    def spans(chunks: List[bytes], row_size: int) -> List[List[Any]]:
+        """The [first row, rows, SHA-256] of each bucket of a table written as ``chunks``."""
+        spans, start = [], 0
+        for chunk in chunks:
+            spans.append([start, len(chunk) // row_size, sha256_hex(chunk)])
+            start += len(chunk) // row_size
+        return spans
+
+
 class MemoryIndex:
     """The persisted record index in ``.aml/index/``: id -> (file, position), postings, bloom.
 
@@ -6039,18 +6054,13 @@ class MemoryIndex:
 
     def _old_part(self, entry: Dict[str, Any]) -> Optional[Tuple[bytes, bytes, int]]:
         try:
-            blob = self._read_range("postings.dat", entry["offset"], entry["length"])
-            keys = self._read_range("keys.dat", entry["keys_offset"], entry["keys_length"])
+            blob = _file_range(self.part("postings.dat"), entry["offset"], entry["length"])
+            keys = _file_range(self.part("keys.dat"), entry["keys_offset"], entry["keys_length"])
         except (OSError, KeyError):
             return None
         if sha256_hex(blob) != entry["sha256"] or sha256_hex(keys) != entry["keys_sha256"]:
             return None
         return blob, keys, entry["records"]
-
-    def _read_range(self, name: str, offset: int, length: int) -> bytes:
-        with open(str(self.part(name)), "rb") as handle:
-            handle.seek(offset)
-            return handle.read(length)
 
     def _write(self, parts: List[Tuple[_FileStat, int, bytes, bytes, int]],
                bad: List[Dict[str, Any]]) -> None:
@@ -6079,21 +6089,20 @@ class MemoryIndex:
         """ids.bin: all files' rows of bucket 0, then of bucket 1, ...; a checksum per bucket."""
         heads = [_BUCKET_COUNTS.unpack_from(keys) for keys in file_keys]
         cursors = [_BUCKET_COUNTS.size] * len(file_keys)
-        chunks, buckets, start = [], [], 0
+        chunks = []
         for bucket in range(_ID_BUCKETS):
             pieces = []
             for i, keys in enumerate(file_keys):
                 end = cursors[i] + heads[i][bucket] * _ID_ROW.size
                 pieces.append(keys[cursors[i]:end])
                 cursors[i] = end
-            chunk = b"".join(pieces)
-            buckets.append([start, len(chunk) // _ID_ROW.size, sha256_hex(chunk)])
-            start += len(chunk) // _ID_ROW.size
-            chunks.append(chunk)
+            chunks.append(b"".join(pieces))
+        buckets = _IdTable.spans(chunks, _ID_ROW.size)
         body = b"".join(chunks)
-        atomic_write_bytes(self.part("ids.bin"), _IDS_HEADER.pack(_IDS_MAGIC, 1, start) + body,
+        count = len(body) // _ID_ROW.size
+        atomic_write_bytes(self.part("ids.bin"), _IDS_HEADER.pack(_IDS_MAGIC, 1, count) + body,
                            mode=0o600)
-        return {"count": start, "buckets": buckets}, body
+        return {"count": count, "buckets": buckets}, body
 
     def _build_bloom(self, body: bytes, count: int) -> Tuple[bytes, BloomFilter]:
         """The bloom filter over every id, hashed straight from the id table's rows."""
@@ -6153,24 +6162,18 @@ class MemoryIndex:
         this id (one bucket read)."""
         manifest = self._verified()
         digest = bloom_digest(record_id)
-        start, count, digest_sha = manifest["ids"]["buckets"][digest[0]]
-        size = _ID_ROW.size
-        chunk = self._read_range("ids.bin", _IDS_HEADER.size + start * size, count * size)
-        if sha256_hex(chunk) != digest_sha:
+        table = _IdTable(self.part("ids.bin"), _ID_ROW, _IDS_HEADER.size)
+        chunk = table.bucket(manifest["ids"]["buckets"][digest[0]])
+        if chunk is None:
             raise IntegrityError("%s: id table bucket %d does not verify"
                                  % (self.folder, digest[0]))
         slots = {e["slot"]: e for e in manifest["files"]}
-        found, at = [], chunk.find(digest)
-        while at >= 0:
-            if at % size == 0:  # a match must start a row, not straddle two
-                _, slot, position, offset = _ID_ROW.unpack_from(chunk, at)
-                found.append((slots[slot], position, None if offset == _NO_OFFSET else offset))
-            at = chunk.find(digest, at + 1)
-        return found
+        return [(slots[slot], position, None if offset == _NO_OFFSET else offset)
+                for _, slot, position, offset in table.find(chunk, digest)]
 
     def postings(self, entry: Dict[str, Any]) -> List[List[Any]]:
         """The posting rows of one indexed file (read by seek); raises IntegrityError."""
-        blob = self._read_range("postings.dat", entry["offset"], entry["length"])
+        blob = _file_range(self.part("postings.dat"), entry["offset"], entry["length"])
         if sha256_hex(blob) != entry["sha256"]:
             raise IntegrityError("%s: postings of %s do not verify" % (self.folder, entry["path"]))
         return json.loads(blob.decode("utf-8"))
@@ -6303,26 +6306,25 @@ class HotCache:
             self._doc = doc if ok else {"buckets": [[0, 0, sha256_hex(b"")]] * _ID_BUCKETS}
         return self._doc
 
+    def _table(self) -> _IdTable:
+        return _IdTable(self.index.part("hot.bin"), _HOT_ROW)
+
     def _bucket(self, number: int) -> bytes:
-        start, count, digest_sha = self._load()["buckets"][number]
+        span = self._load()["buckets"][number]
         try:
-            chunk = self.index._read_range("hot.bin", start * _HOT_ROW.size, count * _HOT_ROW.size)
+            return self._table().bucket(span) or b""
         except OSError:
             return b""
-        return chunk if sha256_hex(chunk) == digest_sha else b""
 
     def fetch(self, record_id: Optional[str], entry: Dict[str, Any], position: int) -> Any:
         """The hot record for this id at this (fresh) location, or None (a miss)."""
         if not record_id:
             return None
         digest = bloom_digest(record_id)
-        chunk = self._bucket(digest[0])
-        at = chunk.find(digest)
-        while at >= 0 and at % _HOT_ROW.size:
-            at = chunk.find(digest, at + 1)
-        if at < 0:
+        rows = self._table().find(self._bucket(digest[0]), digest)
+        if not rows:
             return None
-        _, slot, pos, size, mtime_ns, offset, length, sha = _HOT_ROW.unpack_from(chunk, at)
+        _, slot, pos, size, mtime_ns, offset, length, sha = rows[0]
         if (slot, pos, size, mtime_ns) != (entry["slot"], position, entry["size"],
                                            entry["mtime_ns"]):
             return None
@@ -6330,7 +6332,7 @@ class HotCache:
 
     def _record(self, offset: int, length: int, sha: bytes) -> Any:
         try:
-            blob = self.index._read_range("hot.dat", offset, length)
+            blob = _file_range(self.index.part("hot.dat"), offset, length)
         except OSError:
             return None
         return json.loads(blob.decode("utf-8")) if hashlib.sha256(blob).digest() == sha else None
@@ -6401,14 +6403,11 @@ class HotCache:
                 digest, entry["slot"], row[P_POS], entry["size"], entry["mtime_ns"], offset,
                 len(blob), hashlib.sha256(blob).digest()))
             offset += len(blob)
-        buckets, start = [], 0
-        for rows in by_bucket:
-            buckets.append([start, len(rows), sha256_hex(b"".join(rows))])
-            start += len(rows)
+        chunks = [b"".join(rows) for rows in by_bucket]
+        buckets = _IdTable.spans(chunks, _HOT_ROW.size)
         atomic_write_bytes(self.index.part("hot.dat"), b"".join(b for _, _, b in chosen),
                            mode=0o600)
-        atomic_write_bytes(self.index.part("hot.bin"), b"".join(map(b"".join, by_bucket)),
-                           mode=0o600)
+        atomic_write_bytes(self.index.part("hot.bin"), b"".join(chunks), mode=0o600)
         write_checksummed(self.index.part("hot.json"),
                           {"built": format_timestamp(now), "budget": max_bytes, "bytes": offset,
                            "records": len(chosen), "buckets": buckets})
@@ -7015,7 +7014,11 @@ class _SpaceFacts:
     values: "array.array[float]"
     activity: "array.array[float]"
     protected: bytearray
-    marks: bytearray  # 8 bytes a record: blake2b of its compact JSON, to find it again
+    # 8 bytes a record: blake2b of its compact JSON in key order, to find a pick again after
+    # the runtime changed the file. Not _canonical: this text is already made for the sizes
+    # (a sorted one would serialise every record again), and a record whose keys were only
+    # reordered is at worst not picked again this run: never a wrong record removed.
+    marks: bytearray
 
     def mark(self, index: int) -> bytes:
         """The content digest of one record."""
@@ -7518,7 +7521,11 @@ def _count_removed(summaries: List[AgentPruneSummary], removed: List[PrunedRecor
 
 
 def _canonical(record: Any) -> str:
-    """Order-independent text of a record, to recognise the same content again."""
+    """Order-independent text of a record, to recognise the same content again: the one record
+    identity of gc's duplicates, undo's copies and dedupe's exact matches (a record the
+    runtime re-wrote with its keys in another order is still the same record). Backup keys
+    records by their exact bytes instead (see _SnapshotBuilder._array_entry), prune's space
+    picks by a short digest of their compact text (see _SpaceFacts.marks)."""
     return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
@@ -8886,8 +8893,9 @@ def _survivor_why(survivor: _Candidate, members: List[Tuple[_Candidate, float]])
 
 
 def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], threshold: float,
-                      result: Optional[DedupeResult]) -> _DedupeFile:
-    """Find one file's clusters and describe them in ``result`` (when given)."""
+                      result: Optional[DedupeResult], digest: str = "") -> _DedupeFile:
+    """Find one file's clusters and describe them in ``result`` (when given); ``digest`` is
+    the text_digest of the file as read."""
     finder = _FileDedupe(data_file.rtype, records, threshold)
     clusters = finder.clusters()
     rel = data_file.path.relative_to(store.root).as_posix()
@@ -8900,9 +8908,7 @@ def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], thr
             [{"id": c.id, "index": c.index, "similarity": round(score, 4),
               "differs": text_differences(survivor, c)} for c, score in members]))
     result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
-    # The digest tells a real run whether the file changed before its rewrite; a report
-    # rewrites nothing (and the digest costs as much as the detection of a file).
-    return _DedupeFile(data_file, rel, "" if result.dry_run else _digest(records), clusters)
+    return _DedupeFile(data_file, rel, digest, clusters)
 
 
 def _merged_survivors(plan: _DedupeFile, records: List[Any]
@@ -8976,14 +8982,14 @@ def _plan_dedupe(store: Store, threshold: float, force: bool, agents: Optional[S
         mine, total = [], 0
         for data_file in store.record_files(agent):
             try:
-                records = store.load_records(data_file)[0]
+                records, digest = store.load_records_digest(data_file)
             except CorruptFileError as exc:
                 result.unreadable.append(str(exc))
                 continue
             result.files += 1
             result.records += len(records)
             total += len(records)
-            plan = _plan_dedupe_file(store, data_file, records, threshold, result)
+            plan = _plan_dedupe_file(store, data_file, records, threshold, result, digest)
             if plan.clusters:
                 mine.append(plan)
             del records
@@ -9019,7 +9025,7 @@ def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, pla
     A file the runtime changed since planning is planned again from what is there now."""
     try:
         with store.rewrite(plan.data_file.path) as job:
-            if _digest(job.data) != plan.digest:
+            if text_digest(job.text) != plan.digest:
                 plan = _plan_dedupe_file(store, plan.data_file, job.data, result.threshold, None)
             merges = _merged_survivors(plan, job.data)
             if not merges:

@@ -2412,7 +2412,7 @@ def test_warm_score_prefers_confident_recent_active_records():
 @pytest.mark.parametrize("text", ['[]', ' [ ] ', '[{"a": [1, {"b": "]"}]}, 2,"x" ,null]\n',
                                   json.dumps([{"id": "é", "n": 1.5}] * 3, indent=2)])
 def test_array_with_offsets_parses_like_json_loads(text):
-    items, offsets = aml._array_with_offsets(text)
+    items, offsets, _ = aml.scan_json_array(text)  # the one scanner (was _array_with_offsets)
     assert items == json.loads(text) and len(offsets) == len(items)
     assert [json.JSONDecoder().raw_decode(text, at)[0] for at in offsets] == items
 
@@ -8521,3 +8521,81 @@ def test_undo_names_an_unreadable_file_as_file_colon_problem(tmp_path, capsys):
     code, doc, err = run_cli(root, "prune", "--undo", run_id, "--format", "json", capsys=capsys)
     assert code == 3 and json.loads(doc)["unreadable"] == result.unreadable
     assert "not restored" in err and "code-reviewer/patterns.json" in err
+
+
+# ---- issue 14: one array scanner, one field reader, one id table ----
+
+@pytest.mark.parametrize("text", [
+    '[{"a": "x\\"]", "b": [1, {"c": "}"}]}, "\\u00e9\\\\", [[]], {}]',
+    ' [\n  {"id": "é", "n": [2, [3]]} ,\t"[,]" , -1.5e3, true, null ]\n',
+    '[]'])
+def test_scan_json_array_gives_each_element_with_its_exact_text(text):
+    items, starts, ends = aml.scan_json_array(text)
+    assert items == json.loads(text) and len(starts) == len(ends) == len(items)
+    assert [json.loads(text[start:end]) for start, end in zip(starts, ends)] == items
+    assert all(text[start:end] == text[start:end].strip() for start, end in zip(starts, ends))
+    assert aml.scan_json_array(text, values=False) == ([], starts, ends)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("unicode", [False, True])
+def test_index_offsets_and_backup_spans_come_from_the_same_scan(tmp_path, monkeypatch, gz,
+                                                                 unicode):
+    monkeypatch.setattr(aml, "_OFFSET_MIN_CHARS", 0)   # the element-wise path, as for a big file
+    rng = random.Random(14)
+    records = [make_pattern("backend-developer", rng) for _ in range(5)]
+    if unicode:
+        records[2]["tags"] = ["é\"]", "x\\y", "}{"]
+    path = tmp_path / "patterns.json"
+    write_data(path, records, gz=gz)
+    got, offsets = aml.load_records_with_offsets(path)
+    text = aml.decode_file_bytes(path, path.read_bytes())[0]
+    head, sep, tail, spans = aml.split_json_array(text)
+    assert got == records and len(spans) == len(offsets) == 5
+    flagged = not gz and text.isascii()   # plain ASCII: byte offsets in the file as stored
+    assert [at - aml._BYTE_OFFSET if flagged else at for at in offsets] == [s for s, _ in spans]
+    assert [json.loads(text[start:end]) for start, end in spans] == records
+    assert head + sep.join(text[s:e] for s, e in spans) + tail == text
+
+
+@pytest.mark.parametrize("record", [
+    {"id": "runtime", "evolution": {"confidenceScore": 0.4, "lastUsed": "2026-11-01T00:00:00Z",
+                                    "created": "2026-01-01T00:00:00Z"},
+     "metrics": {"successRate": 0.75, "executionCount": 4}, "tags": ["a", 1], "active": False},
+    {"id": "legacy", "success_rate": 0.7, "usage_count": 4, "confidence": 0.6,
+     "last_used": "2026-01-02T00:00:00Z", "tags": ["x"]},
+    {"id": "nested", "performance": {"success_rate": 0.5, "usage_count": 2},
+     "lifecycle": {"created_at": "2025-05-01T00:00:00Z", "state": "archived"}},
+    {"id": "mixed", "evolution": {"confidenceScore": 0.3}, "lastUsed": "2026-02-02T00:00:00Z",
+     "metrics": {"successRate": True, "executionCount": 2}, "timestamp": "2025-01-01T00:00:00Z"},
+    {"id": "empty last use", "evolution": {"lastUsed": "", "created": "2025-03-03T00:00:00Z",
+                                           "confidenceScore": 0.5},
+     "metrics": {"successRate": 0.5, "executionCount": 3}, "timestamp": "2024-01-01T00:00:00Z"},
+    {"id": "", "timestamp": "2024-06-01T00:00:00Z"},
+    "not a record"])
+def test_posting_row_reads_what_record_facts_reads(record):
+    row = aml.posting_row(record, 7)
+    facts = aml.record_facts(aml.RecordType.PATTERN, record)
+    assert row[aml.P_ID] == facts.id and row[aml.P_POS] == 7
+    assert (row[aml.P_CONF], row[aml.P_SR], row[aml.P_EXEC]) == \
+        (facts.confidence, facts.success_rate, facts.execution_count)
+    assert aml.parse_timestamp(row[aml.P_LAST]) == facts.last_activity
+    assert row[aml.P_ACTIVE] == facts.active and tuple(row[aml.P_TAGS]) == facts.tags
+
+
+def test_id_table_takes_whole_rows_only_and_refuses_a_bucket_that_does_not_verify(tmp_path):
+    row = aml._ID_ROW
+    digest = aml.bloom_digest("wanted")
+    # A row whose bytes hold the digest across a row boundary is not a match.
+    straddling = row.pack(b"\0" * 8 + digest[:8], int.from_bytes(digest[8:12], "big"),
+                          int.from_bytes(digest[12:16], "big"), 9)
+    chunk = straddling + row.pack(digest, 1, 2, 3) + row.pack(aml.bloom_digest("other"), 4, 5, 6)
+    path = tmp_path / "ids.bin"
+    path.write_bytes(b"HEAD" + chunk)
+    table = aml._IdTable(path, row, header=4)
+    spans = aml._IdTable.spans([b"", chunk], row.size)
+    assert spans == [[0, 0, hashlib.sha256(b"").hexdigest()],
+                     [0, 3, hashlib.sha256(chunk).hexdigest()]]
+    assert table.bucket(spans[1]) == chunk and table.bucket(spans[0]) == b""
+    assert table.find(chunk, digest) == [(digest, 1, 2, 3)]
+    assert table.bucket([0, 3, hashlib.sha256(b"x").hexdigest()]) is None
