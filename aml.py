@@ -264,7 +264,8 @@ __all__ += ["OperationResult"]
 
 # =============================================================================
 # 4. Small utilities
-# Time, sizes, JSON text, checksums, config layering. Pure functions; no store knowledge.
+# Time, sizes, JSON text and values, checksums, config layering. Pure functions; no store
+# knowledge.
 # =============================================================================
 
 _TS_RE = re.compile(
@@ -610,6 +611,25 @@ def layer_config(config: Any, layers: Iterable[Tuple[str, Dict[str, Any]]]) -> A
             _check_value(fields[name], value, source)
         config = dataclasses.replace(config, **values)
     return config
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert dataclasses, enums, paths and datetimes into plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, _dt.datetime):
+        return format_timestamp(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # =============================================================================
@@ -1290,7 +1310,8 @@ __all__ += ["load_json_text", "scan_json_array", "split_json_array", "remove_arr
 # =============================================================================
 # 6. Record model and schema versions
 # One place that reads record fields from the runtime's camelCase schema and
-# from legacy layouts (flat, snake_case, performance/lifecycle blocks).
+# from legacy layouts (flat, snake_case, performance/lifecycle blocks); the runtime's
+# schema check (what it would reject, SPEC 2.1).
 # =============================================================================
 
 class RecordType(enum.Enum):
@@ -1562,10 +1583,129 @@ def outcome_evidence(facts: RecordFacts) -> Optional[Tuple[int, int, int, bool]]
     return max(0, min(wins, observed)), observed, int(count) - observed, exact
 
 
+# -- runtime schema check (SPEC 2.1) -------------------------------------------
+
+def _is_num(value: Any) -> bool:
+    return _number(value) is not None
+
+
+def _is_int(value: Any) -> bool:
+    # JSON has one number type: the runtime reads 7.0 as the integer 7.
+    return _is_num(value) and float(value).is_integer()
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_num(value) and 0.0 <= value <= 1.0
+
+
+# The runtime's own form, with field ranges: most values match and skip the full parse.
+_RUNTIME_TIME = re.compile(r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+                           r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z\Z")
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, str) and (_RUNTIME_TIME.match(value) is not None
+                                       or parse_timestamp(value) is not None)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_flat_context(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (str, bool)) or _is_num(v) for v in value.values())
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is _ABSENT or check(value)
+
+
+_ABSENT = object()
+_IS_STR = lambda value: isinstance(value, str)  # noqa: E731 - a table entry
+_IS_DICT = lambda value: isinstance(value, dict)  # noqa: E731
+_IS_LIST = lambda value: isinstance(value, list)  # noqa: E731
+
+_COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _IS_STR),
+                 ("timestamp", _is_time), ("tags", _optional(_is_str_list)),
+                 ("active", _optional(lambda v: isinstance(v, bool))))
+_RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] = {
+    RecordType.PATTERN: (
+        ("pattern.type", _IS_STR), ("pattern.context", _is_flat_context),
+        ("pattern.approach.technique", _IS_STR), ("pattern.approach.rationale", _IS_STR),
+        ("pattern.approach.codeTemplate", _optional(_IS_STR)),
+        ("pattern.approach.steps", _optional(_IS_LIST)),
+        ("pattern.conditions.whenApplicable", _IS_LIST),
+        ("pattern.conditions.whenNotApplicable", _IS_LIST),
+        ("metrics.successRate", _is_rate), ("metrics.executionCount", _is_int),
+        ("metrics.avgTimeSavedMs", _is_num), ("metrics.errorPreventionCount", _is_int),
+        ("evolution.created", _is_time), ("evolution.lastUsed", _is_time),
+        ("evolution.refinements", _is_int), ("evolution.confidenceScore", _is_rate)),
+    RecordType.SOLUTION: (
+        ("problem.errorType", _IS_STR), ("problem.errorMessage", _IS_STR),
+        ("problem.stackTraceHash", _optional(_IS_STR)), ("problem.context", _IS_DICT),
+        ("solution.rootCause", _IS_STR), ("solution.fixApproach", _IS_STR),
+        ("solution.codeFix", _optional(_IS_STR)), ("solution.prevention", _IS_STR),
+        ("solution.relatedPatterns", _optional(_IS_LIST)),
+        ("effectiveness.worked", lambda v: isinstance(v, bool)),
+        ("effectiveness.timeToFixMinutes", _is_num),
+        ("effectiveness.preventedRecurrence", _is_int),
+        ("effectiveness.relatedErrorsFixed", _is_int), ("verifiedCount", _is_int)),
+    RecordType.DECISION: (
+        ("decision.type", _IS_STR), ("decision.question", _IS_STR), ("decision.context", _IS_DICT),
+        ("decision.chosenOption", _IS_STR), ("decision.alternativesConsidered", _IS_LIST),
+        ("decision.decisionFactors.primary", _IS_LIST),
+        ("decision.decisionFactors.secondary", _IS_LIST),
+        ("decision.rationale", _optional(_IS_STR)), ("outcome", _optional(_IS_DICT)),
+        ("reviewedAt", _optional(_is_time))),
+}
+_OUTCOME_RULES = (("outcome.successMetrics", _IS_DICT), ("outcome.lessonsLearned", _IS_LIST),
+                  ("outcome.wouldRepeat", lambda v: isinstance(v, bool)),
+                  ("outcome.improvements", _optional(_IS_LIST)))
+
+
+def _lookup(record: Dict[str, Any], path: Tuple[str, ...]) -> Any:
+    obj: Any = record
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _ABSENT
+        obj = obj[key]
+    return obj
+
+
+_PATHS = {dotted: tuple(dotted.split(".")) for rules in (_COMMON_RULES, _OUTCOME_RULES,
+                                                          *_RUNTIME_RULES.values())
+          for dotted, _ in rules}
+
+
+def runtime_problems(rtype: RecordType, record: Any) -> List[str]:
+    """Why the runtime would reject ``record`` (required fields and types of SPEC 2.1); [] if none.
+
+    Ids are checked to be non-empty strings, not UUIDs: agent-written stores use other ids.
+    """
+    if not isinstance(record, dict):
+        return ["not a JSON object"]
+    rules = _COMMON_RULES + _RUNTIME_RULES[rtype]
+    if rtype is RecordType.DECISION and isinstance(record.get("outcome"), dict):
+        rules = rules + _OUTCOME_RULES
+    problems = []
+    for dotted, check in rules:
+        value = _lookup(record, _PATHS[dotted])
+        if not check(value):
+            problems.append("%s %s" % (dotted, "is missing" if value is _ABSENT
+                                       else "has an unusable value %s" % _short(value)))
+    return problems
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 # =============================================================================
 # 7. Store and aml state
 # Agent discovery, streaming record reads, locked read-modify-write, aml's
-# hidden state folder (checksummed state files, run history, archive).
+# hidden state folder (checksummed state files, run history, archive); disk sizes.
 # =============================================================================
 
 @dataclasses.dataclass
@@ -2168,6 +2308,33 @@ def _full_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
     full = {k: v for k, v in entry.items() if k != "record_text"}
     full["record"] = parse_json_text(entry["record_text"])
     return full
+
+
+def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
+    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``, locks
+    and temp files)."""
+    total = 0
+    skip = set(skip)
+    for dirpath, dirnames, filenames in os.walk(str(folder)):
+        dirnames[:] = [d for d in dirnames if not is_transient_entry(d)
+                       and not (dirpath == str(folder) and d in skip)]
+        for name in filter(lambda n: not is_transient_entry(n), filenames):
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    return total
+
+
+def agent_disk_bytes(store: Store, agent: str) -> int:
+    """Measured bytes of one agent's folder on disk."""
+    return _dir_bytes(store.root / agent)
+
+
+def store_disk_bytes(store: Store) -> int:
+    """Measured bytes of the store on disk, aml's own ``.aml/`` state excluded."""
+    return _dir_bytes(store.root, skip=(STATE_DIR_NAME,))
+
 
 # =============================================================================
 # 8. Backup and restore
@@ -4141,7 +4308,6 @@ def safety_backup(store: Store, reason: str, config: Optional[BackupConfig] = No
     return result.backup_id
 
 
-
 @dataclasses.dataclass
 class _FileRead:
     """One store file as _SnapshotBuilder.preread found it (``raw`` None: not read, as an
@@ -5279,7 +5445,6 @@ __all__ += ["BackupType", "BackupConfig", "BackupManager", "BackupResult", "Snap
             "list_snapshot", "DiffResult", "FileDiff", "RecordChange", "diff_snapshots",
             "DumpResult", "dump_file", "dump_record", "StatsResult", "SnapshotStats",
             "repository_stats", "KEEP_RULES"]
-
 
 
 # =============================================================================
@@ -6715,7 +6880,8 @@ __all__ += ["HotCache", "WarmResult", "warm_score", "hot_cache_stats", "get_reco
 
 # =============================================================================
 # 11. Pruning
-# Time, performance and space strategies; archive before removal; undo.
+# Time, performance and space strategies; archive before removal; undo (of prune, gc and
+# dedupe: undo needs dedupe's reasons and rebuilds its supersede map).
 # =============================================================================
 
 class PruneStrategy(enum.Enum):
@@ -6994,7 +7160,6 @@ class PruneResult(OperationResult):
 # the largest file plus a few bytes per record, however many files the store has.
 
 
-
 @dataclasses.dataclass
 class _Removal:
     """One planned removal: why, the values that triggered it, and the id seen at planning
@@ -7098,32 +7263,6 @@ def _space_order(plan: _FilePlan, n: int) -> Iterator[Tuple[float, float, int, i
         (i for i in range(plan.count) if i not in plan.removals and not facts.protected[i]),
         key=lambda i: (facts.values[i], facts.activity[i])))
     return ((facts.values[i], facts.activity[i], n, i) for i in order)
-
-
-def _dir_bytes(folder: Path, skip: Iterable[str] = ()) -> int:
-    """Bytes of the regular files under ``folder`` (skipping top-level names in ``skip``, locks
-    and temp files)."""
-    total = 0
-    skip = set(skip)
-    for dirpath, dirnames, filenames in os.walk(str(folder)):
-        dirnames[:] = [d for d in dirnames if not is_transient_entry(d)
-                       and not (dirpath == str(folder) and d in skip)]
-        for name in filter(lambda n: not is_transient_entry(n), filenames):
-            with contextlib.suppress(OSError):
-                info = os.lstat(os.path.join(dirpath, name))
-                if stat.S_ISREG(info.st_mode):
-                    total += info.st_size
-    return total
-
-
-def agent_disk_bytes(store: Store, agent: str) -> int:
-    """Measured bytes of one agent's folder on disk."""
-    return _dir_bytes(store.root / agent)
-
-
-def store_disk_bytes(store: Store) -> int:
-    """Measured bytes of the store on disk, aml's own ``.aml/`` state excluded."""
-    return _dir_bytes(store.root, skip=(STATE_DIR_NAME,))
 
 
 def _strategies(names: Optional[Iterable[Any]]) -> List[PruneStrategy]:
@@ -7787,6 +7926,48 @@ __all__ += ["PruneConfig", "PruneStrategy", "PruneReason", "MemoryPruner", "Prun
             "performance_verdict", "agent_disk_bytes", "store_disk_bytes"]
 
 
+# -- what undo needs of dedupe: the reasons it archives under and the supersede map --
+
+DEDUPE_REASON = "near_duplicate"
+SURVIVOR_REASON = "merge_survivor"
+SUPERSEDE_STATE = "superseded.json"
+
+
+def rebuild_supersede_map(store: Store) -> int:
+    """Rewrite ``.aml/superseded.json`` from the archives of dedupe runs not undone.
+
+    Maps ``agent/type/id`` of every merged record to its final survivor (no chains: a record
+    merged into a survivor that a later run merged points at the last one), its direct
+    survivor and the run. Returns how many records point past their direct survivor. A
+    run whose archive does not verify is left out (``prune --list-runs`` shows it).
+    """
+    archive, direct = Archive(store), {}
+    for run_id in archive.runs():
+        try:
+            manifest = archive.manifest(run_id)
+            if manifest.get("operation") != "dedupe" or manifest.get("undone"):
+                continue
+            entries = [e for n in archive.part_names(run_id)
+                       for e in archive.read_part(run_id, n, records=False)]
+        except IntegrityError:
+            continue
+        for entry in entries:
+            if entry.get("reason") == DEDUPE_REASON:
+                key = (entry["agent"], entry["type"], entry["id"])
+                direct[key] = (entry["details"]["supersededBy"], run_id)
+    flat, repointed = {}, 0
+    for (agent, rtype, rid), (by, run_id) in sorted(direct.items()):
+        final, seen = by, {rid}
+        while (agent, rtype, final) in direct and final not in seen:
+            seen.add(final)
+            final = direct[(agent, rtype, final)][0]
+        flat["%s/%s/%s" % (agent, rtype, rid)] = {"superseded_by": final, "merged_into": by,
+                                                  "run": run_id}
+        repointed += final != by
+    store.write_state(SUPERSEDE_STATE, flat)
+    return repointed
+
+
 # =============================================================================
 # 12. Compression and garbage collection
 # In-place gzip of cold files, decompress, gc of broken and duplicate records; optimize().
@@ -8299,9 +8480,6 @@ def _clean_leftovers(store: Store, locks: List[Path], temps: List[Path], orphans
 # and the false-merge guard decide. A merge supersedes: the survivor keeps its id and absorbs
 # the evidence; each merged record and the survivor's old version go to the archive first.
 
-DEDUPE_REASON = "near_duplicate"
-SURVIVOR_REASON = "merge_survivor"
-SUPERSEDE_STATE = "superseded.json"
 _BIN_BITS = 6
 _BINS = 1 << _BIN_BITS  # 64 bins in 8 bands of 8: pairs at Jaccard 0.85 meet in a band with
 _BAND_ROWS = 8          # p = 0.92, at 0.9 with 0.99, at 0.6 with 0.13 (1 - (1 - J^8)^8)
@@ -9046,41 +9224,6 @@ def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, pla
     return len(gone)
 
 
-def rebuild_supersede_map(store: Store) -> int:
-    """Rewrite ``.aml/superseded.json`` from the archives of dedupe runs not undone.
-
-    Maps ``agent/type/id`` of every merged record to its final survivor (no chains: a record
-    merged into a survivor that a later run merged points at the last one), its direct
-    survivor and the run. Returns how many records point past their direct survivor. A
-    run whose archive does not verify is left out (``prune --list-runs`` shows it).
-    """
-    archive, direct = Archive(store), {}
-    for run_id in archive.runs():
-        try:
-            manifest = archive.manifest(run_id)
-            if manifest.get("operation") != "dedupe" or manifest.get("undone"):
-                continue
-            entries = [e for n in archive.part_names(run_id)
-                       for e in archive.read_part(run_id, n, records=False)]
-        except IntegrityError:
-            continue
-        for entry in entries:
-            if entry.get("reason") == DEDUPE_REASON:
-                key = (entry["agent"], entry["type"], entry["id"])
-                direct[key] = (entry["details"]["supersededBy"], run_id)
-    flat, repointed = {}, 0
-    for (agent, rtype, rid), (by, run_id) in sorted(direct.items()):
-        final, seen = by, {rid}
-        while (agent, rtype, final) in direct and final not in seen:
-            seen.add(final)
-            final = direct[(agent, rtype, final)][0]
-        flat["%s/%s/%s" % (agent, rtype, rid)] = {"superseded_by": final, "merged_into": by,
-                                                  "run": run_id}
-        repointed += final != by
-    store.write_state(SUPERSEDE_STATE, flat)
-    return repointed
-
-
 def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
     """``agent/type/id`` -> {superseded_by, merged_into, run} of merged records; read-only."""
     return store.read_state_lenient(SUPERSEDE_STATE, {}) if store.state_dir.is_dir() else {}
@@ -9347,125 +9490,6 @@ def _version_by_fields(rtype: RecordType, record: Dict[str, Any]) -> SchemaVersi
 def detect_record_version(rtype: RecordType, record: Any) -> Optional[SchemaVersion]:
     """The schema version of one record (a valid stamp wins); None if it cannot be placed."""
     return place_record(rtype, record)[0]
-
-
-# -- runtime schema check (SPEC 2.1) -------------------------------------------
-
-def _is_num(value: Any) -> bool:
-    return _number(value) is not None
-
-
-def _is_int(value: Any) -> bool:
-    # JSON has one number type: the runtime reads 7.0 as the integer 7.
-    return _is_num(value) and float(value).is_integer()
-
-
-def _is_rate(value: Any) -> bool:
-    return _is_num(value) and 0.0 <= value <= 1.0
-
-
-# The runtime's own form, with field ranges: most values match and skip the full parse.
-_RUNTIME_TIME = re.compile(r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
-                           r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z\Z")
-
-
-def _is_time(value: Any) -> bool:
-    return isinstance(value, str) and (_RUNTIME_TIME.match(value) is not None
-                                       or parse_timestamp(value) is not None)
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _is_flat_context(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(v, (str, bool)) or _is_num(v) for v in value.values())
-
-
-def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is _ABSENT or check(value)
-
-
-_ABSENT = object()
-_IS_STR = lambda value: isinstance(value, str)  # noqa: E731 - a table entry
-_IS_DICT = lambda value: isinstance(value, dict)  # noqa: E731
-_IS_LIST = lambda value: isinstance(value, list)  # noqa: E731
-
-_COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _IS_STR),
-                 ("timestamp", _is_time), ("tags", _optional(_is_str_list)),
-                 ("active", _optional(lambda v: isinstance(v, bool))))
-_RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] = {
-    RecordType.PATTERN: (
-        ("pattern.type", _IS_STR), ("pattern.context", _is_flat_context),
-        ("pattern.approach.technique", _IS_STR), ("pattern.approach.rationale", _IS_STR),
-        ("pattern.approach.codeTemplate", _optional(_IS_STR)),
-        ("pattern.approach.steps", _optional(_IS_LIST)),
-        ("pattern.conditions.whenApplicable", _IS_LIST),
-        ("pattern.conditions.whenNotApplicable", _IS_LIST),
-        ("metrics.successRate", _is_rate), ("metrics.executionCount", _is_int),
-        ("metrics.avgTimeSavedMs", _is_num), ("metrics.errorPreventionCount", _is_int),
-        ("evolution.created", _is_time), ("evolution.lastUsed", _is_time),
-        ("evolution.refinements", _is_int), ("evolution.confidenceScore", _is_rate)),
-    RecordType.SOLUTION: (
-        ("problem.errorType", _IS_STR), ("problem.errorMessage", _IS_STR),
-        ("problem.stackTraceHash", _optional(_IS_STR)), ("problem.context", _IS_DICT),
-        ("solution.rootCause", _IS_STR), ("solution.fixApproach", _IS_STR),
-        ("solution.codeFix", _optional(_IS_STR)), ("solution.prevention", _IS_STR),
-        ("solution.relatedPatterns", _optional(_IS_LIST)),
-        ("effectiveness.worked", lambda v: isinstance(v, bool)),
-        ("effectiveness.timeToFixMinutes", _is_num),
-        ("effectiveness.preventedRecurrence", _is_int),
-        ("effectiveness.relatedErrorsFixed", _is_int), ("verifiedCount", _is_int)),
-    RecordType.DECISION: (
-        ("decision.type", _IS_STR), ("decision.question", _IS_STR), ("decision.context", _IS_DICT),
-        ("decision.chosenOption", _IS_STR), ("decision.alternativesConsidered", _IS_LIST),
-        ("decision.decisionFactors.primary", _IS_LIST),
-        ("decision.decisionFactors.secondary", _IS_LIST),
-        ("decision.rationale", _optional(_IS_STR)), ("outcome", _optional(_IS_DICT)),
-        ("reviewedAt", _optional(_is_time))),
-}
-_OUTCOME_RULES = (("outcome.successMetrics", _IS_DICT), ("outcome.lessonsLearned", _IS_LIST),
-                  ("outcome.wouldRepeat", lambda v: isinstance(v, bool)),
-                  ("outcome.improvements", _optional(_IS_LIST)))
-
-
-def _lookup(record: Dict[str, Any], path: Tuple[str, ...]) -> Any:
-    obj: Any = record
-    for key in path:
-        if not isinstance(obj, dict) or key not in obj:
-            return _ABSENT
-        obj = obj[key]
-    return obj
-
-
-_PATHS = {dotted: tuple(dotted.split(".")) for rules in (_COMMON_RULES, _OUTCOME_RULES,
-                                                          *_RUNTIME_RULES.values())
-          for dotted, _ in rules}
-
-
-def runtime_problems(rtype: RecordType, record: Any) -> List[str]:
-    """Why the runtime would reject ``record`` (required fields and types of SPEC 2.1); [] if none.
-
-    Ids are checked to be non-empty strings, not UUIDs: agent-written stores use other ids.
-    """
-    if not isinstance(record, dict):
-        return ["not a JSON object"]
-    rules = _COMMON_RULES + _RUNTIME_RULES[rtype]
-    if rtype is RecordType.DECISION and isinstance(record.get("outcome"), dict):
-        rules = rules + _OUTCOME_RULES
-    problems = []
-    for dotted, check in rules:
-        value = _lookup(record, _PATHS[dotted])
-        if not check(value):
-            problems.append("%s %s" % (dotted, "is missing" if value is _ABSENT
-                                       else "has an unusable value %s" % _short(value)))
-    return problems
-
-
-def _short(value: Any, width: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
-    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # -- steps --------------------------------------------------------------------
@@ -10309,7 +10333,6 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
             "detect_record_version", "place_record", "runtime_problems", "migrate_record",
             "migrate_records", "record_diff", "LossyStepError", "UnmigratableRecordError",
             "LIFECYCLE_STATES", "VERSION_STAMP"]
-
 
 
 # =============================================================================
@@ -11823,7 +11846,7 @@ class MonitorReport(OperationResult):
         return self.metrics.unreadable
 
 
-# -- renderers: nagios, prometheus, html ---------------------------------------------
+# -- the one-line health summary (plugin output, cron mail) and its perfdata numbers --
 
 def _perf_label(label: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_.-]+", label):
@@ -11852,139 +11875,6 @@ def health_summary(report: HealthReport) -> str:
         summary = "%d checks healthy" % len(report.checks)
     return "AML %s - %s: %s" % (report.status.nagios, report.store,
                                 summary.replace("|", "/").replace("\n", " "))
-
-
-def nagios_line(report: HealthReport) -> str:
-    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
-    perf = []
-    for label, (value, uom, warn, crit) in report.perfdata.items():
-        shown = "U" if value is None else _perf_number(value) + uom
-        text = "%s=%s;%s;%s;0" % (_perf_label(label), shown, _perf_number(warn),
-                                  _perf_number(crit))
-        perf.append(re.sub(r";+$", "", text) if value is not None else text.split(";")[0])
-    return "%s | %s" % (health_summary(report), " ".join(perf))
-
-
-def _prom_escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _prom_value(value: float) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int) or float(value).is_integer():
-        return "%d" % value
-    return repr(float(value))
-
-
-class _PromWriter:
-    """Collects metric families in the Prometheus text exposition format (version 0.0.4).
-
-    ``labels`` (the ``store`` label) are added to every sample, so two stores on one host
-    do not collide in one textfile collector.
-    """
-
-    def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
-        self.lines: List[str] = []
-        self.labels = dict(labels or {})
-
-    def family(self, name: str, kind: str, help_text: str,
-               samples: Iterable[Tuple[Dict[str, str], Optional[float]]]) -> None:
-        """One family; samples whose value is None (not measured) are left out."""
-        known = [(labels, value) for labels, value in samples if value is not None]
-        if not known:
-            return
-        self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")))
-        self.lines.append("# TYPE %s %s" % (name, kind))
-        for labels, value in known:
-            labels = dict(self.labels, **labels)
-            text = ",".join('%s="%s"' % (k, _prom_escape(str(v))) for k, v in labels.items())
-            self.lines.append("%s%s %s" % (name, "{%s}" % text if text else "", _prom_value(value)))
-
-    def text(self) -> str:
-        """The exposition text, newline-terminated."""
-        return "\n".join(self.lines) + "\n"
-
-
-def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = None,
-                    alerts: Optional[List[Alert]] = None) -> str:
-    """Metrics (and health and alert counts when given) in the Prometheus text format,
-    base units (bytes, seconds), every sample labelled with its ``store``."""
-    w = _PromWriter({"store": os.path.abspath(metrics.store)})
-    w.family("aml_store_bytes", "gauge", "Bytes of the memory store on disk, aml state excluded.",
-             [({}, metrics.total_bytes)])
-    w.family("aml_state_bytes", "gauge", "Bytes of aml's own state folder .aml.",
-             [({}, metrics.state_bytes)])
-    w.family("aml_index_bytes", "gauge", "Bytes of the persisted index.",
-             [({}, metrics.index_bytes)])
-    w.family("aml_agent_bytes", "gauge", "Bytes on disk per agent folder.",
-             [({"agent": a.agent}, a.bytes) for a in metrics.agents])
-    w.family("aml_agent_files", "gauge", "JSON files per agent by encoding.",
-             [({"agent": a.agent, "encoding": enc}, n) for a in metrics.agents
-              for enc, n in (("gzip", a.gzip_files), ("plain", a.plain_files))])
-    w.family("aml_records", "gauge",
-             "Records per agent, type and state (unreadable files excluded).",
-             [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
-              for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
-    w.family("aml_agent_records", "gauge", "Records per agent and type, every state "
-             "(unreadable files excluded).",
-             [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
-              for a in metrics.agents for t in RecordType])
-    w.family("aml_store_records", "gauge", "Records of the store per type, every state; "
-             "sum() is the store's total.",
-             [({"type": t.value}, metrics.totals.get(t.value, 0)) for t in RecordType])
-    w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
-             [({"agent": a.agent}, len(a.unreadable)) for a in metrics.agents])
-    _prom_performance(w, metrics)
-    if health is not None:
-        _prom_health(w, health, alerts or [])
-    return w.text()
-
-
-def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
-    perf = metrics.performance
-    per_day = metrics.growth.bytes_per_day
-    w.family("aml_growth_bytes_per_second", "gauge", "Store growth rate over the last 30 days.",
-             [({}, per_day / _DAY_SECONDS if per_day is not None else None)])
-    w.family("aml_limit_eta_seconds", "gauge", "Time until a size limit at the current growth.",
-             [({"limit": f.limit, "subject": f.subject},
-               f.days_until * _DAY_SECONDS if f.days_until is not None else None)
-              for f in metrics.forecasts])
-    w.family("aml_full_load_seconds", "gauge", "Time to read and parse every record file, now.",
-             [({}, perf.full_load_ms / 1000.0 if perf.full_load_ms is not None else None)])
-    w.family("aml_lookup_seconds", "gauge", "Time of one indexed lookup, measured now.",
-             [({}, perf.lookup_ms / 1000.0 if perf.lookup_ms is not None else None)])
-    w.family("aml_cache_hit_ratio", "gauge", "Hot-cache hit ratio recorded by real lookups.",
-             [({}, perf.cache_hit_rate)])
-    ops = sorted(perf.last_operations.values(), key=lambda o: o.operation)
-    w.family("aml_last_operation_duration_seconds", "gauge", "Duration of the last run.",
-             [({"operation": o.operation}, o.seconds) for o in ops])
-    w.family("aml_last_operation_age_seconds", "gauge", "Time since the last run started.",
-             [({"operation": o.operation}, o.age_days * _DAY_SECONDS
-               if o.age_days is not None else None) for o in ops])
-    w.family("aml_last_operation_timestamp_seconds", "gauge", "Start of the last run (Unix "
-             "time).", [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
-    for kind in ("success", "failure"):
-        w.family("aml_job_last_%s_timestamp_seconds" % kind, "gauge", "Start of the last %s "
-                 "of each scheduled job (Unix time)." % ("successful run" if kind == "success"
-                                                         else "failed run"),
-                 [({"job": job}, _unix_time(times.get("last_" + kind)))
-                  for job, times in sorted(metrics.jobs.items())])
-
-
-def _unix_time(text: Optional[str]) -> Optional[float]:
-    moment = parse_timestamp(text) if text else None
-    return round(moment.timestamp(), 3) if moment else None
-
-
-def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> None:
-    w.family("aml_health_status", "gauge", "Health per check: 0 ok, 1 warning, 2 critical, "
-             "3 unknown.", [({"check": c.name}, c.status.exit_code) for c in health.checks])
-    w.family("aml_health_overall", "gauge", "Overall health: 0 ok, 1 warning, 2 critical, "
-             "3 unknown.", [({}, health.status.exit_code)])
-    w.family("aml_alerts_open", "gauge", "Open alerts by level.",
-             [({"level": level.value}, sum(1 for a in alerts if a.level is level))
-              for level in AlertLevel])
 
 
 # -- the live dashboard: monitor serve ------------------------------------------------
@@ -12064,27 +11954,6 @@ def _history_for_display(store: Store, warnings: List[str]) -> List[Dict[str, An
 def _json_view(payload: Any) -> Tuple[str, bytes]:
     text = json.dumps(to_jsonable(payload), indent=2, sort_keys=True) + "\n"
     return _JSON_TYPE, text.encode("utf-8")
-
-
-def dashboard_views(monitor: MemoryMonitor, config_file: Optional[Path] = None,
-                    refresh: Optional[int] = None) -> Dict[str, Tuple[str, bytes]]:
-    """Measure once without writing; {path: (content type, body)} of every served path.
-
-    The JSON bodies are what ``monitor health|metrics|alerts --format json`` print (health
-    without alert changes: the server never evaluates alerts). Raises AmlError or OSError.
-    """
-    reader = monitor if isinstance(monitor, _ReadOnlyMonitor) else _ReadOnlyMonitor(
-        monitor.store, monitor.thresholds)
-    report = reader.snapshot()
-    history = _history_for_display(reader.store, report.warnings)
-    doc = dashboard_document(report, reader.thresholds, history,
-                             backup_summary(reader.store, config_file))
-    prom = prometheus_text(report.metrics, report.health, report.alerts)
-    return {"/": (_HTML_TYPE, render_dashboard(doc, refresh).encode("utf-8")),
-            "/metrics": (_PROM_TYPE, prom.encode("utf-8")),
-            "/api/health": _json_view(report.health), "/api/metrics": _json_view(report.metrics),
-            "/api/alerts": _json_view({"alerts": report.alerts}),
-            "/api/dashboard": _json_view(doc)}
 
 
 class DashboardCache:
@@ -12207,27 +12076,9 @@ __all__ += ["HealthStatus", "AlertLevel", "DEFAULT_THRESHOLDS", "resolve_thresho
 
 # =============================================================================
 # 15. Output formatting
-# Results to text or JSON; progress on a terminal. The only section that prints
-# (besides main).
+# Results to text, JSON, nagios, Prometheus and HTML (the dashboard's views too);
+# progress on a terminal. The only section that prints (besides main's last words).
 # =============================================================================
-
-def to_jsonable(value: Any) -> Any:
-    """Convert dataclasses, enums, paths and datetimes into plain JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, _dt.datetime):
-        return format_timestamp(value)
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class ProgressReporter:
@@ -12313,6 +12164,12 @@ class Output:
     def always(self, text: str) -> None:
         """A text line printed even with --quiet (used for results the user asked to see)."""
         if self.format == "text":
+            self.reporter.clear()
+            print(text, file=self.stdout)
+
+    def verbatim(self, text: str) -> None:
+        """A stdout line in any format but JSON, --quiet or not (the nagios plugin line)."""
+        if self.format != "json":
             self.reporter.clear()
             print(text, file=self.stdout)
 
@@ -12995,6 +12852,275 @@ def html_report(report: MonitorReport, thresholds: Optional[Dict[str, float]] = 
         backups if backups is not None else {"error": "not listed", "latest": []}))
 
 
+# -- text, nagios and prometheus renderers of the command results; the dashboard views --
+
+def _unix_time(text: Optional[str]) -> Optional[float]:
+    moment = parse_timestamp(text) if text else None
+    return round(moment.timestamp(), 3) if moment else None
+
+
+def nagios_line(report: HealthReport) -> str:
+    """The one-line plugin output: ``AML OK - summary | 'label'=value[UOM];warn;crit;min``."""
+    perf = []
+    for label, (value, uom, warn, crit) in report.perfdata.items():
+        shown = "U" if value is None else _perf_number(value) + uom
+        text = "%s=%s;%s;%s;0" % (_perf_label(label), shown, _perf_number(warn),
+                                  _perf_number(crit))
+        perf.append(re.sub(r";+$", "", text) if value is not None else text.split(";")[0])
+    return "%s | %s" % (health_summary(report), " ".join(perf))
+
+
+def _prom_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _prom_value(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int) or float(value).is_integer():
+        return "%d" % value
+    return repr(float(value))
+
+
+class _PromWriter:
+    """Collects metric families in the Prometheus text exposition format (version 0.0.4).
+
+    ``labels`` (the ``store`` label) are added to every sample, so two stores on one host
+    do not collide in one textfile collector.
+    """
+
+    def __init__(self, labels: Optional[Dict[str, str]] = None) -> None:
+        self.lines: List[str] = []
+        self.labels = dict(labels or {})
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: Iterable[Tuple[Dict[str, str], Optional[float]]]) -> None:
+        """One family; samples whose value is None (not measured) are left out."""
+        known = [(labels, value) for labels, value in samples if value is not None]
+        if not known:
+            return
+        self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")))
+        self.lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in known:
+            labels = dict(self.labels, **labels)
+            text = ",".join('%s="%s"' % (k, _prom_escape(str(v))) for k, v in labels.items())
+            self.lines.append("%s%s %s" % (name, "{%s}" % text if text else "", _prom_value(value)))
+
+    def text(self) -> str:
+        """The exposition text, newline-terminated."""
+        return "\n".join(self.lines) + "\n"
+
+
+def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = None,
+                    alerts: Optional[List[Alert]] = None) -> str:
+    """Metrics (and health and alert counts when given) in the Prometheus text format,
+    base units (bytes, seconds), every sample labelled with its ``store``."""
+    w = _PromWriter({"store": os.path.abspath(metrics.store)})
+    w.family("aml_store_bytes", "gauge", "Bytes of the memory store on disk, aml state excluded.",
+             [({}, metrics.total_bytes)])
+    w.family("aml_state_bytes", "gauge", "Bytes of aml's own state folder .aml.",
+             [({}, metrics.state_bytes)])
+    w.family("aml_index_bytes", "gauge", "Bytes of the persisted index.",
+             [({}, metrics.index_bytes)])
+    w.family("aml_agent_bytes", "gauge", "Bytes on disk per agent folder.",
+             [({"agent": a.agent}, a.bytes) for a in metrics.agents])
+    w.family("aml_agent_files", "gauge", "JSON files per agent by encoding.",
+             [({"agent": a.agent, "encoding": enc}, n) for a in metrics.agents
+              for enc, n in (("gzip", a.gzip_files), ("plain", a.plain_files))])
+    w.family("aml_records", "gauge",
+             "Records per agent, type and state (unreadable files excluded).",
+             [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
+              for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
+    w.family("aml_agent_records", "gauge", "Records per agent and type, every state "
+             "(unreadable files excluded).",
+             [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
+              for a in metrics.agents for t in RecordType])
+    w.family("aml_store_records", "gauge", "Records of the store per type, every state; "
+             "sum() is the store's total.",
+             [({"type": t.value}, metrics.totals.get(t.value, 0)) for t in RecordType])
+    w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
+             [({"agent": a.agent}, len(a.unreadable)) for a in metrics.agents])
+    _prom_performance(w, metrics)
+    if health is not None:
+        _prom_health(w, health, alerts or [])
+    return w.text()
+
+
+def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
+    perf = metrics.performance
+    per_day = metrics.growth.bytes_per_day
+    w.family("aml_growth_bytes_per_second", "gauge", "Store growth rate over the last 30 days.",
+             [({}, per_day / _DAY_SECONDS if per_day is not None else None)])
+    w.family("aml_limit_eta_seconds", "gauge", "Time until a size limit at the current growth.",
+             [({"limit": f.limit, "subject": f.subject},
+               f.days_until * _DAY_SECONDS if f.days_until is not None else None)
+              for f in metrics.forecasts])
+    w.family("aml_full_load_seconds", "gauge", "Time to read and parse every record file, now.",
+             [({}, perf.full_load_ms / 1000.0 if perf.full_load_ms is not None else None)])
+    w.family("aml_lookup_seconds", "gauge", "Time of one indexed lookup, measured now.",
+             [({}, perf.lookup_ms / 1000.0 if perf.lookup_ms is not None else None)])
+    w.family("aml_cache_hit_ratio", "gauge", "Hot-cache hit ratio recorded by real lookups.",
+             [({}, perf.cache_hit_rate)])
+    ops = sorted(perf.last_operations.values(), key=lambda o: o.operation)
+    w.family("aml_last_operation_duration_seconds", "gauge", "Duration of the last run.",
+             [({"operation": o.operation}, o.seconds) for o in ops])
+    w.family("aml_last_operation_age_seconds", "gauge", "Time since the last run started.",
+             [({"operation": o.operation}, o.age_days * _DAY_SECONDS
+               if o.age_days is not None else None) for o in ops])
+    w.family("aml_last_operation_timestamp_seconds", "gauge", "Start of the last run (Unix "
+             "time).", [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
+    for kind in ("success", "failure"):
+        w.family("aml_job_last_%s_timestamp_seconds" % kind, "gauge", "Start of the last %s "
+                 "of each scheduled job (Unix time)." % ("successful run" if kind == "success"
+                                                         else "failed run"),
+                 [({"job": job}, _unix_time(times.get("last_" + kind)))
+                  for job, times in sorted(metrics.jobs.items())])
+
+
+def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> None:
+    w.family("aml_health_status", "gauge", "Health per check: 0 ok, 1 warning, 2 critical, "
+             "3 unknown.", [({"check": c.name}, c.status.exit_code) for c in health.checks])
+    w.family("aml_health_overall", "gauge", "Overall health: 0 ok, 1 warning, 2 critical, "
+             "3 unknown.", [({}, health.status.exit_code)])
+    w.family("aml_alerts_open", "gauge", "Open alerts by level.",
+             [({"level": level.value}, sum(1 for a in alerts if a.level is level))
+              for level in AlertLevel])
+
+
+def dashboard_views(monitor: MemoryMonitor, config_file: Optional[Path] = None,
+                    refresh: Optional[int] = None) -> Dict[str, Tuple[str, bytes]]:
+    """Measure once without writing; {path: (content type, body)} of every served path.
+
+    The JSON bodies are what ``monitor health|metrics|alerts --format json`` print (health
+    without alert changes: the server never evaluates alerts). Raises AmlError or OSError.
+    """
+    reader = monitor if isinstance(monitor, _ReadOnlyMonitor) else _ReadOnlyMonitor(
+        monitor.store, monitor.thresholds)
+    report = reader.snapshot()
+    history = _history_for_display(reader.store, report.warnings)
+    doc = dashboard_document(report, reader.thresholds, history,
+                             backup_summary(reader.store, config_file))
+    prom = prometheus_text(report.metrics, report.health, report.alerts)
+    return {"/": (_HTML_TYPE, render_dashboard(doc, refresh).encode("utf-8")),
+            "/metrics": (_PROM_TYPE, prom.encode("utf-8")),
+            "/api/health": _json_view(report.health), "/api/metrics": _json_view(report.metrics),
+            "/api/alerts": _json_view({"alerts": report.alerts}),
+            "/api/dashboard": _json_view(doc)}
+
+
+def _run_line(run: Dict[str, Any]) -> str:
+    if "problem" in run:
+        return "%s  CORRUPT: %s" % (run["run_id"], run["problem"])
+    note = ("  (undone %s)" % run["undone"] if run["undone"] else
+            "  (interrupted: archive incomplete; undo puts back what is missing)"
+            if run.get("status") == "writing" else "")
+    return "%s  %s  %s  %d records%s" % (run["run_id"], run["operation"], run["created"],
+                                         run["records"], note)
+
+
+def _details_text(details: Dict[str, Any]) -> str:
+    return ", ".join("%s=%s" % (k, round(v, 3) if isinstance(v, float) else v)
+                     for k, v in sorted(details.items()))
+
+
+def _record_line(found: FoundRecord) -> str:
+    facts = record_facts(RecordType(found.type), found.record)
+    rec = found.record if isinstance(found.record, dict) else {}
+    summary = (dig(rec, "pattern", "approach", "technique") or dig(rec, "problem", "errorType")
+               or dig(rec, "decision", "question") or "")
+    score = lambda v: "-" if v is None else "%.2f" % v  # noqa: E731
+    return "%s[%d]  %s  conf=%s sr=%s  tags=%s  %s" % (
+        found.file, found.index, found.id or "-", score(facts.confidence),
+        score(facts.success_rate), ",".join(facts.tags) or "-", summary)
+
+
+def _metrics_lines(report: MetricsReport) -> List[str]:
+    """The text form of a metrics report."""
+    lines = ["Store %s: %s in %d agents (aml state %s, index %s)" % (
+        report.store, human_bytes(report.total_bytes), len(report.agents),
+        human_bytes(report.state_bytes),
+        human_bytes(report.index_bytes) if report.index_bytes else "none"),
+        "Files: %d gzip, %d plain; largest agent: %s" % (report.gzip_files, report.plain_files,
+                                                         report.largest_agent or "none"),
+        "Records: %d (%s); per type: all = active/inactive/invalid" % (
+            report.totals.get("total", 0), ", ".join(
+                "%d %ss" % (report.totals.get(t.value, 0), t.value) for t in RecordType)),
+        "%-24s %10s  %-20s  %-20s  %-20s  %s" % ("AGENT", "SIZE", "PATTERNS", "SOLUTIONS",
+                                                  "DECISIONS", "RECORDS")]
+    rows = [(a.agent, a.bytes, a.records, a.totals) for a in report.agents]
+    rows.append(("STORE", report.total_bytes, report.records, report.totals))
+    for name, size, records, totals in rows:
+        lines.append("%-24s %10s  %s  %d" % (name, human_bytes(size), "  ".join(
+            "%-20s" % ("%d = %d/%d/%d" % ((totals.get(t.value, 0),) + tuple(
+                records[t.value][state] for state in ("active", "inactive", "invalid"))))
+            for t in RecordType), totals.get("total", 0)))
+    lines.extend(_growth_lines(report))
+    lines.extend(_performance_lines(report.performance))
+    return lines
+
+
+def _growth_lines(report: MetricsReport) -> List[str]:
+    growth = report.growth
+    if growth.previous_at is None:
+        lines = ["Growth: unknown (no earlier sample; every run adds one)"]
+    else:
+        lines = ["Growth: %+d bytes, %+d records since %s; %s/day" % (
+            growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
+            "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
+    quiet = 0
+    for forecast in report.forecasts:
+        if forecast.subject != "store" and forecast.days_until is None:
+            quiet += 1  # agents that are not growing: counted, listed in --format json
+            continue
+        when = forecast.note if forecast.days_until is None else "%.1f days, %s" % (
+            forecast.days_until, forecast.note)
+        lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
+                                           human_bytes(forecast.limit_bytes), when))
+    if quiet:
+        lines.append("  %d agent limit(s) not approaching: no growth or no growth data" % quiet)
+    return lines
+
+
+def _performance_lines(perf: PerformanceMetrics) -> List[str]:
+    lines = ["Full load now: %s (%d files, %d records)" % (
+        _shown(perf.full_load_ms, " ms"), perf.full_load_files, perf.full_load_records),
+        "Indexed lookup now: %s (%s)" % (_shown(perf.lookup_ms, " ms"), perf.lookup_note),
+        "Hot-cache hit rate: %s (%s hits, %s misses)" % (
+            _shown(perf.cache_hit_rate), _shown(perf.cache_hits), _shown(perf.cache_misses))]
+    for op in perf.last_operations.values():
+        lines.append("Last %s: %s" % (op.operation, "never ran" if op.started is None else
+                                      "%s, took %s" % (op.started, _shown(op.seconds, " s"))))
+    return lines
+
+
+def _health_lines(report: HealthReport) -> List[str]:
+    lines = ["Health: %s (%s)" % (report.status.nagios, report.store)]
+    for check in report.checks:
+        lines.append("  %-9s %-12s %s" % (check.status.value, check.name, check.message))
+    changes = report.alerts
+    if changes is not None and (changes.fired or changes.resolved):
+        lines.append("Alerts: %d fired, %d resolved, %d open (see: monitor alerts)"
+                     % (len(changes.fired), len(changes.resolved), len(changes.open)))
+    return lines
+
+
+def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
+    lines = ["%-22s %-8s %-15s %5s  %-24s %-24s %s" % ("ID", "LEVEL", "STATE", "COUNT",
+                                                      "FIRST SEEN", "LAST SEEN", "MESSAGE")]
+    for alert in alerts:
+        state = alert.state if alert.state == "firing" else "%s (%s)" % (alert.state,
+                                                                          alert.resolved_by)
+        lines.append("%-22s %-8s %-15s %5d  %-24s %-24s %s" % (
+            alert.id, alert.level.value, state, alert.count, alert.first_seen, alert.last_seen,
+            alert.message))
+    return lines if alerts else ["No %salerts." % ("" if include_resolved else "open ")]
+
+
+def _shown(value: Any, unit: str = "") -> str:
+    return "unknown" if value is None else ("%.2f" % value if isinstance(value, float)
+                                            else str(value)) + unit
+
+
 # =============================================================================
 # 16. Command line
 # Parsers, one builder per command; handlers parse, call one library function,
@@ -13191,21 +13317,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                              force=args.force)
     _print_prune(out, result, args.memory_path, args.list_records)
     return int(result.exit_code)
-
-
-def _run_line(run: Dict[str, Any]) -> str:
-    if "problem" in run:
-        return "%s  CORRUPT: %s" % (run["run_id"], run["problem"])
-    note = ("  (undone %s)" % run["undone"] if run["undone"] else
-            "  (interrupted: archive incomplete; undo puts back what is missing)"
-            if run.get("status") == "writing" else "")
-    return "%s  %s  %s  %d records%s" % (run["run_id"], run["operation"], run["created"],
-                                         run["records"], note)
-
-
-def _details_text(details: Dict[str, Any]) -> str:
-    return ", ".join("%s=%s" % (k, round(v, 3) if isinstance(v, float) else v)
-                     for k, v in sorted(details.items()))
 
 
 def _print_prune(out: Output, result: PruneResult, memory_path: Path,
@@ -13453,17 +13564,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         out.always(_record_line(found))
     out.line("%d record%s (%s)" % (result.count, "" if result.count == 1 else "s", result.source))
     return _lookup_exit(out, result)
-
-
-def _record_line(found: FoundRecord) -> str:
-    facts = record_facts(RecordType(found.type), found.record)
-    rec = found.record if isinstance(found.record, dict) else {}
-    summary = (dig(rec, "pattern", "approach", "technique") or dig(rec, "problem", "errorType")
-               or dig(rec, "decision", "question") or "")
-    score = lambda v: "-" if v is None else "%.2f" % v  # noqa: E731
-    return "%s[%d]  %s  conf=%s sr=%s  tags=%s  %s" % (
-        found.file, found.index, found.id or "-", score(facts.confidence),
-        score(facts.success_rate), ",".join(facts.tags) or "-", summary)
 
 
 def _lookup_exit(out: Output, result: LookupResult) -> int:
@@ -14174,70 +14274,6 @@ def _monitor_output(args: argparse.Namespace) -> Output:
                   reporter=args.reporter)
 
 
-def _shown(value: Any, unit: str = "") -> str:
-    return "unknown" if value is None else ("%.2f" % value if isinstance(value, float)
-                                            else str(value)) + unit
-
-
-def _metrics_lines(report: MetricsReport) -> List[str]:
-    """The text form of a metrics report."""
-    lines = ["Store %s: %s in %d agents (aml state %s, index %s)" % (
-        report.store, human_bytes(report.total_bytes), len(report.agents),
-        human_bytes(report.state_bytes),
-        human_bytes(report.index_bytes) if report.index_bytes else "none"),
-        "Files: %d gzip, %d plain; largest agent: %s" % (report.gzip_files, report.plain_files,
-                                                         report.largest_agent or "none"),
-        "Records: %d (%s); per type: all = active/inactive/invalid" % (
-            report.totals.get("total", 0), ", ".join(
-                "%d %ss" % (report.totals.get(t.value, 0), t.value) for t in RecordType)),
-        "%-24s %10s  %-20s  %-20s  %-20s  %s" % ("AGENT", "SIZE", "PATTERNS", "SOLUTIONS",
-                                                  "DECISIONS", "RECORDS")]
-    rows = [(a.agent, a.bytes, a.records, a.totals) for a in report.agents]
-    rows.append(("STORE", report.total_bytes, report.records, report.totals))
-    for name, size, records, totals in rows:
-        lines.append("%-24s %10s  %s  %d" % (name, human_bytes(size), "  ".join(
-            "%-20s" % ("%d = %d/%d/%d" % ((totals.get(t.value, 0),) + tuple(
-                records[t.value][state] for state in ("active", "inactive", "invalid"))))
-            for t in RecordType), totals.get("total", 0)))
-    lines.extend(_growth_lines(report))
-    lines.extend(_performance_lines(report.performance))
-    return lines
-
-
-def _growth_lines(report: MetricsReport) -> List[str]:
-    growth = report.growth
-    if growth.previous_at is None:
-        lines = ["Growth: unknown (no earlier sample; every run adds one)"]
-    else:
-        lines = ["Growth: %+d bytes, %+d records since %s; %s/day" % (
-            growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
-            "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
-    quiet = 0
-    for forecast in report.forecasts:
-        if forecast.subject != "store" and forecast.days_until is None:
-            quiet += 1  # agents that are not growing: counted, listed in --format json
-            continue
-        when = forecast.note if forecast.days_until is None else "%.1f days, %s" % (
-            forecast.days_until, forecast.note)
-        lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
-                                           human_bytes(forecast.limit_bytes), when))
-    if quiet:
-        lines.append("  %d agent limit(s) not approaching: no growth or no growth data" % quiet)
-    return lines
-
-
-def _performance_lines(perf: PerformanceMetrics) -> List[str]:
-    lines = ["Full load now: %s (%d files, %d records)" % (
-        _shown(perf.full_load_ms, " ms"), perf.full_load_files, perf.full_load_records),
-        "Indexed lookup now: %s (%s)" % (_shown(perf.lookup_ms, " ms"), perf.lookup_note),
-        "Hot-cache hit rate: %s (%s hits, %s misses)" % (
-            _shown(perf.cache_hit_rate), _shown(perf.cache_hits), _shown(perf.cache_misses))]
-    for op in perf.last_operations.values():
-        lines.append("Last %s: %s" % (op.operation, "never ran" if op.started is None else
-                                      "%s, took %s" % (op.started, _shown(op.seconds, " s"))))
-    return lines
-
-
 def cmd_monitor_metrics(args: argparse.Namespace) -> int:
     """``monitor metrics``: exit 3 when a record file could not be read."""
     out = _monitor_output(args)
@@ -14253,17 +14289,6 @@ def cmd_monitor_metrics(args: argparse.Namespace) -> int:
     return int(report.exit_code)
 
 
-def _health_lines(report: HealthReport) -> List[str]:
-    lines = ["Health: %s (%s)" % (report.status.nagios, report.store)]
-    for check in report.checks:
-        lines.append("  %-9s %-12s %s" % (check.status.value, check.name, check.message))
-    changes = report.alerts
-    if changes is not None and (changes.fired or changes.resolved):
-        lines.append("Alerts: %d fired, %d resolved, %d open (see: monitor alerts)"
-                     % (len(changes.fired), len(changes.resolved), len(changes.open)))
-    return lines
-
-
 def cmd_monitor_health(args: argparse.Namespace) -> int:
     """``monitor health``: exit code 0/1/2/3 by the plugin convention, whatever the format."""
     out = _monitor_output(args)
@@ -14273,13 +14298,11 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
         with _deadline(args.timeout):
             report = _open_monitor(args).health()
     except (AmlError, OSError, _HealthTimeout) as exc:  # health could not run: UNKNOWN
-        if args.format != "json":
-            print("AML UNKNOWN - %s: %s" % (args.memory_path, str(exc).replace("|", "/")),
-                  file=out.stdout)
+        out.verbatim("AML UNKNOWN - %s: %s" % (args.memory_path, str(exc).replace("|", "/")))
         raise HealthUnknownError(str(exc)) from None
     out.report(report)
     if args.format == "nagios":
-        print(nagios_line(report), file=out.stdout)
+        out.verbatim(nagios_line(report))
     elif out.quiet:
         if report.status is not HealthStatus.HEALTHY:
             out.always(health_summary(report))  # cron mails one clear line
@@ -14314,18 +14337,6 @@ def _deadline(seconds: Optional[float]) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
-    lines = ["%-22s %-8s %-15s %5s  %-24s %-24s %s" % ("ID", "LEVEL", "STATE", "COUNT",
-                                                      "FIRST SEEN", "LAST SEEN", "MESSAGE")]
-    for alert in alerts:
-        state = alert.state if alert.state == "firing" else "%s (%s)" % (alert.state,
-                                                                          alert.resolved_by)
-        lines.append("%-22s %-8s %-15s %5d  %-24s %-24s %s" % (
-            alert.id, alert.level.value, state, alert.count, alert.first_seen, alert.last_seen,
-            alert.message))
-    return lines if alerts else ["No %salerts." % ("" if include_resolved else "open ")]
 
 
 def cmd_monitor_alerts(args: argparse.Namespace) -> int:

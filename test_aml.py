@@ -6386,6 +6386,30 @@ def test_no_two_top_level_definitions_share_a_name():
     assert sorted({n for n in names if names.count(n) > 1}) == []
 
 
+def test_no_name_is_used_above_the_section_that_defines_it():
+    # The section map is a reading order: each section builds only on the ones above it.
+    import ast
+    source = (HERE / "aml.py").read_text(encoding="utf-8")
+    starts = [(number, int(m.group(1))) for number, line in enumerate(source.splitlines(), 1)
+              for m in [re.match(r"^# (\d+)\. ", line)] if m]
+    assert [n for _, n in starts] == list(range(1, 17))
+
+    def section(line):
+        return max(n for start, n in starts if start <= line)
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        for target in targets:
+            name = getattr(target, "name", None) or getattr(target, "id", None)
+            if name:
+                defined.setdefault(name, section(node.lineno))
+    early = sorted("%s (section %d) in section %d" % (n.id, defined[n.id], section(top.lineno))
+                   for top in tree.body for n in ast.walk(top)
+                   if isinstance(n, ast.Name) and defined.get(n.id, 0) > section(top.lineno))
+    assert early == []
+
+
 # ---- issue 11: printed hints name the program as the user typed it ----
 
 def test_undo_hint_is_the_invocation_typed_and_pastes(tmp_path):
