@@ -401,11 +401,11 @@ def _file_size(item: Any) -> int:
 
 def human_bytes(count: float) -> str:
     """Render a byte count for people: ``512 B``, ``1.5 KiB``, ``80.0 MiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if abs(count) < 1024:
             return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
         count /= 1024.0
-    return "%.1f TiB" % count  # pragma: no cover - loop always returns
+    return "%.1f GiB" % count
 
 
 def _reject_constant(name: str) -> Any:
@@ -429,10 +429,9 @@ def parse_json_text(text: str) -> Any:
     past the double range and nesting too deep for Python (ValueError, never
     RecursionError: one bad file must not stop a run)."""
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("nested too deeply (over %d levels)" % sys.getrecursionlimit()) from None
-    return obj
 
 
 def runtime_json(obj: Any) -> str:
@@ -933,9 +932,8 @@ def fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -1133,7 +1131,18 @@ def scan_leftovers(root: Path, now: Optional[float] = None) -> List[Leftover]:
     return out
 
 
-class FileLock:
+class _HeldLock:
+    """``with lock:`` acquires a lock (FileLock, MaintenanceLock) and releases it after."""
+
+    def __enter__(self) -> Any:
+        self.acquire()  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()  # type: ignore[attr-defined]
+
+
+class FileLock(_HeldLock):
     """The runtime's per-file lock: a directory ``<file>.lock`` made with mkdir.
 
     Any entry at that path counts as held. A stale lock (stale_lock_age) is removed with
@@ -1167,27 +1176,21 @@ class FileLock:
             raise StoreBusyError("store busy: %s is locked by another process (waited %.0f s)"
                                  % (self.lock_dir, self.timeout))
         self._held = True
-        self._start_refresher()
+        self._stop.clear()
+        self._refresher = threading.Thread(target=self._refresh_loop, daemon=True)
+        self._refresher.start()
 
     def _try_once(self) -> bool:
         try:
             os.mkdir(str(self.lock_dir))
             return True
         except FileExistsError:
-            self._remove_if_stale()
+            if stale_lock_age(self.lock_dir) is not None:
+                with contextlib.suppress(OSError):
+                    os.rmdir(str(self.lock_dir))
             return False
         except FileNotFoundError:
             raise AmlError("cannot lock %s: its folder is missing" % self.path) from None
-
-    def _remove_if_stale(self) -> None:
-        if stale_lock_age(self.lock_dir) is not None:
-            with contextlib.suppress(OSError):
-                os.rmdir(str(self.lock_dir))
-
-    def _start_refresher(self) -> None:
-        self._stop.clear()
-        self._refresher = threading.Thread(target=self._refresh_loop, daemon=True)
-        self._refresher.start()
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(LOCK_REFRESH_SECONDS):
@@ -1205,15 +1208,9 @@ class FileLock:
         with contextlib.suppress(OSError):
             os.rmdir(str(self.lock_dir))
 
-    def __enter__(self) -> "FileLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
-class MaintenanceLock:
+class MaintenanceLock(_HeldLock):
     """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap.
 
     Re-entrant within one process: a command that holds it can call another operation that
@@ -1296,12 +1293,6 @@ class MaintenanceLock:
         fcntl.flock(entry[0], fcntl.LOCK_UN)
         os.close(entry[0])
 
-    def __enter__(self) -> "MaintenanceLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 __all__ += ["load_json_text", "scan_json_array", "split_json_array", "remove_array_elements"]
@@ -1329,10 +1320,7 @@ class RecordType(enum.Enum):
     @classmethod
     def from_filename(cls, name: str) -> Optional["RecordType"]:
         """The record type a file name holds, or None for other files."""
-        for rtype in cls:
-            if rtype.filename == name:
-                return rtype
-        return None
+        return next((rtype for rtype in cls if rtype.filename == name), None)
 
 
 # Where each logical field may live, first match wins: runtime camelCase first, then
@@ -1475,9 +1463,8 @@ def _is_superseded(record: Dict[str, Any]) -> bool:
 
 def _is_active(record: Dict[str, Any]) -> bool:
     active = record.get("active")
-    if isinstance(active, bool):
-        return active
-    return _lifecycle_state(record) not in ("inactive", "archived", "superseded")
+    return active if isinstance(active, bool) else (
+        _lifecycle_state(record) not in ("inactive", "archived", "superseded"))
 
 
 def _bool_or_none(value: Any) -> Optional[bool]:
@@ -1505,14 +1492,13 @@ def record_facts(rtype: RecordType, record: Any) -> RecordFacts:
     """Read the maintenance-relevant facts of a record of any known layout; never raises."""
     rec = record if isinstance(record, dict) else {}
     tags = _tags(rec)
-    rid = rec.get("id")
     agent = rec.get("agent")
     confidence, rate, count, last_used, created = usage_fields(rec)
     stamp = rec.get("timestamp")
     when = parse_timestamp(stamp)
     return RecordFacts(
         rtype=rtype,
-        id=rid if isinstance(rid, str) and rid else None,
+        id=record_id(rec),
         agent=agent if isinstance(agent, str) and agent else None,
         timestamp=when,   # the same text twice (often: created) is parsed once
         created=when if _same_text(created, stamp) else parse_timestamp(created),
@@ -1811,14 +1797,10 @@ class Store:
     # -- discovery ---------------------------------------------------------
     def agents(self) -> List[str]:
         """Agent folder names, sorted: not reserved and holding a known memory file."""
-        found = []
-        for entry in sorted(os.scandir(str(self.root)), key=lambda e: e.name):
-            if is_reserved_name(entry.name) or not entry.is_dir(follow_symlinks=False):
-                continue
-            # lexists: an agent whose only file is a symlink or FIFO is found, and reported
-            if any(os.path.lexists(os.path.join(entry.path, f)) for f in KNOWN_AGENT_FILES):
-                found.append(entry.name)
-        return found
+        # lexists: an agent whose only file is a symlink or FIFO is found, and reported
+        return [entry.name for entry in sorted(os.scandir(str(self.root)), key=lambda e: e.name)
+                if not is_reserved_name(entry.name) and entry.is_dir(follow_symlinks=False)
+                and any(os.path.lexists(os.path.join(entry.path, f)) for f in KNOWN_AGENT_FILES)]
 
     def select_agents(self, wanted: Optional[Sequence[str]]) -> List[str]:
         """The agents to work on; raises UsageError naming an unknown agent."""
@@ -1836,12 +1818,9 @@ class Store:
 
         Entries that are not regular files (a symlink, folder, FIFO) are listed too, so that
         every command reports them: reading one raises CorruptFileError, unopened."""
-        folder = self.root / agent
-        files = []
-        for entry in sorted(os.scandir(str(folder)), key=lambda e: e.name):
-            if entry.name.endswith(".json") and not is_transient_entry(entry.name):
-                files.append(DataFile(agent, Path(entry.path)))
-        return files
+        return [DataFile(agent, Path(entry.path))
+                for entry in sorted(os.scandir(str(self.root / agent)), key=lambda e: e.name)
+                if entry.name.endswith(".json") and not is_transient_entry(entry.name)]
 
     def record_files(self, agent: str) -> List[DataFile]:
         """The agent's patterns/solutions/decisions files that exist."""
@@ -1908,12 +1887,9 @@ class Store:
         ``what`` noted in ``unsaved``; otherwise the error propagates."""
         try:
             yield
-        except ReadOnlyError:
-            if not self.save_optional:
-                raise
-            self._note_unsaved(what)
-        except OSError as exc:
-            if not (self.save_optional and exc.errno in READ_ONLY_ERRNOS):
+        except (ReadOnlyError, OSError) as exc:
+            if not self.save_optional or not (isinstance(exc, ReadOnlyError)
+                                              or exc.errno in READ_ONLY_ERRNOS):
                 raise
             self._note_unsaved(what)
 
@@ -1997,10 +1973,8 @@ class Store:
 
     def last_operation(self, operation: str) -> Optional[Dict[str, Any]]:
         """The newest history entry for an operation, or None."""
-        for entry in reversed(self.read_state_lenient("history.json", [])):
-            if entry.get("operation") == operation:
-                return entry
-        return None
+        return next((entry for entry in reversed(self.read_state_lenient("history.json", []))
+                     if entry.get("operation") == operation), None)
 
     def read_state_lenient(self, name: str, default: Any) -> Any:
         """Like read_state, but a corrupt file is set aside (``*.corrupt``) and ``default`` used."""
@@ -2079,8 +2053,7 @@ def load_aml_config(store: Store, path: Optional[Path] = None) -> Dict[str, Dict
     consumer rejects unknown field names. Precedence everywhere: built-in defaults < the
     store's ``config.json`` (where a key matches) < this file < command-line flags.
     """
-    if path is None:
-        path = store.config_file
+    path = store.config_file if path is None else path
     if path is None:
         path = store.state_dir / "config.json"
         if not path.exists():
