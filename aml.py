@@ -702,8 +702,7 @@ def load_json_file(path: Path, expect: Optional[type] = None, follow_symlinks: b
     """Read a JSON file that may hold gzip bytes; raises CorruptFileError, never returns empty.
 
     A symlink (unless ``follow_symlinks``), folder, FIFO or device is refused unopened."""
-    obj, fmt, _ = load_json_text(path, expect, follow_symlinks)
-    return obj, fmt
+    return load_json_text(path, expect, follow_symlinks)[:2]
 
 
 def _odd_kind(mode: int) -> Optional[str]:
@@ -1550,7 +1549,7 @@ def success_evidence(facts: RecordFacts) -> Optional[Tuple[int, int]]:
     """(successes, observed outcomes) of a pattern: exact counts of the 2.0.0 layout where
     present, else recovered from the running mean and execution count as migrate does."""
     parts = outcome_evidence(facts)
-    return None if parts is None else (parts[0], parts[1])
+    return None if parts is None else parts[:2]
 
 
 def outcome_evidence(facts: RecordFacts) -> Optional[Tuple[int, int, int, bool]]:
@@ -2256,8 +2255,8 @@ class Archive:
         """Archived run ids, oldest first."""
         if not self.folder.is_dir():
             return []
-        names = {p.name for p in self.folder.iterdir() if (p / "manifest.json").is_file()}
-        return sorted(n for n in names if not n.startswith("."))
+        return sorted(p.name for p in self.folder.iterdir()
+                      if not p.name.startswith(".") and (p / "manifest.json").is_file())
 
     def mark_undone(self, run_id: str, when: _dt.datetime) -> None:
         """Record that a run was undone (its parts stay, for the record)."""
