@@ -8244,9 +8244,14 @@ def test_backup_repositories_of_the_older_layout_verify_and_restore(tmp_path, ca
     assert run_cli(root, "backup", "restore", snap.backup_id, "-q") == 0
     assert content_digest(root) == expected
     # Written now: a flipped byte in the manifest or a pack index fails closed (exit 6).
+    # new content, so this backup writes a pack of its own (the restore's safety backup wrote
+    # one too, maybe in the same second: pack names do not say which is whose)
+    write_data(root / "fresh-agent" / "patterns.json", [make_pattern("fresh-agent",
+                                                                    random.Random(3))])
+    before = set(manager.packs.glob("*.idx"))
     again = backup_manager(root).create()
     path = backup_manager(root).manifest_path(again.backup_id)
-    idx = max(manager.packs.glob("*.idx"), key=lambda p: p.stem)
+    (idx,) = set(manager.packs.glob("*.idx")) - before
     assert idx.read_bytes().startswith(b'{"format": "aml-pack-index-1"')
     for victim, gz in ((path, True), (idx, False)):
         good = victim.read_bytes()
