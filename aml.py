@@ -2340,7 +2340,6 @@ def store_disk_bytes(store: Store) -> int:
 # 8. Backup and restore
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
-# Only this section needs these; importing them here keeps the shared import block stable.
 
 
 class BackupType(enum.Enum):
@@ -3170,12 +3169,8 @@ def store_scope_files(root: Path, agents: Optional[Sequence[str]],
                       odd: Optional[List[Tuple[str, str]]] = None) -> List[str]:
     """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted (with an
     ``odd`` list: regular files only, the rest listed there; see _walk_files)."""
-    if agents is None:
-        return list(_walk_files(root, "", _skip_name, odd))
-    found: List[str] = []
-    for agent in agents:
-        found.extend(_walk_files(root, agent, _skip_name, odd))
-    return found
+    tops = [""] if agents is None else agents
+    return [rel for top in tops for rel in _walk_files(root, top, _skip_name, odd)]
 
 
 def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
@@ -3329,9 +3324,8 @@ class BackupManager:
         return marks if isinstance(marks, dict) else {}
 
     def _mark_verified(self, results: Dict[str, bool], deep: bool) -> None:
-        marks = self._verified()
         existing = set(self.snapshot_ids())
-        marks = {k: v for k, v in marks.items() if k in existing}
+        marks = {k: v for k, v in self._verified().items() if k in existing}
         for backup_id, ok in results.items():
             marks[backup_id] = {"ok": ok, "deep": deep, "when": format_timestamp(self.store.now)}
         write_checksummed(self.repo / "verified.json", marks)
@@ -4609,7 +4603,6 @@ def auto_plan(manager: BackupManager, keep: Dict[str, int]) -> AutoResult:
 
 # -- Copies: a second repository, in a folder or behind rclone ---------------
 # Only copies and --repo need these; importing them here keeps the shared import block stable.
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import base64  # noqa: E402
@@ -5386,36 +5379,31 @@ def repository_stats(manager: BackupManager) -> StatsResult:
     """Measure the repository: bytes on disk, as restored, deduplicated, and what each
     snapshot (oldest first) added. Damaged parts are in ``problems``."""
     with manager._repo_lock(exclusive=False):   # rotation waits until the counting is done
-        return _repository_stats(manager)
-
-
-def _repository_stats(manager: BackupManager) -> StatsResult:
-    objects = _ObjectStore(manager.packs)
-    lists, seen, rows = _Lists(objects), set(), []
-    problems = list(objects.problems)
-    for backup_id in manager.snapshot_ids():
-        try:
-            manifest = manager.load_manifest(backup_id)
-            row = _snapshot_stats(manager, backup_id, manifest, objects, lists, seen)
-        except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            problems.append("%s: %s" % (backup_id, exc))
-            continue
-        rows.append(row)
-    files = [p for p in manager.repo.rglob("*") if p.is_file()] if manager.repo.is_dir() else []
-    size = {p: p.stat().st_size for p in files}
-    pack_bytes = sum(n for p, n in size.items() if p.parent == manager.packs)
-    all_bytes = sum(_object_length(objects, k) for k in objects.where)
-    unique = sum(r.added_bytes for r in rows)
-    logical = sum(r.logical_bytes for r in rows)
-    return StatsResult(
-        repository=manager.repo, snapshots=rows, repository_bytes=sum(size.values()),
-        pack_bytes=pack_bytes, manifest_bytes=sum(r.manifest_bytes for r in rows),
-        packs=len(objects.pack_list), logical_bytes=logical, unique_objects=len(seen),
-        unique_bytes=unique, unreferenced_objects=max(len(objects.where) - len(seen), 0),
-        unreferenced_bytes=max(all_bytes - unique, 0),
-        dedup_ratio=round(logical / unique, 2) if unique else None,
-        compression_ratio=round(all_bytes / pack_bytes, 2) if pack_bytes else None,
-        problems=problems)
+        objects = _ObjectStore(manager.packs)
+        lists, seen, rows = _Lists(objects), set(), []
+        problems = list(objects.problems)
+        for backup_id in manager.snapshot_ids():
+            try:
+                manifest = manager.load_manifest(backup_id)
+                rows.append(_snapshot_stats(manager, backup_id, manifest, objects, lists, seen))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                problems.append("%s: %s" % (backup_id, exc))
+        files = [p for p in manager.repo.rglob("*") if p.is_file()] \
+            if manager.repo.is_dir() else []
+        size = {p: p.stat().st_size for p in files}
+        pack_bytes = sum(n for p, n in size.items() if p.parent == manager.packs)
+        all_bytes = sum(_object_length(objects, k) for k in objects.where)
+        unique = sum(r.added_bytes for r in rows)
+        logical = sum(r.logical_bytes for r in rows)
+        return StatsResult(
+            repository=manager.repo, snapshots=rows, repository_bytes=sum(size.values()),
+            pack_bytes=pack_bytes, manifest_bytes=sum(r.manifest_bytes for r in rows),
+            packs=len(objects.pack_list), logical_bytes=logical, unique_objects=len(seen),
+            unique_bytes=unique, unreferenced_objects=max(len(objects.where) - len(seen), 0),
+            unreferenced_bytes=max(all_bytes - unique, 0),
+            dedup_ratio=round(logical / unique, 2) if unique else None,
+            compression_ratio=round(all_bytes / pack_bytes, 2) if pack_bytes else None,
+            problems=problems)
 
 
 def _snapshot_stats(manager: BackupManager, backup_id: str, manifest: Dict[str, Any],
