@@ -2538,21 +2538,14 @@ def _json_kind_of(data: bytes, problems: Optional[List[str]] = None) -> str:
     (and why, appended to ``problems``)."""
     try:
         text, _ = decode_file_bytes(Path("-"), data)
-        return _kind_name(parse_json_text(text))
+        obj = parse_json_text(text)
     except (CorruptFileError, ValueError, RecursionError) as exc:
         if problems is not None:
             problems.append(getattr(exc, "problem", None) or str(exc))
         return "invalid"
-
-
-def _kind_name(obj: Any) -> str:
     if isinstance(obj, bool) or obj is None:
         return "literal"
     return {list: "array", dict: "object", str: "string"}.get(type(obj), "number")
-
-
-def _gzip_mtime(raw: bytes) -> int:
-    return int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
 
 
 # -- Pack files: content-addressed objects in zlib blocks -------------------
@@ -2573,7 +2566,6 @@ class _PackWriter:
         # as a first full backup holds one per record until the index is written.
         self.entries: Dict[bytes, bytes] = {}
         self.blocks: List[Tuple[int, int, int]] = []
-        self.bytes_written = 0
         self.committed = False
         self._bufs: Dict[bool, List[Tuple[bytes, bytes]]] = {False: [], True: []}
         self._buf_len = {False: 0, True: 0}
@@ -2649,8 +2641,7 @@ class _PackWriter:
         index = _encode_index(self.blocks, self.entries)
         atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
         self.committed = True
-        self.bytes_written = self._offset + len(index)
-        return self.bytes_written
+        return self._offset + len(index)
 
     @property
     def sha256(self) -> bytes:
@@ -3323,11 +3314,13 @@ class BackupManager:
             return {}
         return marks if isinstance(marks, dict) else {}
 
-    def _mark_verified(self, results: Dict[str, bool], deep: bool) -> None:
+    def _mark_verified(self, check: Optional[VerifyResult] = None) -> None:
+        """Record ``check``'s outcomes (None: only drop the marks of deleted snapshots)."""
         existing = set(self.snapshot_ids())
         marks = {k: v for k, v in self._verified().items() if k in existing}
-        for backup_id, ok in results.items():
-            marks[backup_id] = {"ok": ok, "deep": deep, "when": format_timestamp(self.store.now)}
+        for backup_id in check.backup_ids if check else []:
+            marks[backup_id] = {"ok": backup_id not in check.failed, "deep": check.deep,
+                                "when": format_timestamp(self.store.now)}
         write_checksummed(self.repo / "verified.json", marks)
 
     def newest_verified(self) -> Optional[str]:
@@ -3413,8 +3406,7 @@ class BackupManager:
 
     def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         with self.store.optional_write("verification marks in %s" % self.repo):
-            self._mark_verified({i: i not in check.failed for i in check.backup_ids},
-                                check.deep)
+            self._mark_verified(check)
         for backup_id in check.backup_ids:
             summary = {"backup_id": backup_id, "ok": backup_id not in check.failed,
                        "deep": check.deep}
@@ -3707,7 +3699,7 @@ class BackupManager:
         if live is not None:
             _GarbageCollector(self, objects, live, result).run(dry_run)
         if not dry_run and deleted:
-            self._mark_verified({}, False)
+            self._mark_verified()
         return result
 
     def _reachable(self, ids: List[str], objects: _ObjectStore,
@@ -4029,8 +4021,7 @@ class _RestorePlan:
 
         # zlib, SHA-256, gzip and fsync release the GIL, so files overlap on both cores.
         with concurrent.futures.ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
-            for _ in pool.map(job, list(self.entries)):
-                pass
+            list(pool.map(job, list(self.entries)))
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
@@ -4139,16 +4130,13 @@ class _RestorePlan:
 
     def _lock(self, path: Path) -> Any:
         """The runtime's lock for a file of the live store; a --target has no runtime."""
-        if self.live:
-            return self.manager.store.file_lock(path)
-        return contextlib.nullcontext()
+        return self.manager.store.file_lock(path) if self.live else contextlib.nullcontext()
 
     def _remove(self, rel: str) -> None:
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
-        with self._lock(path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        with self._lock(path), contextlib.suppress(FileNotFoundError):
+            path.unlink()
         fsync_dir(path.parent)
         parent = path.parent
         while parent != self.root and parent.name != STATE_DIR_NAME:
@@ -4442,7 +4430,8 @@ class _SnapshotBuilder:
             add(digest, data)
             items.append(digest)
         ref, depth = self._store_list(items, prev, writer)
-        return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
+        mtime = int.from_bytes(raw[4:8], "little") if is_gzip else 0   # the gzip header's
+        return {"kind": "array", "gzip": is_gzip, "gzip_mtime": mtime,
                 "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
                 "content_sha256": (read.content_sha256 if inflated is not None
                                    else sha256_hex(content)) if is_gzip else raw_sha256,
@@ -4754,8 +4743,7 @@ class _LocalTarget:
 
     def mark_verified(self, check: VerifyResult) -> None:
         """Record the verification in the destination's verified.json."""
-        self.manager._mark_verified({i: i not in check.failed for i in check.backup_ids},
-                                    check.deep)
+        self.manager._mark_verified(check)
 
 
 class _RcloneTarget:
@@ -4969,13 +4957,9 @@ class _Copier:
             self.target.publish("packs/%s.pack" % writer.name)
             self.target.publish("packs/%s.idx" % writer.name)
             self.landed.update(writer.entries)
-        _write_raw_manifest(self.dest.manifest_path(backup_id), raw)   # the commit point
+        atomic_write_bytes(self.dest.manifest_path(backup_id), raw, mode=0o600)   # commit point
         self.target.publish("snapshots/%s.json" % backup_id)
         return len(writer.entries), added + len(raw)
-
-
-def _write_raw_manifest(path: Path, raw: bytes) -> None:
-    atomic_write_bytes(path, raw, mode=0o600)
 
 
 def _verify_copy(target: Any, keys: Set[bytes], result: CopyResult) -> None:
@@ -5028,8 +5012,7 @@ class _RepoView(BackupManager):
 
     def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         if not self.remote:   # a staged download is thrown away: no marks there
-            self._mark_verified({i: i not in check.failed for i in check.backup_ids},
-                                check.deep)
+            self._mark_verified(check)
         for backup_id in check.backup_ids:
             op.record({"backup_id": backup_id, "ok": backup_id not in check.failed,
                        "deep": check.deep, "to": self.label}, "copy_verify")
