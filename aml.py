@@ -2648,6 +2648,13 @@ class _PackWriter:
         """SHA-256 of the pack file's bytes as written."""
         return self._sha.digest()
 
+    def __enter__(self) -> "_PackWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:   # any exception, KeyboardInterrupt too
+            self.abort()
+
     def abort(self) -> None:
         """Drop the pack unless committed (an uncommitted pack has no index: no reader)."""
         if self.committed:
@@ -3373,8 +3380,7 @@ class BackupManager:
     def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
                        reason: Optional[str]) -> BackupResult:
         selected, previous, btype, objects, snap = _snapshot_start(self, btype, agents)
-        writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
-        try:
+        with _PackWriter(self.packs, self.config.compression_level, objects.has) as writer:
             odd: List[Tuple[str, str]] = []
             paths = store_scope_files(self.store.root, selected, odd)
             snap.not_regular([(rel, odd_file_problem(kind)) for rel, kind in odd])
@@ -3394,9 +3400,6 @@ class BackupManager:
                         "reason": reason, "files": entries}
             path = self.manifest_path(backup_id)
             _write_manifest(path, manifest)   # the commit point
-        except BaseException:
-            writer.abort()
-            raise
         return BackupResult(
             backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
             records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
@@ -3454,7 +3457,7 @@ class BackupManager:
         # Only objects that read back intact count as present: damaged ones are written anew.
         writer = _PackWriter(self.packs, self.config.compression_level, objects.intact)
         files, fixed = list(manifest["files"]), []
-        try:
+        with writer:
             for n in damaged:
                 entry = snap.file_entry(files[n]["path"], writer)
                 if entry is not None:   # unreadable now: the snapshot stays damaged
@@ -3464,9 +3467,6 @@ class BackupManager:
             if files != manifest["files"]:
                 _write_manifest(self.manifest_path(backup_id), dict(manifest, files=files))
                 self._manifests.pop(backup_id, None)
-        except BaseException:
-            writer.abort()
-            raise
         if not writer.entries:
             return [], -1, 0
         names = ", ".join(fixed[:5]) + (" and %d more file(s)" % (len(fixed) - 5)
@@ -3636,9 +3636,8 @@ class BackupManager:
         StoreBusyError.
         """
         op = self.store.operation("rotate")
-        keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
-                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
-                "within": keep_within}
+        keep = dict(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                    monthly=keep_monthly, yearly=keep_yearly, within=keep_within)
         hold = (self.store.maintenance_lock() if lock_store and not dry_run
                 else contextlib.nullcontext())
         with op, hold, self._repo_lock(exclusive=not dry_run):
@@ -3653,9 +3652,8 @@ class BackupManager:
                  keep_monthly: int = 0, keep_last: int = 0, keep_hourly: int = 0,
                  keep_yearly: int = 0, keep_within: int = 0) -> List[str]:
         """The snapshot ids rotation keeps, oldest first."""
-        keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
-                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
-                "within": keep_within}
+        keep = dict(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                    monthly=keep_monthly, yearly=keep_yearly, within=keep_within)
         return sorted(self.retention_reasons(ids, keep), key=_id_order)
 
     def retention_reasons(self, ids: List[str], keep: Dict[str, int]) -> Dict[str, List[str]]:
@@ -4220,16 +4218,12 @@ class _GarbageCollector:
     def _rewrite(self, rewrite: List[Tuple[str, List[bytes]]]) -> int:
         if not rewrite:
             return 0
-        writer = _PackWriter(self.manager.packs, self.manager.config.compression_level,
-                             lambda d: False)
-        try:
+        with _PackWriter(self.manager.packs, self.manager.config.compression_level,
+                         lambda d: False) as writer:
             for _, keep in rewrite:
                 for digest in keep:
                     writer.add(digest, self.objects.get(digest))
             return writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
 
     def _size(self, names: Iterable[str]) -> int:
         total = 0
@@ -4943,16 +4937,13 @@ class _Copier:
             self.landed.update(d[:KEY_LEN] for d in missing)
             return len(missing), sum(_object_length(self.source, d) for d in missing) \
                 + len(raw)
-        writer = _PackWriter(self.dest.packs, self.dest.config.compression_level, self._known)
-        try:
+        with _PackWriter(self.dest.packs, self.dest.config.compression_level,
+                         self._known) as writer:
             for digest in meta:
                 writer.add(digest, self.source.get(digest), meta=True)
             for digest in data:
                 writer.add(digest, self.source.get(digest))
             added = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
         if writer.committed:
             self.target.publish("packs/%s.pack" % writer.name)
             self.target.publish("packs/%s.idx" % writer.name)
