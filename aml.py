@@ -2312,7 +2312,6 @@ def store_disk_bytes(store: Store) -> int:
 # 8. Backup and restore
 # Snapshots of the store in a content-addressed repository under backup_root.
 # =============================================================================
-# Only this section needs these; importing them here keeps the shared import block stable.
 
 
 class BackupType(enum.Enum):
@@ -2511,21 +2510,14 @@ def _json_kind_of(data: bytes, problems: Optional[List[str]] = None) -> str:
     (and why, appended to ``problems``)."""
     try:
         text, _ = decode_file_bytes(Path("-"), data)
-        return _kind_name(parse_json_text(text))
+        obj = parse_json_text(text)
     except (CorruptFileError, ValueError, RecursionError) as exc:
         if problems is not None:
             problems.append(getattr(exc, "problem", None) or str(exc))
         return "invalid"
-
-
-def _kind_name(obj: Any) -> str:
     if isinstance(obj, bool) or obj is None:
         return "literal"
     return {list: "array", dict: "object", str: "string"}.get(type(obj), "number")
-
-
-def _gzip_mtime(raw: bytes) -> int:
-    return int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
 
 
 # -- Pack files: content-addressed objects in zlib blocks -------------------
@@ -2546,7 +2538,6 @@ class _PackWriter:
         # as a first full backup holds one per record until the index is written.
         self.entries: Dict[bytes, bytes] = {}
         self.blocks: List[Tuple[int, int, int]] = []
-        self.bytes_written = 0
         self.committed = False
         self._bufs: Dict[bool, List[Tuple[bytes, bytes]]] = {False: [], True: []}
         self._buf_len = {False: 0, True: 0}
@@ -2622,13 +2613,19 @@ class _PackWriter:
         index = _encode_index(self.blocks, self.entries)
         atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
         self.committed = True
-        self.bytes_written = self._offset + len(index)
-        return self.bytes_written
+        return self._offset + len(index)
 
     @property
     def sha256(self) -> bytes:
         """SHA-256 of the pack file's bytes as written."""
         return self._sha.digest()
+
+    def __enter__(self) -> "_PackWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:   # any exception, KeyboardInterrupt too
+            self.abort()
 
     def abort(self) -> None:
         """Drop the pack unless committed (an uncommitted pack has no index: no reader)."""
@@ -3142,12 +3139,8 @@ def store_scope_files(root: Path, agents: Optional[Sequence[str]],
                       odd: Optional[List[Tuple[str, str]]] = None) -> List[str]:
     """Every file a snapshot of ``agents`` (None: the whole store) covers, sorted (with an
     ``odd`` list: regular files only, the rest listed there; see _walk_files)."""
-    if agents is None:
-        return list(_walk_files(root, "", _skip_name, odd))
-    found: List[str] = []
-    for agent in agents:
-        found.extend(_walk_files(root, agent, _skip_name, odd))
-    return found
+    tops = [""] if agents is None else agents
+    return [rel for top in tops for rel in _walk_files(root, top, _skip_name, odd)]
 
 
 def _write_manifest(path: Path, payload: Dict[str, Any]) -> None:
@@ -3300,12 +3293,13 @@ class BackupManager:
             return {}
         return marks if isinstance(marks, dict) else {}
 
-    def _mark_verified(self, results: Dict[str, bool], deep: bool) -> None:
-        marks = self._verified()
+    def _mark_verified(self, check: Optional[VerifyResult] = None) -> None:
+        """Record ``check``'s outcomes (None: only drop the marks of deleted snapshots)."""
         existing = set(self.snapshot_ids())
-        marks = {k: v for k, v in marks.items() if k in existing}
-        for backup_id, ok in results.items():
-            marks[backup_id] = {"ok": ok, "deep": deep, "when": format_timestamp(self.store.now)}
+        marks = {k: v for k, v in self._verified().items() if k in existing}
+        for backup_id in check.backup_ids if check else []:
+            marks[backup_id] = {"ok": backup_id not in check.failed, "deep": check.deep,
+                                "when": format_timestamp(self.store.now)}
         write_checksummed(self.repo / "verified.json", marks)
 
     def newest_verified(self) -> Optional[str]:
@@ -3358,8 +3352,7 @@ class BackupManager:
     def _create_locked(self, btype: BackupType, agents: Optional[Sequence[str]],
                        reason: Optional[str]) -> BackupResult:
         selected, previous, btype, objects, snap = _snapshot_start(self, btype, agents)
-        writer = _PackWriter(self.packs, self.config.compression_level, objects.has)
-        try:
+        with _PackWriter(self.packs, self.config.compression_level, objects.has) as writer:
             odd: List[Tuple[str, str]] = []
             paths = store_scope_files(self.store.root, selected, odd)
             snap.not_regular([(rel, odd_file_problem(kind)) for rel, kind in odd])
@@ -3379,9 +3372,6 @@ class BackupManager:
                         "reason": reason, "files": entries}
             path = self.manifest_path(backup_id)
             _write_manifest(path, manifest)   # the commit point
-        except BaseException:
-            writer.abort()
-            raise
         return BackupResult(
             backup_id=backup_id, type=btype, created=manifest["created"], files=len(entries),
             records=sum(e.get("count", 0) for e in entries), files_reread=snap.reread,
@@ -3391,8 +3381,7 @@ class BackupManager:
 
     def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         with self.store.optional_write("verification marks in %s" % self.repo):
-            self._mark_verified({i: i not in check.failed for i in check.backup_ids},
-                                check.deep)
+            self._mark_verified(check)
         for backup_id in check.backup_ids:
             summary = {"backup_id": backup_id, "ok": backup_id not in check.failed,
                        "deep": check.deep}
@@ -3440,7 +3429,7 @@ class BackupManager:
         # Only objects that read back intact count as present: damaged ones are written anew.
         writer = _PackWriter(self.packs, self.config.compression_level, objects.intact)
         files, fixed = list(manifest["files"]), []
-        try:
+        with writer:
             for n in damaged:
                 entry = snap.file_entry(files[n]["path"], writer)
                 if entry is not None:   # unreadable now: the snapshot stays damaged
@@ -3450,9 +3439,6 @@ class BackupManager:
             if files != manifest["files"]:
                 _write_manifest(self.manifest_path(backup_id), dict(manifest, files=files))
                 self._manifests.pop(backup_id, None)
-        except BaseException:
-            writer.abort()
-            raise
         if not writer.entries:
             return [], -1, 0
         names = ", ".join(fixed[:5]) + (" and %d more file(s)" % (len(fixed) - 5)
@@ -3622,9 +3608,8 @@ class BackupManager:
         StoreBusyError.
         """
         op = self.store.operation("rotate")
-        keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
-                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
-                "within": keep_within}
+        keep = dict(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                    monthly=keep_monthly, yearly=keep_yearly, within=keep_within)
         hold = (self.store.maintenance_lock() if lock_store and not dry_run
                 else contextlib.nullcontext())
         with op, hold, self._repo_lock(exclusive=not dry_run):
@@ -3639,9 +3624,8 @@ class BackupManager:
                  keep_monthly: int = 0, keep_last: int = 0, keep_hourly: int = 0,
                  keep_yearly: int = 0, keep_within: int = 0) -> List[str]:
         """The snapshot ids rotation keeps, oldest first."""
-        keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
-                "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly,
-                "within": keep_within}
+        keep = dict(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                    monthly=keep_monthly, yearly=keep_yearly, within=keep_within)
         return sorted(self.retention_reasons(ids, keep), key=_id_order)
 
     def retention_reasons(self, ids: List[str], keep: Dict[str, int]) -> Dict[str, List[str]]:
@@ -3685,7 +3669,7 @@ class BackupManager:
         if live is not None:
             _GarbageCollector(self, objects, live, result).run(dry_run)
         if not dry_run and deleted:
-            self._mark_verified({}, False)
+            self._mark_verified()
         return result
 
     def _reachable(self, ids: List[str], objects: _ObjectStore,
@@ -4007,8 +3991,7 @@ class _RestorePlan:
 
         # zlib, SHA-256, gzip and fsync release the GIL, so files overlap on both cores.
         with concurrent.futures.ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
-            for _ in pool.map(job, list(self.entries)):
-                pass
+            list(pool.map(job, list(self.entries)))
 
     @staticmethod
     def _entries(manifest: Dict[str, Any], scope: Optional[List[str]]) -> Dict[str, Any]:
@@ -4117,16 +4100,13 @@ class _RestorePlan:
 
     def _lock(self, path: Path) -> Any:
         """The runtime's lock for a file of the live store; a --target has no runtime."""
-        if self.live:
-            return self.manager.store.file_lock(path)
-        return contextlib.nullcontext()
+        return self.manager.store.file_lock(path) if self.live else contextlib.nullcontext()
 
     def _remove(self, rel: str) -> None:
         _check_no_symlinks(self.root, rel)
         path = self.root / rel
-        with self._lock(path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        with self._lock(path), contextlib.suppress(FileNotFoundError):
+            path.unlink()
         fsync_dir(path.parent)
         parent = path.parent
         while parent != self.root and parent.name != STATE_DIR_NAME:
@@ -4210,16 +4190,12 @@ class _GarbageCollector:
     def _rewrite(self, rewrite: List[Tuple[str, List[bytes]]]) -> int:
         if not rewrite:
             return 0
-        writer = _PackWriter(self.manager.packs, self.manager.config.compression_level,
-                             lambda d: False)
-        try:
+        with _PackWriter(self.manager.packs, self.manager.config.compression_level,
+                         lambda d: False) as writer:
             for _, keep in rewrite:
                 for digest in keep:
                     writer.add(digest, self.objects.get(digest))
             return writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
 
     def _size(self, names: Iterable[str]) -> int:
         total = 0
@@ -4420,7 +4396,8 @@ class _SnapshotBuilder:
             add(digest, data)
             items.append(digest)
         ref, depth = self._store_list(items, prev, writer)
-        return {"kind": "array", "gzip": is_gzip, "gzip_mtime": _gzip_mtime(raw) if is_gzip else 0,
+        mtime = int.from_bytes(raw[4:8], "little") if is_gzip else 0   # the gzip header's
+        return {"kind": "array", "gzip": is_gzip, "gzip_mtime": mtime,
                 "bom": bom, "head": head, "sep": sep, "tail": tail, "count": len(items),
                 "content_sha256": (read.content_sha256 if inflated is not None
                                    else sha256_hex(content)) if is_gzip else raw_sha256,
@@ -4581,7 +4558,6 @@ def auto_plan(manager: BackupManager, keep: Dict[str, int]) -> AutoResult:
 
 # -- Copies: a second repository, in a folder or behind rclone ---------------
 # Only copies and --repo need these; importing them here keeps the shared import block stable.
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import base64  # noqa: E402
@@ -4733,8 +4709,7 @@ class _LocalTarget:
 
     def mark_verified(self, check: VerifyResult) -> None:
         """Record the verification in the destination's verified.json."""
-        self.manager._mark_verified({i: i not in check.failed for i in check.backup_ids},
-                                    check.deep)
+        self.manager._mark_verified(check)
 
 
 class _RcloneTarget:
@@ -4934,27 +4909,20 @@ class _Copier:
             self.landed.update(d[:KEY_LEN] for d in missing)
             return len(missing), sum(_object_length(self.source, d) for d in missing) \
                 + len(raw)
-        writer = _PackWriter(self.dest.packs, self.dest.config.compression_level, self._known)
-        try:
+        with _PackWriter(self.dest.packs, self.dest.config.compression_level,
+                         self._known) as writer:
             for digest in meta:
                 writer.add(digest, self.source.get(digest), meta=True)
             for digest in data:
                 writer.add(digest, self.source.get(digest))
             added = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
         if writer.committed:
             self.target.publish("packs/%s.pack" % writer.name)
             self.target.publish("packs/%s.idx" % writer.name)
             self.landed.update(writer.entries)
-        _write_raw_manifest(self.dest.manifest_path(backup_id), raw)   # the commit point
+        atomic_write_bytes(self.dest.manifest_path(backup_id), raw, mode=0o600)   # commit point
         self.target.publish("snapshots/%s.json" % backup_id)
         return len(writer.entries), added + len(raw)
-
-
-def _write_raw_manifest(path: Path, raw: bytes) -> None:
-    atomic_write_bytes(path, raw, mode=0o600)
 
 
 def _verify_copy(target: Any, keys: Set[bytes], result: CopyResult) -> None:
@@ -5007,8 +4975,7 @@ class _RepoView(BackupManager):
 
     def _record_verify(self, check: VerifyResult, op: Operation) -> None:
         if not self.remote:   # a staged download is thrown away: no marks there
-            self._mark_verified({i: i not in check.failed for i in check.backup_ids},
-                                check.deep)
+            self._mark_verified(check)
         for backup_id in check.backup_ids:
             op.record({"backup_id": backup_id, "ok": backup_id not in check.failed,
                        "deep": check.deep, "to": self.label}, "copy_verify")
@@ -5358,36 +5325,31 @@ def repository_stats(manager: BackupManager) -> StatsResult:
     """Measure the repository: bytes on disk, as restored, deduplicated, and what each
     snapshot (oldest first) added. Damaged parts are in ``problems``."""
     with manager._repo_lock(exclusive=False):   # rotation waits until the counting is done
-        return _repository_stats(manager)
-
-
-def _repository_stats(manager: BackupManager) -> StatsResult:
-    objects = _ObjectStore(manager.packs)
-    lists, seen, rows = _Lists(objects), set(), []
-    problems = list(objects.problems)
-    for backup_id in manager.snapshot_ids():
-        try:
-            manifest = manager.load_manifest(backup_id)
-            row = _snapshot_stats(manager, backup_id, manifest, objects, lists, seen)
-        except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            problems.append("%s: %s" % (backup_id, exc))
-            continue
-        rows.append(row)
-    files = [p for p in manager.repo.rglob("*") if p.is_file()] if manager.repo.is_dir() else []
-    size = {p: p.stat().st_size for p in files}
-    pack_bytes = sum(n for p, n in size.items() if p.parent == manager.packs)
-    all_bytes = sum(_object_length(objects, k) for k in objects.where)
-    unique = sum(r.added_bytes for r in rows)
-    logical = sum(r.logical_bytes for r in rows)
-    return StatsResult(
-        repository=manager.repo, snapshots=rows, repository_bytes=sum(size.values()),
-        pack_bytes=pack_bytes, manifest_bytes=sum(r.manifest_bytes for r in rows),
-        packs=len(objects.pack_list), logical_bytes=logical, unique_objects=len(seen),
-        unique_bytes=unique, unreferenced_objects=max(len(objects.where) - len(seen), 0),
-        unreferenced_bytes=max(all_bytes - unique, 0),
-        dedup_ratio=round(logical / unique, 2) if unique else None,
-        compression_ratio=round(all_bytes / pack_bytes, 2) if pack_bytes else None,
-        problems=problems)
+        objects = _ObjectStore(manager.packs)
+        lists, seen, rows = _Lists(objects), set(), []
+        problems = list(objects.problems)
+        for backup_id in manager.snapshot_ids():
+            try:
+                manifest = manager.load_manifest(backup_id)
+                rows.append(_snapshot_stats(manager, backup_id, manifest, objects, lists, seen))
+            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                problems.append("%s: %s" % (backup_id, exc))
+        files = [p for p in manager.repo.rglob("*") if p.is_file()] \
+            if manager.repo.is_dir() else []
+        size = {p: p.stat().st_size for p in files}
+        pack_bytes = sum(n for p, n in size.items() if p.parent == manager.packs)
+        all_bytes = sum(_object_length(objects, k) for k in objects.where)
+        unique = sum(r.added_bytes for r in rows)
+        logical = sum(r.logical_bytes for r in rows)
+        return StatsResult(
+            repository=manager.repo, snapshots=rows, repository_bytes=sum(size.values()),
+            pack_bytes=pack_bytes, manifest_bytes=sum(r.manifest_bytes for r in rows),
+            packs=len(objects.pack_list), logical_bytes=logical, unique_objects=len(seen),
+            unique_bytes=unique, unreferenced_objects=max(len(objects.where) - len(seen), 0),
+            unreferenced_bytes=max(all_bytes - unique, 0),
+            dedup_ratio=round(logical / unique, 2) if unique else None,
+            compression_ratio=round(all_bytes / pack_bytes, 2) if pack_bytes else None,
+            problems=problems)
 
 
 def _snapshot_stats(manager: BackupManager, backup_id: str, manifest: Dict[str, Any],
