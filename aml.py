@@ -5523,9 +5523,6 @@ class BloomFilter:
         self.count = 0
         self.bits = bytearray((self.m + 7) // 8)
 
-    def _positions(self, key: str) -> Iterator[int]:
-        return self._digest_positions(bloom_digest(key))
-
     def _digest_positions(self, digest: bytes) -> Iterator[int]:
         # Kirsch-Mitzenmacher double hashing: g_i = h1 + i*h2 (mod m); h2 odd so it never sticks.
         h1 = int.from_bytes(digest[:8], "big")
@@ -5581,7 +5578,8 @@ class BloomFilter:
         if not isinstance(key, str):
             return False
         bits = self.bits
-        return all(bits[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(key))
+        return all(bits[pos >> 3] & (1 << (pos & 7))
+                   for pos in self._digest_positions(bloom_digest(key)))
 
     def __len__(self) -> int:
         return self.count
@@ -6367,10 +6365,8 @@ class MemoryIndex:
         path = self.store.root / entry["path"]
         try:
             with open(str(path), "rb") as handle:
-                if offset & _BYTE_OFFSET:
-                    value = _value_at(path, handle, offset - _BYTE_OFFSET)
-                else:
-                    value = self._value_in_text(path, handle.read(), offset)
+                value = (_value_at(path, handle, offset - _BYTE_OFFSET) if offset & _BYTE_OFFSET
+                         else self._value_in_text(path, handle.read(), offset))
                 info = os.fstat(handle.fileno())
         except OSError as exc:
             raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
@@ -9527,12 +9523,7 @@ class MigrationStep:
 def _with_defaults(record: Dict[str, Any], defaults: Dict[str, Callable[[], Any]]
                    ) -> Dict[str, Any]:
     missing = [key for key in defaults if key not in record]
-    if not missing:
-        return record
-    out = dict(record)
-    for key in missing:
-        out[key] = defaults[key]()
-    return out
+    return {**record, **{key: defaults[key]() for key in missing}} if missing else record
 
 
 def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str
@@ -9949,10 +9940,8 @@ def migrate_record(rtype: RecordType, record: Any, target: SchemaVersion) -> Rec
     if version is None:
         return RecordMigration(record, None, [], "cannot place: %s" % why)
     try:
-        if version > target:
-            changes = _walk_down(rtype, record, version, target)
-        else:
-            changes = _walk_up(rtype, record, target)
+        changes = (_walk_down(rtype, record, version, target) if version > target
+                   else _walk_up(rtype, record, target))
     except LossyStepError as exc:
         return RecordMigration(record, version, [], str(exc), lossy=True)
     except UnmigratableRecordError as exc:
@@ -10286,9 +10275,8 @@ class MigrationManager:
         result.absorb(outcome)
 
     def _refuse_if_lossy(self, plan: MigrationResult) -> None:
-        if not plan.refused:
-            return
-        raise RefusedError(self.refusal_message(plan))
+        if plan.refused:
+            raise RefusedError(self.refusal_message(plan))
 
     def refusal_message(self, plan: MigrationResult) -> str:
         """Why a step down is refused, naming the pre-migration backup to restore instead."""
