@@ -6580,9 +6580,7 @@ def hot_cache_stats(store: Store) -> Dict[str, Any]:
     stats = None
     if store.state_dir.is_dir():
         stats = store.read_state_lenient("cache-stats.json", None)
-    if not isinstance(stats, dict):
-        return {"hits": 0, "misses": 0}
-    return stats
+    return stats if isinstance(stats, dict) else {"hits": 0, "misses": 0}
 
 
 def _count_cache(store: Store, result: LookupResult) -> None:
@@ -7004,9 +7002,7 @@ def _rate_bounds(facts: RecordFacts, config: PruneConfig) -> Tuple[float, float]
     ``scoring="wilson"`` the lower and upper bounds of its 95 % Wilson interval."""
     rate = facts.success_rate if facts.success_rate is not None else 0.0
     evidence = success_evidence(facts) if config.scoring == "wilson" else None
-    if evidence is None:
-        return rate, rate
-    return wilson_interval(*evidence)
+    return wilson_interval(*evidence) if evidence is not None else (rate, rate)
 
 
 def _wilson_details(facts: RecordFacts, config: PruneConfig) -> Dict[str, Any]:
