@@ -6198,14 +6198,9 @@ class MemoryIndex:
     @staticmethod
     def _slots(todo: List[_FileStat], old_files: Dict[str, Any]) -> Dict[str, int]:
         """Stable file numbers: a file keeps its slot, so unchanged files' id rows stay valid."""
-        next_slot = max((e["slot"] for e in old_files.values()), default=-1) + 1
-        slots = {}
-        for fstat in todo:
-            if fstat.path in old_files:
-                slots[fstat.path] = old_files[fstat.path]["slot"]
-            else:
-                slots[fstat.path], next_slot = next_slot, next_slot + 1
-        return slots
+        free = itertools.count(max((e["slot"] for e in old_files.values()), default=-1) + 1)
+        return {f.path: old_files[f.path]["slot"] if f.path in old_files else next(free)
+                for f in todo}
 
     def _parse_files(self, todo: List[_FileStat], slots: Dict[str, int]) -> List[Tuple[Any, str]]:
         """index_file_part for each file; in one worker process per core for big batches."""
