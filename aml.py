@@ -7041,7 +7041,7 @@ def time_verdict(facts: RecordFacts, config: PruneConfig, now: _dt.datetime) -> 
         if _is_failed_pattern(facts, config) and age > config.failed_pattern_max_age_days:
             details = _age_details(facts, now, config.failed_pattern_max_age_days)
             details.update(success_rate=facts.success_rate,
-                           execution_count=_whole(facts.execution_count),
+                           execution_count=_json_number(facts.execution_count),
                            **_wilson_details(facts, config))
             return PruneReason.FAILED_PATTERN_UNUSED, details
         if age > config.pattern_max_age_days:
@@ -7052,8 +7052,8 @@ def time_verdict(facts: RecordFacts, config: PruneConfig, now: _dt.datetime) -> 
     return None
 
 
-def _whole(value: Optional[float]) -> Any:
-    """Show a count read as float (1.0) as the integer it is."""
+def _json_number(value: Optional[float]) -> Any:
+    """A number as the runtime writes it: integral ones (a count read as 1.0) as ints."""
     return int(value) if value is not None and float(value).is_integer() else value
 
 
@@ -7070,7 +7070,7 @@ def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Ver
             and _rate_bounds(facts, config)[1] < config.min_success_rate):
         return PruneReason.LOW_SUCCESS_RATE, dict({
             "success_rate": facts.success_rate, "min_success_rate": config.min_success_rate,
-            "execution_count": _whole(facts.execution_count),
+            "execution_count": _json_number(facts.execution_count),
             "min_execution_count": config.min_execution_count}, **_wilson_details(facts, config))
     if facts.confidence is not None and facts.confidence < config.min_confidence_score:
         return PruneReason.LOW_CONFIDENCE, {"confidence": facts.confidence,
@@ -8888,11 +8888,6 @@ class _FileDedupe:
 
 # -- the merge: evidence adds up -----------------------------------------------
 
-def _json_number(value: float) -> Any:
-    """A number as the runtime writes it: integral values without a fraction."""
-    return int(value) if float(value).is_integer() else value
-
-
 def _set_present(record: Dict[str, Any], field: str, value: Any) -> None:
     """Set a logical field where the record keeps it (first layout present); else nowhere."""
     for path in FIELD_PATHS[field]:
@@ -8940,10 +8935,7 @@ def _latest(records: List[Dict[str, Any]], field: str, earliest: bool = False) -
     """The raw value of ``field`` from the record where it is latest (or earliest)."""
     stamped = [(parse_timestamp(first_value(r, field)), first_value(r, field)) for r in records]
     stamped = [(t, raw) for t, raw in stamped if t is not None]
-    if not stamped:
-        return None
-    pick = (min if earliest else max)(stamped, key=lambda item: item[0])
-    return pick[1]
+    return (min if earliest else max)(stamped, key=lambda item: item[0], default=(0, None))[1]
 
 
 def _union(lists: Iterable[Any]) -> List[Any]:
