@@ -8290,8 +8290,7 @@ class GarbageCollector:
             if len(copies) < 2:
                 continue
             def recency(item: Tuple[DataFile, int, Any]) -> float:
-                last = record_facts(item[0].rtype, item[2]).last_activity
-                return last.timestamp() if last else float("-inf")
+                return _moment(record_facts(item[0].rtype, item[2]).last_activity)
             keep = max(copies, key=recency)  # ties: the first in store order
             for copy in copies:
                 if copy is keep:
