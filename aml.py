@@ -5695,9 +5695,7 @@ class LRUCache:
 
     def discard(self, key: Any) -> None:
         """Forget ``key`` if cached (not counted as an eviction)."""
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.bytes -= item[1]
+        self.bytes -= self._items.pop(key, (None, 0))[1]
 
     def __contains__(self, key: object) -> bool:
         return key in self._items
