@@ -5457,9 +5457,6 @@ class BloomFilter:
         self.count = 0
         self.bits = bytearray((self.m + 7) // 8)
 
-    def _positions(self, key: str) -> Iterator[int]:
-        return self._digest_positions(bloom_digest(key))
-
     def _digest_positions(self, digest: bytes) -> Iterator[int]:
         # Kirsch-Mitzenmacher double hashing: g_i = h1 + i*h2 (mod m); h2 odd so it never sticks.
         h1 = int.from_bytes(digest[:8], "big")
@@ -5515,7 +5512,8 @@ class BloomFilter:
         if not isinstance(key, str):
             return False
         bits = self.bits
-        return all(bits[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(key))
+        return all(bits[pos >> 3] & (1 << (pos & 7))
+                   for pos in self._digest_positions(bloom_digest(key)))
 
     def __len__(self) -> int:
         return self.count
@@ -5631,9 +5629,7 @@ class LRUCache:
 
     def discard(self, key: Any) -> None:
         """Forget ``key`` if cached (not counted as an eviction)."""
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.bytes -= item[1]
+        self.bytes -= self._items.pop(key, (None, 0))[1]
 
     def __contains__(self, key: object) -> bool:
         return key in self._items
@@ -6134,14 +6130,9 @@ class MemoryIndex:
     @staticmethod
     def _slots(todo: List[_FileStat], old_files: Dict[str, Any]) -> Dict[str, int]:
         """Stable file numbers: a file keeps its slot, so unchanged files' id rows stay valid."""
-        next_slot = max((e["slot"] for e in old_files.values()), default=-1) + 1
-        slots = {}
-        for fstat in todo:
-            if fstat.path in old_files:
-                slots[fstat.path] = old_files[fstat.path]["slot"]
-            else:
-                slots[fstat.path], next_slot = next_slot, next_slot + 1
-        return slots
+        free = itertools.count(max((e["slot"] for e in old_files.values()), default=-1) + 1)
+        return {f.path: old_files[f.path]["slot"] if f.path in old_files else next(free)
+                for f in todo}
 
     def _parse_files(self, todo: List[_FileStat], slots: Dict[str, int]) -> List[Tuple[Any, str]]:
         """index_file_part for each file; in one worker process per core for big batches."""
@@ -6301,10 +6292,8 @@ class MemoryIndex:
         path = self.store.root / entry["path"]
         try:
             with open(str(path), "rb") as handle:
-                if offset & _BYTE_OFFSET:
-                    value = _value_at(path, handle, offset - _BYTE_OFFSET)
-                else:
-                    value = self._value_in_text(path, handle.read(), offset)
+                value = (_value_at(path, handle, offset - _BYTE_OFFSET) if offset & _BYTE_OFFSET
+                         else self._value_in_text(path, handle.read(), offset))
                 info = os.fstat(handle.fileno())
         except OSError as exc:
             raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
@@ -6518,9 +6507,7 @@ def hot_cache_stats(store: Store) -> Dict[str, Any]:
     stats = None
     if store.state_dir.is_dir():
         stats = store.read_state_lenient("cache-stats.json", None)
-    if not isinstance(stats, dict):
-        return {"hits": 0, "misses": 0}
-    return stats
+    return stats if isinstance(stats, dict) else {"hits": 0, "misses": 0}
 
 
 def _count_cache(store: Store, result: LookupResult) -> None:
@@ -6942,9 +6929,7 @@ def _rate_bounds(facts: RecordFacts, config: PruneConfig) -> Tuple[float, float]
     ``scoring="wilson"`` the lower and upper bounds of its 95 % Wilson interval."""
     rate = facts.success_rate if facts.success_rate is not None else 0.0
     evidence = success_evidence(facts) if config.scoring == "wilson" else None
-    if evidence is None:
-        return rate, rate
-    return wilson_interval(*evidence)
+    return wilson_interval(*evidence) if evidence is not None else (rate, rate)
 
 
 def _wilson_details(facts: RecordFacts, config: PruneConfig) -> Dict[str, Any]:
@@ -6988,7 +6973,7 @@ def time_verdict(facts: RecordFacts, config: PruneConfig, now: _dt.datetime) -> 
         if _is_failed_pattern(facts, config) and age > config.failed_pattern_max_age_days:
             details = _age_details(facts, now, config.failed_pattern_max_age_days)
             details.update(success_rate=facts.success_rate,
-                           execution_count=_whole(facts.execution_count),
+                           execution_count=_json_number(facts.execution_count),
                            **_wilson_details(facts, config))
             return PruneReason.FAILED_PATTERN_UNUSED, details
         if age > config.pattern_max_age_days:
@@ -6999,8 +6984,8 @@ def time_verdict(facts: RecordFacts, config: PruneConfig, now: _dt.datetime) -> 
     return None
 
 
-def _whole(value: Optional[float]) -> Any:
-    """Show a count read as float (1.0) as the integer it is."""
+def _json_number(value: Optional[float]) -> Any:
+    """A number as the runtime writes it: integral ones (a count read as 1.0) as ints."""
     return int(value) if value is not None and float(value).is_integer() else value
 
 
@@ -7017,7 +7002,7 @@ def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Ver
             and _rate_bounds(facts, config)[1] < config.min_success_rate):
         return PruneReason.LOW_SUCCESS_RATE, dict({
             "success_rate": facts.success_rate, "min_success_rate": config.min_success_rate,
-            "execution_count": _whole(facts.execution_count),
+            "execution_count": _json_number(facts.execution_count),
             "min_execution_count": config.min_execution_count}, **_wilson_details(facts, config))
     if facts.confidence is not None and facts.confidence < config.min_confidence_score:
         return PruneReason.LOW_CONFIDENCE, {"confidence": facts.confidence,
@@ -8237,8 +8222,7 @@ class GarbageCollector:
             if len(copies) < 2:
                 continue
             def recency(item: Tuple[DataFile, int, Any]) -> float:
-                last = record_facts(item[0].rtype, item[2]).last_activity
-                return last.timestamp() if last else float("-inf")
+                return _moment(record_facts(item[0].rtype, item[2]).last_activity)
             keep = max(copies, key=recency)  # ties: the first in store order
             for copy in copies:
                 if copy is keep:
@@ -8835,11 +8819,6 @@ class _FileDedupe:
 
 # -- the merge: evidence adds up -----------------------------------------------
 
-def _json_number(value: float) -> Any:
-    """A number as the runtime writes it: integral values without a fraction."""
-    return int(value) if float(value).is_integer() else value
-
-
 def _set_present(record: Dict[str, Any], field: str, value: Any) -> None:
     """Set a logical field where the record keeps it (first layout present); else nowhere."""
     for path in FIELD_PATHS[field]:
@@ -8887,10 +8866,7 @@ def _latest(records: List[Dict[str, Any]], field: str, earliest: bool = False) -
     """The raw value of ``field`` from the record where it is latest (or earliest)."""
     stamped = [(parse_timestamp(first_value(r, field)), first_value(r, field)) for r in records]
     stamped = [(t, raw) for t, raw in stamped if t is not None]
-    if not stamped:
-        return None
-    pick = (min if earliest else max)(stamped, key=lambda item: item[0])
-    return pick[1]
+    return (min if earliest else max)(stamped, key=lambda item: item[0], default=(0, None))[1]
 
 
 def _union(lists: Iterable[Any]) -> List[Any]:
@@ -9461,12 +9437,7 @@ class MigrationStep:
 def _with_defaults(record: Dict[str, Any], defaults: Dict[str, Callable[[], Any]]
                    ) -> Dict[str, Any]:
     missing = [key for key in defaults if key not in record]
-    if not missing:
-        return record
-    out = dict(record)
-    for key in missing:
-        out[key] = defaults[key]()
-    return out
+    return {**record, **{key: defaults[key]() for key in missing}} if missing else record
 
 
 def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str
@@ -9883,10 +9854,8 @@ def migrate_record(rtype: RecordType, record: Any, target: SchemaVersion) -> Rec
     if version is None:
         return RecordMigration(record, None, [], "cannot place: %s" % why)
     try:
-        if version > target:
-            changes = _walk_down(rtype, record, version, target)
-        else:
-            changes = _walk_up(rtype, record, target)
+        changes = (_walk_down(rtype, record, version, target) if version > target
+                   else _walk_up(rtype, record, target))
     except LossyStepError as exc:
         return RecordMigration(record, version, [], str(exc), lossy=True)
     except UnmigratableRecordError as exc:
@@ -10220,9 +10189,8 @@ class MigrationManager:
         result.absorb(outcome)
 
     def _refuse_if_lossy(self, plan: MigrationResult) -> None:
-        if not plan.refused:
-            return
-        raise RefusedError(self.refusal_message(plan))
+        if plan.refused:
+            raise RefusedError(self.refusal_message(plan))
 
     def refusal_message(self, plan: MigrationResult) -> str:
         """Why a step down is refused, naming the pre-migration backup to restore instead."""
