@@ -13286,16 +13286,9 @@ def _build_prune(subparsers: Any) -> None:
 
 
 def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
-    flags: Dict[str, Any] = {}
-    if args.aggressive:
-        flags["aggressive"] = True
-    if args.scoring:
-        flags["scoring"] = args.scoring
-    if args.dry_run:
-        flags["dry_run"] = True
-    if args.no_backup:
-        flags["create_backup"] = False
-    return flags
+    given = (("aggressive", args.aggressive, True), ("scoring", args.scoring, args.scoring),
+             ("dry_run", args.dry_run, True), ("create_backup", args.no_backup, False))
+    return {key: value for key, flag, value in given if flag}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -13379,15 +13372,6 @@ def _print_undo(out: Output, result: UndoResult) -> int:
 
 # --- optimize, search and get commands (sections 9, 10, 12) ---
 
-def _optimize_config(store: Store, args: argparse.Namespace) -> OptimizeConfig:
-    """Defaults < aml config file section ``optimize`` < flags (see optimize_config_for)."""
-    return optimize_config_for(
-        store, args.config, compress_age_days=getattr(args, "age_days", None),
-        cache_max_bytes=getattr(args, "cache_bytes", None),
-        workers=getattr(args, "workers", None), dedupe_threshold=getattr(args, "threshold", None),
-        create_backup=False if getattr(args, "no_backup", False) else None)
-
-
 _OPTIMIZE_EPILOG = """actions:
   index (or build-index)  build or refresh the index in .aml/index/ (re-reads changed files only)
   compress                gzip agent files unchanged for --age-days, in place, same names
@@ -13431,7 +13415,10 @@ def _build_optimize(subparsers: Any) -> None:
 def cmd_optimize(args: argparse.Namespace) -> int:
     """optimize ACTION: run one step or all of them under the maintenance lock."""
     store, out = open_store(args), output_for(args)
-    config = _optimize_config(store, args)
+    config = optimize_config_for(  # defaults < aml config section "optimize" < flags
+        store, args.config, compress_age_days=args.age_days, cache_max_bytes=args.cache_bytes,
+        workers=args.workers, dedupe_threshold=args.threshold,
+        create_backup=False if args.no_backup else None)
     if (args.apply or args.threshold is not None) and args.action != "dedupe":
         raise UsageError("--apply and --threshold belong to optimize dedupe")
     dry_run = args.dry_run or (args.action == "dedupe" and not args.apply)  # report only
@@ -14088,15 +14075,13 @@ def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
 
 
 def _print_detection_problems(out: Output, report: DetectionReport) -> None:
-    if report.unplaced:
-        out.line("Cannot place %d record(s):" % len(report.unplaced))
-        for item in report.unplaced[:20]:
-            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
-                                             item["problem"]))
-    if report.runtime_invalid:
-        out.line("%d record(s) the runtime would reject (migrate-latest repairs those whose "
-                 "information exists), e.g.:" % len(report.runtime_invalid))
-        for item in report.runtime_invalid[:5]:
+    for items, shown, head in (
+            (report.unplaced, 20, "Cannot place %d record(s):"),
+            (report.runtime_invalid, 5, "%d record(s) the runtime would reject (migrate-latest "
+             "repairs those whose information exists), e.g.:")):
+        if items:
+            out.line(head % len(items))
+        for item in items[:shown]:
             out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
                                              item["problem"]))
 
@@ -14470,7 +14455,6 @@ def _record_job(args: Optional[argparse.Namespace], code: int,
 def _use_scratch_state(args: argparse.Namespace, store: Store) -> None:
     """``.aml/`` (mode 0700) of another user: work from the files alone, as on a store aml
     never touched, with a private scratch folder for this run's state (removed at exit)."""
-    import tempfile  # only here: the one command path that needs it
     args.scratch = Path(tempfile.mkdtemp(prefix="aml-readonly-"))
     args.hidden_state = store.state_dir
     store.state_dir = args.scratch
