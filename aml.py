@@ -10342,8 +10342,6 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 
 # Imported here rather than in section 2 so that the parallel branches merge cleanly.
 import ipaddress  # noqa: E402
-import socket  # noqa: E402
-import urllib.parse  # noqa: E402
 
 
 class HealthStatus(enum.Enum):
@@ -10620,8 +10618,6 @@ class MetricsReport(OperationResult):
     performance: PerformanceMetrics
     warnings: List[str] = dataclasses.field(default_factory=list)
     totals: Dict[str, int] = dataclasses.field(default_factory=dict)  # per type and "total"
-
-
     # per scheduled job (JOB_OPERATIONS): {"last_success": ts or None, "last_failure": ...}
     jobs: Dict[str, Dict[str, Optional[str]]] = dataclasses.field(default_factory=dict)
 
@@ -11491,21 +11487,19 @@ class MemoryMonitor:
         """A verified backup whose manifest exists, recent enough; the last run did not fail."""
         entry = _last_verified_backup(self.store, history)
         failed = self._failure_note("backup", entry)
+        copies = _copy_problems(self.store, history, self.thresholds)
         if entry is None:
             problem = Problem("backup", HealthStatus.WARNING, (failed or "no verified backup "
                               "yet") + " (run: backup create)")
-            return self._finish("backup", [problem] + self._copy_problems(history), "",
-                                {"failed": failed})
+            return self._finish("backup", [problem] + copies, "", {"failed": failed})
         started = parse_timestamp(entry.get("started")) or self.store.now
         hours = days_between(started, self.store.now) * 24
         details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2),
                    "failed": failed}
         problem = self._overdue("backup", "last verified backup", hours, failed)
-        return self._finish("backup", ([problem] if problem else []) + self._copy_problems(
-            history), "verified backup %s, %.1f h old" % (details["backup_id"], hours), details)
-
-    def _copy_problems(self, history: List[Dict[str, Any]]) -> List[Problem]:
-        return _copy_problems(self.store, history, self.thresholds)
+        return self._finish("backup", ([problem] if problem else []) + copies,
+                            "verified backup %s, %.1f h old" % (details["backup_id"], hours),
+                            details)
 
     def _job_failures(self) -> Dict[str, Any]:
         try:
