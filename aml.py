@@ -13088,9 +13088,9 @@ def _performance_lines(perf: PerformanceMetrics) -> List[str]:
 
 
 def _health_lines(report: HealthReport) -> List[str]:
-    lines = ["Health: %s (%s)" % (report.status.nagios, report.store)]
-    for check in report.checks:
-        lines.append("  %-9s %-12s %s" % (check.status.value, check.name, check.message))
+    lines = ["Health: %s (%s)" % (report.status.nagios, report.store)] + [
+        "  %-9s %-12s %s" % (check.status.value, check.name, check.message)
+        for check in report.checks]
     changes = report.alerts
     if changes is not None and (changes.fired or changes.resolved):
         lines.append("Alerts: %d fired, %d resolved, %d open (see: monitor alerts)"
@@ -13886,10 +13886,9 @@ def cmd_backup_diff(args: argparse.Namespace) -> int:
             mark[change.status], change.path, "  (+%d -%d ~%d records)"
             % tuple(map(len, counts)) if any(counts) else "",
             "  fields: " + ", ".join(change.fields) if change.fields else ""))
-        for rid in change.added:
-            out.line("    + %s" % rid)
-        for rid in change.removed:
-            out.line("    - %s" % rid)
+        for sign, rids in (("+", change.added), ("-", change.removed)):
+            for rid in rids:
+                out.line("    %s %s" % (sign, rid))
         for record in change.changed:
             out.line("    ~ %s: %s" % (record.id, ", ".join(record.fields) or "layout only"))
     out.line("%s -> %s: %d files differ, %d unchanged; records +%d -%d ~%d" % (
@@ -14456,12 +14455,8 @@ def _use_scratch_state(args: argparse.Namespace, store: Store) -> None:
 
 def _remove_scratch(args: Optional[argparse.Namespace]) -> None:
     scratch = getattr(args, "scratch", None)
-    if scratch is None:
-        return
-    for dirpath, dirnames, filenames in os.walk(str(scratch), topdown=False):
-        for name in filenames:
-            os.unlink(os.path.join(dirpath, name))
-        os.rmdir(dirpath)
+    if scratch is not None:
+        shutil.rmtree(str(scratch))
 
 
 def _reads_only(args: argparse.Namespace) -> bool:
