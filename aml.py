@@ -10244,8 +10244,6 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 
 # Imported here rather than in section 2 so that the parallel branches merge cleanly.
 import ipaddress  # noqa: E402
-import socket  # noqa: E402
-import urllib.parse  # noqa: E402
 
 
 class HealthStatus(enum.Enum):
@@ -10522,8 +10520,6 @@ class MetricsReport(OperationResult):
     performance: PerformanceMetrics
     warnings: List[str] = dataclasses.field(default_factory=list)
     totals: Dict[str, int] = dataclasses.field(default_factory=dict)  # per type and "total"
-
-
     # per scheduled job (JOB_OPERATIONS): {"last_success": ts or None, "last_failure": ...}
     jobs: Dict[str, Dict[str, Optional[str]]] = dataclasses.field(default_factory=dict)
 
@@ -11138,7 +11134,7 @@ class MemoryMonitor:
     def metrics(self, save: bool = True) -> MetricsReport:
         """Measure the store now; with ``save`` append one sample to the metrics history."""
         store = self.store
-        history = self._history_or_empty()
+        history = self._read_history()[0]  # a history that does not verify: health says so
         agents, loaded, load_ms = [], 0, 0.0
         for name in store.agents():
             agent, count, seconds = _agent_metrics(store, name)
@@ -11148,12 +11144,6 @@ class MemoryMonitor:
         if save:
             report.warnings.extend(self._save_sample(report))
         return report
-
-    def _history_or_empty(self) -> List[Dict[str, Any]]:
-        try:
-            return _history(self.store)
-        except IntegrityError:
-            return []
 
     def _assemble_metrics(self, agents: List[AgentMetrics], history: List[Dict[str, Any]],
                           load_ms: float, loaded: int) -> MetricsReport:
@@ -11393,21 +11383,19 @@ class MemoryMonitor:
         """A verified backup whose manifest exists, recent enough; the last run did not fail."""
         entry = _last_verified_backup(self.store, history)
         failed = self._failure_note("backup", entry)
+        copies = _copy_problems(self.store, history, self.thresholds)
         if entry is None:
             problem = Problem("backup", HealthStatus.WARNING, (failed or "no verified backup "
                               "yet") + " (run: backup create)")
-            return self._finish("backup", [problem] + self._copy_problems(history), "",
-                                {"failed": failed})
+            return self._finish("backup", [problem] + copies, "", {"failed": failed})
         started = parse_timestamp(entry.get("started")) or self.store.now
         hours = days_between(started, self.store.now) * 24
         details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2),
                    "failed": failed}
         problem = self._overdue("backup", "last verified backup", hours, failed)
-        return self._finish("backup", ([problem] if problem else []) + self._copy_problems(
-            history), "verified backup %s, %.1f h old" % (details["backup_id"], hours), details)
-
-    def _copy_problems(self, history: List[Dict[str, Any]]) -> List[Problem]:
-        return _copy_problems(self.store, history, self.thresholds)
+        return self._finish("backup", ([problem] if problem else []) + copies,
+                            "verified backup %s, %.1f h old" % (details["backup_id"], hours),
+                            details)
 
     def _job_failures(self) -> Dict[str, Any]:
         try:
@@ -12996,9 +12984,9 @@ def _performance_lines(perf: PerformanceMetrics) -> List[str]:
 
 
 def _health_lines(report: HealthReport) -> List[str]:
-    lines = ["Health: %s (%s)" % (report.status.nagios, report.store)]
-    for check in report.checks:
-        lines.append("  %-9s %-12s %s" % (check.status.value, check.name, check.message))
+    lines = ["Health: %s (%s)" % (report.status.nagios, report.store)] + [
+        "  %-9s %-12s %s" % (check.status.value, check.name, check.message)
+        for check in report.checks]
     changes = report.alerts
     if changes is not None and (changes.fired or changes.resolved):
         lines.append("Alerts: %d fired, %d resolved, %d open (see: monitor alerts)"
@@ -13188,16 +13176,9 @@ def _build_prune(subparsers: Any) -> None:
 
 
 def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
-    flags: Dict[str, Any] = {}
-    if args.aggressive:
-        flags["aggressive"] = True
-    if args.scoring:
-        flags["scoring"] = args.scoring
-    if args.dry_run:
-        flags["dry_run"] = True
-    if args.no_backup:
-        flags["create_backup"] = False
-    return flags
+    given = (("aggressive", args.aggressive, True), ("scoring", args.scoring, args.scoring),
+             ("dry_run", args.dry_run, True), ("create_backup", args.no_backup, False))
+    return {key: value for key, flag, value in given if flag}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -13281,15 +13262,6 @@ def _print_undo(out: Output, result: UndoResult) -> int:
 
 # --- optimize, search and get commands (sections 9, 10, 12) ---
 
-def _optimize_config(store: Store, args: argparse.Namespace) -> OptimizeConfig:
-    """Defaults < aml config file section ``optimize`` < flags (see optimize_config_for)."""
-    return optimize_config_for(
-        store, args.config, compress_age_days=getattr(args, "age_days", None),
-        cache_max_bytes=getattr(args, "cache_bytes", None),
-        workers=getattr(args, "workers", None), dedupe_threshold=getattr(args, "threshold", None),
-        create_backup=False if getattr(args, "no_backup", False) else None)
-
-
 _OPTIMIZE_EPILOG = """actions:
   index (or build-index)  build or refresh the index in .aml/index/ (re-reads changed files only)
   compress                gzip agent files unchanged for --age-days, in place, same names
@@ -13333,7 +13305,10 @@ def _build_optimize(subparsers: Any) -> None:
 def cmd_optimize(args: argparse.Namespace) -> int:
     """optimize ACTION: run one step or all of them under the maintenance lock."""
     store, out = open_store(args), output_for(args)
-    config = _optimize_config(store, args)
+    config = optimize_config_for(  # defaults < aml config section "optimize" < flags
+        store, args.config, compress_age_days=args.age_days, cache_max_bytes=args.cache_bytes,
+        workers=args.workers, dedupe_threshold=args.threshold,
+        create_backup=False if args.no_backup else None)
     if (args.apply or args.threshold is not None) and args.action != "dedupe":
         raise UsageError("--apply and --threshold belong to optimize dedupe")
     dry_run = args.dry_run or (args.action == "dedupe" and not args.apply)  # report only
@@ -13807,10 +13782,9 @@ def cmd_backup_diff(args: argparse.Namespace) -> int:
             mark[change.status], change.path, "  (+%d -%d ~%d records)"
             % tuple(map(len, counts)) if any(counts) else "",
             "  fields: " + ", ".join(change.fields) if change.fields else ""))
-        for rid in change.added:
-            out.line("    + %s" % rid)
-        for rid in change.removed:
-            out.line("    - %s" % rid)
+        for sign, rids in (("+", change.added), ("-", change.removed)):
+            for rid in rids:
+                out.line("    %s %s" % (sign, rid))
         for record in change.changed:
             out.line("    ~ %s: %s" % (record.id, ", ".join(record.fields) or "layout only"))
     out.line("%s -> %s: %d files differ, %d unchanged; records +%d -%d ~%d" % (
@@ -13990,15 +13964,13 @@ def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
 
 
 def _print_detection_problems(out: Output, report: DetectionReport) -> None:
-    if report.unplaced:
-        out.line("Cannot place %d record(s):" % len(report.unplaced))
-        for item in report.unplaced[:20]:
-            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
-                                             item["problem"]))
-    if report.runtime_invalid:
-        out.line("%d record(s) the runtime would reject (migrate-latest repairs those whose "
-                 "information exists), e.g.:" % len(report.runtime_invalid))
-        for item in report.runtime_invalid[:5]:
+    for items, shown, head in (
+            (report.unplaced, 20, "Cannot place %d record(s):"),
+            (report.runtime_invalid, 5, "%d record(s) the runtime would reject (migrate-latest "
+             "repairs those whose information exists), e.g.:")):
+        if items:
+            out.line(head % len(items))
+        for item in items[:shown]:
             out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
                                              item["problem"]))
 
@@ -14372,7 +14344,6 @@ def _record_job(args: Optional[argparse.Namespace], code: int,
 def _use_scratch_state(args: argparse.Namespace, store: Store) -> None:
     """``.aml/`` (mode 0700) of another user: work from the files alone, as on a store aml
     never touched, with a private scratch folder for this run's state (removed at exit)."""
-    import tempfile  # only here: the one command path that needs it
     args.scratch = Path(tempfile.mkdtemp(prefix="aml-readonly-"))
     args.hidden_state = store.state_dir
     store.state_dir = args.scratch
@@ -14380,12 +14351,8 @@ def _use_scratch_state(args: argparse.Namespace, store: Store) -> None:
 
 def _remove_scratch(args: Optional[argparse.Namespace]) -> None:
     scratch = getattr(args, "scratch", None)
-    if scratch is None:
-        return
-    for dirpath, dirnames, filenames in os.walk(str(scratch), topdown=False):
-        for name in filenames:
-            os.unlink(os.path.join(dirpath, name))
-        os.rmdir(dirpath)
+    if scratch is not None:
+        shutil.rmtree(str(scratch))
 
 
 def _reads_only(args: argparse.Namespace) -> bool:
