@@ -9296,6 +9296,10 @@ __all__ += ["OptimizeConfig", "optimize_config_for", "TranscodeResult", "transco
 # Schema detection per record and step-by-step migration to 2.0.0.
 # =============================================================================
 
+import functools  # noqa: E402
+
+
+@functools.total_ordering
 class SchemaVersion(enum.Enum):
     """Record schema versions in chain order; members compare with ``<`` and ``>``."""
 
@@ -9312,15 +9316,6 @@ class SchemaVersion(enum.Enum):
     def __lt__(self, other: "SchemaVersion") -> bool:
         return _MEMBER_RANK[self] < _MEMBER_RANK[other]
 
-    def __le__(self, other: "SchemaVersion") -> bool:
-        return _MEMBER_RANK[self] <= _MEMBER_RANK[other]
-
-    def __gt__(self, other: "SchemaVersion") -> bool:
-        return _MEMBER_RANK[self] > _MEMBER_RANK[other]
-
-    def __ge__(self, other: "SchemaVersion") -> bool:
-        return _MEMBER_RANK[self] >= _MEMBER_RANK[other]
-
     @classmethod
     def from_stamp(cls, value: Any) -> Optional["SchemaVersion"]:
         """The version a stamp such as ``"1.2.0"`` or ``"v1.2"`` names, else None."""
@@ -9328,10 +9323,7 @@ class SchemaVersion(enum.Enum):
             return None
         text = value.strip().lstrip("vV")
         text = text + ".0" if text.count(".") == 1 else text
-        for version in cls:
-            if version.value == text:
-                return version
-        return None
+        return next((version for version in cls if version.value == text), None)
 
     @classmethod
     def parse(cls, text: str) -> "SchemaVersion":
