@@ -8144,6 +8144,10 @@ def _exact_duplicates(records: List[Any], candidates: List[int]) -> Dict[int, in
     return found
 
 
+_REFUSED_AGENTS = property(lambda self: self.refused_agents,
+                           doc="Agents the mass-removal guard refused (a real run raises).")
+
+
 @dataclasses.dataclass
 class GcResult(OperationResult):
     """What gc removed and cleaned (or, in a dry run, would)."""
@@ -8162,10 +8166,7 @@ class GcResult(OperationResult):
     seconds: float
     busy: List[str] = dataclasses.field(default_factory=list)
 
-    @property
-    def refused(self) -> List[str]:
-        """Agents the mass-removal guard refused (a real run raises instead)."""
-        return self.refused_agents
+    refused = _REFUSED_AGENTS
 
 
 class GarbageCollector:
@@ -8947,10 +8948,7 @@ class DedupeResult(OperationResult):
     repointed: int = 0
     seconds: float = 0.0
 
-    @property
-    def refused(self) -> List[str]:
-        """Agents the mass-removal guard refused (a real run raises instead)."""
-        return self.refused_agents
+    refused = _REFUSED_AGENTS
 
     @property
     def guarded(self) -> Dict[str, int]:
@@ -9179,17 +9177,9 @@ class OptimizeResult(OperationResult):
         return [item for result in self.steps.values()
                 for item in getattr(result, name, None) or []]
 
-    @property
-    def busy(self) -> List[str]:
-        return self._of_steps("busy")
-
-    @property
-    def refused(self) -> List[str]:
-        return self._of_steps("refused")
-
-    @property
-    def unreadable(self) -> List[str]:
-        return self._of_steps("unreadable")
+    busy = property(lambda self: self._of_steps("busy"))
+    refused = property(lambda self: self._of_steps("refused"))
+    unreadable = property(lambda self: self._of_steps("unreadable"))
 
 
 def _transcode_summary(result: TranscodeResult) -> Dict[str, Any]:
