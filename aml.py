@@ -5847,6 +5847,10 @@ class SearchQuery:
         return self.min_success_rate is None or (row[P_SR] is not None
                                                  and row[P_SR] >= self.min_success_rate)
 
+    def record_matches(self, record: Any, position: int) -> bool:
+        """True if the record at this position of its file passes every filter (a scan)."""
+        return self.row_matches(posting_row(record, position)) and self.text_matches(record)
+
     def text_matches(self, record: Any) -> bool:
         """True if every word of ``text`` occurs (case-insensitively) in the record's strings."""
         if not self.text:
@@ -5858,11 +5862,8 @@ class SearchQuery:
 def _strings_of(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings_of(item)
-    elif isinstance(value, list):
-        for item in value:
+    elif isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
             yield from _strings_of(item)
 
 
@@ -6586,7 +6587,7 @@ def get_record(store: Store, record_id: str, use_index: bool = True) -> LookupRe
             elif index is not None and index.stale_files():
                 index = None  # read-only and stale: only a scan is sure
             result = _with_index(index, writable, lambda ix: _get_indexed(ix, record_id),
-                                 lambda: _get_scanned(store, record_id))
+                                 lambda: _scanned(store, lambda rec, _: _id_key(rec) == record_id))
         if writable:
             _count_cache(store, result)
     if not result.records:
@@ -6617,10 +6618,16 @@ def _get_quick(index: MemoryIndex, record_id: str) -> Optional[LookupResult]:
     return result if result.records else None
 
 
-def _found(entry: Dict[str, Any], position: int, record: Any, source: str) -> FoundRecord:
+def _id_key(record: Any) -> Optional[str]:
+    """A record's id when it is a string (even empty), else None; identical records share it,
+    so it narrows content comparisons."""
     rid = record.get("id") if isinstance(record, dict) else None
-    return FoundRecord(entry["agent"], entry["path"], entry["rtype"], position,
-                       rid if isinstance(rid, str) else None, record, source)
+    return rid if isinstance(rid, str) else None
+
+
+def _found(entry: Dict[str, Any], position: int, record: Any, source: str) -> FoundRecord:
+    return FoundRecord(entry["agent"], entry["path"], entry["rtype"], position, _id_key(record),
+                       record, source)
 
 
 def _fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row_id: Optional[str],
@@ -6653,19 +6660,6 @@ def _get_indexed(index: MemoryIndex, record_id: str, check_files: bool = False) 
     return result
 
 
-def _get_scanned(store: Store, record_id: str) -> LookupResult:
-    errors: List[CorruptFileError] = []
-    result = LookupResult([], "scan")
-    for data_file, records, _ in store.iter_record_files(errors=errors):
-        entry = {"agent": data_file.agent, "rtype": data_file.rtype.value,
-                 "path": "%s/%s" % (data_file.agent, data_file.path.name)}
-        for position, record in enumerate(records):
-            if isinstance(record, dict) and record.get("id") == record_id:
-                result.records.append(_found(entry, position, record, "scan"))
-    result.unreadable = [str(e) for e in errors]
-    return result
-
-
 def search_records(store: Store, query: SearchQuery, use_index: bool = True) -> LookupResult:
     """Records matching every filter of ``query``, in store order (agent, file, position).
 
@@ -6678,7 +6672,7 @@ def search_records(store: Store, query: SearchQuery, use_index: bool = True) -> 
                             % (query.agent, store.root, ", ".join(store.agents()) or "none"))
     with _query_index(store, use_index) as (index, writable):
         result = _with_index(index, writable, lambda ix: _search_indexed(ix, query),
-                             lambda: _search_scanned(store, query))
+                             lambda: _scanned(store, query.record_matches, query))
         if writable:
             _count_cache(store, result)
     return result
@@ -6759,7 +6753,10 @@ def _indexed_text(index: MemoryIndex, entry: Dict[str, Any]) -> Tuple[str, int]:
     return decode_file_bytes(path, raw)[0], len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
 
 
-def _search_scanned(store: Store, query: SearchQuery) -> LookupResult:
+def _scanned(store: Store, matches: Callable[[Any, int], bool],
+             query: SearchQuery = SearchQuery()) -> LookupResult:
+    """A read-only scan: the records ``matches(record, position)`` takes, in the agent, type
+    and limit of ``query`` (get: every file, no limit)."""
     errors: List[CorruptFileError] = []
     result = LookupResult([], "scan")
     agents = [query.agent] if query.agent else None
@@ -6771,7 +6768,7 @@ def _search_scanned(store: Store, query: SearchQuery) -> LookupResult:
         for position, record in enumerate(records):
             if _limit_reached(query, result):
                 break
-            if query.row_matches(posting_row(record, position)) and query.text_matches(record):
+            if matches(record, position):
                 result.records.append(_found(entry, position, record, "scan"))
     result.unreadable = [str(e) for e in errors]
     return result
@@ -7585,12 +7582,6 @@ def _canonical(record: Any) -> str:
     records by their exact bytes instead (see _SnapshotBuilder._array_entry), prune's space
     picks by a short digest of their compact text (see _SpaceFacts.marks)."""
     return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
-
-
-def _id_key(record: Any) -> Optional[str]:
-    """The id identical records share (None without one): narrows content comparisons."""
-    rid = record.get("id") if isinstance(record, dict) else None
-    return rid if isinstance(rid, str) else None
 
 
 def copies_kept(records: List[Any], removed: Iterable[int]) -> Dict[int, int]:
@@ -9903,7 +9894,7 @@ class FileMigration:
         self.records.append(outcome.record)
         _add_counts(self.versions, outcome.version.value if outcome.version else "unplaceable")
         if outcome.problem:
-            where = {"file": self.file, "index": index, "id": _record_id(outcome.record),
+            where = {"file": self.file, "index": index, "id": _id_key(outcome.record),
                      "problem": outcome.problem}
             (self.refused if outcome.lossy else self.reported).append(where)
         self.changed += bool(outcome.changes)
@@ -9911,12 +9902,7 @@ class FileMigration:
             _add_counts(self.steps, name)
             if not any(s["step"] == name for s in self.samples):
                 self.samples.append({"step": name, "file": self.file, "index": index,
-                                     "id": _record_id(before), "diff": record_diff(before, after)})
-
-
-def _record_id(record: Any) -> Optional[str]:
-    rid = record.get("id") if isinstance(record, dict) else None
-    return rid if isinstance(rid, str) else None
+                                     "id": _id_key(before), "diff": record_diff(before, after)})
 
 
 def migrate_records(rel: str, rtype: RecordType, records: List[Any], target: SchemaVersion
@@ -10083,7 +10069,7 @@ class MigrationManager:
         for index, record in enumerate(records):
             version, why = place_record(rtype, record)
             _add_counts(entry.versions, version.value if version else "unplaceable")
-            where = {"file": rel, "index": index, "id": _record_id(record)}
+            where = {"file": rel, "index": index, "id": _id_key(record)}
             if version is None:
                 report.unplaced.append(dict(where, problem=why))
                 continue
