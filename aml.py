@@ -10788,12 +10788,8 @@ def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
 
 
 def _sum_counts(agents: List[AgentMetrics]) -> Dict[str, Dict[str, int]]:
-    total = _empty_counts()
-    for agent in agents:
-        for rtype, states in agent.records.items():
-            for state, count in states.items():
-                total[rtype][state] += count
-    return total
+    return {rtype: {state: sum(a.records[rtype][state] for a in agents) for state in states}
+            for rtype, states in _empty_counts().items()}
 
 
 def _growth(store: Store, samples: List[Dict[str, Any]], total: int, records: int
@@ -13499,10 +13495,8 @@ def _create_options(parser: argparse.ArgumentParser, incremental_flag: bool) -> 
 
 def _backup_manager(args: argparse.Namespace) -> BackupManager:
     store = open_store(args)
-    overrides = {"backup_root": getattr(args, "backup_root", None),
-                 "retention_days": getattr(args, "retention_days", None),
-                 "max_backups": getattr(args, "max_backups", None),
-                 "compression_level": getattr(args, "compression_level", None)}
+    overrides = {key: getattr(args, key, None) for key in ("backup_root", "retention_days",
+                                                           "max_backups", "compression_level")}
     if getattr(args, "no_verify", False):
         overrides["verify_after_backup"] = False
     manager = BackupManager(store, backup_config_for(store, args.config, **overrides))
@@ -13527,12 +13521,11 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
     incremental = args.kind == "incremental" or getattr(args, "incremental", False)
     btype = BackupType.INCREMENTAL if incremental else BackupType.FULL
     if args.dry_run:
-        plan = plan_backup(_backup_manager(args), btype, agents=args.agents)
-        _print_plan(out, plan)
-        out.document(plan)
-        return plan.exit_code
-    result = _backup_manager(args).create(btype, agents=args.agents)
-    _print_backup(out, result)
+        result = plan_backup(_backup_manager(args), btype, agents=args.agents)
+        _print_plan(out, result)
+    else:
+        result = _backup_manager(args).create(btype, agents=args.agents)
+        _print_backup(out, result)
     out.document(result)
     return result.exit_code
 
