@@ -10586,10 +10586,7 @@ def _history(store: Store) -> List[Dict[str, Any]]:
 def _last_entry(history: List[Dict[str, Any]], operations: Iterable[str]
                 ) -> Optional[Dict[str, Any]]:
     wanted = set(operations)
-    for entry in reversed(history):
-        if entry.get("operation") in wanted:
-            return entry
-    return None
+    return next((e for e in reversed(history) if e.get("operation") in wanted), None)
 
 
 def _operation_stat(store: Store, history: List[Dict[str, Any]], operation: str
@@ -10643,12 +10640,6 @@ def _copy_problems(store: Store, history: List[Dict[str, Any]],
     return [Problem("backup-copy", HealthStatus.WARNING, "last copy to %s is %.0f h old "
                     "(limit %g h)" % (good["summary"].get("to"), hours,
                                       thresholds["backup_max_age_hours"]))]
-
-
-def _cache_stats(store: Store) -> Dict[str, Any]:
-    """The hot-cache counters that real get/search lookups recorded (zeros when none)."""
-    stats = hot_cache_stats(store)
-    return stats if isinstance(stats, dict) else {}
 
 
 @dataclasses.dataclass
@@ -10764,18 +10755,9 @@ def _agent_metrics(store: Store, agent: str) -> Tuple[AgentMetrics, int, float]:
     return metrics, loaded, seconds
 
 
-def _store_bytes(store: Store) -> Tuple[int, int]:
-    """(bytes of everything but ``.aml/``, bytes of ``.aml/``), as space-based pruning measures."""
-    return store_disk_bytes(store), _dir_bytes(store.state_dir)
-
-
 def _sum_counts(agents: List[AgentMetrics]) -> Dict[str, Dict[str, int]]:
-    total = _empty_counts()
-    for agent in agents:
-        for rtype, states in agent.records.items():
-            for state, count in states.items():
-                total[rtype][state] += count
-    return total
+    return {rtype: {state: sum(a.records[rtype][state] for a in agents) for state in states}
+            for rtype, states in _empty_counts().items()}
 
 
 def _growth(store: Store, samples: List[Dict[str, Any]], total: int, records: int
@@ -11116,7 +11098,7 @@ class MemoryMonitor:
     def _assemble_metrics(self, agents: List[AgentMetrics], history: List[Dict[str, Any]],
                           load_ms: float, loaded: int) -> MetricsReport:
         store = self.store
-        total, state = _store_bytes(store)
+        total, state = store_disk_bytes(store), _dir_bytes(store.state_dir)  # as pruning measures
         index = _index_staleness(store)
         samples = self._samples()
         counts = _sum_counts(agents)
@@ -11148,7 +11130,7 @@ class MemoryMonitor:
     def _performance(self, history: List[Dict[str, Any]], index: IndexState, load_ms: float,
                      loaded: int, records: int) -> PerformanceMetrics:
         lookup = _indexed_lookup_ms(self.store, index)
-        stats = _cache_stats(self.store)
+        stats = hot_cache_stats(self.store)
         hits, misses = _number(stats.get("hits")), _number(stats.get("misses"))
         rate = None
         if hits is not None and misses is not None and hits + misses > 0:
@@ -11161,10 +11143,8 @@ class MemoryMonitor:
     def _forecasts(self, report: MetricsReport, samples: List[Dict[str, Any]]
                    ) -> List[LimitForecast]:
         t, rate = self.thresholds, report.growth.bytes_per_day
-        out = [_forecast("global_memory_warning_mb", "store", t["global_memory_warning_mb"],
-                         report.total_bytes, rate),
-               _forecast("global_memory_critical_mb", "store", t["global_memory_critical_mb"],
-                         report.total_bytes, rate)]
+        out = [_forecast(key, "store", t[key], report.total_bytes, rate)
+               for key in ("global_memory_warning_mb", "global_memory_critical_mb")]
         for agent in report.agents:
             agent_rate = _agent_rate(self.store, samples, agent.agent, agent.bytes,
                                      report.growth.baseline_at)
@@ -11298,7 +11278,7 @@ class MemoryMonitor:
     def _check_size(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Per-agent and whole-store bytes against the warning and critical thresholds."""
         t, problems = self.thresholds, []
-        total, _state = _store_bytes(self.store)
+        total = store_disk_bytes(self.store)
         sizes = {a: agent_disk_bytes(self.store, a) for a in self.store.agents()}
         for subject, size, scope in ([("store", total, "global")]
                                      + [(a, s, "agent") for a, s in sorted(sizes.items())]):
@@ -11458,7 +11438,7 @@ class MemoryMonitor:
                 problems.append(Problem("lookup", HealthStatus.WARNING, "indexed lookup took "
                                         "%.1f ms (limit %g ms)" % (lookup.ms,
                                                                    t["query_time_warning_ms"])))
-        stats = _cache_stats(self.store)
+        stats = hot_cache_stats(self.store)
         hits, misses = _number(stats.get("hits")) or 0, _number(stats.get("misses")) or 0
         rate = hits / (hits + misses) if hits + misses >= t["cache_min_lookups"] else None
         if rate is not None:
@@ -12177,14 +12157,10 @@ def _sample_series(samples: List[Dict[str, Any]], key: str
     return agents, total
 
 
-def _latest_point(points: List[_Point]) -> float:
-    known = [v for _, v in points if v is not None]
-    return known[-1] if known else 0.0
-
-
 def _size_ranking(agents: Dict[str, List[_Point]]) -> List[str]:
-    """Agents largest first by their latest value (ties by name)."""
-    return sorted(agents, key=lambda a: (-_latest_point(agents[a]), a))
+    """Agents largest first by their latest known value, 0 when none (ties by name)."""
+    return sorted(agents, key=lambda a: (-next((v for _, v in reversed(agents[a])
+                                                 if v is not None), 0.0), a))
 
 
 def _top_series(agents: Dict[str, List[_Point]], ranking: List[str], top: int = CHART_TOP_N
@@ -12567,8 +12543,10 @@ def _share_bar(share: float, css: str) -> str:
         css, min(max(share, 0.0), 1.0) * 100)
 
 
-def _size_row(subject: str, size: Any, warn: Optional[float], crit: Optional[float]
+def _size_row(doc: Dict[str, Any], scope: str, subject: str, size: Any
               ) -> Tuple[List[str], str]:
+    """One sizes row against the ``scope`` (global or agent) limits: cells, row class."""
+    warn, crit = (_limit(doc, "%s_memory_%s_mb" % (scope, s)) for s in ("warning", "critical"))
     value = _number(size) or 0.0
     css = "s-critical" if crit is not None and value >= crit else \
         "s-warning" if warn is not None and value >= warn else ""
@@ -12579,14 +12557,10 @@ def _size_row(subject: str, size: Any, warn: Optional[float], crit: Optional[flo
 
 def _sizes_section(doc: Dict[str, Any]) -> str:
     metrics = _part(doc, "metrics")
-    rows = [_size_row("store (all agents)", metrics.get("total_bytes"),
-                      _limit(doc, "global_memory_warning_mb"),
-                      _limit(doc, "global_memory_critical_mb"))]
+    rows = [_size_row(doc, "global", "store (all agents)", metrics.get("total_bytes"))]
     agents = sorted((a for a in _doc_list(metrics, "agents") if isinstance(a, dict)),
                     key=lambda a: (-(_number(a.get("bytes")) or 0), str(a.get("agent"))))
-    rows += [_size_row(str(a.get("agent")), a.get("bytes"),
-                       _limit(doc, "agent_memory_warning_mb"),
-                       _limit(doc, "agent_memory_critical_mb")) for a in agents]
+    rows += [_size_row(doc, "agent", str(a.get("agent")), a.get("bytes")) for a in agents]
     return _html_table(["subject", "size", "warning limit", "critical limit",
                         "of warning", "share of the warning limit"],
                        [r for r, _ in rows], [c for _, c in rows], numeric=(1, 2, 3, 4))
@@ -13489,10 +13463,8 @@ def _create_options(parser: argparse.ArgumentParser, incremental_flag: bool) -> 
 
 def _backup_manager(args: argparse.Namespace) -> BackupManager:
     store = open_store(args)
-    overrides = {"backup_root": getattr(args, "backup_root", None),
-                 "retention_days": getattr(args, "retention_days", None),
-                 "max_backups": getattr(args, "max_backups", None),
-                 "compression_level": getattr(args, "compression_level", None)}
+    overrides = {key: getattr(args, key, None) for key in ("backup_root", "retention_days",
+                                                           "max_backups", "compression_level")}
     if getattr(args, "no_verify", False):
         overrides["verify_after_backup"] = False
     manager = BackupManager(store, backup_config_for(store, args.config, **overrides))
@@ -13517,12 +13489,11 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
     incremental = args.kind == "incremental" or getattr(args, "incremental", False)
     btype = BackupType.INCREMENTAL if incremental else BackupType.FULL
     if args.dry_run:
-        plan = plan_backup(_backup_manager(args), btype, agents=args.agents)
-        _print_plan(out, plan)
-        out.document(plan)
-        return plan.exit_code
-    result = _backup_manager(args).create(btype, agents=args.agents)
-    _print_backup(out, result)
+        result = plan_backup(_backup_manager(args), btype, agents=args.agents)
+        _print_plan(out, result)
+    else:
+        result = _backup_manager(args).create(btype, agents=args.agents)
+        _print_backup(out, result)
     out.document(result)
     return result.exit_code
 
