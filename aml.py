@@ -245,12 +245,10 @@ class OperationResult:
     @property
     def exit_code(self) -> ExitCode:
         """BUSY over REFUSED over INTEGRITY over ``failure`` over PARTIAL over OK."""
-        if getattr(self, "busy", None):
-            return ExitCode.BUSY
-        if getattr(self, "refused", None):
-            return ExitCode.REFUSED
-        if getattr(self, "problems", None):
-            return ExitCode.INTEGRITY
+        for name, code in (("busy", ExitCode.BUSY), ("refused", ExitCode.REFUSED),
+                           ("problems", ExitCode.INTEGRITY)):
+            if getattr(self, name, None):
+                return code
         failure = getattr(self, "failure", None)
         if failure is not None:
             return ExitCode(failure)
@@ -1208,7 +1206,6 @@ class FileLock(_HeldLock):
             os.rmdir(str(self.lock_dir))
 
 
-
 class MaintenanceLock(_HeldLock):
     """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap.
 
@@ -1227,15 +1224,6 @@ class MaintenanceLock(_HeldLock):
         self.timeout = timeout
         self._sleep, self._clock = sleep, clock
         self._entered = False
-
-    def _open_read_only(self, exc: OSError) -> int:
-        """A reader without write access still locks the existing file (flock needs no write
-        permission); raises ReadOnlyError when there is none to lock."""
-        try:
-            return os.open(str(self.path), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            raise ReadOnlyError("no write access to %s (%s)" % (self.path.parent,
-                                                                exc.strerror)) from None
 
     def acquire(self) -> None:
         """Take the lock or raise StoreBusyError (ReadOnlyError: no lock file, none
@@ -1271,7 +1259,12 @@ class MaintenanceLock(_HeldLock):
                                    "folder" % self.path) from None
             if exc.errno not in READ_ONLY_ERRNOS:
                 raise
-            fd = self._open_read_only(exc)
+            try:  # a reader without write access still locks the existing file (flock needs
+                # no write permission); ReadOnlyError when there is none to lock
+                fd = os.open(str(self.path), os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                raise ReadOnlyError("no write access to %s (%s)" % (self.path.parent,
+                                                                    exc.strerror)) from None
         if not flock_within(fd, fcntl.LOCK_EX, self.timeout, self._sleep, self._clock):
             os.close(fd)
             raise StoreBusyError("store busy: another aml run holds %s" % self.path)
@@ -1291,7 +1284,6 @@ class MaintenanceLock(_HeldLock):
             del self._held[key]
         fcntl.flock(entry[0], fcntl.LOCK_UN)
         os.close(entry[0])
-
 
 
 __all__ += ["load_json_text", "scan_json_array", "split_json_array", "remove_array_elements"]
