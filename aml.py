@@ -1907,11 +1907,9 @@ class Store:
                 spliced = _spliced_rewrite(job, text, original)
                 job.text = ""
                 del text, original
-                if spliced is None:
-                    job.bytes_written = write_json_file(path, job.data, fmt)
-                else:
-                    atomic_write_bytes(path, spliced)
-                    job.bytes_written = len(spliced)
+                raw = encode_json(job.data, fmt) if spliced is None else spliced
+                atomic_write_bytes(path, raw)
+                job.bytes_written = len(raw)
 
     # -- aml state -----------------------------------------------------------
     def ensure_state_dir(self) -> Path:
@@ -2224,17 +2222,12 @@ class Archive:
         """The entries of one part, each with ``record`` (without it, and unparsed, when
         ``records`` is False); raises IntegrityError if the part does not verify."""
         path = self.path_for(run_id) / name
-        what = "archive part"
-        try:
-            data = gzip.decompress(path.read_bytes())
-        except (OSError, EOFError, zlib.error) as exc:
-            raise IntegrityError("%s: unreadable %s (%s)" % (path, what, exc)) from None
-        payload = unseal(data, ARCHIVE_PART_FORMAT, path, what)
-        del data
-        try:
+        try:  # unseal's own IntegrityError passes through: no clause here catches it
+            payload = unseal(gzip.decompress(path.read_bytes()), ARCHIVE_PART_FORMAT, path,
+                             "archive part")
             return [_full_entry(e) if records else e for e in payload["entries"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError("%s: unreadable %s (%s)" % (path, what, exc)) from None
+        except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError("%s: unreadable archive part (%s)" % (path, exc)) from None
 
     def load(self, run_id: str) -> Dict[str, Any]:
         """A run's manifest plus all its ``entries`` (for small runs; big ones: read_part)."""
