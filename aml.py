@@ -825,11 +825,9 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
     if not isinstance(obj, list) or not obj:
         return [runtime_json(obj).encode("utf-8")]
     chunks = [b"[\n  "]
-    for n, item in enumerate(obj):
-        if n:
-            chunks.append(b",\n  ")
-        chunks.append(indented_json(item, "\n  ").encode("utf-8"))
-    chunks.append(b"\n]")
+    for item in obj:
+        chunks += (indented_json(item, "\n  ").encode("utf-8"), b",\n  ")
+    chunks[-1] = b"\n]"   # the last separator closes the array
     return chunks
 
 
