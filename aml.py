@@ -559,9 +559,8 @@ def number_setting(default: Any, low: float = 0, high: Optional[float] = None,
                    integer: bool = False, above: bool = False) -> Any:
     """A numeric setting(): >= ``low`` (> with ``above``), <= ``high``, whole with ``integer``."""
     def check(value: Any) -> bool:
-        if not _finite(value) or (integer and not isinstance(value, int)):
-            return False
-        return (value > low if above else value >= low) and (high is None or value <= high)
+        return (_finite(value) and (not integer or isinstance(value, int))
+                and (value > low if above else value >= low) and (high is None or value <= high))
     rule = "must be %s %s %g" % ("an integer" if integer else "a number", ">" if above else ">=",
                                  low)
     return setting(default, check, rule + ("" if high is None else " and <= %g" % high))
