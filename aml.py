@@ -245,12 +245,10 @@ class OperationResult:
     @property
     def exit_code(self) -> ExitCode:
         """BUSY over REFUSED over INTEGRITY over ``failure`` over PARTIAL over OK."""
-        if getattr(self, "busy", None):
-            return ExitCode.BUSY
-        if getattr(self, "refused", None):
-            return ExitCode.REFUSED
-        if getattr(self, "problems", None):
-            return ExitCode.INTEGRITY
+        for name, code in (("busy", ExitCode.BUSY), ("refused", ExitCode.REFUSED),
+                           ("problems", ExitCode.INTEGRITY)):
+            if getattr(self, name, None):
+                return code
         failure = getattr(self, "failure", None)
         if failure is not None:
             return ExitCode(failure)
@@ -561,9 +559,8 @@ def number_setting(default: Any, low: float = 0, high: Optional[float] = None,
                    integer: bool = False, above: bool = False) -> Any:
     """A numeric setting(): >= ``low`` (> with ``above``), <= ``high``, whole with ``integer``."""
     def check(value: Any) -> bool:
-        if not _finite(value) or (integer and not isinstance(value, int)):
-            return False
-        return (value > low if above else value >= low) and (high is None or value <= high)
+        return (_finite(value) and (not integer or isinstance(value, int))
+                and (value > low if above else value >= low) and (high is None or value <= high))
     rule = "must be %s %s %g" % ("an integer" if integer else "a number", ">" if above else ">=",
                                  low)
     return setting(default, check, rule + ("" if high is None else " and <= %g" % high))
@@ -827,11 +824,9 @@ def _runtime_json_chunks(obj: Any) -> List[bytes]:
     if not isinstance(obj, list) or not obj:
         return [runtime_json(obj).encode("utf-8")]
     chunks = [b"[\n  "]
-    for n, item in enumerate(obj):
-        if n:
-            chunks.append(b",\n  ")
-        chunks.append(indented_json(item, "\n  ").encode("utf-8"))
-    chunks.append(b"\n]")
+    for item in obj:
+        chunks += (indented_json(item, "\n  ").encode("utf-8"), b",\n  ")
+    chunks[-1] = b"\n]"   # the last separator closes the array
     return chunks
 
 
@@ -1208,7 +1203,6 @@ class FileLock(_HeldLock):
             os.rmdir(str(self.lock_dir))
 
 
-
 class MaintenanceLock(_HeldLock):
     """Store-wide lock (flock on ``.aml/maintenance.lock``) so two aml runs never overlap.
 
@@ -1227,15 +1221,6 @@ class MaintenanceLock(_HeldLock):
         self.timeout = timeout
         self._sleep, self._clock = sleep, clock
         self._entered = False
-
-    def _open_read_only(self, exc: OSError) -> int:
-        """A reader without write access still locks the existing file (flock needs no write
-        permission); raises ReadOnlyError when there is none to lock."""
-        try:
-            return os.open(str(self.path), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            raise ReadOnlyError("no write access to %s (%s)" % (self.path.parent,
-                                                                exc.strerror)) from None
 
     def acquire(self) -> None:
         """Take the lock or raise StoreBusyError (ReadOnlyError: no lock file, none
@@ -1271,7 +1256,12 @@ class MaintenanceLock(_HeldLock):
                                    "folder" % self.path) from None
             if exc.errno not in READ_ONLY_ERRNOS:
                 raise
-            fd = self._open_read_only(exc)
+            try:  # a reader without write access still locks the existing file (flock needs
+                # no write permission); ReadOnlyError when there is none to lock
+                fd = os.open(str(self.path), os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                raise ReadOnlyError("no write access to %s (%s)" % (self.path.parent,
+                                                                    exc.strerror)) from None
         if not flock_within(fd, fcntl.LOCK_EX, self.timeout, self._sleep, self._clock):
             os.close(fd)
             raise StoreBusyError("store busy: another aml run holds %s" % self.path)
@@ -1291,7 +1281,6 @@ class MaintenanceLock(_HeldLock):
             del self._held[key]
         fcntl.flock(entry[0], fcntl.LOCK_UN)
         os.close(entry[0])
-
 
 
 __all__ += ["load_json_text", "scan_json_array", "split_json_array", "remove_array_elements"]
@@ -1915,11 +1904,9 @@ class Store:
                 spliced = _spliced_rewrite(job, text, original)
                 job.text = ""
                 del text, original
-                if spliced is None:
-                    job.bytes_written = write_json_file(path, job.data, fmt)
-                else:
-                    atomic_write_bytes(path, spliced)
-                    job.bytes_written = len(spliced)
+                raw = encode_json(job.data, fmt) if spliced is None else spliced
+                atomic_write_bytes(path, raw)
+                job.bytes_written = len(raw)
 
     # -- aml state -----------------------------------------------------------
     def ensure_state_dir(self) -> Path:
@@ -2232,17 +2219,12 @@ class Archive:
         """The entries of one part, each with ``record`` (without it, and unparsed, when
         ``records`` is False); raises IntegrityError if the part does not verify."""
         path = self.path_for(run_id) / name
-        what = "archive part"
-        try:
-            data = gzip.decompress(path.read_bytes())
-        except (OSError, EOFError, zlib.error) as exc:
-            raise IntegrityError("%s: unreadable %s (%s)" % (path, what, exc)) from None
-        payload = unseal(data, ARCHIVE_PART_FORMAT, path, what)
-        del data
-        try:
+        try:  # unseal's own IntegrityError passes through: no clause here catches it
+            payload = unseal(gzip.decompress(path.read_bytes()), ARCHIVE_PART_FORMAT, path,
+                             "archive part")
             return [_full_entry(e) if records else e for e in payload["entries"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError("%s: unreadable %s (%s)" % (path, what, exc)) from None
+        except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError("%s: unreadable archive part (%s)" % (path, exc)) from None
 
     def load(self, run_id: str) -> Dict[str, Any]:
         """A run's manifest plus all its ``entries`` (for small runs; big ones: read_part)."""
