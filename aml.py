@@ -2774,8 +2774,7 @@ class _ObjectStore:
         with self._map_lock:   # restore's worker threads may all ask at once
             if self._where is None:
                 where: Dict[bytes, int] = {}
-                for number in range(len(self.pack_list)):
-                    pack = self.pack_list[number]
+                for number, pack in enumerate(self.pack_list):
                     where.update(zip(pack.keys(), range(number << 32,
                                                         (number << 32) + pack.count)))
                 self._where = where
@@ -2836,8 +2835,7 @@ class _ObjectStore:
             if code is None:
                 raise IntegrityError("object %s is missing" % digest.hex()[:16])
             pack, row = self.at(code)
-            block_no, off, length = struct.unpack_from("<III", pack.table,
-                                                       row * _ROW + KEY_LEN)
+            block_no, off, length = pack.loc(row)
             if (pack.name, block_no) != last:
                 last = (pack.name, block_no)
                 block = self._block(*last)
@@ -3259,8 +3257,12 @@ class BackupManager:
         return [i for i in self.snapshot_ids() if self._is_own(i)]
 
     def _is_own(self, backup_id: str) -> bool:
+        return self._manifest_is(backup_id, "store", str(self.store.root.resolve()))
+
+    def _manifest_is(self, backup_id: str, key: str, value: Any) -> bool:
+        """True if the snapshot's manifest reads and its ``key`` is ``value``."""
         try:
-            return self.load_manifest(backup_id).get("store") == str(self.store.root.resolve())
+            return self.load_manifest(backup_id).get(key) == value
         except AmlError:
             return False
 
@@ -3305,10 +3307,8 @@ class BackupManager:
     def newest_verified(self) -> Optional[str]:
         """The newest snapshot whose last verification passed, or None."""
         marks = self._verified()
-        for backup_id in reversed(self.snapshot_ids()):
-            if marks.get(backup_id, {}).get("ok") is True and self._is_own(backup_id):
-                return backup_id
-        return None
+        return next((i for i in reversed(self.snapshot_ids())
+                     if marks.get(i, {}).get("ok") is True and self._is_own(i)), None)
 
     # -- create ---------------------------------------------------------------
     def create(self, backup_type: BackupType = BackupType.INCREMENTAL,
@@ -3713,7 +3713,7 @@ class BackupManager:
         """The type of snapshot ``auto`` takes now, or None and why none is due."""
         period = SCHEDULE_PERIODS[self.config.backup_schedule]
         now = self.store.now
-        ids = [i for i in self.own_snapshot_ids() if self._whole_store(i)]
+        ids = [i for i in self.own_snapshot_ids() if self._manifest_is(i, "agents", None)]
         if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
             return None, "%s is recent enough for the %s schedule" % (
                 ids[-1], self.config.backup_schedule)
@@ -3721,12 +3721,6 @@ class BackupManager:
         due = not fulls or days_between(_id_time(fulls[-1]), now) >= \
             FULL_EVERY_PERIODS * period - 0.1 * period
         return (BackupType.FULL if due else BackupType.INCREMENTAL), None
-
-    def _whole_store(self, backup_id: str) -> bool:
-        try:
-            return self.load_manifest(backup_id).get("agents") is None
-        except AmlError:
-            return False
 
     # -- list -----------------------------------------------------------------
     def list(self) -> ListResult:
