@@ -2846,6 +2846,12 @@ class _ObjectStore:
             out.append(data)
         return out
 
+    def outside(self, digests: Iterable[bytes], name: Optional[str]) -> List[bytes]:
+        """The digests whose copy is not in pack ``name`` (all of them if no pack is)."""
+        fresh = next((n for n, p in enumerate(self.pack_list) if p.name == name), -1)
+        where = self.where
+        return [d for d in digests if fresh < 0 or where.get(d[:KEY_LEN], -1) >> 32 != fresh]
+
     def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
         """Check objects block by block (each block read and decompressed once, the next
         ones on worker threads); returns {digest: problem}."""
@@ -3774,10 +3780,7 @@ def _damaged_entries(entries: List[Any], objects: _ObjectStore,
             needs[n] = _entry_objects(entry, lists)
         except (AmlError, ValueError, KeyError, TypeError, AttributeError):
             damaged.append(n)
-    where = objects.where
-    skip = next((n for n, p in enumerate(objects.pack_list) if p.name == fresh), -1)
-    bad = objects.check_many(d for ds in needs.values() for d in ds
-                             if (where.get(d[:KEY_LEN], -1) >> 32) != skip or skip < 0)
+    bad = objects.check_many(objects.outside((d for ds in needs.values() for d in ds), fresh))
     damaged.extend(n for n, ds in needs.items() if any(d in bad for d in ds))
     return sorted(damaged)
 
@@ -3820,12 +3823,7 @@ def _untrusted_objects(entry: Dict[str, Any], objects: _ObjectStore,
         with contextlib.suppress(AmlError, ValueError, KeyError, TypeError, AttributeError):
             known = set(_entry_objects(base, lists))
             digests = [d for d in digests if d not in known]
-    if trusted.pack and digests:
-        where = objects.where
-        fresh = next((n for n, p in enumerate(objects.pack_list) if p.name == trusted.pack), -1)
-        digests = [d for d in digests if (where.get(d[:KEY_LEN], -1) >> 32) != fresh
-                   or fresh < 0]
-    return digests
+    return objects.outside(digests, trusted.pack) if trusted.pack and digests else digests
 
 
 def _pack_matches(path: Path, digest: bytes) -> bool:
@@ -3856,14 +3854,13 @@ def _verify_batch(batch: List[Tuple[Dict[str, Any], List[bytes]]], objects: _Obj
         if wrong:
             problems.append("%s: %s" % (_entry_path(entry), wrong))
         elif deep:   # one file at a time: memory is bounded by the largest file
-            problems.extend(_deep_check(entry, objects, None))
+            problems.extend(_deep_check(entry, objects))
     return len(new)
 
 
-def _deep_check(entry: Dict[str, Any], objects: _ObjectStore,
-                lists: Optional[_Lists]) -> List[str]:
+def _deep_check(entry: Dict[str, Any], objects: _ObjectStore) -> List[str]:
     try:
-        _check_parses(entry, read_file_content(entry, objects, lists))
+        _check_parses(entry, read_file_content(entry, objects))
     except (AmlError, ValueError, KeyError, TypeError) as exc:
         return ["%s: %s" % (_entry_path(entry), exc)]
     return []
