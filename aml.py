@@ -4402,16 +4402,15 @@ class _SnapshotBuilder:
                 old = self.lists.resolve(bytes.fromhex(prev["list"]))
         if old == items:
             return prev["list"], int(prev.get("depth", 0))
+        data, depth = b"", 0
         if old is not None and int(prev.get("depth", 0)) < MAX_DELTA_DEPTH:
             delta = _encode_delta(bytes.fromhex(prev["list"]), old, items)
             if len(delta) < 16 * len(items):
-                digest = hashlib.sha256(delta).digest()
-                writer.add(digest, delta, meta=True)
-                return digest.hex(), int(prev.get("depth", 0)) + 1
-        data = b"L" + b"".join(items)
+                data, depth = delta, int(prev.get("depth", 0)) + 1
+        data = data or b"L" + b"".join(items)
         digest = hashlib.sha256(data).digest()
         writer.add(digest, data, meta=True)
-        return digest.hex(), 0
+        return digest.hex(), depth
 
 
 # -- Retention rules: which snapshots rotation keeps, and why ----------------
