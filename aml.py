@@ -4189,12 +4189,8 @@ class _GarbageCollector:
             return writer.commit()
 
     def _size(self, names: Iterable[str]) -> int:
-        total = 0
-        for name in names:
-            for suffix in (".pack", ".idx"):
-                with contextlib.suppress(OSError):
-                    total += (self.manager.packs / (name + suffix)).stat().st_size
-        return total
+        return sum(_file_size(self.manager.packs / (name + suffix))
+                   for name in names for suffix in (".pack", ".idx"))
 
     def _delete(self, name: str) -> None:
         (self.manager.packs / (name + ".idx")).unlink()
