@@ -3579,11 +3579,10 @@ class BackupManager:
                     result.safety_backup = safety.backup_id
                     # e.g. a corrupt file it kept as exact bytes: the restore goes on (that
                     # file is being replaced) but the user learns what the snapshot holds.
+                    notes = safety.warnings + ["repaired damaged backup data: %s" % r
+                                               for r in safety.repaired]
                     result.warnings.extend("safety backup %s: %s" % (safety.backup_id, w)
-                                           for w in safety.warnings)
-                    result.warnings.extend(
-                        "safety backup %s: repaired damaged backup data: %s"
-                        % (safety.backup_id, r) for r in safety.repaired)
+                                           for w in notes)
 
             plan.apply(before_swap)
             op.summary = {"backup_id": backup_id, "target": str(root.resolve()),
