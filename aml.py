@@ -2756,8 +2756,7 @@ class _ObjectStore:
         with self._map_lock:   # restore's worker threads may all ask at once
             if self._where is None:
                 where: Dict[bytes, int] = {}
-                for number in range(len(self.pack_list)):
-                    pack = self.pack_list[number]
+                for number, pack in enumerate(self.pack_list):
                     where.update(zip(pack.keys(), range(number << 32,
                                                         (number << 32) + pack.count)))
                 self._where = where
@@ -2818,8 +2817,7 @@ class _ObjectStore:
             if code is None:
                 raise IntegrityError("object %s is missing" % digest.hex()[:16])
             pack, row = self.at(code)
-            block_no, off, length = struct.unpack_from("<III", pack.table,
-                                                       row * _ROW + KEY_LEN)
+            block_no, off, length = pack.loc(row)
             if (pack.name, block_no) != last:
                 last = (pack.name, block_no)
                 block = self._block(*last)
@@ -2829,6 +2827,12 @@ class _ObjectStore:
                                      % (digest.hex()[:16], pack.name))
             out.append(data)
         return out
+
+    def outside(self, digests: Iterable[bytes], name: Optional[str]) -> List[bytes]:
+        """The digests whose copy is not in pack ``name`` (all of them if no pack is)."""
+        fresh = next((n for n, p in enumerate(self.pack_list) if p.name == name), -1)
+        where = self.where
+        return [d for d in digests if fresh < 0 or where.get(d[:KEY_LEN], -1) >> 32 != fresh]
 
     def check_many(self, digests: Iterable[bytes]) -> Dict[bytes, str]:
         """Check objects block by block (each block read and decompressed once, the next
@@ -3241,8 +3245,12 @@ class BackupManager:
         return [i for i in self.snapshot_ids() if self._is_own(i)]
 
     def _is_own(self, backup_id: str) -> bool:
+        return self._manifest_is(backup_id, "store", str(self.store.root.resolve()))
+
+    def _manifest_is(self, backup_id: str, key: str, value: Any) -> bool:
+        """True if the snapshot's manifest reads and its ``key`` is ``value``."""
         try:
-            return self.load_manifest(backup_id).get("store") == str(self.store.root.resolve())
+            return self.load_manifest(backup_id).get(key) == value
         except AmlError:
             return False
 
@@ -3287,10 +3295,8 @@ class BackupManager:
     def newest_verified(self) -> Optional[str]:
         """The newest snapshot whose last verification passed, or None."""
         marks = self._verified()
-        for backup_id in reversed(self.snapshot_ids()):
-            if marks.get(backup_id, {}).get("ok") is True and self._is_own(backup_id):
-                return backup_id
-        return None
+        return next((i for i in reversed(self.snapshot_ids())
+                     if marks.get(i, {}).get("ok") is True and self._is_own(i)), None)
 
     # -- create ---------------------------------------------------------------
     def create(self, backup_type: BackupType = BackupType.INCREMENTAL,
@@ -3555,11 +3561,10 @@ class BackupManager:
                     result.safety_backup = safety.backup_id
                     # e.g. a corrupt file it kept as exact bytes: the restore goes on (that
                     # file is being replaced) but the user learns what the snapshot holds.
+                    notes = safety.warnings + ["repaired damaged backup data: %s" % r
+                                               for r in safety.repaired]
                     result.warnings.extend("safety backup %s: %s" % (safety.backup_id, w)
-                                           for w in safety.warnings)
-                    result.warnings.extend(
-                        "safety backup %s: repaired damaged backup data: %s"
-                        % (safety.backup_id, r) for r in safety.repaired)
+                                           for w in notes)
 
             plan.apply(before_swap)
             op.summary = {"backup_id": backup_id, "target": str(root.resolve()),
@@ -3695,7 +3700,7 @@ class BackupManager:
         """The type of snapshot ``auto`` takes now, or None and why none is due."""
         period = SCHEDULE_PERIODS[self.config.backup_schedule]
         now = self.store.now
-        ids = [i for i in self.own_snapshot_ids() if self._whole_store(i)]
+        ids = [i for i in self.own_snapshot_ids() if self._manifest_is(i, "agents", None)]
         if ids and days_between(_id_time(ids[-1]), now) < 0.9 * period:
             return None, "%s is recent enough for the %s schedule" % (
                 ids[-1], self.config.backup_schedule)
@@ -3703,12 +3708,6 @@ class BackupManager:
         due = not fulls or days_between(_id_time(fulls[-1]), now) >= \
             FULL_EVERY_PERIODS * period - 0.1 * period
         return (BackupType.FULL if due else BackupType.INCREMENTAL), None
-
-    def _whole_store(self, backup_id: str) -> bool:
-        try:
-            return self.load_manifest(backup_id).get("agents") is None
-        except AmlError:
-            return False
 
     # -- list -----------------------------------------------------------------
     def list(self) -> ListResult:
@@ -3762,10 +3761,7 @@ def _damaged_entries(entries: List[Any], objects: _ObjectStore,
             needs[n] = _entry_objects(entry, lists)
         except (AmlError, ValueError, KeyError, TypeError, AttributeError):
             damaged.append(n)
-    where = objects.where
-    skip = next((n for n, p in enumerate(objects.pack_list) if p.name == fresh), -1)
-    bad = objects.check_many(d for ds in needs.values() for d in ds
-                             if (where.get(d[:KEY_LEN], -1) >> 32) != skip or skip < 0)
+    bad = objects.check_many(objects.outside((d for ds in needs.values() for d in ds), fresh))
     damaged.extend(n for n, ds in needs.items() if any(d in bad for d in ds))
     return sorted(damaged)
 
@@ -3808,12 +3804,7 @@ def _untrusted_objects(entry: Dict[str, Any], objects: _ObjectStore,
         with contextlib.suppress(AmlError, ValueError, KeyError, TypeError, AttributeError):
             known = set(_entry_objects(base, lists))
             digests = [d for d in digests if d not in known]
-    if trusted.pack and digests:
-        where = objects.where
-        fresh = next((n for n, p in enumerate(objects.pack_list) if p.name == trusted.pack), -1)
-        digests = [d for d in digests if (where.get(d[:KEY_LEN], -1) >> 32) != fresh
-                   or fresh < 0]
-    return digests
+    return objects.outside(digests, trusted.pack) if trusted.pack and digests else digests
 
 
 def _pack_matches(path: Path, digest: bytes) -> bool:
@@ -3844,14 +3835,13 @@ def _verify_batch(batch: List[Tuple[Dict[str, Any], List[bytes]]], objects: _Obj
         if wrong:
             problems.append("%s: %s" % (_entry_path(entry), wrong))
         elif deep:   # one file at a time: memory is bounded by the largest file
-            problems.extend(_deep_check(entry, objects, None))
+            problems.extend(_deep_check(entry, objects))
     return len(new)
 
 
-def _deep_check(entry: Dict[str, Any], objects: _ObjectStore,
-                lists: Optional[_Lists]) -> List[str]:
+def _deep_check(entry: Dict[str, Any], objects: _ObjectStore) -> List[str]:
     try:
-        _check_parses(entry, read_file_content(entry, objects, lists))
+        _check_parses(entry, read_file_content(entry, objects))
     except (AmlError, ValueError, KeyError, TypeError) as exc:
         return ["%s: %s" % (_entry_path(entry), exc)]
     return []
@@ -4180,12 +4170,8 @@ class _GarbageCollector:
             return writer.commit()
 
     def _size(self, names: Iterable[str]) -> int:
-        total = 0
-        for name in names:
-            for suffix in (".pack", ".idx"):
-                with contextlib.suppress(OSError):
-                    total += (self.manager.packs / (name + suffix)).stat().st_size
-        return total
+        return sum(_file_size(self.manager.packs / (name + suffix))
+                   for name in names for suffix in (".pack", ".idx"))
 
     def _delete(self, name: str) -> None:
         (self.manager.packs / (name + ".idx")).unlink()
@@ -4393,16 +4379,15 @@ class _SnapshotBuilder:
                 old = self.lists.resolve(bytes.fromhex(prev["list"]))
         if old == items:
             return prev["list"], int(prev.get("depth", 0))
+        data, depth = b"", 0
         if old is not None and int(prev.get("depth", 0)) < MAX_DELTA_DEPTH:
             delta = _encode_delta(bytes.fromhex(prev["list"]), old, items)
             if len(delta) < 16 * len(items):
-                digest = hashlib.sha256(delta).digest()
-                writer.add(digest, delta, meta=True)
-                return digest.hex(), int(prev.get("depth", 0)) + 1
-        data = b"L" + b"".join(items)
+                data, depth = delta, int(prev.get("depth", 0)) + 1
+        data = data or b"L" + b"".join(items)
         digest = hashlib.sha256(data).digest()
         writer.add(digest, data, meta=True)
-        return digest.hex(), 0
+        return digest.hex(), depth
 
 
 # -- Retention rules: which snapshots rotation keeps, and why ----------------
