@@ -725,27 +725,25 @@ def read_regular_file(path: Path, follow_symlinks: bool = False) -> bytes:
     Checked with lstat before opening and with fstat after (opened O_NONBLOCK|O_NOFOLLOW), so
     a FIFO is never opened for a blocking read and a link swapped in meanwhile is not followed.
     """
+    fd = -1
     try:
         info = os.stat(str(path)) if follow_symlinks else os.lstat(str(path))
         kind = _odd_kind(info.st_mode)
-        if kind is not None:
-            raise CorruptFileError(path, odd_file_problem(kind))
-        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
-        fd = os.open(str(path), flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CorruptFileError(path, odd_file_problem("symlink")) from None
-        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
-    try:
-        kind = _odd_kind(os.fstat(fd).st_mode)
+        if kind is None:
+            flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+            fd = os.open(str(path), flags)
+            kind = _odd_kind(os.fstat(fd).st_mode)
         if kind is not None:
             raise CorruptFileError(path, odd_file_problem(kind))
         with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read()
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptFileError(path, odd_file_problem("symlink")) from None
         raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def load_json_text(path: Path, expect: Optional[type] = None, follow_symlinks: bool = False
@@ -1375,11 +1373,10 @@ def usage_fields(record: Dict[str, Any]) -> Tuple[Any, Any, Any, Any, Any]:
         rate, count = met.get("successRate"), met.get("executionCount")
     if (conf is None or rate is None or count is None or last is None or created is None) and (
             evo or met or not _LEGACY_KEYS.isdisjoint(record)):
-        conf = first_value(record, "confidence") if conf is None else conf
-        rate = first_value(record, "success_rate") if rate is None else rate
-        count = first_value(record, "execution_count") if count is None else count
-        last = first_value(record, "last_used") if last is None else last
-        created = first_value(record, "created") if created is None else created
+        conf, rate, count, last, created = (
+            first_value(record, name) if value is None else value for name, value in zip(
+                ("confidence", "success_rate", "execution_count", "last_used", "created"),
+                (conf, rate, count, last, created)))
     return conf, rate, count, last, created
 
 
