@@ -8213,15 +8213,12 @@ class GarbageCollector:
         for entry in entries:
             by_file.setdefault(entry["file"], []).append(entry)
         for rel, file_entries in by_file.items():
-            number = parts + 1
             try:
                 done = self._remove_from(self.store.root / rel, file_entries,
-                                         lambda d, n=number: archive.write_part(run_id, n, d))
-            except StoreBusyError as exc:
-                self.busy.append(str(exc))
-                continue
-            except CorruptFileError as exc:
-                self.unreadable.append(str(exc))
+                                         lambda d, n=parts + 1: archive.write_part(run_id, n, d))
+            except (StoreBusyError, CorruptFileError) as exc:
+                busy = isinstance(exc, StoreBusyError)
+                (self.busy if busy else self.unreadable).append(str(exc))
                 continue
             parts += bool(done)
             removed.extend(done)
@@ -8306,9 +8303,8 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
                            "store, then rerun with --force" % first_few(refused, "agent"))
     run_id, backup_id, removed, skipped = None, None, plan, 0
     if not dry_run:
-        if plan and backup is not None:
-            backup_id = backup()
         if plan:
+            backup_id = backup() if backup is not None else None
             run_id = new_run_id("gc", store.now)
             removed, skipped = gc.apply(run_id, plan)
         _clean_leftovers(store, locks, temps, orphans, index_gone)
@@ -9190,9 +9186,8 @@ def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = N
     config = config or OptimizeConfig()
     steps = optimize_steps(action, config)
     action = "index" if action == "build-index" else action
-    backup = None
-    if config.create_backup:
-        backup = _once(lambda: safety_backup(store, "before optimize %s" % action))
+    backup = (_once(lambda: safety_backup(store, "before optimize %s" % action))
+              if config.create_backup else None)
     run = OptimizeRun(store, config, dry_run, force, backup)
     results: Dict[str, Any] = {}
     with contextlib.nullcontext() if dry_run else store.maintenance_lock():
