@@ -6950,17 +6950,16 @@ def _json_number(value: Optional[float]) -> Any:
     return int(value) if value is not None and float(value).is_integer() else value
 
 
-def _is_failed_pattern(facts: RecordFacts, config: PruneConfig) -> bool:
-    """Executed at least once and succeeding less often than min_success_rate."""
-    return ((facts.execution_count or 0) >= 1 and facts.success_rate is not None
+def _is_failed_pattern(facts: RecordFacts, config: PruneConfig, runs: float = 1) -> bool:
+    """Executed at least ``runs`` times and succeeding less often than min_success_rate."""
+    return ((facts.execution_count or 0) >= runs and facts.success_rate is not None
             and _rate_bounds(facts, config)[1] < config.min_success_rate)
 
 
 def performance_verdict(facts: RecordFacts, config: PruneConfig) -> Optional[Verdict]:
     """performance_based: failing patterns, low confidence, failed/outdated solutions, regrets."""
-    if (facts.rtype is RecordType.PATTERN and facts.success_rate is not None
-            and (facts.execution_count or 0) >= config.min_execution_count
-            and _rate_bounds(facts, config)[1] < config.min_success_rate):
+    if (facts.rtype is RecordType.PATTERN
+            and _is_failed_pattern(facts, config, config.min_execution_count)):
         return PruneReason.LOW_SUCCESS_RATE, dict({
             "success_rate": facts.success_rate, "min_success_rate": config.min_success_rate,
             "execution_count": _json_number(facts.execution_count),
@@ -7268,8 +7267,7 @@ class MemoryPruner:
         except CorruptFileError as exc:
             self._drop_file(run, plan, exc)
             return
-        if digest != plan.digest:
-            self._replan_file(run, plan, records, digest)
+        self._replan_file(run, plan, records, digest)
         self._write_part(run, plan, records)
 
     def _write_part(self, run: _Run, plan: _FilePlan, records: List[Any]) -> None:
@@ -7291,9 +7289,8 @@ class MemoryPruner:
         """Rewrite one file without its archived removals, under its lock."""
         try:
             with self.store.rewrite(plan.data_file.path) as job:
-                digest = text_digest(job.text)
-                if digest != plan.digest:  # changed since it was archived
-                    self._replan_file(run, plan, job.data, digest)
+                # changed since it was archived?
+                if self._replan_file(run, plan, job.data, text_digest(job.text)):
                     self._write_part(run, plan, job.data)
                 kept = [i for i in range(len(job.data)) if i not in plan.removals]
                 job.data = [job.data[i] for i in kept]
@@ -7314,18 +7311,18 @@ class MemoryPruner:
         if plan in run.plans:
             run.plans.remove(plan)  # left alone for the rest of the run, space rounds included
         plan.removals = {}
-        if plan.part:
-            Archive(self.store).drop_part(run.result.run_id, plan.part)
-        plan.part, plan.pending = 0, []
+        self._write_part(run, plan, [])  # drops its part
         if isinstance(exc, StoreBusyError):
             run.result.busy.append(str(exc))
         else:
             run.result.unreadable.append("%s: %s" % (plan.rel, getattr(exc, "problem", exc)))
 
-    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any], digest: str) -> None:
-        """The runtime changed the file since planning: decide again from its fresh content
+    def _replan_file(self, run: _Run, plan: _FilePlan, fresh: List[Any], digest: str) -> bool:
+        """If the runtime changed the file since planning, decide again from its fresh content
         (whose text has SHA-256 ``digest``), keeping the space_based picks that are still
-        there (found by content digest)."""
+        there (found by content digest); returns whether it did."""
+        if digest == plan.digest:
+            return False
         picked: Dict[bytes, Dict[str, Any]] = {}
         if plan.space is not None:
             picked = {plan.space.mark(i): r.details for i, r in plan.removals.items()
@@ -7336,6 +7333,7 @@ class MemoryPruner:
             if i not in plan.removals and plan.space.mark(i) in picked:
                 plan.removals[i] = _Removal(PruneReason.MEMORY_LIMIT_EXCEEDED,
                                             picked[plan.space.mark(i)], None, False)
+        return True
 
     def _space_rounds(self, run: _Run) -> None:
         """Measure on disk after writing; while still over a limit, remove more and rewrite."""
@@ -7484,8 +7482,7 @@ class MemoryPruner:
             records, digest = self.store.load_records_digest(plan.data_file)
         except CorruptFileError:
             return  # it turned unreadable since planning: listed without ids
-        if digest != plan.digest:
-            self._replan_file(run, plan, records, digest)
+        self._replan_file(run, plan, records, digest)
         rtype = plan.data_file.rtype
         for i, removal in plan.removals.items():
             removal.id, removal.id_known = record_facts(rtype, records[i]).id, True
@@ -7585,11 +7582,7 @@ class UndoResult(OperationResult):
     blocked: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
     PARTIAL_FIELDS = ("unreadable", "blocked")  # a run left not undone can be undone again
-
-    @property
-    def failure(self) -> Optional[ExitCode]:
-        """The worst non-busy, non-unreadable failure seen."""
-        return self.failed
+    failure = property(lambda self: self.failed, doc="The worst failure seen (``failed``).")
 
 
 def _archived_file(store: Store, rel: Any) -> Path:
@@ -8145,22 +8138,15 @@ class GarbageCollector:
         entries, kept_ids, total = [], {}, 0
         for data_file, records, _ in self.store.iter_record_files([agent], errors=errors):
             total += len(records)
-            flaws, good, rtype = {}, [], data_file.rtype
-            for index, record in enumerate(records):
-                bad = _incomplete(rtype, record)
-                if bad is None:
-                    good.append(index)
-                else:
-                    flaws[index] = bad
-            duplicates = _exact_duplicates(records, good)
-            for index, first in duplicates.items():
+            flaws = {i: bad for i, bad in enumerate(_incomplete(data_file.rtype, r)
+                                                    for r in records) if bad}
+            good = [i for i in range(len(records)) if i not in flaws]
+            for index, first in _exact_duplicates(records, good).items():
                 flaws[index] = GcReason.DUPLICATE, {"duplicate_of_index": first}
-            for index in sorted(flaws):
-                entries.append(self._entry(data_file, index, records[index], *flaws[index]))
-            for index in good:
-                if index not in duplicates:
-                    kept_ids.setdefault(records[index]["id"], []).append(
-                        (data_file, index, records[index]))
+            entries.extend(self._entry(data_file, i, records[i], *flaws[i]) for i in sorted(flaws))
+            for i in good:
+                if i not in flaws:  # not the later copy of an identical record
+                    kept_ids.setdefault(records[i]["id"], []).append((data_file, i, records[i]))
         return entries + self._conflicts(kept_ids), total
 
     def _entry(self, data_file: DataFile, index: int, record: Any, reason: GcReason,
@@ -8224,15 +8210,12 @@ class GarbageCollector:
         for entry in entries:
             by_file.setdefault(entry["file"], []).append(entry)
         for rel, file_entries in by_file.items():
-            number = parts + 1
             try:
                 done = self._remove_from(self.store.root / rel, file_entries,
-                                         lambda d, n=number: archive.write_part(run_id, n, d))
-            except StoreBusyError as exc:
-                self.busy.append(str(exc))
-                continue
-            except CorruptFileError as exc:
-                self.unreadable.append(str(exc))
+                                         lambda d, n=parts + 1: archive.write_part(run_id, n, d))
+            except (StoreBusyError, CorruptFileError) as exc:
+                busy = isinstance(exc, StoreBusyError)
+                (self.busy if busy else self.unreadable).append(str(exc))
                 continue
             parts += bool(done)
             removed.extend(done)
@@ -8317,9 +8300,8 @@ def _collect_garbage(store: Store, dry_run: bool, force: bool,
                            "store, then rerun with --force" % first_few(refused, "agent"))
     run_id, backup_id, removed, skipped = None, None, plan, 0
     if not dry_run:
-        if plan and backup is not None:
-            backup_id = backup()
         if plan:
+            backup_id = backup() if backup is not None else None
             run_id = new_run_id("gc", store.now)
             removed, skipped = gc.apply(run_id, plan)
         _clean_leftovers(store, locks, temps, orphans, index_gone)
@@ -9201,9 +9183,8 @@ def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = N
     config = config or OptimizeConfig()
     steps = optimize_steps(action, config)
     action = "index" if action == "build-index" else action
-    backup = None
-    if config.create_backup:
-        backup = _once(lambda: safety_backup(store, "before optimize %s" % action))
+    backup = (_once(lambda: safety_backup(store, "before optimize %s" % action))
+              if config.create_backup else None)
     run = OptimizeRun(store, config, dry_run, force, backup)
     results: Dict[str, Any] = {}
     with contextlib.nullcontext() if dry_run else store.maintenance_lock():
