@@ -10298,6 +10298,14 @@ def _store_config_thresholds(store: Store) -> Dict[str, float]:
     return found
 
 
+def _monitor_layer(config_section: Optional[Dict[str, Any]], other: type
+                   ) -> Tuple[str, Dict[str, Any]]:
+    # The aml config ``monitor`` section holds thresholds and settings side by side: each
+    # reader takes it without the other's keys (anything else is an unknown key).
+    return ("aml config [monitor]", {k: v for k, v in (config_section or {}).items()
+                                     if k not in other.__dataclass_fields__})
+
+
 def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = None,
                        flags: Optional["collections.abc.Mapping[str, Any]"] = None
                        ) -> MonitorThresholds:
@@ -10305,11 +10313,10 @@ def resolve_thresholds(store: Store, config_section: Optional[Dict[str, Any]] = 
 
     Raises UsageError for an unknown key, a negative value or a warning above its critical.
     """
-    settings = set(MonitorSettings.__dataclass_fields__)
-    section = {k: v for k, v in (config_section or {}).items() if k not in settings}
     layers = [("%s (storage, performance)" % store.config_path(),
                _store_config_thresholds(store)),
-              ("aml config [monitor]", section), ("threshold override", dict(flags or {}))]
+              _monitor_layer(config_section, MonitorSettings),
+              ("threshold override", dict(flags or {}))]
     # a valid number is held as a float, as the store's and the flags' are (a bad one is
     # left as given, for the error)
     layers = [(source, {k: float(v) if _finite(v) and v >= 0 else v for k, v in values.items()})
@@ -10321,10 +10328,8 @@ def monitor_settings_for(store: Store, config_section: Optional[Dict[str, Any]] 
                          **overrides: Any) -> MonitorSettings:
     """MonitorSettings: defaults < aml config ``monitor`` < ``overrides`` (flags; None means
     unset). Raises UsageError naming the field and layer of a bad value."""
-    thresholds = set(MonitorThresholds.__dataclass_fields__)
-    section = {k: v for k, v in (config_section or {}).items() if k not in thresholds}
     flags = {k: v for k, v in overrides.items() if v is not None}
-    return layer_config(MonitorSettings(), (("aml config [monitor]", section),
+    return layer_config(MonitorSettings(), (_monitor_layer(config_section, MonitorThresholds),
                                             ("command line", flags)))
 
 
@@ -11014,7 +11019,7 @@ class MemoryMonitor:
 
     ``thresholds`` override the defaults and the store's config.json (see resolve_thresholds).
     Writes only inside ``.aml/`` (metrics history, integrity cache, alerts, run history),
-    never into agent data. Raises UsageError for bad thresholds.
+    never into agent data. Raises UsageError for bad thresholds or webhook timeout.
     """
 
     def __init__(self, store: StoreLike, thresholds: Optional[Dict[str, float]] = None,
@@ -11022,7 +11027,8 @@ class MemoryMonitor:
         self.store = store = as_store(store, "MemoryMonitor")
         self.thresholds = resolve_thresholds(store, flags=thresholds)
         self.webhook_url = _check_webhook_url(webhook_url)
-        self.webhook_timeout = webhook_timeout
+        self.webhook_timeout = layer_config(MonitorSettings(), [
+            ("MemoryMonitor", {"webhook_timeout": webhook_timeout})]).webhook_timeout
         self._integrity_fresh: Optional[Dict[str, Any]] = None
 
     # -- metrics ------------------------------------------------------------------

@@ -6198,6 +6198,12 @@ def test_serve_page_in_headless_chromium_fits_1280_and_700_px(tmp_path, agents):
         assert measured["wide"] == [] and measured["scroll"] <= width, measured
 
 
+
+def test_monitor_refuses_a_webhook_timeout_the_config_would_refuse(tmp_path):
+    store = aml.Store(build_store(tmp_path / "m", agents=("a",)))
+    with pytest.raises(aml.UsageError, match=r"^MemoryMonitor: webhook_timeout=0 is not a valid"):
+        aml.MemoryMonitor(store, webhook_timeout=0)
+
 # =============================================================================
 # Benchmark script (bench_aml.py): its store generator and process measurement
 # =============================================================================
