@@ -5937,6 +5937,33 @@ def _file_range(path: Path, offset: int, length: int) -> bytes:
         return handle.read(length)
 
 
+def _check_unchanged(info: os.stat_result, entry: Dict[str, Any], name: Any) -> None:
+    """IntegrityError when a file's stat differs from the size and mtime it was indexed with."""
+    if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+        raise IntegrityError("%s changed since it was indexed" % name)
+
+
+def _read_unchanged(path: Path, entry: Dict[str, Any], read: Callable[[Any], Any]) -> Any:
+    """``read(handle)`` of an indexed file, checked unchanged by fstat of the open file;
+    IntegrityError if it changed, CorruptFileError if it cannot be read."""
+    try:
+        with open(str(path), "rb") as handle:
+            value = read(handle)
+            info = os.fstat(handle.fileno())
+    except OSError as exc:
+        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
+    _check_unchanged(info, entry, path)
+    return value
+
+
+def _decode_at(text: str, offset: int, name: Any) -> Any:
+    """The JSON value at a character offset of ``text``; IntegrityError if there is none."""
+    try:
+        return _STRICT_DECODER.raw_decode(text, offset)[0]
+    except ValueError:
+        raise IntegrityError("%s: no record at offset %d" % (name, offset)) from None
+
+
 class _IdTable:
     """A file of fixed-size rows, each starting with bloom_digest(id), stored bucket after
     bucket (the digest's first byte) after ``header`` bytes. Its owner keeps a [first row,
@@ -6255,24 +6282,9 @@ class MemoryIndex:
         if records is not None:  # already parsed whole for an earlier lookup
             return records[position]
         path = self.store.root / entry["path"]
-        try:
-            with open(str(path), "rb") as handle:
-                value = (_value_at(path, handle, offset - _BYTE_OFFSET) if offset & _BYTE_OFFSET
-                         else self._value_in_text(path, handle.read(), offset))
-                info = os.fstat(handle.fileno())
-        except OSError as exc:
-            raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
-        if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
-            raise IntegrityError("%s changed since it was indexed" % path)
-        return value
-
-    @staticmethod
-    def _value_in_text(path: Path, raw: bytes, offset: int) -> Any:
-        text, _ = decode_file_bytes(path, raw)
-        try:
-            return _STRICT_DECODER.raw_decode(text, offset)[0]
-        except ValueError:
-            raise IntegrityError("%s: no record at offset %d" % (path, offset)) from None
+        return _read_unchanged(path, entry, lambda handle: (
+            _value_at(path, handle, offset - _BYTE_OFFSET) if offset & _BYTE_OFFSET
+            else _decode_at(decode_file_bytes(path, handle.read())[0], offset, path)))
 
     def load_file(self, entry: Dict[str, Any]) -> List[Any]:
         """The records of one indexed file, if it is unchanged since indexing (LRU of parsed files).
@@ -6285,9 +6297,7 @@ class MemoryIndex:
         if records is None:
             path = self.store.root / entry["path"]
             records, _ = load_json_file(path, expect=list)
-            info = path.stat()
-            if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
-                raise IntegrityError("%s changed since it was indexed" % path)
+            _check_unchanged(path.stat(), entry, path)
             self._files.put(key, records, size=entry["size"])
         return records
 
@@ -6614,9 +6624,7 @@ def _get_indexed(index: MemoryIndex, record_id: str, check_files: bool = False) 
     hot = HotCache(index)
     for entry, position, offset in index.locate_rows(record_id):
         if check_files:
-            info = os.stat(str(index.store.root / entry["path"]))
-            if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
-                raise IntegrityError("%s changed since it was indexed" % entry["path"])
+            _check_unchanged(os.stat(str(index.store.root / entry["path"])), entry, entry["path"])
         found = _fetch(index, hot, entry, record_id, position, result, offset)
         if found.id != record_id:
             raise IntegrityError("index points %s at a different record" % record_id)
@@ -6692,11 +6700,7 @@ def _search_fetch(index: MemoryIndex, hot: HotCache, entry: Dict[str, Any], row:
         if "text" not in seen:
             seen["text"], seen["bom"] = _indexed_text(index, entry)
         at = offset - _BYTE_OFFSET - seen["bom"] if offset & _BYTE_OFFSET else offset
-        try:
-            record = _STRICT_DECODER.raw_decode(seen["text"], at)[0]
-        except ValueError:
-            raise IntegrityError("%s: no record at offset %d" % (entry["path"], at)) from None
-        found = _found(entry, position, record, "index")
+        found = _found(entry, position, _decode_at(seen["text"], at, entry["path"]), "index")
     if offset is not None and found.id != record_id:
         raise IntegrityError("index points %s at a different record" % record_id)
     return found
@@ -6706,14 +6710,7 @@ def _indexed_text(index: MemoryIndex, entry: Dict[str, Any]) -> Tuple[str, int]:
     """(decoded JSON text, bytes of BOM before it) of an indexed file, if it is unchanged
     since indexing (IntegrityError if it changed, CorruptFileError if it cannot be read)."""
     path = index.store.root / entry["path"]
-    try:
-        with open(str(path), "rb") as handle:
-            raw = handle.read()
-            info = os.fstat(handle.fileno())
-    except OSError as exc:
-        raise CorruptFileError(path, "cannot read (%s)" % (exc.strerror or exc)) from None
-    if (info.st_size, info.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
-        raise IntegrityError("%s changed since it was indexed" % path)
+    raw = _read_unchanged(path, entry, lambda handle: handle.read())
     return decode_file_bytes(path, raw)[0], len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
 
 
