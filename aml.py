@@ -6069,11 +6069,9 @@ class MemoryIndex:
                                 started, _problems(old_bad.values()))
         parts, bad = self._collect_parts(current, old_files, old_bad)
         self._write(parts, bad)
-        removed = sorted((set(old_files) | set(old_bad)) - {f.path for f in current})
         return self._result(False, old is None, reason if old is None else
                             ("repaired" if rebuild else "refreshed"),
-                            current, [p for p in stale if p not in removed] + removed,
-                            self.manifest(), started, _problems(bad))
+                            current, stale, self.manifest(), started, _problems(bad))
 
     def _result(self, dry_run: bool, rebuilt: bool, reason: str, current: List[_FileStat],
                 stale: List[str], manifest: Optional[Dict[str, Any]], started: float,
@@ -6509,6 +6507,7 @@ def _query_index(store: Store, use_index: bool, refresh: bool = True
     if not use_index:
         yield None, False
         return
+    index = MemoryIndex(store)
     lock = MaintenanceLock(store.state_dir, timeout=0)
     try:
         held = lock.try_acquire()
@@ -6516,12 +6515,10 @@ def _query_index(store: Store, use_index: bool, refresh: bool = True
         store._note_unsaved("index refresh and hot-cache counters")
         held = False
     if not held:
-        index = MemoryIndex(store)
         usable = index.manifest() is not None and (not refresh or not index.stale_files())
         yield (index if usable else None), False
         return
     try:
-        index = MemoryIndex(store)
         if refresh or index.manifest() is None:
             index.refresh()
         yield index, True
