@@ -5725,10 +5725,9 @@ def index_file_part(path: str, slot: int) -> Tuple[bytes, bytes, int]:
     """Parse one record file into (postings JSON, id keys, records); may run in a worker.
 
     The id keys are the file's id-table rows (bloom_digest(id), ``slot``, position, text
-    offset) sorted,
-    hence grouped by bucket (the digest's first byte), after a header of the 256 bucket row
-    counts, so building the id table is a concatenation. Raises CorruptFileError for an
-    unreadable file.
+    offset) sorted, hence grouped by bucket (the digest's first byte), after a header of the
+    256 bucket row counts, so building the id table is a concatenation. Raises
+    CorruptFileError for an unreadable file.
     """
     with paused_cyclic_gc():  # also in worker processes
         records, offsets = load_records_with_offsets(Path(path))
