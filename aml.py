@@ -13028,6 +13028,10 @@ def open_store(args: argparse.Namespace) -> Store:
     return store
 
 
+# What a handler returns: its exit code, or the result it reported (see _exit_code).
+Outcome = Union[int, OperationResult, HealthReport]
+
+
 def output_for(args: argparse.Namespace) -> Output:
     """The Output object for a parsed command line (sharing the run's progress line)."""
     return Output(args.format, args.quiet, reporter=args.reporter)
@@ -13074,7 +13078,7 @@ def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
     return {key: value for key, flag, value in given if flag}
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def cmd_prune(args: argparse.Namespace) -> Outcome:
     """``aml STORE prune ...``: plan or run pruning, undo a run, or list archived runs."""
     strategies = list(args.strategy_words) + list(args.strategies)
     if (args.undo or args.list_runs) and (strategies or args.dry_run or args.agents):
@@ -13092,7 +13096,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = MemoryPruner(store, config).run(_strategies(strategies), args.agents,
                                              force=args.force)
     _print_prune(out, result, args.memory_path, args.list_records)
-    return int(result.exit_code)
+    return result
 
 
 def _print_prune(out: Output, result: PruneResult, memory_path: Path,
@@ -13100,7 +13104,6 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path,
     out.report(result, unreadable="skipped unreadable %s")
     if result.refused:
         out.warn("a real run would refuse: " + result.refused)
-    out.document(result)
     verb = "would remove" if result.dry_run else "removed"
     estimate = " (estimate)" if result.bytes_estimated else ""
     for summary in result.agents:  # totals first: per agent, then per reason
@@ -13195,7 +13198,7 @@ def _build_optimize(subparsers: Any) -> None:
     parser.set_defaults(func=cmd_optimize)
 
 
-def cmd_optimize(args: argparse.Namespace) -> int:
+def cmd_optimize(args: argparse.Namespace) -> Outcome:
     """optimize ACTION: run one step or all of them under the maintenance lock."""
     store, out = open_store(args), output_for(args)
     config = optimize_config_for(  # defaults < aml config section "optimize" < flags
@@ -13206,11 +13209,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise UsageError("--apply and --threshold belong to optimize dedupe")
     dry_run = args.dry_run or (args.action == "dedupe" and not args.apply)  # report only
     result = optimize(store, args.action, config, dry_run=dry_run, force=args.force)
-    out.document(result)
     named: Set[str] = set()  # each busy file named once, by its first step
     for step, outcome in result.steps.items():
         _print_step(out, step, outcome, named)
-    return int(result.exit_code)
+    return result
 
 
 def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
@@ -13434,7 +13436,7 @@ def _print_backup(out: Output, result: BackupResult) -> None:
                 ", verified" if result.verified else ""))
 
 
-def cmd_backup_create(args: argparse.Namespace) -> int:
+def cmd_backup_create(args: argparse.Namespace) -> Outcome:
     """backup create/full/incremental: take a snapshot."""
     out = output_for(args)
     incremental = args.kind == "incremental" or getattr(args, "incremental", False)
@@ -13445,11 +13447,10 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
     else:
         result = _backup_manager(args).create(btype, agents=args.agents)
         _print_backup(out, result)
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_list(args: argparse.Namespace) -> int:
+def cmd_backup_list(args: argparse.Namespace) -> Outcome:
     """backup list: snapshots, foreign files, repository size."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13467,8 +13468,7 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
         args.repo or result.backup_root / REPO_DIR_NAME, len(result.snapshots),
         human_bytes(result.repository_bytes),
         " (and %d of other stores)" % result.other_stores if result.other_stores else ""))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
@@ -13477,7 +13477,7 @@ def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
     return args.backup_id or args.backup_id_flag
 
 
-def cmd_backup_verify(args: argparse.Namespace) -> int:
+def cmd_backup_verify(args: argparse.Namespace) -> Outcome:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13487,11 +13487,10 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
     out.line("%s %s: %d files, %d objects checked%s" % (
         ", ".join(result.backup_ids), "OK" if result.ok else "FAILED", result.files_checked,
         result.objects_checked, " (deep)" if result.deep else ""))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_restore(args: argparse.Namespace) -> int:
+def cmd_backup_restore(args: argparse.Namespace) -> Outcome:
     """backup restore: put a snapshot back (or preview it with --dry-run)."""
     out = output_for(args)
     at = None
@@ -13513,17 +13512,15 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
         result.backup_id, result.target, len(result.created), len(result.replaced),
         len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
         "; safety backup %s" % result.safety_backup if result.safety_backup else ""))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_rotate(args: argparse.Namespace) -> int:
+def cmd_backup_rotate(args: argparse.Namespace) -> Outcome:
     """backup rotate: apply retention and free unused space."""
     out = output_for(args)
     result = _backup_manager(args).rotate(dry_run=args.dry_run, **_keep_args(args))
     _print_rotate(out, result)
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def _print_rotate(out: Output, result: RotateResult) -> None:
@@ -13539,7 +13536,7 @@ def _print_rotate(out: Output, result: RotateResult) -> None:
         human_bytes(result.bytes_freed), " (dry run)" if result.dry_run else ""))
 
 
-def cmd_backup_auto(args: argparse.Namespace) -> int:
+def cmd_backup_auto(args: argparse.Namespace) -> Outcome:
     """backup auto: snapshot when due, verify, rotate (for cron)."""
     out = output_for(args)
     result = _backup_manager(args).auto(dry_run=args.dry_run, **_keep_args(args))
@@ -13552,10 +13549,9 @@ def cmd_backup_auto(args: argparse.Namespace) -> int:
     _print_rotate(out, result.rotate)
     if result.copy:
         _print_copy(out, result.copy)
-    out.document(result)
     if result.copy_error:
         out.error(result.copy_error)
-    return result.exit_code
+    return result
 
 
 @command_builder
@@ -13631,7 +13627,7 @@ def _print_copy(out: Output, result: CopyResult, errors: Optional[bool] = None) 
         % result.objects_checked if result.verified else "NOT verified"))
 
 
-def cmd_backup_copy(args: argparse.Namespace) -> int:
+def cmd_backup_copy(args: argparse.Namespace) -> Outcome:
     """backup copy: snapshots into a second repository (folder or rclone remote), verified."""
     out = output_for(args)
     manager = _backup_manager(args)
@@ -13640,11 +13636,10 @@ def cmd_backup_copy(args: argparse.Namespace) -> int:
         raise UsageError("name the destination: --to DEST (or [backup] copy_to in the config)")
     result = copy_backups(manager, to, args.backup_ids, dry_run=args.dry_run)
     _print_copy(out, result, errors=True)
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_ls(args: argparse.Namespace) -> int:
+def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
     """backup ls: the files of a snapshot, with records and sizes."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13656,11 +13651,10 @@ def cmd_backup_ls(args: argparse.Namespace) -> int:
         out.line("  %7s  %-7s %-4s %10s  %s" % (
             "-" if item.records is None else item.records, item.kind,
             "gzip" if item.gzip else "", human_bytes(item.size), item.path))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_diff(args: argparse.Namespace) -> int:
+def cmd_backup_diff(args: argparse.Namespace) -> Outcome:
     """backup diff: records added, removed and changed between two snapshots."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13680,8 +13674,7 @@ def cmd_backup_diff(args: argparse.Namespace) -> int:
     out.line("%s -> %s: %d files differ, %d unchanged; records +%d -%d ~%d" % (
         result.a, result.b, len(result.files), result.files_unchanged, result.records_added,
         result.records_removed, result.records_changed))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def cmd_backup_dump(args: argparse.Namespace) -> int:
@@ -13724,7 +13717,7 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def cmd_backup_stats(args: argparse.Namespace) -> int:
+def cmd_backup_stats(args: argparse.Namespace) -> Outcome:
     """backup stats: repository size, deduplication, what each snapshot added."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13751,8 +13744,7 @@ def cmd_backup_stats(args: argparse.Namespace) -> int:
                  result.unique_objects, ratio(result.dedup_ratio),
                  ratio(result.compression_ratio), result.unreferenced_objects,
                  human_bytes(result.unreferenced_bytes)))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def _build_backup_inspection(sub: Any) -> None:
@@ -13898,7 +13890,7 @@ def _target_version(args: argparse.Namespace) -> SchemaVersion:
     return versions.pop()
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> Outcome:
     """``migrate migrate VERSION`` / ``migrate-latest``: migrate, report, return the exit code."""
     target = _target_version(args)
     store, out = open_store(args), output_for(args)
@@ -13917,9 +13909,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         out.warn("... and %d more record(s) left unchanged" % (len(result.reported) - 20))
     if result.refused:
         out.warn(manager.refusal_message(result))
-    out.document(result)
     _print_migration(out, result)
-    return int(result.exit_code)
+    return result
 
 
 def _print_migration(out: Output, result: MigrationResult) -> None:
@@ -14038,7 +14029,7 @@ def _monitor_output(args: argparse.Namespace) -> Output:
                   reporter=args.reporter)
 
 
-def cmd_monitor_metrics(args: argparse.Namespace) -> int:
+def cmd_monitor_metrics(args: argparse.Namespace) -> Outcome:
     """``monitor metrics``: exit 3 when a record file could not be read."""
     out = _monitor_output(args)
     monitor = _open_monitor(args)
@@ -14049,11 +14040,10 @@ def cmd_monitor_metrics(args: argparse.Namespace) -> int:
     else:
         for line in _metrics_lines(report):
             out.line(line)
-        out.document(report)
-    return int(report.exit_code)
+    return report
 
 
-def cmd_monitor_health(args: argparse.Namespace) -> int:
+def cmd_monitor_health(args: argparse.Namespace) -> Outcome:
     """``monitor health``: exit code 0/1/2/3 by the plugin convention, whatever the format."""
     out = _monitor_output(args)
     if args.timeout is not None and args.timeout <= 0:
@@ -14073,8 +14063,7 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     else:
         for line in _health_lines(report):
             out.line(line)
-    out.document(report)
-    return report.exit_code
+    return report
 
 
 class _HealthTimeout(BaseException):
@@ -14112,8 +14101,7 @@ def cmd_monitor_alerts(args: argparse.Namespace) -> int:
         out.report(changes)
         out.line("%s resolved." % args.resolve if changes.resolved
                  else "%s was already resolved." % args.resolve)
-        out.document(changes)
-        return int(changes.exit_code)
+        return changes
     alerts = monitor.alerts(include_resolved=args.all)
     for line in _alert_lines(alerts, args.all):
         out.line(line)
@@ -14292,6 +14280,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _exit_code(args: argparse.Namespace, outcome: Outcome) -> int:
+    """A handler returns an exit code, or the result it reported, which is then the run's
+    JSON document (with --format json) and gives the exit code."""
+    if not isinstance(outcome, int):
+        output_for(args).document(outcome)
+        outcome = outcome.exit_code
+    return int(outcome)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     previous = None
@@ -14301,7 +14298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = None
     try:
         args = _finish_args(build_parser().parse_args(argv))
-        code = _record_job(args, int(args.func(args)))
+        code = _record_job(args, _exit_code(args, args.func(args)))
         _note_unsaved(args)
         return code
     except AmlError as exc:
