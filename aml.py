@@ -12948,10 +12948,15 @@ _COMMON_DEFAULTS = {"format": "text", "quiet": False, "now": None, "config": Non
                     "lock_timeout": DEFAULT_LOCK_TIMEOUT}
 
 
-def subparser(subparsers: Any, name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """Add a (sub)command that accepts the common options and raises UsageError on bad input."""
-    return subparsers.add_parser(name, help=help_text, description=help_text, parents=[COMMON],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+def subparser(subparsers: Any, name: str, help_text: str, epilog: Optional[str] = None,
+              common: argparse.ArgumentParser = COMMON, **defaults: Any) -> argparse.ArgumentParser:
+    """Add a (sub)command that accepts the ``common`` options and raises UsageError on bad
+    input; ``defaults`` (its handler ``func``, ...) are set on what it parses."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                   parents=[common],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(**defaults)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13177,7 +13182,7 @@ _OPTIMIZE_EPILOG = """actions:
 @command_builder
 def _build_optimize(subparsers: Any) -> None:
     parser = subparser(subparsers, "optimize", "index, compress, warm the cache, collect garbage",
-                       epilog=_OPTIMIZE_EPILOG)
+                       epilog=_OPTIMIZE_EPILOG, func=cmd_optimize)
     parser.add_argument("action", choices=OPTIMIZE_ACTIONS)
     parser.add_argument("--apply", action="store_true",
                         help="dedupe: merge the clusters (default: report only)")
@@ -13195,7 +13200,6 @@ def _build_optimize(subparsers: Any) -> None:
                         help="skip the safety backup before gc/dedupe/compress")
     parser.add_argument("--force", action="store_true",
                         help="let gc or dedupe remove more than half of an agent's records")
-    parser.set_defaults(func=cmd_optimize)
 
 
 def cmd_optimize(args: argparse.Namespace) -> Outcome:
@@ -13347,10 +13351,9 @@ def _lookup_exit(out: Output, result: LookupResult) -> int:
 
 @command_builder
 def _build_get(subparsers: Any) -> None:
-    parser = subparser(subparsers, "get", "print the record(s) with this id")
+    parser = subparser(subparsers, "get", "print the record(s) with this id", func=cmd_get)
     parser.add_argument("record_id", metavar="RECORD_ID")
     _add_lookup_options(parser)
-    parser.set_defaults(func=cmd_get)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -13563,10 +13566,9 @@ def _build_backup(subparsers: Any) -> None:
     for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
                             ("full", "take a full snapshot (re-reads every file)"),
                             ("incremental", "take an incremental snapshot")):
-        p = subparser(sub, name, help_text)
+        p = subparser(sub, name, help_text, func=cmd_backup_create, kind=name)
         _backup_options(p)
         _create_options(p, incremental_flag=name == "create")
-        p.set_defaults(func=cmd_backup_create, kind=name)
     p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
     _backup_options(p)
     _repo_option(p)
@@ -13583,13 +13585,12 @@ def _build_backup(subparsers: Any) -> None:
     for name, help_text, func in (
             ("rotate", "delete old snapshots and free their space", cmd_backup_rotate),
             ("auto", "for cron: snapshot when due, verify, rotate", cmd_backup_auto)):
-        p = subparser(sub, name, help_text)
+        p = subparser(sub, name, help_text, func=func)
         _backup_options(p)
         _keep_options(p)
         p.add_argument("--dry-run", action="store_true",
                        help="change nothing; say what would be %sdeleted, and why each kept "
                        "snapshot is kept" % ("taken, copied and " if name == "auto" else ""))
-        p.set_defaults(func=func)
     _build_backup_inspection(sub)
 
 
@@ -13749,17 +13750,15 @@ def cmd_backup_stats(args: argparse.Namespace) -> Outcome:
 
 def _build_backup_inspection(sub: Any) -> None:
     p = subparser(sub, "copy", "copy snapshots into a second repository (a folder or "
-                  "rclone:NAME:path), incrementally, then verify them there")
+                  "rclone:NAME:path), incrementally, then verify them there", func=cmd_backup_copy)
     _backup_options(p)
     p.add_argument("backup_ids", nargs="*", metavar="ID",
                    help="snapshots to copy (default: every snapshot of the store)")
     p.add_argument("--to", metavar="DEST", default=None,
                    help="the destination (default: [backup] copy_to of the config)")
     p.add_argument("--dry-run", action="store_true", help="say what would be copied")
-    p.set_defaults(func=cmd_backup_copy)
-    p = subparser(sub, "ls", "list a snapshot's files with records and sizes")
+    p = subparser(sub, "ls", "list a snapshot's files with records and sizes", func=cmd_backup_ls)
     p.add_argument("backup_id", metavar="ID")
-    p.set_defaults(func=cmd_backup_ls)
     p = subparser(sub, "diff", "records added, removed and changed between two snapshots")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
@@ -13808,17 +13807,15 @@ def _build_migrate(subparsers: Any) -> None:
     actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
     detect = subparser(actions, "detect", "versions per file and agent, unplaceable records, "
-                       "migration history (read-only)")
+                       "migration history (read-only)", func=cmd_migrate_detect)
     detect.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
-    detect.set_defaults(func=cmd_migrate_detect)
     to_version = subparser(actions, "migrate", "migrate every record to VERSION (up, or down "
-                           "where lossless)")
+                           "where lossless)", func=cmd_migrate)
     to_version.add_argument("version", nargs="?", metavar="VERSION",
                             help="target version (original spelling: migrate migrate 1.2.0)")
     to_version.add_argument("--version", dest="version_option", metavar="VERSION",
                             help="target version: 1.0.0, 1.1.0, 1.2.0 or 2.0.0")
     _migrate_write_options(to_version)
-    to_version.set_defaults(func=cmd_migrate)
     latest = subparser(actions, "migrate-latest", "migrate every record to %s"
                        % SchemaVersion.latest().value)
     _migrate_write_options(latest)
@@ -13954,11 +13951,8 @@ def _monitor_common(formats: Sequence[str], default: str) -> argparse.ArgumentPa
 def _monitor_action(sub: Any, name: str, help_text: str, formats: Sequence[str],
                     default: str, func: Callable[[argparse.Namespace], int]
                     ) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text,
-                            parents=[_monitor_common(formats, default)],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(func=func, default_format=default)
-    return parser
+    return subparser(sub, name, help_text, common=_monitor_common(formats, default), func=func,
+                     default_format=default)
 
 
 def _threshold_option(parser: argparse.ArgumentParser) -> None:
