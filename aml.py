@@ -12941,10 +12941,15 @@ _COMMON_DEFAULTS = {"format": "text", "quiet": False, "now": None, "config": Non
                     "lock_timeout": DEFAULT_LOCK_TIMEOUT}
 
 
-def subparser(subparsers: Any, name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """Add a (sub)command that accepts the common options and raises UsageError on bad input."""
-    return subparsers.add_parser(name, help=help_text, description=help_text, parents=[COMMON],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+def subparser(subparsers: Any, name: str, help_text: str, epilog: Optional[str] = None,
+              common: argparse.ArgumentParser = COMMON, **defaults: Any) -> argparse.ArgumentParser:
+    """Add a (sub)command that accepts the ``common`` options and raises UsageError on bad
+    input; ``defaults`` (its handler ``func``, ...) are set on what it parses."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                   parents=[common],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(**defaults)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13021,6 +13026,10 @@ def open_store(args: argparse.Namespace) -> Store:
     return store
 
 
+# What a handler returns: its exit code, or the result it reported (see _exit_code).
+Outcome = Union[int, OperationResult, HealthReport]
+
+
 def output_for(args: argparse.Namespace) -> Output:
     """The Output object for a parsed command line (sharing the run's progress line)."""
     return Output(args.format, args.quiet, reporter=args.reporter)
@@ -13067,7 +13076,7 @@ def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
     return {key: value for key, flag, value in given if flag}
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def cmd_prune(args: argparse.Namespace) -> Outcome:
     """``aml STORE prune ...``: plan or run pruning, undo a run, or list archived runs."""
     strategies = list(args.strategy_words) + list(args.strategies)
     if (args.undo or args.list_runs) and (strategies or args.dry_run or args.agents):
@@ -13085,7 +13094,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = MemoryPruner(store, config).run(_strategies(strategies), args.agents,
                                              force=args.force)
     _print_prune(out, result, args.memory_path, args.list_records)
-    return int(result.exit_code)
+    return result
 
 
 def _print_prune(out: Output, result: PruneResult, memory_path: Path,
@@ -13093,7 +13102,6 @@ def _print_prune(out: Output, result: PruneResult, memory_path: Path,
     out.report(result, unreadable="skipped unreadable %s")
     if result.refused:
         out.warn("a real run would refuse: " + result.refused)
-    out.document(result)
     verb = "would remove" if result.dry_run else "removed"
     estimate = " (estimate)" if result.bytes_estimated else ""
     for summary in result.agents:  # totals first: per agent, then per reason
@@ -13167,7 +13175,7 @@ _OPTIMIZE_EPILOG = """actions:
 @command_builder
 def _build_optimize(subparsers: Any) -> None:
     parser = subparser(subparsers, "optimize", "index, compress, warm the cache, collect garbage",
-                       epilog=_OPTIMIZE_EPILOG)
+                       epilog=_OPTIMIZE_EPILOG, func=cmd_optimize)
     parser.add_argument("action", choices=OPTIMIZE_ACTIONS)
     parser.add_argument("--apply", action="store_true",
                         help="dedupe: merge the clusters (default: report only)")
@@ -13185,10 +13193,9 @@ def _build_optimize(subparsers: Any) -> None:
                         help="skip the safety backup before gc/dedupe/compress")
     parser.add_argument("--force", action="store_true",
                         help="let gc or dedupe remove more than half of an agent's records")
-    parser.set_defaults(func=cmd_optimize)
 
 
-def cmd_optimize(args: argparse.Namespace) -> int:
+def cmd_optimize(args: argparse.Namespace) -> Outcome:
     """optimize ACTION: run one step or all of them under the maintenance lock."""
     store, out = open_store(args), output_for(args)
     config = optimize_config_for(  # defaults < aml config section "optimize" < flags
@@ -13199,11 +13206,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise UsageError("--apply and --threshold belong to optimize dedupe")
     dry_run = args.dry_run or (args.action == "dedupe" and not args.apply)  # report only
     result = optimize(store, args.action, config, dry_run=dry_run, force=args.force)
-    out.document(result)
     named: Set[str] = set()  # each busy file named once, by its first step
     for step, outcome in result.steps.items():
         _print_step(out, step, outcome, named)
-    return int(result.exit_code)
+    return result
 
 
 def _print_step(out: Output, step: str, result: Any, named: Set[str]) -> None:
@@ -13338,10 +13344,9 @@ def _lookup_exit(out: Output, result: LookupResult) -> int:
 
 @command_builder
 def _build_get(subparsers: Any) -> None:
-    parser = subparser(subparsers, "get", "print the record(s) with this id")
+    parser = subparser(subparsers, "get", "print the record(s) with this id", func=cmd_get)
     parser.add_argument("record_id", metavar="RECORD_ID")
     _add_lookup_options(parser)
-    parser.set_defaults(func=cmd_get)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -13427,7 +13432,7 @@ def _print_backup(out: Output, result: BackupResult) -> None:
                 ", verified" if result.verified else ""))
 
 
-def cmd_backup_create(args: argparse.Namespace) -> int:
+def cmd_backup_create(args: argparse.Namespace) -> Outcome:
     """backup create/full/incremental: take a snapshot."""
     out = output_for(args)
     incremental = args.kind == "incremental" or getattr(args, "incremental", False)
@@ -13438,11 +13443,10 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
     else:
         result = _backup_manager(args).create(btype, agents=args.agents)
         _print_backup(out, result)
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_list(args: argparse.Namespace) -> int:
+def cmd_backup_list(args: argparse.Namespace) -> Outcome:
     """backup list: snapshots, foreign files, repository size."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13460,8 +13464,7 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
         args.repo or result.backup_root / REPO_DIR_NAME, len(result.snapshots),
         human_bytes(result.repository_bytes),
         " (and %d of other stores)" % result.other_stores if result.other_stores else ""))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
@@ -13470,7 +13473,7 @@ def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
     return args.backup_id or args.backup_id_flag
 
 
-def cmd_backup_verify(args: argparse.Namespace) -> int:
+def cmd_backup_verify(args: argparse.Namespace) -> Outcome:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13480,11 +13483,10 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
     out.line("%s %s: %d files, %d objects checked%s" % (
         ", ".join(result.backup_ids), "OK" if result.ok else "FAILED", result.files_checked,
         result.objects_checked, " (deep)" if result.deep else ""))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_restore(args: argparse.Namespace) -> int:
+def cmd_backup_restore(args: argparse.Namespace) -> Outcome:
     """backup restore: put a snapshot back (or preview it with --dry-run)."""
     out = output_for(args)
     at = None
@@ -13506,17 +13508,15 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
         result.backup_id, result.target, len(result.created), len(result.replaced),
         len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
         "; safety backup %s" % result.safety_backup if result.safety_backup else ""))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_rotate(args: argparse.Namespace) -> int:
+def cmd_backup_rotate(args: argparse.Namespace) -> Outcome:
     """backup rotate: apply retention and free unused space."""
     out = output_for(args)
     result = _backup_manager(args).rotate(dry_run=args.dry_run, **_keep_args(args))
     _print_rotate(out, result)
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def _print_rotate(out: Output, result: RotateResult) -> None:
@@ -13532,7 +13532,7 @@ def _print_rotate(out: Output, result: RotateResult) -> None:
         human_bytes(result.bytes_freed), " (dry run)" if result.dry_run else ""))
 
 
-def cmd_backup_auto(args: argparse.Namespace) -> int:
+def cmd_backup_auto(args: argparse.Namespace) -> Outcome:
     """backup auto: snapshot when due, verify, rotate (for cron)."""
     out = output_for(args)
     result = _backup_manager(args).auto(dry_run=args.dry_run, **_keep_args(args))
@@ -13545,10 +13545,9 @@ def cmd_backup_auto(args: argparse.Namespace) -> int:
     _print_rotate(out, result.rotate)
     if result.copy:
         _print_copy(out, result.copy)
-    out.document(result)
     if result.copy_error:
         out.error(result.copy_error)
-    return result.exit_code
+    return result
 
 
 @command_builder
@@ -13560,10 +13559,9 @@ def _build_backup(subparsers: Any) -> None:
     for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
                             ("full", "take a full snapshot (re-reads every file)"),
                             ("incremental", "take an incremental snapshot")):
-        p = subparser(sub, name, help_text)
+        p = subparser(sub, name, help_text, func=cmd_backup_create, kind=name)
         _backup_options(p)
         _create_options(p, incremental_flag=name == "create")
-        p.set_defaults(func=cmd_backup_create, kind=name)
     p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
     _backup_options(p)
     _repo_option(p)
@@ -13580,13 +13578,12 @@ def _build_backup(subparsers: Any) -> None:
     for name, help_text, func in (
             ("rotate", "delete old snapshots and free their space", cmd_backup_rotate),
             ("auto", "for cron: snapshot when due, verify, rotate", cmd_backup_auto)):
-        p = subparser(sub, name, help_text)
+        p = subparser(sub, name, help_text, func=func)
         _backup_options(p)
         _keep_options(p)
         p.add_argument("--dry-run", action="store_true",
                        help="change nothing; say what would be %sdeleted, and why each kept "
                        "snapshot is kept" % ("taken, copied and " if name == "auto" else ""))
-        p.set_defaults(func=func)
     _build_backup_inspection(sub)
 
 
@@ -13624,7 +13621,7 @@ def _print_copy(out: Output, result: CopyResult, errors: Optional[bool] = None) 
         % result.objects_checked if result.verified else "NOT verified"))
 
 
-def cmd_backup_copy(args: argparse.Namespace) -> int:
+def cmd_backup_copy(args: argparse.Namespace) -> Outcome:
     """backup copy: snapshots into a second repository (folder or rclone remote), verified."""
     out = output_for(args)
     manager = _backup_manager(args)
@@ -13633,11 +13630,10 @@ def cmd_backup_copy(args: argparse.Namespace) -> int:
         raise UsageError("name the destination: --to DEST (or [backup] copy_to in the config)")
     result = copy_backups(manager, to, args.backup_ids, dry_run=args.dry_run)
     _print_copy(out, result, errors=True)
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_ls(args: argparse.Namespace) -> int:
+def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
     """backup ls: the files of a snapshot, with records and sizes."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13649,11 +13645,10 @@ def cmd_backup_ls(args: argparse.Namespace) -> int:
         out.line("  %7s  %-7s %-4s %10s  %s" % (
             "-" if item.records is None else item.records, item.kind,
             "gzip" if item.gzip else "", human_bytes(item.size), item.path))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
-def cmd_backup_diff(args: argparse.Namespace) -> int:
+def cmd_backup_diff(args: argparse.Namespace) -> Outcome:
     """backup diff: records added, removed and changed between two snapshots."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13673,8 +13668,7 @@ def cmd_backup_diff(args: argparse.Namespace) -> int:
     out.line("%s -> %s: %d files differ, %d unchanged; records +%d -%d ~%d" % (
         result.a, result.b, len(result.files), result.files_unchanged, result.records_added,
         result.records_removed, result.records_changed))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def cmd_backup_dump(args: argparse.Namespace) -> int:
@@ -13717,7 +13711,7 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def cmd_backup_stats(args: argparse.Namespace) -> int:
+def cmd_backup_stats(args: argparse.Namespace) -> Outcome:
     """backup stats: repository size, deduplication, what each snapshot added."""
     out = output_for(args)
     with open_repository(_backup_manager(args), args.repo) as manager:
@@ -13744,23 +13738,20 @@ def cmd_backup_stats(args: argparse.Namespace) -> int:
                  result.unique_objects, ratio(result.dedup_ratio),
                  ratio(result.compression_ratio), result.unreferenced_objects,
                  human_bytes(result.unreferenced_bytes)))
-    out.document(result)
-    return result.exit_code
+    return result
 
 
 def _build_backup_inspection(sub: Any) -> None:
     p = subparser(sub, "copy", "copy snapshots into a second repository (a folder or "
-                  "rclone:NAME:path), incrementally, then verify them there")
+                  "rclone:NAME:path), incrementally, then verify them there", func=cmd_backup_copy)
     _backup_options(p)
     p.add_argument("backup_ids", nargs="*", metavar="ID",
                    help="snapshots to copy (default: every snapshot of the store)")
     p.add_argument("--to", metavar="DEST", default=None,
                    help="the destination (default: [backup] copy_to of the config)")
     p.add_argument("--dry-run", action="store_true", help="say what would be copied")
-    p.set_defaults(func=cmd_backup_copy)
-    p = subparser(sub, "ls", "list a snapshot's files with records and sizes")
+    p = subparser(sub, "ls", "list a snapshot's files with records and sizes", func=cmd_backup_ls)
     p.add_argument("backup_id", metavar="ID")
-    p.set_defaults(func=cmd_backup_ls)
     p = subparser(sub, "diff", "records added, removed and changed between two snapshots")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
@@ -13809,17 +13800,15 @@ def _build_migrate(subparsers: Any) -> None:
     actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
     detect = subparser(actions, "detect", "versions per file and agent, unplaceable records, "
-                       "migration history (read-only)")
+                       "migration history (read-only)", func=cmd_migrate_detect)
     detect.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
-    detect.set_defaults(func=cmd_migrate_detect)
     to_version = subparser(actions, "migrate", "migrate every record to VERSION (up, or down "
-                           "where lossless)")
+                           "where lossless)", func=cmd_migrate)
     to_version.add_argument("version", nargs="?", metavar="VERSION",
                             help="target version (original spelling: migrate migrate 1.2.0)")
     to_version.add_argument("--version", dest="version_option", metavar="VERSION",
                             help="target version: 1.0.0, 1.1.0, 1.2.0 or 2.0.0")
     _migrate_write_options(to_version)
-    to_version.set_defaults(func=cmd_migrate)
     latest = subparser(actions, "migrate-latest", "migrate every record to %s"
                        % SchemaVersion.latest().value)
     _migrate_write_options(latest)
@@ -13891,7 +13880,7 @@ def _target_version(args: argparse.Namespace) -> SchemaVersion:
     return versions.pop()
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> Outcome:
     """``migrate migrate VERSION`` / ``migrate-latest``: migrate, report, return the exit code."""
     target = _target_version(args)
     store, out = open_store(args), output_for(args)
@@ -13910,9 +13899,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         out.warn("... and %d more record(s) left unchanged" % (len(result.reported) - 20))
     if result.refused:
         out.warn(manager.refusal_message(result))
-    out.document(result)
     _print_migration(out, result)
-    return int(result.exit_code)
+    return result
 
 
 def _print_migration(out: Output, result: MigrationResult) -> None:
@@ -13956,11 +13944,8 @@ def _monitor_common(formats: Sequence[str], default: str) -> argparse.ArgumentPa
 def _monitor_action(sub: Any, name: str, help_text: str, formats: Sequence[str],
                     default: str, func: Callable[[argparse.Namespace], int]
                     ) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text,
-                            parents=[_monitor_common(formats, default)],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(func=func, default_format=default)
-    return parser
+    return subparser(sub, name, help_text, common=_monitor_common(formats, default), func=func,
+                     default_format=default)
 
 
 def _threshold_option(parser: argparse.ArgumentParser) -> None:
@@ -14031,7 +14016,7 @@ def _monitor_output(args: argparse.Namespace) -> Output:
                   reporter=args.reporter)
 
 
-def cmd_monitor_metrics(args: argparse.Namespace) -> int:
+def cmd_monitor_metrics(args: argparse.Namespace) -> Outcome:
     """``monitor metrics``: exit 3 when a record file could not be read."""
     out = _monitor_output(args)
     monitor = _open_monitor(args)
@@ -14042,11 +14027,10 @@ def cmd_monitor_metrics(args: argparse.Namespace) -> int:
     else:
         for line in _metrics_lines(report):
             out.line(line)
-        out.document(report)
-    return int(report.exit_code)
+    return report
 
 
-def cmd_monitor_health(args: argparse.Namespace) -> int:
+def cmd_monitor_health(args: argparse.Namespace) -> Outcome:
     """``monitor health``: exit code 0/1/2/3 by the plugin convention, whatever the format."""
     out = _monitor_output(args)
     if args.timeout is not None and args.timeout <= 0:
@@ -14066,8 +14050,7 @@ def cmd_monitor_health(args: argparse.Namespace) -> int:
     else:
         for line in _health_lines(report):
             out.line(line)
-    out.document(report)
-    return report.exit_code
+    return report
 
 
 class _HealthTimeout(BaseException):
@@ -14105,8 +14088,7 @@ def cmd_monitor_alerts(args: argparse.Namespace) -> int:
         out.report(changes)
         out.line("%s resolved." % args.resolve if changes.resolved
                  else "%s was already resolved." % args.resolve)
-        out.document(changes)
-        return int(changes.exit_code)
+        return changes
     alerts = monitor.alerts(include_resolved=args.all)
     for line in _alert_lines(alerts, args.all):
         out.line(line)
@@ -14285,6 +14267,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _exit_code(args: argparse.Namespace, outcome: Outcome) -> int:
+    """A handler returns an exit code, or the result it reported, which is then the run's
+    JSON document (with --format json) and gives the exit code."""
+    if not isinstance(outcome, int):
+        output_for(args).document(outcome)
+        outcome = outcome.exit_code
+    return int(outcome)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     previous = None
@@ -14294,7 +14285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = None
     try:
         args = _finish_args(build_parser().parse_args(argv))
-        code = _record_job(args, int(args.func(args)))
+        code = _record_job(args, _exit_code(args, args.func(args)))
         _note_unsaved(args)
         return code
     except AmlError as exc:
