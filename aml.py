@@ -10742,16 +10742,16 @@ def _agent_rate(store: Store, samples: List[Dict[str, Any]], agent: str, current
 
 def _forecast(limit: str, subject: str, limit_mb: float, current: int,
               rate: Optional[float]) -> LimitForecast:
-    limit_bytes = int(limit_mb * _MB)
+    limit_bytes, days = int(limit_mb * _MB), None
     if current >= limit_bytes:
-        return LimitForecast(limit, subject, limit_bytes, current, rate, 0.0, "already reached")
-    if rate is None:
-        return LimitForecast(limit, subject, limit_bytes, current, None, None,
-                             "no growth data: no sample an hour or more before this run")
-    if rate <= 0:
-        return LimitForecast(limit, subject, limit_bytes, current, rate, None, "not growing")
-    return LimitForecast(limit, subject, limit_bytes, current, rate,
-                         round((limit_bytes - current) / rate, 1), "at the current growth")
+        days, note = 0.0, "already reached"
+    elif rate is None:
+        note = "no growth data: no sample an hour or more before this run"
+    elif rate <= 0:
+        note = "not growing"
+    else:
+        days, note = round((limit_bytes - current) / rate, 1), "at the current growth"
+    return LimitForecast(limit, subject, limit_bytes, current, rate, days, note)
 
 
 def _new_sample(report: MetricsReport) -> Dict[str, Any]:
@@ -11093,22 +11093,26 @@ class MemoryMonitor:
 
     def _forecasts(self, report: MetricsReport, samples: List[Dict[str, Any]]
                    ) -> List[LimitForecast]:
-        t, rate = self.thresholds, report.growth.bytes_per_day
-        out = [_forecast(key, "store", t[key], report.total_bytes, rate)
-               for key in ("global_memory_warning_mb", "global_memory_critical_mb")]
-        for agent in report.agents:
-            agent_rate = _agent_rate(self.store, samples, agent.agent, agent.bytes,
-                                     report.growth.baseline_at)
-            out.extend(_forecast(key, agent.agent, t[key], agent.bytes, agent_rate)
-                       for key in ("agent_memory_warning_mb", "agent_memory_critical_mb"))
-        return out
+        growth = report.growth
+        subjects = [("global", "store", report.total_bytes, growth.bytes_per_day)]
+        subjects += [("agent", a.agent, a.bytes, _agent_rate(self.store, samples, a.agent,
+                                                            a.bytes, growth.baseline_at))
+                     for a in report.agents]
+        return [_forecast(key, subject, self.thresholds[key], current, rate)
+                for scope, subject, current, rate in subjects
+                for key in (scope + "_memory_warning_mb", scope + "_memory_critical_mb")]
+
+    def _state_doc(self, name: str) -> Dict[str, Any]:
+        """A state file's object; {} when it is missing, not an object or does not verify (an
+        unverifiable history, cache or failure record only costs what it remembered)."""
+        try:
+            doc = self.store.read_state(name, {})
+        except IntegrityError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def _samples(self) -> List[Dict[str, Any]]:
-        try:
-            doc = self.store.read_state("metrics-history.json", {})
-        except IntegrityError:
-            return []
-        samples = doc.get("samples", []) if isinstance(doc, dict) else []
+        samples = self._state_doc("metrics-history.json").get("samples", [])
         return [s for s in samples if isinstance(s, dict) and parse_timestamp(s.get("at"))]
 
     def _save_sample(self, report: MetricsReport) -> List[str]:
@@ -11190,10 +11194,12 @@ class MemoryMonitor:
             return HealthCheck(name, HealthStatus.UNKNOWN, problem.message, [problem], ran=False)
 
     @staticmethod
-    def _finish(name: str, problems: List[Problem], ok_message: str,
+    def _finish(name: str, found: List[Optional[Problem]], ok_message: str,
                 details: Optional[Dict[str, Any]] = None) -> HealthCheck:
+        """The check's result from what it found (None: nothing found there)."""
+        problems = [p for p in found if p is not None]
         status = worst_status(p.status for p in problems)
-        problems = sorted(problems, key=lambda p: -_STATUS_RANK[p.status])  # worst first
+        problems.sort(key=lambda p: -_STATUS_RANK[p.status])  # worst first
         message = "; ".join(p.message for p in problems[:3]) if problems else ok_message
         if len(problems) > 3:
             message += "; and %d more" % (len(problems) - 3)
@@ -11228,14 +11234,10 @@ class MemoryMonitor:
 
     def _check_size(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Per-agent and whole-store bytes against the warning and critical thresholds."""
-        t, problems = self.thresholds, []
-        total = store_disk_bytes(self.store)
+        t, total = self.thresholds, store_disk_bytes(self.store)
         sizes = {a: agent_disk_bytes(self.store, a) for a in self.store.agents()}
-        for subject, size, scope in ([("store", total, "global")]
-                                     + [(a, s, "agent") for a, s in sorted(sizes.items())]):
-            problem = self._size_problem(subject, size, scope)
-            if problem:
-                problems.append(problem)
+        problems = [self._size_problem("store", total, "global")]
+        problems += [self._size_problem(a, size, "agent") for a, size in sorted(sizes.items())]
         largest = max(sizes.values(), default=0)
         return self._finish("size", problems, "store %s (limit %s), largest agent %s (limit %s)"
                             % (human_bytes(total),
@@ -11292,16 +11294,12 @@ class MemoryMonitor:
         details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2),
                    "failed": failed}
         problem = self._overdue("backup", "last verified backup", hours, failed)
-        return self._finish("backup", ([problem] if problem else []) + copies,
+        return self._finish("backup", [problem] + copies,
                             "verified backup %s, %.1f h old" % (details["backup_id"], hours),
                             details)
 
     def _job_failures(self) -> Dict[str, Any]:
-        try:
-            doc = self.store.read_state(JOB_FAILURES_FILE, {})
-        except IntegrityError:
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        return self._state_doc(JOB_FAILURES_FILE)
 
     def _failure_note(self, job: str, success: Optional[Dict[str, Any]]) -> Optional[str]:
         """"<job> failed at T: reason" when the job's newest run failed, else None."""
@@ -11369,11 +11367,7 @@ class MemoryMonitor:
                 < INTEGRITY_RECHECK_DAYS * 86400.0)
 
     def _integrity_cache(self) -> Dict[str, Any]:
-        try:
-            doc = self.store.read_state("integrity.json", {})
-        except IntegrityError:
-            return {}  # an unverifiable cache only costs a full re-parse
-        files = doc.get("files") if isinstance(doc, dict) else None
+        files = self._state_doc("integrity.json").get("files")
         return files if isinstance(files, dict) else {}
 
     def _check_performance(self, history: List[Dict[str, Any]]) -> HealthCheck:
@@ -11430,9 +11424,7 @@ class MemoryMonitor:
                             "age_hours": round(hours, 2) if started else None}
             what = "last successful %s" % job if started else \
                 "%s never ran; aml's first run here" % job
-            problem = self._overdue(job, what, hours, self._failure_note(job, entry))
-            if problem:
-                problems.append(problem)
+            problems.append(self._overdue(job, what, hours, self._failure_note(job, entry)))
             if started:
                 known.append("%s %.1f days ago" % (job, hours / 24))
         return self._finish("maintenance", problems, "last success: " + (", ".join(known)
