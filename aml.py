@@ -11465,12 +11465,8 @@ class MemoryMonitor:
         """Every stored alert by id ({} when none); raises IntegrityError if the file is corrupt."""
         doc = self.store.read_state("alerts.json", {})
         entries = doc.get("alerts", {}) if isinstance(doc, dict) else {}
-        alerts = {}
-        for key, value in entries.items():
-            alert = _alert_from_dict(value) if isinstance(value, dict) else None
-            if alert is not None:
-                alerts[key] = alert
-        return alerts
+        alerts = ((k, _alert_from_dict(v)) for k, v in entries.items() if isinstance(v, dict))
+        return {key: alert for key, alert in alerts if alert is not None}
 
     def alerts(self, include_resolved: bool = False) -> List[Alert]:
         """Open alerts (and resolved ones still within retention), most severe first."""
@@ -11484,7 +11480,12 @@ class MemoryMonitor:
         return (alert.state == "resolved" and resolved is not None and days_between(
             resolved, self.store.now) > self.thresholds["alert_retention_days"])
 
-    def _save_alerts(self, alerts: Dict[str, Alert]) -> None:
+    def _save_alerts(self, alerts: Dict[str, Alert], changes: AlertChanges) -> None:
+        """Drop the alerts past retention (counted in ``changes.purged``), save the rest."""
+        expired = [key for key, alert in alerts.items() if self._expired(alert)]
+        for key in expired:
+            del alerts[key]
+        changes.purged = len(expired)
         self.store.write_state("alerts.json", {"alerts": {k: to_jsonable(v)
                                                           for k, v in sorted(alerts.items())}})
 
@@ -11506,8 +11507,7 @@ class MemoryMonitor:
             if alert.state == "firing" and key not in current and alert.check in ran:
                 self._resolve(alert, "auto")
                 changes.resolved.append(alert)
-        changes.purged = self._purge(alerts)
-        self._save_alerts(alerts)
+        self._save_alerts(alerts, changes)
 
     def _finish_alerts(self, changes: AlertChanges, busy: List[str]) -> None:
         changes.warnings.extend(busy)
@@ -11551,12 +11551,6 @@ class MemoryMonitor:
         alert.state, alert.resolved_by = "resolved", by
         alert.resolved_at = format_timestamp(self.store.now)
 
-    def _purge(self, alerts: Dict[str, Alert]) -> int:
-        expired = [key for key, alert in alerts.items() if self._expired(alert)]
-        for key in expired:
-            del alerts[key]
-        return len(expired)
-
     def resolve_alert(self, key: str) -> AlertChanges:
         """Resolve one alert by hand; raises UsageError for an unknown id, StoreBusyError."""
         changes = AlertChanges()
@@ -11568,10 +11562,8 @@ class MemoryMonitor:
             if alert.state == "firing":
                 self._resolve(alert, "manual")
                 changes.resolved.append(alert)
-            changes.purged = self._purge(alerts)
-            self._save_alerts(alerts)
-        changes.open = self.alerts()
-        self._deliver(changes)
+            self._save_alerts(alerts, changes)
+        self._finish_alerts(changes, [])
         return changes
 
     def _deliver(self, changes: AlertChanges) -> None:
@@ -11783,27 +11775,17 @@ def _dashboard_classes() -> List[type]:
 
         server_version = "aml/" + __version__
 
-        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-            self._respond(True)
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._respond(False)
-
-        def _respond(self, with_body: bool) -> None:
+        def do_GET(self, with_body: bool = True) -> None:  # noqa: N802 (http.server calls it)
             path = urllib.parse.urlsplit(self.path).path
             path = "/" if path == "/index.html" else path
-            if path not in DASHBOARD_PATHS:
-                self._send(404, "text/plain; charset=utf-8", b"not found\n", with_body)
-                return
-            try:
-                views = self.server.cache.views()  # type: ignore[attr-defined]
-            except AmlError as exc:
-                self._send(503, "text/plain; charset=utf-8",
-                           ("aml: %s\n" % exc).encode("utf-8"), with_body)
-                return
-            self._send(200, views[path][0], views[path][1], with_body)
-
-        def _send(self, code: int, content_type: str, body: bytes, with_body: bool) -> None:
+            code, content_type, body = 404, "text/plain; charset=utf-8", b"not found\n"
+            if path in DASHBOARD_PATHS:
+                try:
+                    views = self.server.cache.views()  # type: ignore[attr-defined]
+                except AmlError as exc:
+                    code, body = 503, ("aml: %s\n" % exc).encode("utf-8")
+                else:
+                    code, (content_type, body) = 200, views[path]
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -11814,6 +11796,9 @@ def _dashboard_classes() -> List[type]:
             self.end_headers()
             if with_body:
                 self.wfile.write(body)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.do_GET(with_body=False)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # no access log: under cron or systemd it would be noise
