@@ -10935,14 +10935,10 @@ def _deadline_connection(base: type, deadline: _Deadline) -> type:
     return _Connection
 
 
-_WEBHOOK_HANDLERS: List[type] = []
-
-
+@functools.lru_cache(maxsize=None)
 def _webhook_handlers() -> List[type]:
     """[no-redirect, HTTP, HTTPS] urllib handlers of send_webhook, made on first use: urllib's
     HTTP modules cost every command that sends no webhook ~20 ms of start-up to import."""
-    if _WEBHOOK_HANDLERS:
-        return _WEBHOOK_HANDLERS
     import http.client
     import urllib.request
 
@@ -10971,8 +10967,7 @@ def _webhook_handlers() -> List[type]:
             return self.do_open(_deadline_connection(http.client.HTTPSConnection,
                                                      self.deadline), req, context=self._context)
 
-    _WEBHOOK_HANDLERS[:] = [_NoRedirect, _DeadlineHTTP, _DeadlineHTTPS]
-    return _WEBHOOK_HANDLERS
+    return [_NoRedirect, _DeadlineHTTP, _DeadlineHTTPS]
 
 
 def send_webhook(url: str, event: str, alert: Alert, store: Store, timeout: float) -> None:
@@ -11435,15 +11430,16 @@ class MemoryMonitor:
         t = self.thresholds
         by_name = {c.name: c.details for c in checks}
         size = by_name.get("size", {})
+
+        def in_bytes(value: Any, scope: str) -> List[Any]:
+            return [value, "B"] + [int(t["%s_memory_%s_mb" % (scope, level)] * _MB)
+                                   for level in ("warning", "critical")]
         perf: Dict[str, Any] = {
-            "store_bytes": [size.get("total_bytes"), "B", int(t["global_memory_warning_mb"] * _MB),
-                            int(t["global_memory_critical_mb"] * _MB)],
+            "store_bytes": in_bytes(size.get("total_bytes"), "global"),
             "agents": [len(by_name.get("structure", {}).get("agents", [])), "", None, None],
         }
         for agent, agent_bytes in sorted(size.get("agent_bytes", {}).items()):
-            perf["agent_%s_bytes" % agent] = [agent_bytes, "B",
-                                              int(t["agent_memory_warning_mb"] * _MB),
-                                              int(t["agent_memory_critical_mb"] * _MB)]
+            perf["agent_%s_bytes" % agent] = in_bytes(agent_bytes, "agent")
         integrity = next((c for c in checks if c.name == "integrity"), None)
         perf["unreadable_files"] = [len(integrity.problems) if integrity and integrity.ran
                                     else None, "", None, 0]
@@ -11760,14 +11756,10 @@ class DashboardCache:
             return self._views
 
 
-_DASHBOARD_CLASSES: List[type] = []
-
-
+@functools.lru_cache(maxsize=None)
 def _dashboard_classes() -> List[type]:
     """[request handler, IPv4 server, IPv6 server] of the dashboard, made on first use:
     http.server costs every command that serves nothing ~6 ms of start-up to import."""
-    if _DASHBOARD_CLASSES:
-        return _DASHBOARD_CLASSES
     import http.server
 
     class _DashboardHandler(http.server.BaseHTTPRequestHandler):
@@ -11810,8 +11802,7 @@ def _dashboard_classes() -> List[type]:
     class _DashboardServer6(_DashboardServer):
         address_family = socket.AF_INET6
 
-    _DASHBOARD_CLASSES[:] = [_DashboardHandler, _DashboardServer, _DashboardServer6]
-    return _DASHBOARD_CLASSES
+    return [_DashboardHandler, _DashboardServer, _DashboardServer6]
 
 
 def dashboard_server(cache: DashboardCache, bind: str = "127.0.0.1", port: int = 0
