@@ -10811,13 +10811,12 @@ def _content_sample(path: Path, size: int) -> str:
     OSError."""
     digest = hashlib.blake2b(digest_size=16)
     edge, block = INTEGRITY_EDGE_BYTES, INTEGRITY_SAMPLE_BYTES
-    with open(str(path), "rb") as handle:
-        if size <= 2 * edge + INTEGRITY_SAMPLES * block:
-            digest.update(handle.read())
-            return digest.hexdigest()
+    ranges = [(0, -1)]  # a small file is hashed whole
+    if size > 2 * edge + INTEGRITY_SAMPLES * block:
         span = size - 2 * edge - block
         ranges = [(0, edge)] + [(edge + span * k // (INTEGRITY_SAMPLES - 1), block)
                                 for k in range(INTEGRITY_SAMPLES)] + [(size - edge, edge)]
+    with open(str(path), "rb") as handle:
         for offset, length in ranges:
             handle.seek(offset)
             digest.update(handle.read(length))
