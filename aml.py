@@ -10735,16 +10735,16 @@ def _agent_rate(store: Store, samples: List[Dict[str, Any]], agent: str, current
 
 def _forecast(limit: str, subject: str, limit_mb: float, current: int,
               rate: Optional[float]) -> LimitForecast:
-    limit_bytes = int(limit_mb * _MB)
+    limit_bytes, days = int(limit_mb * _MB), None
     if current >= limit_bytes:
-        return LimitForecast(limit, subject, limit_bytes, current, rate, 0.0, "already reached")
-    if rate is None:
-        return LimitForecast(limit, subject, limit_bytes, current, None, None,
-                             "no growth data: no sample an hour or more before this run")
-    if rate <= 0:
-        return LimitForecast(limit, subject, limit_bytes, current, rate, None, "not growing")
-    return LimitForecast(limit, subject, limit_bytes, current, rate,
-                         round((limit_bytes - current) / rate, 1), "at the current growth")
+        days, note = 0.0, "already reached"
+    elif rate is None:
+        note = "no growth data: no sample an hour or more before this run"
+    elif rate <= 0:
+        note = "not growing"
+    else:
+        days, note = round((limit_bytes - current) / rate, 1), "at the current growth"
+    return LimitForecast(limit, subject, limit_bytes, current, rate, days, note)
 
 
 def _new_sample(report: MetricsReport) -> Dict[str, Any]:
@@ -10804,13 +10804,12 @@ def _content_sample(path: Path, size: int) -> str:
     OSError."""
     digest = hashlib.blake2b(digest_size=16)
     edge, block = INTEGRITY_EDGE_BYTES, INTEGRITY_SAMPLE_BYTES
-    with open(str(path), "rb") as handle:
-        if size <= 2 * edge + INTEGRITY_SAMPLES * block:
-            digest.update(handle.read())
-            return digest.hexdigest()
+    ranges = [(0, -1)]  # a small file is hashed whole
+    if size > 2 * edge + INTEGRITY_SAMPLES * block:
         span = size - 2 * edge - block
         ranges = [(0, edge)] + [(edge + span * k // (INTEGRITY_SAMPLES - 1), block)
                                 for k in range(INTEGRITY_SAMPLES)] + [(size - edge, edge)]
+    with open(str(path), "rb") as handle:
         for offset, length in ranges:
             handle.seek(offset)
             digest.update(handle.read(length))
@@ -10928,14 +10927,10 @@ def _deadline_connection(base: type, deadline: _Deadline) -> type:
     return _Connection
 
 
-_WEBHOOK_HANDLERS: List[type] = []
-
-
+@functools.lru_cache(maxsize=None)
 def _webhook_handlers() -> List[type]:
     """[no-redirect, HTTP, HTTPS] urllib handlers of send_webhook, made on first use: urllib's
     HTTP modules cost every command that sends no webhook ~20 ms of start-up to import."""
-    if _WEBHOOK_HANDLERS:
-        return _WEBHOOK_HANDLERS
     import http.client
     import urllib.request
 
@@ -10964,8 +10959,7 @@ def _webhook_handlers() -> List[type]:
             return self.do_open(_deadline_connection(http.client.HTTPSConnection,
                                                      self.deadline), req, context=self._context)
 
-    _WEBHOOK_HANDLERS[:] = [_NoRedirect, _DeadlineHTTP, _DeadlineHTTPS]
-    return _WEBHOOK_HANDLERS
+    return [_NoRedirect, _DeadlineHTTP, _DeadlineHTTPS]
 
 
 def send_webhook(url: str, event: str, alert: Alert, store: Store, timeout: float) -> None:
@@ -11086,22 +11080,26 @@ class MemoryMonitor:
 
     def _forecasts(self, report: MetricsReport, samples: List[Dict[str, Any]]
                    ) -> List[LimitForecast]:
-        t, rate = self.thresholds, report.growth.bytes_per_day
-        out = [_forecast(key, "store", t[key], report.total_bytes, rate)
-               for key in ("global_memory_warning_mb", "global_memory_critical_mb")]
-        for agent in report.agents:
-            agent_rate = _agent_rate(self.store, samples, agent.agent, agent.bytes,
-                                     report.growth.baseline_at)
-            out.extend(_forecast(key, agent.agent, t[key], agent.bytes, agent_rate)
-                       for key in ("agent_memory_warning_mb", "agent_memory_critical_mb"))
-        return out
+        growth = report.growth
+        subjects = [("global", "store", report.total_bytes, growth.bytes_per_day)]
+        subjects += [("agent", a.agent, a.bytes, _agent_rate(self.store, samples, a.agent,
+                                                            a.bytes, growth.baseline_at))
+                     for a in report.agents]
+        return [_forecast(key, subject, self.thresholds[key], current, rate)
+                for scope, subject, current, rate in subjects
+                for key in (scope + "_memory_warning_mb", scope + "_memory_critical_mb")]
+
+    def _state_doc(self, name: str) -> Dict[str, Any]:
+        """A state file's object; {} when it is missing, not an object or does not verify (an
+        unverifiable history, cache or failure record only costs what it remembered)."""
+        try:
+            doc = self.store.read_state(name, {})
+        except IntegrityError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def _samples(self) -> List[Dict[str, Any]]:
-        try:
-            doc = self.store.read_state("metrics-history.json", {})
-        except IntegrityError:
-            return []
-        samples = doc.get("samples", []) if isinstance(doc, dict) else []
+        samples = self._state_doc("metrics-history.json").get("samples", [])
         return [s for s in samples if isinstance(s, dict) and parse_timestamp(s.get("at"))]
 
     def _save_sample(self, report: MetricsReport) -> List[str]:
@@ -11183,10 +11181,12 @@ class MemoryMonitor:
             return HealthCheck(name, HealthStatus.UNKNOWN, problem.message, [problem], ran=False)
 
     @staticmethod
-    def _finish(name: str, problems: List[Problem], ok_message: str,
+    def _finish(name: str, found: List[Optional[Problem]], ok_message: str,
                 details: Optional[Dict[str, Any]] = None) -> HealthCheck:
+        """The check's result from what it found (None: nothing found there)."""
+        problems = [p for p in found if p is not None]
         status = worst_status(p.status for p in problems)
-        problems = sorted(problems, key=lambda p: -_STATUS_RANK[p.status])  # worst first
+        problems.sort(key=lambda p: -_STATUS_RANK[p.status])  # worst first
         message = "; ".join(p.message for p in problems[:3]) if problems else ok_message
         if len(problems) > 3:
             message += "; and %d more" % (len(problems) - 3)
@@ -11221,14 +11221,10 @@ class MemoryMonitor:
 
     def _check_size(self, history: List[Dict[str, Any]]) -> HealthCheck:
         """Per-agent and whole-store bytes against the warning and critical thresholds."""
-        t, problems = self.thresholds, []
-        total = store_disk_bytes(self.store)
+        t, total = self.thresholds, store_disk_bytes(self.store)
         sizes = {a: agent_disk_bytes(self.store, a) for a in self.store.agents()}
-        for subject, size, scope in ([("store", total, "global")]
-                                     + [(a, s, "agent") for a, s in sorted(sizes.items())]):
-            problem = self._size_problem(subject, size, scope)
-            if problem:
-                problems.append(problem)
+        problems = [self._size_problem("store", total, "global")]
+        problems += [self._size_problem(a, size, "agent") for a, size in sorted(sizes.items())]
         largest = max(sizes.values(), default=0)
         return self._finish("size", problems, "store %s (limit %s), largest agent %s (limit %s)"
                             % (human_bytes(total),
@@ -11285,16 +11281,12 @@ class MemoryMonitor:
         details = {"backup_id": entry["summary"].get("backup_id"), "age_hours": round(hours, 2),
                    "failed": failed}
         problem = self._overdue("backup", "last verified backup", hours, failed)
-        return self._finish("backup", ([problem] if problem else []) + copies,
+        return self._finish("backup", [problem] + copies,
                             "verified backup %s, %.1f h old" % (details["backup_id"], hours),
                             details)
 
     def _job_failures(self) -> Dict[str, Any]:
-        try:
-            doc = self.store.read_state(JOB_FAILURES_FILE, {})
-        except IntegrityError:
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        return self._state_doc(JOB_FAILURES_FILE)
 
     def _failure_note(self, job: str, success: Optional[Dict[str, Any]]) -> Optional[str]:
         """"<job> failed at T: reason" when the job's newest run failed, else None."""
@@ -11362,11 +11354,7 @@ class MemoryMonitor:
                 < INTEGRITY_RECHECK_DAYS * 86400.0)
 
     def _integrity_cache(self) -> Dict[str, Any]:
-        try:
-            doc = self.store.read_state("integrity.json", {})
-        except IntegrityError:
-            return {}  # an unverifiable cache only costs a full re-parse
-        files = doc.get("files") if isinstance(doc, dict) else None
+        files = self._state_doc("integrity.json").get("files")
         return files if isinstance(files, dict) else {}
 
     def _check_performance(self, history: List[Dict[str, Any]]) -> HealthCheck:
@@ -11423,9 +11411,7 @@ class MemoryMonitor:
                             "age_hours": round(hours, 2) if started else None}
             what = "last successful %s" % job if started else \
                 "%s never ran; aml's first run here" % job
-            problem = self._overdue(job, what, hours, self._failure_note(job, entry))
-            if problem:
-                problems.append(problem)
+            problems.append(self._overdue(job, what, hours, self._failure_note(job, entry)))
             if started:
                 known.append("%s %.1f days ago" % (job, hours / 24))
         return self._finish("maintenance", problems, "last success: " + (", ".join(known)
@@ -11436,15 +11422,16 @@ class MemoryMonitor:
         t = self.thresholds
         by_name = {c.name: c.details for c in checks}
         size = by_name.get("size", {})
+
+        def in_bytes(value: Any, scope: str) -> List[Any]:
+            return [value, "B"] + [int(t["%s_memory_%s_mb" % (scope, level)] * _MB)
+                                   for level in ("warning", "critical")]
         perf: Dict[str, Any] = {
-            "store_bytes": [size.get("total_bytes"), "B", int(t["global_memory_warning_mb"] * _MB),
-                            int(t["global_memory_critical_mb"] * _MB)],
+            "store_bytes": in_bytes(size.get("total_bytes"), "global"),
             "agents": [len(by_name.get("structure", {}).get("agents", [])), "", None, None],
         }
         for agent, agent_bytes in sorted(size.get("agent_bytes", {}).items()):
-            perf["agent_%s_bytes" % agent] = [agent_bytes, "B",
-                                              int(t["agent_memory_warning_mb"] * _MB),
-                                              int(t["agent_memory_critical_mb"] * _MB)]
+            perf["agent_%s_bytes" % agent] = in_bytes(agent_bytes, "agent")
         integrity = next((c for c in checks if c.name == "integrity"), None)
         perf["unreadable_files"] = [len(integrity.problems) if integrity and integrity.ran
                                     else None, "", None, 0]
@@ -11466,12 +11453,8 @@ class MemoryMonitor:
         """Every stored alert by id ({} when none); raises IntegrityError if the file is corrupt."""
         doc = self.store.read_state("alerts.json", {})
         entries = doc.get("alerts", {}) if isinstance(doc, dict) else {}
-        alerts = {}
-        for key, value in entries.items():
-            alert = _alert_from_dict(value) if isinstance(value, dict) else None
-            if alert is not None:
-                alerts[key] = alert
-        return alerts
+        alerts = ((k, _alert_from_dict(v)) for k, v in entries.items() if isinstance(v, dict))
+        return {key: alert for key, alert in alerts if alert is not None}
 
     def alerts(self, include_resolved: bool = False) -> List[Alert]:
         """Open alerts (and resolved ones still within retention), most severe first."""
@@ -11485,7 +11468,12 @@ class MemoryMonitor:
         return (alert.state == "resolved" and resolved is not None and days_between(
             resolved, self.store.now) > self.thresholds["alert_retention_days"])
 
-    def _save_alerts(self, alerts: Dict[str, Alert]) -> None:
+    def _save_alerts(self, alerts: Dict[str, Alert], changes: AlertChanges) -> None:
+        """Drop the alerts past retention (counted in ``changes.purged``), save the rest."""
+        expired = [key for key, alert in alerts.items() if self._expired(alert)]
+        for key in expired:
+            del alerts[key]
+        changes.purged = len(expired)
         self.store.write_state("alerts.json", {"alerts": {k: to_jsonable(v)
                                                           for k, v in sorted(alerts.items())}})
 
@@ -11507,8 +11495,7 @@ class MemoryMonitor:
             if alert.state == "firing" and key not in current and alert.check in ran:
                 self._resolve(alert, "auto")
                 changes.resolved.append(alert)
-        changes.purged = self._purge(alerts)
-        self._save_alerts(alerts)
+        self._save_alerts(alerts, changes)
 
     def _finish_alerts(self, changes: AlertChanges, busy: List[str]) -> None:
         changes.warnings.extend(busy)
@@ -11552,12 +11539,6 @@ class MemoryMonitor:
         alert.state, alert.resolved_by = "resolved", by
         alert.resolved_at = format_timestamp(self.store.now)
 
-    def _purge(self, alerts: Dict[str, Alert]) -> int:
-        expired = [key for key, alert in alerts.items() if self._expired(alert)]
-        for key in expired:
-            del alerts[key]
-        return len(expired)
-
     def resolve_alert(self, key: str) -> AlertChanges:
         """Resolve one alert by hand; raises UsageError for an unknown id, StoreBusyError."""
         changes = AlertChanges()
@@ -11569,10 +11550,8 @@ class MemoryMonitor:
             if alert.state == "firing":
                 self._resolve(alert, "manual")
                 changes.resolved.append(alert)
-            changes.purged = self._purge(alerts)
-            self._save_alerts(alerts)
-        changes.open = self.alerts()
-        self._deliver(changes)
+            self._save_alerts(alerts, changes)
+        self._finish_alerts(changes, [])
         return changes
 
     def _deliver(self, changes: AlertChanges) -> None:
@@ -11769,14 +11748,10 @@ class DashboardCache:
             return self._views
 
 
-_DASHBOARD_CLASSES: List[type] = []
-
-
+@functools.lru_cache(maxsize=None)
 def _dashboard_classes() -> List[type]:
     """[request handler, IPv4 server, IPv6 server] of the dashboard, made on first use:
     http.server costs every command that serves nothing ~6 ms of start-up to import."""
-    if _DASHBOARD_CLASSES:
-        return _DASHBOARD_CLASSES
     import http.server
 
     class _DashboardHandler(http.server.BaseHTTPRequestHandler):
@@ -11784,27 +11759,17 @@ def _dashboard_classes() -> List[type]:
 
         server_version = "aml/" + __version__
 
-        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-            self._respond(True)
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._respond(False)
-
-        def _respond(self, with_body: bool) -> None:
+        def do_GET(self, with_body: bool = True) -> None:  # noqa: N802 (http.server calls it)
             path = urllib.parse.urlsplit(self.path).path
             path = "/" if path == "/index.html" else path
-            if path not in DASHBOARD_PATHS:
-                self._send(404, "text/plain; charset=utf-8", b"not found\n", with_body)
-                return
-            try:
-                views = self.server.cache.views()  # type: ignore[attr-defined]
-            except AmlError as exc:
-                self._send(503, "text/plain; charset=utf-8",
-                           ("aml: %s\n" % exc).encode("utf-8"), with_body)
-                return
-            self._send(200, views[path][0], views[path][1], with_body)
-
-        def _send(self, code: int, content_type: str, body: bytes, with_body: bool) -> None:
+            code, content_type, body = 404, "text/plain; charset=utf-8", b"not found\n"
+            if path in DASHBOARD_PATHS:
+                try:
+                    views = self.server.cache.views()  # type: ignore[attr-defined]
+                except AmlError as exc:
+                    code, body = 503, ("aml: %s\n" % exc).encode("utf-8")
+                else:
+                    code, (content_type, body) = 200, views[path]
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -11816,6 +11781,9 @@ def _dashboard_classes() -> List[type]:
             if with_body:
                 self.wfile.write(body)
 
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.do_GET(with_body=False)
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # no access log: under cron or systemd it would be noise
 
@@ -11826,8 +11794,7 @@ def _dashboard_classes() -> List[type]:
     class _DashboardServer6(_DashboardServer):
         address_family = socket.AF_INET6
 
-    _DASHBOARD_CLASSES[:] = [_DashboardHandler, _DashboardServer, _DashboardServer6]
-    return _DASHBOARD_CLASSES
+    return [_DashboardHandler, _DashboardServer, _DashboardServer6]
 
 
 def dashboard_server(cache: DashboardCache, bind: str = "127.0.0.1", port: int = 0
