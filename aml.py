@@ -111,6 +111,7 @@ import gzip
 import hashlib
 import heapq
 import io
+import ipaddress
 import itertools
 import json
 import math
@@ -10147,9 +10148,6 @@ __all__ += ["SchemaVersion", "MigrationStep", "AddTagsAndActive", "AddMetadataAn
 # 14. Monitoring and alerts
 # Measured metrics, health checks, alert lifecycle, reports.
 # =============================================================================
-
-# Imported here rather than in section 2 so that the parallel branches merge cleanly.
-import ipaddress  # noqa: E402
 
 
 class HealthStatus(enum.Enum):
