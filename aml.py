@@ -7474,9 +7474,8 @@ class MemoryPruner:
         except CorruptFileError:
             return  # it turned unreadable since planning: listed without ids
         self._replan_file(run, plan, records, digest)
-        rtype = plan.data_file.rtype
         for i, removal in plan.removals.items():
-            removal.id, removal.id_known = record_facts(rtype, records[i]).id, True
+            removal.id, removal.id_known = record_id(records[i]), True
 
     def _entries(self, plan: _FilePlan, records: List[Any]) -> List[Dict[str, Any]]:
         """Archive entries (contracts.md schema, the record kept once as its exact text)."""
