@@ -334,18 +334,15 @@ def parse_timestamp(value: Any) -> Optional[_dt.datetime]:
     if not isinstance(value, str):
         return None
     match = _RUNTIME_TS_RE.match(value) if len(value) == 24 else None
-    if match:   # the runtime's own form: the same result as below, without the general path
-        try:
+    try:  # a ValueError: a date or offset out of range
+        if match:   # the runtime's own form: the same result as below, without the general path
             y, mo, d, h, mi, s, ms = map(int, match.groups())
             return _dt.datetime(y, mo, d, h, mi, s, ms * 1000, tzinfo=_dt.timezone.utc)
-        except ValueError:
+        match = _TS_RE.match(value)
+        if not match:
             return None
-    match = _TS_RE.match(value)
-    if not match:
-        return None
-    y, mo, d, h, mi, s, frac, tz = match.groups()
-    micro = int((frac or "0")[:6].ljust(6, "0"))
-    try:
+        y, mo, d, h, mi, s, frac, tz = match.groups()
+        micro = int((frac or "0")[:6].ljust(6, "0"))
         return _dt.datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0),
                             micro, tzinfo=_tz_from_text(tz)).astimezone(_dt.timezone.utc)
     except ValueError:
@@ -1594,18 +1591,17 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 _ABSENT = object()
-_IS_STR = lambda value: isinstance(value, str)  # noqa: E731 - a table entry
-_IS_DICT = lambda value: isinstance(value, dict)  # noqa: E731
-_IS_LIST = lambda value: isinstance(value, list)  # noqa: E731
+# The tables' type tests, C-level like _is_str (the one for str)
+_IS_DICT, _IS_LIST, _IS_BOOL = (kind.__instancecheck__ for kind in (dict, list, bool))
 
-_COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _IS_STR),
+_COMMON_RULES = (("id", lambda v: isinstance(v, str) and v != ""), ("agent", _is_str),
                  ("timestamp", _is_time), ("tags", _optional(_is_str_list)),
-                 ("active", _optional(lambda v: isinstance(v, bool))))
+                 ("active", _optional(_IS_BOOL)))
 _RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] = {
     RecordType.PATTERN: (
-        ("pattern.type", _IS_STR), ("pattern.context", _is_flat_context),
-        ("pattern.approach.technique", _IS_STR), ("pattern.approach.rationale", _IS_STR),
-        ("pattern.approach.codeTemplate", _optional(_IS_STR)),
+        ("pattern.type", _is_str), ("pattern.context", _is_flat_context),
+        ("pattern.approach.technique", _is_str), ("pattern.approach.rationale", _is_str),
+        ("pattern.approach.codeTemplate", _optional(_is_str)),
         ("pattern.approach.steps", _optional(_IS_LIST)),
         ("pattern.conditions.whenApplicable", _IS_LIST),
         ("pattern.conditions.whenNotApplicable", _IS_LIST),
@@ -1614,26 +1610,24 @@ _RUNTIME_RULES: Dict[RecordType, Tuple[Tuple[str, Callable[[Any], bool]], ...]] 
         ("evolution.created", _is_time), ("evolution.lastUsed", _is_time),
         ("evolution.refinements", _is_int), ("evolution.confidenceScore", _is_rate)),
     RecordType.SOLUTION: (
-        ("problem.errorType", _IS_STR), ("problem.errorMessage", _IS_STR),
-        ("problem.stackTraceHash", _optional(_IS_STR)), ("problem.context", _IS_DICT),
-        ("solution.rootCause", _IS_STR), ("solution.fixApproach", _IS_STR),
-        ("solution.codeFix", _optional(_IS_STR)), ("solution.prevention", _IS_STR),
+        ("problem.errorType", _is_str), ("problem.errorMessage", _is_str),
+        ("problem.stackTraceHash", _optional(_is_str)), ("problem.context", _IS_DICT),
+        ("solution.rootCause", _is_str), ("solution.fixApproach", _is_str),
+        ("solution.codeFix", _optional(_is_str)), ("solution.prevention", _is_str),
         ("solution.relatedPatterns", _optional(_IS_LIST)),
-        ("effectiveness.worked", lambda v: isinstance(v, bool)),
-        ("effectiveness.timeToFixMinutes", _is_num),
+        ("effectiveness.worked", _IS_BOOL), ("effectiveness.timeToFixMinutes", _is_num),
         ("effectiveness.preventedRecurrence", _is_int),
         ("effectiveness.relatedErrorsFixed", _is_int), ("verifiedCount", _is_int)),
     RecordType.DECISION: (
-        ("decision.type", _IS_STR), ("decision.question", _IS_STR), ("decision.context", _IS_DICT),
-        ("decision.chosenOption", _IS_STR), ("decision.alternativesConsidered", _IS_LIST),
+        ("decision.type", _is_str), ("decision.question", _is_str), ("decision.context", _IS_DICT),
+        ("decision.chosenOption", _is_str), ("decision.alternativesConsidered", _IS_LIST),
         ("decision.decisionFactors.primary", _IS_LIST),
         ("decision.decisionFactors.secondary", _IS_LIST),
-        ("decision.rationale", _optional(_IS_STR)), ("outcome", _optional(_IS_DICT)),
+        ("decision.rationale", _optional(_is_str)), ("outcome", _optional(_IS_DICT)),
         ("reviewedAt", _optional(_is_time))),
 }
 _OUTCOME_RULES = (("outcome.successMetrics", _IS_DICT), ("outcome.lessonsLearned", _IS_LIST),
-                  ("outcome.wouldRepeat", lambda v: isinstance(v, bool)),
-                  ("outcome.improvements", _optional(_IS_LIST)))
+                  ("outcome.wouldRepeat", _IS_BOOL), ("outcome.improvements", _optional(_IS_LIST)))
 
 
 def _lookup(record: Dict[str, Any], path: Tuple[str, ...]) -> Any:
@@ -2097,31 +2091,28 @@ def read_checksummed(path: Path, default: Any = None) -> Any:
     path = Path(path)
     if not path.exists():
         return default
-    try:
+    try:  # IntegrityError (unseal, inflate_capped, a checksum) passes through: not caught
         raw = read_regular_file(path)
         if raw[:2] == GZIP_MAGIC:   # backup manifests: inflated with a cap
             raw = inflate_capped(raw, state_inflate_cap(len(raw)), path, gzip_wrapped=True)
-    except CorruptFileError as exc:
+        if is_sealed(raw):
+            return unseal(raw, STATE_FORMAT, path, "state file")
+        return _read_state_1(path, raw)
+    except (CorruptFileError, KeyError, ValueError, TypeError) as exc:
         raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
-    if is_sealed(raw):
-        return unseal(raw, STATE_FORMAT, path, "state file")
-    return _read_state_1(path, raw)
 
 
 def _read_state_1(path: Path, raw: bytes) -> Any:
     """The payload of an "aml-state-1" file: ``{"format", "payload", "sha256"}``, the checksum
-    of the payload's compact sorted JSON, so it is verified by serialising it again."""
-    try:
-        doc = parse_json_text(raw.decode("utf-8"))
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-        payload = doc["payload"]
-        body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
-                          separators=(",", ":"))
-        ok = doc.get("sha256") == sha256_hex(body.encode("utf-8"))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise IntegrityError("%s: unreadable state file (%s)" % (path, exc)) from None
-    if not ok:
+    of the payload's compact sorted JSON, so it is verified by serialising it again. Raises
+    ChecksumError, or KeyError/ValueError/TypeError for read_checksummed to report."""
+    doc = parse_json_text(raw.decode("utf-8"))
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    payload = doc["payload"]
+    body = json.dumps(payload, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":"))
+    if doc.get("sha256") != sha256_hex(body.encode("utf-8")):
         raise ChecksumError("%s: checksum mismatch" % path)
     return payload
 
@@ -7477,9 +7468,8 @@ class MemoryPruner:
         except CorruptFileError:
             return  # it turned unreadable since planning: listed without ids
         self._replan_file(run, plan, records, digest)
-        rtype = plan.data_file.rtype
         for i, removal in plan.removals.items():
-            removal.id, removal.id_known = record_facts(rtype, records[i]).id, True
+            removal.id, removal.id_known = record_id(records[i]), True
 
     def _entries(self, plan: _FilePlan, records: List[Any]) -> List[Dict[str, Any]]:
         """Archive entries (contracts.md schema, the record kept once as its exact text)."""
