@@ -2325,6 +2325,7 @@ _IDX_FORMAT = "aml-pack-index-1"   # sealed magic + zlib; older: magic, SHA-256,
 _PROBES_BEFORE_MAP = 2048          # lookups by binary search before building the full map
 KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
 _MANIFEST_FORMAT = "aml-backup-manifest-1"
+_BACKUP_ID_RE = re.compile(r"(full|incr)_\d{8}_\d{6}(_\d+)?")
 
 
 @dataclasses.dataclass
@@ -2587,8 +2588,7 @@ class _PackWriter:
         with _naming_path(self.path):
             self._fh.flush()
             os.fsync(self._fh.fileno())
-            self._fh.close()
-        self._fh = None
+            self._close()
         index = _encode_index(self.blocks, self.entries)
         atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
         self.committed = True
@@ -2611,11 +2611,14 @@ class _PackWriter:
         if self.committed:
             return
         self._pool.shutdown(cancel_futures=True)
+        self._close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 def _new_pack_name(packs_dir: Path) -> str:
@@ -2776,6 +2779,14 @@ class _ObjectStore:
         code = self.where.get(key)
         return None if code is None else self.at(code)
 
+    def _spot(self, digest: bytes) -> Tuple[_PackIndex, int, int, int]:
+        """(pack, block, offset, length) of an object; raises IntegrityError if missing."""
+        found = self._locate(digest[:KEY_LEN])
+        if found is None:
+            raise IntegrityError("object %s is missing" % digest.hex()[:16])
+        pack, row = found
+        return (pack,) + pack.loc(row)
+
     def has(self, digest: bytes) -> bool:
         """True if a committed pack indexes this object."""
         return self._locate(digest[:KEY_LEN]) is not None
@@ -2794,11 +2805,7 @@ class _ObjectStore:
         ``check=False`` skips the per-object SHA-256 (the length is still checked) for
         callers that verify the SHA-256 of the whole rebuilt file instead.
         """
-        found = self._locate(digest[:KEY_LEN])
-        if found is None:
-            raise IntegrityError("object %s is missing" % digest.hex()[:16])
-        pack, row = found
-        block_no, off, length = pack.loc(row)
+        pack, block_no, off, length = self._spot(digest)
         data = self._block(pack.name, block_no)[off:off + length]
         if len(data) != length or (check and hashlib.sha256(data).digest() != digest):
             raise IntegrityError("object %s in %s.pack: checksum mismatch"
@@ -2808,13 +2815,10 @@ class _ObjectStore:
     def get_unchecked(self, digests: Sequence[bytes]) -> List[bytes]:
         """The bytes of many objects, in order, with lengths checked but not SHA-256s (for
         callers that check the SHA-256 of the whole file they make); raises IntegrityError."""
-        where, out, last, block = self.where, [], None, b""
+        self.where   # many lookups: build the map now
+        out, last, block = [], None, b""
         for digest in digests:
-            code = where.get(digest[:KEY_LEN])
-            if code is None:
-                raise IntegrityError("object %s is missing" % digest.hex()[:16])
-            pack, row = self.at(code)
-            block_no, off, length = pack.loc(row)
+            pack, block_no, off, length = self._spot(digest)
             if (pack.name, block_no) != last:
                 last = (pack.name, block_no)
                 block = self._block(*last)
@@ -2836,14 +2840,13 @@ class _ObjectStore:
         ones on worker threads); returns {digest: problem}."""
         bad: Dict[bytes, str] = {}
         by_block: Dict[Tuple[str, int], List[Tuple[int, int, bytes]]] = {}
-        where = self.where
+        self.where   # many lookups: build the map now
         for digest in set(digests):
-            code = where.get(digest[:KEY_LEN])
-            if code is None:
-                bad[digest] = "object %s is missing" % digest.hex()[:16]
+            try:
+                pack, block_no, off, length = self._spot(digest)
+            except IntegrityError as exc:
+                bad[digest] = str(exc)
                 continue
-            pack, row = self.at(code)
-            block_no, off, length = pack.loc(row)
             by_block.setdefault((pack.name, block_no), []).append((off, length, digest))
         sha256 = hashlib.sha256
         for key, block in _prefetched(self._read_block_safe, sorted(by_block)):
@@ -2898,13 +2901,12 @@ def _prefetched(func: Callable[[Any], Any], keys: List[Any],
     """``(key, func(key))`` in order, computing up to ``ahead`` results on worker threads;
     memory holds at most ``ahead + 1`` results."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
-        pending: collections.deque = collections.deque()
-        for key in keys:
-            pending.append((key, pool.submit(func, key)))
-            if len(pending) > ahead:
-                done_key, future = pending.popleft()
-                yield done_key, future.result()
+        todo = iter(keys)
+        pending = collections.deque((key, pool.submit(func, key))
+                                    for key in itertools.islice(todo, ahead))
         while pending:
+            for key in itertools.islice(todo, 1):
+                pending.append((key, pool.submit(func, key)))
             done_key, future = pending.popleft()
             yield done_key, future.result()
 
@@ -3215,7 +3217,7 @@ class BackupManager:
     # -- manifests ----------------------------------------------------------
     def manifest_path(self, backup_id: str) -> Path:
         """The manifest file of a snapshot; raises UsageError for a malformed id."""
-        if not re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", backup_id or ""):
+        if not _BACKUP_ID_RE.fullmatch(backup_id or ""):
             raise UsageError("invalid backup id %r (expected e.g. full_20261120_020000)"
                              % backup_id)
         return self.snapshots_dir / (backup_id + ".json")
@@ -3256,7 +3258,7 @@ class BackupManager:
         if not self.snapshots_dir.is_dir():
             return []
         ids = [p.stem for p in self.snapshots_dir.glob("*.json")
-               if re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", p.stem)]
+               if _BACKUP_ID_RE.fullmatch(p.stem)]
         return sorted(ids, key=_id_order)
 
     def _new_id(self, btype: BackupType) -> str:
