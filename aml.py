@@ -4880,10 +4880,9 @@ class _Copier:
                 + len(raw)
         with _PackWriter(self.dest.packs, self.dest.config.compression_level,
                          self._known) as writer:
-            for digest in meta:
-                writer.add(digest, self.source.get(digest), meta=True)
-            for digest in data:
-                writer.add(digest, self.source.get(digest))
+            for digests, is_meta in ((meta, True), (data, False)):
+                for digest in digests:
+                    writer.add(digest, self.source.get(digest), meta=is_meta)
             added = writer.commit()
         if writer.committed:
             self.target.publish("packs/%s.pack" % writer.name)
