@@ -2317,6 +2317,8 @@ _IDX_FORMAT = "aml-pack-index-1"   # sealed magic + zlib; older: magic, SHA-256,
 _PROBES_BEFORE_MAP = 2048          # lookups by binary search before building the full map
 KEY_LEN = 12                     # bytes of SHA-256 that key an object in a pack index
 _MANIFEST_FORMAT = "aml-backup-manifest-1"
+_BACKUP_ID_RE = re.compile(r"(full|incr)_\d{8}_\d{6}(_\d+)?")
+_BAD_ENTRY = (AmlError, ValueError, KeyError, TypeError, AttributeError)  # entry unreadable
 
 
 @dataclasses.dataclass
@@ -2579,8 +2581,7 @@ class _PackWriter:
         with _naming_path(self.path):
             self._fh.flush()
             os.fsync(self._fh.fileno())
-            self._fh.close()
-        self._fh = None
+            self._close()
         index = _encode_index(self.blocks, self.entries)
         atomic_write_bytes(self.path.with_suffix(".idx"), index, mode=0o600)
         self.committed = True
@@ -2603,11 +2604,14 @@ class _PackWriter:
         if self.committed:
             return
         self._pool.shutdown(cancel_futures=True)
+        self._close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 def _new_pack_name(packs_dir: Path) -> str:
@@ -2768,6 +2772,14 @@ class _ObjectStore:
         code = self.where.get(key)
         return None if code is None else self.at(code)
 
+    def _spot(self, digest: bytes) -> Tuple[_PackIndex, int, int, int]:
+        """(pack, block, offset, length) of an object; raises IntegrityError if missing."""
+        found = self._locate(digest[:KEY_LEN])
+        if found is None:
+            raise IntegrityError("object %s is missing" % digest.hex()[:16])
+        pack, row = found
+        return (pack,) + pack.loc(row)
+
     def has(self, digest: bytes) -> bool:
         """True if a committed pack indexes this object."""
         return self._locate(digest[:KEY_LEN]) is not None
@@ -2786,11 +2798,7 @@ class _ObjectStore:
         ``check=False`` skips the per-object SHA-256 (the length is still checked) for
         callers that verify the SHA-256 of the whole rebuilt file instead.
         """
-        found = self._locate(digest[:KEY_LEN])
-        if found is None:
-            raise IntegrityError("object %s is missing" % digest.hex()[:16])
-        pack, row = found
-        block_no, off, length = pack.loc(row)
+        pack, block_no, off, length = self._spot(digest)
         data = self._block(pack.name, block_no)[off:off + length]
         if len(data) != length or (check and hashlib.sha256(data).digest() != digest):
             raise IntegrityError("object %s in %s.pack: checksum mismatch"
@@ -2800,13 +2808,10 @@ class _ObjectStore:
     def get_unchecked(self, digests: Sequence[bytes]) -> List[bytes]:
         """The bytes of many objects, in order, with lengths checked but not SHA-256s (for
         callers that check the SHA-256 of the whole file they make); raises IntegrityError."""
-        where, out, last, block = self.where, [], None, b""
+        self.where   # many lookups: build the map now, not after _PROBES_BEFORE_MAP
+        out, last, block = [], None, b""
         for digest in digests:
-            code = where.get(digest[:KEY_LEN])
-            if code is None:
-                raise IntegrityError("object %s is missing" % digest.hex()[:16])
-            pack, row = self.at(code)
-            block_no, off, length = pack.loc(row)
+            pack, block_no, off, length = self._spot(digest)
             if (pack.name, block_no) != last:
                 last = (pack.name, block_no)
                 block = self._block(*last)
@@ -2828,14 +2833,13 @@ class _ObjectStore:
         ones on worker threads); returns {digest: problem}."""
         bad: Dict[bytes, str] = {}
         by_block: Dict[Tuple[str, int], List[Tuple[int, int, bytes]]] = {}
-        where = self.where
+        self.where   # many lookups: build the map now, not after _PROBES_BEFORE_MAP
         for digest in set(digests):
-            code = where.get(digest[:KEY_LEN])
-            if code is None:
-                bad[digest] = "object %s is missing" % digest.hex()[:16]
+            try:
+                pack, block_no, off, length = self._spot(digest)
+            except IntegrityError as exc:
+                bad[digest] = str(exc)
                 continue
-            pack, row = self.at(code)
-            block_no, off, length = pack.loc(row)
             by_block.setdefault((pack.name, block_no), []).append((off, length, digest))
         sha256 = hashlib.sha256
         for key, block in _prefetched(self._read_block_safe, sorted(by_block)):
@@ -2890,13 +2894,12 @@ def _prefetched(func: Callable[[Any], Any], keys: List[Any],
     """``(key, func(key))`` in order, computing up to ``ahead`` results on worker threads;
     memory holds at most ``ahead + 1`` results."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
-        pending: collections.deque = collections.deque()
-        for key in keys:
-            pending.append((key, pool.submit(func, key)))
-            if len(pending) > ahead:
-                done_key, future = pending.popleft()
-                yield done_key, future.result()
+        todo = iter(keys)
+        pending = collections.deque((key, pool.submit(func, key))
+                                    for key in itertools.islice(todo, ahead))
         while pending:
+            for key in itertools.islice(todo, 1):
+                pending.append((key, pool.submit(func, key)))
             done_key, future = pending.popleft()
             yield done_key, future.result()
 
@@ -3163,6 +3166,11 @@ class BackupManager:
         self._fresh_pack: Optional[str] = None   # the pack the last create wrote
         self._trusted = _Trusted()               # what the last create may skip verifying
 
+    def _elsewhere(self, root: Path) -> "BackupManager":
+        """A manager of the repository under ``root``, with this one's store and settings."""
+        return BackupManager(self.store, dataclasses.replace(self.config, backup_root=root,
+                                                             copy_to=None))
+
     # -- repository housekeeping ------------------------------------------
     @contextlib.contextmanager
     def _repo_lock(self, exclusive: bool) -> Iterator[None]:
@@ -3207,16 +3215,21 @@ class BackupManager:
     # -- manifests ----------------------------------------------------------
     def manifest_path(self, backup_id: str) -> Path:
         """The manifest file of a snapshot; raises UsageError for a malformed id."""
-        if not re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", backup_id or ""):
+        if not _BACKUP_ID_RE.fullmatch(backup_id or ""):
             raise UsageError("invalid backup id %r (expected e.g. full_20261120_020000)"
                              % backup_id)
         return self.snapshots_dir / (backup_id + ".json")
 
-    def load_manifest(self, backup_id: str) -> Dict[str, Any]:
-        """A snapshot's manifest; UsageError if absent, IntegrityError if it does not verify."""
+    def _existing_manifest(self, backup_id: str) -> Path:
+        """The manifest file of a snapshot; UsageError if the id is malformed or absent."""
         path = self.manifest_path(backup_id)
         if not path.exists():
             raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+        return path
+
+    def load_manifest(self, backup_id: str) -> Dict[str, Any]:
+        """A snapshot's manifest; UsageError if absent, IntegrityError if it does not verify."""
+        path = self._existing_manifest(backup_id)
         if backup_id not in self._manifests:   # manifests never change once written
             payload = read_checksummed(path)
             if not isinstance(payload, dict) or payload.get("format") != _MANIFEST_FORMAT \
@@ -3248,7 +3261,7 @@ class BackupManager:
         if not self.snapshots_dir.is_dir():
             return []
         ids = [p.stem for p in self.snapshots_dir.glob("*.json")
-               if re.fullmatch(r"(full|incr)_\d{8}_\d{6}(_\d+)?", p.stem)]
+               if _BACKUP_ID_RE.fullmatch(p.stem)]
         return sorted(ids, key=_id_order)
 
     def _new_id(self, btype: BackupType) -> str:
@@ -3437,8 +3450,7 @@ class BackupManager:
             raise UsageError("no backups in %s" % self.repo)
         if not all_snapshots:
             backup_id = backup_id or (self.own_snapshot_ids() or ids)[-1]
-            if not self.manifest_path(backup_id).exists():
-                raise UsageError("no backup %r in %s" % (backup_id, self.repo))
+            self._existing_manifest(backup_id)
             ids = [backup_id]
         with self._repo_lock(exclusive=True):
             result = self._verify_locked(ids, deep)
@@ -3523,7 +3535,6 @@ class BackupManager:
         op = self.store.operation("restore")
         # The root itself may be a symlink the user chose; only folders below it are checked.
         root = (Path(target) if target is not None else self.store.root).resolve()
-        live = root == self.store.root.resolve()
         hold = self.store.maintenance_lock() if not dry_run else contextlib.nullcontext()
         with op, hold, self._repo_lock(exclusive=not dry_run):
             if backup_id is None:
@@ -3540,12 +3551,12 @@ class BackupManager:
             if dry_run or not plan.changes():
                 plan.check()   # a corrupt backup fails even when nothing would change
                 return result
-            if not live and not force and plan.target_had_files:
+            if not plan.live and not force and plan.target_had_files:
                 raise RefusedError("--target %s is not empty; use --force to restore into it"
                                    % root)
 
             def before_swap() -> None:   # every staged file is checked by now
-                if live:
+                if plan.live:
                     safety = self._safety_snapshot(backup_id)
                     result.safety_backup = safety.backup_id
                     # e.g. a corrupt file it kept as exact bytes: the restore goes on (that
@@ -3657,7 +3668,7 @@ class BackupManager:
             try:
                 for entry in self.load_manifest(backup_id)["files"]:
                     live.update(_entry_objects(entry, lists))
-            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except _BAD_ENTRY as exc:
                 warnings.append("space not freed: snapshot %s cannot be read (%s)"
                                 % (backup_id, exc))
                 return None
@@ -3748,7 +3759,7 @@ def _damaged_entries(entries: List[Any], objects: _ObjectStore,
     for n, entry in enumerate(entries):
         try:
             needs[n] = _entry_objects(entry, lists)
-        except (AmlError, ValueError, KeyError, TypeError, AttributeError):
+        except _BAD_ENTRY:
             damaged.append(n)
     bad = objects.check_many(objects.outside((d for ds in needs.values() for d in ds), fresh))
     damaged.extend(n for n, ds in needs.items() if any(d in bad for d in ds))
@@ -3768,7 +3779,7 @@ def _verify_files(entries: List[Any], objects: _ObjectStore,
         try:
             safe_relpath(entry.get("path"))
             digests = _untrusted_objects(entry, objects, trusted)
-        except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _BAD_ENTRY as exc:
             problems.append("%s: %s" % (_entry_path(entry), exc))
         else:
             batch.append((entry, digests))
@@ -3790,7 +3801,7 @@ def _untrusted_objects(entry: Dict[str, Any], objects: _ObjectStore,
     lists = _Lists(objects)
     digests = _entry_objects(entry, lists)
     if base is not None:
-        with contextlib.suppress(AmlError, ValueError, KeyError, TypeError, AttributeError):
+        with contextlib.suppress(*_BAD_ENTRY):
             known = set(_entry_objects(base, lists))
             digests = [d for d in digests if d not in known]
     return objects.outside(digests, trusted.pack) if trusted.pack and digests else digests
@@ -4638,8 +4649,7 @@ class _LocalTarget:
 
     def __init__(self, source: BackupManager, root: Path):
         self.label = str(root)
-        self.manager = BackupManager(source.store, dataclasses.replace(
-            source.config, backup_root=root, copy_to=None))
+        self.manager = source._elsewhere(root)
         there, here = self.manager.repo.resolve(), source.repo.resolve()
         if there.is_relative_to(here) or here.is_relative_to(there):
             raise UsageError("%s is (or holds, or is inside) the source repository %s"
@@ -4678,10 +4688,6 @@ class _RcloneTarget:
         self.remote = _Rclone(spec)
         self.staging: Optional[BackupManager] = None
 
-    def _manager(self, root: Path) -> BackupManager:
-        return BackupManager(self.source.store, dataclasses.replace(
-            self.source.config, backup_root=root, copy_to=None))
-
     @contextlib.contextmanager
     def session(self, dry_run: bool) -> Iterator[BackupManager]:
         """A local staging repository mirroring the remote's manifests and indexes."""
@@ -4690,7 +4696,7 @@ class _RcloneTarget:
             if not dry_run:
                 self.remote.remove_leftovers(listing)
             self.remote.fetch(tmp / REPO_DIR_NAME, [r for r in listing if _is_repo_metadata(r)])
-            self.staging = self._manager(tmp)
+            self.staging = self.source._elsewhere(tmp)
             if not dry_run:
                 self.staging._ensure_repo()
             yield self.staging
@@ -4712,7 +4718,7 @@ class _RcloneTarget:
                   or r[len("packs/"):-len(".pack")] in packs]
         with _staging_dir() as tmp:
             self.remote.fetch(tmp / REPO_DIR_NAME, wanted)
-            yield self._manager(tmp)
+            yield self.source._elsewhere(tmp)
 
     def mark_verified(self, check: VerifyResult) -> None:
         """A remote keeps no verified.json (verify --repo checks it again)."""
@@ -4776,8 +4782,7 @@ def _copy(manager: BackupManager, target: Any, backup_ids: Optional[Sequence[str
           dry_run: bool) -> CopyResult:
     ids = list(backup_ids) if backup_ids else manager.own_snapshot_ids()
     for backup_id in ids:
-        if not manager.manifest_path(backup_id).exists():
-            raise UsageError("no backup %r in %s" % (backup_id, manager.repo))
+        manager._existing_manifest(backup_id)
     if not ids and not dry_run:
         raise UsageError("no backups of this store in %s to copy" % manager.repo)
     result = CopyResult(destination=target.label, dry_run=dry_run, copied=[], present=[],
@@ -4867,10 +4872,9 @@ class _Copier:
                 + len(raw)
         with _PackWriter(self.dest.packs, self.dest.config.compression_level,
                          self._known) as writer:
-            for digest in meta:
-                writer.add(digest, self.source.get(digest), meta=True)
-            for digest in data:
-                writer.add(digest, self.source.get(digest))
+            for digests, is_meta in ((meta, True), (data, False)):
+                for digest in digests:
+                    writer.add(digest, self.source.get(digest), meta=is_meta)
             added = writer.commit()
         if writer.committed:
             self.target.publish("packs/%s.pack" % writer.name)
@@ -5261,11 +5265,7 @@ class StatsResult(OperationResult):
 
 
 def _object_length(objects: _ObjectStore, digest: bytes) -> int:
-    code = objects.where.get(digest[:KEY_LEN])
-    if code is None:
-        raise IntegrityError("object %s is missing" % digest.hex()[:16])
-    pack, row = objects.at(code)
-    return pack.loc(row)[2]
+    return objects._spot(digest)[3]
 
 
 def _logical_size(entry: Dict[str, Any], items: List[bytes], objects: _ObjectStore) -> int:
@@ -5288,7 +5288,7 @@ def repository_stats(manager: BackupManager) -> StatsResult:
             try:
                 manifest = manager.load_manifest(backup_id)
                 rows.append(_snapshot_stats(manager, backup_id, manifest, objects, lists, seen))
-            except (AmlError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except _BAD_ENTRY as exc:
                 problems.append("%s: %s" % (backup_id, exc))
         files = [p for p in manager.repo.rglob("*") if p.is_file()] \
             if manager.repo.is_dir() else []
