@@ -9727,36 +9727,30 @@ class RecordMigration:
     lossy: bool = False
 
 
-def _walk_up(rtype: RecordType, record: Dict[str, Any], target: SchemaVersion
-             ) -> List[Tuple[str, Any, Any]]:
-    # Every step up to the target runs: each only fills what is missing, so a record that
-    # claims a version but lacks one of its fields (e.g. runtime-dropped tags) is repaired.
+def _walk(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion,
+          target: SchemaVersion) -> List[Tuple[str, Any, Any]]:
+    """(step name, before, after) of every step that changes the record on its way to
+    ``target``, the stamp of a pre-2.0.0 target last."""
+    if version > target:
+        moves = [(step.down_name, step.down) for step in reversed(MIGRATION_STEPS)
+                 if step.target <= version and step.source >= target]
+    else:
+        # Every step up to the target runs: each only fills what is missing, so a record that
+        # claims a version but lacks one of its fields (e.g. runtime-dropped tags) is repaired.
+        moves = [(step.name, step.up) for step in MIGRATION_STEPS if step.target <= target]
     changes = []
-    for step in MIGRATION_STEPS:
-        if step.target > target:
-            break
-        after = step.up(rtype, record)
+    for name, move in moves + [("stamp", functools.partial(_restamp, target=target))]:
+        after = move(rtype, record)
         if after is not record:
-            changes.append((step.name, record, after))
+            changes.append((name, record, after))
             record = after
     return changes
 
 
-def _walk_down(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion,
-               target: SchemaVersion) -> List[Tuple[str, Any, Any]]:
-    changes = []
-    for step in reversed(MIGRATION_STEPS):
-        if step.target <= version and step.source >= target:
-            after = step.down(rtype, record)
-            if after is not record:
-                changes.append((step.down_name, record, after))
-                record = after
-    return changes
-
-
-def _restamp(record: Dict[str, Any], target: SchemaVersion) -> Optional[Dict[str, Any]]:
+def _restamp(rtype: RecordType, record: Dict[str, Any], target: SchemaVersion
+             ) -> Dict[str, Any]:
     if target is SchemaVersion.V2_0_0 or record.get(VERSION_STAMP, target.value) == target.value:
-        return None
+        return record
     out = dict(record)
     out[VERSION_STAMP] = target.value  # a hand-written stamp follows its record
     return out
@@ -9772,16 +9766,11 @@ def migrate_record(rtype: RecordType, record: Any, target: SchemaVersion) -> Rec
     if version is None:
         return RecordMigration(record, None, [], "cannot place: %s" % why)
     try:
-        changes = (_walk_down(rtype, record, version, target) if version > target
-                   else _walk_up(rtype, record, target))
+        changes = _walk(rtype, record, version, target)
     except LossyStepError as exc:
         return RecordMigration(record, version, [], str(exc), lossy=True)
     except UnmigratableRecordError as exc:
         return RecordMigration(record, version, [], str(exc))
-    final = changes[-1][2] if changes else record
-    restamped = _restamp(final, target)
-    if restamped is not None:
-        changes.append(("stamp", final, restamped))
     return RecordMigration(changes[-1][2] if changes else record, version, changes)
 
 
