@@ -8092,6 +8092,18 @@ def _exact_duplicates(records: List[Any], candidates: List[int]) -> Dict[int, in
     return found
 
 
+@contextlib.contextmanager
+def _left_alone(busy: List[str], unreadable: List[str]) -> Iterator[None]:
+    """A file whose lock stays held or that is unreadable is left as it was and listed in
+    ``busy`` / ``unreadable``; the other files go on."""
+    try:
+        yield
+    except StoreBusyError as exc:
+        busy.append(str(exc))
+    except CorruptFileError as exc:
+        unreadable.append(str(exc))
+
+
 _REFUSED_AGENTS = property(lambda self: self.refused_agents,
                            doc="Agents the mass-removal guard refused (a real run raises).")
 
@@ -8210,16 +8222,12 @@ class GarbageCollector:
         for entry in entries:
             by_file.setdefault(entry["file"], []).append(entry)
         for rel, file_entries in by_file.items():
-            try:
+            with _left_alone(self.busy, self.unreadable):
                 done = self._remove_from(self.store.root / rel, file_entries,
                                          lambda d, n=parts + 1: archive.write_part(run_id, n, d))
-            except (StoreBusyError, CorruptFileError) as exc:
-                busy = isinstance(exc, StoreBusyError)
-                (self.busy if busy else self.unreadable).append(str(exc))
-                continue
-            parts += bool(done)
-            removed.extend(done)
-            skipped += len(file_entries) - len(done)
+                parts += bool(done)
+                removed.extend(done)
+                skipped += len(file_entries) - len(done)
         archive.finish(run_id, {"entries": len(removed), "parts": parts})
         return removed, skipped
 
@@ -9046,7 +9054,7 @@ def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, pla
                        part: int) -> int:
     """Merge one file's clusters under its lock: archive part first, then the rewrite.
     A file the runtime changed since planning is planned again from what is there now."""
-    try:
+    with _left_alone(result.busy, result.unreadable):
         with store.rewrite(plan.data_file.path) as job:
             if text_digest(job.text) != plan.digest:
                 plan = _plan_dedupe_file(store, plan.data_file, job.data, result.threshold, None)
@@ -9060,13 +9068,8 @@ def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, pla
             job.data = [merges[i][0] if i in merges else record
                         for i, record in enumerate(job.data) if i not in gone]
             job.changed = True
-    except StoreBusyError as exc:
-        result.busy.append(str(exc))
-        return 0
-    except CorruptFileError as exc:
-        result.unreadable.append(str(exc))
-        return 0
-    return len(gone)
+        return len(gone)
+    return 0  # left alone: busy or unreadable
 
 
 def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
@@ -10051,17 +10054,13 @@ class MigrationManager:
                                  run_id=new_run_id("migrate", self.store.now))
         need_backup = backup
         for data_file, rel in self._files():
-            try:
+            with _left_alone(result.busy, result.unreadable):
                 if need_backup and self._has_changes(data_file, rel, target, result):
                     result.backup_id = self._safety_backup(target)
                     need_backup = False
                 if need_backup:
                     continue  # unchanged and already counted by _has_changes
                 self._rewrite(data_file, rel, target, result)
-            except CorruptFileError as exc:
-                result.unreadable.append(str(exc))
-            except StoreBusyError as exc:  # left as it was; the other files go on
-                result.busy.append(str(exc))
         return result
 
     def _safety_backup(self, target: SchemaVersion) -> str:
