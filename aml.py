@@ -9979,6 +9979,16 @@ class MigrationManager:
         for data_file in with_progress(self.progress, "migrate", files, _file_size):
             yield data_file, data_file.path.relative_to(self.store.root).as_posix()
 
+    def _readable(self, unreadable: List[str]) -> Iterator[Tuple[DataFile, str, List[Any]]]:
+        """(file, relative path, records) of each readable file; the others go to ``unreadable``."""
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                unreadable.append(str(exc))
+                continue
+            yield data_file, rel, records
+
     def history(self) -> List[Dict[str, Any]]:
         """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
         return self.store.read_state(MIGRATIONS_STATE, [])
@@ -9986,12 +9996,7 @@ class MigrationManager:
     def detect(self) -> DetectionReport:
         """Versions of every record, per file and agent; read-only, creates nothing."""
         report = DetectionReport()
-        for data_file, rel in self._files():
-            try:
-                records, _ = self.store.load_records(data_file)
-            except CorruptFileError as exc:
-                report.unreadable.append(str(exc))
-                continue
+        for data_file, rel, records in self._readable(report.unreadable):
             report.add_file(self._detect_file(data_file, rel, records, report))
         try:
             report.history = self.history()
@@ -10032,7 +10037,9 @@ class MigrationManager:
         with self.store.operation("migrate") as op, self.store.maintenance_lock():
             self.store.cleanup_temp_files()
             if target is not SchemaVersion.latest():
-                self._refuse_if_lossy(self._scan(target))
+                plan = self._scan(target)
+                if plan.refused:  # nothing is written when a step down would lose information
+                    raise RefusedError(self.refusal_message(plan))
             result = self._apply(target, backup)
             result.seconds = op.seconds
             op.record(self._record(result))
@@ -10040,12 +10047,7 @@ class MigrationManager:
 
     def _scan(self, target: SchemaVersion) -> MigrationResult:
         result = MigrationResult(target=target.value, dry_run=True)
-        for data_file, rel in self._files():
-            try:
-                records, _ = self.store.load_records(data_file)
-            except CorruptFileError as exc:
-                result.unreadable.append(str(exc))
-                continue
+        for data_file, rel, records in self._readable(result.unreadable):
             result.absorb(migrate_records(rel, data_file.rtype, records, target))
         return result
 
@@ -10088,10 +10090,6 @@ class MigrationManager:
                 job.data = outcome.records
                 job.changed = True
         result.absorb(outcome)
-
-    def _refuse_if_lossy(self, plan: MigrationResult) -> None:
-        if plan.refused:
-            raise RefusedError(self.refusal_message(plan))
 
     def refusal_message(self, plan: MigrationResult) -> str:
         """Why a step down is refused, naming the pre-migration backup to restore instead."""
