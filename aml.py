@@ -8666,31 +8666,29 @@ class _FileDedupe:
         ids = collections.Counter(r.get("id") for r in records if isinstance(r, dict))
         self.shared_ids = {rid for rid, n in ids.items() if n > 1}
 
-    def _takes_part(self, record: Any) -> bool:
-        return _eligible(record) and record["id"] not in self.shared_ids
+    def _shingles(self, record: Any) -> Optional[Set[int]]:
+        """The record's shingles; None when it cannot take part or has no knowledge text."""
+        if not (_eligible(record) and record["id"] not in self.shared_ids):
+            return None
+        units = knowledge_units(self.rtype, record)
+        return self.shingler.shingles(units) if units else None
 
     def candidate(self, index: int) -> Optional[_Candidate]:
         """The record at ``index`` ready for comparison (None if it cannot take part)."""
         if index not in self.cache:
             record, packed = self.records[index], self.packed.get(index)
-            if packed is not None:
-                self.cache[index] = _Candidate(index, record, self.rtype, set(packed))
-                return self.cache[index]
-            units = knowledge_units(self.rtype, record) if self._takes_part(record) else []
-            self.cache[index] = (_Candidate(index, record, self.rtype,
-                                            self.shingler.shingles(units)) if units else None)
+            shingles = set(packed) if packed is not None else self._shingles(record)
+            self.cache[index] = (None if shingles is None
+                                 else _Candidate(index, record, self.rtype, shingles))
         return self.cache[index]
 
     def buckets(self) -> List[Dict[int, List[int]]]:
         """Per LSH band, band key -> record positions (every eligible record, one pass)."""
         bands: List[Dict[int, List[int]]] = [{} for _ in range(_BINS // _BAND_ROWS + 2)]
         for index, record in enumerate(self.records):
-            if not self._takes_part(record):
+            shingles = self._shingles(record)
+            if shingles is None:
                 continue
-            units = knowledge_units(self.rtype, record)
-            if not units:
-                continue
-            shingles = self.shingler.shingles(units)
             self.packed[index] = array.array("q", shingles)
             for band, key in zip(bands, minhash_bands(shingles)):
                 if key is not None:
