@@ -7936,8 +7936,8 @@ def _transcode_locked(path: Path, to_gzip: bool, dry_run: bool,
     try:
         raw = read_regular_file(path)   # a symlink, folder or FIFO: unreadable, unopened
         before = path.stat()
-        parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
-                     and len(raw) == before.st_size)
+        stamp = (before.st_size, before.st_mtime_ns)
+        parsed_ok = indexed == stamp and len(raw) == before.st_size
         if (raw[:2] == GZIP_MAGIC) == to_gzip:
             if not parsed_ok:  # already in form, but a truncated gzip is not "done"
                 parse_json_text(decode_file_bytes(path, raw)[0])
@@ -7948,14 +7948,13 @@ def _transcode_locked(path: Path, to_gzip: bool, dry_run: bool,
     if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
         raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
     after = path.stat()
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+    if (after.st_size, after.st_mtime_ns) != stamp:
         return path_text, "changed", len(raw), len(raw), "", None, None
     if not dry_run:  # write errors propagate: the old file is intact (atomic write)
         atomic_write_bytes(path, new)
         os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
         after = path.stat()  # still under the lock: exactly the file as we left it
-    return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
-            (after.st_size, after.st_mtime_ns))
+    return path_text, "done", len(raw), len(new), "", stamp, (after.st_size, after.st_mtime_ns)
 
 
 def _indexed_stats(index: MemoryIndex) -> Dict[Path, Tuple[int, int]]:
