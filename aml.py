@@ -8276,6 +8276,7 @@ def _orphaned_state(store: Store) -> Tuple[List[str], bool]:
     return strays + gone, bool(gone)
 
 
+@paused_cyclic_gc()
 def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
                     backup: Optional[Callable[[], str]] = None) -> GcResult:
     """Run gc over every agent; call with the maintenance lock held (except dry runs).
@@ -8284,12 +8285,6 @@ def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
     will be removed. Agents over the mass-deletion limit are refused and listed; if any is,
     nothing at all is removed and RefusedError names them.
     """
-    with paused_cyclic_gc():
-        return _collect_garbage(store, dry_run, force, backup)
-
-
-def _collect_garbage(store: Store, dry_run: bool, force: bool,
-                     backup: Optional[Callable[[], str]]) -> GcResult:
     started = time.monotonic()
     gc = GarbageCollector(store, force)
     errors: List[CorruptFileError] = []
