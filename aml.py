@@ -8060,10 +8060,9 @@ _BODY_KEYS = {RecordType.PATTERN: ("pattern",), RecordType.SOLUTION: ("problem",
 def _incomplete(rtype: RecordType, record: Any) -> Optional[Tuple[GcReason, Dict[str, Any]]]:
     if not isinstance(record, dict):
         return GcReason.NOT_AN_OBJECT, {"value_type": type(record).__name__}
-    if not (isinstance(record.get("id"), str) and record["id"]):
-        return GcReason.MISSING_ID, {"id": record.get("id")}
-    if not (isinstance(record.get("agent"), str) and record["agent"]):
-        return GcReason.MISSING_AGENT, {"agent": record.get("agent")}
+    for key, reason in (("id", GcReason.MISSING_ID), ("agent", GcReason.MISSING_AGENT)):
+        if not (isinstance(record.get(key), str) and record[key]):
+            return reason, {key: record.get(key)}
     if parse_timestamp(record.get("timestamp")) is None:
         return GcReason.MISSING_TIMESTAMP, {"timestamp": record.get("timestamp")}
     missing = [k for k in _BODY_KEYS[rtype] if not isinstance(record.get(k), dict)]
