@@ -8759,7 +8759,7 @@ class _FileDedupe:
 def _set_present(record: Dict[str, Any], field: str, value: Any) -> None:
     """Set a logical field where the record keeps it (first layout present); else nowhere."""
     for path in FIELD_PATHS[field]:
-        holder = dig(record, *path[:-1]) if len(path) > 1 else record
+        holder = dig(record, *path[:-1])
         if isinstance(holder, dict) and holder.get(path[-1]) is not None:
             holder[path[-1]] = value
             return
@@ -8828,14 +8828,12 @@ def merge_records(rtype: RecordType, survivor: Dict[str, Any],
     if rtype is RecordType.PATTERN:
         _merge_pattern_evidence(out, records)
     elif rtype is RecordType.SOLUTION:
-        for key in ("verifiedCount", "verified_count"):
-            if _number(out.get(key)) is not None:
-                out[key] = _json_number(sum(_number(r.get(key)) or 0 for r in records))
-        effect = out.get("effectiveness")
-        for key in ("preventedRecurrence", "relatedErrorsFixed"):
-            if isinstance(effect, dict) and _number(effect.get(key)) is not None:
-                effect[key] = _json_number(sum(_number(dig(r, "effectiveness", key)) or 0
-                                               for r in records))
+        for path in (("verifiedCount",), ("verified_count",),
+                     ("effectiveness", "preventedRecurrence"),
+                     ("effectiveness", "relatedErrorsFixed")):
+            holder = dig(out, *path[:-1])
+            if isinstance(holder, dict) and _number(holder.get(path[-1])) is not None:
+                holder[path[-1]] = _json_number(sum(_number(dig(r, *path)) or 0 for r in records))
         if isinstance(dig(out, "solution", "relatedPatterns"), list):
             out["solution"]["relatedPatterns"] = _union(dig(r, "solution", "relatedPatterns")
                                                         for r in records)
