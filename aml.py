@@ -9350,14 +9350,15 @@ def _with_defaults(record: Dict[str, Any], defaults: Dict[str, Callable[[], Any]
     return {**record, **{key: defaults[key]() for key in missing}} if missing else record
 
 
-def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str
+def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str,
+                      same: Callable[[Any, Any], bool] = operator.eq, label: str = ""
                       ) -> Dict[str, Any]:
     if not any(key in record for key in defaults):
         return record
     for key, empty in defaults.items():
-        if key in record and record[key] != empty:
-            raise LossyStepError("step %s would drop %s = %s"
-                                 % (step, key, _short(record[key])))
+        if key in record and not same(record[key], empty):
+            raise LossyStepError("step %s would drop %s%s = %s"
+                                 % (step, label, key, _short(record[key])))
     return {k: v for k, v in record.items() if k not in defaults}
 
 
@@ -9676,11 +9677,8 @@ class RestructureMetricsAndLifecycle(MigrationStep):
         if isinstance(metrics, dict) and any(key in metrics for key in _COUNT_KEYS):
             derived = _derived_counts(metrics) if not runtime_problems(
                 RecordType.PATTERN, record) else {}
-            for key in _COUNT_KEYS:
-                if key in metrics and not _same(metrics[key], derived.get(key)):
-                    raise LossyStepError("step %s would drop metrics.%s = %s"
-                                         % (self.down_name, key, _short(metrics[key])))
-            out["metrics"] = {k: v for k, v in metrics.items() if k not in _COUNT_KEYS}
+            out["metrics"] = _without_defaults(metrics, {k: derived.get(k) for k in _COUNT_KEYS},
+                                               self.down_name, _same, "metrics.")
         return out
 
     def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
