@@ -7840,6 +7840,9 @@ def rebuild_supersede_map(store: Store) -> int:
 # In-place gzip of cold files, decompress, gc of broken and duplicate records; optimize().
 # =============================================================================
 
+import functools  # noqa: E402
+
+
 @dataclasses.dataclass
 class OptimizeConfig:
     """Settings of ``optimize`` (aml config file section ``optimize``; flags win)."""
@@ -9175,7 +9178,8 @@ def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = N
     config = config or OptimizeConfig()
     steps = optimize_steps(action, config)
     action = "index" if action == "build-index" else action
-    backup = (_once(lambda: safety_backup(store, "before optimize %s" % action))
+    # functools.cache: the first step that calls backup() takes it, the others get its id.
+    backup = (functools.cache(lambda: safety_backup(store, "before optimize %s" % action))
               if config.create_backup else None)
     run = OptimizeRun(store, config, dry_run, force, backup)
     results: Dict[str, Any] = {}
@@ -9187,17 +9191,6 @@ def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = N
                 if not dry_run:
                     op.summary = step.summary(results[name])
     return OptimizeResult(action=action, dry_run=dry_run, order=list(results), steps=results)
-
-
-def _once(make: Callable[[], str]) -> Callable[[], str]:
-    """``make`` called at most once; later calls return its first result."""
-    made: List[str] = []
-
-    def call() -> str:
-        if not made:
-            made.append(make())
-        return made[0]
-    return call
 
 
 __all__ += ["OptimizeConfig", "optimize_config_for", "TranscodeResult", "transcode_store",
@@ -9213,8 +9206,6 @@ __all__ += ["OptimizeConfig", "optimize_config_for", "TranscodeResult", "transco
 # 13. Migration
 # Schema detection per record and step-by-step migration to 2.0.0.
 # =============================================================================
-
-import functools  # noqa: E402
 
 
 @functools.total_ordering
