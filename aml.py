@@ -8513,11 +8513,10 @@ def record_facts_for_guard(fragments: List[Tuple[str, str]]) -> Dict[str, "colle
             found["context"][(label, " ".join(text.lower().split()))] += 1
         for match in _QUOTED_RE.finditer(text):
             found["identifier"][(label, next(g for g in match.groups() if g is not None))] += 1
-        for token in _TOKEN_RE.findall(text):
-            kind = _fact_class(token.strip(".:!?"))
+        for token in (t.strip(".:!?") for t in _TOKEN_RE.findall(text)):
+            kind = _fact_class(token)
             if kind is not None:
-                found[kind][(label, token.strip(".:!?").lower() if kind == "negation"
-                             else token.strip(".:!?"))] += 1
+                found[kind][(label, token.lower() if kind == "negation" else token)] += 1
     return found
 
 
@@ -8922,15 +8921,14 @@ def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], thr
     finder = _FileDedupe(data_file.rtype, records, threshold)
     clusters = finder.clusters()
     rel = data_file.path.relative_to(store.root).as_posix()
-    if result is None:
-        return _DedupeFile(data_file, rel, "", clusters)
-    for survivor, members in clusters:
-        result.clusters.append(DedupeCluster(
-            data_file.agent, rel, data_file.rtype.value, survivor.id, survivor.index,
-            _survivor_why(survivor, members),
-            [{"id": c.id, "index": c.index, "similarity": round(score, 4),
-              "differs": text_differences(survivor, c)} for c, score in members]))
-    result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
+    if result is not None:
+        for survivor, members in clusters:
+            result.clusters.append(DedupeCluster(
+                data_file.agent, rel, data_file.rtype.value, survivor.id, survivor.index,
+                _survivor_why(survivor, members),
+                [{"id": c.id, "index": c.index, "similarity": round(score, 4),
+                  "differs": text_differences(survivor, c)} for c, score in members]))
+        result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
     return _DedupeFile(data_file, rel, digest, clusters)
 
 
