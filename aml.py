@@ -9853,10 +9853,9 @@ class MigrationResult(OperationResult):
         """Add one file's outcome."""
         self.records += len(outcome.records)
         self.changed += outcome.changed
-        for name, count in outcome.versions.items():
-            _add_counts(self.from_versions, name, count)
-        for name, count in outcome.steps.items():
-            _add_counts(self.steps, name, count)
+        for into, counts in ((self.from_versions, outcome.versions), (self.steps, outcome.steps)):
+            for name, count in counts.items():
+                _add_counts(into, name, count)
         for sample in outcome.samples:
             self._keep_sample(sample)
         self.reported.extend(outcome.reported)
