@@ -7824,6 +7824,9 @@ def rebuild_supersede_map(store: Store) -> int:
 # In-place gzip of cold files, decompress, gc of broken and duplicate records; optimize().
 # =============================================================================
 
+import functools  # noqa: E402
+
+
 @dataclasses.dataclass
 class OptimizeConfig:
     """Settings of ``optimize`` (aml config file section ``optimize``; flags win)."""
@@ -7920,8 +7923,8 @@ def _transcode_locked(path: Path, to_gzip: bool, dry_run: bool,
     try:
         raw = read_regular_file(path)   # a symlink, folder or FIFO: unreadable, unopened
         before = path.stat()
-        parsed_ok = (indexed == (before.st_size, before.st_mtime_ns)
-                     and len(raw) == before.st_size)
+        stamp = (before.st_size, before.st_mtime_ns)
+        parsed_ok = indexed == stamp and len(raw) == before.st_size
         if (raw[:2] == GZIP_MAGIC) == to_gzip:
             if not parsed_ok:  # already in form, but a truncated gzip is not "done"
                 parse_json_text(decode_file_bytes(path, raw)[0])
@@ -7932,14 +7935,13 @@ def _transcode_locked(path: Path, to_gzip: bool, dry_run: bool,
     if to_gzip and gzip.decompress(new) != raw:  # pragma: no cover - zlib self-check
         raise IntegrityError("%s: gzip round trip differs; file left as it was" % path)
     after = path.stat()
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+    if (after.st_size, after.st_mtime_ns) != stamp:
         return path_text, "changed", len(raw), len(raw), "", None, None
     if not dry_run:  # write errors propagate: the old file is intact (atomic write)
         atomic_write_bytes(path, new)
         os.utime(str(path), ns=(before.st_atime_ns, before.st_mtime_ns))
         after = path.stat()  # still under the lock: exactly the file as we left it
-    return (path_text, "done", len(raw), len(new), "", (before.st_size, before.st_mtime_ns),
-            (after.st_size, after.st_mtime_ns))
+    return path_text, "done", len(raw), len(new), "", stamp, (after.st_size, after.st_mtime_ns)
 
 
 def _indexed_stats(index: MemoryIndex) -> Dict[Path, Tuple[int, int]]:
@@ -8045,10 +8047,9 @@ _BODY_KEYS = {RecordType.PATTERN: ("pattern",), RecordType.SOLUTION: ("problem",
 def _incomplete(rtype: RecordType, record: Any) -> Optional[Tuple[GcReason, Dict[str, Any]]]:
     if not isinstance(record, dict):
         return GcReason.NOT_AN_OBJECT, {"value_type": type(record).__name__}
-    if not (isinstance(record.get("id"), str) and record["id"]):
-        return GcReason.MISSING_ID, {"id": record.get("id")}
-    if not (isinstance(record.get("agent"), str) and record["agent"]):
-        return GcReason.MISSING_AGENT, {"agent": record.get("agent")}
+    for key, reason in (("id", GcReason.MISSING_ID), ("agent", GcReason.MISSING_AGENT)):
+        if not (isinstance(record.get(key), str) and record[key]):
+            return reason, {key: record.get(key)}
     if parse_timestamp(record.get("timestamp")) is None:
         return GcReason.MISSING_TIMESTAMP, {"timestamp": record.get("timestamp")}
     missing = [k for k in _BODY_KEYS[rtype] if not isinstance(record.get(k), dict)]
@@ -8074,6 +8075,18 @@ def _exact_duplicates(records: List[Any], candidates: List[int]) -> Dict[int, in
             if first != index:
                 found[index] = first
     return found
+
+
+@contextlib.contextmanager
+def _left_alone(busy: List[str], unreadable: List[str]) -> Iterator[None]:
+    """A file whose lock stays held or that is unreadable is left as it was and listed in
+    ``busy`` / ``unreadable``; the other files go on."""
+    try:
+        yield
+    except StoreBusyError as exc:
+        busy.append(str(exc))
+    except CorruptFileError as exc:
+        unreadable.append(str(exc))
 
 
 _REFUSED_AGENTS = property(lambda self: self.refused_agents,
@@ -8194,16 +8207,12 @@ class GarbageCollector:
         for entry in entries:
             by_file.setdefault(entry["file"], []).append(entry)
         for rel, file_entries in by_file.items():
-            try:
+            with _left_alone(self.busy, self.unreadable):
                 done = self._remove_from(self.store.root / rel, file_entries,
                                          lambda d, n=parts + 1: archive.write_part(run_id, n, d))
-            except (StoreBusyError, CorruptFileError) as exc:
-                busy = isinstance(exc, StoreBusyError)
-                (self.busy if busy else self.unreadable).append(str(exc))
-                continue
-            parts += bool(done)
-            removed.extend(done)
-            skipped += len(file_entries) - len(done)
+                parts += bool(done)
+                removed.extend(done)
+                skipped += len(file_entries) - len(done)
         archive.finish(run_id, {"entries": len(removed), "parts": parts})
         return removed, skipped
 
@@ -8253,6 +8262,7 @@ def _orphaned_state(store: Store) -> Tuple[List[str], bool]:
     return strays + gone, bool(gone)
 
 
+@paused_cyclic_gc()
 def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
                     backup: Optional[Callable[[], str]] = None) -> GcResult:
     """Run gc over every agent; call with the maintenance lock held (except dry runs).
@@ -8261,12 +8271,6 @@ def collect_garbage(store: Store, dry_run: bool = False, force: bool = False,
     will be removed. Agents over the mass-deletion limit are refused and listed; if any is,
     nothing at all is removed and RefusedError names them.
     """
-    with paused_cyclic_gc():
-        return _collect_garbage(store, dry_run, force, backup)
-
-
-def _collect_garbage(store: Store, dry_run: bool, force: bool,
-                     backup: Optional[Callable[[], str]]) -> GcResult:
     started = time.monotonic()
     gc = GarbageCollector(store, force)
     errors: List[CorruptFileError] = []
@@ -8493,11 +8497,10 @@ def record_facts_for_guard(fragments: List[Tuple[str, str]]) -> Dict[str, "colle
             found["context"][(label, " ".join(text.lower().split()))] += 1
         for match in _QUOTED_RE.finditer(text):
             found["identifier"][(label, next(g for g in match.groups() if g is not None))] += 1
-        for token in _TOKEN_RE.findall(text):
-            kind = _fact_class(token.strip(".:!?"))
+        for token in (t.strip(".:!?") for t in _TOKEN_RE.findall(text)):
+            kind = _fact_class(token)
             if kind is not None:
-                found[kind][(label, token.strip(".:!?").lower() if kind == "negation"
-                             else token.strip(".:!?"))] += 1
+                found[kind][(label, token.lower() if kind == "negation" else token)] += 1
     return found
 
 
@@ -8642,31 +8645,29 @@ class _FileDedupe:
         ids = collections.Counter(r.get("id") for r in records if isinstance(r, dict))
         self.shared_ids = {rid for rid, n in ids.items() if n > 1}
 
-    def _takes_part(self, record: Any) -> bool:
-        return _eligible(record) and record["id"] not in self.shared_ids
+    def _shingles(self, record: Any) -> Optional[Set[int]]:
+        """The record's shingles; None when it cannot take part or has no knowledge text."""
+        if not (_eligible(record) and record["id"] not in self.shared_ids):
+            return None
+        units = knowledge_units(self.rtype, record)
+        return self.shingler.shingles(units) if units else None
 
     def candidate(self, index: int) -> Optional[_Candidate]:
         """The record at ``index`` ready for comparison (None if it cannot take part)."""
         if index not in self.cache:
             record, packed = self.records[index], self.packed.get(index)
-            if packed is not None:
-                self.cache[index] = _Candidate(index, record, self.rtype, set(packed))
-                return self.cache[index]
-            units = knowledge_units(self.rtype, record) if self._takes_part(record) else []
-            self.cache[index] = (_Candidate(index, record, self.rtype,
-                                            self.shingler.shingles(units)) if units else None)
+            shingles = set(packed) if packed is not None else self._shingles(record)
+            self.cache[index] = (None if shingles is None
+                                 else _Candidate(index, record, self.rtype, shingles))
         return self.cache[index]
 
     def buckets(self) -> List[Dict[int, List[int]]]:
         """Per LSH band, band key -> record positions (every eligible record, one pass)."""
         bands: List[Dict[int, List[int]]] = [{} for _ in range(_BINS // _BAND_ROWS + 2)]
         for index, record in enumerate(self.records):
-            if not self._takes_part(record):
+            shingles = self._shingles(record)
+            if shingles is None:
                 continue
-            units = knowledge_units(self.rtype, record)
-            if not units:
-                continue
-            shingles = self.shingler.shingles(units)
             self.packed[index] = array.array("q", shingles)
             for band, key in zip(bands, minhash_bands(shingles)):
                 if key is not None:
@@ -8744,7 +8745,7 @@ class _FileDedupe:
 def _set_present(record: Dict[str, Any], field: str, value: Any) -> None:
     """Set a logical field where the record keeps it (first layout present); else nowhere."""
     for path in FIELD_PATHS[field]:
-        holder = dig(record, *path[:-1]) if len(path) > 1 else record
+        holder = dig(record, *path[:-1])
         if isinstance(holder, dict) and holder.get(path[-1]) is not None:
             holder[path[-1]] = value
             return
@@ -8813,14 +8814,12 @@ def merge_records(rtype: RecordType, survivor: Dict[str, Any],
     if rtype is RecordType.PATTERN:
         _merge_pattern_evidence(out, records)
     elif rtype is RecordType.SOLUTION:
-        for key in ("verifiedCount", "verified_count"):
-            if _number(out.get(key)) is not None:
-                out[key] = _json_number(sum(_number(r.get(key)) or 0 for r in records))
-        effect = out.get("effectiveness")
-        for key in ("preventedRecurrence", "relatedErrorsFixed"):
-            if isinstance(effect, dict) and _number(effect.get(key)) is not None:
-                effect[key] = _json_number(sum(_number(dig(r, "effectiveness", key)) or 0
-                                               for r in records))
+        for path in (("verifiedCount",), ("verified_count",),
+                     ("effectiveness", "preventedRecurrence"),
+                     ("effectiveness", "relatedErrorsFixed")):
+            holder = dig(out, *path[:-1])
+            if isinstance(holder, dict) and _number(holder.get(path[-1])) is not None:
+                holder[path[-1]] = _json_number(sum(_number(dig(r, *path)) or 0 for r in records))
         if isinstance(dig(out, "solution", "relatedPatterns"), list):
             out["solution"]["relatedPatterns"] = _union(dig(r, "solution", "relatedPatterns")
                                                         for r in records)
@@ -8906,15 +8905,14 @@ def _plan_dedupe_file(store: Store, data_file: DataFile, records: List[Any], thr
     finder = _FileDedupe(data_file.rtype, records, threshold)
     clusters = finder.clusters()
     rel = data_file.path.relative_to(store.root).as_posix()
-    if result is None:
-        return _DedupeFile(data_file, rel, "", clusters)
-    for survivor, members in clusters:
-        result.clusters.append(DedupeCluster(
-            data_file.agent, rel, data_file.rtype.value, survivor.id, survivor.index,
-            _survivor_why(survivor, members),
-            [{"id": c.id, "index": c.index, "similarity": round(score, 4),
-              "differs": text_differences(survivor, c)} for c, score in members]))
-    result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
+    if result is not None:
+        for survivor, members in clusters:
+            result.clusters.append(DedupeCluster(
+                data_file.agent, rel, data_file.rtype.value, survivor.id, survivor.index,
+                _survivor_why(survivor, members),
+                [{"id": c.id, "index": c.index, "similarity": round(score, 4),
+                  "differs": text_differences(survivor, c)} for c, score in members]))
+        result.held_apart.extend(dict(h, file=rel) for _, h in sorted(finder.held.items()))
     return _DedupeFile(data_file, rel, digest, clusters)
 
 
@@ -9030,7 +9028,7 @@ def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, pla
                        part: int) -> int:
     """Merge one file's clusters under its lock: archive part first, then the rewrite.
     A file the runtime changed since planning is planned again from what is there now."""
-    try:
+    with _left_alone(result.busy, result.unreadable):
         with store.rewrite(plan.data_file.path) as job:
             if text_digest(job.text) != plan.digest:
                 plan = _plan_dedupe_file(store, plan.data_file, job.data, result.threshold, None)
@@ -9044,13 +9042,8 @@ def _apply_dedupe_file(store: Store, archive: Archive, result: DedupeResult, pla
             job.data = [merges[i][0] if i in merges else record
                         for i, record in enumerate(job.data) if i not in gone]
             job.changed = True
-    except StoreBusyError as exc:
-        result.busy.append(str(exc))
-        return 0
-    except CorruptFileError as exc:
-        result.unreadable.append(str(exc))
-        return 0
-    return len(gone)
+        return len(gone)
+    return 0  # left alone: busy or unreadable
 
 
 def supersede_map(store: Store) -> Dict[str, Dict[str, str]]:
@@ -9167,7 +9160,8 @@ def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = N
     config = config or OptimizeConfig()
     steps = optimize_steps(action, config)
     action = "index" if action == "build-index" else action
-    backup = (_once(lambda: safety_backup(store, "before optimize %s" % action))
+    # functools.cache: the first step that calls backup() takes it, the others get its id.
+    backup = (functools.cache(lambda: safety_backup(store, "before optimize %s" % action))
               if config.create_backup else None)
     run = OptimizeRun(store, config, dry_run, force, backup)
     results: Dict[str, Any] = {}
@@ -9179,17 +9173,6 @@ def optimize(store: StoreLike, action: str, config: Optional[OptimizeConfig] = N
                 if not dry_run:
                     op.summary = step.summary(results[name])
     return OptimizeResult(action=action, dry_run=dry_run, order=list(results), steps=results)
-
-
-def _once(make: Callable[[], str]) -> Callable[[], str]:
-    """``make`` called at most once; later calls return its first result."""
-    made: List[str] = []
-
-    def call() -> str:
-        if not made:
-            made.append(make())
-        return made[0]
-    return call
 
 
 __all__ += ["OptimizeConfig", "optimize_config_for", "TranscodeResult", "transcode_store",
@@ -9205,8 +9188,6 @@ __all__ += ["OptimizeConfig", "optimize_config_for", "TranscodeResult", "transco
 # 13. Migration
 # Schema detection per record and step-by-step migration to 2.0.0.
 # =============================================================================
-
-import functools  # noqa: E402
 
 
 @functools.total_ordering
@@ -9342,14 +9323,15 @@ def _with_defaults(record: Dict[str, Any], defaults: Dict[str, Callable[[], Any]
     return {**record, **{key: defaults[key]() for key in missing}} if missing else record
 
 
-def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str
+def _without_defaults(record: Dict[str, Any], defaults: Dict[str, Any], step: str,
+                      same: Callable[[Any, Any], bool] = operator.eq, label: str = ""
                       ) -> Dict[str, Any]:
     if not any(key in record for key in defaults):
         return record
     for key, empty in defaults.items():
-        if key in record and record[key] != empty:
-            raise LossyStepError("step %s would drop %s = %s"
-                                 % (step, key, _short(record[key])))
+        if key in record and not same(record[key], empty):
+            raise LossyStepError("step %s would drop %s%s = %s"
+                                 % (step, label, key, _short(record[key])))
     return {k: v for k, v in record.items() if k not in defaults}
 
 
@@ -9668,11 +9650,8 @@ class RestructureMetricsAndLifecycle(MigrationStep):
         if isinstance(metrics, dict) and any(key in metrics for key in _COUNT_KEYS):
             derived = _derived_counts(metrics) if not runtime_problems(
                 RecordType.PATTERN, record) else {}
-            for key in _COUNT_KEYS:
-                if key in metrics and not _same(metrics[key], derived.get(key)):
-                    raise LossyStepError("step %s would drop metrics.%s = %s"
-                                         % (self.down_name, key, _short(metrics[key])))
-            out["metrics"] = {k: v for k, v in metrics.items() if k not in _COUNT_KEYS}
+            out["metrics"] = _without_defaults(metrics, {k: derived.get(k) for k in _COUNT_KEYS},
+                                               self.down_name, _same, "metrics.")
         return out
 
     def revert_solution(self, record: Dict[str, Any]) -> Dict[str, Any]:
@@ -9711,36 +9690,30 @@ class RecordMigration:
     lossy: bool = False
 
 
-def _walk_up(rtype: RecordType, record: Dict[str, Any], target: SchemaVersion
-             ) -> List[Tuple[str, Any, Any]]:
-    # Every step up to the target runs: each only fills what is missing, so a record that
-    # claims a version but lacks one of its fields (e.g. runtime-dropped tags) is repaired.
+def _walk(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion,
+          target: SchemaVersion) -> List[Tuple[str, Any, Any]]:
+    """(step name, before, after) of every step that changes the record on its way to
+    ``target``, the stamp of a pre-2.0.0 target last."""
+    if version > target:
+        moves = [(step.down_name, step.down) for step in reversed(MIGRATION_STEPS)
+                 if step.target <= version and step.source >= target]
+    else:
+        # Every step up to the target runs: each only fills what is missing, so a record that
+        # claims a version but lacks one of its fields (e.g. runtime-dropped tags) is repaired.
+        moves = [(step.name, step.up) for step in MIGRATION_STEPS if step.target <= target]
     changes = []
-    for step in MIGRATION_STEPS:
-        if step.target > target:
-            break
-        after = step.up(rtype, record)
+    for name, move in moves + [("stamp", functools.partial(_restamp, target=target))]:
+        after = move(rtype, record)
         if after is not record:
-            changes.append((step.name, record, after))
+            changes.append((name, record, after))
             record = after
     return changes
 
 
-def _walk_down(rtype: RecordType, record: Dict[str, Any], version: SchemaVersion,
-               target: SchemaVersion) -> List[Tuple[str, Any, Any]]:
-    changes = []
-    for step in reversed(MIGRATION_STEPS):
-        if step.target <= version and step.source >= target:
-            after = step.down(rtype, record)
-            if after is not record:
-                changes.append((step.down_name, record, after))
-                record = after
-    return changes
-
-
-def _restamp(record: Dict[str, Any], target: SchemaVersion) -> Optional[Dict[str, Any]]:
+def _restamp(rtype: RecordType, record: Dict[str, Any], target: SchemaVersion
+             ) -> Dict[str, Any]:
     if target is SchemaVersion.V2_0_0 or record.get(VERSION_STAMP, target.value) == target.value:
-        return None
+        return record
     out = dict(record)
     out[VERSION_STAMP] = target.value  # a hand-written stamp follows its record
     return out
@@ -9756,16 +9729,11 @@ def migrate_record(rtype: RecordType, record: Any, target: SchemaVersion) -> Rec
     if version is None:
         return RecordMigration(record, None, [], "cannot place: %s" % why)
     try:
-        changes = (_walk_down(rtype, record, version, target) if version > target
-                   else _walk_up(rtype, record, target))
+        changes = _walk(rtype, record, version, target)
     except LossyStepError as exc:
         return RecordMigration(record, version, [], str(exc), lossy=True)
     except UnmigratableRecordError as exc:
         return RecordMigration(record, version, [], str(exc))
-    final = changes[-1][2] if changes else record
-    restamped = _restamp(final, target)
-    if restamped is not None:
-        changes.append(("stamp", final, restamped))
     return RecordMigration(changes[-1][2] if changes else record, version, changes)
 
 
@@ -9869,10 +9837,9 @@ class MigrationResult(OperationResult):
         """Add one file's outcome."""
         self.records += len(outcome.records)
         self.changed += outcome.changed
-        for name, count in outcome.versions.items():
-            _add_counts(self.from_versions, name, count)
-        for name, count in outcome.steps.items():
-            _add_counts(self.steps, name, count)
+        for into, counts in ((self.from_versions, outcome.versions), (self.steps, outcome.steps)):
+            for name, count in counts.items():
+                _add_counts(into, name, count)
         for sample in outcome.samples:
             self._keep_sample(sample)
         self.reported.extend(outcome.reported)
@@ -9971,6 +9938,16 @@ class MigrationManager:
         for data_file in with_progress(self.progress, "migrate", files, _file_size):
             yield data_file, data_file.path.relative_to(self.store.root).as_posix()
 
+    def _readable(self, unreadable: List[str]) -> Iterator[Tuple[DataFile, str, List[Any]]]:
+        """(file, relative path, records) of each readable file; the others go to ``unreadable``."""
+        for data_file, rel in self._files():
+            try:
+                records, _ = self.store.load_records(data_file)
+            except CorruptFileError as exc:
+                unreadable.append(str(exc))
+                continue
+            yield data_file, rel, records
+
     def history(self) -> List[Dict[str, Any]]:
         """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
         return self.store.read_state(MIGRATIONS_STATE, [])
@@ -9978,12 +9955,7 @@ class MigrationManager:
     def detect(self) -> DetectionReport:
         """Versions of every record, per file and agent; read-only, creates nothing."""
         report = DetectionReport()
-        for data_file, rel in self._files():
-            try:
-                records, _ = self.store.load_records(data_file)
-            except CorruptFileError as exc:
-                report.unreadable.append(str(exc))
-                continue
+        for data_file, rel, records in self._readable(report.unreadable):
             report.add_file(self._detect_file(data_file, rel, records, report))
         try:
             report.history = self.history()
@@ -10024,7 +9996,9 @@ class MigrationManager:
         with self.store.operation("migrate") as op, self.store.maintenance_lock():
             self.store.cleanup_temp_files()
             if target is not SchemaVersion.latest():
-                self._refuse_if_lossy(self._scan(target))
+                plan = self._scan(target)
+                if plan.refused:  # nothing is written when a step down would lose information
+                    raise RefusedError(self.refusal_message(plan))
             result = self._apply(target, backup)
             result.seconds = op.seconds
             op.record(self._record(result))
@@ -10032,12 +10006,7 @@ class MigrationManager:
 
     def _scan(self, target: SchemaVersion) -> MigrationResult:
         result = MigrationResult(target=target.value, dry_run=True)
-        for data_file, rel in self._files():
-            try:
-                records, _ = self.store.load_records(data_file)
-            except CorruptFileError as exc:
-                result.unreadable.append(str(exc))
-                continue
+        for data_file, rel, records in self._readable(result.unreadable):
             result.absorb(migrate_records(rel, data_file.rtype, records, target))
         return result
 
@@ -10046,17 +10015,13 @@ class MigrationManager:
                                  run_id=new_run_id("migrate", self.store.now))
         need_backup = backup
         for data_file, rel in self._files():
-            try:
+            with _left_alone(result.busy, result.unreadable):
                 if need_backup and self._has_changes(data_file, rel, target, result):
                     result.backup_id = self._safety_backup(target)
                     need_backup = False
                 if need_backup:
                     continue  # unchanged and already counted by _has_changes
                 self._rewrite(data_file, rel, target, result)
-            except CorruptFileError as exc:
-                result.unreadable.append(str(exc))
-            except StoreBusyError as exc:  # left as it was; the other files go on
-                result.busy.append(str(exc))
         return result
 
     def _safety_backup(self, target: SchemaVersion) -> str:
@@ -10084,10 +10049,6 @@ class MigrationManager:
                 job.data = outcome.records
                 job.changed = True
         result.absorb(outcome)
-
-    def _refuse_if_lossy(self, plan: MigrationResult) -> None:
-        if plan.refused:
-            raise RefusedError(self.refusal_message(plan))
 
     def refusal_message(self, plan: MigrationResult) -> str:
         """Why a step down is refused, naming the pre-migration backup to restore instead."""
