@@ -96,6 +96,7 @@ if sys.version_info < (3, 9):  # pragma: no cover - the guard itself
 
 import argparse
 import array
+import base64
 import bisect
 import collections
 import concurrent.futures
@@ -106,6 +107,7 @@ import difflib
 import enum
 import errno
 import fcntl
+import functools
 import gc as _cyclic_gc
 import gzip
 import hashlib
@@ -125,6 +127,8 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -4524,11 +4528,6 @@ def auto_plan(manager: BackupManager, keep: Dict[str, int]) -> AutoResult:
 
 
 # -- Copies: a second repository, in a folder or behind rclone ---------------
-# Only copies and --repo need these; importing them here keeps the shared import block stable.
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import base64  # noqa: E402
-
 RCLONE_PREFIX = "rclone:"
 
 
@@ -7823,8 +7822,6 @@ def rebuild_supersede_map(store: Store) -> int:
 # 12. Compression and garbage collection
 # In-place gzip of cold files, decompress, gc of broken and duplicate records; optimize().
 # =============================================================================
-
-import functools  # noqa: E402
 
 
 @dataclasses.dataclass
