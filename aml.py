@@ -12250,7 +12250,7 @@ def _value_text(kind: str, value: float) -> str:
 def _svg_limits(frame: _Frame, limits: List[Tuple[str, float]], kind: str) -> List[str]:
     parts, above = [], []
     for number, (name, value) in enumerate(limits):
-        color = _LIMIT_COLORS.get(name.split()[-1], "#c00000")
+        color = _limit_color(name)
         if value > frame.vtop:
             above.append("%s %s" % (name, _value_text(kind, value)))
             continue
@@ -12298,36 +12298,28 @@ def svg_chart(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]]
         return '<figure><figcaption>%s</figcaption><p class="muted">no samples yet</p>' \
                '</figure>' % _esc(title)
     t0, t1, vmax = _chart_range(series, list(limits))
-    if t0 == t1:   # one sample: lines would be dots on top of each other
-        return _svg_bars(title, kind, series, list(limits), vmax)
     divisor, unit = _axis_unit(kind, vmax)
     ticks = _nice_ticks(vmax / divisor)
+    if t0 == t1:   # one sample: lines would be dots on top of each other
+        return _svg_bars(title, kind, series, list(limits), ticks[-1] * divisor or 1.0)
     frame = _Frame(t0, t1, ticks[-1] * divisor)
-    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" role="img" '
-             'aria-label="%s">' % (_PLOT["width"], _PLOT["height"], _esc(title))]
-    parts += _svg_grid(frame, [t * divisor for t in ticks], divisor, unit)
+    parts = _svg_grid(frame, [t * divisor for t in ticks], divisor, unit)
     parts += _svg_limits(frame, list(limits), kind)
     for label, color, points in reversed(series):   # the first (largest, total) on top
         parts += _svg_line(frame, label, color, points, 3 if color == _TOTAL_COLOR else 2)
     parts += _svg_markers(frame, list(runs))
-    parts.append("</svg>")
-    return '<figure class="chart"><figcaption>%s</figcaption>%s%s</figure>' % (
-        _esc(title), "".join(parts), _chart_legend(
-            series, [lim for lim in limits if lim[1] <= frame.vtop], runs, t0, t1))
+    return _chart_figure(title, _PLOT["height"], parts,
+                         _chart_legend(series, limits, frame.vtop, runs, t0, t1))
 
 
 def _svg_bars(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]],
-              limits: List[Tuple[str, float]], vmax: float) -> str:
-    """One horizontal bar per series: the chart of a store with a single sample."""
+              limits: List[Tuple[str, float]], scale: float) -> str:
+    """One horizontal bar per series up to ``scale``: the chart of a single sample."""
     row, left, right, top = 22, 170, 90, 26
-    width, height = _PLOT["width"], top + row * len(series) + 8
-    divisor, unit = _axis_unit(kind, vmax)
-    scale = _nice_ticks(vmax / divisor)[-1] * divisor or 1.0
-    span = width - left - right
-    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" role="img" '
-             'aria-label="%s">' % (width, height, _esc(title)),
-             '<text x="%d" y="16" font-size="11" fill="#666">one sample, %s</text>'
-             % (left, _esc(format_timestamp(series[0][2][0][0])))]
+    height, span = top + row * len(series) + 8, _PLOT["width"] - left - right
+    moment = series[0][2][0][0]
+    parts = ['<text x="%d" y="16" font-size="11" fill="#666">one sample, %s</text>'
+             % (left, _esc(format_timestamp(moment)))]
     for number, (label, color, points) in enumerate(series):
         value, y = points[-1][1], top + number * row
         shown = label if len(label) <= 26 else label[:25] + "\u2026"
@@ -12345,25 +12337,33 @@ def _svg_bars(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]]
         if value <= scale:
             x = left + value / scale * span
             parts.append('<line class="limit" x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" '
-                         'stroke-dasharray="6 4"><title>%s</title></line>' % (
-                             x, top - 4, x, height - 4, _LIMIT_COLORS.get(
-                                 name.split()[-1], "#c00000"), _esc(name)))
-    parts.append("</svg>")
-    return '<figure class="chart"><figcaption>%s</figcaption>%s%s</figure>' % (
-        _esc(title), "".join(parts), _chart_legend(
-            series, [lim for lim in limits if lim[1] <= scale], [], series[0][2][0][0],
-            series[0][2][0][0]))
+                         'stroke-dasharray="6 4"><title>%s</title></line>'
+                         % (x, top - 4, x, height - 4, _limit_color(name), _esc(name)))
+    return _chart_figure(title, height, parts,
+                         _chart_legend(series, limits, scale, [], moment, moment))
+
+
+def _chart_figure(title: str, height: int, parts: List[str], legend: str) -> str:
+    """The <figure> of a chart: caption, the SVG of ``parts`` (plot width), legend."""
+    return ('<figure class="chart"><figcaption>%s</figcaption><svg xmlns="http://www.w3.org/'
+            '2000/svg" viewBox="0 0 %d %d" role="img" aria-label="%s">%s</svg>%s</figure>'
+            % (_esc(title), _PLOT["width"], height, _esc(title), "".join(parts), legend))
+
+
+def _limit_color(name: str) -> str:
+    return _LIMIT_COLORS.get(name.split()[-1], "#c00000")
 
 
 def _chart_legend(series: List[Tuple[str, str, List[_Point]]],
-                  limits: Sequence[Tuple[str, float]],
+                  limits: Sequence[Tuple[str, float]], vtop: float,
                   runs: Sequence[Tuple[_dt.datetime, str]],
                   t0: _dt.datetime, t1: _dt.datetime) -> str:
+    """The legend of the series, of the limits up to ``vtop`` (those drawn) and of the marks."""
     items = ['<li><span class="sw" style="background:%s"></span>%s</li>' % (c, _esc(label))
              for label, c, _ in series]
     items += ['<li><span class="sw" style="background:repeating-linear-gradient(90deg,%s 0 6px,'
-              'transparent 6px 10px)"></span>%s</li>' % (_LIMIT_COLORS.get(
-                  name.split()[-1], "#c00000"), _esc(name)) for name, _ in limits]
+              'transparent 6px 10px)"></span>%s</li>' % (_limit_color(name), _esc(name))
+              for name, value in limits if value <= vtop]
     if any(t0 <= m <= t1 for m, _ in runs):
         items.append('<li><span style="color:#555">&#9650;</span>maintenance run</li>')
     if any(v is None for _, _, pts in series for _, v in pts):
