@@ -12051,6 +12051,10 @@ def _unit_or_unknown(value: Optional[float], fmt: str) -> str:
     return "unknown" if value is None else fmt % value
 
 
+def _scaled(value: Optional[float], times: float = 1, per: float = 1) -> Optional[float]:
+    return None if value is None else value * times / per
+
+
 def _bytes_or_unknown(value: Any) -> str:
     number = _number(value)
     return "unknown" if number is None else human_bytes(number)
@@ -12406,8 +12410,7 @@ def _summary_section(doc: Dict[str, Any]) -> str:
             ("growth per day", _bytes_or_unknown(growth.get("bytes_per_day"))),
             ("full load now", _unit_or_unknown(_number(perf.get("full_load_ms")), "%.1f ms")),
             ("indexed lookup now", _unit_or_unknown(_number(perf.get("lookup_ms")), "%.2f ms")),
-            ("hot-cache hit rate", _unit_or_unknown(None if rate is None else rate * 100,
-                                                    "%.0f%%"))]
+            ("hot-cache hit rate", _unit_or_unknown(_scaled(rate, 100), "%.0f%%"))]
     return _html_table(["measure", "value"], [[_esc(k), _esc(v)] for k, v in rows],
                        numeric=(1,)).replace("<table>", '<table class="compact">', 1)
 
@@ -12552,7 +12555,7 @@ def _jobs_section(doc: Dict[str, Any]) -> str:
         started = parse_timestamp(job.get("started"))
         age = days_between(started, now) if started and now else None
         rows.append([_esc(job.get("operation")), _esc(job.get("started")),
-                     _unit_or_unknown(None if age is None else age * 24, "%.1f h ago"),
+                     _unit_or_unknown(_scaled(age, 24), "%.1f h ago"),
                      _unit_or_unknown(_number(job.get("seconds")), "%.2f s"),
                      _esc(job.get("runs")), _esc(_summary_text(job.get("summary")))])
     return _html_table(["job", "last run", "age", "took", "runs kept", "outcome"], rows,
@@ -12676,18 +12679,22 @@ class _PromWriter:
         self.lines: List[str] = []
         self.labels = dict(labels or {})
 
-    def family(self, name: str, kind: str, help_text: str,
+    def family(self, name: str, help_text: str,
                samples: Iterable[Tuple[Dict[str, str], Optional[float]]]) -> None:
-        """One family; samples whose value is None (not measured) are left out."""
+        """One gauge family; samples whose value is None (not measured) are left out."""
         known = [(labels, value) for labels, value in samples if value is not None]
         if not known:
             return
         self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")))
-        self.lines.append("# TYPE %s %s" % (name, kind))
+        self.lines.append("# TYPE %s gauge" % name)
         for labels, value in known:
             labels = dict(self.labels, **labels)
             text = ",".join('%s="%s"' % (k, _prom_escape(str(v))) for k, v in labels.items())
             self.lines.append("%s%s %s" % (name, "{%s}" % text if text else "", _prom_value(value)))
+
+    def gauge(self, name: str, help_text: str, value: Optional[float]) -> None:
+        """A family of one unlabelled sample (none when ``value`` is None)."""
+        self.family(name, help_text, [({}, value)])
 
     def text(self) -> str:
         """The exposition text, newline-terminated."""
@@ -12699,29 +12706,25 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
     """Metrics (and health and alert counts when given) in the Prometheus text format,
     base units (bytes, seconds), every sample labelled with its ``store``."""
     w = _PromWriter({"store": os.path.abspath(metrics.store)})
-    w.family("aml_store_bytes", "gauge", "Bytes of the memory store on disk, aml state excluded.",
-             [({}, metrics.total_bytes)])
-    w.family("aml_state_bytes", "gauge", "Bytes of aml's own state folder .aml.",
-             [({}, metrics.state_bytes)])
-    w.family("aml_index_bytes", "gauge", "Bytes of the persisted index.",
-             [({}, metrics.index_bytes)])
-    w.family("aml_agent_bytes", "gauge", "Bytes on disk per agent folder.",
+    w.gauge("aml_store_bytes", "Bytes of the memory store on disk, aml state excluded.",
+            metrics.total_bytes)
+    w.gauge("aml_state_bytes", "Bytes of aml's own state folder .aml.", metrics.state_bytes)
+    w.gauge("aml_index_bytes", "Bytes of the persisted index.", metrics.index_bytes)
+    w.family("aml_agent_bytes", "Bytes on disk per agent folder.",
              [({"agent": a.agent}, a.bytes) for a in metrics.agents])
-    w.family("aml_agent_files", "gauge", "JSON files per agent by encoding.",
+    w.family("aml_agent_files", "JSON files per agent by encoding.",
              [({"agent": a.agent, "encoding": enc}, n) for a in metrics.agents
               for enc, n in (("gzip", a.gzip_files), ("plain", a.plain_files))])
-    w.family("aml_records", "gauge",
-             "Records per agent, type and state (unreadable files excluded).",
+    w.family("aml_records", "Records per agent, type and state (unreadable files excluded).",
              [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
               for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
-    w.family("aml_agent_records", "gauge", "Records per agent and type, every state "
-             "(unreadable files excluded).",
-             [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
-              for a in metrics.agents for t in RecordType])
-    w.family("aml_store_records", "gauge", "Records of the store per type, every state; "
-             "sum() is the store's total.",
-             [({"type": t.value}, metrics.totals.get(t.value, 0)) for t in RecordType])
-    w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
+    w.family("aml_agent_records", "Records per agent and type, every state (unreadable files "
+             "excluded).", [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
+                            for a in metrics.agents for t in RecordType])
+    w.family("aml_store_records", "Records of the store per type, every state; sum() is the "
+             "store's total.", [({"type": t.value}, metrics.totals.get(t.value, 0))
+                                for t in RecordType])
+    w.family("aml_unreadable_files", "Record files that could not be read or parsed.",
              [({"agent": a.agent}, len(a.unreadable)) for a in metrics.agents])
     _prom_performance(w, metrics)
     if health is not None:
@@ -12731,41 +12734,38 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
 
 def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
     perf = metrics.performance
-    per_day = metrics.growth.bytes_per_day
-    w.family("aml_growth_bytes_per_second", "gauge", "Store growth rate over the last 30 days.",
-             [({}, per_day / _DAY_SECONDS if per_day is not None else None)])
-    w.family("aml_limit_eta_seconds", "gauge", "Time until a size limit at the current growth.",
-             [({"limit": f.limit, "subject": f.subject},
-               f.days_until * _DAY_SECONDS if f.days_until is not None else None)
+    w.gauge("aml_growth_bytes_per_second", "Store growth rate over the last 30 days.",
+            _scaled(metrics.growth.bytes_per_day, per=_DAY_SECONDS))
+    w.family("aml_limit_eta_seconds", "Time until a size limit at the current growth.",
+             [({"limit": f.limit, "subject": f.subject}, _scaled(f.days_until, _DAY_SECONDS))
               for f in metrics.forecasts])
-    w.family("aml_full_load_seconds", "gauge", "Time to read and parse every record file, now.",
-             [({}, perf.full_load_ms / 1000.0 if perf.full_load_ms is not None else None)])
-    w.family("aml_lookup_seconds", "gauge", "Time of one indexed lookup, measured now.",
-             [({}, perf.lookup_ms / 1000.0 if perf.lookup_ms is not None else None)])
-    w.family("aml_cache_hit_ratio", "gauge", "Hot-cache hit ratio recorded by real lookups.",
-             [({}, perf.cache_hit_rate)])
+    w.gauge("aml_full_load_seconds", "Time to read and parse every record file, now.",
+            _scaled(perf.full_load_ms, per=1000.0))
+    w.gauge("aml_lookup_seconds", "Time of one indexed lookup, measured now.",
+            _scaled(perf.lookup_ms, per=1000.0))
+    w.gauge("aml_cache_hit_ratio", "Hot-cache hit ratio recorded by real lookups.",
+            perf.cache_hit_rate)
     ops = sorted(perf.last_operations.values(), key=lambda o: o.operation)
-    w.family("aml_last_operation_duration_seconds", "gauge", "Duration of the last run.",
+    w.family("aml_last_operation_duration_seconds", "Duration of the last run.",
              [({"operation": o.operation}, o.seconds) for o in ops])
-    w.family("aml_last_operation_age_seconds", "gauge", "Time since the last run started.",
-             [({"operation": o.operation}, o.age_days * _DAY_SECONDS
-               if o.age_days is not None else None) for o in ops])
-    w.family("aml_last_operation_timestamp_seconds", "gauge", "Start of the last run (Unix "
-             "time).", [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
+    w.family("aml_last_operation_age_seconds", "Time since the last run started.",
+             [({"operation": o.operation}, _scaled(o.age_days, _DAY_SECONDS)) for o in ops])
+    w.family("aml_last_operation_timestamp_seconds", "Start of the last run (Unix time).",
+             [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
     for kind in ("success", "failure"):
-        w.family("aml_job_last_%s_timestamp_seconds" % kind, "gauge", "Start of the last %s "
-                 "of each scheduled job (Unix time)." % ("successful run" if kind == "success"
-                                                         else "failed run"),
+        w.family("aml_job_last_%s_timestamp_seconds" % kind, "Start of the last %s of each "
+                 "scheduled job (Unix time)." % ("successful run" if kind == "success"
+                                                 else "failed run"),
                  [({"job": job}, _unix_time(times.get("last_" + kind)))
                   for job, times in sorted(metrics.jobs.items())])
 
 
 def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> None:
-    w.family("aml_health_status", "gauge", "Health per check: 0 ok, 1 warning, 2 critical, "
-             "3 unknown.", [({"check": c.name}, c.status.exit_code) for c in health.checks])
-    w.family("aml_health_overall", "gauge", "Overall health: 0 ok, 1 warning, 2 critical, "
-             "3 unknown.", [({}, health.status.exit_code)])
-    w.family("aml_alerts_open", "gauge", "Open alerts by level.",
+    w.family("aml_health_status", "Health per check: 0 ok, 1 warning, 2 critical, 3 unknown.",
+             [({"check": c.name}, c.status.exit_code) for c in health.checks])
+    w.gauge("aml_health_overall", "Overall health: 0 ok, 1 warning, 2 critical, 3 unknown.",
+            health.status.exit_code)
+    w.family("aml_alerts_open", "Open alerts by level.",
              [({"level": level.value}, sum(1 for a in alerts if a.level is level))
               for level in AlertLevel])
 
