@@ -12391,6 +12391,11 @@ def _doc_list(doc: Dict[str, Any], *keys: str) -> List[Any]:
     return value if isinstance(value, list) else []
 
 
+def _doc_dicts(doc: Dict[str, Any], *keys: str) -> List[Dict[str, Any]]:
+    """The JSON objects of the list at ``doc[key][key]...`` (anything else in it skipped)."""
+    return [item for item in _doc_list(doc, *keys) if isinstance(item, dict)]
+
+
 def _status_cell(status: Any) -> str:
     return '<span class="status s-%s">%s</span>' % (_esc(status), _esc(status))
 
@@ -12416,42 +12421,38 @@ def _summary_section(doc: Dict[str, Any]) -> str:
 
 
 def _agent_records(agent: Dict[str, Any]) -> int:
-    records = agent.get("records") if isinstance(agent.get("records"), dict) else {}
-    return int(sum(_number(n) or 0 for states in records.values() if isinstance(states, dict)
+    return int(sum(_number(n) or 0 for states in _part(agent, "records").values()
+                   if isinstance(states, dict)
                    for n in states.values()))
 
 
 def _health_section(doc: Dict[str, Any]) -> str:
-    checks = [c for c in _doc_list(doc, "health", "checks") if isinstance(c, dict)]
     return _html_table(["check", "status", "finding"],
-                       [[_esc(c.get("name")), _status_cell(c.get("status")),
-                         _esc(c.get("message"))] for c in checks], nowrap=(0, 1))
+                       [[_esc(c.get("name")), _status_cell(c.get("status")), _esc(c.get("message"))]
+                        for c in _doc_dicts(doc, "health", "checks")], nowrap=(0, 1))
 
 
 def _alerts_section(doc: Dict[str, Any]) -> str:
-    alerts = [a for a in _doc_list(doc, "alerts") if isinstance(a, dict)]
     # The page only reads alerts: they change when ``monitor health`` runs (cron), so an
     # alert may lag a check above that has since recovered.
     note = ('<p class="muted">As raised and resolved by the last <code>monitor health</code> '
             'run; this page reads them and never changes them.</p>')
-    return note + _html_table(["level", "check / subject", "since", "last seen", "count", "message",
-                        "id"],
-                       [[_esc(a.get("level")), _esc("%s / %s" % (a.get("check"),
-                                                                 a.get("subject"))),
-                         _esc(a.get("first_seen")), _esc(a.get("last_seen")),
-                         _esc(a.get("count")), _esc(a.get("message")), _esc(a.get("id"))]
-                        for a in alerts], numeric=(4,), nowrap=(0,))
+    return note + _html_table(
+        ["level", "check / subject", "since", "last seen", "count", "message", "id"],
+        [[_esc(a.get("level")), _esc("%s / %s" % (a.get("check"), a.get("subject")))]
+         + [_esc(a.get(k)) for k in ("first_seen", "last_seen", "count", "message", "id")]
+         for a in _doc_dicts(doc, "alerts")], numeric=(4,), nowrap=(0,))
 
 
-def _limit(doc: Dict[str, Any], key: str) -> Optional[float]:
-    value = _number(_part(doc, "thresholds").get(key))
+def _limit(doc: Dict[str, Any], scope: str, level: str) -> Optional[float]:
+    value = _number(_part(doc, "thresholds").get("%s_memory_%s_mb" % (scope, level)))
     return None if value is None else value * _MB
 
 
 def _limits(doc: Dict[str, Any], scope: str) -> List[Tuple[str, float]]:
     found = []
     for level in ("warning", "critical"):
-        value = _limit(doc, "%s_memory_%s_mb" % (scope, level))
+        value = _limit(doc, scope, level)
         if value is not None:
             found.append(("%s limit %s" % (scope.replace("global", "store"), level), value))
     return found
@@ -12459,15 +12460,15 @@ def _limits(doc: Dict[str, Any], scope: str) -> List[Tuple[str, float]]:
 
 def _maintenance_runs(doc: Dict[str, Any]) -> List[Tuple[_dt.datetime, str]]:
     runs = []
-    for entry in _doc_list(doc, "maintenance"):
-        moment = parse_timestamp(entry.get("started")) if isinstance(entry, dict) else None
+    for entry in _doc_dicts(doc, "maintenance"):
+        moment = parse_timestamp(entry.get("started"))
         if moment is not None:
             runs.append((moment, str(entry.get("operation"))))
     return runs
 
 
 def _charts_section(doc: Dict[str, Any]) -> str:
-    samples = [s for s in _doc_list(doc, "samples") if isinstance(s, dict)]
+    samples = _doc_dicts(doc, "samples")
     runs = _maintenance_runs(doc)
     sizes, size_total = _sample_series(samples, "bytes")
     counts, count_total = _sample_series(samples, "records")
@@ -12500,7 +12501,7 @@ def _share_bar(share: float, css: str) -> str:
 def _size_row(doc: Dict[str, Any], scope: str, subject: str, size: Any
               ) -> Tuple[List[str], str]:
     """One sizes row against the ``scope`` (global or agent) limits: cells, row class."""
-    warn, crit = (_limit(doc, "%s_memory_%s_mb" % (scope, s)) for s in ("warning", "critical"))
+    warn, crit = (_limit(doc, scope, level) for level in ("warning", "critical"))
     value = _number(size) or 0.0
     css = "s-critical" if crit is not None and value >= crit else \
         "s-warning" if warn is not None and value >= warn else ""
@@ -12512,7 +12513,7 @@ def _size_row(doc: Dict[str, Any], scope: str, subject: str, size: Any
 def _sizes_section(doc: Dict[str, Any]) -> str:
     metrics = _part(doc, "metrics")
     rows = [_size_row(doc, "global", "store (all agents)", metrics.get("total_bytes"))]
-    agents = sorted((a for a in _doc_list(metrics, "agents") if isinstance(a, dict)),
+    agents = sorted(_doc_dicts(metrics, "agents"),
                     key=lambda a: (-(_number(a.get("bytes")) or 0), str(a.get("agent"))))
     rows += [_size_row(doc, "agent", str(a.get("agent")), a.get("bytes")) for a in agents]
     return _html_table(["subject", "size", "warning limit", "critical limit",
@@ -12521,7 +12522,7 @@ def _sizes_section(doc: Dict[str, Any]) -> str:
 
 
 def _forecasts_section(doc: Dict[str, Any]) -> str:
-    forecasts = [f for f in _doc_list(doc, "metrics", "forecasts") if isinstance(f, dict)]
+    forecasts = _doc_dicts(doc, "metrics", "forecasts")
     shown = [f for f in forecasts if f.get("subject") == "store"
              or _number(f.get("days_until")) is not None]
     shown.sort(key=lambda f: (f.get("subject") != "store",
@@ -12551,7 +12552,7 @@ def _summary_text(summary: Any) -> str:
 def _jobs_section(doc: Dict[str, Any]) -> str:
     now = parse_timestamp(doc.get("generated"))
     rows = []
-    for job in (j for j in _doc_list(doc, "jobs") if isinstance(j, dict)):
+    for job in _doc_dicts(doc, "jobs"):
         started = parse_timestamp(job.get("started"))
         age = days_between(started, now) if started and now else None
         rows.append([_esc(job.get("operation")), _esc(job.get("started")),
@@ -12563,7 +12564,7 @@ def _jobs_section(doc: Dict[str, Any]) -> str:
 
 
 def _records_section(doc: Dict[str, Any]) -> str:
-    agents = [a for a in _doc_list(doc, "metrics", "agents") if isinstance(a, dict)]
+    agents = _doc_dicts(doc, "metrics", "agents")
     types: List[str] = []
     for agent in agents:
         types += [t for t in _part(agent, "records") if t not in types]
@@ -12582,13 +12583,12 @@ def _records_section(doc: Dict[str, Any]) -> str:
 
 
 def _backups_section(doc: Dict[str, Any]) -> str:
-    backups = doc.get("backups") if isinstance(doc.get("backups"), dict) else {}
+    backups = _part(doc, "backups")
     if backups.get("error"):
         return '<p class="muted">backups unavailable: %s</p>' % _esc(backups["error"])
     mark = {True: "verified", False: "FAILED", None: "not verified"}
-    rows = [[_esc(s.get("backup_id")), _esc(s.get("type")), _esc(s.get("created")),
-             _esc(s.get("files")), _esc(s.get("records")),
-             _bytes_or_unknown(s.get("logical_bytes")), _esc(mark.get(s.get("verified"), "?"))]
+    rows = [[_esc(s.get(k)) for k in ("backup_id", "type", "created", "files", "records")]
+            + [_bytes_or_unknown(s.get("logical_bytes")), _esc(mark.get(s.get("verified"), "?"))]
             for s in backups.get("latest") or [] if isinstance(s, dict)]
     problems = "".join('<p class="muted">%s</p>' % _esc(p) for p in backups.get("problems") or [])
     return (_html_table(["backup", "type", "created", "files", "records", "size", "verified"],
