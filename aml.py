@@ -11944,23 +11944,24 @@ class Output:
         self.reporter = reporter or ProgressReporter(self.stderr, not quiet and getattr(
             self.stderr, "isatty", lambda: False)())
 
+    def _print(self, stream: Any, text: str) -> None:
+        self.reporter.clear()   # the progress line goes before any other output
+        print(text, file=stream)
+
     def line(self, text: str = "") -> None:
         """A line of the text report (suppressed by --quiet and in JSON mode)."""
         if self.format == "text" and not self.quiet:
-            self.reporter.clear()
-            print(text, file=self.stdout)
+            self._print(self.stdout, text)
 
     def always(self, text: str) -> None:
         """A text line printed even with --quiet (used for results the user asked to see)."""
         if self.format == "text":
-            self.reporter.clear()
-            print(text, file=self.stdout)
+            self._print(self.stdout, text)
 
     def verbatim(self, text: str) -> None:
         """A stdout line in any format but JSON, --quiet or not (the nagios plugin line)."""
         if self.format != "json":
-            self.reporter.clear()
-            print(text, file=self.stdout)
+            self._print(self.stdout, text)
 
     def document(self, payload: Any) -> None:
         """The JSON document of a run (only in --format json)."""
@@ -11970,13 +11971,11 @@ class Output:
 
     def warn(self, text: str) -> None:
         """A warning on stderr (shown even with --quiet: cron should mail problems)."""
-        self.reporter.clear()
-        print("aml: warning: %s" % text, file=self.stderr)
+        self._print(self.stderr, "aml: warning: %s" % text)
 
     def error(self, text: str) -> None:
         """An error line on stderr for a run that still reports its result."""
-        self.reporter.clear()
-        print("aml: error: %s" % text, file=self.stderr)
+        self._print(self.stderr, "aml: error: %s" % text)
 
     def report(self, result: Any, unreadable: str = "skipped, unreadable: %s",
                busy: str = "%s", errors: Optional[bool] = False) -> None:
@@ -12047,8 +12046,9 @@ def _esc(value: Any) -> str:
     return _html.escape("unknown" if value is None else str(value), quote=True)
 
 
-def _unit_or_unknown(value: Optional[float], fmt: str) -> str:
-    return "unknown" if value is None else fmt % value
+def _unit_or_unknown(value: Any, fmt: str, times: float = 1) -> str:
+    number = _number(value)
+    return "unknown" if number is None else fmt % (number * times)
 
 
 def _scaled(value: Optional[float], times: float = 1, per: float = 1) -> Optional[float]:
@@ -12406,24 +12406,22 @@ def _summary_section(doc: Dict[str, Any]) -> str:
     growth = _part(metrics, "growth")
     agents = _doc_list(metrics, "agents")
     records = sum(_agent_records(a) for a in agents)
-    rate = _number(perf.get("cache_hit_rate"))
     rows = [("store size", _bytes_or_unknown(metrics.get("total_bytes"))),
             ("agents", str(len(agents))), ("records", str(records)),
             ("unreadable files", str(len(_doc_list(metrics, "unreadable")))),
             ("index", _bytes_or_unknown(metrics.get("index_bytes"))
              if metrics.get("index_bytes") else "none"),
             ("growth per day", _bytes_or_unknown(growth.get("bytes_per_day"))),
-            ("full load now", _unit_or_unknown(_number(perf.get("full_load_ms")), "%.1f ms")),
-            ("indexed lookup now", _unit_or_unknown(_number(perf.get("lookup_ms")), "%.2f ms")),
-            ("hot-cache hit rate", _unit_or_unknown(_scaled(rate, 100), "%.0f%%"))]
+            ("full load now", _unit_or_unknown(perf.get("full_load_ms"), "%.1f ms")),
+            ("indexed lookup now", _unit_or_unknown(perf.get("lookup_ms"), "%.2f ms")),
+            ("hot-cache hit rate", _unit_or_unknown(perf.get("cache_hit_rate"), "%.0f%%", 100))]
     return _html_table(["measure", "value"], [[_esc(k), _esc(v)] for k, v in rows],
                        numeric=(1,)).replace("<table>", '<table class="compact">', 1)
 
 
 def _agent_records(agent: Dict[str, Any]) -> int:
     return int(sum(_number(n) or 0 for states in _part(agent, "records").values()
-                   if isinstance(states, dict)
-                   for n in states.values()))
+                   if isinstance(states, dict) for n in states.values()))
 
 
 def _health_section(doc: Dict[str, Any]) -> str:
@@ -12530,7 +12528,7 @@ def _forecasts_section(doc: Dict[str, Any]) -> str:
     rows = [[_esc(f.get("subject")), _esc(f.get("limit")), _bytes_or_unknown(f.get("limit_bytes")),
              _bytes_or_unknown(f.get("current_bytes")),
              _bytes_or_unknown(f.get("bytes_per_day")),
-             _unit_or_unknown(_number(f.get("days_until")), "%.1f"), _esc(f.get("note"))]
+             _unit_or_unknown(f.get("days_until"), "%.1f"), _esc(f.get("note"))]
             for f in shown]
     quiet = len(forecasts) - len(shown)
     note = '<p class="muted">%d agent limit(s) not approaching: no growth or no growth ' \
@@ -12556,8 +12554,8 @@ def _jobs_section(doc: Dict[str, Any]) -> str:
         started = parse_timestamp(job.get("started"))
         age = days_between(started, now) if started and now else None
         rows.append([_esc(job.get("operation")), _esc(job.get("started")),
-                     _unit_or_unknown(_scaled(age, 24), "%.1f h ago"),
-                     _unit_or_unknown(_number(job.get("seconds")), "%.2f s"),
+                     _unit_or_unknown(age, "%.1f h ago", 24),
+                     _unit_or_unknown(job.get("seconds"), "%.2f s"),
                      _esc(job.get("runs")), _esc(_summary_text(job.get("summary")))])
     return _html_table(["job", "last run", "age", "took", "runs kept", "outcome"], rows,
                        numeric=(2, 3, 4), nowrap=(0,))
@@ -12888,14 +12886,13 @@ def _health_lines(report: HealthReport) -> List[str]:
 
 
 def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
-    lines = ["%-22s %-8s %-15s %5s  %-24s %-24s %s" % ("ID", "LEVEL", "STATE", "COUNT",
-                                                      "FIRST SEEN", "LAST SEEN", "MESSAGE")]
+    row = "%-22s %-8s %-15s %5s  %-24s %-24s %s"
+    lines = [row % ("ID", "LEVEL", "STATE", "COUNT", "FIRST SEEN", "LAST SEEN", "MESSAGE")]
     for alert in alerts:
         state = alert.state if alert.state == "firing" else "%s (%s)" % (alert.state,
                                                                           alert.resolved_by)
-        lines.append("%-22s %-8s %-15s %5d  %-24s %-24s %s" % (
-            alert.id, alert.level.value, state, alert.count, alert.first_seen, alert.last_seen,
-            alert.message))
+        lines.append(row % (alert.id, alert.level.value, state, "%d" % alert.count,
+                            alert.first_seen, alert.last_seen, alert.message))
     return lines if alerts else ["No %salerts." % ("" if include_resolved else "open ")]
 
 
