@@ -12519,20 +12519,21 @@ def _sizes_section(doc: Dict[str, Any]) -> str:
                        [r for r, _ in rows], [c for _, c in rows], numeric=(1, 2, 3, 4))
 
 
+_QUIET_FORECASTS = "%d agent limit(s) not approaching: no growth or no growth data"
+
+
 def _forecasts_section(doc: Dict[str, Any]) -> str:
     forecasts = _doc_dicts(doc, "metrics", "forecasts")
     shown = [f for f in forecasts if f.get("subject") == "store"
              or _number(f.get("days_until")) is not None]
     shown.sort(key=lambda f: (f.get("subject") != "store",
                               _number(f.get("days_until")) or 0.0, str(f.get("subject"))))
-    rows = [[_esc(f.get("subject")), _esc(f.get("limit")), _bytes_or_unknown(f.get("limit_bytes")),
-             _bytes_or_unknown(f.get("current_bytes")),
-             _bytes_or_unknown(f.get("bytes_per_day")),
-             _unit_or_unknown(f.get("days_until"), "%.1f"), _esc(f.get("note"))]
-            for f in shown]
+    rows = [[_esc(f.get("subject")), _esc(f.get("limit"))]
+            + [_bytes_or_unknown(f.get(k)) for k in ("limit_bytes", "current_bytes",
+                                                     "bytes_per_day")]
+            + [_unit_or_unknown(f.get("days_until"), "%.1f"), _esc(f.get("note"))] for f in shown]
     quiet = len(forecasts) - len(shown)
-    note = '<p class="muted">%d agent limit(s) not approaching: no growth or no growth ' \
-           'data</p>' % quiet if quiet else ""
+    note = '<p class="muted">%s</p>' % (_QUIET_FORECASTS % quiet) if quiet else ""
     return _html_table(["subject", "limit", "limit size", "now", "growth per day",
                         "days until", "note"], rows, numeric=(2, 3, 4, 5)) + note
 
@@ -12750,10 +12751,9 @@ def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
              [({"operation": o.operation}, _scaled(o.age_days, _DAY_SECONDS)) for o in ops])
     w.family("aml_last_operation_timestamp_seconds", "Start of the last run (Unix time).",
              [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
-    for kind in ("success", "failure"):
+    for kind, run in (("success", "successful run"), ("failure", "failed run")):
         w.family("aml_job_last_%s_timestamp_seconds" % kind, "Start of the last %s of each "
-                 "scheduled job (Unix time)." % ("successful run" if kind == "success"
-                                                 else "failed run"),
+                 "scheduled job (Unix time)." % run,
                  [({"job": job}, _unix_time(times.get("last_" + kind)))
                   for job, times in sorted(metrics.jobs.items())])
 
@@ -12858,7 +12858,7 @@ def _growth_lines(report: MetricsReport) -> List[str]:
         lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
                                            human_bytes(forecast.limit_bytes), when))
     if quiet:
-        lines.append("  %d agent limit(s) not approaching: no growth or no growth data" % quiet)
+        lines.append("  " + _QUIET_FORECASTS % quiet)
     return lines
 
 
