@@ -12254,9 +12254,9 @@ def _value_text(kind: str, value: float) -> str:
 def _svg_limits(frame: _Frame, limits: List[Tuple[str, float]], kind: str) -> List[str]:
     parts, above = [], []
     for number, (name, value) in enumerate(limits):
-        color = _limit_color(name)
+        color, text = _limit_color(name), "%s %s" % (name, _value_text(kind, value))
         if value > frame.vtop:
-            above.append("%s %s" % (name, _value_text(kind, value)))
+            above.append(text)
             continue
         y = frame.y(value)
         # Labels alternate left and right so two close limits stay readable.
@@ -12264,8 +12264,7 @@ def _svg_limits(frame: _Frame, limits: List[Tuple[str, float]], kind: str) -> Li
         parts.append('<line class="limit" x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s" '
                      'stroke-width="1.5" stroke-dasharray="6 4"/><text x="%d" y="%.1f" '
                      'font-size="10" text-anchor="%s" fill="%s">%s</text>'
-                     % (frame.x0, y, frame.x1, y, color, x, y - 3, anchor, color,
-                        _esc("%s %s" % (name, _value_text(kind, value)))))
+                     % (frame.x0, y, frame.x1, y, color, x, y - 3, anchor, color, _esc(text)))
     if above:
         parts.append('<text class="limit" x="%d" y="%d" font-size="10" text-anchor="end" '
                      'fill="#666">above the scale: %s</text>'
@@ -12847,7 +12846,7 @@ def _growth_lines(report: MetricsReport) -> List[str]:
     else:
         lines = ["Growth: %+d bytes, %+d records since %s; %s/day" % (
             growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
-            "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
+            _bytes_or_unknown(growth.bytes_per_day))]
     quiet = 0
     for forecast in report.forecasts:
         if forecast.subject != "store" and forecast.days_until is None:
