@@ -11850,23 +11850,24 @@ class Output:
         self.reporter = reporter or ProgressReporter(self.stderr, not quiet and getattr(
             self.stderr, "isatty", lambda: False)())
 
+    def _print(self, stream: Any, text: str) -> None:
+        self.reporter.clear()   # the progress line goes before any other output
+        print(text, file=stream)
+
     def line(self, text: str = "") -> None:
         """A line of the text report (suppressed by --quiet and in JSON mode)."""
         if self.format == "text" and not self.quiet:
-            self.reporter.clear()
-            print(text, file=self.stdout)
+            self._print(self.stdout, text)
 
     def always(self, text: str) -> None:
         """A text line printed even with --quiet (used for results the user asked to see)."""
         if self.format == "text":
-            self.reporter.clear()
-            print(text, file=self.stdout)
+            self._print(self.stdout, text)
 
     def verbatim(self, text: str) -> None:
         """A stdout line in any format but JSON, --quiet or not (the nagios plugin line)."""
         if self.format != "json":
-            self.reporter.clear()
-            print(text, file=self.stdout)
+            self._print(self.stdout, text)
 
     def document(self, payload: Any) -> None:
         """The JSON document of a run (only in --format json)."""
@@ -11876,13 +11877,11 @@ class Output:
 
     def warn(self, text: str) -> None:
         """A warning on stderr (shown even with --quiet: cron should mail problems)."""
-        self.reporter.clear()
-        print("aml: warning: %s" % text, file=self.stderr)
+        self._print(self.stderr, "aml: warning: %s" % text)
 
     def error(self, text: str) -> None:
         """An error line on stderr for a run that still reports its result."""
-        self.reporter.clear()
-        print("aml: error: %s" % text, file=self.stderr)
+        self._print(self.stderr, "aml: error: %s" % text)
 
     def report(self, result: Any, unreadable: str = "skipped, unreadable: %s",
                busy: str = "%s", errors: Optional[bool] = False) -> None:
@@ -11953,8 +11952,13 @@ def _esc(value: Any) -> str:
     return _html.escape("unknown" if value is None else str(value), quote=True)
 
 
-def _unit_or_unknown(value: Optional[float], fmt: str) -> str:
-    return "unknown" if value is None else fmt % value
+def _unit_or_unknown(value: Any, fmt: str, times: float = 1) -> str:
+    number = _number(value)
+    return "unknown" if number is None else fmt % (number * times)
+
+
+def _scaled(value: Optional[float], times: float = 1, per: float = 1) -> Optional[float]:
+    return None if value is None else value * times / per
 
 
 def _bytes_or_unknown(value: Any) -> str:
@@ -12156,9 +12160,9 @@ def _value_text(kind: str, value: float) -> str:
 def _svg_limits(frame: _Frame, limits: List[Tuple[str, float]], kind: str) -> List[str]:
     parts, above = [], []
     for number, (name, value) in enumerate(limits):
-        color = _LIMIT_COLORS.get(name.split()[-1], "#c00000")
+        color, text = _limit_color(name), "%s %s" % (name, _value_text(kind, value))
         if value > frame.vtop:
-            above.append("%s %s" % (name, _value_text(kind, value)))
+            above.append(text)
             continue
         y = frame.y(value)
         # Labels alternate left and right so two close limits stay readable.
@@ -12166,8 +12170,7 @@ def _svg_limits(frame: _Frame, limits: List[Tuple[str, float]], kind: str) -> Li
         parts.append('<line class="limit" x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s" '
                      'stroke-width="1.5" stroke-dasharray="6 4"/><text x="%d" y="%.1f" '
                      'font-size="10" text-anchor="%s" fill="%s">%s</text>'
-                     % (frame.x0, y, frame.x1, y, color, x, y - 3, anchor, color,
-                        _esc("%s %s" % (name, _value_text(kind, value)))))
+                     % (frame.x0, y, frame.x1, y, color, x, y - 3, anchor, color, _esc(text)))
     if above:
         parts.append('<text class="limit" x="%d" y="%d" font-size="10" text-anchor="end" '
                      'fill="#666">above the scale: %s</text>'
@@ -12204,36 +12207,28 @@ def svg_chart(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]]
         return '<figure><figcaption>%s</figcaption><p class="muted">no samples yet</p>' \
                '</figure>' % _esc(title)
     t0, t1, vmax = _chart_range(series, list(limits))
-    if t0 == t1:   # one sample: lines would be dots on top of each other
-        return _svg_bars(title, kind, series, list(limits), vmax)
     divisor, unit = _axis_unit(kind, vmax)
     ticks = _nice_ticks(vmax / divisor)
+    if t0 == t1:   # one sample: lines would be dots on top of each other
+        return _svg_bars(title, kind, series, list(limits), ticks[-1] * divisor or 1.0)
     frame = _Frame(t0, t1, ticks[-1] * divisor)
-    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" role="img" '
-             'aria-label="%s">' % (_PLOT["width"], _PLOT["height"], _esc(title))]
-    parts += _svg_grid(frame, [t * divisor for t in ticks], divisor, unit)
+    parts = _svg_grid(frame, [t * divisor for t in ticks], divisor, unit)
     parts += _svg_limits(frame, list(limits), kind)
     for label, color, points in reversed(series):   # the first (largest, total) on top
         parts += _svg_line(frame, label, color, points, 3 if color == _TOTAL_COLOR else 2)
     parts += _svg_markers(frame, list(runs))
-    parts.append("</svg>")
-    return '<figure class="chart"><figcaption>%s</figcaption>%s%s</figure>' % (
-        _esc(title), "".join(parts), _chart_legend(
-            series, [lim for lim in limits if lim[1] <= frame.vtop], runs, t0, t1))
+    return _chart_figure(title, _PLOT["height"], parts,
+                         _chart_legend(series, limits, frame.vtop, runs, t0, t1))
 
 
 def _svg_bars(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]],
-              limits: List[Tuple[str, float]], vmax: float) -> str:
-    """One horizontal bar per series: the chart of a store with a single sample."""
+              limits: List[Tuple[str, float]], scale: float) -> str:
+    """One horizontal bar per series up to ``scale``: the chart of a single sample."""
     row, left, right, top = 22, 170, 90, 26
-    width, height = _PLOT["width"], top + row * len(series) + 8
-    divisor, unit = _axis_unit(kind, vmax)
-    scale = _nice_ticks(vmax / divisor)[-1] * divisor or 1.0
-    span = width - left - right
-    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" role="img" '
-             'aria-label="%s">' % (width, height, _esc(title)),
-             '<text x="%d" y="16" font-size="11" fill="#666">one sample, %s</text>'
-             % (left, _esc(format_timestamp(series[0][2][0][0])))]
+    height, span = top + row * len(series) + 8, _PLOT["width"] - left - right
+    moment = series[0][2][0][0]
+    parts = ['<text x="%d" y="16" font-size="11" fill="#666">one sample, %s</text>'
+             % (left, _esc(format_timestamp(moment)))]
     for number, (label, color, points) in enumerate(series):
         value, y = points[-1][1], top + number * row
         shown = label if len(label) <= 26 else label[:25] + "\u2026"
@@ -12251,25 +12246,33 @@ def _svg_bars(title: str, kind: str, series: List[Tuple[str, str, List[_Point]]]
         if value <= scale:
             x = left + value / scale * span
             parts.append('<line class="limit" x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" '
-                         'stroke-dasharray="6 4"><title>%s</title></line>' % (
-                             x, top - 4, x, height - 4, _LIMIT_COLORS.get(
-                                 name.split()[-1], "#c00000"), _esc(name)))
-    parts.append("</svg>")
-    return '<figure class="chart"><figcaption>%s</figcaption>%s%s</figure>' % (
-        _esc(title), "".join(parts), _chart_legend(
-            series, [lim for lim in limits if lim[1] <= scale], [], series[0][2][0][0],
-            series[0][2][0][0]))
+                         'stroke-dasharray="6 4"><title>%s</title></line>'
+                         % (x, top - 4, x, height - 4, _limit_color(name), _esc(name)))
+    return _chart_figure(title, height, parts,
+                         _chart_legend(series, limits, scale, [], moment, moment))
+
+
+def _chart_figure(title: str, height: int, parts: List[str], legend: str) -> str:
+    """The <figure> of a chart: caption, the SVG of ``parts`` (plot width), legend."""
+    return ('<figure class="chart"><figcaption>%s</figcaption><svg xmlns="http://www.w3.org/'
+            '2000/svg" viewBox="0 0 %d %d" role="img" aria-label="%s">%s</svg>%s</figure>'
+            % (_esc(title), _PLOT["width"], height, _esc(title), "".join(parts), legend))
+
+
+def _limit_color(name: str) -> str:
+    return _LIMIT_COLORS.get(name.split()[-1], "#c00000")
 
 
 def _chart_legend(series: List[Tuple[str, str, List[_Point]]],
-                  limits: Sequence[Tuple[str, float]],
+                  limits: Sequence[Tuple[str, float]], vtop: float,
                   runs: Sequence[Tuple[_dt.datetime, str]],
                   t0: _dt.datetime, t1: _dt.datetime) -> str:
+    """The legend of the series, of the limits up to ``vtop`` (those drawn) and of the marks."""
     items = ['<li><span class="sw" style="background:%s"></span>%s</li>' % (c, _esc(label))
              for label, c, _ in series]
     items += ['<li><span class="sw" style="background:repeating-linear-gradient(90deg,%s 0 6px,'
-              'transparent 6px 10px)"></span>%s</li>' % (_LIMIT_COLORS.get(
-                  name.split()[-1], "#c00000"), _esc(name)) for name, _ in limits]
+              'transparent 6px 10px)"></span>%s</li>' % (_limit_color(name), _esc(name))
+              for name, value in limits if value <= vtop]
     if any(t0 <= m <= t1 for m, _ in runs):
         items.append('<li><span style="color:#555">&#9650;</span>maintenance run</li>')
     if any(v is None for _, _, pts in series for _, v in pts):
@@ -12293,6 +12296,11 @@ def _doc_list(doc: Dict[str, Any], *keys: str) -> List[Any]:
     return value if isinstance(value, list) else []
 
 
+def _doc_dicts(doc: Dict[str, Any], *keys: str) -> List[Dict[str, Any]]:
+    """The JSON objects of the list at ``doc[key][key]...`` (anything else in it skipped)."""
+    return [item for item in _doc_list(doc, *keys) if isinstance(item, dict)]
+
+
 def _status_cell(status: Any) -> str:
     return '<span class="status s-%s">%s</span>' % (_esc(status), _esc(status))
 
@@ -12303,58 +12311,51 @@ def _summary_section(doc: Dict[str, Any]) -> str:
     growth = _part(metrics, "growth")
     agents = _doc_list(metrics, "agents")
     records = sum(_agent_records(a) for a in agents)
-    rate = _number(perf.get("cache_hit_rate"))
     rows = [("store size", _bytes_or_unknown(metrics.get("total_bytes"))),
             ("agents", str(len(agents))), ("records", str(records)),
             ("unreadable files", str(len(_doc_list(metrics, "unreadable")))),
             ("index", _bytes_or_unknown(metrics.get("index_bytes"))
              if metrics.get("index_bytes") else "none"),
             ("growth per day", _bytes_or_unknown(growth.get("bytes_per_day"))),
-            ("full load now", _unit_or_unknown(_number(perf.get("full_load_ms")), "%.1f ms")),
-            ("indexed lookup now", _unit_or_unknown(_number(perf.get("lookup_ms")), "%.2f ms")),
-            ("hot-cache hit rate", _unit_or_unknown(None if rate is None else rate * 100,
-                                                    "%.0f%%"))]
+            ("full load now", _unit_or_unknown(perf.get("full_load_ms"), "%.1f ms")),
+            ("indexed lookup now", _unit_or_unknown(perf.get("lookup_ms"), "%.2f ms")),
+            ("hot-cache hit rate", _unit_or_unknown(perf.get("cache_hit_rate"), "%.0f%%", 100))]
     return _html_table(["measure", "value"], [[_esc(k), _esc(v)] for k, v in rows],
                        numeric=(1,)).replace("<table>", '<table class="compact">', 1)
 
 
 def _agent_records(agent: Dict[str, Any]) -> int:
-    records = agent.get("records") if isinstance(agent.get("records"), dict) else {}
-    return int(sum(_number(n) or 0 for states in records.values() if isinstance(states, dict)
-                   for n in states.values()))
+    return int(sum(_number(n) or 0 for states in _part(agent, "records").values()
+                   if isinstance(states, dict) for n in states.values()))
 
 
 def _health_section(doc: Dict[str, Any]) -> str:
-    checks = [c for c in _doc_list(doc, "health", "checks") if isinstance(c, dict)]
     return _html_table(["check", "status", "finding"],
-                       [[_esc(c.get("name")), _status_cell(c.get("status")),
-                         _esc(c.get("message"))] for c in checks], nowrap=(0, 1))
+                       [[_esc(c.get("name")), _status_cell(c.get("status")), _esc(c.get("message"))]
+                        for c in _doc_dicts(doc, "health", "checks")], nowrap=(0, 1))
 
 
 def _alerts_section(doc: Dict[str, Any]) -> str:
-    alerts = [a for a in _doc_list(doc, "alerts") if isinstance(a, dict)]
     # The page only reads alerts: they change when ``monitor health`` runs (cron), so an
     # alert may lag a check above that has since recovered.
     note = ('<p class="muted">As raised and resolved by the last <code>monitor health</code> '
             'run; this page reads them and never changes them.</p>')
-    return note + _html_table(["level", "check / subject", "since", "last seen", "count", "message",
-                        "id"],
-                       [[_esc(a.get("level")), _esc("%s / %s" % (a.get("check"),
-                                                                 a.get("subject"))),
-                         _esc(a.get("first_seen")), _esc(a.get("last_seen")),
-                         _esc(a.get("count")), _esc(a.get("message")), _esc(a.get("id"))]
-                        for a in alerts], numeric=(4,), nowrap=(0,))
+    return note + _html_table(
+        ["level", "check / subject", "since", "last seen", "count", "message", "id"],
+        [[_esc(a.get("level")), _esc("%s / %s" % (a.get("check"), a.get("subject")))]
+         + [_esc(a.get(k)) for k in ("first_seen", "last_seen", "count", "message", "id")]
+         for a in _doc_dicts(doc, "alerts")], numeric=(4,), nowrap=(0,))
 
 
-def _limit(doc: Dict[str, Any], key: str) -> Optional[float]:
-    value = _number(_part(doc, "thresholds").get(key))
+def _limit(doc: Dict[str, Any], scope: str, level: str) -> Optional[float]:
+    value = _number(_part(doc, "thresholds").get("%s_memory_%s_mb" % (scope, level)))
     return None if value is None else value * _MB
 
 
 def _limits(doc: Dict[str, Any], scope: str) -> List[Tuple[str, float]]:
     found = []
     for level in ("warning", "critical"):
-        value = _limit(doc, "%s_memory_%s_mb" % (scope, level))
+        value = _limit(doc, scope, level)
         if value is not None:
             found.append(("%s limit %s" % (scope.replace("global", "store"), level), value))
     return found
@@ -12362,15 +12363,15 @@ def _limits(doc: Dict[str, Any], scope: str) -> List[Tuple[str, float]]:
 
 def _maintenance_runs(doc: Dict[str, Any]) -> List[Tuple[_dt.datetime, str]]:
     runs = []
-    for entry in _doc_list(doc, "maintenance"):
-        moment = parse_timestamp(entry.get("started")) if isinstance(entry, dict) else None
+    for entry in _doc_dicts(doc, "maintenance"):
+        moment = parse_timestamp(entry.get("started"))
         if moment is not None:
             runs.append((moment, str(entry.get("operation"))))
     return runs
 
 
 def _charts_section(doc: Dict[str, Any]) -> str:
-    samples = [s for s in _doc_list(doc, "samples") if isinstance(s, dict)]
+    samples = _doc_dicts(doc, "samples")
     runs = _maintenance_runs(doc)
     sizes, size_total = _sample_series(samples, "bytes")
     counts, count_total = _sample_series(samples, "records")
@@ -12403,7 +12404,7 @@ def _share_bar(share: float, css: str) -> str:
 def _size_row(doc: Dict[str, Any], scope: str, subject: str, size: Any
               ) -> Tuple[List[str], str]:
     """One sizes row against the ``scope`` (global or agent) limits: cells, row class."""
-    warn, crit = (_limit(doc, "%s_memory_%s_mb" % (scope, s)) for s in ("warning", "critical"))
+    warn, crit = (_limit(doc, scope, level) for level in ("warning", "critical"))
     value = _number(size) or 0.0
     css = "s-critical" if crit is not None and value >= crit else \
         "s-warning" if warn is not None and value >= warn else ""
@@ -12415,7 +12416,7 @@ def _size_row(doc: Dict[str, Any], scope: str, subject: str, size: Any
 def _sizes_section(doc: Dict[str, Any]) -> str:
     metrics = _part(doc, "metrics")
     rows = [_size_row(doc, "global", "store (all agents)", metrics.get("total_bytes"))]
-    agents = sorted((a for a in _doc_list(metrics, "agents") if isinstance(a, dict)),
+    agents = sorted(_doc_dicts(metrics, "agents"),
                     key=lambda a: (-(_number(a.get("bytes")) or 0), str(a.get("agent"))))
     rows += [_size_row(doc, "agent", str(a.get("agent")), a.get("bytes")) for a in agents]
     return _html_table(["subject", "size", "warning limit", "critical limit",
@@ -12423,20 +12424,21 @@ def _sizes_section(doc: Dict[str, Any]) -> str:
                        [r for r, _ in rows], [c for _, c in rows], numeric=(1, 2, 3, 4))
 
 
+_QUIET_FORECASTS = "%d agent limit(s) not approaching: no growth or no growth data"
+
+
 def _forecasts_section(doc: Dict[str, Any]) -> str:
-    forecasts = [f for f in _doc_list(doc, "metrics", "forecasts") if isinstance(f, dict)]
+    forecasts = _doc_dicts(doc, "metrics", "forecasts")
     shown = [f for f in forecasts if f.get("subject") == "store"
              or _number(f.get("days_until")) is not None]
     shown.sort(key=lambda f: (f.get("subject") != "store",
                               _number(f.get("days_until")) or 0.0, str(f.get("subject"))))
-    rows = [[_esc(f.get("subject")), _esc(f.get("limit")), _bytes_or_unknown(f.get("limit_bytes")),
-             _bytes_or_unknown(f.get("current_bytes")),
-             _bytes_or_unknown(f.get("bytes_per_day")),
-             _unit_or_unknown(_number(f.get("days_until")), "%.1f"), _esc(f.get("note"))]
-            for f in shown]
+    rows = [[_esc(f.get("subject")), _esc(f.get("limit"))]
+            + [_bytes_or_unknown(f.get(k)) for k in ("limit_bytes", "current_bytes",
+                                                     "bytes_per_day")]
+            + [_unit_or_unknown(f.get("days_until"), "%.1f"), _esc(f.get("note"))] for f in shown]
     quiet = len(forecasts) - len(shown)
-    note = '<p class="muted">%d agent limit(s) not approaching: no growth or no growth ' \
-           'data</p>' % quiet if quiet else ""
+    note = '<p class="muted">%s</p>' % (_QUIET_FORECASTS % quiet) if quiet else ""
     return _html_table(["subject", "limit", "limit size", "now", "growth per day",
                         "days until", "note"], rows, numeric=(2, 3, 4, 5)) + note
 
@@ -12454,19 +12456,19 @@ def _summary_text(summary: Any) -> str:
 def _jobs_section(doc: Dict[str, Any]) -> str:
     now = parse_timestamp(doc.get("generated"))
     rows = []
-    for job in (j for j in _doc_list(doc, "jobs") if isinstance(j, dict)):
+    for job in _doc_dicts(doc, "jobs"):
         started = parse_timestamp(job.get("started"))
         age = days_between(started, now) if started and now else None
         rows.append([_esc(job.get("operation")), _esc(job.get("started")),
-                     _unit_or_unknown(None if age is None else age * 24, "%.1f h ago"),
-                     _unit_or_unknown(_number(job.get("seconds")), "%.2f s"),
+                     _unit_or_unknown(age, "%.1f h ago", 24),
+                     _unit_or_unknown(job.get("seconds"), "%.2f s"),
                      _esc(job.get("runs")), _esc(_summary_text(job.get("summary")))])
     return _html_table(["job", "last run", "age", "took", "runs kept", "outcome"], rows,
                        numeric=(2, 3, 4), nowrap=(0,))
 
 
 def _records_section(doc: Dict[str, Any]) -> str:
-    agents = [a for a in _doc_list(doc, "metrics", "agents") if isinstance(a, dict)]
+    agents = _doc_dicts(doc, "metrics", "agents")
     types: List[str] = []
     for agent in agents:
         types += [t for t in _part(agent, "records") if t not in types]
@@ -12485,13 +12487,12 @@ def _records_section(doc: Dict[str, Any]) -> str:
 
 
 def _backups_section(doc: Dict[str, Any]) -> str:
-    backups = doc.get("backups") if isinstance(doc.get("backups"), dict) else {}
+    backups = _part(doc, "backups")
     if backups.get("error"):
         return '<p class="muted">backups unavailable: %s</p>' % _esc(backups["error"])
     mark = {True: "verified", False: "FAILED", None: "not verified"}
-    rows = [[_esc(s.get("backup_id")), _esc(s.get("type")), _esc(s.get("created")),
-             _esc(s.get("files")), _esc(s.get("records")),
-             _bytes_or_unknown(s.get("logical_bytes")), _esc(mark.get(s.get("verified"), "?"))]
+    rows = [[_esc(s.get(k)) for k in ("backup_id", "type", "created", "files", "records")]
+            + [_bytes_or_unknown(s.get("logical_bytes")), _esc(mark.get(s.get("verified"), "?"))]
             for s in backups.get("latest") or [] if isinstance(s, dict)]
     problems = "".join('<p class="muted">%s</p>' % _esc(p) for p in backups.get("problems") or [])
     return (_html_table(["backup", "type", "created", "files", "records", "size", "verified"],
@@ -12582,18 +12583,22 @@ class _PromWriter:
         self.lines: List[str] = []
         self.labels = dict(labels or {})
 
-    def family(self, name: str, kind: str, help_text: str,
+    def family(self, name: str, help_text: str,
                samples: Iterable[Tuple[Dict[str, str], Optional[float]]]) -> None:
-        """One family; samples whose value is None (not measured) are left out."""
+        """One gauge family; samples whose value is None (not measured) are left out."""
         known = [(labels, value) for labels, value in samples if value is not None]
         if not known:
             return
         self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")))
-        self.lines.append("# TYPE %s %s" % (name, kind))
+        self.lines.append("# TYPE %s gauge" % name)
         for labels, value in known:
             labels = dict(self.labels, **labels)
             text = ",".join('%s="%s"' % (k, _prom_escape(str(v))) for k, v in labels.items())
             self.lines.append("%s%s %s" % (name, "{%s}" % text if text else "", _prom_value(value)))
+
+    def gauge(self, name: str, help_text: str, value: Optional[float]) -> None:
+        """A family of one unlabelled sample (none when ``value`` is None)."""
+        self.family(name, help_text, [({}, value)])
 
     def text(self) -> str:
         """The exposition text, newline-terminated."""
@@ -12605,29 +12610,25 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
     """Metrics (and health and alert counts when given) in the Prometheus text format,
     base units (bytes, seconds), every sample labelled with its ``store``."""
     w = _PromWriter({"store": os.path.abspath(metrics.store)})
-    w.family("aml_store_bytes", "gauge", "Bytes of the memory store on disk, aml state excluded.",
-             [({}, metrics.total_bytes)])
-    w.family("aml_state_bytes", "gauge", "Bytes of aml's own state folder .aml.",
-             [({}, metrics.state_bytes)])
-    w.family("aml_index_bytes", "gauge", "Bytes of the persisted index.",
-             [({}, metrics.index_bytes)])
-    w.family("aml_agent_bytes", "gauge", "Bytes on disk per agent folder.",
+    w.gauge("aml_store_bytes", "Bytes of the memory store on disk, aml state excluded.",
+            metrics.total_bytes)
+    w.gauge("aml_state_bytes", "Bytes of aml's own state folder .aml.", metrics.state_bytes)
+    w.gauge("aml_index_bytes", "Bytes of the persisted index.", metrics.index_bytes)
+    w.family("aml_agent_bytes", "Bytes on disk per agent folder.",
              [({"agent": a.agent}, a.bytes) for a in metrics.agents])
-    w.family("aml_agent_files", "gauge", "JSON files per agent by encoding.",
+    w.family("aml_agent_files", "JSON files per agent by encoding.",
              [({"agent": a.agent, "encoding": enc}, n) for a in metrics.agents
               for enc, n in (("gzip", a.gzip_files), ("plain", a.plain_files))])
-    w.family("aml_records", "gauge",
-             "Records per agent, type and state (unreadable files excluded).",
+    w.family("aml_records", "Records per agent, type and state (unreadable files excluded).",
              [({"agent": a.agent, "type": t, "state": s}, n) for a in metrics.agents
               for t, states in sorted(a.records.items()) for s, n in sorted(states.items())])
-    w.family("aml_agent_records", "gauge", "Records per agent and type, every state "
-             "(unreadable files excluded).",
-             [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
-              for a in metrics.agents for t in RecordType])
-    w.family("aml_store_records", "gauge", "Records of the store per type, every state; "
-             "sum() is the store's total.",
-             [({"type": t.value}, metrics.totals.get(t.value, 0)) for t in RecordType])
-    w.family("aml_unreadable_files", "gauge", "Record files that could not be read or parsed.",
+    w.family("aml_agent_records", "Records per agent and type, every state (unreadable files "
+             "excluded).", [({"agent": a.agent, "type": t.value}, a.totals.get(t.value, 0))
+                            for a in metrics.agents for t in RecordType])
+    w.family("aml_store_records", "Records of the store per type, every state; sum() is the "
+             "store's total.", [({"type": t.value}, metrics.totals.get(t.value, 0))
+                                for t in RecordType])
+    w.family("aml_unreadable_files", "Record files that could not be read or parsed.",
              [({"agent": a.agent}, len(a.unreadable)) for a in metrics.agents])
     _prom_performance(w, metrics)
     if health is not None:
@@ -12637,41 +12638,37 @@ def prometheus_text(metrics: MetricsReport, health: Optional[HealthReport] = Non
 
 def _prom_performance(w: _PromWriter, metrics: MetricsReport) -> None:
     perf = metrics.performance
-    per_day = metrics.growth.bytes_per_day
-    w.family("aml_growth_bytes_per_second", "gauge", "Store growth rate over the last 30 days.",
-             [({}, per_day / _DAY_SECONDS if per_day is not None else None)])
-    w.family("aml_limit_eta_seconds", "gauge", "Time until a size limit at the current growth.",
-             [({"limit": f.limit, "subject": f.subject},
-               f.days_until * _DAY_SECONDS if f.days_until is not None else None)
+    w.gauge("aml_growth_bytes_per_second", "Store growth rate over the last 30 days.",
+            _scaled(metrics.growth.bytes_per_day, per=_DAY_SECONDS))
+    w.family("aml_limit_eta_seconds", "Time until a size limit at the current growth.",
+             [({"limit": f.limit, "subject": f.subject}, _scaled(f.days_until, _DAY_SECONDS))
               for f in metrics.forecasts])
-    w.family("aml_full_load_seconds", "gauge", "Time to read and parse every record file, now.",
-             [({}, perf.full_load_ms / 1000.0 if perf.full_load_ms is not None else None)])
-    w.family("aml_lookup_seconds", "gauge", "Time of one indexed lookup, measured now.",
-             [({}, perf.lookup_ms / 1000.0 if perf.lookup_ms is not None else None)])
-    w.family("aml_cache_hit_ratio", "gauge", "Hot-cache hit ratio recorded by real lookups.",
-             [({}, perf.cache_hit_rate)])
+    w.gauge("aml_full_load_seconds", "Time to read and parse every record file, now.",
+            _scaled(perf.full_load_ms, per=1000.0))
+    w.gauge("aml_lookup_seconds", "Time of one indexed lookup, measured now.",
+            _scaled(perf.lookup_ms, per=1000.0))
+    w.gauge("aml_cache_hit_ratio", "Hot-cache hit ratio recorded by real lookups.",
+            perf.cache_hit_rate)
     ops = sorted(perf.last_operations.values(), key=lambda o: o.operation)
-    w.family("aml_last_operation_duration_seconds", "gauge", "Duration of the last run.",
+    w.family("aml_last_operation_duration_seconds", "Duration of the last run.",
              [({"operation": o.operation}, o.seconds) for o in ops])
-    w.family("aml_last_operation_age_seconds", "gauge", "Time since the last run started.",
-             [({"operation": o.operation}, o.age_days * _DAY_SECONDS
-               if o.age_days is not None else None) for o in ops])
-    w.family("aml_last_operation_timestamp_seconds", "gauge", "Start of the last run (Unix "
-             "time).", [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
-    for kind in ("success", "failure"):
-        w.family("aml_job_last_%s_timestamp_seconds" % kind, "gauge", "Start of the last %s "
-                 "of each scheduled job (Unix time)." % ("successful run" if kind == "success"
-                                                         else "failed run"),
+    w.family("aml_last_operation_age_seconds", "Time since the last run started.",
+             [({"operation": o.operation}, _scaled(o.age_days, _DAY_SECONDS)) for o in ops])
+    w.family("aml_last_operation_timestamp_seconds", "Start of the last run (Unix time).",
+             [({"operation": o.operation}, _unix_time(o.started)) for o in ops])
+    for kind, run in (("success", "successful run"), ("failure", "failed run")):
+        w.family("aml_job_last_%s_timestamp_seconds" % kind, "Start of the last %s of each "
+                 "scheduled job (Unix time)." % run,
                  [({"job": job}, _unix_time(times.get("last_" + kind)))
                   for job, times in sorted(metrics.jobs.items())])
 
 
 def _prom_health(w: _PromWriter, health: HealthReport, alerts: List[Alert]) -> None:
-    w.family("aml_health_status", "gauge", "Health per check: 0 ok, 1 warning, 2 critical, "
-             "3 unknown.", [({"check": c.name}, c.status.exit_code) for c in health.checks])
-    w.family("aml_health_overall", "gauge", "Overall health: 0 ok, 1 warning, 2 critical, "
-             "3 unknown.", [({}, health.status.exit_code)])
-    w.family("aml_alerts_open", "gauge", "Open alerts by level.",
+    w.family("aml_health_status", "Health per check: 0 ok, 1 warning, 2 critical, 3 unknown.",
+             [({"check": c.name}, c.status.exit_code) for c in health.checks])
+    w.gauge("aml_health_overall", "Overall health: 0 ok, 1 warning, 2 critical, 3 unknown.",
+            health.status.exit_code)
+    w.family("aml_alerts_open", "Open alerts by level.",
              [({"level": level.value}, sum(1 for a in alerts if a.level is level))
               for level in AlertLevel])
 
@@ -12755,7 +12752,7 @@ def _growth_lines(report: MetricsReport) -> List[str]:
     else:
         lines = ["Growth: %+d bytes, %+d records since %s; %s/day" % (
             growth.bytes_since_previous, growth.records_since_previous, growth.previous_at,
-            "unknown" if growth.bytes_per_day is None else human_bytes(growth.bytes_per_day))]
+            _bytes_or_unknown(growth.bytes_per_day))]
     quiet = 0
     for forecast in report.forecasts:
         if forecast.subject != "store" and forecast.days_until is None:
@@ -12766,7 +12763,7 @@ def _growth_lines(report: MetricsReport) -> List[str]:
         lines.append("  %s %s (%s): %s" % (forecast.subject, forecast.limit,
                                            human_bytes(forecast.limit_bytes), when))
     if quiet:
-        lines.append("  %d agent limit(s) not approaching: no growth or no growth data" % quiet)
+        lines.append("  " + _QUIET_FORECASTS % quiet)
     return lines
 
 
@@ -12794,14 +12791,13 @@ def _health_lines(report: HealthReport) -> List[str]:
 
 
 def _alert_lines(alerts: List[Alert], include_resolved: bool) -> List[str]:
-    lines = ["%-22s %-8s %-15s %5s  %-24s %-24s %s" % ("ID", "LEVEL", "STATE", "COUNT",
-                                                      "FIRST SEEN", "LAST SEEN", "MESSAGE")]
+    row = "%-22s %-8s %-15s %5s  %-24s %-24s %s"
+    lines = [row % ("ID", "LEVEL", "STATE", "COUNT", "FIRST SEEN", "LAST SEEN", "MESSAGE")]
     for alert in alerts:
         state = alert.state if alert.state == "firing" else "%s (%s)" % (alert.state,
                                                                           alert.resolved_by)
-        lines.append("%-22s %-8s %-15s %5d  %-24s %-24s %s" % (
-            alert.id, alert.level.value, state, alert.count, alert.first_seen, alert.last_seen,
-            alert.message))
+        lines.append(row % (alert.id, alert.level.value, state, "%d" % alert.count,
+                            alert.first_seen, alert.last_seen, alert.message))
     return lines if alerts else ["No %salerts." % ("" if include_resolved else "open ")]
 
 
