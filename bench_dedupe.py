@@ -335,6 +335,53 @@ def speed_lines(figures: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+# What the detector's stages cost on the same files, each with all the stages before it (CPU,
+# best of three): the floor a faster detector of the same kind cannot go below, and a
+# shingler stripped to its least (top-level strings only, word hashes by hash()) beside it.
+_WORD_BYTES = bytes(b if (chr(b).isalnum() or b >= 0x80) else 0x20 for b in range(256)).lower()
+
+
+def _least_shingles(record: Dict[str, Any]) -> Dict[int, int]:
+    text = " ".join([v for v in record.values() if v.__class__ is str])
+    ids = list(map(hash, text.lower().encode("utf-8", "surrogatepass").translate(
+        _WORD_BYTES).split()))
+    ordered = sorted(set(map(hash, zip(ids, ids[1:], ids[2:]))), reverse=True)
+    return dict(zip(map((63).__and__, ordered), ordered))
+
+
+def stage_costs(root: Path) -> List[str]:
+    """The cost ladder of detection on one store, as multiples of its JSON parse."""
+    texts = [(aml.RecordType(TYPES[p.name]), aml.load_json_text(p)[2])
+             for p in sorted(root.glob("*/*.json")) if p.name in TYPES]
+
+    def run(per_record: Any) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.process_time()
+            for rtype, text in texts:
+                shingler = aml._Shingler()
+                for record in json.loads(text):
+                    per_record(rtype, record, shingler)
+            best = min(best, time.process_time() - started)
+        return best
+
+    stages = [
+        ("json.loads of every record file", lambda t, r, s: None),
+        ("+ the knowledge fields (knowledge_units)", lambda t, r, s: aml.knowledge_units(t, r)),
+        ("+ field-tagged 3-gram shingles", lambda t, r, s: s.shingles(aml.knowledge_units(t, r))),
+        ("+ MinHash band keys", lambda t, r, s: aml.minhash_bands(
+            s.shingles(aml.knowledge_units(t, r)))),
+        ("least shingler: top-level strings, 3-grams, one sketch",
+         lambda t, r, s: _least_shingles(r))]
+    parse = None
+    lines = ["| stage (cumulative, CPU, best of 3) | seconds | x parse |", "|---|---|---|"]
+    for label, per_record in stages:
+        seconds = run(per_record)
+        parse = parse or seconds
+        lines.append("| %s | %.2f s | %.2fx |" % (label, seconds, seconds / parse))
+    return lines
+
+
 def machine() -> str:
     """The CPU, its core count and the load when the run started (a shared machine's
     neighbours slow every figure; the ratios are of CPU seconds measured in one run)."""
@@ -380,6 +427,8 @@ def main(argv: Any = None) -> int:
         print()
         print("\n".join(speed_lines(([speed(small, opts.threshold)] if opts.small else [])
                                     + [speed(big, opts.threshold)])))
+        print()
+        print("\n".join(stage_costs(big)))
         print("load average after: %.2f %.2f %.2f" % os.getloadavg())
     finally:
         if opts.scratch is None:
