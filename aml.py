@@ -12919,6 +12919,11 @@ def subparser(subparsers: Any, name: str, help_text: str, epilog: Optional[str] 
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser, dest: str, metavar: str = "ACTION") -> Any:
+    """The required (sub)commands of ``parser``; theirs too raise UsageError."""
+    return parser.add_subparsers(dest=dest, metavar=metavar, parser_class=_Parser, required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line parser."""
     doc = (__doc__ or "").split("\n\n")
@@ -12927,9 +12932,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="aml %s" % __version__)
     parser.add_argument("memory_path", type=Path, help="the memory store (e.g. .loom/memory)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                       parser_class=_Parser)
-    subparsers.required = True
+    subparsers = _subcommands(parser, "command", "COMMAND")
     for builder in _COMMAND_BUILDERS:
         builder(subparsers)
     return parser
@@ -13521,8 +13524,7 @@ def cmd_backup_auto(args: argparse.Namespace) -> Outcome:
 def _build_backup(subparsers: Any) -> None:
     parser = subparser(subparsers, "backup", "snapshots of the store: create, list, verify, "
                        "restore, rotate, auto, copy, ls, diff, dump, stats")
-    sub = parser.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
-    sub.required = True
+    sub = _subcommands(parser, "backup_command")
     for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
                             ("full", "take a full snapshot (re-reads every file)"),
                             ("incremental", "take an incremental snapshot")):
@@ -13764,8 +13766,7 @@ def _migrate_write_options(parser: argparse.ArgumentParser) -> None:
 def _build_migrate(subparsers: Any) -> None:
     parser = subparser(subparsers, "migrate", "detect schema versions and migrate records "
                        "(1.0.0 -> 1.1.0 -> 1.2.0 -> 2.0.0)")
-    actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION", parser_class=_Parser)
-    actions.required = True
+    actions = _subcommands(parser, "migrate_action")
     detect = subparser(actions, "detect", "versions per file and agent, unplaceable records, "
                        "migration history (read-only)", func=cmd_migrate_detect)
     detect.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
@@ -13924,8 +13925,7 @@ def _threshold_option(parser: argparse.ArgumentParser) -> None:
 @command_builder
 def _build_monitor(subparsers: Any) -> None:
     parser = subparser(subparsers, "monitor", "metrics, health checks, alerts and reports")
-    sub = parser.add_subparsers(dest="monitor_command", metavar="ACTION", parser_class=_Parser)
-    sub.required = True
+    sub = _subcommands(parser, "monitor_command")
     metrics = _monitor_action(sub, "metrics", "measure sizes, record counts, growth and timings",
                               ("text", "json", "prometheus"), "text", cmd_monitor_metrics)
     _threshold_option(metrics)
