@@ -13013,7 +13013,8 @@ def _build_prune(subparsers: Any) -> None:
         subparsers, "prune",
         "remove stale and low-value records; every removal is archived (undo with --undo)",
         epilog="strategies: time_based, performance_based, space_based (default: all three).\n"
-               "The original spelling 'prune time_based performance_based' works too.")
+               "The original spelling 'prune time_based performance_based' works too.",
+        func=cmd_prune)
     parser.add_argument("strategy_words", nargs="*", metavar="STRATEGY",
                         help="strategies to run (same as --strategies)")
     parser.add_argument("--strategies", nargs="+", metavar="STRATEGY", default=[],
@@ -13037,7 +13038,6 @@ def _build_prune(subparsers: Any) -> None:
     parser.add_argument("-v", "--list", action="store_true", dest="list_records",
                         help="also list every record removed (or that would be), with its "
                         "reason (always in --format json)")
-    parser.set_defaults(func=cmd_prune)
 
 
 def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
@@ -13275,7 +13275,8 @@ def _add_lookup_options(parser: argparse.ArgumentParser) -> None:
 
 @command_builder
 def _build_search(subparsers: Any) -> None:
-    parser = subparser(subparsers, "search", "find records by agent, type, tags, text, scores")
+    parser = subparser(subparsers, "search", "find records by agent, type, tags, text, scores",
+                       func=cmd_search)
     parser.add_argument("--agent", metavar="A")
     parser.add_argument("--type", dest="rtype", choices=[t.value for t in RecordType])
     parser.add_argument("--tag", dest="tags", action="extend", nargs="+", default=[],
@@ -13286,7 +13287,6 @@ def _build_search(subparsers: Any) -> None:
     parser.add_argument("--min-success-rate", type=float, metavar="Y")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N records")
     _add_lookup_options(parser)
-    parser.set_defaults(func=cmd_search)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -13531,18 +13531,16 @@ def _build_backup(subparsers: Any) -> None:
         p = subparser(sub, name, help_text, func=cmd_backup_create, kind=name)
         _backup_options(p)
         _create_options(p, incremental_flag=name == "create")
-    p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
-    _backup_options(p)
-    _repo_option(p)
-    p.set_defaults(func=cmd_backup_list)
-    p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
+    subparser(sub, "list", "list snapshots (and foreign files in the backup folder)",
+              func=cmd_backup_list)
+    p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)",
+                  func=cmd_backup_verify)
     _backup_options(p)
     p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
     p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
     p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
     _repo_option(p)
-    p.set_defaults(func=cmd_backup_verify)
     _build_restore(sub)
     for name, help_text, func in (
             ("rotate", "delete old snapshots and free their space", cmd_backup_rotate),
@@ -13721,24 +13719,25 @@ def _build_backup_inspection(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would be copied")
     p = subparser(sub, "ls", "list a snapshot's files with records and sizes", func=cmd_backup_ls)
     p.add_argument("backup_id", metavar="ID")
-    p = subparser(sub, "diff", "records added, removed and changed between two snapshots")
+    p = subparser(sub, "diff", "records added, removed and changed between two snapshots",
+                  func=cmd_backup_diff)
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p.set_defaults(func=cmd_backup_diff)
-    p = subparser(sub, "dump", "print a file of a snapshot (or one record) exactly as stored")
+    p = subparser(sub, "dump", "print a file of a snapshot (or one record) exactly as stored",
+                  func=cmd_backup_dump)
     p.add_argument("backup_id", metavar="ID")
     p.add_argument("file", metavar="FILE", nargs="?", help="path in the snapshot (see ls)")
     p.add_argument("--record", metavar="RID", help="only the record with this id")
-    p.set_defaults(func=cmd_backup_dump)
-    p = subparser(sub, "stats", "repository size, deduplication, what each snapshot added")
-    p.set_defaults(func=cmd_backup_stats)
-    for name in ("ls", "diff", "dump", "stats"):
+    subparser(sub, "stats", "repository size, deduplication, what each snapshot added",
+              func=cmd_backup_stats)
+    for name in ("list", "ls", "diff", "dump", "stats"):
         _backup_options(sub.choices[name])
         _repo_option(sub.choices[name])
 
 
 def _build_restore(sub: Any) -> None:
-    p = subparser(sub, "restore", "restore a snapshot exactly (verifies first)")
+    p = subparser(sub, "restore", "restore a snapshot exactly (verifies first)",
+                  func=cmd_backup_restore)
     _backup_options(p)
     p.add_argument("backup_id", nargs="?", help="snapshot id")
     p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
@@ -13749,7 +13748,6 @@ def _build_restore(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="list what would change")
     p.add_argument("--force", action="store_true", help="allow a non-empty --target")
     _repo_option(p)
-    p.set_defaults(func=cmd_backup_restore)
 
 
 # --- migrate command (section 13) ---
@@ -13778,10 +13776,9 @@ def _build_migrate(subparsers: Any) -> None:
                             help="target version: 1.0.0, 1.1.0, 1.2.0 or 2.0.0")
     _migrate_write_options(to_version)
     latest = subparser(actions, "migrate-latest", "migrate every record to %s"
-                       % SchemaVersion.latest().value)
+                       % SchemaVersion.latest().value, func=cmd_migrate,
+                       version=SchemaVersion.latest().value, version_option=None)
     _migrate_write_options(latest)
-    latest.set_defaults(func=cmd_migrate, version=SchemaVersion.latest().value,
-                        version_option=None)
 
 
 def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
