@@ -13391,6 +13391,12 @@ def _backup_manager(args: argparse.Namespace) -> BackupManager:
     return manager
 
 
+def _in_repository(args: argparse.Namespace, read: Callable[..., Any], *params: Any) -> Any:
+    """``read(manager, *params)`` on the repository of --repo (default: the store's own)."""
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        return read(manager, *params)
+
+
 def _print_backup(out: Output, result: BackupResult) -> None:
     out.progress_done()
     out.report(result)
@@ -13419,8 +13425,7 @@ def cmd_backup_create(args: argparse.Namespace) -> Outcome:
 def cmd_backup_list(args: argparse.Namespace) -> Outcome:
     """backup list: snapshots, foreign files, repository size."""
     out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = manager.list()
+    result = _in_repository(args, lambda manager: manager.list())
     out.report(result)
     mark = {True: "verified", False: "FAILED", None: "unverified"}
     for snap in result.snapshots:
@@ -13446,8 +13451,8 @@ def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
 def cmd_backup_verify(args: argparse.Namespace) -> Outcome:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
     out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = manager.verify(_one_backup_id(args), deep=args.deep, all_snapshots=args.all)
+    result = _in_repository(args, lambda manager: manager.verify(
+        _one_backup_id(args), deep=args.deep, all_snapshots=args.all))
     out.progress_done()
     out.report(result, errors=True)
     out.line("%s %s: %d files, %d objects checked%s" % (
@@ -13464,16 +13469,15 @@ def cmd_backup_restore(args: argparse.Namespace) -> Outcome:
         at = parse_timestamp(args.at)
         if at is None:
             raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = manager.restore(_one_backup_id(args), at=at, agents=args.agents,
-                                 target=args.target, dry_run=args.dry_run, force=args.force)
+    result = _in_repository(args, lambda manager: manager.restore(
+        _one_backup_id(args), at=at, agents=args.agents, target=args.target,
+        dry_run=args.dry_run, force=args.force))
     out.progress_done()
     out.report(result)
-    verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):
         for rel in paths if result.dry_run else []:
-            out.always("%s%s %s" % (verb, label, rel))
+            out.always("would %s %s" % (label, rel))
     out.line("%s into %s: %d created, %d replaced, %d removed, %d unchanged%s%s" % (
         result.backup_id, result.target, len(result.created), len(result.replaced),
         len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
@@ -13603,8 +13607,7 @@ def cmd_backup_copy(args: argparse.Namespace) -> Outcome:
 def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
     """backup ls: the files of a snapshot, with records and sizes."""
     out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = list_snapshot(manager, args.backup_id)
+    result = _in_repository(args, list_snapshot, args.backup_id)
     out.line("%s (%s, %s): %d files, %d records, %s" % (
         result.backup_id, result.type, result.created, len(result.files), result.records,
         human_bytes(result.bytes)))
@@ -13618,8 +13621,7 @@ def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
 def cmd_backup_diff(args: argparse.Namespace) -> Outcome:
     """backup diff: records added, removed and changed between two snapshots."""
     out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = diff_snapshots(manager, args.a, args.b)
+    result = _in_repository(args, diff_snapshots, args.a, args.b)
     mark = {"added": "+", "removed": "-", "changed": "M", "rewritten": "="}
     for change in result.files:
         counts = (change.added, change.removed, change.changed)
@@ -13643,11 +13645,10 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
     out = output_for(args)
     if args.file is None and args.record is None:
         raise UsageError("name a FILE or --record RID (see backup ls ID)")
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        if args.record is None:
-            found = [dump_file(manager, args.backup_id, args.file)]
-        else:
-            found = dump_record(manager, args.backup_id, args.record, args.file)
+    if args.record is None:
+        found = [_in_repository(args, dump_file, args.backup_id, args.file)]
+    else:
+        found = _in_repository(args, dump_record, args.backup_id, args.record, args.file)
     if len(found) > 1:
         raise UsageError("record %s is in %d files (%s); name one: backup dump %s FILE "
                          "--record %s" % (args.record, len(found), ", ".join(
@@ -13666,14 +13667,13 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
             doc["base64"] = base64.b64encode(data).decode("ascii")
         out.document(doc)
         return ExitCode.OK
+    data = dumped.data + (b"\n" if args.record is not None else b"")
     stream = getattr(out.stdout, "buffer", None)
     if stream is None:   # a text-only stdout (tests): the bytes as text
-        out.stdout.write(dumped.data.decode("utf-8", "replace"))
+        out.stdout.write(data.decode("utf-8", "replace"))
     else:
         out.stdout.flush()
-        stream.write(dumped.data)
-    if args.record is not None:
-        (stream or out.stdout).write(b"\n" if stream else "\n")
+        stream.write(data)
     (stream or out.stdout).flush()
     return ExitCode.OK
 
@@ -13681,8 +13681,7 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
 def cmd_backup_stats(args: argparse.Namespace) -> Outcome:
     """backup stats: repository size, deduplication, what each snapshot added."""
     out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = repository_stats(manager)
+    result = _in_repository(args, repository_stats)
     out.report(result)
     out.line("%-26s %-24s %6s %8s %10s %8s %10s" % (
         "snapshot", "created", "files", "records", "restored", "new obj", "added"))
