@@ -13298,14 +13298,18 @@ def cmd_search(args: argparse.Namespace) -> int:
                         " ".join(args.text) if args.text else None, args.min_confidence,
                         args.min_success_rate, args.limit)
     result = search_records(store, query, use_index=not args.scan)
+    return _print_lookup(out, result, map(_record_line, result.records), "%d record%s (%s)"
+                         % (result.count, "" if result.count == 1 else "s", result.source))
+
+
+def _print_lookup(out: Output, result: LookupResult, texts: Iterable[str],
+                  summary: str = "") -> int:
+    """The document, each record's text (even with -q), ``summary``, problems; the exit code."""
     out.document(dict(dataclasses.asdict(result), count=result.count))
-    for found in result.records:
-        out.always(_record_line(found))
-    out.line("%d record%s (%s)" % (result.count, "" if result.count == 1 else "s", result.source))
-    return _lookup_exit(out, result)
-
-
-def _lookup_exit(out: Output, result: LookupResult) -> int:
+    for text in texts:
+        out.always(text)
+    if summary:
+        out.line(summary)
     out.report(result)
     if result.not_found:
         out.warn(result.message or "not found")
@@ -13323,12 +13327,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     """get ID: print the record as JSON (with a location line when several agents hold it)."""
     store, out = open_store(args), output_for(args)
     result = get_record(store, args.record_id, use_index=not args.scan)
-    out.document(dict(dataclasses.asdict(result), count=result.count))
-    for found in result.records:
-        if result.count > 1:
-            out.always("# %s [%d]" % (found.file, found.index))
-        out.always(runtime_json(found.record))
-    return _lookup_exit(out, result)
+    return _print_lookup(out, result, (
+        ("# %s [%d]\n" % (found.file, found.index) if result.count > 1 else "")
+        + runtime_json(found.record) for found in result.records))
 
 
 # --- backup command (section 8) ---
