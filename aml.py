@@ -12943,12 +12943,16 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
         if not hasattr(args, key):
             setattr(args, key, value)
     args.reporter = ProgressReporter(sys.stderr, not args.quiet and sys.stderr.isatty())
-    if args.now is not None:
-        moment = parse_timestamp(args.now)
-        if moment is None:
-            raise UsageError("--now %r is not an ISO 8601 timestamp" % args.now)
-        args.now = moment
+    args.now = _time_flag("--now", args.now)
     return args
+
+
+def _time_flag(flag: str, value: Optional[str]) -> Optional[_dt.datetime]:
+    """What ``flag`` was given (None: not given) as a time; UsageError if not ISO 8601."""
+    moment = None if value is None else parse_timestamp(value)
+    if value is not None and moment is None:
+        raise UsageError("%s %r is not an ISO 8601 timestamp" % (flag, value))
+    return moment
 
 
 def program_invocation(argv0: Optional[str] = None) -> str:
@@ -13216,8 +13220,8 @@ def _print_warm(out: Output, result: WarmResult, would: str) -> None:
                 ("; " + result.note) if result.note else ""))
 
 
-def _print_dedupe(out: Output, result: DedupeResult) -> None:
-    would = "would merge" if result.dry_run else "merged"
+def _print_dedupe(out: Output, result: DedupeResult, would: str) -> None:
+    would = would + "merge" if result.dry_run else "merged"
     for cluster in result.clusters:
         out.line("cluster %s %s: keep %s [%d] (%s)" % (
             cluster.file, cluster.type, cluster.survivor_id, cluster.survivor_index, cluster.why))
@@ -13265,7 +13269,7 @@ def _print_gc(out: Output, result: GcResult, would: str) -> None:
 # How each step's result is printed (the steps themselves: OPTIMIZE_STEPS).
 _STEP_PRINTERS: Dict[type, Callable[[Output, Any, str], None]] = {
     IndexResult: _print_index, TranscodeResult: _print_transcode, WarmResult: _print_warm,
-    DedupeResult: lambda out, result, would: _print_dedupe(out, result), GcResult: _print_gc}
+    DedupeResult: _print_dedupe, GcResult: _print_gc}
 
 
 def _add_lookup_options(parser: argparse.ArgumentParser) -> None:
@@ -13465,11 +13469,7 @@ def cmd_backup_verify(args: argparse.Namespace) -> Outcome:
 def cmd_backup_restore(args: argparse.Namespace) -> Outcome:
     """backup restore: put a snapshot back (or preview it with --dry-run)."""
     out = output_for(args)
-    at = None
-    if args.at:
-        at = parse_timestamp(args.at)
-        if at is None:
-            raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
+    at = _time_flag("--at", args.at or None)
     result = _in_repository(args, lambda manager: manager.restore(
         _one_backup_id(args), at=at, agents=args.agents, target=args.target,
         dry_run=args.dry_run, force=args.force))
@@ -13983,8 +13983,7 @@ def _monitor_output(args: argparse.Namespace) -> Output:
 def cmd_monitor_metrics(args: argparse.Namespace) -> Outcome:
     """``monitor metrics``: exit 3 when a record file could not be read."""
     out = _monitor_output(args)
-    monitor = _open_monitor(args)
-    report = monitor.metrics(save=not args.no_save)
+    report = _open_monitor(args).metrics(save=not args.no_save)
     out.report(report, unreadable="unreadable, not counted: %s")
     if args.format == "prometheus":
         out.stdout.write(prometheus_text(report))
@@ -14045,8 +14044,7 @@ def _deadline(seconds: Optional[float]) -> Iterator[None]:
 
 def cmd_monitor_alerts(args: argparse.Namespace) -> int:
     """``monitor alerts``: list (read-only) or ``--resolve`` one alert by hand."""
-    out = _monitor_output(args)
-    monitor = _open_monitor(args)
+    out, monitor = _monitor_output(args), _open_monitor(args)
     if args.resolve:
         changes = monitor.resolve_alert(args.resolve)
         out.report(changes)
