@@ -13808,8 +13808,11 @@ def _print_detection_problems(out: Output, report: DetectionReport) -> None:
         if items:
             out.line(head % len(items))
         for item in items[:shown]:
-            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
-                                             item["problem"]))
+            out.line("  " + _item_text(item))
+
+
+def _item_text(item: Dict[str, Any]) -> str:
+    return "%s[%d] id=%s: %s" % (item["file"], item["index"], item["id"], item["problem"])
 
 
 def _print_history(out: Output, report: DetectionReport) -> None:
@@ -13858,8 +13861,7 @@ def cmd_migrate(args: argparse.Namespace) -> Outcome:
     out.report(result, unreadable="skipped unreadable file %s",
                busy="skipped, left as it was: %s")
     for item in result.reported[:20]:
-        out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
-                                                     item["problem"]))
+        out.warn("left unchanged " + _item_text(item))
     if len(result.reported) > 20:
         out.warn("... and %d more record(s) left unchanged" % (len(result.reported) - 20))
     if result.refused:
