@@ -12888,16 +12888,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _common_options() -> argparse.ArgumentParser:
     """Options every command accepts, before or after the command name."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--format", choices=("text", "json"), default=argparse.SUPPRESS,
-                        help="output format (default: text)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+    # No defaults (_finish_args sets them): a subcommand's would undo the option given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--format", choices=("text", "json"), help="output format (default: text)")
+    common.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing on success (for cron)")
-    common.add_argument("--now", metavar="TIMESTAMP", default=argparse.SUPPRESS,
+    common.add_argument("--now", metavar="TIMESTAMP",
                         help="fix the clock (ISO 8601) for reproducible runs and previews")
-    common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+    common.add_argument("--config", metavar="FILE", type=Path,
                         help="aml config file (default: <memory_path>/.aml/config.json if present)")
-    common.add_argument("--lock-timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
+    common.add_argument("--lock-timeout", metavar="SECONDS", type=float,
                         help="how long to wait for a busy lock (default: %d)"
                         % DEFAULT_LOCK_TIMEOUT)
     return common
