@@ -13221,13 +13221,13 @@ def _print_warm(out: Output, result: WarmResult, would: str) -> None:
 
 
 def _print_dedupe(out: Output, result: DedupeResult, would: str) -> None:
-    would = would + "merge" if result.dry_run else "merged"
+    verb = would + "merge" if result.dry_run else "merged"
     for cluster in result.clusters:
         out.line("cluster %s %s: keep %s [%d] (%s)" % (
             cluster.file, cluster.type, cluster.survivor_id, cluster.survivor_index, cluster.why))
         for member in cluster.members:
             out.line("  %s %s [%d] similarity %.3f; differs: %s" % (
-                would, member["id"], member["index"], member["similarity"],
+                verb, member["id"], member["index"], member["similarity"],
                 "; ".join(member["differs"]) or "nothing"))
     for held in result.held_apart:
         out.line("kept apart %s %s [%d] ~ %s [%d] (similarity %.3f): %s differ: %s" % (
@@ -13236,7 +13236,7 @@ def _print_dedupe(out: Output, result: DedupeResult, would: str) -> None:
     guarded = ", ".join("%s %d" % kv for kv in sorted(result.guarded.items())) or "none"
     out.line("dedupe: %s %d records into %d survivors; %d files, %d records read; kept apart "
              "by the guard: %s; threshold %.2f%s" % (
-                 would, result.merged, len(result.clusters), result.files, result.records,
+                 verb, result.merged, len(result.clusters), result.files, result.records,
                  guarded, result.threshold,
                  "; run %s (undo: prune --undo %s)" % (result.run_id, result.run_id)
                  if result.run_id else ""))
@@ -13573,16 +13573,15 @@ def _print_plan(out: Output, plan: BackupPlan) -> None:
 def _print_copy(out: Output, result: CopyResult, errors: Optional[bool] = None) -> None:
     out.progress_done()
     out.report(result, errors=errors)
+    verb = "would copy" if result.dry_run else "copied"
+    for backup_id in result.copied:
+        (out.always if result.dry_run else out.line)("%s %s" % (verb, backup_id))
     if result.dry_run:
-        for backup_id in result.copied:
-            out.always("would copy %s" % backup_id)
         out.always("to %s: would copy %d snapshots (%d there already), %d objects, %s before "
                    "compression (dry run)" % (result.destination, len(result.copied),
                                              len(result.present), result.objects_copied,
                                              human_bytes(result.bytes_copied)))
         return
-    for backup_id in result.copied:
-        out.line("copied %s" % backup_id)
     if not result.copied and not result.problems:
         out.line("to %s: nothing to copy (%d snapshots there already)"
                  % (result.destination, len(result.present)))
