@@ -13429,8 +13429,7 @@ def cmd_backup_create(args: argparse.Namespace) -> Outcome:
 
 def cmd_backup_list(args: argparse.Namespace) -> Outcome:
     """backup list: snapshots, foreign files, repository size."""
-    out = output_for(args)
-    result = _in_repository(args, lambda manager: manager.list())
+    out, result = output_for(args), _in_repository(args, lambda manager: manager.list())
     out.report(result)
     mark = {True: "verified", False: "FAILED", None: "unverified"}
     for snap in result.snapshots:
@@ -13455,8 +13454,7 @@ def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
 
 def cmd_backup_verify(args: argparse.Namespace) -> Outcome:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
-    out = output_for(args)
-    result = _in_repository(args, lambda manager: manager.verify(
+    out, result = output_for(args), _in_repository(args, lambda manager: manager.verify(
         _one_backup_id(args), deep=args.deep, all_snapshots=args.all))
     out.progress_done()
     out.report(result, errors=True)
@@ -13488,9 +13486,8 @@ def cmd_backup_restore(args: argparse.Namespace) -> Outcome:
 
 def cmd_backup_rotate(args: argparse.Namespace) -> Outcome:
     """backup rotate: apply retention and free unused space."""
-    out = output_for(args)
     result = _backup_manager(args).rotate(dry_run=args.dry_run, **_keep_args(args))
-    _print_rotate(out, result)
+    _print_rotate(output_for(args), result)
     return result
 
 
@@ -13594,20 +13591,18 @@ def _print_copy(out: Output, result: CopyResult, errors: Optional[bool] = None) 
 
 def cmd_backup_copy(args: argparse.Namespace) -> Outcome:
     """backup copy: snapshots into a second repository (folder or rclone remote), verified."""
-    out = output_for(args)
     manager = _backup_manager(args)
     to = args.to or manager.config.copy_to
     if not to:
         raise UsageError("name the destination: --to DEST (or [backup] copy_to in the config)")
     result = copy_backups(manager, to, args.backup_ids, dry_run=args.dry_run)
-    _print_copy(out, result, errors=True)
+    _print_copy(output_for(args), result, errors=True)
     return result
 
 
 def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
     """backup ls: the files of a snapshot, with records and sizes."""
-    out = output_for(args)
-    result = _in_repository(args, list_snapshot, args.backup_id)
+    out, result = output_for(args), _in_repository(args, list_snapshot, args.backup_id)
     out.line("%s (%s, %s): %d files, %d records, %s" % (
         result.backup_id, result.type, result.created, len(result.files), result.records,
         human_bytes(result.bytes)))
@@ -13620,8 +13615,7 @@ def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
 
 def cmd_backup_diff(args: argparse.Namespace) -> Outcome:
     """backup diff: records added, removed and changed between two snapshots."""
-    out = output_for(args)
-    result = _in_repository(args, diff_snapshots, args.a, args.b)
+    out, result = output_for(args), _in_repository(args, diff_snapshots, args.a, args.b)
     mark = {"added": "+", "removed": "-", "changed": "M", "rewritten": "="}
     for change in result.files:
         counts = (change.added, change.removed, change.changed)
@@ -13680,8 +13674,7 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
 
 def cmd_backup_stats(args: argparse.Namespace) -> Outcome:
     """backup stats: repository size, deduplication, what each snapshot added."""
-    out = output_for(args)
-    result = _in_repository(args, repository_stats)
+    out, result = output_for(args), _in_repository(args, repository_stats)
     out.report(result)
     out.line("%-26s %-24s %6s %8s %10s %8s %10s" % (
         "snapshot", "created", "files", "records", "restored", "new obj", "added"))
