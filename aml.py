@@ -13976,8 +13976,7 @@ def _monitor_output(args: argparse.Namespace) -> Output:
 
 def cmd_monitor_metrics(args: argparse.Namespace) -> Outcome:
     """``monitor metrics``: exit 3 when a record file could not be read."""
-    out = _monitor_output(args)
-    report = _open_monitor(args).metrics(save=not args.no_save)
+    out, report = _monitor_output(args), _open_monitor(args).metrics(save=not args.no_save)
     out.report(report, unreadable="unreadable, not counted: %s")
     if args.format == "prometheus":
         out.stdout.write(prometheus_text(report))
