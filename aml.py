@@ -12830,16 +12830,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _common_options() -> argparse.ArgumentParser:
     """Options every command accepts, before or after the command name."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--format", choices=("text", "json"), default=argparse.SUPPRESS,
-                        help="output format (default: text)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+    # No defaults (_finish_args sets them): a subcommand's would undo the option given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--format", choices=("text", "json"), help="output format (default: text)")
+    common.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing on success (for cron)")
-    common.add_argument("--now", metavar="TIMESTAMP", default=argparse.SUPPRESS,
+    common.add_argument("--now", metavar="TIMESTAMP",
                         help="fix the clock (ISO 8601) for reproducible runs and previews")
-    common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+    common.add_argument("--config", metavar="FILE", type=Path,
                         help="aml config file (default: <memory_path>/.aml/config.json if present)")
-    common.add_argument("--lock-timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
+    common.add_argument("--lock-timeout", metavar="SECONDS", type=float,
                         help="how long to wait for a busy lock (default: %d)"
                         % DEFAULT_LOCK_TIMEOUT)
     return common
@@ -12861,6 +12861,11 @@ def subparser(subparsers: Any, name: str, help_text: str, epilog: Optional[str] 
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser, dest: str, metavar: str = "ACTION") -> Any:
+    """The required (sub)commands of ``parser``; theirs too raise UsageError."""
+    return parser.add_subparsers(dest=dest, metavar=metavar, parser_class=_Parser, required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line parser."""
     doc = (__doc__ or "").split("\n\n")
@@ -12869,9 +12874,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="aml %s" % __version__)
     parser.add_argument("memory_path", type=Path, help="the memory store (e.g. .loom/memory)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                       parser_class=_Parser)
-    subparsers.required = True
+    subparsers = _subcommands(parser, "command", "COMMAND")
     for builder in _COMMAND_BUILDERS:
         builder(subparsers)
     return parser
@@ -12882,12 +12885,16 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
         if not hasattr(args, key):
             setattr(args, key, value)
     args.reporter = ProgressReporter(sys.stderr, not args.quiet and sys.stderr.isatty())
-    if args.now is not None:
-        moment = parse_timestamp(args.now)
-        if moment is None:
-            raise UsageError("--now %r is not an ISO 8601 timestamp" % args.now)
-        args.now = moment
+    args.now = _time_flag("--now", args.now)
     return args
+
+
+def _time_flag(flag: str, value: Optional[str]) -> Optional[_dt.datetime]:
+    """What ``flag`` was given (None: not given) as a time; UsageError if not ISO 8601."""
+    moment = None if value is None else parse_timestamp(value)
+    if value is not None and moment is None:
+        raise UsageError("%s %r is not an ISO 8601 timestamp" % (flag, value))
+    return moment
 
 
 def program_invocation(argv0: Optional[str] = None) -> str:
@@ -12952,7 +12959,8 @@ def _build_prune(subparsers: Any) -> None:
         subparsers, "prune",
         "remove stale and low-value records; every removal is archived (undo with --undo)",
         epilog="strategies: time_based, performance_based, space_based (default: all three).\n"
-               "The original spelling 'prune time_based performance_based' works too.")
+               "The original spelling 'prune time_based performance_based' works too.",
+        func=cmd_prune)
     parser.add_argument("strategy_words", nargs="*", metavar="STRATEGY",
                         help="strategies to run (same as --strategies)")
     parser.add_argument("--strategies", nargs="+", metavar="STRATEGY", default=[],
@@ -12976,7 +12984,6 @@ def _build_prune(subparsers: Any) -> None:
     parser.add_argument("-v", "--list", action="store_true", dest="list_records",
                         help="also list every record removed (or that would be), with its "
                         "reason (always in --format json)")
-    parser.set_defaults(func=cmd_prune)
 
 
 def _prune_flags(args: argparse.Namespace) -> Dict[str, Any]:
@@ -13155,14 +13162,14 @@ def _print_warm(out: Output, result: WarmResult, would: str) -> None:
                 ("; " + result.note) if result.note else ""))
 
 
-def _print_dedupe(out: Output, result: DedupeResult) -> None:
-    would = "would merge" if result.dry_run else "merged"
+def _print_dedupe(out: Output, result: DedupeResult, would: str) -> None:
+    verb = would + "merge" if result.dry_run else "merged"
     for cluster in result.clusters:
         out.line("cluster %s %s: keep %s [%d] (%s)" % (
             cluster.file, cluster.type, cluster.survivor_id, cluster.survivor_index, cluster.why))
         for member in cluster.members:
             out.line("  %s %s [%d] similarity %.3f; differs: %s" % (
-                would, member["id"], member["index"], member["similarity"],
+                verb, member["id"], member["index"], member["similarity"],
                 "; ".join(member["differs"]) or "nothing"))
     for held in result.held_apart:
         out.line("kept apart %s %s [%d] ~ %s [%d] (similarity %.3f): %s differ: %s" % (
@@ -13171,7 +13178,7 @@ def _print_dedupe(out: Output, result: DedupeResult) -> None:
     guarded = ", ".join("%s %d" % kv for kv in sorted(result.guarded.items())) or "none"
     out.line("dedupe: %s %d records into %d survivors; %d files, %d records read; kept apart "
              "by the guard: %s; threshold %.2f%s" % (
-                 would, result.merged, len(result.clusters), result.files, result.records,
+                 verb, result.merged, len(result.clusters), result.files, result.records,
                  guarded, result.threshold,
                  "; run %s (undo: prune --undo %s)" % (result.run_id, result.run_id)
                  if result.run_id else ""))
@@ -13204,7 +13211,7 @@ def _print_gc(out: Output, result: GcResult, would: str) -> None:
 # How each step's result is printed (the steps themselves: OPTIMIZE_STEPS).
 _STEP_PRINTERS: Dict[type, Callable[[Output, Any, str], None]] = {
     IndexResult: _print_index, TranscodeResult: _print_transcode, WarmResult: _print_warm,
-    DedupeResult: lambda out, result, would: _print_dedupe(out, result), GcResult: _print_gc}
+    DedupeResult: _print_dedupe, GcResult: _print_gc}
 
 
 def _add_lookup_options(parser: argparse.ArgumentParser) -> None:
@@ -13214,7 +13221,8 @@ def _add_lookup_options(parser: argparse.ArgumentParser) -> None:
 
 @command_builder
 def _build_search(subparsers: Any) -> None:
-    parser = subparser(subparsers, "search", "find records by agent, type, tags, text, scores")
+    parser = subparser(subparsers, "search", "find records by agent, type, tags, text, scores",
+                       func=cmd_search)
     parser.add_argument("--agent", metavar="A")
     parser.add_argument("--type", dest="rtype", choices=[t.value for t in RecordType])
     parser.add_argument("--tag", dest="tags", action="extend", nargs="+", default=[],
@@ -13225,7 +13233,6 @@ def _build_search(subparsers: Any) -> None:
     parser.add_argument("--min-success-rate", type=float, metavar="Y")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N records")
     _add_lookup_options(parser)
-    parser.set_defaults(func=cmd_search)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -13237,14 +13244,18 @@ def cmd_search(args: argparse.Namespace) -> int:
                         " ".join(args.text) if args.text else None, args.min_confidence,
                         args.min_success_rate, args.limit)
     result = search_records(store, query, use_index=not args.scan)
+    return _print_lookup(out, result, map(_record_line, result.records), "%d record%s (%s)"
+                         % (result.count, "" if result.count == 1 else "s", result.source))
+
+
+def _print_lookup(out: Output, result: LookupResult, texts: Iterable[str],
+                  summary: str = "") -> int:
+    """The document, each record's text (even with -q), ``summary``, problems; the exit code."""
     out.document(dict(dataclasses.asdict(result), count=result.count))
-    for found in result.records:
-        out.always(_record_line(found))
-    out.line("%d record%s (%s)" % (result.count, "" if result.count == 1 else "s", result.source))
-    return _lookup_exit(out, result)
-
-
-def _lookup_exit(out: Output, result: LookupResult) -> int:
+    for text in texts:
+        out.always(text)
+    if summary:
+        out.line(summary)
     out.report(result)
     if result.not_found:
         out.warn(result.message or "not found")
@@ -13262,12 +13273,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     """get ID: print the record as JSON (with a location line when several agents hold it)."""
     store, out = open_store(args), output_for(args)
     result = get_record(store, args.record_id, use_index=not args.scan)
-    out.document(dict(dataclasses.asdict(result), count=result.count))
-    for found in result.records:
-        if result.count > 1:
-            out.always("# %s [%d]" % (found.file, found.index))
-        out.always(runtime_json(found.record))
-    return _lookup_exit(out, result)
+    return _print_lookup(out, result, (
+        ("# %s [%d]\n" % (found.file, found.index) if result.count > 1 else "")
+        + runtime_json(found.record) for found in result.records))
 
 
 # --- backup command (section 8) ---
@@ -13330,6 +13338,12 @@ def _backup_manager(args: argparse.Namespace) -> BackupManager:
     return manager
 
 
+def _in_repository(args: argparse.Namespace, read: Callable[..., Any], *params: Any) -> Any:
+    """``read(manager, *params)`` on the repository of --repo (default: the store's own)."""
+    with open_repository(_backup_manager(args), args.repo) as manager:
+        return read(manager, *params)
+
+
 def _print_backup(out: Output, result: BackupResult) -> None:
     out.progress_done()
     out.report(result)
@@ -13357,9 +13371,7 @@ def cmd_backup_create(args: argparse.Namespace) -> Outcome:
 
 def cmd_backup_list(args: argparse.Namespace) -> Outcome:
     """backup list: snapshots, foreign files, repository size."""
-    out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = manager.list()
+    out, result = output_for(args), _in_repository(args, lambda manager: manager.list())
     out.report(result)
     mark = {True: "verified", False: "FAILED", None: "unverified"}
     for snap in result.snapshots:
@@ -13384,9 +13396,8 @@ def _one_backup_id(args: argparse.Namespace) -> Optional[str]:
 
 def cmd_backup_verify(args: argparse.Namespace) -> Outcome:
     """backup verify: check snapshots; exit 6 naming what is wrong."""
-    out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = manager.verify(_one_backup_id(args), deep=args.deep, all_snapshots=args.all)
+    out, result = output_for(args), _in_repository(args, lambda manager: manager.verify(
+        _one_backup_id(args), deep=args.deep, all_snapshots=args.all))
     out.progress_done()
     out.report(result, errors=True)
     out.line("%s %s: %d files, %d objects checked%s" % (
@@ -13398,21 +13409,16 @@ def cmd_backup_verify(args: argparse.Namespace) -> Outcome:
 def cmd_backup_restore(args: argparse.Namespace) -> Outcome:
     """backup restore: put a snapshot back (or preview it with --dry-run)."""
     out = output_for(args)
-    at = None
-    if args.at:
-        at = parse_timestamp(args.at)
-        if at is None:
-            raise UsageError("--at %r is not an ISO 8601 timestamp" % args.at)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = manager.restore(_one_backup_id(args), at=at, agents=args.agents,
-                                 target=args.target, dry_run=args.dry_run, force=args.force)
+    at = _time_flag("--at", args.at or None)
+    result = _in_repository(args, lambda manager: manager.restore(
+        _one_backup_id(args), at=at, agents=args.agents, target=args.target,
+        dry_run=args.dry_run, force=args.force))
     out.progress_done()
     out.report(result)
-    verb = "would " if result.dry_run else ""
     for label, paths in (("create", result.created), ("replace", result.replaced),
                          ("remove", result.removed)):
         for rel in paths if result.dry_run else []:
-            out.always("%s%s %s" % (verb, label, rel))
+            out.always("would %s %s" % (label, rel))
     out.line("%s into %s: %d created, %d replaced, %d removed, %d unchanged%s%s" % (
         result.backup_id, result.target, len(result.created), len(result.replaced),
         len(result.removed), result.unchanged, " (dry run)" if result.dry_run else "",
@@ -13422,9 +13428,8 @@ def cmd_backup_restore(args: argparse.Namespace) -> Outcome:
 
 def cmd_backup_rotate(args: argparse.Namespace) -> Outcome:
     """backup rotate: apply retention and free unused space."""
-    out = output_for(args)
     result = _backup_manager(args).rotate(dry_run=args.dry_run, **_keep_args(args))
-    _print_rotate(out, result)
+    _print_rotate(output_for(args), result)
     return result
 
 
@@ -13463,26 +13468,23 @@ def cmd_backup_auto(args: argparse.Namespace) -> Outcome:
 def _build_backup(subparsers: Any) -> None:
     parser = subparser(subparsers, "backup", "snapshots of the store: create, list, verify, "
                        "restore, rotate, auto, copy, ls, diff, dump, stats")
-    sub = parser.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
-    sub.required = True
+    sub = _subcommands(parser, "backup_command")
     for name, help_text in (("create", "take a snapshot (full unless --incremental)"),
                             ("full", "take a full snapshot (re-reads every file)"),
                             ("incremental", "take an incremental snapshot")):
         p = subparser(sub, name, help_text, func=cmd_backup_create, kind=name)
         _backup_options(p)
         _create_options(p, incremental_flag=name == "create")
-    p = subparser(sub, "list", "list snapshots (and foreign files in the backup folder)")
-    _backup_options(p)
-    _repo_option(p)
-    p.set_defaults(func=cmd_backup_list)
-    p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)")
+    subparser(sub, "list", "list snapshots (and foreign files in the backup folder)",
+              func=cmd_backup_list)
+    p = subparser(sub, "verify", "check a snapshot's manifest and objects (exit 6 if bad)",
+                  func=cmd_backup_verify)
     _backup_options(p)
     p.add_argument("backup_id", nargs="?", help="snapshot id (default: the newest)")
     p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
     p.add_argument("--deep", action="store_true", help="also rebuild and parse every file")
     _repo_option(p)
-    p.set_defaults(func=cmd_backup_verify)
     _build_restore(sub)
     for name, help_text, func in (
             ("rotate", "delete old snapshots and free their space", cmd_backup_rotate),
@@ -13510,16 +13512,15 @@ def _print_plan(out: Output, plan: BackupPlan) -> None:
 def _print_copy(out: Output, result: CopyResult, errors: Optional[bool] = None) -> None:
     out.progress_done()
     out.report(result, errors=errors)
+    verb = "would copy" if result.dry_run else "copied"
+    for backup_id in result.copied:
+        (out.always if result.dry_run else out.line)("%s %s" % (verb, backup_id))
     if result.dry_run:
-        for backup_id in result.copied:
-            out.always("would copy %s" % backup_id)
         out.always("to %s: would copy %d snapshots (%d there already), %d objects, %s before "
                    "compression (dry run)" % (result.destination, len(result.copied),
                                              len(result.present), result.objects_copied,
                                              human_bytes(result.bytes_copied)))
         return
-    for backup_id in result.copied:
-        out.line("copied %s" % backup_id)
     if not result.copied and not result.problems:
         out.line("to %s: nothing to copy (%d snapshots there already)"
                  % (result.destination, len(result.present)))
@@ -13532,21 +13533,18 @@ def _print_copy(out: Output, result: CopyResult, errors: Optional[bool] = None) 
 
 def cmd_backup_copy(args: argparse.Namespace) -> Outcome:
     """backup copy: snapshots into a second repository (folder or rclone remote), verified."""
-    out = output_for(args)
     manager = _backup_manager(args)
     to = args.to or manager.config.copy_to
     if not to:
         raise UsageError("name the destination: --to DEST (or [backup] copy_to in the config)")
     result = copy_backups(manager, to, args.backup_ids, dry_run=args.dry_run)
-    _print_copy(out, result, errors=True)
+    _print_copy(output_for(args), result, errors=True)
     return result
 
 
 def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
     """backup ls: the files of a snapshot, with records and sizes."""
-    out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = list_snapshot(manager, args.backup_id)
+    out, result = output_for(args), _in_repository(args, list_snapshot, args.backup_id)
     out.line("%s (%s, %s): %d files, %d records, %s" % (
         result.backup_id, result.type, result.created, len(result.files), result.records,
         human_bytes(result.bytes)))
@@ -13559,9 +13557,7 @@ def cmd_backup_ls(args: argparse.Namespace) -> Outcome:
 
 def cmd_backup_diff(args: argparse.Namespace) -> Outcome:
     """backup diff: records added, removed and changed between two snapshots."""
-    out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = diff_snapshots(manager, args.a, args.b)
+    out, result = output_for(args), _in_repository(args, diff_snapshots, args.a, args.b)
     mark = {"added": "+", "removed": "-", "changed": "M", "rewritten": "="}
     for change in result.files:
         counts = (change.added, change.removed, change.changed)
@@ -13585,11 +13581,10 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
     out = output_for(args)
     if args.file is None and args.record is None:
         raise UsageError("name a FILE or --record RID (see backup ls ID)")
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        if args.record is None:
-            found = [dump_file(manager, args.backup_id, args.file)]
-        else:
-            found = dump_record(manager, args.backup_id, args.record, args.file)
+    if args.record is None:
+        found = [_in_repository(args, dump_file, args.backup_id, args.file)]
+    else:
+        found = _in_repository(args, dump_record, args.backup_id, args.record, args.file)
     if len(found) > 1:
         raise UsageError("record %s is in %d files (%s); name one: backup dump %s FILE "
                          "--record %s" % (args.record, len(found), ", ".join(
@@ -13608,23 +13603,20 @@ def cmd_backup_dump(args: argparse.Namespace) -> int:
             doc["base64"] = base64.b64encode(data).decode("ascii")
         out.document(doc)
         return ExitCode.OK
+    data = dumped.data + (b"\n" if args.record is not None else b"")
     stream = getattr(out.stdout, "buffer", None)
     if stream is None:   # a text-only stdout (tests): the bytes as text
-        out.stdout.write(dumped.data.decode("utf-8", "replace"))
+        out.stdout.write(data.decode("utf-8", "replace"))
     else:
         out.stdout.flush()
-        stream.write(dumped.data)
-    if args.record is not None:
-        (stream or out.stdout).write(b"\n" if stream else "\n")
+        stream.write(data)
     (stream or out.stdout).flush()
     return ExitCode.OK
 
 
 def cmd_backup_stats(args: argparse.Namespace) -> Outcome:
     """backup stats: repository size, deduplication, what each snapshot added."""
-    out = output_for(args)
-    with open_repository(_backup_manager(args), args.repo) as manager:
-        result = repository_stats(manager)
+    out, result = output_for(args), _in_repository(args, repository_stats)
     out.report(result)
     out.line("%-26s %-24s %6s %8s %10s %8s %10s" % (
         "snapshot", "created", "files", "records", "restored", "new obj", "added"))
@@ -13661,24 +13653,25 @@ def _build_backup_inspection(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would be copied")
     p = subparser(sub, "ls", "list a snapshot's files with records and sizes", func=cmd_backup_ls)
     p.add_argument("backup_id", metavar="ID")
-    p = subparser(sub, "diff", "records added, removed and changed between two snapshots")
+    p = subparser(sub, "diff", "records added, removed and changed between two snapshots",
+                  func=cmd_backup_diff)
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p.set_defaults(func=cmd_backup_diff)
-    p = subparser(sub, "dump", "print a file of a snapshot (or one record) exactly as stored")
+    p = subparser(sub, "dump", "print a file of a snapshot (or one record) exactly as stored",
+                  func=cmd_backup_dump)
     p.add_argument("backup_id", metavar="ID")
     p.add_argument("file", metavar="FILE", nargs="?", help="path in the snapshot (see ls)")
     p.add_argument("--record", metavar="RID", help="only the record with this id")
-    p.set_defaults(func=cmd_backup_dump)
-    p = subparser(sub, "stats", "repository size, deduplication, what each snapshot added")
-    p.set_defaults(func=cmd_backup_stats)
-    for name in ("ls", "diff", "dump", "stats"):
+    subparser(sub, "stats", "repository size, deduplication, what each snapshot added",
+              func=cmd_backup_stats)
+    for name in ("list", "ls", "diff", "dump", "stats"):
         _backup_options(sub.choices[name])
         _repo_option(sub.choices[name])
 
 
 def _build_restore(sub: Any) -> None:
-    p = subparser(sub, "restore", "restore a snapshot exactly (verifies first)")
+    p = subparser(sub, "restore", "restore a snapshot exactly (verifies first)",
+                  func=cmd_backup_restore)
     _backup_options(p)
     p.add_argument("backup_id", nargs="?", help="snapshot id")
     p.add_argument("--backup-id", dest="backup_id_flag", metavar="ID", help="snapshot id")
@@ -13689,7 +13682,6 @@ def _build_restore(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="list what would change")
     p.add_argument("--force", action="store_true", help="allow a non-empty --target")
     _repo_option(p)
-    p.set_defaults(func=cmd_backup_restore)
 
 
 # --- migrate command (section 13) ---
@@ -13706,8 +13698,7 @@ def _migrate_write_options(parser: argparse.ArgumentParser) -> None:
 def _build_migrate(subparsers: Any) -> None:
     parser = subparser(subparsers, "migrate", "detect schema versions and migrate records "
                        "(1.0.0 -> 1.1.0 -> 1.2.0 -> 2.0.0)")
-    actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION", parser_class=_Parser)
-    actions.required = True
+    actions = _subcommands(parser, "migrate_action")
     detect = subparser(actions, "detect", "versions per file and agent, unplaceable records, "
                        "migration history (read-only)", func=cmd_migrate_detect)
     detect.add_argument("--agents", nargs="+", metavar="AGENT", help="only these agents")
@@ -13719,10 +13710,9 @@ def _build_migrate(subparsers: Any) -> None:
                             help="target version: 1.0.0, 1.1.0, 1.2.0 or 2.0.0")
     _migrate_write_options(to_version)
     latest = subparser(actions, "migrate-latest", "migrate every record to %s"
-                       % SchemaVersion.latest().value)
+                       % SchemaVersion.latest().value, func=cmd_migrate,
+                       version=SchemaVersion.latest().value, version_option=None)
     _migrate_write_options(latest)
-    latest.set_defaults(func=cmd_migrate, version=SchemaVersion.latest().value,
-                        version_option=None)
 
 
 def _print_detection(out: Output, report: DetectionReport, root: Path) -> None:
@@ -13752,8 +13742,11 @@ def _print_detection_problems(out: Output, report: DetectionReport) -> None:
         if items:
             out.line(head % len(items))
         for item in items[:shown]:
-            out.line("  %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
-                                             item["problem"]))
+            out.line("  " + _item_text(item))
+
+
+def _item_text(item: Dict[str, Any]) -> str:
+    return "%s[%d] id=%s: %s" % (item["file"], item["index"], item["id"], item["problem"])
 
 
 def _print_history(out: Output, report: DetectionReport) -> None:
@@ -13802,8 +13795,7 @@ def cmd_migrate(args: argparse.Namespace) -> Outcome:
     out.report(result, unreadable="skipped unreadable file %s",
                busy="skipped, left as it was: %s")
     for item in result.reported[:20]:
-        out.warn("left unchanged %s[%d] id=%s: %s" % (item["file"], item["index"], item["id"],
-                                                     item["problem"]))
+        out.warn("left unchanged " + _item_text(item))
     if len(result.reported) > 20:
         out.warn("... and %d more record(s) left unchanged" % (len(result.reported) - 20))
     if result.refused:
@@ -13866,8 +13858,7 @@ def _threshold_option(parser: argparse.ArgumentParser) -> None:
 @command_builder
 def _build_monitor(subparsers: Any) -> None:
     parser = subparser(subparsers, "monitor", "metrics, health checks, alerts and reports")
-    sub = parser.add_subparsers(dest="monitor_command", metavar="ACTION", parser_class=_Parser)
-    sub.required = True
+    sub = _subcommands(parser, "monitor_command")
     metrics = _monitor_action(sub, "metrics", "measure sizes, record counts, growth and timings",
                               ("text", "json", "prometheus"), "text", cmd_monitor_metrics)
     _threshold_option(metrics)
@@ -13927,9 +13918,7 @@ def _monitor_output(args: argparse.Namespace) -> Output:
 
 def cmd_monitor_metrics(args: argparse.Namespace) -> Outcome:
     """``monitor metrics``: exit 3 when a record file could not be read."""
-    out = _monitor_output(args)
-    monitor = _open_monitor(args)
-    report = monitor.metrics(save=not args.no_save)
+    out, report = _monitor_output(args), _open_monitor(args).metrics(save=not args.no_save)
     out.report(report, unreadable="unreadable, not counted: %s")
     if args.format == "prometheus":
         out.stdout.write(prometheus_text(report))
@@ -13990,8 +13979,7 @@ def _deadline(seconds: Optional[float]) -> Iterator[None]:
 
 def cmd_monitor_alerts(args: argparse.Namespace) -> int:
     """``monitor alerts``: list (read-only) or ``--resolve`` one alert by hand."""
-    out = _monitor_output(args)
-    monitor = _open_monitor(args)
+    out, monitor = _monitor_output(args), _open_monitor(args)
     if args.resolve:
         changes = monitor.resolve_alert(args.resolve)
         out.report(changes)
