@@ -13854,7 +13854,7 @@ def _monitor_common(formats: Sequence[str], default: str) -> argparse.ArgumentPa
 
 
 def _monitor_action(sub: Any, name: str, help_text: str, formats: Sequence[str],
-                    default: str, func: Callable[[argparse.Namespace], int]
+                    default: str, func: Callable[[argparse.Namespace], Outcome]
                     ) -> argparse.ArgumentParser:
     return subparser(sub, name, help_text, common=_monitor_common(formats, default), func=func,
                      default_format=default)
