@@ -5639,7 +5639,7 @@ _IDS_HEADER = struct.Struct(">4sBI")
 # (characters, after gzip and UTF-8 decoding), so get parses one record, not the file.
 _ID_ROW = struct.Struct(">16sIIQ")
 _BUCKET_COUNTS = struct.Struct(">%dI" % 256)  # heads each file's keys in keys.dat
-_PARALLEL_INDEX_BYTES = 8 * 1024 * 1024  # below this, forking workers costs more than it saves
+_PARALLEL_BYTES = 8 * 1024 * 1024  # below this, forking workers costs more than it saves
 _ID_BUCKETS = 256                  # by the digest's first byte; one bucket is read per lookup
 DEFAULT_CACHE_BYTES = 10 * 1024 * 1024
 DEFAULT_BLOOM_FP_RATE = 0.01
@@ -5755,32 +5755,66 @@ def _ticked(value: Any, tick: Callable[[int, int], None], done: int, total: int)
     return value
 
 
+# What forked workers call: set before the pool forks, so each worker inherits it as it was
+# (a bound method, its object and all) and only the jobs and results cross a pipe.
+_FORKED: Dict[int, Callable[..., Any]] = {}
+
+
+def _call_forked(key: int, *job: Any) -> Any:
+    return _FORKED[key](*job)
+
+
+def _forkable() -> bool:
+    """Whether workers can find aml's functions and classes by name: not when the file runs
+    through exec (as cProfile runs a script), whose ``__main__`` is another module."""
+    return getattr(sys.modules.get(__name__), "_call_forked", None) is _call_forked
+
+
 def parallel_map(func: Callable[..., Any], jobs: List[Tuple[Any, ...]], workers: int = 0,
                  threads: bool = False,
                  progress: Optional[Callable[[int, int], None]] = None) -> List[Any]:
     """``func(*job)`` for every job, in order; in forked worker processes when more than one.
 
     ``threads`` uses a thread pool instead (for work that releases the GIL, like zlib and
-    file I/O). Exceptions in a worker propagate to the caller. ``func`` must be a
-    module-level function.
+    file I/O). Exceptions in a worker propagate to the caller. ``func`` may be any callable;
+    in worker processes, jobs and results must pickle.
     """
     count = worker_count(workers, len(jobs))
     tick = progress or (lambda done, total: None)
-    if count <= 1:
+    if count <= 1 or not (threads or _forkable()):
         return [_ticked(func(*job), tick, n, len(jobs)) for n, job in enumerate(jobs, 1)]
     if threads:
         pool: Any = concurrent.futures.ThreadPoolExecutor(count)
+        call, lead = func, ()
     else:
         import multiprocessing
         pool = concurrent.futures.ProcessPoolExecutor(
             count, mp_context=multiprocessing.get_context("fork"))
+        call, lead = _call_forked, (id(func),)
+        _FORKED[id(func)] = func
     try:
-        futures = [pool.submit(func, *job) for job in jobs]
+        futures = [pool.submit(call, *lead, *job) for job in jobs]
         return [_ticked(f.result(), tick, n, len(jobs)) for n, f in enumerate(futures, 1)]
     finally:
         # On an error or SIGTERM, jobs not started yet are dropped; running ones finish
         # (each is atomic), so the run stops promptly without a half-written file.
         pool.shutdown(wait=True, cancel_futures=True)
+        _FORKED.pop(id(func), None)
+
+
+def map_files(func: Callable[[DataFile], Any], files: List[DataFile],
+              progress: ProgressCallback, phase: str) -> List[Any]:
+    """``func(file)`` for every file, results in the files' order. Largest files go first,
+    in one worker process per core once the files add up to _PARALLEL_BYTES; progress
+    is reported in bytes."""
+    sizes = [_file_size(f) for f in files]
+    order = sorted(range(len(files)), key=lambda i: -sizes[i])
+    reached = [0, *itertools.accumulate(sizes[i] for i in order)]  # bytes after n files
+    progress(phase, 0, reached[-1], "B")
+    done = parallel_map(func, [(files[i],) for i in order],
+                        1 if reached[-1] < _PARALLEL_BYTES else 0,
+                        progress=lambda n, _: progress(phase, reached[n], reached[-1], "B"))
+    return [result for _, result in sorted(zip(order, done), key=operator.itemgetter(0))]
 
 
 def _index_file_safe(path: str, slot: int) -> Tuple[Optional[Tuple[bytes, bytes, int]], str]:
@@ -6128,7 +6162,7 @@ class MemoryIndex:
     def _parse_files(self, todo: List[_FileStat], slots: Dict[str, int]) -> List[Tuple[Any, str]]:
         """index_file_part for each file; in one worker process per core for big batches."""
         jobs = [(str(self.store.root / f.path), slots[f.path]) for f in todo]
-        small = sum(f.size for f in todo) < _PARALLEL_INDEX_BYTES
+        small = sum(f.size for f in todo) < _PARALLEL_BYTES
         progress = lambda n, total: self.store.progress("index: reading files", n, total,  # noqa
                                                          "files")
         return parallel_map(_index_file_safe, jobs, 1 if small else 0, progress=progress)
@@ -7380,22 +7414,34 @@ class MemoryPruner:
 
     def _load(self, agents: List[str], strategies: List[PruneStrategy],
               result: PruneResult) -> List[_FilePlan]:
-        """Plan each readable file as it streams by; only its compact plan is kept."""
-        plans = []
+        """Plan every readable file (map_files); only each file's compact plan is kept, and
+        only that crosses back from a worker process."""
         files = [f for agent in agents for f in self.store.record_files(agent)]
-        phase = "prune: planning" if result.dry_run else "prune: scanning"
-        for data_file in with_progress(self.store.progress, phase, files, _file_size):
-            plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
-            try:  # not iter_record_files: its generator would hold this file while the next loads
-                records, digest = self.store.load_records_digest(data_file)
-            except CorruptFileError as exc:
-                result.unreadable.append("%s: %s" % (plan.rel, exc.problem))
+        planned = map_files(functools.partial(self._plan_file, strategies=strategies,
+                                              findings=result.findings is not None),
+                            files, self.store.progress,
+                            "prune: planning" if result.dry_run else "prune: scanning")
+        plans = []
+        for plan, findings in planned:
+            if isinstance(plan, str):
+                result.unreadable.append(plan)
                 continue
-            self._plan_content(plan, records, strategies, result.findings)
-            plan.digest = digest
+            if result.findings is not None:
+                result.findings.extend(findings)
             plans.append(plan)
-            del records
         return plans
+
+    def _plan_file(self, data_file: DataFile, strategies: List[PruneStrategy],
+                   findings: bool) -> Tuple[Union[_FilePlan, str], List[Dict[str, Any]]]:
+        """One file's plan and findings, or its "file: problem" line if it is unreadable."""
+        plan = _FilePlan(data_file, data_file.path.relative_to(self.store.root).as_posix())
+        try:
+            records, plan.digest = self.store.load_records_digest(data_file)
+        except CorruptFileError as exc:
+            return "%s: %s" % (plan.rel, exc.problem), []
+        found: Optional[List[Dict[str, Any]]] = [] if findings else None
+        self._plan_content(plan, records, strategies, found)
+        return plan, found or []
 
     def _plan_content(self, plan: _FilePlan, records: List[Any],
                       strategies: List[PruneStrategy],
@@ -9786,7 +9832,8 @@ class FileMigration:
     """What migrating one file did (or would do)."""
 
     file: str
-    records: List[Any]
+    records: List[Any]  # emptied by a worker process: only the counts cross back
+    count: int = 0
     changed: int = 0
     versions: Dict[str, int] = dataclasses.field(default_factory=dict)
     steps: Dict[str, int] = dataclasses.field(default_factory=dict)
@@ -9797,6 +9844,7 @@ class FileMigration:
     def add(self, index: int, outcome: RecordMigration) -> None:
         """Account for one record's outcome."""
         self.records.append(outcome.record)
+        self.count += 1
         _add_counts(self.versions, outcome.version.value if outcome.version else "unplaceable")
         if outcome.problem:
             where = {"file": self.file, "index": index, "id": _id_key(outcome.record),
@@ -9843,7 +9891,7 @@ class MigrationResult(OperationResult):
 
     def absorb(self, outcome: FileMigration) -> None:
         """Add one file's outcome."""
-        self.records += len(outcome.records)
+        self.records += outcome.count
         self.changed += outcome.changed
         for into, counts in ((self.from_versions, outcome.versions), (self.steps, outcome.steps)):
             for name, count in counts.items():
@@ -9940,21 +9988,9 @@ class MigrationManager:
         self.progress = progress or store.progress
         self.program = "aml"  # how hints name the program (the CLI sets what the user typed)
 
-    def _files(self) -> Iterator[Tuple[DataFile, str]]:
-        files = [f for agent in self.store.select_agents(self.agents)
-                 for f in self.store.record_files(agent)]
-        for data_file in with_progress(self.progress, "migrate", files, _file_size):
-            yield data_file, data_file.path.relative_to(self.store.root).as_posix()
-
-    def _readable(self, unreadable: List[str]) -> Iterator[Tuple[DataFile, str, List[Any]]]:
-        """(file, relative path, records) of each readable file; the others go to ``unreadable``."""
-        for data_file, rel in self._files():
-            try:
-                records, _ = self.store.load_records(data_file)
-            except CorruptFileError as exc:
-                unreadable.append(str(exc))
-                continue
-            yield data_file, rel, records
+    def _record_files(self) -> List[DataFile]:
+        return [f for agent in self.store.select_agents(self.agents)
+                for f in self.store.record_files(agent)]
 
     def history(self) -> List[Dict[str, Any]]:
         """Recorded migration runs, oldest first; raises IntegrityError if the file is corrupt."""
@@ -9963,17 +9999,27 @@ class MigrationManager:
     def detect(self) -> DetectionReport:
         """Versions of every record, per file and agent; read-only, creates nothing."""
         report = DetectionReport()
-        for data_file, rel, records in self._readable(report.unreadable):
-            report.add_file(self._detect_file(data_file, rel, records, report))
+        for part in map_files(self._detect_file, self._record_files(), self.progress, "migrate"):
+            report.unreadable.extend(part.unreadable)
+            report.unplaced.extend(part.unplaced)
+            report.runtime_invalid.extend(part.runtime_invalid)
+            for entry in part.files:
+                report.add_file(entry)
         try:
             report.history = self.history()
         except IntegrityError as exc:
             report.history_error = str(exc)
         return report
 
-    def _detect_file(self, data_file: DataFile, rel: str, records: List[Any],
-                     report: DetectionReport) -> FileVersions:
-        rtype = data_file.rtype
+    def _detect_file(self, data_file: DataFile) -> DetectionReport:
+        """One file's part of the report (detect adds the parts up)."""
+        report, rtype = DetectionReport(), data_file.rtype
+        rel = data_file.path.relative_to(self.store.root).as_posix()
+        try:
+            records, _ = self.store.load_records(data_file)
+        except CorruptFileError as exc:
+            report.unreadable.append(str(exc))
+            return report
         entry = FileVersions(rel, data_file.agent, rtype.value, {})
         for index, record in enumerate(records):
             version, why = place_record(rtype, record)
@@ -9987,7 +10033,8 @@ class MigrationManager:
                 entry.runtime_invalid += 1
                 report.runtime_invalid.append(dict(where, problem="; ".join(problems)))
         entry.versions = sorted_versions(entry.versions)
-        return entry
+        report.files.append(entry)
+        return report
 
     def migrate(self, target: Any, dry_run: bool = False, backup: bool = True
                 ) -> MigrationResult:
@@ -10014,23 +10061,50 @@ class MigrationManager:
 
     def _scan(self, target: SchemaVersion) -> MigrationResult:
         result = MigrationResult(target=target.value, dry_run=True)
-        for data_file, rel, records in self._readable(result.unreadable):
-            result.absorb(migrate_records(rel, data_file.rtype, records, target))
+        self._migrate_files(self._record_files(), target, False, result)
         return result
 
     def _apply(self, target: SchemaVersion, backup: bool) -> MigrationResult:
         result = MigrationResult(target=target.value, dry_run=False,
                                  run_id=new_run_id("migrate", self.store.now))
-        need_backup = backup
-        for data_file, rel in self._files():
+        files = self._record_files()
+        while backup and files:  # until the backup exists nothing may be written
+            data_file = files[0]
             with _left_alone(result.busy, result.unreadable):
-                if need_backup and self._has_changes(data_file, rel, target, result):
+                if self._has_changes(data_file, target, result):
                     result.backup_id = self._safety_backup(target)
-                    need_backup = False
-                if need_backup:
-                    continue  # unchanged and already counted by _has_changes
-                self._rewrite(data_file, rel, target, result)
+                    break
+            files.pop(0)  # unchanged and counted, or left alone
+        self._migrate_files(files, target, True, result)
         return result
+
+    def _migrate_files(self, files: List[DataFile], target: SchemaVersion, write: bool,
+                       result: MigrationResult) -> None:
+        """Migrate (or, without ``write``, plan) each file through map_files, into ``result``."""
+        done = map_files(functools.partial(self._migrate_file, target=target, write=write),
+                         files, self.progress, "migrate")
+        for outcome, busy, unreadable in done:
+            result.busy.extend(busy)
+            result.unreadable.extend(unreadable)
+            if outcome is not None:
+                result.absorb(outcome)
+
+    def _migrate_file(self, data_file: DataFile, target: SchemaVersion, write: bool
+                      ) -> Tuple[Optional[FileMigration], List[str], List[str]]:
+        """(outcome, busy, unreadable) of one file, rewritten under its lock when ``write``."""
+        rel = data_file.path.relative_to(self.store.root).as_posix()
+        outcome: Optional[FileMigration] = None
+        busy: List[str] = []
+        unreadable: List[str] = []
+        with _left_alone(busy, unreadable):
+            if write:
+                outcome = self._rewrite(data_file, rel, target)
+            else:
+                records, _ = self.store.load_records(data_file)
+                outcome = migrate_records(rel, data_file.rtype, records, target)
+        if outcome is not None:
+            outcome.records = []
+        return outcome, busy, unreadable
 
     def _safety_backup(self, target: SchemaVersion) -> str:
         try:
@@ -10039,24 +10113,24 @@ class MigrationManager:
             raise RefusedError("migrate refused, nothing was changed: the safety backup failed "
                                "(%s); fix it or pass --no-backup" % exc) from None
 
-    def _has_changes(self, data_file: DataFile, rel: str, target: SchemaVersion,
+    def _has_changes(self, data_file: DataFile, target: SchemaVersion,
                      result: MigrationResult) -> bool:
         # Until the backup exists nothing may be written: peek without locks first.
         records, _ = self.store.load_records(data_file)
+        rel = data_file.path.relative_to(self.store.root).as_posix()
         outcome = migrate_records(rel, data_file.rtype, records, target)
         if outcome.changed:
             return True
         result.absorb(outcome)
         return False
 
-    def _rewrite(self, data_file: DataFile, rel: str, target: SchemaVersion,
-                 result: MigrationResult) -> None:
+    def _rewrite(self, data_file: DataFile, rel: str, target: SchemaVersion) -> FileMigration:
         with self.store.rewrite(data_file.path) as job:
             outcome = migrate_records(rel, data_file.rtype, job.data, target)
             if outcome.changed:
                 job.data = outcome.records
                 job.changed = True
-        result.absorb(outcome)
+        return outcome
 
     def refusal_message(self, plan: MigrationResult) -> str:
         """Why a step down is refused, naming the pre-migration backup to restore instead."""

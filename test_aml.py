@@ -2297,12 +2297,66 @@ def test_parallel_index_build_equals_sequential(tmp_path, monkeypatch):
     for parallel in (False, True):
         root = build_store(tmp_path / str(parallel), gz="mixed")
         if parallel:
-            monkeypatch.setattr(aml, "_PARALLEL_INDEX_BYTES", 0)
+            monkeypatch.setattr(aml, "_PARALLEL_BYTES", 0)
         aml.MemoryIndex(aml.Store(root)).refresh()
         folder = root / ".aml" / "index"
         built.append({n: (folder / n).read_bytes() for n in ("postings.dat", "keys.dat",
                                                                "ids.bin", "bloom.bin")})
     assert built[0] == built[1]
+
+
+def _logged_call(key, *job):
+    with open(os.environ["AML_TEST_PID_LOG"], "a") as log:
+        log.write("%d\n" % os.getpid())
+    return aml._FORKED[key](*job)
+
+
+def _file_runs(root):
+    """Prune (dry and real), migrate (dry and real) and detect on one store, as comparable data."""
+    out = []
+    for argv in (["prune", "--dry-run"], ["migrate", "detect"],
+                 ["migrate", "migrate-latest", "--dry-run"], ["prune", "--no-backup", "--force"],
+                 ["migrate", "migrate-latest", "--no-backup"]):
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            code = aml.main([str(root)] + argv + ["--format", "json", "--now", NOW_TEXT])
+        doc = json.loads(text.getvalue().replace(str(root), "ROOT"))
+        for key in ("run_id", "seconds", "archive", "history"):
+            doc.pop(key, None)
+        out.append(dict(doc, exit_code=code))
+    return out, tree_digest(root, skip_state=True)
+
+
+def test_prune_and_migrate_in_worker_processes_equal_one_process(tmp_path, monkeypatch):
+    """Files planned, migrated and detected in forked workers (map_files) give the same
+    results, findings, unreadable lines and bytes on disk as in one process."""
+    log = tmp_path / "pids"
+    monkeypatch.setenv("AML_TEST_PID_LOG", str(log))
+    monkeypatch.setattr(aml, "_call_forked", _logged_call)
+    runs = []
+    for parallel in (False, True):
+        root = _prune_store(tmp_path / str(parallel), gz="mixed")
+        (root / "code-reviewer" / "solutions.json").write_bytes(b"[{\"id\": ")  # unreadable
+        future = make_pattern("code-reviewer", random.Random(2))
+        future["evolution"]["lastUsed"] = "2027-06-01T00:00:00.000Z"
+        data = read_data(root / "test-automator" / "patterns.json")
+        write_data(root / "test-automator" / "patterns.json", data + [future])
+        if parallel:
+            monkeypatch.setattr(aml, "_PARALLEL_BYTES", 0)
+            monkeypatch.setattr(aml, "worker_count", lambda workers, jobs: min(jobs, 2))
+        runs.append(_file_runs(root))
+        assert log.exists() == parallel  # the second pass really ran in workers
+    pids = set(log.read_text().split())
+    assert len(pids) >= 2 and str(os.getpid()) not in pids
+    (first, disk), (second, disk2) = runs
+    assert first == second and disk == disk2
+    dry, detect, migrate_plan, pruned, migrated = first
+    assert dry["removed"] and pruned["removed"] and migrated["changed"]
+    assert any("timestamp in the future" in f["problem"] for f in dry["findings"])
+    assert [doc["exit_code"] for doc in first] == [4, 3, 3, 3, 3]  # 4: the guard (dry run)
+    for doc in (dry, detect, migrate_plan, pruned, migrated):
+        assert len(doc["unreadable"]) == 1 and "code-reviewer/solutions.json: invalid JSON" \
+            in doc["unreadable"][0]
 
 
 def test_index_drops_removed_files(store):
