@@ -1742,6 +1742,38 @@ def _backup_and_monitor_ops() -> List[Op]:
 # 9. Backup repository growth over simulated days
 # =============================================================================
 
+class PeerRepos:
+    """restic and borg repositories of one store, for the simulated days (when installed)."""
+
+    def __init__(self, folder: Path, store: Path) -> None:
+        self.folder, self.store = folder, store
+        self.env = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="",
+                        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                        RESTIC_CACHE_DIR=str(folder / "restic-cache"))
+        self.repos = {name: folder / name for name in ("restic", "borg")
+                      if tool_available(name)}
+        self.runs = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        if "restic" in self.repos:
+            run_process(["restic", "init", "--repo", str(self.repos["restic"])], env=self.env)
+        if "borg" in self.repos:
+            run_process(["borg", "init", "--encryption", "none", str(self.repos["borg"])],
+                        env=self.env)
+
+    def backup(self) -> None:
+        """One more snapshot in each repository, with each tool's defaults."""
+        self.runs += 1
+        if "restic" in self.repos:
+            run_process(["restic", "backup", "--repo", str(self.repos["restic"]),
+                         str(self.store)], env=self.env)
+        if "borg" in self.repos:
+            run_process(["borg", "create", "%s::day%d" % (self.repos["borg"], self.runs),
+                         str(self.store)], env=self.env)
+
+    def sizes(self) -> Dict[str, int]:
+        return {name: tree_bytes(repo) for name, repo in self.repos.items()}
+
+
 def simulate_days(b: Bench, days: int, fraction: float = 0.01) -> Dict[str, Any]:
     """Full backup, then ``days`` days of ``fraction`` of records rewritten + an incremental."""
     if b.help_text(("backup", "create")) is None:
@@ -1753,6 +1785,9 @@ def simulate_days(b: Bench, days: int, fraction: float = 0.01) -> Dict[str, Any]
     if first.code:
         return {"available": True, "error": first.stderr.strip()[-300:]}
     one_full = tree_bytes(root)
+    peers = PeerRepos(store.parent / "peers", store)
+    peers.backup()
+    peer_full = peers.sizes()
     seconds, changed, codes = [], 0, set()
     for day in range(1, days + 1):
         moment = NOW + _dt.timedelta(days=day)
@@ -1761,7 +1796,9 @@ def simulate_days(b: Bench, days: int, fraction: float = 0.01) -> Dict[str, Any]
                     moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
         seconds.append(run.seconds)
         codes.add(run.code)
+        peers.backup()
     repo = tree_bytes(root)
+    peer_after = peers.sizes()
     tgz = b.state.get("tgz_bytes")
     result = {"available": True, "days": days, "fraction": fraction,
               "records_changed": changed, "store_bytes": tree_bytes(store),
@@ -1771,6 +1808,13 @@ def simulate_days(b: Bench, days: int, fraction: float = 0.01) -> Dict[str, Any]
               "daily_seconds": spread(seconds) if seconds else None, "codes": sorted(codes)}
     result["target"] = {"text": "repo <= 1.5x one full snapshot",
                         "status": "PASS" if repo <= 1.5 * one_full else "MISS"}
+    result["peers"] = {name: {"one_full_bytes": peer_full[name], "repo_bytes": size,
+                              "ratio_to_full": size / peer_full[name]}
+                       for name, size in peer_after.items() if size and peer_full.get(name)}
+    if "restic" in result["peers"]:
+        growth = result["peers"]["restic"]["ratio_to_full"]
+        result["peer_target"] = {"text": "grows less than restic's repository (%.2fx)" % growth,
+                                 "status": "PASS" if repo / one_full < growth else "MISS"}
     shutil.rmtree(store.parent, ignore_errors=True)
     return result
 
@@ -1910,6 +1954,19 @@ def markdown_size(s: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
+def markdown_peers(d: Dict[str, Any]) -> List[str]:
+    """restic's and borg's repositories over the same simulated days, when installed."""
+    lines = []
+    for name, peer in sorted(d.get("peers", {}).items()):
+        lines += ["%s, same store and days: one full %.1f MiB, after %d days %.1f MiB (%.2fx)"
+                  % (name, peer["one_full_bytes"] / MB, d["days"], peer["repo_bytes"] / MB,
+                     peer["ratio_to_full"]), ""]
+    if d.get("peer_target"):
+        lines += ["aml against restic: **%s** %s" % (d["peer_target"]["status"],
+                                                     d["peer_target"]["text"]), ""]
+    return lines
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """The whole report as Markdown."""
     m = report["machine"]
@@ -1942,6 +1999,7 @@ def markdown(report: Dict[str, Any]) -> str:
                       (d["n_tgz_bytes"] or 0) / MB, d["ratio_to_full"],
                       fmt_x(d["ratio_to_n_tgz"]), fmt_s(d["daily_seconds"]["median"]),
                       d["target"]["status"], d["target"]["text"]), ""]
+        lines += markdown_peers(d)
     elif d:
         lines += ["### Backup repository after simulated days", "",
                   "not available: %s" % d.get("error", "backup create is not in this aml.py"), ""]
