@@ -1089,6 +1089,40 @@ def tool_available(name: str) -> bool:
     return shutil.which(name) is not None
 
 
+class PeerRepos:
+    """restic and borg repositories of one store, initialised when the tool is installed."""
+
+    def __init__(self, folder: Path, store: Path) -> None:
+        self.store = store
+        self.env = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="",
+                        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                        RESTIC_CACHE_DIR=str(folder / "restic-cache"))
+        self.repos = {name: folder / name for name in ("restic", "borg")
+                      if tool_available(name)}
+        self.runs = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        if "restic" in self.repos:
+            run_process(["restic", "init", "--repo", str(self.repos["restic"])], env=self.env)
+        if "borg" in self.repos:
+            run_process(["borg", "init", "--encryption", "none", str(self.repos["borg"])],
+                        env=self.env)
+
+    def backup_argv(self, name: str, snapshot: str) -> List[str]:
+        """The command that adds a snapshot of the store to ``name``'s repository."""
+        if name == "restic":
+            return ["restic", "backup", "--repo", str(self.repos[name]), str(self.store)]
+        return ["borg", "create", "%s::%s" % (self.repos[name], snapshot), str(self.store)]
+
+    def backup(self) -> None:
+        """One more snapshot in each repository, with each tool's defaults."""
+        self.runs += 1
+        for name in self.repos:
+            run_process(self.backup_argv(name, "day%d" % self.runs), env=self.env)
+
+    def sizes(self) -> Dict[str, int]:
+        return {name: tree_bytes(repo) for name, repo in self.repos.items()}
+
+
 # =============================================================================
 # 7. The benchmark of one store
 # =============================================================================
@@ -1267,23 +1301,18 @@ class Bench:
 
     def measure_backup_tools(self, tools: Path) -> None:
         """restic and borg: backup, restore and a check reading all data, when installed."""
-        env = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="",
-                   BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-                   RESTIC_CACHE_DIR=str(tools / "restic-cache"))
-        if tool_available("restic"):
-            repo = str(tools / "restic")
-            run_process(["restic", "init", "--repo", repo], env=env)
-            self._tool("restic backup", ["restic", "backup", "--repo", repo, str(self.base)],
-                       env, Path(repo))
+        peers = PeerRepos(tools, self.base)
+        env, repos = peers.env, peers.repos
+        if "restic" in repos:
+            repo = str(repos["restic"])
+            self._tool("restic backup", peers.backup_argv("restic", "bench"), env, repos["restic"])
             self._tool("restic restore", ["restic", "restore", "latest", "--repo", repo,
                                           "--target", str(tools / "restic-out")], env)
             self._tool("restic check --read-data", ["restic", "check", "--read-data",
                                                     "--repo", repo], env)
-        if tool_available("borg"):
-            repo = str(tools / "borg")
-            run_process(["borg", "init", "--encryption", "none", repo], env=env)
-            self._tool("borg create", ["borg", "create", repo + "::bench", str(self.base)],
-                       env, Path(repo))
+        if "borg" in repos:
+            repo = str(repos["borg"])
+            self._tool("borg create", peers.backup_argv("borg", "bench"), env, repos["borg"])
             out = tools / "borg-out"
             out.mkdir()
             self._tool("borg extract", ["borg", "extract", repo + "::bench"], env, cwd=out)
@@ -1741,38 +1770,6 @@ def _backup_and_monitor_ops() -> List[Op]:
 # =============================================================================
 # 9. Backup repository growth over simulated days
 # =============================================================================
-
-class PeerRepos:
-    """restic and borg repositories of one store, for the simulated days (when installed)."""
-
-    def __init__(self, folder: Path, store: Path) -> None:
-        self.folder, self.store = folder, store
-        self.env = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="",
-                        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-                        RESTIC_CACHE_DIR=str(folder / "restic-cache"))
-        self.repos = {name: folder / name for name in ("restic", "borg")
-                      if tool_available(name)}
-        self.runs = 0
-        folder.mkdir(parents=True, exist_ok=True)
-        if "restic" in self.repos:
-            run_process(["restic", "init", "--repo", str(self.repos["restic"])], env=self.env)
-        if "borg" in self.repos:
-            run_process(["borg", "init", "--encryption", "none", str(self.repos["borg"])],
-                        env=self.env)
-
-    def backup(self) -> None:
-        """One more snapshot in each repository, with each tool's defaults."""
-        self.runs += 1
-        if "restic" in self.repos:
-            run_process(["restic", "backup", "--repo", str(self.repos["restic"]),
-                         str(self.store)], env=self.env)
-        if "borg" in self.repos:
-            run_process(["borg", "create", "%s::day%d" % (self.repos["borg"], self.runs),
-                         str(self.store)], env=self.env)
-
-    def sizes(self) -> Dict[str, int]:
-        return {name: tree_bytes(repo) for name, repo in self.repos.items()}
-
 
 def simulate_days(b: Bench, days: int, fraction: float = 0.01) -> Dict[str, Any]:
     """Full backup, then ``days`` days of ``fraction`` of records rewritten + an incremental."""
